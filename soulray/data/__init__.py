@@ -1,0 +1,1 @@
+"""Corpus preparation: formats, cleaning, rendering, packing and the Ray Data job."""

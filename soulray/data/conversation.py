@@ -1,0 +1,156 @@
+"""The canonical conversation every corpus format is read into, and how it is cleaned.
+
+Cleaning is a pure function so its counts can be asserted exactly: strip whitespace, drop empty
+turns, merge consecutive turns of one role (keeping the first strategy label), normalise strategy
+names onto the taxonomy, and reject conversations that cannot teach anything (no messages, or no
+assistant turn after the first user turn; a leading assistant greeting is kept as context).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+from soulray.config import StrategyConfig
+
+Role = Literal["system", "user", "assistant"]
+ROLES: tuple[str, ...] = ("system", "user", "assistant")
+
+# Why a record was not kept. Every rejected record lands in rejects.jsonl with one of these.
+REJECT_REASONS = (
+    "invalid_json",  # the line or file does not parse as JSON
+    "unknown_format",  # parses, but matches no known corpus shape
+    "invalid_record",  # known shape with wrong types or missing fields
+    "empty_conversation",  # nothing left after dropping empty turns
+    "no_assistant_turn",  # no assistant reply to learn from
+    "duplicate",  # same messages as an earlier conversation
+)
+
+
+class RecordError(ValueError):
+    """A record that cannot be read; `reason` is one of REJECT_REASONS."""
+
+    def __init__(self, reason: str, detail: str):
+        assert reason in REJECT_REASONS, reason
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(slots=True)
+class Message:
+    role: Role
+    content: str
+    strategy: str | None = None
+
+
+@dataclass(slots=True)
+class Conversation:
+    id: str
+    source: str
+    topic: str | None
+    messages: list[Message]
+
+    def to_json(self) -> str:
+        messages = [
+            {"role": m.role, "content": m.content}
+            | ({"strategy": m.strategy} if m.strategy else {})
+            for m in self.messages
+        ]
+        record = {"id": self.id, "source": self.source, "topic": self.topic, "messages": messages}
+        return json.dumps(record, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> Conversation:
+        d = json.loads(text)
+        messages = [Message(m["role"], m["content"], m.get("strategy")) for m in d["messages"]]
+        return cls(d["id"], d["source"], d.get("topic"), messages)
+
+    def content_hash(self) -> str:
+        """Hash of the roles and contents only: the identity used for dedup and the split."""
+        h = hashlib.blake2b(digest_size=16)
+        for m in self.messages:
+            h.update(m.role.encode())
+            h.update(b"\x00")
+            h.update(m.content.encode())
+            h.update(b"\x01")
+        return h.hexdigest()
+
+
+@dataclass(slots=True)
+class CleanStats:
+    """What cleaning changed in one conversation (summed into the manifest)."""
+
+    empty_turns: int = 0
+    merged_turns: int = 0
+    unknown_strategies: dict[str, int] = field(default_factory=dict)
+
+
+def build_strategy_lookup(cfg: StrategyConfig) -> dict[str, str]:
+    """Lower-cased spelling -> canonical name, for the taxonomy itself and every alias."""
+    lookup = {name.lower(): name for name in cfg.taxonomy}
+    for alias, target in cfg.aliases.items():
+        if target not in cfg.taxonomy:
+            raise ValueError(
+                f"strategy alias {alias!r} points to {target!r}, which is not in "
+                f"data.strategies.taxonomy; add it there or fix the alias"
+            )
+        lookup[alias.lower()] = target
+    if cfg.fallback not in cfg.taxonomy:
+        raise ValueError(f"data.strategies.fallback {cfg.fallback!r} is not in the taxonomy")
+    return lookup
+
+
+def normalize_strategy(
+    raw: str | None, lookup: dict[str, str], fallback: str, stats: CleanStats
+) -> str | None:
+    if raw is None:
+        return None
+    key = raw.strip().strip("[]").strip()
+    if not key:
+        return None
+    name = lookup.get(key.lower())
+    if name is None:
+        stats.unknown_strategies[key] = stats.unknown_strategies.get(key, 0) + 1
+        return fallback
+    return name
+
+
+def clean_conversation(
+    conv: Conversation, lookup: dict[str, str], fallback: str, system_prompt: str | None = None
+) -> tuple[Conversation, CleanStats]:
+    """Return the cleaned conversation and what changed; raise RecordError when nothing is left."""
+    stats = CleanStats()
+    merged: list[Message] = []
+    for m in conv.messages:
+        content = m.content.strip()
+        if not content:
+            stats.empty_turns += 1
+            continue
+        strategy = normalize_strategy(m.strategy, lookup, fallback, stats)
+        if merged and merged[-1].role == m.role:
+            prev = merged[-1]
+            prev.content = f"{prev.content}\n{content}"
+            prev.strategy = prev.strategy or strategy
+            stats.merged_turns += 1
+        else:
+            merged.append(Message(m.role, content, strategy if m.role == "assistant" else None))
+    if not merged:
+        raise RecordError("empty_conversation", "no non-empty turn")
+    if system_prompt and merged[0].role != "system":
+        merged.insert(0, Message("system", system_prompt))
+    if count_target_turns(merged) == 0:
+        raise RecordError("no_assistant_turn", "no assistant reply after a user turn")
+    return Conversation(conv.id, conv.source, conv.topic, merged), stats
+
+
+def count_target_turns(messages: list[Message]) -> int:
+    """Assistant turns that are trained: those after the first user turn."""
+    seen_user = False
+    n = 0
+    for m in messages:
+        seen_user = seen_user or m.role == "user"
+        n += seen_user and m.role == "assistant"
+    return n

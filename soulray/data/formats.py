@@ -1,0 +1,274 @@
+"""Corpus formats: split a file into records, detect each record's shape, adapt it to a Conversation.
+
+Shapes (auto-detected per record, or forced with `data.format`):
+- messages  OpenAI / SoulChatCorpus: {"id"?, "topic"|"normalizedTag"?, "messages": [{role, content}]}
+- sharegpt  {"conversations": [{"from": human|gpt|system, "value"}]}
+- smile     a list of turns [{"role": client|counselor, "content"}] (one SMILECHAT file)
+- xtuner    XTuner / EmoLLM: {"conversation": [{"system"?, "input", "output"}]}
+- esconv    {"dialog": [{"speaker": seeker|supporter|usr|sys|speaker|listener, "content"|"text",
+            "annotation": {"strategy"?}}], "problem_type"?, "emotion_type"?}
+
+Files: .jsonl (one record per line), .json (one record, a list of records, or one SMILE list;
+JSON-lines content in a .json file is read line by line), .parquet (one record per row).
+A record that cannot be read becomes a RawRecord with an error, never an exception.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+from soulray.data.conversation import Conversation, Message, RecordError, Role
+
+FORMATS = ("messages", "sharegpt", "smile", "xtuner", "esconv")
+FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet")
+
+
+@dataclass(slots=True)
+class RawRecord:
+    location: str  # "path:line" for JSON lines, "path[index]" for arrays and Parquet rows
+    key: str  # stable default id: "<file stem>:<line or index>"
+    record: Any  # the parsed JSON value (None when it did not parse)
+    raw: str  # the record's source text, written to rejects.jsonl when it is rejected
+    error: RecordError | None = None
+
+
+def split_records(path: str, data: bytes) -> Iterator[RawRecord]:
+    """Yield every record of one file, in file order."""
+    stem = PurePosixPath(path).stem
+    suffix = PurePosixPath(path).suffix.lower()
+    if suffix == ".parquet":
+        yield from _parquet_records(path, stem, data)
+        return
+    text = data.decode("utf-8", errors="replace").lstrip("\ufeff")
+    if suffix == ".json":
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            if _looks_like_json_lines(text):
+                yield from _line_records(path, stem, text)
+            else:
+                err = RecordError("invalid_json", f"line {e.lineno} col {e.colno}: {e.msg}")
+                yield RawRecord(path, stem, None, text[:2000], err)
+            return
+        yield from _json_value_records(path, stem, value)
+        return
+    yield from _line_records(path, stem, text)
+
+
+def _looks_like_json_lines(text: str) -> bool:
+    first = next((ln for ln in text.splitlines() if ln.strip()), "")
+    try:
+        return isinstance(json.loads(first), dict | list)
+    except json.JSONDecodeError:
+        return False
+
+
+def _line_records(path: str, stem: str, text: str) -> Iterator[RawRecord]:
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        loc, key = f"{path}:{lineno}", f"{stem}:{lineno}"
+        try:
+            yield RawRecord(loc, key, json.loads(line), line)
+        except json.JSONDecodeError as e:
+            yield RawRecord(loc, key, None, line, RecordError("invalid_json", e.msg))
+
+
+def _json_value_records(path: str, stem: str, value: Any) -> Iterator[RawRecord]:
+    if isinstance(value, list) and not is_turn_list(value):
+        for i, item in enumerate(value):
+            raw = json.dumps(item, ensure_ascii=False)
+            yield RawRecord(f"{path}[{i}]", f"{stem}:{i}", item, raw)
+    else:  # one record: a dict, or one SMILE conversation given as a list of turns
+        yield RawRecord(path, stem, value, json.dumps(value, ensure_ascii=False))
+
+
+def _parquet_records(path: str, stem: str, data: bytes) -> Iterator[RawRecord]:
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(io.BytesIO(data)).to_pylist()
+    except Exception as e:  # pyarrow raises several types for a corrupt file
+        yield RawRecord(path, stem, None, "", RecordError("invalid_json", f"bad Parquet: {e}"))
+        return
+    for i, row in enumerate(rows):
+        raw = json.dumps(row, ensure_ascii=False, default=str)
+        yield RawRecord(f"{path}[{i}]", f"{stem}:{i}", row, raw)
+
+
+def is_turn_list(value: Any) -> bool:
+    """A SMILE conversation: a non-empty list of dicts that have a role and no nested dialogue."""
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(t, dict) for t in value)
+        and "role" in value[0]
+        and not {"messages", "conversations", "conversation", "dialog"} & value[0].keys()
+    )
+
+
+def detect_format(record: Any) -> str:
+    if isinstance(record, dict):
+        for key, fmt in (
+            ("messages", "messages"),
+            ("conversations", "sharegpt"),
+            ("conversation", "xtuner"),
+            ("dialog", "esconv"),
+        ):
+            if key in record:
+                return fmt
+    elif is_turn_list(record):
+        return "smile"
+    shape = sorted(record)[:6] if isinstance(record, dict) else type(record).__name__
+    raise RecordError(
+        "unknown_format",
+        f"matches no known corpus shape (keys/type: {shape}); expected one of {', '.join(FORMATS)}",
+    )
+
+
+def to_conversation(record: Any, fmt: str, key: str) -> Conversation:
+    """Adapt one parsed record; raise RecordError naming the defect."""
+    adapter: Callable[[Any, str], Conversation]
+    match fmt:
+        case "messages":
+            adapter = _from_messages
+        case "sharegpt":
+            adapter = _from_sharegpt
+        case "smile":
+            adapter = _from_smile
+        case "xtuner":
+            adapter = _from_xtuner
+        case "esconv":
+            adapter = _from_esconv
+        case _:
+            raise ValueError(f"unknown format {fmt!r}")
+    return adapter(record, key)
+
+
+def _expect(cond: bool, detail: str) -> None:
+    if not cond:
+        raise RecordError("invalid_record", detail)
+
+
+def _text(value: Any, where: str) -> str:
+    _expect(isinstance(value, str), f"{where} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _turns(record: Any, field: str) -> list[Any]:
+    _expect(isinstance(record, dict), f"record must be an object, got {type(record).__name__}")
+    turns = record.get(field)
+    _expect(isinstance(turns, list), f"'{field}' must be a list, got {type(turns).__name__}")
+    for i, t in enumerate(turns):
+        _expect(isinstance(t, dict), f"{field}[{i}] must be an object, got {type(t).__name__}")
+    return turns
+
+
+def _role(raw: Any, table: dict[str, Role], where: str) -> Role:
+    role = table.get(raw.lower()) if isinstance(raw, str) else None
+    _expect(role is not None, f"{where} is {raw!r}; expected one of {sorted(table)}")
+    assert role is not None
+    return role
+
+
+def _record_id(record: dict[str, Any], key: str) -> str:
+    rid = record.get("id")
+    return key if rid is None or isinstance(rid, dict | list) else str(rid)
+
+
+MESSAGE_ROLES: dict[str, Role] = {"system": "system", "user": "user", "assistant": "assistant"}
+SHAREGPT_ROLES: dict[str, Role] = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "bot": "assistant",
+}
+SMILE_ROLES: dict[str, Role] = {"client": "user", "counselor": "assistant"}
+ESCONV_ROLES: dict[str, Role] = {
+    "seeker": "user",
+    "usr": "user",
+    "speaker": "user",
+    "supporter": "assistant",
+    "sys": "assistant",
+    "listener": "assistant",
+}
+
+
+def _from_messages(record: Any, key: str) -> Conversation:
+    turns = _turns(record, "messages")
+    messages = [
+        Message(
+            _role(t.get("role"), MESSAGE_ROLES, f"messages[{i}].role"),
+            _text(t.get("content"), f"messages[{i}].content"),
+            _optional_text(t.get("strategy"), f"messages[{i}].strategy"),
+        )
+        for i, t in enumerate(turns)
+    ]
+    topic = record.get("topic") or record.get("normalizedTag")
+    return Conversation(_record_id(record, key), "messages", _topic(topic), messages)
+
+
+def _from_sharegpt(record: Any, key: str) -> Conversation:
+    turns = _turns(record, "conversations")
+    messages = [
+        Message(
+            _role(t.get("from"), SHAREGPT_ROLES, f"conversations[{i}].from"),
+            _text(t.get("value"), f"conversations[{i}].value"),
+            _optional_text(t.get("strategy"), f"conversations[{i}].strategy"),
+        )
+        for i, t in enumerate(turns)
+    ]
+    if isinstance(record.get("system"), str):
+        messages.insert(0, Message("system", record["system"]))
+    topic = record.get("topic") or record.get("category")
+    return Conversation(_record_id(record, key), "sharegpt", _topic(topic), messages)
+
+
+def _from_smile(record: Any, key: str) -> Conversation:
+    _expect(isinstance(record, list), "a SMILE conversation must be a list of turns")
+    messages = []
+    for i, t in enumerate(record):
+        _expect(isinstance(t, dict), f"turn {i} must be an object, got {type(t).__name__}")
+        role = _role(t.get("role"), SMILE_ROLES, f"turn {i} role")
+        messages.append(Message(role, _text(t.get("content"), f"turn {i} content")))
+    return Conversation(key, "smile", None, messages)
+
+
+def _from_xtuner(record: Any, key: str) -> Conversation:
+    turns = _turns(record, "conversation")
+    messages: list[Message] = []
+    for i, t in enumerate(turns):
+        if t.get("system") is not None:
+            messages.append(Message("system", _text(t["system"], f"conversation[{i}].system")))
+        messages.append(Message("user", _text(t.get("input"), f"conversation[{i}].input")))
+        messages.append(Message("assistant", _text(t.get("output"), f"conversation[{i}].output")))
+    return Conversation(_record_id(record, key), "xtuner", _topic(record.get("topic")), messages)
+
+
+def _from_esconv(record: Any, key: str) -> Conversation:
+    turns = _turns(record, "dialog")
+    messages = []
+    for i, t in enumerate(turns):
+        role = _role(t.get("speaker"), ESCONV_ROLES, f"dialog[{i}].speaker")
+        content = _text(t.get("content", t.get("text")), f"dialog[{i}].content")
+        annotation = t.get("annotation") or {}
+        _expect(isinstance(annotation, dict), f"dialog[{i}].annotation must be an object")
+        strategy = _optional_text(annotation.get("strategy"), f"dialog[{i}].annotation.strategy")
+        messages.append(Message(role, content, strategy))
+    topic = record.get("problem_type") or record.get("emotion_type")
+    return Conversation(_record_id(record, key), "esconv", _topic(topic), messages)
+
+
+def _optional_text(value: Any, where: str) -> str | None:
+    return None if value is None else _text(value, where)
+
+
+def _topic(value: Any) -> str | None:
+    return value if isinstance(value, str) and value.strip() else None

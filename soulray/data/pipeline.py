@@ -1,0 +1,365 @@
+"""`soulray prepare`: the Ray Data job that turns raw corpora into packed Parquet shards.
+
+read files (tasks) -> split into records, adapt, clean, hash, assign split (tasks, materialized)
+-> driver: count, dedupe, write rejects.jsonl -> load or train the tokenizer
+-> render + window + pack (actor pool, tokenizer loaded once per actor) -> Parquet per split
+-> manifest.json (counts, tokens, packing efficiency, hashes) + the resolved config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from soulray import storage
+from soulray.config import Config, DataConfig, config_hash, config_to_yaml
+from soulray.data.conversation import (
+    Conversation,
+    RecordError,
+    build_strategy_lookup,
+    clean_conversation,
+    count_target_turns,
+)
+from soulray.data.formats import FILE_SUFFIXES, RawRecord, detect_format, split_records
+from soulray.data.pack import Rows, build_rows
+from soulray.data.render import find_end_of_turn, render_conversation, split_windows
+from soulray.data.tokenizer import (
+    load_tokenizer,
+    tokenizer_files,
+    tokenizer_hash,
+    train_tokenizer,
+    write_tokenizer_files,
+)
+
+log = logging.getLogger("soulray.prepare")
+
+SCALAR_COLUMNS = ["num_tokens", "num_target_tokens", "num_sequences", "assistant_turns"]
+
+
+class StrictModeError(ValueError):
+    """Raised with --strict at the first bad record; names the file and line."""
+
+
+@dataclass(frozen=True)
+class ParseSettings:
+    format: str
+    lookup: dict[str, str]
+    fallback: str
+    system_prompt: str | None
+    strict: bool
+    val_fraction: float
+    file_index: dict[str, int]
+
+
+def split_of(content_hash: str, val_fraction: float) -> str:
+    """Stable train/val assignment from the conversation's content hash (never per turn)."""
+    return "val" if int(content_hash[:8], 16) / 0x1_0000_0000 < val_fraction else "train"
+
+
+def normalize_record(raw: RawRecord, s: ParseSettings) -> dict[str, Any]:
+    """One record -> one row: the cleaned conversation, or the reason it was rejected."""
+    row: dict[str, Any] = {"location": raw.location, "ok": False, "reason": "", "detail": ""}
+    row |= {"raw": "", "conversation": "", "hash": "", "split": "", "turns": 0}
+    row |= {"target_turns": 0, "merged_turns": 0, "empty_turns": 0, "unknown_strategies": "{}"}
+    try:
+        if raw.error:
+            raise raw.error
+        from soulray.data.formats import to_conversation
+
+        fmt = detect_format(raw.record) if s.format == "auto" else s.format
+        conv = to_conversation(raw.record, fmt, raw.key)
+        conv, stats = clean_conversation(conv, s.lookup, s.fallback, s.system_prompt)
+    except RecordError as e:
+        if s.strict:
+            raise StrictModeError(f"{raw.location}: {e.reason}: {e.detail}") from None
+        return row | {"reason": e.reason, "detail": e.detail, "raw": raw.raw}
+    digest = conv.content_hash()
+    return row | {
+        "ok": True,
+        "conversation": conv.to_json(),
+        "hash": digest,
+        "split": split_of(digest, s.val_fraction),
+        "turns": len(conv.messages),
+        "target_turns": count_target_turns(conv.messages),
+        "merged_turns": stats.merged_turns,
+        "empty_turns": stats.empty_turns,
+        "unknown_strategies": json.dumps(stats.unknown_strategies, ensure_ascii=False),
+    }
+
+
+def parse_file(row: dict[str, Any], settings: ParseSettings) -> list[dict[str, Any]]:
+    """Ray flat_map: one file's bytes -> one row per record, in file order."""
+    path = row["path"]
+    file_index = settings.file_index[path]
+    out = []
+    for i, raw in enumerate(split_records(path, row["bytes"])):
+        out.append(normalize_record(raw, settings) | {"file_index": file_index, "record_index": i})
+    return out
+
+
+@dataclass
+class ParseSummary:
+    records: int
+    kept: int
+    rejected: Counter
+    duplicates: dict[tuple[int, int], str]  # (file, record) -> location of the first copy
+    sums: Counter  # turns, target_turns, merged_turns, empty_turns of kept conversations
+    kept_by_split: Counter
+    unknown_strategies: Counter
+
+
+def summarize_parsed(parsed: Any) -> ParseSummary:
+    """One driver pass over the scalar columns: counts and exact-duplicate detection."""
+    cols = ["ok", "reason", "hash", "split", "location", "file_index", "record_index"]
+    cols += ["turns", "target_turns", "merged_turns", "empty_turns", "unknown_strategies"]
+    rows: list[dict[str, Any]] = []
+    for batch in parsed.select_columns(cols).iter_batches(batch_format="pyarrow"):
+        rows += batch.to_pylist()
+    rows.sort(key=lambda r: (r["file_index"], r["record_index"]))
+    s = ParseSummary(len(rows), 0, Counter(), {}, Counter(), Counter(), Counter())
+    first: dict[str, str] = {}
+    for r in rows:
+        if not r["ok"]:
+            s.rejected[r["reason"]] += 1
+        elif r["hash"] in first:
+            s.rejected["duplicate"] += 1
+            s.duplicates[(r["file_index"], r["record_index"])] = first[r["hash"]]
+        else:
+            first[r["hash"]] = r["location"]
+            s.kept += 1
+            s.kept_by_split[r["split"]] += 1
+            for key in ("turns", "target_turns", "merged_turns", "empty_turns"):
+                s.sums[key] += r[key]
+            s.unknown_strategies.update(json.loads(r["unknown_strategies"]))
+    return s
+
+
+def drop_duplicates(batch: pa.Table, duplicates: dict[tuple[int, int], str]) -> pa.Table:
+    keys = zip(batch.column("file_index").to_pylist(), batch.column("record_index").to_pylist())
+    keep = [k not in duplicates for k in keys]
+    return batch.filter(pa.array(keep, type=pa.bool_()))
+
+
+def write_rejects(parsed: Any, summary: ParseSummary, path: str) -> None:
+    """rejects.jsonl: every rejected record with its reason, location and source text."""
+    lines = []
+    for row in parsed.filter(expr="ok == False").iter_rows():  # noqa: E712
+        reject = {k: row[k] for k in ("reason", "detail", "location")}
+        lines.append(json.dumps(reject | {"record": row["raw"]}, ensure_ascii=False))
+    dup_cols = ["ok", "file_index", "record_index", "location", "conversation"]
+    for row in parsed.select_columns(dup_cols).filter(expr="ok == True").iter_rows():
+        first = summary.duplicates.get((row["file_index"], row["record_index"]))
+        if first is not None:
+            reject = {"reason": "duplicate", "detail": f"same messages as {first}"}
+            reject |= {"location": row["location"], "record": row["conversation"]}
+            lines.append(json.dumps(reject, ensure_ascii=False))
+    storage.write_text(path, "".join(line + "\n" for line in lines))
+
+
+class RenderPacker:
+    """Ray Data actor: renders, windows and packs a block of conversations and writes the rows.
+
+    Each actor writes its own Parquet shard per split (named after the block's first conversation,
+    so a retried block overwrites rather than duplicates) and returns one small stats row per
+    shard. Writing here, instead of in a downstream Ray write stage, means the actor pool can use
+    every CPU without starving another stage of the same job.
+    """
+
+    def __init__(self, files: dict[str, bytes], cfg: DataConfig, out: str, trust_code: bool):
+        directory = write_tokenizer_files(files, tempfile.mkdtemp(prefix="soulray-tok-"))
+        self.tokenizer = load_tokenizer(str(directory), trust_code)
+        self.eot = find_end_of_turn(self.tokenizer)
+        self.cfg = cfg
+        self.out = out
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        stats = []
+        for name in ("train", "val"):
+            part = batch.filter(pa.compute.equal(batch.column("split"), name))
+            if part.num_rows:
+                stats.append(self.write_shard(name, part))
+        return pa.Table.from_pylist(stats)
+
+    def write_shard(self, split: str, part: pa.Table) -> dict[str, Any]:
+        import pyarrow.parquet as pq
+
+        seqs = []
+        for text in part.column("conversation").to_pylist():
+            conv = Conversation.from_json(text)
+            rendered = render_conversation(self.tokenizer, conv, self.eot, self.cfg.strategy_tags)
+            seqs += split_windows(rendered, self.cfg.seq_len)
+        packed = self.cfg.mode == "packed"
+        rows = build_rows(seqs, self.cfg.seq_len, self.tokenizer.pad_token_id, packed)
+        table = rows_to_table(rows)
+        path = storage.join(self.out, split, f"part-{part.column('hash')[0].as_py()[:16]}.parquet")
+        fs, inner = storage.resolve(path)
+        fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
+        pq.write_table(table, inner, filesystem=fs, compression="zstd")
+        sums = {c: int(pa.compute.sum(table.column(c)).as_py()) for c in SCALAR_COLUMNS}
+        return {"split": split, "conversations": part.num_rows, "rows": table.num_rows} | sums
+
+
+def rows_to_table(rows: Rows) -> pa.Table:
+    ids = pa.list_(pa.int32())
+    return pa.table(
+        {
+            "input_ids": pa.array(rows.input_ids, type=ids),
+            "labels": pa.array(rows.labels, type=ids),
+            "position_ids": pa.array(rows.position_ids, type=ids),
+            "num_tokens": pa.array(rows.num_tokens, type=pa.int32()),
+            "num_target_tokens": pa.array(rows.num_target_tokens, type=pa.int32()),
+            "num_sequences": pa.array(rows.num_sequences, type=pa.int32()),
+            "assistant_turns": pa.array(rows.assistant_turns, type=pa.int32()),
+        }
+    )
+
+
+def prepare_tokenizer(cfg: Config, train_ds: Any, out_dir: str) -> dict[str, bytes]:
+    """Load the configured tokenizer, or train one on the corpus; save it beside the data."""
+    local = tempfile.mkdtemp(prefix="soulray-tokenizer-")
+    path = cfg.model.tokenizer_path
+    if path:
+        log.info("tokenizer: loading %s", path)
+        tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
+    else:
+        n = cfg.data.tokenizer_train_conversations
+        log.info("tokenizer: no model configured, training a %d-token BPE on up to %d "
+                 "conversations", cfg.data.tokenizer_vocab_size, n)
+        sample = train_ds.select_columns(["conversation"]).limit(n).take_all()
+        texts = [
+            "\n".join(m.content for m in Conversation.from_json(r["conversation"]).messages)
+            for r in sample
+        ]
+        tokenizer = train_tokenizer(texts, cfg.data.tokenizer_vocab_size)
+    tokenizer.save_pretrained(local)
+    files = tokenizer_files(local)
+    for name, data in files.items():
+        storage.write_bytes(storage.join(out_dir, "tokenizer", name), data)
+    return files
+
+
+def split_stats(shards: list[dict[str, Any]], seq_len: int) -> dict[str, dict[str, Any]]:
+    """Sum the per-shard stats the render actors returned, per split."""
+    keys = ["conversations", "rows", "files", *SCALAR_COLUMNS]
+    stats = {name: dict.fromkeys(keys, 0) for name in ("train", "val")}
+    for shard in shards:
+        s = stats[shard["split"]]
+        s["files"] += 1
+        for key in keys[:2] + SCALAR_COLUMNS:
+            s[key] += shard[key]
+    for s in stats.values():
+        s["packing_efficiency"] = round(s["num_tokens"] / max(1, s["rows"] * seq_len), 4)
+    return stats
+
+
+def run_prepare(cfg: Config) -> dict[str, Any]:
+    """Run the whole prepare job on the current Ray cluster; return the manifest."""
+    import ray.data
+
+    d = cfg.data
+    started = time.time()
+    out = storage.normalize(d.output_dir)
+    if not d.inputs:
+        raise ValueError("data.inputs is empty; set it, e.g. data.inputs='[corpus/*.jsonl]'")
+    files = storage.expand_inputs(d.inputs, FILE_SUFFIXES)
+    log.info("reading %d file(s) into %s", len(files), out)
+    settings = ParseSettings(
+        format=d.format,
+        lookup=build_strategy_lookup(d.strategies),
+        fallback=d.strategies.fallback,
+        system_prompt=d.system_prompt,
+        strict=d.strict,
+        val_fraction=d.val_fraction,
+        file_index={storage.resolve(f)[1]: i for i, f in enumerate(files)},
+    )
+    fs, _ = storage.resolve(files[0])
+    inner_paths = [storage.resolve(f)[1] for f in files]
+    parsed = (
+        ray.data.read_binary_files(inner_paths, include_paths=True, filesystem=fs)
+        .flat_map(parse_file, fn_kwargs={"settings": settings})
+        .materialize()
+    )
+    summary = summarize_parsed(parsed)
+    log.info("records: %d read, %d kept, rejected %s", summary.records, summary.kept,
+             dict(summary.rejected) or "none")
+    storage.makedirs(out)
+    write_rejects(parsed, summary, storage.join(out, "rejects.jsonl"))
+    if summary.kept == 0:
+        raise ValueError(f"no conversation survived cleaning; see {out}/rejects.jsonl for why")
+    kept = (
+        parsed.map_batches(
+            drop_duplicates, batch_format="pyarrow", fn_kwargs={"duplicates": summary.duplicates}
+        )
+        .select_columns(["conversation", "split", "hash"])
+        .materialize()
+    )
+    files_by_name = prepare_tokenizer(cfg, kept.filter(expr="split == 'train'"), out)
+    workers = d.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    for name in ("train", "val"):
+        storage.delete_dir(storage.join(out, name))
+    log.info("rendering and %s %d conversations (train %d, val %d) with %d worker(s)", d.mode,
+             summary.kept, summary.kept_by_split["train"], summary.kept_by_split["val"], workers)
+    shards = kept.map_batches(
+        RenderPacker,
+        batch_size=d.pack_block,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        fn_constructor_args=(files_by_name, d, out, cfg.model.trust_remote_code),
+    ).take_all()
+    stats = split_stats(shards, d.seq_len)
+    manifest = build_manifest(cfg, files, summary, stats, files_by_name, time.time() - started)
+    storage.write_text(storage.join(out, "manifest.json"), json.dumps(manifest, indent=2,
+                                                                      ensure_ascii=False))
+    storage.write_text(storage.join(out, "config.yaml"), config_to_yaml(cfg))
+    return manifest
+
+
+def build_manifest(
+    cfg: Config,
+    files: list[str],
+    summary: ParseSummary,
+    stats: dict[str, dict[str, Any]],
+    tokenizer: dict[str, bytes],
+    seconds: float,
+) -> dict[str, Any]:
+    total = {k: sum(s[k] for s in stats.values()) for k in [*SCALAR_COLUMNS, "rows"]}
+    if total["assistant_turns"] != summary.sums["target_turns"]:
+        raise AssertionError(
+            f"rendered {total['assistant_turns']} assistant turns but the kept conversations "
+            f"have {summary.sums['target_turns']}: a window lost or repeated a target"
+        )
+    seq_len = cfg.data.seq_len
+    return {
+        "conversations": summary.kept,
+        "records": summary.records,
+        "rejected": dict(sorted(summary.rejected.items())),
+        "turns": summary.sums["turns"],
+        "assistant_turns": summary.sums["target_turns"],
+        "merged_turns": summary.sums["merged_turns"],
+        "empty_turns_dropped": summary.sums["empty_turns"],
+        "unknown_strategies": dict(summary.unknown_strategies.most_common()),
+        "tokens": total["num_tokens"],
+        "target_tokens": total["num_target_tokens"],
+        "sequences": total["num_sequences"],
+        "rows": total["rows"],
+        "packing_efficiency": round(total["num_tokens"] / max(1, total["rows"] * seq_len), 4),
+        "seq_len": seq_len,
+        "mode": cfg.data.mode,
+        "strategy_tags": cfg.data.strategy_tags,
+        "splits": stats,
+        "tokenizer": {
+            "source": cfg.model.tokenizer_path or "trained",
+            "hash": tokenizer_hash(tokenizer),
+        },
+        "config_hash": config_hash(cfg.data),
+        "inputs": cfg.data.inputs,
+        "files": len(files),
+        "seconds": round(seconds, 2),
+    }

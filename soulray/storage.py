@@ -1,0 +1,132 @@
+"""Paths that may be local, on NFS, or in object storage (s3://, gs://), through pyarrow.fs.
+
+Every stage reads and writes through these helpers, so a run directory can be a local folder on a
+laptop or a bucket shared by a cluster without any other change.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import os
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://", "abfs://", "abfss://")
+GLOB_CHARS = "*?["
+
+
+def is_remote(path: str) -> bool:
+    return path.startswith(REMOTE_SCHEMES)
+
+
+def normalize(path: str) -> str:
+    """Absolute local path (so Ray workers with another cwd agree), or the URI unchanged."""
+    if is_remote(path):
+        return path.rstrip("/")
+    if path.startswith("file://"):
+        path = path[len("file://") :]
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def resolve(path: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and the path inside it."""
+    path = normalize(path)
+    if not is_remote(path):
+        return pafs.LocalFileSystem(), path
+    fs, inner = pafs.FileSystem.from_uri(path)
+    return fs, inner
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts]) if is_remote(base) else os.path.join(base, *parts)
+
+
+def exists(path: str) -> bool:
+    fs, inner = resolve(path)
+    return fs.get_file_info(inner).type != pafs.FileType.NotFound
+
+
+def read_bytes(path: str) -> bytes:
+    fs, inner = resolve(path)
+    with fs.open_input_stream(inner) as f:
+        return f.read()
+
+
+def read_text(path: str) -> str:
+    return read_bytes(path).decode("utf-8")
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    fs, inner = resolve(path)
+    parent = inner.rsplit("/", 1)[0]
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    with fs.open_output_stream(inner) as f:
+        f.write(data)
+
+
+def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def makedirs(path: str) -> None:
+    fs, inner = resolve(path)
+    fs.create_dir(inner, recursive=True)
+
+
+def delete_dir(path: str) -> None:
+    fs, inner = resolve(path)
+    if fs.get_file_info(inner).type == pafs.FileType.Directory:
+        fs.delete_dir(inner)
+
+
+def list_files(path: str, suffixes: tuple[str, ...] = ()) -> list[str]:
+    """Files under a directory (recursive), sorted; hidden files and folders are skipped."""
+    fs, inner = resolve(path)
+    infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
+    found = []
+    for info in infos:
+        rel = info.path[len(inner) :].lstrip("/")
+        if info.type != pafs.FileType.File or any(p.startswith((".", "_")) for p in rel.split("/")):
+            continue
+        if not suffixes or info.path.lower().endswith(suffixes):
+            found.append(_with_scheme(path, info.path))
+    return sorted(found)
+
+
+def expand_inputs(inputs: list[str], suffixes: tuple[str, ...]) -> list[str]:
+    """Files, globs and directories (local or remote) -> the sorted, de-duplicated file list."""
+    files: list[str] = []
+    for item in inputs:
+        found = _expand_one(item, suffixes)
+        if not found:
+            raise ValueError(
+                f"data.inputs entry {item!r} matches no {'/'.join(suffixes)} file; check the "
+                "path (relative paths are relative to the directory you run soulray from)"
+            )
+        files += [f for f in found if f not in files]
+    return files
+
+
+def _expand_one(item: str, suffixes: tuple[str, ...]) -> list[str]:
+    if not any(c in item for c in GLOB_CHARS):
+        fs, inner = resolve(item)
+        kind = fs.get_file_info(inner).type
+        if kind == pafs.FileType.Directory:
+            return list_files(item, suffixes)
+        return [normalize(item)] if kind == pafs.FileType.File else []
+    if not is_remote(item):
+        matches = sorted(glob.glob(os.path.expanduser(item), recursive=True))
+        return [normalize(m) for m in matches if Path(m).is_file() and m.lower().endswith(suffixes)]
+    base = item[: min(item.index(c) for c in GLOB_CHARS if c in item)].rsplit("/", 1)[0]
+    pattern = normalize(item)
+    return [f for f in list_files(base, suffixes) if fnmatch.fnmatch(f, pattern)]
+
+
+def _with_scheme(original: str, inner: str) -> str:
+    if not is_remote(original):
+        return inner
+    scheme = original.split("://", 1)[0]
+    return f"{scheme}://{inner}"
