@@ -116,6 +116,32 @@ def print_prepare_summary(m: dict[str, Any], cfg: Config) -> None:
 
 
 @app.command()
+def train(config: ConfigOpt, overrides: Overrides = None) -> None:
+    """Fine-tune on the prepared data with Ray Train (FSDP2; full or LoRA) and export the model."""
+    from soulray.train.launch import run_train
+
+    setup_logging()
+    cfg = load(config, overrides)
+    init_ray()
+    result = run_verb(run_train, cfg)
+    print_train_summary(result, cfg)
+
+
+def print_train_summary(result: Any, cfg: Config) -> None:
+    if result.error is not None:
+        typer.echo(f"error: training failed: {result.error}", err=True)
+        raise typer.Exit(1)
+    m = result.metrics or {}
+    val = f", val loss {m['val_loss']:.4f}" if "val_loss" in m else ""
+    typer.echo(
+        f"trained {cfg.train.run_name} to step {m.get('step')}: loss {m.get('loss', float('nan')):.4f}"
+        f"{val}, {m.get('tokens_per_s', 0):.0f} tokens/s\n"
+        f"  checkpoints: {cfg.train.storage_path}/{cfg.train.run_name}\n"
+        f"  model: {cfg.train.export_dir} (load with AutoModelForCausalLM.from_pretrained)"
+    )
+
+
+@app.command()
 def quickstart(config: ConfigOpt, overrides: Overrides = None) -> None:
     """Run the whole pipeline tiny on local Ray: prepare -> train -> export -> serve -> chat."""
     from soulray.data.pipeline import run_prepare

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 ESCONV_STRATEGIES = [
     "Question",
@@ -101,9 +101,162 @@ class ModelConfig(Section):
         return self.tokenizer or self.name_or_path
 
 
+class LoraConfig(Section):
+    enabled: bool = False
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                 "down_proj"]
+    )
+
+
+class TrainConfig(Section):
+    run_name: str = "soulray"
+    storage_path: str = "runs/checkpoints"  # Ray Train storage: local dir, NFS, or s3:// gs://
+    data_dir: str | None = None  # prepared data; defaults to data.output_dir
+    export_dir: str = "runs/model"  # the final Hugging Face model
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    steps: int = Field(100, ge=1)  # optimizer steps
+    micro_batch_size: int = Field(1, ge=1)  # packed rows per worker per micro-batch
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    max_grad_norm: float = Field(1.0, gt=0)
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    activation_checkpointing: bool = False
+    cpu_offload: bool = False
+    reshard_after_forward: bool = True
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(50, ge=0)  # 0 = only at the end
+    eval_batches: int = Field(0, ge=0)  # 0 = the whole val split
+    checkpoint_every: int = Field(50, ge=0)  # 0 = only at the end
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(0, ge=-1)  # worker crashes survived by restoring a checkpoint
+    seed: int = 0
+
+
+DEFAULT_COUNSELOR_PROMPT = (
+    "You are a warm, patient supporter. Listen closely, reflect what the person feels, ask gentle "
+    "questions and offer support without judgment. You are not a substitute for professional "
+    "help: if someone may be in danger, encourage them to contact a crisis line or emergency "
+    "services."
+)
+
+
+class AutoscalingConfig(Section):
+    """Ray Serve autoscaling of one deployment (passed as its autoscaling_config)."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(8.0, gt=0)  # per replica, what autoscaling aims for
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check_range(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas={self.min_replicas} exceeds max_replicas={self.max_replicas}; "
+                "raise max_replicas or lower min_replicas"
+            )
+        return self
+
+
+class DeploymentConfig(Section):
+    """Replica options of one Serve deployment."""
+
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+    max_ongoing_requests: int = Field(256, ge=1)  # concurrent requests one replica accepts
+    max_queued_requests: int = Field(-1, ge=-1)  # -1 = unbounded; beyond it callers get 503
+    num_cpus: float = Field(0.25, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    health_check_period_s: float = Field(10.0, gt=0)
+
+
+class BatchingConfig(Section):
+    enabled: bool = True  # False = one request at a time (the baseline the benchmark compares)
+    max_batch_size: int = Field(16, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+
+
+class EngineConfig(DeploymentConfig):
+    kind: Literal["hf", "vllm", "noop"] = "hf"  # noop: fixed reply, no model (overhead benchmark)
+    model_dir: str | None = None  # an export (local, s3://, gs://); None = train.export_dir
+    adapter_dir: str | None = None  # a peft LoRA adapter applied on model_dir (the base model)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    vllm_engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # vLLM engine args
+    max_ongoing_requests: int = Field(64, ge=1)
+    max_queued_requests: int = Field(256, ge=-1)
+    num_cpus: float = Field(1.0, ge=0)
+
+
+class HelpLine(Section):
+    name: str
+    contact: str  # what to dial or text, or a URL
+    note: str = ""
+
+
+class SafetyConfig(Section):
+    """Crisis detection on the user's latest turns; built-in lists live in serve/safety.py."""
+
+    enabled: bool = True
+    mode: Literal["augment", "fixed"] = "augment"  # model reply + resources, or a fixed reply
+    scan_user_turns: int = Field(2, ge=1)  # how many of the latest user messages are checked
+    locale: str = "auto"  # auto: zh-CN for Chinese text, else default_locale
+    default_locale: str = "en-US"
+    lexicon: dict[str, list[str]] | None = None  # category -> phrases; None = built-in
+    patterns: dict[str, list[str]] | None = None  # category -> regexes; None = built-in
+    exclude: list[str] | None = None  # regexes blanked before matching (idioms); None = built-in
+    resources: dict[str, list[HelpLine]] | None = None  # locale -> help lines; None = built-in
+    fixed_reply: dict[str, str] | None = None  # locale -> reply in fixed mode; None = built-in
+
+
+class AuthConfig(Section):
+    """Bearer-token auth: on when a key is found (env var or mounted secret file)."""
+
+    required: bool = False  # refuse to start without a key instead of serving openly
+    api_key_env: str = "SOULRAY_API_KEY"
+    api_key_file: str | None = None  # e.g. a Kubernetes secret mounted as a file
+
+
+class ServeConfig(Section):
+    model_name: str = "soulray"  # the id in /v1/models and the `model` requests must name
+    app_name: str = "soulray"  # the Ray Serve application
+    host: str = "127.0.0.1"  # `soulray serve build` writes 0.0.0.0 (a cluster must listen)
+    port: int = Field(8000, ge=1, le=65535)
+    system_prompt: str | None = DEFAULT_COUNSELOR_PROMPT  # used when a request has none
+    context_tokens: int | None = Field(None, ge=64)  # prompt + reply; None = the model's limit
+    strategy_tags: bool | None = None  # None = as the export's soulray.yaml (data.strategy_tags)
+    default_max_tokens: int = Field(256, ge=1)
+    max_tokens_limit: int = Field(1024, ge=1)  # larger requests get a 400
+    max_request_bytes: int = Field(65536, ge=1024)  # larger bodies get a 413
+    max_messages: int = Field(256, ge=1)
+    debug_log_content: bool = False  # True writes message text to the logs; never in production
+    ingress: DeploymentConfig = Field(default_factory=DeploymentConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    safety: SafetyConfig = Field(default_factory=SafetyConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+
+
 class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @property
+    def serve_model_dir(self) -> str:
+        """The export the server loads: serve.engine.model_dir, else train.export_dir."""
+        return self.serve.engine.model_dir or self.train.export_dir
 
 
 def apply_override(tree: dict[str, Any], override: str) -> None:

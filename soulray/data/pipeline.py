@@ -8,6 +8,7 @@ read files (tasks) -> split into records, adapt, clean, hash, assign split (task
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import tempfile
@@ -197,8 +198,9 @@ class RenderPacker:
             seqs += split_windows(rendered, self.cfg.seq_len)
         packed = self.cfg.mode == "packed"
         rows = build_rows(seqs, self.cfg.seq_len, self.tokenizer.pad_token_id, packed)
-        table = rows_to_table(rows)
-        path = storage.join(self.out, split, f"part-{part.column('hash')[0].as_py()[:16]}.parquet")
+        name = f"part-{part.column('hash')[0].as_py()[:16]}"
+        table = rows_to_table(rows, name)
+        path = storage.join(self.out, split, f"{name}.parquet")
         fs, inner = storage.resolve(path)
         fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
         pq.write_table(table, inner, filesystem=fs, compression="zstd")
@@ -206,10 +208,22 @@ class RenderPacker:
         return {"split": split, "conversations": part.num_rows, "rows": table.num_rows} | sums
 
 
-def rows_to_table(rows: Rows) -> pa.Table:
+def row_keys(shard_name: str, n: int) -> list[int]:
+    """Deterministic pseudo-random 52-bit keys: training assigns row -> rank by key % world.
+    (52 bits: Arrow's modulo kernel works in float64, exact only below 2**53.)"""
+    keys = []
+    for i in range(n):
+        digest = hashlib.blake2b(f"{shard_name}:{i}".encode(), digest_size=8).digest()
+        keys.append(int.from_bytes(digest, "little") >> 12)
+    return keys
+
+
+def rows_to_table(rows: Rows, shard_name: str) -> pa.Table:
+    """Rows as a Parquet-ready table, ordered by row_key (a seeded shuffle of the shard)."""
     ids = pa.list_(pa.int32())
-    return pa.table(
+    table = pa.table(
         {
+            "row_key": pa.array(row_keys(shard_name, len(rows.input_ids)), type=pa.int64()),
             "input_ids": pa.array(rows.input_ids, type=ids),
             "labels": pa.array(rows.labels, type=ids),
             "position_ids": pa.array(rows.position_ids, type=ids),
@@ -219,6 +233,7 @@ def rows_to_table(rows: Rows) -> pa.Table:
             "assistant_turns": pa.array(rows.assistant_turns, type=pa.int32()),
         }
     )
+    return table.sort_by("row_key")
 
 
 def prepare_tokenizer(cfg: Config, train_ds: Any, out_dir: str) -> dict[str, bytes]:

@@ -1,0 +1,114 @@
+"""Checkpoints (sharded, torch.distributed.checkpoint) and the final Hugging Face export.
+
+A checkpoint directory holds every rank's DCP shards of the model and optimizer, plus
+`soulray_state.json` from rank 0: the step, the micro-batches consumed (the data position),
+the world size, and the LR scheduler. Exactly what `state` in the loop holds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+from soulray import storage
+from soulray.config import Config, config_to_yaml
+
+log = logging.getLogger("soulray.train")
+
+STATE_FILE = "soulray_state.json"
+
+
+def save_checkpoint(
+    directory: str, model: nn.Module, optimizer: Any, scheduler: Any, state: dict[str, Any]
+) -> None:
+    """Every rank writes its shards into `directory`; rank 0 adds the loop state."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=directory)
+    if dist.get_rank() == 0:
+        extra = state | {"scheduler": scheduler.state_dict()}
+        Path(directory, STATE_FILE).write_text(json.dumps(extra))
+
+
+def load_checkpoint(
+    directory: str, model: nn.Module, optimizer: Any, scheduler: Any
+) -> dict[str, Any]:
+    """Restore model, optimizer and scheduler in place; return the loop state."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=directory)
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    state = json.loads(Path(directory, STATE_FILE).read_text())
+    scheduler.load_state_dict(state.pop("scheduler"))
+    return state
+
+
+def export_model(
+    model: nn.Module,
+    build_cpu_model: Any,
+    tokenizer: Any,
+    cfg: Config,
+    metrics: dict[str, Any],
+    dtype: torch.dtype,
+) -> None:
+    """Write a Hugging Face model directory to train.export_dir (rank 0; all ranks gather).
+
+    Full fine-tune: model.safetensors at the root. LoRA: the adapter alone in adapter/ and
+    the merged model at the root, so the root always loads with AutoModelForCausalLM (and vLLM).
+    """
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                cpu_offload=True))
+    if dist.get_rank() != 0:
+        return
+    cpu_model = build_cpu_model()
+    cpu_model.load_state_dict(full)
+    with tempfile.TemporaryDirectory(prefix="soulray-export-") as local:
+        if cfg.lora.enabled:
+            cpu_model.save_pretrained(os.path.join(local, "adapter"))
+            cpu_model = cpu_model.merge_and_unload()
+        cpu_model.to(dtype)
+        cpu_model.config.use_cache = True
+        cpu_model.save_pretrained(local)
+        tokenizer.save_pretrained(local)
+        build_generation_config(tokenizer).save_pretrained(local)
+        Path(local, "soulray.yaml").write_text(config_to_yaml(cfg))
+        Path(local, "metrics.json").write_text(json.dumps(metrics, indent=2))
+        upload_dir(local, cfg.train.export_dir)
+    log.info("exported the model to %s", cfg.train.export_dir)
+
+
+def build_generation_config(tokenizer: Any) -> Any:
+    """Sampling defaults for a supportive reply; stops at the end-of-turn token."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        do_sample=True,
+        temperature=0.7,
+        top_p=0.9,
+        max_new_tokens=256,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+
+
+def upload_dir(local: str, target: str) -> None:
+    """Copy a local directory tree to a local path or an object-store URI, replacing it."""
+    storage.delete_dir(target)
+    for path in sorted(Path(local).rglob("*")):
+        if path.is_file():
+            storage.write_bytes(storage.join(target, *path.relative_to(local).parts),
+                                path.read_bytes())

@@ -1,0 +1,222 @@
+"""`soulray train`: the driver. Builds the Ray datasets and the TorchTrainer, runs the loop.
+
+The only module that knows about TorchTrainer, ScalingConfig and RunConfig. Re-running with the
+same train.run_name and train.storage_path resumes from the run's latest checkpoint; a worker
+that crashes is restarted from it up to train.max_failures times.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections import Counter
+from typing import Any
+
+from soulray import storage
+from soulray.config import Config
+from soulray.train.data import COLUMNS, rank_filter, shard_files
+
+log = logging.getLogger("soulray.train")
+
+SHARED_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "ceph", "glusterfs", "beegfs",
+                      "gpfs", "fuse.gcsfuse", "fuse.s3fs", "fuse.mountpoint-s3", "fuse.juicefs",
+                      "virtiofs", "9p")
+
+
+def is_shared_path(path: str) -> bool:
+    """An object-store URI, or a local path on a network filesystem (per /proc/mounts)."""
+    if storage.is_remote(path):
+        return True
+    path = storage.normalize(path)
+    best, fstype = "", ""
+    try:
+        mounts = open("/proc/mounts").read().splitlines()
+    except OSError:
+        return False
+    for line in mounts:
+        parts = line.split()
+        if len(parts) >= 3 and (path == parts[1] or path.startswith(parts[1].rstrip("/") + "/")):
+            if len(parts[1]) > len(best):
+                best, fstype = parts[1], parts[2]
+    return fstype in SHARED_FILESYSTEMS
+
+
+def check_storage(cfg: Config) -> None:
+    """On a multi-node cluster, checkpoints must be on storage every node can reach."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    path = cfg.train.storage_path
+    if len(nodes) > 1 and not is_shared_path(path):
+        raise ValueError(
+            f"train.storage_path={path} is a local directory, but the Ray cluster has "
+            f"{len(nodes)} nodes: each worker would write its checkpoint shards to its own disk "
+            "and a restarted worker could not read them back. Use shared storage: an s3:// or "
+            "gs:// URI, or a path on an NFS mount present on every node"
+        )
+
+
+def worker_resources(cfg: Config, cluster_cpus: float) -> dict[str, float] | None:
+    """Resources per training worker. CPU training leaves one CPU free for Ray Data, which
+    reads the rows while the workers train (otherwise its read tasks could never start)."""
+    t = cfg.train
+    if t.resources_per_worker:
+        resources = dict(t.resources_per_worker)
+    elif t.use_gpu:
+        return None  # Ray's default (1 CPU + 1 GPU); GPU nodes have CPUs to spare
+    else:
+        resources = {"CPU": min(1.0, (cluster_cpus - 1) / t.num_workers)}
+    left = cluster_cpus - resources.get("CPU", 1.0) * t.num_workers
+    if not t.use_gpu and (resources.get("CPU", 1.0) <= 0 or left < 1):
+        raise ValueError(
+            f"{t.num_workers} training worker(s) with {resources.get('CPU', 1.0)} CPU each leave "
+            f"{left:g} of the cluster's {cluster_cpus:g} CPUs for Ray Data, which needs at least "
+            "1 to read the training rows; lower train.num_workers or train.resources_per_worker"
+        )
+    return resources
+
+
+def rows_per_rank(files: list[str], world: int) -> Counter:
+    import pyarrow.parquet as pq
+
+    counts: Counter = Counter()
+    for path in files:
+        fs, inner = storage.resolve(path)
+        keys = pq.read_table(inner, filesystem=fs, columns=["row_key"])["row_key"].to_numpy()
+        counts.update((keys % world).tolist())
+    return counts
+
+
+CACHE_BYTES = 2**30  # splits up to this size are read once and kept in the object store
+
+
+def build_datasets(data_dir: str, world: int) -> dict[str, Any]:
+    """One Ray dataset per rank and split: the rows with row_key % world == rank, in order.
+
+    A small split is materialized once here, so later epochs iterate the object store instead
+    of re-running the Parquet read; a large one streams from storage every epoch.
+    """
+    import ray.data
+
+    # Progress bars from every worker's reader would garble the training log.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    train_files = shard_files(data_dir, "train")
+    if not train_files:
+        raise ValueError(
+            f"no prepared training data in {data_dir}/train: run `soulray prepare` first, or set "
+            "train.data_dir to its data.output_dir"
+        )
+    counts = rows_per_rank(train_files, world)
+    empty = [r for r in range(world) if counts[r] == 0]
+    if empty:
+        raise ValueError(
+            f"ranks {empty} would get no training rows ({sum(counts.values())} packed rows for "
+            f"{world} workers); prepare more data or lower train.num_workers"
+        )
+    log.info("train rows per rank: %s", [counts[r] for r in range(world)])
+    datasets = {}
+    for split, files in (("train", train_files), ("val", shard_files(data_dir, "val"))):
+        if not files:
+            continue
+        fs, _ = storage.resolve(files[0])
+        base = ray.data.read_parquet([storage.resolve(f)[1] for f in files], filesystem=fs,
+                                     columns=[*COLUMNS, "row_key"])
+        cache = sum(fs.get_file_info(storage.resolve(f)[1]).size for f in files) <= CACHE_BYTES
+        for rank in range(world):
+            ds = base.filter(expr=rank_filter(world, rank))
+            datasets[f"{split}_{rank}"] = ds.materialize() if cache else ds
+    return datasets
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """Absolute paths: Ray Train runs workers in another working directory."""
+    t = cfg.train
+    train = t.model_copy(update={
+        "storage_path": storage.normalize(t.storage_path),
+        "export_dir": storage.normalize(t.export_dir),
+        "data_dir": storage.normalize(t.data_dir or cfg.data.output_dir),
+    })
+    return cfg.model_copy(update={"train": train})
+
+
+def run_train(cfg: Config) -> Any:
+    """Fit on the current Ray cluster; return Ray Train's Result."""
+    import ray
+    import ray.train
+    from ray.data import ExecutionOptions
+    from ray.train.torch import TorchTrainer
+
+    cfg = resolve_paths(cfg)
+    t = cfg.train
+    check_storage(cfg)
+    assert t.data_dir is not None
+    datasets = build_datasets(t.data_dir, t.num_workers)
+    resources = worker_resources(cfg, ray.cluster_resources().get("CPU", 0.0))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "has_val": "val_0" in datasets},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=t.run_name,
+            storage_path=t.storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)
+        ),
+    )
+    log.info("training %s with %d worker(s): %d steps, checkpoints in %s/%s", t.run_name,
+             t.num_workers, t.steps, t.storage_path, t.run_name)
+    return trainer.fit()
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker entry: wire the loop to Ray's datasets, checkpoints and reports."""
+    import ray.train
+    import ray.train.torch
+
+    from soulray.train.data import load_run_tokenizer, ray_batches
+    from soulray.train.loop import Runtime, train_loop
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    cfg = Config.model_validate(config["config"])
+    t = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    train_shard = ray.train.get_dataset_shard(f"train_{rank}")
+    val_shard = ray.train.get_dataset_shard(f"val_{rank}") if config["has_val"] else None
+
+    def report(metrics: dict[str, Any], ckpt: str | None) -> None:
+        clean = {k: v for k, v in metrics.items() if v is not None}
+        if ckpt is None:
+            ray.train.report(clean)
+            return
+        checkpoint = ray.train.Checkpoint.from_directory(ckpt)
+        ray.train.report(clean, checkpoint=checkpoint,
+                         checkpoint_dir_name=f"checkpoint_{metrics['step']:08d}")
+        shutil.rmtree(ckpt, ignore_errors=True)
+
+    def restore() -> str | None:
+        checkpoint = ray.train.get_checkpoint()
+        return checkpoint.to_directory() if checkpoint else None
+
+    rt = Runtime(
+        rank=rank,
+        world_size=world,
+        device=ray.train.torch.get_device(),
+        train_batches=ray_batches(train_shard, t.micro_batch_size),
+        val_batches=ray_batches(val_shard, t.micro_batch_size) if val_shard else None,
+        tokenizer=load_run_tokenizer(t.data_dir or cfg.data.output_dir,
+                                     cfg.model.trust_remote_code),
+        metrics_path=storage.join(t.storage_path, t.run_name, "metrics.jsonl"),
+        restore=restore,
+        checkpoint_dir=lambda step: tempfile.mkdtemp(prefix=f"soulray-ckpt-{step}-"),
+        report=report,
+    )
+    train_loop(cfg, rt)

@@ -1,0 +1,299 @@
+"""THE training loop: the same function runs on every worker under Ray Train or torchrun.
+
+`train_loop(cfg, rt)` reads top to bottom: build the sharded model, restore the latest
+checkpoint, then for each step run `grad_accum` micro-batches, step the optimizer, and now and
+then log, evaluate and checkpoint; at the end save and export. Everything launcher-specific
+(where batches come from, where checkpoints go, how metrics are reported) is in `Runtime`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from soulray.config import Config, TrainConfig
+from soulray.train.checkpoint import export_model, load_checkpoint, save_checkpoint
+from soulray.train.data import Batch, BatchSource, cycle, to_tensors
+from soulray.train.metrics import (
+    MetricsLog,
+    flops_per_token,
+    format_eta,
+    peak_flops,
+    peak_memory_gib,
+)
+from soulray.train.model import (
+    apply_activation_checkpointing,
+    apply_fsdp,
+    build_model,
+    build_model_config,
+    load_initial_state,
+    reset_rotary_buffers,
+    resolve_attn_implementation,
+)
+
+log = logging.getLogger("soulray.train")
+IGNORE = -100
+
+
+@dataclass
+class Runtime:
+    """What differs between launchers."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    train_batches: BatchSource  # one epoch of this rank's training micro-batches
+    val_batches: BatchSource | None
+    tokenizer: Any
+    metrics_path: str  # metrics.jsonl of the run
+    restore: Callable[[], str | None]  # local dir of the checkpoint to resume from, if any
+    checkpoint_dir: Callable[[int], str]  # where to write the checkpoint of a step
+    report: Callable[[dict[str, Any], str | None], None]  # metrics (+ checkpoint dir)
+
+
+def train_loop(cfg: Config, rt: Runtime) -> dict[str, Any]:
+    t = cfg.train
+    torch.manual_seed(t.seed)
+    # --- setup: model on meta, sharded, then weights broadcast from rank 0 --------------------
+    hf_config = build_model_config(cfg.model, rt.tokenizer)
+    attn = resolve_attn_implementation(cfg.model.attn_implementation, rt.device)
+    param_dtype = compute_dtype(t, rt.device)
+    model = build_model(cfg, hf_config, attn, "meta")
+    if t.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    apply_fsdp(model, param_dtype, t.reshard_after_forward, t.cpu_offload)
+    model.to_empty(device="cpu" if t.cpu_offload else rt.device)
+    reset_rotary_buffers(model, rt.device)
+    initial = load_initial_state(cfg, hf_config, attn) if rt.rank == 0 else {}
+    broadcast_initial_state(model, initial)
+    del initial
+    optimizer = build_optimizer(model, t, rt.device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t))
+    state = {"step": 0, "micro_batches": 0, "world_size": rt.world_size}
+    restored = rt.restore()
+    if restored:
+        state = load_checkpoint(restored, model, optimizer, scheduler)
+        check_resume_world(state, rt)
+        log_rank0(rt, "resumed from %s at step %d", restored, state["step"])
+    metrics_log = MetricsLog(rt.metrics_path, state["step"]) if rt.rank == 0 else None
+    batches = cycle(rt.train_batches, skip=state["micro_batches"])
+    seq_len = cfg.data.seq_len
+    flops = flops_per_token(model, hf_config, seq_len)
+    peak = peak_flops(rt.device)
+    window = new_window()
+    metrics: dict[str, Any] = {}
+    log_rank0(rt, "training %s (%s attention, %s) on %d worker(s) from step %d to %d",
+              type(model).__name__, attn, param_dtype, rt.world_size, state["step"], t.steps)
+    # --- the loop ------------------------------------------------------------------------------
+    while state["step"] < t.steps:
+        micro = [to_tensors(next(batches), rt.device) for _ in range(t.grad_accum)]
+        loss, grad_norm, tokens = train_step(model, optimizer, micro, t.max_grad_norm, rt)
+        scheduler.step()
+        state["step"] += 1
+        state["micro_batches"] += t.grad_accum
+        window["loss"] += loss
+        window["tokens"] += tokens
+        window["padded"] += sum(b["input_ids"].numel() for b in micro) * rt.world_size
+        window["steps"] += 1
+        step = state["step"]
+        last = step == t.steps
+        evaluate_now = rt.val_batches is not None and (
+            last or (t.eval_every and step % t.eval_every == 0)
+        )
+        checkpoint_now = last or (t.checkpoint_every and step % t.checkpoint_every == 0)
+        if step % t.log_every == 0 or last or evaluate_now or checkpoint_now:
+            metrics = step_metrics(window, step, t, scheduler, grad_norm, flops, peak, rt.device)
+            if evaluate_now:
+                assert rt.val_batches is not None
+                metrics["val_loss"] = evaluate(model, rt.val_batches, rt, t.eval_batches)
+            ckpt = None
+            if checkpoint_now:
+                ckpt = rt.checkpoint_dir(step)
+                save_checkpoint(ckpt, model, optimizer, scheduler, state)
+            if metrics_log:
+                metrics_log.write(metrics)
+                log.info(format_metrics(metrics, t.steps))
+            rt.report(metrics, ckpt)
+            window = new_window()  # eval and checkpoint time stay out of tokens/s
+    # --- teardown: export --------------------------------------------------------------------
+    export_dtype = torch.bfloat16 if param_dtype == torch.bfloat16 else torch.float32
+    export_model(
+        model, lambda: build_model(cfg, hf_config, "sdpa", "cpu"), rt.tokenizer, cfg,
+        metrics, export_dtype,
+    )
+    dist.barrier()
+    return metrics
+
+
+def new_window() -> dict[str, Any]:
+    return {"loss": 0.0, "tokens": 0, "padded": 0, "steps": 0, "start": time.perf_counter()}
+
+
+def train_step(
+    model: nn.Module, optimizer: Any, micro: list[Batch], max_norm: float, rt: Runtime
+) -> tuple[float, float, int]:
+    """One optimizer step over this rank's micro-batches.
+
+    The loss is a sum over target tokens divided by the number of target tokens in the whole
+    global batch (every rank, every micro-batch), so packing and uneven shards do not bias it;
+    FSDP averages gradients over ranks, hence the factor world_size. Gradients are reduced only
+    after the last micro-batch.
+    """
+    counts = torch.tensor(
+        [sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro),
+         sum(int(b["num_tokens"]) for b in micro)],
+        dtype=torch.float64, device=rt.device,
+    )
+    dist.all_reduce(counts)
+    targets = max(counts[0].item(), 1.0)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
+    for i, batch in enumerate(micro):
+        model.set_requires_gradient_sync(i == len(micro) - 1)
+        loss = token_loss_sum(model, batch)
+        (loss * rt.world_size / targets).backward()
+        loss_sum += loss.detach().double()
+    params = [p for p in model.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    dist.all_reduce(loss_sum)
+    norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    return loss_sum.item() / targets, float(norm), int(counts[1].item())
+
+
+def token_loss_sum(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Summed cross-entropy of next-token prediction over the target (assistant) tokens."""
+    logits = model(
+        input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+    ).logits
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(),
+        batch["labels"][:, 1:].flatten(),
+        ignore_index=IGNORE,
+        reduction="sum",
+    )
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, source: BatchSource, rt: Runtime, max_batches: int) -> float:
+    """Validation loss over every rank's val rows. All ranks run the same number of forwards
+    (FSDP all-gathers in each), so a rank with fewer rows runs target-free filler batches."""
+    model.eval()
+    mine = [b for i, b in enumerate(source()) if not max_batches or i < max_batches]
+    count = torch.tensor([len(mine)], device=rt.device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    sums = torch.zeros(2, dtype=torch.float64, device=rt.device)
+    for i in range(int(count.item())):
+        batch = to_tensors(mine[i], rt.device) if i < len(mine) else filler_batch(mine, rt)
+        sums[0] += token_loss_sum(model, batch).double()
+        sums[1] += (batch["labels"][:, 1:] != IGNORE).sum()
+    dist.all_reduce(sums)
+    model.train()
+    return (sums[0] / sums[1].clamp(min=1)).item()
+
+
+def filler_batch(mine: list[pa.Table], rt: Runtime) -> Batch:
+    """A batch with no targets, shaped like this rank's batches (or one short row)."""
+    if mine:
+        batch = to_tensors(mine[0], rt.device)
+    else:
+        zeros = torch.zeros((1, 8), dtype=torch.long, device=rt.device)
+        batch = {"input_ids": zeros, "position_ids": zeros, "labels": zeros,
+                 "num_tokens": torch.zeros((), dtype=torch.long)}
+    batch["labels"] = torch.full_like(batch["labels"], IGNORE)
+    return batch
+
+
+def compute_dtype(t: TrainConfig, device: torch.device) -> torch.dtype:
+    match t.dtype:
+        case "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        case "bfloat16":
+            return torch.bfloat16
+        case "float32":
+            return torch.float32
+    raise ValueError(f"unknown train.dtype {t.dtype!r}")
+
+
+def broadcast_initial_state(model: nn.Module, initial: dict[str, torch.Tensor]) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, initial, options=options)
+
+
+def build_optimizer(model: nn.Module, t: TrainConfig, device: torch.device) -> Any:
+    """AdamW (fused on CUDA); no weight decay on norms and biases."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": t.weight_decay},
+        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=t.lr, betas=t.betas,
+        fused=device.type == "cuda",
+    )
+
+
+def lr_factor(step: int, t: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to min_lr_ratio at the last step."""
+    if step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+    return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def step_metrics(
+    window: dict[str, Any], step: int, t: TrainConfig, scheduler: Any, grad_norm: float,
+    flops: float, peak: float | None, device: torch.device,
+) -> dict[str, Any]:
+    seconds = max(time.perf_counter() - window["start"], 1e-9)
+    world = dist.get_world_size()
+    padded_per_s = window["padded"] / seconds
+    return {
+        "step": step,
+        "loss": window["loss"] / window["steps"],
+        "lr": scheduler.get_last_lr()[0],
+        "grad_norm": grad_norm,
+        "tokens_per_s": window["tokens"] / seconds,
+        "tokens_per_s_per_worker": window["tokens"] / seconds / world,
+        "mfu": padded_per_s * flops / (peak * world) if peak else None,
+        "peak_memory_gib": peak_memory_gib(device),
+        "step_time_s": seconds / window["steps"],
+        "eta_s": (t.steps - step) * seconds / window["steps"],
+    }
+
+
+def format_metrics(m: dict[str, Any], steps: int) -> str:
+    parts = [f"step {m['step']}/{steps}", f"loss {m['loss']:.4f}"]
+    if "val_loss" in m:
+        parts.append(f"val {m['val_loss']:.4f}")
+    parts += [f"lr {m['lr']:.2e}", f"gnorm {m['grad_norm']:.2f}",
+              f"tok/s {m['tokens_per_s']:.0f}"]
+    if m["mfu"] is not None:
+        parts.append(f"mfu {m['mfu']:.1%}")
+    parts += [f"mem {m['peak_memory_gib']:.2f}GiB", f"eta {format_eta(m['eta_s'])}"]
+    return " | ".join(parts)
+
+
+def check_resume_world(state: dict[str, Any], rt: Runtime) -> None:
+    if state.get("world_size") != rt.world_size:
+        log_rank0(rt, "warning: checkpoint was written by %s workers, resuming with %d: "
+                  "the data order differs from an uninterrupted run", state.get("world_size"),
+                  rt.world_size)
+        state["world_size"] = rt.world_size
+
+
+def log_rank0(rt: Runtime, msg: str, *args: Any) -> None:
+    if rt.rank == 0:
+        log.info(msg, *args)

@@ -1,0 +1,81 @@
+"""Training metrics: FLOPs per token, MFU, memory, throughput, and the metrics.jsonl log."""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+from typing import Any
+
+import torch
+from torch import nn
+
+from soulray import storage
+
+# Dense bf16 peak FLOP/s (no sparsity), matched against torch.cuda.get_device_name().
+BF16_PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 70e12,
+    "L4": 121e12,
+}
+
+
+def flops_per_token(model: nn.Module, hf_config: Any, seq_len: int) -> float:
+    """torchtitan's convention: 6N + 12*L*H*d*T, N excluding the input embedding table
+    unless it is tied to the output head (then it is the head's matmul and counts)."""
+    n_params = sum(p.numel() for p in model.parameters())
+    if not getattr(hf_config, "tie_word_embeddings", False):
+        n_params -= hf_config.vocab_size * hf_config.hidden_size
+    layers = hf_config.num_hidden_layers
+    heads = hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+    return 6 * n_params + 12 * layers * heads * head_dim * seq_len
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in BF16_PEAK_FLOPS.items() if k in name), None)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak device memory on GPU; peak resident memory of the process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class MetricsLog:
+    """Rank 0's metrics.jsonl in the run directory (local, NFS or object storage).
+
+    On resume, entries after the restored step are dropped first: they were trained by the
+    attempt that crashed and are trained again, so every step appears exactly once.
+    """
+
+    def __init__(self, path: str, resume_step: int):
+        self.path = path
+        self.lines: list[str] = []
+        if storage.exists(path):
+            for line in storage.read_text(path).splitlines():
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step:
+                    self.lines.append(line)
+        self._flush()
+
+    def write(self, metrics: dict[str, Any]) -> None:
+        self.lines.append(json.dumps(metrics))
+        self._flush()
+
+    def _flush(self) -> None:
+        storage.write_text(self.path, "".join(line + "\n" for line in self.lines))

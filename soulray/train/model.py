@@ -1,0 +1,242 @@
+"""Build the model a run trains: config, attention kernel, initial weights, LoRA, FSDP2.
+
+Every rank builds the model on the meta device and shards it with FSDP2; only rank 0 holds a
+real copy of the initial weights (a local checkpoint, or the tiny default initialised from the
+seed), which are broadcast into the shards. So an 8B model never sits in memory eight times.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from soulray.config import Config, LoraConfig, ModelConfig
+
+log = logging.getLogger("soulray.train")
+
+VARLEN = "soulray_varlen"  # name of our packed-varlen kernel in transformers' AttentionInterface
+
+
+def resolve_attn_implementation(choice: str, device: torch.device) -> str:
+    """The transformers attn_implementation for a config choice on this device."""
+    cuda = device.type == "cuda"
+    match choice:
+        case "auto":
+            if cuda and importlib.util.find_spec("flash_attn_interface"):
+                return "flash_attention_3"
+            if cuda and importlib.util.find_spec("flash_attn"):
+                return "flash_attention_2"
+            return _register_varlen() if cuda and _has_varlen() else "sdpa"
+        case "flash_attention_3" | "flash_attention_2":
+            package = "flash_attn_interface" if choice.endswith("3") else "flash_attn"
+            if not (cuda and importlib.util.find_spec(package)):
+                raise ValueError(
+                    f"model.attn_implementation={choice} needs a CUDA GPU and the {package} "
+                    "package (pip install 'soulray[gpu]'); use 'auto', 'varlen' or 'sdpa'"
+                )
+            return choice
+        case "varlen":
+            if not (cuda and _has_varlen()):
+                raise ValueError(
+                    "model.attn_implementation=varlen needs CUDA and a torch with "
+                    "torch.nn.attention.varlen; use 'sdpa' on CPU"
+                )
+            return _register_varlen()
+        case "sdpa" | "eager":
+            return choice
+    raise ValueError(f"unknown model.attn_implementation {choice!r}")
+
+
+def _has_varlen() -> bool:
+    return importlib.util.find_spec("torch.nn.attention.varlen") is not None
+
+
+def _register_varlen() -> str:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register(VARLEN, varlen_attention_forward)
+    AttentionMaskInterface.register(VARLEN, flash_attention_mask)
+    return VARLEN
+
+
+def varlen_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    position_ids: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Causal attention over packed rows: each sequence (position id 0 starts one) attends only
+    to itself, through PyTorch's FlashAttention varlen kernel. Inputs are (B, H, T, D)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    b, h, t, d = query.shape
+    q = query.transpose(1, 2).reshape(b * t, h, d)
+    k = key.transpose(1, 2).reshape(b * t, key.shape[1], d)
+    v = value.transpose(1, 2).reshape(b * t, value.shape[1], d)
+    if position_ids is None:
+        position_ids = torch.arange(t, device=query.device).expand(b, t)
+    starts = torch.nonzero(position_ids.reshape(-1) == 0).flatten()
+    total = torch.tensor([b * t], device=starts.device)
+    cu_seqlens = torch.cat([starts, total]).to(torch.int32)
+    max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    window = (sliding_window - 1, 0) if sliding_window else (-1, 0)
+    out = varlen_attn(
+        q, k, v, cu_seqlens, cu_seqlens, max_len, max_len,
+        scale=scaling, window_size=window, enable_gqa=h != key.shape[1],
+    )
+    return out.reshape(b, t, h, d), None
+
+
+def build_model_config(cfg: ModelConfig, tokenizer: Any) -> Any:
+    """The Hugging Face config: a local checkpoint's, or the tiny default's."""
+    if cfg.name_or_path:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+    t = cfg.tiny
+    shape = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_hidden_layers,
+        num_attention_heads=t.num_attention_heads,
+        num_key_value_heads=t.num_key_value_heads,
+        max_position_embeddings=t.max_position_embeddings,
+        rope_theta=t.rope_theta,
+        tie_word_embeddings=t.tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    match t.architecture:
+        case "qwen2":
+            from transformers import Qwen2Config
+
+            return Qwen2Config(**shape)
+        case "llama":
+            from transformers import LlamaConfig
+
+            return LlamaConfig(**shape)
+    raise ValueError(f"unknown model.tiny.architecture {t.architecture!r}")
+
+
+def build_model(cfg: Config, hf_config: Any, attn: str, device: str | torch.device) -> nn.Module:
+    """The model (with LoRA adapters when enabled) with uninitialised weights on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(
+            hf_config,
+            attn_implementation=attn,
+            trust_remote_code=cfg.model.trust_remote_code,
+            dtype=torch.float32,
+        )
+    return apply_lora(model, cfg.lora) if cfg.lora.enabled else model
+
+
+def load_initial_state(cfg: Config, hf_config: Any, attn: str) -> dict[str, torch.Tensor]:
+    """Rank 0 only: the full initial state dict (pretrained or seeded tiny init, plus LoRA)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(cfg.train.seed)
+    if cfg.model.name_or_path:
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.model.name_or_path,
+            attn_implementation=attn,
+            trust_remote_code=cfg.model.trust_remote_code,
+            dtype=torch.float32,
+        )
+    else:
+        model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn,
+                                                 dtype=torch.float32)
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora)
+    return model.state_dict()
+
+
+def apply_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
+    """Wrap with peft LoRA adapters; only adapter weights stay trainable."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [m for m in lora.target_modules if m not in names]
+    if missing:
+        raise ValueError(
+            f"lora.target_modules {missing} do not exist in this model; its linear layers are "
+            f"named e.g. {sorted(n for n in names if n.endswith('proj'))[:8]}"
+        )
+    peft_config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_config)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks (the FSDP2 and activation-checkpointing units)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise ValueError(f"found no decoder layers in {type(model).__name__} to shard")
+    return layers
+
+
+def apply_fsdp(
+    model: nn.Module, param_dtype: torch.dtype, reshard_after_forward: bool, cpu_offload: bool
+) -> None:
+    """FSDP2: shard every decoder layer, then the root (embeddings, final norm, head)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    kwargs: dict[str, Any] = {"mp_policy": mp, "reshard_after_forward": reshard_after_forward}
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    for layer in decoder_layers(model):
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward instead of storing them."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def reset_rotary_buffers(model: nn.Module, device: torch.device) -> None:
+    """Recompute rotary `inv_freq` buffers, which are not in the state dict and so are left
+    uninitialised by meta-device construction."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    for module in model.modules():
+        if not hasattr(module, "inv_freq"):
+            continue
+        rope_type = getattr(module, "rope_type", "default")
+        init = (
+            module.compute_default_rope_parameters
+            if rope_type == "default"
+            else ROPE_INIT_FUNCTIONS[rope_type]
+        )
+        inv_freq, module.attention_scaling = init(module.config, device=device)
+        module.inv_freq = inv_freq.to(device)
+        if hasattr(module, "original_inv_freq"):
+            module.original_inv_freq = inv_freq.to(device).clone()
+
+
+def count_params(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,103 @@
+"""Run the training loop under plain torchrun (no Ray): for GPU boxes without Ray, and to
+measure Ray Train's overhead on the very same loop.
+
+    torchrun --nproc-per-node 8 -m soulray.train.torchrun --config jobs/X.yaml [overrides]
+
+Distributed setup comes from torchrun's environment; each rank reads its rows (row_key % world)
+straight from the prepared Parquet; checkpoints go to train.storage_path/train.run_name, which
+must be a local or shared (NFS) path that every rank sees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from soulray import storage
+from soulray.config import Config, load_config
+from soulray.train.checkpoint import STATE_FILE
+from soulray.train.data import (
+    load_run_tokenizer,
+    read_rank_rows,
+    shard_files,
+    table_batches,
+)
+from soulray.train.loop import Runtime, train_loop
+
+log = logging.getLogger("soulray.train")
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    return sorted(p for p in run_dir.glob("checkpoint_*") if (p / STATE_FILE).exists())
+
+
+def build_runtime(cfg: Config, rank: int, world: int, device: torch.device) -> Runtime:
+    t = cfg.train
+    if storage.is_remote(t.storage_path):
+        raise ValueError("the torchrun launcher writes checkpoints to a local or NFS "
+                         "train.storage_path; use `soulray train` (Ray) for s3:// or gs://")
+    run_dir = Path(storage.normalize(t.storage_path), t.run_name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = t.data_dir or cfg.data.output_dir
+    train_rows = read_rank_rows(shard_files(data_dir, "train"), world, rank)
+    val_files = shard_files(data_dir, "val")
+    val_rows = read_rank_rows(val_files, world, rank) if val_files else None
+
+    def checkpoint_dir(step: int) -> str:
+        path = run_dir / f"checkpoint_{step:08d}"
+        path.mkdir(parents=True, exist_ok=True)
+        return str(path)
+
+    def report(metrics: dict[str, Any], ckpt: str | None) -> None:
+        if ckpt and rank == 0:
+            for old in checkpoints(run_dir)[: -t.keep_checkpoints]:
+                shutil.rmtree(old)
+
+    def restore() -> str | None:
+        found = checkpoints(run_dir)
+        return str(found[-1]) if found else None
+
+    return Runtime(
+        rank=rank,
+        world_size=world,
+        device=device,
+        train_batches=table_batches(train_rows, t.micro_batch_size),
+        val_batches=table_batches(val_rows, t.micro_batch_size) if val_rows else None,
+        tokenizer=load_run_tokenizer(data_dir, cfg.model.trust_remote_code),
+        metrics_path=str(run_dir / "metrics.jsonl"),
+        restore=restore,
+        checkpoint_dir=checkpoint_dir,
+        report=report,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="YAML config (see jobs/)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    cfg = load_config(args.config, args.overrides)
+    cuda = torch.cuda.is_available() and cfg.train.use_gpu
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    try:
+        train_loop(cfg, build_runtime(cfg, dist.get_rank(), dist.get_world_size(), device))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
