@@ -141,17 +141,114 @@ def print_train_summary(result: Any, cfg: Config) -> None:
     )
 
 
+@app.command(name="serve")
+def serve_cmd(
+    config: ConfigOpt,
+    args: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Dotted overrides; start with `build` (soulray serve build --config ...) to "
+            "write a Ray Serve config file for `serve deploy` / a KubeRay RayService instead.",
+            show_default=False,
+        ),
+    ] = None,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Where `soulray serve build` writes.")
+    ] = Path("serve_config.yaml"),
+) -> None:
+    """Serve the exported model: OpenAI-compatible API on Ray Serve (prints the URL, blocks)."""
+    words = list(args or [])
+    build = bool(words) and words[0] == "build"
+    cfg = load(config, words[1:] if build else words)
+    if build:
+        write_serve_config(cfg, output)
+        return
+    from soulray.serve.app import start_serving
+
+    setup_logging()
+    init_ray()
+    url = run_verb(start_serving, cfg)
+    typer.echo(
+        f"serving {cfg.serve.model_name} at {url}/v1 (OpenAI API; GET {url}/healthz)\n"
+        f"  try: soulray chat --url {url}\n  Ctrl-C stops it."
+    )
+    wait_until_interrupted(cfg.serve.app_name)
+
+
+def write_serve_config(cfg: Config, output: Path) -> None:
+    import yaml
+
+    from soulray import storage
+    from soulray.serve.app import build_serve_config
+
+    model_dir = cfg.serve_model_dir
+    output.write_text(
+        f"# Ray Serve config written by `soulray serve build`. Deploy with:\n"
+        f"#   serve deploy {output}\n"
+        "# or paste `applications:` into a KubeRay RayService's serveConfigV2.\n"
+        + yaml.safe_dump(build_serve_config(cfg), sort_keys=False, allow_unicode=True),
+        encoding="utf-8",
+    )
+    typer.echo(f"wrote {output} (application {cfg.serve.app_name}, model {model_dir})")
+    if not storage.is_remote(model_dir):
+        typer.echo(
+            f"  note: the cluster must see {storage.normalize(model_dir)} at that path "
+            "(or set serve.engine.model_dir to s3://... / gs://...)"
+        )
+
+
+def wait_until_interrupted(app_name: str) -> None:
+    import time
+
+    from ray import serve
+
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.delete(app_name)
+        typer.echo("stopped")
+
+
+@app.command()
+def chat(
+    url: Annotated[str, typer.Option(help="Base URL of the endpoint.")] = "http://127.0.0.1:8000",
+    model: Annotated[str | None, typer.Option(help="Model id; default: the first listed.")] = None,
+    api_key: Annotated[
+        str | None, typer.Option(help="Bearer key; default: $SOULRAY_API_KEY or $OPENAI_API_KEY.")
+    ] = None,
+    max_tokens: Annotated[int, typer.Option(help="Longest reply, in tokens.")] = 256,
+) -> None:
+    """Chat in the terminal with any OpenAI-compatible endpoint (multi-turn, streaming)."""
+    import openai
+
+    from soulray.serve.client import run_chat
+
+    try:
+        run_chat(url, model, api_key, max_tokens)
+    except openai.APIConnectionError:
+        typer.echo(f"error: cannot reach {url}; is `soulray serve` running?", err=True)
+        raise typer.Exit(1) from None
+    except openai.APIStatusError as e:
+        typer.echo(f"error: the server answered {e.status_code}: {e.message}", err=True)
+        raise typer.Exit(1) from None
+
+
 @app.command()
 def quickstart(config: ConfigOpt, overrides: Overrides = None) -> None:
     """Run the whole pipeline tiny on local Ray: prepare -> train -> export -> serve -> chat."""
     from soulray.data.pipeline import run_prepare
+    from soulray.train.launch import run_train
 
     setup_logging()
     cfg = load(config, overrides)
     init_ray()
-    log.info("quickstart 1/1: prepare")
+    log.info("quickstart 1/2: prepare %s", cfg.data.inputs)
     manifest = run_verb(run_prepare, cfg)
     print_prepare_summary(manifest, cfg)
+    log.info("quickstart 2/2: train %d steps and export", cfg.train.steps)
+    result = run_verb(run_train, cfg)
+    print_train_summary(result, cfg)
 
 
 def main() -> None:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
+QUICKSTART = ROOT / "jobs" / "quickstart.yaml"
+SOULRAY = str(Path(sys.executable).parent / "soulray")
 
 
 def shared_path(relative: str) -> Path:
@@ -25,9 +29,20 @@ def ray_local():
     import ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    # address="local": always a fresh local Ray, never a cluster someone else started on this
+    # machine (ray.init() alone joins the last `ray start` cluster or RAY_ADDRESS)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prepared_quickstart(tmp_path_factory) -> Path:
+    """The quickstart corpus prepared once per session by the real CLI (on its own local Ray)."""
+    out = tmp_path_factory.mktemp("prepared")
+    cmd = [SOULRAY, "prepare", "--config", str(QUICKSTART), f"data.output_dir={out}"]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
+    return out
 
 
 def pytest_collection_modifyitems(config, items):

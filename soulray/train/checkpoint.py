@@ -7,6 +7,7 @@ the world size, and the LR scheduler. Exactly what `state` in the loop holds.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -67,17 +68,20 @@ def export_model(
     """Write a Hugging Face model directory to train.export_dir (rank 0; all ranks gather).
 
     Full fine-tune: model.safetensors at the root. LoRA: the adapter alone in adapter/ and
-    the merged model at the root, so the root always loads with AutoModelForCausalLM (and vLLM).
+    the merged model at the root, so the root always loads with AutoModelForCausalLM (and vLLM);
+    with the tiny default (no base checkpoint on disk) the base model is written to base/ and
+    the adapter points at it.
     """
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                cpu_offload=True))
+    full = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
     if dist.get_rank() != 0:
         return
     cpu_model = build_cpu_model()
     cpu_model.load_state_dict(full)
     with tempfile.TemporaryDirectory(prefix="soulray-export-") as local:
         if cfg.lora.enabled:
-            cpu_model.save_pretrained(os.path.join(local, "adapter"))
+            save_adapter(cpu_model, local, cfg, tokenizer, dtype)
             cpu_model = cpu_model.merge_and_unload()
         cpu_model.to(dtype)
         cpu_model.config.use_cache = True
@@ -88,6 +92,21 @@ def export_model(
         Path(local, "metrics.json").write_text(json.dumps(metrics, indent=2))
         upload_dir(local, cfg.train.export_dir)
     log.info("exported the model to %s", cfg.train.export_dir)
+
+
+def save_adapter(
+    peft_model: Any, local: str, cfg: Config, tokenizer: Any, dtype: torch.dtype
+) -> None:
+    """adapter/ (peft format); base/ too when the base is the tiny model built from config."""
+    base = cfg.model.name_or_path
+    if base is None:
+        base = storage.join(cfg.train.export_dir, "base")
+        base_model = copy.deepcopy(peft_model).unload().to(dtype)
+        base_model.save_pretrained(os.path.join(local, "base"))
+        tokenizer.save_pretrained(os.path.join(local, "base"))
+    for adapter_config in peft_model.peft_config.values():
+        adapter_config.base_model_name_or_path = base
+    peft_model.save_pretrained(os.path.join(local, "adapter"))
 
 
 def build_generation_config(tokenizer: Any) -> Any:
@@ -110,5 +129,6 @@ def upload_dir(local: str, target: str) -> None:
     storage.delete_dir(target)
     for path in sorted(Path(local).rglob("*")):
         if path.is_file():
-            storage.write_bytes(storage.join(target, *path.relative_to(local).parts),
-                                path.read_bytes())
+            storage.write_bytes(
+                storage.join(target, *path.relative_to(local).parts), path.read_bytes()
+            )

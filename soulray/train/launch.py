@@ -19,9 +19,23 @@ from soulray.train.data import COLUMNS, rank_filter, shard_files
 
 log = logging.getLogger("soulray.train")
 
-SHARED_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "ceph", "glusterfs", "beegfs",
-                      "gpfs", "fuse.gcsfuse", "fuse.s3fs", "fuse.mountpoint-s3", "fuse.juicefs",
-                      "virtiofs", "9p")
+SHARED_FILESYSTEMS = (
+    "nfs",
+    "nfs4",
+    "cifs",
+    "smb3",
+    "lustre",
+    "ceph",
+    "glusterfs",
+    "beegfs",
+    "gpfs",
+    "fuse.gcsfuse",
+    "fuse.s3fs",
+    "fuse.mountpoint-s3",
+    "fuse.juicefs",
+    "virtiofs",
+    "9p",
+)
 
 
 def is_shared_path(path: str) -> bool:
@@ -120,8 +134,9 @@ def build_datasets(data_dir: str, world: int) -> dict[str, Any]:
         if not files:
             continue
         fs, _ = storage.resolve(files[0])
-        base = ray.data.read_parquet([storage.resolve(f)[1] for f in files], filesystem=fs,
-                                     columns=[*COLUMNS, "row_key"])
+        base = ray.data.read_parquet(
+            [storage.resolve(f)[1] for f in files], filesystem=fs, columns=[*COLUMNS, "row_key"]
+        )
         cache = sum(fs.get_file_info(storage.resolve(f)[1]).size for f in files) <= CACHE_BYTES
         for rank in range(world):
             ds = base.filter(expr=rank_filter(world, rank))
@@ -132,11 +147,13 @@ def build_datasets(data_dir: str, world: int) -> dict[str, Any]:
 def resolve_paths(cfg: Config) -> Config:
     """Absolute paths: Ray Train runs workers in another working directory."""
     t = cfg.train
-    train = t.model_copy(update={
-        "storage_path": storage.normalize(t.storage_path),
-        "export_dir": storage.normalize(t.export_dir),
-        "data_dir": storage.normalize(t.data_dir or cfg.data.output_dir),
-    })
+    train = t.model_copy(
+        update={
+            "storage_path": storage.normalize(t.storage_path),
+            "export_dir": storage.normalize(t.export_dir),
+            "data_dir": storage.normalize(t.data_dir or cfg.data.output_dir),
+        }
+    )
     return cfg.model_copy(update={"train": train})
 
 
@@ -170,8 +187,14 @@ def run_train(cfg: Config) -> Any:
             datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)
         ),
     )
-    log.info("training %s with %d worker(s): %d steps, checkpoints in %s/%s", t.run_name,
-             t.num_workers, t.steps, t.storage_path, t.run_name)
+    log.info(
+        "training %s with %d worker(s): %d steps, checkpoints in %s/%s",
+        t.run_name,
+        t.num_workers,
+        t.steps,
+        t.storage_path,
+        t.run_name,
+    )
     return trainer.fit()
 
 
@@ -183,8 +206,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from soulray.train.data import load_run_tokenizer, ray_batches
     from soulray.train.loop import Runtime, train_loop
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     cfg = Config.model_validate(config["config"])
     t = cfg.train
     ctx = ray.train.get_context()
@@ -198,8 +222,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(clean)
             return
         checkpoint = ray.train.Checkpoint.from_directory(ckpt)
-        ray.train.report(clean, checkpoint=checkpoint,
-                         checkpoint_dir_name=f"checkpoint_{metrics['step']:08d}")
+        ray.train.report(
+            clean, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{metrics['step']:08d}"
+        )
         shutil.rmtree(ckpt, ignore_errors=True)
 
     def restore() -> str | None:
@@ -212,8 +237,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         device=ray.train.torch.get_device(),
         train_batches=ray_batches(train_shard, t.micro_batch_size),
         val_batches=ray_batches(val_shard, t.micro_batch_size) if val_shard else None,
-        tokenizer=load_run_tokenizer(t.data_dir or cfg.data.output_dir,
-                                     cfg.model.trust_remote_code),
+        tokenizer=load_run_tokenizer(
+            t.data_dir or cfg.data.output_dir, cfg.model.trust_remote_code
+        ),
         metrics_path=storage.join(t.storage_path, t.run_name, "metrics.jsonl"),
         restore=restore,
         checkpoint_dir=lambda step: tempfile.mkdtemp(prefix=f"soulray-ckpt-{step}-"),

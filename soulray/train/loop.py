@@ -31,15 +31,7 @@ from soulray.train.metrics import (
     peak_flops,
     peak_memory_gib,
 )
-from soulray.train.model import (
-    apply_activation_checkpointing,
-    apply_fsdp,
-    build_model,
-    build_model_config,
-    load_initial_state,
-    reset_rotary_buffers,
-    resolve_attn_implementation,
-)
+from soulray.train.model import build_model, build_sharded_model
 
 log = logging.getLogger("soulray.train")
 IGNORE = -100
@@ -64,19 +56,8 @@ class Runtime:
 def train_loop(cfg: Config, rt: Runtime) -> dict[str, Any]:
     t = cfg.train
     torch.manual_seed(t.seed)
-    # --- setup: model on meta, sharded, then weights broadcast from rank 0 --------------------
-    hf_config = build_model_config(cfg.model, rt.tokenizer)
-    attn = resolve_attn_implementation(cfg.model.attn_implementation, rt.device)
-    param_dtype = compute_dtype(t, rt.device)
-    model = build_model(cfg, hf_config, attn, "meta")
-    if t.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    apply_fsdp(model, param_dtype, t.reshard_after_forward, t.cpu_offload)
-    model.to_empty(device="cpu" if t.cpu_offload else rt.device)
-    reset_rotary_buffers(model, rt.device)
-    initial = load_initial_state(cfg, hf_config, attn) if rt.rank == 0 else {}
-    broadcast_initial_state(model, initial)
-    del initial
+    # --- setup: the sharded model, optimizer, schedule; then resume if a checkpoint exists ----
+    model, hf_config, attn, param_dtype = build_sharded_model(cfg, rt.tokenizer, rt.rank, rt.device)
     optimizer = build_optimizer(model, t, rt.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t))
     state = {"step": 0, "micro_batches": 0, "world_size": rt.world_size}
@@ -85,15 +66,24 @@ def train_loop(cfg: Config, rt: Runtime) -> dict[str, Any]:
         state = load_checkpoint(restored, model, optimizer, scheduler)
         check_resume_world(state, rt)
         log_rank0(rt, "resumed from %s at step %d", restored, state["step"])
-    metrics_log = MetricsLog(rt.metrics_path, state["step"]) if rt.rank == 0 else None
+    start_step = state["step"]  # logged with every step: which attempt trained it
+    metrics_log = MetricsLog(rt.metrics_path, start_step) if rt.rank == 0 else None
     batches = cycle(rt.train_batches, skip=state["micro_batches"])
     seq_len = cfg.data.seq_len
     flops = flops_per_token(model, hf_config, seq_len)
     peak = peak_flops(rt.device)
     window = new_window()
     metrics: dict[str, Any] = {}
-    log_rank0(rt, "training %s (%s attention, %s) on %d worker(s) from step %d to %d",
-              type(model).__name__, attn, param_dtype, rt.world_size, state["step"], t.steps)
+    log_rank0(
+        rt,
+        "training %s (%s attention, %s) on %d worker(s) from step %d to %d",
+        type(model).__name__,
+        attn,
+        param_dtype,
+        rt.world_size,
+        state["step"],
+        t.steps,
+    )
     # --- the loop ------------------------------------------------------------------------------
     while state["step"] < t.steps:
         micro = [to_tensors(next(batches), rt.device) for _ in range(t.grad_accum)]
@@ -113,6 +103,7 @@ def train_loop(cfg: Config, rt: Runtime) -> dict[str, Any]:
         checkpoint_now = last or (t.checkpoint_every and step % t.checkpoint_every == 0)
         if step % t.log_every == 0 or last or evaluate_now or checkpoint_now:
             metrics = step_metrics(window, step, t, scheduler, grad_norm, flops, peak, rt.device)
+            metrics["start_step"] = start_step
             if evaluate_now:
                 assert rt.val_batches is not None
                 metrics["val_loss"] = evaluate(model, rt.val_batches, rt, t.eval_batches)
@@ -128,8 +119,12 @@ def train_loop(cfg: Config, rt: Runtime) -> dict[str, Any]:
     # --- teardown: export --------------------------------------------------------------------
     export_dtype = torch.bfloat16 if param_dtype == torch.bfloat16 else torch.float32
     export_model(
-        model, lambda: build_model(cfg, hf_config, "sdpa", "cpu"), rt.tokenizer, cfg,
-        metrics, export_dtype,
+        model,
+        lambda: build_model(cfg, hf_config, "sdpa", "cpu"),
+        rt.tokenizer,
+        cfg,
+        metrics,
+        export_dtype,
     )
     dist.barrier()
     return metrics
@@ -150,9 +145,12 @@ def train_step(
     after the last micro-batch.
     """
     counts = torch.tensor(
-        [sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro),
-         sum(int(b["num_tokens"]) for b in micro)],
-        dtype=torch.float64, device=rt.device,
+        [
+            sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro),
+            sum(int(b["num_tokens"]) for b in micro),
+        ],
+        dtype=torch.float64,
+        device=rt.device,
     )
     dist.all_reduce(counts)
     targets = max(counts[0].item(), 1.0)
@@ -208,28 +206,14 @@ def filler_batch(mine: list[pa.Table], rt: Runtime) -> Batch:
         batch = to_tensors(mine[0], rt.device)
     else:
         zeros = torch.zeros((1, 8), dtype=torch.long, device=rt.device)
-        batch = {"input_ids": zeros, "position_ids": zeros, "labels": zeros,
-                 "num_tokens": torch.zeros((), dtype=torch.long)}
+        batch = {
+            "input_ids": zeros,
+            "position_ids": zeros,
+            "labels": zeros,
+            "num_tokens": torch.zeros((), dtype=torch.long),
+        }
     batch["labels"] = torch.full_like(batch["labels"], IGNORE)
     return batch
-
-
-def compute_dtype(t: TrainConfig, device: torch.device) -> torch.dtype:
-    match t.dtype:
-        case "auto":
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
-        case "bfloat16":
-            return torch.bfloat16
-        case "float32":
-            return torch.float32
-    raise ValueError(f"unknown train.dtype {t.dtype!r}")
-
-
-def broadcast_initial_state(model: nn.Module, initial: dict[str, torch.Tensor]) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    set_model_state_dict(model, initial, options=options)
 
 
 def build_optimizer(model: nn.Module, t: TrainConfig, device: torch.device) -> Any:
@@ -240,7 +224,9 @@ def build_optimizer(model: nn.Module, t: TrainConfig, device: torch.device) -> A
         {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=t.lr, betas=t.betas,
+        [g for g in groups if g["params"]],
+        lr=t.lr,
+        betas=t.betas,
         fused=device.type == "cuda",
     )
 
@@ -254,8 +240,14 @@ def lr_factor(step: int, t: TrainConfig) -> float:
 
 
 def step_metrics(
-    window: dict[str, Any], step: int, t: TrainConfig, scheduler: Any, grad_norm: float,
-    flops: float, peak: float | None, device: torch.device,
+    window: dict[str, Any],
+    step: int,
+    t: TrainConfig,
+    scheduler: Any,
+    grad_norm: float,
+    flops: float,
+    peak: float | None,
+    device: torch.device,
 ) -> dict[str, Any]:
     seconds = max(time.perf_counter() - window["start"], 1e-9)
     world = dist.get_world_size()
@@ -278,8 +270,7 @@ def format_metrics(m: dict[str, Any], steps: int) -> str:
     parts = [f"step {m['step']}/{steps}", f"loss {m['loss']:.4f}"]
     if "val_loss" in m:
         parts.append(f"val {m['val_loss']:.4f}")
-    parts += [f"lr {m['lr']:.2e}", f"gnorm {m['grad_norm']:.2f}",
-              f"tok/s {m['tokens_per_s']:.0f}"]
+    parts += [f"lr {m['lr']:.2e}", f"gnorm {m['grad_norm']:.2f}", f"tok/s {m['tokens_per_s']:.0f}"]
     if m["mfu"] is not None:
         parts.append(f"mfu {m['mfu']:.1%}")
     parts += [f"mem {m['peak_memory_gib']:.2f}GiB", f"eta {format_eta(m['eta_s'])}"]
@@ -288,9 +279,13 @@ def format_metrics(m: dict[str, Any], steps: int) -> str:
 
 def check_resume_world(state: dict[str, Any], rt: Runtime) -> None:
     if state.get("world_size") != rt.world_size:
-        log_rank0(rt, "warning: checkpoint was written by %s workers, resuming with %d: "
-                  "the data order differs from an uninterrupted run", state.get("world_size"),
-                  rt.world_size)
+        log_rank0(
+            rt,
+            "warning: checkpoint was written by %s workers, resuming with %d: "
+            "the data order differs from an uninterrupted run",
+            state.get("world_size"),
+            rt.world_size,
+        )
         state["world_size"] = rt.world_size
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from soulray.config import Config, LoraConfig, ModelConfig
+from soulray.config import Config, LoraConfig, ModelConfig, TrainConfig
 
 log = logging.getLogger("soulray.train")
 
@@ -92,8 +92,16 @@ def varlen_attention_forward(
     max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     window = (sliding_window - 1, 0) if sliding_window else (-1, 0)
     out = varlen_attn(
-        q, k, v, cu_seqlens, cu_seqlens, max_len, max_len,
-        scale=scaling, window_size=window, enable_gqa=h != key.shape[1],
+        q,
+        k,
+        v,
+        cu_seqlens,
+        cu_seqlens,
+        max_len,
+        max_len,
+        scale=scaling,
+        window_size=window,
+        enable_gqa=h != key.shape[1],
     )
     return out.reshape(b, t, h, d), None
 
@@ -158,8 +166,9 @@ def load_initial_state(cfg: Config, hf_config: Any, attn: str) -> dict[str, torc
             dtype=torch.float32,
         )
     else:
-        model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn,
-                                                 dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(
+            hf_config, attn_implementation=attn, dtype=torch.float32
+        )
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
     return model.state_dict()
@@ -240,3 +249,41 @@ def reset_rotary_buffers(model: nn.Module, device: torch.device) -> None:
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def build_sharded_model(
+    cfg: Config, tokenizer: Any, rank: int, device: torch.device
+) -> tuple[nn.Module, Any, str, torch.dtype]:
+    """The training model: built on meta, sharded with FSDP2, materialized on the device, and
+    filled with rank 0's initial weights. Returns (model, hf_config, attention, param dtype)."""
+    t = cfg.train
+    hf_config = build_model_config(cfg.model, tokenizer)
+    attn = resolve_attn_implementation(cfg.model.attn_implementation, device)
+    param_dtype = compute_dtype(t, device)
+    model = build_model(cfg, hf_config, attn, "meta")
+    if t.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    apply_fsdp(model, param_dtype, t.reshard_after_forward, t.cpu_offload)
+    model.to_empty(device="cpu" if t.cpu_offload else device)
+    reset_rotary_buffers(model, device)
+    initial = load_initial_state(cfg, hf_config, attn) if rank == 0 else {}
+    broadcast_initial_state(model, initial)
+    return model, hf_config, attn, param_dtype
+
+
+def compute_dtype(t: TrainConfig, device: torch.device) -> torch.dtype:
+    match t.dtype:
+        case "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        case "bfloat16":
+            return torch.bfloat16
+        case "float32":
+            return torch.float32
+    raise ValueError(f"unknown train.dtype {t.dtype!r}")
+
+
+def broadcast_initial_state(model: nn.Module, initial: dict[str, torch.Tensor]) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, initial, options=options)

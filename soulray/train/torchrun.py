@@ -42,8 +42,10 @@ def checkpoints(run_dir: Path) -> list[Path]:
 def build_runtime(cfg: Config, rank: int, world: int, device: torch.device) -> Runtime:
     t = cfg.train
     if storage.is_remote(t.storage_path):
-        raise ValueError("the torchrun launcher writes checkpoints to a local or NFS "
-                         "train.storage_path; use `soulray train` (Ray) for s3:// or gs://")
+        raise ValueError(
+            "the torchrun launcher writes checkpoints to a local or NFS "
+            "train.storage_path; use `soulray train` (Ray) for s3:// or gs://"
+        )
     run_dir = Path(storage.normalize(t.storage_path), t.run_name)
     run_dir.mkdir(parents=True, exist_ok=True)
     data_dir = t.data_dir or cfg.data.output_dir
@@ -84,8 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True, help="YAML config (see jobs/)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     cfg = load_config(args.config, args.overrides)
     cuda = torch.cuda.is_available() and cfg.train.use_gpu
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

@@ -1,0 +1,142 @@
+"""The model pieces of training, in process on the CPU: attention over packed rows, attention
+choice, LoRA, the LR schedule, the FLOPs formula and FSDP2 sharding."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.distributed.tensor import DTensor
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+from soulray.config import Config, TrainConfig, load_config
+from soulray.train.loop import lr_factor
+from soulray.train.metrics import flops_per_token
+from soulray.train.model import (
+    apply_lora,
+    build_model_config,
+    build_sharded_model,
+    load_initial_state,
+    resolve_attn_implementation,
+    varlen_attention_forward,
+)
+
+TINY = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
+CPU = torch.device("cpu")
+
+
+def tiny_model(arch: str, attn: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = Qwen2Config(**TINY) if arch == "qwen2" else LlamaConfig(**TINY)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+
+
+def packed_vs_separate(model: torch.nn.Module, lengths: list[int], pad: int) -> float:
+    """Largest |logit difference| between one packed row and each sequence run alone."""
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, TINY["vocab_size"], (n,), generator=g) for n in lengths]
+    ids = torch.cat([*seqs, torch.zeros(pad, dtype=torch.long)])[None]
+    pos = torch.cat([torch.arange(n) for n in [*lengths, pad]])[None]
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=pos, use_cache=False).logits[0]
+        worst, start = 0.0, 0
+        for seq in seqs:
+            alone = model(input_ids=seq[None], use_cache=False).logits[0]
+            worst = max(worst, (packed[start : start + len(seq)] - alone).abs().max().item())
+            start += len(seq)
+    return worst
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_forward_equals_separate_forwards(arch: str, attn: str) -> None:
+    assert packed_vs_separate(tiny_model(arch, attn), [5, 9, 4], pad=3) < 1e-5
+
+
+def test_packed_forward_without_position_ids_leaks_across_sequences() -> None:
+    """The control: the same row without position_ids lets sequences see each other."""
+    model = tiny_model("qwen2", "sdpa")
+    g = torch.Generator().manual_seed(1)
+    a, b = (torch.randint(0, 97, (n,), generator=g) for n in (6, 6))
+    with torch.no_grad():
+        joined = model(input_ids=torch.cat([a, b])[None], use_cache=False).logits[0, 6:]
+        alone = model(input_ids=b[None], use_cache=False).logits[0]
+    assert (joined - alone).abs().max().item() > 1e-3
+
+
+@pytest.mark.gpu
+def test_varlen_kernel_equals_separate_forwards() -> None:
+    from soulray.train.model import VARLEN
+
+    assert resolve_attn_implementation("varlen", torch.device("cuda")) == VARLEN
+    model = tiny_model("qwen2", VARLEN).to("cuda", torch.bfloat16)
+    torch.manual_seed(0)
+    assert packed_vs_separate(model, [17, 40, 9], pad=6) < 2e-2  # bf16 kernels
+    assert varlen_attention_forward is not None
+
+
+def test_attention_choice_on_cpu() -> None:
+    assert resolve_attn_implementation("auto", CPU) == "sdpa"
+    assert resolve_attn_implementation("eager", CPU) == "eager"
+    with pytest.raises(ValueError, match="needs CUDA"):
+        resolve_attn_implementation("varlen", CPU)
+    with pytest.raises(ValueError, match="flash_attn"):
+        resolve_attn_implementation("flash_attention_2", CPU)
+
+
+def test_lr_schedule_warms_up_then_decays_to_min() -> None:
+    t = TrainConfig(steps=110, warmup_steps=10, min_lr_ratio=0.1)
+    assert [lr_factor(s, t) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
+    assert lr_factor(10, t) == 1.0
+    assert lr_factor(60, t) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_factor(110, t) == pytest.approx(0.1)
+
+
+def test_flops_per_token_follows_6n_plus_attention() -> None:
+    config = Qwen2Config(**TINY, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(config)
+    n = sum(p.numel() for p in model.parameters()) - 97 * 32  # input embedding excluded
+    assert flops_per_token(model, config, seq_len=64) == 6 * n + 12 * 2 * 4 * 8 * 64
+
+
+def test_lora_trains_only_adapters_and_rejects_unknown_modules() -> None:
+    model = apply_lora(tiny_model("qwen2", "sdpa"), Config().lora)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert len(trainable) == 2 * 7 * 2  # A and B, 7 projections, 2 layers
+    bad = Config().lora.model_copy(update={"target_modules": ["q_proj", "qkv"]})
+    with pytest.raises(ValueError, match=r"\['qkv'\] do not exist"):
+        apply_lora(tiny_model("qwen2", "sdpa"), bad)
+
+
+@pytest.fixture
+def single_process_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_sharded_model_holds_dtensors_with_the_initial_weights(
+    single_process_group, prepared_quickstart
+) -> None:
+    from soulray.train.data import load_run_tokenizer
+
+    cfg = load_config(None, [f"data.output_dir={prepared_quickstart}"])
+    tokenizer = load_run_tokenizer(str(prepared_quickstart))
+    model, hf_config, attn, dtype = build_sharded_model(cfg, tokenizer, 0, CPU)
+    assert (attn, dtype) == ("sdpa", torch.float32)
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    expected = load_initial_state(cfg, build_model_config(cfg.model, tokenizer), attn)
+    for name, param in model.state_dict().items():
+        assert torch.equal(param.full_tensor(), expected[name]), name
