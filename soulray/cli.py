@@ -1,4 +1,4 @@
-"""The `soulray` command line: one verb per stage, all configured by YAML plus `a.b=value` overrides."""
+"""The `soulray` command line: one verb per stage, configured by YAML + `a.b=value` overrides."""
 
 from __future__ import annotations
 
@@ -108,7 +108,8 @@ def print_prepare_summary(m: dict[str, Any], cfg: Config) -> None:
     rejected = sum(m["rejected"].values())
     typer.echo(
         f"prepared {m['conversations']} conversations ({rejected} rejected: "
-        f"{json.dumps(m['rejected'], ensure_ascii=False)}), {m['assistant_turns']} assistant turns, "
+        f"{json.dumps(m['rejected'], ensure_ascii=False)}), "
+        f"{m['assistant_turns']} assistant turns, "
         f"{m['tokens']} tokens ({m['target_tokens']} targets) in {m['rows']} rows of "
         f"{m['seq_len']}, packing efficiency {m['packing_efficiency']:.2%}\n"
         f"  output: {cfg.data.output_dir} (manifest.json, rejects.jsonl, train/, val/, tokenizer/)"
@@ -134,7 +135,8 @@ def print_train_summary(result: Any, cfg: Config) -> None:
     m = result.metrics or {}
     val = f", val loss {m['val_loss']:.4f}" if "val_loss" in m else ""
     typer.echo(
-        f"trained {cfg.train.run_name} to step {m.get('step')}: loss {m.get('loss', float('nan')):.4f}"
+        f"trained {cfg.train.run_name} to step {m.get('step')}: "
+        f"loss {m.get('loss', float('nan')):.4f}"
         f"{val}, {m.get('tokens_per_s', 0):.0f} tokens/s\n"
         f"  checkpoints: {cfg.train.storage_path}/{cfg.train.run_name}\n"
         f"  model: {cfg.train.export_dir} (load with AutoModelForCausalLM.from_pretrained)"

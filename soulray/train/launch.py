@@ -11,6 +11,7 @@ import logging
 import shutil
 import tempfile
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from soulray import storage
@@ -43,16 +44,17 @@ def is_shared_path(path: str) -> bool:
     if storage.is_remote(path):
         return True
     path = storage.normalize(path)
-    best, fstype = "", ""
     try:
-        mounts = open("/proc/mounts").read().splitlines()
+        mounts = Path("/proc/mounts").read_text().splitlines()
     except OSError:
         return False
+    best, fstype = "", ""
     for line in mounts:
         parts = line.split()
-        if len(parts) >= 3 and (path == parts[1] or path.startswith(parts[1].rstrip("/") + "/")):
-            if len(parts[1]) > len(best):
-                best, fstype = parts[1], parts[2]
+        if len(parts) < 3 or len(parts[1]) <= len(best):
+            continue
+        if path == parts[1] or path.startswith(parts[1].rstrip("/") + "/"):
+            best, fstype = parts[1], parts[2]
     return fstype in SHARED_FILESYSTEMS
 
 
