@@ -1,0 +1,186 @@
+"""Training throughput on CPU, side by side in one run, on the same tiny model and data:
+
+1. soulray's loop vs the transformers Trainer (1 process each, same model, same packed rows,
+   same micro-batch, same threads): target soulray >= 1.0x;
+2. packed vs padded rows (soulray, 1 process): real (non-pad) tokens per second;
+3. Ray Train vs torchrun running the same loop with 2 workers: target Ray overhead <= 3 %.
+
+Every figure is steady state: the median step time after `--warmup` steps, so process and Ray
+start-up are excluded. tokens/s = mean real tokens per row x rows per step / median step time.
+
+    .venv/bin/python bench/train_throughput.py --steps 40 --out bench/results/train_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+SOULRAY = str(Path(PY).parent / "soulray")
+CORPUS = [
+    "jobs/data/sample_zh.jsonl",
+    "jobs/data/sample_en.jsonl",
+    "../shared/data/emollm/data.json",
+]
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None) -> None:
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(
+        cmd,
+        cwd=ROOT,
+        check=True,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        timeout=3600,
+    )
+
+
+def prepare(out: Path, mode: str, seq_len: int) -> Path:
+    data = out / f"data-{mode}"
+    run(
+        [
+            SOULRAY,
+            "prepare",
+            "--config",
+            "jobs/quickstart.yaml",
+            f"data.inputs={json.dumps(CORPUS)}",
+            f"data.output_dir={data}",
+            f"data.mode={mode}",
+            f"data.seq_len={seq_len}",
+            "data.tokenizer_vocab_size=4096",
+        ]
+    )
+    return data
+
+
+def train_overrides(data: Path, out: Path, name: str, a: argparse.Namespace) -> list[str]:
+    return [
+        f"data.output_dir={data}",
+        f"train.storage_path={out}",
+        f"train.run_name={name}",
+        f"train.export_dir={out}/{name}-model",
+        f"train.steps={a.steps}",
+        f"train.micro_batch_size={a.batch}",
+        "train.log_every=1",
+        "train.eval_every=0",
+        "train.checkpoint_every=0",
+        "train.warmup_steps=2",
+        "train.lr=1e-3",
+    ]
+
+
+def median_step_time(out: Path, name: str, warmup: int) -> float:
+    lines = (out / name / "metrics.jsonl").read_text().splitlines()
+    times = [json.loads(line)["step_time_s"] for line in lines][warmup:]
+    return statistics.median(times)
+
+
+def soulray_torchrun(data: Path, out: Path, name: str, nproc: int, a: argparse.Namespace) -> float:
+    threads = {"OMP_NUM_THREADS": str(a.threads // nproc)}
+    run(
+        [
+            PY,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(nproc),
+            "--master-port",
+            "29555",
+            "-m",
+            "soulray.train.torchrun",
+            "--config",
+            "jobs/quickstart.yaml",
+            *train_overrides(data, out, name, a),
+        ],
+        threads,
+    )
+    return median_step_time(out, name, a.warmup)
+
+
+def soulray_ray(data: Path, out: Path, name: str, a: argparse.Namespace) -> float:
+    run(
+        [
+            SOULRAY,
+            "train",
+            "--config",
+            "jobs/quickstart.yaml",
+            "train.num_workers=2",
+            *train_overrides(data, out, name, a),
+        ]
+    )
+    return median_step_time(out, name, a.warmup)
+
+
+def hf_trainer(data: Path, a: argparse.Namespace) -> float:
+    """The transformers Trainer on the same model config, rows and batch (in a subprocess)."""
+    script = ROOT / "bench" / "hf_trainer_baseline.py"
+    result = subprocess.run(
+        [PY, str(script), str(data), str(a.steps), str(a.batch), str(a.warmup)],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+        env={**os.environ, "OMP_NUM_THREADS": str(a.threads)},
+    )
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def mean_row_tokens(data: Path) -> float:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(data / "train", columns=["num_tokens"])
+    return sum(table["num_tokens"].to_pylist()) / table.num_rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="bench/results/train_cpu.json")
+    a = parser.parse_args()
+    out = Path(tempfile.mkdtemp(prefix="soulray-bench-train-"))
+    packed, padded = prepare(out, "packed", a.seq_len), prepare(out, "padded", a.seq_len)
+    tokens = {"packed": mean_row_tokens(packed), "padded": mean_row_tokens(padded)}
+    runs = [  # name, data, workers, median step time
+        ("soulray_1proc_packed", "packed", 1, soulray_torchrun(packed, out, "s1", 1, a)),
+        ("hf_trainer_1proc_packed", "packed", 1, hf_trainer(packed, a)),
+        ("soulray_1proc_padded", "padded", 1, soulray_torchrun(padded, out, "s1pad", 1, a)),
+        ("torchrun_2proc_packed", "packed", 2, soulray_torchrun(packed, out, "t2", 2, a)),
+        ("ray_train_2workers_packed", "packed", 2, soulray_ray(packed, out, "r2", a)),
+    ]
+    step = {name: seconds for name, _, _, seconds in runs}
+    tps = {
+        name: tokens[kind] * a.batch * workers / seconds for name, kind, workers, seconds in runs
+    }
+    result = {
+        "when": time.strftime("%Y-%m-%d %H:%M"),
+        "args": vars(a),
+        "mean_real_tokens_per_row": tokens,
+        "median_step_time_s": step,
+        "tokens_per_s": tps,
+        "soulray_vs_hf_trainer": tps["soulray_1proc_packed"] / tps["hf_trainer_1proc_packed"],
+        "packed_vs_padded": tps["soulray_1proc_packed"] / tps["soulray_1proc_padded"],
+        "ray_overhead": step["ray_train_2workers_packed"] / step["torchrun_2proc_packed"] - 1,
+    }
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
