@@ -122,7 +122,17 @@ def _expand_one(item: str, suffixes: tuple[str, ...]) -> list[str]:
         return [normalize(m) for m in matches if Path(m).is_file() and m.lower().endswith(suffixes)]
     base = item[: min(item.index(c) for c in GLOB_CHARS if c in item)].rsplit("/", 1)[0]
     pattern = normalize(item)
-    return [f for f in list_files(base, suffixes) if fnmatch.fnmatch(f, pattern)]
+    return [f for f in list_files(base, suffixes) if _glob_match(f, pattern)]
+
+
+def _glob_match(path: str, pattern: str) -> bool:
+    """fnmatch with glob's meaning of '*' (as for local paths): it does not cross a '/'.
+
+    fnmatch alone lets 's3://b/corpus/*.jsonl' take 's3://b/corpus/old/x.jsonl' as well.
+    """
+    if "**" not in pattern and path.count("/") != pattern.count("/"):
+        return False
+    return fnmatch.fnmatch(path, pattern)
 
 
 def _with_scheme(original: str, inner: str) -> str:

@@ -26,6 +26,7 @@ REJECT_REASONS = (
     "empty_conversation",  # nothing left after dropping empty turns
     "no_assistant_turn",  # no assistant reply to learn from
     "duplicate",  # same messages as an earlier conversation
+    "too_long",  # its system prompt alone does not fit in data.seq_len (found when rendering)
 )
 
 
@@ -130,13 +131,14 @@ def clean_conversation(
             stats.empty_turns += 1
             continue
         strategy = normalize_strategy(m.strategy, lookup, fallback, stats)
+        strategy = strategy if m.role == "assistant" else None  # only replies have a strategy
         if merged and merged[-1].role == m.role:
             prev = merged[-1]
             prev.content = f"{prev.content}\n{content}"
             prev.strategy = prev.strategy or strategy
             stats.merged_turns += 1
         else:
-            merged.append(Message(m.role, content, strategy if m.role == "assistant" else None))
+            merged.append(Message(m.role, content, strategy))
     if not merged:
         raise RecordError("empty_conversation", "no non-empty turn")
     if system_prompt and merged[0].role != "system":

@@ -1,7 +1,9 @@
-"""Corpus formats: split a file into records, detect each record's shape, adapt it to a Conversation.
+"""Corpus formats: split a file into records, detect each record's shape, adapt it to a
+Conversation.
 
 Shapes (auto-detected per record, or forced with `data.format`):
-- messages  OpenAI / SoulChatCorpus: {"id"?, "topic"|"normalizedTag"?, "messages": [{role, content}]}
+- messages  OpenAI / SoulChatCorpus:
+            {"id"?, "topic"|"normalizedTag"?, "messages": [{role, content}]}
 - sharegpt  {"conversations": [{"from": human|gpt|system, "value"}]}
 - smile     a list of turns [{"role": client|counselor, "content"}] (one SMILECHAT file)
 - xtuner    XTuner / EmoLLM: {"conversation": [{"system"?, "input", "output"}]}

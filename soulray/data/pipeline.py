@@ -45,7 +45,11 @@ SCALAR_COLUMNS = ["num_tokens", "num_target_tokens", "num_sequences", "assistant
 
 
 class StrictModeError(ValueError):
-    """Raised with --strict at the first bad record; names the file and line."""
+    """Raised with --strict when a record is bad; names the first one's file and line.
+
+    Raised on the driver, after parsing: raised inside a Ray task it would reach the CLI only as
+    a RayTaskError (Ray does not carry the exception chain), i.e. a traceback, not one line.
+    """
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,6 @@ class ParseSettings:
     lookup: dict[str, str]
     fallback: str
     system_prompt: str | None
-    strict: bool
     val_fraction: float
     file_index: dict[str, int]
 
@@ -78,8 +81,6 @@ def normalize_record(raw: RawRecord, s: ParseSettings) -> dict[str, Any]:
         conv = to_conversation(raw.record, fmt, raw.key)
         conv, stats = clean_conversation(conv, s.lookup, s.fallback, s.system_prompt)
     except RecordError as e:
-        if s.strict:
-            raise StrictModeError(f"{raw.location}: {e.reason}: {e.detail}") from None
         return row | {"reason": e.reason, "detail": e.detail, "raw": raw.raw}
     digest = conv.content_hash()
     return row | {
@@ -114,11 +115,12 @@ class ParseSummary:
     sums: Counter  # turns, target_turns, merged_turns, empty_turns of kept conversations
     kept_by_split: Counter
     unknown_strategies: Counter
+    first_error: str = ""  # "location: reason: detail" of the first rejected record
 
 
 def summarize_parsed(parsed: Any) -> ParseSummary:
     """One driver pass over the scalar columns: counts and exact-duplicate detection."""
-    cols = ["ok", "reason", "hash", "split", "location", "file_index", "record_index"]
+    cols = ["ok", "reason", "detail", "hash", "split", "location", "file_index", "record_index"]
     cols += ["turns", "target_turns", "merged_turns", "empty_turns", "unknown_strategies"]
     rows: list[dict[str, Any]] = []
     for batch in parsed.select_columns(cols).iter_batches(batch_format="pyarrow"):
@@ -129,6 +131,7 @@ def summarize_parsed(parsed: Any) -> ParseSummary:
     for r in rows:
         if not r["ok"]:
             s.rejected[r["reason"]] += 1
+            s.first_error = s.first_error or f"{r['location']}: {r['reason']}: {r['detail']}"
         elif r["hash"] in first:
             s.rejected["duplicate"] += 1
             s.duplicates[(r["file_index"], r["record_index"])] = first[r["hash"]]
@@ -143,13 +146,14 @@ def summarize_parsed(parsed: Any) -> ParseSummary:
 
 
 def drop_duplicates(batch: pa.Table, duplicates: dict[tuple[int, int], str]) -> pa.Table:
-    keys = zip(batch.column("file_index").to_pylist(), batch.column("record_index").to_pylist())
+    files = batch.column("file_index").to_pylist()
+    keys = zip(files, batch.column("record_index").to_pylist(), strict=True)
     keep = [k not in duplicates for k in keys]
     return batch.filter(pa.array(keep, type=pa.bool_()))
 
 
-def write_rejects(parsed: Any, summary: ParseSummary, path: str) -> None:
-    """rejects.jsonl: every rejected record with its reason, location and source text."""
+def reject_lines(parsed: Any, summary: ParseSummary) -> list[str]:
+    """rejects.jsonl lines: every rejected record with its reason, location and source text."""
     lines = []
     for row in parsed.filter(expr="ok == False").iter_rows():  # noqa: E712
         reject = {k: row[k] for k in ("reason", "detail", "location")}
@@ -161,7 +165,21 @@ def write_rejects(parsed: Any, summary: ParseSummary, path: str) -> None:
             reject = {"reason": "duplicate", "detail": f"same messages as {first}"}
             reject |= {"location": row["location"], "record": row["conversation"]}
             lines.append(json.dumps(reject, ensure_ascii=False))
-    storage.write_text(path, "".join(line + "\n" for line in lines))
+    return lines
+
+
+def count_render_rejects(shards: list[dict[str, Any]], summary: ParseSummary) -> list[str]:
+    """Fold the records the render actors rejected into the summary; their rejects lines."""
+    lines = []
+    for shard in shards:
+        for r in json.loads(shard.pop("rejects")):
+            summary.rejected[r["reason"]] += 1
+            summary.kept -= 1
+            summary.kept_by_split[shard["split"]] -= 1
+            summary.sums["turns"] -= r.pop("turns")
+            summary.sums["target_turns"] -= r.pop("target_turns")
+            lines.append(json.dumps(r, ensure_ascii=False))
+    return lines
 
 
 class RenderPacker:
@@ -191,21 +209,42 @@ class RenderPacker:
     def write_shard(self, split: str, part: pa.Table) -> dict[str, Any]:
         import pyarrow.parquet as pq
 
-        seqs = []
-        for text in part.column("conversation").to_pylist():
+        seqs, rejects = [], []
+        texts = part.column("conversation").to_pylist()
+        for text, location in zip(texts, part.column("location").to_pylist(), strict=True):
             conv = Conversation.from_json(text)
-            rendered = render_conversation(self.tokenizer, conv, self.eot, self.cfg.strategy_tags)
-            seqs += split_windows(rendered, self.cfg.seq_len)
+            try:
+                rendered = render_conversation(
+                    self.tokenizer, conv, self.eot, self.cfg.strategy_tags
+                )
+                seqs += split_windows(rendered, self.cfg.seq_len)
+            except RecordError as e:  # rejected like a bad record, not a failed job
+                rejects.append(
+                    {
+                        "reason": e.reason,
+                        "detail": e.detail,
+                        "location": location,
+                        "record": text,
+                        "turns": len(conv.messages),
+                        "target_turns": count_target_turns(conv.messages),
+                    }
+                )
         packed = self.cfg.mode == "packed"
         rows = build_rows(seqs, self.cfg.seq_len, self.tokenizer.pad_token_id, packed)
         name = f"part-{part.column('hash')[0].as_py()[:16]}"
         table = rows_to_table(rows, name)
-        path = storage.join(self.out, split, f"{name}.parquet")
-        fs, inner = storage.resolve(path)
-        fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
-        pq.write_table(table, inner, filesystem=fs, compression="zstd")
-        sums = {c: int(pa.compute.sum(table.column(c)).as_py()) for c in SCALAR_COLUMNS}
-        return {"split": split, "conversations": part.num_rows, "rows": table.num_rows} | sums
+        if table.num_rows:
+            path = storage.join(self.out, split, f"{name}.parquet")
+            fs, inner = storage.resolve(path)
+            fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
+            pq.write_table(table, inner, filesystem=fs, compression="zstd")
+        sums = {c: int(pa.compute.sum(table.column(c)).as_py() or 0) for c in SCALAR_COLUMNS}
+        written = part.num_rows - len(rejects)
+        return (
+            {"split": split, "conversations": written, "rows": table.num_rows}
+            | sums
+            | {"files": int(table.num_rows > 0), "rejects": json.dumps(rejects, ensure_ascii=False)}
+        )
 
 
 def row_keys(shard_name: str, n: int) -> list[int]:
@@ -245,14 +284,18 @@ def prepare_tokenizer(cfg: Config, train_ds: Any, out_dir: str) -> dict[str, byt
         tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
     else:
         n = cfg.data.tokenizer_train_conversations
-        log.info("tokenizer: no model configured, training a %d-token BPE on up to %d "
-                 "conversations", cfg.data.tokenizer_vocab_size, n)
+        log.info(
+            "tokenizer: no model configured, training a %d-token BPE on up to %d conversations",
+            cfg.data.tokenizer_vocab_size,
+            n,
+        )
         sample = train_ds.select_columns(["conversation"]).limit(n).take_all()
         texts = [
             "\n".join(m.content for m in Conversation.from_json(r["conversation"]).messages)
             for r in sample
         ]
         tokenizer = train_tokenizer(texts, cfg.data.tokenizer_vocab_size)
+    check_template(tokenizer)
     tokenizer.save_pretrained(local)
     files = tokenizer_files(local)
     for name, data in files.items():
@@ -260,15 +303,31 @@ def prepare_tokenizer(cfg: Config, train_ds: Any, out_dir: str) -> dict[str, byt
     return files
 
 
+def check_template(tokenizer: Any) -> None:
+    """Render one conversation on the driver, so a template soulray cannot use fails here with
+    one clear message instead of in every render actor."""
+    from soulray.data.conversation import Message
+
+    probe = Conversation(
+        "template-check",
+        "soulray",
+        None,
+        [
+            Message("system", "s"),
+            Message("user", "u"),
+            Message("assistant", "a"),
+        ],
+    )
+    render_conversation(tokenizer, probe, find_end_of_turn(tokenizer))
+
+
 def split_stats(shards: list[dict[str, Any]], seq_len: int) -> dict[str, dict[str, Any]]:
     """Sum the per-shard stats the render actors returned, per split."""
     keys = ["conversations", "rows", "files", *SCALAR_COLUMNS]
     stats = {name: dict.fromkeys(keys, 0) for name in ("train", "val")}
     for shard in shards:
-        s = stats[shard["split"]]
-        s["files"] += 1
-        for key in keys[:2] + SCALAR_COLUMNS:
-            s[key] += shard[key]
+        for key in keys:
+            stats[shard["split"]][key] += shard[key]
     for s in stats.values():
         s["packing_efficiency"] = round(s["num_tokens"] / max(1, s["rows"] * seq_len), 4)
     return stats
@@ -290,7 +349,6 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
         lookup=build_strategy_lookup(d.strategies),
         fallback=d.strategies.fallback,
         system_prompt=d.system_prompt,
-        strict=d.strict,
         val_fraction=d.val_fraction,
         file_index={storage.resolve(f)[1]: i for i, f in enumerate(files)},
     )
@@ -302,25 +360,39 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
         .materialize()
     )
     summary = summarize_parsed(parsed)
-    log.info("records: %d read, %d kept, rejected %s", summary.records, summary.kept,
-             dict(summary.rejected) or "none")
+    log.info(
+        "records: %d read, %d kept, rejected %s",
+        summary.records,
+        summary.kept,
+        dict(summary.rejected) or "none",
+    )
+    if d.strict and summary.first_error:
+        raise StrictModeError(summary.first_error)
     storage.makedirs(out)
-    write_rejects(parsed, summary, storage.join(out, "rejects.jsonl"))
+    rejects = reject_lines(parsed, summary)
+    rejects_path = storage.join(out, "rejects.jsonl")
     if summary.kept == 0:
-        raise ValueError(f"no conversation survived cleaning; see {out}/rejects.jsonl for why")
+        storage.write_text(rejects_path, "".join(line + "\n" for line in rejects))
+        raise ValueError(f"no conversation survived cleaning; see {rejects_path} for why")
     kept = (
         parsed.map_batches(
             drop_duplicates, batch_format="pyarrow", fn_kwargs={"duplicates": summary.duplicates}
         )
-        .select_columns(["conversation", "split", "hash"])
+        .select_columns(["conversation", "split", "hash", "location"])
         .materialize()
     )
     files_by_name = prepare_tokenizer(cfg, kept.filter(expr="split == 'train'"), out)
     workers = d.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     for name in ("train", "val"):
         storage.delete_dir(storage.join(out, name))
-    log.info("rendering and %s %d conversations (train %d, val %d) with %d worker(s)", d.mode,
-             summary.kept, summary.kept_by_split["train"], summary.kept_by_split["val"], workers)
+    log.info(
+        "rendering and %s %d conversations (train %d, val %d) with %d worker(s)",
+        d.mode,
+        summary.kept,
+        summary.kept_by_split["train"],
+        summary.kept_by_split["val"],
+        workers,
+    )
     shards = kept.map_batches(
         RenderPacker,
         batch_size=d.pack_block,
@@ -328,10 +400,13 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
         compute=ray.data.ActorPoolStrategy(size=workers),
         fn_constructor_args=(files_by_name, d, out, cfg.model.trust_remote_code),
     ).take_all()
+    rejects += count_render_rejects(shards, summary)
+    storage.write_text(rejects_path, "".join(line + "\n" for line in rejects))
     stats = split_stats(shards, d.seq_len)
     manifest = build_manifest(cfg, files, summary, stats, files_by_name, time.time() - started)
-    storage.write_text(storage.join(out, "manifest.json"), json.dumps(manifest, indent=2,
-                                                                      ensure_ascii=False))
+    storage.write_text(
+        storage.join(out, "manifest.json"), json.dumps(manifest, indent=2, ensure_ascii=False)
+    )
     storage.write_text(storage.join(out, "config.yaml"), config_to_yaml(cfg))
     return manifest
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from soulray.data.conversation import Conversation
+from soulray.data.conversation import Conversation, RecordError
 
 IGNORE = -100
 
@@ -106,24 +106,16 @@ def render_conversation(
     tokenizer: Any, conv: Conversation, eot: str, strategy_tags: bool = False
 ) -> Rendered:
     messages = template_messages(conv, strategy_tags)
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    text, located = _render_text(tokenizer, messages, conv.id)
     spans, ends, targets = [], [], []
-    cursor, seen_user = 0, False
-    for i, m in enumerate(messages):
-        start = text.find(m["content"], cursor)
-        if start < 0:
-            raise ValueError(
-                f"conversation {conv.id}: the chat template changed message {i}'s content, so "
-                "its tokens cannot be located; use a template that writes contents verbatim"
-            )
-        end = start + len(m["content"])
+    seen_user = False
+    for i, (m, (start, end)) in enumerate(zip(messages, located, strict=True)):
         marker = end + len(eot) if text.startswith(eot, end) else end
         seen_user = seen_user or m["role"] == "user"
         if m["role"] == "assistant" and seen_user:
             spans.append((start, marker))
             targets.append(i)
         ends.append(marker)
-        cursor = marker
     enc = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
     labels = _label_spans(enc.ids, enc.offsets, spans)
     bounds = _char_to_token_bounds(enc.offsets, ends)
@@ -135,6 +127,34 @@ def render_conversation(
         bos = tokenizer.bos_token_id
         prefix = int(bos is not None and enc.ids[:1] == [bos])
     return Rendered(list(enc.ids), labels, bounds, prefix, targets)
+
+
+def _render_text(
+    tokenizer: Any, messages: list[dict[str, str]], conv_id: str
+) -> tuple[str, list[tuple[int, int]]]:
+    """The template's text and each message content's (start, end) character span in it.
+
+    The template is rendered with a unique placeholder per content, then the contents are put in
+    their place: searching for the contents themselves would mistake a short reply such as "a"
+    for the "a" of the header "assistant" before it (and mask the wrong tokens).
+    """
+    marks = [f"\u2063{i}\u2063" for i in range(len(messages))]
+    probe = [m | {"content": mark} for m, mark in zip(messages, marks, strict=True)]
+    skeleton = tokenizer.apply_chat_template(probe, tokenize=False)
+    parts, located, cursor, length = [], [], 0, 0
+    for i, (m, mark) in enumerate(zip(messages, marks, strict=True)):
+        at = skeleton.find(mark, cursor)
+        if at < 0:
+            raise ValueError(
+                f"conversation {conv_id}: the chat template changed message {i}'s content, so "
+                "its tokens cannot be located; use a template that writes contents verbatim"
+            )
+        length += at - cursor
+        located.append((length, length + len(m["content"])))
+        length += len(m["content"])
+        parts += [skeleton[cursor:at], m["content"]]
+        cursor = at + len(mark)
+    return "".join([*parts, skeleton[cursor:]]), located
 
 
 def _label_spans(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]):
@@ -176,8 +196,10 @@ def split_windows(r: Rendered, seq_len: int) -> list[Sequence]:
     first = next((i for i, b in enumerate(r.bounds) if b > r.prefix), len(r.bounds))
     budget = seq_len - r.prefix
     if budget <= 0:
-        raise ValueError(
-            f"the system prompt alone is {r.prefix} tokens, longer than data.seq_len={seq_len}"
+        raise RecordError(
+            "too_long",
+            f"the system prompt alone is {r.prefix} tokens, more than "
+            f"data.seq_len={seq_len}; raise data.seq_len or shorten the prompt",
         )
     out: list[Sequence] = []
     pending = list(r.targets)

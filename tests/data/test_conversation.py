@@ -1,0 +1,162 @@
+"""Cleaning rules on hand-written conversations: every change is counted, nothing else changes."""
+
+from __future__ import annotations
+
+import pytest
+
+from soulray.config import StrategyConfig
+from soulray.data.conversation import (
+    Conversation,
+    Message,
+    RecordError,
+    build_strategy_lookup,
+    clean_conversation,
+    count_target_turns,
+)
+
+LOOKUP = build_strategy_lookup(StrategyConfig())
+
+
+def conv(*turns: tuple[str, str] | tuple[str, str, str]) -> Conversation:
+    return Conversation("c1", "test", "topic", [Message(*t) for t in turns])
+
+
+def clean(c: Conversation, system_prompt: str | None = None):
+    return clean_conversation(c, LOOKUP, "Others", system_prompt)
+
+
+def triples(c: Conversation) -> list[tuple[str, str, str | None]]:
+    return [(m.role, m.content, m.strategy) for m in c.messages]
+
+
+def test_strip_drop_empty_and_merge_keep_first_strategy():
+    raw = conv(
+        ("user", "  I lost my job.  "),
+        ("user", "\u3000"),  # an ideographic space is whitespace too
+        ("user", "\nAnd my flat.\n"),
+        ("assistant", "", "Question"),
+        ("assistant", "That is a lot at once.", "reflection of feelings"),
+        ("assistant", "How are you holding up?", "Questions"),
+        ("user", "Badly."),
+    )
+    cleaned, stats = clean(raw)
+    assert triples(cleaned) == [
+        ("user", "I lost my job.\nAnd my flat.", None),
+        ("assistant", "That is a lot at once.\nHow are you holding up?", "Reflection of feelings"),
+        ("user", "Badly.", None),
+    ]
+    assert (stats.empty_turns, stats.merged_turns, stats.unknown_strategies) == (2, 2, {})
+    assert (cleaned.id, cleaned.source, cleaned.topic) == ("c1", "test", "topic")
+    assert raw.messages[0].content == "  I lost my job.  "  # the input is not modified
+
+
+def test_merge_takes_the_later_strategy_when_the_first_has_none():
+    cleaned, _ = clean(conv(("user", "hi"), ("assistant", "Hello."), ("assistant", "Why?", "Q")))
+    assert cleaned.messages[1].strategy == "Others"  # "Q" is unknown -> the fallback
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("Question", "Question"),
+        ("questions", "Question"),
+        ("[Others]", "Others"),
+        ("Other", "Others"),
+        (" Approval and Reassurance ", "Affirmation and Reassurance"),
+        ("Restatement", "Restatement or Paraphrasing"),
+        ("SELF-DISCLOSURE", "Self-disclosure"),
+        ("", None),
+        ("[]", None),
+    ],
+)
+def test_strategy_aliases(raw, expected):
+    cleaned, stats = clean(conv(("user", "u"), ("assistant", "a", raw)))
+    assert cleaned.messages[1].strategy == expected
+    assert stats.unknown_strategies == {}
+
+
+def test_unknown_strategies_are_counted_by_name():
+    cleaned, stats = clean(
+        conv(
+            ("user", "u"),
+            ("assistant", "a", "Direct Guidance"),
+            ("user", "u2"),
+            ("assistant", "b", "[Direct Guidance]"),
+            ("user", "u3"),
+            ("assistant", "c", "Humour"),
+        )
+    )
+    assert [m.strategy for m in cleaned.messages[1::2]] == ["Others"] * 3
+    assert stats.unknown_strategies == {"Direct Guidance": 2, "Humour": 1}
+
+
+def test_user_turns_carry_no_strategy():
+    cleaned, _ = clean(conv(("user", "u", "Question"), ("assistant", "a")))
+    assert cleaned.messages[0].strategy is None
+    merged, _ = clean(conv(("user", "u"), ("user", "v", "Question"), ("assistant", "a")))
+    assert triples(merged)[0] == ("user", "u\nv", None)  # not even through a merge
+
+
+def test_leading_assistant_greeting_is_kept_but_not_a_target():
+    cleaned, _ = clean(
+        conv(("assistant", "Hi, I'm here."), ("user", "Hi."), ("assistant", "Go on."))
+    )
+    assert [m.role for m in cleaned.messages] == ["assistant", "user", "assistant"]
+    assert count_target_turns(cleaned.messages) == 1
+
+
+@pytest.mark.parametrize(
+    ("turns", "reason"),
+    [
+        ([], "empty_conversation"),
+        ([("user", " "), ("assistant", "\n\t")], "empty_conversation"),
+        ([("user", "Anyone?")], "no_assistant_turn"),
+        ([("assistant", "Hello, how can I help?")], "no_assistant_turn"),
+        ([("system", "Be kind."), ("user", "hi"), ("assistant", "  ")], "no_assistant_turn"),
+    ],
+)
+def test_rejections(turns, reason):
+    with pytest.raises(RecordError) as info:
+        clean(conv(*turns))
+    assert info.value.reason == reason
+
+
+def test_system_prompt_added_only_when_missing():
+    added, _ = clean(conv(("user", "u"), ("assistant", "a")), system_prompt="Be kind.")
+    assert triples(added)[0] == ("system", "Be kind.", None)
+    own, _ = clean(conv(("system", "Mine."), ("user", "u"), ("assistant", "a")), "Be kind.")
+    assert [m.content for m in own.messages] == ["Mine.", "u", "a"]
+
+
+def test_content_hash_ignores_id_source_topic_and_strategy():
+    a = conv(("user", "u"), ("assistant", "a", "Question"))
+    b = Conversation("other", "elsewhere", None, [Message("user", "u"), Message("assistant", "a")])
+    assert a.content_hash() == b.content_hash()
+    swapped = conv(("assistant", "u"), ("user", "a"))
+    joined = conv(("user", "ua"))  # separators keep ("u", "a") apart from ("ua",)
+    assert len({a.content_hash(), swapped.content_hash(), joined.content_hash()}) == 3
+
+
+def test_json_round_trip():
+    a = Conversation(
+        "é-1", "esconv", None, [Message("user", "我很难过"), Message("assistant", "嗯", "Others")]
+    )
+    text = a.to_json()
+    assert "我很难过" in text  # not \u-escaped
+    assert Conversation.from_json(text) == a
+
+
+def test_alias_outside_taxonomy_is_refused():
+    bad = StrategyConfig(aliases={"Nudge": "Nudging"})
+    with pytest.raises(ValueError, match="'Nudging', which is not in data.strategies.taxonomy"):
+        build_strategy_lookup(bad)
+    with pytest.raises(ValueError, match="fallback 'Misc' is not in the taxonomy"):
+        build_strategy_lookup(StrategyConfig(fallback="Misc"))
+
+
+def test_custom_taxonomy():
+    cfg = StrategyConfig(
+        taxonomy=["Ask", "Comfort", "Other"], aliases={"q": "Ask"}, fallback="Other"
+    )
+    lookup = build_strategy_lookup(cfg)
+    assert lookup == {"ask": "Ask", "comfort": "Comfort", "other": "Other", "q": "Ask"}

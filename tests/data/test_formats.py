@@ -1,0 +1,305 @@
+"""Format adapters on the real corpora in ../shared/data, with exact counts of every defect.
+
+Every expected number below was derived independently of soulray: a throwaway script read the raw
+JSON with plain `json` and applied the cleaning rules by hand (strip, drop empty turns, merge
+consecutive turns of one role keeping the first strategy, reject conversations with no assistant
+turn after the first user turn, dedupe by roles + contents). soulray agreed on every number.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from itertools import pairwise
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import shared_path
+
+from soulray.config import StrategyConfig
+from soulray.data.conversation import (
+    Conversation,
+    RecordError,
+    build_strategy_lookup,
+    clean_conversation,
+    count_target_turns,
+)
+from soulray.data.formats import detect_format, split_records, to_conversation
+
+STRATEGIES = StrategyConfig()
+LOOKUP = build_strategy_lookup(STRATEGIES)
+
+
+@dataclass
+class Adapted:
+    formats: Counter = field(default_factory=Counter)
+    records: int = 0
+    raw_turns: int = 0
+    kept: list[Conversation] = field(default_factory=list)
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (location, reason)
+    merged: int = 0
+    empty: int = 0
+    unknown: Counter = field(default_factory=Counter)
+
+    @property
+    def reasons(self) -> dict[str, int]:
+        return dict(Counter(reason for _, reason in self.rejected))
+
+    @property
+    def turns(self) -> int:
+        return sum(len(c.messages) for c in self.kept)
+
+    @property
+    def targets(self) -> int:
+        return sum(count_target_turns(c.messages) for c in self.kept)
+
+
+def adapt(paths: list[Path], fmt: str = "auto") -> Adapted:
+    """Read, adapt, clean and dedupe files exactly as the pipeline does, on one process."""
+    out, seen = Adapted(), set()
+    for path in paths:
+        for raw in split_records(str(path), path.read_bytes()):
+            out.records += 1
+            try:
+                if raw.error:
+                    raise raw.error
+                kind = detect_format(raw.record) if fmt == "auto" else fmt
+                out.formats[kind] += 1
+                conv = to_conversation(raw.record, kind, raw.key)
+                out.raw_turns += len(conv.messages)
+                conv, stats = clean_conversation(conv, LOOKUP, STRATEGIES.fallback)
+            except RecordError as e:
+                out.rejected.append((raw.location, e.reason))
+                continue
+            if conv.content_hash() in seen:
+                out.rejected.append((raw.location, "duplicate"))
+                continue
+            seen.add(conv.content_hash())
+            out.kept.append(conv)
+            out.merged += stats.merged_turns
+            out.empty += stats.empty_turns
+            out.unknown.update(stats.unknown_strategies)
+    return out
+
+
+def test_soulchat_messages_records():
+    card = shared_path("soulchat/soulchatcorpus_card_example.json")
+    psydt = shared_path("soulchat/psydtcorpus_readme_example.json")
+    a = adapt([card, psydt])
+    # raw JSON: card 12 messages (6 user/6 assistant); PsyDT 31 (1 system, 15 user, 15 assistant)
+    assert a.formats == {"messages": 2}
+    assert (a.records, a.raw_turns, a.turns, a.targets) == (2, 43, 43, 21)
+    assert (a.merged, a.empty, a.rejected, a.unknown) == (0, 0, [], {})
+    card_conv, psydt_conv = a.kept
+    assert (card_conv.id, card_conv.topic, card_conv.source) == ("0", "成长", "messages")
+    assert psydt_conv.topic == "婚恋"  # from "normalizedTag"
+    assert [m.role for m in psydt_conv.messages[:3]] == ["system", "user", "assistant"]
+    raw = json.loads(card.read_text(encoding="utf-8"))
+    assert [m.content for m in card_conv.messages] == [m["content"] for m in raw["messages"]]
+
+
+def test_smile_dialogs_directory():
+    files = sorted(shared_path("smile/dialogs").glob("*.json"))
+    a = adapt(files)
+    # raw JSON: 254 files, 2,920 turns; 74.json has only client turns; consecutive counselor
+    # turns: 4 pairs in 82.json, 1 in 157.json; no empty turn; 1,437 counselor turns after a client
+    assert (len(files), a.formats) == (254, {"smile": 254})
+    assert (a.records, a.raw_turns) == (254, 2920)
+    assert len(a.kept) == 253
+    assert a.rejected == [(str(shared_path("smile/dialogs/74.json")), "no_assistant_turn")]
+    assert (a.merged, a.empty, a.turns, a.targets) == (5, 0, 2914, 1437)
+
+
+def test_smile_merges_consecutive_counselor_turns():
+    path = shared_path("smile/dialogs/82.json")
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    (conv,) = adapt([path]).kept
+    # raw roles: turns 5, 6, 7 are counselor, counselor, counselor -> one message joined by "\n"
+    assert [t["role"] for t in raw[5:8]] == ["counselor"] * 3
+    assert conv.messages[5].role == "assistant"
+    assert conv.messages[5].content == "\n".join(t["content"].strip() for t in raw[5:8])
+    assert (conv.id, conv.source, len(conv.messages)) == ("82", "smile", 16)
+    roles = [m.role for m in conv.messages]
+    assert all(a != b for a, b in pairwise(roles))
+
+
+def test_emollm_xtuner():
+    a = adapt([shared_path("emollm/data.json")])
+    # raw JSON: 1,596 conversations, 5,072 input/output pairs, a system prompt on 1,596 of them
+    assert a.formats == {"xtuner": 1596}
+    assert (a.records, len(a.kept), a.rejected) == (1596, 1596, [])
+    assert (a.raw_turns, a.turns, a.targets) == (11740, 11740, 5072)
+    assert (a.merged, a.empty, a.unknown) == (0, 0, {})
+    assert all(c.messages[0].role == "system" for c in a.kept)
+    assert a.kept[0].id == "data:0"  # no id in the record: "<file stem>:<index>"
+
+
+def test_failed_esconv_speaker_listener():
+    a = adapt([shared_path("esconv/FailedESConv.json")])
+    # raw JSON: 196 dialogues, 5,230 utterances; merging consecutive same-speaker utterances
+    # leaves 3,968 (1,262 merges); 71 dialogues open with a listener greeting, so 1,979 listener
+    # messages of which 1,908 follow a speaker turn; "Direct Guidance" x11 is the only raw name
+    # outside the taxonomy + aliases
+    assert a.formats == {"esconv": 196}
+    assert (a.records, len(a.kept), a.rejected) == (196, 196, [])
+    assert (a.raw_turns, a.turns, a.merged, a.empty) == (5230, 3968, 1262, 0)
+    assert a.targets == 1908
+    assert sum(m.role == "assistant" for c in a.kept for m in c.messages) == 1979
+    assert sum(c.messages[0].role == "assistant" for c in a.kept) == 71
+    assert a.unknown == {"Direct Guidance": 11}
+    assert a.kept[0].topic == "ongoing depression"  # problem_type
+
+
+def test_failed_esconv_strategy_spellings_normalised():
+    a = adapt([shared_path("esconv/FailedESConv.json")])
+    strategies = Counter(m.strategy for c in a.kept for m in c.messages if m.role == "assistant")
+    # raw JSON, first label of each merged listener run, mapped by hand: Questions -> Question,
+    # Other/Direct Guidance -> Others, Approval and Reassurance -> Affirmation and Reassurance,
+    # Restatement -> Restatement or Paraphrasing
+    assert strategies == {
+        "Question": 422,
+        "Others": 350,
+        "Providing Suggestions": 321,
+        "Affirmation and Reassurance": 288,
+        "Reflection of feelings": 170,
+        "Self-disclosure": 164,
+        "Restatement or Paraphrasing": 152,
+        "Information": 112,
+    }
+    assert all(m.strategy is None for c in a.kept for m in c.messages if m.role == "user")
+
+
+SHAREGPT = [
+    {
+        "id": "sg-1",
+        "system": "You are a patient listener.",
+        "category": "family",
+        "conversations": [
+            {"from": "human", "value": "My brother stopped talking to me."},
+            {
+                "from": "gpt",
+                "value": "That silence must hurt.",
+                "strategy": "[reflection of feelings]",
+            },
+            {"from": "human", "value": "   "},
+            {"from": "human", "value": "It has been a month."},
+            {"from": "human", "value": "I miss him."},
+            {
+                "from": "gpt",
+                "value": "What happened before he went quiet?",
+                "strategy": "Questions",
+            },
+        ],
+    },
+    {
+        "conversations": [
+            {"from": "gpt", "value": "Hi, I'm here to listen."},
+            {"from": "user", "value": "I can't focus at work."},
+            {"from": "assistant", "value": "Since when?", "strategy": "Probing"},
+        ]
+    },
+    {"conversations": [{"from": "robot", "value": "beep"}]},
+    {"conversations": [{"from": "human", "value": "Hello?"}]},
+    {"conversations": [{"from": "human", "value": "Hello?"}, {"from": "gpt", "value": 7}]},
+]
+
+
+def test_sharegpt_hand_written(tmp_path):
+    path = tmp_path / "chats.json"
+    path.write_text(json.dumps(SHAREGPT), encoding="utf-8")
+    a = adapt([path])
+    assert a.formats == {"sharegpt": 5}
+    assert a.rejected == [
+        (f"{path}[2]", "invalid_record"),  # unknown speaker "robot"
+        (f"{path}[3]", "no_assistant_turn"),
+        (f"{path}[4]", "invalid_record"),  # value is a number
+    ]
+    first, second = a.kept
+    assert (first.id, first.topic, second.id) == ("sg-1", "family", "chats:1")
+    assert [(m.role, m.content, m.strategy) for m in first.messages] == [
+        ("system", "You are a patient listener.", None),
+        ("user", "My brother stopped talking to me.", None),
+        ("assistant", "That silence must hurt.", "Reflection of feelings"),
+        ("user", "It has been a month.\nI miss him.", None),
+        ("assistant", "What happened before he went quiet?", "Question"),
+    ]
+    assert (a.empty, a.merged, a.unknown) == (1, 1, {"Probing": 1})
+    assert second.messages[2].strategy == "Others"  # the fallback for an unknown name
+    assert (count_target_turns(first.messages), count_target_turns(second.messages)) == (2, 1)
+
+
+def test_forced_format_rejects_other_shapes(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(json.dumps(SHAREGPT[0]) + "\n" + json.dumps({"messages": []}) + "\n")
+    a = adapt([path], fmt="sharegpt")
+    assert a.rejected == [(f"{path}:2", "invalid_record")]  # no "conversations" list
+    assert len(a.kept) == 1
+
+
+def test_split_records_file_shapes(tmp_path):
+    rec = {"messages": [{"role": "user", "content": "a"}]}
+    lines = tmp_path / "lines.jsonl"
+    lines.write_text(f"{json.dumps(rec)}\n\n{{broken\n{json.dumps(rec)}\n")
+    got = [
+        (r.location, r.key, r.error and r.error.reason)
+        for r in split_records(str(lines), lines.read_bytes())
+    ]
+    assert got == [
+        (f"{lines}:1", "lines:1", None),
+        (f"{lines}:3", "lines:3", "invalid_json"),
+        (f"{lines}:4", "lines:4", None),
+    ]
+    as_json = tmp_path / "lines_in.json"  # JSON lines inside a .json file, with a BOM
+    as_json.write_bytes(b"\xef\xbb\xbf" + lines.read_bytes())
+    assert [r.location for r in split_records(str(as_json), as_json.read_bytes())] == [
+        f"{as_json}:1",
+        f"{as_json}:3",
+        f"{as_json}:4",
+    ]
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"messages": [')
+    (only,) = split_records(str(broken), broken.read_bytes())
+    assert (only.location, only.error.reason) == (str(broken), "invalid_json")
+
+
+def test_split_records_parquet(tmp_path):
+    rows = [
+        {
+            "id": "p1",
+            "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+        },
+        {"id": "p2", "messages": [{"role": "user", "content": "z"}]},
+    ]
+    path = tmp_path / "corpus.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    a = adapt([path])
+    assert [c.id for c in a.kept] == ["p1"]
+    assert a.rejected == [(f"{path}[1]", "no_assistant_turn")]
+    corrupt = tmp_path / "corrupt.parquet"
+    corrupt.write_bytes(b"PAR1 not really")
+    (only,) = split_records(str(corrupt), corrupt.read_bytes())
+    assert only.error.reason == "invalid_json"
+
+
+@pytest.mark.parametrize(
+    ("record", "expected"),
+    [
+        ({"messages": []}, "messages"),
+        ({"conversations": []}, "sharegpt"),
+        ({"conversation": []}, "xtuner"),
+        ({"dialog": []}, "esconv"),
+        ([{"role": "client", "content": "x"}], "smile"),
+    ],
+)
+def test_detect_format(record, expected):
+    assert detect_format(record) == expected
+
+
+@pytest.mark.parametrize("record", [{"text": "hi"}, 42, [], [1, 2], "just text"])
+def test_detect_format_unknown(record):
+    with pytest.raises(RecordError) as info:
+        detect_format(record)
+    assert info.value.reason == "unknown_format"

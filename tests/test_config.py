@@ -1,0 +1,168 @@
+"""Typed config: every shipped YAML loads, overrides parse as YAML, unknown keys are refused by
+their dotted name at any depth, and the resolved config round-trips through its YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from soulray.config import Config, ConfigError, config_hash, config_to_yaml, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB_FILES = sorted((ROOT / "jobs").glob("*.yaml")) + sorted((ROOT / "jobs").glob("*.yml"))
+
+
+def test_jobs_folder_has_configs():
+    assert ROOT / "jobs" / "quickstart.yaml" in JOB_FILES
+
+
+@pytest.mark.parametrize("path", JOB_FILES, ids=lambda p: p.name)
+def test_every_job_yaml_loads_and_names_its_command(path):
+    tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if isinstance(tree, dict) and {"apiVersion", "kind"} <= tree.keys():
+        pytest.skip(f"{path.name} is a Kubernetes manifest, not a soulray config")
+    cfg = load_config(path)
+    assert set(tree) <= set(Config.model_fields)
+    header = path.read_text(encoding="utf-8").split("\n\n")[0]
+    assert header.startswith("#") and f"--config jobs/{path.name}" in header
+    # every section the YAML sets is what was loaded (nothing silently defaulted away)
+    dumped = cfg.model_dump(mode="json")
+    for section, values in tree.items():
+        for key, value in (values or {}).items():
+            if not isinstance(value, dict):
+                assert dumped[section][key] == value, f"{section}.{key}"
+
+
+@pytest.mark.parametrize("path", JOB_FILES, ids=lambda p: p.name)
+def test_resolved_config_round_trips(path, tmp_path):
+    cfg = load_config(path)
+    saved = tmp_path / "config.yaml"
+    saved.write_text(config_to_yaml(cfg), encoding="utf-8")
+    again = load_config(saved)
+    assert again == cfg
+    assert config_hash(again) == config_hash(cfg)
+    assert config_to_yaml(again) == config_to_yaml(cfg)
+
+
+def test_overrides_parse_lists_numbers_booleans_and_null():
+    cfg = load_config(
+        ROOT / "jobs" / "quickstart.yaml",
+        [
+            "data.inputs=[a.jsonl, 'corpus/*.json', s3://bucket/x]",
+            "data.seq_len=512",
+            "data.val_fraction=0.25",
+            "data.strategy_tags=false",
+            "train.lr=1e-5",
+            "model.name_or_path=null",
+            "model.tokenizer=",
+            "data.strategies.fallback=Question",
+            "train.betas=[0.8, 0.99]",
+        ],
+    )
+    assert cfg.data.inputs == ["a.jsonl", "corpus/*.json", "s3://bucket/x"]
+    assert (cfg.data.seq_len, cfg.data.val_fraction, cfg.data.strategy_tags) == (512, 0.25, False)
+    assert cfg.train.lr == 1e-5 and isinstance(cfg.train.lr, float)
+    assert (cfg.model.name_or_path, cfg.model.tokenizer) == (None, None)
+    assert cfg.data.strategies.fallback == "Question"
+    assert cfg.train.betas == (0.8, 0.99)
+    assert cfg.data.output_dir == "runs/quickstart/data"  # untouched keys keep the YAML's value
+
+
+def test_overrides_without_a_file_start_from_the_defaults():
+    cfg = load_config(None, ["data.seq_len=64", "serve.engine.batching.max_batch_size=4"])
+    assert cfg.data.seq_len == 64
+    assert cfg.serve.engine.batching.max_batch_size == 4
+    assert cfg.data.val_fraction == Config().data.val_fraction
+
+
+def test_later_override_wins():
+    assert load_config(None, ["data.seq_len=64", "data.seq_len=128"]).data.seq_len == 128
+
+
+@pytest.mark.parametrize(
+    ("override", "name", "suggestion"),
+    [
+        ("data.seq_lne=5", "data.seq_lne", "data.seq_len"),
+        ("dat.seq_len=5", "dat", "data"),
+        ("data.strategies.fallbak=Others", "data.strategies.fallbak", "data.strategies.fallback"),
+        (
+            "serve.engine.batching.max_batch_sze=4",
+            "serve.engine.batching.max_batch_sze",
+            "serve.engine.batching.max_batch_size",
+        ),
+        ("train.learning_rate=0.1", "train.learning_rate", None),
+    ],
+)
+def test_unknown_keys_are_refused_by_dotted_name(override, name, suggestion):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    message = str(info.value)
+    assert f"unknown config key '{name}'." in message
+    if suggestion:
+        assert f"Did you mean '{suggestion}'?" in message
+    else:
+        assert "Did you mean" not in message
+    assert message.startswith("invalid config (defaults + overrides):")
+
+
+def test_unknown_key_in_a_yaml_file_names_the_file(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("data:\n  seq_len: 64\n  strategies:\n    taxonmy: [A]\nmodle: {}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"invalid config ({path}):")
+    assert "unknown config key 'data.strategies.taxonmy'. Did you mean " in message
+    assert "'data.strategies.taxonomy'" in message
+    assert "unknown config key 'modle'. Did you mean 'model'?" in message
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("data.seq_len=abc", "config key 'data.seq_len'"),
+        (
+            "data.seq_len=8",
+            "config key 'data.seq_len': Input should be greater than or equal to 16",
+        ),
+        ("data.mode=zipped", "config key 'data.mode'"),
+        ("data.val_fraction=1.0", "config key 'data.val_fraction'"),
+    ],
+)
+def test_bad_values_are_refused_by_name(override, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("data.seq_len", "is not of the form key.path=value"),
+        ("=5", "is not of the form key.path=value"),
+        ("data.seq_len.x=1", "'seq_len' holds a value, not a section"),
+    ],
+)
+def test_malformed_overrides(override, expected, tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("data:\n  seq_len: 64\n")
+    with pytest.raises(ConfigError, match=expected):
+        load_config(path, [override])
+
+
+def test_unreadable_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(bad)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- data\n")
+    with pytest.raises(ConfigError, match="must hold a mapping at the top level"):
+        load_config(listed)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing\n")
+    assert load_config(empty) == Config()
+    assert issubclass(ConfigError, ValueError)
