@@ -253,6 +253,46 @@ def quickstart(config: ConfigOpt, overrides: Overrides = None) -> None:
     print_train_summary(result, cfg)
 
 
+@app.command()
+def pipeline(config: ConfigOpt, overrides: Overrides = None) -> None:
+    """prepare -> train -> export -> serve on the current Ray; finished stages are skipped."""
+    from soulray.pipeline import format_summary, run_pipeline
+
+    setup_logging()
+    cfg = load(config, overrides)
+    init_ray()
+    results = run_verb(run_pipeline, cfg)
+    typer.echo(format_summary(results))
+    if "serve" in cfg.pipeline.stages and cfg.pipeline.wait:
+        typer.echo("serving until Ctrl-C (pipeline.wait=false returns at once)")
+        wait_until_interrupted(cfg.serve.app_name)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def submit(
+    command: Annotated[
+        list[str], typer.Argument(help="The soulray command to run, after --.", show_default=False)
+    ],
+    address: Annotated[
+        str | None,
+        typer.Option(help="Ray dashboard URL, e.g. http://HEAD:8265 (default: $RAY_ADDRESS or "
+                     "$RAY_API_SERVER_ADDRESS)."),
+    ] = None,
+    wait: Annotated[bool, typer.Option(help="Follow the logs until the job ends.")] = True,
+    upload: Annotated[
+        bool, typer.Option(help="Upload this project as the job's working_dir (--no-upload: "
+                           "the cluster image already holds soulray).")
+    ] = True,
+) -> None:
+    """Submit a soulray verb as a Ray job: soulray submit --address URL -- soulray train -c X."""
+    from soulray.submit import submit_job
+
+    job_id, status = run_verb(submit_job, address, command, wait, upload, Path.cwd())
+    typer.echo(f"job {job_id}: {status}")
+    if wait and status != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
 def main() -> None:
     app()
 

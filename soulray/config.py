@@ -192,6 +192,7 @@ class EngineConfig(DeploymentConfig):
     adapter_dir: str | None = None  # a peft LoRA adapter applied on model_dir (the base model)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    stream_interval_s: float = Field(0.02, ge=0)  # streamed tokens are sent at most this often
     vllm_engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # vLLM engine args
     max_ongoing_requests: int = Field(64, ge=1)
     max_queued_requests: int = Field(256, ge=-1)
@@ -246,12 +247,23 @@ class ServeConfig(Section):
     auth: AuthConfig = Field(default_factory=AuthConfig)
 
 
+class PipelineConfig(Section):
+    run_dir: str | None = None  # when set: data/, checkpoints/ and model/ all go under it
+    stages: list[Literal["prepare", "train", "serve"]] = Field(
+        default_factory=lambda: ["prepare", "train", "serve"]
+    )
+    # After deploying, keep this driver (and a local Ray it started) up until Ctrl-C. A Ray
+    # job on a cluster sets it to false: the Serve app outlives the job there.
+    wait: bool = True
+
+
 class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
 
     @property
     def serve_model_dir(self) -> str:
@@ -302,19 +314,24 @@ def _format_errors(err: ValidationError, origin: str) -> str:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (or the defaults), apply dotted overrides and validate."""
-    tree: dict[str, Any] = {}
-    origin = "defaults"
-    if path is not None:
-        origin = str(path)
-        try:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
-        tree = loaded or {}
+    if path is None:
+        return parse_config("", "defaults", overrides)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    return parse_config(text, str(path), overrides)
+
+
+def parse_config(text: str, origin: str, overrides: list[str] | None = None) -> Config:
+    """Validate YAML text plus overrides; `origin` names the source in error messages."""
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {origin} is not valid YAML: {e}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config {origin} must hold a mapping at the top level")
+    tree: dict[str, Any] = loaded or {}
     for override in overrides or []:
         apply_override(tree, override)
     if overrides:

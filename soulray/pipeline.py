@@ -1,0 +1,143 @@
+"""`soulray pipeline`: prepare -> train (+ export) -> serve as one driver on the current Ray.
+
+With `pipeline.run_dir` set, every stage writes under it (data/, checkpoints/, model/), locally
+or in object storage. A stage whose output already exists for the same config is skipped, and
+training resumes from its latest checkpoint, so re-running after a failure (a killed driver,
+a lost node) continues where the run stopped instead of starting over.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from soulray import storage
+from soulray.config import Config, config_hash, parse_config
+
+log = logging.getLogger("soulray.pipeline")
+
+
+@dataclass
+class StageResult:
+    name: str
+    status: str  # "ran" or "skipped"
+    seconds: float
+    summary: str
+
+
+def with_run_dir(cfg: Config) -> Config:
+    """Put every stage's output under pipeline.run_dir (when set)."""
+    root = cfg.pipeline.run_dir
+    if not root:
+        return cfg
+    data = cfg.data.model_copy(update={"output_dir": storage.join(root, "data")})
+    train = cfg.train.model_copy(
+        update={
+            "data_dir": None,
+            "storage_path": storage.join(root, "checkpoints"),
+            "export_dir": storage.join(root, "model"),
+        }
+    )
+    engine = cfg.serve.engine.model_copy(update={"model_dir": None})
+    serve = cfg.serve.model_copy(update={"engine": engine})
+    return cfg.model_copy(update={"data": data, "train": train, "serve": serve})
+
+
+def prepared_manifest(cfg: Config) -> dict[str, Any] | None:
+    """The manifest of a finished prepare with this data config (and tokenizer), else None."""
+    path = storage.join(cfg.data.output_dir, "manifest.json")
+    if not storage.exists(path):
+        return None
+    manifest = json.loads(storage.read_text(path))
+    same_data = manifest.get("config_hash") == config_hash(cfg.data)
+    same_tokenizer = manifest.get("tokenizer", {}).get("source") == (
+        cfg.model.tokenizer_path or "trained"
+    )
+    return manifest if same_data and same_tokenizer else None
+
+
+def trained_metrics(cfg: Config) -> dict[str, Any] | None:
+    """The final metrics of an export made by this very training config, else None."""
+    from soulray.train.launch import resolve_paths
+
+    export = cfg.train.export_dir
+    config_path, metrics_path = (storage.join(export, f) for f in ("soulray.yaml", "metrics.json"))
+    if not (storage.exists(config_path) and storage.exists(metrics_path)):
+        return None
+    exported = parse_config(storage.read_text(config_path), config_path)
+    wanted = resolve_paths(cfg)
+    sections = ("data", "model", "lora", "train")
+    if any(getattr(exported, s) != getattr(wanted, s) for s in sections):
+        return None
+    metrics = json.loads(storage.read_text(metrics_path))
+    return metrics if metrics.get("step") == cfg.train.steps else None
+
+
+def timed(name: str, run: Callable[[], str], skip: str | None) -> StageResult:
+    if skip is not None:
+        log.info("%s: skipped, %s", name, skip)
+        return StageResult(name, "skipped", 0.0, skip)
+    log.info("%s: starting", name)
+    start = time.time()
+    summary = run()
+    return StageResult(name, "ran", time.time() - start, summary)
+
+
+def run_prepare_stage(cfg: Config) -> str:
+    from soulray.data.pipeline import run_prepare
+
+    m = run_prepare(cfg)
+    return (
+        f"{m['conversations']} conversations, {m['rows']} rows, "
+        f"packing {m['packing_efficiency']:.1%} -> {cfg.data.output_dir}"
+    )
+
+
+def run_train_stage(cfg: Config) -> str:
+    from soulray.train.launch import run_train
+
+    result = run_train(cfg)
+    if result.error is not None:
+        raise RuntimeError(f"training failed: {result.error}")
+    m = result.metrics or {}
+    return f"step {m.get('step')}, loss {m.get('loss', float('nan')):.4f} -> {cfg.train.export_dir}"
+
+
+def run_serve_stage(cfg: Config) -> str:
+    from soulray.serve.app import start_serving
+
+    url = start_serving(cfg)
+    return f"{cfg.serve.model_name} at {url}/v1"
+
+
+def run_pipeline(cfg: Config) -> list[StageResult]:
+    """Run the configured stages in order; return what each did."""
+    cfg = with_run_dir(cfg)
+    stages = cfg.pipeline.stages
+    results = []
+    if "prepare" in stages:
+        manifest = prepared_manifest(cfg)
+        skip = f"{cfg.data.output_dir} holds this data config's output" if manifest else None
+        results.append(timed("prepare", lambda: run_prepare_stage(cfg), skip))
+    if "train" in stages:
+        metrics = trained_metrics(cfg)
+        skip = (
+            f"{cfg.train.export_dir} holds this config's model (step {metrics['step']})"
+            if metrics
+            else None
+        )
+        results.append(timed("train", lambda: run_train_stage(cfg), skip))
+    if "serve" in stages:
+        results.append(timed("serve", lambda: run_serve_stage(cfg), None))
+    return results
+
+
+def format_summary(results: list[StageResult]) -> str:
+    lines = ["pipeline summary:"]
+    for r in results:
+        lines.append(f"  {r.name:<8} {r.status:<8} {r.seconds:7.1f}s  {r.summary}")
+    return "\n".join(lines)
