@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -71,12 +72,13 @@ def user_error(exc: BaseException) -> BaseException | None:
 
 
 def run_verb(fn: Any, *args: Any) -> Any:
-    """Run a stage; a user error prints one clear line and exits non-zero (no traceback)."""
+    """Run a stage; a user error prints one clear line and exits non-zero (no traceback;
+    SOULRAY_DEBUG=1 keeps it)."""
     try:
         return fn(*args)
     except Exception as exc:
         found = user_error(exc)
-        if found is None:
+        if found is None or os.environ.get("SOULRAY_DEBUG"):
             raise
         typer.echo(f"error: {found}", err=True)
         raise typer.Exit(2 if isinstance(found, ConfigError) else 1) from None

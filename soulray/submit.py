@@ -13,6 +13,7 @@ plain-Ray equivalent.
 from __future__ import annotations
 
 import asyncio
+import os
 import shlex
 import time
 from pathlib import Path
@@ -50,7 +51,10 @@ def build_entrypoint(command: list[str], upload: bool) -> str:
 
 
 def build_runtime_env(project: Path, upload: bool) -> dict[str, Any]:
-    return {"working_dir": str(project), "excludes": EXCLUDES} if upload else {}
+    env: dict[str, Any] = {"working_dir": str(project), "excludes": EXCLUDES} if upload else {}
+    if os.environ.get("SOULRAY_DEBUG"):  # full tracebacks in the job's logs too
+        env["env_vars"] = {"SOULRAY_DEBUG": os.environ["SOULRAY_DEBUG"]}
+    return env
 
 
 def submit_job(

@@ -59,18 +59,26 @@ def is_shared_path(path: str) -> bool:
 
 
 def check_storage(cfg: Config) -> None:
-    """On a multi-node cluster, checkpoints must be on storage every node can reach."""
+    """On a cluster spanning hosts, checkpoints must be on storage every node can reach."""
     import ray
 
-    nodes = [n for n in ray.nodes() if n["Alive"]]
-    path = cfg.train.storage_path
-    if len(nodes) > 1 and not is_shared_path(path):
-        raise ValueError(
-            f"train.storage_path={path} is a local directory, but the Ray cluster has "
-            f"{len(nodes)} nodes: each worker would write its checkpoint shards to its own disk "
-            "and a restarted worker could not read them back. Use shared storage: an s3:// or "
-            "gs:// URI, or a path on an NFS mount present on every node"
-        )
+    hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
+    problem = storage_problem(cfg.train.storage_path, len(hosts))
+    if problem:
+        raise ValueError(problem)
+
+
+def storage_problem(path: str, hosts: int) -> str | None:
+    """Why `path` cannot hold checkpoints for a cluster on `hosts` hosts (None if it can).
+    Nodes on one host share its disks, so a single-host cluster may use a local path."""
+    if hosts <= 1 or is_shared_path(path):
+        return None
+    return (
+        f"train.storage_path={path} is a local directory, but the Ray cluster spans {hosts} "
+        "hosts: each worker would write its checkpoint shards to its own disk and a restarted "
+        "worker could not read them back. Use shared storage: an s3:// or gs:// URI, or a path "
+        "on an NFS mount present on every node"
+    )
 
 
 def worker_resources(cfg: Config, cluster_cpus: float) -> dict[str, float] | None:

@@ -1,0 +1,111 @@
+"""`soulray submit` end to end on a real multi-node Ray (cluster/local.sh: a head + 1 worker
+raylet, token auth): a tiny prepare + train job succeeds and exports a model; a job with a
+config typo fails with the config error in its logs; `down` leaves no process behind."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from k8s_render import ROOT
+from test_local_cluster import cluster_processes, local_cluster, read_env_file, run, running
+
+from soulray.submit import build_entrypoint
+from soulray.train.launch import storage_problem
+
+__all__ = ["local_cluster"]  # the fixture, imported for use here
+SOULRAY = str(ROOT / ".venv" / "bin" / "soulray") if (ROOT / ".venv").exists() else "soulray"
+
+
+def test_entrypoint_runs_the_uploaded_package_and_rejects_non_soulray_commands() -> None:
+    cmd = ["soulray", "train", "--config", "jobs/x.yaml", "train.steps=3"]
+    assert build_entrypoint(cmd, upload=True) == (
+        "python -m soulray.cli train --config jobs/x.yaml train.steps=3"
+    )
+    assert build_entrypoint(cmd, upload=False).startswith("soulray train ")
+    with pytest.raises(ValueError, match="expected a soulray command"):
+        build_entrypoint(["python", "evil.py"], upload=True)
+
+
+def test_local_checkpoints_are_refused_only_across_hosts(tmp_path) -> None:
+    assert storage_problem(str(tmp_path), hosts=1) is None  # local.sh: many nodes, one host
+    assert storage_problem("s3://bucket/ckpt", hosts=4) is None
+    problem = storage_problem(str(tmp_path), hosts=2)
+    assert problem and "spans 2 hosts" in problem and "s3://" in problem
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="local.sh reads /proc (Linux)")
+def test_submit_prepare_and_train_then_a_bad_config(local_cluster, tmp_path) -> None:
+    env, state, _ = local_cluster
+    client = {**env, **read_env_file(state / "env")}
+    address = client["RAY_API_SERVER_ADDRESS"]
+    out = tmp_path / "run"
+    common = ["--config", "jobs/quickstart.yaml", f"data.output_dir={out}/data"]
+    train = [
+        *common,
+        f"train.storage_path={out}/checkpoints",
+        f"train.export_dir={out}/model",
+        "train.steps=4",
+        "train.eval_every=0",
+        "train.checkpoint_every=0",
+        "train.log_every=2",
+    ]
+
+    prepare = run(
+        SOULRAY,
+        "submit",
+        "--address",
+        address,
+        "--",
+        "soulray",
+        "prepare",
+        *common,
+        env=client,
+        timeout=600,
+    )
+    assert prepare.returncode == 0, prepare.stdout[-3000:] + prepare.stderr[-3000:]
+    assert "SUCCEEDED" in prepare.stdout and "prepared 60 conversations" in prepare.stdout
+
+    trained = run(
+        SOULRAY,
+        "submit",
+        "--address",
+        address,
+        "--",
+        "soulray",
+        "train",
+        *train,
+        env=client,
+        timeout=900,
+    )
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    assert "SUCCEEDED" in trained.stdout and "trained quickstart to step 4" in trained.stdout
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out / "model") is not None
+
+    bad = run(
+        SOULRAY,
+        "submit",
+        "--address",
+        address,
+        "--",
+        "soulray",
+        "train",
+        *train,
+        "train.stepz=3",
+        env=client,
+        timeout=600,
+    )
+    assert bad.returncode == 1
+    assert "unknown config key 'train.stepz'" in bad.stdout and "FAILED" in bad.stdout
+
+    cluster_id = read_env_file_plain(state / "state")["CLUSTER_ID"]
+    down = run(str(ROOT / "cluster" / "local.sh"), "down", env=env)
+    assert down.returncode == 0, down.stderr
+    assert [p for p in cluster_processes(cluster_id) if running(p)] == []  # jobs' too
+
+
+def read_env_file_plain(path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
