@@ -1,0 +1,87 @@
+"""`soulray pipeline`: stages under one run directory, and a re-run after the driver was killed
+mid-training skips the finished prepare and resumes training from its last checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from conftest import QUICKSTART, ROOT, SOULRAY
+
+from soulray.config import load_config
+from soulray.pipeline import with_run_dir
+
+
+def pipeline_cmd(run_dir: Path) -> list[str]:
+    return [
+        SOULRAY,
+        "pipeline",
+        "--config",
+        str(QUICKSTART),
+        f"pipeline.run_dir={run_dir}",
+        "pipeline.stages=[prepare, train]",
+        "train.steps=16",
+        "train.checkpoint_every=4",
+        "train.log_every=1",
+        "train.eval_every=0",
+    ]
+
+
+def test_run_dir_places_every_stage_under_it() -> None:
+    cfg = with_run_dir(load_config(QUICKSTART, ["pipeline.run_dir=s3://b/run"]))
+    assert (cfg.data.output_dir, cfg.train.storage_path, cfg.train.export_dir) == (
+        "s3://b/run/data",
+        "s3://b/run/checkpoints",
+        "s3://b/run/model",
+    )
+    assert cfg.serve_model_dir == "s3://b/run/model"
+
+
+def test_rerun_after_a_killed_driver_resumes_instead_of_starting_over(tmp_path) -> None:
+    env = {**os.environ, "RAY_ADDRESS": "local"}  # its own local Ray, killed with it
+    metrics = tmp_path / "checkpoints" / "quickstart" / "metrics.jsonl"
+    first = subprocess.Popen(
+        pipeline_cmd(tmp_path),
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 600
+    while time.time() < deadline and first.poll() is None:
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        if lines and json.loads(lines[-1])["step"] >= 6:  # checkpoint 4 is on disk
+            break
+        time.sleep(0.2)
+    assert first.poll() is None, "the pipeline ended before it could be killed"
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    killed_at = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    assert 6 <= killed_at < 16
+    assert not (tmp_path / "model").exists()
+
+    again = subprocess.run(
+        pipeline_cmd(tmp_path), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "prepare  skipped" in again.stdout
+    assert "train    ran" in again.stdout and "step 16" in again.stdout
+    steps = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [m["step"] for m in steps] == list(range(1, 17))  # every step once, none lost
+    (resumed,) = {m["start_step"] for m in steps if m["start_step"] > 0}
+    last_checkpoint = killed_at // 4 * 4  # the newest one, unless the kill hit its writing
+    assert resumed in (last_checkpoint, last_checkpoint - 4) and resumed >= 4
+    assert {m["start_step"] for m in steps if m["step"] <= resumed} == {0}
+    assert {m["start_step"] for m in steps if m["step"] > resumed} == {resumed}
+    assert (tmp_path / "model" / "model.safetensors").exists()
+
+    third = subprocess.run(
+        pipeline_cmd(tmp_path), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "prepare  skipped" in third.stdout and "train    skipped" in third.stdout
