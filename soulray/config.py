@@ -183,7 +183,7 @@ class DeploymentConfig(Section):
 class BatchingConfig(Section):
     enabled: bool = True  # False = one request at a time (the baseline the benchmark compares)
     max_batch_size: int = Field(16, ge=1)
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    batch_wait_timeout_s: float = Field(0.0, ge=0)  # >0 groups arrivals; late ones join anyway
 
 
 class EngineConfig(DeploymentConfig):
@@ -192,7 +192,7 @@ class EngineConfig(DeploymentConfig):
     adapter_dir: str | None = None  # a peft LoRA adapter applied on model_dir (the base model)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
-    stream_interval_s: float = Field(0.02, ge=0)  # streamed tokens are sent at most this often
+    stream_interval_s: float = Field(0.05, ge=0)  # streamed text is sent at most this often
     vllm_engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # vLLM engine args
     max_ongoing_requests: int = Field(64, ge=1)
     max_queued_requests: int = Field(256, ge=-1)

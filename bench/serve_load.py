@@ -1,0 +1,430 @@
+"""Serve load benchmark: asyncio + httpx clients against the soulray endpoint on local Ray Serve.
+
+    .venv/bin/python bench/serve_load.py [--model-dir DIR] [--max-tokens 32] [--out results.json]
+
+In one run, on loopback only, bounded in requests and seconds per level:
+1. the `hf` engine with batching and the same engine one request at a time
+   (serve.engine.batching.enabled=false), deployed side by side and measured in alternation
+   (A, B, A, B, ... so both see the same background load) over 1/4/16/64 concurrent streaming
+   clients: requests/s, output tokens/s, p50/p99 latency and time to first token, errors;
+2. the same two engine configurations called directly in this process (the replica's
+   Scheduler, no Serve, no HTTP): what batching itself buys, apart from the serving stack;
+3. Ray Serve's own cost with the `noop` engine: the full Serve path (proxy -> ingress replica ->
+   engine replica) against the very same FastAPI ingress and noop engine served in-process by
+   uvicorn (no Ray), one client, p50 difference = the overhead Serve adds.
+Without --model-dir a tiny random export is built (it always writes max_tokens tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+LEVELS = (1, 4, 16, 64)
+HOST = "127.0.0.1"
+
+
+@dataclass
+class LevelResult:
+    engine: str
+    clients: int
+    requests: int
+    errors: int
+    errors_5xx: int
+    seconds: float
+    requests_per_s: float
+    tokens_per_s: float
+    p50_ms: float
+    p99_ms: float
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def one_request(http: httpx.AsyncClient, i: int, max_tokens: int, stream: bool) -> dict:
+    """One chat completion; returns status, latency, time to first token, output tokens."""
+    body = {
+        "messages": [{"role": "user", "content": f"I had a hard week at work, number {i}."}],
+        "max_tokens": max_tokens,
+        "temperature": 0.7,
+        "seed": i,
+        "stream": stream,
+        "stream_options": {"include_usage": True},
+    }
+    start = time.perf_counter()
+    first, tokens = None, 0
+    if not stream:
+        resp = await http.post("/v1/chat/completions", json=body)
+        done = time.perf_counter() - start
+        ok = resp.status_code == 200
+        tokens = resp.json()["usage"]["completion_tokens"] if ok else 0
+        return {"status": resp.status_code, "latency": done, "ttft": done, "tokens": tokens}
+    async with http.stream("POST", "/v1/chat/completions", json=body) as resp:
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            choices = event.get("choices") or []
+            if first is None and choices and choices[0]["delta"].get("content"):
+                first = time.perf_counter() - start
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+        status = resp.status_code
+    done = time.perf_counter() - start
+    return {"status": status, "latency": done, "ttft": first or done, "tokens": tokens}
+
+
+async def run_level(
+    url: str,
+    clients: int,
+    max_requests: int,
+    max_seconds: float,
+    max_tokens: int,
+    stream: bool = True,
+) -> tuple[list[dict], float]:
+    """`clients` concurrent loops until max_requests are sent or max_seconds have passed."""
+    results: list[dict] = []
+    counter = iter(range(max_requests))
+    deadline = time.perf_counter() + max_seconds
+
+    async def client_loop(http: httpx.AsyncClient) -> None:
+        for i in counter:
+            if time.perf_counter() > deadline:
+                return
+            try:
+                results.append(await one_request(http, i, max_tokens, stream))
+            except httpx.HTTPError:
+                results.append({"status": 599, "latency": 0.0, "ttft": 0.0, "tokens": 0})
+
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+        start = time.perf_counter()
+        await asyncio.gather(*(client_loop(http) for _ in range(clients)))
+        return results, time.perf_counter() - start
+
+
+def summarize(engine: str, clients: int, results: list[dict], seconds: float) -> LevelResult:
+    good = [r for r in results if r["status"] == 200]
+    lat = [r["latency"] * 1000 for r in good]
+    ttft = [r["ttft"] * 1000 for r in good]
+    return LevelResult(
+        engine,
+        clients,
+        len(results),
+        len(results) - len(good),
+        sum(r["status"] >= 500 for r in results),
+        round(seconds, 2),
+        round(len(good) / seconds, 2),
+        round(sum(r["tokens"] for r in good) / seconds, 1),
+        round(pct(lat, 0.5), 1),
+        round(pct(lat, 0.99), 1),
+        round(pct(ttft, 0.5), 1),
+        round(pct(ttft, 0.99), 1),
+    )
+
+
+def serve_config(model_dir: str, port: int, kind: str, batching: bool, name: str) -> Any:
+    from soulray.config import Config
+
+    return Config.model_validate(
+        {
+            "serve": {
+                "port": port,
+                "host": HOST,
+                "app_name": name,
+                "max_tokens_limit": 512,
+                "engine": {
+                    "kind": kind,
+                    "model_dir": model_dir,
+                    "max_ongoing_requests": 64,
+                    "num_cpus": 0.8,
+                    "batching": {"enabled": batching, "max_batch_size": 16},
+                },
+                "ingress": {"num_cpus": 0.1},
+            }
+        }
+    )
+
+
+def deploy(cfg: Any, prefix: str) -> str:
+    from ray import serve
+
+    from soulray.serve.app import build_application
+
+    serve.run(build_application(cfg), name=cfg.serve.app_name, route_prefix=prefix)
+    return f"http://{HOST}:{cfg.serve.port}{prefix.rstrip('/')}"
+
+
+ENGINES = (("hf batched", True, "/batched"), ("hf one-at-a-time", False, "/single"))
+
+
+def sweep_served(model_dir: str, port: int, args: argparse.Namespace) -> list[LevelResult]:
+    """Both engine configurations deployed at once, measured in alternation per level."""
+    from ray import serve
+
+    urls = {}
+    for name, batching, prefix in ENGINES:
+        app = prefix.strip("/")
+        urls[name] = deploy(serve_config(model_dir, port, "hf", batching, app), prefix)
+        asyncio.run(run_level(urls[name], 4, 8, 30, args.max_tokens))  # warm-up
+    rows = []
+    for clients in LEVELS:
+        runs: dict[str, tuple[list[dict], float]] = {name: ([], 0.0) for name in urls}
+        for _ in range(args.rounds):
+            for name, url in urls.items():
+                n = args.requests_per_client * clients // args.rounds
+                res, secs = asyncio.run(
+                    run_level(url, clients, max(n, clients), args.max_seconds, args.max_tokens)
+                )
+                runs[name] = (runs[name][0] + res, runs[name][1] + secs)
+        for name, (res, secs) in runs.items():
+            rows.append(summarize(name, clients, res, secs))
+            print(json.dumps(asdict(rows[-1])), flush=True)
+    for _, _, prefix in ENGINES:
+        serve.delete(prefix.strip("/"))
+    return rows
+
+
+def sweep_direct(model_dir: str, args: argparse.Namespace) -> list[LevelResult]:
+    """The replica's Scheduler called in this process (one torch thread, like a 1-CPU replica):
+    batching against one-at-a-time with no serving stack around it."""
+    import torch
+
+    from soulray.serve.generate import GenRequest, eos_ids, load_model
+    from soulray.serve.prompt import render_ids
+    from soulray.serve.scheduler import Scheduler
+
+    torch.set_num_threads(1)
+    model, tok, device = load_model(model_dir, None, "auto")
+    rows = []
+    for name, batching, _ in ENGINES:
+        for clients in LEVELS:
+
+            async def level(clients: int = clients, rows_max: int = 16 if batching else 1):
+                sched = Scheduler(model, tok, eos_ids(model, tok), device, rows_max)
+                results, counter = [], iter(range(args.requests_per_client * clients))
+
+                async def client_loop() -> None:
+                    for i in counter:
+                        msg = [{"role": "user", "content": f"I had a hard week, number {i}."}]
+                        req = GenRequest(
+                            str(i), render_ids(tok, msg, ""), args.max_tokens, 0.7, 0.9, i
+                        )
+                        start, first, tokens = time.perf_counter(), None, 0
+                        queue = sched.submit([req])
+                        while (item := await queue.get()) is not None:
+                            first = first or time.perf_counter() - start
+                            tokens = item[0].tokens if item[0] is not None else tokens
+                        done = time.perf_counter() - start
+                        results.append(
+                            {
+                                "status": 200,
+                                "latency": done,
+                                "ttft": first or done,
+                                "tokens": tokens,
+                            }
+                        )
+
+                start = time.perf_counter()
+                await asyncio.gather(*(client_loop() for _ in range(clients)))
+                seconds = time.perf_counter() - start
+                sched.task.cancel()
+                return results, seconds
+
+            res, secs = asyncio.run(level())
+            rows.append(summarize(f"{name} (direct)", clients, res, secs))
+            print(json.dumps(asdict(rows[-1])), flush=True)
+    return rows
+
+
+class LocalEngine:
+    """The noop engine called in-process (the ingress's EngineClient interface, no Ray)."""
+
+    def __init__(self) -> None:
+        from soulray.serve.engine import NoopEngine
+
+        self.engine = NoopEngine({}, "")
+
+    async def complete(self, req: Any) -> Any:
+        return await self.engine.generate(req)
+
+    async def stream(self, req: Any):
+        async for delta in self.engine.stream(req):
+            yield delta
+
+
+def start_uvicorn(model_dir: str, port: int) -> None:
+    """The same FastAPI ingress with the noop engine in this process, served by uvicorn."""
+    import uvicorn
+
+    from soulray.serve.app import build_api, build_state
+
+    cfg = serve_config(model_dir, port, "noop", True, "direct").serve
+    api = build_api(build_state(cfg, model_dir, LocalEngine()))
+    server = uvicorn.Server(uvicorn.Config(api, host=HOST, port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+
+
+def measure_overhead(model_dir: str, serve_port: int, direct_port: int, n: int) -> dict:
+    from ray import serve
+
+    serve_url = deploy(serve_config(model_dir, serve_port, "noop", True, "noop"), "/")
+    start_uvicorn(model_dir, direct_port)
+    out = {}
+    for name, url in (("serve", serve_url), ("direct", f"http://{HOST}:{direct_port}")):
+        asyncio.run(run_level(url, 1, 20, 30, 8, stream=False))  # warm-up
+        res, secs = asyncio.run(run_level(url, 1, n, 60, 8, stream=False))
+        out[name] = summarize(name, 1, res, secs)
+        print(json.dumps(asdict(out[name])), flush=True)
+    serve.delete("noop")
+    return {
+        "serve_p50_ms": out["serve"].p50_ms,
+        "direct_p50_ms": out["direct"].p50_ms,
+        "overhead_p50_ms": round(out["serve"].p50_ms - out["direct"].p50_ms, 2),
+        "serve_p99_ms": out["serve"].p99_ms,
+        "direct_p99_ms": out["direct"].p99_ms,
+        "requests_each": out["serve"].requests,
+    }
+
+
+def measure_floor(port: int, n: int) -> dict:
+    """Bare Ray Serve on this machine, for scale: an empty FastAPI ingress (proxy + 1 replica)
+    and the same ingress awaiting an empty second deployment (proxy + 2 replicas, our shape)."""
+    from fastapi import FastAPI
+    from ray import serve
+
+    api = FastAPI()
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0.1})
+    class Leaf:
+        async def __call__(self, x: int) -> int:
+            return x
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0.1})
+    @serve.ingress(api)
+    class Root:
+        def __init__(self, leaf: Any) -> None:
+            self.leaf = leaf
+
+        @api.post("/one")
+        async def one(self) -> dict:
+            return {"ok": 1}
+
+        @api.post("/two")
+        async def two(self) -> dict:
+            return {"ok": await self.leaf.remote(1)}
+
+    serve.run(Root.bind(Leaf.bind()), name="floor", route_prefix="/floor")
+
+    async def p50(path: str) -> float:
+        lat = []
+        async with httpx.AsyncClient(base_url=f"http://{HOST}:{port}/floor") as http:
+            for i in range(n + 20):
+                start = time.perf_counter()
+                (await http.post(path)).raise_for_status()
+                if i >= 20:  # the first 20 warm up
+                    lat.append((time.perf_counter() - start) * 1000)
+        return round(pct(lat, 0.5), 1)
+
+    out = {
+        "one_replica_p50_ms": asyncio.run(p50("/one")),
+        "two_replicas_p50_ms": asyncio.run(p50("/two")),
+    }
+    serve.delete("floor")
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def markdown(rows: list[LevelResult], overhead: dict) -> str:
+    lines = [
+        "| engine | clients | requests | errors (5xx) | req/s | output tok/s | p50 ms | p99 ms "
+        "| TTFT p50 ms | TTFT p99 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.engine} | {r.clients} | {r.requests} | {r.errors} ({r.errors_5xx}) "
+            f"| {r.requests_per_s} | {r.tokens_per_s} | {r.p50_ms} | {r.p99_ms} "
+            f"| {r.ttft_p50_ms} | {r.ttft_p99_ms} |"
+        )
+    by = {(r.engine, r.clients): r.tokens_per_s for r in rows}
+
+    def ratio(suffix: str) -> str:
+        one = by.get(("hf one-at-a-time" + suffix, 16))
+        return f"{by[('hf batched' + suffix, 16)] / one:.1f}x" if one else "n/a"
+
+    lines += [
+        "",
+        f"batched / one-at-a-time output tokens/s at 16 clients: through Serve {ratio('')}, "
+        f"engine called directly {ratio(' (direct)')} (target >= 4x)",
+        f"Ray Serve overhead, noop engine, 1 client, {overhead['requests_each']} requests: "
+        f"p50 {overhead['serve_p50_ms']} ms through Serve vs {overhead['direct_p50_ms']} ms "
+        f"same ingress on uvicorn without Ray = {overhead['overhead_p50_ms']} ms (target <= 5 ms); "
+        f"p99 {overhead['serve_p99_ms']} vs {overhead['direct_p99_ms']} ms",
+        f"bare Ray Serve on this machine (empty handlers): proxy + 1 replica p50 "
+        f"{overhead['floor']['one_replica_p50_ms']} ms, proxy + 2 replicas (our shape) p50 "
+        f"{overhead['floor']['two_replicas_p50_ms']} ms",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model-dir", help="an export; default: build a tiny random one")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--requests-per-client", type=int, default=8)
+    parser.add_argument("--max-seconds", type=float, default=60.0, help="per level")
+    parser.add_argument("--overhead-requests", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=2, help="alternations per level")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args()
+
+    import ray
+    from ray import serve
+
+    from soulray.serve.tiny import build_tiny_export
+
+    model_dir = args.model_dir or str(build_tiny_export(tempfile.mkdtemp(prefix="soulray-bench-")))
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": HOST, "port": port}, logging_config={"log_level": "WARNING"})
+    rows = sweep_served(model_dir, port, args)
+    overhead = measure_overhead(model_dir, port, free_port(), args.overhead_requests)
+    overhead["floor"] = measure_floor(port, args.overhead_requests)
+    serve.shutdown()
+    ray.shutdown()
+    rows += sweep_direct(model_dir, args)
+    table = markdown(rows, overhead)
+    print(table)
+    if args.out:
+        payload = {"rows": [asdict(r) for r in rows], "overhead": overhead, "table": table}
+        args.out.write_text(json.dumps(payload, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Serving: an OpenAI-compatible, safe, strategy-aware endpoint on Ray Serve (`soulray serve`)."""

@@ -1,0 +1,270 @@
+"""The Ray Serve application: an OpenAI-compatible ingress in front of autoscaled engine replicas.
+
+Routes: POST /v1/chat/completions (whole or streamed as SSE ending `data: [DONE]`),
+GET /v1/models, GET /healthz. Every error is an OpenAI-shaped JSON body, never a stack trace.
+Message text is never logged unless serve.debug_log_content is set: the ingress logs request
+ids, sizes and token counts, and Serve's access log holds method, route, status and latency.
+
+`build_app` is the Serve application builder (`import_path: soulray.serve.app:build_app`, args
+`{config: <soulray config>}`), used by `soulray serve`, `serve deploy` and a KubeRay RayService.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException
+
+from soulray.config import AuthConfig, Config, ServeConfig
+from soulray.data.tokenizer import load_tokenizer
+from soulray.serve.chat import IngressState, complete, open_stream, prepare
+from soulray.serve.engine import (
+    EngineClient,
+    VLLMClient,
+    as_deployment,
+    build_engine,
+    replica_options,
+)
+from soulray.serve.prompt import fetch_model_dir, read_export_info
+from soulray.serve.safety import build_screen
+from soulray.serve.schemas import (
+    APIError,
+    ChatCompletionRequest,
+    ModelCard,
+    ModelList,
+    new_completion_id,
+)
+
+log = logging.getLogger("ray.serve.soulray")  # a child of Serve's logger: lands in replica logs
+
+
+def load_api_key(auth: AuthConfig) -> str | None:
+    """The bearer key: the secret file if configured, else the env var; None = open."""
+    key = None
+    if auth.api_key_file:
+        path = Path(auth.api_key_file)
+        if path.exists():
+            key = path.read_text(encoding="utf-8").strip() or None
+    key = key or os.environ.get(auth.api_key_env, "").strip() or None
+    if key is None and auth.required:
+        raise ValueError(
+            "serve.auth.required is set but no API key was found: put the key in the "
+            f"environment variable {auth.api_key_env} or in the file serve.auth.api_key_file "
+            f"({auth.api_key_file})"
+        )
+    return key
+
+
+def build_state(cfg: ServeConfig, model_dir: str, engine: EngineClient) -> IngressState:
+    local = fetch_model_dir(model_dir)
+    info = read_export_info(local, cfg)
+    created = int(Path(local, "config.json").stat().st_mtime)
+    return IngressState(
+        cfg,
+        info,
+        load_tokenizer(local),
+        build_screen(cfg.safety),
+        load_api_key(cfg.auth),
+        engine,
+        created,
+    )
+
+
+@serve.ingress()
+class Ingress:
+    """The ingress deployment: auth, validation, safety, window; generation is the engine's."""
+
+    def __init__(self, config: dict[str, Any], engine: DeploymentHandle) -> None:
+        cfg = Config.model_validate(config)
+        client = (
+            VLLMClient(engine, cfg.serve.model_name)
+            if cfg.serve.engine.kind == "vllm"
+            else EngineClient(engine)
+        )
+        self.state = build_state(cfg.serve, cfg.serve_model_dir, client)
+        log.info(
+            "ingress ready: model %s, context %d tokens, strategy tags %s, auth %s",
+            cfg.serve.model_name,
+            self.state.info.context_tokens,
+            self.state.info.strategy_tags,
+            "on" if self.state.api_key else "off",
+        )
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_api(self.state)
+
+
+def build_api(state: IngressState) -> FastAPI:
+    """The FastAPI app of one ingress replica (routes close over its state)."""
+    api = FastAPI(title="soulray", docs_url=None, redoc_url=None, openapi_url=None)
+    add_error_handlers(api)
+
+    @api.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        authorize(state, request)
+        card = ModelCard(id=state.cfg.model_name, created=state.created)
+        return ModelList(data=[card]).model_dump()
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        authorize(state, request)
+        req = parse_request(await read_body(request, state.cfg.max_request_bytes))
+        model = req.model or state.cfg.model_name
+        if model != state.cfg.model_name:
+            raise APIError(
+                404,
+                f"the model {model!r} does not exist; this server serves "
+                f"{state.cfg.model_name!r} (see GET /v1/models)",
+                param="model",
+                code="model_not_found",
+            )
+        prepared = prepare(state, req, new_completion_id())
+        if not req.stream:
+            return (await complete(state, prepared, model)).model_dump()
+        events = await open_stream(state, prepared, model)
+        return StreamingResponse(events, media_type="text/event-stream")
+
+    return api
+
+
+def add_error_handlers(api: FastAPI) -> None:
+    @api.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError) -> JSONResponse:
+        headers = {"Retry-After": "1"} if e.status == 503 else None
+        if e.status == 401:
+            headers = {"WWW-Authenticate": "Bearer"}
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    @api.exception_handler(HTTPException)
+    async def http_error(_: Request, e: HTTPException) -> JSONResponse:
+        body = APIError(e.status_code, str(e.detail)).body()
+        return JSONResponse(body, status_code=e.status_code)
+
+    @api.exception_handler(Exception)
+    async def internal_error(_: Request, e: Exception) -> JSONResponse:
+        log.error("internal error: %s", type(e).__name__)  # no message: it may quote content
+        body = APIError(500, "internal server error", type="server_error").body()
+        return JSONResponse(body, status_code=500)
+
+
+def authorize(state: IngressState, request: Request) -> None:
+    if state.api_key is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    valid = scheme.lower() == "bearer" and hmac.compare_digest(
+        token.strip().encode(), state.api_key.encode()
+    )
+    if not valid:
+        raise APIError(
+            401,
+            "invalid or missing API key; send the header 'Authorization: Bearer <key>'",
+            code="invalid_api_key",
+        )
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    body = b""
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise _too_large(limit)
+    return body
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(
+        413,
+        f"the request body is over this server's limit of {limit} bytes",
+        code="request_too_large",
+    )
+
+
+def parse_request(body: bytes) -> ChatCompletionRequest:
+    """The request model, or a 400 naming the field (never echoing the content)."""
+    try:
+        data = json.loads(body)
+    except json.JSONDecodeError as e:
+        raise APIError(400, f"the request body is not valid JSON ({e.msg} at {e.pos})") from None
+    except UnicodeDecodeError:
+        raise APIError(400, "the request body is not UTF-8 JSON") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    try:
+        return ChatCompletionRequest.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise APIError(400, f"{where}: {first['msg']}", param=where) from None
+
+
+def build_application(cfg: Config) -> Any:
+    """The engine deployment(s) and the ingress, bound together (pass it to serve.run)."""
+    cfg = resolved(cfg)
+    engine = build_engine(cfg.serve, cfg.serve_model_dir)
+    options = replica_options(cfg.serve.ingress, "Ingress")
+    level = "DEBUG" if cfg.serve.debug_log_content else "INFO"
+    ingress = as_deployment(Ingress).options(
+        **options, logging_config={"log_level": level, "enable_access_log": True}
+    )
+    return ingress.bind(cfg.model_dump(mode="json"), engine)
+
+
+def resolved(cfg: Config) -> Config:
+    """The config with serve.engine.model_dir set (local paths made absolute)."""
+    from soulray import storage
+
+    out = cfg.model_copy(deep=True)
+    out.serve.engine.model_dir = storage.normalize(cfg.serve_model_dir)
+    return out
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """Ray Serve application builder: args = {"config": <a soulray config mapping>}."""
+    unknown = set(args) - {"config"}
+    if unknown:
+        raise ValueError(f"unknown application args {sorted(unknown)}; pass only `config`")
+    return build_application(Config.model_validate(args.get("config") or {}))
+
+
+def build_serve_config(cfg: Config) -> dict[str, Any]:
+    """A Ray Serve config file (the format `serve deploy` and a RayService's serveConfigV2 take).
+    It embeds only the serve section, with the model directory resolved."""
+    serve_only = Config(serve=resolved(cfg).serve)
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": "0.0.0.0", "port": cfg.serve.port},
+        "applications": [
+            {
+                "name": cfg.serve.app_name,
+                "route_prefix": "/",
+                "import_path": "soulray.serve.app:build_app",
+                "args": {"config": {"serve": serve_only.serve.model_dump(mode="json")}},
+            }
+        ],
+    }
+
+
+def start_serving(cfg: Config) -> str:
+    """Deploy the app on the current Ray cluster (non-blocking); return its base URL."""
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.run(build_application(cfg), name=cfg.serve.app_name, route_prefix="/")
+    host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
+    return f"http://{host}:{cfg.serve.port}"

@@ -1,0 +1,104 @@
+"""`soulray chat`: a terminal client for any OpenAI-compatible endpoint (multi-turn, streaming).
+
+It uses the official `openai` package, so what works here works with any OpenAI client. soulray's
+extension fields are shown when present: the strategy of each reply, and the help lines attached
+to a flagged message.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any, TextIO
+
+EXIT_WORDS = {"/exit", "/quit", "exit", "quit"}
+
+
+def build_client(url: str, api_key: str | None) -> Any:
+    from openai import OpenAI
+
+    base = url.rstrip("/")
+    base = base if base.endswith("/v1") else f"{base}/v1"
+    key = api_key or os.environ.get("SOULRAY_API_KEY") or os.environ.get("OPENAI_API_KEY") or "none"
+    return OpenAI(base_url=base, api_key=key, max_retries=1, timeout=300)
+
+
+def pick_model(client: Any, model: str | None) -> str:
+    """The requested model, or the first one the server lists."""
+    if model:
+        return model
+    listed = client.models.list().data
+    if not listed:
+        raise ValueError("the server lists no models; pass --model")
+    return listed[0].id
+
+
+def stream_reply(
+    client: Any, model: str, messages: list[dict[str, str]], max_tokens: int, out: TextIO
+) -> str:
+    """Send the conversation, print the reply as it streams, return its text."""
+    stream = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=max_tokens, stream=True
+    )
+    text, strategy, safety = "", None, None
+    for chunk in stream:
+        extra = chunk.model_extra or {}
+        strategy = extra.get("strategy") or strategy
+        safety = extra.get("safety") or safety
+        for choice in chunk.choices:
+            piece = choice.delta.content or ""
+            text += piece
+            out.write(piece)
+            out.flush()
+    out.write("\n")
+    if strategy:
+        out.write(f"  [strategy: {strategy}]\n")
+    if safety and safety.get("flagged"):
+        out.write(f"  [safety: flagged {', '.join(safety.get('categories', []))}]\n")
+    return text
+
+
+def run_chat(
+    url: str,
+    model: str | None,
+    api_key: str | None,
+    max_tokens: int,
+    lines: Iterable[str] | None = None,
+    out: TextIO = sys.stdout,
+    prompt: Callable[[str], str] = input,
+) -> list[dict[str, str]]:
+    """Multi-turn chat until EOF or /exit; `lines` replaces the keyboard (one message each)."""
+    client = build_client(url, api_key)
+    name = pick_model(client, model)
+    out.write(f"chatting with {name} at {url} (Ctrl-D or /exit to leave)\n")
+    messages: list[dict[str, str]] = []
+    feed = iter(lines) if lines is not None else None
+    while True:
+        try:
+            said = next(feed) if feed is not None else prompt("you> ")
+        except (EOFError, StopIteration):
+            break
+        if said.strip() in EXIT_WORDS:
+            break
+        if not said.strip():
+            continue
+        messages.append({"role": "user", "content": said})
+        out.write("bot> ")
+        messages.append(
+            {"role": "assistant", "content": stream_reply(client, name, messages, max_tokens, out)}
+        )
+    return messages
+
+
+def ask_once(
+    url: str, text: str, model: str | None = None, api_key: str | None = None, max_tokens: int = 64
+) -> Any:
+    """One non-streamed request (e.g. the quickstart's last step); returns the completion,
+    with soulray's `strategy` and `safety` in `model_extra`."""
+    client = build_client(url, api_key)
+    return client.chat.completions.create(
+        model=pick_model(client, model),
+        messages=[{"role": "user", "content": text}],
+        max_tokens=max_tokens,
+    )

@@ -1,0 +1,278 @@
+"""Generation engines as Ray Serve deployments, and the ingress's client for each.
+
+- `hf`: transformers on CPU or GPU. `@serve.batch` admits the requests that arrive together and
+  the replica's `Scheduler` decodes them in one left-padded batch, one forward per token; later
+  requests join the running batch between tokens (continuous batching). Text streams per row.
+  With batching disabled the batch size is 1: requests run one at a time (the benchmark baseline).
+  The replica counts the batch sizes it actually ran (`counters`), so tests can assert batching.
+- `vllm`: Ray Serve LLM's `LLMServer` (vLLM), built from the same serve config; the ingress sends
+  it the rendered prompt ids through its `completions` method. Needs vLLM (GPU images).
+- `noop`: a fixed reply with no model, to measure what Ray Serve itself costs.
+
+The ingress talks to any of them through `EngineClient.complete` / `EngineClient.stream`, which
+turn Serve's overload and dead-replica errors into OpenAI-shaped 503s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, cast
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from soulray.config import EngineConfig, ServeConfig
+from soulray.serve.generate import Delta, GenRequest, eos_ids, load_model
+from soulray.serve.prompt import fetch_model_dir
+from soulray.serve.scheduler import Scheduler
+from soulray.serve.schemas import APIError
+
+NOOP_REPLY = Delta("I hear you.", 3, "stop")
+
+
+class HFEngine:
+    """The `hf` engine replica: one model, continuous batching, token streaming."""
+
+    def __init__(self, engine: dict[str, Any], model_dir: str) -> None:
+        cfg = EngineConfig.model_validate(engine)
+        local = fetch_model_dir(model_dir)
+        adapter = fetch_model_dir(cfg.adapter_dir) if cfg.adapter_dir else None
+        model, tokenizer, device = load_model(local, adapter, cfg.dtype)
+        size = cfg.batching.max_batch_size if cfg.batching.enabled else 1
+        self.scheduler = Scheduler(model, tokenizer, eos_ids(model, tokenizer), device, size)
+        # Ray's type stubs do not cover batched async-generator methods, hence Any.
+        self._batched = cast(Any, self._run_group)  # type: ignore[misc]
+        self._batched.set_max_batch_size(size)
+        self._batched.set_batch_wait_timeout_s(cfg.batching.batch_wait_timeout_s)
+        self.stream_interval_s = cfg.stream_interval_s
+        self.group_sizes: Counter[int] = Counter()
+
+    async def stream(self, req: GenRequest) -> AsyncIterator[Delta]:
+        async for delta in coalesce(self._batched(req), self.stream_interval_s):
+            yield delta
+
+    async def generate(self, req: GenRequest) -> Delta:
+        text, last = "", Delta("", 0)
+        async for last in self._batched(req):
+            text += last.text
+        return Delta(text, last.tokens, last.finish_reason)
+
+    def counters(self) -> dict[str, Any]:
+        """What this replica ran: requests, the groups @serve.batch admitted (by size), and the
+        rows in each forward pass (`step_sizes`; `max_batch` is the largest)."""
+        steps = self.scheduler.step_sizes
+        return {
+            "requests": sum(size * n for size, n in self.group_sizes.items()),
+            "groups": dict(self.group_sizes),
+            "step_sizes": dict(steps),
+            "max_batch": max(steps, default=0),
+        }
+
+    @serve.batch(max_batch_size=16, max_concurrent_batches=1024)  # type: ignore[arg-type]
+    async def _run_group(self, reqs: list[GenRequest]) -> AsyncIterator[list[Any]]:  # type: ignore[misc]
+        # Many admitted groups are in flight at once (max_concurrent_batches): each only waits
+        # on its queue while the scheduler decodes all of them in one batch.
+        self.group_sizes[len(reqs)] += 1
+        queue = self.scheduler.submit(reqs)
+        while (item := await queue.get()) is not None:
+            if isinstance(item, Exception):
+                raise item
+            yield [delta if delta is not None else StopIteration for delta in item]
+
+
+async def coalesce(deltas: AsyncIterator[Delta], interval_s: float) -> AsyncIterator[Delta]:
+    """Merge deltas that arrive within `interval_s` of the last one sent: every message costs a
+    hop through Serve (engine -> ingress -> proxy), a token does not need one each. The first
+    delta goes out at once (time to first token is unchanged), the last one always."""
+    pending: Delta | None = None
+    sent_at = 0.0
+    async for delta in deltas:
+        if pending is not None:
+            delta = Delta(pending.text + delta.text, delta.tokens, delta.finish_reason)
+        now = time.monotonic()
+        if sent_at and delta.finish_reason is None and now - sent_at < interval_s:
+            pending = delta
+            continue
+        pending, sent_at = None, now
+        yield delta
+    if pending is not None:
+        yield pending
+
+
+class NoopEngine:
+    """Answers at once with a fixed reply: the Serve path minus any model work."""
+
+    def __init__(self, engine: dict[str, Any], model_dir: str) -> None:
+        del engine, model_dir
+
+    async def stream(self, req: GenRequest) -> AsyncIterator[Delta]:
+        yield await self.generate(req)
+
+    async def generate(self, req: GenRequest) -> Delta:
+        del req
+        return NOOP_REPLY
+
+    def counters(self) -> dict[str, Any]:
+        return {"requests": 0, "groups": {}, "step_sizes": {}, "max_batch": 0}
+
+
+def replica_options(cfg: EngineConfig | Any, name: str) -> dict[str, Any]:
+    """Serve deployment options (autoscaling, queue bounds, resources) from a config section."""
+    return {
+        "name": name,
+        "autoscaling_config": cfg.autoscaling.model_dump(),
+        "max_ongoing_requests": cfg.max_ongoing_requests,
+        "max_queued_requests": cfg.max_queued_requests,
+        "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+        "health_check_period_s": cfg.health_check_period_s,
+    }
+
+
+def as_deployment(cls: type) -> Any:
+    """serve.deployment(cls), typed loosely (Ray's stubs overload it as a decorator factory)."""
+    return serve.deployment(cls)
+
+
+def build_engine(cfg: ServeConfig, model_dir: str) -> Any:
+    """The bound engine deployment for serve.engine.kind (an Application to pass the ingress)."""
+    options = replica_options(cfg.engine, "Engine")
+    engine = cfg.engine.model_dump(mode="json")
+    match cfg.engine.kind:
+        case "hf":
+            return as_deployment(HFEngine).options(**options).bind(engine, model_dir)
+        case "noop":
+            return as_deployment(NoopEngine).options(**options).bind(engine, model_dir)
+        case "vllm":
+            return build_vllm_engine(cfg, model_dir)
+    raise ValueError(f"unknown serve.engine.kind {cfg.engine.kind!r}; use hf, vllm or noop")
+
+
+def require_vllm() -> None:
+    if importlib.util.find_spec("vllm") is None:
+        raise ValueError(
+            "serve.engine.kind=vllm needs vLLM, which is not installed in this environment "
+            "(install `ray[llm]` on a GPU image); use serve.engine.kind=hf to serve with "
+            "transformers instead"
+        )
+
+
+def build_vllm_engine(cfg: ServeConfig, model_dir: str) -> Any:
+    """Ray Serve LLM's vLLM deployment, configured from serve.engine."""
+    require_vllm()
+    if cfg.engine.adapter_dir:
+        raise ValueError(
+            "the vllm engine serves the merged model at the export root; unset "
+            "serve.engine.adapter_dir (soulray train writes the merged model beside adapter/)"
+        )
+    from ray.serve.llm import LLMConfig, build_llm_deployment
+
+    source: Any = (
+        {"bucket_uri": model_dir} if model_dir.startswith(("s3://", "gs://")) else model_dir
+    )
+    engine_kwargs = {"dtype": cfg.engine.dtype, **cfg.engine.vllm_engine_kwargs}
+    deployment = replica_options(cfg.engine, "Engine")
+    del deployment["name"], deployment["ray_actor_options"]  # LLMServer sizes its own resources
+    llm_config = LLMConfig(
+        model_loading_config={"model_id": cfg.model_name, "model_source": source},
+        engine_kwargs=engine_kwargs,
+        deployment_config=deployment,
+    )
+    return build_llm_deployment(llm_config, name_prefix="soulray-")
+
+
+@contextlib.contextmanager
+def engine_errors() -> Iterator[None]:
+    """Serve's overload and dead-replica errors as OpenAI-shaped 503s."""
+    from ray.exceptions import ActorUnavailableError, RayActorError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    try:
+        yield
+    except BackPressureError:
+        raise APIError(
+            503, "the server is overloaded; retry shortly", type="server_error", code="overloaded"
+        ) from None
+    except (DeploymentUnavailableError, RayActorError, ActorUnavailableError):
+        raise APIError(
+            503,
+            "no engine replica is available right now; retry shortly",
+            type="server_error",
+            code="engine_unavailable",
+        ) from None
+
+
+class EngineClient:
+    """The ingress's view of an hf or noop engine deployment."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self.handle, self.streaming = handle, handle.options(stream=True)
+
+    async def complete(self, req: GenRequest) -> Delta:
+        with engine_errors():
+            return await self.handle.generate.remote(req)
+
+    async def stream(self, req: GenRequest) -> AsyncIterator[Delta]:
+        with engine_errors():
+            stream: Any = self.streaming.stream.remote(req)
+            async for delta in stream:
+                yield delta
+
+
+class VLLMClient(EngineClient):
+    """The ingress's view of Ray Serve LLM's LLMServer: prompt ids in, streamed text out."""
+
+    def __init__(self, handle: DeploymentHandle, model_id: str) -> None:
+        super().__init__(handle)
+        self.model_id = model_id
+
+    async def complete(self, req: GenRequest) -> Delta:
+        text, last = "", Delta("", 0)
+        async for last in self.stream(req):
+            text += last.text
+        return Delta(text, last.tokens, last.finish_reason)
+
+    async def stream(self, req: GenRequest) -> AsyncIterator[Delta]:
+        from ray.serve.llm.openai_api_models import CompletionRequest
+
+        request = CompletionRequest(
+            model=self.model_id,
+            prompt=req.prompt_ids,
+            max_tokens=req.max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            seed=req.seed,
+            stop=req.stop or None,
+            stream=True,
+            stream_options={"include_usage": True, "continuous_usage_stats": True},
+        )
+        tokens = 0
+        with engine_errors():
+            stream: Any = self.streaming.completions.remote(request)
+            async for item in stream:
+                for event in item if isinstance(item, list) else [item]:
+                    for chunk in _sse_payloads(event):
+                        usage = chunk.get("usage") or {}
+                        tokens = usage.get("completion_tokens", tokens)
+                        for choice in chunk.get("choices") or []:
+                            text, reason = choice.get("text") or "", choice.get("finish_reason")
+                            yield Delta(text, tokens, reason)
+
+
+def _sse_payloads(event: Any) -> list[dict[str, Any]]:
+    """JSON payloads in one LLMServer stream item ("data: {...}\\n\\n" strings or errors)."""
+    if not isinstance(event, str):
+        error = getattr(event, "error", None)
+        raise APIError(
+            503, f"vllm engine error: {getattr(error, 'message', event)}", type="server_error"
+        )
+    out = []
+    for line in event.splitlines():
+        data = line.removeprefix("data: ").strip()
+        if data and data != "[DONE]":
+            out.append(json.loads(data))
+    return out

@@ -1,0 +1,307 @@
+"""Batched token-by-token generation with transformers: the core of the `hf` engine.
+
+`decode` runs one batch of requests together: left-padded prefill, then one forward per token
+with the KV cache, each row sampled with its own temperature, top_p and seed (so a request's
+output does not depend on what it was batched with), detokenized incrementally (whole UTF-8
+characters only) and checked against its own stop strings. Rows that finish are dropped from the
+batch, so the cost follows the rows still running. Plain torch, no Ray: tests call it directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from soulray.data.tokenizer import load_tokenizer
+
+
+@dataclass(slots=True)
+class GenRequest:
+    """What an engine needs: the prompt already rendered to ids by the ingress."""
+
+    request_id: str
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Delta:
+    """New text of one request after one step; `tokens` counts completion tokens so far."""
+
+    text: str
+    tokens: int
+    finish_reason: str | None = None  # "stop" or "length" on the request's last delta
+
+
+def pick_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_dtype(name: str, device: str) -> torch.dtype:
+    match name:
+        case "auto":
+            return torch.bfloat16 if device == "cuda" else torch.float32
+        case "float32":
+            return torch.float32
+        case "bfloat16":
+            return torch.bfloat16
+        case "float16":
+            return torch.float16
+    raise ValueError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16")
+
+
+def load_model(model_dir: str, adapter_dir: str | None, dtype: str) -> tuple[Any, Any, str]:
+    """The export (or base + LoRA adapter, merged) in eval mode, its tokenizer, and the device."""
+    from transformers import AutoModelForCausalLM
+
+    device = pick_device()
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=pick_dtype(dtype, device))
+    tokenizer_dir = model_dir
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+        if (Path(adapter_dir) / "tokenizer_config.json").exists():
+            tokenizer_dir = adapter_dir
+    return model.to(device).eval(), load_tokenizer(tokenizer_dir), device
+
+
+def eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Every id that ends a reply: the generation config's eos ids and the tokenizer's."""
+    found = model.generation_config.eos_token_id
+    ids = set(found if isinstance(found, list) else [found] if found is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+class Detokenizer:
+    """Incremental decode: emits text only once it forms whole characters (TGI's offsets)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.backend = tokenizer.backend_tokenizer
+        self.ids: list[int] = []
+        self.prefix = self.read = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        decode = self.backend.decode  # the Rust tokenizer: a fraction of the Python wrapper's cost
+        before = decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        after = decode(self.ids[self.prefix :], skip_special_tokens=True)
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return after[len(before) :]
+
+
+class StopMatcher:
+    """Holds back text that could be the start of a stop string; cuts at the first one seen."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops, self.pending = stops, ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        hold = max((_overlap(self.pending, s) for s in self.stops), default=0)
+        out = self.pending[: len(self.pending) - hold]
+        self.pending = self.pending[len(out) :]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest suffix of text that is a proper prefix of stop."""
+    for k in range(min(len(text), len(stop) - 1), 0, -1):
+        if text.endswith(stop[:k]):
+            return k
+    return 0
+
+
+NUCLEUS_K = 64  # top-p is resolved within the top 64 tokens when they hold the mass (no sort)
+
+
+def sample(logits: torch.Tensor, reqs: list[GenRequest], gens: list[torch.Generator]) -> list[int]:
+    """One token per row (temperature 0 = greedy), each row with its own generator, so a row's
+    draw never depends on the other rows of the batch.
+
+    The draw is the exponential race argmax(p / E), E ~ Exp(1), which samples exactly from p.
+    Top-p keeps the most likely tokens until their mass reaches top_p; it is found among the
+    top NUCLEUS_K tokens when they hold that mass (the usual case), else by a full sort.
+    """
+    logits = logits.float()
+    temps = torch.tensor([max(r.temperature, 1e-5) for r in reqs], device=logits.device)
+    probs = torch.softmax(logits / temps[:, None], dim=-1).cpu()
+    picks = logits.argmax(-1).tolist()
+    top_vals, top_idx = probs.topk(min(NUCLEUS_K, probs.shape[-1]), dim=-1)
+    covered = top_vals.sum(-1).tolist()
+    for i, (req, gen) in enumerate(zip(reqs, gens, strict=True)):
+        if req.temperature <= 0:
+            continue
+        if req.top_p >= 1.0:
+            vals, idx = probs[i], torch.arange(probs.shape[-1])
+        else:
+            in_top = covered[i] >= req.top_p
+            vals, idx = (top_vals[i], top_idx[i]) if in_top else probs[i].sort(descending=True)
+            n = int(((vals.cumsum(0) - vals) < req.top_p).sum())  # always keeps the top token
+            vals, idx = vals[:n], idx[:n]
+        race = int((vals / torch.empty(len(vals)).exponential_(generator=gen)).argmax())
+        picks[i] = int(idx[race])
+    return picks
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    gen = torch.Generator()
+    gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+    return gen
+
+
+@dataclass(slots=True)
+class Row:
+    """One request inside a running batch; `tag` is the caller's (where its deltas go)."""
+
+    req: GenRequest
+    detok: Detokenizer
+    stop: StopMatcher
+    gen: torch.Generator
+    tag: Any = None
+    tokens: int = 0
+
+
+@dataclass(slots=True)
+class Running:
+    """A batch being decoded: rows, their KV cache, left-padded attention mask, last positions
+    ([B, 1]) and the logits the next token of each row is sampled from ([B, V])."""
+
+    rows: list[Row]
+    cache: Any
+    mask: torch.Tensor
+    positions: torch.Tensor
+    logits: torch.Tensor
+
+
+@torch.inference_mode()
+def prefill(
+    model: Any, tokenizer: Any, reqs: list[GenRequest], device: str, tags: list[Any] | None = None
+) -> Running:
+    """Run the prompts (left-padded together) and return the batch ready for its first token."""
+    rows = [
+        Row(r, Detokenizer(tokenizer), StopMatcher(r.stop), _generator(r.seed), tag)
+        for r, tag in zip(reqs, tags or [None] * len(reqs), strict=True)
+    ]
+    ids, mask = left_pad([r.prompt_ids for r in reqs], tokenizer.pad_token_id)
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+    return Running(rows, out.past_key_values, mask, positions[:, -1:], out.logits[:, -1])
+
+
+@torch.inference_mode()
+def step(model: Any, batch: Running, eos: set[int]) -> list[tuple[Row, Delta]]:
+    """Sample one token for every row, drop the rows that finished, and run the forward pass
+    for the rest (so `batch` is ready for the next step). Returns each row's Delta."""
+    picked = sample(batch.logits, [r.req for r in batch.rows], [r.gen for r in batch.rows])
+    out = [(row, _advance(row, token, eos)) for row, token in zip(batch.rows, picked, strict=True)]
+    keep = [k for k, (_, delta) in enumerate(out) if delta.finish_reason is None]
+    if len(keep) < len(batch.rows):
+        index = torch.tensor(keep, device=batch.mask.device, dtype=torch.long)
+        batch.cache.batch_select_indices(index)
+        batch.mask, batch.positions = batch.mask[index], batch.positions[index]
+        batch.rows, picked = [batch.rows[k] for k in keep], [picked[k] for k in keep]
+    if batch.rows:
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
+        batch.positions = batch.positions + 1
+        ids = torch.tensor(picked, device=batch.mask.device).unsqueeze(1)
+        logits = model(
+            input_ids=ids,
+            attention_mask=batch.mask,
+            position_ids=batch.positions,
+            past_key_values=batch.cache,
+        ).logits
+        batch.logits = logits[:, -1]
+    return out
+
+
+def can_merge(batch: Running) -> bool:
+    """Rows can join a running batch when its cache is plain per-layer key/value tensors."""
+    layers = getattr(batch.cache, "layers", None) or []
+    return bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
+
+
+def merge(batch: Running, joining: Running) -> Running:
+    """One batch of both: the shorter cache and mask are left-padded (masked) to equal length,
+    so rows that joined later decode alongside the others (continuous batching)."""
+    assert can_merge(batch) and can_merge(joining)
+    width = max(batch.mask.shape[1], joining.mask.shape[1])
+
+    def pad(t: torch.Tensor, seq_dim: int) -> torch.Tensor:
+        missing = width - t.shape[seq_dim]
+        if not missing:
+            return t
+        shape = list(t.shape)
+        shape[seq_dim] = missing
+        return torch.cat([t.new_zeros(shape), t], dim=seq_dim)
+
+    for mine, theirs in zip(batch.cache.layers, joining.cache.layers, strict=True):
+        mine.keys = torch.cat([pad(mine.keys, 2), pad(theirs.keys, 2)])
+        mine.values = torch.cat([pad(mine.values, 2), pad(theirs.values, 2)])
+    batch.mask = torch.cat([pad(batch.mask, 1), pad(joining.mask, 1)])
+    batch.positions = torch.cat([batch.positions, joining.positions])
+    batch.logits = torch.cat([batch.logits, joining.logits])
+    batch.rows += joining.rows
+    return batch
+
+
+def decode(
+    model: Any, tokenizer: Any, reqs: list[GenRequest], eos: set[int], device: str
+) -> Iterator[list[Delta | None]]:
+    """One static batch: yield, per step, one entry per request (its Delta, or None once done)."""
+    batch = prefill(model, tokenizer, reqs, device, tags=list(range(len(reqs))))
+    while batch.rows:
+        out: list[Delta | None] = [None] * len(reqs)
+        for row, delta in step(model, batch, eos):
+            out[row.tag] = delta
+        yield out
+
+
+def _advance(row: Row, token: int, eos: set[int]) -> Delta:
+    """Feed one sampled token to a row; the Delta says what text it adds and if it is done."""
+    if token in eos:
+        return Delta(row.stop.flush(), row.tokens, "stop")
+    row.tokens += 1
+    text, stopped = row.stop.push(row.detok.push(token))
+    if stopped:
+        return Delta(text, row.tokens, "stop")
+    if row.tokens >= row.req.max_tokens:
+        return Delta(text + row.stop.flush(), row.tokens, "length")
+    return Delta(text, row.tokens, None)
+
+
+def generate_text(model: Any, tokenizer: Any, req: GenRequest, device: str) -> Delta:
+    """One request to completion (tests and the direct-call benchmark)."""
+    text, last = "", Delta("", 0)
+    for step in decode(model, tokenizer, [req], eos_ids(model, tokenizer), device):
+        last = step[0] or last
+        text += last.text
+    return Delta(text, last.tokens, last.finish_reason)

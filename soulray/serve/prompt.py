@@ -1,0 +1,180 @@
+"""From an OpenAI message list to prompt token ids, and from reply text back to a strategy.
+
+The conversation window: the model sees the system prompt plus as many of the most recent turns
+as fit its context after reserving `max_tokens` for the reply. Turns are dropped whole, oldest
+first, and the window always starts at a user turn; a message is never cut in the middle. If the
+latest user message alone does not fit, the request is refused (400 context_length_exceeded).
+
+Strategy tags: a model trained with `data.strategy_tags` begins each reply with "[Strategy] ".
+The tag is parsed out of the reply and returned as `strategy`; a request's `strategy` is forced by
+writing the tag at the start of the reply, so the model continues after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from soulray import storage
+from soulray.config import ESCONV_STRATEGIES, ServeConfig
+from soulray.serve.schemas import APIError, ChatMessage
+
+TAG = re.compile(r"^\[([^\[\]\n]{1,48})\] ?")
+MAX_TAG_CHARS = 52  # "[" + 48 + "] " + slack: a reply longer than this without "]" has no tag
+
+
+@dataclass(frozen=True, slots=True)
+class ExportInfo:
+    """What the server needs to know about the exported model."""
+
+    model_dir: str  # local directory
+    strategy_tags: bool
+    taxonomy: tuple[str, ...]
+    context_tokens: int
+    temperature: float  # sampling defaults from generation_config.json
+    top_p: float
+
+
+def fetch_model_dir(path: str) -> str:
+    """A local directory holding the export: the path itself, or a cached copy of a remote one."""
+    if not storage.is_remote(path):
+        local = storage.normalize(path)
+        if not os.path.isdir(local):
+            raise ValueError(
+                f"model directory {local} does not exist; run `soulray train` first or set "
+                "serve.engine.model_dir to an export"
+            )
+        return local
+    key = hashlib.sha256(path.encode()).hexdigest()[:16]
+    cache = Path(tempfile.gettempdir()) / "soulray-models" / key
+    if not (cache / "config.json").exists():
+        for remote in storage.list_files(path):
+            target = cache / remote[len(path.rstrip("/")) + 1 :]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(storage.read_bytes(remote))
+    return str(cache)
+
+
+def read_export_info(model_dir: str, cfg: ServeConfig) -> ExportInfo:
+    """Strategy tagging from the export's soulray.yaml; context length from its config.json."""
+    root = Path(model_dir)
+    trained: dict[str, Any] = {}
+    if (root / "soulray.yaml").exists():
+        trained = yaml.safe_load((root / "soulray.yaml").read_text(encoding="utf-8")) or {}
+    data = trained.get("data") or {}
+    tags = cfg.strategy_tags if cfg.strategy_tags is not None else bool(data.get("strategy_tags"))
+    taxonomy = (data.get("strategies") or {}).get("taxonomy") or ESCONV_STRATEGIES
+    model_cfg = json.loads((root / "config.json").read_text(encoding="utf-8"))
+    limit = int(model_cfg.get("max_position_embeddings") or 2048)
+    context = min(cfg.context_tokens or limit, limit)
+    gen_path = root / "generation_config.json"
+    gen = json.loads(gen_path.read_text(encoding="utf-8")) if gen_path.exists() else {}
+    temperature = float(gen.get("temperature", 1.0)) if gen.get("do_sample") else 0.0
+    top_p = float(gen.get("top_p", 1.0))
+    return ExportInfo(model_dir, tags, tuple(taxonomy), context, temperature, top_p)
+
+
+def canonical_strategy(name: str, taxonomy: tuple[str, ...]) -> str | None:
+    lowered = name.strip().lower()
+    return next((s for s in taxonomy if s.lower() == lowered), None)
+
+
+def check_messages(messages: list[ChatMessage], cfg: ServeConfig) -> list[dict[str, str]]:
+    """Validate roles and order; return template messages (system prompt first, if any)."""
+    if len(messages) > cfg.max_messages:
+        raise APIError(
+            400, f"too many messages ({len(messages)} > {cfg.max_messages})", param="messages"
+        )
+    for i, m in enumerate(messages):
+        if isinstance(m.content, list) and any(p.type != "text" for p in m.content):
+            raise APIError(400, f"messages[{i}]: only text content is supported", param="messages")
+    out = [{"role": _role(m.role), "content": m.text()} for m in messages]
+    turns = [m for m in out if m["role"] != "system"]
+    if not turns or turns[-1]["role"] != "user":
+        raise APIError(400, "the last message must have role 'user'", param="messages")
+    systems = [m for m in out if m["role"] == "system"]
+    if systems and out[0]["role"] != "system":
+        raise APIError(400, "a system message may only come first", param="messages")
+    if not systems and cfg.system_prompt:
+        out.insert(0, {"role": "system", "content": cfg.system_prompt})
+    return out
+
+
+def _role(role: str) -> str:
+    return "system" if role == "developer" else role
+
+
+def render_ids(tokenizer: Any, messages: list[dict[str, str]], reply_prefix: str) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text + reply_prefix, add_special_tokens=False).input_ids
+
+
+def fit_window(
+    tokenizer: Any, messages: list[dict[str, str]], budget: int, reply_prefix: str = ""
+) -> tuple[list[int], int]:
+    """Prompt ids of the system prompt plus the most recent whole turns within `budget` tokens,
+    and how many turns were left out. Binary search over where the window starts."""
+    n_system = 1 if messages[0]["role"] == "system" else 0
+    system, turns = messages[:n_system], messages[n_system:]
+    starts = [i for i, m in enumerate(turns) if m["role"] == "user"]  # a window opens on a user
+
+    def ids_from(start: int) -> list[int]:
+        return render_ids(tokenizer, system + turns[start:], reply_prefix)
+
+    lo, hi = 0, len(starts) - 1  # the answer is the first start index whose render fits
+    best = ids_from(starts[hi])
+    if len(best) > budget:
+        raise APIError(
+            400,
+            f"the latest message is {len(best)} tokens with the system prompt, over the "
+            f"{budget} left for the prompt; shorten it or lower max_tokens",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    best_start = hi
+    while lo < hi:
+        mid = (lo + hi) // 2
+        ids = ids_from(starts[mid])
+        if len(ids) <= budget:
+            best, best_start, hi = ids, mid, mid
+        else:
+            lo = mid + 1
+    return best, starts[best_start]
+
+
+class StrategyParser:
+    """Splits a leading "[Strategy] " tag off a reply that arrives in pieces."""
+
+    def __init__(self, taxonomy: tuple[str, ...], enabled: bool, forced: str | None) -> None:
+        self.taxonomy, self.buffer = taxonomy, ""
+        self.done = forced is not None or not enabled
+        self.strategy = forced
+
+    def push(self, text: str, final: bool = False) -> str:
+        """Text that is safe to emit (the tag removed once it is complete)."""
+        if self.done:
+            return text
+        self.buffer += text
+        if not self.buffer and not final:
+            return ""
+        match = TAG.match(self.buffer)
+        if match and (len(self.buffer) > match.end() or final or self.buffer.endswith(" ")):
+            name = match.group(1)
+            self.strategy = canonical_strategy(name, self.taxonomy) or name.strip()
+            return self._release(self.buffer[match.end() :])
+        undecidable = self.buffer.startswith("[") and len(self.buffer) < MAX_TAG_CHARS
+        if undecidable and "]" not in self.buffer and "\n" not in self.buffer and not final:
+            return ""
+        return self._release(self.buffer)
+
+    def _release(self, text: str) -> str:
+        self.done, self.buffer = True, ""
+        return text

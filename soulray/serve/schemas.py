@@ -1,0 +1,186 @@
+"""Request and response models of the OpenAI chat-completions API, plus soulray's extensions.
+
+Requests follow OpenAI's shape (unknown fields are ignored, as OpenAI clients send many), with one
+extension: `strategy` asks the model to answer with that support strategy. Responses add
+`strategy` (the strategy the reply used, when the model was trained with strategy tags) and
+`safety` (whether crisis language was detected, and the help lines that were attached).
+Every error is `{"error": {"message", "type", "param", "code"}}`, as OpenAI's API returns.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Role = Literal["system", "developer", "user", "assistant"]
+
+
+class APIError(Exception):
+    """An error the client caused or must handle; rendered as an OpenAI error body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = (
+            status,
+            message,
+            type,
+            param,
+            code,
+        )
+
+    def body(self) -> dict[str, dict[str, str | None]]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class ContentPart(Lenient):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(Lenient):
+    role: Role
+    content: str | list[ContentPart] | None = None
+
+    def text(self) -> str:
+        """The message as plain text (text parts joined; other parts are refused upstream)."""
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        return "".join(part.text or "" for part in self.content)
+
+
+class StreamOptions(Lenient):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(Lenient):
+    model: str | None = None  # None = the served model
+    messages: list[ChatMessage] = Field(min_length=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # newer clients' name for max_tokens
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1)  # one choice per request
+    strategy: str | None = None  # soulray: answer with this support strategy
+
+    def stop_list(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return [s for s in stops if s]
+
+
+class HelpLineOut(BaseModel):
+    name: str
+    contact: str
+    note: str = ""
+
+
+class SafetyInfo(BaseModel):
+    flagged: bool = False
+    categories: list[str] = Field(default_factory=list)
+    locale: str | None = None
+    resources: list[HelpLineOut] = Field(default_factory=list)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    strategy: str | None = None
+    safety: SafetyInfo = Field(default_factory=SafetyInfo)
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One SSE event. The first carries `safety`; `strategy` is set on every chunk once known."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    strategy: str | None = None
+    safety: SafetyInfo | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "soulray"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def new_completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def sse(payload: BaseModel | str) -> str:
+    """One server-sent event line; `[DONE]` ends the stream."""
+    data = payload if isinstance(payload, str) else payload.model_dump_json(exclude_none=False)
+    return f"data: {data}\n\n"

@@ -1,0 +1,224 @@
+"""The ingress's HTTP API in-process (FastAPI over httpx's ASGI transport, a scripted engine):
+OpenAI client compatibility, SSE framing, strategies, safety modes, every error path."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+from openai import AsyncOpenAI
+
+from soulray.config import ServeConfig
+from soulray.serve.app import build_api, build_state, load_api_key
+from soulray.serve.engine import engine_errors
+from soulray.serve.generate import Delta
+
+KEY = "test-key-123"
+REPLY = ["[Que", "stion] What ", "happened ", "today?"]
+
+
+class ScriptedEngine:
+    """Replies with REPLY in pieces; records what it was asked; can fail on demand."""
+
+    def __init__(self, fail: Exception | None = None) -> None:
+        self.requests, self.fail = [], fail
+
+    async def complete(self, req):
+        text, last = "", None
+        async for last in self.stream(req):
+            text += last.text
+        return Delta(text, last.tokens, last.finish_reason)
+
+    async def stream(self, req):
+        self.requests.append(req)
+        with engine_errors():
+            if self.fail is not None:
+                raise self.fail
+            for i, piece in enumerate(REPLY):
+                yield Delta(piece, i + 1, "stop" if i == len(REPLY) - 1 else None)
+
+
+def make_api(tiny_export, tmp_path, engine=None, **serve):
+    (tmp_path / "key").write_text(KEY + "\n")
+    cfg = ServeConfig.model_validate(
+        {"auth": {"api_key_file": str(tmp_path / "key")}, "system_prompt": "SYS", **serve}
+    )
+    engine = engine or ScriptedEngine()
+    return build_api(build_state(cfg, str(tiny_export), engine)), engine
+
+
+def call(api, method: str, path: str, key: str | None = KEY, **kwargs) -> httpx.Response:
+    async def go():
+        transport = httpx.ASGITransport(app=api, raise_app_exceptions=False)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return await client.request(method, path, headers=headers, **kwargs)
+
+    return asyncio.run(go())
+
+
+def openai_client(api) -> AsyncOpenAI:
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=api))
+    return AsyncOpenAI(base_url="http://t/v1", api_key=KEY, http_client=http, max_retries=0)
+
+
+def assert_openai_error(resp: httpx.Response, status: int) -> dict:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert "Traceback" not in resp.text
+    return body["error"]
+
+
+def test_openai_client_whole_reply(tiny_export, tmp_path):
+    api, engine = make_api(tiny_export, tmp_path)
+    msgs = [{"role": "user", "content": "I had a rough day"}]
+
+    async def go():
+        return await openai_client(api).chat.completions.create(
+            model="soulray", messages=msgs, max_tokens=20, temperature=0.0, seed=3
+        )
+
+    out = asyncio.run(go())
+    assert out.choices[0].message.content == "What happened today?"
+    assert out.choices[0].finish_reason == "stop"
+    assert out.model_extra["strategy"] == "Question"
+    assert out.model_extra["safety"]["flagged"] is False
+    req = engine.requests[0]
+    assert (req.max_tokens, req.temperature, req.seed) == (20, 0.0, 3)
+    assert out.usage.prompt_tokens == len(req.prompt_ids) and out.usage.completion_tokens == 4
+
+
+def test_openai_client_streamed_reply(tiny_export, tmp_path):
+    api, _ = make_api(tiny_export, tmp_path)
+
+    async def go():
+        stream = await openai_client(api).chat.completions.create(
+            model="soulray",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        return [chunk async for chunk in stream]
+
+    chunks = asyncio.run(go())
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "What happened today?"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
+    assert chunks[-1].model_extra["strategy"] == "Question"
+
+
+def test_sse_framing_ends_with_done(tiny_export, tmp_path):
+    api, _ = make_api(tiny_export, tmp_path)
+    body = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+    resp = call(api, "POST", "/v1/chat/completions", json=body)
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+    events = resp.text.split("\n\n")
+    assert events[-2] == "data: [DONE]" and events[-1] == ""
+    payloads = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert all(p["object"] == "chat.completion.chunk" for p in payloads)
+    assert payloads[0]["safety"] == {
+        "flagged": False,
+        "categories": [],
+        "locale": None,
+        "resources": [],
+    }
+
+
+def test_requested_strategy_is_forced_into_the_prompt(tiny_export, tmp_path):
+    api, engine = make_api(tiny_export, tmp_path)
+    body = {"messages": [{"role": "user", "content": "hi"}], "strategy": "reflection of feelings"}
+    resp = call(api, "POST", "/v1/chat/completions", json=body)
+    assert resp.json()["strategy"] == "Reflection of feelings"
+    tok = build_state(ServeConfig(), str(tiny_export), engine).tokenizer
+    assert tok.decode(engine.requests[0].prompt_ids).endswith(
+        "<|im_start|>assistant\n[Reflection of feelings] "
+    )
+    unknown = call(api, "POST", "/v1/chat/completions", json={**body, "strategy": "Hugging"})
+    assert assert_openai_error(unknown, 400)["param"] == "strategy"
+
+
+@pytest.mark.parametrize("mode", ["augment", "fixed"])
+def test_crisis_message_gets_resources_and_the_flag(tiny_export, tmp_path, mode):
+    api, engine = make_api(tiny_export, tmp_path, safety={"mode": mode})
+    body = {"messages": [{"role": "user", "content": "我真的不想活了"}]}
+    out = call(api, "POST", "/v1/chat/completions", json=body).json()
+    assert out["safety"]["flagged"] and out["safety"]["locale"] == "zh-CN"
+    assert "12356" in out["choices"][0]["message"]["content"]
+    assert len(engine.requests) == (1 if mode == "augment" else 0)
+    streamed = call(api, "POST", "/v1/chat/completions", json={**body, "stream": True}).text
+    assert "12356" in streamed and streamed.endswith("data: [DONE]\n\n")
+
+
+def test_error_paths_are_openai_shaped_and_the_server_keeps_serving(tiny_export, tmp_path):
+    api, _ = make_api(tiny_export, tmp_path, max_request_bytes=2048, max_tokens_limit=64)
+    post = "/v1/chat/completions"
+    ok = {"messages": [{"role": "user", "content": "hi"}]}
+    cases = [
+        (400, dict(content=b"{not json")),
+        (400, dict(json={"model": "soulray"})),
+        (400, dict(json={"messages": []})),
+        (400, dict(json={"messages": [{"role": "wizard", "content": "hi"}]})),
+        (400, dict(json={"messages": [{"role": "assistant", "content": "hi"}]})),
+        (400, dict(json={**ok, "max_tokens": 65})),
+        (400, dict(json={**ok, "n": 2})),
+        (404, dict(json={**ok, "model": "gpt-9"})),
+        (413, dict(json={"messages": [{"role": "user", "content": "x" * 4000}]})),
+    ]
+    for status, kwargs in cases:
+        assert_openai_error(call(api, "POST", post, **kwargs), status)
+    assert assert_openai_error(call(api, "POST", post, key="wrong", json=ok), 401)["code"] == (
+        "invalid_api_key"
+    )
+    assert_openai_error(call(api, "POST", post, key=None, json=ok), 401)
+    assert_openai_error(call(api, "GET", "/v1/models", key="wrong"), 401)
+    assert_openai_error(call(api, "GET", "/nope"), 404)
+    assert call(api, "GET", "/healthz", key=None).json() == {"status": "ok"}
+    assert call(api, "POST", post, json=ok).status_code == 200
+    assert call(api, "GET", "/v1/models").json()["data"][0]["id"] == "soulray"
+
+
+def test_overload_is_503_and_crashes_never_leak(tiny_export, tmp_path):
+    from ray.serve.exceptions import BackPressureError
+
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    api, _ = make_api(tiny_export, tmp_path, engine=ScriptedEngine(BackPressureError(9, 8)))
+    for stream in (False, True):
+        resp = call(api, "POST", "/v1/chat/completions", json={**body, "stream": stream})
+        assert assert_openai_error(resp, 503)["code"] == "overloaded"
+        assert resp.headers["retry-after"] == "1"
+    api, _ = make_api(tiny_export, tmp_path, engine=ScriptedEngine(RuntimeError("SECRET hi")))
+    resp = call(api, "POST", "/v1/chat/completions", json=body)
+    assert assert_openai_error(resp, 500)["message"] == "internal server error"
+    assert "SECRET" not in resp.text
+
+
+def test_api_key_sources(tmp_path, monkeypatch):
+    from soulray.config import AuthConfig
+
+    monkeypatch.setenv("MY_KEY", "from-env")
+    assert load_api_key(AuthConfig(api_key_env="MY_KEY")) == "from-env"
+    (tmp_path / "k").write_text("from-file\n")
+    assert load_api_key(AuthConfig(api_key_env="MY_KEY", api_key_file=str(tmp_path / "k"))) == (
+        "from-file"
+    )
+    monkeypatch.delenv("MY_KEY")
+    assert load_api_key(AuthConfig(api_key_env="MY_KEY")) is None
+    with pytest.raises(ValueError, match="MY_KEY"):
+        load_api_key(AuthConfig(api_key_env="MY_KEY", required=True))
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_message_text_is_logged_only_with_the_debug_flag(tiny_export, tmp_path, caplog, debug):
+    api, _ = make_api(tiny_export, tmp_path, debug_log_content=debug)
+    secret = "my-private-words-42"
+    with caplog.at_level("DEBUG", logger="ray.serve.soulray"):
+        body = {"messages": [{"role": "user", "content": secret}]}
+        assert call(api, "POST", "/v1/chat/completions", json=body).status_code == 200
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "request chatcmpl-" in logged  # ids and sizes are always logged
+    assert (secret in logged) is debug

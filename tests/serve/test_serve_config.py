@@ -1,0 +1,83 @@
+"""Serve config, the `soulray serve build` file, the app builder, and the vllm engine's guard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from soulray.cli import app as cli
+from soulray.config import Config, ConfigError, load_config
+from soulray.serve.app import build_app, build_serve_config
+from soulray.serve.engine import build_engine
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_jobs_serve_yaml_loads_and_model_dir_defaults_to_the_train_export():
+    cfg = load_config(ROOT / "jobs" / "serve.yaml")
+    assert cfg.serve.engine.kind == "hf"
+    assert cfg.serve_model_dir == "runs/quickstart/model"
+    assert Config().serve_model_dir == Config().train.export_dir
+    with pytest.raises(ConfigError, match="serve.engine.batching"):
+        load_config(None, ["serve.engine.batching.size=4"])
+
+
+def test_serve_build_writes_a_ray_serve_config(tmp_path, tiny_export):
+    from ray.serve.schema import ServeDeploySchema
+
+    out = tmp_path / "serve_config.yaml"
+    result = CliRunner().invoke(
+        cli,
+        [
+            "serve",
+            "build",
+            "--config",
+            str(ROOT / "jobs" / "serve.yaml"),
+            "--output",
+            str(out),
+            f"serve.engine.model_dir={tiny_export}",
+            "serve.port=8123",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    assert text.startswith("# Ray Serve config written by `soulray serve build`")
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(text))
+    (application,) = schema.applications
+    assert application.import_path == "soulray.serve.app:build_app"
+    assert schema.http_options.port == 8123 and schema.http_options.host == "0.0.0.0"
+    embedded = Config.model_validate(application.args["config"])
+    assert embedded.serve.engine.model_dir == str(tiny_export)
+    built = build_app(application.args)  # what `serve deploy` calls with these args
+    assert type(built).__name__ == "Application"
+
+
+def test_builder_refuses_unknown_args():
+    with pytest.raises(ValueError, match="unknown application args"):
+        build_app({"config": {}, "conf": {}})
+
+
+def test_vllm_engine_without_vllm_fails_clearly():
+    try:
+        import vllm  # noqa: F401
+
+        pytest.skip("vllm is installed here")
+    except ImportError:
+        pass
+    cfg = Config.model_validate({"serve": {"engine": {"kind": "vllm"}}})
+    with pytest.raises(ValueError, match="vLLM, which is not installed.*serve.engine.kind=hf"):
+        build_engine(cfg.serve, "/tmp/model")
+
+
+def test_build_serve_config_embeds_only_the_serve_section(tiny_export):
+    cfg = Config.model_validate(
+        {"train": {"export_dir": str(tiny_export), "steps": 7}, "serve": {"model_name": "x"}}
+    )
+    built = build_serve_config(cfg)
+    embedded = built["applications"][0]["args"]["config"]
+    assert list(embedded) == ["serve"]
+    assert embedded["serve"]["engine"]["model_dir"] == str(tiny_export)
+    assert embedded["serve"]["model_name"] == "x"

@@ -1,0 +1,102 @@
+"""Conversation window, message checks and strategy tags (no Ray)."""
+
+from __future__ import annotations
+
+import pytest
+
+from soulray.config import ESCONV_STRATEGIES, ServeConfig
+from soulray.serve.prompt import (
+    StrategyParser,
+    check_messages,
+    fit_window,
+    read_export_info,
+    render_ids,
+)
+from soulray.serve.schemas import APIError, ChatMessage
+
+TAXONOMY = tuple(ESCONV_STRATEGIES)
+
+
+def msgs(*pairs: tuple[str, str]) -> list[ChatMessage]:
+    return [ChatMessage(role=r, content=c) for r, c in pairs]
+
+
+def conversation(turns: int) -> list[dict[str, str]]:
+    out = [{"role": "system", "content": "Be kind."}]
+    for i in range(turns):
+        out.append({"role": "user", "content": f"user turn {i} " + "words " * 10})
+        out.append({"role": "assistant", "content": f"assistant turn {i} " + "reply " * 10})
+    out.append({"role": "user", "content": "the latest message"})
+    return out
+
+
+def test_window_keeps_system_and_the_most_recent_whole_turns(tiny_model):
+    _, tok, _ = tiny_model
+    messages = conversation(10)
+    full = len(render_ids(tok, messages, ""))
+    ids, dropped = fit_window(tok, messages, full, "")
+    assert dropped == 0 and len(ids) == full  # everything fits: nothing dropped
+    budget = full // 2
+    ids, dropped = fit_window(tok, messages, budget, "")
+    kept = [messages[0], *messages[1:][dropped:]]
+    assert ids == render_ids(tok, kept, "")  # system + whole turns, nothing cut mid-message
+    assert len(ids) <= budget
+    assert kept[1]["role"] == "user"  # the window opens on a user turn
+    longer = [messages[0], *messages[1:][dropped - 2 :]]  # one more exchange would not fit
+    assert len(render_ids(tok, longer, "")) > budget
+
+
+def test_window_refuses_a_latest_message_that_cannot_fit(tiny_model):
+    _, tok, _ = tiny_model
+    messages = [{"role": "user", "content": "word " * 500}]
+    with pytest.raises(APIError) as e:
+        fit_window(tok, messages, 50, "")
+    assert e.value.status == 400 and e.value.code == "context_length_exceeded"
+
+
+def test_check_messages_roles_and_default_system_prompt():
+    cfg = ServeConfig(system_prompt="SYS")
+    out = check_messages(msgs(("user", "hi")), cfg)
+    assert out == [{"role": "system", "content": "SYS"}, {"role": "user", "content": "hi"}]
+    own = check_messages(msgs(("developer", "mine"), ("user", "hi")), cfg)
+    assert own[0] == {"role": "system", "content": "mine"}
+    for bad in [
+        msgs(("user", "hi"), ("assistant", "hello")),  # must end on a user turn
+        msgs(("user", "hi"), ("system", "late"), ("user", "again")),  # system only first
+        msgs(("system", "only")),
+    ]:
+        with pytest.raises(APIError) as e:
+            check_messages(bad, cfg)
+        assert e.value.status == 400 and e.value.param == "messages"
+
+
+def test_strategy_tag_split_across_pieces():
+    parser = StrategyParser(TAXONOMY, enabled=True, forced=None)
+    out = [parser.push(p) for p in ["", "[Refl", "ection of feelings", "] It", " sounds hard"]]
+    assert "".join(out) == "It sounds hard"
+    assert parser.strategy == "Reflection of feelings"
+
+
+def test_strategy_absent_unknown_and_forced():
+    plain = StrategyParser(TAXONOMY, enabled=True, forced=None)
+    assert plain.push("No tag here", final=True) == "No tag here" and plain.strategy is None
+    bracket = StrategyParser(TAXONOMY, enabled=True, forced=None)
+    assert bracket.push("[just a bracket with no end", final=True).startswith("[just")
+    made_up = StrategyParser(TAXONOMY, enabled=True, forced=None)
+    assert made_up.push("[question] Why?", final=True) == "Why?"
+    assert made_up.strategy == "Question"  # canonical spelling
+    forced = StrategyParser(TAXONOMY, enabled=True, forced="Question")
+    assert forced.push("What happened?") == "What happened?" and forced.strategy == "Question"
+    off = StrategyParser(TAXONOMY, enabled=False, forced=None)
+    assert off.push("[Question] kept") == "[Question] kept" and off.strategy is None
+
+
+def test_export_info_reads_tags_context_and_sampling(tiny_export):
+    info = read_export_info(str(tiny_export), ServeConfig())
+    assert info.strategy_tags is True
+    assert info.taxonomy == TAXONOMY
+    assert info.context_tokens == 2048
+    assert (info.temperature, info.top_p) == (0.7, 0.9)
+    small = ServeConfig(context_tokens=512, strategy_tags=False)
+    capped = read_export_info(str(tiny_export), small)
+    assert capped.context_tokens == 512 and capped.strategy_tags is False

@@ -1,0 +1,187 @@
+"""The whole app on a local Ray Serve (2 CPUs, one Serve startup for the module): the official
+openai client over real HTTP, errors, 32 concurrent requests batched, autoscaling config, a killed
+engine replica replaced, safety in both languages, and no message text in the logs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import free_port
+from openai import OpenAI
+
+from soulray.config import Config
+
+pytestmark = pytest.mark.slow
+
+KEY = "ray-test-key"
+MARKER = "quokka-7f3a9c"  # sent in every message; must never reach a log file
+AUTOSCALING = {
+    "min_replicas": 1,
+    "max_replicas": 2,
+    "target_ongoing_requests": 24.0,
+    "upscale_delay_s": 60.0,  # long: the load below must not add a replica mid-test
+    "downscale_delay_s": 90.0,
+}
+
+
+def serve_details():
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeInstanceDetails
+
+    return ServeInstanceDetails(**_get_global_client().get_serve_details())
+
+
+def engine_replicas() -> list:
+    deployment = serve_details().applications["soulray"].deployments["Engine"]
+    return [r for r in deployment.replicas if r.state == "RUNNING"]
+
+
+@pytest.fixture(scope="module")
+def served(ray_local, tiny_export, tmp_path_factory):
+    from ray import serve
+
+    from soulray.serve.app import start_serving
+
+    keyfile = tmp_path_factory.mktemp("secret") / "api-key"
+    keyfile.write_text(KEY)
+    cfg = Config.model_validate(
+        {
+            "serve": {
+                "port": free_port(),
+                "auth": {"api_key_file": str(keyfile)},
+                "ingress": {"num_cpus": 0.1},
+                "engine": {
+                    "model_dir": str(tiny_export),
+                    "autoscaling": AUTOSCALING,
+                    "max_ongoing_requests": 48,
+                    "health_check_period_s": 1.0,
+                    "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.05},
+                },
+            }
+        }
+    )
+    url = start_serving(cfg)
+    yield url
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return OpenAI(base_url=f"{served}/v1", api_key=KEY, max_retries=0)
+
+
+def ask(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"{text} {MARKER}"}]
+
+
+def test_openai_client_whole_and_streamed(client):
+    out = client.chat.completions.create(
+        model="soulray", messages=ask("I had a rough day"), max_tokens=8, seed=1
+    )
+    assert out.object == "chat.completion" and out.choices[0].finish_reason in ("stop", "length")
+    assert out.usage.completion_tokens <= 8 and out.usage.prompt_tokens > 0
+    assert out.model_extra["safety"]["flagged"] is False
+    chunks = list(
+        client.chat.completions.create(
+            model="soulray",
+            messages=ask("still here"),
+            max_tokens=8,
+            seed=1,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].usage.completion_tokens <= 8
+    assert [m.id for m in client.models.list().data] == ["soulray"]
+
+
+def test_bad_requests_get_openai_errors_and_serving_continues(served, client):
+    post, auth = f"{served}/v1/chat/completions", {"Authorization": f"Bearer {KEY}"}
+    cases = [
+        (400, dict(content=b"{oops", headers=auth)),
+        (400, dict(json={"model": "soulray"}, headers=auth)),
+        (400, dict(json={"messages": [{"role": "robot", "content": MARKER}]}, headers=auth)),
+        (413, dict(json={"messages": ask("x" * 70000)}, headers=auth)),
+        (401, dict(json={"messages": ask("hi")}, headers={"Authorization": "Bearer wrong"})),
+        (404, dict(json={"model": "nope", "messages": ask("hi")}, headers=auth)),
+    ]
+    for status, kwargs in cases:
+        resp = httpx.post(post, timeout=60, **kwargs)
+        assert resp.status_code == status, resp.text
+        assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
+    assert client.chat.completions.create(model="soulray", messages=ask("hi"), max_tokens=4)
+
+
+def test_concurrent_requests_all_succeed_in_batches(served):
+    from ray import serve
+
+    async def one(http: httpx.AsyncClient, i: int) -> int:
+        body = {"messages": ask(f"request {i}"), "max_tokens": 8, "seed": i}
+        resp = await http.post("/v1/chat/completions", json=body)
+        return resp.status_code
+
+    async def burst() -> list[int]:
+        headers = {"Authorization": f"Bearer {KEY}"}
+        async with httpx.AsyncClient(base_url=served, headers=headers, timeout=120) as http:
+            return await asyncio.gather(*(one(http, i) for i in range(32)))
+
+    handle = serve.get_deployment_handle("Engine", app_name="soulray")
+    before = handle.counters.remote().result()
+    assert asyncio.run(burst()) == [200] * 32
+    after = handle.counters.remote().result()
+    assert after["requests"] - before["requests"] == 32  # one replica ran them all...
+    steps = {k: v - before["step_sizes"].get(k, 0) for k, v in after["step_sizes"].items()}
+    multi = sum(n for size, n in steps.items() if size > 1)
+    assert multi > 0 and after["max_batch"] > 1  # ...many rows per forward pass
+
+
+def test_autoscaling_settings_are_what_serve_reports(served):
+    config = serve_details().applications["soulray"].deployments["Engine"].deployment_config
+    reported = config.autoscaling_config
+    assert {k: reported[k] for k in AUTOSCALING} == AUTOSCALING
+    assert config.max_ongoing_requests == 48 and config.max_queued_requests == 256
+    assert config.ray_actor_options.num_cpus == 1.0
+
+
+def test_safety_in_both_languages(client):
+    cases = [("I want to end my life", "en-US", "988"), ("我真的不想活了", "zh-CN", "12356")]
+    for text, locale, number in cases:
+        out = client.chat.completions.create(model="soulray", messages=ask(text), max_tokens=4)
+        safety = out.model_extra["safety"]
+        assert safety["flagged"] and safety["locale"] == locale
+        assert number in out.choices[0].message.content
+    calm = client.chat.completions.create(model="soulray", messages=ask("最近好累"), max_tokens=4)
+    assert calm.model_extra["safety"]["flagged"] is False
+
+
+def test_killed_engine_replica_is_replaced(client):
+    (old,) = engine_replicas()
+    os.kill(old.pid, signal.SIGKILL)
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        running = engine_replicas()
+        if running and running[0].pid != old.pid:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("Serve did not replace the killed engine replica within 90 s")
+    out = client.chat.completions.create(model="soulray", messages=ask("back?"), max_tokens=4)
+    assert out.choices[0].message.content is not None
+
+
+def test_no_message_content_in_the_logs(served):
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    files = [p for p in logs.rglob("*") if p.is_file()]
+    serve_logs = [p for p in files if "serve" in p.parts]
+    assert any(b"request chatcmpl-" in p.read_bytes() for p in serve_logs)  # we log, by id
+    leaked = [str(p) for p in files if MARKER.encode() in p.read_bytes()]
+    assert leaked == []

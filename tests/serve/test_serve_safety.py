@@ -1,0 +1,105 @@
+"""Crisis screen: recall and false-positive rate on messages written for the tests (both
+languages), printed with `-s` and in the summary; plus locale, scan window and configurability."""
+
+from __future__ import annotations
+
+import pytest
+from safety_cases import (
+    CRISIS_EN,
+    CRISIS_ZH,
+    HELDOUT_CRISIS,
+    HELDOUT_ORDINARY,
+    ORDINARY_EN,
+    ORDINARY_ZH,
+    ROUND2_CRISIS,
+    ROUND2_ORDINARY,
+)
+
+from soulray.config import HelpLine, SafetyConfig
+from soulray.serve.safety import assess, build_screen, detect, fixed_reply
+
+
+@pytest.fixture(scope="module")
+def screen():
+    return build_screen(SafetyConfig())
+
+
+def rates(screen, crisis: list[str], ordinary: list[str]) -> tuple[float, float]:
+    recall = sum(bool(detect(screen, m)) for m in crisis) / len(crisis)
+    fpr = sum(bool(detect(screen, m)) for m in ordinary) / len(ordinary)
+    return recall, fpr
+
+
+def report(name: str, crisis: list[str], ordinary: list[str], recall: float, fpr: float) -> None:
+    print(
+        f"\nsafety {name}: recall {recall:.1%} on {len(crisis)} crisis messages, "
+        f"false-positive rate {fpr:.1%} on {len(ordinary)} ordinary sad messages"
+    )
+
+
+@pytest.mark.parametrize(
+    "lang,crisis,ordinary", [("en", CRISIS_EN, ORDINARY_EN), ("zh", CRISIS_ZH, ORDINARY_ZH)]
+)
+def test_recall_and_false_positives_on_the_tuning_sets(screen, lang, crisis, ordinary):
+    """The sets the built-in lists were tuned on (first blind pass: recall 75%, FPR 0%)."""
+    recall, fpr = rates(screen, crisis, ordinary)
+    report(f"tuning set ({lang})", crisis, ordinary, recall, fpr)
+    assert recall >= 0.95 and fpr <= 0.05
+
+
+def test_recall_and_false_positives_on_unseen_phrasings(screen):
+    """Round 2 was written after all tuning and never used to change the lists: the honest
+    number. A keyword screen catches explicit language and misses oblique ideation."""
+    recall, fpr = rates(screen, ROUND2_CRISIS, ROUND2_ORDINARY)
+    report("held-out round 2 (en+zh)", ROUND2_CRISIS, ROUND2_ORDINARY, recall, fpr)
+    tuned_recall, tuned_fpr = rates(screen, HELDOUT_CRISIS, HELDOUT_ORDINARY)
+    report(
+        "held-out round 1 (tuned on after first pass 12.5%)",
+        HELDOUT_CRISIS,
+        HELDOUT_ORDINARY,
+        tuned_recall,
+        tuned_fpr,
+    )
+    assert fpr <= 0.05 and tuned_fpr <= 0.05
+    assert recall >= 0.08  # regression floor at today's measured value (2/24), not a target
+
+
+def test_categories_and_idioms(screen):
+    assert detect(screen, "I want to kill myself") == ["suicide"]
+    assert detect(screen, "我又开始割腕了") == ["self_harm"]
+    assert detect(screen, "I'm going to stab him tomorrow") == ["violence"]
+    for idiom in ["this traffic is killing me", "I'm dead tired", "累死了", "想死你了", "跳楼价"]:
+        assert detect(screen, idiom) == [], idiom
+
+
+def test_assess_scans_latest_user_turns_and_picks_locale(screen):
+    info = assess(screen, ["我不想活了", "谢谢你"])
+    assert info.flagged and info.locale == "zh-CN" and info.categories == ["suicide"]
+    assert [r.contact for r in info.resources][0] == "12356"
+    en = assess(screen, ["I want to end my life", "ok"])
+    assert en.flagged and en.locale == "en-US" and "988" in en.resources[0].contact
+    old = assess(screen, ["I want to end my life", "thanks", "what about my sleep?"])
+    assert not old.flagged  # only the latest scan_user_turns (2) messages are screened
+    assert "988" in fixed_reply(screen, en)
+
+
+def test_lexicon_patterns_and_resources_are_configurable():
+    cfg = SafetyConfig(
+        lexicon={"suicide": ["unalive"]},
+        patterns={},
+        exclude=[],
+        locale="en-GB",
+        resources={
+            "en-GB": [HelpLine(name="Samaritans", contact="116 123")],
+            "en-US": [HelpLine(name="988", contact="988")],
+        },
+        fixed_reply={"en-GB": "Please reach out.", "en-US": "Please reach out."},
+    )
+    custom = build_screen(cfg)
+    info = assess(custom, ["I want to unalive"])
+    assert info.flagged and info.resources[0].contact == "116 123"
+    assert not assess(custom, ["I want to die"]).flagged  # the built-in lexicon was replaced
+    with pytest.raises(ValueError, match="not a valid regex"):
+        build_screen(SafetyConfig(patterns={"suicide": ["(unclosed"]}))
+    with pytest.raises(ValueError, match="no resources"):
+        build_screen(SafetyConfig(locale="fr-FR"))
