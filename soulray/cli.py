@@ -240,19 +240,31 @@ def chat(
 
 @app.command()
 def quickstart(config: ConfigOpt, overrides: Overrides = None) -> None:
-    """Run the whole pipeline tiny on local Ray: prepare -> train -> export -> serve -> chat."""
-    from soulray.data.pipeline import run_prepare
-    from soulray.train.launch import run_train
+    """The whole pipeline, tiny, on local Ray: prepare -> train -> export -> serve -> one chat."""
+    from ray import serve
+
+    from soulray.pipeline import format_summary, run_pipeline
+    from soulray.serve.client import ask_once
 
     setup_logging()
-    cfg = load(config, overrides)
+    cfg = load(config, [*(overrides or []), "pipeline.stages=[prepare, train, serve]"])
     init_ray()
-    log.info("quickstart 1/2: prepare %s", cfg.data.inputs)
-    manifest = run_verb(run_prepare, cfg)
-    print_prepare_summary(manifest, cfg)
-    log.info("quickstart 2/2: train %d steps and export", cfg.train.steps)
-    result = run_verb(run_train, cfg)
-    print_train_summary(result, cfg)
+    results = run_verb(run_pipeline, cfg)
+    typer.echo(format_summary(results))
+    url = f"http://127.0.0.1:{cfg.serve.port}"
+    question = "I moved to a new city for work and I feel so lonely in the evenings."
+    reply = run_verb(ask_once, url, question, cfg.serve.model_name)
+    extra = reply.model_extra or {}
+    typer.echo(
+        f"\nPOST {url}/v1/chat/completions  (user) {question}\n"
+        f"  (assistant, strategy={extra.get('strategy')}) {reply.choices[0].message.content!r}\n"
+        f"  usage: {reply.usage.prompt_tokens} prompt + {reply.usage.completion_tokens} "
+        "completion tokens\n"
+        f"\nThe tiny model trained for {cfg.train.steps} steps on {len(cfg.data.inputs)} small "
+        "files, so its words are not yet meaningful; the pipeline is. Keep the endpoint up with\n"
+        f"  soulray serve --config {config}\nand talk to it with\n  soulray chat --url {url}"
+    )
+    serve.shutdown()
 
 
 @app.command()

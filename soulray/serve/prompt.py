@@ -168,7 +168,9 @@ class StrategyParser:
         match = TAG.match(self.buffer)
         if match and (len(self.buffer) > match.end() or final or self.buffer.endswith(" ")):
             name = match.group(1)
-            self.strategy = canonical_strategy(name, self.taxonomy) or name.strip()
+            # A tag outside the taxonomy is noise from the model, not a strategy: strip it from
+            # the text, but report no strategy rather than a made-up name.
+            self.strategy = canonical_strategy(name, self.taxonomy)
             return self._release(self.buffer[match.end() :])
         undecidable = self.buffer.startswith("[") and len(self.buffer) < MAX_TAG_CHARS
         if undecidable and "]" not in self.buffer and "\n" not in self.buffer and not final:

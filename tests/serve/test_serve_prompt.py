@@ -89,6 +89,9 @@ def test_strategy_absent_unknown_and_forced():
     assert forced.push("What happened?") == "What happened?" and forced.strategy == "Question"
     off = StrategyParser(TAXONOMY, enabled=False, forced=None)
     assert off.push("[Question] kept") == "[Question] kept" and off.strategy is None
+    invented = StrategyParser(TAXONOMY, enabled=True, forced=None)  # a tiny model's noise
+    assert invented.push("[Question of feelings] Hm.", final=True) == "Hm."
+    assert invented.strategy is None  # stripped, but not reported as a strategy
 
 
 def test_export_info_reads_tags_context_and_sampling(tiny_export):
