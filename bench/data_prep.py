@@ -50,22 +50,28 @@ def real_zh_dialogues() -> list[list[dict[str, str]]]:
 
 
 def soulchat_shaped(n: int, seed: int) -> list[dict]:
-    """n conversations shaped like SoulChatCorpus: real dialogues resampled, cut to 2-8 user/
-    assistant exchanges, with every message perturbed (clause shuffle + a marker) so that
-    exact-duplicate removal keeps them all."""
+    """n conversations shaped like SoulChatCorpus (258,354 dialogues with 1,517,344 user/
+    assistant exchanges: 5.9 each): 3 to 9 exchanges (mean 6) resampled from the real zh
+    dialogues, continuing from another dialogue when one runs out, every message perturbed
+    (clause shuffle + a marker) so that exact-duplicate removal keeps them all."""
     rng = random.Random(seed)
-    pool = real_zh_dialogues()
+    pool = []
+    for dialogue in real_zh_dialogues():
+        exchanges = [dialogue[i : i + 2] for i in range(0, len(dialogue) - 1, 2)]
+        pool.append([p for p in exchanges if [m["role"] for m in p] == ["user", "assistant"]])
+    pool = [exchanges for exchanges in pool if exchanges]
     out = []
     for i in range(n):
-        source = rng.choice(pool)
-        pairs = max(1, min(rng.randint(2, 8), len(source) // 2))
-        start = 2 * rng.randint(0, max(0, len(source) // 2 - pairs))
-        messages = []
-        for m in source[start : start + 2 * pairs]:
-            clauses = m["content"].split("，")
-            if len(clauses) > 2 and rng.random() < 0.5:
-                rng.shuffle(clauses)
-            messages.append({"role": m["role"], "content": "，".join(clauses) + f"（{i}）"})
+        source, at, messages = rng.choice(pool), 0, []
+        for _ in range(rng.randint(3, 9)):
+            if at == len(source):
+                source, at = rng.choice(pool), 0
+            for m in source[at]:
+                clauses = m["content"].split("，")
+                if len(clauses) > 2 and rng.random() < 0.5:
+                    rng.shuffle(clauses)
+                messages.append({"role": m["role"], "content": "，".join(clauses) + f"（{i}）"})
+            at += 1
         out.append({"id": i, "topic": "bench", "messages": messages})
     return out
 

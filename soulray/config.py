@@ -68,7 +68,7 @@ class DataConfig(Section):
     strict: bool = False  # stop at the first bad record instead of rejecting it
     tokenizer_vocab_size: int = Field(4096, ge=300)  # for the tokenizer trained with no model
     tokenizer_train_conversations: int = Field(20000, ge=1)  # sample size for that training
-    pack_block: int = Field(4096, ge=1)  # conversations rendered and packed together
+    pack_block: int = Field(2048, ge=1)  # conversations rendered and packed together
     num_workers: int = Field(0, ge=0)  # render/pack actors; 0 = one per CPU in the cluster
     seed: int = 0
 

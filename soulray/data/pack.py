@@ -65,6 +65,8 @@ def _fullest_subset(items: list[int], lengths: list[int], capacity: int) -> list
 def pack_bins(lengths: list[int], capacity: int) -> list[list[int]]:
     """Best-fit-decreasing, then a minimum-bin-slack repack of the bins it left loose."""
     bins = best_fit_decreasing(lengths, capacity)
+    if len(bins) == -(-sum(lengths) // capacity):  # already the fewest rows possible
+        return bins
     loose = [b for b in bins if sum(lengths[i] for i in b) < capacity]
     if len(loose) < 2:
         return bins
@@ -113,7 +115,7 @@ def build_rows(seqs: list[Sequence], seq_len: int, pad_id: int, packed: bool = T
         rows.labels.append(labels + [IGNORE] * pad)
         rows.position_ids.append(pos + list(range(pad)))
         rows.num_tokens.append(used)
-        rows.num_target_tokens.append(sum(label != IGNORE for label in labels))
+        rows.num_target_tokens.append(len(labels) - labels.count(IGNORE))
         rows.num_sequences.append(len(b))
         rows.assistant_turns.append(sum(seqs[i].assistant_turns for i in b))
     return rows

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import tempfile
 import time
 from collections import Counter
@@ -30,7 +31,13 @@ from soulray.data.conversation import (
 )
 from soulray.data.formats import FILE_SUFFIXES, RawRecord, detect_format, split_records
 from soulray.data.pack import Rows, build_rows
-from soulray.data.render import find_end_of_turn, render_conversation, split_windows
+from soulray.data.render import (
+    find_end_of_turn,
+    layout_conversation,
+    render_conversation,
+    split_windows,
+    tokenize_layouts,
+)
 from soulray.data.tokenizer import (
     load_tokenizer,
     tokenizer_files,
@@ -192,9 +199,12 @@ class RenderPacker:
     """
 
     def __init__(self, files: dict[str, bytes], cfg: DataConfig, out: str, trust_code: bool):
+        # One tokenizer thread per actor: the actors already fill the node's CPUs.
+        os.environ.setdefault("RAYON_NUM_THREADS", "1")
         directory = write_tokenizer_files(files, tempfile.mkdtemp(prefix="soulray-tok-"))
         self.tokenizer = load_tokenizer(str(directory), trust_code)
         self.eot = find_end_of_turn(self.tokenizer)
+        self.skeletons: dict[tuple[str, ...], str] = {}  # the template per role sequence
         self.cfg = cfg
         self.out = out
 
@@ -211,13 +221,16 @@ class RenderPacker:
 
         seqs, rejects = [], []
         texts = part.column("conversation").to_pylist()
-        for text, location in zip(texts, part.column("location").to_pylist(), strict=True):
-            conv = Conversation.from_json(text)
+        convs = [Conversation.from_json(text) for text in texts]
+        tags = self.cfg.strategy_tags
+        layouts = [
+            layout_conversation(self.tokenizer, c, self.eot, tags, self.skeletons) for c in convs
+        ]
+        rendered = tokenize_layouts(self.tokenizer, layouts)
+        locations = part.column("location").to_pylist()
+        for text, conv, r, location in zip(texts, convs, rendered, locations, strict=True):
             try:
-                rendered = render_conversation(
-                    self.tokenizer, conv, self.eot, self.cfg.strategy_tags
-                )
-                seqs += split_windows(rendered, self.cfg.seq_len)
+                seqs += split_windows(r, self.cfg.seq_len)
             except RecordError as e:  # rejected like a bad record, not a failed job
                 rejects.append(
                     {

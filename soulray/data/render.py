@@ -102,11 +102,28 @@ def template_messages(conv: Conversation, strategy_tags: bool) -> list[dict[str,
     return out
 
 
-def render_conversation(
-    tokenizer: Any, conv: Conversation, eot: str, strategy_tags: bool = False
-) -> Rendered:
+@dataclass(slots=True)
+class Layout:
+    """A conversation rendered as text: the character spans to train on and message ends."""
+
+    text: str
+    spans: list[tuple[int, int]]  # trained assistant contents + their end-of-turn marker
+    ends: list[int]  # where each message (with its end-of-turn marker) ends
+    targets: list[int]
+    n_system: int
+
+
+def layout_conversation(
+    tokenizer: Any,
+    conv: Conversation,
+    eot: str,
+    strategy_tags: bool = False,
+    skeletons: dict[tuple[str, ...], str] | None = None,
+) -> Layout:
+    """The conversation as template text with its target spans; `skeletons` caches the
+    template per role sequence across calls."""
     messages = template_messages(conv, strategy_tags)
-    text, located = _render_text(tokenizer, messages, conv.id)
+    text, located = _render_text(tokenizer, messages, conv.id, skeletons)
     spans, ends, targets = [], [], []
     seen_user = False
     for i, (m, (start, end)) in enumerate(zip(messages, located, strict=True)):
@@ -116,21 +133,56 @@ def render_conversation(
             spans.append((start, marker))
             targets.append(i)
         ends.append(marker)
-    enc = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
-    labels = _label_spans(enc.ids, enc.offsets, spans)
-    bounds = _char_to_token_bounds(enc.offsets, ends)
-    bounds[-1] = len(enc.ids)  # the template's trailing text belongs to the last message
     n_system = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
-    if n_system:
-        prefix = bounds[n_system - 1]
-    else:  # no system prompt: the prefix every window repeats is just the bos token, if any
-        bos = tokenizer.bos_token_id
-        prefix = int(bos is not None and enc.ids[:1] == [bos])
-    return Rendered(list(enc.ids), labels, bounds, prefix, targets)
+    return Layout(text, spans, ends, targets, n_system)
+
+
+def tokenize_layouts(tokenizer: Any, layouts: list[Layout]) -> list[Rendered]:
+    """Tokenize many rendered conversations in one batch (the tokenizer's own threads); labels
+    and message bounds come from a few char -> token lookups, not a Python loop per token."""
+    encodings = tokenizer.backend_tokenizer.encode_batch(
+        [lay.text for lay in layouts], add_special_tokens=False
+    )
+    bos = tokenizer.bos_token_id
+    out = []
+    for lay, enc in zip(layouts, encodings, strict=True):
+        ids = enc.ids
+        n, text_len = len(ids), len(lay.text)
+        labels = [IGNORE] * n
+        for start, end in lay.spans:
+            a, b = (_first_token_from(enc, c, n, text_len) for c in (start, end))
+            labels[a:b] = ids[a:b]
+        bounds = [_first_token_from(enc, c, n, text_len) for c in lay.ends]
+        bounds[-1] = n  # the template's trailing text belongs to the last message
+        if lay.n_system:
+            prefix = bounds[lay.n_system - 1]
+        else:  # no system prompt: the prefix every window repeats is just the bos token, if any
+            prefix = int(bos is not None and ids[:1] == [bos])
+        out.append(Rendered(ids, labels, bounds, prefix, lay.targets))
+    return out
+
+
+def render_conversation(
+    tokenizer: Any, conv: Conversation, eot: str, strategy_tags: bool = False
+) -> Rendered:
+    return tokenize_layouts(tokenizer, [layout_conversation(tokenizer, conv, eot, strategy_tags)])[
+        0
+    ]
+
+
+def _first_token_from(enc: Any, char: int, n_tokens: int, text_len: int) -> int:
+    """Index of the first token that starts at or after character `char` (a token that starts
+    before it and runs across it belongs to the span before)."""
+    while char < text_len:
+        t = enc.char_to_token(char)
+        if t is not None:
+            return t if enc.token_to_chars(t)[0] >= char else t + 1
+        char += 1
+    return n_tokens
 
 
 def _render_text(
-    tokenizer: Any, messages: list[dict[str, str]], conv_id: str
+    tokenizer: Any, messages: list[dict[str, str]], conv_id: str, cache: dict | None = None
 ) -> tuple[str, list[tuple[int, int]]]:
     """The template's text and each message content's (start, end) character span in it.
 
@@ -139,8 +191,7 @@ def _render_text(
     for the "a" of the header "assistant" before it (and mask the wrong tokens).
     """
     marks = [f"\u2063{i}\u2063" for i in range(len(messages))]
-    probe = [m | {"content": mark} for m, mark in zip(messages, marks, strict=True)]
-    skeleton = tokenizer.apply_chat_template(probe, tokenize=False)
+    skeleton = _skeleton(tokenizer, tuple(m["role"] for m in messages), cache)
     parts, located, cursor, length = [], [], 0, 0
     for i, (m, mark) in enumerate(zip(messages, marks, strict=True)):
         at = skeleton.find(mark, cursor)
@@ -157,28 +208,16 @@ def _render_text(
     return "".join([*parts, skeleton[cursor:]]), located
 
 
-def _label_spans(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]):
-    """Copy ids into labels for tokens that start inside a target span; -100 elsewhere."""
-    labels = [IGNORE] * len(ids)
-    s = 0
-    for t, (start, _) in enumerate(offsets):
-        while s < len(spans) and start >= spans[s][1]:
-            s += 1
-        if s == len(spans):
-            break
-        if start >= spans[s][0]:
-            labels[t] = ids[t]
-    return labels
-
-
-def _char_to_token_bounds(offsets: list[tuple[int, int]], ends: list[int]) -> list[int]:
-    """For each character boundary, the index of the first token starting at or after it."""
-    bounds, t = [], 0
-    for end in ends:
-        while t < len(offsets) and offsets[t][0] < end:
-            t += 1
-        bounds.append(t)
-    return bounds
+def _skeleton(tokenizer: Any, roles: tuple[str, ...], cache: dict | None) -> str:
+    """The template rendered with placeholder contents. It depends only on the roles, so a
+    caller rendering many conversations passes a cache and jinja runs once per role sequence."""
+    if cache is not None and roles in cache:
+        return cache[roles]
+    probe = [{"role": r, "content": f"\u2063{i}\u2063"} for i, r in enumerate(roles)]
+    skeleton = tokenizer.apply_chat_template(probe, tokenize=False)
+    if cache is not None:
+        cache[roles] = skeleton
+    return skeleton
 
 
 def split_windows(r: Rendered, seq_len: int) -> list[Sequence]:
