@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.soulray-installed
 
-.PHONY: quickstart test lint format bench clean k8s-tools
+.PHONY: quickstart test lint format bench clean k8s-tools k8s-serve-config
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,14 +32,18 @@ k8s-tools:
 	      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client >/dev/null 2>&1; }; }; \
 	} || echo "note: kubectl is not installed; tests/deploy validates k8s/base only"
 
+# The RayServices' serveConfigV2 is generated from jobs/k8s-dev-cpu.yaml and jobs/h100-qwen7b.yaml.
+k8s-serve-config: $(STAMP)
+	$(PY) k8s/sync_serve_config.py
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check soulray tests bench
-	$(VENV)/bin/ruff format --check soulray tests bench
+	$(VENV)/bin/ruff check soulray tests bench k8s
+	$(VENV)/bin/ruff format --check soulray tests bench k8s
 	$(VENV)/bin/mypy
 
 format: $(STAMP)
-	$(VENV)/bin/ruff check --fix soulray tests bench
-	$(VENV)/bin/ruff format soulray tests bench
+	$(VENV)/bin/ruff check --fix soulray tests bench k8s
+	$(VENV)/bin/ruff format soulray tests bench k8s
 
 bench: $(STAMP)
 	$(PY) bench/data_prep.py

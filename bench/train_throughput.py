@@ -5,10 +5,12 @@
 2. packed vs padded rows (soulray, 1 process): real (non-pad) tokens per second;
 3. Ray Train vs torchrun running the same loop with 2 workers: target Ray overhead <= 3 %.
 
-Every figure is steady state: the median step time after `--warmup` steps, so process and Ray
-start-up are excluded. tokens/s = mean real tokens per row x rows per step / median step time.
+Every figure is steady state, measured the same way for each: the median, over the windows of
+`--log-every` steps after `--warmup` steps, of the mean step time (data loading, logging and Ray's
+report included; process and Ray start-up excluded). The Trainer's is the time between
+consecutive step ends. tokens/s = mean real tokens per row x rows per step / median step time.
 
-    .venv/bin/python bench/train_throughput.py --steps 40 --out bench/results/train_cpu.json
+    .venv/bin/python bench/train_throughput.py --steps 60 --out bench/results/train_cpu.json
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def train_overrides(data: Path, out: Path, name: str, a: argparse.Namespace) -> 
         f"train.export_dir={out}/{name}-model",
         f"train.steps={a.steps}",
         f"train.micro_batch_size={a.batch}",
-        "train.log_every=1",
+        f"train.log_every={a.log_every}",
         "train.eval_every=0",
         "train.checkpoint_every=0",
         "train.warmup_steps=2",
@@ -81,13 +83,16 @@ def train_overrides(data: Path, out: Path, name: str, a: argparse.Namespace) -> 
 
 
 def median_step_time(out: Path, name: str, warmup: int) -> float:
-    lines = (out / name / "metrics.jsonl").read_text().splitlines()
-    times = [json.loads(line)["step_time_s"] for line in lines][warmup:]
-    return statistics.median(times)
+    """Median over the logged windows after warm-up of the mean step time in each window
+    (a window is log_every steps, its report and metrics write included)."""
+    lines = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+    return statistics.median(m["step_time_s"] for m in lines if m["step"] > warmup)
 
 
-def soulray_torchrun(data: Path, out: Path, name: str, nproc: int, a: argparse.Namespace) -> float:
-    threads = {"OMP_NUM_THREADS": str(a.threads // nproc)}
+def soulray_torchrun(
+    data: Path, out: Path, name: str, nproc: int, a: argparse.Namespace, threads: int = 0
+) -> float:
+    omp = {"OMP_NUM_THREADS": str(threads or a.threads // nproc)}
     run(
         [
             PY,
@@ -103,19 +108,21 @@ def soulray_torchrun(data: Path, out: Path, name: str, nproc: int, a: argparse.N
             "jobs/quickstart.yaml",
             *train_overrides(data, out, name, a),
         ],
-        threads,
+        omp,
     )
     return median_step_time(out, name, a.warmup)
 
 
-def soulray_ray(data: Path, out: Path, name: str, a: argparse.Namespace) -> float:
+def soulray_ray(data: Path, out: Path, name: str, workers: int, a: argparse.Namespace) -> float:
+    """Ray Train sizes each CPU worker to leave one CPU to Ray Data, so 1 worker gets 1 CPU
+    (and 1 thread) and 2 workers get half a CPU each (1 thread each) on this 2-CPU machine."""
     run(
         [
             SOULRAY,
             "train",
             "--config",
             "jobs/quickstart.yaml",
-            "train.num_workers=2",
+            f"train.num_workers={workers}",
             *train_overrides(data, out, name, a),
         ]
     )
@@ -146,8 +153,9 @@ def mean_row_tokens(data: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--log-every", type=int, default=5)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2)
@@ -161,7 +169,10 @@ def main() -> None:
         ("hf_trainer_1proc_packed", "packed", 1, hf_trainer(packed, a)),
         ("soulray_1proc_padded", "padded", 1, soulray_torchrun(padded, out, "s1pad", 1, a)),
         ("torchrun_2proc_packed", "packed", 2, soulray_torchrun(packed, out, "t2", 2, a)),
-        ("ray_train_2workers_packed", "packed", 2, soulray_ray(packed, out, "r2", a)),
+        ("ray_train_2workers_packed", "packed", 2, soulray_ray(packed, out, "r2", 2, a)),
+        # one worker, one thread: a core is left to Ray's own services, as on a GPU node
+        ("torchrun_1proc_1thread", "packed", 1, soulray_torchrun(packed, out, "t1", 1, a, 1)),
+        ("ray_train_1worker_1thread", "packed", 1, soulray_ray(packed, out, "r1", 1, a)),
     ]
     step = {name: seconds for name, _, _, seconds in runs}
     tps = {
@@ -175,7 +186,12 @@ def main() -> None:
         "tokens_per_s": tps,
         "soulray_vs_hf_trainer": tps["soulray_1proc_packed"] / tps["hf_trainer_1proc_packed"],
         "packed_vs_padded": tps["soulray_1proc_packed"] / tps["soulray_1proc_padded"],
-        "ray_overhead": step["ray_train_2workers_packed"] / step["torchrun_2proc_packed"] - 1,
+        "ray_overhead_2workers_on_2_cpus": (
+            step["ray_train_2workers_packed"] / step["torchrun_2proc_packed"] - 1
+        ),
+        "ray_overhead_1worker_spare_cpu": (
+            step["ray_train_1worker_1thread"] / step["torchrun_1proc_1thread"] - 1
+        ),
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2))

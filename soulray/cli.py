@@ -289,13 +289,18 @@ def submit(
     ],
     address: Annotated[
         str | None,
-        typer.Option(help="Ray dashboard URL, e.g. http://HEAD:8265 (default: $RAY_ADDRESS or "
-                     "$RAY_API_SERVER_ADDRESS)."),
+        typer.Option(
+            help="Ray dashboard URL, e.g. http://HEAD:8265 (default: $RAY_ADDRESS or "
+            "$RAY_API_SERVER_ADDRESS)."
+        ),
     ] = None,
     wait: Annotated[bool, typer.Option(help="Follow the logs until the job ends.")] = True,
     upload: Annotated[
-        bool, typer.Option(help="Upload this project as the job's working_dir (--no-upload: "
-                           "the cluster image already holds soulray).")
+        bool,
+        typer.Option(
+            help="Upload this project as the job's working_dir (--no-upload: "
+            "the cluster image already holds soulray)."
+        ),
     ] = True,
 ) -> None:
     """Submit a soulray verb as a Ray job: soulray submit --address URL -- soulray train -c X."""

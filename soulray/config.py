@@ -56,7 +56,9 @@ class StrategyConfig(Section):
 
 
 class DataConfig(Section):
-    inputs: list[str] = Field(default_factory=list)  # files, globs, directories; local or s3:// gs://
+    inputs: list[str] = Field(
+        default_factory=list
+    )  # files, globs, directories; local or s3:// gs://
     format: Literal["auto", "messages", "sharegpt", "smile", "xtuner", "esconv"] = "auto"
     output_dir: str = "runs/data"
     seq_len: int = Field(2048, ge=16)
@@ -107,8 +109,15 @@ class LoraConfig(Section):
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                 "down_proj"]
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
     )
 
 
@@ -247,11 +256,13 @@ class ServeConfig(Section):
     auth: AuthConfig = Field(default_factory=AuthConfig)
 
 
+Stage = Literal["prepare", "train", "serve"]
+STAGES: tuple[Stage, ...] = ("prepare", "train", "serve")
+
+
 class PipelineConfig(Section):
     run_dir: str | None = None  # when set: data/, checkpoints/ and model/ all go under it
-    stages: list[Literal["prepare", "train", "serve"]] = Field(
-        default_factory=lambda: ["prepare", "train", "serve"]
-    )
+    stages: list[Stage] = Field(default_factory=lambda: list(STAGES))
     # After deploying, keep this driver (and a local Ray it started) up until Ctrl-C. A Ray
     # job on a cluster sets it to false: the Serve app outlives the job there.
     wait: bool = True

@@ -4,23 +4,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
-QUICKSTART = ROOT / "jobs" / "quickstart.yaml"
-SOULRAY = str(Path(sys.executable).parent / "soulray")
-
-
-def shared_path(relative: str) -> Path:
-    """A file under ../shared/data, or skip the test with the reason when it is absent."""
-    path = SHARED_DATA / relative
-    if not path.exists():
-        pytest.skip(f"{path} is absent (the real corpora live in ../shared/data beside the repo)")
-    return path
+from soulray_testing import QUICKSTART, ROOT, SOULRAY
 
 
 @pytest.fixture(scope="module")

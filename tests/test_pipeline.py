@@ -10,7 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import QUICKSTART, ROOT, SOULRAY
+from soulray_testing import QUICKSTART, ROOT, SOULRAY
 
 from soulray.config import load_config
 from soulray.pipeline import with_run_dir

@@ -8,6 +8,7 @@ read files (tasks) -> split into records, adapt, clean, hash, assign split (task
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -337,7 +338,7 @@ def check_template(tokenizer: Any) -> None:
 def split_stats(shards: list[dict[str, Any]], seq_len: int) -> dict[str, dict[str, Any]]:
     """Sum the per-shard stats the render actors returned, per split."""
     keys = ["conversations", "rows", "files", *SCALAR_COLUMNS]
-    stats = {name: dict.fromkeys(keys, 0) for name in ("train", "val")}
+    stats: dict[str, dict[str, Any]] = {name: dict.fromkeys(keys, 0) for name in ("train", "val")}
     for shard in shards:
         for key in keys:
             stats[shard["split"]][key] += shard[key]
@@ -369,7 +370,7 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     inner_paths = [storage.resolve(f)[1] for f in files]
     parsed = (
         ray.data.read_binary_files(inner_paths, include_paths=True, filesystem=fs)
-        .flat_map(parse_file, fn_kwargs={"settings": settings})
+        .flat_map(functools.partial(parse_file, settings=settings))
         .materialize()
     )
     summary = summarize_parsed(parsed)

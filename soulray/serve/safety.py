@@ -176,6 +176,56 @@ BUILTIN_PATTERNS: dict[str, list[str]] = {
         r"(不想|不愿意?)(再)?活",
         r"(死了|消失了?|不在了)(会|就|也)?(更好|好一点|解脱|没人在意|没人在乎|没人会在意)",
         r"(攒|存|囤)了?.{0,6}(药|安眠药)",
+        # --- warning-sign families (general forms, not phrases from any test set) -------------
+        # absence from the future
+        r"\b(won'?t|will\s+not|not\s+going\s+to)\s+be\s+(around|here|alive|there)\b"
+        r".{0,30}\b(much\s+longer|anymore|for\s+long|next\s+\w+|by\s+\w+|tomorrow)",
+        r"\b(can'?t|cannot|don'?t)\s+see\s+(myself|me)\s+(being\s+)?(here|alive|around|"
+        r"making\s+it)\b",
+        r"\b(don'?t|do\s+not|no\s+longer)\s+(want|wish)\s+to\s+(exist|be\s+here|be\s+alive|"
+        r"keep\s+living|go\s+on\s+living|live\s+anymore)\b",
+        r"\bcan'?t\s+(go\s+on|keep\s+going)\s+(living|like\s+this\s+anymore|anymore)\b",
+        # burden
+        r"\b(i'?m|i\s+am|being)\s+(just\s+|such\s+|only\s+)?a\s+burden\b",
+        r"\b(everyone|everybody|they|my\s+(family|kids|parents|friends))\s+(would|'d|will)\s+"
+        r"be\s+(better|happier)\s+(off\s+)?without\s+me\b",
+        r"\b(easier|better)\s+for\s+everyone\s+if\s+i\s+(wasn'?t|weren'?t|was\s+gone|"
+        r"disappear)",
+        # goodbyes and preparations
+        r"\b(wrote|writing|written|write|left)\s+(a\s+|my\s+)?(letters?|notes?)\s+(to|for)\s+"
+        r"(everyone|my\s+\w+|each)",
+        r"\b(saying|said|say)\s+(my\s+)?goodbyes?\b|\bthis\s+is\s+(my\s+)?goodbye\b",
+        r"\b(put|putting|get|getting)\s+my\s+affairs\s+in\s+order\b",
+        r"\bwho\s+(will|would|'ll)\s+(take\s+care\s+of|look\s+after|feed)\s+my\s+"
+        r"(cat|dog|pets?|kids)\b.{0,40}\b(after|when|if)\s+i",
+        # means with intent
+        r"\b(pills|tablets|meds|sleeping\s+pills)\b.{0,40}\b(all\s+at\s+once|at\s+once|"
+        r"enough\s+to|tonight)\b",
+        r"\bhow\s+(many|much)\s+.{0,25}(pills|tablets|to\s+(die|overdose|not\s+wake))",
+        r"\b(bought|got|found|have)\s+(a\s+|some\s+)?(rope|charcoal|razor|blades?)\b"
+        r".{0,40}\b(ready|tonight|enough|just\s+in\s+case|for\s+when|finally)\b",
+        # sleep-forever euphemisms and slang
+        r"\b(sleep|fall\s+asleep)\s+(forever|and\s+(never|not)\s+wake)",
+        r"\b(disappear|vanish)\s+(forever|for\s+good|permanently|and\s+never\s+come\s+back)",
+        r"\b(unalive|kms|kys|sewerslide)\b",
+        # past attempts
+        r"\b(last|previous|first|second)\s+(attempt|time\s+i\s+tried)\b",
+        r"\b(tried|try|trying|attempted)\s+to\s+(end\s+(it|my\s+life)|kill\s+myself|"
+        r"take\s+my\s+(own\s+)?life|overdose)",
+        # Chinese: absence, burden, goodbyes, means, euphemisms, attempts
+        r"再也(撑|坚持|熬)不(下去|住)|撑不到(明天|明年|下个?月|下周|周末)",
+        r"不想(再)?(醒|醒来|存在|坚持下去|面对明天)",
+        r"(永远|彻底|从这个世界上?)消失|(想|希望|不如)(就)?(这样)?消失(掉|算了|就好)",
+        r"(睡|睡着|睡过去)(了)?(就)?(永远|再也)?不(要|用)?(再)?醒",
+        r"(拖累|累赘|负担).{0,6}(家人|大家|所有人|爸妈|父母|他们|孩子)|"
+        r"(家人|大家|所有人|爸妈|父母|他们|孩子).{0,8}(拖累|累赘|负担)",
+        r"没有我.{0,6}(会|就|才)(更好|轻松|开心|幸福)",
+        r"(遗言|交代后事|安排后事|后事)|(写好|留下)了?.{0,4}(信|遗书)",
+        r"(最后一次|最后的).{0,4}(聊天|说话|消息|留言|见面|告别)|永别了|下辈子再见",
+        r"(东西|猫|狗|钱|存款|孩子).{0,6}(托付|交给|留给).{0,10}(以后|之后|我走|不在)",
+        r"(买|准备|攒|存|找)(好|了)+.{0,4}(绳子|木炭|炭|刀片|农药|老鼠药|安眠药)",
+        r"(多少|几)(片|颗|粒).{0,8}(会死|能死|致死|才够|就够)|(多高|几楼).{0,6}(摔|跳).{0,4}死",
+        r"(上次|之前|以前|那次)(也)?(试过|尝试过?|吃过药|自杀过?)|洗胃",
     ],
     "self_harm": [
         r"\bmak(e|ing)\s+myself\s+(bleed|hurt|suffer)\b",
@@ -187,6 +237,15 @@ BUILTIN_PATTERNS: dict[str, list[str]] = {
         r"\b(razor|blade)s?\b.{0,30}\b(myself|arm|wrist|skin|thigh)",
         r"(用|拿).{0,4}(刀|刀片|烟头|针).{0,6}(划|割|烫|扎)",
         r"(划|割|烫|扎)(自己|手臂|胳膊|手腕)",
+        # everyday words for hurting oneself, urges and relapses
+        r"\b(hurt|harm|punish|hit|scratch|bruise)\s+(myself|my\s+(body|skin|arms?|legs?|"
+        r"thighs?|wrists?|face))\b",
+        r"\b(urge|urges|itch|need)\s+to\s+(cut|hurt\s+myself|burn\s+myself|bleed)\b",
+        r"\b(relapsed|relapsing)\b.{0,30}\b(cut|cutting|self[- ]?harm|hurting\s+myself)",
+        r"\bbang(ing|ed)?\s+my\s+head\s+(against|on|into)\b",
+        r"(掐|抓|打|撞|咬|扇)(自己|大腿|手臂|胳膊)|(用)?头撞墙",
+        r"(疼|痛)(了)?(才|就)(能)?(清醒|好受|舒服|感觉(到)?(自己)?(还)?活着)",
+        r"(想|忍不住|控制不住).{0,4}(伤害|弄伤|划|割|烫)(自己)?",
     ],
     "violence": [
         r"\b(want|going|gonna|plan(ning)?|wanna|could)\s+(to\s+)?(hurt|kill|stab|shoot|strangle"
@@ -196,6 +255,11 @@ BUILTIN_PATTERNS: dict[str, list[str]] = {
         r"\b(bring|take|brought|took)\s+a\s+(gun|knife)\s+to\b",
         r"(杀|捅|砍|弄死|打死)(了)?(他|她|他们|她们|那个)",
         r"(想|要|会)杀人",
+        r"\bmake\s+(him|her|them)\s+(pay|suffer|regret)\b.{0,40}\b(hurt|kill|knife|gun|"
+        r"blood|beat|die|dead)",
+        r"\b(he|she|they)('ll|\s+will)\s+(regret|pay)\b.{0,30}\b(knife|gun|hurt|kill)",
+        r"(让|要)(他|她|他们|她们)(付出代价|去死|偿命)|(报复|干掉)(他|她|他们|那个)",
+        r"(带|拿)(上|着)?(刀|棍子|汽油|锤子).{0,10}(找|去)(他|她|他们)",
     ],
 }
 

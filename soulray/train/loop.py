@@ -155,8 +155,9 @@ def train_step(
     dist.all_reduce(counts)
     targets = max(counts[0].item(), 1.0)
     loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
+    fsdp_model: Any = model  # an FSDPModule after fully_shard
     for i, batch in enumerate(micro):
-        model.set_requires_gradient_sync(i == len(micro) - 1)
+        fsdp_model.set_requires_gradient_sync(i == len(micro) - 1)
         loss = token_loss_sum(model, batch)
         (loss * rt.world_size / targets).backward()
         loss_sum += loss.detach().double()
@@ -170,15 +171,14 @@ def train_step(
 
 
 def token_loss_sum(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Summed cross-entropy of next-token prediction over the target (assistant) tokens."""
+    """Summed cross-entropy of next-token prediction over the target (assistant) tokens.
+    The labels are shifted (not the logits, which would copy the largest tensor of the step)."""
     logits = model(
         input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
     ).logits
+    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
     return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
-        batch["labels"][:, 1:].flatten(),
-        ignore_index=IGNORE,
-        reduction="sum",
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum"
     )
 
 

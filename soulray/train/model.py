@@ -103,6 +103,7 @@ def varlen_attention_forward(
         window_size=window,
         enable_gqa=h != key.shape[1],
     )
+    assert isinstance(out, torch.Tensor)  # return_aux is off: the output alone
     return out.reshape(b, t, h, d), None
 
 
@@ -158,6 +159,7 @@ def load_initial_state(cfg: Config, hf_config: Any, attn: str) -> dict[str, torc
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(cfg.train.seed)
+    model: nn.Module
     if cfg.model.name_or_path:
         model = AutoModelForCausalLM.from_pretrained(
             cfg.model.name_or_path,
@@ -200,7 +202,9 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks (the FSDP2 and activation-checkpointing units)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    layers: list[nn.Module] = [
+        m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)
+    ]
     if not layers:
         raise ValueError(f"found no decoder layers in {type(model).__name__} to shard")
     return layers
@@ -223,7 +227,8 @@ def apply_fsdp(
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each decoder layer's activations in backward instead of storing them."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    unwrap = getattr(model, "get_base_model", None)  # a peft model wraps the transformers one
+    base: Any = unwrap() if unwrap is not None else model
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
@@ -232,6 +237,7 @@ def reset_rotary_buffers(model: nn.Module, device: torch.device) -> None:
     uninitialised by meta-device construction."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+    module: Any  # a rotary embedding module (attributes set by transformers)
     for module in model.modules():
         if not hasattr(module, "inv_freq"):
             continue
@@ -263,7 +269,9 @@ def build_sharded_model(
     model = build_model(cfg, hf_config, attn, "meta")
     if t.activation_checkpointing:
         apply_activation_checkpointing(model)
-    apply_fsdp(model, param_dtype, t.reshard_after_forward, t.cpu_offload)
+    # With one rank there is nothing to reshard: keeping the parameters saves a copy per layer.
+    reshard = t.reshard_after_forward and torch.distributed.get_world_size() > 1
+    apply_fsdp(model, param_dtype, reshard, t.cpu_offload)
     model.to_empty(device="cpu" if t.cpu_offload else device)
     reset_rotary_buffers(model, device)
     initial = load_initial_state(cfg, hf_config, attn) if rank == 0 else {}
@@ -286,4 +294,4 @@ def broadcast_initial_state(model: nn.Module, initial: dict[str, torch.Tensor]) 
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    set_model_state_dict(model, initial, options=options)
+    set_model_state_dict(model, dict[str, Any](initial), options=options)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import shared_path
+from soulray_testing import shared_path
 
 from soulray.config import StrategyConfig
 from soulray.data.conversation import (

@@ -8,7 +8,7 @@ import os
 import random
 
 import pytest
-from conftest import shared_path
+from soulray_testing import shared_path
 
 from soulray.config import StrategyConfig
 from soulray.data.conversation import RecordError, build_strategy_lookup, clean_conversation

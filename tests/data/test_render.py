@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import shared_path
+from soulray_testing import shared_path
 
 from soulray.config import StrategyConfig
 from soulray.data.conversation import (

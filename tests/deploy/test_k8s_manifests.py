@@ -39,6 +39,7 @@ from k8s_render import (
 
 from soulray.cli import app
 from soulray.config import Config, load_config
+from soulray.serve.app import build_serve_config
 
 RAY_KINDS = ("RayCluster", "RayJob", "RayService")
 NAME_LIMITS = {"RayCluster": 53, "RayJob": 47, "RayService": 47}
@@ -478,16 +479,18 @@ def test_serve_import_path_imports():
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_rayservice_serves_what_the_rayjob_exports(target):
-    """One source of truth: the RayService's serve section is the serve section of the config
-    the RayJob trains with, and it loads the model that job exports. (Until `soulray serve
-    build` lands, serveConfigV2 is written from that config by hand.)"""
+    """One source of truth: serveConfigV2 is exactly what `soulray serve build` makes of the
+    config the RayJob trains with, so the RayService serves the model that job exports."""
     (job,) = by_kind(target, "RayJob")
     (service,) = by_kind(target, "RayService")
-    _, trained = job_config(job)
-    (application,) = serve_config(service)["applications"]
-    served = Config.model_validate(application["args"]["config"])
-    assert served.serve.model_dump() == trained.serve.model_dump()
-    assert served.serve.engine.model_dir == trained.train.export_dir
+    path, trained = job_config(job)
+    built = build_serve_config(trained)
+    assert serve_config(service) == built, (
+        f"serveConfigV2 of {target} is stale: regenerate it with "
+        f"`make k8s-serve-config` (soulray serve build --config {path.relative_to(ROOT)})"
+    )
+    (application,) = built["applications"]
+    assert application["args"]["config"]["serve"]["engine"]["model_dir"] == trained.train.export_dir
 
 
 @pytest.mark.parametrize("target", TARGETS)

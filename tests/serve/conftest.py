@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
 from soulray.serve.tiny import build_tiny_export
@@ -22,7 +20,17 @@ def tiny_model(tiny_export):
     return load_model(str(tiny_export), None, "auto")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_SAFETY_LINES: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def safety_report():
+    """Record a safety measurement; all of them are printed in the run's terminal summary."""
+    return _SAFETY_LINES.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _SAFETY_LINES:
+        terminalreporter.section("crisis screen: recall and false-positive rates")
+        for line in _SAFETY_LINES:
+            terminalreporter.write_line(line)

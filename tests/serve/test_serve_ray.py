@@ -12,8 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port
 from openai import OpenAI
+from soulray_testing import free_port
 
 from soulray.config import Config
 

@@ -1,7 +1,11 @@
 """Crisis screen: recall and false-positive rate on messages written for the tests (both
-languages), printed with `-s` and in the summary; plus locale, scan window and configurability."""
+languages), printed in the terminal summary of every run; plus locale, scan window and
+configurability."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 from safety_cases import (
@@ -30,38 +34,53 @@ def rates(screen, crisis: list[str], ordinary: list[str]) -> tuple[float, float]
     return recall, fpr
 
 
-def report(name: str, crisis: list[str], ordinary: list[str], recall: float, fpr: float) -> None:
-    print(
-        f"\nsafety {name}: recall {recall:.1%} on {len(crisis)} crisis messages, "
-        f"false-positive rate {fpr:.1%} on {len(ordinary)} ordinary sad messages"
-    )
+@pytest.fixture
+def report(safety_report):
+    def report(name: str, crisis: list[str], ordinary: list[str], recall: float, fpr: float):
+        safety_report(
+            f"{name}: recall {recall:.1%} on {len(crisis)} crisis messages, "
+            f"false-positive rate {fpr:.1%} on {len(ordinary)} ordinary sad messages"
+        )
+
+    return report
 
 
 @pytest.mark.parametrize(
     "lang,crisis,ordinary", [("en", CRISIS_EN, ORDINARY_EN), ("zh", CRISIS_ZH, ORDINARY_ZH)]
 )
-def test_recall_and_false_positives_on_the_tuning_sets(screen, lang, crisis, ordinary):
+def test_recall_and_false_positives_on_the_tuning_sets(screen, report, lang, crisis, ordinary):
     """The sets the built-in lists were tuned on (first blind pass: recall 75%, FPR 0%)."""
     recall, fpr = rates(screen, crisis, ordinary)
     report(f"tuning set ({lang})", crisis, ordinary, recall, fpr)
     assert recall >= 0.95 and fpr <= 0.05
 
 
-def test_recall_and_false_positives_on_unseen_phrasings(screen):
-    """Round 2 was written after all tuning and never used to change the lists: the honest
-    number. A keyword screen catches explicit language and misses oblique ideation."""
+def test_recall_and_false_positives_on_earlier_held_out_rounds(screen, report):
+    """Rounds 1 and 2 were held out when written; both have since been looked at while the
+    lists grew (round 2: 8.3% before the warning-sign families, 29.2% after), so they are
+    regression sets now, not honest estimates: the blind set below is."""
     recall, fpr = rates(screen, ROUND2_CRISIS, ROUND2_ORDINARY)
     report("held-out round 2 (en+zh)", ROUND2_CRISIS, ROUND2_ORDINARY, recall, fpr)
     tuned_recall, tuned_fpr = rates(screen, HELDOUT_CRISIS, HELDOUT_ORDINARY)
-    report(
-        "held-out round 1 (tuned on after first pass 12.5%)",
-        HELDOUT_CRISIS,
-        HELDOUT_ORDINARY,
-        tuned_recall,
-        tuned_fpr,
-    )
+    report("held-out round 1 (en+zh)", HELDOUT_CRISIS, HELDOUT_ORDINARY, tuned_recall, tuned_fpr)
     assert fpr <= 0.05 and tuned_fpr <= 0.05
-    assert recall >= 0.08  # regression floor at today's measured value (2/24), not a target
+    assert recall >= 7 / 24 and tuned_recall >= 22 / 24  # floors at today's measured values
+
+
+BLIND = json.loads((Path(__file__).parent / "safety_holdout_blind.json").read_text("utf-8"))
+
+
+@pytest.mark.parametrize("lang,floor,ceiling", [("en", 19 / 40, 4 / 40), ("zh", 25 / 40, 2 / 40)])
+def test_recall_and_false_positives_on_the_blind_set(screen, report, lang, floor, ceiling):
+    """safety_holdout_blind.json was written by someone who never saw soulray/ or tests/, after
+    the lists were final, and measured once; the lists are never tuned on it. This is the
+    honest figure: first measurement en recall 47.5% FPR 10.0%, zh recall 62.5% FPR 5.0%.
+    A keyword screen catches explicit language and misses much oblique ideation; it is a
+    floor under a classifier, not a substitute for one. Floor and ceiling are today's values."""
+    crisis, ordinary = BLIND[f"crisis_{lang}"], BLIND[f"ordinary_{lang}"]
+    recall, fpr = rates(screen, crisis, ordinary)
+    report(f"blind set ({lang})", crisis, ordinary, recall, fpr)
+    assert recall >= floor and fpr <= ceiling
 
 
 def test_categories_and_idioms(screen):

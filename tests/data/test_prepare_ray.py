@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import shared_path
+from soulray_testing import shared_path
 from transformers import AutoTokenizer
 
 from soulray.config import StrategyConfig, config_hash, load_config
