@@ -32,7 +32,9 @@ def build_tiny_export(
     """Write config.json, model.safetensors, generation_config.json, tokenizer, soulray.yaml,
     metrics.json; with `adapter`, also a random LoRA adapter in adapter/ (the LoRA layout)."""
     import torch
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from soulray.train.checkpoint import build_generation_config
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -56,14 +58,7 @@ def build_tiny_export(
         save_random_adapter(model, out / "adapter")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    GenerationConfig(
-        do_sample=True,
-        temperature=0.7,
-        top_p=0.9,
-        max_new_tokens=256,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    ).save_pretrained(out)
+    build_generation_config(tokenizer).save_pretrained(out)
     cfg = Config.model_validate({"data": {"strategy_tags": strategy_tags}})
     (out / "soulray.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
     (out / "metrics.json").write_text(json.dumps({"note": "random tiny model"}), encoding="utf-8")
