@@ -8,9 +8,11 @@
 Every figure is steady state, measured the same way for each: the median, over the windows of
 `--log-every` steps after `--warmup` steps, of the mean step time (data loading, logging and Ray's
 report included; process and Ray start-up excluded). The Trainer's is the time between
-consecutive step ends. tokens/s = mean real tokens per row x rows per step / median step time.
+consecutive step ends. Every run is repeated `--rounds` times, all runs in turn each round, and
+the median over rounds is reported (the per-round figures too).
+tokens/s = mean real tokens per row x rows per step / median step time.
 
-    .venv/bin/python bench/train_throughput.py --steps 60 --out bench/results/train_cpu.json
+    .venv/bin/python bench/train_throughput.py --rounds 3 --out bench/results/train_cpu.json
 """
 
 from __future__ import annotations
@@ -155,6 +157,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating repeats of every run")
     parser.add_argument("--log-every", type=int, default=5)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=1024)
@@ -164,15 +167,31 @@ def main() -> None:
     out = Path(tempfile.mkdtemp(prefix="soulray-bench-train-"))
     packed, padded = prepare(out, "packed", a.seq_len), prepare(out, "padded", a.seq_len)
     tokens = {"packed": mean_row_tokens(packed), "padded": mean_row_tokens(padded)}
-    runs = [  # name, data, workers, median step time
-        ("soulray_1proc_packed", "packed", 1, soulray_torchrun(packed, out, "s1", 1, a)),
-        ("hf_trainer_1proc_packed", "packed", 1, hf_trainer(packed, a)),
-        ("soulray_1proc_padded", "padded", 1, soulray_torchrun(padded, out, "s1pad", 1, a)),
-        ("torchrun_2proc_packed", "packed", 2, soulray_torchrun(packed, out, "t2", 2, a)),
-        ("ray_train_2workers_packed", "packed", 2, soulray_ray(packed, out, "r2", 2, a)),
+
+    # name, data, workers, measure(round) -> median step time; the pairs that are compared run
+    # alternately, round after round, so that drift on a shared machine hits both sides alike
+    def torchrun(data: Path, tag: str, nproc: int, threads: int = 0):
+        return lambda r: soulray_torchrun(data, out, f"{tag}-{r}", nproc, a, threads)
+
+    def ray_train(tag: str, workers: int):
+        return lambda r: soulray_ray(packed, out, f"{tag}-{r}", workers, a)
+
+    configs = [
+        ("soulray_1proc_packed", "packed", 1, torchrun(packed, "s1", 1)),
+        ("hf_trainer_1proc_packed", "packed", 1, lambda r: hf_trainer(packed, a)),
+        ("soulray_1proc_padded", "padded", 1, torchrun(padded, "s1pad", 1)),
+        ("torchrun_2proc_packed", "packed", 2, torchrun(packed, "t2", 2)),
+        ("ray_train_2workers_packed", "packed", 2, ray_train("r2", 2)),
         # one worker, one thread: a core is left to Ray's own services, as on a GPU node
-        ("torchrun_1proc_1thread", "packed", 1, soulray_torchrun(packed, out, "t1", 1, a, 1)),
-        ("ray_train_1worker_1thread", "packed", 1, soulray_ray(packed, out, "r1", 1, a)),
+        ("torchrun_1proc_1thread", "packed", 1, torchrun(packed, "t1", 1, threads=1)),
+        ("ray_train_1worker_1thread", "packed", 1, ray_train("r1", 1)),
+    ]
+    rounds: dict[str, list[float]] = {name: [] for name, *_ in configs}
+    for r in range(a.rounds):
+        for name, _, _, measure in configs:
+            rounds[name].append(measure(r))
+    runs = [
+        (name, kind, workers, statistics.median(rounds[name])) for name, kind, workers, _ in configs
     ]
     step = {name: seconds for name, _, _, seconds in runs}
     tps = {
@@ -183,6 +202,7 @@ def main() -> None:
         "args": vars(a),
         "mean_real_tokens_per_row": tokens,
         "median_step_time_s": step,
+        "step_time_s_per_round": rounds,
         "tokens_per_s": tps,
         "soulray_vs_hf_trainer": tps["soulray_1proc_packed"] / tps["hf_trainer_1proc_packed"],
         "packed_vs_padded": tps["soulray_1proc_packed"] / tps["soulray_1proc_padded"],

@@ -79,6 +79,9 @@ class TinyModelConfig(Section):
     """Shape of the small model built from config when no checkpoint is given."""
 
     architecture: Literal["qwen2", "llama"] = "qwen2"
+    # None: the tokenizer's size. Larger pads the embedding table (Qwen2.5's 151,936 rows hold
+    # 151,665 tokens), which is how benchmarks give a tiny-built model a real model's shape.
+    vocab_size: int | None = Field(None, ge=1)
     hidden_size: int = 128
     intermediate_size: int = 344
     num_hidden_layers: int = 2

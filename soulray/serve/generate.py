@@ -214,7 +214,7 @@ def prefill(
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
-    return Running(rows, out.past_key_values, mask, positions[:, -1:], out.logits[:, -1])
+    return Running(rows, out.cache, mask, positions[:, -1:], out.logits[:, -1])
 
 
 @torch.inference_mode()
@@ -237,7 +237,7 @@ def step(model: Any, batch: Running, eos: set[int]) -> list[tuple[Row, Delta]]:
             input_ids=ids,
             attention_mask=batch.mask,
             position_ids=batch.positions,
-            past_key_values=batch.cache,
+            cache=batch.cache,
         ).logits
         batch.logits = logits[:, -1]
     return out

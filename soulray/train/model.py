@@ -114,8 +114,13 @@ def build_model_config(cfg: ModelConfig, tokenizer: Any) -> Any:
 
         return AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
     t = cfg.tiny
+    if t.vocab_size is not None and t.vocab_size < len(tokenizer):
+        raise ValueError(
+            f"model.tiny.vocab_size={t.vocab_size} is smaller than the tokenizer's "
+            f"{len(tokenizer)} tokens; leave it unset or make it at least {len(tokenizer)}"
+        )
     shape = dict(
-        vocab_size=len(tokenizer),
+        vocab_size=t.vocab_size or len(tokenizer),
         hidden_size=t.hidden_size,
         intermediate_size=t.intermediate_size,
         num_hidden_layers=t.num_hidden_layers,

