@@ -1,7 +1,10 @@
 # soulray: `make quickstart` runs the whole pipeline tiny on local Ray; `make test` runs the tests.
 # Each target creates .venv and installs into it when needed (torch==2.13.0 first, so pip takes
-# the CPU build already on disk instead of downloading a multi-GB CUDA build).
+# the CPU build already on disk instead of downloading a multi-GB CUDA build). Where pip's index
+# serves the CUDA build, pick the CPU one with
+#   make quickstart TORCH_PIP_ARGS='--index-url https://download.pytorch.org/whl/cpu'
 PYTHON ?= python3
+TORCH_PIP_ARGS ?=
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.soulray-installed
@@ -11,7 +14,7 @@ STAMP  := $(VENV)/.soulray-installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q $(TORCH_PIP_ARGS) torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 

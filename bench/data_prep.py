@@ -30,6 +30,8 @@ SHARED = ROOT.parent / "shared" / "data"
 
 def real_zh_dialogues() -> list[list[dict[str, str]]]:
     """User/assistant turn lists from SoulChat, SMILE and EmoLLM (all zh)."""
+    if not (SHARED / "emollm" / "data.json").is_file():
+        raise SystemExit(f"bench/data_prep.py needs the real corpora in {SHARED} (../shared/data)")
     dialogues = []
     for path in sorted(glob.glob(str(SHARED / "soulchat" / "*.json"))):
         record = json.loads(Path(path).read_text())

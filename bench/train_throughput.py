@@ -164,6 +164,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="bench/results/train_cpu.json")
     a = parser.parse_args()
+    if not (ROOT / CORPUS[-1]).is_file():
+        raise SystemExit(f"bench/train_throughput.py needs {CORPUS[-1]} (the shared corpora)")
     out = Path(tempfile.mkdtemp(prefix="soulray-bench-train-"))
     packed, padded = prepare(out, "packed", a.seq_len), prepare(out, "padded", a.seq_len)
     tokens = {"packed": mean_row_tokens(packed), "padded": mean_row_tokens(padded)}

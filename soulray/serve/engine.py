@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -33,6 +34,15 @@ from soulray.serve.scheduler import Scheduler
 from soulray.serve.schemas import APIError
 
 NOOP_REPLY = Delta("I hear you.", 3, "stop")
+
+
+class _ContinuousBatchingNote(logging.Filter):
+    """Drops Serve's advice to raise max_ongoing_requests to max_batch_size x
+    max_concurrent_batches: here each admitted group holds at least one request and the groups
+    all decode in one scheduler batch, so max_ongoing_requests is the real bound, as intended."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`max_concurrent_batches`" not in record.getMessage()
 
 
 class HFEngine:
@@ -51,6 +61,7 @@ class HFEngine:
         self._batched.set_batch_wait_timeout_s(cfg.batching.batch_wait_timeout_s)
         self.stream_interval_s = cfg.stream_interval_s
         self.group_sizes: Counter[int] = Counter()
+        logging.getLogger("ray.serve").addFilter(_ContinuousBatchingNote())
 
     async def stream(self, req: GenRequest) -> AsyncIterator[Delta]:
         async for delta in coalesce(self._batched(req), self.stream_interval_s):

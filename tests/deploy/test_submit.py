@@ -81,9 +81,12 @@ def test_submit_prepare_and_train_then_a_bad_config(local_cluster, tmp_path) -> 
     )
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
     assert "SUCCEEDED" in trained.stdout and "trained quickstart to step 4" in trained.stdout
+    import torch
     from transformers import AutoModelForCausalLM
 
-    assert AutoModelForCausalLM.from_pretrained(out / "model") is not None
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    logits = model(torch.tensor([[1, 2, 3]])).logits
+    assert logits.shape == (1, 3, model.config.vocab_size) and torch.isfinite(logits).all()
 
     bad = run(
         SOULRAY,

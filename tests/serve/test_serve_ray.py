@@ -185,3 +185,5 @@ def test_no_message_content_in_the_logs(served):
     assert any(b"request chatcmpl-" in p.read_bytes() for p in serve_logs)  # we log, by id
     leaked = [str(p) for p in files if MARKER.encode() in p.read_bytes()]
     assert leaked == []
+    # Serve's max_ongoing_requests advice does not apply to continuous batching (engine.py)
+    assert not any(b"`max_concurrent_batches`" in p.read_bytes() for p in files)

@@ -19,7 +19,6 @@ from soulray.train.model import (
     build_sharded_model,
     load_initial_state,
     resolve_attn_implementation,
-    varlen_attention_forward,
 )
 
 TINY = dict(
@@ -81,7 +80,6 @@ def test_varlen_kernel_equals_separate_forwards() -> None:
     model = tiny_model("qwen2", VARLEN).to("cuda", torch.bfloat16)
     torch.manual_seed(0)
     assert packed_vs_separate(model, [17, 40, 9], pad=6) < 2e-2  # bf16 kernels
-    assert varlen_attention_forward is not None
 
 
 def test_attention_choice_on_cpu() -> None:
