@@ -20,6 +20,7 @@ import glob
 import json
 import os
 import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -92,14 +93,18 @@ def rendered_texts(convs: list[dict], tokenizer) -> list[str]:
     return [tokenizer.apply_chat_template(c["messages"], tokenize=False) for c in convs]
 
 
-def raw_tokenizer(texts: list[str], tokenizer) -> dict[str, float]:
-    """encode_batch over the same rendered text: the tokenizer alone, all cores (Rust threads)."""
+def raw_tokenizer(texts: list[str], tokenizer, repeats: int = 3) -> dict:
+    """encode_batch over the same rendered text: the tokenizer alone, all cores (Rust threads).
+    The median of `repeats` runs: on a shared 2-core machine one run moves by 10-20 %."""
     backend = tokenizer.backend_tokenizer
-    start = time.perf_counter()
-    encodings = backend.encode_batch(texts, add_special_tokens=False)
-    seconds = time.perf_counter() - start
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        encodings = backend.encode_batch(texts, add_special_tokens=False)
+        runs.append(time.perf_counter() - start)
     tokens = sum(len(e.ids) for e in encodings)
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+    seconds = statistics.median(runs)
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "runs_s": runs}
 
 
 def expansion_tokens(convs: list[dict], tokenizer) -> int:

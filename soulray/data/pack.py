@@ -41,24 +41,32 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 def _fullest_subset(items: list[int], lengths: list[int], capacity: int) -> list[int]:
-    """items sorted longest first; take items[0] plus the subset of the rest filling the most."""
+    """items sorted longest first; take items[0] plus the subset of the rest filling the most.
+
+    A 0/1 subset-sum over lengths as bitsets (bit t of reached[j] = some subset of the first j
+    candidates sums to t), then back from the fullest total: the candidate that first reached a
+    total is in the subset, and the rest of the total was reached before it."""
     room = capacity - lengths[items[0]]
-    came_from = np.full(room + 1, -1, dtype=np.int64)  # which item first reached each total
-    came_from[0] = len(items)
-    for k in range(1, len(items)):
-        size = lengths[items[k]]
+    mask = (1 << (room + 1)) - 1
+    candidates: list[int] = []
+    reached = [1]  # only the empty subset: total 0
+    for item in items[1:]:
+        size = lengths[item]
         if size > room:
             continue
-        newly = (came_from[: room + 1 - size] >= 0) & (came_from[size:] < 0)
-        came_from[np.nonzero(newly)[0] + size] = k
-        if came_from[room] >= 0:
+        candidates.append(item)
+        reached.append(reached[-1] | ((reached[-1] << size) & mask))
+        if reached[-1] >> room:
             break
-    total = int(np.nonzero(came_from >= 0)[0].max())
+    total = reached[-1].bit_length() - 1
     chosen = [items[0]]
+    j = len(candidates)
     while total > 0:
-        k = int(came_from[total])
-        chosen.append(items[k])
-        total -= lengths[items[k]]
+        while j > 0 and reached[j - 1] >> total & 1:
+            j -= 1  # total was already reachable without candidate j - 1
+        chosen.append(candidates[j - 1])
+        total -= lengths[candidates[j - 1]]
+        j -= 1
     return chosen
 
 
@@ -85,37 +93,60 @@ def pack_bins(lengths: list[int], capacity: int) -> list[list[int]]:
 
 @dataclass(slots=True)
 class Rows:
-    """Columns of packed rows, ready for Parquet."""
+    """Packed rows for Parquet: (rows, seq_len) token matrices and per-row counts."""
 
-    input_ids: list[list[int]]
-    labels: list[list[int]]
-    position_ids: list[list[int]]
-    num_tokens: list[int]  # real (non-pad) tokens per row
-    num_target_tokens: list[int]
-    num_sequences: list[int]
-    assistant_turns: list[int]
+    input_ids: np.ndarray  # int32 (rows, seq_len)
+    labels: np.ndarray
+    position_ids: np.ndarray
+    num_tokens: np.ndarray  # int32 (rows,): real (non-pad) tokens per row
+    num_target_tokens: np.ndarray
+    num_sequences: np.ndarray
+    assistant_turns: np.ndarray
 
 
 def build_rows(seqs: list[Sequence], seq_len: int, pad_id: int, packed: bool = True) -> Rows:
-    """Lay sequences out in rows of exactly seq_len tokens (packed, or one per row)."""
+    """Lay sequences out in rows of exactly seq_len tokens (packed, or one per row).
+
+    The sequences are concatenated once, row after row, and scattered into the row matrix in one
+    vectorised step: no per-token Python."""
     lengths = [len(s.input_ids) for s in seqs]
     bins = pack_bins(lengths, seq_len) if packed else [[i] for i in range(len(seqs))]
-    rows = Rows([], [], [], [], [], [], [])
-    for b in sorted(bins, key=min):  # rows in the order their first sequence came in
-        ids: list[int] = []
-        labels: list[int] = []
-        pos: list[int] = []
-        for i in sorted(b):
-            ids += seqs[i].input_ids
-            labels += seqs[i].labels
-            pos += range(lengths[i])
-        used = len(ids)
-        pad = seq_len - used
-        rows.input_ids.append(ids + [pad_id] * pad)
-        rows.labels.append(labels + [IGNORE] * pad)
-        rows.position_ids.append(pos + list(range(pad)))
-        rows.num_tokens.append(used)
-        rows.num_target_tokens.append(len(labels) - labels.count(IGNORE))
-        rows.num_sequences.append(len(b))
-        rows.assistant_turns.append(sum(seqs[i].assistant_turns for i in b))
-    return rows
+    bins = [sorted(b) for b in sorted(bins, key=min)]  # rows in the order their first came in
+    order = [i for b in bins for i in b]
+    ids: list[int] = []
+    labels: list[int] = []
+    for i in order:
+        ids += seqs[i].input_ids
+        labels += seqs[i].labels
+    n_rows, total = len(bins), len(ids)
+    seq_lens = np.array([lengths[i] for i in order], dtype=np.int64)
+    used = np.array([sum(lengths[i] for i in b) for b in bins], dtype=np.int64)
+    # where each token goes in the flattened (rows, seq_len) matrix, and its position id
+    row_start = np.arange(n_rows, dtype=np.int64) * seq_len - (np.cumsum(used) - used)
+    dest = np.repeat(row_start, used) + np.arange(total, dtype=np.int64)
+    seq_start = np.cumsum(seq_lens) - seq_lens
+    positions = np.arange(total, dtype=np.int64) - np.repeat(seq_start, seq_lens)
+
+    def matrix(fill: np.ndarray | int, values: np.ndarray) -> np.ndarray:
+        out = np.empty((n_rows, seq_len), dtype=np.int32)
+        out[:] = fill
+        out.reshape(-1)[dest] = values
+        return out
+
+    label_array = np.array(labels, dtype=np.int32)
+    # padding: pad id, label -100, and position ids counting on from 0 (a pseudo-sequence)
+    pad_positions = np.arange(seq_len, dtype=np.int64)[None, :] - used[:, None]
+    row_of_token = np.repeat(np.arange(n_rows), used)
+    return Rows(
+        input_ids=matrix(pad_id, np.array(ids, dtype=np.int32)),
+        labels=matrix(IGNORE, label_array),
+        position_ids=matrix(pad_positions, positions),
+        num_tokens=used.astype(np.int32),
+        num_target_tokens=np.bincount(row_of_token[label_array != IGNORE], minlength=n_rows).astype(
+            np.int32
+        ),
+        num_sequences=np.array([len(b) for b in bins], dtype=np.int32),
+        assistant_turns=np.array(
+            [sum(seqs[i].assistant_turns for i in b) for b in bins], dtype=np.int32
+        ),
+    )

@@ -6,14 +6,16 @@ from __future__ import annotations
 import math
 import os
 import random
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from soulray_testing import shared_path
 
 from soulray.config import StrategyConfig
 from soulray.data.conversation import RecordError, build_strategy_lookup, clean_conversation
 from soulray.data.formats import detect_format, split_records, to_conversation
-from soulray.data.pack import Rows, best_fit_decreasing, build_rows, pack_bins
+from soulray.data.pack import best_fit_decreasing, build_rows, pack_bins
 from soulray.data.render import (
     IGNORE,
     Sequence,
@@ -37,14 +39,24 @@ def make_sequences(lengths: list[int]) -> list[Sequence]:
     return seqs
 
 
-def row_segments(rows: Rows, r: int) -> list[tuple[int, int]]:
+def build(seqs: list[Sequence], seq_len: int, pad: int, packed: bool = True) -> SimpleNamespace:
+    """build_rows, checked for shape and dtype, with its arrays as lists for exact comparisons."""
+    rows = build_rows(seqs, seq_len, pad, packed)
+    n = len(rows.num_tokens)
+    for name in ("input_ids", "labels", "position_ids"):
+        assert getattr(rows, name).shape == (n, seq_len)
+    assert all(getattr(rows, f).dtype == np.int32 for f in rows.__slots__)
+    return SimpleNamespace(**{f: getattr(rows, f).tolist() for f in rows.__slots__})
+
+
+def row_segments(rows: SimpleNamespace, r: int) -> list[tuple[int, int]]:
     """(start, end) of each sequence in row r, read from where position_ids restart at 0."""
     used = rows.num_tokens[r]
     starts = [i for i, p in enumerate(rows.position_ids[r][:used]) if p == 0]
     return list(zip(starts, [*starts[1:], used], strict=True))
 
 
-def check_rows(seqs: list[Sequence], rows: Rows, seq_len: int) -> None:
+def check_rows(seqs: list[Sequence], rows: SimpleNamespace, seq_len: int) -> None:
     seen: list[int] = []
     for r, ids in enumerate(rows.input_ids):
         used = rows.num_tokens[r]
@@ -76,7 +88,7 @@ def random_lengths(seed: int, n: int, high: int) -> list[int]:
 @pytest.mark.parametrize(("seed", "n", "seq_len"), [(0, 200, 64), (1, 57, 100), (2, 500, 512)])
 def test_packed_rows_keep_every_sequence_whole(seed, n, seq_len):
     seqs = make_sequences(random_lengths(seed, n, seq_len))
-    rows = build_rows(seqs, seq_len, PAD, packed=True)
+    rows = build(seqs, seq_len, PAD, packed=True)
     check_rows(seqs, rows, seq_len)
     assert len(rows.input_ids) >= math.ceil(sum(rows.num_tokens) / seq_len)
     firsts = [
@@ -88,7 +100,7 @@ def test_packed_rows_keep_every_sequence_whole(seed, n, seq_len):
 
 def test_padded_mode_is_one_sequence_per_row():
     seqs = make_sequences([5, 64, 1, 30])
-    rows = build_rows(seqs, 64, PAD, packed=False)
+    rows = build(seqs, 64, PAD, packed=False)
     check_rows(seqs, rows, 64)
     assert rows.num_sequences == [1, 1, 1, 1]
     assert rows.num_tokens == [5, 64, 1, 30]
@@ -119,7 +131,7 @@ def test_pack_bins_is_a_partition_no_worse_than_bfd(seed):
 
 def test_sequence_longer_than_the_row_is_refused():
     with pytest.raises(ValueError, match="sequence 1 has 65 tokens, more than the row size 64"):
-        build_rows(make_sequences([3, 65]), 64, PAD)
+        build(make_sequences([3, 65]), 64, PAD)
 
 
 @pytest.fixture(scope="module")
@@ -147,19 +159,19 @@ def test_smile_packs_at_least_98_percent_full(smile_sequences):
     # independent: the built-in template text built by hand from the raw JSON and encoded with
     # the deepseek tokenizer.json: 253 conversations, 151,377 tokens, the longest 1,097
     assert (len(seqs), tokens) == (253, 151377)
-    rows = build_rows(seqs, 2048, pad_id, packed=True)
+    rows = build(seqs, 2048, pad_id, packed=True)
     assert sum(rows.num_tokens) == tokens
     assert len(rows.input_ids) == 74 == math.ceil(tokens / 2048)  # the lower bound itself
     assert tokens / (len(rows.input_ids) * 2048) >= 0.98
     assert set(rows.num_sequences) != {1}
-    padded = build_rows(seqs, 2048, pad_id, packed=False)
+    padded = build(seqs, 2048, pad_id, packed=False)
     assert len(padded.input_ids) == 253
     assert sum(padded.num_tokens) == tokens
 
 
 def test_smile_rows_keep_sequences_whole(smile_sequences):
     seqs, pad_id = smile_sequences
-    rows = build_rows(seqs, 2048, pad_id, packed=True)
+    rows = build(seqs, 2048, pad_id, packed=True)
     lengths = sorted(len(s.input_ids) for s in seqs)
     packed_lengths = sorted(
         e - s for r in range(len(rows.input_ids)) for s, e in row_segments(rows, r)
