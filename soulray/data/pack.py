@@ -21,14 +21,19 @@ import numpy as np
 from soulray.data.render import IGNORE, Sequence
 
 
+def check_fits(lengths: list[int], capacity: int) -> None:
+    for i, size in enumerate(lengths):
+        if size > capacity:
+            raise ValueError(f"sequence {i} has {size} tokens, more than the row size {capacity}")
+
+
 def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     """Assign items (by index) to bins: longest first, each into the fullest bin it fits."""
+    check_fits(lengths, capacity)
     bins: list[list[int]] = []
     free: list[tuple[int, int]] = []  # sorted (remaining capacity, bin index)
     for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
         size = lengths[i]
-        if size > capacity:
-            raise ValueError(f"sequence {i} has {size} tokens, more than the row size {capacity}")
         j = bisect.bisect_left(free, (size, -1))
         if j == len(free):
             bins.append([i])
@@ -110,6 +115,7 @@ def build_rows(seqs: list[Sequence], seq_len: int, pad_id: int, packed: bool = T
     The sequences are concatenated once, row after row, and scattered into the row matrix in one
     vectorised step: no per-token Python."""
     lengths = [len(s.input_ids) for s in seqs]
+    check_fits(lengths, seq_len)
     bins = pack_bins(lengths, seq_len) if packed else [[i] for i in range(len(seqs))]
     bins = [sorted(b) for b in sorted(bins, key=min)]  # rows in the order their first came in
     order = [i for b in bins for i in b]

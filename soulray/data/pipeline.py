@@ -215,6 +215,7 @@ class RenderPacker:
         stats = []
         # A block allocates millions of token ints in lists that form no reference cycles: the
         # cyclic collector would only rescan them (about 10 % of the block's time), so it pauses.
+        was_enabled = gc.isenabled()
         gc.disable()
         try:
             for name in ("train", "val"):
@@ -222,7 +223,8 @@ class RenderPacker:
                 if part.num_rows:
                     stats.append(self.write_shard(name, part))
         finally:
-            gc.enable()
+            if was_enabled:
+                gc.enable()
         return pa.Table.from_pylist(stats)
 
     def write_shard(self, split: str, part: pa.Table) -> dict[str, Any]:
@@ -284,7 +286,8 @@ def rows_to_table(rows: Rows, shard_name: str) -> pa.Table:
     n_rows, seq_len = rows.input_ids.shape
     keys = np.array(row_keys(shard_name, n_rows), dtype=np.int64)
     order = np.argsort(keys, kind="stable")
-    offsets = pa.array(np.arange(n_rows + 1, dtype=np.int32) * seq_len)
+    # int64 arithmetic, then a checked cast: a shard past 2**31 tokens fails instead of wrapping
+    offsets = pa.array(np.arange(n_rows + 1, dtype=np.int64) * seq_len, type=pa.int32())
 
     def lists(matrix: np.ndarray) -> pa.Array:  # list<int32> over one contiguous buffer
         return pa.ListArray.from_arrays(offsets, pa.array(matrix[order].reshape(-1)))

@@ -132,6 +132,8 @@ def test_pack_bins_is_a_partition_no_worse_than_bfd(seed):
 def test_sequence_longer_than_the_row_is_refused():
     with pytest.raises(ValueError, match="sequence 1 has 65 tokens, more than the row size 64"):
         build(make_sequences([3, 65]), 64, PAD)
+    with pytest.raises(ValueError, match="sequence 1 has 65 tokens, more than the row size 64"):
+        build(make_sequences([3, 65]), 64, PAD, packed=False)
 
 
 @pytest.fixture(scope="module")
