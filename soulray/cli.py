@@ -168,7 +168,11 @@ def serve_cmd(
         write_serve_config(cfg, output)
         return
     from soulray.serve.app import start_serving
+    from soulray.serve.prompt import check_local_model_dirs
 
+    # A missing export would otherwise surface as Serve's "Deploying application failed" after
+    # the replicas crash, with the reason buried in their logs.
+    run_verb(check_local_model_dirs, cfg)
     setup_logging()
     init_ray()
     url = run_verb(start_serving, cfg)

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from soulray import storage
-from soulray.config import ESCONV_STRATEGIES, ServeConfig
+from soulray.config import ESCONV_STRATEGIES, Config, ServeConfig
 from soulray.serve.schemas import APIError, ChatMessage
 
 TAG = re.compile(r"^\[([^\[\]\n]{1,48})\] ?")
@@ -41,6 +41,13 @@ class ExportInfo:
     context_tokens: int
     temperature: float  # sampling defaults from generation_config.json
     top_p: float
+
+
+def check_local_model_dirs(cfg: Config) -> None:
+    """Refuse a local export or adapter directory that does not exist, before deploying."""
+    for path in (cfg.serve_model_dir, cfg.serve.engine.adapter_dir):
+        if path and not storage.is_remote(path):
+            fetch_model_dir(path)
 
 
 def fetch_model_dir(path: str) -> str:

@@ -55,6 +55,21 @@ def test_serve_build_writes_a_ray_serve_config(tmp_path, tiny_export):
     assert type(built).__name__ == "Application"
 
 
+def test_serve_refuses_a_missing_export_before_deploying(tmp_path, tiny_export):
+    def serve(*overrides: str):
+        args = ["serve", "--config", str(ROOT / "jobs" / "serve.yaml"), *overrides]
+        return CliRunner().invoke(cli, args)
+
+    missing = tmp_path / "no-model"
+    result = serve(f"serve.engine.model_dir={missing}")
+    assert result.exit_code == 1
+    assert f"error: model directory {missing} does not exist; run `soulray train` first" in (
+        result.output
+    )
+    result = serve(f"serve.engine.model_dir={tiny_export}", f"serve.engine.adapter_dir={missing}")
+    assert result.exit_code == 1 and f"model directory {missing} does not exist" in result.output
+
+
 def test_builder_refuses_unknown_args():
     with pytest.raises(ValueError, match="unknown application args"):
         build_app({"config": {}, "conf": {}})
