@@ -63,7 +63,16 @@ def submit_job(
     """Submit; with wait, stream the logs until the job ends. Returns (job id, final status)."""
     from ray.job_submission import JobSubmissionClient
 
-    client = JobSubmissionClient(address)
+    try:
+        client = JobSubmissionClient(address)
+    except ConnectionError as e:
+        where = address or os.environ.get("RAY_ADDRESS") or "the default address"
+        reason = str(e).rstrip(".")
+        raise ValueError(
+            f"cannot reach a Ray cluster's job API at {where} ({reason}); start one "
+            "(`ray start --head`, or cluster/local.sh up) or pass --address http://HEAD:8265, "
+            "the dashboard port"
+        ) from None
     verb = command[1] if command[:1] == ["soulray"] and len(command) > 1 else command[0]
     job_id = client.submit_job(
         entrypoint=build_entrypoint(command, upload),

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 from k8s_render import ROOT
+from soulray_testing import free_port
 from test_local_cluster import cluster_processes, local_cluster, read_env_file, run, running
 
 from soulray.submit import build_entrypoint
@@ -25,6 +26,18 @@ def test_entrypoint_runs_the_uploaded_package_and_rejects_non_soulray_commands()
     assert build_entrypoint(cmd, upload=False).startswith("soulray train ")
     with pytest.raises(ValueError, match="expected a soulray command"):
         build_entrypoint(["python", "evil.py"], upload=True)
+
+
+def test_submit_to_an_address_with_no_cluster_says_how_to_start_one() -> None:
+    from typer.testing import CliRunner
+
+    from soulray.cli import app
+
+    address = f"http://127.0.0.1:{free_port()}"
+    result = CliRunner().invoke(app, ["submit", "--address", address, "--", "soulray", "train"])
+    assert result.exit_code == 1
+    assert f"error: cannot reach a Ray cluster's job API at {address}" in result.output
+    assert "`ray start --head`, or cluster/local.sh up" in result.output
 
 
 def test_local_checkpoints_are_refused_only_across_hosts(tmp_path) -> None:
