@@ -7,7 +7,8 @@ something ordinary ("dead tired", "this is killing me", "累死了", "笑死", "
 Everything is configurable (serve.safety); the built-in lists below are the defaults.
 
 This is a keyword screen, not a clinical instrument: it errs towards flagging, and its recall and
-false-positive rate are measured in tests/serve/test_safety.py on messages written for the test.
+false-positive rate are measured in tests/serve/test_serve_safety.py on messages written for
+the tests (the blind set there was written by someone who never saw this file).
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ BUILTIN_PATTERNS: dict[str, list[str]] = {
         r"\blast\s+(night|day|week)\s+(alive|on\s+earth)\b|\btonight\s+is\s+my\s+last\b",
         r"\b(lethal|fatal|deadly)\s+(dose|amount)|\b(lethal|fatal)\s+in\s+(large|high)\b",
         r"\bwhole\s+(bottle|pack|box)\s+of\s+(pills|tablets|meds|sleeping)",
-        r"\b(gun|pistol|knife)\b.{0,40}\b(myself|my\s+head)\b",
+        r"\b(gun|pistol|knife)\b.{0,80}\b(myself|my\s+head)\b",
         r"\b(car|road|train)\b.{0,30}\bon\s+purpose\b",
         r"\b(gave|giving|give)\s+away\s+(all\s+)?(of\s+)?(my\s+)?(things|stuff|belongings)",
         r"\b(told|tell|telling|said)\s+(\w+\s+){0,2}goodbye\b.{0,40}\b(things|stuff|forever)",
@@ -171,7 +172,10 @@ BUILTIN_PATTERNS: dict[str, list[str]] = {
         r"\btake\s+all\s+(of\s+)?(my|the)\s+(pills|meds)\b",
         r"\bjump(ing)?\s+(off|from)\s+(a|the|this|that)?\s*(bridge|roof|building|cliff|balcony)",
         r"\bnobody\s+would\s+(miss|notice)\s+(me|if\s+i\s+(was|were)\s+gone)\b",
-        r"\bwhat'?s\s+the\s+point\s+(of|in)\s+(living|being\s+alive|staying\s+alive)\b",
+        r"\b(no\s*one|nobody)\s+(will|would|'d|'ll)\s+(even\s+)?(miss|notice|care)\b.{0,20}"
+        r"\b(when|if|once)\s+i'?m?\s+(am\s+)?(gone|dead|not\s+here)",
+        r"\bwhat'?s\s+the\s+point\s+(of|in)\s+(living|being\s+alive|staying\s+alive|waking\s+up|"
+        r"going\s+on)\b",
         r"(打算|准备|计划)(去)?(死|自杀|轻生)",
         r"(不想|不愿意?)(再)?活",
         r"(死了|消失了?|不在了)(会|就|也)?(更好|好一点|解脱|没人在意|没人在乎|没人会在意)",
@@ -198,6 +202,18 @@ BUILTIN_PATTERNS: dict[str, list[str]] = {
         r"\b(put|putting|get|getting)\s+my\s+affairs\s+in\s+order\b",
         r"\bwho\s+(will|would|'ll)\s+(take\s+care\s+of|look\s+after|feed)\s+my\s+"
         r"(cat|dog|pets?|kids)\b.{0,40}\b(after|when|if)\s+i",
+        r"\b(my\s+)?last\s+(message|post|text|words)\b.{0,60}\b(goodbye|bye|thank)",
+        r"\bif\s+i'?m\s+(am\s+)?not\s+(here|around|alive)\s+(next|by|tomorrow|after|anymore)",
+        r"\b(will|note|letter)\b.{0,40}\b(picked|chosen|set)\s+a\s+date\b",
+        r"\b(feel|felt|am|i'?m)\s+(like\s+)?(such\s+)?a\s+burden\s+(to|on|for)\s+(everyone|"
+        r"everybody|all\s+of\s+them|my\s+(family|parents|friends|kids|partner|wife|husband))\b"
+        r"|\bstop\s+being\s+(a|one)\b.{0,20}\bpermanently|\bstop\s+being\s+a\s+burden\b",
+        r"\bhow\s+(high|tall|far\s+down)\b.{0,40}\b(bridge|building|roof|cliff|balcony|floor)",
+        r"\bedge\s+of\s+the\s+(train\s+)?(platform|roof|bridge|building|cliff)\b",
+        r"\b(step|jump|walk|throw)\w*\s+(myself\s+)?(forward\s+)?(in\s+front\s+of|onto)\s+"
+        r"(the\s+|a\s+)?(train|tracks|bus|truck|traffic)",
+        r"\b(driv|crash|steer)\w*\s+(my\s+|the\s+)?car\s+(into|off)\b",
+        r"\b(bought|got|buy|have|has)\s+(a\s+|the\s+)?(rope|noose)\b",
         # means with intent
         r"\b(pills|tablets|meds|sleeping\s+pills)\b.{0,40}\b(all\s+at\s+once|at\s+once|"
         r"enough\s+to|tonight)\b",
@@ -206,8 +222,9 @@ BUILTIN_PATTERNS: dict[str, list[str]] = {
         r".{0,40}\b(ready|tonight|enough|just\s+in\s+case|for\s+when|finally)\b",
         # sleep-forever euphemisms and slang
         r"\b(sleep|fall\s+asleep)\s+(forever|and\s+(never|not)\s+wake)",
-        r"\b(disappear|vanish)\s+(forever|for\s+good|permanently|and\s+never\s+come\s+back)",
-        r"\b(unalive|kms|kys|sewerslide)\b",
+        r"\b(disappear|vanish)(ed|ing|s)?\s+(forever|for\s+good|permanently|"
+        r"and\s+never\s+come\s+back)",
+        r"\bunaliv\w*|\b(kms|kys|sewerslide)\b|\bsui?ci?d(e|al)\b",
         # past attempts
         r"\b(last|previous|first|second)\s+(attempt|time\s+i\s+tried)\b",
         r"\b(tried|try|trying|attempted)\s+to\s+(end\s+(it|my\s+life)|kill\s+myself|"
@@ -226,6 +243,14 @@ BUILTIN_PATTERNS: dict[str, list[str]] = {
         r"(买|准备|攒|存|找)(好|了)+.{0,4}(绳子|木炭|炭|刀片|农药|老鼠药|安眠药)",
         r"(多少|几)(片|颗|粒).{0,8}(会死|能死|致死|才够|就够)|(多高|几楼).{0,6}(摔|跳).{0,4}死",
         r"(上次|之前|以前|那次)(也)?(试过|尝试过?|吃过药|自杀过?)|洗胃",
+        r"(如果|要是|假如)我(消失|不在|走)了?.{0,12}(轻松|更好|解脱|开心)",
+        r"(可以|能)?(安心|放心)(地)?走了|(没什么|没有|再无|了无)牵挂",
+        r"(别|不要|不用)(再)?醒(过)?来",
+        r"从.{0,8}(桥|楼|天台|阳台|窗户|悬崖).{0,6}跳",
+        r"提前(下线|退场|离场)|(想|要)?去另一个世界",
+        r"(我走了?以后|我不在了?以后).{0,12}(帮我|替我|告诉|跟)",
+        r"(今晚|今天|明天)(就)?是我(人生)?(的)?最后一(晚|天)",
+        r"烧炭",
     ],
     "self_harm": [
         r"\bmak(e|ing)\s+myself\s+(bleed|hurt|suffer)\b",
@@ -246,6 +271,15 @@ BUILTIN_PATTERNS: dict[str, list[str]] = {
         r"(掐|抓|打|撞|咬|扇)(自己|大腿|手臂|胳膊)|(用)?头撞墙",
         r"(疼|痛)(了)?(才|就)(能)?(清醒|好受|舒服|感觉(到)?(自己)?(还)?活着)",
         r"(想|忍不住|控制不住).{0,4}(伤害|弄伤|划|割|烫)(自己)?",
+        r"\b(punch|hit|bang|slam)\w*\s+(the\s+|a\s+)?wall\b.{0,40}\b(bled|bleed|blood|broke|"
+        r"again)",
+        r"\bhit\w*\s+my\s+head\s+(against|on|into)\b",
+        r"\brelaps\w*\b.{0,20}\b(sh|self[\s-]?harm)\b|\b(sh|self[\s-]?harm)\b.{0,20}\bclean\b",
+        r"\b(hid|hide|hiding|cover|covering)\s+(the\s+|my\s+)?(cuts|scars|burns)\s+(on\s+my\s+"
+        r"(arms?|wrists?|thighs?|legs?|stomach)|so\b)",
+        r"\b(razor|blade)\b.{0,60}\b(use\s+it|cut)\b",
+        r"饿自己|(故意|想)(惩罚|折磨)自己",
+        r"(拳头?|用拳).{0,4}砸墙|砸墙.{0,12}(血|骨头|裂)",
     ],
     "violence": [
         r"\b(want|going|gonna|plan(ning)?|wanna|could)\s+(to\s+)?(hurt|kill|stab|shoot|strangle"
@@ -260,6 +294,9 @@ BUILTIN_PATTERNS: dict[str, list[str]] = {
         r"\b(he|she|they)('ll|\s+will)\s+(regret|pay)\b.{0,30}\b(knife|gun|hurt|kill)",
         r"(让|要)(他|她|他们|她们)(付出代价|去死|偿命)|(报复|干掉)(他|她|他们|那个)",
         r"(带|拿)(上|着)?(刀|棍子|汽油|锤子).{0,10}(找|去)(他|她|他们)",
+        r"\b(bring|take|bringing|taking)\s+a\s+(knife|gun|weapon)\s+to\s+(school|work|class)",
+        r"\bmake\s+(him|her|them)\s+bleed\b",
+        r"掐死|放(一)?把火|纵火|(陪我|跟我)一起死",
     ],
 }
 
@@ -269,6 +306,7 @@ BUILTIN_EXCLUDE: list[str] = [
     r"\bkill(ing)?\s+(time|the\s+mood|the\s+vibe)\b",
     r"\bcould\s+(kill|murder)\s+for\s+a\b",
     r"\bdie\s+(of|from)\s+(embarrassment|laughter|boredom|shame)\b",
+    r"\b(bored|embarrassed|laughed|laughing)\s+(so\s+much\s+)?(that\s+)?i\s+could\s+(just\s+)?die\b",
     r"\bdying\s+to\s+(see|know|try|meet|go)\b",
     r"\bmurder\s+(mystery|mysteries|podcast|show|novel|series|documentary)\b",
     r"(累|忙|热|冷|饿|困|气|笑|吓|烦|疼|痛|难受|丑|美|羡慕|尴尬|无聊)死(我|人|了)",

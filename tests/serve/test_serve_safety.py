@@ -57,24 +57,39 @@ def test_recall_and_false_positives_on_the_tuning_sets(screen, report, lang, cri
 
 def test_recall_and_false_positives_on_earlier_held_out_rounds(screen, report):
     """Rounds 1 and 2 were held out when written; both have since been looked at while the
-    lists grew (round 2: 8.3% before the warning-sign families, 29.2% after), so they are
-    regression sets now, not honest estimates: the blind set below is."""
+    lists grew (round 2: 8.3% before the warning-sign families, 29.2% after, 33.3% after the
+    round-3 families), so they are regression sets now, not honest estimates."""
     recall, fpr = rates(screen, ROUND2_CRISIS, ROUND2_ORDINARY)
     report("held-out round 2 (en+zh)", ROUND2_CRISIS, ROUND2_ORDINARY, recall, fpr)
     tuned_recall, tuned_fpr = rates(screen, HELDOUT_CRISIS, HELDOUT_ORDINARY)
     report("held-out round 1 (en+zh)", HELDOUT_CRISIS, HELDOUT_ORDINARY, tuned_recall, tuned_fpr)
     assert fpr <= 0.05 and tuned_fpr <= 0.05
-    assert recall >= 7 / 24 and tuned_recall >= 22 / 24  # floors at today's measured values
+    assert recall >= 8 / 24 and tuned_recall >= 23 / 24  # floors at today's measured values
 
 
-BLIND = json.loads((Path(__file__).parent / "safety_holdout_blind.json").read_text("utf-8"))
+HERE = Path(__file__).parent
+ROUND3 = json.loads((HERE / "safety_holdout_blind.json").read_text("utf-8"))
+BLIND = json.loads((HERE / "safety_holdout_blind2.json").read_text("utf-8"))
 
 
-@pytest.mark.parametrize("lang,floor,ceiling", [("en", 19 / 40, 4 / 40), ("zh", 25 / 40, 2 / 40)])
+@pytest.mark.parametrize("lang,floor,ceiling", [("en", 40 / 40, 3 / 40), ("zh", 39 / 40, 2 / 40)])
+def test_recall_and_false_positives_on_round_3(screen, report, lang, floor, ceiling):
+    """safety_holdout_blind.json was the blind set of the previous round (measured once: en
+    recall 47.5% FPR 10.0%, zh 62.5% / 5.0%); its misses were then read and the lists grew by
+    general families (word forms, finality, method, burden, goodbyes), so it is a regression
+    set now. Floor and ceiling are today's values."""
+    crisis, ordinary = ROUND3[f"crisis_{lang}"], ROUND3[f"ordinary_{lang}"]
+    recall, fpr = rates(screen, crisis, ordinary)
+    report(f"held-out round 3 ({lang})", crisis, ordinary, recall, fpr)
+    assert recall >= floor and fpr <= ceiling
+
+
+@pytest.mark.parametrize("lang,floor,ceiling", [("en", 24 / 40, 0 / 40), ("zh", 23 / 40, 1 / 40)])
 def test_recall_and_false_positives_on_the_blind_set(screen, report, lang, floor, ceiling):
-    """safety_holdout_blind.json was written by someone who never saw soulray/ or tests/, after
-    the lists were final, and measured once; the lists are never tuned on it. This is the
-    honest figure: first measurement en recall 47.5% FPR 10.0%, zh recall 62.5% FPR 5.0%.
+    """safety_holdout_blind2.json was written by someone who never saw soulray/ or tests/, after
+    the lists were final, and measured once; the lists are never tuned on it, and its messages
+    are not read. This is the honest figure: en recall 60.0% FPR 0.0%, zh recall 57.5% FPR 2.5%
+    (the lists before round 3 scored 47.5% / 0.0% and 55.0% / 2.5% on it).
     A keyword screen catches explicit language and misses much oblique ideation; it is a
     floor under a classifier, not a substitute for one. Floor and ceiling are today's values."""
     crisis, ordinary = BLIND[f"crisis_{lang}"], BLIND[f"ordinary_{lang}"]
