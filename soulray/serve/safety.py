@@ -76,6 +76,7 @@ BUILTIN_LEXICON: dict[str, list[str]] = {
         "死了就解脱",
         "不想醒来",
         "离开这个世界",
+        "烧炭",
     ],
     "self_harm": [
         "self harm",
@@ -250,7 +251,6 @@ BUILTIN_PATTERNS: dict[str, list[str]] = {
         r"提前(下线|退场|离场)|(想|要)?去另一个世界",
         r"(我走了?以后|我不在了?以后).{0,12}(帮我|替我|告诉|跟)",
         r"(今晚|今天|明天)(就)?是我(人生)?(的)?最后一(晚|天)",
-        r"烧炭",
     ],
     "self_harm": [
         r"\bmak(e|ing)\s+myself\s+(bleed|hurt|suffer)\b",
@@ -267,13 +267,12 @@ BUILTIN_PATTERNS: dict[str, list[str]] = {
         r"thighs?|wrists?|face))\b",
         r"\b(urge|urges|itch|need)\s+to\s+(cut|hurt\s+myself|burn\s+myself|bleed)\b",
         r"\b(relapsed|relapsing)\b.{0,30}\b(cut|cutting|self[- ]?harm|hurting\s+myself)",
-        r"\bbang(ing|ed)?\s+my\s+head\s+(against|on|into)\b",
+        r"\b(bang(ing|ed)?|hit\w*)\s+my\s+head\s+(against|on|into)\b",
         r"(掐|抓|打|撞|咬|扇)(自己|大腿|手臂|胳膊)|(用)?头撞墙",
         r"(疼|痛)(了)?(才|就)(能)?(清醒|好受|舒服|感觉(到)?(自己)?(还)?活着)",
         r"(想|忍不住|控制不住).{0,4}(伤害|弄伤|划|割|烫)(自己)?",
         r"\b(punch|hit|bang|slam)\w*\s+(the\s+|a\s+)?wall\b.{0,40}\b(bled|bleed|blood|broke|"
         r"again)",
-        r"\bhit\w*\s+my\s+head\s+(against|on|into)\b",
         r"\brelaps\w*\b.{0,20}\b(sh|self[\s-]?harm)\b|\b(sh|self[\s-]?harm)\b.{0,20}\bclean\b",
         r"\b(hid|hide|hiding|cover|covering)\s+(the\s+|my\s+)?(cuts|scars|burns)\s+(on\s+my\s+"
         r"(arms?|wrists?|thighs?|legs?|stomach)|so\b)",
