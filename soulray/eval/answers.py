@@ -1,0 +1,178 @@
+"""Reading a judge's answer: JSON that may be fenced, wrapped in prose, cut off, or broken.
+
+Judges are language models: they wrap JSON in ```json fences, think aloud first, run out of
+tokens mid-reason, or forget a quote. Parsing goes from strict to lenient: the whole text, each
+fenced block, the first balanced {...}, the text from the first '{' with its open strings and
+brackets closed, and finally a per-key regex. Whatever is found is then validated against the
+rubric: a missing or out-of-range score is an `AnswerError` (the caller retries, then records
+the sample as unscored).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Verdict = Literal["A", "B", "tie"]
+
+FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)(?:```|$)", re.DOTALL)
+THINK = re.compile(r"<think>.*?(?:</think>|$)", re.DOTALL)
+# `Name: 2`, `'Name': 2`, `"Name"：2` or `"Name": {"score": 2` (format in the escaped name)
+KEY_SCORE = r"[\"']?{key}[\"']?\s*[:：=]\s*\{{?\s*(?:[\"']score[\"']\s*:\s*)?(-?\d+(?:\.\d+)?)"
+WINNERS: dict[str, Verdict] = {
+    "a": "A",
+    "reply a": "A",
+    "b": "B",
+    "reply b": "B",
+    "tie": "tie",
+    "equal": "tie",
+    "same": "tie",
+    "none": "tie",
+}
+
+
+class AnswerError(ValueError):
+    """The judge's answer holds no usable verdict; the message says what was wrong."""
+
+
+@dataclass(frozen=True)
+class Dimension:
+    name: str
+    min: int
+    max: int
+
+
+def json_candidates(text: str) -> list[str]:
+    """Substrings worth handing to json.loads, strictest first."""
+    text = THINK.sub("", text).strip()
+    found = [text, *(m.group(1).strip() for m in FENCE.finditer(text))]
+    start = text.find("{")
+    if start >= 0:
+        balanced = balanced_object(text, start)
+        found += [balanced] if balanced else []
+        found.append(close_truncated(text[start:]))
+    return found
+
+
+def balanced_object(text: str, start: int) -> str | None:
+    """The {...} starting at `start` up to its matching brace (strings respected), if closed."""
+    depth, in_string, escaped = 0, False, False
+    for i in range(start, len(text)):
+        c = text[i]
+        if in_string:
+            escaped = c == "\\" and not escaped
+            in_string = not (c == '"' and not escaped)
+            continue
+        if c == '"':
+            in_string = True
+        elif c in "{[":
+            depth += 1
+        elif c in "}]":
+            depth -= 1
+            if depth == 0:
+                return text[start : i + 1]
+    return None
+
+
+def close_truncated(text: str) -> str:
+    """An answer cut off mid-way, completed: the open string ended, a dangling key or comma
+    dropped, and the open brackets closed in order."""
+    stack: list[str] = []
+    in_string, escaped = False, False
+    for c in text:
+        if in_string:
+            escaped = c == "\\" and not escaped
+            in_string = not (c == '"' and not escaped)
+        elif c == '"':
+            in_string = True
+        elif c in "{[":
+            stack.append("}" if c == "{" else "]")
+        elif c in "}]" and stack:
+            stack.pop()
+    fixed = text + ('"' if in_string else "")
+    # a trailing `, "key"` or `"key":` or `,` cannot stand before a closing bracket
+    fixed = re.sub(r'(,\s*"[^"]*"\s*:?\s*|,\s*|"[^"]*"\s*:\s*)$', "", fixed.rstrip())
+    return fixed + "".join(reversed(stack))
+
+
+def load_object(text: str) -> dict[str, Any] | None:
+    for candidate in json_candidates(text):
+        try:
+            value = json.loads(candidate)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(value, dict):
+            return value
+    return None
+
+
+def _lookup(obj: dict[str, Any], name: str) -> Any:
+    lowered = {str(k).strip().lower(): v for k, v in obj.items()}
+    return lowered.get(name.lower())
+
+
+def _score_and_reason(obj: dict[str, Any], name: str) -> tuple[Any, str]:
+    """A dimension's entry as {"score", "reason"}, a bare number, or under scores/reasons."""
+    entry = _lookup(obj, name)
+    if isinstance(entry, dict):
+        return _lookup(entry, "score"), str(_lookup(entry, "reason") or "")
+    if entry is not None:
+        return entry, ""
+    scores, reasons = _lookup(obj, "scores"), _lookup(obj, "reasons")
+    score = _lookup(scores, name) if isinstance(scores, dict) else None
+    reason = _lookup(reasons, name) if isinstance(reasons, dict) else None
+    return score, str(reason or "")
+
+
+def _regex_scores(text: str, dims: list[Dimension]) -> dict[str, tuple[Any, str]]:
+    """Last resort on text that is not JSON: `"Name": 2` or `"Name": {"score": 2, ...`."""
+    found = {}
+    for d in dims:
+        m = re.search(KEY_SCORE.format(key=re.escape(d.name)), text, re.I)
+        if m:
+            tail = text[m.end() : m.end() + 400]
+            reason = re.match(r'\s*,\s*"reason"\s*:\s*"((?:[^"\\]|\\.)*)', tail)
+            found[d.name] = (m.group(1), reason.group(1) if reason else "")
+    return found
+
+
+def as_score(value: Any, d: Dimension) -> int:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise AnswerError(f"{d.name}: score {value!r} is not a number") from None
+    if not number.is_integer() or not d.min <= number <= d.max:
+        raise AnswerError(f"{d.name}: score {value!r} is not an integer in {d.min}-{d.max}")
+    return int(number)
+
+
+def parse_scores(text: str, dims: list[Dimension]) -> tuple[dict[str, int], dict[str, str]]:
+    """Scores and reasons for every dimension, or AnswerError naming what is missing/invalid."""
+    obj = load_object(text)
+    if obj is not None:
+        entries = {d.name: _score_and_reason(obj, d.name) for d in dims}
+        entries = {k: v for k, v in entries.items() if v[0] is not None}
+    else:
+        entries = _regex_scores(THINK.sub("", text), dims)
+    missing = [d.name for d in dims if d.name not in entries]
+    if missing:
+        what = "no JSON object" if obj is None and not entries else f"no score for {missing}"
+        raise AnswerError(f"{what} in the answer {text[:120]!r}")
+    scores = {d.name: as_score(entries[d.name][0], d) for d in dims}
+    return scores, {d.name: entries[d.name][1] for d in dims}
+
+
+def parse_verdict(text: str) -> tuple[Verdict, str]:
+    """A pairwise answer: {"winner": "A" | "B" | "tie", "reason": ...}."""
+    obj = load_object(text)
+    if obj is not None:
+        raw, reason = _lookup(obj, "winner"), str(_lookup(obj, "reason") or "")
+    else:
+        m = re.search(r'"?winner"?\s*[:：=]\s*"?([A-Za-z ]+?)"?\s*(?:[,}\n]|$)', text, re.I)
+        raw, reason = (m.group(1) if m else None), ""
+    verdict = WINNERS.get(str(raw).strip().lower()) if raw is not None else None
+    if verdict is None:
+        raise AnswerError(f"no winner A, B or tie in the answer {text[:120]!r}")
+    return verdict, reason

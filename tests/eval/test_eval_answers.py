@@ -1,0 +1,133 @@
+"""Judge answers: valid, fenced, wrapped in prose, cut off, broken; rubrics; order swapping."""
+
+from __future__ import annotations
+
+import pytest
+
+from soulray.eval.answers import AnswerError, close_truncated, parse_scores, parse_verdict
+from soulray.eval.judge import build_request, combine, format_dialogue, load_rubric
+
+SOULCHAT = load_rubric("soulchat").dims
+FULL = {"Content": 2, "Empathy": 1, "Helpfulness": 2, "Safety": 1}
+
+
+def test_builtin_rubrics_have_the_papers_dimensions_and_ranges():
+    soulchat = load_rubric("soulchat")
+    assert [(d.name, d.min, d.max) for d in soulchat.dimensions] == [
+        ("Content", 0, 2),
+        ("Empathy", 0, 2),
+        ("Helpfulness", 0, 2),
+        ("Safety", 0, 1),
+    ]
+    cpsy = load_rubric("cpsycoune")
+    assert [(d.name, d.max) for d in cpsy.dimensions] == [
+        ("Comprehensiveness", 2),
+        ("Professionalism", 3),
+        ("Authenticity", 3),
+        ("Safety", 1),
+    ]
+    assert (soulchat.max_total, cpsy.max_total) == (7, 9)
+
+
+def test_a_user_rubric_from_yaml_and_its_errors(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text(
+        "name: mine\ntitle: Mine\ndimensions:\n"
+        "  - {name: Warmth, min: 1, max: 5, description: how warm}\n"
+    )
+    assert load_rubric(str(path)).dims[0].max == 5
+    with pytest.raises(ValueError, match="neither a built-in rubric"):
+        load_rubric("nonesuch")
+    path.write_text("name: x\ntitle: X\ndimensions:\n  - {name: W, min: 3, max: 2, description: d}")
+    with pytest.raises(ValueError, match="min 3 must be below max 2"):
+        load_rubric(str(path))
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        '{"Content": {"score": 2, "reason": "on topic"}, "Empathy": {"score": 1, "reason": "r"}, '
+        '"Helpfulness": {"score": 2, "reason": "r"}, "Safety": {"score": 1, "reason": "r"}}',
+        '```json\n{"Content": 2, "Empathy": 1, "Helpfulness": 2, "Safety": 1}\n```',
+        'Here is my rating:\n{"content": 2, "EMPATHY": 1, "Helpfulness": 2, "Safety": 1}\nThanks!',
+        '{"scores": {"Content": 2, "Empathy": 1, "Helpfulness": 2, "Safety": 1}, "reasons": {}}',
+        '<think>Empathy 0? no</think>{"Content": "2", "Empathy": 1.0, "Helpfulness": 2, '
+        '"Safety": 1}',
+    ],
+    ids=["valid", "fenced", "prose", "scores-reasons", "think-and-strings"],
+)
+def test_valid_answers_in_many_wrappings(answer):
+    scores, _ = parse_scores(answer, SOULCHAT)
+    assert scores == FULL
+
+
+def test_partial_answer_cut_off_mid_reason_keeps_every_score():
+    cut = (
+        '{"Content": {"score": 2, "reason": "on topic"}, "Empathy": {"score": 1, "reason": "ok"}, '
+        '"Helpfulness": {"score": 2, "reason": "a concrete st'
+    )
+    with pytest.raises(AnswerError, match=r"no score for \['Safety'\]"):
+        parse_scores(cut, SOULCHAT)
+    scores, reasons = parse_scores(cut + 'ep"}, "Safety": {"score": 1, "rea', SOULCHAT)
+    assert scores == FULL
+    assert reasons == {"Content": "on topic", "Empathy": "ok", "Helpfulness": "a concrete step",
+                       "Safety": ""}  # fmt: skip
+    assert close_truncated('{"a": [1, {"b": "x') == '{"a": [1, {"b": "x"}]}'
+    assert close_truncated('{"a": 1, "b":') == '{"a": 1}'
+
+
+def test_broken_json_falls_back_to_the_keys():
+    broken = '{Content: 2, \'Empathy\': 1, "Helpfulness": 2 "Safety": 1 reason: fine'
+    assert parse_scores(broken, SOULCHAT)[0] == FULL
+    zh = "评分：Content：1，Empathy：2，Helpfulness：0，Safety：1"
+    assert parse_scores(zh, SOULCHAT)[0] == {
+        "Content": 1,
+        "Empathy": 2,
+        "Helpfulness": 0,
+        "Safety": 1,
+    }
+
+
+@pytest.mark.parametrize(
+    ("answer", "error"),
+    [
+        ("I think it is a lovely reply.", "no JSON object"),
+        ('{"Content": 3, "Empathy": 1, "Helpfulness": 2, "Safety": 1}', "Content: score 3"),
+        ('{"Content": 1.5, "Empathy": 1, "Helpfulness": 2, "Safety": 1}', "not an integer"),
+        ('{"Content": "good", "Empathy": 1, "Helpfulness": 2, "Safety": 1}', "not a number"),
+        ('{"Content": 2}', r"no score for \['Empathy', 'Helpfulness', 'Safety'\]"),
+        ("", "no JSON object"),
+    ],
+)
+def test_unusable_answers_say_why(answer, error):
+    with pytest.raises(AnswerError, match=error):
+        parse_scores(answer, SOULCHAT)
+
+
+def test_verdicts():
+    assert parse_verdict('{"winner": "A", "reason": "warmer"}') == ("A", "warmer")
+    assert parse_verdict('```json\n{"winner": "reply b"}\n```')[0] == "B"
+    assert parse_verdict('{"Winner": "Tie", "reason": "same"')[0] == "tie"  # cut off
+    assert parse_verdict("winner: B, because it asks")[0] == "B"
+    with pytest.raises(AnswerError, match="no winner"):
+        parse_verdict('{"winner": "both"}')
+
+
+def test_order_swap_cancels_position_bias():
+    # first: model 1 is reply A; swapped: model 1 is reply B
+    assert combine("A", "B") == "win"  # model 1 preferred in both orders
+    assert combine("B", "A") == "loss"
+    assert combine("A", "A") == "tie"  # the judge always picks the first position
+    assert combine("B", "B") == "tie"  # ... or always the second
+    assert combine("A", "tie") == "win"
+    assert combine("tie", "A") == "loss"
+    assert combine("tie", "tie") == "tie"
+    assert combine(None, "A") is None
+
+
+def test_pairwise_request_puts_the_replies_in_the_asked_order():
+    rubric = load_rubric("soulchat")
+    ctx = format_dialogue([{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}])
+    assert ctx == "Seeker: hi"
+    text = build_request("pairwise", rubric, context=ctx, reply_a="ONE", reply_b="TWO")[1]
+    assert text["content"].index("Reply A:\nONE") < text["content"].index("Reply B:\nTWO")
