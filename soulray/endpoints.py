@@ -1,0 +1,137 @@
+"""The one async client for OpenAI-compatible endpoints (synth's roles, eval's models and judge).
+
+Written once because both stages need the same three things: a timeout per request, retries with
+exponential backoff on the failures that pass (429, 5xx, refused or dropped connections,
+timeouts), and a bound on how many requests one endpoint sees at a time. A request that still
+fails after its retries raises `EndpointError` with the reason, so a caller can fail one
+dialogue and keep going.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import openai
+from pydantic import BaseModel, ConfigDict, Field
+
+# Status codes worth another try: the server may answer differently in a moment.
+RETRY_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
+NO_KEY = "EMPTY"  # local servers (`soulray serve` without auth, vLLM) ignore the key
+
+
+class EndpointConfig(BaseModel):
+    """One OpenAI-compatible endpoint and how to call it."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    base_url: str  # e.g. http://127.0.0.1:8000/v1
+    model: str
+    api_key_env: str | None = None  # the env var holding the key; None = no key
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    max_tokens: int = Field(256, ge=1)
+    timeout_s: float = Field(60, gt=0)  # per request attempt
+    max_retries: int = Field(3, ge=0)  # retries after the first attempt
+    concurrency: int = Field(8, ge=1)  # requests in flight to this endpoint, per process
+
+
+class EndpointError(RuntimeError):
+    """A request that failed for good; `reason` is a short label plus the detail."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class ChatResult:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class EndpointClient:
+    """Chat completions against one endpoint, bounded and retried; build with `build_client`."""
+
+    def __init__(self, cfg: EndpointConfig, client: openai.AsyncOpenAI, backoff_s: float = 0.5):
+        self.cfg = cfg
+        self._client = client
+        self._backoff_s = backoff_s
+        self._semaphore = asyncio.Semaphore(cfg.concurrency)
+        self.retries = 0  # attempts that failed and were tried again (for reports)
+
+    async def chat(self, messages: list[dict[str, str]], **overrides: Any) -> ChatResult:
+        """One completion; `overrides` replace request fields (temperature, max_tokens, ...)."""
+        request = {
+            "model": self.cfg.model,
+            "temperature": self.cfg.temperature,
+            "max_tokens": self.cfg.max_tokens,
+        } | overrides
+        async with self._semaphore:
+            for attempt in range(self.cfg.max_retries + 1):
+                try:
+                    return await self._once(messages, request)
+                except openai.APIError as e:
+                    reason = describe_error(e, self.cfg.base_url)
+                    if not is_retryable(e) or attempt == self.cfg.max_retries:
+                        raise EndpointError(reason) from e
+                self.retries += 1
+                await asyncio.sleep(backoff_delay(attempt, self._backoff_s))
+        raise AssertionError("unreachable")
+
+    async def _once(self, messages: list[dict[str, str]], request: dict[str, Any]) -> ChatResult:
+        response = await self._client.chat.completions.create(messages=messages, **request)
+        if not response.choices:
+            raise EndpointError(f"empty_response: {self.cfg.base_url} returned no choices")
+        usage = response.usage
+        return ChatResult(
+            text=response.choices[0].message.content or "",
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+        )
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+
+def build_client(cfg: EndpointConfig, backoff_s: float = 0.5) -> EndpointClient:
+    """A client for `cfg`; the key is read from `cfg.api_key_env` now, so a missing one fails
+    before any dialogue starts. Retries are ours (counted, uniform), not the SDK's."""
+    api_key = NO_KEY
+    if cfg.api_key_env is not None:
+        api_key = os.environ.get(cfg.api_key_env, "")
+        if not api_key:
+            raise ValueError(
+                f"endpoint {cfg.base_url}: environment variable {cfg.api_key_env} is not set; "
+                "export it or set api_key_env: null for an endpoint without a key"
+            )
+    client = openai.AsyncOpenAI(
+        base_url=cfg.base_url, api_key=api_key, timeout=cfg.timeout_s, max_retries=0
+    )
+    return EndpointClient(cfg, client, backoff_s)
+
+
+def is_retryable(e: openai.APIError) -> bool:
+    """Connection errors and timeouts (APITimeoutError is one) and RETRY_STATUS answers."""
+    if isinstance(e, openai.APIConnectionError):
+        return True
+    return isinstance(e, openai.APIStatusError) and e.status_code in RETRY_STATUS
+
+
+def describe_error(e: openai.APIError, base_url: str) -> str:
+    """A short reason a report can group by: 'timeout', 'connection', or 'http_<status>'."""
+    if isinstance(e, openai.APITimeoutError):
+        return f"timeout: {base_url} did not answer in time"
+    if isinstance(e, openai.APIConnectionError):
+        return f"connection: cannot reach {base_url}"
+    if isinstance(e, openai.APIStatusError):
+        return f"http_{e.status_code}: {e.message}"[:300]
+    return f"api_error: {e}"[:300]
+
+
+def backoff_delay(attempt: int, base_s: float) -> float:
+    """Exponential backoff with jitter: base * 2^attempt * [0.5, 1.0)."""
+    return base_s * (2**attempt) * (0.5 + random.random() / 2)

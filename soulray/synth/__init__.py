@@ -1,0 +1,1 @@
+"""Strategy-annotated role-play synthesis: Seeker, Strategy Counselor and Supporter."""

@@ -1,0 +1,186 @@
+"""The three role-play roles: Seeker, Strategy Counselor and Supporter.
+
+Each role is an endpoint client plus prompt templates (prompts.yaml, per language). A dialogue
+is always kept as OpenAI messages from the Supporter's point of view (user = Seeker, assistant
+= Supporter), which is the shape written out and the shape eval's models are asked in; the
+Seeker sees it with the roles flipped, the Counselor as a transcript.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from soulray.endpoints import ChatResult, EndpointClient
+from soulray.synth.scenarios import Scenario
+from soulray.synth.strategies import (
+    CounselorAnswerError,
+    Taxonomy,
+    parse_counselor_answer,
+)
+
+END_MARKER = "<END>"
+# The Seeker's way of saying it wants to stop; models also write [END], <end> or 【结束】.
+END_PATTERN = re.compile(r"[<\[【]\s*(?:END|结束)\s*[>\]】]", re.IGNORECASE)
+Messages = list[dict[str, str]]
+
+
+def load_prompts(path: str | None = None) -> dict[str, dict[str, Any]]:
+    """Language -> templates: the packaged prompts.yaml, or a YAML file of the same shape."""
+    if path is None:
+        text = resources.files("soulray.synth").joinpath("prompts.yaml").read_text("utf-8")
+    else:
+        text = Path(path).read_text(encoding="utf-8")
+    return yaml.safe_load(text)
+
+
+@dataclass
+class SeekerTurn:
+    text: str
+    wants_to_stop: bool
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class CounselorResult:
+    strategy: str
+    rationale: str
+    fallback: bool  # every attempt failed; `strategy` is the taxonomy's fallback
+    failures: list[str] = field(default_factory=list)  # reason of each unusable answer
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def render_seeker_system(prompts: dict[str, Any], scenario: Scenario) -> str:
+    p = prompts[scenario.language]
+    return p["seeker_system"].format(
+        age=scenario.age,
+        occupation=scenario.occupation,
+        personality=scenario.personality,
+        problem_type=scenario.problem_type,
+        situation=scenario.situation.rstrip("。."),
+        emotion=scenario.emotion,
+        intensity=scenario.intensity,
+        intensity_word=p["intensities"][scenario.intensity],
+        attitude_text=p["attitudes"][scenario.attitude],
+        end_marker=END_MARKER,
+    )
+
+
+def seeker_messages(prompts: dict[str, Any], scenario: Scenario, dialogue: Messages) -> Messages:
+    """The Seeker's own view: its turns are `assistant`, the Supporter's are `user`, after a
+    cue that opens the chat (a chat model must be asked something before it speaks)."""
+    flip = {"user": "assistant", "assistant": "user"}
+    return [
+        {"role": "system", "content": render_seeker_system(prompts, scenario)},
+        {"role": "user", "content": prompts[scenario.language]["seeker_start"]},
+        *({"role": flip[m["role"]], "content": m["content"]} for m in dialogue),
+    ]
+
+
+def split_end_marker(text: str) -> tuple[str, bool]:
+    """The utterance without the stop marker, and whether the marker was there."""
+    cleaned = END_PATTERN.sub("", text)
+    return cleaned.strip(), cleaned != text
+
+
+def render_transcript(prompts: dict[str, Any], language: str, dialogue: Messages) -> str:
+    speakers = prompts[language]["speakers"]
+    return "\n".join(f"{speakers[m['role']]}: {m['content']}" for m in dialogue)
+
+
+def counselor_messages(
+    prompts: dict[str, Any], taxonomy: Taxonomy, language: str, dialogue: Messages
+) -> Messages:
+    p = prompts[language]
+    transcript = render_transcript(prompts, language, dialogue)
+    return [
+        {
+            "role": "system",
+            "content": p["counselor_system"].format(strategies=taxonomy.render(language)),
+        },
+        {"role": "user", "content": p["counselor_user"].format(transcript=transcript)},
+    ]
+
+
+def supporter_messages(
+    prompts: dict[str, Any], taxonomy: Taxonomy, language: str, strategy: str, dialogue: Messages
+) -> Messages:
+    definition = taxonomy.get(strategy).definitions[language]
+    system = prompts[language]["supporter_system"].format(strategy=strategy, definition=definition)
+    return [{"role": "system", "content": system}, *dialogue]
+
+
+class Seeker:
+    """Plays the person in a scenario; says when it wants to stop (END_MARKER)."""
+
+    def __init__(self, client: EndpointClient, prompts: dict[str, Any]):
+        self.client = client
+        self.prompts = prompts
+
+    async def reply(self, scenario: Scenario, dialogue: Messages) -> SeekerTurn:
+        result = await self.client.chat(seeker_messages(self.prompts, scenario, dialogue))
+        text, stop = split_end_marker(result.text)
+        return SeekerTurn(text, stop, result.prompt_tokens, result.completion_tokens)
+
+
+class Counselor:
+    """Picks the next strategy; an unusable answer is retried with a correction, then mapped
+    to the taxonomy's fallback (both counted by the caller from the result)."""
+
+    def __init__(
+        self, client: EndpointClient, prompts: dict[str, Any], taxonomy: Taxonomy, retries: int
+    ):
+        self.client = client
+        self.prompts = prompts
+        self.taxonomy = taxonomy
+        self.retries = retries
+
+    async def choose(self, scenario: Scenario, dialogue: Messages) -> CounselorResult:
+        messages = counselor_messages(self.prompts, self.taxonomy, scenario.language, dialogue)
+        out = CounselorResult(self.taxonomy.fallback, "", fallback=True)
+        for _ in range(self.retries + 1):
+            result = await self.client.chat(messages)
+            out.prompt_tokens += result.prompt_tokens
+            out.completion_tokens += result.completion_tokens
+            try:
+                choice = parse_counselor_answer(result.text, self.taxonomy)
+            except CounselorAnswerError as e:
+                out.failures.append(e.reason)
+                messages = [*messages, *self._correction(scenario.language, result, e)]
+                continue
+            out.strategy, out.rationale, out.fallback = choice.strategy, choice.rationale, False
+            break
+        return out
+
+    def _correction(self, language: str, result: ChatResult, e: CounselorAnswerError) -> Messages:
+        retry = self.prompts[language]["counselor_retry"]
+        text = retry.format(problem=e.reason, names=", ".join(self.taxonomy.names))
+        return [{"role": "assistant", "content": result.text}, {"role": "user", "content": text}]
+
+
+class Supporter:
+    """Writes the next reply following the chosen strategy."""
+
+    def __init__(self, client: EndpointClient, prompts: dict[str, Any], taxonomy: Taxonomy):
+        self.client = client
+        self.prompts = prompts
+        self.taxonomy = taxonomy
+
+    async def reply(self, scenario: Scenario, dialogue: Messages, strategy: str) -> ChatResult:
+        messages = supporter_messages(
+            self.prompts, self.taxonomy, scenario.language, strategy, dialogue
+        )
+        result = await self.client.chat(messages)
+        result.text = result.text.strip()
+        return result
+
+
+def build_seeker(client: EndpointClient, prompts_path: str | None = None) -> Seeker:
+    return Seeker(client, load_prompts(prompts_path))

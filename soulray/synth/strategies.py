@@ -1,0 +1,127 @@
+"""The strategy taxonomy the Counselor picks from, and how its JSON answer is read.
+
+Names are matched the way `soulray prepare` matches labels (data/conversation.py's lookup:
+case-insensitive, brackets ignored, the same aliases), so what synth writes is what prepare
+keeps, never something it maps to its fallback.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from soulray.config import DEFAULT_STRATEGY_ALIASES, StrategyConfig
+from soulray.data.conversation import build_strategy_lookup
+
+STAGES = ("exploration", "comforting", "action")
+FENCE = re.compile(r"^```[a-zA-Z]*\s*|\s*```$")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    stages: tuple[str, ...]  # the first is where the strategy is used most
+    definitions: dict[str, str]  # language -> definition
+
+
+@dataclass(frozen=True)
+class Taxonomy:
+    strategies: tuple[Strategy, ...]
+    fallback: str
+    lookup: dict[str, str]  # lower-cased spelling -> name
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.strategies]
+
+    def get(self, name: str) -> Strategy:
+        return next(s for s in self.strategies if s.name == name)
+
+    def stage_of(self, name: str) -> str:
+        return self.get(name).stages[0]
+
+    def render(self, language: str) -> str:
+        """The list shown to the Counselor, one strategy a line."""
+        return "\n".join(
+            f"- {s.name}: {s.definitions[language]} [{', '.join(s.stages)}]"
+            for s in self.strategies
+        )
+
+    def strategy_config(self) -> StrategyConfig:
+        """The `data.strategies` section that makes prepare keep these names as they are."""
+        return StrategyConfig(taxonomy=self.names, aliases={}, fallback=self.fallback)
+
+
+@dataclass(frozen=True)
+class CounselorChoice:
+    strategy: str
+    rationale: str
+
+
+class CounselorAnswerError(ValueError):
+    """An answer that cannot be used; `reason` is invalid_json or unknown_strategy."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def load_taxonomy(path: str | None = None) -> Taxonomy:
+    """The packaged strategies.yaml (ESConv's 8), or a YAML file of the same shape."""
+    if path is None:
+        text = resources.files("soulray.synth").joinpath("strategies.yaml").read_text("utf-8")
+    else:
+        text = Path(path).read_text(encoding="utf-8")
+    return build_taxonomy(yaml.safe_load(text), path or "strategies.yaml")
+
+
+def build_taxonomy(data: dict[str, Any], origin: str) -> Taxonomy:
+    strategies = tuple(
+        Strategy(
+            name=s["name"],
+            stages=tuple(s["stages"]),
+            definitions={lang: s[lang] for lang in ("en", "zh") if lang in s},
+        )
+        for s in data["strategies"]
+    )
+    for s in strategies:
+        bad = [stage for stage in s.stages if stage not in STAGES]
+        if bad or not s.stages or set(s.definitions) != {"en", "zh"}:
+            raise ValueError(
+                f"taxonomy {origin}: strategy {s.name!r} needs stages from {STAGES} (got "
+                f"{list(s.stages)}) and definitions under both 'en' and 'zh'"
+            )
+    names = [s.name for s in strategies]
+    aliases = {a: t for a, t in DEFAULT_STRATEGY_ALIASES.items() if t in names}
+    aliases |= data.get("aliases") or {}
+    fallback = data.get("fallback", "Others")
+    lookup = build_strategy_lookup(
+        StrategyConfig(taxonomy=names, aliases=aliases, fallback=fallback)
+    )
+    return Taxonomy(strategies, fallback, lookup)
+
+
+def parse_counselor_answer(text: str, taxonomy: Taxonomy) -> CounselorChoice:
+    """Read {"strategy", "rationale"} from an answer that may be fenced or wrapped in prose."""
+    body = FENCE.sub("", text.strip())
+    start, end = body.find("{"), body.rfind("}")
+    if start < 0 or end < start:
+        raise CounselorAnswerError("invalid_json", f"no JSON object in {text[:80]!r}")
+    try:
+        value = json.loads(body[start : end + 1])
+    except json.JSONDecodeError as e:
+        raise CounselorAnswerError("invalid_json", f"{e.msg} in {text[:80]!r}") from None
+    raw = value.get("strategy") if isinstance(value, dict) else None
+    if not isinstance(raw, str):
+        raise CounselorAnswerError("invalid_json", f"no string 'strategy' in {text[:80]!r}")
+    name = taxonomy.lookup.get(raw.strip().strip("[]").strip().lower())
+    if name is None:
+        raise CounselorAnswerError("unknown_strategy", f"{raw!r} is not in the taxonomy")
+    rationale = value.get("rationale")
+    return CounselorChoice(name, rationale.strip() if isinstance(rationale, str) else "")
