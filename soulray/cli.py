@@ -286,6 +286,47 @@ def pipeline(config: ConfigOpt, overrides: Overrides = None) -> None:
         wait_until_interrupted(cfg.serve.app_name)
 
 
+@app.command(name="eval")
+def eval_cmd(
+    config: ConfigOpt,
+    overrides: Overrides = None,
+    fail_if_worse: Annotated[
+        str | None,
+        typer.Option(
+            "--fail-if-worse",
+            metavar="BASELINE",
+            help="Exit 1 when eval.gate.candidate's eval.gate.metric is below this model's "
+            "beyond the 95% CI (a promotion gate for RayJobs).",
+        ),
+    ] = None,
+) -> None:
+    """Evaluate models behind OpenAI-compatible endpoints: reference metrics, judge, pairwise,
+    Seeker-driven dialogues; writes report.json, report.md and PNG charts."""
+    from soulray.eval.markdown import render_summary
+    from soulray.eval.run import run_eval
+
+    setup_logging()
+    cfg = load(config, overrides)
+    init_ray()
+    report = run_verb(run_eval, cfg, fail_if_worse)
+    typer.echo(render_summary(report, cfg.eval.output_dir))
+    if report.get("gate", {}).get("worse"):
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[
+        Path, typer.Argument(help="A training run: the directory holding metrics.jsonl.")
+    ],
+) -> None:
+    """A training run's metrics.jsonl as PNG curves (loss, val loss, tokens/s, lr) + report.md."""
+    from soulray.eval.curves import write_training_report
+
+    out = run_verb(write_training_report, str(run_dir))
+    typer.echo(f"wrote {out}/report.md and its curves")
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def submit(
     command: Annotated[

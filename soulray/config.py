@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from soulray.eval.config import EvalConfig
+
 ESCONV_STRATEGIES = [
     "Question",
     "Restatement or Paraphrasing",
@@ -278,6 +280,7 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @property
     def serve_model_dir(self) -> str:

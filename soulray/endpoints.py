@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import openai
@@ -51,6 +51,7 @@ class ChatResult:
     text: str
     prompt_tokens: int
     completion_tokens: int
+    extra: dict[str, Any] = field(default_factory=dict)  # non-OpenAI fields (soulray: strategy)
 
 
 class EndpointClient:
@@ -91,6 +92,7 @@ class EndpointClient:
             text=response.choices[0].message.content or "",
             prompt_tokens=usage.prompt_tokens if usage else 0,
             completion_tokens=usage.completion_tokens if usage else 0,
+            extra=dict(response.model_extra or {}),
         )
 
     async def aclose(self) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
+import time
 from typing import Any
 
 import torch
@@ -58,10 +60,12 @@ def format_eta(seconds: float) -> str:
 
 
 class MetricsLog:
-    """Rank 0's metrics.jsonl in the run directory (local, NFS or object storage).
+    """Rank 0's metrics.jsonl in the run directory (local, NFS or object storage), and
+    TensorBoard event files beside it (local or NFS), so `tensorboard --logdir` follows a live run.
 
     On resume, entries after the restored step are dropped first: they were trained by the
-    attempt that crashed and are trained again, so every step appears exactly once.
+    attempt that crashed and are trained again, so every step appears exactly once (TensorBoard
+    is told the same with purge_step).
     """
 
     def __init__(self, path: str, resume_step: int):
@@ -72,10 +76,54 @@ class MetricsLog:
                 if line.strip() and json.loads(line).get("step", 0) <= resume_step:
                     self.lines.append(line)
         self._flush()
+        self.events = open_event_log(path, resume_step)
 
     def write(self, metrics: dict[str, Any]) -> None:
         self.lines.append(json.dumps(metrics))
         self._flush()
+        if self.events is not None:
+            self.events.write(metrics)
 
     def _flush(self) -> None:
         storage.write_text(self.path, "".join(line + "\n" for line in self.lines))
+
+
+class EventLog:
+    """TensorBoard scalars, written synchronously with tensorboardX's record writer (its
+    SummaryWriter queues to a thread that flushes every 2 minutes: a live run would lag and a
+    killed worker lose its tail). One event per logged step is cheap."""
+
+    def __init__(self, logdir: str, resume_step: int):
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+        os.makedirs(logdir, exist_ok=True)
+        # the suffix keeps a resumed attempt started within the same second in its own file
+        self.writer = EventsWriter(os.path.join(logdir, "events"), f".from{resume_step}")
+        if resume_step:  # TensorBoard drops the crashed attempt's events after this step
+            start = SessionLog(status=SessionLog.START)
+            self.writer.write_event(
+                Event(step=resume_step + 1, wall_time=time.time(), session_log=start)
+            )
+        self.writer.flush()
+
+    def write(self, metrics: dict[str, Any]) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        values = [
+            Summary.Value(tag=key, simple_value=float(value))
+            for key, value in metrics.items()
+            if isinstance(value, int | float) and key != "step"
+        ]
+        event = Event(step=metrics["step"], wall_time=time.time(), summary=Summary(value=values))
+        self.writer.write_event(event)
+        self.writer.flush()
+
+
+def open_event_log(metrics_path: str, resume_step: int) -> EventLog | None:
+    """Event files in metrics.jsonl's directory; None on object storage (s3://, gs://), where
+    metrics.jsonl (and `soulray report`) remain the record."""
+    if storage.is_remote(metrics_path):
+        return None
+    return EventLog(storage.normalize(metrics_path).rsplit("/", 1)[0], resume_step)

@@ -1,0 +1,137 @@
+"""Held-out contexts: every m-turn dialogue gives m contexts (the history up to each counselor
+turn) with that turn as the reference, as SoulChat and CPsyCounE evaluate.
+
+Dialogues are read with the prepare stage's own record parsing and cleaning (formats, strategy
+normalisation, the system prompt), on Ray Data. A prepared run's `val` split is not stored as
+text (its Parquet holds packed token rows), so it is recomputed: the run's saved config.yaml
+names its inputs and settings, and the split is a pure function of each conversation's content
+hash, so the same conversations come out as prepare held out.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import random
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from soulray import storage
+from soulray.config import DataConfig, parse_config
+from soulray.data.conversation import Conversation, build_strategy_lookup
+from soulray.data.formats import FILE_SUFFIXES
+from soulray.eval.config import ContextsConfig
+from soulray.eval.metrics import Lang, detect_language
+
+
+@dataclass
+class Context:
+    id: str  # "<conversation id>#<index of the reference message>"
+    conversation: str
+    turn: int  # the reference's index in the conversation's messages
+    language: Lang
+    messages: list[dict[str, str]]  # the history the models answer (system, user, assistant...)
+    reference: str  # the counselor's reply
+    reference_strategy: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def prepared_data_config(prepared_dir: str) -> DataConfig:
+    """The data section a prepared run was made with (its config.yaml)."""
+    manifest = storage.join(prepared_dir, "manifest.json")
+    config = storage.join(prepared_dir, "config.yaml")
+    if not storage.exists(manifest) or not storage.exists(config):
+        raise ValueError(
+            f"eval.contexts.prepared_dir {prepared_dir} is not a `soulray prepare` output "
+            "(manifest.json and config.yaml missing); run prepare first or use source: files"
+        )
+    data = parse_config(storage.read_text(config), config).data
+    if data.val_fraction == 0:
+        raise ValueError(
+            f"{prepared_dir} was prepared with data.val_fraction=0 and holds no val split; "
+            "re-run prepare with a val_fraction, or use eval.contexts.source: files"
+        )
+    return data
+
+
+def read_conversations(
+    inputs: list[str], data: DataConfig, split: str | None
+) -> list[Conversation]:
+    """Cleaned, deduplicated conversations of `inputs` (only `split` when given), in file
+    order, parsed by prepare's `parse_file` on Ray Data."""
+    import ray.data
+
+    from soulray.data.pipeline import ParseSettings, parse_file
+
+    files = storage.expand_inputs(inputs, FILE_SUFFIXES)
+    inner = [storage.resolve(f)[1] for f in files]
+    settings = ParseSettings(
+        format=data.format,
+        lookup=build_strategy_lookup(data.strategies),
+        fallback=data.strategies.fallback,
+        system_prompt=data.system_prompt,
+        val_fraction=data.val_fraction,
+        file_index={path: i for i, path in enumerate(inner)},
+    )
+    fs, _ = storage.resolve(files[0])
+    rows = (
+        ray.data.read_binary_files(inner, include_paths=True, filesystem=fs)
+        .flat_map(functools.partial(parse_file, settings=settings))
+        .filter(lambda r: r["ok"] and (split is None or r["split"] == split))
+        .select_columns(["conversation", "hash", "file_index", "record_index"])
+        .take_all()
+    )
+    rows.sort(key=lambda r: (r["file_index"], r["record_index"]))
+    seen: set[str] = set()
+    out = []
+    for r in rows:  # the first copy of a duplicate wins, as in prepare
+        if r["hash"] not in seen:
+            seen.add(r["hash"])
+            out.append(Conversation.from_json(r["conversation"]))
+    return out
+
+
+def load_conversations(cfg: ContextsConfig) -> list[Conversation]:
+    if cfg.source == "prepared":
+        assert cfg.prepared_dir is not None
+        data = prepared_data_config(cfg.prepared_dir)
+        convs = read_conversations(data.inputs, data, "val")
+        where = f"the val split of {cfg.prepared_dir}"
+    else:
+        convs = read_conversations(cfg.inputs, DataConfig(format=cfg.format), None)
+        where = f"{cfg.inputs}"
+    if not convs:
+        raise ValueError(f"no conversation found in {where}")
+    return convs
+
+
+def conversation_contexts(conv: Conversation, language: Lang | Literal["auto"]) -> list[Context]:
+    """One context per assistant turn that follows a user turn."""
+    out = []
+    messages = [{"role": m.role, "content": m.content} for m in conv.messages]
+    for i, m in enumerate(conv.messages):
+        if m.role != "assistant" or not any(p.role == "user" for p in conv.messages[:i]):
+            continue
+        lang = detect_language(m.content) if language == "auto" else language
+        out.append(Context(f"{conv.id}#{i}", conv.id, i, lang, messages[:i], m.content, m.strategy))
+    return out
+
+
+def sample_contexts(cfg: ContextsConfig) -> list[Context]:
+    """`cfg.n` contexts drawn with `cfg.seed` from every context of the source, kept in
+    source order (the same config gives the same contexts)."""
+    convs = load_conversations(cfg)
+    every = [c for conv in convs for c in conversation_contexts(conv, cfg.language)]
+    if len(every) <= cfg.n:
+        return every
+    picked = sorted(random.Random(cfg.seed).sample(range(len(every)), cfg.n))
+    return [every[i] for i in picked]
+
+
+def contexts_digest(contexts: list[Context]) -> str:
+    """A short fingerprint of the contexts (same digest = same evaluation set)."""
+    ids = json.dumps([c.id for c in contexts]).encode()
+    return hashlib.blake2b(ids, digest_size=8).hexdigest()

@@ -1,0 +1,69 @@
+"""The promotion gate behind `--fail-if-worse BASELINE`: the candidate's chosen per-item score
+against the baseline's on the same items (contexts, or scenarios for `interactive.*`), as a
+paired bootstrap difference. Worse means the whole 95 % CI of (candidate - baseline) is below 0,
+so noise alone does not block a rollout, and an equal model always passes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from soulray.eval.config import GateConfig
+from soulray.eval.stats import paired_difference
+
+
+def item_values(report: dict[str, Any], model: str, metric: str) -> dict[str, float]:
+    """Item id -> the model's value of `metric` (judge_total, judge.<Dim>, a reference metric,
+    or the same prefixed with interactive. for the Seeker-driven dialogues)."""
+    if metric.startswith("interactive."):
+        rows = report["dialogues"].get(model, [])
+        ids = [r["scenario"] for r in rows]
+        return _values(ids, rows, metric.removeprefix("interactive."))
+    rows = report["replies"].get(model, [])
+    return _values([r["context"] for r in rows], rows, metric)
+
+
+def _values(ids: list[str], rows: list[dict[str, Any]], metric: str) -> dict[str, float]:
+    out = {}
+    for item, row in zip(ids, rows, strict=True):
+        scores = (row.get("judge") or {}).get("scores")
+        if metric == "judge_total" and scores:
+            out[item] = float(sum(scores.values()))
+        elif metric.startswith("judge.") and scores and metric[6:] in scores:
+            out[item] = float(scores[metric[6:]])
+        elif metric in (row.get("metrics") or {}):
+            out[item] = float(row["metrics"][metric])
+    return out
+
+
+def check_gate(report: dict[str, Any], baseline: str, gate: GateConfig, seed: int) -> dict:
+    """The gate's verdict; a ValueError names a model or metric that is not in the report."""
+    models = [m["name"] for m in report["meta"]["models"]]
+    candidate = gate.candidate or models[0]
+    if baseline not in models:
+        raise ValueError(f"--fail-if-worse {baseline!r}: not a model of this run ({models})")
+    if candidate == baseline:
+        raise ValueError(
+            f"the candidate and the baseline are both {baseline!r}; set eval.gate.candidate "
+            "to the model being promoted"
+        )
+    cand, base = (
+        item_values(report, candidate, gate.metric),
+        item_values(report, baseline, gate.metric),
+    )
+    if not cand and not base:
+        raise ValueError(
+            f"eval.gate.metric {gate.metric!r} has no value in this report; use judge_total, "
+            "judge.<Dimension>, bleu_1..bleu_4, rouge_1/2/l, length or interactive.judge_total"
+        )
+    shared = sorted(set(cand) & set(base))
+    diff = paired_difference([cand[i] for i in shared], [base[i] for i in shared], seed)
+    # With no item scored for both, nothing shows the candidate is not worse: refuse.
+    worse = not shared or diff["ci"][1] < 0
+    return {
+        "candidate": candidate,
+        "baseline": baseline,
+        "metric": gate.metric,
+        "difference": diff,
+        "worse": bool(worse),
+    }

@@ -1,0 +1,182 @@
+"""`soulray eval`: the driver. Contexts (Ray Data) -> replies (one Ray task per model, in
+parallel) -> reference metrics -> judge and pairwise (one Ray task on the judge endpoint) ->
+Seeker-driven dialogues (one Ray task) -> report.json, report.md, PNG charts.
+
+Each phase's task holds one client per endpoint, so the endpoint's `concurrency` bounds what it
+sees. Phases run one after another: a judge that is also a model under test is never asked by
+two phases at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import time
+from typing import Any
+
+from soulray import storage
+from soulray.config import Config, config_to_yaml
+from soulray.endpoints import EndpointConfig, build_client
+from soulray.eval.config import EvalConfig, InteractiveConfig
+from soulray.eval.contexts import Context, contexts_digest, sample_contexts
+from soulray.eval.judge import Rubric, load_rubric
+from soulray.eval.metrics import reference_scores
+from soulray.synth.scenarios import ATTITUDES, Scenario, build_scenarios, make_scenario
+
+log = logging.getLogger("soulray.eval")
+TASK_CPUS = 0.1  # the phases wait on endpoints; they must not hold a CPU a replica needs
+
+
+def generate_task(endpoint: EndpointConfig, model: str, contexts: list[Context]) -> list[dict]:
+    from soulray.eval.modes import generate
+
+    async def main() -> list[dict]:
+        client = build_client(endpoint)
+        try:
+            return await generate(client, model, contexts)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())
+
+
+def judge_task(
+    endpoint: EndpointConfig,
+    rubric: Rubric,
+    retries: int,
+    pairwise: bool,
+    contexts: list[Context],
+    replies: dict[str, list[dict[str, Any]]],
+) -> tuple[dict[str, list[Any]], list[dict[str, Any]]]:
+    from soulray.eval.modes import judge_pairs, judge_turns
+
+    async def main() -> tuple[dict[str, list[Any]], list[dict[str, Any]]]:
+        client = build_client(endpoint)
+        try:
+            scores = await judge_turns(client, rubric, retries, contexts, replies)
+            pairs = (
+                await judge_pairs(client, rubric, retries, contexts, replies) if pairwise else []
+            )
+            return scores, pairs
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())
+
+
+def interactive_task(
+    cfg: EvalConfig, rubric: Rubric, scenarios: list[Scenario]
+) -> dict[str, list[dict[str, Any]]]:
+    from soulray.eval.modes import interactive
+    from soulray.synth.roles import build_seeker
+
+    ic, judge_cfg = cfg.interactive, cfg.judge.endpoint
+    seeker_cfg = ic.seeker or judge_cfg
+    assert seeker_cfg is not None  # checked by check_config
+
+    async def main() -> dict[str, list[dict[str, Any]]]:
+        clients = {m.name: build_client(m.endpoint) for m in cfg.models}
+        seeker_client = build_client(seeker_cfg)
+        judge = build_client(judge_cfg) if judge_cfg else None
+        try:
+            seeker = build_seeker(seeker_client, ic.seeker_prompts)
+            return await interactive(
+                seeker, clients, judge, rubric, cfg.judge.retries, scenarios, ic.turns
+            )
+        finally:
+            for c in [*clients.values(), seeker_client, *([judge] if judge else [])]:
+                await c.aclose()
+
+    return asyncio.run(main())
+
+
+def interactive_scenarios(ic: InteractiveConfig) -> list[Scenario]:
+    """Scenarios from synth's pool, attitudes open / neutral / resistant in turn (so every
+    attitude is tried as soon as there are three)."""
+    drawn = build_scenarios(ic.scenarios, ic.seed, list(ic.languages))
+    out = []
+    for i, s in enumerate(drawn):
+        fields = dataclasses.asdict(s) | {"attitude": ATTITUDES[i % len(ATTITUDES)]}
+        fields.pop("id")
+        out.append(make_scenario(**fields))
+    return out
+
+
+def check_config(cfg: EvalConfig, baseline: str | None) -> None:
+    """Refuse, before any request, what would fail later."""
+    if not cfg.models:
+        raise ValueError("eval.models is empty; list the models under test (name + endpoint)")
+    if cfg.contexts is None and not cfg.interactive.enabled:
+        raise ValueError("nothing to evaluate: set eval.contexts and/or eval.interactive.enabled")
+    if cfg.interactive.enabled and cfg.interactive.seeker is None and cfg.judge.endpoint is None:
+        raise ValueError(
+            "eval.interactive needs a Seeker: set eval.interactive.seeker (an endpoint) or "
+            "eval.judge.endpoint (which then plays the Seeker too)"
+        )
+    names = [m.name for m in cfg.models]
+    if baseline is not None and (baseline not in names or len(names) < 2):
+        raise ValueError(
+            f"--fail-if-worse {baseline!r} must name one of eval.models ({names}) "
+            "and there must be a candidate beside it"
+        )
+    endpoints = [m.endpoint for m in cfg.models] + [cfg.judge.endpoint, cfg.interactive.seeker]
+    for ep in endpoints:
+        if ep is not None and ep.api_key_env and not os.environ.get(ep.api_key_env):
+            raise ValueError(
+                f"endpoint {ep.base_url}: environment variable {ep.api_key_env} is not set; "
+                "export it or set api_key_env: null for an endpoint without a key"
+            )
+
+
+def add_reference_metrics(contexts: list[Context], rows: list[dict[str, Any]]) -> None:
+    for ctx, row in zip(contexts, rows, strict=True):
+        if row["text"] is not None:
+            row["metrics"] = reference_scores(row["text"], ctx.reference, ctx.language)
+
+
+def run_eval(cfg: Config, fail_if_worse: str | None = None) -> dict[str, Any]:
+    """The whole evaluation on the current Ray cluster; returns the report (also written).
+    With `fail_if_worse`, the report carries the gate's verdict against that model."""
+    import ray
+
+    from soulray.eval.gate import check_gate
+    from soulray.eval.report import build_report, write_report
+
+    e = cfg.eval
+    check_config(e, fail_if_worse)
+    started = time.time()
+    rubric = load_rubric(e.judge.rubric)
+    remote = ray.remote(num_cpus=TASK_CPUS, max_retries=0)
+    contexts = sample_contexts(e.contexts) if e.contexts else []
+    replies: dict[str, list[dict[str, Any]]] = {}
+    scores: dict[str, list[Any]] = {}
+    pairs: list[dict[str, Any]] = []
+    if contexts:
+        log.info("%d contexts, %d model(s)", len(contexts), len(e.models))
+        refs = [remote(generate_task).remote(m.endpoint, m.name, contexts) for m in e.models]
+        replies = dict(zip([m.name for m in e.models], ray.get(refs), strict=True))
+        for rows in replies.values():
+            add_reference_metrics(contexts, rows)
+        if e.judge.endpoint is not None:
+            pairwise = e.judge.pairwise and len(e.models) > 1
+            args = (e.judge.endpoint, rubric, e.judge.retries, pairwise, contexts, replies)
+            scores, pairs = ray.get(remote(judge_task).remote(*args))
+    dialogues: dict[str, list[dict[str, Any]]] = {}
+    scenarios: list[Scenario] = []
+    if e.interactive.enabled:
+        scenarios = interactive_scenarios(e.interactive)
+        dialogues = ray.get(remote(interactive_task).remote(e, rubric, scenarios))
+    meta = {
+        "models": [m.model_dump(mode="json") for m in e.models],
+        "judge": e.judge.model_dump(mode="json"),
+        "contexts_digest": contexts_digest(contexts),
+        "seconds": round(time.time() - started, 2),
+    }
+    report = build_report(e, rubric, contexts, replies, scores, pairs, dialogues, scenarios, meta)
+    if fail_if_worse is not None:
+        report["gate"] = check_gate(report, fail_if_worse, e.gate, e.seed)
+    write_report(report, e.output_dir)
+    storage.write_text(storage.join(e.output_dir, "config.yaml"), config_to_yaml(cfg))
+    return report
