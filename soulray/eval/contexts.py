@@ -80,7 +80,7 @@ def read_conversations(
     rows = (
         ray.data.read_binary_files(inner, include_paths=True, filesystem=fs)
         .flat_map(functools.partial(parse_file, settings=settings))
-        .filter(lambda r: r["ok"] and (split is None or r["split"] == split))
+        .filter(expr="ok == True" + (f" and split == '{split}'" if split else ""))
         .select_columns(["conversation", "hash", "file_index", "record_index"])
         .take_all()
     )

@@ -1,0 +1,231 @@
+"""`soulray eval` end to end over real HTTP against scripted OpenAI-compatible servers (the happy
+path, exact values): three models, a judge that also plays the Seeker, the real CLI on a local
+Ray; report.json's numbers against a recomputation, report.md's against report.json, the PNGs,
+the pairwise order swap, the concurrency bound, and the promotion gate's exit codes."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+from scripted_openai import Reply, ScriptedOpenAI
+from soulray_testing import ROOT
+from typer.testing import CliRunner
+
+from soulray.cli import app
+from soulray.eval.markdown import with_ci
+from soulray.eval.metrics import distinct, reference_scores, tokenize
+
+pytestmark = pytest.mark.slow
+
+GOOD = "That sounds really heavy. I'm here with you, and I'd like to hear more."
+BAD = "ok."
+MUTE = "..."
+CORPUS = [str(ROOT / "jobs" / "data" / f"sample_{lang}.jsonl") for lang in ("en", "zh")]
+DIMS = ("Content", "Empathy", "Helpfulness", "Safety")
+MAX = {"Content": 2, "Empathy": 2, "Helpfulness": 2, "Safety": 1}
+
+
+def between(text: str, start: str, end: str) -> str:
+    return text.split(start, 1)[1].split(end, 1)[0].strip()
+
+
+def seeker_answer(messages: list[dict]) -> str:
+    """The Seeker (its own turns are `assistant` in its view): one line, then it ends."""
+    spoken = sum(m["role"] == "assistant" for m in messages)
+    return (
+        "I moved here for work and the evenings are so empty." if spoken == 0 else "Thanks. <END>"
+    )
+
+
+def scores_answer(reply: str, retried: bool) -> str:
+    """Max scores for GOOD, zeros for BAD (after one unusable answer), prose for MUTE."""
+    if reply == MUTE:
+        return "Hard to say, it is a very short reply."
+    if reply == BAD and not retried:
+        return '{"Content": {"score": 0, "reason": "too sh'  # cut off before the other scores
+    score = MAX if reply == GOOD else dict.fromkeys(DIMS, 0)
+    body = {d: {"score": score[d], "reason": f"{d} reason"} for d in DIMS}
+    return f"```json\n{json.dumps(body)}\n```"
+
+
+def judge(body: dict) -> str:
+    messages = body["messages"]
+    system, user = messages[0]["content"], messages[1]["content"]
+    if "role-playing a person" in system:
+        return seeker_answer(messages)
+    retried = len(messages) > 2
+    if "Two supporters replied" in user:
+        a, b = between(user, "Reply A:", "Reply B:"), between(user, "Reply B:", "Answer with")
+        winner = "A" if a == GOOD != b else "B" if b == GOOD != a else "tie"
+        return json.dumps({"winner": winner, "reason": "warmer"})
+    if user.startswith("Below is a whole conversation"):
+        return scores_answer(GOOD, retried)
+    return scores_answer(between(user, "The supporter's reply to rate:", "Answer with"), retried)
+
+
+@pytest.fixture(scope="module")
+def servers():
+    with (
+        ScriptedOpenAI(lambda body: Reply(GOOD, delay_s=0.05), model="good") as good,
+        ScriptedOpenAI(lambda body: BAD, model="bad") as bad,
+        ScriptedOpenAI(lambda body: MUTE, model="mute") as mute,
+        ScriptedOpenAI(judge, model="judge") as judge_server,
+    ):
+        yield {"good": good, "bad": bad, "mute": mute, "judge": judge_server}
+
+
+def endpoint(server: ScriptedOpenAI, **extra) -> dict:
+    return {"base_url": server.url, "model": server.model, "max_retries": 0} | extra
+
+
+def write_config(tmp_path: Path, servers: dict, models: dict[str, str], **eval_extra) -> Path:
+    cfg = {
+        "eval": {
+            "models": [
+                {"name": name, "endpoint": endpoint(servers[s], concurrency=2)}
+                for name, s in models.items()
+            ],
+            "contexts": {"source": "files", "inputs": CORPUS, "n": 6, "seed": 3},
+            "judge": {"endpoint": endpoint(servers["judge"], temperature=0.0), "retries": 2},
+            "output_dir": str(tmp_path / "report"),
+        }
+        | eval_extra
+    }
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(app, list(args), catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def evaluated(ray_local, servers, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("scripted")
+    interactive = {"enabled": True, "scenarios": 3, "turns": 3, "languages": ["en"]}
+    models = {"good": "good", "bad": "bad", "mute": "mute"}
+    config = write_config(tmp, servers, models, interactive=interactive)
+    result = run_cli("eval", "--config", str(config))
+    assert result.exit_code == 0, result.output
+    out = tmp / "report"
+    return json.loads((out / "report.json").read_text()), out, result.output
+
+
+def test_replies_and_reference_metrics(evaluated, servers):
+    report, _, output = evaluated
+    contexts = report["contexts"]
+    assert len(contexts) == 6 and {c["language"] for c in contexts} == {"en", "zh"}
+    for model, text in (("good", GOOD), ("bad", BAD)):
+        rows = report["replies"][model]
+        assert [r["text"] for r in rows] == [text] * 6
+        for ctx, row in zip(contexts, rows, strict=True):
+            assert row["metrics"] == reference_scores(text, ctx["reference"], ctx["language"])
+    turn = report["summary"]["turn"]["good"]
+    assert turn["replies"] == 6 and turn["failed"] == 0
+    tokens = [tokenize(GOOD, c["language"]) for c in contexts]
+    assert (
+        turn["metrics"]["distinct_1"]["mean"] == distinct(tokens, 1) == 16 / (6 * 17)
+    )  # 17 tokens, "." twice
+    # the bound: 6 replies of 50 ms each, at most 2 in flight at the good endpoint
+    assert servers["good"].peak_in_flight == 2
+    assert "good: BLEU-4" in output and "wrote" in output
+
+
+def test_judge_scores_retries_and_unscored_are_counted(evaluated):
+    report, _, _ = evaluated
+    s = report["summary"]["turn"]
+    good, bad, mute = s["good"]["judge"], s["bad"]["judge"], s["mute"]["judge"]
+    assert (good["scored"], good["unscored"]) == (6, 0)
+    assert good["scores"]["total"] == {"n": 6, "mean": 7.0, "ci": [7.0, 7.0]}
+    assert (bad["scored"], bad["scores"]["total"]["mean"]) == (6, 0.0)
+    assert [r["judge"]["attempts"] for r in report["replies"]["bad"]] == [2] * 6  # one retry
+    assert (mute["scored"], mute["unscored"], mute["unscored_reasons"]) == (0, 6, {"unparsed": 6})
+    row = report["replies"]["mute"][0]["judge"]
+    assert row["scores"] is None and row["attempts"] == 3 and "no JSON object" in row["error"]
+
+
+def test_pairwise_asks_both_orders(evaluated, servers):
+    report, _, _ = evaluated
+    pairs = {(p["model_1"], p["model_2"]): p for p in report["summary"]["pairwise"]}
+    assert set(pairs) == {("good", "bad"), ("good", "mute"), ("bad", "mute")}
+    assert (pairs["good", "bad"]["win"], pairs["good", "bad"]["win_rate"]) == (6, 1.0)
+    assert (pairs["bad", "mute"]["tie"], pairs["bad", "mute"]["unscored"]) == (6, 0)
+    asked = [
+        (between(u, "Reply A:", "Reply B:"), between(u, "Reply B:", "Answer with"))
+        for b in servers["judge"].requests
+        if "Two supporters replied" in (u := b["messages"][1]["content"])
+    ]
+    assert len(asked) == 3 * 6 * 2
+    assert asked.count((GOOD, BAD)) == asked.count((BAD, GOOD)) == 6
+
+
+def test_interactive_dialogues_cover_the_attitudes(evaluated):
+    report, _, _ = evaluated
+    assert [s["attitude"] for s in report["scenarios"]] == ["open", "neutral", "resistant"]
+    for model, records in report["dialogues"].items():
+        assert len(records) == 3
+        for r in records:
+            assert [m["role"] for m in r["messages"]] == ["user", "assistant", "user"]
+            assert r["ended_by_seeker"] and r["error"] is None
+        summary = report["summary"]["interactive"][model]
+        assert summary["judge"]["scores"]["total"]["mean"] == 7.0
+        assert set(summary["by_attitude"]) == {"open", "neutral", "resistant"}
+
+
+def test_report_md_numbers_come_from_report_json(evaluated):
+    report, out, _ = evaluated
+    md = (out / "report.md").read_text()
+    for model, v in report["summary"]["turn"].items():
+        row = next(line for line in md.splitlines() if line.startswith(f"| {model} | 6 |"))
+        for stat in v["metrics"].values():
+            assert with_ci(stat) in row
+    judge_md = md.split("### Judge scores", 1)[1].split("##", 1)[0]
+    for model, v in report["summary"]["turn"].items():
+        j = v["judge"]
+        cells = [str(j["scored"]), str(j["unscored"]), *(with_ci(x) for x in j["scores"].values())]
+        assert f"| {model} | {' | '.join(cells)} |" in judge_md
+    assert "| good | 6 | 0 | 7.00 [7.00, 7.00] | 2.00 [2.00, 2.00] |" in judge_md
+    assert "| mute | 0 | 6 | n/a | n/a | n/a | n/a | n/a | unparsed: 6 |" in judge_md
+    assert "| good vs bad | 6 | 0 | 1.00 (6) | 0.00 (0) | 0.00 (0) |" in md
+    shown = re.findall(r"^### (\S+#\d+)$", md, re.M)
+    assert shown == [c["id"] for c in report["contexts"][:3]]
+
+
+def test_charts_are_valid_pngs(evaluated):
+    _, out, _ = evaluated
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert names == [
+        "interactive_scores.png",
+        "judge_scores.png",
+        "pairwise.png",
+        "reference_metrics.png",
+        "reply_lengths.png",
+    ]
+    for name in names:
+        with Image.open(out / name) as image:
+            image.verify()
+            assert image.format == "PNG" and image.size[0] > 300
+
+
+def test_fail_if_worse_exits_1_on_worse_and_0_on_equal(ray_local, servers, tmp_path):
+    (tmp_path / "w").mkdir()
+    (tmp_path / "e").mkdir()
+    worse = write_config(tmp_path / "w", servers, {"new": "bad", "old": "good"})
+    result = run_cli("eval", "--config", str(worse), "--fail-if-worse", "old")
+    assert result.exit_code == 1, result.output
+    gate = json.loads((tmp_path / "w" / "report" / "report.json").read_text())["gate"]
+    assert gate["difference"] == {"n": 6, "mean": -7.0, "ci": [-7.0, -7.0]} and gate["worse"]
+    assert "WORSE" in (tmp_path / "w" / "report" / "report.md").read_text()
+    equal = write_config(tmp_path / "e", servers, {"new": "good", "old": "good"})
+    result = run_cli("eval", "--config", str(equal), "--fail-if-worse", "old")
+    assert result.exit_code == 0, result.output
+    gate = json.loads((tmp_path / "e" / "report" / "report.json").read_text())["gate"]
+    assert gate["difference"] == {"n": 6, "mean": 0.0, "ci": [0.0, 0.0]} and not gate["worse"]
+    result = run_cli("eval", "--config", str(equal), "--fail-if-worse", "nobody")
+    assert result.exit_code == 1 and "must name one of eval.models" in result.output
