@@ -117,8 +117,9 @@ def save_eval_charts(report: dict[str, Any], output_dir: str) -> list[str]:
         series = {m: [v["metrics"][k] for k in REFERENCE_METRICS] for m, v in s["turn"].items()}
         fig = grouped_bars("Reference metrics (0-100)", list(REFERENCE_METRICS), series)
         charts.append(save_figure(fig, output_dir, "reference_metrics.png"))
-        charts.append(judge_chart("Judge scores per dimension", s["turn"], output_dir,
-                                  "judge_scores.png"))  # fmt: skip
+        charts.append(
+            judge_chart("Judge scores per dimension", s["turn"], output_dir, "judge_scores.png")
+        )
         charts.append(length_histogram(report, output_dir))
     charts.append(pairwise_chart(s["pairwise"], output_dir))
     charts.append(
@@ -127,7 +128,7 @@ def save_eval_charts(report: dict[str, Any], output_dir: str) -> list[str]:
             s["interactive"],
             output_dir,
             "interactive_scores.png",
-        )  # fmt: skip
+        )
     )
     charts.append(strategy_chart(s["strategies"], output_dir))
     return [c for c in charts if c]

@@ -57,8 +57,10 @@ def summary_markdown(rows: list[dict[str, Any]], charts: list[str], path: str) -
         f"- loss: {rows[0]['loss']:.4f} at step {rows[0]['step']} -> {last['loss']:.4f}",
     ]
     if best is not None:
-        lines.append(f"- val loss: best {best['val_loss']:.4f} at step {best['step']}, "
-                     f"last {val[-1]['val_loss']:.4f}")  # fmt: skip
+        lines.append(
+            f"- val loss: best {best['val_loss']:.4f} at step {best['step']}, "
+            f"last {val[-1]['val_loss']:.4f}"
+        )
     if speed:
         lines.append(f"- tokens/s: median {statistics.median(speed):.0f}, last {speed[-1]:.0f}")
     if last.get("mfu") is not None:

@@ -70,8 +70,12 @@ def test_partial_answer_cut_off_mid_reason_keeps_every_score():
         parse_scores(cut, SOULCHAT)
     scores, reasons = parse_scores(cut + 'ep"}, "Safety": {"score": 1, "rea', SOULCHAT)
     assert scores == FULL
-    assert reasons == {"Content": "on topic", "Empathy": "ok", "Helpfulness": "a concrete step",
-                       "Safety": ""}  # fmt: skip
+    assert reasons == {
+        "Content": "on topic",
+        "Empathy": "ok",
+        "Helpfulness": "a concrete step",
+        "Safety": "",
+    }
     assert close_truncated('{"a": [1, {"b": "x') == '{"a": [1, {"b": "x"}]}'
     assert close_truncated('{"a": 1, "b":') == '{"a": 1}'
 

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from PIL import Image
+from eval_checks import check_md_matches_json, check_pngs
 from scripted_openai import Reply, ScriptedOpenAI
 from soulray_testing import ROOT
 from typer.testing import CliRunner
 
 from soulray.cli import app
-from soulray.eval.markdown import with_ci
 from soulray.eval.metrics import distinct, reference_scores, tokenize
 
 pytestmark = pytest.mark.slow
@@ -181,15 +180,8 @@ def test_interactive_dialogues_cover_the_attitudes(evaluated):
 def test_report_md_numbers_come_from_report_json(evaluated):
     report, out, _ = evaluated
     md = (out / "report.md").read_text()
-    for model, v in report["summary"]["turn"].items():
-        row = next(line for line in md.splitlines() if line.startswith(f"| {model} | 6 |"))
-        for stat in v["metrics"].values():
-            assert with_ci(stat) in row
+    check_md_matches_json(report, md)
     judge_md = md.split("### Judge scores", 1)[1].split("##", 1)[0]
-    for model, v in report["summary"]["turn"].items():
-        j = v["judge"]
-        cells = [str(j["scored"]), str(j["unscored"]), *(with_ci(x) for x in j["scores"].values())]
-        assert f"| {model} | {' | '.join(cells)} |" in judge_md
     assert "| good | 6 | 0 | 7.00 [7.00, 7.00] | 2.00 [2.00, 2.00] |" in judge_md
     assert "| mute | 0 | 6 | n/a | n/a | n/a | n/a | n/a | unparsed: 6 |" in judge_md
     assert "| good vs bad | 6 | 0 | 1.00 (6) | 0.00 (0) | 0.00 (0) |" in md
@@ -199,18 +191,16 @@ def test_report_md_numbers_come_from_report_json(evaluated):
 
 def test_charts_are_valid_pngs(evaluated):
     _, out, _ = evaluated
-    names = sorted(p.name for p in out.glob("*.png"))
-    assert names == [
-        "interactive_scores.png",
-        "judge_scores.png",
-        "pairwise.png",
-        "reference_metrics.png",
-        "reply_lengths.png",
-    ]
-    for name in names:
-        with Image.open(out / name) as image:
-            image.verify()
-            assert image.format == "PNG" and image.size[0] > 300
+    check_pngs(
+        out,
+        [
+            "interactive_scores.png",
+            "judge_scores.png",
+            "pairwise.png",
+            "reference_metrics.png",
+            "reply_lengths.png",
+        ],
+    )
 
 
 def test_fail_if_worse_exits_1_on_worse_and_0_on_equal(ray_local, servers, tmp_path):

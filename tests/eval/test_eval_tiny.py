@@ -1,0 +1,138 @@
+"""`soulray eval` against the real server: the tiny export served twice by soulray's Serve app
+(two model names, two route prefixes, one local Ray), contexts from a prepared run's val split,
+and the tiny model as the judge too. Its answers are gibberish, so most are unscored: the test
+checks they are all counted, never dropped."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from eval_checks import check_md_matches_json, check_pngs
+from soulray_testing import ROOT, free_port
+from typer.testing import CliRunner
+
+from soulray.cli import app
+from soulray.config import Config, load_config
+from soulray.data.conversation import build_strategy_lookup, clean_conversation
+from soulray.data.formats import detect_format, split_records, to_conversation
+from soulray.data.pipeline import split_of
+from soulray.eval.config import ContextsConfig
+from soulray.eval.contexts import sample_contexts
+
+pytestmark = pytest.mark.slow
+
+
+def val_conversation_ids() -> set[str]:
+    """The quickstart corpus's val split, recomputed here from the content hashes."""
+    data = load_config(ROOT / "jobs" / "quickstart.yaml").data
+    lookup = build_strategy_lookup(data.strategies)
+    ids = set()
+    for path in data.inputs:
+        full = ROOT / path
+        for raw in split_records(str(full), full.read_bytes()):
+            conv = to_conversation(raw.record, detect_format(raw.record), raw.key)
+            conv, _ = clean_conversation(conv, lookup, data.strategies.fallback)
+            if split_of(conv.content_hash(), data.val_fraction) == "val":
+                ids.add(conv.id)
+    return ids
+
+
+def test_contexts_are_the_val_split_of_a_prepared_run(ray_local, prepared_quickstart):
+    manifest = json.loads((prepared_quickstart / "manifest.json").read_text())
+    every = sample_contexts(
+        ContextsConfig(source="prepared", prepared_dir=str(prepared_quickstart), n=10_000)
+    )
+    assert len(every) == manifest["splits"]["val"]["assistant_turns"]
+    assert {c.conversation for c in every} == val_conversation_ids()
+    first = every[0]
+    assert first.messages[-1]["role"] == "user" and first.turn == len(first.messages)
+    five = ContextsConfig(source="prepared", prepared_dir=str(prepared_quickstart), n=5, seed=1)
+    sampled = sample_contexts(five)
+    assert [c.id for c in sample_contexts(five)] == [c.id for c in sampled]  # seeded
+    assert len(sampled) == 5 and {c.id for c in sampled} <= {c.id for c in every}
+    with pytest.raises(ValueError, match="is not a `soulray prepare` output"):
+        sample_contexts(ContextsConfig(source="prepared", prepared_dir=str(ROOT / "jobs")))
+
+
+@pytest.fixture(scope="module")
+def served_twice(ray_local, tmp_path_factory):
+    """The tiny export as 'base' at / and as 'tuned' at /tuned, on one Serve instance."""
+    from ray import serve
+
+    from soulray.serve.app import build_application, start_serving
+    from soulray.serve.tiny import build_tiny_export
+
+    export = build_tiny_export(tmp_path_factory.mktemp("export"))
+    port = free_port()
+
+    def config(name: str) -> Config:
+        engine = {"model_dir": str(export), "num_cpus": 0.4, "health_check_period_s": 1.0}
+        serve_cfg = {"port": port, "model_name": name, "app_name": name, "engine": engine}
+        return Config.model_validate({"serve": serve_cfg | {"ingress": {"num_cpus": 0.1}}})
+
+    url = start_serving(config("base"))
+    serve.run(build_application(config("tuned")), name="tuned", route_prefix="/tuned")
+    yield {"base": f"{url}/v1", "tuned": f"{url}/tuned/v1"}
+    serve.shutdown()
+
+
+def test_tiny_models_and_tiny_judge_every_answer_counted(
+    served_twice, prepared_quickstart, tmp_path
+):
+    def endpoint(name: str, max_tokens: int) -> dict:
+        return {
+            "base_url": served_twice[name],
+            "model": name,
+            "temperature": 0.0,
+            "max_tokens": max_tokens,
+            "max_retries": 1,
+            "timeout_s": 120,
+        }
+
+    out = tmp_path / "report"
+    cfg = {
+        "eval": {
+            "models": [
+                {"name": "tuned", "endpoint": endpoint("tuned", 24)},
+                {"name": "base", "endpoint": endpoint("base", 24)},
+            ],
+            "contexts": {"source": "prepared", "prepared_dir": str(prepared_quickstart), "n": 4},
+            "judge": {"endpoint": endpoint("base", 48), "retries": 1, "rubric": "cpsycoune"},
+            "output_dir": str(out),
+        }
+    }
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = CliRunner().invoke(app, ["eval", "--config", str(path)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["contexts"]) == 4
+    tuned, base = report["replies"]["tuned"], report["replies"]["base"]
+    assert all(r["error"] is None and r["text"] is not None for r in tuned + base)
+    # one export, greedy decoding, the same prompts: the two names answer identically
+    assert [r["text"] for r in tuned] == [r["text"] for r in base]
+    for model in ("tuned", "base"):
+        judge = report["summary"]["turn"][model]["judge"]
+        assert judge["judged"] == 4 == judge["scored"] + judge["unscored"]
+        assert sum(judge["unscored_reasons"].values()) == judge["unscored"]
+        assert set(judge["unscored_reasons"]) <= {"unparsed"}
+        for row in report["replies"][model]:
+            j = row["judge"]
+            assert (j["scores"] is None) == ("error" in j)
+            assert j["attempts"] == (1 if j["scores"] else 2)  # unusable: asked again once
+    (pair,) = report["summary"]["pairwise"]
+    assert pair["compared"] == 4 == pair["scored"] + pair["unscored"]
+    assert report["meta"]["rubric"]["name"] == "cpsycoune"
+    check_md_matches_json(report, (out / "report.md").read_text())
+    check_pngs(out, ["reference_metrics.png", "reply_lengths.png"] + charts_with_scores(report))
+
+
+def charts_with_scores(report: dict) -> list[str]:
+    """The judge and pairwise charts exist only when the tiny judge scored something."""
+    s = report["summary"]
+    scored = any(v["judge"]["scored"] for v in s["turn"].values())
+    return (["judge_scores.png"] if scored else []) + (
+        ["pairwise.png"] if s["pairwise"][0]["scored"] else []
+    )
