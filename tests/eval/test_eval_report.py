@@ -1,0 +1,83 @@
+"""Report pieces on hand-made data: strategy distributions, pairwise rates, the gate's rules."""
+
+from __future__ import annotations
+
+import pytest
+
+from soulray.eval.config import GateConfig
+from soulray.eval.contexts import Context
+from soulray.eval.gate import check_gate
+from soulray.eval.markdown import strategy_section
+from soulray.eval.report import pairwise_summary, strategy_summary
+
+
+def ctx(i: int, strategy: str | None) -> Context:
+    return Context(f"c{i}", "conv", 1, "en", [{"role": "user", "content": "hi"}], "ref", strategy)
+
+
+def test_strategy_distribution_against_the_reference():
+    contexts = [
+        ctx(0, "Question"),
+        ctx(1, "Question"),
+        ctx(2, "Reflection of feelings"),
+        ctx(3, None),
+    ]
+    replies = {
+        "tuned": [
+            {"strategy": s} for s in ("Question", "Reflection of feelings", None, "Question")
+        ],
+        "plain": [{"strategy": None}] * 4,  # reports no strategy: left out
+    }
+    s = strategy_summary(contexts, replies)
+    assert s["reference"] == {"Question": 2, "Reflection of feelings": 1}
+    assert s["models"] == {"tuned": {"Question": 2, "Reflection of feelings": 1}}
+    assert s["tvd"] == {"tuned": pytest.approx(0.0)}
+    replies["tuned"] = [{"strategy": "Information"}] * 2 + [{"strategy": "Question"}] * 2
+    s = strategy_summary(contexts, replies)
+    # reference Q 2/3, R 1/3; model I 1/2, Q 1/2 -> (|2/3-1/2| + 1/3 + 1/2) / 2 = 1/2
+    assert s["tvd"]["tuned"] == pytest.approx(0.5)
+    md = "\n".join(strategy_section(s))
+    assert (
+        "| Question | 0.67 | 0.50 |" in md
+        and "| total variation from reference | 0.00 | 0.50 |" in md
+    )
+    assert strategy_summary(contexts, {"plain": [{"strategy": None}] * 4}) is None
+
+
+def test_pairwise_rates_leave_unscored_out_and_count_them():
+    outcomes = ["win", "win", "tie", "loss", None]
+    pair = {"model_1": "a", "model_2": "b", "comparisons": [{"outcome": o} for o in outcomes]}
+    s = pairwise_summary(pair, seed=0)
+    assert (s["compared"], s["scored"], s["unscored"]) == (5, 4, 1)
+    assert (s["win"], s["tie"], s["loss"]) == (2, 1, 1)
+    assert (s["win_rate"], s["tie_rate"], s["loss_rate"]) == (0.5, 0.25, 0.25)
+    assert s["score"]["mean"] == pytest.approx((1 + 1 + 0.5 + 0) / 4)
+
+
+def report_with(new: list[float | None], old: list[float | None]) -> dict:
+    def rows(values):
+        return [
+            {"context": f"c{i}", "metrics": {"bleu_4": v} if v is not None else {}, "judge": None}
+            for i, v in enumerate(values)
+        ]
+
+    models = [{"name": "new"}, {"name": "old"}]
+    return {"meta": {"models": models}, "replies": {"new": rows(new), "old": rows(old)}}
+
+
+def test_gate_rules():
+    gate = GateConfig(metric="bleu_4")
+    worse = check_gate(report_with([1.0, 2.0, 3.0], [2.0, 3.0, 4.0]), "old", gate, 0)
+    assert worse["worse"] and worse["difference"]["mean"] == -1.0
+    equal = check_gate(report_with([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]), "old", gate, 0)
+    assert not equal["worse"]
+    # mixed: one item better, one worse -> the CI spans 0 -> not worse
+    noisy = check_gate(report_with([3.0, 1.0], [2.0, 2.0]), "old", gate, 0)
+    assert noisy["difference"]["ci"][0] < 0 < noisy["difference"]["ci"][1] and not noisy["worse"]
+    # only items both have count; none shared -> nothing shows it is not worse -> refused
+    disjoint = check_gate(report_with([1.0, None], [None, 1.0]), "old", gate, 0)
+    assert disjoint["difference"]["n"] == 0 and disjoint["worse"]
+    with pytest.raises(ValueError, match="has no value in this report"):
+        check_gate(report_with([1.0], [1.0]), "old", GateConfig(metric="judge.Warmth"), 0)
+    with pytest.raises(ValueError, match="both 'new'"):
+        check_gate(report_with([1.0], [1.0]), "new", gate, 0)
