@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from soulray.synth.config import SynthConfig
+
 ESCONV_STRATEGIES = [
     "Question",
     "Restatement or Paraphrasing",
@@ -278,6 +280,7 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    synth: SynthConfig = Field(default_factory=SynthConfig)
 
     @property
     def serve_model_dir(self) -> str:
