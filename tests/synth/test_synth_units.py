@@ -385,3 +385,34 @@ def test_config_roles_inherit_from_the_seeker() -> None:
     assert roles["supporter"] == roles["seeker"]
     with pytest.raises(ValueError, match="min_turns=5 exceeds max_turns=2"):
         load_config(None, ["synth.loop.min_turns=5", "synth.loop.max_turns=2"])
+
+
+def test_scenarios_from_esconv_situations() -> None:
+    from soulray_testing import shared_path
+
+    from soulray.synth.job import load_scenarios
+
+    path = shared_path("esconv/FailedESConv.json")
+    raw = json.loads(path.read_text())
+    situations = list(dict.fromkeys(r["situation"].strip() for r in raw if r.get("situation")))
+    sc = SynthConfig.model_validate(
+        {"scenarios": {"source": "corpus", "inputs": [str(path)], "count": 0}}
+    )
+    scenarios = load_scenarios(sc)
+    assert len(situations) == 189  # 196 records, 7 repeat a situation
+    assert [s.situation for s in scenarios] == situations
+    assert scenarios[0].problem_type == raw[0]["problem_type"]
+    assert scenarios[0].intensity == int(
+        raw[0]["survey_score"]["seeker"]["initial_emotion_intensity"]
+    )
+    assert {s.language for s in scenarios} == {"en"}
+    assert (
+        len(
+            load_scenarios(
+                sc.model_copy(update={"scenarios": sc.scenarios.model_copy(update={"count": 5})})
+            )
+        )
+        == 5
+    )
+    with pytest.raises(ValueError, match="needs synth.scenarios.inputs"):
+        SynthConfig.model_validate({"scenarios": {"source": "corpus"}})
