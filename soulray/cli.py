@@ -243,6 +243,32 @@ def chat(
 
 
 @app.command()
+def synth(config: ConfigOpt, overrides: Overrides = None) -> None:
+    """Role-play strategy-annotated support dialogues (Seeker / Counselor / Supporter) with Ray
+    Data against OpenAI-compatible endpoints; a re-run resumes."""
+    from soulray.synth.job import run_synth
+
+    setup_logging()
+    cfg = load(config, overrides)
+    init_ray()
+    report = run_verb(run_synth, cfg)
+    print_synth_summary(report, cfg)
+
+
+def print_synth_summary(report: dict[str, Any], cfg: Config) -> None:
+    d, run = report["dialogues"], report["run"]
+    typer.echo(
+        f"synth: {run['written']} dialogues written this run ({run['dropped']} dropped, "
+        f"{run['failed']} failed), {run['generated_tokens_per_s']:.0f} generated tokens/s\n"
+        f"  output: {d['written']} dialogues in {cfg.synth.output_dir} "
+        f"(dropped: {json.dumps(d['dropped'], ensure_ascii=False)}, "
+        f"failed: {json.dumps(d['failed'], ensure_ascii=False)})\n"
+        f"  report: {cfg.synth.output_dir}/_synth/synth_report.json\n"
+        f"  next: soulray prepare --config YOUR.yaml data.inputs=[{cfg.synth.output_dir}]"
+    )
+
+
+@app.command()
 def quickstart(config: ConfigOpt, overrides: Overrides = None) -> None:
     """The whole pipeline, tiny, on local Ray: prepare -> train -> export -> serve -> one chat."""
     from ray import serve

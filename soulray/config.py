@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from soulray.eval.config import EvalConfig
+from soulray.synth.config import SynthConfig
 
 ESCONV_STRATEGIES = [
     "Question",
@@ -280,6 +281,7 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    synth: SynthConfig = Field(default_factory=SynthConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @property

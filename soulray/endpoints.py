@@ -57,11 +57,17 @@ class ChatResult:
 class EndpointClient:
     """Chat completions against one endpoint, bounded and retried; build with `build_client`."""
 
-    def __init__(self, cfg: EndpointConfig, client: openai.AsyncOpenAI, backoff_s: float = 0.5):
+    def __init__(
+        self,
+        cfg: EndpointConfig,
+        client: openai.AsyncOpenAI,
+        backoff_s: float = 0.5,
+        semaphore: asyncio.Semaphore | None = None,
+    ):
         self.cfg = cfg
         self._client = client
         self._backoff_s = backoff_s
-        self._semaphore = asyncio.Semaphore(cfg.concurrency)
+        self._semaphore = semaphore or asyncio.Semaphore(cfg.concurrency)
         self.retries = 0  # attempts that failed and were tried again (for reports)
 
     async def chat(self, messages: list[dict[str, str]], **overrides: Any) -> ChatResult:
@@ -99,9 +105,12 @@ class EndpointClient:
         await self._client.close()
 
 
-def build_client(cfg: EndpointConfig, backoff_s: float = 0.5) -> EndpointClient:
+def build_client(
+    cfg: EndpointConfig, backoff_s: float = 0.5, semaphore: asyncio.Semaphore | None = None
+) -> EndpointClient:
     """A client for `cfg`; the key is read from `cfg.api_key_env` now, so a missing one fails
-    before any dialogue starts. Retries are ours (counted, uniform), not the SDK's."""
+    before any dialogue starts. Retries are ours (counted, uniform), not the SDK's. Clients of
+    one endpoint (several roles on one server) can share `semaphore` to share one bound."""
     api_key = NO_KEY
     if cfg.api_key_env is not None:
         api_key = os.environ.get(cfg.api_key_env, "")
@@ -113,7 +122,7 @@ def build_client(cfg: EndpointConfig, backoff_s: float = 0.5) -> EndpointClient:
     client = openai.AsyncOpenAI(
         base_url=cfg.base_url, api_key=api_key, timeout=cfg.timeout_s, max_retries=0
     )
-    return EndpointClient(cfg, client, backoff_s)
+    return EndpointClient(cfg, client, backoff_s, semaphore)
 
 
 def is_retryable(e: openai.APIError) -> bool:

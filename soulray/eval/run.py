@@ -78,15 +78,16 @@ def interactive_task(
 
     async def main() -> dict[str, list[dict[str, Any]]]:
         clients = {m.name: build_client(m.endpoint) for m in cfg.models}
-        seeker_client = build_client(seeker_cfg)
         judge = build_client(judge_cfg) if judge_cfg else None
+        # the judge playing the Seeker too is one endpoint: one client, one bound
+        seeker_client = judge if ic.seeker is None and judge else build_client(seeker_cfg)
         try:
             seeker = build_seeker(seeker_client, ic.seeker_prompts)
             return await interactive(
                 seeker, clients, judge, rubric, cfg.judge.retries, scenarios, ic.turns
             )
         finally:
-            for c in [*clients.values(), seeker_client, *([judge] if judge else [])]:
+            for c in {id(c): c for c in [*clients.values(), seeker_client, judge] if c}.values():
                 await c.aclose()
 
     return asyncio.run(main())

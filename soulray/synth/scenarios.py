@@ -131,7 +131,7 @@ def scenarios_from_corpus(
 ) -> list[Scenario]:
     """Scenarios from the `situation` fields of a corpus (ESConv and any record that has one),
     read with the prepare stage's record splitter; the persona, which corpora do not record,
-    is drawn from the pool. `n` = 0 takes every situation."""
+    is drawn from the pool. One scenario per distinct situation; `n` = 0 takes them all."""
     pool = pool or load_pool()
     rng = random.Random(seed)
     out: dict[str, Scenario] = {}
@@ -139,8 +139,8 @@ def scenarios_from_corpus(
     for path in files:
         for raw in split_records(path, storage.read_bytes(path)):
             scenario = scenario_from_record(raw.record, pool, rng)
-            if scenario is not None:
-                out.setdefault(scenario.id, scenario)
+            if scenario is not None:  # one scenario per distinct situation
+                out.setdefault(scenario.situation, scenario)
     if not out:
         raise ValueError(
             f"no record in {inputs} has a 'situation' text; use an ESConv-shaped corpus or "

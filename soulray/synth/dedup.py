@@ -1,0 +1,76 @@
+"""Near-duplicate dialogues: MinHash over character 5-gram shingles, banded LSH for candidates,
+exact Jaccard to decide. Role-play with one prompt set drifts into the same few dialogues; a
+corpus of copies teaches one reply, so copies above the threshold are dropped (and counted)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+import numpy as np
+
+SHINGLE = 5
+SPACES = re.compile(r"\s+")
+MERSENNE = np.uint64((1 << 61) - 1)
+
+
+def shingles(text: str) -> frozenset[int]:
+    """64-bit hashes of the character 5-grams of the lower-cased, space-collapsed text."""
+    norm = SPACES.sub(" ", text.lower()).strip()
+    grams = {norm[i : i + SHINGLE] for i in range(max(1, len(norm) - SHINGLE + 1))}
+    return frozenset(
+        int.from_bytes(hashlib.blake2b(g.encode(), digest_size=8).digest(), "little") >> 4
+        for g in grams
+    )
+
+
+def jaccard(a: frozenset[int], b: frozenset[int]) -> float:
+    return len(a & b) / len(a | b) if a or b else 1.0
+
+
+class NearDuplicateIndex:
+    """Keeps what it was given; `find` names an earlier key at least `threshold` similar."""
+
+    def __init__(self, threshold: float, bands: int = 16, rows: int = 4, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        n = bands * rows
+        self.threshold = threshold
+        self.bands, self.rows = bands, rows
+        self._a = rng.integers(1, int(MERSENNE), n, dtype=np.uint64)
+        self._b = rng.integers(0, int(MERSENNE), n, dtype=np.uint64)
+        self._buckets: list[dict[bytes, list[str]]] = [{} for _ in range(bands)]
+        self._sets: dict[str, frozenset[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._sets)
+
+    def signature(self, items: frozenset[int]) -> np.ndarray:
+        x = np.fromiter(items, dtype=np.uint64, count=len(items))
+        # (a*x + b) wraps mod 2^64, then mod a Mersenne prime: a cheap universal hash family.
+        return ((np.outer(self._a, x) + self._b[:, None]) % MERSENNE).min(axis=1)
+
+    def find(self, text: str) -> tuple[str | None, frozenset[int], np.ndarray]:
+        """The key of a near-duplicate already kept (or None), plus the text's shingles and
+        signature to pass to `add`."""
+        items = shingles(text)
+        sig = self.signature(items)
+        for band, bucket in enumerate(self._buckets):
+            for key in bucket.get(self._band_key(sig, band), ()):
+                if jaccard(items, self._sets[key]) >= self.threshold:
+                    return key, items, sig
+        return None, items, sig
+
+    def add(self, key: str, items: frozenset[int], sig: np.ndarray) -> None:
+        self._sets[key] = items
+        for band, bucket in enumerate(self._buckets):
+            bucket.setdefault(self._band_key(sig, band), []).append(key)
+
+    def add_if_new(self, key: str, text: str) -> str | None:
+        """Add `text` unless it nearly duplicates a kept one; return that one's key if so."""
+        found, items, sig = self.find(text)
+        if found is None:
+            self.add(key, items, sig)
+        return found
+
+    def _band_key(self, sig: np.ndarray, band: int) -> bytes:
+        return sig[band * self.rows : (band + 1) * self.rows].tobytes()

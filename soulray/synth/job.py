@@ -1,0 +1,231 @@
+"""`soulray synth`: scenarios -> Ray Data actor pool of role-play workers -> shards + report.
+
+Each actor keeps one asyncio loop on a thread and takes up to `dialogues_per_actor` scenarios
+at once (Ray Data's concurrent calls per actor, one scenario per block), so a few CPU actors
+keep a GPU endpoint fleet busy. The driver consumes results as they finish, drops near
+duplicates, and appends each dialogue to the output at once, so the output is resumable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+from soulray.config import Config, config_to_yaml
+from soulray.endpoints import EndpointError, build_client
+from soulray.synth.config import SynthConfig
+from soulray.synth.dedup import NearDuplicateIndex
+from soulray.synth.output import OutputStore, StoredState
+from soulray.synth.report import build_report, save_report
+from soulray.synth.roleplay import Cast, Dialogue, run_dialogue
+from soulray.synth.roles import Counselor, Seeker, Supporter, load_prompts
+from soulray.synth.scenarios import Scenario, build_scenarios, load_pool, scenarios_from_corpus
+from soulray.synth.strategies import load_taxonomy
+
+log = logging.getLogger("soulray.synth")
+
+
+def load_scenarios(sc: SynthConfig) -> list[Scenario]:
+    pool = load_pool(sc.scenarios.pool_file)
+    match sc.scenarios.source:
+        case "pool":
+            return build_scenarios(sc.scenarios.count, sc.seed, sc.scenarios.languages, pool)
+        case "corpus":
+            found = scenarios_from_corpus(sc.scenarios.inputs, sc.scenarios.count, sc.seed, pool)
+            return [s for s in found if s.language in sc.scenarios.languages]
+
+
+def build_cast(sc: SynthConfig) -> Cast:
+    """Clients for the three roles; roles on one base URL share one concurrency bound."""
+    prompts, taxonomy = load_prompts(sc.prompts_file), load_taxonomy(sc.taxonomy_file)
+    bounds: dict[str, asyncio.Semaphore] = {}
+    clients = {}
+    for role, endpoint in sc.roles.resolved.items():
+        bound = bounds.setdefault(endpoint.base_url, asyncio.Semaphore(endpoint.concurrency))
+        clients[role] = build_client(endpoint, semaphore=bound)
+    return Cast(
+        Seeker(clients["seeker"], prompts),
+        Counselor(clients["counselor"], prompts, taxonomy, sc.loop.counselor_retries),
+        Supporter(clients["supporter"], prompts, taxonomy),
+    )
+
+
+class SynthWorker:
+    """A Ray Data actor: plays the scenarios it is given on its own asyncio loop."""
+
+    def __init__(self, synth_json: str):
+        self.sc = SynthConfig.model_validate_json(synth_json)
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        self.cast = build_cast(self.sc)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
+        scenarios = [Scenario(**json.loads(s)) for s in batch["scenario"]]
+        futures = [asyncio.run_coroutine_threadsafe(self.play(s), self.loop) for s in scenarios]
+        rows = [f.result() for f in futures]
+        return {key: [row[key] for row in rows] for key in rows[0]}
+
+    async def play(self, scenario: Scenario) -> dict[str, Any]:
+        start = time.perf_counter()
+        try:
+            dialogue = await run_dialogue(scenario, self.cast, self.sc.loop, self.sc.quality)
+        except EndpointError as e:
+            return result_row(scenario, "failed", e.reason, None, time.perf_counter() - start)
+        record = to_record(scenario, dialogue, self.sc) if dialogue.status == "ok" else None
+        row = result_row(scenario, dialogue.status, dialogue.reason, record, 0.0)
+        row |= {"prompt_tokens": dialogue.prompt_tokens, "turns": dialogue.turns}
+        row |= {"completion_tokens": dialogue.completion_tokens}
+        row["elapsed_s"] = time.perf_counter() - start
+        return row
+
+
+def result_row(
+    scenario: Scenario, status: str, reason: str, record: dict[str, Any] | None, elapsed: float
+) -> dict[str, Any]:
+    return {
+        "id": scenario.id,
+        "status": status,
+        "reason": reason,
+        "record": json.dumps(record, ensure_ascii=False) if record else "",
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "turns": 0,
+        "elapsed_s": elapsed,
+    }
+
+
+def to_record(scenario: Scenario, dialogue: Dialogue, sc: SynthConfig) -> dict[str, Any]:
+    """One output line: what prepare reads (id, topic, messages with strategy) + metadata."""
+    return {
+        "id": scenario.id,
+        "topic": scenario.problem_type,
+        "messages": dialogue.messages,
+        "metadata": {
+            "generator": "soulray synth",
+            "scenario": scenario.to_dict(),
+            "models": {role: e.model for role, e in sc.roles.resolved.items()},
+            "seed": sc.seed,
+            "turns": dialogue.turns,
+            "stop_reason": dialogue.reason,
+            "counts": dict(dialogue.counts),
+            "tokens": {"prompt": dialogue.prompt_tokens, "completion": dialogue.completion_tokens},
+        },
+    }
+
+
+def dialogue_text(record: dict[str, Any]) -> str:
+    return "\n".join(m["content"] for m in record["messages"])
+
+
+class Progress:
+    """Counts of this run, logged every `every_s` seconds and returned in the report."""
+
+    def __init__(self, total: int, every_s: float):
+        self.total, self.every_s = total, every_s
+        self.counts = {"written": 0, "dropped": 0, "failed": 0}
+        self.prompt_tokens = self.completion_tokens = 0
+        self.start = self.last = time.perf_counter()
+
+    def add(self, outcome: str, row: dict[str, Any]) -> None:
+        self.counts[outcome] += 1
+        self.prompt_tokens += int(row["prompt_tokens"])
+        self.completion_tokens += int(row["completion_tokens"])
+        if time.perf_counter() - self.last >= self.every_s:
+            self.last = time.perf_counter()
+            log.info("synth: %s", self.line())
+
+    def line(self) -> str:
+        done = sum(self.counts.values())
+        c = self.counts
+        return (
+            f"{done}/{self.total} scenarios done ({c['written']} written, {c['dropped']} dropped, "
+            f"{c['failed']} failed), {self.tokens_per_s():.0f} generated tokens/s"
+        )
+
+    def tokens_per_s(self) -> float:
+        return self.completion_tokens / max(time.perf_counter() - self.start, 1e-9)
+
+    def summary(self) -> dict[str, Any]:
+        return self.counts | {
+            "scenarios": self.total,
+            "elapsed_s": round(time.perf_counter() - self.start, 3),
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "generated_tokens_per_s": round(self.tokens_per_s(), 1),
+        }
+
+
+def build_dataset(pending: list[Scenario], sc: SynthConfig) -> Any:
+    import ray.data
+
+    rows = [{"scenario": json.dumps(s.to_dict(), ensure_ascii=False)} for s in pending]
+    # One scenario per block: each is one call to an actor, so a slow dialogue holds up nothing.
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    strategy = ray.data.ActorPoolStrategy(
+        size=sc.job.actors,
+        max_concurrent_calls_per_actor=sc.job.dialogues_per_actor,
+        enable_true_multi_threading=True,
+    )
+    return ds.map_batches(
+        SynthWorker,
+        fn_constructor_args=(sc.model_dump_json(),),
+        batch_size=1,
+        compute=strategy,
+        num_cpus=sc.job.num_cpus_per_actor,
+    )
+
+
+def run_synth(cfg: Config) -> dict[str, Any]:
+    """Make the dialogues not yet in the output, then write the report; returns the report."""
+    sc = cfg.synth
+    scenarios = load_scenarios(sc)
+    store = OutputStore(sc.output_dir)
+    state = store.load()
+    pending = [s for s in scenarios if s.id not in state.finished]
+    log.info(
+        "synth: %d scenarios, %d already done, %d to make in %s",
+        len(scenarios),
+        len(scenarios) - len(pending),
+        len(pending),
+        sc.output_dir,
+    )
+    store.write_meta("config.yaml", config_to_yaml(cfg).encode())
+    progress = Progress(len(pending), sc.job.progress_every_s)
+    try:
+        if pending:
+            consume(build_dataset(pending, sc), store, state, sc, progress)
+    finally:
+        store.close()
+    log.info("synth: %s", progress.line())
+    report = build_report(store.load(), load_taxonomy(sc.taxonomy_file).names, progress.summary())
+    report["files"] = [str(p) for p in save_report(store, report, sc.charts)]
+    return report
+
+
+def consume(
+    ds: Any, store: OutputStore, state: StoredState, sc: SynthConfig, progress: Progress
+) -> None:
+    """Write each result as it arrives; near duplicates of kept dialogues are dropped."""
+    index = NearDuplicateIndex(sc.quality.near_duplicate_threshold, seed=sc.seed)
+    for record in state.records:
+        index.add_if_new(record["id"], dialogue_text(record))
+    for row in ds.iter_rows():
+        outcome = row["status"]
+        if outcome == "failed":
+            store.write_failed(row["id"], row["reason"])
+        elif outcome == "dropped":
+            store.write_dropped(row["id"], row["reason"])
+        else:
+            record = json.loads(row["record"])
+            twin = index.add_if_new(row["id"], dialogue_text(record))
+            if twin is None:
+                store.write_dialogue(record)
+                outcome = "written"
+            else:
+                store.write_dropped(row["id"], "near_duplicate")
+                outcome = "dropped"
+        progress.add(outcome, row)

@@ -1,0 +1,126 @@
+"""The output directory: dialogue shards that `soulray prepare` reads, bookkeeping it skips.
+
+    <output_dir>/part-00000.jsonl ...     one dialogue a line, OpenAI `messages` + metadata
+    <output_dir>/_synth/dropped.jsonl     {"id", "reason"} of dialogues made but not kept
+    <output_dir>/_synth/failed.jsonl      {"id", "reason"} of scenarios a backend failed
+    <output_dir>/_synth/synth_report.json, *.png, config.yaml
+
+prepare skips names starting with "_", so the directory itself is a valid `data.inputs` entry.
+Every line is written and flushed as soon as its dialogue is done, so a killed job loses only
+the dialogues in flight (a line cut in half is dropped when the next run opens the shard).
+A re-run skips the scenario ids already written or dropped, and retries the failed ones.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from soulray import storage
+
+log = logging.getLogger("soulray.synth")
+SHARD_LINES = 1000  # dialogues per shard before a new one is started
+
+
+@dataclass
+class StoredState:
+    records: list[dict[str, Any]] = field(default_factory=list)  # written dialogues
+    dropped: dict[str, str] = field(default_factory=dict)  # id -> reason
+    failed: dict[str, str] = field(default_factory=dict)  # id -> latest reason, not yet made
+
+    @property
+    def finished(self) -> set[str]:
+        """Scenario ids a re-run skips."""
+        return {r["id"] for r in self.records} | set(self.dropped)
+
+
+class OutputStore:
+    """Appends dialogues, drops and failures to the output directory, line by line."""
+
+    def __init__(self, output_dir: str):
+        if storage.is_remote(output_dir):
+            raise ValueError(
+                f"synth.output_dir={output_dir} is remote; synth appends line by line to a local "
+                "(or mounted) directory: write there and copy the finished shards"
+            )
+        self.root = Path(output_dir)
+        self.meta = self.root / "_synth"
+        self._shard: IO[str] | None = None
+        self._shard_lines = 0
+        self._files: dict[str, IO[str]] = {}
+
+    def load(self) -> StoredState:
+        """What earlier runs wrote; a torn last line (a killed run) is cut off first."""
+        state = StoredState()
+        for path in self.shards():
+            state.records += read_lines(path)
+        for row in read_lines(self.meta / "dropped.jsonl"):
+            state.dropped[row["id"]] = row["reason"]
+        made = state.finished
+        for row in read_lines(self.meta / "failed.jsonl"):
+            if row["id"] not in made:
+                state.failed[row["id"]] = row["reason"]
+        return state
+
+    def shards(self) -> list[Path]:
+        return sorted(self.root.glob("part-*.jsonl"))
+
+    def write_dialogue(self, record: dict[str, Any]) -> None:
+        if self._shard is None or self._shard_lines >= SHARD_LINES:
+            self._open_shard()
+        assert self._shard is not None
+        write_line(self._shard, record)
+        self._shard_lines += 1
+
+    def write_dropped(self, scenario_id: str, reason: str) -> None:
+        write_line(self._meta_file("dropped.jsonl"), {"id": scenario_id, "reason": reason})
+
+    def write_failed(self, scenario_id: str, reason: str) -> None:
+        write_line(self._meta_file("failed.jsonl"), {"id": scenario_id, "reason": reason})
+
+    def write_meta(self, name: str, data: bytes) -> Path:
+        self.meta.mkdir(parents=True, exist_ok=True)
+        path = self.meta / name
+        path.write_bytes(data)
+        return path
+
+    def close(self) -> None:
+        for f in [self._shard, *self._files.values()]:
+            if f is not None:
+                f.close()
+        self._shard, self._files = None, {}
+
+    def _open_shard(self) -> None:
+        if self._shard is not None:
+            self._shard.close()
+        self.root.mkdir(parents=True, exist_ok=True)
+        index = len(self.shards())  # each run starts its own shard: old ones stay untouched
+        self._shard = (self.root / f"part-{index:05d}.jsonl").open("x", encoding="utf-8")
+        self._shard_lines = 0
+
+    def _meta_file(self, name: str) -> IO[str]:
+        if name not in self._files:
+            self.meta.mkdir(parents=True, exist_ok=True)
+            self._files[name] = (self.meta / name).open("a", encoding="utf-8")
+        return self._files[name]
+
+
+def write_line(f: IO[str], row: dict[str, Any]) -> None:
+    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    f.flush()
+
+
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines of a file (none if absent); an unfinished last line is truncated away."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        log.warning("%s: cutting off an unfinished last line (a run was killed)", path)
+        with path.open("r+b") as f:
+            f.truncate(end)
+    return [json.loads(line) for line in data[:end].decode("utf-8").splitlines() if line.strip()]

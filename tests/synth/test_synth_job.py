@@ -1,0 +1,180 @@
+"""The synth job on local Ray against a scripted OpenAI-compatible server over real HTTP:
+strategies on the right turns, `prepare` on the output with exact counts, resume, and
+backends that refuse connections or time out."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from scripted_openai import Reply, ScriptedOpenAI
+from soulray_testing import QUICKSTART, free_port
+from synth_script import ScriptedRoles, role_of
+
+from soulray.config import load_config
+from soulray.synth.job import run_synth
+from soulray.synth.output import OutputStore
+
+
+def synth_config(out: Path, url: str, count: int, *extra: str):
+    return load_config(
+        None,
+        [
+            f"synth.output_dir={out}",
+            f"synth.roles.seeker.base_url={url}",
+            "synth.roles.seeker.model=scripted",
+            f"synth.scenarios.count={count}",
+            "synth.loop.min_turns=2",
+            "synth.loop.max_turns=4",
+            "synth.job.actors=1",
+            "synth.job.dialogues_per_actor=4",
+            "synth.job.num_cpus_per_actor=0.25",
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def happy(ray_local, tmp_path_factory):
+    """Six dialogues made by the scripted roles (each: 3 Seeker turns, 2 replies)."""
+    out = tmp_path_factory.mktemp("synth") / "out"
+    roles = ScriptedRoles(stop_after=3)
+    with ScriptedOpenAI(roles) as server:
+        report = run_synth(synth_config(out, server.url, 6))
+    return out, report, roles, server
+
+
+def test_strategies_land_on_the_supporter_turns(happy) -> None:
+    out, report, roles, server = happy
+    records = [json.loads(line) for line in (out / "part-00000.jsonl").read_text().splitlines()]
+    assert len(records) == 6
+    assert sorted(r["metadata"]["scenario"]["language"] for r in records) == ["en"] * 3 + ["zh"] * 3
+    for r in records:
+        assert [m["role"] for m in r["messages"]] == ["user", "assistant"] * 2 + ["user"]
+        assert [m.get("strategy") for m in r["messages"]] == [
+            None,
+            "Question",
+            None,
+            "Reflection of feelings",
+            None,
+        ]
+        assert [m.get("rationale") for m in r["messages"][1::2]] == ["turn 1", "turn 2"]
+        assert r["metadata"]["stop_reason"] == "seeker_ended"
+        assert r["metadata"]["models"] == {
+            "seeker": "scripted",
+            "counselor": "scripted",
+            "supporter": "scripted",
+        }
+    assert roles.calls == {"seeker": 18, "counselor": 12, "supporter": 12}
+
+
+def test_report_counts_and_charts(happy) -> None:
+    out, report, _, _ = happy
+    assert report["dialogues"] == {"written": 6, "dropped": {}, "failed": {}}
+    assert report["utterances"] == 30
+    assert report["turns_per_dialogue"] == {
+        "count": 6,
+        "mean": 2.0,
+        "median": 2.0,
+        "min": 2,
+        "max": 2,
+        "histogram": {"2": 6},
+    }
+    overall = report["strategies"]["overall"]
+    assert (overall["Question"], overall["Reflection of feelings"], sum(overall.values())) == (
+        6,
+        6,
+        12,
+    )
+    assert report["strategies"]["by_stage"]["exploration"]["Question"] == 6
+    assert report["strategies"]["by_stage"]["comforting"]["Reflection of feelings"] == 6
+    assert report["strategies"]["by_phase"]["early"]["Question"] == 6
+    assert report["strategies"]["by_phase"]["middle"]["Reflection of feelings"] == 6  # 2 of 2
+    assert report["run"]["written"] == 6 and report["run"]["completion_tokens"] > 0
+    saved = json.loads((out / "_synth" / "synth_report.json").read_text())
+    assert saved["dialogues"] == report["dialogues"]
+    for name in ("strategies.png", "strategies_by_phase.png", "turns.png"):
+        assert (out / "_synth" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_prepare_reads_the_output_unchanged(happy, tmp_path) -> None:
+    from soulray.data.pipeline import run_prepare
+
+    out, _, _, _ = happy
+    cfg = load_config(
+        QUICKSTART,
+        [f"data.inputs=[{out}]", f"data.output_dir={tmp_path / 'prepared'}", "data.val_fraction=0"],
+    )
+    manifest = run_prepare(cfg)
+    assert (manifest["records"], manifest["conversations"], manifest["rejected"]) == (6, 6, {})
+    assert (manifest["turns"], manifest["assistant_turns"]) == (30, 12)
+    assert manifest["unknown_strategies"] == {}
+    assert manifest["files"] == 1  # the shard; _synth/ is skipped
+
+
+def test_rerun_skips_what_is_written_and_makes_only_the_new(happy, tmp_path) -> None:
+    out, _, _, _ = happy
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    roles = ScriptedRoles(stop_after=3)
+    with ScriptedOpenAI(roles) as server:
+        report = run_synth(synth_config(copy, server.url, 8))
+    assert roles.calls["seeker"] == 2 * 3  # two new scenarios only
+    assert report["run"]["written"] == 2 and report["dialogues"]["written"] == 8
+    assert sorted(p.name for p in copy.glob("part-*")) == ["part-00000.jsonl", "part-00001.jsonl"]
+    first = OutputStore(str(copy)).load().records[:6]
+    assert first == OutputStore(str(out)).load().records
+
+
+def test_failing_backends_fail_their_scenarios_not_the_job(happy, tmp_path) -> None:
+    out, _, _, _ = happy
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    refused = f"http://127.0.0.1:{free_port()}/v1"
+    roles = ScriptedRoles(stop_after=3)
+    with ScriptedOpenAI(roles) as server:
+        cfg = synth_config(
+            copy,
+            server.url,
+            10,
+            f"synth.roles.supporter.base_url={refused}",
+            "synth.roles.supporter.max_retries=1",
+        )
+        report = run_synth(cfg)
+    reason = f"connection: cannot reach {refused}"
+    assert report["dialogues"] == {"written": 6, "dropped": {}, "failed": {reason: 4}}
+    assert report["run"] | {"elapsed_s": 0} == report["run"] | {
+        "written": 0,
+        "dropped": 0,
+        "failed": 4,
+        "elapsed_s": 0,
+    }
+    assert OutputStore(str(copy)).load().records == OutputStore(str(out)).load().records
+    failed = [json.loads(x) for x in (copy / "_synth" / "failed.jsonl").read_text().splitlines()]
+    assert {f["reason"] for f in failed} == {reason}
+
+
+def test_a_timeout_fails_only_the_scenarios_it_hits(ray_local, tmp_path) -> None:
+    roles = ScriptedRoles(stop_after=3)
+
+    def slow_for_chinese(body):
+        system = body["messages"][0]["content"]
+        if role_of(body) == "supporter" and system.startswith("你"):
+            return Reply("太慢了", delay_s=3.0)
+        return roles(body)
+
+    with ScriptedOpenAI(slow_for_chinese) as server:
+        cfg = synth_config(
+            tmp_path / "out",
+            server.url,
+            4,
+            "synth.roles.supporter.timeout_s=0.5",
+            "synth.roles.supporter.max_retries=0",
+        )
+        report = run_synth(cfg)
+    reason = f"timeout: {server.url} did not answer in time"
+    assert report["dialogues"] == {"written": 2, "dropped": {}, "failed": {reason: 2}}
+    records = OutputStore(str(tmp_path / "out")).load().records
+    assert [r["metadata"]["scenario"]["language"] for r in records] == ["en", "en"]

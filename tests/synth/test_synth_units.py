@@ -1,0 +1,418 @@
+"""Synth parts on exact values: scenarios, prompts, Counselor answers, taxonomy, stop rules
+(over real HTTP to a scripted server, no Ray), output format, resume bookkeeping, dedup."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from scripted_openai import ScriptedOpenAI
+from synth_script import ScriptedRoles
+
+from soulray.config import ESCONV_STRATEGIES, load_config
+from soulray.data.conversation import CleanStats, build_strategy_lookup, normalize_strategy
+from soulray.endpoints import EndpointConfig
+from soulray.synth.config import LoopConfig, QualityConfig, SynthConfig
+from soulray.synth.dedup import NearDuplicateIndex
+from soulray.synth.job import build_cast, to_record
+from soulray.synth.output import OutputStore
+from soulray.synth.roleplay import run_dialogue, utterance_problem
+from soulray.synth.roles import (
+    counselor_messages,
+    load_prompts,
+    seeker_messages,
+    split_end_marker,
+    supporter_messages,
+)
+from soulray.synth.scenarios import (
+    build_scenarios,
+    load_pool,
+    make_scenario,
+    pool_size,
+    scenario_from_record,
+)
+from soulray.synth.strategies import (
+    CounselorAnswerError,
+    load_taxonomy,
+    parse_counselor_answer,
+)
+
+EN = make_scenario(
+    language="en",
+    age=28,
+    occupation="nurse",
+    personality="quiet and guarded",
+    problem_type="job crisis",
+    emotion="anxiety",
+    intensity=4,
+    situation="was laid off last month and has not told anyone yet",
+    attitude="resistant",
+)
+ZH = make_scenario(
+    language="zh",
+    age=19,
+    occupation="大学生",
+    personality="内向又爱自责",
+    problem_type="学业压力",
+    emotion="焦虑",
+    intensity=2,
+    situation="一场重要考试没考过，这周末要告诉家里",
+    attitude="open",
+)
+
+
+def test_scenarios_are_distinct_deterministic_and_plentiful() -> None:
+    pool = load_pool()
+    assert pool_size(pool, "en") >= 5000 and pool_size(pool, "zh") >= 5000
+    first = build_scenarios(3000, seed=7, languages=["zh", "en"])
+    assert len({s.id for s in first}) == 3000
+    assert [s.language for s in first[:4]] == ["zh", "en", "zh", "en"]
+    assert build_scenarios(3000, seed=7, languages=["zh", "en"]) == first
+    assert build_scenarios(5, seed=8, languages=["en"])[0] != first[1]
+    with pytest.raises(ValueError, match="no 'fr' section"):
+        build_scenarios(1, 0, ["fr"])
+
+
+def test_scenario_from_an_esconv_record() -> None:
+    import random
+
+    record = {
+        "situation": "My boyfriend broke up with me after four years.",
+        "problem_type": "breakup with partner",
+        "emotion_type": "sadness",
+        "survey_score": {"seeker": {"initial_emotion_intensity": "5"}},
+        "dialog": [],
+    }
+    s = scenario_from_record(record, load_pool(), random.Random(0))
+    assert (s.language, s.problem_type, s.emotion, s.intensity, s.situation) == (
+        "en",
+        "breakup with partner",
+        "sadness",
+        5,
+        "My boyfriend broke up with me after four years.",
+    )
+    assert scenario_from_record({"dialog": []}, load_pool(), random.Random(0)) is None
+
+
+def test_seeker_prompt_renders_the_scenario_and_flips_roles() -> None:
+    prompts = load_prompts()
+    dialogue = [
+        {"role": "user", "content": "hey"},
+        {"role": "assistant", "content": "hi, I'm here"},
+    ]
+    messages = seeker_messages(prompts, EN, dialogue)
+    system = messages[0]["content"]
+    assert "Who you are: a 28-year-old nurse; personality: quiet and guarded.\n" in system
+    assert (
+        "What is going on (job crisis): was laid off last month and has not told anyone yet.\n"
+        in system
+    )
+    assert "How you feel: anxiety, very strong (4/5).\n" in system
+    assert "Your attitude towards help: You doubt anyone can help" in system
+    assert messages[1:] == [
+        {
+            "role": "user",
+            "content": "(You open the chat. Write your first message to the supporter.)",
+        },
+        {"role": "assistant", "content": "hey"},
+        {"role": "user", "content": "hi, I'm here"},
+    ]
+    zh = seeker_messages(prompts, ZH, [])[0]["content"]
+    assert "你是谁：19岁的大学生，性格内向又爱自责。\n" in zh
+    assert "你的感受：焦虑，程度明显（2/5）。\n" in zh
+
+
+def test_counselor_and_supporter_prompts() -> None:
+    prompts, taxonomy = load_prompts(), load_taxonomy()
+    dialogue = [
+        {"role": "user", "content": "I lost my job"},
+        {"role": "assistant", "content": "Oh no"},
+    ]
+    system, user = counselor_messages(prompts, taxonomy, "en", dialogue)
+    assert "- Question: Ask open or specific questions" in system["content"]
+    assert "[exploration]\n- Restatement or Paraphrasing:" in system["content"]
+    assert system["content"].endswith(
+        'Answer with JSON only: {"strategy": "<a name from the list>", '
+        '"rationale": "<one sentence>"}'
+    )
+    assert user["content"] == (
+        "Dialogue so far:\nSeeker: I lost my job\nSupporter: Oh no\n\n"
+        "Choose the strategy for the Supporter's next reply."
+    )
+    sup = supporter_messages(prompts, taxonomy, "zh", "Information", dialogue)
+    assert (
+        "这一句回复的策略：Information（提供有用的事实、资源或视角，比如这种经历有多普遍。）"
+        in (sup[0]["content"])
+    )
+    assert sup[1:] == dialogue
+
+
+@pytest.mark.parametrize(
+    ("answer", "strategy", "rationale"),
+    [
+        ('{"strategy": "Question", "rationale": "learn more"}', "Question", "learn more"),
+        (
+            '```json\n{"strategy": "reflection of feelings", "rationale": "x"}\n```',
+            "Reflection of feelings",
+            "x",
+        ),
+        ('Sure! {"strategy": "[Suggestions]"} hope that helps', "Providing Suggestions", ""),
+        (
+            '{"strategy": "Approval and Reassurance", "rationale": 3}',
+            "Affirmation and Reassurance",
+            "",
+        ),
+    ],
+)
+def test_counselor_answers_that_parse(answer: str, strategy: str, rationale: str) -> None:
+    choice = parse_counselor_answer(answer, load_taxonomy())
+    assert (choice.strategy, choice.rationale) == (strategy, rationale)
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        ("I would ask a question.", "invalid_json"),
+        ('{"strategy": "Question", "rationale": ', "invalid_json"),
+        ('{"rationale": "no name"}', "invalid_json"),
+        ('["Question"]', "invalid_json"),
+        ('{"strategy": "Hypnosis", "rationale": "x"}', "unknown_strategy"),
+    ],
+)
+def test_counselor_answers_that_do_not(answer: str, reason: str) -> None:
+    with pytest.raises(CounselorAnswerError) as err:
+        parse_counselor_answer(answer, load_taxonomy())
+    assert err.value.reason == reason
+
+
+def test_taxonomy_is_the_one_prepare_normalises_onto() -> None:
+    taxonomy = load_taxonomy()
+    assert taxonomy.names == ESCONV_STRATEGIES
+    assert taxonomy.fallback == load_config().data.strategies.fallback
+    lookup = build_strategy_lookup(load_config().data.strategies)
+    stats = CleanStats()
+    assert [
+        normalize_strategy(n, lookup, "Others", stats) for n in taxonomy.names
+    ] == taxonomy.names
+    assert stats.unknown_strategies == {}
+    assert [taxonomy.stage_of(n) for n in ("Question", "Providing Suggestions", "Others")] == [
+        "exploration",
+        "action",
+        "exploration",
+    ]
+
+
+def test_end_marker_and_utterance_rules() -> None:
+    assert split_end_marker("ok thanks, bye <END>") == ("ok thanks, bye", True)
+    assert split_end_marker("谢谢你【结束】") == ("谢谢你", True)
+    assert split_end_marker("[end]") == ("", True)
+    assert split_end_marker("not yet") == ("not yet", False)
+    earlier = [{"role": "user", "content": "I can't sleep."}]
+    assert utterance_problem("  ", "user", earlier, "en", True) == "empty"
+    assert utterance_problem("i cant sleep", "user", earlier, "en", True) == "repeated"
+    assert utterance_problem("I can't sleep.", "assistant", earlier, "en", True) is None
+    assert utterance_problem("我睡不着", "user", earlier, "en", True) == "wrong_language"
+    assert utterance_problem("我睡不着", "user", earlier, "en", False) is None
+
+
+def play(roles: ScriptedRoles, scenario, loop: LoopConfig, **quality):
+    with ScriptedOpenAI(roles) as server:
+        sc = SynthConfig.model_validate(
+            {"roles": {"seeker": {"base_url": server.url, "model": "m"}}, "loop": loop.model_dump()}
+        )
+
+        async def go():
+            cast = build_cast(sc)
+            try:
+                return await run_dialogue(scenario, cast, loop, QualityConfig(**quality))
+            finally:
+                await cast.seeker.client.aclose()
+
+        return asyncio.run(go())
+
+
+def test_seeker_ends_it_after_the_minimum_and_strategies_land_on_replies() -> None:
+    d = play(ScriptedRoles(stop_after=3), EN, LoopConfig(min_turns=2, max_turns=6))
+    situation = EN.situation
+    assert (d.status, d.reason, d.turns) == ("ok", "seeker_ended", 2)
+    assert [(m["role"], m["content"], m.get("strategy")) for m in d.messages] == [
+        ("user", f"message 1: {situation}", None),
+        ("assistant", f"reply 1 (Question): message 1: {situation}", "Question"),
+        ("user", f"message 2: {situation}", None),
+        (
+            "assistant",
+            f"reply 2 (Reflection of feelings): message 1: {situation}",
+            "Reflection of feelings",
+        ),
+        ("user", f"message 3: {situation}", None),
+    ]
+    assert [m.get("stage") for m in d.messages[1::2]] == ["exploration", "comforting"]
+    assert d.messages[1]["rationale"] == "turn 1"
+
+
+def test_a_stop_before_the_minimum_is_ignored_and_max_turns_ends_it() -> None:
+    d = play(ScriptedRoles(stop_after=1), ZH, LoopConfig(min_turns=3, max_turns=5))
+    # The Seeker asks to stop from its first message on; it may once 3 replies are in.
+    assert (d.status, d.reason, d.turns, len(d.messages)) == ("ok", "seeker_ended", 3, 7)
+    d = play(ScriptedRoles(stop_after=99), ZH, LoopConfig(min_turns=1, max_turns=2))
+    assert (d.status, d.reason, d.turns, d.messages[-1]["role"]) == (
+        "ok",
+        "max_turns",
+        2,
+        "assistant",
+    )
+    assert d.messages[1]["content"].startswith("第1句回应（Question）：我在听，第1句：")
+
+
+def test_counselor_retry_then_fallback_are_counted() -> None:
+    def odd(k: int, attempt: int) -> str | None:
+        if k == 1:
+            return "not json" if attempt == 0 else None  # fixed by the retry
+        return '{"strategy": "Hypnosis"}'  # never fixed: fallback
+
+    d = play(ScriptedRoles(stop_after=3, counselor=odd), EN, LoopConfig(min_turns=2, max_turns=4))
+    assert [m["strategy"] for m in d.messages if m["role"] == "assistant"] == ["Question", "Others"]
+    assert dict(d.counts) == {
+        "counselor_invalid_json": 1,
+        "counselor_retried_ok": 1,
+        "counselor_unknown_strategy": 3,  # 1 answer + 2 retries at reply 2
+        "counselor_fallback": 1,
+    }
+
+
+def test_bad_utterances_drop_a_short_dialogue_and_end_a_long_one() -> None:
+    class EmptySecondReply(ScriptedRoles):
+        def supporter(self, messages):
+            k = 1 + sum(m["role"] == "assistant" for m in messages[1:])
+            return "   " if k == self.bad_at else super().supporter(messages)
+
+    roles = EmptySecondReply(stop_after=9)
+    roles.bad_at = 2
+    d = play(roles, EN, LoopConfig(min_turns=3, max_turns=5))
+    assert (d.status, d.reason, d.counts["empty_supporter"]) == ("dropped", "empty_supporter", 1)
+    roles = EmptySecondReply(stop_after=9)
+    roles.bad_at = 4
+    d = play(roles, EN, LoopConfig(min_turns=3, max_turns=5))
+    assert (d.status, d.reason, d.turns) == ("ok", "ended_empty_supporter", 3)
+    d = play(
+        ScriptedRoles(),
+        ZH.__class__(**(ZH.to_dict() | {"language": "en"})),
+        LoopConfig(min_turns=1, max_turns=3),
+    )
+    assert (d.status, d.reason) == ("dropped", "wrong_language_seeker")
+
+
+def test_output_record_is_what_prepare_reads(tmp_path) -> None:
+    d = play(ScriptedRoles(stop_after=2), EN, LoopConfig(min_turns=1, max_turns=3))
+    sc = SynthConfig.model_validate(
+        {
+            "roles": {
+                "seeker": {"base_url": "http://h/v1", "model": "s"},
+                "supporter": {"model": "t"},
+            },
+            "seed": 5,
+        }
+    )
+    record = to_record(EN, d, sc)
+    assert set(record) == {"id", "topic", "messages", "metadata"}
+    assert (record["id"], record["topic"]) == (EN.id, "job crisis")
+    assert record["messages"][1] == {
+        "role": "assistant",
+        "content": f"reply 1 (Question): message 1: {EN.situation}",
+        "strategy": "Question",
+        "rationale": "turn 1",
+        "stage": "exploration",
+    }
+    meta = record["metadata"]
+    assert meta["models"] == {"seeker": "s", "counselor": "s", "supporter": "t"}
+    assert (meta["seed"], meta["turns"], meta["stop_reason"]) == (5, 1, "seeker_ended")
+    assert meta["scenario"] == EN.to_dict()
+    from soulray.data.formats import detect_format, to_conversation
+
+    conv = to_conversation(json.loads(json.dumps(record)), detect_format(record), "k")
+    assert [(m.role, m.strategy) for m in conv.messages] == [
+        ("user", None),
+        ("assistant", "Question"),
+        ("user", None),
+    ]
+
+
+def test_store_resume_cuts_a_torn_line_and_skips_written_and_dropped(tmp_path) -> None:
+    store = OutputStore(str(tmp_path))
+    store.write_dialogue({"id": "a", "messages": []})
+    store.write_dialogue({"id": "b", "messages": []})
+    store.write_dropped("c", "near_duplicate")
+    store.write_failed("d", "connection: cannot reach x")
+    store.write_failed("b", "timeout: x")  # failed once, written later
+    store.close()
+    shard = tmp_path / "part-00000.jsonl"
+    with shard.open("a") as f:
+        f.write('{"id": "e", "mess')  # killed mid-write
+    state = OutputStore(str(tmp_path)).load()
+    assert [r["id"] for r in state.records] == ["a", "b"]
+    assert state.finished == {"a", "b", "c"}
+    assert state.failed == {"d": "connection: cannot reach x"}
+    assert shard.read_text().endswith('"messages": []}\n')
+    store = OutputStore(str(tmp_path))
+    store.write_dialogue({"id": "f", "messages": []})
+    store.close()
+    assert sorted(p.name for p in tmp_path.glob("part-*")) == [
+        "part-00000.jsonl",
+        "part-00001.jsonl",
+    ]
+    with pytest.raises(ValueError, match="is remote"):
+        OutputStore("s3://bucket/synth")
+
+
+def test_near_duplicates_are_found_and_distinct_texts_kept() -> None:
+    index = NearDuplicateIndex(threshold=0.8)
+    text = "I failed my exam and my parents will be so angry with me this weekend. " * 3
+    assert index.add_if_new("a", text) is None
+    assert index.add_if_new("b", text.replace("weekend", "week end")) == "a"
+    assert (
+        index.add_if_new("c", "My dog died last week and everyone says it was just a pet.") is None
+    )
+    assert len(index) == 2
+
+
+def test_config_roles_inherit_from_the_seeker() -> None:
+    cfg = load_config(None, ["synth.roles.seeker.model=big", "synth.roles.counselor.temperature=0"])
+    roles = cfg.synth.roles.resolved
+    assert roles["counselor"] == EndpointConfig(
+        base_url="http://127.0.0.1:8000/v1", model="big", temperature=0.0
+    )
+    assert roles["supporter"] == roles["seeker"]
+    with pytest.raises(ValueError, match="min_turns=5 exceeds max_turns=2"):
+        load_config(None, ["synth.loop.min_turns=5", "synth.loop.max_turns=2"])
+
+
+def test_scenarios_from_esconv_situations() -> None:
+    from soulray_testing import shared_path
+
+    from soulray.synth.job import load_scenarios
+
+    path = shared_path("esconv/FailedESConv.json")
+    raw = json.loads(path.read_text())
+    situations = list(dict.fromkeys(r["situation"].strip() for r in raw if r.get("situation")))
+    sc = SynthConfig.model_validate(
+        {"scenarios": {"source": "corpus", "inputs": [str(path)], "count": 0}}
+    )
+    scenarios = load_scenarios(sc)
+    assert len(situations) == 189  # 196 records, 7 repeat a situation
+    assert [s.situation for s in scenarios] == situations
+    assert scenarios[0].problem_type == raw[0]["problem_type"]
+    assert scenarios[0].intensity == int(
+        raw[0]["survey_score"]["seeker"]["initial_emotion_intensity"]
+    )
+    assert {s.language for s in scenarios} == {"en"}
+    assert (
+        len(
+            load_scenarios(
+                sc.model_copy(update={"scenarios": sc.scenarios.model_copy(update={"count": 5})})
+            )
+        )
+        == 5
+    )
+    with pytest.raises(ValueError, match="needs synth.scenarios.inputs"):
+        SynthConfig.model_validate({"scenarios": {"source": "corpus"}})
