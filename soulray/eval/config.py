@@ -13,6 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from soulray.endpoints import EndpointConfig
 
+Language = Literal["zh", "en"]
+LANGUAGES: tuple[Language, ...] = ("zh", "en")
+
 
 class EvalSection(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -62,7 +65,7 @@ class InteractiveConfig(EvalSection):
     seeker: EndpointConfig | None = None  # None: the judge's endpoint plays the Seeker
     scenarios: int = Field(6, ge=1)  # attitudes open / neutral / resistant in turn
     turns: int = Field(4, ge=1)  # Seeker messages per dialogue (fewer if it ends the chat)
-    languages: list[Literal["zh", "en"]] = Field(default_factory=lambda: ["zh", "en"])
+    languages: list[Language] = Field(default_factory=lambda: list(LANGUAGES))
     seed: int = 0
     seeker_prompts: str | None = None  # a YAML like soulray/synth/prompts.yaml; None = packaged
 

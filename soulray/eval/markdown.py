@@ -26,8 +26,11 @@ def num(x: float | None) -> str:
 
 
 def with_ci(s: dict[str, Any]) -> str:
+    """'mean [low, high]'; the mean alone for a statistic without a CI (Distinct-n)."""
     if s["mean"] is None:
         return "n/a"
+    if s["ci"][0] is None:
+        return num(s["mean"])
     return f"{num(s['mean'])} [{num(s['ci'][0])}, {num(s['ci'][1])}]"
 
 
@@ -47,7 +50,11 @@ def inline(text: str | None, limit: int = 400) -> str:
 def turn_section(turn: dict[str, Any]) -> list[str]:
     metrics = [*TURN_METRICS, "distinct_1", "distinct_2"]
     out = ["## Turn-based, against the counselor's reply", ""]
-    out += ["Mean [95 % bootstrap CI]; BLEU and ROUGE 0-100, Distinct 0-1, length in tokens.", ""]
+    out += [
+        "Mean [95 % bootstrap CI]; BLEU and ROUGE 0-100, length in tokens; Distinct-n (0-1) is "
+        "over all of a model's replies, without a CI (resampling repeats replies).",
+        "",
+    ]
     rows = [
         [m, str(v["replies"]), str(v["failed"]), *(with_ci(v["metrics"][k]) for k in metrics)]
         for m, v in turn.items()

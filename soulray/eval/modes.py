@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import sys
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 from soulray.endpoints import EndpointClient, EndpointError
@@ -38,7 +38,7 @@ class Progress:
             print(f"eval {self.label}: {self.done}/{self.total} ({pct}%)", file=sys.stderr)
 
 
-async def tracked(work: list[Awaitable[Any]], progress: Progress) -> list[Any]:
+async def tracked(work: Sequence[Awaitable[Any]], progress: Progress) -> list[Any]:
     async def one(w: Awaitable[Any]) -> Any:
         result = await w
         progress.step()

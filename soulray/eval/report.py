@@ -15,7 +15,7 @@ from soulray.eval.config import EvalConfig
 from soulray.eval.contexts import Context
 from soulray.eval.judge import Rubric
 from soulray.eval.metrics import REFERENCE_METRICS, distinct, tokenize
-from soulray.eval.stats import bootstrap_statistic_ci, summarize
+from soulray.eval.stats import summarize
 from soulray.synth.scenarios import Scenario
 
 TURN_METRICS = (*REFERENCE_METRICS, "length")
@@ -23,7 +23,8 @@ TURN_METRICS = (*REFERENCE_METRICS, "length")
 
 def judge_values(rows: list[dict[str, Any] | None], rubric: Rubric) -> dict[str, list[float]]:
     """'total' and each dimension over the scored judgements."""
-    values: dict[str, list[float]] = {"total": []} | {d.name: [] for d in rubric.dimensions}
+    values: dict[str, list[float]] = {"total": []}
+    values |= {d.name: [] for d in rubric.dimensions}
     for j in rows:
         if j and j.get("scores"):
             values["total"].append(float(sum(j["scores"].values())))
@@ -45,11 +46,10 @@ def judge_summary(rows: list[dict[str, Any] | None], rubric: Rubric, seed: int) 
     }
 
 
-def distinct_summary(tokens: list[list[str]], n: int, seed: int) -> dict[str, Any]:
-    if not tokens:
-        return {"n": 0, "mean": None, "ci": [None, None]}
-    low, high = bootstrap_statistic_ci(tokens, lambda sample: distinct(sample, n), seed)
-    return {"n": len(tokens), "mean": distinct(tokens, n), "ci": [low, high]}
+def distinct_summary(tokens: list[list[str]], n: int) -> dict[str, Any]:
+    """Distinct-n of all the replies, without a CI: a bootstrap resample repeats replies, which
+    lowers Distinct by construction (its percentile interval would not even hold the value)."""
+    return {"n": len(tokens), "mean": distinct(tokens, n) if tokens else None, "ci": [None, None]}
 
 
 def turn_summary(
@@ -59,7 +59,7 @@ def turn_summary(
     metrics = {k: summarize([r["metrics"][k] for _, r in ok], seed) for k in TURN_METRICS}
     tokens = [tokenize(r["text"], c.language) for c, r in ok]
     for n in (1, 2):
-        metrics[f"distinct_{n}"] = distinct_summary(tokens, n, seed)
+        metrics[f"distinct_{n}"] = distinct_summary(tokens, n)
     judged = [r.get("judge") for r in rows]
     return {
         "replies": len(rows),

@@ -1,10 +1,10 @@
-"""`soulray eval`: the driver. Contexts (Ray Data) -> replies (one Ray task per model, in
+"""`soulray eval`: the driver. Contexts (Ray Data) -> replies (one Ray task per server, in
 parallel) -> reference metrics -> judge and pairwise (one Ray task on the judge endpoint) ->
 Seeker-driven dialogues (one Ray task) -> report.json, report.md, PNG charts.
 
-Each phase's task holds one client per endpoint, so the endpoint's `concurrency` bounds what it
-sees. Phases run one after another: a judge that is also a model under test is never asked by
-two phases at once.
+Each phase's task holds the clients of its endpoints, and names on one server (same base_url)
+share one bound, so an endpoint's `concurrency` bounds what the server sees. Phases run one after
+another: a judge that is also a model under test is never asked by two phases at once.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 from soulray import storage
 from soulray.config import Config, config_to_yaml
-from soulray.endpoints import EndpointConfig, build_client
+from soulray.endpoints import EndpointClient, EndpointConfig, build_client
 from soulray.eval.config import EvalConfig, InteractiveConfig
 from soulray.eval.contexts import Context, contexts_digest, sample_contexts
 from soulray.eval.judge import Rubric, load_rubric
@@ -29,15 +29,34 @@ log = logging.getLogger("soulray.eval")
 TASK_CPUS = 0.1  # the phases wait on endpoints; they must not hold a CPU a replica needs
 
 
-def generate_task(endpoint: EndpointConfig, model: str, contexts: list[Context]) -> list[dict]:
+def build_clients(endpoints: dict[str, EndpointConfig]) -> dict[str, EndpointClient]:
+    """One client per name; names on one server (same base_url: two models or a LoRA adapter on
+    one vLLM, the judge also playing the Seeker) share one bound, their smallest concurrency."""
+    limits: dict[str, int] = {}
+    for ep in endpoints.values():
+        limits[ep.base_url] = min(limits.get(ep.base_url, ep.concurrency), ep.concurrency)
+    bounds = {url: asyncio.Semaphore(n) for url, n in limits.items()}
+    return {name: build_client(ep, semaphore=bounds[ep.base_url]) for name, ep in endpoints.items()}
+
+
+async def close_all(clients: dict[str, EndpointClient]) -> None:
+    for client in clients.values():
+        await client.aclose()
+
+
+def generate_task(
+    endpoints: dict[str, EndpointConfig], contexts: list[Context]
+) -> dict[str, list[dict]]:
+    """Every context answered by each model of one server (one task per server)."""
     from soulray.eval.modes import generate
 
-    async def main() -> list[dict]:
-        client = build_client(endpoint)
+    async def main() -> dict[str, list[dict]]:
+        clients = build_clients(endpoints)
         try:
-            return await generate(client, model, contexts)
+            done = await asyncio.gather(*(generate(c, m, contexts) for m, c in clients.items()))
+            return dict(zip(clients, done, strict=True))
         finally:
-            await client.aclose()
+            await close_all(clients)
 
     return asyncio.run(main())
 
@@ -77,18 +96,18 @@ def interactive_task(
     assert seeker_cfg is not None  # checked by check_config
 
     async def main() -> dict[str, list[dict[str, Any]]]:
-        clients = {m.name: build_client(m.endpoint) for m in cfg.models}
-        judge = build_client(judge_cfg) if judge_cfg else None
-        # the judge playing the Seeker too is one endpoint: one client, one bound
-        seeker_client = judge if ic.seeker is None and judge else build_client(seeker_cfg)
+        # role keys hold a space, which model names cannot
+        roles = {" seeker": seeker_cfg} | ({" judge": judge_cfg} if judge_cfg else {})
+        clients = build_clients({m.name: m.endpoint for m in cfg.models} | roles)
+        models = {m.name: clients[m.name] for m in cfg.models}
         try:
-            seeker = build_seeker(seeker_client, ic.seeker_prompts)
+            seeker = build_seeker(clients[" seeker"], ic.seeker_prompts)
+            judge = clients.get(" judge")
             return await interactive(
-                seeker, clients, judge, rubric, cfg.judge.retries, scenarios, ic.turns
+                seeker, models, judge, rubric, cfg.judge.retries, scenarios, ic.turns
             )
         finally:
-            for c in {id(c): c for c in [*clients.values(), seeker_client, judge] if c}.values():
-                await c.aclose()
+            await close_all(clients)
 
     return asyncio.run(main())
 
@@ -131,10 +150,56 @@ def check_config(cfg: EvalConfig, baseline: str | None) -> None:
             )
 
 
+class PhaseClock:
+    """Seconds per phase, for report.json's meta (where the time of a run went)."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases[name] = round(now - self.last, 3)
+        self.last = now
+
+
 def add_reference_metrics(contexts: list[Context], rows: list[dict[str, Any]]) -> None:
     for ctx, row in zip(contexts, rows, strict=True):
         if row["text"] is not None:
             row["metrics"] = reference_scores(row["text"], ctx.reference, ctx.language)
+
+
+def run_turn_mode(
+    e: EvalConfig, rubric: Rubric, remote: Any, clock: PhaseClock
+) -> tuple[
+    list[Context], dict[str, list[dict[str, Any]]], dict[str, list[Any]], list[dict[str, Any]]
+]:
+    """Contexts -> every model's replies (a task per model, in parallel) -> reference metrics
+    -> judge scores and pairwise verdicts (one task on the judge endpoint)."""
+    import ray
+
+    if e.contexts is None:
+        return [], {}, {}, []
+    contexts = sample_contexts(e.contexts)
+    clock.done("contexts_s")
+    log.info("%d contexts, %d model(s)", len(contexts), len(e.models))
+    servers: dict[str, dict[str, EndpointConfig]] = {}
+    for m in e.models:
+        servers.setdefault(m.endpoint.base_url, {})[m.name] = m.endpoint
+    refs = [remote(generate_task).remote(endpoints, contexts) for endpoints in servers.values()]
+    answered = {name: rows for part in ray.get(refs) for name, rows in part.items()}
+    replies = {m.name: answered[m.name] for m in e.models}
+    clock.done("generate_s")
+    for rows in replies.values():
+        add_reference_metrics(contexts, rows)
+    clock.done("metrics_s")
+    if e.judge.endpoint is None:
+        return contexts, replies, {}, []
+    pairwise = e.judge.pairwise and len(e.models) > 1
+    args = (e.judge.endpoint, rubric, e.judge.retries, pairwise, contexts, replies)
+    scores, pairs = ray.get(remote(judge_task).remote(*args))
+    clock.done("judge_s")
+    return contexts, replies, scores, pairs
 
 
 def run_eval(cfg: Config, fail_if_worse: str | None = None) -> dict[str, Any]:
@@ -149,31 +214,21 @@ def run_eval(cfg: Config, fail_if_worse: str | None = None) -> dict[str, Any]:
     check_config(e, fail_if_worse)
     started = time.time()
     rubric = load_rubric(e.judge.rubric)
-    remote = ray.remote(num_cpus=TASK_CPUS, max_retries=0)
-    contexts = sample_contexts(e.contexts) if e.contexts else []
-    replies: dict[str, list[dict[str, Any]]] = {}
-    scores: dict[str, list[Any]] = {}
-    pairs: list[dict[str, Any]] = []
-    if contexts:
-        log.info("%d contexts, %d model(s)", len(contexts), len(e.models))
-        refs = [remote(generate_task).remote(m.endpoint, m.name, contexts) for m in e.models]
-        replies = dict(zip([m.name for m in e.models], ray.get(refs), strict=True))
-        for rows in replies.values():
-            add_reference_metrics(contexts, rows)
-        if e.judge.endpoint is not None:
-            pairwise = e.judge.pairwise and len(e.models) > 1
-            args = (e.judge.endpoint, rubric, e.judge.retries, pairwise, contexts, replies)
-            scores, pairs = ray.get(remote(judge_task).remote(*args))
+    remote = ray.remote(num_cpus=TASK_CPUS, max_retries=2)  # a lost worker: the phase again
+    clock = PhaseClock()
+    contexts, replies, scores, pairs = run_turn_mode(e, rubric, remote, clock)
     dialogues: dict[str, list[dict[str, Any]]] = {}
     scenarios: list[Scenario] = []
     if e.interactive.enabled:
         scenarios = interactive_scenarios(e.interactive)
         dialogues = ray.get(remote(interactive_task).remote(e, rubric, scenarios))
+        clock.done("interactive_s")
     meta = {
         "models": [m.model_dump(mode="json") for m in e.models],
         "judge": e.judge.model_dump(mode="json"),
         "contexts_digest": contexts_digest(contexts),
         "seconds": round(time.time() - started, 2),
+        "phases": clock.phases,
     }
     report = build_report(e, rubric, contexts, replies, scores, pairs, dialogues, scenarios, meta)
     if fail_if_worse is not None:

@@ -213,8 +213,11 @@ def test_fail_if_worse_exits_1_on_worse_and_0_on_equal(ray_local, servers, tmp_p
     assert gate["difference"] == {"n": 6, "mean": -7.0, "ci": [-7.0, -7.0]} and gate["worse"]
     assert "WORSE" in (tmp_path / "w" / "report" / "report.md").read_text()
     equal = write_config(tmp_path / "e", servers, {"new": "good", "old": "good"})
+    servers["good"].peak_in_flight = 0
     result = run_cli("eval", "--config", str(equal), "--fail-if-worse", "old")
     assert result.exit_code == 0, result.output
+    # two model names on one server share its bound of 2 (not 2 each)
+    assert servers["good"].peak_in_flight == 2
     gate = json.loads((tmp_path / "e" / "report" / "report.json").read_text())["gate"]
     assert gate["difference"] == {"n": 6, "mean": 0.0, "ci": [0.0, 0.0]} and not gate["worse"]
     result = run_cli("eval", "--config", str(equal), "--fail-if-worse", "nobody")

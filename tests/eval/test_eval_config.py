@@ -1,0 +1,59 @@
+"""The eval section refuses what cannot run, naming the key and the fix, before any request."""
+
+from __future__ import annotations
+
+import pytest
+
+from soulray.config import ConfigError, load_config
+from soulray.eval.config import EvalConfig
+from soulray.eval.run import check_config, interactive_scenarios
+
+EP = "{base_url: 'http://127.0.0.1:1/v1', model: m}"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["eval.contexts.source=prepared"], "needs prepared_dir"),
+        (["eval.contexts.source=files"], "needs inputs"),
+        ([f"eval.models=[{{name: a, endpoint: {EP}}}, {{name: a, endpoint: {EP}}}]"], "unique"),
+        ([f"eval.models=[{{name: 'a b', endpoint: {EP}}}]"], "eval.models.0.name"),
+        (["eval.judge.rubrik=x"], "Did you mean 'eval.judge.rubric'"),
+        ([f"eval.models=[{{name: a, endpoint: {EP}}}]", "eval.gate.candidate=b"], "not one of"),
+    ],
+)
+def test_config_errors_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def models(*names: str) -> list[dict]:
+    return [
+        {"name": n, "endpoint": {"base_url": "http://127.0.0.1:1/v1", "model": n}} for n in names
+    ]
+
+
+def test_run_checks_before_any_request(monkeypatch):
+    contexts = {"source": "files", "inputs": ["x.jsonl"]}
+    with pytest.raises(ValueError, match="eval.models is empty"):
+        check_config(EvalConfig(contexts=contexts), None)
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        check_config(EvalConfig(models=models("a")), None)
+    with pytest.raises(ValueError, match="needs a Seeker"):
+        check_config(EvalConfig(models=models("a"), interactive={"enabled": True}), None)
+    with pytest.raises(ValueError, match="must name one of eval.models"):
+        check_config(EvalConfig(models=models("a", "b"), contexts=contexts), "c")
+    keyed = models("a")
+    keyed[0]["endpoint"]["api_key_env"] = "SOULRAY_TEST_ABSENT_KEY"
+    monkeypatch.delenv("SOULRAY_TEST_ABSENT_KEY", raising=False)
+    with pytest.raises(ValueError, match="SOULRAY_TEST_ABSENT_KEY is not set"):
+        check_config(EvalConfig(models=keyed, contexts=contexts), None)
+
+
+def test_interactive_scenarios_rotate_the_attitudes():
+    cfg = EvalConfig(interactive={"scenarios": 7, "languages": ["zh", "en"], "seed": 5})
+    drawn = interactive_scenarios(cfg.interactive)
+    assert [s.attitude for s in drawn] == ["open", "neutral", "resistant"] * 2 + ["open"]
+    assert [s.language for s in drawn] == ["zh", "en"] * 3 + ["zh"]
+    assert len({s.id for s in drawn}) == 7  # the id follows the content, attitude included
+    assert [s.id for s in interactive_scenarios(cfg.interactive)] == [s.id for s in drawn]
