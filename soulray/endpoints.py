@@ -90,7 +90,10 @@ class EndpointClient:
         raise AssertionError("unreachable")
 
     async def _once(self, messages: list[dict[str, str]], request: dict[str, Any]) -> ChatResult:
-        response = await self._client.chat.completions.create(messages=messages, **request)
+        response = await self._client.chat.completions.create(
+            messages=messages,  # type: ignore[arg-type]  # plain dicts are what the API takes
+            **request,
+        )
         if not response.choices:
             raise EndpointError(f"empty_response: {self.cfg.base_url} returned no choices")
         usage = response.usage
@@ -120,9 +123,24 @@ def build_client(
                 "export it or set api_key_env: null for an endpoint without a key"
             )
     client = openai.AsyncOpenAI(
-        base_url=cfg.base_url, api_key=api_key, timeout=cfg.timeout_s, max_retries=0
+        base_url=cfg.base_url,
+        api_key=api_key,
+        timeout=cfg.timeout_s,
+        max_retries=0,
+        http_client=build_http_client(cfg.timeout_s),
     )
     return EndpointClient(cfg, client, backoff_s, semaphore)
+
+
+def build_http_client(timeout_s: float) -> Any:
+    """The SDK's aiohttp transport when httpx-aiohttp is installed (a dependency): it costs
+    about half the CPU per request of the default httpx one (measured in
+    bench/synth_throughput.py's notes), and a synth or eval job's own overhead is mostly that."""
+    try:
+        import httpx_aiohttp  # noqa: F401
+    except ImportError:
+        return None
+    return openai.DefaultAioHttpClient(timeout=timeout_s)
 
 
 def is_retryable(e: openai.APIError) -> bool:
@@ -134,13 +152,26 @@ def is_retryable(e: openai.APIError) -> bool:
 
 def describe_error(e: openai.APIError, base_url: str) -> str:
     """A short reason a report can group by: 'timeout', 'connection', or 'http_<status>'."""
-    if isinstance(e, openai.APITimeoutError):
+    if isinstance(e, openai.APITimeoutError) and not refused(e):
         return f"timeout: {base_url} did not answer in time"
     if isinstance(e, openai.APIConnectionError):
         return f"connection: cannot reach {base_url}"
     if isinstance(e, openai.APIStatusError):
         return f"http_{e.status_code}: {e.message}"[:300]
     return f"api_error: {e}"[:300]
+
+
+def refused(e: BaseException) -> bool:
+    """A connection that failed at once, under any wrapper: the aiohttp transport reports a
+    refused connection as a connect *timeout*, which would send users to the wrong fix."""
+    chain: list[BaseException] = []
+    cur: BaseException | None = e
+    while cur is not None and len(chain) < 16:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    if any(isinstance(x, TimeoutError) for x in chain):
+        return False
+    return any(isinstance(x, OSError) for x in chain)
 
 
 def backoff_delay(attempt: int, base_s: float) -> float:

@@ -19,6 +19,9 @@ PLAN = (
     "Providing Suggestions",
 )
 SITUATION = re.compile(r"(?:What is going on \(.*?\): |发生了什么（.*?）：)(.*?)[.。]\n")
+PERSONA = re.compile(
+    r"(?:Who you are: |你是谁：)(.*?)\n(?:.*\n)?(?:How you feel: |你的感受：)(.*?)\n"
+)
 STRATEGY = re.compile(r"(?:Strategy for this reply: |这一句回复的策略：)(.*?) ?[(（]")
 
 
@@ -47,6 +50,7 @@ class ScriptedRoles:
     counselor: optional override (k, attempt) -> raw answer for odd Counselor behaviour."""
 
     stop_after: int = 3
+    with_persona: bool = False  # Seeker lines also name the persona (more distinct dialogues)
     plan: tuple[str, ...] = PLAN
     counselor: Callable[[int, int], str | None] | None = None
     calls: dict[str, int] = field(
@@ -68,6 +72,8 @@ class ScriptedRoles:
         zh = system.startswith("你")
         n = 1 + sum(m["role"] == "assistant" for m in messages)  # its own turns, flipped
         text = seeker_text(SITUATION.search(system).group(1), n, zh)
+        if self.with_persona:
+            text += " (" + "; ".join(PERSONA.search(system).groups()) + ")"
         return text + (" <END>" if n >= self.stop_after else "")
 
     def counselor_answer(self, messages: list[dict[str, str]]) -> str:

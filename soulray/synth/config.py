@@ -53,7 +53,7 @@ def as_dict(value: Any) -> dict[str, Any]:
 class ScenarioConfig(Section):
     source: Literal["pool", "corpus"] = "pool"
     count: int = Field(100, ge=0)  # scenarios to make; 0 with source=corpus = every situation
-    languages: list[Literal["zh", "en"]] = Field(default_factory=lambda: ["zh", "en"])
+    languages: list[Literal["zh", "en"]] = Field(default_factory=lambda: ["zh", "en"])  # type: ignore[arg-type]
     pool_file: str | None = None  # a YAML like soulray/synth/scenarios.yaml; None = packaged
     inputs: list[str] = Field(default_factory=list)  # corpus files (source=corpus), e.g. ESConv
 

@@ -129,8 +129,11 @@ class Progress:
         self.counts = {"written": 0, "dropped": 0, "failed": 0}
         self.prompt_tokens = self.completion_tokens = 0
         self.start = self.last = time.perf_counter()
+        self.first_result_s: float | None = None  # start-up: actors, imports, first dialogue
 
     def add(self, outcome: str, row: dict[str, Any]) -> None:
+        if self.first_result_s is None:
+            self.first_result_s = round(time.perf_counter() - self.start, 3)
         self.counts[outcome] += 1
         self.prompt_tokens += int(row["prompt_tokens"])
         self.completion_tokens += int(row["completion_tokens"])
@@ -153,6 +156,7 @@ class Progress:
         return self.counts | {
             "scenarios": self.total,
             "elapsed_s": round(time.perf_counter() - self.start, 3),
+            "first_result_s": self.first_result_s,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "generated_tokens_per_s": round(self.tokens_per_s(), 1),

@@ -178,7 +178,7 @@ def intensity_of(record: dict[str, Any], rng: random.Random) -> int:
     seeker = survey.get("seeker") if isinstance(survey, dict) else None
     raw = seeker.get("initial_emotion_intensity") if isinstance(seeker, dict) else None
     try:
-        value = int(raw)
+        value = int(raw)  # type: ignore[arg-type]  # "5", 5 or junk
     except (TypeError, ValueError):
         return rng.choice(INTENSITIES)
     return min(max(value, 1), 5)
