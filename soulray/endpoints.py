@@ -13,10 +13,12 @@ import asyncio
 import os
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import openai
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:  # openai takes about a second to import: only the calls load it, not the
+    import openai  # config tree that names an EndpointConfig (every soulray verb and worker)
 
 # Status codes worth another try: the server may answer differently in a moment.
 RETRY_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
@@ -72,6 +74,8 @@ class EndpointClient:
 
     async def chat(self, messages: list[dict[str, str]], **overrides: Any) -> ChatResult:
         """One completion; `overrides` replace request fields (temperature, max_tokens, ...)."""
+        import openai
+
         request = {
             "model": self.cfg.model,
             "temperature": self.cfg.temperature,
@@ -114,6 +118,8 @@ def build_client(
     """A client for `cfg`; the key is read from `cfg.api_key_env` now, so a missing one fails
     before any dialogue starts. Retries are ours (counted, uniform), not the SDK's. Clients of
     one endpoint (several roles on one server) can share `semaphore` to share one bound."""
+    import openai
+
     api_key = NO_KEY
     if cfg.api_key_env is not None:
         api_key = os.environ.get(cfg.api_key_env, "")
@@ -136,6 +142,8 @@ def build_http_client(timeout_s: float) -> Any:
     """The SDK's aiohttp transport when httpx-aiohttp is installed (a dependency): it costs
     about half the CPU per request of the default httpx one (measured in
     bench/synth_throughput.py's notes), and a synth or eval job's own overhead is mostly that."""
+    import openai
+
     try:
         import httpx_aiohttp  # noqa: F401
     except ImportError:
@@ -145,6 +153,8 @@ def build_http_client(timeout_s: float) -> Any:
 
 def is_retryable(e: openai.APIError) -> bool:
     """Connection errors and timeouts (APITimeoutError is one) and RETRY_STATUS answers."""
+    import openai
+
     if isinstance(e, openai.APIConnectionError):
         return True
     return isinstance(e, openai.APIStatusError) and e.status_code in RETRY_STATUS
@@ -152,6 +162,8 @@ def is_retryable(e: openai.APIError) -> bool:
 
 def describe_error(e: openai.APIError, base_url: str) -> str:
     """A short reason a report can group by: 'timeout', 'connection', or 'http_<status>'."""
+    import openai
+
     if isinstance(e, openai.APITimeoutError) and not refused(e):
         return f"timeout: {base_url} did not answer in time"
     if isinstance(e, openai.APIConnectionError):
