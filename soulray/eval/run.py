@@ -29,6 +29,13 @@ log = logging.getLogger("soulray.eval")
 TASK_CPUS = 0.1  # the phases wait on endpoints; they must not hold a CPU a replica needs
 
 
+def warm_up() -> None:
+    """Imports what the phase tasks need, in a worker they can reuse."""
+    import openai  # noqa: F401
+
+    import soulray.eval.modes  # noqa: F401
+
+
 def build_clients(endpoints: dict[str, EndpointConfig]) -> dict[str, EndpointClient]:
     """One client per name; names on one server (same base_url: two models or a LoRA adapter on
     one vLLM, the judge also playing the Seeker) share one bound, their smallest concurrency."""
@@ -180,12 +187,15 @@ def run_turn_mode(
 
     if e.contexts is None:
         return [], {}, {}, []
-    contexts = sample_contexts(e.contexts)
-    clock.done("contexts_s")
-    log.info("%d contexts, %d model(s)", len(contexts), len(e.models))
     servers: dict[str, dict[str, EndpointConfig]] = {}
     for m in e.models:
         servers.setdefault(m.endpoint.base_url, {})[m.name] = m.endpoint
+    # the phase tasks' workers start (and import the client) while the contexts are read
+    warm = [remote(warm_up).remote() for _ in servers]
+    contexts = sample_contexts(e.contexts)
+    ray.get(warm)
+    clock.done("contexts_s")
+    log.info("%d contexts, %d model(s)", len(contexts), len(e.models))
     refs = [remote(generate_task).remote(endpoints, contexts) for endpoints in servers.values()]
     answered = {name: rows for part in ray.get(refs) for name, rows in part.items()}
     replies = {m.name: answered[m.name] for m in e.models}
