@@ -60,6 +60,16 @@ def turn_section(turn: dict[str, Any]) -> list[str]:
         for m, v in turn.items()
     ]
     out += table(["model", "replies", "failed", *(METRIC_NAMES[k] for k in metrics)], rows)
+    failed = [
+        f"{m}: " + ", ".join(f"{k} {n}" for k, n in v["failure_reasons"].items())
+        for m, v in turn.items()
+        if v["failure_reasons"]
+    ]
+    out += (
+        [f"Failed replies (after the endpoint's retries): {'; '.join(failed)}", ""]
+        if failed
+        else []
+    )
     return out + judge_table("Judge scores", turn)
 
 
@@ -98,7 +108,26 @@ def pairwise_section(pairs: list[dict[str, Any]]) -> list[str]:
     return out + table(header, rows)
 
 
-def interactive_section(interactive: dict[str, Any]) -> list[str]:
+def dialogue_example(dialogues: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The first scenario's dialogue with each model, as the judge read it."""
+    out = []
+    for model, records in dialogues.items():
+        if not records:
+            continue
+        r = records[0]
+        judge = r.get("judge") or {}
+        total = f", judge total {sum(judge['scores'].values())}" if judge.get("scores") else ""
+        out += [f"### {model} with {r['scenario']} ({r['attitude']}, {r['language']}){total}", ""]
+        for m in r["messages"]:
+            out += [f"> **{'Seeker' if m['role'] == 'user' else model}:** {inline(m['content'])}"]
+            out += [">"]
+        out += [f"_(ended: {r['error']})_" if r["error"] else "", ""]
+    return out
+
+
+def interactive_section(
+    interactive: dict[str, Any], dialogues: dict[str, list[dict[str, Any]]]
+) -> list[str]:
     if not interactive:
         return []
     out = ["## Interactive (Seeker-driven dialogues, judged as a whole)", ""]
@@ -109,7 +138,8 @@ def interactive_section(interactive: dict[str, Any]) -> list[str]:
         for m, v in interactive.items()
     ]
     header = ["model", "dialogues", "failed", "model turns", *(f"total ({a})" for a in attitudes)]
-    return out + table(header, rows) + judge_table("Dialogue judge scores", interactive)
+    out += table(header, rows) + judge_table("Dialogue judge scores", interactive)
+    return out + dialogue_example(dialogues)
 
 
 def strategy_section(strategies: dict[str, Any] | None) -> list[str]:
@@ -153,7 +183,8 @@ def render_markdown(report: dict[str, Any], charts: list[str]) -> str:
     out += [f"- rubric: {meta['rubric']['title']}", f"- seconds: {num(meta['seconds'])}", ""]
     if s["turn"]:
         out += turn_section(s["turn"])
-    out += pairwise_section(s["pairwise"]) + interactive_section(s["interactive"])
+    out += pairwise_section(s["pairwise"])
+    out += interactive_section(s["interactive"], report["dialogues"])
     out += strategy_section(s["strategies"]) + examples_section(report)
     if "gate" in report:
         out += gate_lines(report["gate"])

@@ -187,6 +187,9 @@ def test_report_md_numbers_come_from_report_json(evaluated):
     assert "| good vs bad | 6 | 0 | 1.00 (6) | 0.00 (0) | 0.00 (0) |" in md
     shown = re.findall(r"^### (\S+#\d+)$", md, re.M)
     assert shown == [c["id"] for c in report["contexts"][:3]]
+    first = report["scenarios"][0]["id"]
+    assert f"### good with {first} (open, en), judge total 7" in md
+    assert "> **Seeker:** Thanks." in md and f"> **good:** {GOOD}" in md
 
 
 def test_charts_are_valid_pngs(evaluated):
@@ -222,3 +225,24 @@ def test_fail_if_worse_exits_1_on_worse_and_0_on_equal(ray_local, servers, tmp_p
     assert gate["difference"] == {"n": 6, "mean": 0.0, "ci": [0.0, 0.0]} and not gate["worse"]
     result = run_cli("eval", "--config", str(equal), "--fail-if-worse", "nobody")
     assert result.exit_code == 1 and "must name one of eval.models" in result.output
+
+
+def test_a_failing_model_is_counted_not_dropped(ray_local, servers, tmp_path):
+    with ScriptedOpenAI(lambda body: Reply("overloaded", status=503), model="down") as down:
+        config = write_config(tmp_path, servers | {"down": down}, {"good": "good", "down": "down"})
+        cfg = yaml.safe_load(config.read_text())
+        del cfg["eval"]["judge"]  # reference metrics only
+        config.write_text(yaml.safe_dump(cfg))
+        result = run_cli("eval", "--config", str(config))
+        assert result.exit_code == 0, result.output
+        assert len(down.requests) == 6  # max_retries 0: one attempt per context
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    down_summary = report["summary"]["turn"]["down"]
+    assert (down_summary["replies"], down_summary["failed"]) == (6, 6)
+    assert down_summary["failure_reasons"] == {"http_503": 6}
+    assert down_summary["metrics"]["bleu_4"] == {"n": 0, "mean": None, "ci": [None, None]}
+    assert report["summary"]["turn"]["good"]["judge"] is None and report["pairwise"] == []
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| down | 6 | 6 | n/a |" in md and "### Judge scores" not in md
+    assert "Failed replies (after the endpoint's retries): down: http_503 6" in md
+    check_md_matches_json(report, md)
