@@ -128,7 +128,8 @@ def synth_run(url: str, args: argparse.Namespace, out: Path) -> dict[str, float]
     report = run_synth(cfg)
     seconds = time.perf_counter() - start
     tokens = report["run"]["completion_tokens"]
-    assert report["run"]["written"] == args.scenarios, report["dialogues"]
+    # Every dialogue made counts (near duplicates of scripted text are dropped after being made).
+    assert report["run"]["failed"] == 0, report["dialogues"]
     return {
         "seconds": seconds,
         "completion_tokens": tokens,

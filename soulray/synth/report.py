@@ -130,6 +130,16 @@ def save_charts(folder: Path, report: dict[str, Any]) -> list[Path]:
     ax.bar([int(k) for k in hist], list(hist.values()), color="#55a868")
     ax.set(title="Supporter turns per dialogue", xlabel="turns", ylabel="dialogues")
     paths.append(save(fig, folder / "turns.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    labels, means = [], []
+    for role, by_lang in report["reply_chars"].items():
+        for lang, stats in by_lang.items():
+            labels.append(f"{role} ({lang})")
+            means.append(stats.get("mean", 0))
+    ax.bar(labels, means, color="#c44e52")
+    ax.set(title="Mean utterance length", ylabel="characters")
+    paths.append(save(fig, folder / "reply_lengths.png"))
     return paths
 
 

@@ -81,3 +81,17 @@ def test_gate_rules():
         check_gate(report_with([1.0], [1.0]), "old", GateConfig(metric="judge.Warmth"), 0)
     with pytest.raises(ValueError, match="both 'new'"):
         check_gate(report_with([1.0], [1.0]), "new", gate, 0)
+
+
+def test_a_servers_extension_fields_reach_the_reply():
+    from soulray.endpoints import parse_completion
+
+    body = {"id": "x", "object": "chat.completion", "created": 1, "model": "m"}
+    body |= {"choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}]}
+    body |= {"usage": {"prompt_tokens": 3, "completion_tokens": 1}, "strategy": "Question"}
+    result = parse_completion(body, "http://x/v1")
+    assert (result.text, result.completion_tokens, result.extra) == (
+        "hi",
+        1,
+        {"strategy": "Question"},
+    )

@@ -95,7 +95,7 @@ def test_report_counts_and_charts(happy) -> None:
     assert report["run"]["written"] == 6 and report["run"]["completion_tokens"] > 0
     saved = json.loads((out / "_synth" / "synth_report.json").read_text())
     assert saved["dialogues"] == report["dialogues"]
-    for name in ("strategies.png", "strategies_by_phase.png", "turns.png"):
+    for name in ("strategies.png", "strategies_by_phase.png", "turns.png", "reply_lengths.png"):
         assert (out / "_synth" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
