@@ -31,7 +31,8 @@ def save_figure(fig: Any, output_dir: str, name: str) -> str:
 def grouped_bars(title: str, groups: list[str], series: dict[str, list[dict[str, Any]]]) -> Any:
     """One bar per (group, series) at the summary's mean, with its CI as the error bar."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(groups) * max(1, len(series))), 4))
+    width_in = min(14.0, max(6.0, 0.5 * len(groups) * max(1, len(series))))
+    fig, ax = plt.subplots(figsize=(width_in, 4))
     width = 0.8 / max(1, len(series))
     for k, (label, stats) in enumerate(series.items()):
         xs = [i + k * width for i in range(len(groups))]
@@ -46,8 +47,12 @@ def grouped_bars(title: str, groups: list[str], series: dict[str, list[dict[str,
 
 
 def judge_chart(title: str, per_model: dict[str, Any], output_dir: str, name: str) -> str | None:
-    scored = {m: s["judge"]["scores"] for m, s in per_model.items() if s.get("judge")}
-    if not any(v["total"]["n"] for v in scored.values()):
+    scored = {
+        m: s["judge"]["scores"]
+        for m, s in per_model.items()
+        if s.get("judge") and s["judge"]["scores"]["total"]["n"]
+    }  # a model with no scored answer has no bar (the report's table counts it)
+    if not scored:
         return None
     dims = [k for k in next(iter(scored.values())) if k != "total"]
     series = {m: [v[d] for d in dims] for m, v in scored.items()}
@@ -115,7 +120,8 @@ def save_eval_charts(report: dict[str, Any], output_dir: str) -> list[str]:
     charts: list[str | None] = []
     if s["turn"]:
         series = {m: [v["metrics"][k] for k in REFERENCE_METRICS] for m, v in s["turn"].items()}
-        fig = grouped_bars("Reference metrics (0-100)", list(REFERENCE_METRICS), series)
+        labels = [k.replace("_", "-").upper() for k in REFERENCE_METRICS]
+        fig = grouped_bars("Reference metrics (0-100)", labels, series)
         charts.append(save_figure(fig, output_dir, "reference_metrics.png"))
         charts.append(
             judge_chart("Judge scores per dimension", s["turn"], output_dir, "judge_scores.png")
