@@ -8,7 +8,7 @@ import pytest
 from scripted_openai import Reply, ScriptedOpenAI
 from soulray_testing import free_port
 
-from soulray.endpoints import EndpointConfig, EndpointError, build_client
+from soulray.endpoints import ChatResult, EndpointConfig, EndpointError, build_client
 
 HELLO = [{"role": "user", "content": "hello there"}]
 
@@ -98,3 +98,12 @@ def test_missing_key_env_is_refused_by_name(monkeypatch) -> None:
     cfg = EndpointConfig(base_url="http://x/v1", model="m", api_key_env="SOULRAY_TEST_KEY")
     with pytest.raises(ValueError, match="environment variable SOULRAY_TEST_KEY is not set"):
         build_client(cfg)
+
+
+def test_a_body_that_is_not_a_completion_is_an_endpoint_error() -> None:
+    from soulray.endpoints import parse_completion
+
+    ok = {"choices": [{"message": {"content": None}}], "usage": None}
+    assert parse_completion(ok, "u") == ChatResult("", 0, 0)
+    with pytest.raises(EndpointError, match="bad_response: u answered \"{'error': 'x'}\""):
+        parse_completion({"error": "x"}, "u")
