@@ -195,7 +195,7 @@ class DeploymentConfig(Section):
 class BatchingConfig(Section):
     enabled: bool = True  # False = one request at a time (the baseline the benchmark compares)
     max_batch_size: int = Field(16, ge=1)
-    batch_wait_timeout_s: float = Field(0.0, ge=0)  # >0 groups arrivals; late ones join anyway
+    batch_wait_timeout_s: float = Field(0.0, ge=0)  # >0: an idle engine waits this long for more
 
 
 class EngineConfig(DeploymentConfig):
@@ -205,6 +205,7 @@ class EngineConfig(DeploymentConfig):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     stream_interval_s: float = Field(0.05, ge=0)  # streamed text is sent at most this often
+    request_timeout_s: float | None = Field(300.0, gt=0)  # queue + generation; None = no limit
     vllm_engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # vLLM engine args
     max_ongoing_requests: int = Field(64, ge=1)
     max_queued_requests: int = Field(256, ge=-1)

@@ -224,11 +224,8 @@ def step(model: Any, batch: Running, eos: set[int]) -> list[tuple[Row, Delta]]:
     picked = sample(batch.logits, [r.req for r in batch.rows], [r.gen for r in batch.rows])
     out = [(row, _advance(row, token, eos)) for row, token in zip(batch.rows, picked, strict=True)]
     keep = [k for k, (_, delta) in enumerate(out) if delta.finish_reason is None]
-    if len(keep) < len(batch.rows):
-        index = torch.tensor(keep, device=batch.mask.device, dtype=torch.long)
-        batch.cache.batch_select_indices(index)
-        batch.mask, batch.positions = batch.mask[index], batch.positions[index]
-        batch.rows, picked = [batch.rows[k] for k in keep], [picked[k] for k in keep]
+    picked = [picked[k] for k in keep]
+    select(batch, keep)
     if batch.rows:
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
         batch.positions = batch.positions + 1
@@ -241,6 +238,40 @@ def step(model: Any, batch: Running, eos: set[int]) -> list[tuple[Row, Delta]]:
         ).logits
         batch.logits = logits[:, -1]
     return out
+
+
+def select(batch: Running, keep: list[int]) -> None:
+    """Keep only the rows at `keep` (in that order): the others leave the KV cache, the mask and
+    the logits at once, and the columns left as padding for every remaining row are trimmed."""
+    if len(keep) == len(batch.rows):
+        return
+    index = torch.tensor(keep, device=batch.mask.device, dtype=torch.long)
+    if keep:
+        batch.cache.batch_select_indices(index)
+    batch.mask, batch.positions = batch.mask[index], batch.positions[index]
+    batch.logits = batch.logits[index]
+    batch.rows = [batch.rows[k] for k in keep]
+    trim(batch)
+
+
+def trim(batch: Running) -> None:
+    """Drop the leading columns that no running row attends to. Rows are left-padded, so after
+    this the width is the longest live row's length: memory and step time follow the live
+    requests, not the history of the batch. (The slices are views; the next forward's cache
+    update concatenates into fresh tensors, which releases the old storage.)"""
+    if not batch.rows or not can_merge(batch):
+        return
+    first = int(batch.mask.any(0).int().argmax())  # the first column some row attends to
+    if first == 0:
+        return
+    for layer in batch.cache.layers:
+        layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+    batch.mask = batch.mask[:, first:]
+
+
+def width(batch: Running) -> int:
+    """Columns of the batch's mask (and KV cache)."""
+    return int(batch.mask.shape[1])
 
 
 def can_merge(batch: Running) -> bool:
@@ -270,6 +301,7 @@ def merge(batch: Running, joining: Running) -> Running:
     batch.positions = torch.cat([batch.positions, joining.positions])
     batch.logits = torch.cat([batch.logits, joining.logits])
     batch.rows += joining.rows
+    trim(batch)
     return batch
 
 
