@@ -206,16 +206,27 @@ def write_serve_config(cfg: Config, output: Path) -> None:
 
 
 def wait_until_interrupted(app_name: str) -> None:
+    """Block until Ctrl-C or SIGTERM (what Kubernetes sends), then delete the app: Serve lets
+    each replica finish its in-flight requests (graceful_shutdown_timeout_s) before stopping."""
+    import signal
     import time
 
     from ray import serve
 
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the drain
+        typer.echo("stopping: finishing in-flight requests")
         serve.delete(app_name)
         typer.echo("stopped")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @app.command()

@@ -190,6 +190,7 @@ class DeploymentConfig(Section):
     num_cpus: float = Field(0.25, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     health_check_period_s: float = Field(10.0, gt=0)
+    graceful_shutdown_timeout_s: float = Field(60.0, ge=0)  # drain on delete/SIGTERM, then stop
 
 
 class BatchingConfig(Section):
@@ -246,7 +247,9 @@ class ServeConfig(Section):
     app_name: str = "soulray"  # the Ray Serve application
     host: str = "127.0.0.1"  # `soulray serve build` writes 0.0.0.0 (a cluster must listen)
     port: int = Field(8000, ge=1, le=65535)
-    system_prompt: str | None = DEFAULT_COUNSELOR_PROMPT  # used when a request has none
+    # Added to requests without one. None = the export's training prompt (serving.json), so
+    # serving sees what training did; a string overrides it (logged), "" = no system prompt.
+    system_prompt: str | None = None
     context_tokens: int | None = Field(None, ge=64)  # prompt + reply; None = the model's limit
     strategy_tags: bool | None = None  # None = as the export's soulray.yaml (data.strategy_tags)
     default_max_tokens: int = Field(256, ge=1)

@@ -67,12 +67,13 @@ def load_api_key(auth: AuthConfig) -> str | None:
 
 def build_state(cfg: ServeConfig, model_dir: str, engine: EngineClient) -> IngressState:
     local = fetch_model_dir(model_dir)
-    info = read_export_info(local, cfg)
+    tokenizer = load_tokenizer(local)
+    info = read_export_info(local, cfg, tokenizer)
     created = int(Path(local, "config.json").stat().st_mtime)
     return IngressState(
         cfg,
         info,
-        load_tokenizer(local),
+        tokenizer,
         build_screen(cfg.safety),
         load_api_key(cfg.auth),
         engine,

@@ -125,6 +125,7 @@ def replica_options(cfg: EngineConfig | Any, name: str) -> dict[str, Any]:
         "max_queued_requests": cfg.max_queued_requests,
         "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
         "health_check_period_s": cfg.health_check_period_s,
+        "graceful_shutdown_timeout_s": cfg.graceful_shutdown_timeout_s,
     }
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from soulray.data.render import find_end_of_turn
 from soulray.data.tokenizer import load_tokenizer
 
 
@@ -75,11 +76,17 @@ def load_model(model_dir: str, adapter_dir: str | None, dtype: str) -> tuple[Any
 
 
 def eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    """Every id that ends a reply: the generation config's eos ids and the tokenizer's."""
+    """Every id that ends a reply: the generation config's eos ids, the tokenizer's, and the
+    chat template's end-of-turn token (Gemma's <end_of_turn>, Llama-3's <|eot_id|>, which are
+    not eos) when the template's marker is one token."""
     found = model.generation_config.eos_token_id
     ids = set(found if isinstance(found, list) else [found] if found is not None else [])
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
+    if tokenizer.chat_template:
+        eot = tokenizer(find_end_of_turn(tokenizer), add_special_tokens=False).input_ids
+        if len(eot) == 1:
+            ids.add(eot[0])
     return ids
 
 

@@ -142,6 +142,39 @@ def test_concurrent_requests_all_succeed_in_batches(served):
     assert multi > 0 and after["max_batch"] > 1  # ...many rows per forward pass
 
 
+def engine_counters() -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle("Engine", app_name="soulray").counters.remote().result()
+
+
+def wait_for_no_live_rows(timeout_s: float = 30.0) -> dict:
+    deadline = time.time() + timeout_s
+    while (counters := engine_counters())["live_rows"] and time.time() < deadline:
+        time.sleep(0.1)
+    return counters
+
+
+def test_a_disconnected_client_frees_its_row(served):
+    """A client that goes away (streaming or not) stops its generation: the engine runs far
+    fewer steps than the reply would take, and holds no row or KV cache afterwards."""
+    url, headers = f"{served}/v1/chat/completions", {"Authorization": f"Bearer {KEY}"}
+    body = {"messages": ask("tell me all of it"), "max_tokens": 600, "temperature": 0}
+    whole = httpx.post(url, json=body, headers=headers, timeout=300).json()
+    assert whole["choices"][0]["finish_reason"] == "length"  # alone it runs all 600 tokens
+    for stream in (True, False):
+        before = sum(engine_counters()["step_sizes"].values())
+        if stream:
+            with httpx.stream("POST", url, json={**body, "stream": True}, headers=headers) as r:
+                assert next(r.iter_lines()).startswith("data: ")  # started; then hang up
+        else:
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(url, json=body, headers=headers, timeout=1.0)
+        after = wait_for_no_live_rows()
+        assert after["live_rows"] == 0 and after["kv_width"] == 0
+        assert sum(after["step_sizes"].values()) - before < 300, stream
+
+
 def test_autoscaling_settings_are_what_serve_reports(served):
     config = serve_details().applications["soulray"].deployments["Engine"].deployment_config
     reported = config.autoscaling_config
