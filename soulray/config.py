@@ -257,6 +257,9 @@ class ServeConfig(Section):
     max_request_bytes: int = Field(65536, ge=1024)  # larger bodies get a 413
     max_messages: int = Field(256, ge=1)
     debug_log_content: bool = False  # True writes message text to the logs; never in production
+    # two: ingress and engine replicas scale apart; one: the hf/noop engine runs inside the
+    # ingress replica (one hop less per request; sized by serve.engine's options)
+    layout: Literal["two_deployments", "one_deployment"] = "two_deployments"
     ingress: DeploymentConfig = Field(default_factory=DeploymentConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     safety: SafetyConfig = Field(default_factory=SafetyConfig)

@@ -28,8 +28,9 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from soulray.config import EngineConfig, ServeConfig
+from soulray.serve.fetch import fetch_model_dir
 from soulray.serve.generate import Delta, GenRequest, eos_ids, load_model, width
-from soulray.serve.prompt import fetch_model_dir
+from soulray.serve.metrics import EngineMetrics
 from soulray.serve.scheduler import EngineError, Scheduler
 from soulray.serve.schemas import APIError
 
@@ -55,17 +56,32 @@ class HFEngine:
             wait_s=cfg.batching.batch_wait_timeout_s,
         )
         self.stream_interval_s = cfg.stream_interval_s
+        self.metrics = EngineMetrics()
+        self.scheduler.on_step = self._record_step
 
     async def stream(self, req: GenRequest) -> AsyncIterator[Delta]:
-        ticket = self.scheduler.submit(req)
-        async for delta in coalesce(self.scheduler.deltas(ticket), self.stream_interval_s):
+        async for delta in coalesce(self._deltas(req), self.stream_interval_s):
             yield delta
 
     async def generate(self, req: GenRequest) -> Delta:
         text, last = "", Delta("", 0)
-        async for last in self.scheduler.deltas(self.scheduler.submit(req)):
+        async for last in self._deltas(req):
             text += last.text
         return Delta(text, last.tokens, last.finish_reason)
+
+    async def _deltas(self, req: GenRequest) -> AsyncIterator[Delta]:
+        ticket = self.scheduler.submit(req)
+        self.metrics.record_queue(len(self.scheduler.waiting), self.scheduler.live_rows())
+        first = True
+        async for delta in self.scheduler.deltas(ticket):
+            if first:
+                self.metrics.record_first_token(ticket.submitted)
+                first = False
+            yield delta
+
+    def _record_step(self, rows: int, seconds: float) -> None:
+        sched = self.scheduler
+        self.metrics.record_step(rows, seconds, len(sched.waiting), sched.live_rows())
 
     def counters(self) -> dict[str, Any]:
         """What this replica ran: requests, the rows in each forward pass (`step_sizes`;
@@ -75,6 +91,7 @@ class HFEngine:
             "requests": sched.requests,
             "step_sizes": dict(sched.step_sizes),
             "max_batch": max(sched.step_sizes, default=0),
+            "step_seconds": sched.step_seconds,
             "live_rows": sched.live_rows(),
             "kv_width": width(sched.batch) if sched.batch else 0,
         }
@@ -228,6 +245,37 @@ class EngineClient:
             stream: Any = self.streaming.stream.remote(req)
             async for delta in stream:
                 yield delta
+
+
+class LocalClient(EngineClient):
+    """An hf or noop engine inside the ingress replica (serve.layout=one_deployment): the same
+    interface with no handle and no hop."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    async def complete(self, req: GenRequest) -> Delta:
+        with engine_errors():
+            return await self.engine.generate(req)
+
+    async def stream(self, req: GenRequest) -> AsyncIterator[Delta]:
+        with engine_errors():
+            async for delta in self.engine.stream(req):
+                yield delta
+
+
+def build_local_engine(cfg: ServeConfig, model_dir: str) -> LocalClient:
+    """The engine object itself, for the one-deployment layout (hf or noop)."""
+    engine = cfg.engine.model_dump(mode="json")
+    match cfg.engine.kind:
+        case "hf":
+            return LocalClient(HFEngine(engine, model_dir))
+        case "noop":
+            return LocalClient(NoopEngine(engine, model_dir))
+    raise ValueError(
+        f"serve.layout=one_deployment runs the hf or noop engine in the ingress; "
+        f"serve.engine.kind={cfg.engine.kind} needs serve.layout=two_deployments"
+    )
 
 
 class VLLMClient(EngineClient):

@@ -12,12 +12,9 @@ writing the tag at the start of the reply, so the model continues after it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +25,7 @@ from soulray import storage
 from soulray.config import ESCONV_STRATEGIES, Config, ServeConfig
 from soulray.data.render import SERVING_RECORD, build_serving_record
 from soulray.data.tokenizer import load_tokenizer
+from soulray.serve.fetch import fetch_model_dir
 from soulray.serve.schemas import APIError, ChatMessage
 
 log = logging.getLogger("ray.serve.soulray")
@@ -54,27 +52,7 @@ def check_local_model_dirs(cfg: Config) -> None:
     """Refuse a local export or adapter directory that does not exist, before deploying."""
     for path in (cfg.serve_model_dir, cfg.serve.engine.adapter_dir):
         if path and not storage.is_remote(path):
-            fetch_model_dir(path)
-
-
-def fetch_model_dir(path: str) -> str:
-    """A local directory holding the export: the path itself, or a cached copy of a remote one."""
-    if not storage.is_remote(path):
-        local = storage.normalize(path)
-        if not os.path.isdir(local):
-            raise ValueError(
-                f"model directory {local} does not exist; run `soulray train` first or set "
-                "serve.engine.model_dir to an export"
-            )
-        return local
-    key = hashlib.sha256(path.encode()).hexdigest()[:16]
-    cache = Path(tempfile.gettempdir()) / "soulray-models" / key
-    if not (cache / "config.json").exists():
-        for remote in storage.list_files(path):
-            target = cache / remote[len(path.rstrip("/")) + 1 :]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(storage.read_bytes(remote))
-    return str(cache)
+            fetch_model_dir(path, weights=False)
 
 
 def read_export_info(model_dir: str, cfg: ServeConfig, tokenizer: Any = None) -> ExportInfo:

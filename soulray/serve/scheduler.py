@@ -81,6 +81,7 @@ class Scheduler:
         self.task: asyncio.Task | None = None
         self.step_sizes: Counter[int] = Counter()  # rows in each forward pass actually run
         self.requests = 0
+        self.step_seconds = 0.0  # total time in forward passes (soak: mean step time per window)
         self.on_step: Any = None  # optional callback(rows, seconds) after every step (metrics)
 
     def submit(self, req: GenRequest) -> Ticket:
@@ -138,9 +139,11 @@ class Scheduler:
         rows, started = len(self.batch.rows), time.perf_counter()
         self.step_sizes[rows] += 1
         out = await asyncio.to_thread(step, self.model, self.batch, self.eos)
+        seconds = time.perf_counter() - started
+        self.step_seconds += seconds
         self._dispatch(out)
         if self.on_step is not None:
-            self.on_step(rows, time.perf_counter() - started)
+            self.on_step(rows, seconds)
         if not self.batch.rows:
             self.batch = None
 
