@@ -190,7 +190,7 @@ class DeploymentConfig(Section):
     num_cpus: float = Field(0.25, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     health_check_period_s: float = Field(10.0, gt=0)
-    graceful_shutdown_timeout_s: float = Field(60.0, ge=0)  # drain on delete/SIGTERM, then stop
+    graceful_shutdown_timeout_s: float = Field(30.0, ge=0)  # drain on delete/SIGTERM, then stop
 
 
 class BatchingConfig(Section):

@@ -31,7 +31,7 @@ from soulray.config import EngineConfig, ServeConfig
 from soulray.serve.fetch import fetch_model_dir
 from soulray.serve.generate import Delta, GenRequest, eos_ids, load_model, width
 from soulray.serve.metrics import EngineMetrics
-from soulray.serve.scheduler import EngineError, Scheduler
+from soulray.serve.scheduler import EngineError, Scheduler, Ticket
 from soulray.serve.schemas import APIError
 
 NOOP_REPLY = Delta("I hear you.", 3, "stop")
@@ -60,17 +60,24 @@ class HFEngine:
         self.scheduler.on_step = self._record_step
 
     async def stream(self, req: GenRequest) -> AsyncIterator[Delta]:
-        async for delta in coalesce(self._deltas(req), self.stream_interval_s):
-            yield delta
+        ticket = self.scheduler.submit(req)
+        try:
+            async for delta in coalesce(self._deltas(ticket), self.stream_interval_s):
+                yield delta
+        finally:  # here, not only in the inner generators: Serve cancels a gone client's
+            self.scheduler.cancel(ticket)  # stream at this yield, and they close only on GC
 
     async def generate(self, req: GenRequest) -> Delta:
+        ticket = self.scheduler.submit(req)
         text, last = "", Delta("", 0)
-        async for last in self._deltas(req):
-            text += last.text
+        try:
+            async for last in self._deltas(ticket):
+                text += last.text
+        finally:
+            self.scheduler.cancel(ticket)
         return Delta(text, last.tokens, last.finish_reason)
 
-    async def _deltas(self, req: GenRequest) -> AsyncIterator[Delta]:
-        ticket = self.scheduler.submit(req)
+    async def _deltas(self, ticket: Ticket) -> AsyncIterator[Delta]:
         self.metrics.record_queue(len(self.scheduler.waiting), self.scheduler.live_rows())
         first = True
         async for delta in self.scheduler.deltas(ticket):

@@ -54,6 +54,9 @@ def test_sigterm_drains_the_request_in_flight_then_exits_cleanly(tiny_export):
     )
     try:
         wait_healthy(url, proc)
+        hello = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        warm = httpx.post(f"{url}/v1/chat/completions", json=hello, timeout=300)
+        assert warm.status_code == 200  # the engine is up, not only the proxy
         lines: list[str] = []
         started = threading.Event()
 
