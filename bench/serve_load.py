@@ -12,6 +12,10 @@ In one run, on loopback only, bounded in requests and seconds per level:
 3. Ray Serve's own cost with the `noop` engine: the full Serve path (proxy -> ingress replica ->
    engine replica) against the very same FastAPI ingress and noop engine served in-process by
    uvicorn (no Ray), one client, p50 difference = the overhead Serve adds.
+`--layout one_deployment` runs the hf sweep with the engine inside the ingress (the overhead
+measurement always compares both layouts); `--levels 16` limits the sweep; `--soak-minutes N`
+runs only the soak (bench/serve_soak.py): 16 staggered clients, step time, tokens/s and replica
+memory per window, first minute against the last.
 Without --model-dir a tiny random export is built (it always writes max_tokens tokens).
 """
 
