@@ -12,6 +12,10 @@ In one run, on loopback only, bounded in requests and seconds per level:
 3. Ray Serve's own cost with the `noop` engine: the full Serve path (proxy -> ingress replica ->
    engine replica) against the very same FastAPI ingress and noop engine served in-process by
    uvicorn (no Ray), one client, p50 difference = the overhead Serve adds.
+`--layout one_deployment` runs the hf sweep with the engine inside the ingress (the overhead
+measurement always compares both layouts); `--levels 16` limits the sweep; `--soak-minutes N`
+runs only the soak (bench/serve_soak.py): 16 staggered clients, step time, tokens/s and replica
+memory per window, first minute against the last.
 Without --model-dir a tiny random export is built (it always writes max_tokens tokens).
 """
 
@@ -138,7 +142,9 @@ def summarize(engine: str, clients: int, results: list[dict], seconds: float) ->
     )
 
 
-def serve_config(model_dir: str, port: int, kind: str, batching: bool, name: str) -> Any:
+def serve_config(
+    model_dir: str, port: int, kind: str, batching: bool, name: str, layout: str = "two_deployments"
+) -> Any:
     from soulray.config import Config
 
     return Config.model_validate(
@@ -147,6 +153,7 @@ def serve_config(model_dir: str, port: int, kind: str, batching: bool, name: str
                 "port": port,
                 "host": HOST,
                 "app_name": name,
+                "layout": layout,
                 "max_tokens_limit": 512,
                 "engine": {
                     "kind": kind,
@@ -180,10 +187,11 @@ def sweep_served(model_dir: str, port: int, args: argparse.Namespace) -> list[Le
     urls = {}
     for name, batching, prefix in ENGINES:
         app = prefix.strip("/")
-        urls[name] = deploy(serve_config(model_dir, port, "hf", batching, app), prefix)
+        cfg = serve_config(model_dir, port, "hf", batching, app, args.layout)
+        urls[name] = deploy(cfg, prefix)
         asyncio.run(run_level(urls[name], 4, 8, 30, args.max_tokens))  # warm-up
     rows = []
-    for clients in LEVELS:
+    for clients in args.levels:
         runs: dict[str, tuple[list[dict], float]] = {name: ([], 0.0) for name in urls}
         for _ in range(args.rounds):
             for name, url in urls.items():
@@ -213,7 +221,7 @@ def sweep_direct(model_dir: str, args: argparse.Namespace) -> list[LevelResult]:
     model, tok, device = load_model(model_dir, None, "auto")
     rows = []
     for name, batching, _ in ENGINES:
-        for clients in LEVELS:
+        for clients in args.levels:
 
             async def level(clients: int = clients, rows_max: int = 16 if batching else 1):
                 sched = Scheduler(model, tok, eos_ids(model, tok), device, rows_max)
@@ -226,10 +234,9 @@ def sweep_direct(model_dir: str, args: argparse.Namespace) -> list[LevelResult]:
                             str(i), render_ids(tok, msg, ""), args.max_tokens, 0.7, 0.9, i
                         )
                         start, first, tokens = time.perf_counter(), None, 0
-                        queue = sched.submit([req])
-                        while (item := await queue.get()) is not None:
+                        async for delta in sched.deltas(sched.submit(req)):
                             first = first or time.perf_counter() - start
-                            tokens = item[0].tokens if item[0] is not None else tokens
+                            tokens = delta.tokens
                         done = time.perf_counter() - start
                         results.append(
                             {
@@ -283,25 +290,30 @@ def start_uvicorn(model_dir: str, port: int) -> None:
 
 
 def measure_overhead(model_dir: str, serve_port: int, direct_port: int, n: int) -> dict:
+    """The noop engine through Serve in both layouts against the same ingress on uvicorn."""
     from ray import serve
 
-    serve_url = deploy(serve_config(model_dir, serve_port, "noop", True, "noop"), "/")
     start_uvicorn(model_dir, direct_port)
+    urls = {"direct": f"http://{HOST}:{direct_port}"}
+    for layout in ("two_deployments", "one_deployment"):
+        app = layout.replace("_", "-")
+        cfg = serve_config(model_dir, serve_port, "noop", True, app, layout)
+        urls[layout] = deploy(cfg, f"/{app}")
     out = {}
-    for name, url in (("serve", serve_url), ("direct", f"http://{HOST}:{direct_port}")):
+    for name, url in urls.items():
         asyncio.run(run_level(url, 1, 20, 30, 8, stream=False))  # warm-up
         res, secs = asyncio.run(run_level(url, 1, n, 60, 8, stream=False))
         out[name] = summarize(name, 1, res, secs)
         print(json.dumps(asdict(out[name])), flush=True)
-    serve.delete("noop")
-    return {
-        "serve_p50_ms": out["serve"].p50_ms,
-        "direct_p50_ms": out["direct"].p50_ms,
-        "overhead_p50_ms": round(out["serve"].p50_ms - out["direct"].p50_ms, 2),
-        "serve_p99_ms": out["serve"].p99_ms,
-        "direct_p99_ms": out["direct"].p99_ms,
-        "requests_each": out["serve"].requests,
-    }
+    for layout in ("two_deployments", "one_deployment"):
+        serve.delete(layout.replace("_", "-"))
+    direct = out["direct"]
+    result = {"direct_p50_ms": direct.p50_ms, "direct_p99_ms": direct.p99_ms, "requests_each": n}
+    for layout in ("two_deployments", "one_deployment"):
+        result[f"{layout}_p50_ms"] = out[layout].p50_ms
+        result[f"{layout}_p99_ms"] = out[layout].p99_ms
+        result[f"{layout}_overhead_p50_ms"] = round(out[layout].p50_ms - direct.p50_ms, 2)
+    return result
 
 
 def measure_floor(port: int, n: int) -> dict:
@@ -382,10 +394,16 @@ def markdown(rows: list[LevelResult], overhead: dict) -> str:
         "",
         f"batched / one-at-a-time output tokens/s at 16 clients: through Serve {ratio('')}, "
         f"engine called directly {ratio(' (direct)')} (target >= 4x)",
-        f"Ray Serve overhead, noop engine, 1 client, {overhead['requests_each']} requests: "
-        f"p50 {overhead['serve_p50_ms']} ms through Serve vs {overhead['direct_p50_ms']} ms "
-        f"same ingress on uvicorn without Ray = {overhead['overhead_p50_ms']} ms (target <= 5 ms); "
-        f"p99 {overhead['serve_p99_ms']} vs {overhead['direct_p99_ms']} ms",
+    ]
+    if "floor" not in overhead:
+        return "\n".join(lines)
+    lines += [
+        f"Ray Serve overhead, noop engine, 1 client, {overhead['requests_each']} requests, "
+        f"same ingress on uvicorn without Ray p50 {overhead['direct_p50_ms']} ms "
+        f"(p99 {overhead['direct_p99_ms']}); through Serve with two deployments p50 "
+        f"{overhead['two_deployments_p50_ms']} ms (+{overhead['two_deployments_overhead_p50_ms']}"
+        f"), one deployment p50 {overhead['one_deployment_p50_ms']} ms "
+        f"(+{overhead['one_deployment_overhead_p50_ms']}) (target <= 5 ms)",
         f"bare Ray Serve on this machine (empty handlers): proxy + 1 replica p50 "
         f"{overhead['floor']['one_replica_p50_ms']} ms, proxy + 2 replicas (our shape) p50 "
         f"{overhead['floor']['two_replicas_p50_ms']} ms",
@@ -402,6 +420,10 @@ def main() -> None:
     parser.add_argument("--overhead-requests", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=2, help="alternations per level")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--levels", type=int, nargs="+", default=list(LEVELS))
+    parser.add_argument("--layout", default="two_deployments", help="of the hf sweep and soak")
+    parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument("--soak-minutes", type=float, default=0, help=">0: the soak only")
     args = parser.parse_args()
 
     import ray
@@ -410,12 +432,29 @@ def main() -> None:
     from soulray.serve.tiny import build_tiny_export
 
     model_dir = args.model_dir or str(build_tiny_export(tempfile.mkdtemp(prefix="soulray-bench-")))
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", log_to_driver=False)
+    ray.init(
+        address="local",  # its own Ray, never a cluster someone else runs on this machine
+        num_cpus=2,
+        include_dashboard=False,
+        logging_level="warning",
+        log_to_driver=False,
+    )
     port = free_port()
     serve.start(http_options={"host": HOST, "port": port}, logging_config={"log_level": "WARNING"})
+    if args.soak_minutes:
+        from serve_soak import run_soak
+
+        report = run_soak(model_dir, port, args, serve_config, deploy)
+        serve.shutdown()
+        ray.shutdown()
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=2))
+        return
     rows = sweep_served(model_dir, port, args)
-    overhead = measure_overhead(model_dir, port, free_port(), args.overhead_requests)
-    overhead["floor"] = measure_floor(port, args.overhead_requests)
+    overhead = {"requests_each": 0}
+    if not args.skip_overhead:
+        overhead = measure_overhead(model_dir, port, free_port(), args.overhead_requests)
+        overhead["floor"] = measure_floor(port, args.overhead_requests)
     serve.shutdown()
     ray.shutdown()
     rows += sweep_direct(model_dir, args)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -175,12 +178,14 @@ def serve_cmd(
     run_verb(check_local_model_dirs, cfg)
     setup_logging()
     init_ray()
-    url = run_verb(start_serving, cfg)
-    typer.echo(
-        f"serving {cfg.serve.model_name} at {url}/v1 (OpenAI API; GET {url}/healthz)\n"
-        f"  try: soulray chat --url {url}\n  Ctrl-C stops it."
-    )
-    wait_until_interrupted(cfg.serve.app_name)
+    with stop_on_interrupt(cfg.serve.app_name):
+        url = run_verb(start_serving, cfg)
+        typer.echo(
+            f"serving {cfg.serve.model_name} at {url}/v1 (OpenAI API; GET {url}/healthz)\n"
+            f"  try: soulray chat --url {url}\n  Ctrl-C or SIGTERM stops it.",
+        )
+        while True:
+            time.sleep(3600)
 
 
 def write_serve_config(cfg: Config, output: Path) -> None:
@@ -206,16 +211,40 @@ def write_serve_config(cfg: Config, output: Path) -> None:
 
 
 def wait_until_interrupted(app_name: str) -> None:
-    import time
+    """Block until Ctrl-C or SIGTERM, then stop the app (see stop_on_interrupt)."""
+    with stop_on_interrupt(app_name):
+        while True:
+            time.sleep(3600)
+
+
+@contextlib.contextmanager
+def stop_on_interrupt(app_name: str) -> Iterator[None]:
+    """Ctrl-C or SIGTERM (what Kubernetes sends) inside this block deletes the app: Serve lets
+    each replica finish its in-flight requests (graceful_shutdown_timeout_s) before stopping.
+    Entered before deploying, so a signal that arrives while Serve starts is handled too (Ray's
+    own handler would abort with a stack dump)."""
+    import signal
 
     from ray import serve
 
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        while True:
-            time.sleep(3600)
+        yield
     except KeyboardInterrupt:
-        serve.delete(app_name)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the drain
+        typer.echo("stopping: finishing in-flight requests")
+        try:
+            if app_name in serve.status().applications:
+                serve.delete(app_name)
+        except TimeoutError:  # Serve gives up after 60 s; the replicas are killed with Ray
+            typer.echo("stopped (requests still running after 60 s were cut off)", err=True)
+            return
         typer.echo("stopped")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @app.command()

@@ -193,12 +193,13 @@ class DeploymentConfig(Section):
     num_cpus: float = Field(0.25, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     health_check_period_s: float = Field(10.0, gt=0)
+    graceful_shutdown_timeout_s: float = Field(30.0, ge=0)  # drain on delete/SIGTERM, then stop
 
 
 class BatchingConfig(Section):
     enabled: bool = True  # False = one request at a time (the baseline the benchmark compares)
     max_batch_size: int = Field(16, ge=1)
-    batch_wait_timeout_s: float = Field(0.0, ge=0)  # >0 groups arrivals; late ones join anyway
+    batch_wait_timeout_s: float = Field(0.0, ge=0)  # >0: an idle engine waits this long for more
 
 
 class EngineConfig(DeploymentConfig):
@@ -208,6 +209,7 @@ class EngineConfig(DeploymentConfig):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     stream_interval_s: float = Field(0.05, ge=0)  # streamed text is sent at most this often
+    request_timeout_s: float | None = Field(300.0, gt=0)  # queue + generation; None = no limit
     vllm_engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # vLLM engine args
     max_ongoing_requests: int = Field(64, ge=1)
     max_queued_requests: int = Field(256, ge=-1)
@@ -248,7 +250,9 @@ class ServeConfig(Section):
     app_name: str = "soulray"  # the Ray Serve application
     host: str = "127.0.0.1"  # `soulray serve build` writes 0.0.0.0 (a cluster must listen)
     port: int = Field(8000, ge=1, le=65535)
-    system_prompt: str | None = DEFAULT_COUNSELOR_PROMPT  # used when a request has none
+    # Added to requests without one. None = the export's training prompt (serving.json), so
+    # serving sees what training did; a string overrides it (logged), "" = no system prompt.
+    system_prompt: str | None = None
     context_tokens: int | None = Field(None, ge=64)  # prompt + reply; None = the model's limit
     strategy_tags: bool | None = None  # None = as the export's soulray.yaml (data.strategy_tags)
     default_max_tokens: int = Field(256, ge=1)
@@ -256,6 +260,9 @@ class ServeConfig(Section):
     max_request_bytes: int = Field(65536, ge=1024)  # larger bodies get a 413
     max_messages: int = Field(256, ge=1)
     debug_log_content: bool = False  # True writes message text to the logs; never in production
+    # two: ingress and engine replicas scale apart; one: the hf/noop engine runs inside the
+    # ingress replica (one hop less per request; sized by serve.engine's options)
+    layout: Literal["two_deployments", "one_deployment"] = "two_deployments"
     ingress: DeploymentConfig = Field(default_factory=DeploymentConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     safety: SafetyConfig = Field(default_factory=SafetyConfig)

@@ -67,6 +67,18 @@ def find_end_of_turn(tokenizer: Any) -> str:
     return eot
 
 
+SERVING_RECORD = "serving.json"  # in an export: how its conversations were rendered in training
+
+
+def build_serving_record(tokenizer: Any, system_prompt: str | None) -> dict[str, Any]:
+    """What serving must repeat exactly as training did: the system prompt added to
+    conversations without one, and the end-of-turn marker (text and token ids) that ends a reply
+    (which for Gemma-, Phi-3- or Llama-3-shaped templates is not the eos token)."""
+    eot = find_end_of_turn(tokenizer)
+    ids = tokenizer(eot, add_special_tokens=False).input_ids
+    return {"system_prompt": system_prompt, "end_of_turn": eot, "end_of_turn_ids": ids}
+
+
 @dataclass(slots=True)
 class Rendered:
     """One rendered conversation.

@@ -33,9 +33,12 @@ from soulray.serve.engine import (
     VLLMClient,
     as_deployment,
     build_engine,
+    build_local_engine,
     replica_options,
 )
-from soulray.serve.prompt import fetch_model_dir, read_export_info
+from soulray.serve.fetch import fetch_model_dir
+from soulray.serve.metrics import IngressMetrics, add_request_metrics
+from soulray.serve.prompt import read_export_info
 from soulray.serve.safety import build_screen
 from soulray.serve.schemas import (
     APIError,
@@ -66,13 +69,14 @@ def load_api_key(auth: AuthConfig) -> str | None:
 
 
 def build_state(cfg: ServeConfig, model_dir: str, engine: EngineClient) -> IngressState:
-    local = fetch_model_dir(model_dir)
-    info = read_export_info(local, cfg)
+    local = fetch_model_dir(model_dir, weights=False)  # the ingress needs no weights
+    tokenizer = load_tokenizer(local)
+    info = read_export_info(local, cfg, tokenizer)
     created = int(Path(local, "config.json").stat().st_mtime)
     return IngressState(
         cfg,
         info,
-        load_tokenizer(local),
+        tokenizer,
         build_screen(cfg.safety),
         load_api_key(cfg.auth),
         engine,
@@ -84,13 +88,9 @@ def build_state(cfg: ServeConfig, model_dir: str, engine: EngineClient) -> Ingre
 class Ingress:
     """The ingress deployment: auth, validation, safety, window; generation is the engine's."""
 
-    def __init__(self, config: dict[str, Any], engine: DeploymentHandle) -> None:
+    def __init__(self, config: dict[str, Any], engine: DeploymentHandle | None = None) -> None:
         cfg = Config.model_validate(config)
-        client = (
-            VLLMClient(engine, cfg.serve.model_name)
-            if cfg.serve.engine.kind == "vllm"
-            else EngineClient(engine)
-        )
+        client = build_engine_client(cfg, engine)
         self.state = build_state(cfg.serve, cfg.serve_model_dir, client)
         log.info(
             "ingress ready: model %s, context %d tokens, strategy tags %s, auth %s",
@@ -101,13 +101,30 @@ class Ingress:
         )
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_api(self.state)
+        return build_api(self.state, IngressMetrics())
+
+    def counters(self) -> dict[str, Any]:
+        """The in-process engine's counters (serve.layout=one_deployment)."""
+        engine = getattr(self.state.engine, "engine", None)
+        return engine.counters() if engine is not None else {}
 
 
-def build_api(state: IngressState) -> FastAPI:
-    """The FastAPI app of one ingress replica (routes close over its state)."""
+def build_engine_client(cfg: Config, engine: DeploymentHandle | None) -> EngineClient:
+    """How the ingress reaches its engine: in this process (one deployment) or by handle."""
+    if engine is None:
+        return build_local_engine(cfg.serve, cfg.serve_model_dir)
+    if cfg.serve.engine.kind == "vllm":
+        return VLLMClient(engine, cfg.serve.model_name)
+    return EngineClient(engine)
+
+
+def build_api(state: IngressState, metrics: IngressMetrics | None = None) -> FastAPI:
+    """The FastAPI app of one ingress replica (routes close over its state); with `metrics`
+    (inside a replica) every response is counted by status."""
     api = FastAPI(title="soulray", docs_url=None, redoc_url=None, openapi_url=None)
     add_error_handlers(api)
+    if metrics is not None:
+        add_request_metrics(api, metrics)
 
     @api.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -218,12 +235,20 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
 def build_application(cfg: Config) -> Any:
     """The engine deployment(s) and the ingress, bound together (pass it to serve.run)."""
     cfg = resolved(cfg)
+    level = "DEBUG" if cfg.serve.debug_log_content else "INFO"
+    logging_config = {"log_level": level, "enable_access_log": True}
+    if cfg.serve.layout == "one_deployment":
+        if cfg.serve.engine.kind == "vllm":
+            raise ValueError(
+                "serve.layout=one_deployment runs the hf or noop engine in the ingress; "
+                "use serve.layout=two_deployments with serve.engine.kind=vllm"
+            )
+        options = replica_options(cfg.serve.engine, "Ingress")
+        ingress = as_deployment(Ingress).options(**options, logging_config=logging_config)
+        return ingress.bind(cfg.model_dump(mode="json"))
     engine = build_engine(cfg.serve, cfg.serve_model_dir)
     options = replica_options(cfg.serve.ingress, "Ingress")
-    level = "DEBUG" if cfg.serve.debug_log_content else "INFO"
-    ingress = as_deployment(Ingress).options(
-        **options, logging_config={"log_level": level, "enable_access_log": True}
-    )
+    ingress = as_deployment(Ingress).options(**options, logging_config=logging_config)
     return ingress.bind(cfg.model_dump(mode="json"), engine)
 
 

@@ -69,7 +69,7 @@ class Prepared:
 
 def prepare(state: IngressState, req: ChatCompletionRequest, request_id: str) -> Prepared:
     cfg, info = state.cfg, state.info
-    messages = check_messages(req.messages, cfg)
+    messages = check_messages(req.messages, cfg, info.system_prompt)
     safety = assess(state.screen, [m["content"] for m in messages if m["role"] == "user"])
     forced = requested_strategy(req.strategy, info)
     default = min(cfg.default_max_tokens, cfg.max_tokens_limit)
@@ -98,7 +98,7 @@ def prepare(state: IngressState, req: ChatCompletionRequest, request_id: str) ->
         temperature,
         req.top_p or info.top_p,
         req.seed,
-        req.stop_list(),
+        [*req.stop_list(), info.end_of_turn],  # a marker of several tokens stops as text
     )
     fixed = fixed_reply(state.screen, safety) if safety.flagged and _fixed_mode(state) else None
     log.info(

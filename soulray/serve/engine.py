@@ -1,16 +1,18 @@
 """Generation engines as Ray Serve deployments, and the ingress's client for each.
 
-- `hf`: transformers on CPU or GPU. `@serve.batch` admits the requests that arrive together and
-  the replica's `Scheduler` decodes them in one left-padded batch, one forward per token; later
-  requests join the running batch between tokens (continuous batching). Text streams per row.
-  With batching disabled the batch size is 1: requests run one at a time (the benchmark baseline).
-  The replica counts the batch sizes it actually ran (`counters`), so tests can assert batching.
+- `hf`: transformers on CPU or GPU. The replica's `Scheduler` decodes every request in one
+  left-padded batch, one forward per token; requests join the running batch between tokens
+  (continuous batching) and leave it (done, cancelled by a gone client, or past the deadline) at
+  once. Text streams per row, coalesced into fewer, larger messages (`coalesce`). With batching
+  disabled the batch size is 1: requests run one at a time (the benchmark baseline). The replica
+  counts the batch sizes it actually ran (`counters`), so tests can assert batching.
 - `vllm`: Ray Serve LLM's `LLMServer` (vLLM), built from the same serve config; the ingress sends
   it the rendered prompt ids through its `completions` method. Needs vLLM (GPU images).
 - `noop`: a fixed reply with no model, to measure what Ray Serve itself costs.
 
 The ingress talks to any of them through `EngineClient.complete` / `EngineClient.stream`, which
-turn Serve's overload and dead-replica errors into OpenAI-shaped 503s.
+turn Serve's overload and dead-replica errors into OpenAI-shaped 503s and the engine's own
+`EngineError`s (prefill failure, deadline) into OpenAI-shaped errors.
 """
 
 from __future__ import annotations
@@ -18,31 +20,21 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-import logging
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Iterator
-from typing import Any, cast
+from typing import Any
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from soulray.config import EngineConfig, ServeConfig
-from soulray.serve.generate import Delta, GenRequest, eos_ids, load_model
-from soulray.serve.prompt import fetch_model_dir
-from soulray.serve.scheduler import Scheduler
+from soulray.serve.fetch import fetch_model_dir
+from soulray.serve.generate import Delta, GenRequest, eos_ids, load_model, width
+from soulray.serve.metrics import EngineMetrics
+from soulray.serve.scheduler import EngineError, Scheduler, Ticket
 from soulray.serve.schemas import APIError
 
 NOOP_REPLY = Delta("I hear you.", 3, "stop")
-
-
-class _ContinuousBatchingNote(logging.Filter):
-    """Drops Serve's advice to raise max_ongoing_requests to max_batch_size x
-    max_concurrent_batches: here each admitted group holds at least one request and the groups
-    all decode in one scheduler batch, so max_ongoing_requests is the real bound, as intended."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "`max_concurrent_batches`" not in record.getMessage()
 
 
 class HFEngine:
@@ -54,46 +46,62 @@ class HFEngine:
         adapter = fetch_model_dir(cfg.adapter_dir) if cfg.adapter_dir else None
         model, tokenizer, device = load_model(local, adapter, cfg.dtype)
         size = cfg.batching.max_batch_size if cfg.batching.enabled else 1
-        self.scheduler = Scheduler(model, tokenizer, eos_ids(model, tokenizer), device, size)
-        # Ray's type stubs do not cover batched async-generator methods, hence Any.
-        self._batched = cast(Any, self._run_group)  # type: ignore[misc]
-        self._batched.set_max_batch_size(size)
-        self._batched.set_batch_wait_timeout_s(cfg.batching.batch_wait_timeout_s)
+        self.scheduler = Scheduler(
+            model,
+            tokenizer,
+            eos_ids(model, tokenizer),
+            device,
+            size,
+            timeout_s=cfg.request_timeout_s,
+            wait_s=cfg.batching.batch_wait_timeout_s,
+        )
         self.stream_interval_s = cfg.stream_interval_s
-        self.group_sizes: Counter[int] = Counter()
-        logging.getLogger("ray.serve").addFilter(_ContinuousBatchingNote())
+        self.metrics = EngineMetrics()
+        self.scheduler.on_step = self._record_step
 
     async def stream(self, req: GenRequest) -> AsyncIterator[Delta]:
-        async for delta in coalesce(self._batched(req), self.stream_interval_s):
-            yield delta
+        ticket = self.scheduler.submit(req)
+        try:
+            async for delta in coalesce(self._deltas(ticket), self.stream_interval_s):
+                yield delta
+        finally:  # here, not only in the inner generators: Serve cancels a gone client's
+            self.scheduler.cancel(ticket)  # stream at this yield, and they close only on GC
 
     async def generate(self, req: GenRequest) -> Delta:
+        ticket = self.scheduler.submit(req)
         text, last = "", Delta("", 0)
-        async for last in self._batched(req):
-            text += last.text
+        try:
+            async for last in self._deltas(ticket):
+                text += last.text
+        finally:
+            self.scheduler.cancel(ticket)
         return Delta(text, last.tokens, last.finish_reason)
 
-    def counters(self) -> dict[str, Any]:
-        """What this replica ran: requests, the groups @serve.batch admitted (by size), and the
-        rows in each forward pass (`step_sizes`; `max_batch` is the largest)."""
-        steps = self.scheduler.step_sizes
-        return {
-            "requests": sum(size * n for size, n in self.group_sizes.items()),
-            "groups": dict(self.group_sizes),
-            "step_sizes": dict(steps),
-            "max_batch": max(steps, default=0),
-        }
+    async def _deltas(self, ticket: Ticket) -> AsyncIterator[Delta]:
+        self.metrics.record_queue(len(self.scheduler.waiting), self.scheduler.live_rows())
+        first = True
+        async for delta in self.scheduler.deltas(ticket):
+            if first:
+                self.metrics.record_first_token(ticket.submitted)
+                first = False
+            yield delta
 
-    @serve.batch(max_batch_size=16, max_concurrent_batches=1024)  # type: ignore[arg-type]
-    async def _run_group(self, reqs: list[GenRequest]) -> AsyncIterator[list[Any]]:  # type: ignore[misc]
-        # Many admitted groups are in flight at once (max_concurrent_batches): each only waits
-        # on its queue while the scheduler decodes all of them in one batch.
-        self.group_sizes[len(reqs)] += 1
-        queue = self.scheduler.submit(reqs)
-        while (item := await queue.get()) is not None:
-            if isinstance(item, Exception):
-                raise item
-            yield [delta if delta is not None else StopIteration for delta in item]
+    def _record_step(self, rows: int, seconds: float) -> None:
+        sched = self.scheduler
+        self.metrics.record_step(rows, seconds, len(sched.waiting), sched.live_rows())
+
+    def counters(self) -> dict[str, Any]:
+        """What this replica ran: requests, the rows in each forward pass (`step_sizes`;
+        `max_batch` is the largest), and the rows and KV columns held right now."""
+        sched = self.scheduler
+        return {
+            "requests": sched.requests,
+            "step_sizes": dict(sched.step_sizes),
+            "max_batch": max(sched.step_sizes, default=0),
+            "step_seconds": sched.step_seconds,
+            "live_rows": sched.live_rows(),
+            "kv_width": width(sched.batch) if sched.batch else 0,
+        }
 
 
 async def coalesce(deltas: AsyncIterator[Delta], interval_s: float) -> AsyncIterator[Delta]:
@@ -129,7 +137,7 @@ class NoopEngine:
         return NOOP_REPLY
 
     def counters(self) -> dict[str, Any]:
-        return {"requests": 0, "groups": {}, "step_sizes": {}, "max_batch": 0}
+        return {"requests": 0, "step_sizes": {}, "max_batch": 0, "live_rows": 0, "kv_width": 0}
 
 
 def replica_options(cfg: EngineConfig | Any, name: str) -> dict[str, Any]:
@@ -141,6 +149,7 @@ def replica_options(cfg: EngineConfig | Any, name: str) -> dict[str, Any]:
         "max_queued_requests": cfg.max_queued_requests,
         "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
         "health_check_period_s": cfg.health_check_period_s,
+        "graceful_shutdown_timeout_s": cfg.graceful_shutdown_timeout_s,
     }
 
 
@@ -198,12 +207,19 @@ def build_vllm_engine(cfg: ServeConfig, model_dir: str) -> Any:
 
 @contextlib.contextmanager
 def engine_errors() -> Iterator[None]:
-    """Serve's overload and dead-replica errors as OpenAI-shaped 503s."""
-    from ray.exceptions import ActorUnavailableError, RayActorError
+    """Serve's overload and dead-replica errors as OpenAI-shaped 503s; the engine's errors as
+    the OpenAI errors they describe."""
+    from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
     try:
         yield
+    except EngineError as e:
+        raise _api_error(e) from None
+    except RayTaskError as e:
+        if isinstance(e.cause, EngineError):
+            raise _api_error(e.cause) from None
+        raise
     except BackPressureError:
         raise APIError(
             503, "the server is overloaded; retry shortly", type="server_error", code="overloaded"
@@ -215,6 +231,10 @@ def engine_errors() -> Iterator[None]:
             type="server_error",
             code="engine_unavailable",
         ) from None
+
+
+def _api_error(e: EngineError) -> APIError:
+    return APIError(e.status, e.message, type="server_error", code=e.code)
 
 
 class EngineClient:
@@ -232,6 +252,37 @@ class EngineClient:
             stream: Any = self.streaming.stream.remote(req)
             async for delta in stream:
                 yield delta
+
+
+class LocalClient(EngineClient):
+    """An hf or noop engine inside the ingress replica (serve.layout=one_deployment): the same
+    interface with no handle and no hop."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    async def complete(self, req: GenRequest) -> Delta:
+        with engine_errors():
+            return await self.engine.generate(req)
+
+    async def stream(self, req: GenRequest) -> AsyncIterator[Delta]:
+        with engine_errors():
+            async for delta in self.engine.stream(req):
+                yield delta
+
+
+def build_local_engine(cfg: ServeConfig, model_dir: str) -> LocalClient:
+    """The engine object itself, for the one-deployment layout (hf or noop)."""
+    engine = cfg.engine.model_dump(mode="json")
+    match cfg.engine.kind:
+        case "hf":
+            return LocalClient(HFEngine(engine, model_dir))
+        case "noop":
+            return LocalClient(NoopEngine(engine, model_dir))
+    raise ValueError(
+        f"serve.layout=one_deployment runs the hf or noop engine in the ingress; "
+        f"serve.engine.kind={cfg.engine.kind} needs serve.layout=two_deployments"
+    )
 
 
 class VLLMClient(EngineClient):

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from soulray.data.render import find_end_of_turn
 from soulray.data.tokenizer import load_tokenizer
 
 
@@ -75,11 +76,17 @@ def load_model(model_dir: str, adapter_dir: str | None, dtype: str) -> tuple[Any
 
 
 def eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    """Every id that ends a reply: the generation config's eos ids and the tokenizer's."""
+    """Every id that ends a reply: the generation config's eos ids, the tokenizer's, and the
+    chat template's end-of-turn token (Gemma's <end_of_turn>, Llama-3's <|eot_id|>, which are
+    not eos) when the template's marker is one token."""
     found = model.generation_config.eos_token_id
     ids = set(found if isinstance(found, list) else [found] if found is not None else [])
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
+    if tokenizer.chat_template:
+        eot = tokenizer(find_end_of_turn(tokenizer), add_special_tokens=False).input_ids
+        if len(eot) == 1:
+            ids.add(eot[0])
     return ids
 
 
@@ -224,11 +231,8 @@ def step(model: Any, batch: Running, eos: set[int]) -> list[tuple[Row, Delta]]:
     picked = sample(batch.logits, [r.req for r in batch.rows], [r.gen for r in batch.rows])
     out = [(row, _advance(row, token, eos)) for row, token in zip(batch.rows, picked, strict=True)]
     keep = [k for k, (_, delta) in enumerate(out) if delta.finish_reason is None]
-    if len(keep) < len(batch.rows):
-        index = torch.tensor(keep, device=batch.mask.device, dtype=torch.long)
-        batch.cache.batch_select_indices(index)
-        batch.mask, batch.positions = batch.mask[index], batch.positions[index]
-        batch.rows, picked = [batch.rows[k] for k in keep], [picked[k] for k in keep]
+    picked = [picked[k] for k in keep]
+    select(batch, keep)
     if batch.rows:
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
         batch.positions = batch.positions + 1
@@ -241,6 +245,40 @@ def step(model: Any, batch: Running, eos: set[int]) -> list[tuple[Row, Delta]]:
         ).logits
         batch.logits = logits[:, -1]
     return out
+
+
+def select(batch: Running, keep: list[int]) -> None:
+    """Keep only the rows at `keep` (in that order): the others leave the KV cache, the mask and
+    the logits at once, and the columns left as padding for every remaining row are trimmed."""
+    if len(keep) == len(batch.rows):
+        return
+    index = torch.tensor(keep, device=batch.mask.device, dtype=torch.long)
+    if keep:
+        batch.cache.batch_select_indices(index)
+    batch.mask, batch.positions = batch.mask[index], batch.positions[index]
+    batch.logits = batch.logits[index]
+    batch.rows = [batch.rows[k] for k in keep]
+    trim(batch)
+
+
+def trim(batch: Running) -> None:
+    """Drop the leading columns that no running row attends to. Rows are left-padded, so after
+    this the width is the longest live row's length: memory and step time follow the live
+    requests, not the history of the batch. (The slices are views; the next forward's cache
+    update concatenates into fresh tensors, which releases the old storage.)"""
+    if not batch.rows or not can_merge(batch):
+        return
+    first = int(batch.mask.any(0).int().argmax())  # the first column some row attends to
+    if first == 0:
+        return
+    for layer in batch.cache.layers:
+        layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+    batch.mask = batch.mask[:, first:]
+
+
+def width(batch: Running) -> int:
+    """Columns of the batch's mask (and KV cache)."""
+    return int(batch.mask.shape[1])
 
 
 def can_merge(batch: Running) -> bool:
@@ -270,6 +308,7 @@ def merge(batch: Running, joining: Running) -> Running:
     batch.positions = torch.cat([batch.positions, joining.positions])
     batch.logits = torch.cat([batch.logits, joining.logits])
     batch.rows += joining.rows
+    trim(batch)
     return batch
 
 

@@ -12,11 +12,9 @@ writing the tag at the start of the reply, so the model continues after it.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
+import logging
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,12 @@ import yaml
 
 from soulray import storage
 from soulray.config import ESCONV_STRATEGIES, Config, ServeConfig
+from soulray.data.render import SERVING_RECORD, build_serving_record
+from soulray.data.tokenizer import load_tokenizer
+from soulray.serve.fetch import fetch_model_dir
 from soulray.serve.schemas import APIError, ChatMessage
+
+log = logging.getLogger("ray.serve.soulray")
 
 TAG = re.compile(r"^\[([^\[\]\n]{1,48})\] ?")
 MAX_TAG_CHARS = 52  # "[" + 48 + "] " + slack: a reply longer than this without "]" has no tag
@@ -41,37 +44,20 @@ class ExportInfo:
     context_tokens: int
     temperature: float  # sampling defaults from generation_config.json
     top_p: float
+    system_prompt: str | None  # added to requests without one: as trained unless overridden
+    end_of_turn: str  # the chat template's end-of-turn marker (generation stops there)
 
 
 def check_local_model_dirs(cfg: Config) -> None:
     """Refuse a local export or adapter directory that does not exist, before deploying."""
     for path in (cfg.serve_model_dir, cfg.serve.engine.adapter_dir):
         if path and not storage.is_remote(path):
-            fetch_model_dir(path)
+            fetch_model_dir(path, weights=False)
 
 
-def fetch_model_dir(path: str) -> str:
-    """A local directory holding the export: the path itself, or a cached copy of a remote one."""
-    if not storage.is_remote(path):
-        local = storage.normalize(path)
-        if not os.path.isdir(local):
-            raise ValueError(
-                f"model directory {local} does not exist; run `soulray train` first or set "
-                "serve.engine.model_dir to an export"
-            )
-        return local
-    key = hashlib.sha256(path.encode()).hexdigest()[:16]
-    cache = Path(tempfile.gettempdir()) / "soulray-models" / key
-    if not (cache / "config.json").exists():
-        for remote in storage.list_files(path):
-            target = cache / remote[len(path.rstrip("/")) + 1 :]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(storage.read_bytes(remote))
-    return str(cache)
-
-
-def read_export_info(model_dir: str, cfg: ServeConfig) -> ExportInfo:
-    """Strategy tagging from the export's soulray.yaml; context length from its config.json."""
+def read_export_info(model_dir: str, cfg: ServeConfig, tokenizer: Any = None) -> ExportInfo:
+    """Strategy tagging from the export's soulray.yaml; context length from its config.json;
+    the system prompt and end-of-turn marker as training rendered them (serving.json)."""
     root = Path(model_dir)
     trained: dict[str, Any] = {}
     if (root / "soulray.yaml").exists():
@@ -86,7 +72,33 @@ def read_export_info(model_dir: str, cfg: ServeConfig) -> ExportInfo:
     gen = json.loads(gen_path.read_text(encoding="utf-8")) if gen_path.exists() else {}
     temperature = float(gen.get("temperature", 1.0)) if gen.get("do_sample") else 0.0
     top_p = float(gen.get("top_p", 1.0))
-    return ExportInfo(model_dir, tags, tuple(taxonomy), context, temperature, top_p)
+    record = read_serving_record(root, data, tokenizer)
+    system = choose_system_prompt(cfg.system_prompt, record["system_prompt"])
+    eot = record["end_of_turn"]
+    return ExportInfo(model_dir, tags, tuple(taxonomy), context, temperature, top_p, system, eot)
+
+
+def read_serving_record(root: Path, data: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
+    """serving.json, or for an export written before it existed: the system prompt from
+    soulray.yaml and the end-of-turn marker from the tokenizer's chat template."""
+    path = root / SERVING_RECORD
+    if path.exists():
+        return json.loads(path.read_text(encoding="utf-8"))
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(str(root))
+    return build_serving_record(tokenizer, data.get("system_prompt"))
+
+
+def choose_system_prompt(override: str | None, trained: str | None) -> str | None:
+    """The training system prompt, unless serve.system_prompt deliberately overrides it."""
+    if override is None or override == (trained or ""):
+        return trained or None
+    log.warning(
+        "serve.system_prompt overrides the system prompt the model was trained with "
+        "(%s chars instead of %s): replies may differ from what training taught",
+        len(override),
+        len(trained) if trained else "none, 0",
+    )
+    return override or None
 
 
 def canonical_strategy(name: str, taxonomy: tuple[str, ...]) -> str | None:
@@ -94,7 +106,9 @@ def canonical_strategy(name: str, taxonomy: tuple[str, ...]) -> str | None:
     return next((s for s in taxonomy if s.lower() == lowered), None)
 
 
-def check_messages(messages: list[ChatMessage], cfg: ServeConfig) -> list[dict[str, str]]:
+def check_messages(
+    messages: list[ChatMessage], cfg: ServeConfig, system_prompt: str | None
+) -> list[dict[str, str]]:
     """Validate roles and order; return template messages (system prompt first, if any)."""
     if len(messages) > cfg.max_messages:
         raise APIError(
@@ -110,8 +124,8 @@ def check_messages(messages: list[ChatMessage], cfg: ServeConfig) -> list[dict[s
     systems = [m for m in out if m["role"] == "system"]
     if systems and out[0]["role"] != "system":
         raise APIError(400, "a system message may only come first", param="messages")
-    if not systems and cfg.system_prompt:
-        out.insert(0, {"role": "system", "content": cfg.system_prompt})
+    if not systems and system_prompt:
+        out.insert(0, {"role": "system", "content": system_prompt})
     return out
 
 

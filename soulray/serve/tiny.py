@@ -27,13 +27,19 @@ def corpus_texts(data_dir: Path = ROOT / "jobs" / "data") -> list[str]:
 
 
 def build_tiny_export(
-    directory: str | Path, *, strategy_tags: bool = True, seed: int = 0, adapter: bool = False
+    directory: str | Path,
+    *,
+    strategy_tags: bool = True,
+    seed: int = 0,
+    adapter: bool = False,
+    system_prompt: str | None = None,
 ) -> Path:
     """Write config.json, model.safetensors, generation_config.json, tokenizer, soulray.yaml,
-    metrics.json; with `adapter`, also a random LoRA adapter in adapter/ (the LoRA layout)."""
+    serving.json, metrics.json; with `adapter`, also a random LoRA adapter in adapter/."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    from soulray.data.render import SERVING_RECORD, build_serving_record
     from soulray.train.checkpoint import build_generation_config
 
     out = Path(directory)
@@ -58,8 +64,11 @@ def build_tiny_export(
         save_random_adapter(model, out / "adapter")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    build_generation_config(tokenizer).save_pretrained(out)
-    cfg = Config.model_validate({"data": {"strategy_tags": strategy_tags}})
+    record = build_serving_record(tokenizer, system_prompt)
+    build_generation_config(tokenizer, record["end_of_turn_ids"]).save_pretrained(out)
+    (out / SERVING_RECORD).write_text(json.dumps(record, ensure_ascii=False), encoding="utf-8")
+    data = {"strategy_tags": strategy_tags, "system_prompt": system_prompt}
+    cfg = Config.model_validate({"data": data})
     (out / "soulray.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
     (out / "metrics.json").write_text(json.dumps({"note": "random tiny model"}), encoding="utf-8")
     return out

@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from soulray import storage
 from soulray.config import Config, config_to_yaml
+from soulray.data.render import SERVING_RECORD, build_serving_record
 
 log = logging.getLogger("soulray.train")
 
@@ -87,7 +88,9 @@ def export_model(
         cpu_model.config.use_cache = True
         cpu_model.save_pretrained(local)
         tokenizer.save_pretrained(local)
-        build_generation_config(tokenizer).save_pretrained(local)
+        record = build_serving_record(tokenizer, cfg.data.system_prompt)
+        build_generation_config(tokenizer, record["end_of_turn_ids"]).save_pretrained(local)
+        Path(local, SERVING_RECORD).write_text(json.dumps(record, indent=2, ensure_ascii=False))
         Path(local, "soulray.yaml").write_text(config_to_yaml(cfg))
         Path(local, "metrics.json").write_text(json.dumps(metrics, indent=2))
         upload_dir(local, cfg.train.export_dir)
@@ -109,16 +112,20 @@ def save_adapter(
     peft_model.save_pretrained(os.path.join(local, "adapter"))
 
 
-def build_generation_config(tokenizer: Any) -> Any:
-    """Sampling defaults for a supportive reply; stops at the end-of-turn token."""
+def build_generation_config(tokenizer: Any, end_of_turn_ids: list[int] | None = None) -> Any:
+    """Sampling defaults for a supportive reply; stops at eos and at the chat template's
+    end-of-turn token when that is one other token (so transformers and vLLM stop there too)."""
     from transformers import GenerationConfig
 
+    eos = [tokenizer.eos_token_id]
+    if end_of_turn_ids and len(end_of_turn_ids) == 1 and end_of_turn_ids[0] not in eos:
+        eos.append(end_of_turn_ids[0])
     return GenerationConfig(
         do_sample=True,
         temperature=0.7,
         top_p=0.9,
         max_new_tokens=256,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=eos if len(eos) > 1 else eos[0],
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )

@@ -222,3 +222,26 @@ def test_message_text_is_logged_only_with_the_debug_flag(tiny_export, tmp_path, 
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "request chatcmpl-" in logged  # ids and sizes are always logged
     assert (secret in logged) is debug
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_engine_errors_become_openai_errors(tiny_export, tmp_path, wrapped):
+    """A deadline or a failed prefill on the engine reaches the client as the error it is,
+    also when Ray delivers it wrapped in a RayTaskError (the engine is another process)."""
+    from ray.exceptions import RayTaskError
+
+    from soulray.serve.scheduler import EngineError
+
+    error: Exception = EngineError(504, "past the limit (serve.engine.request_timeout_s)", "t/o")
+    if wrapped:
+        error = RayTaskError("stream", "traceback text", error)
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    api, _ = make_api(tiny_export, tmp_path, engine=ScriptedEngine(error))
+    resp = call(api, "POST", "/v1/chat/completions", json=body)
+    got = assert_openai_error(resp, 504)
+    assert got == {
+        "message": "past the limit (serve.engine.request_timeout_s)",
+        "type": "server_error",
+        "param": None,
+        "code": "t/o",
+    }

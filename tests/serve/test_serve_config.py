@@ -96,3 +96,28 @@ def test_build_serve_config_embeds_only_the_serve_section(tiny_export):
     assert list(embedded) == ["serve"]
     assert embedded["serve"]["engine"]["model_dir"] == str(tiny_export)
     assert embedded["serve"]["model_name"] == "x"
+
+
+def test_one_deployment_layout_runs_the_engine_inside_the_ingress(tiny_export):
+    """serve.layout=one_deployment: a single Ingress deployment, sized by serve.engine, whose
+    replica builds the engine itself (the same answers, one hop less); vllm is refused."""
+    import asyncio
+
+    from soulray.serve.app import build_application, build_engine_client
+    from soulray.serve.engine import LocalClient
+    from soulray.serve.generate import GenRequest
+
+    serve = {"layout": "one_deployment", "engine": {"model_dir": str(tiny_export), "num_cpus": 2}}
+    cfg = Config.model_validate({"serve": serve})
+    app = build_application(cfg)
+    deployment = app._bound_deployment
+    assert deployment.name == "Ingress" and deployment.ray_actor_options["num_cpus"] == 2
+    assert len(deployment.init_args) == 1  # the config only: no engine handle to call
+    client = build_engine_client(cfg, None)
+    assert isinstance(client, LocalClient)
+    ids = client.engine.scheduler.tokenizer("hello").input_ids
+    reply = asyncio.run(client.complete(GenRequest("r", ids, 5, 0.0, 1.0)))
+    assert reply.tokens == 5 and reply.finish_reason == "length"
+    vllm = Config.model_validate({"serve": {**serve, "engine": {"kind": "vllm"}}})
+    with pytest.raises(ValueError, match="serve.layout=two_deployments"):
+        build_application(vllm)

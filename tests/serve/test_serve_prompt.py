@@ -55,10 +55,10 @@ def test_window_refuses_a_latest_message_that_cannot_fit(tiny_model):
 
 
 def test_check_messages_roles_and_default_system_prompt():
-    cfg = ServeConfig(system_prompt="SYS")
-    out = check_messages(msgs(("user", "hi")), cfg)
+    cfg = ServeConfig()
+    out = check_messages(msgs(("user", "hi")), cfg, "SYS")
     assert out == [{"role": "system", "content": "SYS"}, {"role": "user", "content": "hi"}]
-    own = check_messages(msgs(("developer", "mine"), ("user", "hi")), cfg)
+    own = check_messages(msgs(("developer", "mine"), ("user", "hi")), cfg, "SYS")
     assert own[0] == {"role": "system", "content": "mine"}
     for bad in [
         msgs(("user", "hi"), ("assistant", "hello")),  # must end on a user turn
@@ -66,7 +66,7 @@ def test_check_messages_roles_and_default_system_prompt():
         msgs(("system", "only")),
     ]:
         with pytest.raises(APIError) as e:
-            check_messages(bad, cfg)
+            check_messages(bad, cfg, "SYS")
         assert e.value.status == 400 and e.value.param == "messages"
 
 

@@ -142,6 +142,39 @@ def test_concurrent_requests_all_succeed_in_batches(served):
     assert multi > 0 and after["max_batch"] > 1  # ...many rows per forward pass
 
 
+def engine_counters() -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle("Engine", app_name="soulray").counters.remote().result()
+
+
+def wait_for_no_live_rows(timeout_s: float = 30.0) -> dict:
+    deadline = time.time() + timeout_s
+    while (counters := engine_counters())["live_rows"] and time.time() < deadline:
+        time.sleep(0.1)
+    return counters
+
+
+def test_a_disconnected_client_frees_its_row(served):
+    """A client that goes away (streaming or not) stops its generation: the engine runs far
+    fewer steps than the reply would take, and holds no row or KV cache afterwards."""
+    url, headers = f"{served}/v1/chat/completions", {"Authorization": f"Bearer {KEY}"}
+    body = {"messages": ask("tell me all of it"), "max_tokens": 300, "temperature": 1, "seed": 0}
+    whole = httpx.post(url, json=body, headers=headers, timeout=300).json()
+    assert whole["choices"][0]["finish_reason"] == "length"  # alone it runs all 300 tokens
+    for stream in (True, False):
+        before = sum(engine_counters()["step_sizes"].values())
+        if stream:
+            with httpx.stream("POST", url, json={**body, "stream": True}, headers=headers) as r:
+                assert next(r.iter_lines()).startswith("data: ")  # started; then hang up
+        else:
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(url, json=body, headers=headers, timeout=0.3)
+        after = wait_for_no_live_rows()
+        assert after["live_rows"] == 0 and after["kv_width"] == 0
+        assert sum(after["step_sizes"].values()) - before < 150, stream
+
+
 def test_autoscaling_settings_are_what_serve_reports(served):
     config = serve_details().applications["soulray"].deployments["Engine"].deployment_config
     reported = config.autoscaling_config
@@ -174,6 +207,53 @@ def test_killed_engine_replica_is_replaced(client):
         pytest.fail("Serve did not replace the killed engine replica within 90 s")
     out = client.chat.completions.create(model="soulray", messages=ask("back?"), max_tokens=4)
     assert out.choices[0].message.content is not None
+
+
+SOULRAY_METRICS = [
+    "ray_soulray_requests_total",
+    "ray_soulray_time_to_first_token_seconds_bucket",
+    "ray_soulray_generated_tokens_total",
+    "ray_soulray_engine_step_seconds_bucket",
+    "ray_soulray_engine_batch_size_bucket",
+    "ray_soulray_engine_queue_depth",
+    "ray_soulray_engine_running_requests",
+]
+
+
+def metric_values(text: str, name: str) -> dict[str, float]:
+    """{label set: value} of one series name in Prometheus text."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            labels, _, value = line[len(name) :].rpartition(" ")
+            out[labels] = float(value)
+    return out
+
+
+def test_metrics_reach_rays_prometheus_endpoint(served, client):
+    """soulray's metrics and Serve's are on Ray's metrics port after requests; no message text."""
+    import ray
+
+    port = ray._private.worker._global_node.metrics_export_port
+    client.chat.completions.create(model="soulray", messages=ask("metrics please"), max_tokens=6)
+    bad = httpx.post(f"{served}/v1/chat/completions", json={}, headers={"Authorization": "x"})
+    assert bad.status_code == 401
+    deadline, text = time.time() + 120, ""
+    while time.time() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        statuses = metric_values(text, "ray_soulray_requests_total")
+        if all(n in text for n in SOULRAY_METRICS) and any('status="401"' in k for k in statuses):
+            break
+        time.sleep(2)
+    missing = [n for n in SOULRAY_METRICS if n not in text]
+    assert missing == [], f"not on the metrics endpoint: {missing}"
+    statuses = metric_values(text, "ray_soulray_requests_total")
+    ok = sum(v for k, v in statuses.items() if 'status="200"' in k)
+    assert ok >= 1 and any('status="401"' in k for k in statuses)
+    assert all('deployment="Ingress"' in k for k in statuses)
+    assert sum(metric_values(text, "ray_soulray_generated_tokens_total").values()) >= 6
+    assert "ray_serve_num_http_requests_total" in text  # Serve's own, beside ours
+    assert MARKER not in text and "metrics please" not in text
 
 
 def test_no_message_content_in_the_logs(served):

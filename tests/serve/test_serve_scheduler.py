@@ -1,11 +1,16 @@
-"""Continuous batching in-process: late requests join the running batch, outputs unchanged."""
+"""Continuous batching in-process: late requests join the running batch with outputs unchanged;
+the batch's state (KV cache, mask) stays exactly what the live rows need; cancelled, expired and
+failed requests leave without touching the others."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
-from soulray.serve.generate import GenRequest, eos_ids, generate_text
-from soulray.serve.scheduler import Scheduler
+import pytest
+
+from soulray.serve.generate import GenRequest, eos_ids, generate_text, width
+from soulray.serve.scheduler import EngineError, Scheduler
 
 
 def prompt(tok, text: str) -> list[int]:
@@ -15,45 +20,199 @@ def prompt(tok, text: str) -> list[int]:
     return tok(rendered, add_special_tokens=False).input_ids
 
 
-async def collect(queue: asyncio.Queue, n: int) -> list[str]:
-    texts = [""] * n
-    while (item := await queue.get()) is not None:
-        for i, delta in enumerate(item):
-            texts[i] += delta.text if delta is not None else ""
-    return texts
+async def collect(sched: Scheduler, ticket) -> str:
+    return "".join([d.text async for d in sched.deltas(ticket)])
 
 
-def test_late_groups_join_the_running_batch(tiny_model):
+def scheduler(tiny_model, max_rows: int, **kwargs) -> Scheduler:
     model, tok, device = tiny_model
+    return Scheduler(model, tok, eos_ids(model, tok), device, max_rows=max_rows, **kwargs)
+
+
+def alone(tiny_model, req: GenRequest) -> str:
+    model, tok, device = tiny_model
+    return generate_text(model, tok, req, device).text
+
+
+def test_late_requests_join_the_running_batch(tiny_model):
+    _, tok, _ = tiny_model
     reqs = [
         GenRequest(str(i), prompt(tok, f"message number {i} " * (i + 1)), 12 + i, 0.7, 0.9, i)
         for i in range(6)
     ]
 
     async def go():
-        sched = Scheduler(model, tok, eos_ids(model, tok), device, max_rows=8)
-        first = asyncio.ensure_future(collect(sched.submit(reqs[:2]), 2))
-        await asyncio.sleep(0.05)  # the first group is decoding by now
-        second = asyncio.ensure_future(collect(sched.submit(reqs[2:5]), 3))
-        third = asyncio.ensure_future(collect(sched.submit(reqs[5:]), 1))
-        out = await first + await second + await third
+        sched = scheduler(tiny_model, 8)
+        first = [asyncio.ensure_future(collect(sched, sched.submit(r))) for r in reqs[:2]]
+        await asyncio.sleep(0.05)  # the first two are decoding by now
+        later = [asyncio.ensure_future(collect(sched, sched.submit(r))) for r in reqs[2:]]
+        out = await asyncio.gather(*first, *later)
         sched.task.cancel()
         return out, sched.step_sizes
 
     texts, steps = asyncio.run(go())
-    assert texts == [generate_text(model, tok, r, device).text for r in reqs]
-    assert max(steps) > 2  # later groups decoded in the same forward passes as the first
+    assert texts == [alone(tiny_model, r) for r in reqs]
+    assert max(steps) > 2  # later requests decoded in the same forward passes as the first
 
 
-def test_batch_limit_makes_groups_wait(tiny_model):
-    model, tok, device = tiny_model
+def test_batch_limit_makes_requests_wait(tiny_model):
+    _, tok, _ = tiny_model
     reqs = [GenRequest(str(i), prompt(tok, "hi"), 5, 0.0, 1.0) for i in range(3)]
 
     async def go():
-        sched = Scheduler(model, tok, eos_ids(model, tok), device, max_rows=1)
-        outs = await asyncio.gather(*(collect(sched.submit([r]), 1) for r in reqs))
+        sched = scheduler(tiny_model, 1)
+        outs = await asyncio.gather(*(collect(sched, sched.submit(r)) for r in reqs))
         sched.task.cancel()
         return outs, sched.step_sizes
 
     outs, steps = asyncio.run(go())
     assert len(outs) == 3 and set(steps) == {1}  # one at a time: never more than one row
+
+
+def test_kv_width_is_what_the_live_requests_need_after_a_long_staggered_run(tiny_model):
+    """40 requests of mixed lengths arrive staggered over a batch of 4 rows. After every step
+    each live row holds exactly prompt + generated tokens in the cache, and the cache and mask
+    are exactly as wide as the longest live row: nothing of the batch's history remains."""
+    model, tok, _ = tiny_model
+    reqs = [
+        GenRequest(str(i), prompt(tok, "word " * (3 + 37 * (i % 3 == 0) + i % 7)), 4 + i % 9, 0, 1)
+        for i in range(40)
+    ]
+    checked: list[tuple[int, int]] = []
+
+    async def go():
+        sched = scheduler(tiny_model, 4)
+
+        def check(rows: int, seconds: float) -> None:
+            del rows, seconds
+            batch = sched.batch
+            if not batch.rows:
+                return
+            need = [len(r.req.prompt_ids) + r.tokens for r in batch.rows]
+            held = batch.mask.sum(1).tolist()  # each row: its prompt + its tokens
+            kv = {
+                n
+                for layer in batch.cache.layers
+                for n in (layer.keys.shape[2], layer.values.shape[2])
+            }
+            checked.append((held == need, kv, width(batch), max(need)))
+
+        sched.on_step = check
+        tasks = []
+        for r in reqs:
+            tasks.append(asyncio.ensure_future(collect(sched, sched.submit(r))))
+            await asyncio.sleep(0.004)
+        out = await asyncio.gather(*tasks)
+        sched.task.cancel()
+        return out, sched
+
+    texts, sched = asyncio.run(go())
+    assert texts == [alone(tiny_model, r) for r in reqs]
+    assert len(checked) > 60
+    assert all(same and kv == {w} and w == need for same, kv, w, need in checked)
+    widths = [w for _, _, w, _ in checked]
+    assert any(b < a for a, b in zip(widths, widths[1:], strict=False))  # trimmed as rows left
+    assert sched.batch is None and sched.step_sizes.keys() <= {1, 2, 3, 4}
+
+
+def test_a_cancelled_row_leaves_at_the_next_step(tiny_model):
+    _, tok, _ = tiny_model
+    reqs = [GenRequest(str(i), prompt(tok, f"hello {i}"), 30, 0.0, 1.0) for i in range(3)]
+    sizes: list[int] = []
+
+    async def go():
+        sched = scheduler(tiny_model, 4)
+        tickets = [sched.submit(r) for r in reqs]
+        gone = asyncio.ensure_future(collect(sched, tickets[1]))
+
+        def on_step(rows: int, seconds: float) -> None:
+            sizes.append(rows)
+            if len(sizes) == 5:
+                gone.cancel()  # the client disconnected: its task is cancelled
+
+        sched.on_step = on_step
+        kept = await asyncio.gather(collect(sched, tickets[0]), collect(sched, tickets[2]))
+        sched.task.cancel()
+        return kept, tickets[1]
+
+    kept, cancelled = asyncio.run(go())
+    assert sizes[:5] == [3] * 5 and sizes[5:] == [2] * 25  # gone from the very next step
+    assert cancelled.cancelled and cancelled.done
+    assert kept == [alone(tiny_model, reqs[0]), alone(tiny_model, reqs[2])]
+
+
+def test_a_failing_prefill_fails_only_the_new_request(tiny_model):
+    model, tok, _ = tiny_model
+    running = [GenRequest(str(i), prompt(tok, f"steady {i}"), 40, 0.7, 0.9, i) for i in range(2)]
+    good = GenRequest("good", prompt(tok, "a new one"), 10, 0.0, 1.0)
+    bad = GenRequest("bad", [model.config.vocab_size + 5], 10, 0.0, 1.0)  # id out of range
+
+    async def go():
+        sched = scheduler(tiny_model, 8)
+        first = [asyncio.ensure_future(collect(sched, sched.submit(r))) for r in running]
+        await asyncio.sleep(0.05)  # decoding
+        late = [asyncio.ensure_future(collect(sched, sched.submit(r))) for r in (bad, good)]
+        out = await asyncio.gather(*first, *late, return_exceptions=True)
+        sched.task.cancel()
+        return out
+
+    out = asyncio.run(go())
+    assert out[:2] == [alone(tiny_model, r) for r in running]
+    assert isinstance(out[2], EngineError) and (out[2].status, out[2].code) == (
+        500,
+        "prefill_failed",
+    )
+    assert "IndexError" in out[2].message
+    assert out[3] == alone(tiny_model, good)
+
+
+def test_a_request_past_its_deadline_ends_with_a_clear_error(tiny_model):
+    _, tok, _ = tiny_model
+    slow = GenRequest("slow", prompt(tok, "take your time"), 500, 0.0, 1.0)
+    quick = GenRequest("quick", prompt(tok, "hi"), 8, 0.0, 1.0)
+    sizes: list[int] = []
+
+    async def go():
+        sched = scheduler(tiny_model, 4, timeout_s=30.0)
+        tickets = [sched.submit(slow), sched.submit(quick)]
+        assert abs(tickets[0].deadline - time.monotonic() - 30.0) < 1.0  # from the config
+
+        def on_step(rows: int, seconds: float) -> None:
+            sizes.append(rows)
+            if len(sizes) == 3:
+                tickets[0].deadline = time.monotonic()  # as if 30 s had passed
+
+        sched.on_step = on_step
+        out = await asyncio.gather(*(collect(sched, t) for t in tickets), return_exceptions=True)
+        sched.task.cancel()
+        return out
+
+    expired, done = asyncio.run(go())
+    assert isinstance(expired, EngineError) and expired.status == 504
+    assert expired.code == "request_timeout" and "30 s" in expired.message
+    assert "serve.engine.request_timeout_s" in expired.message
+    assert sizes[:3] == [2, 2, 2] and set(sizes[3:]) == {1}
+    assert done == alone(tiny_model, quick)
+
+
+@pytest.mark.parametrize("field", ["cancelled", "expired"])
+def test_a_waiting_request_that_ends_is_never_prefilled(tiny_model, field):
+    _, tok, _ = tiny_model
+
+    async def go():
+        sched = scheduler(tiny_model, 1, timeout_s=60.0)
+        first = sched.submit(GenRequest("a", prompt(tok, "first"), 6, 0.0, 1.0))
+        waiting = sched.submit(GenRequest("b", prompt(tok, "second"), 6, 0.0, 1.0))
+        if field == "cancelled":
+            sched.cancel(waiting)
+        else:
+            waiting.deadline = time.monotonic()
+        out = await asyncio.gather(
+            collect(sched, first), collect(sched, waiting), return_exceptions=True
+        )
+        sched.task.cancel()
+        return out, sched.step_sizes
+
+    (_, second), steps = asyncio.run(go())
+    assert sum(steps.values()) == 6  # only the first request's six steps ran
+    assert second == "" if field == "cancelled" else isinstance(second, EngineError)

@@ -98,6 +98,9 @@ def test_export_loads_generates_and_its_config_reloads(first_run) -> None:
     reloaded = load_config(export / "soulray.yaml")
     assert reloaded.train.steps == 24 and reloaded.data.seq_len == cfg.data.seq_len
     assert json.loads((export / "metrics.json").read_text())["step"] == 24
+    record = json.loads((export / "serving.json").read_text())  # what serving must repeat
+    assert record["system_prompt"] == cfg.data.system_prompt
+    assert record["end_of_turn"] == "<|im_end|>" and len(record["end_of_turn_ids"]) == 1
 
 
 def test_rerun_with_the_same_name_resumes(first_run) -> None:
