@@ -1,0 +1,114 @@
+"""The partitioned write of packed rows: `<split>/part=<k>/rows-<n>.parquet`, k = row_key % P.
+
+Training rank r of W reads only the partitions k with k % W == r (when W divides P), so no
+rank opens a file holding another rank's rows. Two steps keep the files few and large
+whatever the block size: each render actor stages one small file per (block, partition)
+under `<split>/_blocks/` (hidden from readers by its leading underscore), then one pass per
+partition streams its staged files, in name order, into `rows-<n>.parquet` with row groups
+of about ROW_GROUP_BYTES and deletes the stage. Row order within a partition is therefore
+deterministic (staged file name = the block's first content hash, rows sorted by row_key).
+
+Why P = 192 and 8 MiB row groups: see bench/RESULTS.md, "Train feed". In short, 192 = 2^6 * 3
+is divisible by every world size a GPU cluster of 8-GPU nodes usually has (1, 2, 3, 4, 6, 8,
+12, 16, 24, 32, 48, 64, 96, 192), and after compaction the cost of a partition is one file,
+not one file per block; 8 MiB row groups read as fast as larger ones and bound a reader's
+memory to a few row groups.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from soulray import storage
+
+PARTITIONS = 192
+STAGE_DIR = "_blocks"
+ROW_GROUP_BYTES = 8 * 2**20
+FILE_ROWS = 2**20  # rows per compacted file (a partition larger than this rolls over)
+PART_RE = re.compile(r"/part=(\d+)/")
+
+
+def part_dir(k: int) -> str:
+    return f"part={k:03d}"
+
+
+def partition_of(path: str) -> int | None:
+    """The partition a file belongs to (from its `part=<k>/` folder), None outside one."""
+    match = PART_RE.search(path.replace("\\", "/"))
+    return int(match.group(1)) if match else None
+
+
+def write_block_partitions(
+    table: pa.Table, out: str, split: str, name: str, partitions: int = PARTITIONS
+) -> int:
+    """Stage one render block's rows: one file per non-empty partition. Returns files written."""
+    import pyarrow.parquet as pq
+
+    if table.num_rows == 0:
+        return 0
+    parts = table.column("row_key").to_numpy() % partitions
+    order = np.argsort(parts, kind="stable")  # keeps the row_key order inside a partition
+    bounds = np.flatnonzero(np.diff(parts[order])) + 1
+    written = 0
+    for idx in np.split(order, bounds):
+        k = int(parts[idx[0]])
+        path = storage.join(out, split, STAGE_DIR, part_dir(k), f"{name}.parquet")
+        fs, inner = storage.resolve(path)
+        fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
+        pq.write_table(table.take(pa.array(idx)), inner, filesystem=fs, compression="zstd")
+        written += 1
+    return written
+
+
+def row_group_rows(seq_len: int) -> int:
+    """Rows per row group: about ROW_GROUP_BYTES of the three int32 token columns."""
+    return max(1, ROW_GROUP_BYTES // (3 * 4 * seq_len))
+
+
+def compact_partition(out: str, split: str, k: int, seq_len: int) -> int:
+    """Stream partition k's staged files (name order) into rows-<n>.parquet; return files."""
+    import pyarrow.parquet as pq
+
+    staged = storage.join(out, split, STAGE_DIR, part_dir(k))
+    if not storage.exists(staged):
+        return 0
+    group = row_group_rows(seq_len)
+    writer: Any = None
+    files = rows_in_file = 0
+    for path in storage.list_files(staged, (".parquet",)):
+        fs, inner = storage.resolve(path)
+        for batch in pq.ParquetFile(fs.open_input_file(inner)).iter_batches(batch_size=group):
+            if writer is None or rows_in_file >= FILE_ROWS:
+                if writer is not None:
+                    writer.close()
+                target = storage.join(out, split, part_dir(k), f"rows-{files:05d}.parquet")
+                tfs, tinner = storage.resolve(target)
+                tfs.create_dir(tinner.rsplit("/", 1)[0], recursive=True)
+                writer = pq.ParquetWriter(tinner, batch.schema, filesystem=tfs, compression="zstd")
+                files, rows_in_file = files + 1, 0
+            writer.write_batch(batch, row_group_size=group)
+            rows_in_file += batch.num_rows
+    if writer is not None:
+        writer.close()
+    return files
+
+
+def compact_partitions(out: str, split: str, seq_len: int, partitions: int = PARTITIONS) -> int:
+    """Compact every partition of a split (Ray tasks, a few partitions each); drop the stage.
+    Returns the number of files the split now has."""
+    import ray
+
+    remote = ray.remote(num_cpus=1)(_compact_many)
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    groups = [list(range(i, partitions, cpus * 2)) for i in range(min(partitions, cpus * 2))]
+    files = sum(ray.get([remote.remote(out, split, g, seq_len) for g in groups]))
+    storage.delete_dir(storage.join(out, split, STAGE_DIR))
+    return files
+
+
+def _compact_many(out: str, split: str, ks: list[int], seq_len: int) -> int:
+    return sum(compact_partition(out, split, k, seq_len) for k in ks)
