@@ -169,12 +169,25 @@ def train_step(
     rt: Runtime,
     sync_every: bool,
 ) -> tuple[float, float, int]:
-    """One optimizer step over this rank's micro-batches.
+    """One optimizer step over this rank's micro-batches: (loss, grad norm, real tokens)."""
+    loss_sum, targets, tokens = accumulate_gradients(model, micro, t, rt, sync_every)
+    params = [p for p in model.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    return loss_sum / targets, float(norm), tokens
+
+
+def accumulate_gradients(
+    model: nn.Module, micro: list[Batch], t: TrainConfig, rt: Runtime, sync_every: bool
+) -> tuple[float, float, int]:
+    """Forward and backward of every micro-batch: (global loss sum, global targets, tokens).
 
     The loss is a sum over target tokens divided by the number of target tokens in the whole
     global batch (every rank, every micro-batch), so packing and uneven shards do not bias it;
     FSDP averages gradients over ranks, hence the factor world_size. Gradients are reduced after
-    every micro-batch (sync_every) or only after the last one.
+    every micro-batch (sync_every: only sharded gradients accumulate) or after the last one.
     """
     counts = torch.tensor(
         [
@@ -193,13 +206,8 @@ def train_step(
         loss = token_loss_sum(model, batch, t.loss_chunk_tokens)
         (loss * rt.world_size / targets).backward()
         loss_sum += loss.detach().double()
-    params = [p for p in model.parameters() if p.grad is not None]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
     dist.all_reduce(loss_sum)
-    norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    return loss_sum.item() / targets, float(norm), int(counts[1].item())
+    return loss_sum.item(), targets, int(counts[1].item())
 
 
 def token_loss_sum(model: nn.Module, batch: Batch, chunk_tokens: int = 0) -> torch.Tensor:
