@@ -67,7 +67,9 @@ def test_grad_sync_resolves_per_fine_tuning_kind() -> None:
 def test_max_failures_defaults_to_restarting_multi_worker_runs() -> None:
     assert max_failures(load_config(None, ["train.num_workers=1"]).train) == 0
     assert max_failures(load_config(None, ["train.num_workers=2"]).train) == 3
-    assert max_failures(load_config(None, ["train.num_workers=2", "train.max_failures=0"]).train) == 0
+    assert (
+        max_failures(load_config(None, ["train.num_workers=2", "train.max_failures=0"]).train) == 0
+    )
 
 
 def sharded_gradients(rank: int, world: int, data: str, sync: str, out: str, pg: str) -> None:

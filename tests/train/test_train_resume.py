@@ -4,12 +4,13 @@ that was never interrupted (to the last digit on CPU), and each checkpoint carri
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import psutil
 
 from soulray.config import load_config
 
@@ -49,24 +50,29 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its workers (which run in sessions of their own)."""
+    victims = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for victim in reversed(victims):
+        victim.send_signal(signal.SIGKILL)
+    proc.wait()
+    psutil.wait_procs(victims, timeout=30)
+
+
 def run_and_kill_after(cmd: list[str], out: Path, step: int) -> int:
     """Start the run, SIGKILL all its processes once `step` is logged; the step it died at."""
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     try:
         while time.time() < deadline and proc.poll() is None:
             logged = metrics(out)
             if logged and logged[-1]["step"] >= step:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                kill_tree(proc)
                 return logged[-1]["step"]
             time.sleep(0.05)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            kill_tree(proc)
     raise AssertionError(f"the run ended (rc {proc.returncode}) before step {step}")
 
 
