@@ -69,14 +69,16 @@ def row_group_rows(seq_len: int) -> int:
     return max(1, ROW_GROUP_BYTES // (3 * 4 * seq_len))
 
 
-def compact_partition(out: str, split: str, k: int, seq_len: int) -> int:
+def compact_partition(
+    out: str, split: str, k: int, seq_len: int, group_rows: int | None = None
+) -> int:
     """Stream partition k's staged files (name order) into rows-<n>.parquet; return files."""
     import pyarrow.parquet as pq
 
     staged = storage.join(out, split, STAGE_DIR, part_dir(k))
     if not storage.exists(staged):
         return 0
-    group = row_group_rows(seq_len)
+    group = group_rows or row_group_rows(seq_len)
     writer: Any = None
     files = rows_in_file = 0
     for path in storage.list_files(staged, (".parquet",)):
