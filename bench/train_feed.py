@@ -9,7 +9,8 @@ and filters to row_key % W == rank. Each rank is a process running the torchrun 
 Parquet -> seeded window shuffle -> micro-batches -> tensors), all W at once, one epoch.
 With --ray, the same through Ray Train: W TorchTrainer workers iterating their Ray Data shards.
 
-    .venv/bin/python bench/train_feed.py --conversations 20000 --ray --out bench/results/train_feed.json
+    .venv/bin/python bench/train_feed.py --conversations 20000 --ray \
+        --out bench/results/train_feed.json
 """
 
 from __future__ import annotations

@@ -24,7 +24,9 @@ f = 4 if b == 2 else 0: the fp32 copy HF's RMSNorm makes of a bf16 input):
 Peak = parameters + gradients + optimizer + gathered + activations + logits (the backward
 peak: every saved activation is still alive when the head's backward starts).
 
-    .venv/bin/python bench/train_memory.py --data runs/quickstart/data --out bench/results/train_memory.json
+    soulray prepare --config jobs/quickstart.yaml data.output_dir=/tmp/feed/qs
+    .venv/bin/python bench/train_memory.py --data /tmp/feed/qs \
+        --out bench/results/train_memory.json
 """
 
 from __future__ import annotations
@@ -159,7 +161,6 @@ def measure_tiny(data: str, checkpointing: bool, chunk: int, seq: int, micro: in
     """Peak live tensor bytes of one training step of the tiny model on CPU (1 rank, FSDP2,
     fp32), from the profiler's allocation events, against the estimate for the same shape."""
     import torch
-    import torch.distributed as dist
     from torch.profiler import ProfilerActivity, profile
 
     from soulray.config import load_config
