@@ -107,10 +107,8 @@ def estimate(
     trainable = s.lora_params(lora_r) if lora_r else n
     gathered = 0 if ranks == 1 else b * (s.root_params() + 2 * s.layer_params())
     layer = layer_activation_bytes(s, tokens, b)
-    if checkpointing:
-        activations = s.layers * tokens * b * s.hidden + layer
-    else:
-        activations = s.layers * layer
+    # with checkpointing: each layer's input, plus one layer recomputed in backward
+    activations = s.layers * tokens * b * s.hidden + layer if checkpointing else s.layers * layer
     f = 4 if b == 2 else 0
     logits = (min(chunk, tokens) if chunk else tokens) * s.vocab * (b + f + 8)
     terms = {
