@@ -98,11 +98,10 @@ def run_direct(data: Path, world: int) -> list[dict]:
 
 def ray_feed_loop(config: dict) -> None:
     import ray.train
+    import torch
 
     from soulray.train.data import to_tensors
     from soulray.train.feed import build_source, ray_chunks
-
-    import torch
 
     rank = ray.train.get_context().get_world_rank()
     shard = ray.train.get_dataset_shard(f"train_{rank}")
@@ -120,7 +119,9 @@ def run_ray(data: Path, world: int) -> list[dict]:
     from soulray.train.feed import plan_reads
     from soulray.train.launch import build_datasets
 
+    start = time.perf_counter()  # splits under 1 GiB are read (materialized) here, per rank
     datasets = {k: v for k, v in build_datasets(str(data), world).items() if k.startswith("train")}
+    read_s = time.perf_counter() - start
     storage = tempfile.mkdtemp(prefix="soulray-feed-")
     trainer = TorchTrainer(
         ray_feed_loop,
@@ -137,9 +138,8 @@ def run_ray(data: Path, world: int) -> list[dict]:
     shutil.rmtree(storage, ignore_errors=True)
     plans = plan_reads(str(data), "train", world)
     rank0 = result.metrics  # the rank 0 report; per-rank rows come from the plans' counts
-    return [{"rank0_rows": rank0["rows"], "rank0_seconds": rank0["seconds"]}] + [
-        {"bytes": p.bytes, "files": len(p.files)} for p in plans
-    ]
+    head = {"read_s": read_s, "rank0_rows": rank0["rows"], "rank0_seconds": rank0["seconds"]}
+    return [head] + [{"bytes": p.bytes, "files": len(p.files)} for p in plans]
 
 
 def layout_sweep(prepared: Path, work: Path) -> list[dict]:
@@ -167,7 +167,7 @@ def layout_sweep(prepared: Path, work: Path) -> list[dict]:
         plan = plan_reads(str(target), "train", 1)[0]
         start = time.perf_counter()
         rows = sum(
-            b.num_rows for b in build_source(lambda: parquet_chunks(plan), MICRO, 0, 0, 0)(0)
+            b.num_rows for b in build_source(lambda p=plan: parquet_chunks(p), MICRO, 0, 0, 0)(0)
         )
         read_s = time.perf_counter() - start
         out.append(
