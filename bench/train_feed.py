@@ -68,15 +68,20 @@ def feed_rank(data: str, world: int, rank: int, results: dict) -> None:
 
     torch.set_num_threads(1)
     plan = plan_reads(data, "train", world)[rank]
+    start = time.perf_counter()
+    read_rows = sum(t.num_rows for t in parquet_chunks(plan))  # the read + decode alone
+    read_s = time.perf_counter() - start
     source = build_source(lambda: parquet_chunks(plan), MICRO, WINDOW, 0, rank)
     start = time.perf_counter()
     rows = 0
     for batch in source(0):
         rows += int(to_tensors(batch, torch.device("cpu"))["input_ids"].shape[0])
     seconds = time.perf_counter() - start
+    assert rows == read_rows
     results[rank] = {
         "rows": rows,
         "seconds": seconds,
+        "read_s": read_s,
         "bytes": plan.bytes,
         "files": len(plan.files),
     }
@@ -97,6 +102,7 @@ def run_direct(data: Path, world: int) -> list[dict]:
 
 
 def ray_feed_loop(config: dict) -> None:
+    """A Ray Train worker that only iterates its feed (no model) for one epoch."""
     import ray.train
     import torch
 
@@ -108,7 +114,8 @@ def ray_feed_loop(config: dict) -> None:
     source = build_source(lambda: ray_chunks(shard), MICRO, WINDOW, 0, rank)
     start = time.perf_counter()
     rows = sum(int(to_tensors(b, torch.device("cpu"))["input_ids"].shape[0]) for b in source(0))
-    ray.train.report({"rank": rank, "rows": rows, "seconds": time.perf_counter() - start})
+    seconds = time.perf_counter() - start
+    Path(config["out"], f"{rank}.json").write_text(json.dumps({"rows": rows, "seconds": seconds}))
 
 
 def run_ray(data: Path, world: int) -> list[dict]:
@@ -125,6 +132,7 @@ def run_ray(data: Path, world: int) -> list[dict]:
     storage = tempfile.mkdtemp(prefix="soulray-feed-")
     trainer = TorchTrainer(
         ray_feed_loop,
+        train_loop_config={"out": storage},
         scaling_config=ray.train.ScalingConfig(
             num_workers=world, resources_per_worker={"CPU": 1 / world}
         ),
@@ -134,12 +142,15 @@ def run_ray(data: Path, world: int) -> list[dict]:
             datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)
         ),
     )
-    result = trainer.fit()
-    shutil.rmtree(storage, ignore_errors=True)
+    trainer.fit()
     plans = plan_reads(str(data), "train", world)
-    rank0 = result.metrics  # the rank 0 report; per-rank rows come from the plans' counts
-    head = {"read_s": read_s, "rank0_rows": rank0["rows"], "rank0_seconds": rank0["seconds"]}
-    return [head] + [{"bytes": p.bytes, "files": len(p.files)} for p in plans]
+    ranks = [
+        json.loads(Path(storage, f"{p.rank}.json").read_text())
+        | {"bytes": p.bytes, "files": len(p.files), "read_s_all_ranks": read_s}
+        for p in plans
+    ]
+    shutil.rmtree(storage, ignore_errors=True)
+    return ranks
 
 
 def layout_sweep(prepared: Path, work: Path) -> list[dict]:
@@ -192,6 +203,7 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/soulray-train-feed")
     parser.add_argument("--ray", action="store_true", help="also measure through Ray Train")
     parser.add_argument("--out", default="bench/results/train_feed.json")
+    parser.add_argument("--rounds", type=int, default=3)
     a = parser.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -201,17 +213,18 @@ def main() -> None:
     split_bytes = sum(f.stat().st_size for f in (prepared / "train").rglob("*.parquet"))
     report: dict = {"split_rows": manifest["splits"]["train"]["rows"], "split_bytes": split_bytes}
     report["direct"] = {}
-    for world in (1, 2, 4):
-        for name, data in layouts.items():  # side by side, alternating
-            ranks = run_direct(data, world)
-            report["direct"][f"{name}_w{world}"] = ranks
-            print(name, world, ranks, flush=True)
+    for round_ in range(a.rounds):  # side by side, alternating, every round
+        for world in (1, 2, 4):
+            for name, data in layouts.items():
+                ranks = run_direct(data, world)
+                report["direct"].setdefault(f"{name}_w{world}", []).append(ranks)
+                print(round_, name, world, ranks, flush=True)
     if a.ray:
         import ray
 
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning")
         report["ray"] = {}
-        for world in (1, 2, 4):
+        for world in (2, 4):
             for name, data in layouts.items():
                 report["ray"][f"{name}_w{world}"] = run_ray(data, world)
                 print("ray", name, world, report["ray"][f"{name}_w{world}"], flush=True)
