@@ -115,20 +115,29 @@ def amplification_warning(data_dir: str, world: int) -> str | None:
     )
 
 
-def count_rows(plan: RankPlan) -> int:
-    """This rank's rows: from Parquet footers when pruned, else by reading row_key."""
+def rows_per_rank(plans: list[RankPlan]) -> list[int]:
+    """Each rank's row count: from Parquet footers when pruned; else from one read of the
+    row_key column (shared by every rank's count, not one read per rank)."""
     import pyarrow.parquet as pq
 
-    total = 0
-    for path in plan.files:
+    world = len(plans)
+    if not plans[0].filtered:
+        return [sum(_footer_rows(path) for path in plan.files) for plan in plans]
+    counts = np.zeros(world, dtype=np.int64)
+    for path in plans[0].files:
         fs, inner = storage.resolve(path)
         with fs.open_input_file(inner) as f:
-            if not plan.filtered:
-                total += pq.ParquetFile(f).metadata.num_rows
-                continue
             keys = pq.read_table(f, columns=["row_key"])["row_key"].to_numpy()
-            total += int((keys % plan.world == plan.rank).sum())
-    return total
+        counts += np.bincount(keys % world, minlength=world)
+    return counts.tolist()
+
+
+def _footer_rows(path: str) -> int:
+    import pyarrow.parquet as pq
+
+    fs, inner = storage.resolve(path)
+    with fs.open_input_file(inner) as f:
+        return pq.ParquetFile(f).metadata.num_rows
 
 
 def parquet_chunks(plan: RankPlan, batch_rows: int = READ_ROWS) -> Iterator[pa.Table]:

@@ -15,7 +15,7 @@ from typing import Any
 
 from soulray import storage
 from soulray.config import Config, TrainConfig
-from soulray.train.feed import RankPlan, amplification_warning, count_rows, plan_reads
+from soulray.train.feed import RankPlan, amplification_warning, plan_reads, rows_per_rank
 
 log = logging.getLogger("soulray.train")
 
@@ -158,7 +158,7 @@ def check_rows_per_rank(data_dir: str, plans: list[RankPlan]) -> None:
             f"no prepared training data in {data_dir}/train: run `soulray prepare` first, or "
             "set train.data_dir to its data.output_dir"
         )
-    counts = [count_rows(p) for p in plans]
+    counts = rows_per_rank(plans)
     empty = [p.rank for p, n in zip(plans, counts, strict=True) if n == 0]
     if empty:
         raise ValueError(
