@@ -112,8 +112,12 @@ def build_datasets(data_dir: str, world: int) -> dict[str, Any]:
     """
     import ray.data
 
+    context = ray.data.DataContext.get_current()
     # Progress bars from every worker's reader would garble the training log.
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    context.enable_progress_bars = False
+    # Materializing must keep the file order too (read tasks finish in any order), or Ray and
+    # torchrun would train on the same rows in different orders.
+    context.execution_options.preserve_order = True
     train_plans = plan_reads(data_dir, "train", world)
     check_rows_per_rank(data_dir, train_plans)
     warning = amplification_warning(data_dir, world)
