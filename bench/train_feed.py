@@ -162,7 +162,7 @@ def layout_sweep(prepared: Path, work: Path) -> list[dict]:
 
     blocks = sorted((prepared / "train").rglob("*.parquet"))
     out = []
-    for parts, group in [(48, 170), (192, 170), (768, 170), (192, 32), (192, 1024)]:
+    for parts, group in [(48, 341), (192, 341), (768, 341), (192, 64), (192, 1024)]:
         target = work / f"sweep-{parts}-{group}"
         shutil.rmtree(target, ignore_errors=True)
         start = time.perf_counter()
@@ -204,6 +204,7 @@ def main() -> None:
     parser.add_argument("--ray", action="store_true", help="also measure through Ray Train")
     parser.add_argument("--out", default="bench/results/train_feed.json")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sweep-only", action="store_true", help="only the P/row-group sweep")
     a = parser.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -212,6 +213,10 @@ def main() -> None:
     manifest = json.loads((prepared / "manifest.json").read_text())
     split_bytes = sum(f.stat().st_size for f in (prepared / "train").rglob("*.parquet"))
     report: dict = {"split_rows": manifest["splits"]["train"]["rows"], "split_bytes": split_bytes}
+    if a.sweep_only:
+        report["layout_sweep"] = layout_sweep(prepared, work)
+        Path(a.out).write_text(json.dumps(report, indent=2))
+        return
     report["direct"] = {}
     for round_ in range(a.rounds):  # side by side, alternating, every round
         for world in (1, 2, 4):

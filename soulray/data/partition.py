@@ -72,31 +72,65 @@ def row_group_rows(seq_len: int) -> int:
 def compact_partition(
     out: str, split: str, k: int, seq_len: int, group_rows: int | None = None
 ) -> int:
-    """Stream partition k's staged files (name order) into rows-<n>.parquet; return files."""
-    import pyarrow.parquet as pq
-
+    """Stream partition k's staged files (name order) into rows-<n>.parquet, in row groups of
+    `group_rows` (staged files hold a few rows each: they are buffered up to a full group, as
+    a row group per staged file would be tiny and compress poorly). Returns files written."""
     staged = storage.join(out, split, STAGE_DIR, part_dir(k))
     if not storage.exists(staged):
         return 0
     group = group_rows or row_group_rows(seq_len)
-    writer: Any = None
-    files = rows_in_file = 0
+    sink = _PartitionSink(out, split, k, group)
     for path in storage.list_files(staged, (".parquet",)):
-        fs, inner = storage.resolve(path)
-        for batch in pq.ParquetFile(fs.open_input_file(inner)).iter_batches(batch_size=group):
-            if writer is None or rows_in_file >= FILE_ROWS:
-                if writer is not None:
-                    writer.close()
-                target = storage.join(out, split, part_dir(k), f"rows-{files:05d}.parquet")
-                tfs, tinner = storage.resolve(target)
-                tfs.create_dir(tinner.rsplit("/", 1)[0], recursive=True)
-                writer = pq.ParquetWriter(tinner, batch.schema, filesystem=tfs, compression="zstd")
-                files, rows_in_file = files + 1, 0
-            writer.write_batch(batch, row_group_size=group)
-            rows_in_file += batch.num_rows
-    if writer is not None:
-        writer.close()
-    return files
+        sink.add(_read(path))
+    return sink.close()
+
+
+def _read(path: str) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    fs, inner = storage.resolve(path)
+    with fs.open_input_file(inner) as f:
+        return pq.read_table(f)
+
+
+class _PartitionSink:
+    """Buffers rows into full row groups and rolls to a new file every FILE_ROWS rows."""
+
+    def __init__(self, out: str, split: str, k: int, group: int):
+        self.out, self.split, self.k, self.group = out, split, k, group
+        self.pending: list[pa.Table] = []
+        self.rows = self.rows_in_file = self.files = 0
+        self.writer: Any = None
+
+    def add(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.rows += table.num_rows
+        while self.rows >= self.group:
+            merged = pa.concat_tables(self.pending)
+            self._write(merged.slice(0, self.group))
+            rest = merged.slice(self.group)
+            self.pending, self.rows = [rest], rest.num_rows
+
+    def close(self) -> int:
+        if self.rows:
+            self._write(pa.concat_tables(self.pending))
+        if self.writer is not None:
+            self.writer.close()
+        return self.files
+
+    def _write(self, table: pa.Table) -> None:
+        import pyarrow.parquet as pq
+
+        if self.writer is None or self.rows_in_file >= FILE_ROWS:
+            if self.writer is not None:
+                self.writer.close()
+            name = f"rows-{self.files:05d}.parquet"
+            fs, inner = storage.resolve(storage.join(self.out, self.split, part_dir(self.k), name))
+            fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
+            self.writer = pq.ParquetWriter(inner, table.schema, filesystem=fs, compression="zstd")
+            self.files, self.rows_in_file = self.files + 1, 0
+        self.writer.write_table(table.combine_chunks(), row_group_size=self.group)
+        self.rows_in_file += table.num_rows
 
 
 def compact_partitions(out: str, split: str, seq_len: int, partitions: int = PARTITIONS) -> int:
