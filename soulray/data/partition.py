@@ -11,7 +11,7 @@ deterministic (staged file name = the block's first content hash, rows sorted by
 Why P = 192 (bench/RESULTS.md, "Train feed"): 192 = 2^6 * 3 is divisible by every world size
 a cluster of 8-GPU nodes usually has (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 192), and
 after compaction a partition costs one file, not one per block (measured: +15 % bytes over
-P = 48 on a 71 MB split, less on larger ones). 8 MiB row groups bound a reader's decode unit;
+P = 48 on a 71 MB split; not measured on larger ones). 8 MiB row groups bound the decode unit;
 their size is not settled by measurement yet (the bench split's partitions were one group each).
 """
 
