@@ -153,8 +153,17 @@ class TrainConfig(Section):
     eval_batches: int = Field(0, ge=0)  # 0 = the whole val split
     checkpoint_every: int = Field(50, ge=0)  # 0 = only at the end
     keep_checkpoints: int = Field(2, ge=1)
-    max_failures: int = Field(0, ge=-1)  # worker crashes survived by restoring a checkpoint
-    seed: int = 0
+    # Worker crashes survived by restoring a checkpoint; None = 3 with several workers, else 0.
+    max_failures: int | None = Field(None, ge=-1)
+    seed: int = Field(0, ge=0)
+    # Feed and memory (soulray/train/feed.py, loop.py):
+    shuffle_window_rows: int = Field(1024, ge=0)  # rows permuted together per epoch; 0 = in order
+    loss_chunk_tokens: int = Field(
+        1024, ge=0
+    )  # logits computed this many tokens at a time; 0 = all
+    # When FSDP reduces gradients: auto = after every micro-batch for full fine-tuning (a rank
+    # never holds unsharded gradients of the whole model), after the last one for LoRA.
+    grad_sync: Literal["auto", "every_micro_batch", "last_micro_batch"] = "auto"
 
 
 DEFAULT_COUNSELOR_PROMPT = (

@@ -34,6 +34,7 @@ from soulray.data.conversation import (
 )
 from soulray.data.formats import FILE_SUFFIXES, RawRecord, detect_format, split_records
 from soulray.data.pack import Rows, build_rows
+from soulray.data.partition import PARTITIONS, compact_partitions, write_block_partitions
 from soulray.data.render import (
     find_end_of_turn,
     layout_conversation,
@@ -228,8 +229,6 @@ class RenderPacker:
         return pa.Table.from_pylist(stats)
 
     def write_shard(self, split: str, part: pa.Table) -> dict[str, Any]:
-        import pyarrow.parquet as pq
-
         seqs, rejects = [], []
         texts = part.column("conversation").to_pylist()
         convs = [Conversation.from_json(text) for text in texts]
@@ -257,17 +256,13 @@ class RenderPacker:
         rows = build_rows(seqs, self.cfg.seq_len, self.tokenizer.pad_token_id, packed)
         name = f"part-{part.column('hash')[0].as_py()[:16]}"
         table = rows_to_table(rows, name)
-        if table.num_rows:
-            path = storage.join(self.out, split, f"{name}.parquet")
-            fs, inner = storage.resolve(path)
-            fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
-            pq.write_table(table, inner, filesystem=fs, compression="zstd")
+        files = write_block_partitions(table, self.out, split, name)
         sums = {c: int(pa.compute.sum(table.column(c)).as_py() or 0) for c in SCALAR_COLUMNS}
         written = part.num_rows - len(rejects)
         return (
             {"split": split, "conversations": written, "rows": table.num_rows}
             | sums
-            | {"files": int(table.num_rows > 0), "rejects": json.dumps(rejects, ensure_ascii=False)}
+            | {"files": files, "rejects": json.dumps(rejects, ensure_ascii=False)}
         )
 
 
@@ -434,6 +429,8 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     rejects += count_render_rejects(shards, summary)
     storage.write_text(rejects_path, "".join(line + "\n" for line in rejects))
     stats = split_stats(shards, d.seq_len)
+    for name in ("train", "val"):  # staged block files -> one file group per partition
+        stats[name]["files"] = compact_partitions(out, name, d.seq_len)
     manifest = build_manifest(cfg, files, summary, stats, files_by_name, time.time() - started)
     storage.write_text(
         storage.join(out, "manifest.json"), json.dumps(manifest, indent=2, ensure_ascii=False)
@@ -472,6 +469,7 @@ def build_manifest(
         "rows": total["rows"],
         "packing_efficiency": round(total["num_tokens"] / max(1, total["rows"] * seq_len), 4),
         "seq_len": seq_len,
+        "partitions": PARTITIONS,  # rows in <split>/part=<row_key % partitions>/
         "mode": cfg.data.mode,
         "strategy_tags": cfg.data.strategy_tags,
         "splits": stats,

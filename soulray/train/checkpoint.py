@@ -1,13 +1,16 @@
 """Checkpoints (sharded, torch.distributed.checkpoint) and the final Hugging Face export.
 
-A checkpoint directory holds every rank's DCP shards of the model and optimizer, plus
-`soulray_state.json` from rank 0: the step, the micro-batches consumed (the data position),
-the world size, and the LR scheduler. Exactly what `state` in the loop holds.
+A checkpoint directory holds every rank's DCP shards of the model and optimizer and its RNG
+state (`rng_rank<r>.pt`), plus from rank 0 `soulray_state.json` (exactly what `state` in the
+loop holds: the step, the data position as epoch + micro-batches into it, the world size, and
+the LR scheduler) and `soulray.yaml`, the resolved config that wrote it. Resume reads it where
+it is stored (a local/NFS path or s3:// gs://): DCP fetches each rank's own shards only.
 """
 
 from __future__ import annotations
 
 import copy
+import io
 import json
 import logging
 import os
@@ -33,29 +36,55 @@ from soulray.data.render import SERVING_RECORD, build_serving_record
 log = logging.getLogger("soulray.train")
 
 STATE_FILE = "soulray_state.json"
+CONFIG_FILE = "soulray.yaml"
 
 
 def save_checkpoint(
-    directory: str, model: nn.Module, optimizer: Any, scheduler: Any, state: dict[str, Any]
+    directory: str,
+    model: nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    state: dict[str, Any],
+    cfg: Config,
 ) -> None:
-    """Every rank writes its shards into `directory`; rank 0 adds the loop state."""
+    """Every rank writes its shards and RNG state into `directory` (a local folder); rank 0
+    adds the loop state and the resolved config."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=directory)
-    if dist.get_rank() == 0:
+    rank = dist.get_rank()
+    torch.save(rng_state(), Path(directory, f"rng_rank{rank}.pt"))
+    if rank == 0:
         extra = state | {"scheduler": scheduler.state_dict()}
         Path(directory, STATE_FILE).write_text(json.dumps(extra))
+        Path(directory, CONFIG_FILE).write_text(config_to_yaml(cfg))
 
 
 def load_checkpoint(
-    directory: str, model: nn.Module, optimizer: Any, scheduler: Any
+    location: str, model: nn.Module, optimizer: Any, scheduler: Any
 ) -> dict[str, Any]:
-    """Restore model, optimizer and scheduler in place; return the loop state."""
+    """Restore model, optimizer, scheduler and this rank's RNG in place from a checkpoint where
+    it is stored (local path or object-store URI); return the loop state."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=directory)
+    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=location)
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
-    state = json.loads(Path(directory, STATE_FILE).read_text())
+    state = json.loads(storage.read_text(storage.join(location, STATE_FILE)))
     scheduler.load_state_dict(state.pop("scheduler"))
+    rng = storage.join(location, f"rng_rank{dist.get_rank()}.pt")
+    if storage.exists(rng):  # absent when resuming with more workers than wrote it
+        set_rng_state(torch.load(io.BytesIO(storage.read_bytes(rng)), weights_only=False))
     return state
+
+
+def rng_state() -> dict[str, Any]:
+    """What the step draws from (dropout, LoRA dropout): the CPU and CUDA generators."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
+def set_rng_state(saved: dict[str, Any]) -> None:
+    torch.set_rng_state(saved["cpu"])
+    if saved["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda"])
 
 
 def export_model(

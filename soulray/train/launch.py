@@ -10,13 +10,12 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from soulray import storage
-from soulray.config import Config
-from soulray.train.data import COLUMNS, rank_filter, shard_files
+from soulray.config import Config, TrainConfig
+from soulray.train.feed import RankPlan, amplification_warning, plan_reads, rows_per_rank
 
 log = logging.getLogger("soulray.train")
 
@@ -101,57 +100,76 @@ def worker_resources(cfg: Config, cluster_cpus: float) -> dict[str, float] | Non
     return resources
 
 
-def rows_per_rank(files: list[str], world: int) -> Counter:
-    import pyarrow.parquet as pq
-
-    counts: Counter = Counter()
-    for path in files:
-        fs, inner = storage.resolve(path)
-        keys = pq.read_table(inner, filesystem=fs, columns=["row_key"])["row_key"].to_numpy()
-        counts.update((keys % world).tolist())
-    return counts
-
-
 CACHE_BYTES = 2**30  # splits up to this size are read once and kept in the object store
 
 
 def build_datasets(data_dir: str, world: int) -> dict[str, Any]:
-    """One Ray dataset per rank and split: the rows with row_key % world == rank, in order.
+    """One Ray dataset per rank and split, reading only that rank's files (see feed.py); with
+    a world size the layout cannot prune for, all files filtered to row_key % world == rank.
 
     A small split is materialized once here, so later epochs iterate the object store instead
     of re-running the Parquet read; a large one streams from storage every epoch.
     """
     import ray.data
 
+    context = ray.data.DataContext.get_current()
     # Progress bars from every worker's reader would garble the training log.
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    train_files = shard_files(data_dir, "train")
-    if not train_files:
+    context.enable_progress_bars = False
+    # Materializing must keep the file order too (read tasks finish in any order), or Ray and
+    # torchrun would train on the same rows in different orders.
+    context.execution_options.preserve_order = True
+    train_plans = plan_reads(data_dir, "train", world)
+    check_rows_per_rank(data_dir, train_plans)
+    warning = amplification_warning(data_dir, world)
+    if warning:
+        log.warning("warning: %s", warning)
+    datasets = {}
+    for split, plans in (("train", train_plans), ("val", plan_reads(data_dir, "val", world))):
+        split_bytes = plans[0].bytes if plans[0].filtered else sum(p.bytes for p in plans)
+        cache = split_bytes <= CACHE_BYTES
+        for plan in plans:
+            if plan.files:
+                datasets[f"{split}_{plan.rank}"] = rank_dataset(plan, cache)
+    return datasets
+
+
+def rank_dataset(plan: RankPlan, cache: bool) -> Any:
+    """The Ray dataset of one rank's rows of a split: its files, filtered only in fallback."""
+    import ray.data
+
+    fs, _ = storage.resolve(plan.files[0])
+    ds = ray.data.read_parquet(
+        [storage.resolve(f)[1] for f in plan.files],
+        filesystem=fs,
+        columns=plan.columns,
+        partitioning=None,  # part=<k> is a layout, not a column
+    )
+    if plan.filtered:
+        ds = ds.filter(expr=rank_filter(plan.world, plan.rank))
+    return ds.materialize() if cache else ds
+
+
+def rank_filter(world_size: int, rank: int) -> Any:
+    """The Ray Data filter expression selecting one rank's rows (the fallback layout)."""
+    from ray.data.expressions import col
+
+    return (col("row_key") % world_size) == rank
+
+
+def check_rows_per_rank(data_dir: str, plans: list[RankPlan]) -> None:
+    if not any(p.files for p in plans):
         raise ValueError(
-            f"no prepared training data in {data_dir}/train: run `soulray prepare` first, or set "
-            "train.data_dir to its data.output_dir"
+            f"no prepared training data in {data_dir}/train: run `soulray prepare` first, or "
+            "set train.data_dir to its data.output_dir"
         )
-    counts = rows_per_rank(train_files, world)
-    empty = [r for r in range(world) if counts[r] == 0]
+    counts = rows_per_rank(plans)
+    empty = [p.rank for p, n in zip(plans, counts, strict=True) if n == 0]
     if empty:
         raise ValueError(
-            f"ranks {empty} would get no training rows ({sum(counts.values())} packed rows for "
-            f"{world} workers); prepare more data or lower train.num_workers"
+            f"ranks {empty} would get no training rows ({sum(counts)} packed rows for "
+            f"{len(plans)} workers); prepare more data or lower train.num_workers"
         )
-    log.info("train rows per rank: %s", [counts[r] for r in range(world)])
-    datasets = {}
-    for split, files in (("train", train_files), ("val", shard_files(data_dir, "val"))):
-        if not files:
-            continue
-        fs, _ = storage.resolve(files[0])
-        base = ray.data.read_parquet(
-            [storage.resolve(f)[1] for f in files], filesystem=fs, columns=[*COLUMNS, "row_key"]
-        )
-        cache = sum(fs.get_file_info(storage.resolve(f)[1]).size for f in files) <= CACHE_BYTES
-        for rank in range(world):
-            ds = base.filter(expr=rank_filter(world, rank))
-            datasets[f"{split}_{rank}"] = ds.materialize() if cache else ds
-    return datasets
+    log.info("train rows per rank: %s", counts)
 
 
 def resolve_paths(cfg: Config) -> Config:
@@ -182,14 +200,17 @@ def run_train(cfg: Config) -> Any:
     resources = worker_resources(cfg, ray.cluster_resources().get("CPU", 0.0))
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "has_val": "val_0" in datasets},
+        train_loop_config={
+            "config": cfg.model_dump(mode="json"),
+            "val_ranks": [k for k in datasets if k.startswith("val_")],
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources
         ),
         run_config=ray.train.RunConfig(
             name=t.run_name,
             storage_path=t.storage_path,
-            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures(t)),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
         ),
         datasets=datasets,
@@ -208,12 +229,21 @@ def run_train(cfg: Config) -> Any:
     return trainer.fit()
 
 
+def max_failures(t: TrainConfig) -> int:
+    """train.max_failures, or by default: restart a multi-worker run from its last checkpoint
+    (up to 3 times), since one of many machines failing is routine; a single worker fails alone."""
+    if t.max_failures is not None:
+        return t.max_failures
+    return 3 if t.num_workers > 1 else 0
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker entry: wire the loop to Ray's datasets, checkpoints and reports."""
     import ray.train
     import ray.train.torch
 
-    from soulray.train.data import load_run_tokenizer, ray_batches
+    from soulray.train.data import load_run_tokenizer
+    from soulray.train.feed import build_source, ray_chunks
     from soulray.train.loop import Runtime, train_loop
 
     logging.basicConfig(
@@ -224,7 +254,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     train_shard = ray.train.get_dataset_shard(f"train_{rank}")
-    val_shard = ray.train.get_dataset_shard(f"val_{rank}") if config["has_val"] else None
+    # A rank whose partitions hold no val rows still evaluates (with filler batches): every
+    # rank must run the same FSDP forwards.
+    has_val = f"val_{rank}" in config["val_ranks"]
+    val_shard = ray.train.get_dataset_shard(f"val_{rank}") if has_val else None
+    train_batches = build_source(
+        lambda: ray_chunks(train_shard), t.micro_batch_size, t.shuffle_window_rows, t.seed, rank
+    )
+    val_batches = (
+        build_source(
+            lambda: ray_chunks(val_shard) if val_shard else iter(()), t.micro_batch_size, 0, 0, 0
+        )
+        if config["val_ranks"]
+        else None
+    )
 
     def report(metrics: dict[str, Any], ckpt: str | None) -> None:
         clean = {k: v for k, v in metrics.items() if v is not None}
@@ -238,15 +281,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         shutil.rmtree(ckpt, ignore_errors=True)
 
     def restore() -> str | None:
+        """The checkpoint where it is stored: each rank's DCP reader fetches only its shards."""
         checkpoint = ray.train.get_checkpoint()
-        return checkpoint.to_directory() if checkpoint else None
+        return checkpoint_uri(checkpoint) if checkpoint else None
 
     rt = Runtime(
         rank=rank,
         world_size=world,
         device=ray.train.torch.get_device(),
-        train_batches=ray_batches(train_shard, t.micro_batch_size),
-        val_batches=ray_batches(val_shard, t.micro_batch_size) if val_shard else None,
+        train_batches=train_batches,
+        val_batches=val_batches,
         tokenizer=load_run_tokenizer(
             t.data_dir or cfg.data.output_dir, cfg.model.trust_remote_code
         ),
@@ -256,3 +300,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         report=report,
     )
     train_loop(cfg, rt)
+
+
+def checkpoint_uri(checkpoint: Any) -> str:
+    """A Ray Train checkpoint's location as soulray.storage spells it (path or s3:// gs://)."""
+    import pyarrow.fs as pafs
+
+    fs = checkpoint.filesystem
+    if isinstance(fs, pafs.LocalFileSystem) or fs is None:
+        return checkpoint.path
+    scheme = {"s3": "s3", "gcs": "gs"}.get(fs.type_name)
+    if scheme is None:
+        raise ValueError(
+            f"cannot resume from a checkpoint on a {fs.type_name} filesystem: "
+            "train.storage_path must be a local/NFS path, s3:// or gs://"
+        )
+    return f"{scheme}://{checkpoint.path}"

@@ -20,10 +20,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from soulray.config import Config, TrainConfig
 from soulray.train.checkpoint import export_model, load_checkpoint, save_checkpoint
-from soulray.train.data import Batch, BatchSource, cycle, to_tensors
+from soulray.train.data import Batch, to_tensors
+from soulray.train.feed import BatchSource, DataPosition, cycle
 from soulray.train.metrics import (
     MetricsLog,
     flops_per_token,
@@ -60,7 +62,8 @@ def train_loop(cfg: Config, rt: Runtime) -> dict[str, Any]:
     model, hf_config, attn, param_dtype = build_sharded_model(cfg, rt.tokenizer, rt.rank, rt.device)
     optimizer = build_optimizer(model, t, rt.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t))
-    state = {"step": 0, "micro_batches": 0, "world_size": rt.world_size}
+    state = {"step": 0, "micro_batches": 0, "epoch": 0, "epoch_batch": 0}
+    state["world_size"] = rt.world_size
     restored = rt.restore()
     if restored:
         state = load_checkpoint(restored, model, optimizer, scheduler)
@@ -68,7 +71,9 @@ def train_loop(cfg: Config, rt: Runtime) -> dict[str, Any]:
         log_rank0(rt, "resumed from %s at step %d", restored, state["step"])
     start_step = state["step"]  # logged with every step: which attempt trained it
     metrics_log = MetricsLog(rt.metrics_path, start_step) if rt.rank == 0 else None
-    batches = cycle(rt.train_batches, skip=state["micro_batches"])
+    position = data_position(state)
+    batches = cycle(rt.train_batches, position)
+    sync_every = sync_every_micro_batch(cfg)
     seq_len = cfg.data.seq_len
     flops = flops_per_token(model, hf_config, seq_len)
     peak = peak_flops(rt.device)
@@ -87,10 +92,11 @@ def train_loop(cfg: Config, rt: Runtime) -> dict[str, Any]:
     # --- the loop ------------------------------------------------------------------------------
     while state["step"] < t.steps:
         micro = [to_tensors(next(batches), rt.device) for _ in range(t.grad_accum)]
-        loss, grad_norm, tokens = train_step(model, optimizer, micro, t.max_grad_norm, rt)
+        loss, grad_norm, tokens = train_step(model, optimizer, micro, t, rt, sync_every)
         scheduler.step()
         state["step"] += 1
         state["micro_batches"] += t.grad_accum
+        state["epoch"], state["epoch_batch"] = position.epoch, position.batch
         window["loss"] += loss
         window["tokens"] += tokens
         window["padded"] += sum(b["input_ids"].numel() for b in micro) * rt.world_size
@@ -106,11 +112,11 @@ def train_loop(cfg: Config, rt: Runtime) -> dict[str, Any]:
             metrics["start_step"] = start_step
             if evaluate_now:
                 assert rt.val_batches is not None
-                metrics["val_loss"] = evaluate(model, rt.val_batches, rt, t.eval_batches)
+                metrics["val_loss"] = evaluate(model, rt.val_batches, rt, t)
             ckpt = None
             if checkpoint_now:
                 ckpt = rt.checkpoint_dir(step)
-                save_checkpoint(ckpt, model, optimizer, scheduler, state)
+                save_checkpoint(ckpt, model, optimizer, scheduler, state, cfg)
             if metrics_log:
                 metrics_log.write(metrics)
                 log.info(format_metrics(metrics, t.steps))
@@ -134,15 +140,54 @@ def new_window() -> dict[str, Any]:
     return {"loss": 0.0, "tokens": 0, "padded": 0, "steps": 0, "start": time.perf_counter()}
 
 
+def data_position(state: dict[str, Any]) -> DataPosition:
+    """Where the feed resumes. A checkpoint from before epochs were recorded holds only the
+    micro-batch count, which `cycle` skips across epochs."""
+    if "epoch" in state:
+        return DataPosition(state["epoch"], state["epoch_batch"])
+    return DataPosition(0, state["micro_batches"])
+
+
+def sync_every_micro_batch(cfg: Config) -> bool:
+    """train.grad_sync resolved: full fine-tuning reduce-scatters after every micro-batch (only
+    sharded gradients accumulate); LoRA's few gradients wait for the last micro-batch."""
+    match cfg.train.grad_sync:
+        case "every_micro_batch":
+            return True
+        case "last_micro_batch":
+            return False
+        case "auto":
+            return not cfg.lora.enabled
+    raise ValueError(f"unknown train.grad_sync {cfg.train.grad_sync!r}")
+
+
 def train_step(
-    model: nn.Module, optimizer: Any, micro: list[Batch], max_norm: float, rt: Runtime
+    model: nn.Module,
+    optimizer: Any,
+    micro: list[Batch],
+    t: TrainConfig,
+    rt: Runtime,
+    sync_every: bool,
 ) -> tuple[float, float, int]:
-    """One optimizer step over this rank's micro-batches.
+    """One optimizer step over this rank's micro-batches: (loss, grad norm, real tokens)."""
+    loss_sum, targets, tokens = accumulate_gradients(model, micro, t, rt, sync_every)
+    params = [p for p in model.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    return loss_sum / targets, float(norm), tokens
+
+
+def accumulate_gradients(
+    model: nn.Module, micro: list[Batch], t: TrainConfig, rt: Runtime, sync_every: bool
+) -> tuple[float, float, int]:
+    """Forward and backward of every micro-batch: (global loss sum, global targets, tokens).
 
     The loss is a sum over target tokens divided by the number of target tokens in the whole
     global batch (every rank, every micro-batch), so packing and uneven shards do not bias it;
-    FSDP averages gradients over ranks, hence the factor world_size. Gradients are reduced only
-    after the last micro-batch.
+    FSDP averages gradients over ranks, hence the factor world_size. Gradients are reduced after
+    every micro-batch (sync_every: only sharded gradients accumulate) or after the last one.
     """
     counts = torch.tensor(
         [
@@ -157,43 +202,81 @@ def train_step(
     loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
     fsdp_model: Any = model  # an FSDPModule after fully_shard
     for i, batch in enumerate(micro):
-        fsdp_model.set_requires_gradient_sync(i == len(micro) - 1)
-        loss = token_loss_sum(model, batch)
+        fsdp_model.set_requires_gradient_sync(sync_every or i == len(micro) - 1)
+        loss = token_loss_sum(model, batch, t.loss_chunk_tokens)
         (loss * rt.world_size / targets).backward()
         loss_sum += loss.detach().double()
-    params = [p for p in model.parameters() if p.grad is not None]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
     dist.all_reduce(loss_sum)
-    norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    return loss_sum.item() / targets, float(norm), int(counts[1].item())
+    return loss_sum.item(), targets, int(counts[1].item())
 
 
-def token_loss_sum(model: nn.Module, batch: Batch) -> torch.Tensor:
+def token_loss_sum(model: nn.Module, batch: Batch, chunk_tokens: int = 0) -> torch.Tensor:
     """Summed cross-entropy of next-token prediction over the target (assistant) tokens.
+
+    chunk_tokens > 0: the output projection and the fp32 softmax run on the target positions
+    only, `chunk_tokens` at a time, each chunk recomputed in backward (activation checkpoint),
+    so at most one chunk's logits exist at once instead of (rows x seq_len x vocab) of them.
+    0: the model's own full logits (the reference the chunked loss is tested against).
     The labels are shifted (not the logits, which would copy the largest tensor of the step)."""
-    logits = model(
-        input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
-    ).logits
     targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
-    return F.cross_entropy(
-        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum"
+    if not chunk_tokens:
+        logits = model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        ).logits
+        return F.cross_entropy(
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum"
+        )
+    hidden = final_hidden_states(model, batch)
+    keep = targets != IGNORE
+    hidden, targets = hidden[keep], targets[keep]  # (target tokens, hidden), (target tokens,)
+    head = model.get_output_embeddings()
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(targets), chunk_tokens):
+        piece = slice(start, start + chunk_tokens)
+        total = total + checkpoint(
+            chunk_loss, head, hidden[piece], targets[piece], use_reentrant=False
+        )
+    return total
+
+
+def chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def final_hidden_states(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The decoder's output (what the head projects), from the model's own forward (FSDP's
+    hooks gather the root parameters there), asking it for the logits of no position."""
+    captured: list[torch.Tensor] = []
+    unwrap = getattr(model, "get_base_model", None)  # a peft model wraps the transformers one
+    base: Any = unwrap() if unwrap is not None else model
+    handle = base.get_decoder().register_forward_hook(
+        lambda _m, _i, out: captured.append(out.last_hidden_state)
     )
+    try:
+        none = torch.zeros(0, dtype=torch.long, device=batch["input_ids"].device)
+        model(
+            input_ids=batch["input_ids"],
+            position_ids=batch["position_ids"],
+            use_cache=False,
+            logits_to_keep=none,
+        )
+    finally:
+        handle.remove()
+    return captured[0]
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, source: BatchSource, rt: Runtime, max_batches: int) -> float:
+def evaluate(model: nn.Module, source: BatchSource, rt: Runtime, t: TrainConfig) -> float:
     """Validation loss over every rank's val rows. All ranks run the same number of forwards
     (FSDP all-gathers in each), so a rank with fewer rows runs target-free filler batches."""
     model.eval()
-    mine = [b for i, b in enumerate(source()) if not max_batches or i < max_batches]
+    mine = [b for i, b in enumerate(source(0)) if not t.eval_batches or i < t.eval_batches]
     count = torch.tensor([len(mine)], device=rt.device)
     dist.all_reduce(count, op=dist.ReduceOp.MAX)
     sums = torch.zeros(2, dtype=torch.float64, device=rt.device)
     for i in range(int(count.item())):
         batch = to_tensors(mine[i], rt.device) if i < len(mine) else filler_batch(mine, rt)
-        sums[0] += token_loss_sum(model, batch).double()
+        sums[0] += token_loss_sum(model, batch, t.loss_chunk_tokens).double()
         sums[1] += (batch["labels"][:, 1:] != IGNORE).sum()
     dist.all_reduce(sums)
     model.train()

@@ -218,7 +218,11 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 def apply_fsdp(
     model: nn.Module, param_dtype: torch.dtype, reshard_after_forward: bool, cpu_offload: bool
 ) -> None:
-    """FSDP2: shard every decoder layer, then the root (embeddings, final norm, head)."""
+    """FSDP2: shard every decoder layer, then the root (embeddings, final norm, head).
+
+    The root stays unsharded from forward to the end of backward (as torchtitan keeps its
+    output layer): the chunked loss projects hidden states through the head outside the
+    model's forward, and backward would gather the root again at once anyway."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
@@ -227,7 +231,7 @@ def apply_fsdp(
         kwargs["offload_policy"] = CPUOffloadPolicy()
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
-    fully_shard(model, **kwargs)
+    fully_shard(model, **kwargs | {"reshard_after_forward": False})
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:

@@ -3,9 +3,9 @@ measure Ray Train's overhead on the very same loop.
 
     torchrun --nproc-per-node 8 -m soulray.train.torchrun --config jobs/X.yaml [overrides]
 
-Distributed setup comes from torchrun's environment; each rank reads its rows (row_key % world)
-straight from the prepared Parquet; checkpoints go to train.storage_path/train.run_name, which
-must be a local or shared (NFS) path that every rank sees.
+Distributed setup comes from torchrun's environment; each rank streams its rows straight from
+the prepared Parquet by the same rule as under Ray (soulray/train/feed.py); checkpoints go to
+train.storage_path/train.run_name, which must be a local or shared (NFS) path every rank sees.
 """
 
 from __future__ import annotations
@@ -23,12 +23,8 @@ import torch.distributed as dist
 from soulray import storage
 from soulray.config import Config, load_config
 from soulray.train.checkpoint import STATE_FILE
-from soulray.train.data import (
-    load_run_tokenizer,
-    read_rank_rows,
-    shard_files,
-    table_batches,
-)
+from soulray.train.data import load_run_tokenizer
+from soulray.train.feed import amplification_warning, build_source, parquet_chunks, plan_reads
 from soulray.train.loop import Runtime, train_loop
 
 log = logging.getLogger("soulray.train")
@@ -49,9 +45,11 @@ def build_runtime(cfg: Config, rank: int, world: int, device: torch.device) -> R
     run_dir = Path(storage.normalize(t.storage_path), t.run_name)
     run_dir.mkdir(parents=True, exist_ok=True)
     data_dir = t.data_dir or cfg.data.output_dir
-    train_rows = read_rank_rows(shard_files(data_dir, "train"), world, rank)
-    val_files = shard_files(data_dir, "val")
-    val_rows = read_rank_rows(val_files, world, rank) if val_files else None
+    train = plan_reads(data_dir, "train", world)[rank]
+    val = plan_reads(data_dir, "val", world)
+    warning = amplification_warning(data_dir, world)
+    if warning and rank == 0:
+        log.warning("warning: %s", warning)
 
     def checkpoint_dir(step: int) -> str:
         path = run_dir / f"checkpoint_{step:08d}"
@@ -71,8 +69,14 @@ def build_runtime(cfg: Config, rank: int, world: int, device: torch.device) -> R
         rank=rank,
         world_size=world,
         device=device,
-        train_batches=table_batches(train_rows, t.micro_batch_size),
-        val_batches=table_batches(val_rows, t.micro_batch_size) if val_rows else None,
+        train_batches=build_source(
+            lambda: parquet_chunks(train), t.micro_batch_size, t.shuffle_window_rows, t.seed, rank
+        ),
+        val_batches=(
+            build_source(lambda: parquet_chunks(val[rank]), t.micro_batch_size, 0, 0, 0)
+            if any(p.files for p in val)
+            else None
+        ),
         tokenizer=load_run_tokenizer(data_dir, cfg.model.trust_remote_code),
         metrics_path=str(run_dir / "metrics.jsonl"),
         restore=restore,

@@ -103,7 +103,7 @@ def test_bad_records_are_rejected_and_the_good_ones_prepared(bad_file, tmp_path)
     assert details["4"] == "'messages' must be a list, got str"
     assert details["9"] == f"same messages as {bad_file}:1"
 
-    shards = sorted(out.glob("*/part-*.parquet"))
+    shards = sorted(out.glob("*/part=*/*.parquet"))  # <split>/part=<k>/
     assert shards
     turns = sum(sum(pq.read_table(s).column("assistant_turns").to_pylist()) for s in shards)
     assert turns == 3

@@ -134,7 +134,7 @@ def prepared(ray_local, tmp_path_factory):
 
 
 def read_split(out: Path, split: str):
-    files = sorted((out / split).glob("*.parquet"))
+    files = sorted((out / split).glob("part=*/*.parquet"))  # partitioned by row_key % P
     assert files, f"no {split} shard"
     return [pq.read_table(f) for f in files]
 

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from soulray.config import Config, load_config
-from soulray.train.data import load_run_tokenizer, read_rank_rows, shard_files, to_tensors
+from soulray.train.data import load_run_tokenizer, to_tensors
+from soulray.train.feed import build_source, parquet_chunks, plan_reads
 from soulray.train.launch import run_train
 from soulray.train.model import build_model, build_model_config, load_initial_state
 
@@ -172,11 +173,10 @@ def test_loss_is_normalised_by_global_target_tokens(ray_local, prepared_quicksta
         "cpu",
     )
     model.load_state_dict(initial_state(cfg))
-    files = shard_files(str(prepared_quickstart), "train")
     total, targets = 0.0, 0
     with torch.no_grad():
         for rank in (0, 1):
-            batch = to_tensors(read_rank_rows(files, 2, rank).slice(0, 2), torch.device("cpu"))
+            batch = to_tensors(first_rows(cfg, 2, rank, 2), torch.device("cpu"))
             logits = model(
                 input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
             ).logits
@@ -186,6 +186,15 @@ def test_loss_is_normalised_by_global_target_tokens(ray_local, prepared_quicksta
             ).item()
             targets += int((labels != -100).sum())
     assert reported == pytest.approx(total / targets, rel=1e-5)
+
+
+def first_rows(cfg: Config, world: int, rank: int, rows: int):
+    """The rows a rank trains on first: the start of its feed's epoch 0 (the row stream does
+    not depend on the micro-batch size)."""
+    t = cfg.train
+    plan = plan_reads(cfg.data.output_dir, "train", world)[rank]
+    source = build_source(lambda: parquet_chunks(plan), rows, t.shuffle_window_rows, t.seed, rank)
+    return next(source(0))
 
 
 def train_workers() -> list[psutil.Process]:

@@ -1,0 +1,112 @@
+"""Training memory: the chunked loss equals the full-logits loss, reducing gradients after
+every micro-batch gives the gradients of reducing once, and the failure default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+from soulray.config import load_config
+from soulray.train.launch import max_failures
+from soulray.train.loop import IGNORE, accumulate_gradients, sync_every_micro_batch, token_loss_sum
+
+TINY = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
+
+
+def packed_batch(rows: int, seq_len: int, seed: int) -> dict[str, torch.Tensor]:
+    """Two sequences per row, about half the positions targets, a pad tail."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, TINY["vocab_size"], (rows, seq_len), generator=g)
+    half = seq_len // 2
+    pos = torch.cat([torch.arange(half), torch.arange(seq_len - half)]).expand(rows, -1)
+    labels = ids.clone()
+    labels[torch.rand(rows, seq_len, generator=g) < 0.5] = IGNORE
+    labels[:, -3:] = IGNORE
+    return {"input_ids": ids, "position_ids": pos.contiguous(), "labels": labels}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_chunked_loss_equals_the_full_logits_loss_with_its_gradients(tied: bool) -> None:
+    torch.manual_seed(0)
+    config = Qwen2Config(**TINY, tie_word_embeddings=tied)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    batch = packed_batch(3, 40, seed=1)
+    full = token_loss_sum(model, batch, chunk_tokens=0)
+    full.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    for chunk in (7, 1000):  # many chunks, and one chunk holding every target
+        chunked = token_loss_sum(model, batch, chunk_tokens=chunk)
+        torch.testing.assert_close(chunked, full, rtol=1e-6, atol=0)
+        chunked.backward()
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(param.grad, expected[name], rtol=1e-5, atol=1e-6)
+        model.zero_grad()
+
+
+def test_grad_sync_resolves_per_fine_tuning_kind() -> None:
+    assert sync_every_micro_batch(load_config(None, [])) is True
+    assert sync_every_micro_batch(load_config(None, ["lora.enabled=true"])) is False
+    forced = load_config(None, ["lora.enabled=true", "train.grad_sync=every_micro_batch"])
+    assert sync_every_micro_batch(forced) is True
+
+
+def test_max_failures_defaults_to_restarting_multi_worker_runs() -> None:
+    assert max_failures(load_config(None, ["train.num_workers=1"]).train) == 0
+    assert max_failures(load_config(None, ["train.num_workers=2"]).train) == 3
+    assert (
+        max_failures(load_config(None, ["train.num_workers=2", "train.max_failures=0"]).train) == 0
+    )
+
+
+def sharded_gradients(rank: int, world: int, data: str, sync: str, out: str, pg: str) -> None:
+    """One rank: the tiny model under FSDP2, two micro-batches of its feed, gradients saved."""
+    import torch.distributed as dist
+
+    from soulray.train.data import load_run_tokenizer
+    from soulray.train.model import build_sharded_model
+
+    dist.init_process_group("gloo", init_method=f"file://{pg}", rank=rank, world_size=world)
+    try:
+        cfg = load_config(None, [f"data.output_dir={data}", f"train.grad_sync={sync}"])
+        model, *_ = build_sharded_model(cfg, load_run_tokenizer(data), rank, torch.device("cpu"))
+        micro = [packed_batch(2, 48, seed=10 * rank + i) for i in range(3)]
+        for b in micro:
+            b["input_ids"] %= 300  # inside the tiny tokenizer's vocabulary
+            b["labels"] = torch.where(b["labels"] == IGNORE, IGNORE, b["labels"] % 300)
+            b["num_tokens"] = torch.tensor(b["input_ids"].numel())
+        rt = SimpleNamespace(device=torch.device("cpu"), world_size=world)
+        loss, *_ = accumulate_gradients(model, micro, cfg.train, rt, sync_every_micro_batch(cfg))
+        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+        if rank == 0:
+            torch.save({"loss": loss, "grads": grads}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_reducing_every_micro_batch_gives_the_same_gradients(prepared_quickstart, tmp_path: Path):
+    results = {}
+    for sync in ("every_micro_batch", "last_micro_batch"):
+        out = str(tmp_path / f"{sync}.pt")
+        args = (2, str(prepared_quickstart), sync, out, str(tmp_path / f"pg-{sync}"))
+        mp.start_processes(sharded_gradients, args=args, nprocs=2, start_method="spawn")
+        results[sync] = torch.load(out)
+    every, last = results["every_micro_batch"], results["last_micro_batch"]
+    assert every["loss"] == last["loss"]
+    assert set(every["grads"]) == set(last["grads"])
+    for name, grad in every["grads"].items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grad, last["grads"][name], rtol=1e-5, atol=1e-8)

@@ -1,0 +1,104 @@
+"""Exact resume: a run killed mid-way and restarted gives, step for step, the losses of a run
+that was never interrupted (to the last digit on CPU), and each checkpoint carries its config."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from soulray.config import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICKSTART = ROOT / "jobs" / "quickstart.yaml"
+STEPS = 12
+
+
+def command(data: Path, out: Path, port: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(port),
+        "-m",
+        "soulray.train.torchrun",
+        "--config",
+        str(QUICKSTART),
+        f"data.output_dir={data}",
+        f"train.storage_path={out}",
+        "train.run_name=run",
+        f"train.export_dir={out}/model",
+        f"train.steps={STEPS}",
+        "train.log_every=1",
+        "train.eval_every=4",
+        "train.checkpoint_every=4",
+        "train.grad_accum=2",  # gradients reduced per micro-batch, two per step
+        "train.shuffle_window_rows=4",  # several windows an epoch, several epochs a run
+    ]
+
+
+def metrics(out: Path) -> list[dict]:
+    path = out / "run" / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its workers (which run in sessions of their own)."""
+    victims = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for victim in reversed(victims):
+        victim.send_signal(signal.SIGKILL)
+    proc.wait()
+    psutil.wait_procs(victims, timeout=30)
+
+
+def run_and_kill_after(cmd: list[str], out: Path, step: int) -> int:
+    """Start the run, SIGKILL all its processes once `step` is logged; the step it died at."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            logged = metrics(out)
+            if logged and logged[-1]["step"] >= step:
+                kill_tree(proc)
+                return logged[-1]["step"]
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+    raise AssertionError(f"the run ended (rc {proc.returncode}) before step {step}")
+
+
+def test_killed_and_resumed_run_matches_an_uninterrupted_one(prepared_quickstart, tmp_path):
+    whole = tmp_path / "whole"
+    subprocess.run(
+        command(prepared_quickstart, whole, 29551), cwd=ROOT, check=True, capture_output=True
+    )
+    broken = tmp_path / "broken"
+    died_at = run_and_kill_after(command(prepared_quickstart, broken, 29553), broken, 6)
+    assert 6 <= died_at < STEPS
+    subprocess.run(
+        command(prepared_quickstart, broken, 29555), cwd=ROOT, check=True, capture_output=True
+    )
+    expected, resumed = metrics(whole), metrics(broken)
+    assert [m["step"] for m in resumed] == list(range(1, STEPS + 1))
+    assert {m["start_step"] for m in resumed if m["step"] > died_at} == {4 * (died_at // 4)}
+    for a, b in zip(expected, resumed, strict=True):
+        assert (a["step"], a["loss"], a["grad_norm"]) == (b["step"], b["loss"], b["grad_norm"])
+        assert a.get("val_loss") == b.get("val_loss")
+    checkpoint = broken / "run" / f"checkpoint_{STEPS:08d}"
+    saved = load_config(checkpoint / "soulray.yaml")
+    assert (saved.train.steps, saved.train.grad_accum) == (STEPS, 2)
+    state = json.loads((checkpoint / "soulray_state.json").read_text())
+    assert state["micro_batches"] == 2 * STEPS and state["epoch"] >= 1
+    assert sorted(p.name for p in checkpoint.glob("rng_rank*.pt")) == [
+        "rng_rank0.pt",
+        "rng_rank1.pt",
+    ]
