@@ -24,6 +24,19 @@ BUCKETS = 256  # hash buckets: groups of a few thousand key rows at 1M records
 STAT_COLUMNS = ["turns", "target_turns", "merged_turns", "empty_turns"]
 KEY_SOURCE_COLUMNS = ["hash", "prefixes", "range_id", "record_index", "location", "split"]
 KEY_SOURCE_COLUMNS += [*STAT_COLUMNS, "unknown_strategies"]
+KEY_SCHEMA = pa.schema(
+    [
+        ("bucket", pa.int32()),
+        ("key", pa.string()),
+        ("kind", pa.int8()),  # 0: the record's own hash, 1: a prefix's
+        ("range_id", pa.int32()),
+        ("record_index", pa.int32()),
+        ("location", pa.string()),  # the rest: null on prefix rows
+        ("split", pa.string()),
+        *[(c, pa.int64()) for c in STAT_COLUMNS],
+        ("unknown_strategies", pa.string()),
+    ]
+)
 DROP_SCHEMA = pa.schema(
     [
         ("range_id", pa.int32()),
@@ -57,7 +70,8 @@ def key_rows(batch: pa.Table) -> pa.Table:
     )
     rows = pa.concat_tables([self_part, prefix_part], promote_options="default")
     buckets = [int(k[:2], 16) % BUCKETS for k in rows.column("key").to_pylist()]
-    return rows.append_column("bucket", pa.array(buckets, pa.int32()))
+    rows = rows.append_column("bucket", pa.array(buckets, pa.int32()))
+    return rows.select(KEY_SCHEMA.names).cast(KEY_SCHEMA)
 
 
 def decide_bucket(group: pa.Table) -> pa.Table:
@@ -85,14 +99,43 @@ def drop_row(row: dict[str, Any], reason: str, detail: str) -> dict[str, Any]:
     return {k: row[k] for k in keep} | {"reason": reason, "detail": detail}
 
 
-def find_drops(parsed_dir: str, filesystem: Any) -> Any:
-    """The materialized decisions dataset (DROP_SCHEMA): a shuffle of key rows only."""
-    import ray.data
+def find_drops(keys: Any, work: str, partitions: int) -> tuple[Counter, Counter]:
+    """Group the key rows by hash bucket, decide, and write each range's drops under
+    work/drops/<range>/; return (counts, unknown strategies) of the dropped records."""
+    import functools
 
-    keys = ray.data.read_parquet(
-        parsed_dir, columns=KEY_SOURCE_COLUMNS, filesystem=filesystem
-    ).map_batches(key_rows, batch_format="pyarrow")
-    return keys.groupby("bucket").map_groups(decide_bucket, batch_format="pyarrow").materialize()
+    totals = (
+        keys.groupby("bucket", num_partitions=partitions)
+        .map_groups(decide_bucket, batch_format="pyarrow")
+        .map_batches(functools.partial(save_drops, work=work), batch_format="pyarrow")
+        .take_all()
+    )
+    counts: Counter = Counter()
+    unknown: Counter = Counter()
+    for row in totals:
+        counts.update(json.loads(row["counts"]))
+        unknown.update(json.loads(row["unknown"]))
+    return counts, unknown
+
+
+def save_drops(batch: pa.Table, work: str) -> pa.Table:
+    """Write a block of decisions as one file per range (a retried block writes the same rows
+    again under another name: harmless, they only filter); return its counts as one row."""
+    import uuid
+
+    import pyarrow.parquet as pq
+
+    from soulray import storage
+
+    name = f"{uuid.uuid4().hex}.parquet"
+    ranges = batch.column("range_id")
+    for rid in pa.compute.unique(ranges).to_pylist():
+        part = batch.filter(pa.compute.equal(ranges, rid))
+        path = storage.join(work, "drops", f"{rid:06d}", name)
+        fs, inner = storage.resolve(path)
+        fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
+        pq.write_table(part, inner, filesystem=fs)
+    return summarize_drops(batch)
 
 
 def summarize_drops(batch: pa.Table) -> pa.Table:
@@ -100,19 +143,8 @@ def summarize_drops(batch: pa.Table) -> pa.Table:
     counts: Counter = Counter()
     unknown: Counter = Counter()
     for row in batch.to_pylist():
-        tag = f"{row['reason']}/{row['split']}"
-        counts[tag] += 1
+        counts[f"{row['reason']}/{row['split']}"] += 1
         for c in STAT_COLUMNS:
             counts[f"{row['reason']}.{c}"] += row[c]
         unknown.update(json.loads(row["unknown_strategies"]))
     return pa.table({"counts": [json.dumps(counts)], "unknown": [json.dumps(unknown)]})
-
-
-def drop_totals(drops: Any) -> tuple[Counter, Counter]:
-    """(counts, unknown strategies) over all decisions: one small row per block to the driver."""
-    counts: Counter = Counter()
-    unknown: Counter = Counter()
-    for row in drops.map_batches(summarize_drops, batch_format="pyarrow").iter_rows():
-        counts.update(json.loads(row["counts"]))
-        unknown.update(json.loads(row["unknown"]))
-    return counts, unknown

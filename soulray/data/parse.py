@@ -1,14 +1,14 @@
 """The read stage of `soulray prepare`: ranges of records -> cleaned, hashed rows on disk.
 
-Each range task writes its kept rows to <work>/parsed/<range>.parquet and its rejected records
-to <work>/rejects/, and returns one small stats row; dedupe decisions are written per range
-(<work>/drops/range_id=<id>/), so loading a range's kept rows is a join by position. Memory is
+Each range task writes its kept rows to <work>/parsed/<range>.parquet, its rejected records to
+<work>/rejects/ and its counts to <work>/stats/, and passes on only small key rows to dedupe
+(dedupe.py), whose decisions are written per range (<work>/drops/<range>/): loading a range's
+kept rows is then a join by position. Memory is
 bounded by a range's size times the number of tasks, whatever the corpus size.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 from collections import Counter
@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 
 from soulray import storage
 from soulray.data.conversation import RecordError, clean_conversation, count_target_turns
-from soulray.data.dedupe import KEY_SOURCE_COLUMNS, STAT_COLUMNS, drop_totals, find_drops
+from soulray.data.dedupe import KEY_SOURCE_COLUMNS, STAT_COLUMNS, find_drops, key_rows
 from soulray.data.formats import RawRecord, detect_format
 from soulray.data.ranges import Range, plan_ranges, range_records
 
@@ -76,12 +76,13 @@ ROW_COLUMNS = [
 ]
 
 
-def parse_range(item: dict[str, Any], settings: ParseSettings, work: str) -> dict[str, Any]:
-    """Ray Data map: one range -> its kept rows in work/parsed/<range>.parquet, its rejected
-    records in work/rejects/<range>.a.jsonl, and one small stats row (the only thing returned)."""
+def parse_range(batch: pa.Table, settings: ParseSettings, work: str) -> pa.Table:
+    """Ray Data map_batches over one range: its kept rows to work/parsed/<range>.parquet, its
+    rejected records to work/rejects/<range>.a.jsonl, its counts to work/stats/<range>.json;
+    returns only the small key rows that dedupe needs."""
     import pyarrow.parquet as pq
 
-    r = Range(**json.loads(item["spec"]))
+    r = Range(**json.loads(batch.column("spec")[0].as_py()))
     rows, rejects, rejected = [], [], Counter()
     sums, unknown, by_split = Counter(), Counter(), Counter()
     first_error, records = "", 0
@@ -98,16 +99,17 @@ def parse_range(item: dict[str, Any], settings: ParseSettings, work: str) -> dic
         by_split[row["split"]] += 1
         sums.update({c: row[c] for c in STAT_COLUMNS})
         unknown.update(json.loads(row["unknown_strategies"]))
+    table = pa.Table.from_pylist(rows, schema=PARSED_SCHEMA)
     if rows:
-        table = pa.Table.from_pylist(rows, schema=PARSED_SCHEMA)
         fs, inner = storage.resolve(storage.join(work, "parsed", f"{r.rid:06d}.parquet"))
         pq.write_table(table, inner, filesystem=fs)
     if rejects:
         path = storage.join(work, "rejects", f"{r.rid:06d}.a.jsonl")
         storage.write_text(path, "".join(line + "\n" for line in rejects))
-    counts = {"records": records, "rejected": rejected, "sums": sums, "unknown": unknown}
-    counts |= {"by_split": by_split}
-    return {"rid": r.rid, "counts": json.dumps(counts), "first_error": first_error}
+    counts = {"rid": r.rid, "records": records, "rejected": rejected, "sums": sums}
+    counts |= {"unknown": unknown, "by_split": by_split, "first_error": first_error}
+    storage.write_text(storage.join(work, "stats", f"{r.rid:06d}.json"), json.dumps(counts))
+    return key_rows(table.select(KEY_SOURCE_COLUMNS))
 
 
 PARSED_SCHEMA = pa.schema(
@@ -128,14 +130,14 @@ KEPT_COLUMNS = ["conversation", "split", "hash", "location"]
 
 def load_kept(batch: pa.Table, work: str) -> pa.Table:
     """Ray Data map_batches over range ids: one range's kept rows, less its dropped records
-    (their decisions sit in work/drops/range_id=<id>/: a join by position, not a shuffle).
+    (their decisions sit in work/drops/<range>/: a join by position, not a shuffle).
     Duplicates go to work/rejects/<range>.b.jsonl with the text of the record."""
     import pyarrow.parquet as pq
 
     rid = batch.column("rid")[0].as_py()
-    fs, parsed = storage.resolve(storage.join(work, "parsed", f"{rid:06d}.parquet"))
+    fs, parsed = storage.resolve(parsed_path(work, rid))
     table = pq.read_table(parsed, columns=[*KEPT_COLUMNS, "record_index"], filesystem=fs)
-    fs, drops_dir = storage.resolve(storage.join(work, "drops", f"range_id={rid}"))
+    fs, drops_dir = storage.resolve(storage.join(work, "drops", f"{rid:06d}"))
     if fs.get_file_info(drops_dir).type == pafs.FileType.NotFound:
         return table.select(KEPT_COLUMNS)
     drops = pq.read_table(drops_dir, filesystem=fs, partitioning=None)
@@ -167,18 +169,27 @@ class ParseSummary:
 
 
 def summarize_ranges(stats: list[dict[str, Any]]) -> ParseSummary:
-    """Sum the per-range stats rows (before dedupe): in range order, so first_error is first."""
+    """Sum the per-range counts (before dedupe): in range order, so first_error is the first."""
     s = ParseSummary(0, 0, Counter(), Counter(), Counter(), Counter())
-    for row in sorted(stats, key=lambda r: r["rid"]):
-        c = json.loads(row["counts"])
+    for c in sorted(stats, key=lambda r: r["rid"]):
         s.records += c["records"]
         s.rejected.update(c["rejected"])
         s.sums.update(c["sums"])
         s.kept_by_split.update(c["by_split"])
         s.unknown_strategies.update(c["unknown"])
-        s.first_error = s.first_error or row["first_error"]
+        s.first_error = s.first_error or c["first_error"]
     s.kept = sum(s.kept_by_split.values())
     return s
+
+
+def read_stats(work: str) -> list[dict[str, Any]]:
+    """The per-range counts files (one small JSON per range)."""
+    fs, inner = storage.resolve(storage.join(work, "stats"))
+    stats = []
+    for info in fs.get_file_info(pafs.FileSelector(inner)):
+        with fs.open_input_stream(info.path) as f:
+            stats.append(json.loads(f.read()))
+    return stats
 
 
 def apply_drops(s: ParseSummary, counts: Counter, unknown: Counter) -> None:
@@ -216,26 +227,28 @@ def write_rejects(work: str, path: str, extra: list[str]) -> None:
 def parse_inputs(
     files: list[str], settings: ParseSettings, work: str, range_bytes: int
 ) -> tuple[ParseSummary, list[int]]:
-    """Plan ranges, parse them in parallel into work/; return the summary (before dedupe) and the
-    ids of the ranges that kept rows. Nothing but per-range stats reaches the driver."""
+    """Plan ranges; parse them in parallel into work/ and dedupe their key rows, in one Ray Data
+    execution; return the summary and the ids of the ranges that kept rows. Per-range counts
+    and per-block drop counts are all that reach the driver."""
     import ray.data
 
     ranges = plan_ranges(files, range_bytes)
-    log.info("reading %d file(s) as %d range(s)", len(files), len(ranges))
+    log.info("reading %d file(s) as %d range(s) of records", len(files), len(ranges))
     items = [{"rid": r.rid, "spec": json.dumps(asdict(r))} for r in ranges]
-    stats = (
-        ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-        .map(functools.partial(parse_range, settings=settings, work=work))
-        .take_all()
+    if not items:
+        return ParseSummary(0, 0, Counter(), Counter(), Counter(), Counter()), []
+    keys = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        parse_range,
+        batch_size=1,
+        batch_format="pyarrow",
+        fn_kwargs={"settings": settings, "work": work},
     )
+    totals = find_drops(keys, work, partitions=max(1, min(64, len(items) // 4)))
+    stats = read_stats(work)
     summary = summarize_ranges(stats)
-    return summary, [r["rid"] for r in stats if json.loads(r["counts"])["by_split"]]
+    apply_drops(summary, *totals)
+    return summary, sorted(c["rid"] for c in stats if c["by_split"])
 
 
-def dedupe(work: str, summary: ParseSummary) -> None:
-    """Find duplicates and collapsed prefixes through Ray Data; write the decisions per range."""
-    fs, parsed = storage.resolve(storage.join(work, "parsed"))
-    drops = find_drops(parsed, fs)
-    if drops.count():
-        drops.write_parquet(storage.join(work, "drops"), partition_cols=["range_id"])
-    apply_drops(summary, *drop_totals(drops))
+def parsed_path(work: str, rid: int) -> str:
+    return storage.join(work, "parsed", f"{rid:06d}.parquet")

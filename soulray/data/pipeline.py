@@ -36,7 +36,6 @@ from soulray.data.pack import Rows, build_rows
 from soulray.data.parse import (
     ParseSettings,
     ParseSummary,
-    dedupe,
     load_kept,
     parse_inputs,
     write_rejects,
@@ -278,11 +277,10 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     storage.delete_dir(work)
     storage.makedirs(storage.join(work, "parsed"))
     summary, rids = parse_inputs(files, settings, work, d.range_bytes)
+    stages = {"read_parse_dedupe": time.time() - started}
     if d.strict and summary.first_error:
         storage.delete_dir(out if created else work)  # --strict writes nothing
         raise StrictModeError(summary.first_error)
-    if rids:
-        dedupe(work, summary)
     log.info(
         "records: %d read, %d kept, %d collapsed into longer dialogues, rejected %s",
         summary.records,
@@ -316,10 +314,12 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
         compute=ray.data.ActorPoolStrategy(size=workers),
         fn_constructor_args=(files_by_name, d, out, cfg.model.trust_remote_code),
     ).take_all()
+    stages["tokenizer_render_pack_write"] = time.time() - started - sum(stages.values())
     write_rejects(work, rejects_path, count_render_rejects(shards, summary))
     storage.delete_dir(work)
     stats = split_stats(shards, d.seq_len)
     manifest = build_manifest(cfg, files, summary, stats, files_by_name, time.time() - started)
+    manifest["stage_seconds"] = {k: round(v, 2) for k, v in stages.items()}
     storage.write_text(
         storage.join(out, "manifest.json"), json.dumps(manifest, indent=2, ensure_ascii=False)
     )
