@@ -9,6 +9,7 @@ bounded by a range's size times the number of tasks, whatever the corpus size.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections import Counter
@@ -83,8 +84,12 @@ def parse_range(batch: pa.Table, settings: ParseSettings, work: str) -> pa.Table
     import pyarrow.parquet as pq
 
     r = Range(**json.loads(batch.column("spec")[0].as_py()))
-    rows, rejects, rejected = [], [], Counter()
-    sums, unknown, by_split = Counter(), Counter(), Counter()
+    rows: list[dict[str, Any]] = []
+    rejects: list[str] = []
+    rejected: Counter = Counter()
+    sums: Counter = Counter()
+    unknown: Counter = Counter()
+    by_split: Counter = Counter()
     first_error, records = "", 0
     for i, raw in enumerate(range_records(r)):
         records += 1
@@ -238,10 +243,9 @@ def parse_inputs(
     if not items:
         return ParseSummary(0, 0, Counter(), Counter(), Counter(), Counter()), []
     keys = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        parse_range,
+        functools.partial(parse_range, settings=settings, work=work),
         batch_size=1,
         batch_format="pyarrow",
-        fn_kwargs={"settings": settings, "work": work},
     )
     totals = find_drops(keys, work, partitions=max(1, min(64, len(items) // 4)))
     stats = read_stats(work)

@@ -11,6 +11,7 @@ The driver holds counts and range offsets, never the corpus.
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import json
@@ -294,7 +295,7 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
         raise ValueError(f"no conversation survived cleaning; see {rejects_path} for why")
     kept = ray.data.from_items(
         [{"rid": rid} for rid in rids], override_num_blocks=len(rids)
-    ).map_batches(load_kept, batch_size=1, batch_format="pyarrow", fn_kwargs={"work": work})
+    ).map_batches(functools.partial(load_kept, work=work), batch_size=1, batch_format="pyarrow")
     files_by_name = prepare_tokenizer(cfg, kept.filter(expr="split == 'train'"), out)
     workers = d.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     for name in ("train", "val"):

@@ -151,7 +151,8 @@ def plan_lines(path: str, size: int, range_bytes: int, rid: int) -> list[Range]:
     task = ray.remote(count_newlines)
     chunks = chunk_bounds(size, range_bytes)
     found = ray.get([task.remote(path, s, e) for s, e in chunks])
-    ranges, start, line, seen = [], 0, 1, 0  # seen: newlines before chunk k
+    ranges: list[Range] = []
+    start, line, seen = 0, 1, 0  # seen: newlines before chunk k
     for k, (first_nl, n) in enumerate(found):
         if k and first_nl >= 0 and first_nl + 1 > start and first_nl + 1 < size:
             ranges.append(Range(rid + len(ranges), path, "lines", start, first_nl + 1, line))
@@ -167,7 +168,7 @@ def array_separators(path: str, size: int) -> np.ndarray | None:
     import ray
 
     task = ray.remote(num_returns=3)(scan_array_chunk)
-    refs = [task.remote(path, s, e) for s, e in chunk_bounds(size, SCAN_CHUNK)]
+    refs: list[Any] = [task.remote(path, s, e) for s, e in chunk_bounds(size, SCAN_CHUNK)]
     summaries = ray.get([r[0] for r in refs])
     inside, depth, chosen = 0, 0, []
     for (_, ref0, ref1), s in zip(refs, summaries, strict=True):
@@ -193,9 +194,10 @@ def plan_array(path: str, size: int, range_bytes: int, rid: int) -> list[Range] 
     ends = np.concatenate([seps, [close_at]])
     if len(seps) == 0 and not read_at(path, open_at + 1, close_at - open_at - 1).strip():
         return []  # "[]"
-    cuts = np.searchsorted(starts, np.arange(starts[0], ends[-1], range_bytes), side="left")
-    cuts = sorted({*cuts.tolist(), len(starts)} - {0})
-    ranges, lo = [], 0
+    at = np.searchsorted(starts, np.arange(starts[0], ends[-1], range_bytes), side="left")
+    cuts = sorted({*at.tolist(), len(starts)} - {0})
+    ranges: list[Range] = []
+    lo = 0
     for hi in cuts:
         s, e = starts[lo:hi].tolist(), ends[lo:hi].tolist()
         ranges.append(Range(rid + len(ranges), path, "array", s[0], e[-1], lo, s, e))
