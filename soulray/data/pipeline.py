@@ -295,7 +295,14 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
         raise ValueError(f"no conversation survived cleaning; see {rejects_path} for why")
     kept = ray.data.from_items(
         [{"rid": rid} for rid in rids], override_num_blocks=len(rids)
-    ).map_batches(functools.partial(load_kept, work=work), batch_size=1, batch_format="pyarrow")
+    ).map_batches(
+        functools.partial(load_kept, work=work),
+        batch_size=1,
+        batch_format="pyarrow",
+        # 0 CPUs: not fused into the render actors (whose batch_size would then bundle every
+        # range into ONE actor task: no parallelism, no progress), and schedulable beside them
+        num_cpus=0,
+    )
     files_by_name = prepare_tokenizer(cfg, kept.filter(expr="split == 'train'"), out)
     workers = d.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     for name in ("train", "val"):
