@@ -302,6 +302,7 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
         # 0 CPUs: not fused into the render actors (whose batch_size would then bundle every
         # range into ONE actor task: no parallelism, no progress), and schedulable beside them
         num_cpus=0,
+        concurrency=2,  # else Ray starts a worker process per queued range (GiBs of idle workers)
     )
     files_by_name = prepare_tokenizer(cfg, kept.filter(expr="split == 'train'"), out)
     workers = d.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
