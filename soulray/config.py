@@ -74,6 +74,8 @@ class DataConfig(Section):
     tokenizer_vocab_size: int = Field(4096, ge=300)  # for the tokenizer trained with no model
     tokenizer_train_conversations: int = Field(20000, ge=1)  # sample size for that training
     pack_block: int = Field(2048, ge=1)  # conversations rendered and packed together
+    # a file bigger than this is parsed as byte ranges of whole records by many tasks
+    range_bytes: int = Field(4 * 2**20, ge=4096)
     num_workers: int = Field(0, ge=0)  # render/pack actors; 0 = one per CPU in the cluster
     seed: int = 0
 

@@ -71,13 +71,23 @@ class Conversation:
 
     def content_hash(self) -> str:
         """Hash of the roles and contents only: the identity used for dedup and the split."""
+        return self.content_hashes()[0]
+
+    def content_hashes(self) -> tuple[str, list[str]]:
+        """The content hash, and the content hash every proper prefix ending with an assistant
+        turn would have: a per-turn-expanded corpus (one sample per reply, each the dialogue so
+        far) has its samples' hashes among the prefixes of the longest one."""
         h = hashlib.blake2b(digest_size=16)
-        for m in self.messages:
+        prefixes = []
+        last = len(self.messages) - 1
+        for i, m in enumerate(self.messages):
             h.update(m.role.encode())
             h.update(b"\x00")
             h.update(m.content.encode())
             h.update(b"\x01")
-        return h.hexdigest()
+            if m.role == "assistant" and i < last:
+                prefixes.append(h.copy().hexdigest())
+        return h.hexdigest(), prefixes
 
 
 @dataclass(slots=True)

@@ -35,8 +35,13 @@ class RawRecord:
     location: str  # "path:line" for JSON lines, "path[index]" for arrays and Parquet rows
     key: str  # stable default id: "<file stem>:<line or index>"
     record: Any  # the parsed JSON value (None when it did not parse)
-    raw: str  # the record's source text, written to rejects.jsonl when it is rejected
+    # the record's source text, written to rejects.jsonl when it is rejected; None for an array
+    # item (json.dumps(record), computed only for a rejected record: most are kept)
+    raw: str | None
     error: RecordError | None = None
+
+    def source_text(self) -> str:
+        return self.raw if self.raw is not None else json.dumps(self.record, ensure_ascii=False)
 
 
 def split_records(path: str, data: bytes) -> Iterator[RawRecord]:
@@ -63,7 +68,7 @@ def split_records(path: str, data: bytes) -> Iterator[RawRecord]:
 
 
 def _looks_like_json_lines(text: str) -> bool:
-    first = next((ln for ln in text.splitlines() if ln.strip()), "")
+    first = next((ln for ln in text.split("\n") if ln.strip()), "")
     try:
         return isinstance(json.loads(first), dict | list)
     except json.JSONDecodeError:
@@ -71,7 +76,10 @@ def _looks_like_json_lines(text: str) -> bool:
 
 
 def _line_records(path: str, stem: str, text: str) -> Iterator[RawRecord]:
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # split at "\n" only: str.splitlines also splits at U+2028/U+2029, which
+    # json.dumps(ensure_ascii=False) leaves raw inside strings, cutting such a record in two
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         loc, key = f"{path}:{lineno}", f"{stem}:{lineno}"
@@ -84,8 +92,7 @@ def _line_records(path: str, stem: str, text: str) -> Iterator[RawRecord]:
 def _json_value_records(path: str, stem: str, value: Any) -> Iterator[RawRecord]:
     if isinstance(value, list) and not is_turn_list(value):
         for i, item in enumerate(value):
-            raw = json.dumps(item, ensure_ascii=False)
-            yield RawRecord(f"{path}[{i}]", f"{stem}:{i}", item, raw)
+            yield RawRecord(f"{path}[{i}]", f"{stem}:{i}", item, None)
     else:  # one record: a dict, or one SMILE conversation given as a list of turns
         yield RawRecord(path, stem, value, json.dumps(value, ensure_ascii=False))
 

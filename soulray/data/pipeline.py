@@ -1,9 +1,12 @@
 """`soulray prepare`: the Ray Data job that turns raw corpora into packed Parquet shards.
 
-read files (tasks) -> split into records, adapt, clean, hash, assign split (tasks, materialized)
--> driver: count, dedupe, write rejects.jsonl -> load or train the tokenizer
+plan byte ranges of whole records (ranges.py) -> parse ranges: adapt, clean, hash, assign split
+(tasks; kept rows to <out>/_work/parsed, one small stats row each to the driver)
+-> dedupe + prefix collapse as a hash-bucketed aggregation of key rows (dedupe.py)
+-> load or train the tokenizer -> per range: kept rows less its drops
 -> render + window + pack (actor pool, tokenizer loaded once per actor) -> Parquet per split
--> manifest.json (counts, tokens, packing efficiency, hashes) + the resolved config.
+-> rejects.jsonl, manifest.json (counts, tokens, packing efficiency, hashes), resolved config.
+The driver holds counts and range offsets, never the corpus.
 """
 
 from __future__ import annotations
@@ -16,8 +19,6 @@ import logging
 import os
 import tempfile
 import time
-from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,11 +30,17 @@ from soulray.data.conversation import (
     Conversation,
     RecordError,
     build_strategy_lookup,
-    clean_conversation,
     count_target_turns,
 )
-from soulray.data.formats import FILE_SUFFIXES, RawRecord, detect_format, split_records
+from soulray.data.formats import FILE_SUFFIXES
 from soulray.data.pack import Rows, build_rows
+from soulray.data.parse import (
+    ParseSettings,
+    ParseSummary,
+    load_kept,
+    parse_inputs,
+    write_rejects,
+)
 from soulray.data.partition import PARTITIONS, compact_partitions, write_block_partitions
 from soulray.data.render import (
     find_end_of_turn,
@@ -61,122 +68,6 @@ class StrictModeError(ValueError):
     Raised on the driver, after parsing: raised inside a Ray task it would reach the CLI only as
     a RayTaskError (Ray does not carry the exception chain), i.e. a traceback, not one line.
     """
-
-
-@dataclass(frozen=True)
-class ParseSettings:
-    format: str
-    lookup: dict[str, str]
-    fallback: str
-    system_prompt: str | None
-    val_fraction: float
-    file_index: dict[str, int]
-
-
-def split_of(content_hash: str, val_fraction: float) -> str:
-    """Stable train/val assignment from the conversation's content hash (never per turn)."""
-    return "val" if int(content_hash[:8], 16) / 0x1_0000_0000 < val_fraction else "train"
-
-
-def normalize_record(raw: RawRecord, s: ParseSettings) -> dict[str, Any]:
-    """One record -> one row: the cleaned conversation, or the reason it was rejected."""
-    row: dict[str, Any] = {"location": raw.location, "ok": False, "reason": "", "detail": ""}
-    row |= {"raw": "", "conversation": "", "hash": "", "split": "", "turns": 0}
-    row |= {"target_turns": 0, "merged_turns": 0, "empty_turns": 0, "unknown_strategies": "{}"}
-    try:
-        if raw.error:
-            raise raw.error
-        from soulray.data.formats import to_conversation
-
-        fmt = detect_format(raw.record) if s.format == "auto" else s.format
-        conv = to_conversation(raw.record, fmt, raw.key)
-        conv, stats = clean_conversation(conv, s.lookup, s.fallback, s.system_prompt)
-    except RecordError as e:
-        return row | {"reason": e.reason, "detail": e.detail, "raw": raw.raw}
-    digest = conv.content_hash()
-    return row | {
-        "ok": True,
-        "conversation": conv.to_json(),
-        "hash": digest,
-        "split": split_of(digest, s.val_fraction),
-        "turns": len(conv.messages),
-        "target_turns": count_target_turns(conv.messages),
-        "merged_turns": stats.merged_turns,
-        "empty_turns": stats.empty_turns,
-        "unknown_strategies": json.dumps(stats.unknown_strategies, ensure_ascii=False),
-    }
-
-
-def parse_file(row: dict[str, Any], settings: ParseSettings) -> list[dict[str, Any]]:
-    """Ray flat_map: one file's bytes -> one row per record, in file order."""
-    path = row["path"]
-    file_index = settings.file_index[path]
-    out = []
-    for i, raw in enumerate(split_records(path, row["bytes"])):
-        out.append(normalize_record(raw, settings) | {"file_index": file_index, "record_index": i})
-    return out
-
-
-@dataclass
-class ParseSummary:
-    records: int
-    kept: int
-    rejected: Counter
-    duplicates: dict[tuple[int, int], str]  # (file, record) -> location of the first copy
-    sums: Counter  # turns, target_turns, merged_turns, empty_turns of kept conversations
-    kept_by_split: Counter
-    unknown_strategies: Counter
-    first_error: str = ""  # "location: reason: detail" of the first rejected record
-
-
-def summarize_parsed(parsed: Any) -> ParseSummary:
-    """One driver pass over the scalar columns: counts and exact-duplicate detection."""
-    cols = ["ok", "reason", "detail", "hash", "split", "location", "file_index", "record_index"]
-    cols += ["turns", "target_turns", "merged_turns", "empty_turns", "unknown_strategies"]
-    rows: list[dict[str, Any]] = []
-    for batch in parsed.select_columns(cols).iter_batches(batch_format="pyarrow"):
-        rows += batch.to_pylist()
-    rows.sort(key=lambda r: (r["file_index"], r["record_index"]))
-    s = ParseSummary(len(rows), 0, Counter(), {}, Counter(), Counter(), Counter())
-    first: dict[str, str] = {}
-    for r in rows:
-        if not r["ok"]:
-            s.rejected[r["reason"]] += 1
-            s.first_error = s.first_error or f"{r['location']}: {r['reason']}: {r['detail']}"
-        elif r["hash"] in first:
-            s.rejected["duplicate"] += 1
-            s.duplicates[(r["file_index"], r["record_index"])] = first[r["hash"]]
-        else:
-            first[r["hash"]] = r["location"]
-            s.kept += 1
-            s.kept_by_split[r["split"]] += 1
-            for key in ("turns", "target_turns", "merged_turns", "empty_turns"):
-                s.sums[key] += r[key]
-            s.unknown_strategies.update(json.loads(r["unknown_strategies"]))
-    return s
-
-
-def drop_duplicates(batch: pa.Table, duplicates: dict[tuple[int, int], str]) -> pa.Table:
-    files = batch.column("file_index").to_pylist()
-    keys = zip(files, batch.column("record_index").to_pylist(), strict=True)
-    keep = [k not in duplicates for k in keys]
-    return batch.filter(pa.array(keep, type=pa.bool_()))
-
-
-def reject_lines(parsed: Any, summary: ParseSummary) -> list[str]:
-    """rejects.jsonl lines: every rejected record with its reason, location and source text."""
-    lines = []
-    for row in parsed.filter(expr="ok == False").iter_rows():  # noqa: E712
-        reject = {k: row[k] for k in ("reason", "detail", "location")}
-        lines.append(json.dumps(reject | {"record": row["raw"]}, ensure_ascii=False))
-    dup_cols = ["ok", "file_index", "record_index", "location", "conversation"]
-    for row in parsed.select_columns(dup_cols).filter(expr="ok == True").iter_rows():
-        first = summary.duplicates.get((row["file_index"], row["record_index"]))
-        if first is not None:
-            reject = {"reason": "duplicate", "detail": f"same messages as {first}"}
-            reject |= {"location": row["location"], "record": row["conversation"]}
-            lines.append(json.dumps(reject, ensure_ascii=False))
-    return lines
 
 
 def count_render_rejects(shards: list[dict[str, Any]], summary: ParseSummary) -> list[str]:
@@ -376,36 +267,37 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
         fallback=d.strategies.fallback,
         system_prompt=d.system_prompt,
         val_fraction=d.val_fraction,
-        file_index={storage.resolve(f)[1]: i for i, f in enumerate(files)},
     )
-    fs, _ = storage.resolve(files[0])
-    inner_paths = [storage.resolve(f)[1] for f in files]
-    parsed = (
-        ray.data.read_binary_files(inner_paths, include_paths=True, filesystem=fs)
-        .flat_map(functools.partial(parse_file, settings=settings))
-        .materialize()
-    )
-    summary = summarize_parsed(parsed)
+    work = storage.join(out, "_work")  # parsed rows and decisions, deleted at the end
+    created = not storage.exists(out)
+    storage.delete_dir(work)
+    storage.makedirs(storage.join(work, "parsed"))
+    summary, rids = parse_inputs(files, settings, work, d.range_bytes)
+    stages = {"read_parse_dedupe": time.time() - started}
+    if d.strict and summary.first_error:
+        storage.delete_dir(out if created else work)  # --strict writes nothing
+        raise StrictModeError(summary.first_error)
     log.info(
-        "records: %d read, %d kept, rejected %s",
+        "records: %d read, %d kept, %d collapsed into longer dialogues, rejected %s",
         summary.records,
         summary.kept,
+        summary.collapsed,
         dict(summary.rejected) or "none",
     )
-    if d.strict and summary.first_error:
-        raise StrictModeError(summary.first_error)
-    storage.makedirs(out)
-    rejects = reject_lines(parsed, summary)
     rejects_path = storage.join(out, "rejects.jsonl")
     if summary.kept == 0:
-        storage.write_text(rejects_path, "".join(line + "\n" for line in rejects))
+        write_rejects(work, rejects_path, [])
         raise ValueError(f"no conversation survived cleaning; see {rejects_path} for why")
-    kept = (
-        parsed.map_batches(
-            drop_duplicates, batch_format="pyarrow", fn_kwargs={"duplicates": summary.duplicates}
-        )
-        .select_columns(["conversation", "split", "hash", "location"])
-        .materialize()
+    kept = ray.data.from_items(
+        [{"rid": rid} for rid in rids], override_num_blocks=len(rids)
+    ).map_batches(
+        functools.partial(load_kept, work=work),
+        batch_size=1,
+        batch_format="pyarrow",
+        # 0 CPUs: not fused into the render actors (whose batch_size would then bundle every
+        # range into ONE actor task: no parallelism, no progress), and schedulable beside them
+        num_cpus=0,
+        concurrency=2,  # else Ray starts a worker process per queued range (GiBs of idle workers)
     )
     files_by_name = prepare_tokenizer(cfg, kept.filter(expr="split == 'train'"), out)
     workers = d.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -426,12 +318,14 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
         compute=ray.data.ActorPoolStrategy(size=workers),
         fn_constructor_args=(files_by_name, d, out, cfg.model.trust_remote_code),
     ).take_all()
-    rejects += count_render_rejects(shards, summary)
-    storage.write_text(rejects_path, "".join(line + "\n" for line in rejects))
+    stages["tokenizer_render_pack_write"] = time.time() - started - sum(stages.values())
+    write_rejects(work, rejects_path, count_render_rejects(shards, summary))
+    storage.delete_dir(work)
     stats = split_stats(shards, d.seq_len)
     for name in ("train", "val"):  # staged block files -> one file group per partition
         stats[name]["files"] = compact_partitions(out, name, d.seq_len)
     manifest = build_manifest(cfg, files, summary, stats, files_by_name, time.time() - started)
+    manifest["stage_seconds"] = {k: round(v, 2) for k, v in stages.items()}
     storage.write_text(
         storage.join(out, "manifest.json"), json.dumps(manifest, indent=2, ensure_ascii=False)
     )
@@ -457,6 +351,7 @@ def build_manifest(
     return {
         "conversations": summary.kept,
         "records": summary.records,
+        "collapsed_prefixes": summary.collapsed,
         "rejected": dict(sorted(summary.rejected.items())),
         "turns": summary.sums["turns"],
         "assistant_turns": summary.sums["target_turns"],

@@ -19,7 +19,8 @@ from transformers import AutoTokenizer
 from soulray.config import StrategyConfig, config_hash, load_config
 from soulray.data.conversation import Conversation, Message, build_strategy_lookup
 from soulray.data.formats import FILE_SUFFIXES, split_records
-from soulray.data.pipeline import ParseSettings, normalize_record, run_prepare, split_of
+from soulray.data.parse import ParseSettings, normalize_record, split_of
+from soulray.data.pipeline import run_prepare
 from soulray.data.render import IGNORE, find_end_of_turn, render_conversation, split_windows
 from soulray.data.tokenizer import load_tokenizer, tokenizer_files, tokenizer_hash
 from soulray.storage import expand_inputs
@@ -30,7 +31,7 @@ SEQ_LEN = 1536  # > the PsyDT system prompt (1,177 tokens with the 1,024-token B
 def normalized(paths: list[str], val_fraction: float) -> list[dict]:
     """The per-record rows the job's parse stage produces, computed on this process."""
     lookup = build_strategy_lookup(StrategyConfig())
-    s = ParseSettings("auto", lookup, "Others", None, val_fraction, {})
+    s = ParseSettings("auto", lookup, "Others", None, val_fraction)
     return [
         normalize_record(raw, s)
         for path in paths

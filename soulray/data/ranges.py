@@ -1,0 +1,285 @@
+"""Split input files into byte ranges of whole records, so one big file is parsed by many tasks.
+
+SoulChatCorpus ships as ONE JSON array of about 1 GB: parsed as one task it keeps one CPU busy
+for a minute and one process holds the whole file. Here a big file is cut into ranges of about
+`data.range_bytes`, each holding whole records, and every range is read with a ranged read
+(local files and object stores alike, through pyarrow.fs):
+
+- JSON lines: cut at newlines; each chunk task counts its newlines so every record keeps its
+  `path:line` location.
+- a JSON array: a first pass of chunk tasks finds the top-level separators. Whether a chunk
+  starts inside a string is unknown until the chunks before it are counted, so each chunk is
+  scanned (vectorised) under both hypotheses; the driver then chains the quote parities and
+  bracket depths and keeps the commas at depth 1 of the right hypothesis. Escaped quotes and
+  brackets inside strings are handled; the driver holds record offsets, never record text.
+- small files, Parquet files, and a .json that is not one array: one range = the whole file,
+  read exactly as before (`formats.split_records`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from soulray import storage
+from soulray.data.conversation import RecordError
+from soulray.data.formats import RawRecord, split_records
+
+SCAN_CHUNK = 16 * 2**20  # bytes per scan task: big enough to amortise, small enough for memory
+LOOKBACK = 4096  # bytes read before a chunk to see a backslash run that crosses its start
+WHITESPACE = b" \t\r\n"
+
+# byte -> structural role outside strings: +1 opens, -1 closes, 2 is a comma
+_ROLE = np.zeros(256, dtype=np.int8)
+_ROLE[[ord("["), ord("{")]] = 1
+_ROLE[[ord("]"), ord("}")]] = -1
+_ROLE[ord(",")] = 2
+
+
+@dataclass
+class Range:
+    """Whole records of one file: `file` = the whole file parsed as before, `lines` = JSON lines
+    from byte `start` (a line start) to `end`, `array` = array records at `starts`..`ends`."""
+
+    rid: int
+    path: str
+    kind: str
+    start: int = 0
+    end: int = 0
+    first: int = 0  # the first record's line number (lines) or array index (array)
+    starts: list[int] = field(default_factory=list)
+    ends: list[int] = field(default_factory=list)
+
+
+def read_at(path: str, offset: int, size: int) -> bytes:
+    """A ranged read: only these bytes travel, from disk or an object store."""
+    fs, inner = storage.resolve(path)
+    with fs.open_input_file(inner) as f:
+        return f.read_at(size, offset)
+
+
+def file_size(path: str) -> int:
+    fs, inner = storage.resolve(path)
+    return fs.get_file_info(inner).size
+
+
+# Scanning (runs in Ray tasks) ----------------------------------------------------------------
+
+
+def count_newlines(path: str, start: int, end: int) -> tuple[int, int]:
+    """(offset of the first newline at or after start, or -1; newlines in [start, end))."""
+    data = read_at(path, start, end - start)
+    first = data.find(b"\n")
+    return (start + first if first >= 0 else -1), data.count(b"\n")
+
+
+def unescaped_quotes(a: np.ndarray, pre: int, file_start: bool) -> np.ndarray:
+    """Positions (>= pre) of the quotes that open or close strings: not after an odd run of
+    backslashes. Escaped quotes are rare, so only those after a backslash are looked at."""
+    q = np.flatnonzero(a == ord('"'))
+    q = q[q >= pre]
+    after_bs = q[(q > 0) & (a[np.maximum(q - 1, 0)] == ord("\\"))]
+    escaped = []
+    for p in after_bs.tolist():
+        k = p - 1
+        while k >= 0 and a[k] == ord("\\"):
+            k -= 1
+        if k < 0 and not file_start:
+            raise ValueError(f"a run of over {LOOKBACK} backslashes; cannot split this file")
+        if (p - 1 - k) % 2:
+            escaped.append(p)
+    return np.setdiff1d(q, np.array(escaped, dtype=q.dtype), assume_unique=True)
+
+
+def scan_array_chunk(path: str, start: int, end: int) -> tuple[dict[str, Any], Any, Any]:
+    """Scan [start, end) of a JSON array under both hypotheses (h=0: the chunk starts outside a
+    string, h=1: inside). Returns a summary and, per hypothesis, the file offsets of the commas
+    at the chunk's lowest comma depth (the record separators, if that depth is 1)."""
+    pre = min(start, LOOKBACK)
+    a = np.frombuffer(read_at(path, start - pre, end - start + pre), dtype=np.uint8)
+    quotes = unescaped_quotes(a, pre, start == pre) - pre
+    role = _ROLE[a[pre:]]
+    structural = np.flatnonzero(role)
+    before = np.searchsorted(quotes, structural) & 1  # quotes before each structural byte
+    summary: dict[str, Any] = {"quotes": int(len(quotes) & 1), "delta": [], "min_comma": []}
+    candidates = []
+    for h in (0, 1):
+        pos = structural[(before ^ h) == 0]
+        kind = role[pos]
+        depth = np.cumsum(np.where(kind == 2, 0, kind), dtype=np.int64)
+        commas = kind == 2
+        at_comma = depth[commas]
+        low = int(at_comma.min()) if len(at_comma) else 1 << 40
+        summary["delta"].append(int(depth[-1]) if len(depth) else 0)
+        summary["min_comma"].append(low)
+        candidates.append(pos[commas][at_comma == low].astype(np.int64) + start)
+    return summary, candidates[0], candidates[1]
+
+
+# Planning (driver) ---------------------------------------------------------------------------
+
+
+def edge_bytes(path: str, size: int) -> tuple[int, int, int, int]:
+    """(offset, byte) of the first and last non-whitespace bytes (a BOM skipped)."""
+    head = read_at(path, 0, min(size, 4096))
+    tail_at = max(0, size - 4096)
+    tail = read_at(path, tail_at, size - tail_at)
+    i = 3 if head.startswith(b"\xef\xbb\xbf") else 0
+    while i < len(head) and head[i] in WHITESPACE:
+        i += 1
+    j = len(tail) - 1
+    while j >= 0 and tail[j] in WHITESPACE:
+        j -= 1
+    first = head[i] if i < len(head) else -1
+    last = tail[j] if j >= 0 else -1
+    return i, first, tail_at + j, last
+
+
+def chunk_bounds(size: int, chunk: int) -> list[tuple[int, int]]:
+    return [(s, min(size, s + chunk)) for s in range(0, size, chunk)]
+
+
+def plan_lines(path: str, size: int, range_bytes: int, rid: int) -> list[Range]:
+    """Cut a JSON-lines file at newlines near every multiple of range_bytes."""
+    import ray
+
+    task = ray.remote(count_newlines)
+    chunks = chunk_bounds(size, range_bytes)
+    found = ray.get([task.remote(path, s, e) for s, e in chunks])
+    ranges: list[Range] = []
+    start, line, seen = 0, 1, 0  # seen: newlines before chunk k
+    for k, (first_nl, n) in enumerate(found):
+        if k and first_nl >= 0 and first_nl + 1 > start and first_nl + 1 < size:
+            ranges.append(Range(rid + len(ranges), path, "lines", start, first_nl + 1, line))
+            line, start = seen + 2, first_nl + 1  # the newline at first_nl is number seen + 1
+        seen += n
+    ranges.append(Range(rid + len(ranges), path, "lines", start, size, line))
+    return ranges
+
+
+def array_separators(path: str, size: int) -> np.ndarray | None:
+    """File offsets of the top-level commas of a JSON array, or None when the file is not one
+    well-formed array (unbalanced brackets or an open string at the end)."""
+    import ray
+
+    task = ray.remote(num_returns=3)(scan_array_chunk)
+    refs: list[Any] = [task.remote(path, s, e) for s, e in chunk_bounds(size, SCAN_CHUNK)]
+    summaries = ray.get([r[0] for r in refs])
+    inside, depth, chosen = 0, 0, []
+    for (_, ref0, ref1), s in zip(refs, summaries, strict=True):
+        if depth + s["min_comma"][inside] == 1:
+            chosen.append(ref1 if inside else ref0)
+        depth += s["delta"][inside]
+        inside ^= s["quotes"]
+    if depth != 0 or inside:
+        return None
+    parts = ray.get(chosen)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def plan_array(path: str, size: int, range_bytes: int, rid: int) -> list[Range] | None:
+    """Records of a top-level JSON array grouped into ranges of about range_bytes."""
+    open_at, first, close_at, last = edge_bytes(path, size)
+    if first != ord("[") or last != ord("]"):
+        return None
+    seps = array_separators(path, size)
+    if seps is None:
+        return None
+    starts = np.concatenate([[open_at + 1], seps + 1])
+    ends = np.concatenate([seps, [close_at]])
+    if len(seps) == 0 and not read_at(path, open_at + 1, close_at - open_at - 1).strip():
+        return []  # "[]"
+    at = np.searchsorted(starts, np.arange(starts[0], ends[-1], range_bytes), side="left")
+    cuts = sorted({*at.tolist(), len(starts)} - {0})
+    ranges: list[Range] = []
+    lo = 0
+    for hi in cuts:
+        s, e = starts[lo:hi].tolist(), ends[lo:hi].tolist()
+        ranges.append(Range(rid + len(ranges), path, "array", s[0], e[-1], lo, s, e))
+        lo = hi
+    return ranges
+
+
+def first_array_item_is_turn(path: str, r: Range) -> bool:
+    """A file that is ONE SMILE conversation (a list of turns) must stay whole."""
+    from soulray.data.formats import is_turn_list
+
+    try:
+        item = json.loads(read_at(path, r.starts[0], r.ends[0] - r.starts[0]))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return is_turn_list([item])
+
+
+def plan_file(path: str, range_bytes: int, rid: int) -> list[Range]:
+    """The ranges of one file: split when it is big and splittable, else the whole file."""
+    size = file_size(path)
+    suffix = PurePosixPath(path).suffix.lower()
+    whole = [Range(rid, path, "file", 0, size)]
+    if size <= range_bytes:
+        return whole
+    if suffix in (".jsonl", ".ndjson"):
+        return plan_lines(path, size, range_bytes, rid)
+    if suffix == ".json":
+        ranges = plan_array(path, size, range_bytes, rid)
+        if ranges is not None and not (ranges and first_array_item_is_turn(path, ranges[0])):
+            return ranges
+    return whole
+
+
+def plan_ranges(files: list[str], range_bytes: int) -> list[Range]:
+    """Every input file as ranges, numbered in file and byte order (the order of 'first')."""
+    ranges: list[Range] = []
+    for path in files:
+        ranges += plan_file(path, range_bytes, len(ranges))
+    return ranges
+
+
+# Reading one range (runs in Ray tasks) ----------------------------------------------------------
+
+
+def range_records(r: Range) -> Iterator[RawRecord]:
+    """The records of one range, as the serial reader would yield them for that part of the
+    file (same locations, keys and values)."""
+    stem = PurePosixPath(r.path).stem
+    match r.kind:
+        case "file":
+            yield from split_records(r.path, read_at(r.path, 0, r.end))
+        case "lines":
+            yield from _lines(r, stem, read_at(r.path, r.start, r.end - r.start))
+        case "array":
+            yield from _array_items(r, stem, read_at(r.path, r.start, r.end - r.start))
+        case _:
+            raise ValueError(f"unknown range kind {r.kind!r}")
+
+
+def _lines(r: Range, stem: str, data: bytes) -> Iterator[RawRecord]:
+    if r.start == 0 and data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    for lineno, raw in enumerate(data.split(b"\n"), start=r.first):
+        line = raw.decode("utf-8", errors="replace").rstrip("\r")
+        if not line.strip():
+            continue
+        loc, key = f"{r.path}:{lineno}", f"{stem}:{lineno}"
+        try:
+            yield RawRecord(loc, key, json.loads(line), line)
+        except json.JSONDecodeError as e:
+            yield RawRecord(loc, key, None, line, RecordError("invalid_json", e.msg))
+
+
+def _array_items(r: Range, stem: str, data: bytes) -> Iterator[RawRecord]:
+    for i, (s, e) in enumerate(zip(r.starts, r.ends, strict=True)):
+        text = data[s - r.start : e - r.start].decode("utf-8", errors="replace")
+        index = r.first + i
+        loc, key = f"{r.path}[{index}]", f"{stem}:{index}"
+        try:
+            item = json.loads(text)
+        except json.JSONDecodeError as e:
+            yield RawRecord(loc, key, None, text.strip(), RecordError("invalid_json", e.msg))
+            continue
+        yield RawRecord(loc, key, item, None)

@@ -1,0 +1,122 @@
+"""One big file parsed as byte ranges gives exactly the records of the serial reader.
+
+The scan chunk is shrunk to a few bytes, so chunk edges fall inside strings, inside escape runs
+and between a backslash and the quote it escapes; every range is then parsed on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from soulray.data import ranges
+from soulray.data.formats import split_records
+from soulray.data.ranges import plan_ranges, range_records
+
+TRICKY = [
+    {"messages": [{"role": "user", "content": 'he said "[{,}]" and left \\'}]},
+    {"a": [[1, 2], [3, [4, {"b": "]]],[[{"}]]], "s": "\\\\", "t": '\\"', "u": '\\\\"x'},
+    "just a string, with ] and [ and , and {",
+    123,
+    None,
+    [],
+    {},
+    {"zh": "你好，世界「」,]}", "esc": '\u2028\t\n"\\/'},
+    [[[["deep", {"x": [",", "]", "\\", '"']}]]]],
+    {"messages": [{"role": "assistant", "content": "\\" * 7 + '"'}]},
+]
+
+
+def serial(path: Path) -> list[tuple]:
+    return [
+        (r.location, r.key, r.record, r.raw, r.error and r.error.reason)
+        for r in split_records(str(path), path.read_bytes())
+    ]
+
+
+def by_ranges(path: Path, range_bytes: int) -> tuple[list[tuple], list]:
+    plan = plan_ranges([str(path)], range_bytes)
+    got = [
+        (r.location, r.key, r.record, r.raw, r.error and r.error.reason)
+        for rng in plan
+        for r in range_records(rng)
+    ]
+    return got, plan
+
+
+def tricky_corpus(n: int, seed: int) -> list:
+    rng = random.Random(seed)
+    items = [rng.choice(TRICKY) for _ in range(n)]
+    return [x | {"i": i} if isinstance(x, dict) and i % 3 else x for i, x in enumerate(items)]
+
+
+@pytest.mark.parametrize("chunk", [11, 64, 1000])
+@pytest.mark.parametrize("indent", [None, 2])
+def test_json_array_ranges_equal_the_serial_parse(ray_local, tmp_path, monkeypatch, chunk, indent):
+    monkeypatch.setattr(ranges, "SCAN_CHUNK", chunk)
+    records = tricky_corpus(500, chunk)
+    path = tmp_path / "corpus.json"
+    path.write_text("\ufeff \n" + json.dumps(records, ensure_ascii=False, indent=indent) + "\n ")
+    got, plan = by_ranges(path, 4096)
+    assert {r.kind for r in plan} == {"array"} and len(plan) >= 4
+    assert got == serial(path)
+    assert [g[2] for g in got] == records  # and the values are the file's records, in order
+    assert [r.rid for r in plan] == list(range(len(plan)))
+
+
+def test_ranges_cover_every_record_once_at_any_range_size(ray_local, tmp_path, monkeypatch):
+    monkeypatch.setattr(ranges, "SCAN_CHUNK", 97)
+    records = tricky_corpus(200, 1)
+    path = tmp_path / "corpus.json"
+    path.write_text(json.dumps(records))
+    expected = serial(path)
+    for range_bytes in (4096, 5000, 9999, path.stat().st_size - 1):
+        got, plan = by_ranges(path, range_bytes)
+        assert got == expected, range_bytes
+        assert plan[0].first == 0 and all(
+            b.first == a.first + len(a.starts) for a, b in zip(plan, plan[1:], strict=False)
+        )
+
+
+def test_jsonl_ranges_keep_line_numbers(ray_local, tmp_path):
+    lines = [json.dumps(r, ensure_ascii=False) for r in tricky_corpus(400, 2)]
+    lines[5] = '{"messages": ['  # a broken line
+    lines[9] = ""  # a blank line
+    lines[17] = lines[17] + "\r"  # a CRLF line
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    got, plan = by_ranges(path, 4096)
+    assert {r.kind for r in plan} == {"lines"} and len(plan) >= 4
+    assert got == serial(path)
+    # only the broken line is rejected: the U+2028 inside a string does not end a line
+    assert [(g[0], g[4]) for g in got if g[4]] == [(f"{path}:6", "invalid_json")]
+    assert len(got) == 399
+
+
+def test_files_that_cannot_be_split_are_read_whole(ray_local, tmp_path):
+    one = tmp_path / "one.json"  # a single (big) record, not an array
+    one.write_text(json.dumps({"messages": [{"role": "user", "content": "x" * 10000}]}))
+    smile = tmp_path / "smile.json"  # ONE SMILE conversation: a list of turns
+    smile.write_text(json.dumps([{"role": "client", "content": "y" * 100}] * 100))
+    broken = tmp_path / "broken.json"  # unbalanced: the serial reader rejects the file
+    broken.write_text("[" + json.dumps(TRICKY) * 50)
+    for path in (one, smile, broken):
+        got, plan = by_ranges(path, 4096)
+        assert [r.kind for r in plan] == ["file"]
+        assert got == serial(path)
+    assert by_ranges(broken, 4096)[0][0][4] == "invalid_json"
+
+
+def test_a_bad_record_inside_a_split_array_is_rejected_alone(ray_local, tmp_path):
+    good = json.dumps(tricky_corpus(100, 3))
+    path = tmp_path / "corpus.json"
+    path.write_text(good[:-1] + ", {1: 2}, tru]")  # two bad items at the end
+    got, _ = by_ranges(path, 4096)
+    assert [g[4] for g in got[:100]] == [None] * 100
+    assert [(g[0], g[3], g[4]) for g in got[100:]] == [
+        (f"{path}[100]", "{1: 2}", "invalid_json"),
+        (f"{path}[101]", "tru", "invalid_json"),
+    ]
