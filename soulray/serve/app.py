@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException
 
 from soulray.config import AuthConfig, Config, ServeConfig
 from soulray.data.tokenizer import load_tokenizer
+from soulray.safety.screen import build_screen
 from soulray.serve.chat import IngressState, complete, open_stream, prepare
 from soulray.serve.engine import (
     EngineClient,
@@ -36,7 +37,6 @@ from soulray.serve.engine import (
     replica_options,
 )
 from soulray.serve.prompt import fetch_model_dir, read_export_info
-from soulray.serve.safety import build_screen
 from soulray.serve.schemas import (
     APIError,
     ChatCompletionRequest,
