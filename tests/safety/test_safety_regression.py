@@ -29,7 +29,6 @@ HERE = Path(__file__).parent
 ROUND3 = json.loads((HERE / "safety_holdout_blind.json").read_text("utf-8"))
 BLIND = json.loads((HERE / "safety_holdout_blind2.json").read_text("utf-8"))
 
-# name -> (crisis, ordinary, recall floor, FPR ceiling); measured values in MEASURED below
 SETS = {
     "tuning set (en)": (CRISIS_EN, ORDINARY_EN),
     "tuning set (zh)": (CRISIS_ZH, ORDINARY_ZH),
@@ -40,7 +39,20 @@ SETS = {
     "blind set 2 (en)": (BLIND["crisis_en"], BLIND["ordinary_en"]),
     "blind set 2 (zh)": (BLIND["crisis_zh"], BLIND["ordinary_zh"]),
 }
-FLOORS: dict[str, tuple[float, float]] = {}
+# Measured when the classifier shipped (crisis caught / n, false alarms / n); the floor allows one
+# message fewer caught and the ceiling one false alarm more. Keyword screen alone, for
+# comparison, on blind set 2: en 24/40 caught 0/40 false alarms, zh 23/40 and 1/40.
+MEASURED = {
+    "tuning set (en)": (32, 32, 32, 4),
+    "tuning set (zh)": (32, 32, 32, 2),
+    "held-out round 1 (en+zh)": (24, 24, 24, 3),
+    "held-out round 2 (en+zh)": (24, 20, 24, 1),
+    "held-out round 3 (en)": (40, 40, 40, 3),
+    "held-out round 3 (zh)": (40, 40, 40, 2),
+    "blind set 2 (en)": (40, 38, 40, 2),
+    "blind set 2 (zh)": (40, 34, 40, 2),
+}
+FLOORS = {k: ((hit - 1) / n, (fa + 1) / m) for k, (n, hit, m, fa) in MEASURED.items()}
 
 
 def rates(screen, crisis: list[str], ordinary: list[str]) -> tuple[float, float]:

@@ -97,8 +97,9 @@ def test_counts_per_category_never_text(tiny_export, tmp_path):
     api = build_api(state)
     for text in ["我不想活了", "my dad hits me with a belt", "I had a rough day"]:
         call(api, "POST", POST, json={"messages": [{"role": "user", "content": text}]}, key=None)
-    assert state.counters.counts == {
+    assert state.counters.counts == {  # the scripted reply is replaced every time
         "flagged:suicide": 1,
         "flagged:abuse": 1,
-        "replaced:suicide": 3,  # the scripted reply is replaced every time
+        "replaced:suicide": 2,
+        "replaced:abuse": 1,  # a flagged request's reply is counted under the request's category
     }
