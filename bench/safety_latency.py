@@ -47,10 +47,10 @@ def pct(xs: list[float]) -> dict[str, float]:
     }
 
 
-def per_message(repeats: int) -> dict[str, dict[str, float]]:
+def per_message(repeats: int, stride: int) -> dict[str, dict[str, float]]:
     screen = build_screen(SafetyConfig())
-    texts = [e.text for lang in ("en", "zh") for e in load_examples(lang)]
-    texts += [LONG + t for t in texts[:200:4]]  # 50 messages of ~1,700 characters
+    texts = [e.text for lang in ("en", "zh") for e in load_examples(lang)][::stride]
+    texts += [LONG + t for t in texts[:50]]  # 50 messages of ~1,700 characters
     times: dict[str, list[float]] = {"short (<40 chars)": [], "medium": [], "long (>400 chars)": []}
     for _ in range(repeats):
         for t in texts:
@@ -124,12 +124,13 @@ def per_request(turns: int, rounds: int) -> dict[str, dict[str, float]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--stride", type=int, default=1, help="every n-th training message")
     ap.add_argument("--turns", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     result = {
-        "per_message": per_message(args.repeats),
+        "per_message": per_message(args.repeats, args.stride),
         "per_request": per_request(args.turns, args.rounds),
     }
     print(json.dumps(result, indent=2))

@@ -69,7 +69,10 @@ def test_in_a_stream_the_help_lines_arrive_before_the_first_model_token(tiny_exp
     texts = [p["choices"][0]["delta"].get("content") for p in payloads if p["choices"]]
     assert payloads[0]["safety"]["flagged"] and texts[0] == ""
     assert texts[1].startswith("If you are in crisis") and "988" in texts[1]
-    assert "What happened" not in texts[1] and "".join(t or "" for t in texts[2:]) == "What happened today?"
+    assert (
+        "What happened" not in texts[1]
+        and "".join(t or "" for t in texts[2:]) == "What happened today?"
+    )
 
 
 @pytest.mark.parametrize("stream", [False, True])
