@@ -4,11 +4,10 @@ reply check."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from soulray.config import HelpLine, SafetyConfig
+from soulray.safety.features import normalize
 from soulray.safety.lexicon import load_builtin
 from soulray.safety.screen import assess, build_screen, check_reply, fixed_reply
 
@@ -59,9 +58,10 @@ def test_no_exclusion_blanks_a_phrase_that_states_intent(lexicon_only):
     intent = load_builtin()["intent"]
     for category, phrases in intent.items():
         for phrase in phrases:
-            for idiom in ("累死了", "想死你们了", "笑死", "this is killing me "):
-                a = assess(lexicon_only, [idiom + phrase])
-                assert a.flagged and category in a.categories, (idiom + phrase, a)
+            for idiom in ("累死了", "想死你们了", "笑死", "this is killing me"):
+                text = f"{idiom} {phrase}" if phrase.isascii() else idiom + phrase
+                a = assess(lexicon_only, [text])
+                assert a.flagged and category in a.categories, (text, a)
 
 
 def test_every_user_message_is_screened_and_the_scan_window_is_configurable(screen):
@@ -72,12 +72,12 @@ def test_every_user_message_is_screened_and_the_scan_window_is_configurable(scre
     assert not assess(narrow, turns).flagged
 
 
-def test_long_messages_are_screened_on_their_tail_in_bounded_time(screen):
+def test_long_messages_are_screened_on_their_last_max_chars(screen):
     filler = "we talked about the weather and the garden for a long time. " * 100
     assert assess(screen, [filler + "tonight i'm going to end my life"]).flagged
-    start = time.perf_counter()
-    assert not assess(screen, ["i'm going to end my life tonight. " + filler]).flagged
-    assert time.perf_counter() - start < 2.0  # 6,000 characters cost one 400-character screen
+    early = "i'm going to end my life tonight. " + filler
+    assert not assess(screen, [early]).flagged  # said 6,000 characters before the end
+    assert len(normalize(early, screen.cfg.max_chars)) == 400  # what the classifier sees
 
 
 def test_help_lines_follow_the_category_and_the_language(screen):
