@@ -229,6 +229,7 @@ class SafetyConfig(Section):
     classifier: bool = True  # False: the lexicon alone (no embedding model loaded)
     thresholds: dict[str, float] | None = None  # category -> threshold; None = train.py's choice
     screen_reply: bool = True  # a model reply the screen flags is replaced by the fixed reply
+    reply_threshold: float = Field(0.9, ge=0.0, le=1.0)  # classifier score a reply must reach
     locale: str = "auto"  # auto: zh-CN for Chinese text, else default_locale
     default_locale: str = "en-US"
     intent: dict[str, list[str]] | None = None  # phrases no idiom exclusion can blank

@@ -185,7 +185,9 @@ def check_reply(screen: Screen, reply: str, user: Assessment, user_texts: list[s
     if not (screen.cfg.enabled and screen.cfg.screen_reply) or not reply.strip():
         return Assessment()
     s = scores(screen, reply)
-    hits = s >= screen.thresholds
+    # stricter than for messages: a lexicon match (1.0) or a confident score; a model's own
+    # text (or a tiny test model's gibberish) must not lose the conversation on a weak score
+    hits = s >= np.maximum(screen.thresholds, screen.cfg.reply_threshold)
     if not hits.any():
         return Assessment()
     if user.flagged:
