@@ -231,21 +231,29 @@ class HelpLine(Section):
     name: str
     contact: str  # what to dial or text, or a URL
     note: str = ""
+    categories: list[str] = Field(default_factory=list)  # shown for these categories; [] = all
 
 
 class SafetyConfig(Section):
-    """Crisis detection on the user's latest turns; built-in lists live in serve/safety.py."""
+    """The crisis screen (soulray/safety/): a lexicon override plus a learned classifier over
+    every user message and the model's reply; built-in lists and weights live in safety/data/."""
 
     enabled: bool = True
-    mode: Literal["augment", "fixed"] = "augment"  # model reply + resources, or a fixed reply
-    scan_user_turns: int = Field(2, ge=1)  # how many of the latest user messages are checked
+    mode: Literal["augment", "fixed"] = "augment"  # help lines + model reply, or a fixed reply
+    scan_user_turns: int | None = Field(None, ge=1)  # None: every user message of the request
+    max_chars: int = Field(400, ge=32)  # each message is screened on its last max_chars chars
+    classifier: bool = True  # False: the lexicon alone (no embedding model loaded)
+    thresholds: dict[str, float] | None = None  # category -> threshold; None = train.py's choice
+    screen_reply: bool = True  # a model reply the screen flags is replaced by the fixed reply
+    reply_threshold: float = Field(0.9, ge=0.0, le=1.0)  # classifier score a reply must reach
     locale: str = "auto"  # auto: zh-CN for Chinese text, else default_locale
     default_locale: str = "en-US"
+    intent: dict[str, list[str]] | None = None  # phrases no idiom exclusion can blank
     lexicon: dict[str, list[str]] | None = None  # category -> phrases; None = built-in
     patterns: dict[str, list[str]] | None = None  # category -> regexes; None = built-in
     exclude: list[str] | None = None  # regexes blanked before matching (idioms); None = built-in
     resources: dict[str, list[HelpLine]] | None = None  # locale -> help lines; None = built-in
-    fixed_reply: dict[str, str] | None = None  # locale -> reply in fixed mode; None = built-in
+    fixed_reply: dict[str, str] | None = None  # locale -> the fixed safe reply; None = built-in
 
 
 class AuthConfig(Section):

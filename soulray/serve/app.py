@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException
 
 from soulray.config import AuthConfig, Config, ServeConfig
 from soulray.data.tokenizer import load_tokenizer
+from soulray.safety.screen import build_screen
 from soulray.serve.chat import IngressState, complete, open_stream, prepare
 from soulray.serve.engine import (
     EngineClient,
@@ -39,7 +40,6 @@ from soulray.serve.engine import (
 from soulray.serve.fetch import fetch_model_dir
 from soulray.serve.metrics import IngressMetrics, add_request_metrics
 from soulray.serve.prompt import read_export_info
-from soulray.serve.safety import build_screen
 from soulray.serve.schemas import (
     APIError,
     ChatCompletionRequest,

@@ -1,9 +1,10 @@
 """One chat completion, from a validated request to the reply (whole or as SSE chunks).
 
-prepare: roles and order, safety screen of the latest user turns, requested strategy, max_tokens
+prepare: roles and order, crisis screen of every user message, requested strategy, max_tokens
 bound, the conversation window -> a GenRequest. Then the engine runs it (or, in the safety
 `fixed` mode, a crisis message gets the fixed safe reply without generation), the strategy tag is
-split off the reply, and help lines are appended when the message was flagged (`augment` mode).
+split off the reply, help lines come first when a message was flagged (`augment` mode, streamed
+too), and the reply itself is screened: a flagged one is replaced by the fixed safe reply.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from soulray.config import ServeConfig
+from soulray.safety.screen import Assessment, Screen, assess, fixed_reply, format_resources
 from soulray.serve.engine import EngineClient
 from soulray.serve.generate import Delta, GenRequest
+from soulray.serve.guard import ReplyGuard, SafetyCounters
 from soulray.serve.prompt import (
     ExportInfo,
     StrategyParser,
@@ -24,7 +27,6 @@ from soulray.serve.prompt import (
     check_messages,
     fit_window,
 )
-from soulray.serve.safety import SafetyScreen, assess, fixed_reply, format_resources
 from soulray.serve.schemas import (
     APIError,
     AssistantMessage,
@@ -50,10 +52,11 @@ class IngressState:
     cfg: ServeConfig
     info: ExportInfo
     tokenizer: Any
-    screen: SafetyScreen
+    screen: Screen
     api_key: str | None
     engine: EngineClient
     created: int
+    counters: SafetyCounters = field(default_factory=SafetyCounters)
 
 
 @dataclass(slots=True)
@@ -65,12 +68,18 @@ class Prepared:
     prompt_tokens: int
     fixed: str | None  # the fixed safe reply (no generation), in safety mode `fixed`
     include_usage: bool
+    assessment: Assessment = field(default_factory=Assessment)
+    user_texts: list[str] = field(default_factory=list)  # for the reply screen's locale
 
 
 def prepare(state: IngressState, req: ChatCompletionRequest, request_id: str) -> Prepared:
     cfg, info = state.cfg, state.info
     messages = check_messages(req.messages, cfg, info.system_prompt)
-    safety = assess(state.screen, [m["content"] for m in messages if m["role"] == "user"])
+    user_texts = [m["content"] for m in messages if m["role"] == "user"]
+    assessment = assess(state.screen, user_texts)
+    safety = SafetyInfo.of(assessment)
+    if assessment.flagged:
+        state.counters.record(assessment, "flagged")
     forced = requested_strategy(req.strategy, info)
     default = min(cfg.default_max_tokens, cfg.max_tokens_limit)
     max_tokens = req.max_completion_tokens or req.max_tokens or default
@@ -100,7 +109,7 @@ def prepare(state: IngressState, req: ChatCompletionRequest, request_id: str) ->
         req.seed,
         [*req.stop_list(), info.end_of_turn],  # a marker of several tokens stops as text
     )
-    fixed = fixed_reply(state.screen, safety) if safety.flagged and _fixed_mode(state) else None
+    fixed = fixed_reply(state.screen, assessment) if safety.flagged and _fixed_mode(state) else None
     log.info(
         "request %s: %d messages (%d dropped by the window), %d prompt tokens, max_tokens %d, "
         "stream %s, flagged %s",
@@ -122,6 +131,8 @@ def prepare(state: IngressState, req: ChatCompletionRequest, request_id: str) ->
         len(ids),
         fixed,
         bool(req.stream_options and req.stream_options.include_usage),
+        assessment,
+        user_texts,
     )
 
 
@@ -149,9 +160,23 @@ def requested_strategy(name: str | None, info: ExportInfo) -> str | None:
     return found
 
 
-def _suffix(p: Prepared) -> str:
-    """Help lines appended to a model reply for a flagged message (augment mode)."""
-    return f"\n\n{format_resources(p.safety)}" if p.safety.flagged and p.fixed is None else ""
+def _prefix(state: IngressState, p: Prepared) -> str:
+    """Help lines put before a model reply for a flagged message (augment mode)."""
+    if not p.safety.flagged or p.fixed is not None:
+        return ""
+    return f"{format_resources(state.screen, p.assessment)}\n\n"
+
+
+def _guard(state: IngressState, p: Prepared) -> ReplyGuard:
+    return ReplyGuard(state.screen, p.assessment, p.user_texts)
+
+
+def _guarded_safety(state: IngressState, p: Prepared, guard: ReplyGuard) -> SafetyInfo:
+    """The response's safety field once the reply is known (and counted if it was replaced)."""
+    if guard.replaced is None:
+        return p.safety
+    state.counters.record(guard.replaced, "replaced")
+    return SafetyInfo.of(guard.replaced, reply_replaced=True)
 
 
 def _usage(p: Prepared, completion: int) -> Usage:
@@ -163,12 +188,14 @@ def _usage(p: Prepared, completion: int) -> Usage:
 
 
 async def complete(state: IngressState, p: Prepared, model: str) -> ChatCompletion:
+    guard = _guard(state, p)
     if p.fixed is not None:
         delta = Delta(p.fixed, len(state.tokenizer(p.fixed).input_ids), "stop")
         content = p.fixed
     else:
         delta = await state.engine.complete(p.gen)
-        content = p.parser.push(delta.text, final=True) + _suffix(p)
+        reply = guard.push(p.parser.push(delta.text, final=True), final=True)
+        content = reply if guard.replaced else _prefix(state, p) + reply
     _log_reply(state, p, content, delta.tokens)
     return ChatCompletion(
         id=p.id,
@@ -182,7 +209,7 @@ async def complete(state: IngressState, p: Prepared, model: str) -> ChatCompleti
         ],
         usage=_usage(p, delta.tokens),
         strategy=p.parser.strategy,
-        safety=p.safety,
+        safety=_guarded_safety(state, p, guard),
     )
 
 
@@ -224,16 +251,21 @@ async def _events(
         )
 
     yield chunk(DeltaOut(role="assistant", content=""), safety=p.safety)
-    last, content = first or Delta("", 0, "stop"), ""
+    if prefix := _prefix(state, p):  # help lines before the first model token
+        yield chunk(DeltaOut(content=prefix))
+    last, content, guard = first or Delta("", 0, "stop"), "", _guard(state, p)
     try:
         async for delta in _chain(first, deltas):
             last = delta
             text = p.parser.push(delta.text, final=delta.finish_reason is not None)
-            if p.fixed is None and delta.finish_reason is not None:
-                text += _suffix(p)
+            if p.fixed is None:
+                text = guard.push(text, final=delta.finish_reason is not None)
             content += text
             if text:
                 yield chunk(DeltaOut(content=text))
+            if guard.replaced is not None:
+                last = Delta("", delta.tokens, "stop")
+                break
     except Exception as e:  # the response has started: report the error in the stream
         if not isinstance(e, APIError):
             log.error("request %s: stream failed: %s", p.id, type(e).__name__)
@@ -241,7 +273,8 @@ async def _events(
         yield sse(_error_json(e))
         yield sse("[DONE]")
         return
-    yield chunk(DeltaOut(), finish=last.finish_reason or "stop", safety=p.safety)
+    safety = _guarded_safety(state, p, guard)
+    yield chunk(DeltaOut(), finish=last.finish_reason or "stop", safety=safety)
     if p.include_usage:
         yield sse(
             ChatCompletionChunk(

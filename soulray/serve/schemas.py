@@ -3,7 +3,7 @@
 Requests follow OpenAI's shape (unknown fields are ignored, as OpenAI clients send many), with one
 extension: `strategy` asks the model to answer with that support strategy. Responses add
 `strategy` (the strategy the reply used, when the model was trained with strategy tags) and
-`safety` (whether crisis language was detected, and the help lines that were attached).
+`safety` (whether crisis language was detected, its category and score, and the help lines).
 Every error is `{"error": {"message", "type", "param", "code"}}`, as OpenAI's API returns.
 """
 
@@ -14,6 +14,8 @@ import uuid
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from soulray.safety.screen import Assessment
 
 Role = Literal["system", "developer", "user", "assistant"]
 
@@ -102,8 +104,26 @@ class HelpLineOut(BaseModel):
 class SafetyInfo(BaseModel):
     flagged: bool = False
     categories: list[str] = Field(default_factory=list)
+    category: str | None = None  # the flagged category with the highest score
+    score: float | None = None  # its score (1.0 when the lexicon matched)
     locale: str | None = None
     resources: list[HelpLineOut] = Field(default_factory=list)
+    reply_replaced: bool = False  # the model's reply was flagged and replaced by the safe reply
+
+    @classmethod
+    def of(cls, a: Assessment, reply_replaced: bool = False) -> SafetyInfo:
+        """The crisis screen's result as the response field."""
+        return cls(
+            flagged=a.flagged,
+            categories=list(a.categories),
+            category=a.category,
+            score=a.score,
+            locale=a.locale,
+            resources=[
+                HelpLineOut(name=h.name, contact=h.contact, note=h.note) for h in a.resources
+            ],
+            reply_replaced=reply_replaced,
+        )
 
 
 class Usage(BaseModel):

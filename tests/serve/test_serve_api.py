@@ -124,8 +124,11 @@ def test_sse_framing_ends_with_done(tiny_export, tmp_path):
     assert payloads[0]["safety"] == {
         "flagged": False,
         "categories": [],
+        "category": None,
+        "score": None,
         "locale": None,
         "resources": [],
+        "reply_replaced": False,
     }
 
 

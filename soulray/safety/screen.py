@@ -1,0 +1,205 @@
+"""The crisis screen as serving uses it: every user message of a request, and the model's reply.
+
+A message is flagged for a category when the lexicon matches (score 1.0: a high-precision
+override) or the classifier's score for it reaches that category's threshold (chosen by train.py
+on out-of-fold scores; serve.safety.thresholds overrides). Each message is screened on its last
+`max_chars` characters, and its result is cached by content hash, so a conversation resent turn
+after turn costs one classifier call per new message. The result names the help lines for the
+flagged categories in the person's language (zh-CN when the flagged text is Chinese).
+
+This is a screen, not a clinical instrument: it errs towards flagging, and its measured recall and
+false-positive rates are in bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from importlib import resources
+
+import numpy as np
+
+from soulray.config import HelpLine, SafetyConfig
+from soulray.safety.classifier import CATEGORIES, Classifier, load_weights
+from soulray.safety.features import normalize
+from soulray.safety.lexicon import Lexicon, build_lexicon, load_builtin, match
+
+CACHE_SIZE = 4096
+_CJK = re.compile(r"[\u4e00-\u9fff]")
+
+
+@dataclass(frozen=True, slots=True)
+class Assessment:
+    """What the screen found; serve's SafetyInfo is built from it."""
+
+    flagged: bool = False
+    categories: tuple[str, ...] = ()
+    category: str | None = None  # the flagged category with the highest score
+    score: float | None = None  # that score (1.0 when the lexicon matched)
+    locale: str | None = None
+    resources: tuple[HelpLine, ...] = ()
+
+
+@dataclass(slots=True)
+class Screen:
+    """Built once per ingress replica: lexicon, classifier, help lines, and a result cache."""
+
+    cfg: SafetyConfig
+    lexicon: Lexicon
+    classifier: Classifier | None
+    thresholds: np.ndarray
+    resources: dict[str, list[HelpLine]]
+    fixed_reply: dict[str, str]
+    header: dict[str, str]
+    cache: OrderedDict[bytes, np.ndarray] = field(default_factory=OrderedDict)
+
+
+def build_screen(cfg: SafetyConfig) -> Screen:
+    lex, lines = load_builtin(), _helplines()
+    resources_ = cfg.resources if cfg.resources is not None else lines["resources"]
+    replies = cfg.fixed_reply if cfg.fixed_reply is not None else lines["fixed_reply"]
+    for locale in {cfg.default_locale, *([] if cfg.locale == "auto" else [cfg.locale])}:
+        if locale not in resources_ or locale not in replies:
+            raise ValueError(
+                f"serve.safety has no resources or fixed_reply for locale {locale!r}; add it to "
+                f"serve.safety.resources and serve.safety.fixed_reply (known: {sorted(resources_)})"
+            )
+    classifier = Classifier(load_weights()) if cfg.classifier else None
+    return Screen(
+        cfg,
+        build_lexicon(
+            cfg.intent if cfg.intent is not None else lex["intent"],
+            cfg.lexicon if cfg.lexicon is not None else lex["lexicon"],
+            cfg.patterns if cfg.patterns is not None else lex["patterns"],
+            cfg.exclude if cfg.exclude is not None else lex["exclude"],
+        ),
+        classifier,
+        _thresholds(cfg, classifier),
+        resources_,
+        replies,
+        lines["header"],
+    )
+
+
+def _helplines() -> dict:
+    text = resources.files("soulray.safety").joinpath("data/helplines.json").read_text("utf-8")
+    data = json.loads(text)
+    data["resources"] = {
+        loc: [HelpLine(**h) for h in lines] for loc, lines in data["resources"].items()
+    }
+    return data
+
+
+def _thresholds(cfg: SafetyConfig, classifier: Classifier | None) -> np.ndarray:
+    shipped = classifier.w.thresholds if classifier else np.ones(len(CATEGORIES), np.float32)
+    chosen = dict(zip(CATEGORIES, shipped.tolist(), strict=True))
+    unknown = set(cfg.thresholds or {}) - set(CATEGORIES)
+    if unknown:
+        raise ValueError(
+            f"serve.safety.thresholds has unknown categories {sorted(unknown)}; "
+            f"use {list(CATEGORIES)}"
+        )
+    chosen.update(cfg.thresholds or {})
+    return np.array([chosen[c] for c in CATEGORIES])
+
+
+def scores(screen: Screen, text: str) -> np.ndarray:
+    """Per-category scores of one message: the classifier's, raised to 1.0 where the lexicon
+    matches. Cached by the hash of the screened text (never the text itself)."""
+    norm = normalize(text, screen.cfg.max_chars)
+    key = hashlib.blake2b(norm.encode("utf-8"), digest_size=16).digest()
+    hit = screen.cache.get(key)
+    if hit is not None:
+        screen.cache.move_to_end(key)
+        return hit
+    out = screen.classifier.scores(norm) if screen.classifier else np.zeros(len(CATEGORIES))
+    for c in match(screen.lexicon, norm):
+        if c in CATEGORIES:
+            out[CATEGORIES.index(c)] = 1.0
+    screen.cache[key] = out
+    if len(screen.cache) > CACHE_SIZE:
+        screen.cache.popitem(last=False)
+    return out
+
+
+def assess(screen: Screen, texts: list[str]) -> Assessment:
+    """Screen user messages (all of them, or the last serve.safety.scan_user_turns)."""
+    if not screen.cfg.enabled or not texts:
+        return Assessment()
+    window = texts[-screen.cfg.scan_user_turns :] if screen.cfg.scan_user_turns else texts
+    per_message = [scores(screen, t) for t in window]
+    flagged = [i for i, s in enumerate(per_message) if (s >= screen.thresholds).any()]
+    if not flagged:
+        return Assessment()
+    best = np.max([per_message[i] for i in flagged], axis=0)
+    hits = best >= screen.thresholds
+    cats = tuple(c for c, h in zip(CATEGORIES, hits, strict=True) if h)
+    top = max(cats, key=lambda c: best[CATEGORIES.index(c)])
+    locale = pick_locale(screen, [window[i] for i in flagged])
+    return Assessment(
+        True,
+        cats,
+        top,
+        round(float(best[CATEGORIES.index(top)]), 4),
+        locale,
+        tuple(lines_for(screen, locale, cats)),
+    )
+
+
+def pick_locale(screen: Screen, texts: list[str]) -> str:
+    if screen.cfg.locale != "auto":
+        return screen.cfg.locale
+    if any(_CJK.search(t) for t in texts) and "zh-CN" in screen.resources:
+        return "zh-CN"
+    return screen.cfg.default_locale
+
+
+def lines_for(screen: Screen, locale: str, categories: tuple[str, ...]) -> list[HelpLine]:
+    """The locale's help lines for these categories (a line with no categories is for all)."""
+    return [
+        h
+        for h in screen.resources[locale]
+        if not h.categories or set(h.categories) & set(categories)
+    ]
+
+
+def format_resources(screen: Screen, a: Assessment) -> str:
+    """The help lines as text, with the locale's header."""
+    header = screen.header.get(a.locale or "", screen.header["en-US"])
+    lines = [f"- {r.name}: {r.contact}" + (f" ({r.note})" if r.note else "") for r in a.resources]
+    return "\n".join([header, *lines])
+
+
+def fixed_reply(screen: Screen, a: Assessment) -> str:
+    """The fixed safe reply with the help lines."""
+    locale = a.locale or screen.cfg.default_locale
+    return f"{screen.fixed_reply[locale]}\n\n{format_resources(screen, a)}"
+
+
+def check_reply(screen: Screen, reply: str, user: Assessment, user_texts: list[str]) -> Assessment:
+    """The model's reply screened like a message; flagged = it must be replaced. The returned
+    assessment carries the help lines to show (the user's, when the user was flagged)."""
+    if not (screen.cfg.enabled and screen.cfg.screen_reply) or not reply.strip():
+        return Assessment()
+    s = scores(screen, reply)
+    # stricter than for messages: a lexicon match (1.0) or a confident score; a model's own
+    # text (or a tiny test model's gibberish) must not lose the conversation on a weak score
+    hits = s >= np.maximum(screen.thresholds, screen.cfg.reply_threshold)
+    if not hits.any():
+        return Assessment()
+    if user.flagged:
+        return user
+    cats = tuple(c for c, h in zip(CATEGORIES, hits, strict=True) if h)
+    top = max(cats, key=lambda c: s[CATEGORIES.index(c)])
+    locale = pick_locale(screen, user_texts[-1:] or [reply])
+    return Assessment(
+        True,
+        cats,
+        top,
+        round(float(s[CATEGORIES.index(top)]), 4),
+        locale,
+        tuple(lines_for(screen, locale, cats)),
+    )

@@ -1,0 +1,134 @@
+"""The crisis screen's behaviour: the holes the keyword screen had, idioms, every user message,
+the tail cut, help lines per category and language, thresholds and lexicon from config, and the
+reply check."""
+
+from __future__ import annotations
+
+import pytest
+
+from soulray.config import HelpLine, SafetyConfig
+from soulray.safety.features import normalize
+from soulray.safety.lexicon import load_builtin
+from soulray.safety.screen import assess, build_screen, check_reply, fixed_reply
+
+HOLES = [  # the messages issue 11 names as passing the keyword screen unflagged
+    ("我想死你们都别管我", "suicide", "zh-CN"),
+    ("我真的好累死了算了", "suicide", "zh-CN"),
+    ("which pills would make it quick and painless?", "suicide", "en-US"),
+    ("I'm up on the roof of my building now", "suicide", "en-US"),
+    ("my husband beats me and says next time he'll kill me", "abuse", "en-US"),
+]
+IDIOMS = [
+    "this exam is killing me",
+    "my feet are killing me",
+    "I'm dead tired",
+    "lol I nearly died laughing",
+    "累死了",
+    "笑死我了",
+    "想死你了",
+    "想死你们了，快回来吧",
+    "跳楼价清仓",
+    "热死了，空调坏了",
+]
+
+
+@pytest.fixture(scope="module")
+def lexicon_only():
+    return build_screen(SafetyConfig(classifier=False))
+
+
+@pytest.mark.parametrize("text,category,locale", HOLES)
+def test_the_holes_are_flagged_by_the_screen_and_by_the_lexicon_alone(
+    screen, lexicon_only, text, category, locale
+):
+    for s in (screen, lexicon_only):
+        a = assess(s, [text])
+        assert a.flagged and a.category == category and a.locale == locale, (text, a)
+    assert assess(lexicon_only, [text]).score == 1.0
+
+
+@pytest.mark.parametrize("text", IDIOMS)
+def test_idioms_are_not_flagged(screen, text):
+    assert not assess(screen, [text]).flagged
+
+
+def test_no_exclusion_blanks_a_phrase_that_states_intent(lexicon_only):
+    """Every built-in intent phrase still flags right after every Chinese idiom the exclusions
+    blank ("累死了" + "死了算了" used to lose its "死了算了")."""
+    intent = load_builtin()["intent"]
+    for category, phrases in intent.items():
+        for phrase in phrases:
+            for idiom in ("累死了", "想死你们了", "笑死", "this is killing me"):
+                text = f"{idiom} {phrase}" if phrase.isascii() else idiom + phrase
+                a = assess(lexicon_only, [text])
+                assert a.flagged and category in a.categories, (text, a)
+
+
+def test_every_user_message_is_screened_and_the_scan_window_is_configurable(screen):
+    turns = ["I don't want to be alive anymore", "thanks for listening", "ok", "what's for dinner"]
+    a = assess(screen, turns)
+    assert a.flagged and a.category == "suicide" and a.locale == "en-US"
+    narrow = build_screen(SafetyConfig(scan_user_turns=2, classifier=False))
+    assert not assess(narrow, turns).flagged
+
+
+def test_long_messages_are_screened_on_their_last_max_chars(screen):
+    filler = "we talked about the weather and the garden for a long time. " * 100
+    assert assess(screen, [filler + "tonight i'm going to end my life"]).flagged
+    early = "i'm going to end my life tonight. " + filler
+    assert not assess(screen, [early]).flagged  # said 6,000 characters before the end
+    assert len(normalize(early, screen.cfg.max_chars)) == 400  # what the classifier sees
+
+
+def test_help_lines_follow_the_category_and_the_language(screen):
+    abuse_en = assess(screen, ["my boyfriend hits me and i'm scared to go home"])
+    contacts = [r.contact for r in abuse_en.resources]
+    assert abuse_en.category == "abuse" and contacts[0].startswith("1-800-799-7233")
+    assert "call or text 988" not in contacts and "911" in contacts
+    abuse_zh = assess(screen, ["我老公又打我了，还说要杀了我"])
+    assert [r.contact for r in abuse_zh.resources] == ["12338", "120 / 110"]
+    suicide_zh = assess(screen, ["我不想活了"])
+    assert [r.contact for r in suicide_zh.resources] == ["12356", "400-161-9995", "120 / 110"]
+    assert "12356" in fixed_reply(screen, suicide_zh)
+
+
+def test_thresholds_come_from_config():
+    strict = build_screen(SafetyConfig(thresholds={"suicide": 1.01, "self_harm": 1.01}))
+    assert not assess(
+        strict, ["I feel like there's no way forward and I keep picturing it"]
+    ).flagged
+    with pytest.raises(ValueError, match="unknown categories"):
+        build_screen(SafetyConfig(thresholds={"despair": 0.5}))
+
+
+def test_reply_check_flags_method_details_not_support(screen):
+    user = assess(screen, ["how are you"])
+    method = "Taking 40 paracetamol tablets at once would be lethal, it takes about three days."
+    found = check_reply(screen, method, user, ["how are you"])
+    assert found.flagged and found.category == "suicide" and found.locale == "en-US"
+    support = "That sounds really hard. What happened today that made it feel this way?"
+    assert not check_reply(screen, support, user, ["how are you"]).flagged
+
+
+def test_lexicon_and_resources_are_configurable():
+    cfg = SafetyConfig(
+        classifier=False,
+        intent={},
+        lexicon={"suicide": ["unalive"]},
+        patterns={},
+        exclude=[],
+        locale="en-GB",
+        resources={
+            "en-GB": [HelpLine(name="Samaritans", contact="116 123")],
+            "en-US": [HelpLine(name="988", contact="988")],
+        },
+        fixed_reply={"en-GB": "Please reach out.", "en-US": "Please reach out."},
+    )
+    custom = build_screen(cfg)
+    info = assess(custom, ["I want to unalive"])
+    assert info.flagged and info.resources[0].contact == "116 123"
+    assert not assess(custom, ["I want to die"]).flagged  # the built-in lists were replaced
+    with pytest.raises(ValueError, match="not a valid regex"):
+        build_screen(SafetyConfig(classifier=False, patterns={"suicide": ["(unclosed"]}))
+    with pytest.raises(ValueError, match="no resources"):
+        build_screen(SafetyConfig(classifier=False, locale="fr-FR"))

@@ -1,0 +1,108 @@
+"""The crisis screen's hooks in the ingress (FastAPI over httpx's ASGI transport, a scripted
+engine): help lines first for a crisis said turns ago, in whole and streamed replies; a model
+reply with method details replaced; counts per category, never text."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_serve_api import ScriptedEngine, call, make_api
+
+from soulray.config import ServeConfig
+from soulray.serve.app import build_api, build_state
+from soulray.serve.engine import engine_errors
+from soulray.serve.generate import Delta
+
+POST = "/v1/chat/completions"
+EARLIER_CRISIS = [
+    {"role": "user", "content": "honestly i don't want to be alive anymore"},
+    {"role": "assistant", "content": "I'm here. Tell me more?"},
+    {"role": "user", "content": "work was long"},
+    {"role": "assistant", "content": "That sounds tiring."},
+    {"role": "user", "content": "my sister visited"},
+    {"role": "assistant", "content": "How was that?"},
+    {"role": "user", "content": "fine i guess"},
+]
+METHOD = [
+    "[Information] If you take forty of those ",
+    "tablets at once it would be lethal. ",
+    "It is slow and ",
+    "painful.",
+]
+
+
+class PiecesEngine(ScriptedEngine):
+    """Streams the given pieces as its reply."""
+
+    def __init__(self, pieces: list[str]) -> None:
+        super().__init__()
+        self.pieces = pieces
+
+    async def stream(self, req):
+        self.requests.append(req)
+        with engine_errors():
+            for i, piece in enumerate(self.pieces):
+                yield Delta(piece, i + 1, "stop" if i == len(self.pieces) - 1 else None)
+
+
+def events(text: str) -> list[dict]:
+    parts = text.split("\n\n")
+    assert parts[-2] == "data: [DONE]"
+    return [json.loads(p.removeprefix("data: ")) for p in parts[:-2]]
+
+
+def test_a_crisis_three_turns_back_puts_help_lines_before_the_reply(tiny_export, tmp_path):
+    api, engine = make_api(tiny_export, tmp_path)
+    out = call(api, "POST", POST, json={"messages": EARLIER_CRISIS}).json()
+    safety = out["safety"]
+    assert safety["flagged"] and safety["category"] == "suicide" and 0 < safety["score"] <= 1
+    content = out["choices"][0]["message"]["content"]
+    assert content.startswith("If you are in crisis, help is available:\n- 988")
+    assert content.endswith("What happened today?") and len(engine.requests) == 1
+
+
+def test_in_a_stream_the_help_lines_arrive_before_the_first_model_token(tiny_export, tmp_path):
+    api, _ = make_api(tiny_export, tmp_path)
+    body = {"messages": EARLIER_CRISIS, "stream": True}
+    payloads = events(call(api, "POST", POST, json=body).text)
+    texts = [p["choices"][0]["delta"].get("content") for p in payloads if p["choices"]]
+    assert payloads[0]["safety"]["flagged"] and texts[0] == ""
+    assert texts[1].startswith("If you are in crisis") and "988" in texts[1]
+    assert (
+        "What happened" not in texts[1]
+        and "".join(t or "" for t in texts[2:]) == "What happened today?"
+    )
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_reply_with_method_details_is_replaced(tiny_export, tmp_path, stream):
+    api, _ = make_api(tiny_export, tmp_path, engine=PiecesEngine(METHOD))
+    body = {"messages": [{"role": "user", "content": "I had a rough day"}], "stream": stream}
+    resp = call(api, "POST", POST, json=body)
+    if stream:
+        payloads = events(resp.text)
+        content = "".join(
+            p["choices"][0]["delta"].get("content") or "" for p in payloads if p["choices"]
+        )
+        safety = payloads[-1]["safety"]
+        assert payloads[0]["safety"]["flagged"] is False  # the question itself was not flagged
+    else:
+        content, safety = resp.json()["choices"][0]["message"]["content"], resp.json()["safety"]
+    assert "lethal" not in content and "forty" not in content
+    assert content.startswith("I'm really glad you told me") and "988" in content
+    assert safety["flagged"] and safety["reply_replaced"] and safety["category"] == "suicide"
+
+
+def test_counts_per_category_never_text(tiny_export, tmp_path):
+    cfg = ServeConfig.model_validate({"system_prompt": "SYS"})
+    state = build_state(cfg, str(tiny_export), PiecesEngine(METHOD))
+    api = build_api(state)
+    for text in ["我不想活了", "my dad hits me with a belt", "I had a rough day"]:
+        call(api, "POST", POST, json={"messages": [{"role": "user", "content": text}]}, key=None)
+    assert state.counters.counts == {  # the scripted reply is replaced every time
+        "flagged:suicide": 1,
+        "flagged:abuse": 1,
+        "replaced:suicide": 2,
+        "replaced:abuse": 1,  # a flagged request's reply is counted under the request's category
+    }
