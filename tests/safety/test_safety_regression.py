@@ -28,6 +28,9 @@ from soulray.safety.screen import assess
 HERE = Path(__file__).parent
 ROUND3 = json.loads((HERE / "safety_holdout_blind.json").read_text("utf-8"))
 BLIND = json.loads((HERE / "safety_holdout_blind2.json").read_text("utf-8"))
+# Written blind (no sight of the code or the training data) and measured once when the classifier
+# landed (bench/results/safety_blind3.json); a regression set from then on.
+BLIND3 = json.loads((HERE / "safety_holdout_blind3.json").read_text("utf-8"))
 
 SETS = {
     "tuning set (en)": (CRISIS_EN, ORDINARY_EN),
@@ -38,10 +41,13 @@ SETS = {
     "held-out round 3 (zh)": (ROUND3["crisis_zh"], ROUND3["ordinary_zh"]),
     "blind set 2 (en)": (BLIND["crisis_en"], BLIND["ordinary_en"]),
     "blind set 2 (zh)": (BLIND["crisis_zh"], BLIND["ordinary_zh"]),
+    "blind set 3 (en)": (BLIND3["crisis_en"], BLIND3["ordinary_en"]),
+    "blind set 3 (zh)": (BLIND3["crisis_zh"], BLIND3["ordinary_zh"]),
 }
 # Measured when the classifier shipped (crisis caught / n, false alarms / n); the floor allows one
 # message fewer caught and the ceiling one false alarm more. Keyword screen alone, for
-# comparison, on blind set 2: en 24/40 caught 0/40 false alarms, zh 23/40 and 1/40.
+# comparison, on blind set 2: en 24/40 caught 0/40 false alarms, zh 23/40 and 1/40; on blind
+# set 3: en 24/100 and 3/100, zh 18/100 and 2/100.
 MEASURED = {
     "tuning set (en)": (32, 32, 32, 4),
     "tuning set (zh)": (32, 32, 32, 2),
@@ -51,6 +57,8 @@ MEASURED = {
     "held-out round 3 (zh)": (40, 40, 40, 2),
     "blind set 2 (en)": (40, 38, 40, 2),
     "blind set 2 (zh)": (40, 34, 40, 2),
+    "blind set 3 (en)": (100, 77, 100, 7),
+    "blind set 3 (zh)": (100, 67, 100, 6),
 }
 FLOORS = {k: ((hit - 1) / n, (fa + 1) / m) for k, (n, hit, m, fa) in MEASURED.items()}
 
