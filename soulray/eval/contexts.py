@@ -21,6 +21,8 @@ from soulray import storage
 from soulray.config import DataConfig, parse_config
 from soulray.data.conversation import Conversation, build_strategy_lookup
 from soulray.data.formats import FILE_SUFFIXES
+from soulray.data.parse import ParseSettings, normalize_record
+from soulray.data.ranges import Range, plan_ranges, range_records
 from soulray.eval.config import ContextsConfig
 from soulray.eval.metrics import Lang, detect_language
 
@@ -61,37 +63,48 @@ def read_conversations(
     inputs: list[str], data: DataConfig, split: str | None
 ) -> list[Conversation]:
     """Cleaned, deduplicated conversations of `inputs` (only `split` when given), in file
-    order, parsed by prepare's `parse_file` on Ray Data."""
+    order, read as prepare reads them: the same byte ranges of whole records and the same
+    `normalize_record`, in Ray tasks."""
     import ray.data
 
-    from soulray.data.pipeline import ParseSettings, parse_file
-
     files = storage.expand_inputs(inputs, FILE_SUFFIXES)
-    inner = [storage.resolve(f)[1] for f in files]
     settings = ParseSettings(
         format=data.format,
         lookup=build_strategy_lookup(data.strategies),
         fallback=data.strategies.fallback,
         system_prompt=data.system_prompt,
         val_fraction=data.val_fraction,
-        file_index={path: i for i, path in enumerate(inner)},
     )
-    fs, _ = storage.resolve(files[0])
+    ranges = plan_ranges(files, data.range_bytes)
+    items = [{"spec": json.dumps(asdict(r))} for r in ranges]
     rows = (
-        ray.data.read_binary_files(inner, include_paths=True, filesystem=fs)
-        .flat_map(functools.partial(parse_file, settings=settings))
-        .filter(expr="ok == True" + (f" and split == '{split}'" if split else ""))
-        .select_columns(["conversation", "hash", "file_index", "record_index"])
+        ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+        .flat_map(functools.partial(_range_rows, settings=settings, split=split))
         .take_all()
     )
-    rows.sort(key=lambda r: (r["file_index"], r["record_index"]))
+    rows.sort(key=lambda r: (r["rid"], r["index"]))
     seen: set[str] = set()
     out = []
     for r in rows:  # the first copy of a duplicate wins, as in prepare
         if r["hash"] not in seen:
             seen.add(r["hash"])
-            out.append(Conversation.from_json(r["conversation"]))
+            out.append(Conversation.from_json(r["conv"]))
     return out
+
+
+def _range_rows(
+    item: dict[str, Any], settings: ParseSettings, split: str | None
+) -> list[dict[str, Any]]:
+    """The kept conversations of one range (of `split` when given), with their position."""
+    r = Range(**json.loads(item["spec"]))
+    rows = []
+    for index, raw in enumerate(range_records(r)):
+        row = normalize_record(raw, settings)
+        if row["ok"] and (split is None or row["split"] == split):
+            rows.append(
+                {"rid": r.rid, "index": index, "hash": row["hash"], "conv": row["conversation"]}
+            )
+    return rows
 
 
 def load_conversations(cfg: ContextsConfig) -> list[Conversation]:

@@ -17,7 +17,7 @@ from soulray.cli import app
 from soulray.config import Config, load_config
 from soulray.data.conversation import build_strategy_lookup, clean_conversation
 from soulray.data.formats import detect_format, split_records, to_conversation
-from soulray.data.pipeline import split_of
+from soulray.data.parse import split_of
 from soulray.eval.config import ContextsConfig
 from soulray.eval.contexts import sample_contexts
 
