@@ -195,3 +195,25 @@ def ingress_prompt_ids(cfg: Config, text: str) -> list[int]:
     state = build_state(cfg.serve, cfg.serve_model_dir, None)  # type: ignore[arg-type]
     req = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": text}]})
     return prepare(state, req, "ref").gen.prompt_ids
+
+
+def test_serve_build_carries_the_adapter_list(tmp_path, monkeypatch):
+    from soulray.serve.app import build_serve_config
+
+    monkeypatch.chdir(tmp_path)
+    adapters = [{"name": "a", "path": "runs/a/adapter"}, {"name": "b", "path": "s3://x/b/"}]
+    cfg = Config.model_validate({"serve": {"adapters": adapters, "max_loaded_adapters": 3}})
+    serve_cfg = build_serve_config(cfg)["applications"][0]["args"]["config"]["serve"]
+    assert serve_cfg["adapters"] == [
+        {"name": "a", "path": str(tmp_path / "runs/a/adapter")},
+        {"name": "b", "path": "s3://x/b"},
+    ]
+    assert serve_cfg["max_loaded_adapters"] == 3
+
+
+def test_adapter_names_must_be_unique():
+    from pydantic import ValidationError
+
+    adapters = [{"name": "soulray", "path": "p"}, {"name": "a", "path": "q"}]
+    with pytest.raises(ValidationError, match=r"\['soulray'\] appear more than once"):
+        Config.model_validate({"serve": {"adapters": adapters}})
