@@ -264,6 +264,13 @@ class AuthConfig(Section):
     api_key_file: str | None = None  # e.g. a Kubernetes secret mounted as a file
 
 
+class AdapterServeConfig(Section):
+    """One LoRA adapter served over the base model under its own model name."""
+
+    name: str = Field(min_length=1)  # the id in /v1/models and the `model` requests name
+    path: str  # a peft adapter directory (local, s3://, gs://), e.g. an export's adapter/
+
+
 class ServeConfig(Section):
     model_name: str = "soulray"  # the id in /v1/models and the `model` requests must name
     app_name: str = "soulray"  # the Ray Serve application
@@ -286,6 +293,21 @@ class ServeConfig(Section):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     safety: SafetyConfig = Field(default_factory=SafetyConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    # Multi-LoRA (hf engine): adapters over the base model, loaded on first use, at most
+    # max_loaded_adapters per engine replica (least recently used unloaded first)
+    adapters: list[AdapterServeConfig] = Field(default_factory=list)
+    max_loaded_adapters: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _check_adapter_names(self) -> ServeConfig:
+        names = [self.model_name] + [a.name for a in self.adapters]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(
+                f"serve.adapters names must be unique and differ from serve.model_name; "
+                f"{dupes} appear more than once: rename them"
+            )
+        return self
 
 
 Stage = Literal["prepare", "train", "serve"]

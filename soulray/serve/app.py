@@ -133,29 +133,36 @@ def build_api(state: IngressState, metrics: IngressMetrics | None = None) -> Fas
     @api.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         authorize(state, request)
-        card = ModelCard(id=state.cfg.model_name, created=state.created)
-        return ModelList(data=[card]).model_dump()
+        cards = [ModelCard(id=name, created=state.created) for name in model_names(state.cfg)]
+        return ModelList(data=cards).model_dump()
 
     @api.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         authorize(state, request)
         req = parse_request(await read_body(request, state.cfg.max_request_bytes))
         model = req.model or state.cfg.model_name
-        if model != state.cfg.model_name:
+        if model not in model_names(state.cfg):
             raise APIError(
                 404,
                 f"the model {model!r} does not exist; this server serves "
-                f"{state.cfg.model_name!r} (see GET /v1/models)",
+                f"{', '.join(map(repr, model_names(state.cfg)))} (see GET /v1/models)",
                 param="model",
                 code="model_not_found",
             )
         prepared = prepare(state, req, new_completion_id())
+        if model != state.cfg.model_name:
+            prepared.gen.adapter = model  # a serve.adapters name: the engine applies its LoRA
         if not req.stream:
             return (await complete(state, prepared, model)).model_dump()
         events = await open_stream(state, prepared, model)
         return StreamingResponse(events, media_type="text/event-stream")
 
     return api
+
+
+def model_names(cfg: ServeConfig) -> list[str]:
+    """The base model's name, then each serve.adapters name."""
+    return [cfg.model_name] + [a.name for a in cfg.adapters]
 
 
 def add_error_handlers(api: FastAPI) -> None:
@@ -258,6 +265,8 @@ def resolved(cfg: Config) -> Config:
 
     out = cfg.model_copy(deep=True)
     out.serve.engine.model_dir = storage.normalize(cfg.serve_model_dir)
+    for adapter in out.serve.adapters:
+        adapter.path = storage.normalize(adapter.path)
     return out
 
 

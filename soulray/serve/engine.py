@@ -28,6 +28,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from soulray.config import EngineConfig, ServeConfig
+from soulray.serve.adapters import AdapterPool
 from soulray.serve.fetch import fetch_model_dir
 from soulray.serve.generate import Delta, GenRequest, eos_ids, load_model, width
 from soulray.serve.metrics import EngineMetrics
@@ -40,12 +41,19 @@ NOOP_REPLY = Delta("I hear you.", 3, "stop")
 class HFEngine:
     """The `hf` engine replica: one model, continuous batching, token streaming."""
 
-    def __init__(self, engine: dict[str, Any], model_dir: str) -> None:
+    def __init__(
+        self,
+        engine: dict[str, Any],
+        model_dir: str,
+        adapters: dict[str, str] | None = None,
+        max_loaded_adapters: int = 4,
+    ) -> None:
         cfg = EngineConfig.model_validate(engine)
         local = fetch_model_dir(model_dir)
         adapter = fetch_model_dir(cfg.adapter_dir) if cfg.adapter_dir else None
         model, tokenizer, device = load_model(local, adapter, cfg.dtype)
         size = cfg.batching.max_batch_size if cfg.batching.enabled else 1
+        self.adapters = AdapterPool(model, adapters, max_loaded_adapters) if adapters else None
         self.scheduler = Scheduler(
             model,
             tokenizer,
@@ -54,6 +62,7 @@ class HFEngine:
             size,
             timeout_s=cfg.request_timeout_s,
             wait_s=cfg.batching.batch_wait_timeout_s,
+            adapters=self.adapters,
         )
         self.stream_interval_s = cfg.stream_interval_s
         self.metrics = EngineMetrics()
@@ -101,6 +110,8 @@ class HFEngine:
             "step_seconds": sched.step_seconds,
             "live_rows": sched.live_rows(),
             "kv_width": width(sched.batch) if sched.batch else 0,
+            "adapter_loads": dict(self.adapters.loads) if self.adapters else {},
+            "adapters_loaded": list(self.adapters.loaded) if self.adapters else [],
         }
 
 
@@ -126,7 +137,7 @@ async def coalesce(deltas: AsyncIterator[Delta], interval_s: float) -> AsyncIter
 class NoopEngine:
     """Answers at once with a fixed reply: the Serve path minus any model work."""
 
-    def __init__(self, engine: dict[str, Any], model_dir: str) -> None:
+    def __init__(self, engine: dict[str, Any], model_dir: str, *_: Any) -> None:
         del engine, model_dir
 
     async def stream(self, req: GenRequest) -> AsyncIterator[Delta]:
@@ -161,15 +172,21 @@ def as_deployment(cls: type) -> Any:
 def build_engine(cfg: ServeConfig, model_dir: str) -> Any:
     """The bound engine deployment for serve.engine.kind (an Application to pass the ingress)."""
     options = replica_options(cfg.engine, "Engine")
-    engine = cfg.engine.model_dump(mode="json")
+    args = engine_args(cfg, model_dir)
     match cfg.engine.kind:
         case "hf":
-            return as_deployment(HFEngine).options(**options).bind(engine, model_dir)
+            return as_deployment(HFEngine).options(**options).bind(*args)
         case "noop":
-            return as_deployment(NoopEngine).options(**options).bind(engine, model_dir)
+            return as_deployment(NoopEngine).options(**options).bind(*args)
         case "vllm":
             return build_vllm_engine(cfg, model_dir)
     raise ValueError(f"unknown serve.engine.kind {cfg.engine.kind!r}; use hf, vllm or noop")
+
+
+def engine_args(cfg: ServeConfig, model_dir: str) -> tuple[Any, ...]:
+    """HFEngine's arguments: the engine section, the model, the adapters (name -> path)."""
+    adapters = {a.name: a.path for a in cfg.adapters}
+    return cfg.engine.model_dump(mode="json"), model_dir, adapters, cfg.max_loaded_adapters
 
 
 def require_vllm() -> None:
@@ -184,6 +201,11 @@ def require_vllm() -> None:
 def build_vllm_engine(cfg: ServeConfig, model_dir: str) -> Any:
     """Ray Serve LLM's vLLM deployment, configured from serve.engine."""
     require_vllm()
+    if cfg.adapters:
+        raise ValueError(
+            "serve.adapters (multi-LoRA) is served by the hf engine; use serve.engine.kind=hf "
+            "or remove serve.adapters"
+        )
     if cfg.engine.adapter_dir:
         raise ValueError(
             "the vllm engine serves the merged model at the export root; unset "
@@ -273,12 +295,12 @@ class LocalClient(EngineClient):
 
 def build_local_engine(cfg: ServeConfig, model_dir: str) -> LocalClient:
     """The engine object itself, for the one-deployment layout (hf or noop)."""
-    engine = cfg.engine.model_dump(mode="json")
+    args = engine_args(cfg, model_dir)
     match cfg.engine.kind:
         case "hf":
-            return LocalClient(HFEngine(engine, model_dir))
+            return LocalClient(HFEngine(*args))
         case "noop":
-            return LocalClient(NoopEngine(engine, model_dir))
+            return LocalClient(NoopEngine(*args))
     raise ValueError(
         f"serve.layout=one_deployment runs the hf or noop engine in the ingress; "
         f"serve.engine.kind={cfg.engine.kind} needs serve.layout=two_deployments"

@@ -18,6 +18,7 @@ import torch
 
 from soulray.data.render import find_end_of_turn
 from soulray.data.tokenizer import load_tokenizer
+from soulray.serve.adapters import forward_args
 
 
 @dataclass(slots=True)
@@ -31,6 +32,7 @@ class GenRequest:
     top_p: float
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    adapter: str | None = None  # a serve.adapters name; None = the base model
 
 
 @dataclass(slots=True)
@@ -220,7 +222,13 @@ def prefill(
     ids, mask = left_pad([r.prompt_ids for r in reqs], tokenizer.pad_token_id)
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        logits_to_keep=1,
+        **forward_args(model, [r.adapter for r in reqs]),
+    )
     return Running(rows, out.cache, mask, positions[:, -1:], out.logits[:, -1])
 
 
@@ -242,6 +250,7 @@ def step(model: Any, batch: Running, eos: set[int]) -> list[tuple[Row, Delta]]:
             attention_mask=batch.mask,
             position_ids=batch.positions,
             cache=batch.cache,
+            **forward_args(model, [r.req.adapter for r in batch.rows]),
         ).logits
         batch.logits = logits[:, -1]
     return out

@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from soulray.serve.adapters import AdapterPool
 from soulray.serve.generate import (
     Delta,
     GenRequest,
@@ -72,8 +73,10 @@ class Scheduler:
         max_rows: int,
         timeout_s: float | None = None,
         wait_s: float = 0.0,
+        adapters: AdapterPool | None = None,
     ) -> None:
         self.model, self.tokenizer, self.eos, self.device = model, tokenizer, eos, device
+        self.adapters = adapters  # multi-LoRA: loads each request's adapter before its prefill
         self.max_rows, self.timeout_s, self.wait_s = max_rows, timeout_s, wait_s
         self.waiting: deque[Ticket] = deque()
         self.batch: Running | None = None
@@ -154,7 +157,13 @@ class Scheduler:
         taken: list[Ticket] = []
         while self.waiting and len(taken) < room:
             ticket = self.waiting.popleft()
-            if not self._ended(ticket):
+            if self._ended(ticket):
+                continue
+            ready = await self._adapter_ready(ticket, taken)
+            if ready is None:  # every adapter slot is in use: wait (in order) for one to free
+                self.waiting.appendleft(ticket)
+                break
+            if ready:
                 taken.append(ticket)
         if not taken:
             return
@@ -169,6 +178,30 @@ class Scheduler:
                     self.batch = await asyncio.to_thread(self._join, [ticket])
                 except Exception as one:
                     self._finish(ticket, _prefill_error(one))
+
+    async def _adapter_ready(self, ticket: Ticket, taken: list[Ticket]) -> bool | None:
+        """Load the ticket's adapter if needed: True = ready, None = no free slot yet,
+        False = it failed to load (the ticket is finished with the error)."""
+        name = ticket.req.adapter
+        if name is None or self.adapters is None:
+            return True
+        rows = self.batch.rows if self.batch else []
+        busy = {r.req.adapter for r in rows} | {t.req.adapter for t in taken}
+        try:
+            ok = await asyncio.to_thread(self.adapters.ensure, name, busy - {None})
+        except Exception as e:
+            log.error("adapter %s failed to load: %s", name, type(e).__name__)
+            self._finish(
+                ticket,
+                EngineError(
+                    500,
+                    f"the adapter {name!r} could not be loaded ({type(e).__name__}: {e})",
+                    "adapter_load_failed",
+                ),
+            )
+            return False
+        self.model = self.adapters.model  # a PeftModel once the first adapter is in
+        return True if ok else None
 
     def _join(self, tickets: list[Ticket]) -> Running:
         joining = prefill(
