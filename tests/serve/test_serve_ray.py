@@ -161,8 +161,11 @@ def test_a_disconnected_client_frees_its_row(served):
     fewer steps than the reply would take, and holds no row or KV cache afterwards."""
     url, headers = f"{served}/v1/chat/completions", {"Authorization": f"Bearer {KEY}"}
     body = {"messages": ask("tell me all of it"), "max_tokens": 300, "temperature": 1, "seed": 0}
+    start = sum(engine_counters()["step_sizes"].values())
     whole = httpx.post(url, json=body, headers=headers, timeout=300).json()
     assert whole["choices"][0]["finish_reason"] == "length"  # alone it runs all 300 tokens
+    full = sum(engine_counters()["step_sizes"].values()) - start  # the steps of a whole reply
+    assert full >= 300
     for stream in (True, False):
         before = sum(engine_counters()["step_sizes"].values())
         if stream:
@@ -173,7 +176,10 @@ def test_a_disconnected_client_frees_its_row(served):
                 httpx.post(url, json=body, headers=headers, timeout=0.3)
         after = wait_for_no_live_rows()
         assert after["live_rows"] == 0 and after["kv_width"] == 0
-        assert sum(after["step_sizes"].values()) - before < 150, stream
+        # Cancellation lands within Serve's disconnect detection (a few hundred ms after the
+        # hang-up: about 160 steps of this tiny model on an idle core, fewer under load);
+        # without it the row would run all `full` steps.
+        assert sum(after["step_sizes"].values()) - before < 0.8 * full, stream
 
 
 def test_autoscaling_settings_are_what_serve_reports(served):
