@@ -168,14 +168,6 @@ class TrainConfig(Section):
     grad_sync: Literal["auto", "every_micro_batch", "last_micro_batch"] = "auto"
 
 
-DEFAULT_COUNSELOR_PROMPT = (
-    "You are a warm, patient supporter. Listen closely, reflect what the person feels, ask gentle "
-    "questions and offer support without judgment. You are not a substitute for professional "
-    "help: if someone may be in danger, encourage them to contact a crisis line or emergency "
-    "services."
-)
-
-
 class AutoscalingConfig(Section):
     """Ray Serve autoscaling of one deployment (passed as its autoscaling_config)."""
 
