@@ -249,3 +249,13 @@ def test_engine_errors_become_openai_errors(tiny_export, tmp_path, wrapped):
         "param": None,
         "code": "t/o",
     }
+
+
+def test_unknown_fields_are_refused_unless_the_server_ignores_them(tiny_export, tmp_path):
+    body = {"messages": [{"role": "user", "content": "hi"}], "legacy_flag": True}
+    api, _ = make_api(tiny_export, tmp_path)
+    refused = assert_openai_error(call(api, "POST", "/v1/chat/completions", json=body), 400)
+    assert (refused["param"], refused["code"]) == ("legacy_flag", "unknown_parameter")
+    api, engine = make_api(tiny_export, tmp_path, ignore_unknown_fields=True)
+    assert call(api, "POST", "/v1/chat/completions", json=body).status_code == 200
+    assert len(engine.requests) == 1
