@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from soulray.serve.schemas import APIError, ChatCompletionRequest
+from soulray.serve.schemas import APIError, ChatCompletionRequest, ChatMessage
 
 log = logging.getLogger("ray.serve.soulray")
 
@@ -45,6 +45,7 @@ REFUSED = {
     "web_search_options": "there is no web search here",
     "moderation": "replies are screened by soulray's crisis screen (serve.safety), not OpenAI's",
 }
+MESSAGE_REFUSED = ("tool_calls", "tool_call_id", "function_call", "audio")
 IGNORED = {
     "user": "an end-user id for OpenAI's abuse monitoring",
     "safety_identifier": "an end-user id for OpenAI's abuse monitoring",
@@ -62,7 +63,7 @@ IGNORED = {
 def parse_chat_request(data: dict[str, Any], ignore_unknown: bool) -> ChatCompletionRequest:
     """The request model; a field OpenAI's API does not have is a 400 naming it, or is dropped
     (and logged) when `serve.ignore_unknown_fields` is set for a legacy client."""
-    unknown = sorted(set(data) - set(ChatCompletionRequest.model_fields))
+    unknown = unknown_fields(data)
     if unknown and not ignore_unknown:
         raise APIError(
             400,
@@ -74,7 +75,7 @@ def parse_chat_request(data: dict[str, Any], ignore_unknown: bool) -> ChatComple
         )
     if unknown:
         log.info("ignored unknown request fields %s (serve.ignore_unknown_fields)", unknown)
-        data = {k: v for k, v in data.items() if k not in unknown}
+        data = without_unknown(data)
     try:
         return ChatCompletionRequest.model_validate(data)
     except ValidationError as e:
@@ -83,8 +84,38 @@ def parse_chat_request(data: dict[str, Any], ignore_unknown: bool) -> ChatComple
         raise APIError(400, f"{where}: {first['msg']}", param=where) from None
 
 
+def unknown_fields(data: dict[str, Any]) -> list[str]:
+    """Fields of the request, and of its messages, that OpenAI's API does not have."""
+    known = set(ChatMessage.model_fields)
+    found = sorted(set(data) - set(ChatCompletionRequest.model_fields))
+    messages = data.get("messages")
+    for i, m in enumerate(messages if isinstance(messages, list) else []):
+        if isinstance(m, dict):
+            found += [f"messages[{i}].{k}" for k in sorted(set(m) - known)]
+    return found
+
+
+def without_unknown(data: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in data.items() if k in ChatCompletionRequest.model_fields}
+    if isinstance(out.get("messages"), list):
+        known = set(ChatMessage.model_fields)
+        out["messages"] = [
+            {k: v for k, v in m.items() if k in known} if isinstance(m, dict) else m
+            for m in out["messages"]
+        ]
+    return out
+
+
 def check_params(req: ChatCompletionRequest, engine: str, vocab: int, max_choices: int) -> None:
     """Refuse, with a 400 naming it, any parameter this engine cannot honour."""
+    for i, message in enumerate(req.messages):
+        for name in MESSAGE_REFUSED:
+            if getattr(message, name):
+                raise _unsupported(
+                    f"messages[{i}].{name}",
+                    f"messages[{i}].{name} is not supported: tool calling and audio are not "
+                    "served (see `tools`)",
+                )
     for name, why in REFUSED.items():
         value = getattr(req, name)
         if name == "modalities" and value in (None, ["text"]):

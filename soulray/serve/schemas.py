@@ -64,9 +64,23 @@ class ContentPart(Lenient):
     text: str | None = None
 
 
-class ChatMessage(Lenient):
+class ChatMessage(BaseModel):
+    """A message with every field OpenAI's message types have (a field they lack is refused by
+    name, as in the request): `name`, and an earlier reply's `refusal` and `annotations` sent
+    back, are accepted and ignored (the served chat templates have no speaker names); tool and
+    audio fields are refused once set (soulray.serve.params.MESSAGE_REFUSED)."""
+
+    model_config = ConfigDict(extra="forbid")
+
     role: Role
     content: str | list[ContentPart] | None = None
+    name: str | None = None
+    refusal: str | None = None
+    annotations: list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    function_call: dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
 
     def text(self) -> str:
         """The message as plain text (text parts joined; other parts are refused upstream)."""

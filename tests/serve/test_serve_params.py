@@ -23,9 +23,10 @@ from soulray.serve.params import (
     IGNORED,
     REFUSED,
     VLLM_ONLY,
+    check_params,
     parse_chat_request,
 )
-from soulray.serve.schemas import APIError, ChatCompletionRequest
+from soulray.serve.schemas import APIError, ChatCompletionRequest, ChatMessage
 
 HELLO = [{"role": "user", "content": "I had a rough day at work"}]
 
@@ -131,6 +132,35 @@ def test_every_openai_field_is_honoured_refused_or_ignored():
     assert openai_fields <= fields, openai_fields - fields
     groups = [HONOURED, set(VLLM_ONLY), set(REFUSED), set(IGNORED), set(EXTENSIONS)]
     assert sum(len(g) for g in groups) == len(fields) and set().union(*groups) == fields
+    from openai.types import chat
+
+    message_types = [
+        chat.ChatCompletionSystemMessageParam, chat.ChatCompletionDeveloperMessageParam,
+        chat.ChatCompletionUserMessageParam, chat.ChatCompletionAssistantMessageParam,
+        chat.ChatCompletionToolMessageParam,
+    ]  # fmt: skip
+    message_fields = set().union(*(t.__annotations__ for t in message_types))
+    echoed = set(chat.ChatCompletionMessage.model_fields)  # an earlier reply sent back as is
+    assert message_fields | echoed == set(ChatMessage.model_fields)
+
+
+def test_an_earlier_reply_sent_back_as_is_is_accepted_and_tool_fields_are_refused():
+    from openai.types.chat import ChatCompletionMessage
+
+    reply = ChatCompletionMessage(role="assistant", content="Go on.").model_dump()
+    assert reply["refusal"] is None and "annotations" in reply  # what clients echo back
+    turns = [*HELLO, reply, {"role": "user", "content": "ok", "name": "sam"}]
+    assert len(parse_chat_request({"messages": turns}, ignore_unknown=False).messages) == 3
+    body = {"messages": [{"role": "user", "content": "hi", "speaker": "sam"}]}
+    with pytest.raises(APIError) as e:
+        parse_chat_request(body, ignore_unknown=False)
+    assert e.value.param == "messages[0].speaker"
+    assert parse_chat_request(body, ignore_unknown=True).messages[0].content == "hi"
+    called = {**reply, "tool_calls": [{"id": "c", "type": "function", "function": {}}]}
+    request = parse_chat_request({"messages": [called, *HELLO]}, ignore_unknown=False)
+    with pytest.raises(APIError) as e:
+        check_params(request, "hf", 2048, 8)
+    assert e.value.param == "messages[0].tool_calls"
 
 
 def test_unknown_fields_are_refused_by_name_unless_configured():
