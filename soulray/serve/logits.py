@@ -37,45 +37,45 @@ def uses_penalties(req: Any) -> bool:
 
 def adjust_logits(logits: torch.Tensor, reqs: list[Any], history: list[list[int]]) -> torch.Tensor:
     """The logits with each row's penalties (over `history`, its generated ids) and logit_bias;
-    the same tensor when no row uses either."""
+    the same tensor when no row uses either. Only the (row, token) entries a penalty or a bias
+    touches are updated: the cost follows the tokens generated, not the vocabulary."""
     penalised = [i for i, r in enumerate(reqs) if uses_penalties(r)]
     biased = [i for i, r in enumerate(reqs) if r.logit_bias]
     if not penalised and not biased:
         return logits
     logits = logits.clone()
     if penalised:
-        index = torch.tensor(penalised, device=logits.device)
-        counts = token_counts([history[i] for i in penalised], logits.shape[-1], logits.device)
-        freq = torch.tensor([reqs[i].frequency_penalty for i in penalised], device=logits.device)
-        pres = torch.tensor([reqs[i].presence_penalty for i in penalised], device=logits.device)
-        logits[index] = apply_penalties(logits[index], counts, freq, pres)
+        rows, ids, counts = token_counts([history[i] for i in penalised], logits.shape[-1])
+        freq = torch.tensor([reqs[i].frequency_penalty for i in penalised])
+        pres = torch.tensor([reqs[i].presence_penalty for i in penalised])
+        penalty = penalties(counts, freq[rows], pres[rows])
+        where = (torch.tensor(penalised)[rows].to(logits.device), ids.to(logits.device))
+        logits.index_put_(where, -penalty.to(logits.dtype).to(logits.device), accumulate=True)
     if biased:
-        rows = [i for i in biased for _ in reqs[i].logit_bias]
-        ids = [t for i in biased for t in reqs[i].logit_bias]
-        values = [v for i in biased for v in reqs[i].logit_bias.values()]
-        where = (torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device))
-        bias = torch.tensor(values, dtype=logits.dtype, device=logits.device)
-        logits.index_put_(where, bias, accumulate=True)
+        rows = torch.tensor([i for i in biased for _ in reqs[i].logit_bias])
+        ids = torch.tensor([t for i in biased for t in reqs[i].logit_bias])
+        bias = torch.tensor([v for i in biased for v in reqs[i].logit_bias.values()])
+        where = (rows.to(logits.device), ids.to(logits.device))
+        logits.index_put_(where, bias.to(logits.dtype).to(logits.device), accumulate=True)
     return logits
 
 
-def token_counts(history: list[list[int]], vocab: int, device: Any = "cpu") -> torch.Tensor:
-    """[rows, vocab]: how often each row generated each token (one scatter, no Python loop
-    over the vocabulary)."""
-    counts = torch.zeros(len(history), vocab, device=device)
-    rows = [i for i, ids in enumerate(history) for _ in ids]
-    ids = [t for ids in history for t in ids]
-    if ids:
-        where = (torch.tensor(rows, device=device), torch.tensor(ids, device=device))
-        counts.index_put_(where, torch.ones(len(ids), device=device), accumulate=True)
-    return counts
+def token_counts(
+    history: list[list[int]], vocab: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each (row, token) a row generated, once, with how often: (rows, ids, counts)."""
+    rows = torch.tensor([i for i, ids in enumerate(history) for _ in ids], dtype=torch.long)
+    ids = torch.tensor([t for ids in history for t in ids], dtype=torch.long)
+    keys, counts = torch.unique(rows * vocab + ids, return_counts=True)
+    return keys // vocab, keys % vocab, counts.float()
 
 
-def apply_penalties(
-    logits: torch.Tensor, counts: torch.Tensor, frequency: torch.Tensor, presence: torch.Tensor
+def penalties(
+    counts: torch.Tensor, frequency: torch.Tensor, presence: torch.Tensor
 ) -> torch.Tensor:
-    """OpenAI's formula: logit - count * frequency_penalty - (count > 0) * presence_penalty."""
-    return logits - counts * frequency[:, None] - (counts > 0).to(logits.dtype) * presence[:, None]
+    """What OpenAI's formula subtracts from the logit of a token generated `counts` (> 0) times:
+    count * frequency_penalty + presence_penalty."""
+    return counts * frequency + presence
 
 
 def token_logprobs(

@@ -16,7 +16,7 @@ from soulray_testing import free_port
 
 from soulray.config import Config, ServeConfig
 from soulray.serve.generate import GenRequest, eos_ids, generate_text, prefill, sample, step
-from soulray.serve.logits import TokenText, adjust_logits, apply_penalties, token_logprobs
+from soulray.serve.logits import TokenText, adjust_logits, token_logprobs
 from soulray.serve.params import (
     EXTENSIONS,
     HONOURED,
@@ -60,9 +60,8 @@ def test_penalties_and_bias_follow_openais_formula_exactly():
     assert logits[0].tolist() == [1.0, 2.0, 3.0, 4.0]  # the caller's logits are not modified
     plain = [req(), req(), req()]
     assert adjust_logits(logits, plain, history) is logits  # nobody asked: no work, no copy
-    counts = torch.tensor([[0.0, 3.0]])
-    got = apply_penalties(torch.zeros(1, 2), counts, torch.tensor([-1.0]), torch.tensor([2.0]))
-    assert got.tolist() == [[0.0, 1.0]]  # negative frequency penalty encourages repetition
+    negative = adjust_logits(torch.zeros(1, 3), [req(frequency_penalty=-1.0)], [[1, 1, 1]])
+    assert negative.tolist() == [[0.0, 3.0, 0.0]]  # a negative penalty encourages repetition
 
 
 def test_logit_bias_bans_and_forces_tokens_in_the_sampler():
