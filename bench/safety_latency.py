@@ -73,10 +73,11 @@ def per_message(repeats: int, stride: int) -> dict[str, dict[str, float]]:
 
 class InstantEngine:
     async def complete(self, req):
-        return Delta("That sounds hard. What happened next?", 8, "stop")
+        return [Delta("That sounds hard. What happened next?", 8, "stop")]
 
     async def stream(self, req):
-        yield await self.complete(req)
+        for delta in await self.complete(req):
+            yield delta
 
 
 def per_request(turns: int, rounds: int) -> dict[str, dict[str, float]]:

@@ -277,6 +277,10 @@ class ServeConfig(Section):
     max_tokens_limit: int = Field(1024, ge=1)  # larger requests get a 400
     max_request_bytes: int = Field(65536, ge=1024)  # larger bodies get a 413
     max_messages: int = Field(256, ge=1)
+    max_choices: int = Field(8, ge=1)  # a request's `n`; each choice is one more batch row
+    # A request field the OpenAI API does not have is a 400 naming it; true = ignore such fields
+    # (for a legacy client that sends its own), as soulray did before
+    ignore_unknown_fields: bool = False
     debug_log_content: bool = False  # True writes message text to the logs; never in production
     # two: ingress and engine replicas scale apart; one: the hf/noop engine runs inside the
     # ingress replica (one hop less per request; sized by serve.engine's options)

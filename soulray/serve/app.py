@@ -20,7 +20,6 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
@@ -39,6 +38,7 @@ from soulray.serve.engine import (
 )
 from soulray.serve.fetch import fetch_model_dir
 from soulray.serve.metrics import IngressMetrics, add_request_metrics
+from soulray.serve.params import parse_chat_request
 from soulray.serve.prompt import read_export_info
 from soulray.serve.schemas import (
     APIError,
@@ -139,7 +139,8 @@ def build_api(state: IngressState, metrics: IngressMetrics | None = None) -> Fas
     @api.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         authorize(state, request)
-        req = parse_request(await read_body(request, state.cfg.max_request_bytes))
+        body = await read_body(request, state.cfg.max_request_bytes)
+        req = parse_request(body, state.cfg.ignore_unknown_fields)
         model = req.model or state.cfg.model_name
         if model not in model_names(state.cfg):
             raise APIError(
@@ -221,8 +222,9 @@ def _too_large(limit: int) -> APIError:
     )
 
 
-def parse_request(body: bytes) -> ChatCompletionRequest:
-    """The request model, or a 400 naming the field (never echoing the content)."""
+def parse_request(body: bytes, ignore_unknown: bool = False) -> ChatCompletionRequest:
+    """The request model, or a 400 naming the field (never echoing the content); a field the
+    OpenAI API does not have is refused by name unless `ignore_unknown`."""
     try:
         data = json.loads(body)
     except json.JSONDecodeError as e:
@@ -231,12 +233,7 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
         raise APIError(400, "the request body is not UTF-8 JSON") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
-    try:
-        return ChatCompletionRequest.model_validate(data)
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise APIError(400, f"{where}: {first['msg']}", param=where) from None
+    return parse_chat_request(data, ignore_unknown)
 
 
 def build_application(cfg: Config) -> Any:

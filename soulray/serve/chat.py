@@ -20,6 +20,8 @@ from soulray.safety.screen import Assessment, Screen, assess, fixed_reply, forma
 from soulray.serve.engine import EngineClient
 from soulray.serve.generate import Delta, GenRequest
 from soulray.serve.guard import ReplyGuard, SafetyCounters
+from soulray.serve.logits import TokenLogprob
+from soulray.serve.params import check_params, sampling_fields
 from soulray.serve.prompt import (
     ExportInfo,
     StrategyParser,
@@ -34,8 +36,11 @@ from soulray.serve.schemas import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     Choice,
+    ChoiceLogprobs,
     ChunkChoice,
     SafetyInfo,
+    TokenLogprobOut,
+    TopLogprob,
     Usage,
     now,
     sse,
@@ -70,10 +75,16 @@ class Prepared:
     include_usage: bool
     assessment: Assessment = field(default_factory=Assessment)
     user_texts: list[str] = field(default_factory=list)  # for the reply screen's locale
+    parsers: list[StrategyParser] = field(default_factory=list)  # choices 1..n-1 (0: parser)
+
+    def choice_parsers(self) -> list[StrategyParser]:
+        """One strategy parser per choice (the response's `strategy` is choice 0's)."""
+        return [self.parser, *self.parsers]
 
 
 def prepare(state: IngressState, req: ChatCompletionRequest, request_id: str) -> Prepared:
     cfg, info = state.cfg, state.info
+    check_params(req, cfg.engine.kind, len(state.tokenizer), cfg.max_choices)
     messages = check_messages(req.messages, cfg, info.system_prompt)
     user_texts = [m["content"] for m in messages if m["role"] == "user"]
     assessment = assess(state.screen, user_texts)
@@ -108,6 +119,7 @@ def prepare(state: IngressState, req: ChatCompletionRequest, request_id: str) ->
         req.top_p or info.top_p,
         req.seed,
         [*req.stop_list(), info.end_of_turn],  # a marker of several tokens stops as text
+        **sampling_fields(req),
     )
     fixed = fixed_reply(state.screen, assessment) if safety.flagged and _fixed_mode(state) else None
     log.info(
@@ -133,6 +145,7 @@ def prepare(state: IngressState, req: ChatCompletionRequest, request_id: str) ->
         bool(req.stream_options and req.stream_options.include_usage),
         assessment,
         user_texts,
+        [StrategyParser(info.taxonomy, info.strategy_tags, forced) for _ in range(gen.n - 1)],
     )
 
 
@@ -171,12 +184,31 @@ def _guard(state: IngressState, p: Prepared) -> ReplyGuard:
     return ReplyGuard(state.screen, p.assessment, p.user_texts)
 
 
-def _guarded_safety(state: IngressState, p: Prepared, guard: ReplyGuard) -> SafetyInfo:
-    """The response's safety field once the reply is known (and counted if it was replaced)."""
-    if guard.replaced is None:
-        return p.safety
-    state.counters.record(guard.replaced, "replaced")
-    return SafetyInfo.of(guard.replaced, reply_replaced=True)
+def _guarded_safety(state: IngressState, p: Prepared, guards: list[ReplyGuard]) -> SafetyInfo:
+    """The response's safety field once the replies are known (each replaced one counted)."""
+    replaced = [g.replaced for g in guards if g.replaced is not None]
+    for found in replaced:
+        state.counters.record(found, "replaced")
+    return SafetyInfo.of(replaced[0], reply_replaced=True) if replaced else p.safety
+
+
+def _fixed_deltas(state: IngressState, p: Prepared) -> list[Delta]:
+    """The fixed safe reply as every choice (safety mode `fixed`)."""
+    assert p.fixed is not None
+    tokens = len(state.tokenizer(p.fixed).input_ids)
+    return [Delta(p.fixed, tokens, "stop", k) for k in range(p.gen.n)]
+
+
+def _logprobs(p: Prepared, found: list[TokenLogprob] | None) -> ChoiceLogprobs | None:
+    """OpenAI's logprobs object of a choice (or of one streamed chunk); None when not asked."""
+    if p.gen.logprobs is None:
+        return None
+    return ChoiceLogprobs(content=[_token_out(t) for t in found or []])
+
+
+def _token_out(t: TokenLogprob) -> TokenLogprobOut:
+    top = [TopLogprob(token=a.token, logprob=a.logprob, bytes=a.bytes) for a in t.top]
+    return TokenLogprobOut(token=t.token, logprob=t.logprob, bytes=t.bytes, top_logprobs=top)
 
 
 def _usage(p: Prepared, completion: int) -> Usage:
@@ -188,28 +220,33 @@ def _usage(p: Prepared, completion: int) -> Usage:
 
 
 async def complete(state: IngressState, p: Prepared, model: str) -> ChatCompletion:
-    guard = _guard(state, p)
-    if p.fixed is not None:
-        delta = Delta(p.fixed, len(state.tokenizer(p.fixed).input_ids), "stop")
-        content = p.fixed
-    else:
-        delta = await state.engine.complete(p.gen)
-        reply = guard.push(p.parser.push(delta.text, final=True), final=True)
-        content = reply if guard.replaced else _prefix(state, p) + reply
-    _log_reply(state, p, content, delta.tokens)
+    guards = [_guard(state, p) for _ in range(p.gen.n)]
+    fixed = p.fixed is not None
+    deltas = _fixed_deltas(state, p) if fixed else await state.engine.complete(p.gen)
+    choices = []
+    for delta, parser, guard in zip(deltas, p.choice_parsers(), guards, strict=True):
+        content = p.fixed or ""
+        if not fixed:
+            reply = guard.push(parser.push(delta.text, final=True), final=True)
+            content = reply if guard.replaced else _prefix(state, p) + reply
+        choices.append(
+            Choice(
+                index=delta.index,
+                message=AssistantMessage(content=content),
+                finish_reason=delta.finish_reason or "stop",
+                logprobs=None if guard.replaced else _logprobs(p, delta.logprobs),
+            )
+        )
+    tokens = sum(d.tokens for d in deltas)
+    _log_reply(state, p, "\n---\n".join(c.message.content for c in choices), tokens)
     return ChatCompletion(
         id=p.id,
         created=now(),
         model=model,
-        choices=[
-            Choice(
-                message=AssistantMessage(content=content),
-                finish_reason=delta.finish_reason or "stop",
-            )
-        ],
-        usage=_usage(p, delta.tokens),
+        choices=choices,
+        usage=_usage(p, tokens),
         strategy=p.parser.strategy,
-        safety=_guarded_safety(state, p, guard),
+        safety=_guarded_safety(state, p, guards),
     )
 
 
@@ -217,15 +254,16 @@ async def open_stream(state: IngressState, p: Prepared, model: str) -> AsyncIter
     """SSE events of the reply. The engine's first delta is awaited here, before the response
     starts, so overload and bad-request errors still become proper HTTP errors."""
     if p.fixed is not None:
-        deltas = _single(Delta(p.fixed, len(state.tokenizer(p.fixed).input_ids), "stop"))
+        deltas = _listed(_fixed_deltas(state, p))
     else:
         deltas = aiter(state.engine.stream(p.gen))
     first = await anext(deltas, None)
     return _events(state, p, model, first, deltas)
 
 
-async def _single(delta: Delta) -> AsyncIterator[Delta]:
-    yield delta
+async def _listed(deltas: list[Delta]) -> AsyncIterator[Delta]:
+    for delta in deltas:
+        yield delta
 
 
 async def _events(
@@ -235,10 +273,13 @@ async def _events(
     first: Delta | None,
     deltas: AsyncIterator[Delta],
 ) -> AsyncIterator[str]:
-    created = now()
+    """The SSE events of every choice: each choice's role chunk (the first carries `safety`),
+    its text (with its tokens' logprobs when asked) as it comes, then each choice's finish."""
+    created, n = now(), p.gen.n
 
-    def chunk(delta: DeltaOut, finish: str | None = None, **extra: Any) -> str:
-        choice = ChunkChoice(delta=delta, finish_reason=finish)
+    def chunk(delta: DeltaOut, index: int = 0, finish: str | None = None, **extra: Any) -> str:
+        logprobs = extra.pop("logprobs", None)
+        choice = ChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=logprobs)
         return sse(
             ChatCompletionChunk(
                 id=p.id,
@@ -250,22 +291,32 @@ async def _events(
             )
         )
 
-    yield chunk(DeltaOut(role="assistant", content=""), safety=p.safety)
-    if prefix := _prefix(state, p):  # help lines before the first model token
-        yield chunk(DeltaOut(content=prefix))
-    last, content, guard = first or Delta("", 0, "stop"), "", _guard(state, p)
+    prefix = _prefix(state, p)  # help lines before the first model token
+    for k in range(n):
+        yield chunk(DeltaOut(role="assistant", content=""), k, safety=p.safety if k == 0 else None)
+        if prefix:
+            yield chunk(DeltaOut(content=prefix), k)
+    parsers, guards = p.choice_parsers(), [_guard(state, p) for _ in range(n)]
+    last = {k: Delta("", 0, "stop", k) for k in range(n)}
+    content, ended = [""] * n, set()
     try:
         async for delta in _chain(first, deltas):
-            last = delta
-            text = p.parser.push(delta.text, final=delta.finish_reason is not None)
+            k = delta.index
+            if k in ended:  # a replaced reply: the rest of its text is dropped
+                continue
+            last[k], final = delta, delta.finish_reason is not None
+            text = parsers[k].push(delta.text, final=final)
             if p.fixed is None:
-                text = guard.push(text, final=delta.finish_reason is not None)
-            content += text
-            if text:
-                yield chunk(DeltaOut(content=text))
-            if guard.replaced is not None:
-                last = Delta("", delta.tokens, "stop")
-                break
+                text = guards[k].push(text, final=final)
+            content[k] += text
+            logprobs = _logprobs(p, delta.logprobs) if guards[k].replaced is None else None
+            if text or (logprobs is not None and logprobs.content):
+                yield chunk(DeltaOut(content=text), k, logprobs=logprobs)
+            if guards[k].replaced is not None:
+                last[k] = Delta("", delta.tokens, "stop", k)
+                ended.add(k)
+                if len(ended) == n:
+                    break
     except Exception as e:  # the response has started: report the error in the stream
         if not isinstance(e, APIError):
             log.error("request %s: stream failed: %s", p.id, type(e).__name__)
@@ -273,8 +324,10 @@ async def _events(
         yield sse(_error_json(e))
         yield sse("[DONE]")
         return
-    safety = _guarded_safety(state, p, guard)
-    yield chunk(DeltaOut(), finish=last.finish_reason or "stop", safety=safety)
+    safety = _guarded_safety(state, p, guards)
+    for k in range(n):
+        yield chunk(DeltaOut(), k, finish=last[k].finish_reason or "stop", safety=safety)
+    tokens = sum(d.tokens for d in last.values())
     if p.include_usage:
         yield sse(
             ChatCompletionChunk(
@@ -282,12 +335,12 @@ async def _events(
                 created=created,
                 model=model,
                 choices=[],
-                usage=_usage(p, last.tokens),
+                usage=_usage(p, tokens),
                 strategy=p.parser.strategy,
             )
         )
     yield sse("[DONE]")
-    _log_reply(state, p, content, last.tokens)
+    _log_reply(state, p, "\n---\n".join(content), tokens)
 
 
 async def _chain(first: Delta | None, rest: AsyncIterator[Delta]) -> AsyncIterator[Delta]:

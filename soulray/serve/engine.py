@@ -30,7 +30,17 @@ from ray.serve.handle import DeploymentHandle
 from soulray.config import EngineConfig, ServeConfig
 from soulray.serve.adapters import AdapterPool
 from soulray.serve.fetch import fetch_model_dir
-from soulray.serve.generate import Delta, GenRequest, eos_ids, load_model, width
+from soulray.serve.generate import (
+    Delta,
+    GenRequest,
+    add_delta,
+    eos_ids,
+    join_deltas,
+    load_model,
+    whole_replies,
+    width,
+)
+from soulray.serve.logits import TokenLogprob
 from soulray.serve.metrics import EngineMetrics
 from soulray.serve.scheduler import EngineError, Scheduler, Ticket
 from soulray.serve.schemas import APIError
@@ -76,15 +86,16 @@ class HFEngine:
         finally:  # here, not only in the inner generators: Serve cancels a gone client's
             self.scheduler.cancel(ticket)  # stream at this yield, and they close only on GC
 
-    async def generate(self, req: GenRequest) -> Delta:
+    async def generate(self, req: GenRequest) -> list[Delta]:
+        """The whole reply of each of the request's n choices, in index order."""
         ticket = self.scheduler.submit(req)
-        text, last = "", Delta("", 0)
+        choices: dict[int, Delta] = {}
         try:
-            async for last in self._deltas(ticket):
-                text += last.text
+            async for delta in self._deltas(ticket):
+                add_delta(choices, delta)
         finally:
             self.scheduler.cancel(ticket)
-        return Delta(text, last.tokens, last.finish_reason)
+        return whole_replies(choices)
 
     async def _deltas(self, ticket: Ticket) -> AsyncIterator[Delta]:
         self.metrics.record_queue(len(self.scheduler.waiting), self.scheduler.live_rows())
@@ -118,20 +129,24 @@ class HFEngine:
 async def coalesce(deltas: AsyncIterator[Delta], interval_s: float) -> AsyncIterator[Delta]:
     """Merge deltas that arrive within `interval_s` of the last one sent: every message costs a
     hop through Serve (engine -> ingress -> proxy), a token does not need one each. The first
-    delta goes out at once (time to first token is unchanged), the last one always."""
-    pending: Delta | None = None
+    delta goes out at once (time to first token is unchanged), the last one always. Deltas of
+    the n choices of one request are merged per choice and sent together."""
+    pending: dict[int, Delta] = {}
     sent_at = 0.0
     async for delta in deltas:
-        if pending is not None:
-            delta = Delta(pending.text + delta.text, delta.tokens, delta.finish_reason)
+        if delta.index in pending:
+            delta = join_deltas(pending.pop(delta.index), delta)
         now = time.monotonic()
         if sent_at and delta.finish_reason is None and now - sent_at < interval_s:
-            pending = delta
+            pending[delta.index] = delta
             continue
-        pending, sent_at = None, now
+        sent_at = now
+        for held in pending.values():
+            yield held
+        pending.clear()
         yield delta
-    if pending is not None:
-        yield pending
+    for held in pending.values():
+        yield held
 
 
 class NoopEngine:
@@ -141,11 +156,13 @@ class NoopEngine:
         del engine, model_dir
 
     async def stream(self, req: GenRequest) -> AsyncIterator[Delta]:
-        yield await self.generate(req)
+        for delta in await self.generate(req):
+            yield delta
 
-    async def generate(self, req: GenRequest) -> Delta:
-        del req
-        return NOOP_REPLY
+    async def generate(self, req: GenRequest) -> list[Delta]:
+        """The fixed reply once per choice."""
+        reply = NOOP_REPLY
+        return [Delta(reply.text, reply.tokens, reply.finish_reason, k) for k in range(req.n)]
 
     def counters(self) -> dict[str, Any]:
         return {"requests": 0, "step_sizes": {}, "max_batch": 0, "live_rows": 0, "kv_width": 0}
@@ -265,7 +282,8 @@ class EngineClient:
     def __init__(self, handle: DeploymentHandle) -> None:
         self.handle, self.streaming = handle, handle.options(stream=True)
 
-    async def complete(self, req: GenRequest) -> Delta:
+    async def complete(self, req: GenRequest) -> list[Delta]:
+        """Each choice's whole reply, in index order."""
         with engine_errors():
             return await self.handle.generate.remote(req)
 
@@ -283,7 +301,7 @@ class LocalClient(EngineClient):
     def __init__(self, engine: Any) -> None:
         self.engine = engine
 
-    async def complete(self, req: GenRequest) -> Delta:
+    async def complete(self, req: GenRequest) -> list[Delta]:
         with engine_errors():
             return await self.engine.generate(req)
 
@@ -314,37 +332,77 @@ class VLLMClient(EngineClient):
         super().__init__(handle)
         self.model_id = model_id
 
-    async def complete(self, req: GenRequest) -> Delta:
-        text, last = "", Delta("", 0)
-        async for last in self.stream(req):
-            text += last.text
-        return Delta(text, last.tokens, last.finish_reason)
+    async def complete(self, req: GenRequest) -> list[Delta]:
+        choices: dict[int, Delta] = {}
+        async for delta in self.stream(req):
+            add_delta(choices, delta)
+        return whole_replies(choices)
 
     async def stream(self, req: GenRequest) -> AsyncIterator[Delta]:
         from ray.serve.llm.openai_api_models import CompletionRequest
 
-        request = CompletionRequest(
-            model=self.model_id,
-            prompt=req.prompt_ids,
-            max_tokens=req.max_tokens,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            seed=req.seed,
-            stop=req.stop or None,
-            stream=True,
-            stream_options={"include_usage": True, "continuous_usage_stats": True},
-        )
-        tokens = 0
+        request = CompletionRequest(**vllm_request_fields(req, self.model_id))
+        tokens: dict[int, int] = {}  # per choice: counted from its logprobs when n > 1
         with engine_errors():
             stream: Any = self.streaming.completions.remote(request)
             async for item in stream:
                 for event in item if isinstance(item, list) else [item]:
                     for chunk in _sse_payloads(event):
                         usage = chunk.get("usage") or {}
-                        tokens = usage.get("completion_tokens", tokens)
                         for choice in chunk.get("choices") or []:
-                            text, reason = choice.get("text") or "", choice.get("finish_reason")
-                            yield Delta(text, tokens, reason)
+                            yield _vllm_delta(req, choice, usage, tokens)
+
+
+def vllm_request_fields(req: GenRequest, model_id: str) -> dict[str, Any]:
+    """vLLM's completions request for a GenRequest (prompt ids in, streamed text out). With
+    n > 1, each choice's tokens are counted from its logprobs (k = 0 costs one value a token),
+    as vLLM's usage counts all choices together."""
+    logprobs = req.logprobs if req.logprobs is not None or req.n == 1 else 0
+    return {
+        "model": model_id,
+        "prompt": req.prompt_ids,
+        "max_tokens": req.max_tokens,
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "seed": req.seed,
+        "stop": req.stop or None,
+        "n": req.n,
+        "logprobs": logprobs,
+        "presence_penalty": req.presence_penalty,
+        "frequency_penalty": req.frequency_penalty,
+        "logit_bias": {str(k): v for k, v in req.logit_bias.items()} or None,
+        **req.vllm_only,  # response_format: vLLM's structured output
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
+
+
+def _vllm_delta(
+    req: GenRequest, choice: dict[str, Any], usage: dict[str, Any], tokens: dict[int, int]
+) -> Delta:
+    """One streamed completions choice as a Delta (logprobs in the chat shape)."""
+    index = int(choice.get("index") or 0)
+    found = choice.get("logprobs") or {}
+    if req.n == 1:
+        tokens[index] = usage.get("completion_tokens", tokens.get(index, 0))
+    else:
+        tokens[index] = tokens.get(index, 0) + len(found.get("tokens") or [])
+    logprobs = None
+    if req.logprobs is not None:
+        texts, values = found.get("tokens") or [], found.get("token_logprobs") or []
+        tops = found.get("top_logprobs") or [{} for _ in texts]
+        logprobs = [
+            _vllm_logprob(token, lp, top or {})
+            for token, lp, top in zip(texts, values, tops, strict=False)
+        ]
+    text = choice.get("text") or ""
+    return Delta(text, tokens[index], choice.get("finish_reason"), index, logprobs)
+
+
+def _vllm_logprob(token: str, logprob: float, top: dict[str, float]) -> TokenLogprob:
+    """vLLM's completions logprobs (token text -> logprob) as a chat logprobs entry."""
+    alternatives = [TokenLogprob(t, float(v), list(t.encode("utf-8"))) for t, v in top.items()]
+    return TokenLogprob(token, float(logprob), list(token.encode("utf-8")), alternatives)
 
 
 def _sse_payloads(event: Any) -> list[dict[str, Any]]:

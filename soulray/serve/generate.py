@@ -19,6 +19,7 @@ import torch
 from soulray.data.render import find_end_of_turn
 from soulray.data.tokenizer import load_tokenizer
 from soulray.serve.adapters import forward_args
+from soulray.serve.logits import TokenLogprob, TokenText, adjust_logits, token_logprobs
 
 
 @dataclass(slots=True)
@@ -33,15 +34,45 @@ class GenRequest:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     adapter: str | None = None  # a serve.adapters name; None = the base model
+    n: int = 1  # choices: n rows that share one prefill of the prompt
+    logprobs: int | None = None  # None = off; k = each token's logprob and the top k tokens
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    # Request fields only the vllm engine honours (response_format); the ingress refuses them
+    # for the hf engine, so the hf engine never sees them set.
+    vllm_only: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
 class Delta:
-    """New text of one request after one step; `tokens` counts completion tokens so far."""
+    """New text of one choice of a request after one step; `tokens` counts that choice's
+    completion tokens so far."""
 
     text: str
     tokens: int
-    finish_reason: str | None = None  # "stop" or "length" on the request's last delta
+    finish_reason: str | None = None  # "stop" or "length" on the choice's last delta
+    index: int = 0  # the choice (0..n-1)
+    logprobs: list[TokenLogprob] | None = None  # one entry per token of this delta (if asked)
+
+
+def join_deltas(first: Delta, then: Delta) -> Delta:
+    """Two consecutive deltas of one choice as one."""
+    logprobs = None
+    if first.logprobs is not None or then.logprobs is not None:
+        logprobs = (first.logprobs or []) + (then.logprobs or [])
+    return Delta(first.text + then.text, then.tokens, then.finish_reason, then.index, logprobs)
+
+
+def add_delta(choices: dict[int, Delta], delta: Delta) -> None:
+    """Accumulate a streamed delta into its choice's whole reply."""
+    held = choices.get(delta.index)
+    choices[delta.index] = delta if held is None else join_deltas(held, delta)
+
+
+def whole_replies(choices: dict[int, Delta]) -> list[Delta]:
+    """The accumulated choices in index order."""
+    return [choices[k] for k in sorted(choices)]
 
 
 def pick_device() -> str:
@@ -144,15 +175,21 @@ def _overlap(text: str, stop: str) -> int:
 NUCLEUS_K = 64  # top-p is resolved within the top 64 tokens when they hold the mass (no sort)
 
 
-def sample(logits: torch.Tensor, reqs: list[GenRequest], gens: list[torch.Generator]) -> list[int]:
+def sample(
+    logits: torch.Tensor,
+    reqs: list[GenRequest],
+    gens: list[torch.Generator],
+    history: list[list[int]] | None = None,
+) -> list[int]:
     """One token per row (temperature 0 = greedy), each row with its own generator, so a row's
-    draw never depends on the other rows of the batch.
+    draw never depends on the other rows of the batch. A row's penalties (over `history`, the
+    ids it generated so far) and logit_bias apply first (`logits.adjust_logits`).
 
     The draw is the exponential race argmax(p / E), E ~ Exp(1), which samples exactly from p.
     Top-p keeps the most likely tokens until their mass reaches top_p; it is found among the
     top NUCLEUS_K tokens when they hold that mass (the usual case), else by a full sort.
     """
-    logits = logits.float()
+    logits = adjust_logits(logits.float(), reqs, history or [[] for _ in reqs])
     temps = torch.tensor([max(r.temperature, 1e-5) for r in reqs], device=logits.device)
     probs = torch.softmax(logits / temps[:, None], dim=-1).cpu()
     picks = logits.argmax(-1).tolist()
@@ -196,6 +233,9 @@ class Row:
     gen: torch.Generator
     tag: Any = None
     tokens: int = 0
+    index: int = 0  # which of the request's n choices
+    text: TokenText | None = None  # set when the request asked for logprobs
+    generated: list[int] = field(default_factory=list)  # ids so far, for the penalties
 
 
 @dataclass(slots=True)
@@ -214,10 +254,12 @@ class Running:
 def prefill(
     model: Any, tokenizer: Any, reqs: list[GenRequest], device: str, tags: list[Any] | None = None
 ) -> Running:
-    """Run the prompts (left-padded together) and return the batch ready for its first token."""
+    """Run the prompts (left-padded together) and return the batch ready for its first token.
+    A request with n > 1 is prefilled once; its n rows then share copies of that KV cache."""
     rows = [
-        Row(r, Detokenizer(tokenizer), StopMatcher(r.stop), _generator(r.seed), tag)
+        build_row(r, tokenizer, tag, j)
         for r, tag in zip(reqs, tags or [None] * len(reqs), strict=True)
+        for j in range(r.n)
     ]
     ids, mask = left_pad([r.prompt_ids for r in reqs], tokenizer.pad_token_id)
     ids, mask = ids.to(device), mask.to(device)
@@ -229,15 +271,38 @@ def prefill(
         logits_to_keep=1,
         **forward_args(model, [r.adapter for r in reqs]),
     )
-    return Running(rows, out.cache, mask, positions[:, -1:], out.logits[:, -1])
+    batch = Running(rows, out.cache, mask, positions[:, -1:], out.logits[:, -1])
+    if len(rows) > len(reqs):  # rows of one request: the prompt's cache row, repeated
+        expand = [k for k, r in enumerate(reqs) for _ in range(r.n)]
+        index = torch.tensor(expand, device=mask.device, dtype=torch.long)
+        batch.cache.batch_select_indices(index)
+        batch.mask, batch.positions = batch.mask[index], batch.positions[index]
+        batch.logits = batch.logits[index]
+    return batch
+
+
+def build_row(req: GenRequest, tokenizer: Any, tag: Any, index: int) -> Row:
+    """Row `index` of a request; choice j of a seeded request draws with seed + j, so every
+    choice differs and the whole reply is reproducible."""
+    seed = None if req.seed is None else req.seed + index
+    text = TokenText(tokenizer) if req.logprobs is not None else None
+    return Row(
+        req, Detokenizer(tokenizer), StopMatcher(req.stop), _generator(seed), tag, 0, index, text
+    )
 
 
 @torch.inference_mode()
 def step(model: Any, batch: Running, eos: set[int]) -> list[tuple[Row, Delta]]:
     """Sample one token for every row, drop the rows that finished, and run the forward pass
     for the rest (so `batch` is ready for the next step). Returns each row's Delta."""
-    picked = sample(batch.logits, [r.req for r in batch.rows], [r.gen for r in batch.rows])
-    out = [(row, _advance(row, token, eos)) for row, token in zip(batch.rows, picked, strict=True)]
+    rows = batch.rows
+    history = [r.generated for r in rows]
+    picked = sample(batch.logits, [r.req for r in rows], [r.gen for r in rows], history)
+    found = token_logprobs(batch.logits, picked, [r.req.logprobs for r in rows])
+    out = [
+        (row, _advance(row, token, eos, lp))
+        for row, token, lp in zip(rows, picked, found, strict=True)
+    ]
     keep = [k for k, (_, delta) in enumerate(out) if delta.finish_reason is None]
     picked = [picked[k] for k in keep]
     select(batch, keep)
@@ -333,17 +398,28 @@ def decode(
         yield out
 
 
-def _advance(row: Row, token: int, eos: set[int]) -> Delta:
-    """Feed one sampled token to a row; the Delta says what text it adds and if it is done."""
+def _advance(
+    row: Row, token: int, eos: set[int], found: tuple[float, list[int], list[float]] | None = None
+) -> Delta:
+    """Feed one sampled token to a row; the Delta says what text it adds and if it is done.
+    A row that asked for logprobs gets one entry per completion token (not for eos)."""
     if token in eos:
-        return Delta(row.stop.flush(), row.tokens, "stop")
+        return Delta(row.stop.flush(), row.tokens, "stop", row.index, _no_logprobs(row))
     row.tokens += 1
+    row.generated.append(token)
+    logprobs = None
+    if row.text is not None and found is not None:
+        logprobs = [row.text.entries(found, token)]
     text, stopped = row.stop.push(row.detok.push(token))
     if stopped:
-        return Delta(text, row.tokens, "stop")
+        return Delta(text, row.tokens, "stop", row.index, logprobs)
     if row.tokens >= row.req.max_tokens:
-        return Delta(text + row.stop.flush(), row.tokens, "length")
-    return Delta(text, row.tokens, None)
+        return Delta(text + row.stop.flush(), row.tokens, "length", row.index, logprobs)
+    return Delta(text, row.tokens, None, row.index, logprobs)
+
+
+def _no_logprobs(row: Row) -> list[TokenLogprob] | None:
+    return [] if row.text is not None else None
 
 
 def generate_text(model: Any, tokenizer: Any, req: GenRequest, device: str) -> Delta:

@@ -53,7 +53,8 @@ class EngineError(Exception):
 
 @dataclass(eq=False)
 class Ticket:
-    """One request in the scheduler; `queue` receives a Delta per step, then None (or an error)."""
+    """One request in the scheduler; `queue` receives a Delta per step and choice, then None
+    (or an error) once all of its `req.n` rows are done."""
 
     req: GenRequest
     deadline: float | None  # time.monotonic() after which the request is ended
@@ -61,6 +62,7 @@ class Ticket:
     submitted: float = field(default_factory=time.monotonic)
     cancelled: bool = False
     done: bool = False
+    finished_rows: int = 0
 
 
 class Scheduler:
@@ -155,16 +157,21 @@ class Scheduler:
         if self.batch is not None and not can_merge(self.batch):
             room = 0  # a cache that cannot be merged: new rows wait for the batch to finish
         taken: list[Ticket] = []
-        while self.waiting and len(taken) < room:
+        used = 0  # rows the tickets taken need (n each)
+        while self.waiting and used < room:
             ticket = self.waiting.popleft()
             if self._ended(ticket):
                 continue
+            if used + ticket.req.n > room and (taken or self.batch is not None):
+                self.waiting.appendleft(ticket)  # its n rows wait until they all fit
+                break
             ready = await self._adapter_ready(ticket, taken)
             if ready is None:  # every adapter slot is in use: wait (in order) for one to free
                 self.waiting.appendleft(ticket)
                 break
             if ready:
                 taken.append(ticket)
+                used += ticket.req.n
         if not taken:
             return
         try:
@@ -241,7 +248,9 @@ class Scheduler:
             ticket: Ticket = row.tag
             ticket.queue.put_nowait(delta)
             if delta.finish_reason is not None:
-                self._finish(ticket, None)
+                ticket.finished_rows += 1
+                if ticket.finished_rows == ticket.req.n:
+                    self._finish(ticket, None)
 
     def _finish(self, ticket: Ticket, error: Exception | None) -> None:
         if ticket.done:

@@ -1,7 +1,10 @@
 """Request and response models of the OpenAI chat-completions API, plus soulray's extensions.
 
-Requests follow OpenAI's shape (unknown fields are ignored, as OpenAI clients send many), with one
-extension: `strategy` asks the model to answer with that support strategy. Responses add
+The request model lists every field of OpenAI's chat-completions request (openai-python's
+`CompletionCreateParams`), each one honoured, refused by `soulray.serve.params` with a 400
+naming it, or accepted and ignored because it cannot change the reply; a field the API does not
+have is refused by name (unless `serve.ignore_unknown_fields`). One extension: `strategy` asks
+the model to answer with that support strategy. Responses add
 `strategy` (the strategy the reply used, when the model was trained with strategy tags) and
 `safety` (whether crisis language was detected, its category and score, and the help lines).
 Every error is `{"error": {"message", "type", "param", "code"}}`, as OpenAI's API returns.
@@ -11,9 +14,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from soulray.safety.screen import Assessment
 
@@ -61,9 +64,23 @@ class ContentPart(Lenient):
     text: str | None = None
 
 
-class ChatMessage(Lenient):
+class ChatMessage(BaseModel):
+    """A message with every field OpenAI's message types have (a field they lack is refused by
+    name, as in the request): `name`, and an earlier reply's `refusal` and `annotations` sent
+    back, are accepted and ignored (the served chat templates have no speaker names); tool and
+    audio fields are refused once set (soulray.serve.params.MESSAGE_REFUSED)."""
+
+    model_config = ConfigDict(extra="forbid")
+
     role: Role
     content: str | list[ContentPart] | None = None
+    name: str | None = None
+    refusal: str | None = None
+    annotations: list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    function_call: dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
 
     def text(self) -> str:
         """The message as plain text (text parts joined; other parts are refused upstream)."""
@@ -74,9 +91,15 @@ class ChatMessage(Lenient):
 
 class StreamOptions(Lenient):
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # ignored: no obfuscation padding is sent
 
 
-class ChatCompletionRequest(Lenient):
+class ChatCompletionRequest(BaseModel):
+    """Every field of OpenAI's request, in the groups soulray.serve.params handles them by."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Honoured by every engine (see the README's table of parameters per engine)
     model: str | None = None  # None = the served model
     messages: list[ChatMessage] = Field(min_length=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -85,10 +108,50 @@ class ChatCompletionRequest(Lenient):
     max_completion_tokens: int | None = Field(None, ge=1)  # newer clients' name for max_tokens
     stop: str | list[str] | None = None
     seed: int | None = None
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1)  # one choice per request
-    strategy: str | None = None  # soulray: answer with this support strategy
+    n: int | None = Field(1, ge=1, le=128)  # bounded by serve.max_choices
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None  # token id (a string) -> -100..100
+    # The vllm engine's structured output; refused by the hf and noop engines
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # ignored without tools
+    # Refused: the served model has no such capability (soulray.serve.params.REFUSED)
+    audio: dict[str, Any] | None = None
+    modalities: list[str] | None = None  # ["text"] is accepted
+    functions: list[dict[str, Any]] | None = None  # deprecated by OpenAI: use tools
+    function_call: str | dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    web_search_options: dict[str, Any] | None = None
+    moderation: dict[str, Any] | None = None
+    # Accepted and ignored: they cannot change the reply (soulray.serve.params.IGNORED)
+    user: str | None = None
+    safety_identifier: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prediction: dict[str, Any] | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    prompt_cache_retention: str | None = None
+    # soulray's extension
+    strategy: str | None = None  # answer with this support strategy
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key, value in (bias or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"keys must be token ids (as strings); {key!r} is not one")
+            if not -100 <= value <= 100:
+                raise ValueError(f"values must be between -100 and 100; {key!r} has {value}")
+        return bias
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -137,11 +200,28 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprobOut(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    """OpenAI's `choices[i].logprobs`: one entry per generated token."""
+
+    content: list[TokenLogprobOut] | None = None
+    refusal: list[TokenLogprobOut] | None = None
+
+
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: str
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -164,7 +244,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -29,7 +29,7 @@ class ScriptedEngine:
         text, last = "", None
         async for last in self.stream(req):
             text += last.text
-        return Delta(text, last.tokens, last.finish_reason)
+        return [Delta(text, last.tokens, last.finish_reason)]
 
     async def stream(self, req):
         self.requests.append(req)
@@ -168,7 +168,8 @@ def test_error_paths_are_openai_shaped_and_the_server_keeps_serving(tiny_export,
         (400, dict(json={"messages": [{"role": "wizard", "content": "hi"}]})),
         (400, dict(json={"messages": [{"role": "assistant", "content": "hi"}]})),
         (400, dict(json={**ok, "max_tokens": 65})),
-        (400, dict(json={**ok, "n": 2})),
+        (400, dict(json={**ok, "n": 9})),  # over serve.max_choices
+        (400, dict(json={**ok, "frobnicate": 1})),  # not an OpenAI field
         (404, dict(json={**ok, "model": "gpt-9"})),
         (413, dict(json={"messages": [{"role": "user", "content": "x" * 4000}]})),
     ]
@@ -248,3 +249,13 @@ def test_engine_errors_become_openai_errors(tiny_export, tmp_path, wrapped):
         "param": None,
         "code": "t/o",
     }
+
+
+def test_unknown_fields_are_refused_unless_the_server_ignores_them(tiny_export, tmp_path):
+    body = {"messages": [{"role": "user", "content": "hi"}], "legacy_flag": True}
+    api, _ = make_api(tiny_export, tmp_path)
+    refused = assert_openai_error(call(api, "POST", "/v1/chat/completions", json=body), 400)
+    assert (refused["param"], refused["code"]) == ("legacy_flag", "unknown_parameter")
+    api, engine = make_api(tiny_export, tmp_path, ignore_unknown_fields=True)
+    assert call(api, "POST", "/v1/chat/completions", json=body).status_code == 200
+    assert len(engine.requests) == 1

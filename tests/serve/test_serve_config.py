@@ -116,7 +116,7 @@ def test_one_deployment_layout_runs_the_engine_inside_the_ingress(tiny_export):
     client = build_engine_client(cfg, None)
     assert isinstance(client, LocalClient)
     ids = client.engine.scheduler.tokenizer("hello").input_ids
-    reply = asyncio.run(client.complete(GenRequest("r", ids, 5, 0.0, 1.0)))
+    (reply,) = asyncio.run(client.complete(GenRequest("r", ids, 5, 0.0, 1.0)))
     assert reply.tokens == 5 and reply.finish_reason == "length"
     vllm = Config.model_validate({"serve": {**serve, "engine": {"kind": "vllm"}}})
     with pytest.raises(ValueError, match="serve.layout=two_deployments"):

@@ -232,7 +232,7 @@ class MethodEngine:
             yield Delta(piece, i + 1, "stop" if i == len(self.PIECES) - 1 else None)
 
     async def generate(self, req):
-        return Delta("".join(self.PIECES), len(self.PIECES), "stop")
+        return [Delta("".join(self.PIECES), len(self.PIECES), "stop")]
 
 
 @pytest.fixture(scope="module")

@@ -216,3 +216,33 @@ def test_a_waiting_request_that_ends_is_never_prefilled(tiny_model, field):
     (_, second), steps = asyncio.run(go())
     assert sum(steps.values()) == 6  # only the first request's six steps ran
     assert second == "" if field == "cancelled" else isinstance(second, EngineError)
+
+
+def test_a_request_of_n_choices_takes_n_rows_and_ends_when_all_have(tiny_model):
+    """n=3 with room for 4 rows: a second n=3 request waits for room (never 6 rows in a step);
+    a request larger than the batch still runs once the batch is empty; each request's queue
+    gets every choice's deltas, and ends only after its last choice finished."""
+    _, tok, _ = tiny_model
+    ids = prompt(tok, "a hard week")
+    reqs = [GenRequest(f"r{i}", ids, 6 + 4 * i, 1.0, 1.0, seed=i, n=3) for i in range(2)]
+    big = GenRequest("big", ids, 5, 1.0, 1.0, seed=9, n=5)
+
+    async def choices(sched: Scheduler, ticket) -> dict[int, str]:
+        texts: dict[int, str] = {}
+        async for d in sched.deltas(ticket):
+            texts[d.index] = texts.get(d.index, "") + d.text
+        return texts
+
+    async def go():
+        sched = scheduler(tiny_model, 4)
+        out = await asyncio.gather(*(choices(sched, sched.submit(r)) for r in [*reqs, big]))
+        sched.task.cancel()
+        return out, sched.step_sizes
+
+    out, steps = asyncio.run(go())
+    assert [sorted(o) for o in out] == [[0, 1, 2], [0, 1, 2], [0, 1, 2, 3, 4]]
+    assert max(steps) == 5  # big ran alone; 3 + 3 rows never shared a step (room is 4)
+    for req, texts in zip([*reqs, big], out, strict=True):
+        seeds = [req.seed + j for j in range(req.n)]
+        single = [GenRequest("x", ids, req.max_tokens, 1.0, 1.0, seed=s) for s in seeds]
+        assert [texts[j] for j in range(req.n)] == [alone(tiny_model, r) for r in single]
