@@ -286,9 +286,11 @@ class ServeConfig(Section):
     max_request_bytes: int = Field(65536, ge=1024)  # larger bodies get a 413
     max_messages: int = Field(256, ge=1)
     debug_log_content: bool = False  # True writes message text to the logs; never in production
-    # two: ingress and engine replicas scale apart; one: the hf/noop engine runs inside the
-    # ingress replica (one hop less per request; sized by serve.engine's options)
-    layout: Literal["two_deployments", "one_deployment"] = "two_deployments"
+    # two_deployments: ingress and engine replicas scale apart; one_deployment: the hf/noop
+    # engine runs inside the ingress replica (no handle hop per request and per stream message;
+    # sized by serve.engine's options); auto: one_deployment for hf/noop, two for vllm (measured
+    # in bench/RESULTS.md "Serve: speed"; README "Layout")
+    layout: Literal["auto", "two_deployments", "one_deployment"] = "auto"
     ingress: DeploymentConfig = Field(default_factory=DeploymentConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     safety: SafetyConfig = Field(default_factory=SafetyConfig)
@@ -297,6 +299,13 @@ class ServeConfig(Section):
     # max_loaded_adapters per engine replica (least recently used unloaded first)
     adapters: list[AdapterServeConfig] = Field(default_factory=list)
     max_loaded_adapters: int = Field(4, ge=1)
+
+    def resolved_layout(self) -> Literal["two_deployments", "one_deployment"]:
+        """The layout `auto` stands for: the engine in the ingress, except vllm (its own
+        deployment, Ray Serve LLM's)."""
+        if self.layout != "auto":
+            return self.layout
+        return "two_deployments" if self.engine.kind == "vllm" else "one_deployment"
 
     @model_validator(mode="after")
     def _check_adapter_names(self) -> ServeConfig:
