@@ -220,6 +220,10 @@ class EngineConfig(DeploymentConfig):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     stream_interval_s: float = Field(0.05, ge=0)  # streamed text is sent at most this often
+    # ...and at most this many stream messages per second over all of a replica's live streams
+    # (16 streams at 100/s: one message per stream every 0.16 s); every message is a hop through
+    # Serve, so under load fewer, larger ones; None = only stream_interval_s
+    stream_max_messages_per_s: float | None = Field(100.0, gt=0)
     request_timeout_s: float | None = Field(300.0, gt=0)  # queue + generation; None = no limit
     vllm_engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # vLLM engine args
     max_ongoing_requests: int = Field(64, ge=1)
