@@ -12,10 +12,14 @@ In one run, on loopback only, bounded in requests and seconds per level:
 3. Ray Serve's own cost with the `noop` engine: the full Serve path (proxy -> ingress replica ->
    engine replica) against the very same FastAPI ingress and noop engine served in-process by
    uvicorn (no Ray), one client, p50 difference = the overhead Serve adds.
-`--layout one_deployment` runs the hf sweep with the engine inside the ingress (the overhead
-measurement always compares both layouts); `--levels 16` limits the sweep; `--soak-minutes N`
-runs only the soak (bench/serve_soak.py): 16 staggered clients, step time, tokens/s and replica
-memory per window, first minute against the last.
+The hf sweep runs both serve.layouts side by side (`--layout both`, the default: four apps,
+taking turns; or name one), and reports the batched / one-at-a-time ratio of each; the overhead
+measure always compares both layouts, with the crisis screen off and on (`--screen off` turns it
+off in the sweep too). `--levels 16` limits the sweep, `--skip-sweep` / `--skip-overhead` skip a
+part, `--stream-interval S` sets serve.engine.stream_interval_s, `--serve-env KEY=VALUE` sets an
+environment variable (a RAY_SERVE_* knob) for every Ray process of the run. `--soak-minutes N`
+runs only the soak (bench/serve_soak.py, default layout unless one is named): 16 staggered
+clients, step time, tokens/s and replica memory per window, first minute against the last.
 Without --model-dir a tiny random export is built (it always writes max_tokens tokens).
 """
 
