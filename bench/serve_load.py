@@ -12,10 +12,14 @@ In one run, on loopback only, bounded in requests and seconds per level:
 3. Ray Serve's own cost with the `noop` engine: the full Serve path (proxy -> ingress replica ->
    engine replica) against the very same FastAPI ingress and noop engine served in-process by
    uvicorn (no Ray), one client, p50 difference = the overhead Serve adds.
-`--layout one_deployment` runs the hf sweep with the engine inside the ingress (the overhead
-measurement always compares both layouts); `--levels 16` limits the sweep; `--soak-minutes N`
-runs only the soak (bench/serve_soak.py): 16 staggered clients, step time, tokens/s and replica
-memory per window, first minute against the last.
+The hf sweep runs both serve.layouts side by side (`--layout both`, the default: four apps,
+taking turns; or name one), and reports the batched / one-at-a-time ratio of each; the overhead
+measure always compares both layouts, with the crisis screen off and on (`--screen off` turns it
+off in the sweep too). `--levels 16` limits the sweep, `--skip-sweep` / `--skip-overhead` skip a
+part, `--stream-interval S` sets serve.engine.stream_interval_s, `--serve-env KEY=VALUE` sets an
+environment variable (a RAY_SERVE_* knob) for every Ray process of the run. `--soak-minutes N`
+runs only the soak (bench/serve_soak.py, default layout unless one is named): 16 staggered
+clients, step time, tokens/s and replica memory per window, first minute against the last.
 Without --model-dir a tiny random export is built (it always writes max_tokens tokens).
 """
 
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import tempfile
 import threading
 import time
@@ -51,6 +56,7 @@ class LevelResult:
     p99_ms: float
     ttft_p50_ms: float
     ttft_p99_ms: float
+    layout: str = ""  # of the Serve path; "" = no Serve (direct)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -100,10 +106,12 @@ async def run_level(
     max_seconds: float,
     max_tokens: int,
     stream: bool = True,
+    first: int = 0,
 ) -> tuple[list[dict], float]:
-    """`clients` concurrent loops until max_requests are sent or max_seconds have passed."""
+    """`clients` concurrent loops until max_requests are sent or max_seconds have passed
+    (request i, from `first` on, says "number i": a new message for the crisis screen)."""
     results: list[dict] = []
-    counter = iter(range(max_requests))
+    counter = iter(range(first, first + max_requests))
     deadline = time.perf_counter() + max_seconds
 
     async def client_loop(http: httpx.AsyncClient) -> None:
@@ -122,7 +130,9 @@ async def run_level(
         return results, time.perf_counter() - start
 
 
-def summarize(engine: str, clients: int, results: list[dict], seconds: float) -> LevelResult:
+def summarize(
+    engine: str, clients: int, results: list[dict], seconds: float, layout: str = ""
+) -> LevelResult:
     good = [r for r in results if r["status"] == 200]
     lat = [r["latency"] * 1000 for r in good]
     ttft = [r["ttft"] * 1000 for r in good]
@@ -139,11 +149,20 @@ def summarize(engine: str, clients: int, results: list[dict], seconds: float) ->
         round(pct(lat, 0.99), 1),
         round(pct(ttft, 0.5), 1),
         round(pct(ttft, 0.99), 1),
+        layout,
     )
 
 
 def serve_config(
-    model_dir: str, port: int, kind: str, batching: bool, name: str, layout: str = "two_deployments"
+    model_dir: str,
+    port: int,
+    kind: str,
+    batching: bool,
+    name: str,
+    layout: str = "two_deployments",
+    screen: bool = True,
+    num_cpus: float = 0.8,
+    stream_interval_s: float | None = None,
 ) -> Any:
     from soulray.config import Config
 
@@ -155,12 +174,18 @@ def serve_config(
                 "app_name": name,
                 "layout": layout,
                 "max_tokens_limit": 512,
+                "safety": {"enabled": screen},
                 "engine": {
                     "kind": kind,
                     "model_dir": model_dir,
                     "max_ongoing_requests": 64,
-                    "num_cpus": 0.8,
+                    "num_cpus": num_cpus,
                     "batching": {"enabled": batching, "max_batch_size": 16},
+                    **(
+                        {}
+                        if stream_interval_s is None
+                        else {"stream_interval_s": stream_interval_s}
+                    ),
                 },
                 "ingress": {"num_cpus": 0.1},
             }
@@ -180,31 +205,52 @@ def deploy(cfg: Any, prefix: str) -> str:
 ENGINES = (("hf batched", True, "/batched"), ("hf one-at-a-time", False, "/single"))
 
 
+LAYOUTS = ("two_deployments", "one_deployment")
+
+
+def layouts_of(arg: str) -> tuple[str, ...]:
+    return LAYOUTS if arg == "both" else (arg,)
+
+
 def sweep_served(model_dir: str, port: int, args: argparse.Namespace) -> list[LevelResult]:
-    """Both engine configurations deployed at once, measured in alternation per level."""
+    """Both engine configurations in every layout asked for, all deployed at once and measured
+    in alternation per level (so each sees the same background load)."""
     from ray import serve
 
-    urls = {}
-    for name, batching, prefix in ENGINES:
-        app = prefix.strip("/")
-        cfg = serve_config(model_dir, port, "hf", batching, app, args.layout)
-        urls[name] = deploy(cfg, prefix)
-        asyncio.run(run_level(urls[name], 4, 8, 30, args.max_tokens))  # warm-up
+    layouts = layouts_of(args.layout)
+    cpus = 0.8 if len(layouts) == 1 else 0.4  # 2 CPUs hold all four (torch: 1 thread either way)
+    urls: dict[tuple[str, str], str] = {}
+    for layout in layouts:
+        for name, batching, prefix in ENGINES:
+            app = f"{prefix.strip('/')}-{layout}"
+            cfg = serve_config(
+                model_dir,
+                port,
+                "hf",
+                batching,
+                app,
+                layout,
+                args.screen == "on",
+                cpus,
+                args.stream_interval,
+            )
+            urls[name, layout] = deploy(cfg, f"/{app}")
+            asyncio.run(run_level(urls[name, layout], 4, 8, 30, args.max_tokens))  # warm-up
     rows = []
     for clients in args.levels:
-        runs: dict[str, tuple[list[dict], float]] = {name: ([], 0.0) for name in urls}
+        runs: dict[tuple[str, str], tuple[list[dict], float]] = {key: ([], 0.0) for key in urls}
         for _ in range(args.rounds):
-            for name, url in urls.items():
+            for key, url in urls.items():
                 n = args.requests_per_client * clients // args.rounds
                 res, secs = asyncio.run(
                     run_level(url, clients, max(n, clients), args.max_seconds, args.max_tokens)
                 )
-                runs[name] = (runs[name][0] + res, runs[name][1] + secs)
-        for name, (res, secs) in runs.items():
-            rows.append(summarize(name, clients, res, secs))
+                runs[key] = (runs[key][0] + res, runs[key][1] + secs)
+        for (name, layout), (res, secs) in runs.items():
+            rows.append(summarize(name, clients, res, secs, layout))
             print(json.dumps(asdict(rows[-1])), flush=True)
-    for _, _, prefix in ENGINES:
-        serve.delete(prefix.strip("/"))
+    for url in urls.values():
+        serve.delete(url.rsplit("/", 1)[1])
     return rows
 
 
@@ -275,13 +321,13 @@ class LocalEngine:
             yield delta
 
 
-def start_uvicorn(model_dir: str, port: int) -> None:
+def start_uvicorn(model_dir: str, port: int, screen: bool) -> None:
     """The same FastAPI ingress with the noop engine in this process, served by uvicorn."""
     import uvicorn
 
     from soulray.serve.app import build_api, build_state
 
-    cfg = serve_config(model_dir, port, "noop", True, "direct").serve
+    cfg = serve_config(model_dir, port, "noop", True, "direct", screen=screen).serve
     api = build_api(build_state(cfg, model_dir, LocalEngine()))
     server = uvicorn.Server(uvicorn.Config(api, host=HOST, port=port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
@@ -289,30 +335,46 @@ def start_uvicorn(model_dir: str, port: int) -> None:
         time.sleep(0.05)
 
 
-def measure_overhead(model_dir: str, serve_port: int, direct_port: int, n: int) -> dict:
-    """The noop engine through Serve in both layouts against the same ingress on uvicorn."""
+def measure_overhead(model_dir: str, serve_port: int, n: int, chunks: int = 10) -> dict:
+    """The noop engine through Serve in both layouts against the same ingress on uvicorn, with
+    the crisis screen off (Serve's cost and ours) and on (every request a new message, so each
+    pays one classifier call, as a first message does). One client; the endpoints take turns in
+    `chunks` slices of n requests so that they share the background load."""
     from ray import serve
 
-    start_uvicorn(model_dir, direct_port)
-    urls = {"direct": f"http://{HOST}:{direct_port}"}
-    for layout in ("two_deployments", "one_deployment"):
-        app = layout.replace("_", "-")
-        cfg = serve_config(model_dir, serve_port, "noop", True, app, layout)
-        urls[layout] = deploy(cfg, f"/{app}")
-    out = {}
-    for name, url in urls.items():
-        asyncio.run(run_level(url, 1, 20, 30, 8, stream=False))  # warm-up
-        res, secs = asyncio.run(run_level(url, 1, n, 60, 8, stream=False))
-        out[name] = summarize(name, 1, res, secs)
-        print(json.dumps(asdict(out[name])), flush=True)
-    for layout in ("two_deployments", "one_deployment"):
-        serve.delete(layout.replace("_", "-"))
-    direct = out["direct"]
-    result = {"direct_p50_ms": direct.p50_ms, "direct_p99_ms": direct.p99_ms, "requests_each": n}
-    for layout in ("two_deployments", "one_deployment"):
-        result[f"{layout}_p50_ms"] = out[layout].p50_ms
-        result[f"{layout}_p99_ms"] = out[layout].p99_ms
-        result[f"{layout}_overhead_p50_ms"] = round(out[layout].p50_ms - direct.p50_ms, 2)
+    urls: dict[tuple[str, str], str] = {}
+    for screen in ("off", "on"):
+        urls["direct", screen] = f"http://{HOST}:{free_port()}"
+        start_uvicorn(model_dir, int(urls["direct", screen].rsplit(":", 1)[1]), screen == "on")
+        for layout in LAYOUTS:
+            app = f"noop-{layout}-screen-{screen}".replace("_", "-")
+            cfg = serve_config(
+                model_dir, serve_port, "noop", True, app, layout, screen == "on", num_cpus=0.1
+            )
+            urls[layout, screen] = deploy(cfg, f"/{app}")
+    runs: dict[tuple[str, str], list[dict]] = {key: [] for key in urls}
+    for url in urls.values():
+        asyncio.run(run_level(url, 1, 20, 30, 8, stream=False, first=10**6))  # warm-up
+    per = max(1, n // chunks)
+    for c in range(chunks):
+        for key, url in urls.items():
+            res, _ = asyncio.run(run_level(url, 1, per, 60, 8, stream=False, first=c * per))
+            runs[key] += res
+    for key, url in urls.items():
+        if key[0] != "direct":
+            serve.delete(url.rsplit("/", 1)[1])
+    result: dict[str, Any] = {"requests_each": per * chunks}
+    for screen in ("off", "on"):
+        direct = summarize("direct", 1, runs["direct", screen], 1.0)
+        entry = {"direct_p50_ms": direct.p50_ms, "direct_p99_ms": direct.p99_ms}
+        for layout in LAYOUTS:
+            row = summarize(layout, 1, runs[layout, screen], 1.0)
+            entry[f"{layout}_p50_ms"] = row.p50_ms
+            entry[f"{layout}_p99_ms"] = row.p99_ms
+            entry[f"{layout}_overhead_p50_ms"] = round(row.p50_ms - direct.p50_ms, 2)
+            entry[f"{layout}_errors"] = row.errors
+        result[f"screen_{screen}"] = entry
+        print(json.dumps({f"screen_{screen}": entry}), flush=True)
     return result
 
 
@@ -372,42 +434,51 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def markdown(rows: list[LevelResult], overhead: dict) -> str:
+def markdown(rows: list[LevelResult], overhead: dict, load: str = "") -> str:
     lines = [
-        "| engine | clients | requests | errors (5xx) | req/s | output tok/s | p50 ms | p99 ms "
-        "| TTFT p50 ms | TTFT p99 ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| layout | engine | clients | requests | errors (5xx) | req/s | output tok/s | p50 ms "
+        "| p99 ms | TTFT p50 ms | TTFT p99 ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.engine} | {r.clients} | {r.requests} | {r.errors} ({r.errors_5xx}) "
-            f"| {r.requests_per_s} | {r.tokens_per_s} | {r.p50_ms} | {r.p99_ms} "
-            f"| {r.ttft_p50_ms} | {r.ttft_p99_ms} |"
+            f"| {r.layout or 'direct'} | {r.engine} | {r.clients} | {r.requests} "
+            f"| {r.errors} ({r.errors_5xx}) | {r.requests_per_s} | {r.tokens_per_s} | {r.p50_ms} "
+            f"| {r.p99_ms} | {r.ttft_p50_ms} | {r.ttft_p99_ms} |"
         )
-    by = {(r.engine, r.clients): r.tokens_per_s for r in rows}
+    by = {(r.layout, r.engine, r.clients): r.tokens_per_s for r in rows}
 
-    def ratio(suffix: str) -> str:
-        one = by.get(("hf one-at-a-time" + suffix, 16))
-        return f"{by[('hf batched' + suffix, 16)] / one:.1f}x" if one else "n/a"
+    def ratio(layout: str, suffix: str = "") -> str:
+        one = by.get((layout, "hf one-at-a-time" + suffix, 16))
+        return f"{by[(layout, 'hf batched' + suffix, 16)] / one:.1f}x" if one else "n/a"
 
+    served = sorted({r.layout for r in rows if r.layout})
+    through = ", ".join(f"{layout} {ratio(layout)}" for layout in served)
     lines += [
         "",
-        f"batched / one-at-a-time output tokens/s at 16 clients: through Serve {ratio('')}, "
-        f"engine called directly {ratio(' (direct)')} (target >= 4x)",
+        f"batched / one-at-a-time output tokens/s at 16 clients: through Serve {through}; "
+        f"engine called directly {ratio('', ' (direct)')} (target >= 4x)",
     ]
-    if "floor" not in overhead:
-        return "\n".join(lines)
-    lines += [
-        f"Ray Serve overhead, noop engine, 1 client, {overhead['requests_each']} requests, "
-        f"same ingress on uvicorn without Ray p50 {overhead['direct_p50_ms']} ms "
-        f"(p99 {overhead['direct_p99_ms']}); through Serve with two deployments p50 "
-        f"{overhead['two_deployments_p50_ms']} ms (+{overhead['two_deployments_overhead_p50_ms']}"
-        f"), one deployment p50 {overhead['one_deployment_p50_ms']} ms "
-        f"(+{overhead['one_deployment_overhead_p50_ms']}) (target <= 5 ms)",
-        f"bare Ray Serve on this machine (empty handlers): proxy + 1 replica p50 "
-        f"{overhead['floor']['one_replica_p50_ms']} ms, proxy + 2 replicas (our shape) p50 "
-        f"{overhead['floor']['two_replicas_p50_ms']} ms",
-    ]
+    for screen in ("off", "on"):
+        entry = overhead.get(f"screen_{screen}")
+        if entry is None:
+            continue
+        lines.append(
+            f"Serve overhead over the noop engine, crisis screen {screen}, 1 client, "
+            f"{overhead['requests_each']} requests each (taking turns): same ingress on uvicorn "
+            f"without Ray p50 {entry['direct_p50_ms']} ms; two deployments p50 "
+            f"{entry['two_deployments_p50_ms']} ms (+{entry['two_deployments_overhead_p50_ms']}), "
+            f"one deployment p50 {entry['one_deployment_p50_ms']} ms "
+            f"(+{entry['one_deployment_overhead_p50_ms']}) (target <= +5 ms)"
+        )
+    if "floor" in overhead:
+        lines.append(
+            f"bare Ray Serve on this machine (empty handlers): proxy + 1 replica p50 "
+            f"{overhead['floor']['one_replica_p50_ms']} ms, proxy + 2 replicas p50 "
+            f"{overhead['floor']['two_replicas_p50_ms']} ms"
+        )
+    if load:
+        lines.append(f"load average (1, 5, 15 min) at the end: {load}")
     return "\n".join(lines)
 
 
@@ -421,10 +492,35 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternations per level")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--levels", type=int, nargs="+", default=list(LEVELS))
-    parser.add_argument("--layout", default="two_deployments", help="of the hf sweep and soak")
+    parser.add_argument(
+        "--layout",
+        choices=("both", *LAYOUTS),
+        default="both",
+        help="serve.layout of the hf sweep (both: side by side); the soak takes the default "
+        "layout unless one is named",
+    )
+    parser.add_argument(
+        "--screen", choices=("on", "off"), default="on", help="the crisis screen in the hf sweep"
+    )
+    parser.add_argument(
+        "--stream-interval", type=float, help="serve.engine.stream_interval_s of the hf sweep"
+    )
     parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument("--skip-sweep", action="store_true", help="the overhead measures only")
+    parser.add_argument(
+        "--serve-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an environment variable for every Ray process (e.g. a RAY_SERVE_* knob)",
+    )
     parser.add_argument("--soak-minutes", type=float, default=0, help=">0: the soak only")
     args = parser.parse_args()
+    for pair in args.serve_env:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            parser.error(f"--serve-env takes KEY=VALUE, got {pair!r}")
+        os.environ[key] = value  # before ray.init: the local cluster's processes inherit it
 
     import ray
     from ray import serve
@@ -444,24 +540,36 @@ def main() -> None:
     if args.soak_minutes:
         from serve_soak import run_soak
 
+        from soulray.config import ServeConfig
+
+        if args.layout == "both":
+            args.layout = ServeConfig().resolved_layout()
         report = run_soak(model_dir, port, args, serve_config, deploy)
         serve.shutdown()
         ray.shutdown()
         if args.out:
             args.out.write_text(json.dumps(report, indent=2))
         return
-    rows = sweep_served(model_dir, port, args)
-    overhead = {"requests_each": 0}
+    rows = [] if args.skip_sweep else sweep_served(model_dir, port, args)
+    overhead: dict[str, Any] = {"requests_each": 0}
     if not args.skip_overhead:
-        overhead = measure_overhead(model_dir, port, free_port(), args.overhead_requests)
+        overhead = measure_overhead(model_dir, port, args.overhead_requests)
         overhead["floor"] = measure_floor(port, args.overhead_requests)
     serve.shutdown()
     ray.shutdown()
-    rows += sweep_direct(model_dir, args)
-    table = markdown(rows, overhead)
+    if not args.skip_sweep:
+        rows += sweep_direct(model_dir, args)
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    table = markdown(rows, overhead, load)
     print(table)
     if args.out:
-        payload = {"rows": [asdict(r) for r in rows], "overhead": overhead, "table": table}
+        payload = {
+            "rows": [asdict(r) for r in rows],
+            "overhead": overhead,
+            "serve_env": args.serve_env,
+            "load_average": os.getloadavg(),
+            "table": table,
+        }
         args.out.write_text(json.dumps(payload, indent=2))
 
 

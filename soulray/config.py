@@ -212,6 +212,10 @@ class EngineConfig(DeploymentConfig):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     stream_interval_s: float = Field(0.05, ge=0)  # streamed text is sent at most this often
+    # ...and at most this many stream messages per second over all of a replica's live streams
+    # (16 streams at 100/s: one message per stream every 0.16 s); every message is a hop through
+    # Serve, so under load fewer, larger ones; None = only stream_interval_s
+    stream_max_messages_per_s: float | None = Field(100.0, gt=0)
     request_timeout_s: float | None = Field(300.0, gt=0)  # queue + generation; None = no limit
     vllm_engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # vLLM engine args
     max_ongoing_requests: int = Field(64, ge=1)
@@ -282,9 +286,11 @@ class ServeConfig(Section):
     # (for a legacy client that sends its own), as soulray did before
     ignore_unknown_fields: bool = False
     debug_log_content: bool = False  # True writes message text to the logs; never in production
-    # two: ingress and engine replicas scale apart; one: the hf/noop engine runs inside the
-    # ingress replica (one hop less per request; sized by serve.engine's options)
-    layout: Literal["two_deployments", "one_deployment"] = "two_deployments"
+    # two_deployments: ingress and engine replicas scale apart; one_deployment: the hf/noop
+    # engine runs inside the ingress replica (no handle hop per request and per stream message;
+    # sized by serve.engine's options); auto: one_deployment for hf/noop, two for vllm (measured
+    # in bench/RESULTS.md "Serve: speed"; README "Layout")
+    layout: Literal["auto", "two_deployments", "one_deployment"] = "auto"
     ingress: DeploymentConfig = Field(default_factory=DeploymentConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     safety: SafetyConfig = Field(default_factory=SafetyConfig)
@@ -293,6 +299,13 @@ class ServeConfig(Section):
     # max_loaded_adapters per engine replica (least recently used unloaded first)
     adapters: list[AdapterServeConfig] = Field(default_factory=list)
     max_loaded_adapters: int = Field(4, ge=1)
+
+    def resolved_layout(self) -> Literal["two_deployments", "one_deployment"]:
+        """The layout `auto` stands for: the engine in the ingress, except vllm (its own
+        deployment, Ray Serve LLM's)."""
+        if self.layout != "auto":
+            return self.layout
+        return "two_deployments" if self.engine.kind == "vllm" else "one_deployment"
 
     @model_validator(mode="after")
     def _check_adapter_names(self) -> ServeConfig:

@@ -241,7 +241,7 @@ def build_application(cfg: Config) -> Any:
     cfg = resolved(cfg)
     level = "DEBUG" if cfg.serve.debug_log_content else "INFO"
     logging_config = {"log_level": level, "enable_access_log": True}
-    if cfg.serve.layout == "one_deployment":
+    if cfg.serve.resolved_layout() == "one_deployment":
         if cfg.serve.engine.kind == "vllm":
             raise ValueError(
                 "serve.layout=one_deployment runs the hf or noop engine in the ingress; "

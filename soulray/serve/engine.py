@@ -21,7 +21,7 @@ import contextlib
 import importlib.util
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from ray import serve
@@ -75,16 +75,25 @@ class HFEngine:
             adapters=self.adapters,
         )
         self.stream_interval_s = cfg.stream_interval_s
+        self.max_messages_per_s = cfg.stream_max_messages_per_s
         self.metrics = EngineMetrics()
         self.scheduler.on_step = self._record_step
 
     async def stream(self, req: GenRequest) -> AsyncIterator[Delta]:
         ticket = self.scheduler.submit(req)
         try:
-            async for delta in coalesce(self._deltas(ticket), self.stream_interval_s):
+            async for delta in coalesce(self._deltas(ticket), self.stream_interval):
                 yield delta
         finally:  # here, not only in the inner generators: Serve cancels a gone client's
             self.scheduler.cancel(ticket)  # stream at this yield, and they close only on GC
+
+    def stream_interval(self) -> float:
+        """Seconds between one stream's messages now: serve.engine.stream_interval_s, stretched
+        so that all live streams together send at most stream_max_messages_per_s."""
+        if self.max_messages_per_s is None:
+            return self.stream_interval_s
+        share = self.scheduler.live_rows() / self.max_messages_per_s
+        return max(self.stream_interval_s, share)
 
     async def generate(self, req: GenRequest) -> list[Delta]:
         """The whole reply of each of the request's n choices, in index order."""
@@ -126,18 +135,22 @@ class HFEngine:
         }
 
 
-async def coalesce(deltas: AsyncIterator[Delta], interval_s: float) -> AsyncIterator[Delta]:
-    """Merge deltas that arrive within `interval_s` of the last one sent: every message costs a
-    hop through Serve (engine -> ingress -> proxy), a token does not need one each. The first
-    delta goes out at once (time to first token is unchanged), the last one always. Deltas of
-    the n choices of one request are merged per choice and sent together."""
+async def coalesce(
+    deltas: AsyncIterator[Delta], interval_s: float | Callable[[], float]
+) -> AsyncIterator[Delta]:
+    """Merge deltas that arrive within `interval_s` (a number, or a function giving the current
+    one) of the last one sent: every message costs a hop through Serve (engine -> ingress ->
+    proxy), a token does not need one each. The first delta goes out at once (time to first
+    token is unchanged), the last one always. Deltas of the n choices of one request are merged
+    per choice and sent together."""
+    interval = interval_s if callable(interval_s) else lambda: interval_s
     pending: dict[int, Delta] = {}
     sent_at = 0.0
     async for delta in deltas:
         if delta.index in pending:
             delta = join_deltas(pending.pop(delta.index), delta)
         now = time.monotonic()
-        if sent_at and delta.finish_reason is None and now - sent_at < interval_s:
+        if sent_at and delta.finish_reason is None and now - sent_at < interval():
             pending[delta.index] = delta
             continue
         sent_at = now

@@ -54,6 +54,8 @@ class ReplyGuard:
         """The text to send now (may be empty)."""
         if self.replaced is not None:
             return ""
+        if not (self.screen.cfg.enabled and self.screen.cfg.screen_reply):
+            return text  # nothing screens the reply: hold nothing back
         self.pending += text
         cut = self._cut(final)
         if cut == 0:

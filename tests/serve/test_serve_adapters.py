@@ -128,6 +128,7 @@ def test_adapters_over_http_with_openai_client(ray_local, lora_export):
             "serve": {
                 "port": free_port(),
                 "model_name": "base",
+                "layout": "two_deployments",
                 "adapters": adapters,
                 "max_loaded_adapters": 2,
                 "ingress": {"num_cpus": 0.1},

@@ -121,3 +121,18 @@ def test_one_deployment_layout_runs_the_engine_inside_the_ingress(tiny_export):
     vllm = Config.model_validate({"serve": {**serve, "engine": {"kind": "vllm"}}})
     with pytest.raises(ValueError, match="serve.layout=two_deployments"):
         build_application(vllm)
+
+
+def test_layout_auto_puts_the_hf_engine_in_the_ingress_and_vllm_apart():
+    from soulray.config import ServeConfig
+
+    def layout(**serve) -> str:
+        return ServeConfig.model_validate(serve).resolved_layout()
+
+    assert ServeConfig().layout == "auto"
+    assert layout() == "one_deployment"
+    assert layout(engine={"kind": "noop"}) == "one_deployment"
+    assert layout(engine={"kind": "vllm"}) == "two_deployments"
+    assert layout(layout="two_deployments") == "two_deployments"
+    with pytest.raises(ValueError, match="layout"):
+        ServeConfig.model_validate({"layout": "one"})

@@ -106,3 +106,15 @@ def test_counts_per_category_never_text(tiny_export, tmp_path):
         "replaced:suicide": 2,
         "replaced:abuse": 1,  # a flagged request's reply is counted under the request's category
     }
+
+
+@pytest.mark.parametrize("safety", [{"screen_reply": False}, {"enabled": False}])
+def test_with_no_reply_screen_text_streams_as_it_comes(tiny_export, tmp_path, safety):
+    """Nothing screens the reply: no piece is held back to a sentence end (time to first
+    token is the engine's), and the reply is passed through as the engine wrote it."""
+    pieces = ["[Information] It is ", "slow and ", "painful."]
+    api, _ = make_api(tiny_export, tmp_path, engine=PiecesEngine(pieces), safety=safety)
+    body = {"messages": [{"role": "user", "content": "I had a rough day"}], "stream": True}
+    payloads = events(call(api, "POST", POST, json=body).text)
+    texts = [p["choices"][0]["delta"].get("content") for p in payloads if p["choices"]]
+    assert texts == ["", "It is ", "slow and ", "painful.", None]

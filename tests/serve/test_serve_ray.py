@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from openai import OpenAI
-from soulray_testing import free_port
+from soulray_testing import assert_hang_ups_free_the_row, free_port
 
 from soulray.config import Config
 from soulray.serve.generate import Delta
@@ -55,7 +55,8 @@ def served(ray_local, tiny_export, tmp_path_factory):
         {
             "serve": {
                 "port": free_port(),
-                "auth": {"api_key_file": str(keyfile)},
+                "layout": "two_deployments",  # the engine behind a handle (one_deployment:
+                "auth": {"api_key_file": str(keyfile)},  # test_serve_one_deployment.py)
                 "ingress": {"num_cpus": 0.1},
                 "engine": {
                     "model_dir": str(tiny_export),
@@ -149,37 +150,10 @@ def engine_counters() -> dict:
     return serve.get_deployment_handle("Engine", app_name="soulray").counters.remote().result()
 
 
-def wait_for_no_live_rows(timeout_s: float = 30.0) -> dict:
-    deadline = time.time() + timeout_s
-    while (counters := engine_counters())["live_rows"] and time.time() < deadline:
-        time.sleep(0.1)
-    return counters
-
-
 def test_a_disconnected_client_frees_its_row(served):
-    """A client that goes away (streaming or not) stops its generation: the engine runs far
-    fewer steps than the reply would take, and holds no row or KV cache afterwards."""
-    url, headers = f"{served}/v1/chat/completions", {"Authorization": f"Bearer {KEY}"}
-    body = {"messages": ask("tell me all of it"), "max_tokens": 300, "temperature": 1, "seed": 0}
-    start = sum(engine_counters()["step_sizes"].values())
-    whole = httpx.post(url, json=body, headers=headers, timeout=300).json()
-    assert whole["choices"][0]["finish_reason"] == "length"  # alone it runs all 300 tokens
-    full = sum(engine_counters()["step_sizes"].values()) - start  # the steps of a whole reply
-    assert full >= 300
-    for stream in (True, False):
-        before = sum(engine_counters()["step_sizes"].values())
-        if stream:
-            with httpx.stream("POST", url, json={**body, "stream": True}, headers=headers) as r:
-                assert next(r.iter_lines()).startswith("data: ")  # started; then hang up
-        else:
-            with pytest.raises(httpx.ReadTimeout):
-                httpx.post(url, json=body, headers=headers, timeout=0.3)
-        after = wait_for_no_live_rows()
-        assert after["live_rows"] == 0 and after["kv_width"] == 0
-        # Cancellation lands within Serve's disconnect detection (a few hundred ms after the
-        # hang-up: about 160 steps of this tiny model on an idle core, fewer under load);
-        # without it the row would run all `full` steps.
-        assert sum(after["step_sizes"].values()) - before < 0.8 * full, stream
+    """Streamed or not, a hang-up frees the engine row (two deployments: across the handle)."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    assert_hang_ups_free_the_row(served, headers, engine_counters, ask("tell me all of it"))
 
 
 def test_autoscaling_settings_are_what_serve_reports(served):
