@@ -17,7 +17,7 @@ from soulray.data.parse import split_of
 from soulray.data.pipeline import run_prepare
 
 DIALOGUES = 80
-BRANCHED = range(0, DIALOGUES, 3)  # these get a second dialogue that shares their opening
+BRANCH_EVERY = 3  # every 3rd dialogue of 2+ exchanges gets another continuation (id + 1000)
 VAL_FRACTION = 0.3
 
 
@@ -40,9 +40,9 @@ def content_hash(messages: list[dict[str, str]]) -> str:
 
 
 def branch(i: int, messages: list[dict[str, str]], rng: random.Random) -> list[dict[str, str]]:
-    """Another continuation of dialogue i: its first 1..n-1 exchanges (at least the first one),
-    then replies of its own."""
-    shared = 2 * rng.randint(1, max(1, len(messages) // 2 - 1))
+    """Another continuation of dialogue i (of 2+ exchanges): its first 1..n-1 exchanges, then
+    replies of its own. (A 1-exchange dialogue would be a prefix of its branch: collapsed.)"""
+    shared = 2 * rng.randint(1, len(messages) // 2 - 1)
     return messages[:shared] + dialogue(1000 + i, rng.randint(1, 3))
 
 
@@ -50,7 +50,8 @@ def branch(i: int, messages: list[dict[str, str]], rng: random.Random) -> list[d
 def expanded(ray_local, tmp_path_factory):
     rng = random.Random(0)
     full = {i: dialogue(i, rng.randint(1, 6)) for i in range(DIALOGUES)}
-    full |= {1000 + i: branch(i, full[i], rng) for i in BRANCHED}
+    branched = [i for i in range(0, DIALOGUES, BRANCH_EVERY) if len(full[i]) >= 4]
+    full |= {1000 + i: branch(i, full[i], rng) for i in branched}
     samples = [
         {"id": f"{i}-{j}", "messages": messages[: 2 * j]}
         for i, messages in full.items()
@@ -82,7 +83,7 @@ def test_expanded_corpus_collapses_to_its_dialogues(expanded):
     full, samples, duplicated, _, _, m = expanded
     exchanges = {i: len(msgs) // 2 for i, msgs in full.items()}
     assert m["records"] == len(samples) == sum(exchanges.values()) + len(duplicated)
-    assert m["conversations"] == DIALOGUES + len(BRANCHED)
+    assert m["conversations"] == len(full) > DIALOGUES
     assert m["collapsed_prefixes"] == sum(k - 1 for k in exchanges.values())
     assert m["rejected"] == {"duplicate": len(duplicated)}
     assert m["assistant_turns"] == sum(exchanges.values())
@@ -110,10 +111,10 @@ def test_branches_of_one_prefix_share_a_side(expanded):
     they would straddle the split (the shared prefix then training while a val dialogue starts
     with it); keyed by their opening they never do."""
     full, *_ = expanded
-    pairs = [(full[i], full[1000 + i]) for i in BRANCHED]
+    pairs = [(full[i - 1000], full[i]) for i in full if i >= 1000]
     whole = [[split_of(content_hash(d), VAL_FRACTION) for d in p] for p in pairs]
     opening = [[split_of(as_conversation(d).split_hash(), VAL_FRACTION) for d in p] for p in pairs]
-    assert sum(a != b for a, b in whole) == 12  # the old keying: 12 of 27 trees straddled
+    assert sum(a != b for a, b in whole) == 7  # the old keying: 7 of 22 trees straddled
     assert all(a == b for a, b in opening)
 
 
