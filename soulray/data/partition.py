@@ -30,7 +30,9 @@ from soulray import storage
 PARTITIONS = 192
 STAGE_DIR = "_blocks"
 STAGE_KEY = "soulray.partitions"  # staged file metadata: the partition of each row group
-COMPACT_TASK_PARTITIONS = 8  # partitions per compaction task: 8 sinks' row groups in memory
+# partitions per compaction task: each task opens every staged block file once, and holds up to
+# one row group (ROW_GROUP_BYTES) per partition it compacts: 16 -> at most ~130 MiB a task
+COMPACT_TASK_PARTITIONS = 16
 ROW_GROUP_BYTES = 8 * 2**20
 FILE_ROWS = 2**20  # rows per compacted file (a partition larger than this rolls over)
 PART_RE = re.compile(r"/part=(\d+)/")
