@@ -3,7 +3,8 @@
 plan byte ranges of whole records (ranges.py) -> parse ranges: adapt, clean, hash, assign split
 (tasks; kept rows to <out>/_work/parsed, one small stats row each to the driver)
 -> dedupe + prefix collapse as a hash-bucketed aggregation of key rows (dedupe.py)
--> load or train the tokenizer -> per range: kept rows less its drops
+-> load or train the tokenizer (a configured one loads on a driver thread during the parse)
+-> per range: kept rows less its drops
 -> render + window + pack (actor pool, tokenizer loaded once per actor) -> Parquet per split
 -> rejects.jsonl, manifest.json (counts, tokens, packing efficiency, hashes), resolved config.
 The driver holds counts and range offsets, never the corpus.
