@@ -154,14 +154,18 @@ class _PartitionSink:
         self.rows_in_file += table.num_rows
 
 
-def compact_partitions(out: str, split: str, seq_len: int, partitions: int = PARTITIONS) -> int:
-    """Compact every partition of a split (Ray tasks, a few partitions each); drop the stage.
-    Returns the number of files the split now has."""
+def compact_partitions(
+    out: str, splits: list[str], seq_len: int, partitions: int = PARTITIONS
+) -> dict[str, int]:
+    """Compact every partition of these splits (Ray tasks, a few partitions each, all splits'
+    tasks at once); drop the stages. Returns the number of files each split now has."""
     import ray
 
     remote = ray.remote(num_cpus=1)(compact_many)
     step = COMPACT_TASK_PARTITIONS
     groups = [list(range(i, min(i + step, partitions))) for i in range(0, partitions, step)]
-    files = sum(ray.get([remote.remote(out, split, g, seq_len) for g in groups]))
-    storage.delete_dir(storage.join(out, split, STAGE_DIR))
+    refs = {split: [remote.remote(out, split, g, seq_len) for g in groups] for split in splits}
+    files = {split: sum(ray.get(r)) for split, r in refs.items()}
+    for split in splits:
+        storage.delete_dir(storage.join(out, split, STAGE_DIR))
     return files

@@ -338,8 +338,9 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     write_rejects(work, rejects_path, count_render_rejects(shards, summary))
     storage.delete_dir(work)
     stats = split_stats(shards, d.seq_len)
-    for name in ("train", "val"):  # staged block files -> one file group per partition
-        stats[name]["files"] = compact_partitions(out, name, d.seq_len)
+    # staged block files -> one file group per partition
+    for name, n_files in compact_partitions(out, ["train", "val"], d.seq_len).items():
+        stats[name]["files"] = n_files
     manifest = build_manifest(cfg, files, summary, stats, files_by_name, time.time() - started)
     manifest["stage_seconds"] = {k: round(v, 2) for k, v in stages.items()}
     storage.write_text(
