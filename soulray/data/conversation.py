@@ -70,15 +70,26 @@ class Conversation:
         return cls(d["id"], d["source"], d.get("topic"), messages)
 
     def content_hash(self) -> str:
-        """Hash of the roles and contents only: the identity used for dedup and the split."""
+        """Hash of the roles and contents only: the identity used for dedup."""
         return self.content_hashes()[0]
 
-    def content_hashes(self) -> tuple[str, list[str]]:
-        """The content hash, and the content hash every proper prefix ending with an assistant
-        turn would have: a per-turn-expanded corpus (one sample per reply, each the dialogue so
-        far) has its samples' hashes among the prefixes of the longest one."""
+    def split_hash(self) -> str:
+        """The hash that assigns the conversation to train or val: its opening's."""
+        return self.content_hashes()[2]
+
+    def content_hashes(self) -> tuple[str, list[str], str]:
+        """The content hash; the content hash every proper prefix ending with an assistant
+        turn would have (a per-turn-expanded corpus, one sample per reply, each the dialogue so
+        far, has its samples' hashes among the prefixes of the longest one); and the split
+        hash: that of the opening, every message up to and including the first user turn.
+
+        The split is keyed by the opening, not the whole dialogue: dialogues that branch from a
+        shared beginning (two continuations of one prefix, as per-turn-expanded corpora hold)
+        share every prefix from the opening on, so they land on one side together and no prefix
+        of a validation dialogue trains as a prefix of a training one."""
         h = hashlib.blake2b(digest_size=16)
         prefixes = []
+        opening = None
         last = len(self.messages) - 1
         for i, m in enumerate(self.messages):
             h.update(m.role.encode())
@@ -87,7 +98,10 @@ class Conversation:
             h.update(b"\x01")
             if m.role == "assistant" and i < last:
                 prefixes.append(h.copy().hexdigest())
-        return h.hexdigest(), prefixes
+            if opening is None and m.role == "user":
+                opening = h.copy().hexdigest()
+        digest = h.hexdigest()
+        return digest, prefixes, opening or digest
 
 
 @dataclass(slots=True)

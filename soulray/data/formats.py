@@ -57,14 +57,14 @@ def split_records(path: str, data: bytes) -> Iterator[RawRecord]:
             value = json.loads(text)
         except json.JSONDecodeError as e:
             if _looks_like_json_lines(text):
-                yield from _line_records(path, stem, text)
+                yield from line_records(path, stem, text)
             else:
                 err = RecordError("invalid_json", f"line {e.lineno} col {e.colno}: {e.msg}")
                 yield RawRecord(path, stem, None, text[:2000], err)
             return
         yield from _json_value_records(path, stem, value)
         return
-    yield from _line_records(path, stem, text)
+    yield from line_records(path, stem, text)
 
 
 def _looks_like_json_lines(text: str) -> bool:
@@ -75,10 +75,12 @@ def _looks_like_json_lines(text: str) -> bool:
         return False
 
 
-def _line_records(path: str, stem: str, text: str) -> Iterator[RawRecord]:
+def line_records(path: str, stem: str, text: str, first: int = 1) -> Iterator[RawRecord]:
+    """The records of JSON lines text whose first line is line number `first` (a whole file,
+    or a byte range of one: ranges.py), located as `path:line`."""
     # split at "\n" only: str.splitlines also splits at U+2028/U+2029, which
     # json.dumps(ensure_ascii=False) leaves raw inside strings, cutting such a record in two
-    for lineno, line in enumerate(text.split("\n"), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=first):
         line = line.removesuffix("\r")
         if not line.strip():
             continue

@@ -37,9 +37,10 @@ class ParseSettings:
     val_fraction: float
 
 
-def split_of(content_hash: str, val_fraction: float) -> str:
-    """Stable train/val assignment from the conversation's content hash (never per turn)."""
-    return "val" if int(content_hash[:8], 16) / 0x1_0000_0000 < val_fraction else "train"
+def split_of(split_hash: str, val_fraction: float) -> str:
+    """Stable train/val assignment from the conversation's split hash (its opening's, see
+    Conversation.content_hashes: never per turn, and one side for dialogues that branch)."""
+    return "val" if int(split_hash[:8], 16) / 0x1_0000_0000 < val_fraction else "train"
 
 
 def normalize_record(raw: RawRecord, s: ParseSettings) -> dict[str, Any]:
@@ -57,13 +58,13 @@ def normalize_record(raw: RawRecord, s: ParseSettings) -> dict[str, Any]:
         conv, stats = clean_conversation(conv, s.lookup, s.fallback, s.system_prompt)
     except RecordError as e:
         return row | {"reason": e.reason, "detail": e.detail, "raw": raw.source_text()}
-    digest, prefixes = conv.content_hashes()
+    digest, prefixes, opening = conv.content_hashes()
     return row | {
         "ok": True,
         "conversation": conv.to_json(),
         "hash": digest,
         "prefixes": prefixes,
-        "split": split_of(digest, s.val_fraction),
+        "split": split_of(opening, s.val_fraction),
         "turns": len(conv.messages),
         "target_turns": count_target_turns(conv.messages),
         "merged_turns": stats.merged_turns,

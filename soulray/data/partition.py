@@ -2,11 +2,12 @@
 
 Training rank r of W reads only the partitions k with k % W == r (when W divides P), so no
 rank opens a file holding another rank's rows. Two steps keep the files few and large
-whatever the block size: each render actor stages one small file per (block, partition)
-under `<split>/_blocks/` (hidden from readers by its leading underscore), then one pass per
-partition streams its staged files, in name order, into `rows-<n>.parquet` with row groups
-of about ROW_GROUP_BYTES and deletes the stage. Row order within a partition is therefore
-deterministic (staged file name = the block's first content hash, rows sorted by row_key).
+whatever the block size: each render actor stages one file per block, one row group per
+partition, under `<split>/_blocks/` (hidden from readers by its leading underscore), then
+compaction tasks, a few partitions each, stream the staged files in name order into
+`rows-<n>.parquet` per partition with row groups of about ROW_GROUP_BYTES and delete the
+stage. Row order within a partition is therefore deterministic (staged file name = the
+block's first content hash, rows sorted by row_key).
 
 Why P = 192 (bench/RESULTS.md, "Train feed"): 192 = 2^6 * 3 is divisible by every world size
 a cluster of 8-GPU nodes usually has (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 192), and
@@ -17,6 +18,7 @@ their size is not settled by measurement yet (the bench split's partitions were 
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -27,6 +29,10 @@ from soulray import storage
 
 PARTITIONS = 192
 STAGE_DIR = "_blocks"
+STAGE_KEY = "soulray.partitions"  # staged file metadata: the partition of each row group
+# partitions per compaction task: each task opens every staged block file once, and holds up to
+# one row group (ROW_GROUP_BYTES) per partition it compacts: 16 -> at most ~130 MiB a task
+COMPACT_TASK_PARTITIONS = 16
 ROW_GROUP_BYTES = 8 * 2**20
 FILE_ROWS = 2**20  # rows per compacted file (a partition larger than this rolls over)
 PART_RE = re.compile(r"/part=(\d+)/")
@@ -45,23 +51,27 @@ def partition_of(path: str) -> int | None:
 def write_block_partitions(
     table: pa.Table, out: str, split: str, name: str, partitions: int = PARTITIONS
 ) -> int:
-    """Stage one render block's rows: one file per non-empty partition. Returns files written."""
+    """Stage one render block's rows as ONE file, one row group per non-empty partition (their
+    partitions listed in the file's metadata). Returns the partitions staged."""
     import pyarrow.parquet as pq
 
     if table.num_rows == 0:
         return 0
     parts = table.column("row_key").to_numpy() % partitions
     order = np.argsort(parts, kind="stable")  # keeps the row_key order inside a partition
-    bounds = np.flatnonzero(np.diff(parts[order])) + 1
-    written = 0
-    for idx in np.split(order, bounds):
-        k = int(parts[idx[0]])
-        path = storage.join(out, split, STAGE_DIR, part_dir(k), f"{name}.parquet")
-        fs, inner = storage.resolve(path)
-        fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
-        pq.write_table(table.take(pa.array(idx)), inner, filesystem=fs, compression="zstd")
-        written += 1
-    return written
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(parts[order])) + 1, [len(order)]])
+    present = parts[order][starts[:-1]].tolist()
+    table = table.take(pa.array(order))
+    table = table.replace_schema_metadata({STAGE_KEY: json.dumps(present)})
+    fs, inner = storage.resolve(storage.join(out, split, STAGE_DIR, f"{name}.parquet"))
+    fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
+    # no dictionary encoding (token ids barely repeat within a few rows): half the write and
+    # read time of the default, and smaller; the compacted files are written with the default
+    options = {"compression": "zstd", "use_dictionary": False}
+    with pq.ParquetWriter(inner, table.schema, filesystem=fs, **options) as writer:
+        for lo, hi in zip(starts[:-1].tolist(), starts[1:].tolist(), strict=True):
+            writer.write_table(table.slice(lo, hi - lo), row_group_size=hi - lo)
+    return len(present)
 
 
 def row_group_rows(seq_len: int) -> int:
@@ -72,25 +82,36 @@ def row_group_rows(seq_len: int) -> int:
 def compact_partition(
     out: str, split: str, k: int, seq_len: int, group_rows: int | None = None
 ) -> int:
-    """Stream partition k's staged files (name order) into rows-<n>.parquet, in row groups of
-    `group_rows` (staged files hold a few rows each: they are buffered up to a full group, as
-    a row group per staged file would be tiny and compress poorly). Returns files written."""
-    staged = storage.join(out, split, STAGE_DIR, part_dir(k))
+    """Stream partition k's rows from the staged block files into rows-<n>.parquet. Returns
+    files written."""
+    return compact_many(out, split, [k], seq_len, group_rows)
+
+
+def compact_many(
+    out: str, split: str, ks: list[int], seq_len: int, group_rows: int | None = None
+) -> int:
+    """Compact partitions `ks`: every staged block file (name order) is opened once and its row
+    groups of these partitions appended to their partition's sink, which writes full row groups
+    of `group_rows` (a block holds a few rows per partition: a row group per block would be tiny
+    and compress poorly). Opening each block once per partition instead made compaction cost
+    as much as a tenth of prepare (192 small files per block). Returns files written."""
+    import pyarrow.parquet as pq
+
+    staged = storage.join(out, split, STAGE_DIR)
     if not storage.exists(staged):
         return 0
     group = group_rows or row_group_rows(seq_len)
-    sink = _PartitionSink(out, split, k, group)
+    sinks = {k: _PartitionSink(out, split, k, group) for k in ks}
     for path in storage.list_files(staged, (".parquet",)):
-        sink.add(_read(path))
-    return sink.close()
-
-
-def _read(path: str) -> pa.Table:
-    import pyarrow.parquet as pq
-
-    fs, inner = storage.resolve(path)
-    with fs.open_input_file(inner) as f:
-        return pq.read_table(f)
+        fs, inner = storage.resolve(path)
+        with fs.open_input_file(inner) as f:
+            staged_file = pq.ParquetFile(f)
+            present = json.loads(staged_file.schema_arrow.metadata[STAGE_KEY.encode()])
+            for i, k in enumerate(present):
+                if k in sinks:
+                    rows = staged_file.read_row_group(i).replace_schema_metadata(None)
+                    sinks[k].add(rows)
+    return sum(sink.close() for sink in sinks.values())
 
 
 class _PartitionSink:
@@ -133,18 +154,18 @@ class _PartitionSink:
         self.rows_in_file += table.num_rows
 
 
-def compact_partitions(out: str, split: str, seq_len: int, partitions: int = PARTITIONS) -> int:
-    """Compact every partition of a split (Ray tasks, a few partitions each); drop the stage.
-    Returns the number of files the split now has."""
+def compact_partitions(
+    out: str, splits: list[str], seq_len: int, partitions: int = PARTITIONS
+) -> dict[str, int]:
+    """Compact every partition of these splits (Ray tasks, a few partitions each, all splits'
+    tasks at once); drop the stages. Returns the number of files each split now has."""
     import ray
 
-    remote = ray.remote(num_cpus=1)(_compact_many)
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    groups = [list(range(i, partitions, cpus * 2)) for i in range(min(partitions, cpus * 2))]
-    files = sum(ray.get([remote.remote(out, split, g, seq_len) for g in groups]))
-    storage.delete_dir(storage.join(out, split, STAGE_DIR))
+    remote = ray.remote(num_cpus=1)(compact_many)
+    step = COMPACT_TASK_PARTITIONS
+    groups = [list(range(i, min(i + step, partitions))) for i in range(0, partitions, step)]
+    refs = {split: [remote.remote(out, split, g, seq_len) for g in groups] for split in splits}
+    files = {split: sum(ray.get(r)) for split, r in refs.items()}
+    for split in splits:
+        storage.delete_dir(storage.join(out, split, STAGE_DIR))
     return files
-
-
-def _compact_many(out: str, split: str, ks: list[int], seq_len: int) -> int:
-    return sum(compact_partition(out, split, k, seq_len) for k in ks)

@@ -3,7 +3,8 @@
 plan byte ranges of whole records (ranges.py) -> parse ranges: adapt, clean, hash, assign split
 (tasks; kept rows to <out>/_work/parsed, one small stats row each to the driver)
 -> dedupe + prefix collapse as a hash-bucketed aggregation of key rows (dedupe.py)
--> load or train the tokenizer -> per range: kept rows less its drops
+-> load or train the tokenizer (a configured one loads on a driver thread during the parse)
+-> per range: kept rows less its drops
 -> render + window + pack (actor pool, tokenizer loaded once per actor) -> Parquet per split
 -> rejects.jsonl, manifest.json (counts, tokens, packing efficiency, hashes), resolved config.
 The driver holds counts and range offsets, never the corpus.
@@ -19,6 +20,7 @@ import logging
 import os
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -192,9 +194,9 @@ def rows_to_table(rows: Rows, shard_name: str) -> pa.Table:
     )
 
 
-def prepare_tokenizer(cfg: Config, train_ds: Any, out_dir: str) -> dict[str, bytes]:
-    """Load the configured tokenizer, or train one on the corpus; save it beside the data."""
-    local = tempfile.mkdtemp(prefix="soulray-tokenizer-")
+def load_run_tokenizer(cfg: Config, train_ds: Any = None) -> Any:
+    """The configured tokenizer, or one trained on the corpus (`train_ds`, its train split);
+    its chat template checked."""
     path = cfg.model.tokenizer_path
     if path:
         log.info("tokenizer: loading %s", path)
@@ -213,6 +215,12 @@ def prepare_tokenizer(cfg: Config, train_ds: Any, out_dir: str) -> dict[str, byt
         ]
         tokenizer = train_tokenizer(texts, cfg.data.tokenizer_vocab_size)
     check_template(tokenizer)
+    return tokenizer
+
+
+def save_run_tokenizer(tokenizer: Any, out_dir: str) -> dict[str, bytes]:
+    """Save the tokenizer beside the data; its files, to send to the render actors."""
+    local = tempfile.mkdtemp(prefix="soulray-tokenizer-")
     tokenizer.save_pretrained(local)
     files = tokenizer_files(local)
     for name, data in files.items():
@@ -272,7 +280,12 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     created = not storage.exists(out)
     storage.delete_dir(work)
     storage.makedirs(storage.join(work, "parsed"))
-    summary, rids = parse_inputs(files, settings, work, d.range_bytes)
+    with ThreadPoolExecutor(1) as pool:
+        # A configured tokenizer loads (transformers import, a 129K vocabulary: seconds) on a
+        # driver thread while the cluster parses, instead of after it with the CPUs idle.
+        early = pool.submit(load_run_tokenizer, cfg) if cfg.model.tokenizer_path else None
+        summary, rids = parse_inputs(files, settings, work, d.range_bytes)
+        tokenizer = early.result() if early else None
     stages = {"read_parse_dedupe": time.time() - started}
     if d.strict and summary.first_error:
         storage.delete_dir(out if created else work)  # --strict writes nothing
@@ -299,7 +312,10 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
         num_cpus=0,
         concurrency=2,  # else Ray starts a worker process per queued range (GiBs of idle workers)
     )
-    files_by_name = prepare_tokenizer(cfg, kept.filter(expr="split == 'train'"), out)
+    if tokenizer is None:  # trained on the corpus: only now are its kept rows known
+        tokenizer = load_run_tokenizer(cfg, kept.filter(expr="split == 'train'"))
+    files_by_name = save_run_tokenizer(tokenizer, out)
+    del tokenizer  # the actors load their own copy
     workers = d.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     for name in ("train", "val"):
         storage.delete_dir(storage.join(out, name))
@@ -322,8 +338,9 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     write_rejects(work, rejects_path, count_render_rejects(shards, summary))
     storage.delete_dir(work)
     stats = split_stats(shards, d.seq_len)
-    for name in ("train", "val"):  # staged block files -> one file group per partition
-        stats[name]["files"] = compact_partitions(out, name, d.seq_len)
+    # staged block files -> one file group per partition
+    for name, n_files in compact_partitions(out, ["train", "val"], d.seq_len).items():
+        stats[name]["files"] = n_files
     manifest = build_manifest(cfg, files, summary, stats, files_by_name, time.time() - started)
     manifest["stage_seconds"] = {k: round(v, 2) for k, v in stages.items()}
     storage.write_text(

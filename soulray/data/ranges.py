@@ -28,7 +28,7 @@ import numpy as np
 
 from soulray import storage
 from soulray.data.conversation import RecordError
-from soulray.data.formats import RawRecord, split_records
+from soulray.data.formats import RawRecord, line_records, split_records
 
 SCAN_CHUNK = 16 * 2**20  # bytes per scan task: big enough to amortise, small enough for memory
 LOOKBACK = 4096  # bytes read before a chunk to see a backslash run that crosses its start
@@ -251,25 +251,14 @@ def range_records(r: Range) -> Iterator[RawRecord]:
         case "file":
             yield from split_records(r.path, read_at(r.path, 0, r.end))
         case "lines":
-            yield from _lines(r, stem, read_at(r.path, r.start, r.end - r.start))
+            text = read_at(r.path, r.start, r.end - r.start).decode("utf-8", errors="replace")
+            if r.start == 0:
+                text = text.lstrip("\ufeff")  # as the whole-file reader does
+            yield from line_records(r.path, stem, text, r.first)
         case "array":
             yield from _array_items(r, stem, read_at(r.path, r.start, r.end - r.start))
         case _:
             raise ValueError(f"unknown range kind {r.kind!r}")
-
-
-def _lines(r: Range, stem: str, data: bytes) -> Iterator[RawRecord]:
-    if r.start == 0 and data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    for lineno, raw in enumerate(data.split(b"\n"), start=r.first):
-        line = raw.decode("utf-8", errors="replace").rstrip("\r")
-        if not line.strip():
-            continue
-        loc, key = f"{r.path}:{lineno}", f"{stem}:{lineno}"
-        try:
-            yield RawRecord(loc, key, json.loads(line), line)
-        except json.JSONDecodeError as e:
-            yield RawRecord(loc, key, None, line, RecordError("invalid_json", e.msg))
 
 
 def _array_items(r: Range, stem: str, data: bytes) -> Iterator[RawRecord]:

@@ -18,7 +18,7 @@ from typing import Any
 from soulray.config import Config, config_to_yaml
 from soulray.endpoints import EndpointError, build_client
 from soulray.synth.config import SynthConfig
-from soulray.synth.dedup import NearDuplicateIndex
+from soulray.synth.near_dupes import NearDuplicateIndex
 from soulray.synth.output import OutputStore, StoredState
 from soulray.synth.report import build_report, save_report
 from soulray.synth.roleplay import Cast, Dialogue, run_dialogue

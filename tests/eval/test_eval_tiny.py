@@ -34,7 +34,7 @@ def val_conversation_ids() -> set[str]:
         for raw in split_records(str(full), full.read_bytes()):
             conv = to_conversation(raw.record, detect_format(raw.record), raw.key)
             conv, _ = clean_conversation(conv, lookup, data.strategies.fallback)
-            if split_of(conv.content_hash(), data.val_fraction) == "val":
+            if split_of(conv.split_hash(), data.val_fraction) == "val":
                 ids.add(conv.id)
     return ids
 

@@ -14,8 +14,8 @@ from soulray.config import ESCONV_STRATEGIES, load_config
 from soulray.data.conversation import CleanStats, build_strategy_lookup, normalize_strategy
 from soulray.endpoints import EndpointConfig
 from soulray.synth.config import LoopConfig, QualityConfig, SynthConfig
-from soulray.synth.dedup import NearDuplicateIndex
 from soulray.synth.job import build_cast, to_record
+from soulray.synth.near_dupes import NearDuplicateIndex
 from soulray.synth.output import OutputStore
 from soulray.synth.roleplay import run_dialogue, utterance_problem
 from soulray.synth.roles import (
