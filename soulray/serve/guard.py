@@ -5,7 +5,9 @@ flagged one with the fixed safe reply. Message text never reaches the counters o
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from ray.serve.metrics import Counter
 
@@ -13,6 +15,7 @@ from soulray.safety.screen import Assessment, Screen, check_reply, fixed_reply
 
 _BOUNDARY = re.compile(r"[.!?。！？…\n]")
 HOLD_CHARS = 160  # a stream without sentence ends is screened at least this often
+Runner = Callable[..., Awaitable[Any]]
 
 
 class SafetyCounters:
@@ -50,8 +53,9 @@ class ReplyGuard:
     pending: str = ""
     replaced: Assessment | None = field(default=None)
 
-    def push(self, text: str, final: bool) -> str:
-        """The text to send now (may be empty)."""
+    async def push(self, text: str, final: bool, run: Runner | None = None) -> str:
+        """The text to send now (may be empty). `run(fn, *args)` runs the screen (off the
+        event loop in a replica); inline without it."""
         if self.replaced is not None:
             return ""
         if not (self.screen.cfg.enabled and self.screen.cfg.screen_reply):
@@ -60,7 +64,8 @@ class ReplyGuard:
         cut = self._cut(final)
         if cut == 0:
             return ""
-        found = check_reply(self.screen, self.sent + self.pending[:cut], self.user, self.user_texts)
+        args = (self.screen, self.sent + self.pending[:cut], self.user, self.user_texts)
+        found = await run(check_reply, *args) if run else check_reply(*args)
         if found.flagged:
             self.replaced = found
             return ("\n\n" if self.sent else "") + fixed_reply(self.screen, found)
