@@ -31,6 +31,7 @@ LR = 0.05
 L2 = 1e-4
 TARGET_PRECISION = 0.9
 FEATURES = "both"
+CACHE_EVERY = 1000  # texts embedded between saves of --cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,8 +53,10 @@ class Matrix:
         )
 
 
-def featurize(texts: list[str], embedder: Embedder | None, cache: Path | None = None) -> Matrix:
-    norm = [normalize(t, MAX_CHARS) for t in texts]
+def featurize(
+    texts: list[str], embedder: Embedder | None, cache: Path | None = None, max_chars: int = MAX_CHARS
+) -> Matrix:
+    norm = [normalize(t, max_chars) for t in texts]
     grams = [ngram_ids(t) for t in norm]
     rows = np.concatenate([np.full(len(g), i, dtype=np.int64) for i, g in enumerate(grams)])
     vals = np.concatenate([np.full(len(g), 1 / np.sqrt(len(g)), np.float32) for g in grams])
@@ -63,19 +66,26 @@ def featurize(texts: list[str], embedder: Embedder | None, cache: Path | None = 
 
 
 def _embeddings(norm: list[str], embedder: Embedder | None, cache: Path | None) -> np.ndarray:
-    """The messages' embeddings; with `cache`, reused when computed for exactly these texts
-    (embedding is deterministic, so this only saves time while experimenting)."""
+    """The messages' embeddings; with `cache`, the vectors of texts embedded before are reused and
+    only new texts are embedded (embedding is deterministic, one text at a time, so this only
+    saves time while experimenting)."""
     if embedder is None:
         return np.zeros((len(norm), EMBED_DIM), np.float32)
-    key = hashlib.sha256("\n".join(norm).encode("utf-8")).hexdigest()
+    known: dict[str, np.ndarray] = {}
     if cache is not None and cache.exists():
         with np.load(cache) as z:
-            if str(z["key"]) == key:
-                return z["embed"]
-    embed = embedder.embed(norm)
-    if cache is not None:
-        np.savez(cache, key=np.array(key), embed=embed)
-    return embed
+            if "texts" in z.files:
+                known = dict(zip(z["texts"].tolist(), z["embed"], strict=True))
+            elif str(z["key"]) == hashlib.sha256("\n".join(norm).encode("utf-8")).hexdigest():
+                known = dict(zip(norm, z["embed"], strict=True))
+    new = sorted({t for t in norm if t not in known})
+    for start in range(0, len(new), CACHE_EVERY):  # saved as it goes: an interrupted run resumes
+        chunk = new[start : start + CACHE_EVERY]
+        known.update(zip(chunk, embedder.embed(chunk), strict=True))
+        if cache is not None:
+            texts = sorted(known)
+            np.savez(cache, texts=np.array(texts), embed=np.stack([known[t] for t in texts]))
+    return np.stack([known[t] for t in norm]) if norm else np.zeros((0, EMBED_DIM), np.float32)
 
 
 def _row_sums(x: Matrix, per_entry: np.ndarray, n: int) -> np.ndarray:
@@ -173,14 +183,29 @@ def rates(flagged: np.ndarray, y: np.ndarray, langs: np.ndarray) -> dict[str, st
     return out
 
 
+def by_category(flagged: np.ndarray, y: np.ndarray, langs: np.ndarray) -> dict[str, str]:
+    """Out-of-fold recall per language and category (a crisis message counts as caught when any
+    head flags it)."""
+    out = {}
+    for lang in LANGS:
+        parts = []
+        for c, name in enumerate(CATEGORIES):
+            here = (langs == lang) & (y[:, c] > 0)
+            parts.append(f"{name} {flagged[here].mean():.1%} of {int(here.sum())}")
+        out[lang] = ", ".join(parts)
+    return out
+
+
 def labels(examples: list[Example]) -> np.ndarray:
     return np.array([[e.label == c for c in CATEGORIES] for e in examples], dtype=np.float64)
 
 
-def train(out: Path, compare: bool, cache: Path | None = None) -> dict[str, str]:
+def train(
+    out: Path, compare: bool, cache: Path | None = None, max_chars: int = MAX_CHARS
+) -> dict[str, str]:
     examples = [e for lang in LANGS for e in load_examples(lang)]
     y, langs = labels(examples), np.array([e.lang for e in examples])
-    x = featurize([e.text for e in examples], Embedder(), cache)
+    x = featurize([e.text for e in examples], Embedder(), cache, max_chars)
     folds = fold_of([e.group for e in examples])
     for features in ("embed", "ngram") if compare else ():
         other = out_of_fold(x, y, folds, features)
@@ -193,6 +218,7 @@ def train(out: Path, compare: bool, cache: Path | None = None) -> dict[str, str]
     report = rates((oof >= thresholds).any(1), y, langs)
     chosen = dict(zip(CATEGORIES, np.round(thresholds, 3).tolist(), strict=True))
     print(f"{FEATURES}: thresholds {chosen}", report)
+    print("out-of-fold recall by category:", by_category((oof >= thresholds).any(1), y, langs))
     return report
 
 
@@ -218,8 +244,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=weights_path(), help="where to write weights")
     ap.add_argument("--compare", action="store_true", help="also compare feature sets")
     ap.add_argument("--cache", type=Path, help="an .npz to keep the embeddings in between runs")
+    ap.add_argument(
+        "--max-chars",
+        type=int,
+        default=MAX_CHARS,
+        help="screen each message's last N characters (to measure serve.safety.max_chars)",
+    )
     args = ap.parse_args()
-    train(args.out, args.compare, args.cache)
+    train(args.out, args.compare, args.cache, args.max_chars)
     print(f"wrote {args.out} ({args.out.stat().st_size} bytes, sha256 {digest(args.out)[:16]})")
 
 
