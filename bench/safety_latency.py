@@ -1,6 +1,6 @@
 """Crisis screen latency: per message on one CPU thread, and added per chat request.
 
-    .venv/bin/python bench/safety_latency.py [--repeats 3] [--max-chars 400 200] [--out results.json]
+    .venv/bin/python bench/safety_latency.py [--repeats 3] [--max-chars 400 200] [--out FILE]
 
 1. Per message: `assess` on one message with the result cache cleared (lexicon + n-grams +
    e5 embedding + the linear heads), over the training messages plus long ones (cut to their
