@@ -1,10 +1,11 @@
 """Crisis screen latency: per message on one CPU thread, and added per chat request.
 
-    .venv/bin/python bench/safety_latency.py [--repeats 3] [--out results.json]
+    .venv/bin/python bench/safety_latency.py [--repeats 3] [--max-chars 400 200] [--out FILE]
 
 1. Per message: `assess` on one message with the result cache cleared (lexicon + n-grams +
    e5 embedding + the linear heads), over the training messages plus long ones (cut to their
-   last serve.safety.max_chars characters), one thread (OMP/BLAS threads = 1). p50/p99 by length.
+   last serve.safety.max_chars characters), one thread (OMP/BLAS threads = 1). p50/p99 by length,
+   for each --max-chars setting side by side (each message under every setting in turn).
 2. Per request: the ingress app in-process (FastAPI over httpx's ASGI transport, a scripted
    engine that answers at once, the tiny export's tokenizer), a conversation growing turn by turn
    as a client resends it, with serve.safety.enabled true and false measured in alternation;
@@ -47,27 +48,28 @@ def pct(xs: list[float]) -> dict[str, float]:
     }
 
 
-def per_message(repeats: int, stride: int) -> dict[str, dict[str, float]]:
-    screen = build_screen(SafetyConfig())
+def per_message(
+    repeats: int, stride: int, max_chars: list[int]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Per-message times for each serve.safety.max_chars, measured side by side: every message
+    is screened under each setting in turn, so machine load falls on all settings alike."""
+    screens = {m: build_screen(SafetyConfig(max_chars=m)) for m in max_chars}
     texts = [e.text for lang in ("en", "zh") for e in load_examples(lang)][::stride]
     texts += [LONG + t for t in texts[:50]]  # 50 messages of ~1,700 characters
-    times: dict[str, list[float]] = {"short (<40 chars)": [], "medium": [], "long (>400 chars)": []}
+    kinds = ("short (<40 chars)", "medium", "long (>400 chars)")
+    times = {m: {k: [] for k in kinds} for m in max_chars}
     for _ in range(repeats):
         for t in texts:
-            screen.cache.clear()
-            start = time.perf_counter()
-            assess(screen, [t])
-            took = time.perf_counter() - start
-            key = (
-                "short (<40 chars)"
-                if len(t) < 40
-                else "long (>400 chars)"
-                if len(t) > 400
-                else "medium"
-            )
-            times[key].append(took)
-    out = {k: pct(v) for k, v in times.items()}
-    out["all"] = pct([x for v in times.values() for x in v])
+            key = kinds[0] if len(t) < 40 else kinds[2] if len(t) > 400 else kinds[1]
+            for m, screen in screens.items():
+                screen.cache.clear()
+                start = time.perf_counter()
+                assess(screen, [t])
+                times[m][key].append(time.perf_counter() - start)
+    out = {}
+    for m, by_kind in times.items():
+        out[f"max_chars={m}"] = {k: pct(v) for k, v in by_kind.items()}
+        out[f"max_chars={m}"]["all"] = pct([x for v in by_kind.values() for x in v])
     return out
 
 
@@ -128,10 +130,18 @@ def main() -> None:
     ap.add_argument("--stride", type=int, default=1, help="every n-th training message")
     ap.add_argument("--turns", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument(
+        "--max-chars",
+        type=int,
+        nargs="+",
+        default=[SafetyConfig().max_chars],
+        help="serve.safety.max_chars settings to measure side by side",
+    )
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     result = {
-        "per_message": per_message(args.repeats, args.stride),
+        "load_average": list(os.getloadavg()),
+        "per_message": per_message(args.repeats, args.stride, args.max_chars),
         "per_request": per_request(args.turns, args.rounds),
     }
     print(json.dumps(result, indent=2))

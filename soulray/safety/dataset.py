@@ -6,6 +6,12 @@ forms (an opener and/or closer from data/wrappers.json, the same pool for every 
 a fixed seed). Variants share their source's `group`, so cross-validation folds split by group
 and a message's variants never score each other. `python -m soulray.safety.dataset` writes the
 result to data/train_{lang}.jsonl, the file train.py reads (committed, so it can be read).
+
+Long messages: for LONG_SHARE of the hand-written messages one more variant puts the message
+among 2-3 ordinary sentences (data/wrappers.json "fillers", the same pool for every label), at
+the start, middle or end, at most LONG_MAX_CHARS long so the whole of it is screened. A person
+often says the thing that matters in one sentence of an otherwise ordinary message, and a
+classifier trained on short messages alone lets the ordinary talk around it drown it out.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from pathlib import Path
 CATEGORIES = ("suicide", "self_harm", "violence", "abuse")
 LANGS = ("en", "zh")
 VARIANTS = 2
+LONG_SHARE = 0.5
+LONG_MAX_CHARS = 380
 SEED = 11
 
 
@@ -57,7 +65,22 @@ def build_examples(lang: str) -> list[Example]:
             if variant not in seen:
                 seen.add(variant)
                 out.append(Example(variant, label, kind, group, lang))
+        if rng.random() < LONG_SHARE:
+            variant = _embed_in_talk(text, wrap["fillers"], rng, lang)
+            if variant not in seen:
+                out.append(Example(variant, label, kind, group, lang))
     return out
+
+
+def _embed_in_talk(text: str, fillers: list[str], rng: random.Random, lang: str) -> str:
+    """The message among 2-3 ordinary sentences, at most LONG_MAX_CHARS characters."""
+    around = rng.sample(fillers, rng.choice((2, 3)))
+    at = rng.randrange(len(around) + 1)
+    end = "" if text[-1:] in ".。!！?？…" else ("。" if lang == "zh" else ".")
+    parts = [*around[:at], text + end, *around[at:]]
+    while len(" ".join(parts)) > LONG_MAX_CHARS and len(parts) > 2:
+        parts.remove(around.pop())
+    return ("" if lang == "zh" else " ").join(parts)
 
 
 def _wrap(text: str, wrap: dict[str, list[str]], rng: random.Random, lang: str) -> str:

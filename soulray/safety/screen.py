@@ -3,9 +3,10 @@
 A message is flagged for a category when the lexicon matches (score 1.0: a high-precision
 override) or the classifier's score for it reaches that category's threshold (chosen by train.py
 on out-of-fold scores; serve.safety.thresholds overrides). Each message is screened on its last
-`max_chars` characters, and its result is cached by content hash, so a conversation resent turn
-after turn costs one classifier call per new message. The result names the help lines for the
-flagged categories in the person's language (zh-CN when the flagged text is Chinese).
+`max_chars` characters (the model's reply whole, in overlapping windows of `max_chars`), and its
+result is cached by content hash, so a conversation resent turn after turn costs one classifier
+call per new message. The result names the help lines for the flagged categories in the person's
+language (zh-CN when the flagged text is Chinese).
 
 This is a screen, not a clinical instrument: it errs towards flagging, and its measured recall and
 false-positive rates are in bench/RESULTS.md.
@@ -179,12 +180,23 @@ def fixed_reply(screen: Screen, a: Assessment) -> str:
     return f"{screen.fixed_reply[locale]}\n\n{format_resources(screen, a)}"
 
 
+def reply_scores(screen: Screen, reply: str) -> np.ndarray:
+    """A reply is screened whole, in windows of max_chars every max_chars/2 characters from its
+    start (a sentence cut by one window is whole in the next), taking each category's highest
+    score: method details early in a long reply must not slip past a screen that sees only the
+    tail. The windows start at fixed offsets, so while a reply streams and is screened again
+    sentence by sentence, its earlier windows come from the cache."""
+    n = screen.cfg.max_chars
+    starts = range(0, max(len(reply) - n, 0) + n // 2, n // 2)
+    return np.max([scores(screen, reply[i : i + n]) for i in starts], axis=0)
+
+
 def check_reply(screen: Screen, reply: str, user: Assessment, user_texts: list[str]) -> Assessment:
     """The model's reply screened like a message; flagged = it must be replaced. The returned
     assessment carries the help lines to show (the user's, when the user was flagged)."""
     if not (screen.cfg.enabled and screen.cfg.screen_reply) or not reply.strip():
         return Assessment()
-    s = scores(screen, reply)
+    s = reply_scores(screen, reply)
     # stricter than for messages: a lexicon match (1.0) or a confident score; a model's own
     # text (or a tiny test model's gibberish) must not lose the conversation on a weak score
     hits = s >= np.maximum(screen.thresholds, screen.cfg.reply_threshold)

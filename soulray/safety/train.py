@@ -7,13 +7,18 @@ out-of-fold scores (5 folds split by hand-written source, never a test set) as t
 at which that head's out-of-fold flags are crisis messages TARGET_PRECISION of the time.
 Writes data/weights.npz.
 `--compare` prints out-of-fold recall / false-positive rate for embeddings alone, n-grams alone
-and both (the measurement behind the choice in classifier.py).
+and both (the measurement behind the choice in classifier.py). `--jobs N` runs the six fits (five
+folds and the final one) in N forked processes: the same weights, sooner. `--cache FILE` keeps the
+embeddings per text, so adding messages embeds only the new ones. `--max-chars N` measures
+another serve.safety.max_chars (out of fold; the shipped weights use MAX_CHARS).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +36,7 @@ LR = 0.05
 L2 = 1e-4
 TARGET_PRECISION = 0.9
 FEATURES = "both"
+CACHE_EVERY = 1000  # texts embedded between saves of --cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,8 +58,13 @@ class Matrix:
         )
 
 
-def featurize(texts: list[str], embedder: Embedder | None, cache: Path | None = None) -> Matrix:
-    norm = [normalize(t, MAX_CHARS) for t in texts]
+def featurize(
+    texts: list[str],
+    embedder: Embedder | None,
+    cache: Path | None = None,
+    max_chars: int = MAX_CHARS,
+) -> Matrix:
+    norm = [normalize(t, max_chars) for t in texts]
     grams = [ngram_ids(t) for t in norm]
     rows = np.concatenate([np.full(len(g), i, dtype=np.int64) for i, g in enumerate(grams)])
     vals = np.concatenate([np.full(len(g), 1 / np.sqrt(len(g)), np.float32) for g in grams])
@@ -63,19 +74,26 @@ def featurize(texts: list[str], embedder: Embedder | None, cache: Path | None = 
 
 
 def _embeddings(norm: list[str], embedder: Embedder | None, cache: Path | None) -> np.ndarray:
-    """The messages' embeddings; with `cache`, reused when computed for exactly these texts
-    (embedding is deterministic, so this only saves time while experimenting)."""
+    """The messages' embeddings; with `cache`, the vectors of texts embedded before are reused and
+    only new texts are embedded (embedding is deterministic, one text at a time, so this only
+    saves time while experimenting)."""
     if embedder is None:
         return np.zeros((len(norm), EMBED_DIM), np.float32)
-    key = hashlib.sha256("\n".join(norm).encode("utf-8")).hexdigest()
+    known: dict[str, np.ndarray] = {}
     if cache is not None and cache.exists():
         with np.load(cache) as z:
-            if str(z["key"]) == key:
-                return z["embed"]
-    embed = embedder.embed(norm)
-    if cache is not None:
-        np.savez(cache, key=np.array(key), embed=embed)
-    return embed
+            if "texts" in z.files:
+                known = dict(zip(z["texts"].tolist(), z["embed"], strict=True))
+            elif str(z["key"]) == hashlib.sha256("\n".join(norm).encode("utf-8")).hexdigest():
+                known = dict(zip(norm, z["embed"], strict=True))
+    new = sorted({t for t in norm if t not in known})
+    for start in range(0, len(new), CACHE_EVERY):  # saved as it goes: an interrupted run resumes
+        chunk = new[start : start + CACHE_EVERY]
+        known.update(zip(chunk, embedder.embed(chunk), strict=True))
+        if cache is not None:
+            texts = sorted(known)
+            np.savez(cache, texts=np.array(texts), embed=np.stack([known[t] for t in texts]))
+    return np.stack([known[t] for t in norm]) if norm else np.zeros((0, EMBED_DIM), np.float32)
 
 
 def _row_sums(x: Matrix, per_entry: np.ndarray, n: int) -> np.ndarray:
@@ -138,13 +156,44 @@ def fold_of(groups: list[str]) -> np.ndarray:
     return np.array([fold[g] for g in groups])
 
 
-def out_of_fold(x: Matrix, y: np.ndarray, folds: np.ndarray, features: str) -> np.ndarray:
+_SHARED: dict[str, tuple] = {}  # the fits' inputs, inherited by forked workers (not pickled)
+
+
+def _fit_part(k: int) -> tuple[int, list[np.ndarray] | np.ndarray]:
+    """Fold k's out-of-fold scores, or (k == FOLDS) the fit on everything."""
+    x, y, folds, features = _SHARED["fit"]
+    if k == FOLDS:
+        return k, fit(x, y, features)
+    params = fit(x.take(folds != k), y[folds != k], features)
+    held = x.take(folds == k)
+    return k, 1 / (1 + np.exp(-logits(expand(params, held), held)))
+
+
+def fit_all(
+    x: Matrix, y: np.ndarray, folds: np.ndarray, features: str, jobs: int = 1
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Out-of-fold scores (FOLDS fits) and the fit on everything: FOLDS + 1 independent,
+    deterministic fits, run in `jobs` forked processes (the same numbers with any `jobs`)."""
+    _SHARED["fit"] = (x, y, folds, features)
+    try:
+        if jobs > 1:
+            ctx = multiprocessing.get_context("fork")
+            with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+                parts = dict(pool.map(_fit_part, range(FOLDS + 1)))
+        else:
+            parts = dict(map(_fit_part, range(FOLDS + 1)))
+    finally:
+        _SHARED.clear()
     scores = np.zeros(y.shape)
     for k in range(FOLDS):
-        params = fit(x.take(folds != k), y[folds != k], features)
-        held = x.take(folds == k)
-        scores[folds == k] = 1 / (1 + np.exp(-logits(expand(params, held), held)))
-    return scores
+        scores[folds == k] = parts[k]
+    return scores, parts[FOLDS]
+
+
+def out_of_fold(
+    x: Matrix, y: np.ndarray, folds: np.ndarray, features: str, jobs: int = 1
+) -> np.ndarray:
+    return fit_all(x, y, folds, features, jobs)[0]
 
 
 def choose_thresholds(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -173,26 +222,45 @@ def rates(flagged: np.ndarray, y: np.ndarray, langs: np.ndarray) -> dict[str, st
     return out
 
 
+def by_category(flagged: np.ndarray, y: np.ndarray, langs: np.ndarray) -> dict[str, str]:
+    """Out-of-fold recall per language and category (a crisis message counts as caught when any
+    head flags it)."""
+    out = {}
+    for lang in LANGS:
+        parts = []
+        for c, name in enumerate(CATEGORIES):
+            here = (langs == lang) & (y[:, c] > 0)
+            parts.append(f"{name} {flagged[here].mean():.1%} of {int(here.sum())}")
+        out[lang] = ", ".join(parts)
+    return out
+
+
 def labels(examples: list[Example]) -> np.ndarray:
     return np.array([[e.label == c for c in CATEGORIES] for e in examples], dtype=np.float64)
 
 
-def train(out: Path, compare: bool, cache: Path | None = None) -> dict[str, str]:
+def train(
+    out: Path,
+    compare: bool,
+    cache: Path | None = None,
+    max_chars: int = MAX_CHARS,
+    jobs: int = 1,
+) -> dict[str, str]:
     examples = [e for lang in LANGS for e in load_examples(lang)]
     y, langs = labels(examples), np.array([e.lang for e in examples])
-    x = featurize([e.text for e in examples], Embedder(), cache)
+    x = featurize([e.text for e in examples], Embedder(), cache, max_chars)
     folds = fold_of([e.group for e in examples])
     for features in ("embed", "ngram") if compare else ():
-        other = out_of_fold(x, y, folds, features)
+        other = out_of_fold(x, y, folds, features, jobs)
         th = choose_thresholds(other, y)
         print(f"{features}: thresholds {np.round(th, 3)}", rates((other >= th).any(1), y, langs))
-    oof = out_of_fold(x, y, folds, FEATURES)
+    oof, params = fit_all(x, y, folds, FEATURES, jobs)
     thresholds = choose_thresholds(oof, y)
-    params = fit(x, y, FEATURES)
     save(out, params, thresholds)
     report = rates((oof >= thresholds).any(1), y, langs)
     chosen = dict(zip(CATEGORIES, np.round(thresholds, 3).tolist(), strict=True))
     print(f"{FEATURES}: thresholds {chosen}", report)
+    print("out-of-fold recall by category:", by_category((oof >= thresholds).any(1), y, langs))
     return report
 
 
@@ -218,8 +286,17 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=weights_path(), help="where to write weights")
     ap.add_argument("--compare", action="store_true", help="also compare feature sets")
     ap.add_argument("--cache", type=Path, help="an .npz to keep the embeddings in between runs")
+    ap.add_argument(
+        "--max-chars",
+        type=int,
+        default=MAX_CHARS,
+        help="screen each message's last N characters (to measure serve.safety.max_chars)",
+    )
+    ap.add_argument(
+        "--jobs", type=int, default=1, help="processes for the 6 fits (same weights with any)"
+    )
     args = ap.parse_args()
-    train(args.out, args.compare, args.cache)
+    train(args.out, args.compare, args.cache, args.max_chars, args.jobs)
     print(f"wrote {args.out} ({args.out.stat().st_size} bytes, sha256 {digest(args.out)[:16]})")
 
 

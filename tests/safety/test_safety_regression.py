@@ -44,21 +44,22 @@ SETS = {
     "blind set 3 (en)": (BLIND3["crisis_en"], BLIND3["ordinary_en"]),
     "blind set 3 (zh)": (BLIND3["crisis_zh"], BLIND3["ordinary_zh"]),
 }
-# Measured when the classifier shipped (crisis caught / n, false alarms / n); the floor allows one
-# message fewer caught and the ceiling one false alarm more. Keyword screen alone, for
+# Measured with the shipped weights (crisis caught / n, false alarms / n; raised after the training
+# data was grown, never lowered); the floor allows one message fewer caught and the ceiling one
+# false alarm more. Keyword screen alone, for
 # comparison, on blind set 2: en 24/40 caught 0/40 false alarms, zh 23/40 and 1/40; on blind
 # set 3: en 24/100 and 3/100, zh 18/100 and 2/100.
 MEASURED = {
     "tuning set (en)": (32, 32, 32, 4),
-    "tuning set (zh)": (32, 32, 32, 2),
+    "tuning set (zh)": (32, 32, 32, 2),  # 3 false alarms since the retrain: at the ceiling, kept
     "held-out round 1 (en+zh)": (24, 24, 24, 3),
-    "held-out round 2 (en+zh)": (24, 20, 24, 1),
+    "held-out round 2 (en+zh)": (24, 23, 24, 1),
     "held-out round 3 (en)": (40, 40, 40, 3),
     "held-out round 3 (zh)": (40, 40, 40, 2),
-    "blind set 2 (en)": (40, 38, 40, 2),
-    "blind set 2 (zh)": (40, 34, 40, 2),
-    "blind set 3 (en)": (100, 77, 100, 7),
-    "blind set 3 (zh)": (100, 67, 100, 6),
+    "blind set 2 (en)": (40, 39, 40, 0),
+    "blind set 2 (zh)": (40, 35, 40, 2),
+    "blind set 3 (en)": (100, 81, 100, 6),
+    "blind set 3 (zh)": (100, 74, 100, 3),
 }
 FLOORS = {k: ((hit - 1) / n, (fa + 1) / m) for k, (n, hit, m, fa) in MEASURED.items()}
 

@@ -12,7 +12,15 @@ import numpy as np
 import pytest
 
 from soulray.safety.classifier import CATEGORIES, load_weights, weights_path
-from soulray.safety.dataset import LANGS, build_examples, load_examples
+from soulray.safety.dataset import (
+    LANGS,
+    LONG_MAX_CHARS,
+    build_examples,
+    load_examples,
+    written,
+)
+from soulray.safety.features import Embedder
+from soulray.safety.train import _embeddings
 
 ROOT = Path(__file__).parents[2]
 
@@ -21,12 +29,58 @@ ROOT = Path(__file__).parents[2]
 def test_the_committed_training_set_is_the_generator_output_and_covers_the_brief(lang):
     rows = load_examples(lang)
     assert rows == build_examples(lang)  # data/train_{lang}.jsonl is regenerated, not edited
-    assert len(rows) >= 1500
-    labels = Counter(e.label for e in rows)
-    kinds = Counter(e.kind for e in rows if e.label == "none")
-    assert all(labels[c] >= 150 for c in CATEGORIES)
-    assert {"idiom", "grief", "friend", "media", "medication", "sadness"} <= set(kinds)
+    hand = written(lang)
+    assert len(hand) >= 2000 and len(rows) >= 7000
+    labels = Counter(label for _, label, _ in hand)
+    kinds = Counter(kind for _, label, kind in hand if label == "none")
+    assert all(labels[c] >= 170 for c in CATEGORIES) and labels["suicide"] >= 460
+    assert labels["none"] >= 950  # hard negatives, about 5 for every 6 crisis messages
+    assert {"idiom", "grief", "friend", "media", "medication", "sadness", "breakup", "exam"} <= set(
+        kinds
+    ) and {"anger", "fitness", "truecrime", "everyday", "counselor"} <= set(kinds)
     assert len({e.text for e in rows}) == len(rows)  # no duplicate messages
+    assert len({t.lower() for t, _, _ in hand}) == len(hand)  # none written twice
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_long_variants_hold_their_message_among_ordinary_talk_for_every_label(lang):
+    """Some messages also appear among 2-3 filler sentences (the same pool for every label),
+    whole and within LONG_MAX_CHARS, sharing the group (fold) of the message they carry."""
+    hand = {f"{lang}-{i}": (t, label) for i, (t, label, _) in enumerate(written(lang))}
+    fillers = json.loads((ROOT / "soulray/safety/data/wrappers.json").read_text("utf-8"))[lang]
+    fillers = fillers["fillers"]
+    long_rows = [e for e in load_examples(lang) if any(f in e.text for f in fillers)]
+    assert 0.4 * len(hand) < len(long_rows) < 0.6 * len(hand)
+    for e in long_rows:
+        text, label = hand[e.group]
+        assert text in e.text and e.label == label
+        assert sum(f in e.text for f in fillers) >= 1
+        assert len(e.text) <= max(LONG_MAX_CHARS, len(text) + max(map(len, fillers)) + 2)
+    by_label = Counter(e.label for e in long_rows)
+    assert all(by_label[c] >= 60 for c in (*CATEGORIES, "none"))
+
+
+def test_the_embedding_cache_reuses_known_texts_and_embeds_only_new_ones(tmp_path):
+    """train.py --cache keeps vectors per text: adding messages embeds only the new ones, and a
+    cached vector is the one a fresh embedding gives (one text at a time, deterministic)."""
+    cache, embedder = tmp_path / "cache.npz", Embedder()
+    first = _embeddings(["i want to die", "累死了"], embedder, cache)
+    with np.load(cache) as z:
+        assert sorted(z["texts"].tolist()) == ["i want to die", "累死了"]
+
+    class Counting:
+        def __init__(self) -> None:
+            self.seen: list[str] = []
+
+        def embed(self, texts: list[str]) -> np.ndarray:
+            self.seen += texts
+            return embedder.embed(texts)
+
+    counting = Counting()
+    again = _embeddings(["累死了", "我想死", "i want to die"], counting, cache)  # type: ignore[arg-type]
+    assert counting.seen == ["我想死"]
+    np.testing.assert_array_equal(again[[2, 0]], first)
+    np.testing.assert_array_equal(again[1], embedder.embed(["我想死"])[0])
 
 
 def test_the_shipped_weights_are_small_and_carry_out_of_fold_thresholds():
