@@ -26,14 +26,7 @@ IDIOMS = [
     "累死了",
     "笑死我了",
     "想死你了",
-    pytest.param(
-        "想死你们了，快回来吧",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="the retrained classifier scores it 0.740 against the suicide threshold 0.724 "
-            "(a known regression: needs more 想死你(们)了 = 'miss you' negatives and a retrain)",
-        ),
-    ),
+    "想死你们了，快回来吧",
     "跳楼价清仓",
     "热死了，空调坏了",
 ]
