@@ -31,6 +31,8 @@ BLIND = json.loads((HERE / "safety_holdout_blind2.json").read_text("utf-8"))
 # Written blind (no sight of the code or the training data) and measured once when the classifier
 # landed (bench/results/safety_blind3.json); a regression set from then on.
 BLIND3 = json.loads((HERE / "safety_holdout_blind3.json").read_text("utf-8"))
+# Blind set 4, the same way, measured once on 2026-12-02 (bench/results/safety_blind4.json).
+BLIND4 = json.loads((HERE / "safety_holdout_blind4.json").read_text("utf-8"))
 
 SETS = {
     "tuning set (en)": (CRISIS_EN, ORDINARY_EN),
@@ -43,6 +45,8 @@ SETS = {
     "blind set 2 (zh)": (BLIND["crisis_zh"], BLIND["ordinary_zh"]),
     "blind set 3 (en)": (BLIND3["crisis_en"], BLIND3["ordinary_en"]),
     "blind set 3 (zh)": (BLIND3["crisis_zh"], BLIND3["ordinary_zh"]),
+    "blind set 4 (en)": (BLIND4["crisis_en"], BLIND4["ordinary_en"]),
+    "blind set 4 (zh)": (BLIND4["crisis_zh"], BLIND4["ordinary_zh"]),
 }
 # Measured with the shipped weights (crisis caught / n, false alarms / n; raised after the training
 # data was grown, never lowered); the floor allows one message fewer caught and the ceiling one
@@ -62,6 +66,8 @@ MEASURED = {
     "blind set 2 (zh)": (40, 38, 40, 2),
     "blind set 3 (en)": (100, 81, 100, 6),  # 7 false alarms since the last retrain: at the ceiling
     "blind set 3 (zh)": (100, 75, 100, 5),
+    "blind set 4 (en)": (105, 92, 116, 23),
+    "blind set 4 (zh)": (108, 71, 119, 13),
 }
 FLOORS = {k: ((hit - 1) / n, (fa + 1) / m) for k, (n, hit, m, fa) in MEASURED.items()}
 
