@@ -47,12 +47,14 @@ def save_checkpoint(
     state: dict[str, Any],
     cfg: Config,
 ) -> None:
-    """Every rank writes its shards and RNG state into `directory` (a local folder); rank 0
-    adds the loop state and the resolved config."""
+    """Every rank writes its shards, RNG state and its own data position (ranks hold different
+    numbers of rows, so their epochs end at different micro-batches) into `directory` (a local
+    folder); rank 0 adds the loop state and the resolved config."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=directory)
     rank = dist.get_rank()
-    torch.save(rng_state(), Path(directory, f"rng_rank{rank}.pt"))
+    mine = {"epoch": state["epoch"], "epoch_batch": state["epoch_batch"]}
+    torch.save(rng_state() | {"data": mine}, Path(directory, f"rng_rank{rank}.pt"))
     if rank == 0:
         extra = state | {"scheduler": scheduler.state_dict()}
         Path(directory, STATE_FILE).write_text(json.dumps(extra))
@@ -63,7 +65,8 @@ def load_checkpoint(
     location: str, model: nn.Module, optimizer: Any, scheduler: Any
 ) -> dict[str, Any]:
     """Restore model, optimizer, scheduler and this rank's RNG in place from a checkpoint where
-    it is stored (local path or object-store URI); return the loop state."""
+    it is stored (local path or object-store URI); return the loop state, with this rank's own
+    data position where the checkpoint has it."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=location)
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
@@ -71,7 +74,9 @@ def load_checkpoint(
     scheduler.load_state_dict(state.pop("scheduler"))
     rng = storage.join(location, f"rng_rank{dist.get_rank()}.pt")
     if storage.exists(rng):  # absent when resuming with more workers than wrote it
-        set_rng_state(torch.load(io.BytesIO(storage.read_bytes(rng)), weights_only=False))
+        saved = torch.load(io.BytesIO(storage.read_bytes(rng)), weights_only=False)
+        set_rng_state(saved)
+        state.update(saved.get("data", {}))  # older checkpoints: rank 0's position for all
     return state
 
 
