@@ -53,9 +53,9 @@ class ReplyGuard:
     pending: str = ""
     replaced: Assessment | None = field(default=None)
 
-    async def push(self, text: str, final: bool, run: Runner | None = None) -> str:
+    async def push(self, text: str, final: bool, run: Runner) -> str:
         """The text to send now (may be empty). `run(fn, *args)` runs the screen (off the
-        event loop in a replica); inline without it."""
+        event loop in a replica: IngressState.off_loop)."""
         if self.replaced is not None:
             return ""
         if not (self.screen.cfg.enabled and self.screen.cfg.screen_reply):
@@ -65,7 +65,7 @@ class ReplyGuard:
         if cut == 0:
             return ""
         args = (self.screen, self.sent + self.pending[:cut], self.user, self.user_texts)
-        found = await run(check_reply, *args) if run else check_reply(*args)
+        found = await run(check_reply, *args)
         if found.flagged:
             self.replaced = found
             return ("\n\n" if self.sent else "") + fixed_reply(self.screen, found)
