@@ -263,7 +263,10 @@ def corpus_file(a: argparse.Namespace, work: Path, tokenizer) -> tuple[Path, dic
 
 def tree_pss(root: int, session: str) -> dict[str, int]:
     """PSS (bytes) of the child's process tree, plus any process naming its Ray session (none
-    of the other engineers' Ray processes: they run under other session directories)."""
+    of the other engineers' Ray processes: they run under other session directories).
+
+    Read from /proc/<pid>/smaps_rollup: psutil's memory_full_info parses the whole smaps file,
+    which cost the sampler about half a CPU every second, CPU the measured prepare then lacked."""
     import psutil
 
     try:
@@ -278,10 +281,23 @@ def tree_pss(root: int, session: str) -> dict[str, int]:
     for p in procs.values():
         try:
             name = p.name()
-            out[name] = out.get(name, 0) + p.memory_full_info().pss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            out[name] = out.get(name, 0) + rollup_pss(p.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, OSError):
             continue
     return out
+
+
+def gib(parts: dict[str, int]) -> dict[str, float]:
+    return {name: round(b / 2**30, 3) for name, b in sorted(parts.items())}
+
+
+def rollup_pss(pid: int) -> int:
+    """A process's proportional set size in bytes, from its kernel-summed smaps."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def run_prepare_measured(
@@ -303,25 +319,35 @@ def run_prepare_measured(
     cmd = [sys.executable, "-c", PREPARE_CHILD, json.dumps(overrides), str(cpus), str(result)]
     cmd.append(stages)
     env = os.environ | {"PYTHONPATH": str(ROOT)}
-    peak, peak_parts, samples = 0, {}, 0
+    peak, peak_parts, samples, timeline, last_mark = 0, {}, 0, [], -1e9
     session_file = Path(f"{result}.session")
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        sampler_cpu, sampler_started = time.process_time(), time.monotonic()
         while proc.poll() is None:
             session = session_file.read_text() if session_file.exists() else ""
+            began = time.monotonic()
             parts = tree_pss(proc.pid, session)
             samples += 1
             if sum(parts.values()) > peak:
                 peak, peak_parts = sum(parts.values()), parts
-            time.sleep(1.0)
+            if began - last_mark >= 30:  # what each kind of process holds, twice a minute
+                last_mark = began
+                timeline.append({"s": round(began - sampler_started, 1)} | gib(parts))
+            # Walking the page tables of GiB-sized workers is not free: keep the sampler under
+            # ~5 % of one CPU (every second while a sample is cheap, less often when it is not).
+            time.sleep(max(1.0, 20 * (time.monotonic() - began)))
+        sampler_cpu = time.process_time() - sampler_cpu
     if proc.returncode:
         tail = log_path.read_text()[-3000:]
         raise SystemExit(f"prepare failed ({proc.returncode}):\n{tail}")
     done = json.loads(result.read_text())
     return done | {
         "peak_pss_gib": peak / 2**30,
-        "peak_by_process_gib": peak_parts,
+        "peak_by_process_gib": gib(peak_parts),
         "samples": samples,
+        "sampler_cpu_s": round(sampler_cpu, 1),
+        "pss_timeline_gib": timeline,
     }
 
 
@@ -333,14 +359,21 @@ def single_file(a: argparse.Namespace, tokenizer, tokenizer_dir: str) -> dict:
         print(f"wrote {path} ({size / 1e9:.3f} GB); raw tokenizer {raw}", flush=True)
         run = run_prepare_measured([str(path)], work / "out", 2, a.seq_len, tokenizer_dir, a.stages)
         m = run.pop("manifest")
-        run["peak_by_process_gib"] = {
-            k: round(v / 2**30, 3) for k, v in sorted(run["peak_by_process_gib"].items())
-        }
+        # The raw tokenizer again, right after: this VM's speed drifts by a third within minutes,
+        # so the ratio is given against the raw speed before, after, and their mean.
+        every = a.raw_sample_every if a.stages == "all" else 0
+        after = write_single_file(
+            path, iter_soulchat_shaped(a.conversations, a.seed), tokenizer, every, write=False
+        )
+        print(f"raw tokenizer after prepare {after}", flush=True)
+        rates = [r["tokens_per_s"] for r in (raw, after) if r["tokens_per_s"]]
+        prepare_rate = m["tokens"] / run["seconds"] if m["tokens"] else None
         return {
             "when": time.strftime("%Y-%m-%d %H:%M"),
             "args": vars(a),
             "file_bytes": size,
             "raw_tokenizer": raw,
+            "raw_tokenizer_after": after,
             "prepare_2cpu": run
             | {k: m[k] for k in ("conversations", "records", "rejected", "tokens", "rows")}
             | {
@@ -348,8 +381,12 @@ def single_file(a: argparse.Namespace, tokenizer, tokenizer_dir: str) -> dict:
                 "stage_seconds": m.get("stage_seconds"),
             },
             # prepare's tokens/s: the tokens it wrote (the rendered text, as raw tokenizes it)
-            "prepare_vs_raw_tokenizer": m["tokens"] / run["seconds"] / raw["tokens_per_s"]
-            if raw["tokens_per_s"] and m["tokens"]
+            "prepare_vs_raw_tokenizer": prepare_rate / rates[0] if prepare_rate and rates else None,
+            "prepare_vs_raw_tokenizer_after": prepare_rate / rates[-1]
+            if prepare_rate and len(rates) == 2
+            else None,
+            "prepare_vs_raw_tokenizer_mean": prepare_rate / statistics.mean(rates)
+            if prepare_rate and rates
             else None,
         }
     finally:

@@ -162,6 +162,18 @@ def load_kept(batch: pa.Table, work: str) -> pa.Table:
     return table.filter(pa.compute.invert(dropped)).select(KEPT_COLUMNS)
 
 
+class KeptLoader:
+    """`load_kept` as a Ray Data actor. Rendering paces the loader (the render queue is capped),
+    so a loader task pool would sit idle between ranges, and Ray reaps idle workers within a
+    second and starts fresh ones (seconds of imports each, on the CPUs rendering needs)."""
+
+    def __init__(self, work: str):
+        self.work = work
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return load_kept(batch, self.work)
+
+
 @dataclass
 class ParseSummary:
     records: int
