@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from soulray.config import HelpLine, SafetyConfig
+from soulray.safety.dataset import written
 from soulray.safety.features import normalize
 from soulray.safety.lexicon import load_builtin
 from soulray.safety.screen import assess, build_screen, check_reply, fixed_reply
@@ -90,6 +91,15 @@ def test_help_lines_follow_the_category_and_the_language(screen):
     suicide_zh = assess(screen, ["我不想活了"])
     assert [r.contact for r in suicide_zh.resources] == ["12356", "400-161-9995", "120 / 110"]
     assert "12356" in fixed_reply(screen, suicide_zh)
+
+
+@pytest.mark.parametrize("lang,most", [("en", 27), ("zh", 28)])
+def test_the_lexicon_alone_flags_few_ordinary_training_messages(lexicon_only, lang, most):
+    """The lexicon always flags, so it must hold only what states crisis by itself: of the
+    hand-written ordinary messages (idioms, grief, news, a worried friend, jokes), it flagged
+    27 of 1,106 (en) and 28 of 1,160 (zh) when topic words left it (was 102 and 102, ~10 %)."""
+    ordinary = [t for t, label, _ in written(lang) if label == "none"]
+    assert sum(assess(lexicon_only, [t]).flagged for t in ordinary) <= most
 
 
 def test_thresholds_come_from_config():
