@@ -33,6 +33,9 @@ BLIND = json.loads((HERE / "safety_holdout_blind2.json").read_text("utf-8"))
 BLIND3 = json.loads((HERE / "safety_holdout_blind3.json").read_text("utf-8"))
 # Blind set 4, the same way, measured once on 2026-12-02 (bench/results/safety_blind4.json).
 BLIND4 = json.loads((HERE / "safety_holdout_blind4.json").read_text("utf-8"))
+# Blind set 5, the same way, measured once on 2026-12-02 after the lexicon was cut to first-person
+# rules and the data grown (bench/results/safety_blind5.json).
+BLIND5 = json.loads((HERE / "safety_holdout_blind5.json").read_text("utf-8"))
 
 SETS = {
     "tuning set (en)": (CRISIS_EN, ORDINARY_EN),
@@ -47,6 +50,8 @@ SETS = {
     "blind set 3 (zh)": (BLIND3["crisis_zh"], BLIND3["ordinary_zh"]),
     "blind set 4 (en)": (BLIND4["crisis_en"], BLIND4["ordinary_en"]),
     "blind set 4 (zh)": (BLIND4["crisis_zh"], BLIND4["ordinary_zh"]),
+    "blind set 5 (en)": (BLIND5["crisis_en"], BLIND5["ordinary_en"]),
+    "blind set 5 (zh)": (BLIND5["crisis_zh"], BLIND5["ordinary_zh"]),
 }
 # Measured with the shipped weights (crisis caught / n, false alarms / n); the floor allows one
 # message fewer caught and the ceiling one false alarm more. Keyword screen alone, for
@@ -70,6 +75,8 @@ MEASURED = {
     "blind set 3 (zh)": (100, 78, 100, 2),
     "blind set 4 (en)": (105, 88, 116, 13),
     "blind set 4 (zh)": (108, 70, 119, 15),
+    "blind set 5 (en)": (112, 100, 120, 10),
+    "blind set 5 (zh)": (112, 92, 120, 8),
 }
 FLOORS = {k: ((hit - 1) / n, (fa + 1) / m) for k, (n, hit, m, fa) in MEASURED.items()}
 
