@@ -7,10 +7,11 @@ out-of-fold scores (5 folds split by hand-written source, never a test set) as t
 at which that head's out-of-fold flags are crisis messages TARGET_PRECISION of the time.
 Writes data/weights.npz.
 `--compare` prints out-of-fold recall / false-positive rate for embeddings alone, n-grams alone
-and both (the measurement behind the choice in classifier.py). `--jobs N` runs the six fits (five
-folds and the final one) in N forked processes: the same weights, sooner. `--cache FILE` keeps the
-embeddings per text, so adding messages embeds only the new ones. `--max-chars N` measures
-another serve.safety.max_chars (out of fold; the shipped weights use MAX_CHARS).
+and both (the measurement behind the choice in classifier.py). `--jobs N` embeds and runs the six
+fits (five folds and the final one) in N forked processes: the same weights, sooner.
+`--cache FILE` keeps the embeddings per text, so adding messages embeds only the new ones.
+`--max-chars N` measures another serve.safety.max_chars (out of fold; the shipped weights use
+MAX_CHARS).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -64,20 +66,24 @@ def featurize(
     embedder: Embedder | None,
     cache: Path | None = None,
     max_chars: int = MAX_CHARS,
+    jobs: int = 1,
 ) -> Matrix:
     norm = [normalize(t, max_chars) for t in texts]
     grams = [ngram_ids(t) for t in norm]
     rows = np.concatenate([np.full(len(g), i, dtype=np.int64) for i, g in enumerate(grams)])
     vals = np.concatenate([np.full(len(g), 1 / np.sqrt(len(g)), np.float32) for g in grams])
     used, cols = np.unique(np.concatenate(grams), return_inverse=True)
-    embed = _embeddings(norm, embedder, cache)
+    embed = _embeddings(norm, embedder, cache, jobs)
     return Matrix(embed.astype(np.float32), rows, cols, vals, used)
 
 
-def _embeddings(norm: list[str], embedder: Embedder | None, cache: Path | None) -> np.ndarray:
+def _embeddings(
+    norm: list[str], embedder: Embedder | None, cache: Path | None, jobs: int = 1
+) -> np.ndarray:
     """The messages' embeddings; with `cache`, the vectors of texts embedded before are reused and
     only new texts are embedded (embedding is deterministic, one text at a time, so this only
-    saves time while experimenting)."""
+    saves time while experimenting). `jobs` > 1 embeds in that many forked processes: the same
+    vectors (each text alone, one thread), sooner."""
     if embedder is None:
         return np.zeros((len(norm), EMBED_DIM), np.float32)
     known: dict[str, np.ndarray] = {}
@@ -90,11 +96,31 @@ def _embeddings(norm: list[str], embedder: Embedder | None, cache: Path | None) 
     new = sorted({t for t in norm if t not in known})
     for start in range(0, len(new), CACHE_EVERY):  # saved as it goes: an interrupted run resumes
         chunk = new[start : start + CACHE_EVERY]
-        known.update(zip(chunk, embedder.embed(chunk), strict=True))
+        known.update(zip(chunk, _embed_parallel(embedder, chunk, jobs), strict=True))
         if cache is not None:
             texts = sorted(known)
             np.savez(cache, texts=np.array(texts), embed=np.stack([known[t] for t in texts]))
     return np.stack([known[t] for t in norm]) if norm else np.zeros((0, EMBED_DIM), np.float32)
+
+
+def _embed_parallel(embedder: Embedder, texts: list[str], jobs: int) -> np.ndarray:
+    if jobs <= 1 or len(texts) < 2 * jobs:
+        return embedder.embed(texts)
+    _SHARED["embedder"] = embedder
+    try:
+        parts = [texts[i::jobs] for i in range(jobs)]  # strided: long and short texts spread evenly
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            vectors = list(pool.map(_embed_part, parts))
+    finally:
+        _SHARED.pop("embedder", None)
+    out = np.empty((len(texts), vectors[0].shape[1]), vectors[0].dtype)
+    for i, v in enumerate(vectors):
+        out[i::jobs] = v
+    return out
+
+
+def _embed_part(texts: list[str]) -> np.ndarray:
+    return _SHARED["embedder"].embed(texts)
 
 
 def _row_sums(x: Matrix, per_entry: np.ndarray, n: int) -> np.ndarray:
@@ -161,7 +187,7 @@ def fold_of(groups: list[str]) -> np.ndarray:
     return np.array([fold[g] for g in groups])
 
 
-_SHARED: dict[str, tuple] = {}  # the fits' inputs, inherited by forked workers (not pickled)
+_SHARED: dict[str, Any] = {}  # inputs inherited by forked workers (not pickled)
 
 
 def _fit_part(k: int) -> tuple[int, list[np.ndarray] | np.ndarray]:
@@ -270,7 +296,7 @@ def train(
 ) -> dict[str, str]:
     examples = [e for lang in LANGS for e in load_examples(lang)]
     y, langs = labels(examples), np.array([e.lang for e in examples])
-    x = featurize([e.text for e in examples], Embedder(), cache, max_chars)
+    x = featurize([e.text for e in examples], Embedder(), cache, max_chars, jobs)
     folds = fold_of([e.group for e in examples])
     for features in ("embed", "ngram") if compare else ():
         other = out_of_fold(x, y, folds, features, jobs)
@@ -317,7 +343,10 @@ def main() -> None:
         help="screen each message's last N characters (to measure serve.safety.max_chars)",
     )
     ap.add_argument(
-        "--jobs", type=int, default=1, help="processes for the 6 fits (same weights with any)"
+        "--jobs",
+        type=int,
+        default=1,
+        help="processes for the embeddings and the 6 fits (same weights with any)",
     )
     args = ap.parse_args()
     train(args.out, args.compare, args.cache, args.max_chars, args.jobs)
