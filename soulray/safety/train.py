@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import multiprocessing
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,13 +107,8 @@ def _embeddings(
 def _embed_parallel(embedder: Embedder, texts: list[str], jobs: int) -> np.ndarray:
     if jobs <= 1 or len(texts) < 2 * jobs:
         return embedder.embed(texts)
-    _SHARED["embedder"] = embedder
-    try:
-        parts = [texts[i::jobs] for i in range(jobs)]  # strided: long and short texts spread evenly
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
-            vectors = list(pool.map(_embed_part, parts))
-    finally:
-        _SHARED.pop("embedder", None)
+    parts = [texts[i::jobs] for i in range(jobs)]  # strided: long and short texts spread evenly
+    vectors = fork_map(_embed_part, parts, jobs, embedder=embedder)
     out = np.empty((len(texts), vectors[0].shape[1]), vectors[0].dtype)
     for i, v in enumerate(vectors):
         out[i::jobs] = v
@@ -190,6 +186,20 @@ def fold_of(groups: list[str]) -> np.ndarray:
 _SHARED: dict[str, Any] = {}  # inputs inherited by forked workers (not pickled)
 
 
+def fork_map(fn: Callable[[Any], Any], items: list[Any], jobs: int, **shared: Any) -> list[Any]:
+    """[fn(item) for item in items] in `jobs` forked processes (in this one when jobs <= 1), with
+    `shared` in _SHARED for fn to read: large inputs reach the workers by fork, never pickled."""
+    _SHARED.update(shared)
+    try:
+        if jobs <= 1:
+            return list(map(fn, items))
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            return list(pool.map(fn, items))
+    finally:
+        for key in shared:
+            _SHARED.pop(key, None)
+
+
 def _fit_part(k: int) -> tuple[int, list[np.ndarray] | np.ndarray]:
     """Fold k's out-of-fold scores, or (k == FOLDS) the fit on everything."""
     x, y, folds, features = _SHARED["fit"]
@@ -205,16 +215,7 @@ def fit_all(
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Out-of-fold scores (FOLDS fits) and the fit on everything: FOLDS + 1 independent,
     deterministic fits, run in `jobs` forked processes (the same numbers with any `jobs`)."""
-    _SHARED["fit"] = (x, y, folds, features)
-    try:
-        if jobs > 1:
-            ctx = multiprocessing.get_context("fork")
-            with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
-                parts = dict(pool.map(_fit_part, range(FOLDS + 1)))
-        else:
-            parts = dict(map(_fit_part, range(FOLDS + 1)))
-    finally:
-        _SHARED.clear()
+    parts = dict(fork_map(_fit_part, list(range(FOLDS + 1)), jobs, fit=(x, y, folds, features)))
     scores = np.zeros(y.shape)
     for k in range(FOLDS):
         scores[folds == k] = parts[k]
