@@ -31,6 +31,7 @@ import glob
 import json
 import os
 import random
+import re
 import shutil
 import statistics
 import tempfile
@@ -261,9 +262,12 @@ def corpus_file(a: argparse.Namespace, work: Path, tokenizer) -> tuple[Path, dic
     return path, raw
 
 
-def tree_pss(root: int, session: str) -> dict[str, int]:
+def tree_pss(root: int, session: str, cpu: dict[int, tuple[str, float]]) -> dict[str, int]:
     """PSS (bytes) of the child's process tree, plus any process naming its Ray session (none
-    of the other engineers' Ray processes: they run under other session directories).
+    of the other engineers' Ray processes: they run under other session directories). Records
+    each process's CPU seconds so far in `cpu` (pid -> (kind, seconds)): a Ray worker's kind is
+    its current title, e.g. ray::MapWorker(MapBatches(RenderPacker)); a task worker that went
+    back to the pool is ray::IDLE.
 
     Read from /proc/<pid>/smaps_rollup: psutil's memory_full_info parses the whole smaps file,
     which cost the sampler about half a CPU every second, CPU the measured prepare then lacked."""
@@ -282,9 +286,29 @@ def tree_pss(root: int, session: str) -> dict[str, int]:
         try:
             name = p.name()
             out[name] = out.get(name, 0) + rollup_pss(p.pid)
+            title = (p.cmdline() or [name])[0]
+            kind = ray_kind(title) if title.startswith("ray::") else name
+            times = p.cpu_times()
+            cpu[p.pid] = (kind, times.user + times.system)
         except (psutil.NoSuchProcess, psutil.AccessDenied, OSError):
             continue
     return out
+
+
+def ray_kind(title: str) -> str:
+    """A Ray worker's title less the method it is running: ray::MapWorker(...).submit and
+    ray::_StatsActor.update_metrics count as ray::MapWorker(...) and ray::_StatsActor."""
+    head = title.split(" ")[0]
+    return re.sub(r"^(ray::[\w]+(?:\(.*\))?)\.\w+$", r"\1", head)
+
+
+def cpu_by_kind(cpu: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds per kind of process, as last sampled (up to a sampling interval short for
+    a process that ended between samples)."""
+    out: dict[str, float] = {}
+    for kind, seconds in cpu.values():
+        out[kind] = out.get(kind, 0.0) + seconds
+    return {k: round(v, 1) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
 
 
 def gib(parts: dict[str, int]) -> dict[str, float]:
@@ -320,6 +344,7 @@ def run_prepare_measured(
     cmd.append(stages)
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     peak, peak_parts, samples, timeline, last_mark = 0, {}, 0, [], -1e9
+    cpu: dict[int, tuple[str, float]] = {}
     session_file = Path(f"{result}.session")
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -327,7 +352,7 @@ def run_prepare_measured(
         while proc.poll() is None:
             session = session_file.read_text() if session_file.exists() else ""
             began = time.monotonic()
-            parts = tree_pss(proc.pid, session)
+            parts = tree_pss(proc.pid, session, cpu)
             samples += 1
             if sum(parts.values()) > peak:
                 peak, peak_parts = sum(parts.values()), parts
@@ -347,6 +372,8 @@ def run_prepare_measured(
         "peak_by_process_gib": gib(peak_parts),
         "samples": samples,
         "sampler_cpu_s": round(sampler_cpu, 1),
+        # where the prepare's CPU went (the other CPU-seconds budget beside the tokenizer's)
+        "cpu_s_by_process": cpu_by_kind(cpu),
         "pss_timeline_gib": timeline,
     }
 
