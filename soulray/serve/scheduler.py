@@ -194,8 +194,9 @@ class Scheduler:
             return True
         rows = self.batch.rows if self.batch else []
         busy = {r.req.adapter for r in rows} | {t.req.adapter for t in taken}
+        loaded_by_others = {a for a in busy if a is not None}
         try:
-            ok = await asyncio.to_thread(self.adapters.ensure, name, busy - {None})
+            ok = await asyncio.to_thread(self.adapters.ensure, name, loaded_by_others)
         except Exception as e:
             log.error("adapter %s failed to load: %s", name, type(e).__name__)
             self._finish(

@@ -19,7 +19,7 @@ import json
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -83,7 +83,9 @@ def plan_reads(data_dir: str, split: str, world: int) -> list[RankPlan]:
         pruned = False  # a hand-made directory: the manifest says P but the files say otherwise
     plans = []
     for rank in range(world):
-        mine = [(p, s) for p, s in files if not pruned or partition_of(p) % world == rank]
+        mine = [
+            (p, s) for p, s in files if not pruned or cast(int, partition_of(p)) % world == rank
+        ]
         plans.append(
             RankPlan(
                 rank, world, [p for p, _ in mine], not pruned and world > 1, sum(s for _, s in mine)

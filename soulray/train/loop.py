@@ -229,7 +229,8 @@ def token_loss_sum(model: nn.Module, batch: Batch, chunk_tokens: int = 0) -> tor
     hidden = final_hidden_states(model, batch)
     keep = targets != IGNORE
     hidden, targets = hidden[keep], targets[keep]  # (target tokens, hidden), (target tokens,)
-    head = model.get_output_embeddings()
+    # a transformers model's method; nn.Module's typing sees a Tensor-or-Module attribute
+    head = model.get_output_embeddings()  # type: ignore[operator]
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, len(targets), chunk_tokens):
         piece = slice(start, start + chunk_tokens)
