@@ -13,6 +13,7 @@ message the end is where a person usually says what they mean to do.
 from __future__ import annotations
 
 import os
+import re
 import unicodedata
 import zlib
 from typing import Any
@@ -68,3 +69,32 @@ class Embedder:
         for i, text in enumerate(texts):
             out[i] = self.model.query(text)
         return out
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?。！？…;；])\s*")
+_CJK = re.compile(r"[\u4e00-\u9fff]")
+PIECE_MIN = 12  # a shorter sentence joins the next (a Chinese character counts as two)
+
+
+def pieces(text: str, most: int) -> list[str]:
+    """The last `most` sentences of a normalized message, when it has more than one (else []):
+    a crisis sentence among ordinary ones is diluted in the whole message's mean-pooled
+    embedding, so the classifier scores each of them too. Sentences shorter than PIECE_MIN
+    ("ok.", "哈哈。") join the next one."""
+    merged: list[str] = []
+    for part in _SENTENCE_END.split(text):
+        part = part.strip()
+        if not part:
+            continue
+        if merged and _size(merged[-1]) < PIECE_MIN:
+            merged[-1] = f"{merged[-1]} {part}"
+        else:
+            merged.append(part)
+    if len(merged) > 1 and _size(merged[-1]) < PIECE_MIN:
+        last = merged.pop()
+        merged[-1] = f"{merged[-1]} {last}"
+    return merged[-most:] if len(merged) > 1 else []
+
+
+def _size(text: str) -> int:
+    return len(text) + len(_CJK.findall(text))

@@ -29,7 +29,14 @@ import numpy as np
 
 from soulray.safety.classifier import CATEGORIES, weights_path
 from soulray.safety.dataset import LANGS, Example, load_examples
-from soulray.safety.features import EMBED_DIM, NGRAM_BUCKETS, Embedder, ngram_ids, normalize
+from soulray.safety.features import (
+    EMBED_DIM,
+    NGRAM_BUCKETS,
+    Embedder,
+    ngram_ids,
+    normalize,
+    pieces,
+)
 from soulray.safety.lexicon import build_lexicon, load_builtin, match
 
 MAX_CHARS = 400
@@ -40,6 +47,10 @@ LR = 0.05
 L2 = 1e-4
 TARGET_PRECISION = 0.9
 FEATURES = "both"
+HIDDEN = 0  # units of a hidden layer on the embedding (0: the linear model); --hidden
+HIDDEN_LR = 0.01
+HIDDEN_DECAY = 1e-3  # L2 on the hidden layer's weights
+PIECES = 0  # also score up to this many last sentences of a message, keeping the max; --pieces
 CACHE_EVERY = 1000  # texts embedded between saves of --cache
 
 
@@ -128,14 +139,19 @@ def _row_sums(x: Matrix, per_entry: np.ndarray, n: int) -> np.ndarray:
 
 
 def logits(params: list[np.ndarray], x: Matrix) -> np.ndarray:
-    we, wn, b = params
-    return x.embed @ we + _row_sums(x, wn[x.cols] * x.vals[:, None], len(x.embed)) + b
+    we, wn, b, w1, b1, w2 = params
+    z = x.embed @ we + _row_sums(x, wn[x.cols] * x.vals[:, None], len(x.embed)) + b
+    return z + np.maximum(x.embed @ w1 + b1, 0) @ w2 if w1.shape[1] else z
 
 
-def fit(x: Matrix, y: np.ndarray, features: str) -> list[np.ndarray]:
-    """Full-batch Adam on class-balanced logistic loss + L2, from zeros (deterministic)."""
+def fit(x: Matrix, y: np.ndarray, features: str, hidden: int | None = None) -> list[np.ndarray]:
+    """Full-batch Adam on class-balanced logistic loss + L2: the linear weights from zeros, the
+    hidden layer (when `hidden` and the embedding is used) from a seeded He init with its output
+    from zeros, fixed steps (deterministic). Returns [embed, ngram (full size), bias, hidden_w,
+    hidden_b, hidden_out]."""
     c, u = y.shape[1], len(x.used)
     use = {"both": (1.0, 1.0), "embed": (1.0, 0.0), "ngram": (0.0, 1.0)}[features]
+    hidden = (HIDDEN if hidden is None else hidden) if use[0] else 0
     x = Matrix(x.embed * np.float32(use[0]), x.rows, x.cols, x.vals * np.float32(use[1]), x.used)
     order = np.argsort(x.cols, kind="stable")  # entries by column, for the weight gradient
     # a fold's rows need not hold every bucket of `used`: those columns get a zero gradient
@@ -147,32 +163,43 @@ def fit(x: Matrix, y: np.ndarray, features: str) -> list[np.ndarray]:
     weight = np.where(y > 0, (len(y) - pos) / np.maximum(pos, 1), 1.0)
     weight = (weight / weight.sum(0)).astype(np.float32)
     y = y.astype(np.float32)
+    init = np.random.default_rng(SEED).standard_normal((EMBED_DIM, hidden)) * np.sqrt(2 / EMBED_DIM)
     params = [np.zeros((EMBED_DIM, c), np.float32), np.zeros((u, c), np.float32)]
-    params.append(np.zeros(c, np.float32))
+    params += [np.zeros(c, np.float32), init.astype(np.float32)]
+    params += [np.zeros(hidden, np.float32), np.zeros((hidden, c), np.float32)]
+    lr = [LR, LR, LR, HIDDEN_LR, HIDDEN_LR, HIDDEN_LR]
+    decay = [L2, L2, 0.0, HIDDEN_DECAY, 0.0, HIDDEN_DECAY]
     m = [np.zeros_like(p) for p in params]
     v = [np.zeros_like(p) for p in params]
     for step in range(1, STEPS + 1):
-        g = (1 / (1 + np.exp(-logits(params, x))) - y) * weight
+        g = ((1 / (1 + np.exp(-logits(params, x))) - y) * weight).astype(np.float32)
         per_entry = g[rows_by_col] * vals_by_col
+        pre = x.embed @ params[3] + params[4]
+        back = (g @ params[5].T) * (pre > 0)
         grads = [
-            x.embed.T @ g + L2 * params[0],
-            np.where(absent[:, None], np.float32(0), np.add.reduceat(per_entry, col_starts, axis=0))
-            + L2 * params[1],
+            x.embed.T @ g,
+            np.where(
+                absent[:, None], np.float32(0), np.add.reduceat(per_entry, col_starts, axis=0)
+            ),
             g.sum(0),
+            x.embed.T @ back,
+            back.sum(0),
+            np.maximum(pre, 0).T @ g,
         ]
         for i, gr in enumerate(grads):
+            gr = gr + np.float32(decay[i]) * params[i]
             m[i] = 0.9 * m[i] + 0.1 * gr
             v[i] = 0.999 * v[i] + 0.001 * gr * gr
             mhat, vhat = m[i] / (1 - 0.9**step), v[i] / (1 - 0.999**step)
-            params[i] = params[i] - LR * mhat / (np.sqrt(vhat) + 1e-8)
-    full = np.zeros((NGRAM_BUCKETS, c))
+            params[i] = (params[i] - lr[i] * mhat / (np.sqrt(vhat) + 1e-8)).astype(np.float32)
+    full = np.zeros((NGRAM_BUCKETS, c), np.float32)
     full[x.used] = params[1] * use[1]
-    return [params[0] * use[0], full, params[2]]
+    return [params[0] * use[0], full, *params[2:]]
 
 
 def expand(params: list[np.ndarray], x: Matrix) -> list[np.ndarray]:
     """Full-size n-gram weights restricted back to x's used buckets (for scoring x)."""
-    return [params[0], params[1][x.used], params[2]]
+    return [params[0], params[1][x.used], *params[2:]]
 
 
 def fold_of(groups: list[str]) -> np.ndarray:
@@ -202,20 +229,55 @@ def fork_map(fn: Callable[[Any], Any], items: list[Any], jobs: int, **shared: An
 
 def _fit_part(k: int) -> tuple[int, list[np.ndarray] | np.ndarray]:
     """Fold k's out-of-fold scores, or (k == FOLDS) the fit on everything."""
-    x, y, folds, features = _SHARED["fit"]
+    x, y, folds, features, split = _SHARED["fit"]
     if k == FOLDS:
         return k, fit(x, y, features)
-    params = fit(x.take(folds != k), y[folds != k], features)
-    held = x.take(folds == k)
-    return k, 1 / (1 + np.exp(-logits(expand(params, held), held)))
+    return k, score(fit(x.take(folds != k), y[folds != k], features), x, folds == k, split)
+
+
+def score(params: list[np.ndarray], x: Matrix, keep: np.ndarray, split: Split | None) -> np.ndarray:
+    """Probabilities of the `keep` rows of x: with `split`, the highest of each message's and its
+    sentences' (what Classifier.scores does when serving)."""
+    held = x.take(keep)
+    out = 1 / (1 + np.exp(-logits(expand(params, held), held)))
+    if split is not None and keep[split.owner].any():
+        mine = keep[split.owner]
+        parts = split.x.take(mine)
+        probs = 1 / (1 + np.exp(-logits(expand(params, parts), parts)))
+        np.maximum.at(out, (np.cumsum(keep) - 1)[split.owner[mine]], probs)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    """The sentences (features.pieces) of the messages that have more than one."""
+
+    x: Matrix
+    owner: np.ndarray  # (rows of x,) the message each sentence is from
+
+
+def split_messages(
+    texts: list[str], embedder: Embedder | None, cache: Path | None, max_chars: int, jobs: int
+) -> Split | None:
+    if not PIECES:
+        return None
+    found = [(i, p) for i, t in enumerate(texts) for p in pieces(normalize(t, max_chars), PIECES)]
+    x = featurize([p for _, p in found], embedder, cache, max_chars, jobs)
+    return Split(x, np.array([i for i, _ in found], dtype=np.int64))
 
 
 def fit_all(
-    x: Matrix, y: np.ndarray, folds: np.ndarray, features: str, jobs: int = 1
+    x: Matrix,
+    y: np.ndarray,
+    folds: np.ndarray,
+    features: str,
+    jobs: int = 1,
+    split: Split | None = None,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Out-of-fold scores (FOLDS fits) and the fit on everything: FOLDS + 1 independent,
     deterministic fits, run in `jobs` forked processes (the same numbers with any `jobs`)."""
-    parts = dict(fork_map(_fit_part, list(range(FOLDS + 1)), jobs, fit=(x, y, folds, features)))
+    shared = (x, y, folds, features, split)
+    parts = dict(fork_map(_fit_part, list(range(FOLDS + 1)), jobs, fit=shared))
     scores = np.zeros(y.shape)
     for k in range(FOLDS):
         scores[folds == k] = parts[k]
@@ -223,9 +285,14 @@ def fit_all(
 
 
 def out_of_fold(
-    x: Matrix, y: np.ndarray, folds: np.ndarray, features: str, jobs: int = 1
+    x: Matrix,
+    y: np.ndarray,
+    folds: np.ndarray,
+    features: str,
+    jobs: int = 1,
+    split: Split | None = None,
 ) -> np.ndarray:
-    return fit_all(x, y, folds, features, jobs)[0]
+    return fit_all(x, y, folds, features, jobs, split)[0]
 
 
 def choose_thresholds(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -297,13 +364,15 @@ def train(
 ) -> dict[str, str]:
     examples = [e for lang in LANGS for e in load_examples(lang)]
     y, langs = labels(examples), np.array([e.lang for e in examples])
-    x = featurize([e.text for e in examples], Embedder(), cache, max_chars, jobs)
+    embedder = Embedder()
+    x = featurize([e.text for e in examples], embedder, cache, max_chars, jobs)
+    split = split_messages([e.text for e in examples], embedder, cache, max_chars, jobs)
     folds = fold_of([e.group for e in examples])
     for features in ("embed", "ngram") if compare else ():
-        other = out_of_fold(x, y, folds, features, jobs)
+        other = out_of_fold(x, y, folds, features, jobs, split)
         th = choose_thresholds(other, y)
         print(f"{features}: thresholds {np.round(th, 3)}", rates((other >= th).any(1), y, langs))
-    oof, params = fit_all(x, y, folds, FEATURES, jobs)
+    oof, params = fit_all(x, y, folds, FEATURES, jobs, split)
     thresholds = choose_thresholds(oof, y)
     save(out, params, thresholds)
     report = rates((oof >= thresholds).any(1), y, langs)
@@ -321,6 +390,10 @@ def save(out: Path, params: list[np.ndarray], thresholds: np.ndarray) -> None:
         embed=params[0].astype(np.float32),
         ngram=params[1].astype(np.float32),
         bias=params[2].astype(np.float32),
+        hidden_w=params[3].astype(np.float32),
+        hidden_b=params[4].astype(np.float32),
+        hidden_out=params[5].astype(np.float32),
+        pieces=np.array(PIECES),
         thresholds=thresholds.astype(np.float32),
         features=np.array(FEATURES),
         categories=np.array(CATEGORIES),
@@ -349,7 +422,10 @@ def main() -> None:
         default=1,
         help="processes for the embeddings and the 6 fits (same weights with any)",
     )
+    ap.add_argument("--hidden", type=int, default=HIDDEN, help="hidden units (0: linear)")
+    ap.add_argument("--pieces", type=int, default=PIECES, help="sentences scored too (0: off)")
     args = ap.parse_args()
+    globals().update(HIDDEN=args.hidden, PIECES=args.pieces)  # read by the forked fits
     train(args.out, args.compare, args.cache, args.max_chars, args.jobs)
     print(f"wrote {args.out} ({args.out.stat().st_size} bytes, sha256 {digest(args.out)[:16]})")
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from soulray.safety.classifier import CATEGORIES, load_weights, weights_path
+from soulray.safety import train
+from soulray.safety.classifier import CATEGORIES, Classifier, load_weights, weights_path
 from soulray.safety.dataset import (
     LANGS,
     LONG_MAX_CHARS,
@@ -19,7 +20,7 @@ from soulray.safety.dataset import (
     load_examples,
     written,
 )
-from soulray.safety.features import Embedder
+from soulray.safety.features import Embedder, normalize
 from soulray.safety.train import _embeddings
 
 ROOT = Path(__file__).parents[2]
@@ -88,6 +89,8 @@ def test_the_shipped_weights_are_small_and_carry_out_of_fold_thresholds():
     assert weights_path().stat().st_size < 4 * 2**20
     assert w.features == "both" and w.embed.shape == (384, 4) and w.ngram.shape[1] == 4
     assert np.all((w.thresholds >= 0.05) & (w.thresholds <= 0.95))
+    # the linear model: the hidden layer and sentence pieces were measured, not adopted
+    assert w.hidden_w.shape == (384, 0) and w.pieces == 0
 
 
 @pytest.mark.slow
@@ -154,3 +157,27 @@ def test_a_fresh_install_loads_the_shipped_weights(tmp_path):
     path, thresholds, n = json.loads(out.stdout)
     assert path.startswith(str(target)) and n == len(load_examples("zh"))
     assert thresholds == load_weights().thresholds.tolist()
+
+
+def test_a_hidden_layer_and_sentence_pieces_score_the_same_in_training_and_serving(
+    tmp_path, monkeypatch
+):
+    """`train --hidden N --pieces K` (measured in classifier.py's docstring): the scores train.py
+    chooses thresholds on are the ones Classifier.scores gives a served message."""
+    monkeypatch.setattr(train, "HIDDEN", 8)
+    monkeypatch.setattr(train, "PIECES", 4)
+    monkeypatch.setattr(train, "STEPS", 20)
+    rows = load_examples("en")[::400] + load_examples("zh")[::400]
+    texts = [e.text for e in rows]
+    embedder = Embedder()
+    x = train.featurize(texts, embedder)
+    split = train.split_messages(texts, embedder, None, train.MAX_CHARS, 1)
+    assert split is not None and len(set(split.owner.tolist())) >= 3
+    params = train.fit(x, train.labels(rows), "both")
+    assert params[3].shape == (384, 8) and np.abs(params[5]).max() > 0
+    expected = train.score(params, x, np.ones(len(texts), bool), split)
+    out = tmp_path / "weights.npz"
+    train.save(out, params, np.full(len(CATEGORIES), 0.5))
+    classifier = Classifier(load_weights(out))
+    served = np.array([classifier.scores(normalize(t, train.MAX_CHARS)) for t in texts])
+    np.testing.assert_allclose(served, expected, atol=1e-5)
