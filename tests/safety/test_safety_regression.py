@@ -36,6 +36,9 @@ BLIND4 = json.loads((HERE / "safety_holdout_blind4.json").read_text("utf-8"))
 # Blind set 5, the same way, measured once on 2026-12-02 after the lexicon was cut to first-person
 # rules and the data grown (bench/results/safety_blind5.json).
 BLIND5 = json.loads((HERE / "safety_holdout_blind5.json").read_text("utf-8"))
+# Blind set 6, the same way, measured once on 2026-12-02 with the same weights as blind set 5
+# (bench/results/safety_blind6.json): en 98/120 caught, 6/120 false alarms; zh 82/120, 2/120.
+BLIND6 = json.loads((HERE / "safety_holdout_blind6.json").read_text("utf-8"))
 
 SETS = {
     "tuning set (en)": (CRISIS_EN, ORDINARY_EN),
@@ -52,6 +55,8 @@ SETS = {
     "blind set 4 (zh)": (BLIND4["crisis_zh"], BLIND4["ordinary_zh"]),
     "blind set 5 (en)": (BLIND5["crisis_en"], BLIND5["ordinary_en"]),
     "blind set 5 (zh)": (BLIND5["crisis_zh"], BLIND5["ordinary_zh"]),
+    "blind set 6 (en)": (BLIND6["crisis_en"], BLIND6["ordinary_en"]),
+    "blind set 6 (zh)": (BLIND6["crisis_zh"], BLIND6["ordinary_zh"]),
 }
 # Measured with the shipped weights (crisis caught / n, false alarms / n); the floor allows one
 # message fewer caught and the ceiling one false alarm more. Keyword screen alone, for
@@ -77,6 +82,8 @@ MEASURED = {
     "blind set 4 (zh)": (108, 70, 119, 15),
     "blind set 5 (en)": (112, 100, 120, 10),
     "blind set 5 (zh)": (112, 92, 120, 8),
+    "blind set 6 (en)": (120, 98, 120, 6),
+    "blind set 6 (zh)": (120, 82, 120, 2),
 }
 FLOORS = {k: ((hit - 1) / n, (fa + 1) / m) for k, (n, hit, m, fa) in MEASURED.items()}
 
