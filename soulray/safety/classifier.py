@@ -120,15 +120,15 @@ def load_weights(path: Path | None = None) -> Weights:
                 f"{path or weights_path()} was trained for other categories or features; "
                 "retrain with `python -m soulray.safety.train`"
             )
-        hidden = (z["hidden_w"], z["hidden_b"], z["hidden_out"]) if "hidden_w" in z.files else ()
+        hidden = {k: z[k] for k in ("hidden_w", "hidden_b", "hidden_out") if k in z.files}
         return Weights(
             z["embed"],
             z["ngram"],
             z["bias"],
             z["thresholds"],
             str(z["features"]),
-            *hidden,
             pieces=int(z["pieces"]) if "pieces" in z.files else 0,
+            **hidden,
         )
 
 

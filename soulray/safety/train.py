@@ -164,7 +164,7 @@ def fit(x: Matrix, y: np.ndarray, features: str, hidden: int | None = None) -> l
     weight = (weight / weight.sum(0)).astype(np.float32)
     y = y.astype(np.float32)
     init = np.random.default_rng(SEED).standard_normal((EMBED_DIM, hidden)) * np.sqrt(2 / EMBED_DIM)
-    params = [np.zeros((EMBED_DIM, c), np.float32), np.zeros((u, c), np.float32)]
+    params: list[np.ndarray] = [np.zeros((EMBED_DIM, c), np.float32), np.zeros((u, c), np.float32)]
     params += [np.zeros(c, np.float32), init.astype(np.float32)]
     params += [np.zeros(hidden, np.float32), np.zeros((hidden, c), np.float32)]
     lr = [LR, LR, LR, HIDDEN_LR, HIDDEN_LR, HIDDEN_LR]
@@ -320,7 +320,7 @@ def choose_thresholds(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.array(out)
 
 
-def rates(flagged: np.ndarray, y: np.ndarray, langs: np.ndarray) -> dict[str, str]:
+def rates(flagged: Any, y: np.ndarray, langs: np.ndarray) -> dict[str, str]:
     crisis = y.sum(1) > 0
     out = {}
     for lang in LANGS:
@@ -331,7 +331,7 @@ def rates(flagged: np.ndarray, y: np.ndarray, langs: np.ndarray) -> dict[str, st
     return out
 
 
-def by_category(flagged: np.ndarray, y: np.ndarray, langs: np.ndarray) -> dict[str, str]:
+def by_category(flagged: Any, y: np.ndarray, langs: np.ndarray) -> dict[str, str]:
     """Out-of-fold recall per language and category (a crisis message counts as caught when any
     head flags it)."""
     out = {}
