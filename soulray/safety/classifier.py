@@ -97,6 +97,9 @@ The two rows score different sets (after: the grown set, larger and harder, with
 indirect messages and hard negatives in it), so they are not a like-for-like gain. Suicide and
 violence rise 5-9 points; abuse and en self_harm slip 1-2 points, and false alarms rise (en
 +1.0 to +1.3 points). The recall goal (95 % at 5 %) is still far off out of fold.
+With these weights tests/safety's regression sets exceed three false-alarm ceilings (floors
+not changed): held-out round 2 3/24 (ceiling 2), blind set 3 en 6/100 (5), blind set 4 en
+17/116 (14); every recall floor holds.
 """
 
 from __future__ import annotations
