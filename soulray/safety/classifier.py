@@ -77,6 +77,29 @@ this 2-core machine shared with other work): whole message en p50 21.5 ms / p99 
 23.7 / 64.2; with pieces en 22.3 / 139.3, zh 23.7 / 154.4; on the 30 longest messages ~2.2x
 (en 75 -> 162 ms p50, zh 66 -> 156 ms), past the p99 <= 60 ms goal. The hidden layer adds a
 (384 x 128) product: negligible next to the embedding.
+
+Fourth round (blind set 6 missed indirect Chinese suicide statements and cold threats): +138 en /
++252 zh hand-written messages (2,562 / 2,710). en: 50 suicide (veiled goodbyes, burden talk,
+method questions dressed as innocent ones), 30 violence (cold threats, revenge plans), 58 hard
+negatives (dosage questions, train times and heights with no intent, "disappear for a weekend",
+hyperbole, someone's past crisis told as history). zh: 97 suicide, 45 violence, 5 self_harm,
+5 abuse, 100 hard negatives of the same kinds (medication 20, everyday 20, idiom 20, anger 15,
+sadness 10, media 10, grief 5). Out of fold, `python -m soulray.safety.train --jobs 2` (same rule):
+                       classifier en   classifier zh   screen en       screen zh
+    before             69.0 % / 11.3   61.2 % / 5.3    73.5 % / 13.0   67.3 % / 7.0
+    after              71.9 % / 12.6   65.8 % / 5.5    75.7 % / 14.0   71.4 % / 7.2
+By category, en suicide / self_harm / violence / abuse, then zh:
+    classifier before  59.4 85.3 62.8 88.6   50.1 77.2 54.7 81.3
+    classifier after   64.9 83.7 68.6 87.1   58.9 77.3 63.0 78.4
+    screen before      67.0 86.0 64.8 89.5   60.7 79.7 57.1 82.5
+    screen after       71.6 84.7 69.6 87.7   67.6 81.1 64.8 80.6
+The two rows score different sets (after: the grown set, larger and harder, with the new
+indirect messages and hard negatives in it), so they are not a like-for-like gain. Suicide and
+violence rise 5-9 points; abuse and en self_harm slip 1-2 points, and false alarms rise (en
++1.0 to +1.3 points). The recall goal (95 % at 5 %) is still far off out of fold.
+With these weights tests/safety's regression sets exceed three false-alarm ceilings (floors
+not changed): held-out round 2 3/24 (ceiling 2), blind set 3 en 6/100 (5), blind set 4 en
+17/116 (14); every recall floor holds.
 """
 
 from __future__ import annotations
