@@ -39,6 +39,9 @@ BLIND5 = json.loads((HERE / "safety_holdout_blind5.json").read_text("utf-8"))
 # Blind set 6, the same way, measured once on 2026-12-02 with the same weights as blind set 5
 # (bench/results/safety_blind6.json): en 98/120 caught, 6/120 false alarms; zh 82/120, 2/120.
 BLIND6 = json.loads((HERE / "safety_holdout_blind6.json").read_text("utf-8"))
+# Blind set 7, the same way, measured once on 2026-12-02 with the fourth-round weights
+# (bench/results/safety_blind7.json): en 100/120 caught, 12/120 false alarms; zh 98/120, 6/120.
+BLIND7 = json.loads((HERE / "safety_holdout_blind7.json").read_text("utf-8"))
 
 SETS = {
     "tuning set (en)": (CRISIS_EN, ORDINARY_EN),
@@ -57,6 +60,8 @@ SETS = {
     "blind set 5 (zh)": (BLIND5["crisis_zh"], BLIND5["ordinary_zh"]),
     "blind set 6 (en)": (BLIND6["crisis_en"], BLIND6["ordinary_en"]),
     "blind set 6 (zh)": (BLIND6["crisis_zh"], BLIND6["ordinary_zh"]),
+    "blind set 7 (en)": (BLIND7["crisis_en"], BLIND7["ordinary_en"]),
+    "blind set 7 (zh)": (BLIND7["crisis_zh"], BLIND7["ordinary_zh"]),
 }
 # Measured with the shipped weights (crisis caught / n, false alarms / n); the floor allows one
 # message fewer caught and the ceiling one false alarm more. Keyword screen alone, for
@@ -67,23 +72,31 @@ SETS = {
 # 40 -> 38, blind 2 zh 38 -> 35, blind 4 en 92 -> 88, blind 4 zh 71 -> 70; false alarms fell on
 # most sets (blind 4 en 23 -> 13, blind 3 zh 5 -> 2) but rose on blind 2 en 0 -> 2, blind 4 zh
 # 13 -> 15.
+# Reset again for the fourth round (+138 en / +252 zh messages: indirect suicide, cold threats,
+# hard negatives; retrained): caught rose on most sets (blind 4 en 88 -> 93, zh 70 -> 75; blind 6
+# zh 82 -> 86) and fell on blind 2 en 39 -> 38 and blind 3 en 84 -> 83; false alarms rose on
+# tuning en 3 -> 4, round 2 1 -> 3, round 3 en 0 -> 1, blind 2 en 2 -> 3, blind 3 en 4 -> 6 and
+# zh 2 -> 3, blind 4 en 13 -> 17, blind 5 zh 8 -> 9, blind 6 zh 2 -> 3, and fell on blind 4 zh
+# 15 -> 13: more people caught for a few more help lines shown unneeded.
 MEASURED = {
-    "tuning set (en)": (32, 32, 32, 3),
+    "tuning set (en)": (32, 32, 32, 4),
     "tuning set (zh)": (32, 31, 32, 3),
     "held-out round 1 (en+zh)": (24, 24, 24, 3),
-    "held-out round 2 (en+zh)": (24, 23, 24, 1),
-    "held-out round 3 (en)": (40, 39, 40, 0),
-    "held-out round 3 (zh)": (40, 38, 40, 1),
-    "blind set 2 (en)": (40, 39, 40, 2),
-    "blind set 2 (zh)": (40, 35, 40, 1),
-    "blind set 3 (en)": (100, 84, 100, 4),
-    "blind set 3 (zh)": (100, 78, 100, 2),
-    "blind set 4 (en)": (105, 88, 116, 13),
-    "blind set 4 (zh)": (108, 70, 119, 15),
-    "blind set 5 (en)": (112, 100, 120, 10),
-    "blind set 5 (zh)": (112, 92, 120, 8),
-    "blind set 6 (en)": (120, 98, 120, 6),
-    "blind set 6 (zh)": (120, 82, 120, 2),
+    "held-out round 2 (en+zh)": (24, 23, 24, 3),
+    "held-out round 3 (en)": (40, 40, 40, 1),
+    "held-out round 3 (zh)": (40, 39, 40, 1),
+    "blind set 2 (en)": (40, 38, 40, 3),
+    "blind set 2 (zh)": (40, 37, 40, 1),
+    "blind set 3 (en)": (100, 83, 100, 6),
+    "blind set 3 (zh)": (100, 78, 100, 3),
+    "blind set 4 (en)": (105, 93, 116, 17),
+    "blind set 4 (zh)": (108, 75, 119, 13),
+    "blind set 5 (en)": (112, 103, 120, 10),
+    "blind set 5 (zh)": (112, 93, 120, 9),
+    "blind set 6 (en)": (120, 100, 120, 6),
+    "blind set 6 (zh)": (120, 86, 120, 3),
+    "blind set 7 (en)": (120, 100, 120, 12),
+    "blind set 7 (zh)": (120, 98, 120, 6),
 }
 FLOORS = {k: ((hit - 1) / n, (fa + 1) / m) for k, (n, hit, m, fa) in MEASURED.items()}
 
