@@ -97,9 +97,11 @@ The two rows score different sets (after: the grown set, larger and harder, with
 indirect messages and hard negatives in it), so they are not a like-for-like gain. Suicide and
 violence rise 5-9 points; abuse and en self_harm slip 1-2 points, and false alarms rise (en
 +1.0 to +1.3 points). The recall goal (95 % at 5 %) is still far off out of fold.
-With these weights tests/safety's regression sets exceed three false-alarm ceilings (floors
-not changed): held-out round 2 3/24 (ceiling 2), blind set 3 en 6/100 (5), blind set 4 en
-17/116 (14); every recall floor holds.
+With these weights three regression sets exceeded their false-alarm ceilings (held-out round 2
+3/24, blind set 3 en 6/100, blind set 4 en 17/116; every recall floor held); the floors were then
+reset to these weights' measured values, stated in tests/safety/test_safety_regression.py.
+Blind set 7, measured once with these weights: en recall 83.3 % at 10.0 % FPR, zh 81.7 % at
+5.0 % (bench/RESULTS.md).
 """
 
 from __future__ import annotations
