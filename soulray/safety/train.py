@@ -284,17 +284,6 @@ def fit_all(
     return scores, parts[FOLDS]
 
 
-def out_of_fold(
-    x: Matrix,
-    y: np.ndarray,
-    folds: np.ndarray,
-    features: str,
-    jobs: int = 1,
-    split: Split | None = None,
-) -> np.ndarray:
-    return fit_all(x, y, folds, features, jobs, split)[0]
-
-
 def choose_thresholds(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Per category: the lowest out-of-fold score at which that head's flags are still crisis
     messages (of any category) at least TARGET_PRECISION of the time, clipped to [0.05, 0.95].
@@ -369,7 +358,7 @@ def train(
     split = split_messages([e.text for e in examples], embedder, cache, max_chars, jobs)
     folds = fold_of([e.group for e in examples])
     for features in ("embed", "ngram") if compare else ():
-        other = out_of_fold(x, y, folds, features, jobs, split)
+        other = fit_all(x, y, folds, features, jobs, split)[0]  # out-of-fold scores
         th = choose_thresholds(other, y)
         print(f"{features}: thresholds {np.round(th, 3)}", rates((other >= th).any(1), y, langs))
     oof, params = fit_all(x, y, folds, FEATURES, jobs, split)
