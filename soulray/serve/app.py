@@ -22,6 +22,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.serve.exceptions import RequestCancelledError, TaskCancelledError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
@@ -185,6 +186,11 @@ def add_error_handlers(api: FastAPI) -> None:
 
     @api.exception_handler(Exception)
     async def internal_error(_: Request, e: Exception) -> JSONResponse:
+        if isinstance(e, RequestCancelledError | TaskCancelledError):
+            # Serve cancels a request whose client hung up: nothing failed, nobody reads this
+            log.info("request cancelled (the client went away): its generation was stopped")
+            body = APIError(499, "client closed the request", type="cancelled").body()
+            return JSONResponse(body, status_code=499)
         log.error("internal error: %s", type(e).__name__)  # no message: it may quote content
         body = APIError(500, "internal server error", type="server_error").body()
         return JSONResponse(body, status_code=500)

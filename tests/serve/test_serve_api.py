@@ -201,6 +201,18 @@ def test_overload_is_503_and_crashes_never_leak(tiny_export, tmp_path):
     assert "SECRET" not in resp.text
 
 
+def test_a_cancelled_request_is_logged_as_a_hang_up_not_an_error(tiny_export, tmp_path, caplog):
+    from ray.serve.exceptions import TaskCancelledError
+
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    api, _ = make_api(tiny_export, tmp_path, engine=ScriptedEngine(TaskCancelledError()))
+    with caplog.at_level("INFO", logger="ray.serve.soulray"):
+        resp = call(api, "POST", "/v1/chat/completions", json=body)
+    assert assert_openai_error(resp, 499)["type"] == "cancelled"
+    assert [r.levelname for r in caplog.records if "cancelled" in r.getMessage()] == ["INFO"]
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
 def test_api_key_sources(tmp_path, monkeypatch):
     from soulray.config import AuthConfig
 
