@@ -6,7 +6,9 @@ micro-batch = micro_batch_size * seq_len, L layers, h hidden, i intermediate, kv
 head_dim, q = heads * head_dim, V vocabulary, b = compute dtype bytes (bf16: 2, fp32: 4),
 f = 4 if b == 2 else 0: the fp32 copy HF's RMSNorm makes of a bf16 input):
 
-  parameters   4 N / W             fp32 master shards (FSDP2 MixedPrecisionPolicy casts to b)
+  parameters   (4 N_t + b (N - N_t)) / W   fp32 master shards of what trains (FSDP2's
+                                   MixedPrecisionPolicy casts them to b when gathering); the
+                                   frozen LoRA base is stored in b (no master copy to keep)
   gradients    4 N_t / W           fp32 shards, reduced after every micro-batch
                + 4 N_t             ... when reduced only after the last: unsharded fp32 sums
   optimizer    8 N_t / W           AdamW exp_avg + exp_avg_sq, fp32, sharded
@@ -112,7 +114,7 @@ def estimate(
     f = 4 if b == 2 else 0
     logits = (min(chunk, tokens) if chunk else tokens) * s.vocab * (b + f + 8)
     terms = {
-        "parameters": 4 * n / ranks,
+        "parameters": (4 * trainable + b * (n - trainable)) / ranks,
         "gradients": 4 * trainable / ranks + (0 if sync_every else 4 * trainable),
         "optimizer": 8 * trainable / ranks,
         "gathered_params": gathered,
@@ -200,7 +202,7 @@ def measure_tiny(data: str, checkpointing: bool, chunk: int, seq: int, micro: in
         optimizer.zero_grad(set_to_none=True)
 
     step()  # optimizer state exists from here on, as in every later step
-    resident = sum(p.numel() * 4 for p in model.parameters())
+    resident = sum(p.numel() * p.element_size() for p in model.parameters())
     resident += sum(
         t.numel() * t.element_size()
         for st in optimizer.state.values()

@@ -151,3 +151,52 @@ def test_tiny_vocab_size_pads_the_embedding_and_refuses_too_small(prepared_quick
     small = load_config(None, [f"model.tiny.vocab_size={len(tokenizer) - 1}"])
     with pytest.raises(ValueError, match="model.tiny.vocab_size"):
         build_model_config(small.model, tokenizer)
+
+
+def lora_bf16_losses(cfg: Config, tokenizer, steps: int) -> tuple[list[float], torch.nn.Module]:
+    from soulray.train.loop import accumulate_gradients, build_optimizer
+
+    model, *_ = build_sharded_model(cfg, tokenizer, 0, CPU)
+    optimizer = build_optimizer(model, cfg.train, CPU)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, len(tokenizer), (2, 48), generator=g)
+    batch = {
+        "input_ids": ids,
+        "labels": ids.clone(),
+        "num_tokens": torch.tensor(ids.numel()),
+        "position_ids": torch.arange(48).expand(2, -1).contiguous(),
+    }
+    rt = type("Rt", (), {"device": CPU, "world_size": 1})()
+    losses = []
+    for _ in range(steps):
+        loss_sum, targets, _ = accumulate_gradients(model, [batch], cfg.train, rt, True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss_sum / targets)
+    return losses, model
+
+
+def test_lora_keeps_the_frozen_base_in_the_compute_dtype_with_identical_losses(
+    single_process_group, prepared_quickstart, monkeypatch
+) -> None:
+    """bf16 LoRA: the base is stored in bf16 (no fp32 master copy of weights that never
+    change), the adapters in fp32, and training is bit-identical to an fp32-stored base."""
+    import soulray.train.model as model_module
+    from soulray.train.data import load_run_tokenizer
+
+    overrides = [
+        f"data.output_dir={prepared_quickstart}",
+        "lora.enabled=true",
+        "train.dtype=bfloat16",
+        "train.lr=0.01",
+    ]
+    cfg = load_config(None, overrides)
+    tokenizer = load_run_tokenizer(str(prepared_quickstart))
+    losses, model = lora_bf16_losses(cfg, tokenizer, 3)
+    dtypes = {(p.requires_grad, p.dtype) for p in model.parameters()}
+    assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
+    monkeypatch.setattr(model_module, "store_frozen_in", lambda model, dtype: None)
+    fp32_losses, fp32_model = lora_bf16_losses(cfg, tokenizer, 3)
+    assert {p.dtype for p in fp32_model.parameters()} == {torch.float32}
+    assert losses == fp32_losses
+    assert losses[2] < losses[0]
