@@ -160,7 +160,10 @@ def build_model(cfg: Config, hf_config: Any, attn: str, device: str | torch.devi
 
 
 def load_initial_state(cfg: Config, hf_config: Any, attn: str) -> dict[str, torch.Tensor]:
-    """Rank 0 only: the full initial state dict (pretrained or seeded tiny init, plus LoRA)."""
+    """Rank 0 only: the full initial state dict (pretrained or seeded tiny init, plus LoRA).
+
+    A pretrained checkpoint is read in the dtype it is stored in (a 7B bf16 checkpoint: 15 GB of
+    host memory, not 30 in fp32); the sharded fp32 masters it is copied into upcast exactly."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(cfg.train.seed)
@@ -170,7 +173,7 @@ def load_initial_state(cfg: Config, hf_config: Any, attn: str) -> dict[str, torc
             cfg.model.name_or_path,
             attn_implementation=attn,
             trust_remote_code=cfg.model.trust_remote_code,
-            dtype=torch.float32,
+            dtype="auto",
         )
     else:
         model = AutoModelForCausalLM.from_config(

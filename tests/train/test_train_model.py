@@ -200,3 +200,24 @@ def test_lora_keeps_the_frozen_base_in_the_compute_dtype_with_identical_losses(
     assert {p.dtype for p in fp32_model.parameters()} == {torch.float32}
     assert losses == fp32_losses
     assert losses[2] < losses[0]
+
+
+def test_a_bf16_checkpoint_is_read_in_bf16_and_upcast_exactly_into_the_fp32_shards(
+    single_process_group, prepared_quickstart, tmp_path
+) -> None:
+    from soulray.train.data import load_run_tokenizer
+
+    tokenizer = load_run_tokenizer(str(prepared_quickstart))
+    cfg = load_config(None, [f"data.output_dir={prepared_quickstart}"])
+    hf_config = build_model_config(cfg.model, tokenizer)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16).save_pretrained(tmp_path)
+    cfg = load_config(
+        None, [f"data.output_dir={prepared_quickstart}", f"model.name_or_path={tmp_path}"]
+    )
+    initial = load_initial_state(cfg, hf_config, "sdpa")
+    assert {t.dtype for t in initial.values()} == {torch.bfloat16}  # half the host memory
+    model, *_ = build_sharded_model(cfg, tokenizer, 0, CPU)
+    for name, param in model.state_dict().items():
+        assert param.dtype == torch.float32, name
+        assert torch.equal(param.full_tensor(), initial[name].float()), name
