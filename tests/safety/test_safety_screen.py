@@ -93,13 +93,17 @@ def test_help_lines_follow_the_category_and_the_language(screen):
     assert "12356" in fixed_reply(screen, suicide_zh)
 
 
-@pytest.mark.parametrize("lang,most", [("en", 27), ("zh", 32)])
+@pytest.mark.parametrize("lang,most", [("en", 32), ("zh", 35)])
 def test_the_lexicon_alone_flags_few_ordinary_training_messages(lexicon_only, lang, most):
     """The lexicon always flags, so it must hold only what states crisis by itself: of the
     hand-written ordinary messages (idioms, grief, news, a worried friend, jokes), it flagged
     27 of 1,106 (en) and 28 of 1,160 (zh) when topic words left it (was 102 and 102, ~10 %).
     Fourth round's hard negatives: en 27 of 1,164; zh 32 of 1,260 (4 of the 100 new ones:
-    hyperbole like 想死的心都有 and 我要杀了他（开玩笑的）, and a film scene)."""
+    hyperbole like 想死的心都有 and 我要杀了他（开玩笑的）, and a film scene).
+    Fifth round's: en 32 of 1,305; zh 35 of 1,371 (8 of the 234 / 262 new ones, kept as the hard
+    negatives they are: a worried sibling or friend quoting "ending her life", "he'd rather be
+    dead", "suicidal"; "i could die" from jealousy; an opera heroine stabbing herself;
+    想死你做的酸菜鱼了; a pupil's essay about jumping from the school building; bungee from a bridge)."""
     ordinary = [t for t, label, _ in written(lang) if label == "none"]
     assert sum(assess(lexicon_only, [t]).flagged for t in ordinary) <= most
 
