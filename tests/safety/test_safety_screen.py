@@ -103,7 +103,8 @@ def test_the_lexicon_alone_flags_few_ordinary_training_messages(lexicon_only, la
     Fifth round's: en 32 of 1,305; zh 35 of 1,371 (8 of the 234 / 262 new ones, kept as the hard
     negatives they are: a worried sibling or friend quoting "ending her life", "he'd rather be
     dead", "suicidal"; "i could die" from jealousy; an opera heroine stabbing herself;
-    想死你做的酸菜鱼了; a pupil's essay about jumping from the school building; bungee from a bridge)."""
+    想死你做的酸菜鱼了; a pupil's essay about jumping from the school building; bungee from a
+    bridge)."""
     ordinary = [t for t, label, _ in written(lang) if label == "none"]
     assert sum(assess(lexicon_only, [t]).flagged for t in ordinary) <= most
 
