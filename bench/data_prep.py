@@ -262,7 +262,7 @@ def corpus_file(a: argparse.Namespace, work: Path, tokenizer) -> tuple[Path, dic
     return path, raw
 
 
-def tree_pss(root: int, session: str, cpu: dict[int, tuple[str, float]]) -> dict[str, int]:
+def sample_tree(root: int, session: str, cpu: dict[int, tuple[str, float]]) -> dict[str, int]:
     """PSS (bytes) of the child's process tree, plus any process naming its Ray session (none
     of the other engineers' Ray processes: they run under other session directories). Records
     each process's CPU seconds so far in `cpu` (pid -> (kind, seconds)): a Ray worker's kind is
@@ -352,7 +352,7 @@ def run_prepare_measured(
         while proc.poll() is None:
             session = session_file.read_text() if session_file.exists() else ""
             began = time.monotonic()
-            parts = tree_pss(proc.pid, session, cpu)
+            parts = sample_tree(proc.pid, session, cpu)
             samples += 1
             if sum(parts.values()) > peak:
                 peak, peak_parts = sum(parts.values()), parts

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from soulray.safety.classifier import CATEGORIES, weights_path
+from soulray.safety.classifier import CATEGORIES, sigmoid, weights_path
 from soulray.safety.dataset import LANGS, Example, load_examples
 from soulray.safety.features import (
     EMBED_DIM,
@@ -172,7 +172,7 @@ def fit(x: Matrix, y: np.ndarray, features: str, hidden: int | None = None) -> l
     m = [np.zeros_like(p) for p in params]
     v = [np.zeros_like(p) for p in params]
     for step in range(1, STEPS + 1):
-        g = ((1 / (1 + np.exp(-logits(params, x))) - y) * weight).astype(np.float32)
+        g = ((sigmoid(logits(params, x)) - y) * weight).astype(np.float32)
         per_entry = g[rows_by_col] * vals_by_col
         pre = x.embed @ params[3] + params[4]
         back = (g @ params[5].T) * (pre > 0)
@@ -220,11 +220,24 @@ def fork_map(fn: Callable[[Any], Any], items: list[Any], jobs: int, **shared: An
     try:
         if jobs <= 1:
             return list(map(fn, items))
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(jobs, mp_context=context, initializer=_die_with_parent) as pool:
             return list(pool.map(fn, items))
     finally:
         for key in shared:
             _SHARED.pop(key, None)
+
+
+def _die_with_parent() -> None:
+    """A worker ends when the trainer does, even when the trainer is killed (SIGKILL gives it no
+    chance to stop its pool): Linux's parent-death signal. Elsewhere a no-op."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _fit_part(k: int) -> tuple[int, list[np.ndarray] | np.ndarray]:
@@ -239,11 +252,11 @@ def score(params: list[np.ndarray], x: Matrix, keep: np.ndarray, split: Split | 
     """Probabilities of the `keep` rows of x: with `split`, the highest of each message's and its
     sentences' (what Classifier.scores does when serving)."""
     held = x.take(keep)
-    out = 1 / (1 + np.exp(-logits(expand(params, held), held)))
+    out = sigmoid(logits(expand(params, held), held))
     if split is not None and keep[split.owner].any():
         mine = keep[split.owner]
         parts = split.x.take(mine)
-        probs = 1 / (1 + np.exp(-logits(expand(params, parts), parts)))
+        probs = sigmoid(logits(expand(params, parts), parts))
         np.maximum.at(out, (np.cumsum(keep) - 1)[split.owner[mine]], probs)
     return out
 
