@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -51,12 +52,13 @@ def written(lang: str) -> list[tuple[str, str, str]]:
     return rows
 
 
-def build_examples(lang: str) -> list[Example]:
-    """The hand-written messages and their wrapped variants, deterministically."""
+def build_examples(lang: str, extra: Sequence[tuple[str, str, str]] = ()) -> list[Example]:
+    """The hand-written messages and their wrapped variants, deterministically; `extra` (text,
+    label, kind) rows are added after the hand-written ones and get variants the same way."""
     wrap = json.loads(_data("wrappers.json"))[lang]
     rng = random.Random(f"{SEED}-{lang}")
     out: list[Example] = []
-    for i, (text, label, kind) in enumerate(written(lang)):
+    for i, (text, label, kind) in enumerate([*written(lang), *extra]):
         group = f"{lang}-{i}"
         out.append(Example(text, label, kind, group, lang))
         seen = {text}
