@@ -22,7 +22,7 @@ quickstart: $(STAMP)
 	$(VENV)/bin/soulray quickstart --config jobs/quickstart.yaml
 
 test: $(STAMP) k8s-tools
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # kubectl renders the k8s/ overlays for tests/deploy (kustomize is built into kubectl). When it is
 # missing and apt-get is usable (root), Debian's kubernetes-client is installed; when that cannot

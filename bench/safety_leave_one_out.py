@@ -1,16 +1,24 @@
 """Would the crisis classifier generalize better with more authors? Leave one blind set out.
 
-    .venv/bin/python bench/safety_leave_one_out.py [--held 8 7 6 5] [--out FILE]
+    .venv/bin/python bench/safety_leave_one_out.py [--held 8 7 6 5] [--variants 2] [--out FILE]
+    .venv/bin/python bench/safety_leave_one_out.py --hold helper_A helper_B helper_C helper_D \
+        --variants 2 1 [--out FILE]
 
-Blind sets 3-8 (tests/safety/) were each written by a different helper who saw neither the code
-nor the training data. For each held-out set K, two classifiers are trained exactly as
-`python -m soulray.safety.train` trains the shipped one (the same variants, folds, fits and
-out-of-fold threshold rule): on the training data alone, and on the training data plus every
-other blind set (3-8 but K, as hand-written messages with their variants). Both screen set K
-(classifier or lexicon, what serving does); the difference says how much a new author's
-messages gain from training on other authors' messages. The training-only row reproduces the
-shipped weights' counts in tests/safety/test_safety_regression.py (a check on this script).
-Nothing here changes the shipped weights. Embeddings are cached in --cache between runs.
+Blind sets 3-8 (now soulray/safety/data/authors/blind3-8.json) were each written by a different
+helper who saw neither the code nor the training data. For each held-out set K, two classifiers
+are trained exactly as `python -m soulray.safety.train` trains the shipped one (the same variants,
+folds, fits and out-of-fold threshold rule): on messages_{en,zh}.json alone (the training data
+before stop 22), and on those plus every other blind set (3-8 but K, as hand-written messages
+with their variants). Both screen set K (classifier or lexicon, what serving does); the
+difference says how much a new author's messages gain from training on other authors' messages.
+Run in stop 21, when the training data was messages_{en,zh}.json alone, the training-only row
+reproduced the then-shipped weights' counts on every set (a check on this script); stop 22 then
+adopted the blind sets and four helpers' sets as training data. Nothing here changes the shipped
+weights. Embeddings are cached in --cache between runs.
+
+`--hold WRITERS` asks the same question the other way round: train on messages_{en,zh}.json and
+every writer's set but these, and screen the union of these (stop 22: the four helpers' sets,
+written as training data, held out to choose the number of wrapped variants per message).
 """
 
 from __future__ import annotations
@@ -28,27 +36,13 @@ import soulray.safety.dataset as dataset
 import soulray.safety.train as T
 from soulray.safety.dataset import LANGS, Example
 
-BLIND_DIR = Path(__file__).resolve().parent.parent / "tests" / "safety"
 SETS = (3, 4, 5, 6, 7, 8)  # the blind sets that label each crisis message's category
 
 
-def blind_rows(blind: dict, lang: str) -> list[tuple[str, str, str]]:
-    """(text, label, kind) of one blind set's messages, as dataset.written gives them."""
-    crisis = blind[f"crisis_{lang}"]
-    rows = [(t, c, c) for t, c in zip(crisis, blind[f"crisis_{lang}_category"], strict=True)]
-    ordinary = blind[f"ordinary_{lang}"]
-    kinds = blind.get(f"ordinary_{lang}_kind") or ["blind"] * len(ordinary)
-    return rows + [(t, "none", k) for t, k in zip(ordinary, kinds, strict=True)]
-
-
-def examples_with(blinds: list[dict]) -> list[Example]:
-    """The training examples, with `blinds` added to the hand-written messages (so they get
-    variants and folds the same way)."""
-    return [
-        e
-        for lang in LANGS
-        for e in dataset.build_examples(lang, [r for b in blinds for r in blind_rows(b, lang)])
-    ]
+def examples_with(writers: list[str]) -> list[Example]:
+    """The training examples of messages_{lang}.json plus `writers`' sets (data/authors/), which
+    get variants and folds the same way."""
+    return [e for lang in LANGS for e in dataset.build_examples(lang, writers)]
 
 
 def train_screen(
@@ -82,34 +76,68 @@ def screen_counts(
     return out
 
 
+def held_writers(names: list[str]) -> dict:
+    """The union of some writers' sets (data/authors/), shaped as one set."""
+    held: dict = {}
+    for name in names:
+        for key, value in json.loads(dataset._data(f"authors/{name}.json")).items():
+            if isinstance(value, list):
+                held.setdefault(key, []).extend(value)
+    return held
+
+
+def print_counts(name: str, counts: dict) -> None:
+    line = " ".join(
+        f"{lang} caught {c['caught']}/{c['crisis']} "
+        f"false alarms {c['false_alarms']}/{c['ordinary']}"
+        for lang, c in counts.items()
+    )
+    print(f"{name}: {line}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--held", type=int, nargs="+", default=[8, 7, 6, 5], choices=SETS)
+    ap.add_argument(
+        "--hold",
+        nargs="+",
+        metavar="WRITER",
+        help="instead: train on every other writer's set, screen these (e.g. helper_A helper_B)",
+    )
+    ap.add_argument(
+        "--variants",
+        type=int,
+        nargs="+",
+        default=[dataset.VARIANTS],
+        help="wrapped variants per message; several: one run each (stop 21's table used 2)",
+    )
     ap.add_argument("--cache", type=Path, default=Path("/tmp/safety_loo_cache.npz"))
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", type=Path, help="write the counts here as JSON")
     args = ap.parse_args()
-    blinds = {
-        k: json.loads((BLIND_DIR / f"safety_holdout_blind{k}.json").read_text("utf-8"))
-        for k in SETS
-    }
     embedder = T.Embedder()
-    base = train_screen(examples_with([]), embedder, args.cache, args.jobs)  # the same for all K
     report: dict = {}
-    for k in args.held:
-        others = examples_with([blinds[j] for j in SETS if j != k])
-        grown = train_screen(others, embedder, args.cache, args.jobs)
-        report[f"blind{k}"] = {
-            "train only": screen_counts(base, blinds[k], embedder, args.cache),
-            "train + other blind sets": screen_counts(grown, blinds[k], embedder, args.cache),
-        }
-        for name, counts in report[f"blind{k}"].items():
-            line = " ".join(
-                f"{lang} caught {c['caught']}/{c['crisis']} false alarms "
-                f"{c['false_alarms']}/{c['ordinary']}"
-                for lang, c in counts.items()
-            )
-            print(f"blind set {k}, {name}: {line}", flush=True)
+    for variants in args.variants:
+        dataset.VARIANTS = variants
+        if args.hold:
+            rest = [w for w in dataset.authors() if w not in args.hold]
+            screen = train_screen(examples_with(rest), embedder, args.cache, args.jobs)
+            name = f"{'+'.join(args.hold)} held out, {variants} variant(s)"
+            report[name] = screen_counts(screen, held_writers(args.hold), embedder, args.cache)
+            print_counts(name, report[name])
+            continue
+        blinds = {k: json.loads(dataset._data(f"authors/blind{k}.json")) for k in SETS}
+        base = train_screen(examples_with([]), embedder, args.cache, args.jobs)  # same for all K
+        for k in args.held:
+            others = examples_with([f"blind{j}" for j in SETS if j != k])
+            grown = train_screen(others, embedder, args.cache, args.jobs)
+            key = f"blind{k}" if variants == 2 else f"blind{k}, {variants} variant(s)"
+            report[key] = {
+                "train only": screen_counts(base, blinds[k], embedder, args.cache),
+                "train + other blind sets": screen_counts(grown, blinds[k], embedder, args.cache),
+            }
+            for name, counts in report[key].items():
+                print_counts(f"blind set {k}, {name}", counts)
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
 

@@ -1,7 +1,16 @@
 """The training set: hand-written messages (data/messages_{lang}.json) and their wrapped variants.
 
 Every message is written for this project (no internet corpora: those teach "forum post vs. chat",
-not "crisis vs. not"). Each hand-written message appears as written and in `VARIANTS` wrapped
+not "crisis vs. not"). Two sources:
+- data/messages_{lang}.json, the rounds written alongside the classifier;
+- data/authors/*.json, sets by other writers, one file each, shaped as the blind sets are
+  ({"crisis_en": [...], "crisis_en_category": [...], "ordinary_en": [...], ...}): blind sets 3-8,
+  each written by a helper who saw neither the code nor the training data, then measured once as
+  a blind set and used as a regression set, and helper_A-D, written as training data by four
+  helpers in different voices (students; older adults; context and mid-conversation fragments;
+  regional English and Traditional or dialect Chinese). Training on other writers' messages is
+  what the leave-one-blind-set-out bench showed to help a new writer most (bench/RESULTS.md).
+Each hand-written message appears as written and in `VARIANTS` wrapped
 forms (an opener and/or closer from data/wrappers.json, the same pool for every label, drawn with
 a fixed seed). Variants share their source's `group`, so cross-validation folds split by group
 and a message's variants never score each other. `python -m soulray.safety.dataset` writes the
@@ -25,10 +34,12 @@ from pathlib import Path
 
 CATEGORIES = ("suicide", "self_harm", "violence", "abuse")
 LANGS = ("en", "zh")
-VARIANTS = 2
+VARIANTS = 1
 LONG_SHARE = 0.5
 LONG_MAX_CHARS = 380
 SEED = 11
+# the other writers' names for the kinds of ordinary message that messages_{lang}.json names so
+KIND_NAMES = {"worry_friend": "friend", "medical": "medication"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,33 +55,57 @@ def _data(name: str) -> str:
     return resources.files("soulray.safety").joinpath(f"data/{name}").read_text("utf-8")
 
 
-def written(lang: str) -> list[tuple[str, str, str]]:
-    """(text, label, kind) of every hand-written message of one language."""
+def authors() -> list[str]:
+    """The names of the other writers' sets in data/authors/, in the order they are read."""
+    files = resources.files("soulray.safety").joinpath("data/authors").iterdir()
+    return sorted(f.name.removesuffix(".json") for f in files if f.name.endswith(".json"))
+
+
+def authored(name: str, lang: str) -> list[tuple[str, str, str]]:
+    """(text, label, kind) of one writer's set, in one language."""
+    data = json.loads(_data(f"authors/{name}.json"))
+    crisis = data[f"crisis_{lang}"]
+    rows = [(t, c, c) for t, c in zip(crisis, data[f"crisis_{lang}_category"], strict=True)]
+    ordinary = data[f"ordinary_{lang}"]
+    kinds = data.get(f"ordinary_{lang}_kind") or ["unlabelled"] * len(ordinary)
+    return rows + [(t, "none", KIND_NAMES.get(k, k)) for t, k in zip(ordinary, kinds, strict=True)]
+
+
+def written(lang: str, writers: Sequence[str] | None = None) -> list[tuple[str, str, str]]:
+    """(text, label, kind) of every hand-written message of one language: the rounds in
+    messages_{lang}.json, then the sets of `writers` (default: every file in data/authors/), each
+    message once (ignoring case)."""
     data = json.loads(_data(f"messages_{lang}.json"))
     rows = [(t, c, c) for c in CATEGORIES for t in data[c]]
     rows += [(t, "none", kind) for kind, texts in data["none"].items() for t in texts]
-    return rows
+    for name in authors() if writers is None else writers:
+        rows += authored(name, lang)
+    once: dict[str, tuple[str, str, str]] = {}  # two writers wrote a few of the same messages
+    for row in rows:  # (always with the same label); the first writer's row is kept
+        once.setdefault(row[0].lower(), row)
+    return list(once.values())
 
 
-def build_examples(lang: str, extra: Sequence[tuple[str, str, str]] = ()) -> list[Example]:
-    """The hand-written messages and their wrapped variants, deterministically; `extra` (text,
-    label, kind) rows are added after the hand-written ones and get variants the same way."""
+def build_examples(lang: str, writers: Sequence[str] | None = None) -> list[Example]:
+    """The hand-written messages (`written(lang, writers)`) and their wrapped variants,
+    deterministically."""
     wrap = json.loads(_data("wrappers.json"))[lang]
     rng = random.Random(f"{SEED}-{lang}")
     out: list[Example] = []
-    for i, (text, label, kind) in enumerate([*written(lang), *extra]):
+    taken: set[str] = set()  # every text once: a variant can equal another written message
+
+    def add(text: str, label: str, kind: str, group: str) -> None:
+        if text not in taken:
+            taken.add(text)
+            out.append(Example(text, label, kind, group, lang))
+
+    for i, (text, label, kind) in enumerate(written(lang, writers)):
         group = f"{lang}-{i}"
-        out.append(Example(text, label, kind, group, lang))
-        seen = {text}
+        add(text, label, kind, group)
         for _ in range(VARIANTS):
-            variant = _wrap(text, wrap, rng, lang)
-            if variant not in seen:
-                seen.add(variant)
-                out.append(Example(variant, label, kind, group, lang))
+            add(_wrap(text, wrap, rng, lang), label, kind, group)
         if rng.random() < LONG_SHARE:
-            variant = _embed_in_talk(text, wrap["fillers"], rng, lang)
-            if variant not in seen:
-                out.append(Example(variant, label, kind, group, lang))
+            add(_embed_in_talk(text, wrap["fillers"], rng, lang), label, kind, group)
     return out
 
 

@@ -1,8 +1,9 @@
 """The crisis screen (lexicon + classifier) on every earlier test set, now regression sets.
 
 These messages were written for earlier rounds of the keyword screen (tuning sets, held-out
-rounds 1-3, and a blind set written by someone who never saw the code); the classifier's training
-data was written separately and contains none of them. Floors are set just under the values
+rounds 1-3, and a blind set written by someone who never saw the code) or as blind sets for the
+classifier (3-9). The training data contains none of the first kind nor blind set 9; blind sets
+3-8 became training data in stop 22 (below). Floors are set just under the values
 measured with the shipped weights (MEASURED), so a regression fails the run.
 """
 
@@ -23,28 +24,43 @@ from safety_cases import (
     ROUND2_ORDINARY,
 )
 
+import soulray.safety
 from soulray.safety.screen import assess
 
 HERE = Path(__file__).parent
+AUTHORS = Path(soulray.safety.__file__).parent / "data" / "authors"
 ROUND3 = json.loads((HERE / "safety_holdout_blind.json").read_text("utf-8"))
 BLIND = json.loads((HERE / "safety_holdout_blind2.json").read_text("utf-8"))
-# Written blind (no sight of the code or the training data) and measured once when the classifier
-# landed (bench/results/safety_blind3.json); a regression set from then on.
-BLIND3 = json.loads((HERE / "safety_holdout_blind3.json").read_text("utf-8"))
+# Blind sets 3-8 were each written blind (no sight of the code or the training data) and measured
+# once; since stop 22 they are training data (soulray/safety/data/authors/), because training on
+# other writers' messages was measured to lift a new writer's recall most (bench/RESULTS.md, stop
+# 21). Their floors now guard that the screen still fits what it was trained on, no longer how it
+# generalizes: blind set 9 and the sets above do that.
+# Blind set 3: measured once when the classifier landed (bench/results/safety_blind3.json).
+BLIND3 = json.loads((AUTHORS / "blind3.json").read_text("utf-8"))
 # Blind set 4, the same way, measured once on 2026-12-02 (bench/results/safety_blind4.json).
-BLIND4 = json.loads((HERE / "safety_holdout_blind4.json").read_text("utf-8"))
+BLIND4 = json.loads((AUTHORS / "blind4.json").read_text("utf-8"))
 # Blind set 5, the same way, measured once on 2026-12-02 after the lexicon was cut to first-person
 # rules and the data grown (bench/results/safety_blind5.json).
-BLIND5 = json.loads((HERE / "safety_holdout_blind5.json").read_text("utf-8"))
+BLIND5 = json.loads((AUTHORS / "blind5.json").read_text("utf-8"))
 # Blind set 6, the same way, measured once on 2026-12-02 with the same weights as blind set 5
 # (bench/results/safety_blind6.json): en 98/120 caught, 6/120 false alarms; zh 82/120, 2/120.
-BLIND6 = json.loads((HERE / "safety_holdout_blind6.json").read_text("utf-8"))
+BLIND6 = json.loads((AUTHORS / "blind6.json").read_text("utf-8"))
 # Blind set 7, the same way, measured once on 2026-12-02 with the fourth-round weights
 # (bench/results/safety_blind7.json): en 100/120 caught, 12/120 false alarms; zh 98/120, 6/120.
-BLIND7 = json.loads((HERE / "safety_holdout_blind7.json").read_text("utf-8"))
+BLIND7 = json.loads((AUTHORS / "blind7.json").read_text("utf-8"))
 # Blind set 8, the same way, measured once on 2026-12-02 with the fifth-round weights
 # (bench/results/safety_blind8.json): en 98/120 caught, 16/120 false alarms; zh 94/120, 11/120.
-BLIND8 = json.loads((HERE / "safety_holdout_blind8.json").read_text("utf-8"))
+BLIND8 = json.loads((AUTHORS / "blind8.json").read_text("utf-8"))
+# Blind set 9, written on 2026-12-03 by three helpers apart (none saw the code, the training data or
+# another test set) and measured once with the sixth-round weights before one duplicated training
+# row per language was dropped (bench/results/safety_blind9.json): en 135/144 caught, 15/143 false
+# alarms; zh 137/144, 18/143; the shipped weights, re-screened, the same counts. Not trained on.
+BLIND9 = json.loads((HERE / "safety_holdout_blind9.json").read_text("utf-8"))
+# Blind set 10, written the same way by three more helpers and measured once with the shipped
+# weights (bench/results/safety_blind10.json): en 136/141 caught, 16/140 false alarms; zh
+# 134/142, 22/142. Not trained on.
+BLIND10 = json.loads((HERE / "safety_holdout_blind10.json").read_text("utf-8"))
 
 SETS = {
     "tuning set (en)": (CRISIS_EN, ORDINARY_EN),
@@ -67,6 +83,10 @@ SETS = {
     "blind set 7 (zh)": (BLIND7["crisis_zh"], BLIND7["ordinary_zh"]),
     "blind set 8 (en)": (BLIND8["crisis_en"], BLIND8["ordinary_en"]),
     "blind set 8 (zh)": (BLIND8["crisis_zh"], BLIND8["ordinary_zh"]),
+    "blind set 9 (en)": (BLIND9["crisis_en"], BLIND9["ordinary_en"]),
+    "blind set 9 (zh)": (BLIND9["crisis_zh"], BLIND9["ordinary_zh"]),
+    "blind set 10 (en)": (BLIND10["crisis_en"], BLIND10["ordinary_en"]),
+    "blind set 10 (zh)": (BLIND10["crisis_zh"], BLIND10["ordinary_zh"]),
 }
 # Measured with the shipped weights (crisis caught / n, false alarms / n); the floor allows one
 # message fewer caught and the ceiling one false alarm more. Keyword screen alone, for
@@ -91,27 +111,37 @@ SETS = {
 # zh 78 -> 79, blind 4 zh 75 -> 77, blind 5 en 103 -> 104, blind 6 zh 86 -> 88, blind 7 zh
 # 98 -> 99; false alarms fell on six en sets and round 2 (3 -> 1), rose on tuning zh 3 -> 4 and
 # blind 5 zh 9 -> 10.
+# Reset for the sixth round (stop 22: blind sets 3-8 and four helpers' sets, 640 messages each,
+# added as training data, one wrapped variant per message instead of two; retrained). On the sets
+# still held out: caught 264 -> 263 of 272 and false alarms 15 -> 18 of 272 (round 2 caught 24 ->
+# 23 and false alarms 1 -> 3, round 3 en 40 -> 39 and 0 -> 1, round 3 zh 39 -> 38, tuning zh false
+# alarms 4 -> 5; blind 2 zh caught 35 -> 37, tuning en false alarms 3 -> 2). Blind sets 3-8 rose as
+# training data does (blind 8 en 98 -> 114, zh 94 -> 114); blind sets 9 and 10 were measured once.
 MEASURED = {
-    "tuning set (en)": (32, 32, 32, 3),
-    "tuning set (zh)": (32, 31, 32, 4),
+    "tuning set (en)": (32, 32, 32, 2),
+    "tuning set (zh)": (32, 31, 32, 5),
     "held-out round 1 (en+zh)": (24, 24, 24, 3),
-    "held-out round 2 (en+zh)": (24, 24, 24, 1),
-    "held-out round 3 (en)": (40, 40, 40, 0),
-    "held-out round 3 (zh)": (40, 39, 40, 1),
+    "held-out round 2 (en+zh)": (24, 23, 24, 3),
+    "held-out round 3 (en)": (40, 39, 40, 1),
+    "held-out round 3 (zh)": (40, 38, 40, 1),
     "blind set 2 (en)": (40, 39, 40, 2),
-    "blind set 2 (zh)": (40, 35, 40, 1),
-    "blind set 3 (en)": (100, 82, 100, 5),
-    "blind set 3 (zh)": (100, 79, 100, 2),
-    "blind set 4 (en)": (105, 89, 116, 14),
-    "blind set 4 (zh)": (108, 77, 119, 13),
-    "blind set 5 (en)": (112, 104, 120, 9),
-    "blind set 5 (zh)": (112, 93, 120, 10),
-    "blind set 6 (en)": (120, 98, 120, 6),
-    "blind set 6 (zh)": (120, 88, 120, 3),
-    "blind set 7 (en)": (120, 98, 120, 12),
-    "blind set 7 (zh)": (120, 99, 120, 6),
-    "blind set 8 (en)": (120, 98, 120, 16),
-    "blind set 8 (zh)": (120, 94, 120, 11),
+    "blind set 2 (zh)": (40, 37, 40, 1),
+    "blind set 3 (en)": (100, 95, 100, 4),
+    "blind set 3 (zh)": (100, 96, 100, 2),
+    "blind set 4 (en)": (105, 101, 116, 13),
+    "blind set 4 (zh)": (108, 102, 119, 11),
+    "blind set 5 (en)": (112, 109, 120, 6),
+    "blind set 5 (zh)": (112, 108, 120, 4),
+    "blind set 6 (en)": (120, 117, 120, 4),
+    "blind set 6 (zh)": (120, 113, 120, 1),
+    "blind set 7 (en)": (120, 111, 120, 9),
+    "blind set 7 (zh)": (120, 117, 120, 4),
+    "blind set 8 (en)": (120, 114, 120, 14),
+    "blind set 8 (zh)": (120, 114, 120, 7),
+    "blind set 9 (en)": (144, 135, 143, 15),
+    "blind set 9 (zh)": (144, 137, 143, 18),
+    "blind set 10 (en)": (141, 136, 140, 16),
+    "blind set 10 (zh)": (142, 134, 142, 22),
 }
 FLOORS = {k: ((hit - 1) / n, (fa + 1) / m) for k, (n, hit, m, fa) in MEASURED.items()}
 

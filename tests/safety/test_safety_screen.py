@@ -93,7 +93,7 @@ def test_help_lines_follow_the_category_and_the_language(screen):
     assert "12356" in fixed_reply(screen, suicide_zh)
 
 
-@pytest.mark.parametrize("lang,most", [("en", 32), ("zh", 35)])
+@pytest.mark.parametrize("lang,most", [("en", 57), ("zh", 71)])
 def test_the_lexicon_alone_flags_few_ordinary_training_messages(lexicon_only, lang, most):
     """The lexicon always flags, so it must hold only what states crisis by itself: of the
     hand-written ordinary messages (idioms, grief, news, a worried friend, jokes), it flagged
@@ -104,7 +104,14 @@ def test_the_lexicon_alone_flags_few_ordinary_training_messages(lexicon_only, la
     negatives they are: a worried sibling or friend quoting "ending her life", "he'd rather be
     dead", "suicidal"; "i could die" from jealousy; an opera heroine stabbing herself;
     想死你做的酸菜鱼了; a pupil's essay about jumping from the school building; bungee from a
-    bridge)."""
+    bridge).
+    Sixth round (other writers' sets joined the training data): en 57 of 2,620, zh 71 of 2,704
+    (25 and 36 of the 1,315 / 1,333 new ones: recovery stories ("one year self harm free",
+    以前想死 / 以前自残过), worry about a friend who says 不想活了 / 活着没意思 / 想死, the news
+    or a drama's 跳楼, negations (我不想死), idioms (想死的心都有, 想杀人的心都有了), a nurse's
+    洗胃). The rules that fire most are topic phrases in `intent` ("self harm", "domestic
+    violence", 活着没意思, 伤害自己) and 想死 / 跳楼 with no check on who says them: the next
+    place to cut false alarms (not changed in stop 22, after blind set 9 was measured)."""
     ordinary = [t for t, label, _ in written(lang) if label == "none"]
     assert sum(assess(lexicon_only, [t]).flagged for t in ordinary) <= most
 
