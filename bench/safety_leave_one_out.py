@@ -97,11 +97,13 @@ def print_counts(name: str, counts: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--held", type=int, nargs="+", default=[8, 7, 6, 5], choices=SETS)
-    ap.add_argument(
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--held", type=int, nargs="+", default=[8, 7, 6, 5], choices=SETS)
+    which.add_argument(
         "--hold",
         nargs="+",
         metavar="WRITER",
+        choices=dataset.authors(),
         help="instead: train on every other writer's set, screen these (e.g. helper_A helper_B)",
     )
     ap.add_argument(
