@@ -7,7 +7,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from soulray_testing import QUICKSTART, ROOT, SOULRAY
+from soulray_testing import (
+    QUICKSTART,
+    RETRAIN_TEST,
+    ROOT,
+    SOULRAY,
+    retrain_in_background,
+    stop_retrain,
+)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +39,20 @@ def prepared_quickstart(tmp_path_factory) -> Path:
     return out
 
 
+def pytest_collection_finish(session):
+    if session.config.option.collectonly:
+        return
+    if any(item.nodeid.endswith(RETRAIN_TEST) for item in session.items):
+        retrain_in_background()
+
+
+def pytest_sessionfinish(session):
+    stop_retrain()
+
+
 def pytest_collection_modifyitems(config, items):
+    # the retrain comparison runs last: by then the background retrain has had the whole session
+    items.sort(key=lambda item: item.nodeid.endswith(RETRAIN_TEST))
     import torch
 
     if torch.cuda.is_available():

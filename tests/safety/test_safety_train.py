@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from soulray_testing import retrain_in_background
 
 from soulray.safety import train
 from soulray.safety.classifier import CATEGORIES, Classifier, load_weights, weights_path
@@ -94,13 +95,16 @@ def test_the_shipped_weights_are_small_and_carry_out_of_fold_thresholds():
 
 
 @pytest.mark.slow
-def test_retraining_reproduces_the_shipped_weights(tmp_path):
+def test_retraining_reproduces_the_shipped_weights():
     """Same data, same seed -> the same weights. Compared to 1e-5, not bit for bit: the dense
-    products go through BLAS, whose summation order may change with its thread count. Two
-    processes (`--jobs 2`: the same numbers as one, half the wall time on two cores)."""
-    out = tmp_path / "weights.npz"
-    command = [sys.executable, "-m", "soulray.safety.train", "--out", str(out), "--jobs", "2"]
-    subprocess.run(command, check=True, cwd=ROOT)
+    products go through BLAS, whose summation order may change with its thread count. The
+    retrain (`python -m soulray.safety.train --jobs 2`: the same numbers as one process, half the
+    wall time on two cores) starts in the background when the session's tests are collected
+    (tests/conftest.py); this test runs last and waits for it."""
+    run, out = retrain_in_background()
+    code = run.wait(timeout=3600)
+    log = (out.parent / "retrain.log").read_text()
+    assert code == 0, log
     shipped, again = np.load(weights_path()), np.load(out)
     for key in ("embed", "ngram", "bias", "thresholds"):
         np.testing.assert_allclose(again[key], shipped[key], atol=1e-5, err_msg=key)
