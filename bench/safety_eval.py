@@ -1,13 +1,17 @@
 """Crisis screen on a blind set: recall and false-positive rate per language and per category.
 
-    .venv/bin/python bench/safety_eval.py --blind FILE [--lexicon-only] [--show-misses]
+    .venv/bin/python bench/safety_eval.py --blind FILE [--lexicon-only] [--lexicon LEXICON.json]
+        [--show-misses] [--out REPORT.json]
 
 FILE is JSON shaped {"en": {"crisis": [{"text", "category"}], "ordinary": [{"text", "kind"}]},
 "zh": {...}}. Each message is screened alone with the shipped config (lexicon + classifier).
 Recall counts a crisis message as caught when it is flagged at all (any category: what matters
 is that the person gets help lines); the category table also shows how often the flagged category
 was the labelled one. A blind set is measured once; its messages must not be read to tune the
-screen. --show-misses prints the missed and false-alarm messages (for a set that is not blind).
+screen. --lexicon screens with another lexicon file (shaped like soulray/safety/data/lexicon.json,
+e.g. `git show OLD:soulray/safety/data/lexicon.json`): a lexicon change measured side by side with
+the same weights. --show-misses prints the missed and false-alarm messages (for a set that is
+not blind).
 """
 
 from __future__ import annotations
@@ -29,8 +33,15 @@ def load(path: Path) -> dict:
     return data
 
 
-def evaluate(data: dict, lexicon_only: bool, show_misses: bool) -> dict:
-    screen = build_screen(SafetyConfig(classifier=not lexicon_only))
+def evaluate(
+    data: dict, lexicon_only: bool, show_misses: bool, lexicon: Path | None = None
+) -> dict:
+    lists = {}
+    if lexicon is not None:
+        lex = json.loads(lexicon.read_text("utf-8"))
+        lists = {k: lex.get(k, {}) for k in ("intent", "lexicon", "patterns")}
+        lists |= {"exclude": lex["exclude"], "guard": lex.get("guard", [])}
+    screen = build_screen(SafetyConfig(classifier=not lexicon_only, **lists))
     report: dict = {}
     for lang, sets in data.items():
         by_cat: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # n, caught, same category
@@ -73,10 +84,11 @@ def main() -> None:
     ap.add_argument(
         "--lexicon-only", action="store_true", help="the lexicon without the classifier"
     )
+    ap.add_argument("--lexicon", type=Path, help="a lexicon.json to use instead of the built-in")
     ap.add_argument("--show-misses", action="store_true", help="print misses and false alarms")
     ap.add_argument("--out", type=Path, help="also write the report as JSON")
     args = ap.parse_args()
-    report = evaluate(load(args.blind), args.lexicon_only, args.show_misses)
+    report = evaluate(load(args.blind), args.lexicon_only, args.show_misses, args.lexicon)
     for lang, r in report.items():
         print(
             f"{lang}: recall {r['recall']:.1%} ({r['crisis']} crisis)  "

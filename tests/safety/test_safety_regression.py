@@ -64,6 +64,11 @@ BLIND9 = json.loads((HERE / "safety_holdout_blind9.json").read_text("utf-8"))
 # weights (bench/results/safety_blind10.json): en 136/141 caught, 16/140 false alarms; zh
 # 134/142, 22/142. Messages already in the training data or set 9 were dropped before it was read.
 BLIND10 = json.loads((HERE / "safety_holdout_blind10.json").read_text("utf-8"))
+# Blind set 11, written the same way by three more helpers in other voices (forum posts; working
+# adults at night; instant messages) and measured once in stop 23 with the shipped weights and
+# this stop's lexicon guards, the stop-22 screen beside it (bench/results/safety_blind11*.json):
+# en 132/144 caught, 40/288 false alarms (stop 22: 132, 46); zh 122/144, 37/288 (122, 41).
+BLIND11 = json.loads((HERE / "safety_holdout_blind11.json").read_text("utf-8"))
 
 SETS = {
     "tuning set (en)": (CRISIS_EN, ORDINARY_EN),
@@ -90,6 +95,8 @@ SETS = {
     "blind set 9 (zh)": (BLIND9["crisis_zh"], BLIND9["ordinary_zh"]),
     "blind set 10 (en)": (BLIND10["crisis_en"], BLIND10["ordinary_en"]),
     "blind set 10 (zh)": (BLIND10["crisis_zh"], BLIND10["ordinary_zh"]),
+    "blind set 11 (en)": (BLIND11["crisis_en"], BLIND11["ordinary_en"]),
+    "blind set 11 (zh)": (BLIND11["crisis_zh"], BLIND11["ordinary_zh"]),
 }
 # Measured with the shipped weights (crisis caught / n, false alarms / n); the floor allows one
 # message fewer caught and the ceiling one false alarm more. Keyword screen alone, for
@@ -120,31 +127,37 @@ SETS = {
 # 23 and false alarms 1 -> 3, round 3 en 40 -> 39 and 0 -> 1, round 3 zh 39 -> 38, tuning zh false
 # alarms 4 -> 5; blind 2 zh caught 35 -> 37, tuning en false alarms 3 -> 2). Blind sets 3-8 rose as
 # training data does (blind 8 en 98 -> 114, zh 94 -> 114); blind sets 9 and 10 were measured once.
+# Reset for stop 23's lexicon (topic phrases out, guards for someone else's, negated and past
+# words; weights unchanged): no set lost a caught message; false alarms fell on 15 sets (blind 9
+# en 15 -> 12, zh 18 -> 13; blind 10 en 16 -> 12, zh 22 -> 21; blind 4 en and zh 2 fewer each;
+# round 3 zh 1 -> 0). Blind set 11 was measured once, with these guards.
 MEASURED = {
     "tuning set (en)": (32, 32, 32, 2),
     "tuning set (zh)": (32, 31, 32, 5),
     "held-out round 1 (en+zh)": (24, 24, 24, 3),
     "held-out round 2 (en+zh)": (24, 23, 24, 3),
     "held-out round 3 (en)": (40, 39, 40, 1),
-    "held-out round 3 (zh)": (40, 38, 40, 1),
+    "held-out round 3 (zh)": (40, 38, 40, 0),
     "blind set 2 (en)": (40, 39, 40, 2),
     "blind set 2 (zh)": (40, 37, 40, 1),
     "blind set 3 (en)": (100, 95, 100, 4),
     "blind set 3 (zh)": (100, 96, 100, 2),
-    "blind set 4 (en)": (105, 101, 116, 13),
-    "blind set 4 (zh)": (108, 102, 119, 11),
-    "blind set 5 (en)": (112, 109, 120, 6),
+    "blind set 4 (en)": (105, 101, 116, 11),
+    "blind set 4 (zh)": (108, 102, 119, 9),
+    "blind set 5 (en)": (112, 109, 120, 5),
     "blind set 5 (zh)": (112, 108, 120, 4),
-    "blind set 6 (en)": (120, 117, 120, 4),
+    "blind set 6 (en)": (120, 117, 120, 3),
     "blind set 6 (zh)": (120, 113, 120, 1),
-    "blind set 7 (en)": (120, 111, 120, 9),
-    "blind set 7 (zh)": (120, 117, 120, 4),
-    "blind set 8 (en)": (120, 114, 120, 14),
-    "blind set 8 (zh)": (120, 114, 120, 7),
-    "blind set 9 (en)": (144, 135, 143, 15),
-    "blind set 9 (zh)": (144, 137, 143, 18),
-    "blind set 10 (en)": (141, 136, 140, 16),
-    "blind set 10 (zh)": (142, 134, 142, 22),
+    "blind set 7 (en)": (120, 111, 120, 8),
+    "blind set 7 (zh)": (120, 117, 120, 2),
+    "blind set 8 (en)": (120, 114, 120, 13),
+    "blind set 8 (zh)": (120, 114, 120, 6),
+    "blind set 9 (en)": (144, 135, 143, 12),
+    "blind set 9 (zh)": (144, 137, 143, 13),
+    "blind set 10 (en)": (141, 136, 140, 12),
+    "blind set 10 (zh)": (142, 134, 142, 21),
+    "blind set 11 (en)": (144, 132, 288, 40),
+    "blind set 11 (zh)": (144, 122, 288, 37),
 }
 FLOORS = {k: ((hit - 1) / n, (fa + 1) / m) for k, (n, hit, m, fa) in MEASURED.items()}
 

@@ -65,6 +65,68 @@ def test_no_exclusion_blanks_a_phrase_that_states_intent(lexicon_only):
                 assert a.flagged and category in a.categories, (text, a)
 
 
+# (someone else's, negated or past: no lexicon flag; its twin, the writer's own now: flagged)
+GUARDED = [
+    (
+        "my friend says she wants to jump off a building, what do i do",
+        "i want to jump off a building",
+    ),
+    ("he's bullied so bad he says he'd rather be dead", "i'm bullied so bad i'd rather be dead"),
+    ("my friend posted 'i won't be around much longer' on insta", "i won't be around much longer"),
+    ("the show was about a wife who poisons her husband", "i'm going to poison her tonight"),
+    ("my husband has been punching walls, i'm worried", "i've been punching walls till i bleed"),
+    ("i used to want to die every day. therapy changed that", "i want to die every day"),
+    (
+        "three years ago i tried to end my life. today i graduated",
+        "last night i tried to end my life",
+    ),
+    ("one year self harm free today", "i self harm every night"),
+    ("we had three overdoses tonight in the er", "i'm going to overdose tonight"),
+    ("我朋友说她想死，我该怎么帮她", "我跟朋友说我想死"),
+    ("室友跟我说她想跳楼，要不要告诉辅导员", "我想跳楼"),
+    ("同学割手腕被老师发现了，我们怎么帮他", "我又割手腕了"),
+    ("这首歌讲一个想死的人，写得很美", "听这首歌的时候我想死"),
+    ("我不想死，只是很难过", "我真的想死"),
+    ("以前有段时间很想死，后来去看了医生，现在挺过来了", "这段时间很想死"),
+    ("比去年想死的时候好太多了", "今年比去年还想死"),
+    ("我弟又偷玩我电脑，我要杀了他哈哈", "我要杀了他，不是开玩笑"),
+    ("玩《只狼》被一心砍死了不知道多少回", "我要砍死他"),
+]
+# never cleared: the hit names the writer, or the negation is no negation of the wish
+STILL_FLAGGED = [
+    "he told me to kill myself and i think i will",
+    "我不想再拖累家人了，我走了最好",
+    "要死一起死，我要跟他同归于尽",
+    "我想让那个老师从这个世界消失",
+    "宿舍熄灯以后我在被子里划自己",
+    "想死的心都有了，不是开玩笑",
+]
+
+
+@pytest.mark.parametrize("theirs,mine", GUARDED)
+def test_guards_clear_someone_elses_negated_or_past_words_not_the_writers(
+    lexicon_only, theirs, mine
+):
+    assert not assess(lexicon_only, [theirs]).flagged, theirs
+    assert assess(lexicon_only, [mine]).flagged, mine
+
+
+@pytest.mark.parametrize("text", STILL_FLAGGED)
+def test_guards_keep_hits_that_name_the_writer(lexicon_only, text):
+    assert assess(lexicon_only, [text]).flagged, text
+
+
+def test_guards_come_from_config():
+    unguarded = build_screen(SafetyConfig(classifier=False, guard=[]))
+    assert assess(unguarded, ["我朋友说她想死"]).flagged
+    own = [{"before": r"\bin\s+my\s+novel\b.*$"}]
+    novel = build_screen(SafetyConfig(classifier=False, guard=own))
+    assert not assess(novel, ["in my novel the hero wants to end it all"]).flagged
+    assert assess(novel, ["我朋友说她想死"]).flagged  # the built-in guards were replaced
+    with pytest.raises(ValueError, match=r"unknown keys: \['befor'\]"):
+        build_screen(SafetyConfig(classifier=False, guard=[{"befor": "x$"}]))
+
+
 def test_every_user_message_is_screened_and_the_scan_window_is_configurable(screen):
     turns = ["I don't want to be alive anymore", "thanks for listening", "ok", "what's for dinner"]
     a = assess(screen, turns)
@@ -93,7 +155,7 @@ def test_help_lines_follow_the_category_and_the_language(screen):
     assert "12356" in fixed_reply(screen, suicide_zh)
 
 
-@pytest.mark.parametrize("lang,most", [("en", 57), ("zh", 71)])
+@pytest.mark.parametrize("lang,most", [("en", 6), ("zh", 14)])
 def test_the_lexicon_alone_flags_few_ordinary_training_messages(lexicon_only, lang, most):
     """The lexicon always flags, so it must hold only what states crisis by itself: of the
     hand-written ordinary messages (idioms, grief, news, a worried friend, jokes), it flagged
@@ -109,9 +171,14 @@ def test_the_lexicon_alone_flags_few_ordinary_training_messages(lexicon_only, la
     (25 and 36 of the 1,315 / 1,333 new ones: recovery stories ("one year self harm free",
     以前想死 / 以前自残过), worry about a friend who says 不想活了 / 活着没意思 / 想死, the news
     or a drama's 跳楼, negations (我不想死), idioms (想死的心都有, 想杀人的心都有了), a nurse's
-    洗胃). The rules that fire most are topic phrases in `intent` ("self harm", "domestic
-    violence", 活着没意思, 伤害自己) and 想死 / 跳楼 with no check on who says them: the next
-    place to cut false alarms (not changed in stop 22, after blind set 9 was measured)."""
+    洗胃). The rules that fire most were topic phrases in `intent` ("self harm", "domestic
+    violence") and 想死 / 跳楼 with no check on who says them.
+    Stop 23: topic phrases out (first-person forms in), and guards (lexicon.py) that clear a hit
+    the sentence gives to someone else, negates or puts in the past: en 6 of 2,620, zh 14 of
+    2,704. On these messages' crisis twins the lexicon lost 2 of 462 (en) and 4 of 558 (zh), all
+    still messages the classifier scores ("不是想死，就是想难受" is self-harm, not a wish to
+    die). The guards were written against these training messages, so these counts flatter
+    them; blind set 11 measures them on messages nobody tuned on."""
     ordinary = [t for t, label, _ in written(lang) if label == "none"]
     assert sum(assess(lexicon_only, [t]).flagged for t in ordinary) <= most
 
