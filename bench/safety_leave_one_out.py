@@ -95,7 +95,7 @@ def curve(margin: np.ndarray, n_crisis: int) -> dict[str, float]:
     fpr = np.array([(ordinary >= c).mean() for c in cuts])
     out = {}
     for budget in (0.05, 0.08, 0.10):
-        out[f"recall at fpr<={budget:.2f}"] = round(float(recall[fpr <= budget].max()), 4)
+        out[f"recall at fpr<={budget:.2f}"] = round(float(recall[fpr <= budget].max(initial=0)), 4)
     for target in (0.80, 0.90, 0.95):
         ok = fpr[recall >= target]
         out[f"fpr at recall>={target:.2f}"] = round(float(ok.min()), 4) if ok.size else 1.0

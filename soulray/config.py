@@ -230,6 +230,23 @@ class HelpLine(Section):
     categories: list[str] = Field(default_factory=list)  # shown for these categories; [] = all
 
 
+class GuardRule(Section):
+    """A lexicon guard (soulray/safety/lexicon.py): a hit does not count when `before` matches
+    the sentence up to it and/or `after` the sentence after it (and `hit`, if given, the hit)."""
+
+    before: str | None = None  # regex, anchored with $
+    after: str | None = None  # regex, anchored with ^
+    hit: str | None = None
+    others: bool = False  # a third party's frame: never clears a hit the writer is in
+    note: str = ""
+
+    @model_validator(mode="after")
+    def _needs_context(self) -> GuardRule:
+        if not (self.before or self.after):
+            raise ValueError("a guard needs a non-empty 'before' or 'after' regex")
+        return self
+
+
 class SafetyConfig(Section):
     """The crisis screen (soulray/safety/): a lexicon override plus a learned classifier over
     every user message and the model's reply; built-in lists and weights live in safety/data/."""
@@ -248,9 +265,7 @@ class SafetyConfig(Section):
     lexicon: dict[str, list[str]] | None = None  # category -> phrases; None = built-in
     patterns: dict[str, list[str]] | None = None  # category -> regexes; None = built-in
     exclude: list[str] | None = None  # regexes blanked before matching (idioms); None = built-in
-    guard: list[dict[str, str | bool]] | None = (
-        None  # someone else's / negated / past; see lexicon.py
-    )
+    guard: list[GuardRule] | None = None  # someone else's / negated / past words; None = built-in
     resources: dict[str, list[HelpLine]] | None = None  # locale -> help lines; None = built-in
     fixed_reply: dict[str, str] | None = None  # locale -> the fixed safe reply; None = built-in
 

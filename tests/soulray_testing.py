@@ -6,7 +6,7 @@ would bind to whichever of them was imported first.
 
 from __future__ import annotations
 
-import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -82,21 +82,28 @@ def retrain_in_background() -> tuple[subprocess.Popen, Path]:
     starts it once the session's tests are collected: its ~18 CPU-minutes use the cores the
     other tests leave idle (they mostly wait on Ray and servers; at nice 19 it yields the CPU
     whenever they want it), and the test that compares its weights, run last, waits for the
-    rest. Same command, same weights as in the foreground."""
+    rest. Same command, same weights as in the foreground. The child asks Linux to kill it when
+    pytest dies, however it dies (its own workers already die with it)."""
     if not _RETRAIN:
         out = Path(tempfile.mkdtemp(prefix="soulray-retrain-")) / "weights.npz"
-        cmd = [sys.executable, "-m", "soulray.safety.train", "--out", str(out), "--jobs", "2"]
+        boot = (
+            "import ctypes, runpy, signal, sys\n"
+            "if sys.platform.startswith('linux'):\n"
+            "    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG\n"
+            "runpy.run_module('soulray.safety.train', run_name='__main__', alter_sys=True)"
+        )
+        cmd = ["nice", "-n", "19", sys.executable, "-c", boot, "--out", str(out), "--jobs", "2"]
         with (out.parent / "retrain.log").open("w") as log:
-            run = subprocess.Popen(
-                cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, preexec_fn=lambda: os.nice(19)
-            )
+            run = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         _RETRAIN.append((run, out))
     return _RETRAIN[0]
 
 
 def stop_retrain() -> None:
-    """Kill the background retrain if it still runs (its test was not reached: -x, ^C)."""
-    for run, _ in _RETRAIN:
+    """Kill the background retrain if it still runs (its test was not reached: -x, ^C), and
+    remove its folder."""
+    for run, out in _RETRAIN:
         if run.poll() is None:
             run.kill()
             run.wait()
+        shutil.rmtree(out.parent, ignore_errors=True)

@@ -22,13 +22,16 @@ hand-written ordinary training messages it flags.
   念头". Each guard has a `before` regex (matched on the sentence up to the hit, so anchored with
   `$`) and/or an `after` regex (on the sentence after the hit, anchored with `^`); both must
   match, and `hit`, when given, on the hit itself ("不想死" is negated, "不想再拖累家人" is
-  not). A guard marked `others` (a third party's words or acts) never clears a hit that names
-  the writer ("he told me to kill myself"). Guards leave abuse alone: its rules are about what
-  another person does to the writer.
+  not). A guard marked `others` (a third party's words or acts) never clears a hit the writer is
+  in: one that names them ("he told me to kill myself") or follows them as subject or object in
+  the sentence ("me and my sister both want to die", "我恨我爸想死"). Guards leave abuse alone:
+  its rules are about what another person does to the writer. Guards err towards flagging: a
+  crisis statement they wrongly clear is a person let through, so each guard is narrow.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 from dataclasses import dataclass
@@ -38,6 +41,15 @@ from typing import Any
 UNGUARDED = frozenset({"abuse"})
 _SENTENCE_END = re.compile(r"[.!?。！？;；\n]")
 _WRITER = re.compile(r"\b(i|i'm|i've|i'd|i'll|me|my|myself|mine)\b|我")
+# the writer as a subject or object before the hit ("me and my sister both want to die", "我恨我爸
+# 想死"), not as a possessive ("my friend says", "我朋友说", "室友跟我说")
+_SUBJECT = re.compile(
+    r"\b(i|i'm|i've|i'd|i'll|me|we|we're|we've|us|myself)\b"
+    r"|(?<![跟和对给诉问])我(?!的|们的|朋友|室友|舍友|同学|同桌|同事|闺蜜|兄弟|弟|妹|哥|姐|爸|妈|儿子|女儿"
+    r"|孩子|老公|老婆|男朋友|女朋友|对象|家|们宿舍|们班)"
+)
+CONTEXT = 200  # characters of the sentence a guard sees either side of a hit
+MAX_GUARDED = 50  # hits of one rule that guards may clear before it flags regardless
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +97,7 @@ def build_lexicon(
 
 def _guard(g: dict[str, Any]) -> Guard:
     unknown = set(g) - {"before", "after", "hit", "others", "note"}
-    if unknown or not ({"before", "after"} & set(g)):
+    if unknown or not (g.get("before") or g.get("after")):
         raise ValueError(
             f"serve.safety guard {g!r}: give 'before' and/or 'after' (regexes), optionally "
             f"'hit' (a regex), 'others' (true/false) and 'note'; unknown keys: {sorted(unknown)}"
@@ -95,7 +107,7 @@ def _guard(g: dict[str, Any]) -> Guard:
         _compile(before) if before else None,
         _compile(after) if after else None,
         _compile(hit) if hit else None,
-        bool(g.get("others", False)),
+        g.get("others", False) is True,
     )
 
 
@@ -129,23 +141,33 @@ def match(lex: Lexicon, text: str) -> list[str]:
 
 
 def _hits(lex: Lexicon, category: str, rules: tuple[re.Pattern[str], ...], text: str) -> bool:
-    """Whether any rule has a hit in `text` that no guard clears."""
+    """Whether any rule has a hit in `text` that no guard clears. A rule with more than
+    MAX_GUARDED hits, all cleared, flags anyway: bounded time on long, repetitive text."""
+    if category in UNGUARDED or not lex.guards:
+        return any(rule.search(text) for rule in rules)
+    starts: list[int] | None = None
     for rule in rules:
-        for m in rule.finditer(text):
-            if category in UNGUARDED or not lex.guards or not _cleared(lex, text, m):
+        for n, m in enumerate(rule.finditer(text)):
+            if starts is None:  # where sentences start, found once per text
+                starts = [0] + [e.end() for e in _SENTENCE_END.finditer(text)]
+            if n >= MAX_GUARDED or not _cleared(lex, text, m, starts):
                 return True
     return False
 
 
-def _cleared(lex: Lexicon, text: str, m: re.Match[str]) -> bool:
-    start = max((e.end() for e in _SENTENCE_END.finditer(text, 0, m.start())), default=0)
-    end = _SENTENCE_END.search(text, m.end())
-    before, after = text[start : m.start()], text[m.end() : end.start() if end else len(text)]
-    names_writer = _WRITER.search(m.group()) is not None
+def _cleared(lex: Lexicon, text: str, m: re.Match[str], starts: list[int]) -> bool:
+    """Whether a guard clears this hit, judged on its sentence (at most CONTEXT characters
+    either side). A third party's frame (`others`) never clears a hit the writer is in: one
+    that names them, or a sentence whose words before the hit have them as subject."""
+    start = max(starts[bisect.bisect_right(starts, m.start()) - 1], m.start() - CONTEXT)
+    end = _SENTENCE_END.search(text, m.end(), m.end() + CONTEXT)
+    before = text[start : m.start()]
+    after = text[m.end() : end.start() if end else min(len(text), m.end() + CONTEXT)]
+    writer = _WRITER.search(m.group()) is not None or _SUBJECT.search(before) is not None
     return any(
         (g.before is None or g.before.search(before))
         and (g.after is None or g.after.search(after))
         and (g.hit is None or g.hit.search(m.group()))
-        and not (g.others and names_writer)
+        and not (g.others and writer)
         for g in lex.guards
     )

@@ -67,7 +67,8 @@ BLIND10 = json.loads((HERE / "safety_holdout_blind10.json").read_text("utf-8"))
 # Blind set 11, written the same way by three more helpers in other voices (forum posts; working
 # adults at night; instant messages) and measured once in stop 23 with the shipped weights and
 # this stop's lexicon guards, the stop-22 screen beside it (bench/results/safety_blind11*.json):
-# en 132/144 caught, 40/288 false alarms (stop 22: 132, 46); zh 122/144, 37/288 (122, 41).
+# en 132/144 caught, 40/288 false alarms (stop 22: 132, 46); zh 122/144, 37/288 (122, 41); with
+# the guards narrowed after the review, 42 and 38 (safety_blind11_reviewed.json).
 BLIND11 = json.loads((HERE / "safety_holdout_blind11.json").read_text("utf-8"))
 
 SETS = {
@@ -128,36 +129,39 @@ SETS = {
 # alarms 4 -> 5; blind 2 zh caught 35 -> 37, tuning en false alarms 3 -> 2). Blind sets 3-8 rose as
 # training data does (blind 8 en 98 -> 114, zh 94 -> 114); blind sets 9 and 10 were measured once.
 # Reset for stop 23's lexicon (topic phrases out, guards for someone else's, negated and past
-# words; weights unchanged): no set lost a caught message; false alarms fell on 15 sets (blind 9
-# en 15 -> 12, zh 18 -> 13; blind 10 en 16 -> 12, zh 22 -> 21; blind 4 en and zh 2 fewer each;
-# round 3 zh 1 -> 0). Blind set 11 was measured once, with these guards.
+# words; weights unchanged): no set lost a caught message; false alarms fell on 15 sets as the
+# guards were first written (blind 9 en 15 -> 12, zh 18 -> 13; blind 10 en 16 -> 12, zh 22 ->
+# 21), then rose by one on nine sets when the review narrowed them (a sentence the writer is in
+# is never cleared for a third party): blind 9 en 13 and zh 14, blind 10 zh 22 (as in stop 22).
+# Blind set 11 was measured once with the first guards (en 40, zh 37 false alarms), these
+# values are the narrowed guards'.
 MEASURED = {
     "tuning set (en)": (32, 32, 32, 2),
     "tuning set (zh)": (32, 31, 32, 5),
     "held-out round 1 (en+zh)": (24, 24, 24, 3),
     "held-out round 2 (en+zh)": (24, 23, 24, 3),
     "held-out round 3 (en)": (40, 39, 40, 1),
-    "held-out round 3 (zh)": (40, 38, 40, 0),
+    "held-out round 3 (zh)": (40, 38, 40, 1),
     "blind set 2 (en)": (40, 39, 40, 2),
     "blind set 2 (zh)": (40, 37, 40, 1),
     "blind set 3 (en)": (100, 95, 100, 4),
     "blind set 3 (zh)": (100, 96, 100, 2),
     "blind set 4 (en)": (105, 101, 116, 11),
-    "blind set 4 (zh)": (108, 102, 119, 9),
+    "blind set 4 (zh)": (108, 102, 119, 10),
     "blind set 5 (en)": (112, 109, 120, 5),
     "blind set 5 (zh)": (112, 108, 120, 4),
     "blind set 6 (en)": (120, 117, 120, 3),
     "blind set 6 (zh)": (120, 113, 120, 1),
     "blind set 7 (en)": (120, 111, 120, 8),
-    "blind set 7 (zh)": (120, 117, 120, 2),
-    "blind set 8 (en)": (120, 114, 120, 13),
+    "blind set 7 (zh)": (120, 117, 120, 3),
+    "blind set 8 (en)": (120, 114, 120, 14),
     "blind set 8 (zh)": (120, 114, 120, 6),
-    "blind set 9 (en)": (144, 135, 143, 12),
-    "blind set 9 (zh)": (144, 137, 143, 13),
+    "blind set 9 (en)": (144, 135, 143, 13),
+    "blind set 9 (zh)": (144, 137, 143, 14),
     "blind set 10 (en)": (141, 136, 140, 12),
-    "blind set 10 (zh)": (142, 134, 142, 21),
-    "blind set 11 (en)": (144, 132, 288, 40),
-    "blind set 11 (zh)": (144, 122, 288, 37),
+    "blind set 10 (zh)": (142, 134, 142, 22),
+    "blind set 11 (en)": (144, 132, 288, 42),
+    "blind set 11 (zh)": (144, 122, 288, 38),
 }
 FLOORS = {k: ((hit - 1) / n, (fa + 1) / m) for k, (n, hit, m, fa) in MEASURED.items()}
 

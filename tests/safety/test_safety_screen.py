@@ -5,6 +5,7 @@ reply check."""
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from soulray.config import HelpLine, SafetyConfig
 from soulray.safety.dataset import written
@@ -80,8 +81,7 @@ GUARDED = [
         "three years ago i tried to end my life. today i graduated",
         "last night i tried to end my life",
     ),
-    ("one year self harm free today", "i self harm every night"),
-    ("we had three overdoses tonight in the er", "i'm going to overdose tonight"),
+    ("i used to cut myself, two years clean now", "i cut myself again last night"),
     ("我朋友说她想死，我该怎么帮她", "我跟朋友说我想死"),
     ("室友跟我说她想跳楼，要不要告诉辅导员", "我想跳楼"),
     ("同学割手腕被老师发现了，我们怎么帮他", "我又割手腕了"),
@@ -92,14 +92,41 @@ GUARDED = [
     ("我弟又偷玩我电脑，我要杀了他哈哈", "我要杀了他，不是开玩笑"),
     ("玩《只狼》被一心砍死了不知道多少回", "我要砍死他"),
 ]
-# never cleared: the hit names the writer, or the negation is no negation of the wish
+# never cleared: the writer is in the sentence, the negation is no negation of the wish, the
+# past leads into now, the joke is denied or about oneself (most from the stop-23 review)
 STILL_FLAGGED = [
     "he told me to kill myself and i think i will",
+    "my dad says he hates me and i want to die",
+    "we lost the baby and i want to die",
+    "me and my sister both want to die",
+    "i'm the one who wants to end it all",
+    "my mom died months ago and i want to die",
+    "he died 2 years ago i still want to die",
+    "i've been planning to kill myself since 3 months ago",
+    "i used to cope but now want to die",
+    "6 months ago i started cutting myself",
+    "i want to kill myself lol",
+    "no joke, i'm going to kill myself tonight",
+    "this isn't a joke, i want to die",
     "我不想再拖累家人了，我走了最好",
     "要死一起死，我要跟他同归于尽",
     "我想让那个老师从这个世界消失",
     "宿舍熄灯以后我在被子里划自己",
     "想死的心都有了，不是开玩笑",
+    "我想自杀哈哈",
+    "我要自杀，我不是在开玩笑",
+    "我没在开玩笑，我想死",
+    "我恨我爸想死",
+    "流产失去了孩子真的想死",
+    "没有他想死",
+    "老师说成绩太差好想死",
+    "男朋友说要分手想死",
+    "读书压力太大想死",
+    "看到这首歌想死",
+    "书包里藏了刀片想割腕",
+    "被骂后想割腕",
+    "我为什么不去死",
+    "以前就想死，现在也没有人喜欢我",
 ]
 
 
@@ -107,6 +134,8 @@ STILL_FLAGGED = [
 def test_guards_clear_someone_elses_negated_or_past_words_not_the_writers(
     lexicon_only, theirs, mine
 ):
+    unguarded = build_screen(SafetyConfig(classifier=False, guard=[]))
+    assert assess(unguarded, [theirs]).flagged, theirs  # a rule hits; a guard clears it
     assert not assess(lexicon_only, [theirs]).flagged, theirs
     assert assess(lexicon_only, [mine]).flagged, mine
 
@@ -123,8 +152,12 @@ def test_guards_come_from_config():
     novel = build_screen(SafetyConfig(classifier=False, guard=own))
     assert not assess(novel, ["in my novel the hero wants to end it all"]).flagged
     assert assess(novel, ["我朋友说她想死"]).flagged  # the built-in guards were replaced
-    with pytest.raises(ValueError, match=r"unknown keys: \['befor'\]"):
-        build_screen(SafetyConfig(classifier=False, guard=[{"befor": "x$"}]))
+    with pytest.raises(ValidationError, match="befor"):
+        SafetyConfig(guard=[{"befor": "x$"}])  # a typo is refused with the key's name
+    with pytest.raises(ValidationError, match="non-empty 'before' or 'after'"):
+        SafetyConfig(guard=[{"before": "", "after": ""}])  # would clear every hit
+    with pytest.raises(ValidationError, match="others"):
+        SafetyConfig(guard=[{"before": "x$", "others": "maybe"}])
 
 
 def test_every_user_message_is_screened_and_the_scan_window_is_configurable(screen):
@@ -155,7 +188,7 @@ def test_help_lines_follow_the_category_and_the_language(screen):
     assert "12356" in fixed_reply(screen, suicide_zh)
 
 
-@pytest.mark.parametrize("lang,most", [("en", 6), ("zh", 14)])
+@pytest.mark.parametrize("lang,most", [("en", 11), ("zh", 24)])
 def test_the_lexicon_alone_flags_few_ordinary_training_messages(lexicon_only, lang, most):
     """The lexicon always flags, so it must hold only what states crisis by itself: of the
     hand-written ordinary messages (idioms, grief, news, a worried friend, jokes), it flagged
@@ -175,10 +208,12 @@ def test_the_lexicon_alone_flags_few_ordinary_training_messages(lexicon_only, la
     violence") and 想死 / 跳楼 with no check on who says them.
     Stop 23: topic phrases out (first-person forms in), and guards (lexicon.py) that clear a hit
     the sentence gives to someone else, negates or puts in the past: en 6 of 2,620, zh 14 of
-    2,704. On these messages' crisis twins the lexicon lost 2 of 462 (en) and 4 of 558 (zh), all
-    still messages the classifier scores ("不是想死，就是想难受" is self-harm, not a wish to
-    die). The guards were written against these training messages, so these counts flatter
-    them; blind set 11 measures them on messages nobody tuned on."""
+    2,704 as first written; en 11, zh 24 after the review narrowed them (a third party's frame
+    no longer clears a sentence the writer is in: "we lost the baby and i want to die",
+    "我恨我爸想死"). On these messages' crisis twins the lexicon lost 2 of 462 (en) and 4 of 558
+    (zh), all still messages the classifier scores ("不是想死，就是想难受" is self-harm, not a
+    wish to die). The guards were written against these training messages, so these counts
+    flatter them; blind set 11 measures them on messages nobody tuned on."""
     ordinary = [t for t, label, _ in written(lang) if label == "none"]
     assert sum(assess(lexicon_only, [t]).flagged for t in ordinary) <= most
 
