@@ -86,12 +86,8 @@ def retrain_in_background() -> tuple[subprocess.Popen, Path]:
     pytest dies, however it dies (its own workers already die with it)."""
     if not _RETRAIN:
         out = Path(tempfile.mkdtemp(prefix="soulray-retrain-")) / "weights.npz"
-        boot = (
-            "import ctypes, runpy, signal, sys\n"
-            "if sys.platform.startswith('linux'):\n"
-            "    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG\n"
-            "runpy.run_module('soulray.safety.train', run_name='__main__', alter_sys=True)"
-        )
+        # `python -m soulray.safety.train`, after the trainer's own die-with-parent hook
+        boot = "import soulray.safety.train as t; t._die_with_parent(); t.main()"
         cmd = ["nice", "-n", "19", sys.executable, "-c", boot, "--out", str(out), "--jobs", "2"]
         with (out.parent / "retrain.log").open("w") as log:
             run = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)

@@ -34,9 +34,12 @@ from __future__ import annotations
 import bisect
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
+
+from soulray.config import GuardRule
 
 UNGUARDED = frozenset({"abuse"})
 _SENTENCE_END = re.compile(r"[.!?。！？;；\n]")
@@ -79,7 +82,7 @@ def build_lexicon(
     lexicon: dict[str, list[str]],
     patterns: dict[str, list[str]],
     exclude: list[str],
-    guard: list[dict[str, Any]] | None = None,
+    guard: Sequence[dict[str, Any] | GuardRule] | None = None,
 ) -> Lexicon:
     return Lexicon(
         intent={c: tuple(_compile(_phrase_regex(p)) for p in ps) for c, ps in intent.items()},
@@ -95,19 +98,13 @@ def build_lexicon(
     )
 
 
-def _guard(g: dict[str, Any]) -> Guard:
-    unknown = set(g) - {"before", "after", "hit", "others", "note"}
-    if unknown or not (g.get("before") or g.get("after")):
-        raise ValueError(
-            f"serve.safety guard {g!r}: give 'before' and/or 'after' (regexes), optionally "
-            f"'hit' (a regex), 'others' (true/false) and 'note'; unknown keys: {sorted(unknown)}"
-        )
-    before, after, hit = g.get("before"), g.get("after"), g.get("hit")
+def _guard(g: dict[str, Any] | GuardRule) -> Guard:
+    rule = GuardRule.model_validate(g)  # the config's model: unknown keys and empties refused
     return Guard(
-        _compile(before) if before else None,
-        _compile(after) if after else None,
-        _compile(hit) if hit else None,
-        g.get("others", False) is True,
+        _compile(rule.before) if rule.before else None,
+        _compile(rule.after) if rule.after else None,
+        _compile(rule.hit) if rule.hit else None,
+        rule.others,
     )
 
 

@@ -76,7 +76,7 @@ def build_screen(cfg: SafetyConfig) -> Screen:
             cfg.lexicon if cfg.lexicon is not None else lex["lexicon"],
             cfg.patterns if cfg.patterns is not None else lex["patterns"],
             cfg.exclude if cfg.exclude is not None else lex["exclude"],
-            [g.model_dump() for g in cfg.guard] if cfg.guard is not None else lex["guard"],
+            cfg.guard if cfg.guard is not None else lex["guard"],
         ),
         classifier,
         _thresholds(cfg, classifier),
