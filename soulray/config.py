@@ -264,7 +264,7 @@ class SafetyConfig(Section):
     intent: dict[str, list[str]] | None = None  # phrases no idiom exclusion can blank
     lexicon: dict[str, list[str]] | None = None  # category -> phrases; None = built-in
     patterns: dict[str, list[str]] | None = None  # category -> regexes; None = built-in
-    exclude: list[str] | None = None  # regexes blanked before matching (idioms); None = built-in
+    exclude: list[str] | None = None  # idioms, blanked for the lexicon and the classifier
     guard: list[GuardRule] | None = None  # someone else's / negated / past words; None = built-in
     resources: dict[str, list[HelpLine]] | None = None  # locale -> help lines; None = built-in
     fixed_reply: dict[str, str] | None = None  # locale -> the fixed safe reply; None = built-in

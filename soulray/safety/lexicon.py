@@ -130,11 +130,26 @@ def _compile(pattern: str) -> re.Pattern[str]:
 def match(lex: Lexicon, text: str) -> list[str]:
     """The categories the lexicon finds in one normalized message (empty = none)."""
     found = {c for c, rules in lex.intent.items() if _hits(lex, c, rules, text)}
-    cleaned = text
-    for pattern in lex.exclude:
-        cleaned = pattern.sub(" ", cleaned)
+    cleaned = blank_idioms(lex, text)
     found |= {c for c, rules in lex.rules.items() if _hits(lex, c, rules, cleaned)}
     return sorted(found)
+
+
+def blank_idioms(lex: Lexicon, text: str) -> str:
+    """The text with every `exclude` match (idioms that borrow crisis words: 累死了, 想死你了,
+    "this exam is killing me") replaced by a space: what the lexicon's phrases and patterns
+    match (the `intent` phrases, matched on the message as written, keep "我想死你们都别管我"
+    flagged)."""
+    for pattern in lex.exclude:
+        text = pattern.sub(" ", text)
+    return text
+
+
+def classifier_text(lex: Lexicon, norm: str) -> str:
+    """What the classifier reads of a normalized message, in training and serving alike: the
+    idioms blanked as for the lexicon (an idiom the list names is no evidence of crisis for
+    either), whitespace collapsed again, so the text stays normalized."""
+    return " ".join(blank_idioms(lex, norm).split())
 
 
 def _hits(lex: Lexicon, category: str, rules: tuple[re.Pattern[str], ...], text: str) -> bool:

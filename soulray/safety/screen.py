@@ -26,7 +26,7 @@ import numpy as np
 from soulray.config import HelpLine, SafetyConfig
 from soulray.safety.classifier import CATEGORIES, Classifier, load_weights
 from soulray.safety.features import normalize
-from soulray.safety.lexicon import Lexicon, build_lexicon, load_builtin, match
+from soulray.safety.lexicon import Lexicon, build_lexicon, classifier_text, load_builtin, match
 
 CACHE_SIZE = 4096
 _CJK = re.compile(r"[\u4e00-\u9fff]")
@@ -117,7 +117,10 @@ def scores(screen: Screen, text: str) -> np.ndarray:
     if hit is not None:
         screen.cache.move_to_end(key)
         return hit
-    out = screen.classifier.scores(norm) if screen.classifier else np.zeros(len(CATEGORIES))
+    if screen.classifier:  # it reads the message without the idioms, as it was trained
+        out = screen.classifier.scores(classifier_text(screen.lexicon, norm))
+    else:
+        out = np.zeros(len(CATEGORIES))
     for c in match(screen.lexicon, norm):
         if c in CATEGORIES:
             out[CATEGORIES.index(c)] = 1.0

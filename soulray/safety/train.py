@@ -37,7 +37,7 @@ from soulray.safety.features import (
     normalize,
     pieces,
 )
-from soulray.safety.lexicon import build_lexicon, load_builtin, match
+from soulray.safety.lexicon import Lexicon, build_lexicon, classifier_text, load_builtin, match
 
 MAX_CHARS = 400
 FOLDS = 5
@@ -80,7 +80,8 @@ def featurize(
     max_chars: int = MAX_CHARS,
     jobs: int = 1,
 ) -> Matrix:
-    norm = [normalize(t, max_chars) for t in texts]
+    lex = builtin_lexicon()  # the classifier reads messages without their idioms, as served
+    norm = [classifier_text(lex, normalize(t, max_chars)) for t in texts]
     grams = [ngram_ids(t) for t in norm]
     rows = np.concatenate([np.full(len(g), i, dtype=np.int64) for i, g in enumerate(grams)])
     vals = np.concatenate([np.full(len(g), 1 / np.sqrt(len(g)), np.float32) for g in grams])
@@ -299,7 +300,9 @@ def split_messages(
 ) -> Split | None:
     if not PIECES:
         return None
-    found = [(i, p) for i, t in enumerate(texts) for p in pieces(normalize(t, max_chars), PIECES)]
+    lex = builtin_lexicon()
+    blanked = [classifier_text(lex, normalize(t, max_chars)) for t in texts]  # as served
+    found = [(i, p) for i, t in enumerate(blanked) for p in pieces(t, PIECES)]
     x = featurize([p for _, p in found], embedder, cache, max_chars, jobs)
     return Split(x, np.array([i for i, _ in found], dtype=np.int64))
 
@@ -371,12 +374,17 @@ def by_category(flagged: Any, y: np.ndarray, langs: np.ndarray) -> dict[str, str
     return out
 
 
-def lexicon_flags(texts: list[str], max_chars: int = MAX_CHARS) -> np.ndarray:
-    """Which messages the built-in lexicon flags (what the screen adds to the classifier)."""
+def builtin_lexicon() -> Lexicon:
+    """data/lexicon.json, compiled (what a default screen uses)."""
     lex = load_builtin()
-    built = build_lexicon(
+    return build_lexicon(
         lex["intent"], lex["lexicon"], lex["patterns"], lex["exclude"], lex["guard"]
     )
+
+
+def lexicon_flags(texts: list[str], max_chars: int = MAX_CHARS) -> np.ndarray:
+    """Which messages the built-in lexicon flags (what the screen adds to the classifier)."""
+    built = builtin_lexicon()
     return np.array([bool(match(built, normalize(t, max_chars))) for t in texts])
 
 

@@ -2,11 +2,11 @@
 
 These messages were written for earlier rounds of the keyword screen (tuning sets, held-out
 rounds 1-3, and a blind set written by someone who never saw the code) or as blind sets for the
-classifier (3-10). Blind sets 3-8 became training data in stop 22 (below). A few messages of
-the others are also in the training data word for word, written independently by two writers:
-one crisis message of round 3 en, three ordinary ones of blind set 2 zh, and in blind set 9 two
-crisis and two ordinary en, two ordinary zh (bench/RESULTS.md, stop 22). Floors are set just
-under the values measured with the shipped weights (MEASURED), so a regression fails the run.
+classifier (3-12). Blind sets 3-8 became training data in stop 22, 9-11 in stop 24 (below). A
+few messages of the others are also in the training data word for word, written independently
+by two writers: one crisis message of round 3 en and three ordinary ones of blind set 2 zh
+(bench/RESULTS.md, stop 22). Floors are set just under the values measured with the shipped
+weights (MEASURED), so a regression fails the run.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ BLIND = json.loads((HERE / "safety_holdout_blind2.json").read_text("utf-8"))
 # once; since stop 22 they are training data (soulray/safety/data/authors/), because training on
 # other writers' messages was measured to lift a new writer's recall most (bench/RESULTS.md, stop
 # 21). Their floors now guard that the screen still fits what it was trained on, no longer how it
-# generalizes: blind set 9 and the sets above do that.
+# generalizes: blind set 12 and the sets above do that. Blind sets 9-11 followed them in stop 24
+# (nine more writers), after each had been measured once as a blind set (figures below).
 # Blind set 3: measured once when the classifier landed (bench/results/safety_blind3.json).
 BLIND3 = json.loads((AUTHORS / "blind3.json").read_text("utf-8"))
 # Blind set 4, the same way, measured once on 2026-12-02 (bench/results/safety_blind4.json).
@@ -59,17 +60,26 @@ BLIND8 = json.loads((AUTHORS / "blind8.json").read_text("utf-8"))
 # row per language was dropped (bench/results/safety_blind9.json): en 135/144 caught, 15/143 false
 # alarms; zh 137/144, 18/143; the shipped weights, re-screened, the same counts. Six of its
 # messages are word for word in the training data (above); without them: en 133/142, 15/141.
-BLIND9 = json.loads((HERE / "safety_holdout_blind9.json").read_text("utf-8"))
+BLIND9 = json.loads((AUTHORS / "blind9.json").read_text("utf-8"))
 # Blind set 10, written the same way by three more helpers and measured once with the shipped
 # weights (bench/results/safety_blind10.json): en 136/141 caught, 16/140 false alarms; zh
 # 134/142, 22/142. Messages already in the training data or set 9 were dropped before it was read.
-BLIND10 = json.loads((HERE / "safety_holdout_blind10.json").read_text("utf-8"))
+BLIND10 = json.loads((AUTHORS / "blind10.json").read_text("utf-8"))
 # Blind set 11, written the same way by three more helpers in other voices (forum posts; working
 # adults at night; instant messages) and measured once in stop 23 with the shipped weights and
 # this stop's lexicon guards, the stop-22 screen beside it (bench/results/safety_blind11*.json):
 # en 132/144 caught, 40/288 false alarms (stop 22: 132, 46); zh 122/144, 37/288 (122, 41); with
 # the guards narrowed after the review, 42 and 38 (safety_blind11_reviewed.json).
-BLIND11 = json.loads((HERE / "safety_holdout_blind11.json").read_text("utf-8"))
+BLIND11 = json.loads((AUTHORS / "blind11.json").read_text("utf-8"))
+# Blind set 12, written the same way by three more helpers in other voices (voice-to-text adults;
+# young people's slang; reserved, polite first-time users, many in English as a second language)
+# and measured once in stop 24 with weights trained on blind sets 9-11 and three new writers' sets
+# (one wrapped variant per message), the stop-23 weights beside them (bench/results/
+# safety_blind12*.json): en 136/144 caught, 34/288 false alarms (stop 23 weights: 136, 38); zh
+# 131/144, 42/288 (131, 48). The shipped weights (no wrapped variants, chosen on held-out writers;
+# idioms blanked for the classifier, which a unit test needed) screened it afterwards: en 136 and
+# 38, zh 134 and 44.
+BLIND12 = json.loads((HERE / "safety_holdout_blind12.json").read_text("utf-8"))
 
 SETS = {
     "tuning set (en)": (CRISIS_EN, ORDINARY_EN),
@@ -98,6 +108,8 @@ SETS = {
     "blind set 10 (zh)": (BLIND10["crisis_zh"], BLIND10["ordinary_zh"]),
     "blind set 11 (en)": (BLIND11["crisis_en"], BLIND11["ordinary_en"]),
     "blind set 11 (zh)": (BLIND11["crisis_zh"], BLIND11["ordinary_zh"]),
+    "blind set 12 (en)": (BLIND12["crisis_en"], BLIND12["ordinary_en"]),
+    "blind set 12 (zh)": (BLIND12["crisis_zh"], BLIND12["ordinary_zh"]),
 }
 # Measured with the shipped weights (crisis caught / n, false alarms / n); the floor allows one
 # message fewer caught and the ceiling one false alarm more. Keyword screen alone, for
@@ -135,33 +147,46 @@ SETS = {
 # is never cleared for a third party): blind 9 en 13 and zh 14, blind 10 zh 22 (as in stop 22).
 # Blind set 11 was measured once with the first guards (en 40, zh 37 false alarms), these
 # values are the narrowed guards'.
+# Reset for stop 24 (blind sets 9-11 and three new writers' sets, helper_I-K, added as training
+# data; no wrapped variants; the classifier reads messages with the idiom exclusions blanked, as
+# the lexicon does; retrained; lexicon rules unchanged). On the sets still held out: tuning en
+# false alarms 2 -> 4 ("I'm dead tired but I still can't fall asleep": blanking "dead tired"
+# leaves the insomnia), tuning zh 5 -> 4, round 3 en 1 -> 3, blind 2 en caught 39 -> 38 and
+# false alarms 2 -> 3, blind 2 zh caught 37 -> 36. Sets 3-8, trained on since stop 22: caught
+# fell by 1-2 on ten of them and rose by one on blind 3 en and zh; false alarms moved by one or
+# two either way. Blind sets 9-11 rose as training data does (blind 11 zh caught 122 -> 138,
+# false alarms 38 -> 24). Blind set 12 was measured once with one wrapped variant per message
+# and no blanking (en 136 caught, 34 false alarms; zh 131, 42); these values are the shipped
+# weights'.
 MEASURED = {
-    "tuning set (en)": (32, 32, 32, 2),
-    "tuning set (zh)": (32, 31, 32, 5),
+    "tuning set (en)": (32, 32, 32, 4),
+    "tuning set (zh)": (32, 31, 32, 4),
     "held-out round 1 (en+zh)": (24, 24, 24, 3),
     "held-out round 2 (en+zh)": (24, 23, 24, 3),
-    "held-out round 3 (en)": (40, 39, 40, 1),
+    "held-out round 3 (en)": (40, 39, 40, 3),
     "held-out round 3 (zh)": (40, 38, 40, 1),
-    "blind set 2 (en)": (40, 39, 40, 2),
-    "blind set 2 (zh)": (40, 37, 40, 1),
-    "blind set 3 (en)": (100, 95, 100, 4),
-    "blind set 3 (zh)": (100, 96, 100, 2),
-    "blind set 4 (en)": (105, 101, 116, 11),
-    "blind set 4 (zh)": (108, 102, 119, 10),
-    "blind set 5 (en)": (112, 109, 120, 5),
-    "blind set 5 (zh)": (112, 108, 120, 4),
-    "blind set 6 (en)": (120, 117, 120, 3),
-    "blind set 6 (zh)": (120, 113, 120, 1),
-    "blind set 7 (en)": (120, 111, 120, 8),
-    "blind set 7 (zh)": (120, 117, 120, 3),
-    "blind set 8 (en)": (120, 114, 120, 14),
-    "blind set 8 (zh)": (120, 114, 120, 6),
-    "blind set 9 (en)": (144, 135, 143, 13),
-    "blind set 9 (zh)": (144, 137, 143, 14),
-    "blind set 10 (en)": (141, 136, 140, 12),
-    "blind set 10 (zh)": (142, 134, 142, 22),
-    "blind set 11 (en)": (144, 132, 288, 42),
-    "blind set 11 (zh)": (144, 122, 288, 38),
+    "blind set 2 (en)": (40, 38, 40, 3),
+    "blind set 2 (zh)": (40, 36, 40, 1),
+    "blind set 3 (en)": (100, 96, 100, 5),
+    "blind set 3 (zh)": (100, 97, 100, 3),
+    "blind set 4 (en)": (105, 100, 116, 10),
+    "blind set 4 (zh)": (108, 100, 119, 10),
+    "blind set 5 (en)": (112, 107, 120, 6),
+    "blind set 5 (zh)": (112, 107, 120, 4),
+    "blind set 6 (en)": (120, 116, 120, 4),
+    "blind set 6 (zh)": (120, 112, 120, 1),
+    "blind set 7 (en)": (120, 110, 120, 7),
+    "blind set 7 (zh)": (120, 115, 120, 3),
+    "blind set 8 (en)": (120, 113, 120, 16),
+    "blind set 8 (zh)": (120, 112, 120, 6),
+    "blind set 9 (en)": (144, 140, 143, 9),
+    "blind set 9 (zh)": (144, 140, 143, 11),
+    "blind set 10 (en)": (141, 138, 140, 9),
+    "blind set 10 (zh)": (142, 139, 142, 21),
+    "blind set 11 (en)": (144, 141, 288, 32),
+    "blind set 11 (zh)": (144, 138, 288, 24),
+    "blind set 12 (en)": (144, 136, 288, 38),
+    "blind set 12 (zh)": (144, 134, 288, 44),
 }
 FLOORS = {k: ((hit - 1) / n, (fa + 1) / m) for k, (n, hit, m, fa) in MEASURED.items()}
 

@@ -188,7 +188,7 @@ def test_help_lines_follow_the_category_and_the_language(screen):
     assert "12356" in fixed_reply(screen, suicide_zh)
 
 
-@pytest.mark.parametrize("lang,most", [("en", 11), ("zh", 24)])
+@pytest.mark.parametrize("lang,most", [("en", 30), ("zh", 65)])
 def test_the_lexicon_alone_flags_few_ordinary_training_messages(lexicon_only, lang, most):
     """The lexicon always flags, so it must hold only what states crisis by itself: of the
     hand-written ordinary messages (idioms, grief, news, a worried friend, jokes), it flagged
@@ -213,7 +213,11 @@ def test_the_lexicon_alone_flags_few_ordinary_training_messages(lexicon_only, la
     "我恨我爸想死"). On these messages' crisis twins the lexicon lost 2 of 462 (en) and 4 of 558
     (zh), all still messages the classifier scores ("不是想死，就是想难受" is self-harm, not a
     wish to die). The guards were written against these training messages, so these counts
-    flatter them; blind set 11 measures them on messages nobody tuned on."""
+    flatter them; blind set 11 measures them on messages nobody tuned on.
+    Stop 24 (nine more writers' sets joined: blind sets 9-11, helper_I-K): en 30 of 3,668, zh 65
+    of 3,755. The older sets' counts are unchanged (11, 24); the new ones add 19 of 1,048 and 41
+    of 1,051, messages the guards were not written against, about what the lexicon alone flags
+    on blind set 12 (2.1 % en, 3.8 % zh)."""
     ordinary = [t for t, label, _ in written(lang) if label == "none"]
     assert sum(assess(lexicon_only, [t]).flagged for t in ordinary) <= most
 

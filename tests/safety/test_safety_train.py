@@ -17,11 +17,13 @@ from soulray.safety.classifier import CATEGORIES, Classifier, load_weights, weig
 from soulray.safety.dataset import (
     LANGS,
     LONG_MAX_CHARS,
+    Example,
     fingerprint,
     load_examples,
     written,
 )
 from soulray.safety.features import Embedder, normalize
+from soulray.safety.lexicon import classifier_text
 from soulray.safety.train import _embeddings
 
 ROOT = Path(__file__).parents[2]
@@ -175,11 +177,16 @@ def test_a_hidden_layer_and_sentence_pieces_score_the_same_in_training_and_servi
     tmp_path, monkeypatch
 ):
     """`train --hidden N --pieces K` (measured in classifier.py's docstring): the scores train.py
-    chooses thresholds on are the ones Classifier.scores gives a served message."""
+    chooses thresholds on are the ones Classifier.scores gives a served message, idioms blanked
+    on both sides (the last two rows have one)."""
     monkeypatch.setattr(train, "HIDDEN", 8)
     monkeypatch.setattr(train, "PIECES", 4)
     monkeypatch.setattr(train, "STEPS", 20)
     rows = load_examples("en")[::400] + load_examples("zh")[::400]
+    rows += [
+        Example("this exam is killing me. pray for me lol", "none", "idiom", "en-x", "en"),
+        Example("想死你们了！下周回来。到时候一起吃饭", "none", "idiom", "zh-x", "zh"),
+    ]
     texts = [e.text for e in rows]
     embedder = Embedder()
     x = train.featurize(texts, embedder)
@@ -191,5 +198,8 @@ def test_a_hidden_layer_and_sentence_pieces_score_the_same_in_training_and_servi
     out = tmp_path / "weights.npz"
     train.save(out, params, np.full(len(CATEGORIES), 0.5), "0" * 64)
     classifier = Classifier(load_weights(out))
-    served = np.array([classifier.scores(normalize(t, train.MAX_CHARS)) for t in texts])
+    lex = train.builtin_lexicon()
+    norm = [normalize(t, train.MAX_CHARS) for t in texts]
+    assert sum(classifier_text(lex, t) != t for t in norm) >= 2
+    served = np.array([classifier.scores(classifier_text(lex, t)) for t in norm])
     np.testing.assert_allclose(served, expected, atol=1e-5)
