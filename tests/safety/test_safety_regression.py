@@ -2,7 +2,7 @@
 
 These messages were written for earlier rounds of the keyword screen (tuning sets, held-out
 rounds 1-3, and a blind set written by someone who never saw the code) or as blind sets for the
-classifier (3-13). Blind sets 3-8 became training data in stop 22, 9-11 in stop 24 (below). A
+classifier (3-14). Blind sets 3-8 became training data in stop 22, 9-11 in stop 24 (below). A
 few messages of the others are also in the training data word for word, written independently
 by two writers: one crisis message of round 3 en and three ordinary ones of blind set 2 zh
 (bench/RESULTS.md, stop 22). Floors are set just under the values measured with the shipped
@@ -37,7 +37,7 @@ BLIND = json.loads((HERE / "safety_holdout_blind2.json").read_text("utf-8"))
 # once; since stop 22 they are training data (soulray/safety/data/authors/), because training on
 # other writers' messages was measured to lift a new writer's recall most (bench/RESULTS.md, stop
 # 21). Their floors now guard that the screen still fits what it was trained on, no longer how it
-# generalizes: blind sets 12 and 13 and the sets above do that. Blind sets 9-11 followed them in
+# generalizes: blind sets 12-14 and the sets above do that. Blind sets 9-11 followed them in
 # stop 24 (nine more writers), after each had been measured once as a blind set (figures below).
 # Blind set 3: measured once when the classifier landed (bench/results/safety_blind3.json).
 BLIND3 = json.loads((AUTHORS / "blind3.json").read_text("utf-8"))
@@ -87,6 +87,13 @@ BLIND12 = json.loads((HERE / "safety_holdout_blind12.json").read_text("utf-8"))
 # safety_blind13*.json): en 140/144 caught, 37/288 false alarms (stop 24 weights: 136, 38); zh
 # 142/144, 41/288 (136, 43).
 BLIND13 = json.loads((HERE / "safety_holdout_blind13.json").read_text("utf-8"))
+# Blind set 14, written the same way by three more helpers (shift workers in care and services;
+# people with chronic illness or pain; people in relationships and breakups) and measured once in
+# stop 25 with the shipped screen (the softmax head and the lexicon with eight zh rules pruned),
+# the same head with the lexicon before the pruning and the stop-24 weights beside it (bench/
+# results/safety_blind14*.json): en 140/144 caught, 33/288 false alarms (lexicon before: 140,
+# 33; stop 24: 138, 37); zh 142/144, 42/288 (142, 46; 133, 44).
+BLIND14 = json.loads((HERE / "safety_holdout_blind14.json").read_text("utf-8"))
 
 SETS = {
     "tuning set (en)": (CRISIS_EN, ORDINARY_EN),
@@ -119,6 +126,8 @@ SETS = {
     "blind set 12 (zh)": (BLIND12["crisis_zh"], BLIND12["ordinary_zh"]),
     "blind set 13 (en)": (BLIND13["crisis_en"], BLIND13["ordinary_en"]),
     "blind set 13 (zh)": (BLIND13["crisis_zh"], BLIND13["ordinary_zh"]),
+    "blind set 14 (en)": (BLIND14["crisis_en"], BLIND14["ordinary_en"]),
+    "blind set 14 (zh)": (BLIND14["crisis_zh"], BLIND14["ordinary_zh"]),
 }
 # Measured with the shipped weights (crisis caught / n, false alarms / n); the floor allows one
 # message fewer caught and the ceiling one false alarm more. Keyword screen alone, for
@@ -174,6 +183,11 @@ SETS = {
 # false alarms 3 -> 6, tuning en 4 -> 5, round 3 en 3 -> 4 and zh 1 -> 2, blind 2 en 3 -> 4 and
 # zh 1 -> 2; blind 12 en caught 136 -> 139 and false alarms 38 -> 33, zh 134 -> 140 and 44 ->
 # 43, blind 2 zh caught 36 -> 39). Blind set 13 was measured once with these weights.
+# Then eight Chinese lexicon rules pruned, six removed and two narrowed (each flagged ordinary
+# messages the classifier passes and caught no crisis message it misses; lexicon.py): no set
+# lost a caught message; zh false alarms fell on blind 4 (12 -> 11), 8 (5 -> 4), 9 (9 -> 7), 10
+# (16 -> 14), 11 (24 -> 22), 12 (43 -> 40) and 13 (41 -> 38). Blind set 14 was measured once
+# with both.
 MEASURED = {
     "tuning set (en)": (32, 32, 32, 5),
     "tuning set (zh)": (32, 31, 32, 4),
@@ -186,7 +200,7 @@ MEASURED = {
     "blind set 3 (en)": (100, 98, 100, 3),
     "blind set 3 (zh)": (100, 98, 100, 4),
     "blind set 4 (en)": (105, 102, 116, 11),
-    "blind set 4 (zh)": (108, 105, 119, 12),
+    "blind set 4 (zh)": (108, 105, 119, 11),
     "blind set 5 (en)": (112, 107, 120, 2),
     "blind set 5 (zh)": (112, 109, 120, 4),
     "blind set 6 (en)": (120, 118, 120, 1),
@@ -194,17 +208,19 @@ MEASURED = {
     "blind set 7 (en)": (120, 110, 120, 9),
     "blind set 7 (zh)": (120, 118, 120, 4),
     "blind set 8 (en)": (120, 118, 120, 14),
-    "blind set 8 (zh)": (120, 116, 120, 5),
+    "blind set 8 (zh)": (120, 116, 120, 4),
     "blind set 9 (en)": (144, 142, 143, 6),
-    "blind set 9 (zh)": (144, 141, 143, 9),
+    "blind set 9 (zh)": (144, 141, 143, 7),
     "blind set 10 (en)": (141, 140, 140, 7),
-    "blind set 10 (zh)": (142, 139, 142, 16),
+    "blind set 10 (zh)": (142, 139, 142, 14),
     "blind set 11 (en)": (144, 142, 288, 31),
-    "blind set 11 (zh)": (144, 142, 288, 24),
+    "blind set 11 (zh)": (144, 142, 288, 22),
     "blind set 12 (en)": (144, 139, 288, 33),
-    "blind set 12 (zh)": (144, 140, 288, 43),
+    "blind set 12 (zh)": (144, 140, 288, 40),
     "blind set 13 (en)": (144, 140, 288, 37),
-    "blind set 13 (zh)": (144, 142, 288, 41),
+    "blind set 13 (zh)": (144, 142, 288, 38),
+    "blind set 14 (en)": (144, 140, 288, 33),
+    "blind set 14 (zh)": (144, 142, 288, 42),
 }
 FLOORS = {k: ((hit - 1) / n, (fa + 1) / m) for k, (n, hit, m, fa) in MEASURED.items()}
 

@@ -188,7 +188,7 @@ def test_help_lines_follow_the_category_and_the_language(screen):
     assert "12356" in fixed_reply(screen, suicide_zh)
 
 
-@pytest.mark.parametrize("lang,most", [("en", 30), ("zh", 65)])
+@pytest.mark.parametrize("lang,most", [("en", 30), ("zh", 43)])
 def test_the_lexicon_alone_flags_few_ordinary_training_messages(lexicon_only, lang, most):
     """The lexicon always flags, so it must hold only what states crisis by itself: of the
     hand-written ordinary messages (idioms, grief, news, a worried friend, jokes), it flagged
@@ -217,7 +217,13 @@ def test_the_lexicon_alone_flags_few_ordinary_training_messages(lexicon_only, la
     Stop 24 (nine more writers' sets joined: blind sets 9-11, helper_I-K): en 30 of 3,668, zh 65
     of 3,755. The older sets' counts are unchanged (11, 24); the new ones add 19 of 1,048 and 41
     of 1,051, messages the guards were not written against, about what the lexicon alone flags
-    on blind set 12 (2.1 % en, 3.8 % zh)."""
+    on blind set 12 (2.1 % en, 3.8 % zh).
+    Stop 25: six Chinese rules removed (活着没意思 / 活着没有意思 and their
+    pattern, 东西送人, a roof-and-jump pattern, 我自杀过/未遂) and two
+    narrowed (掐死 and 会杀人 out): zh 43 of 3,755. Each flagged ordinary
+    training messages that the classifier, out of fold, does not, and caught no crisis message
+    the classifier misses (on the training set and on the held-out sets alike; bench/RESULTS.md,
+    stop 25)."""
     ordinary = [t for t, label, _ in written(lang) if label == "none"]
     assert sum(assess(lexicon_only, [t]).flagged for t in ordinary) <= most
 
