@@ -52,6 +52,7 @@ def test_one_deployment_has_no_engine_deployment_and_answers(served):
 
 
 def test_a_disconnected_client_frees_its_row(served):
-    # the message test_serve_ray.py sends: this tiny model's seeded reply runs past 1000 tokens
-    messages = [{"role": "user", "content": "tell me all of it quokka-7f3a9c"}]
+    # the message test_serve_ray.py sends: this tiny model's seeded reply runs past 1000 tokens,
+    # and the crisis screen passes it
+    messages = [{"role": "user", "content": "tell me a long story quokka-7f3a9c"}]
     assert_hang_ups_free_the_row(served, {}, ingress_counters, messages)
