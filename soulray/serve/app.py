@@ -25,6 +25,7 @@ from ray import serve
 from ray.serve.exceptions import RequestCancelledError, TaskCancelledError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from soulray.config import AuthConfig, Config, ServeConfig
 from soulray.data.tokenizer import load_tokenizer
@@ -161,9 +162,23 @@ def build_api(state: IngressState, metrics: IngressMetrics | None = None) -> Fas
         if not req.stream:
             return (await complete(state, prepared, model)).model_dump()
         events = await open_stream(state, prepared, model)
-        return StreamingResponse(events, media_type="text/event-stream")
+        return ClosingStreamingResponse(events, media_type="text/event-stream")
 
     return api
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A streaming response that closes its events when it ends, however it ends. Starlette
+    never closes the iterator: a client that hangs up while a send is pending (ClientDisconnect,
+    or Serve cancelling the request) would leave the reply generating until garbage collection."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                await close()
 
 
 def model_names(cfg: ServeConfig) -> list[str]:
@@ -186,7 +201,7 @@ def add_error_handlers(api: FastAPI) -> None:
 
     @api.exception_handler(Exception)
     async def internal_error(_: Request, e: Exception) -> JSONResponse:
-        if isinstance(e, RequestCancelledError | TaskCancelledError):
+        if isinstance(e, RequestCancelledError | TaskCancelledError | ClientDisconnect):
             # Serve cancels a request whose client hung up: nothing failed, nobody reads this
             log.info("request cancelled (the client went away): its generation was stopped")
             body = APIError(499, "client closed the request", type="cancelled").body()

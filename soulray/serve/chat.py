@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -264,18 +264,31 @@ async def complete(state: IngressState, p: Prepared, model: str) -> ChatCompleti
     )
 
 
-async def open_stream(state: IngressState, p: Prepared, model: str) -> AsyncIterator[str]:
+async def open_stream(state: IngressState, p: Prepared, model: str) -> AsyncGenerator[str, None]:
     """SSE events of the reply. The engine's first delta is awaited here, before the response
     starts, so overload and bad-request errors still become proper HTTP errors."""
-    if p.fixed is not None:
-        deltas = _listed(_fixed_deltas(state, p))
-    else:
-        deltas = aiter(state.engine.stream(p.gen))
+    fixed = p.fixed is not None
+    deltas = _listed(_fixed_deltas(state, p)) if fixed else state.engine.stream(p.gen)
     first = await anext(deltas, None)
-    return _events(state, p, model, first, deltas)
+    return _closing(_events(state, p, model, first, deltas), deltas)
 
 
-async def _listed(deltas: list[Delta]) -> AsyncIterator[Delta]:
+async def _closing(
+    events: AsyncGenerator[str, None], deltas: AsyncGenerator[Delta, None]
+) -> AsyncGenerator[str, None]:
+    """The events; closing them (app.py's response does when it ends, however it ends) closes
+    the engine's stream too, which stops the generation. Without this, a client that hangs up
+    while the response waits on a send (after the help lines, say) leaves the engine generating
+    until the garbage collector closes the abandoned generators."""
+    try:
+        async for event in events:
+            yield event
+    finally:
+        await events.aclose()
+        await deltas.aclose()
+
+
+async def _listed(deltas: list[Delta]) -> AsyncGenerator[Delta, None]:
     for delta in deltas:
         yield delta
 
@@ -286,7 +299,7 @@ async def _events(
     model: str,
     first: Delta | None,
     deltas: AsyncIterator[Delta],
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     """The SSE events of every choice: each choice's role chunk (the first carries `safety`),
     its text (with its tokens' logprobs when asked) as it comes, then each choice's finish."""
     created, n = now(), p.gen.n

@@ -21,7 +21,7 @@ import contextlib
 import importlib.util
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from typing import Any
 
 from ray import serve
@@ -79,7 +79,7 @@ class HFEngine:
         self.metrics = EngineMetrics()
         self.scheduler.on_step = self._record_step
 
-    async def stream(self, req: GenRequest) -> AsyncIterator[Delta]:
+    async def stream(self, req: GenRequest) -> AsyncGenerator[Delta, None]:
         ticket = self.scheduler.submit(req)
         try:
             async for delta in coalesce(self._deltas(ticket), self.stream_interval):
@@ -168,7 +168,7 @@ class NoopEngine:
     def __init__(self, engine: dict[str, Any], model_dir: str, *_: Any) -> None:
         del engine, model_dir
 
-    async def stream(self, req: GenRequest) -> AsyncIterator[Delta]:
+    async def stream(self, req: GenRequest) -> AsyncGenerator[Delta, None]:
         for delta in await self.generate(req):
             yield delta
 
@@ -289,6 +289,24 @@ def _api_error(e: EngineError) -> APIError:
     return APIError(e.status, e.message, type="server_error", code=e.code)
 
 
+@contextlib.contextmanager
+def cancelled_unless_done(stream: Any) -> Iterator[Callable[[], None]]:
+    """Cancel a handle's response stream when the block is left before `done()` is called: a
+    stream closed early (the client went away, an error) stops the engine's generation now,
+    not when the garbage collector gets to it."""
+    finished = False
+
+    def done() -> None:
+        nonlocal finished
+        finished = True
+
+    try:
+        yield done
+    finally:
+        if not finished:
+            stream.cancel()
+
+
 class EngineClient:
     """The ingress's view of an hf or noop engine deployment."""
 
@@ -300,11 +318,13 @@ class EngineClient:
         with engine_errors():
             return await self.handle.generate.remote(req)
 
-    async def stream(self, req: GenRequest) -> AsyncIterator[Delta]:
+    async def stream(self, req: GenRequest) -> AsyncGenerator[Delta, None]:
         with engine_errors():
             stream: Any = self.streaming.stream.remote(req)
-            async for delta in stream:
-                yield delta
+            with cancelled_unless_done(stream) as done:
+                async for delta in stream:
+                    yield delta
+                done()
 
 
 class LocalClient(EngineClient):
@@ -318,10 +338,13 @@ class LocalClient(EngineClient):
         with engine_errors():
             return await self.engine.generate(req)
 
-    async def stream(self, req: GenRequest) -> AsyncIterator[Delta]:
+    async def stream(self, req: GenRequest) -> AsyncGenerator[Delta, None]:
+        # aclosing: a stream closed early (the client went away) closes the engine's stream,
+        # whose `finally` frees the row now; `async for` alone leaves that to the GC
         with engine_errors():
-            async for delta in self.engine.stream(req):
-                yield delta
+            async with contextlib.aclosing(self.engine.stream(req)) as deltas:
+                async for delta in deltas:
+                    yield delta
 
 
 def build_local_engine(cfg: ServeConfig, model_dir: str) -> LocalClient:
@@ -351,19 +374,21 @@ class VLLMClient(EngineClient):
             add_delta(choices, delta)
         return whole_replies(choices)
 
-    async def stream(self, req: GenRequest) -> AsyncIterator[Delta]:
+    async def stream(self, req: GenRequest) -> AsyncGenerator[Delta, None]:
         from ray.serve.llm.openai_api_models import CompletionRequest
 
         request = CompletionRequest(**vllm_request_fields(req, self.model_id))
         tokens: dict[int, int] = {}  # per choice: counted from its logprobs when n > 1
         with engine_errors():
             stream: Any = self.streaming.completions.remote(request)
-            async for item in stream:
-                for event in item if isinstance(item, list) else [item]:
-                    for chunk in _sse_payloads(event):
-                        usage = chunk.get("usage") or {}
-                        for choice in chunk.get("choices") or []:
-                            yield _vllm_delta(req, choice, usage, tokens)
+            with cancelled_unless_done(stream) as done:
+                async for item in stream:
+                    for event in item if isinstance(item, list) else [item]:
+                        for chunk in _sse_payloads(event):
+                            usage = chunk.get("usage") or {}
+                            for choice in chunk.get("choices") or []:
+                                yield _vllm_delta(req, choice, usage, tokens)
+                done()
 
 
 def vllm_request_fields(req: GenRequest, model_id: str) -> dict[str, Any]:

@@ -213,6 +213,73 @@ def test_a_cancelled_request_is_logged_as_a_hang_up_not_an_error(tiny_export, tm
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 
+class EndlessEngine:
+    """Streams a reply that never ends; counts its deltas and notes when its stream is closed
+    (where a real engine frees the row: HFEngine.stream's `finally`)."""
+
+    def __init__(self) -> None:
+        self.sent, self.closed = 0, False
+
+    async def stream(self, req):
+        try:
+            while True:
+                self.sent += 1
+                yield Delta("word ", self.sent, None)
+                await asyncio.sleep(0)
+        finally:
+            self.closed = True
+
+
+@pytest.mark.parametrize("hang_up_at", [1, 2, 3])
+def test_a_client_gone_while_a_send_waits_closes_the_engine_stream(
+    tiny_export, tmp_path, caplog, hang_up_at
+):
+    """The client goes away during a send (here the k-th body message; 2 = the help lines a
+    crisis message gets before the reply): the engine's stream is closed by the time the
+    response returns, not left generating until the garbage collector finds it."""
+    engine = EndlessEngine()
+    api, _ = make_api(tiny_export, tmp_path, engine=engine)
+    body = {"messages": [{"role": "user", "content": "我真的不想活了"}], "stream": True}
+    request = json.dumps(body).encode()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},  # a send to a gone client raises
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"authorization", f"Bearer {KEY}".encode()), (b"host", b"t")],
+        "server": ("t", 80),
+        "client": ("c", 1),
+    }
+    bodies: list[bytes] = []
+
+    async def receive():
+        return {"type": "http.request", "body": request, "more_body": False}
+
+    async def send(message):
+        if message["type"] == "http.response.body":
+            bodies.append(message["body"])
+            if len(bodies) == hang_up_at:
+                raise OSError("the client went away")
+
+    async def go():
+        with pytest.raises(Exception):  # noqa: B017, PT011 (Starlette's ClientDisconnect)
+            await api(scope, receive, send)
+        return engine.closed, engine.sent  # before the loop runs anything else
+
+    with caplog.at_level("INFO", logger="ray.serve.soulray"):
+        closed, sent = asyncio.run(go())
+    assert len(bodies) == hang_up_at
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]  # a hang-up, not an error
+    if hang_up_at >= 2:
+        assert b'"flagged":true' in bodies[0] and b"12356" in bodies[1]  # then the help lines
+    assert closed and sent >= 1
+
+
 def test_api_key_sources(tmp_path, monkeypatch):
     from soulray.config import AuthConfig
 
