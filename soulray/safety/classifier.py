@@ -189,7 +189,14 @@ from pathlib import Path
 
 import numpy as np
 
-from soulray.safety.features import EMBED_DIM, NGRAM_BUCKETS, Embedder, ngram_ids, pieces
+from soulray.safety.features import (
+    EMBED_DIM,
+    NGRAM_BUCKETS,
+    Embedder,
+    ngram_ids,
+    ngram_scale,
+    pieces,
+)
 
 CATEGORIES = ("suicide", "self_harm", "violence", "abuse")
 # The head's other classes: kinds of ordinary message (train.targets maps each training message's
@@ -259,11 +266,11 @@ def load_weights(path: Path | None = None) -> Weights:
 
 
 def ngram_scores(w: Weights, ids: np.ndarray) -> np.ndarray:
-    """The n-gram part of the logits (C + 1 columns): the L2-normalized binary vector times the
-    weights."""
+    """The n-gram part of the logits (C + 1 columns): the binary vector scaled by
+    features.ngram_scale, times the weights."""
     if len(ids) == 0:
         return np.zeros(w.ngram.shape[1], dtype=np.float32)
-    return w.ngram[ids].sum(axis=0) / np.float32(np.sqrt(len(ids)))
+    return w.ngram[ids].sum(axis=0) * np.float32(ngram_scale(len(ids)))
 
 
 def spread(ngram_term: np.ndarray, n_classes: int) -> np.ndarray:

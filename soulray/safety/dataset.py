@@ -9,7 +9,11 @@ not "crisis vs. not"). Two sources:
   data, then measured once as a blind set and used as a regression set, and helper_A-D and I-K,
   written as training data by seven helpers in different voices (students; older adults; context
   and mid-conversation fragments; regional English and Traditional or dialect Chinese; working
-  people outside big cities; replies in the middle of a conversation; many life situations).
+  people outside big cities; replies in the middle of a conversation; many life situations),
+  and helper_S and helper_T (stop 26), two more helpers' sets of mostly SHORT messages as people
+  send them mid-conversation ("ok thanks", "tell me more", "我明白了", "i want to die"): the
+  softmax head had flagged short everyday replies ("thanks", "I see", "sure", "我不知道") as
+  crisis, for want of short ordinary messages to learn from.
   Training on other writers' messages is what the leave-one-blind-set-out bench showed to help a
   new writer most (bench/RESULTS.md).
 Each hand-written message appears as written and in `VARIANTS` wrapped

@@ -22,6 +22,7 @@ import numpy as np
 
 NGRAM_BUCKETS = 2**17
 NGRAM_SIZES = (1, 2, 3, 4)
+NGRAM_NORM_FLOOR = 48  # n-grams; see ngram_scale
 EMBED_DIM = 384
 
 
@@ -30,6 +31,15 @@ def normalize(text: str, max_chars: int) -> str:
     text = unicodedata.normalize("NFKC", text).lower().replace("\u2019", "'")
     text = " ".join(text.split())
     return text[-max_chars:]
+
+
+def ngram_scale(n_grams: int) -> float:
+    """The value of each of a message's n-grams in its feature vector: 1/sqrt(n), the vector's
+    L2 norm 1, for messages with at least NGRAM_NORM_FLOOR n-grams; a shorter message's vector is
+    shorter. Without the floor, a 3-word reply's ~15 n-grams each weighed 4-5x what they weigh in
+    a long message, so one n-gram learned from crisis talk ("i s" of "i slit", "i starve") made
+    "I see" or "我明白了" score as crisis."""
+    return float(1 / np.sqrt(max(n_grams, NGRAM_NORM_FLOOR)))
 
 
 def ngram_ids(text: str) -> np.ndarray:

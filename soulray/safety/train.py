@@ -35,6 +35,7 @@ from soulray.safety.features import (
     NGRAM_BUCKETS,
     Embedder,
     ngram_ids,
+    ngram_scale,
     normalize,
     pieces,
 )
@@ -65,7 +66,7 @@ class Matrix:
     embed: np.ndarray  # (N, 384)
     rows: np.ndarray  # (nnz,) int64, sorted
     cols: np.ndarray  # (nnz,) int64 index into `used`
-    vals: np.ndarray  # (nnz,) 1/sqrt(n-grams in the row)
+    vals: np.ndarray  # (nnz,) features.ngram_scale(n-grams in the row)
     used: np.ndarray  # (U,) the n-gram buckets that occur
 
     def take(self, keep: np.ndarray) -> Matrix:
@@ -87,7 +88,7 @@ def featurize(
     norm = [classifier_text(lex, normalize(t, max_chars)) for t in texts]
     grams = [ngram_ids(t) for t in norm]
     rows = np.concatenate([np.full(len(g), i, dtype=np.int64) for i, g in enumerate(grams)])
-    vals = np.concatenate([np.full(len(g), 1 / np.sqrt(len(g)), np.float32) for g in grams])
+    vals = np.concatenate([np.full(len(g), ngram_scale(len(g)), np.float32) for g in grams])
     used, cols = np.unique(np.concatenate(grams), return_inverse=True)
     embed = _embeddings(norm, embedder, cache, jobs)
     return Matrix(embed.astype(np.float32), rows, cols, vals, used)

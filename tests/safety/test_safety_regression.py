@@ -2,7 +2,7 @@
 
 These messages were written for earlier rounds of the keyword screen (tuning sets, held-out
 rounds 1-3, and a blind set written by someone who never saw the code) or as blind sets for the
-classifier (3-14). Blind sets 3-8 became training data in stop 22, 9-11 in stop 24 (below). A
+classifier (3-15). Blind sets 3-8 became training data in stop 22, 9-11 in stop 24 (below). A
 few messages of the others are also in the training data word for word, written independently
 by two writers: one crisis message of round 3 en and three ordinary ones of blind set 2 zh
 (bench/RESULTS.md, stop 22). Floors are set just under the values measured with the shipped
@@ -94,6 +94,13 @@ BLIND13 = json.loads((HERE / "safety_holdout_blind13.json").read_text("utf-8"))
 # results/safety_blind14*.json): en 140/144 caught, 33/288 false alarms (lexicon before: 140,
 # 33; stop 24: 138, 37); zh 142/144, 42/288 (142, 46; 133, 44).
 BLIND14 = json.loads((HERE / "safety_holdout_blind14.json").read_text("utf-8"))
+# Blind set 15, written the same way by three more helpers (a young city worker; a middle-aged
+# parent; a teenager), at least half of each set SHORT (en <= 6 words, zh <= 12 characters), and
+# measured once in stop 26 with the shipped weights (helper_S and helper_T's short messages
+# trained on, the n-gram vector's norm floored: features.ngram_scale), the stop-25 weights beside
+# them (bench/results/safety_blind15*.json): en 113/116 caught, 7/113 false alarms (stop 25:
+# 113, 9); zh 114/114, 11/110 (114, 14).
+BLIND15 = json.loads((HERE / "safety_holdout_blind15.json").read_text("utf-8"))
 
 SETS = {
     "tuning set (en)": (CRISIS_EN, ORDINARY_EN),
@@ -128,6 +135,8 @@ SETS = {
     "blind set 13 (zh)": (BLIND13["crisis_zh"], BLIND13["ordinary_zh"]),
     "blind set 14 (en)": (BLIND14["crisis_en"], BLIND14["ordinary_en"]),
     "blind set 14 (zh)": (BLIND14["crisis_zh"], BLIND14["ordinary_zh"]),
+    "blind set 15 (en)": (BLIND15["crisis_en"], BLIND15["ordinary_en"]),
+    "blind set 15 (zh)": (BLIND15["crisis_zh"], BLIND15["ordinary_zh"]),
 }
 # Measured with the shipped weights (crisis caught / n, false alarms / n); the floor allows one
 # message fewer caught and the ceiling one false alarm more. Keyword screen alone, for
@@ -188,39 +197,47 @@ SETS = {
 # lost a caught message; zh false alarms fell on blind 4 (12 -> 11), 8 (5 -> 4), 9 (9 -> 7), 10
 # (16 -> 14), 11 (24 -> 22), 12 (43 -> 40) and 13 (41 -> 38). Blind set 14 was measured once
 # with both.
+# Stop 26: helper_S and helper_T trained on (800 messages, mostly short replies as sent
+# mid-conversation), and the n-gram vector's norm floored for messages under 48 n-grams
+# (features.ngram_scale); retrained. On the sets still held out: blind 12 unchanged, 13 zh false
+# alarms 38 -> 37, 14 en 33 -> 35; round 2 false alarms 6 -> 7. On the sets trained on since
+# stop 22/24: caught -1 (blind 3 en), false alarms +7 -3. Blind set 15 was measured once with
+# these weights.
 MEASURED = {
     "tuning set (en)": (32, 32, 32, 5),
     "tuning set (zh)": (32, 31, 32, 4),
     "held-out round 1 (en+zh)": (24, 24, 24, 3),
-    "held-out round 2 (en+zh)": (24, 22, 24, 6),
+    "held-out round 2 (en+zh)": (24, 22, 24, 7),
     "held-out round 3 (en)": (40, 40, 40, 4),
     "held-out round 3 (zh)": (40, 39, 40, 2),
     "blind set 2 (en)": (40, 40, 40, 4),
     "blind set 2 (zh)": (40, 39, 40, 2),
-    "blind set 3 (en)": (100, 98, 100, 3),
-    "blind set 3 (zh)": (100, 98, 100, 4),
-    "blind set 4 (en)": (105, 102, 116, 11),
-    "blind set 4 (zh)": (108, 105, 119, 11),
+    "blind set 3 (en)": (100, 97, 100, 3),
+    "blind set 3 (zh)": (100, 98, 100, 5),
+    "blind set 4 (en)": (105, 102, 116, 12),
+    "blind set 4 (zh)": (108, 105, 119, 13),
     "blind set 5 (en)": (112, 107, 120, 2),
     "blind set 5 (zh)": (112, 109, 120, 4),
-    "blind set 6 (en)": (120, 118, 120, 1),
+    "blind set 6 (en)": (120, 118, 120, 2),
     "blind set 6 (zh)": (120, 112, 120, 1),
     "blind set 7 (en)": (120, 110, 120, 9),
-    "blind set 7 (zh)": (120, 118, 120, 4),
-    "blind set 8 (en)": (120, 118, 120, 14),
+    "blind set 7 (zh)": (120, 118, 120, 5),
+    "blind set 8 (en)": (120, 118, 120, 13),
     "blind set 8 (zh)": (120, 116, 120, 4),
     "blind set 9 (en)": (144, 142, 143, 6),
     "blind set 9 (zh)": (144, 141, 143, 7),
     "blind set 10 (en)": (141, 140, 140, 7),
-    "blind set 10 (zh)": (142, 139, 142, 14),
-    "blind set 11 (en)": (144, 142, 288, 31),
-    "blind set 11 (zh)": (144, 142, 288, 22),
+    "blind set 10 (zh)": (142, 139, 142, 15),
+    "blind set 11 (en)": (144, 142, 288, 29),
+    "blind set 11 (zh)": (144, 142, 288, 23),
     "blind set 12 (en)": (144, 139, 288, 33),
     "blind set 12 (zh)": (144, 140, 288, 40),
     "blind set 13 (en)": (144, 140, 288, 37),
-    "blind set 13 (zh)": (144, 142, 288, 38),
-    "blind set 14 (en)": (144, 140, 288, 33),
+    "blind set 13 (zh)": (144, 142, 288, 37),
+    "blind set 14 (en)": (144, 140, 288, 35),
     "blind set 14 (zh)": (144, 142, 288, 42),
+    "blind set 15 (en)": (116, 113, 113, 7),
+    "blind set 15 (zh)": (114, 114, 110, 11),
 }
 FLOORS = {k: ((hit - 1) / n, (fa + 1) / m) for k, (n, hit, m, fa) in MEASURED.items()}
 

@@ -54,6 +54,51 @@ def test_idioms_are_not_flagged(screen, text):
     assert not assess(screen, [text]).flagged
 
 
+# Short replies sent mid-conversation: every user message of a request is screened, so one
+# flagged "thanks" three turns back would put help lines on every later reply. The stop-25 head
+# flagged 18 of these (and of a few more); many are now in the training data (helper_S,
+# helper_T), so this guards the fit, and blind set 15 (half short) measures it on new writers.
+SHORT_REPLIES = [
+    "thanks",
+    "ok",
+    "I see",
+    "sure",
+    "maybe",
+    "go on",
+    "keep going",
+    "tell me more",
+    "what do you mean?",
+    "I don't know",
+    "bye",
+    "good night",
+    "嗯",
+    "好的",
+    "谢谢",
+    "我不知道",
+    "然后呢",
+    "继续说",
+    "好吧",
+    "就这些",
+    "再见",
+    "晚安",
+]
+# Still flagged by the shipped weights (suicide 0.49, 0.61, 0.38 against a 0.31 threshold):
+# the e5 embedding of a short closing puts it near goodbyes. Strict: passing them means the
+# weights changed and this list should move up.
+SHORT_REPLIES_STILL_FLAGGED = ["tell me all of it", "that's all I wanted to say", "我明白了"]
+
+
+@pytest.mark.parametrize("text", SHORT_REPLIES)
+def test_short_replies_are_not_flagged(screen, text):
+    assert not assess(screen, [text]).flagged
+
+
+@pytest.mark.xfail(strict=True, reason="known false alarms of the shipped weights")
+@pytest.mark.parametrize("text", SHORT_REPLIES_STILL_FLAGGED)
+def test_known_short_false_alarms(screen, text):
+    assert not assess(screen, [text]).flagged
+
+
 def test_no_exclusion_blanks_a_phrase_that_states_intent(lexicon_only):
     """Every built-in intent phrase still flags right after every Chinese idiom the exclusions
     blank ("累死了" + "死了算了" used to lose its "死了算了")."""
@@ -87,6 +132,7 @@ GUARDED = [
     ("同学割手腕被老师发现了，我们怎么帮他", "我又割手腕了"),
     ("这首歌讲一个想死的人，写得很美", "听这首歌的时候我想死"),
     ("我不想死，只是很难过", "我真的想死"),
+    ("放心，我没想伤害自己", "我又想伤害自己了"),
     ("以前有段时间很想死，后来去看了医生，现在挺过来了", "这段时间很想死"),
     ("比去年想死的时候好太多了", "今年比去年还想死"),
     ("我弟又偷玩我电脑，我要杀了他哈哈", "我要杀了他，不是开玩笑"),
@@ -188,7 +234,7 @@ def test_help_lines_follow_the_category_and_the_language(screen):
     assert "12356" in fixed_reply(screen, suicide_zh)
 
 
-@pytest.mark.parametrize("lang,most", [("en", 30), ("zh", 43)])
+@pytest.mark.parametrize("lang,most", [("en", 30), ("zh", 42)])
 def test_the_lexicon_alone_flags_few_ordinary_training_messages(lexicon_only, lang, most):
     """The lexicon always flags, so it must hold only what states crisis by itself: of the
     hand-written ordinary messages (idioms, grief, news, a worried friend, jokes), it flagged
@@ -223,7 +269,11 @@ def test_the_lexicon_alone_flags_few_ordinary_training_messages(lexicon_only, la
     narrowed (掐死 and 会杀人 out): zh 43 of 3,755. Each flagged ordinary
     training messages that the classifier, out of fold, does not, and caught no crisis message
     the classifier misses (on the training set and on the held-out sets alike; bench/RESULTS.md,
-    stop 25)."""
+    stop 25).
+    Stop 26 (helper_S and helper_T joined: 800 mostly short messages): en 30 of 3,897; zh 44 of
+    3,983 at first, one new: "放心，我没想伤害自己", a negation the guard did not know (没想);
+    with 没想 added to the negation guard, 42 (the crisis messages it flags: 779 of 3,981, the
+    same as before)."""
     ordinary = [t for t, label, _ in written(lang) if label == "none"]
     assert sum(assess(lexicon_only, [t]).flagged for t in ordinary) <= most
 
