@@ -289,24 +289,6 @@ def _api_error(e: EngineError) -> APIError:
     return APIError(e.status, e.message, type="server_error", code=e.code)
 
 
-@contextlib.contextmanager
-def cancelled_unless_done(stream: Any) -> Iterator[Callable[[], None]]:
-    """Cancel a handle's response stream when the block is left before `done()` is called: a
-    stream closed early (the client went away, an error) stops the engine's generation now,
-    not when the garbage collector gets to it."""
-    finished = False
-
-    def done() -> None:
-        nonlocal finished
-        finished = True
-
-    try:
-        yield done
-    finally:
-        if not finished:
-            stream.cancel()
-
-
 class EngineClient:
     """The ingress's view of an hf or noop engine deployment."""
 
@@ -321,10 +303,12 @@ class EngineClient:
     async def stream(self, req: GenRequest) -> AsyncGenerator[Delta, None]:
         with engine_errors():
             stream: Any = self.streaming.stream.remote(req)
-            with cancelled_unless_done(stream) as done:
+            try:
                 async for delta in stream:
                     yield delta
-                done()
+            except BaseException:  # closed early (the client went away) or failed: stop it now,
+                stream.cancel()  # not when the garbage collector gets to the stream
+                raise
 
 
 class LocalClient(EngineClient):
@@ -381,14 +365,16 @@ class VLLMClient(EngineClient):
         tokens: dict[int, int] = {}  # per choice: counted from its logprobs when n > 1
         with engine_errors():
             stream: Any = self.streaming.completions.remote(request)
-            with cancelled_unless_done(stream) as done:
+            try:
                 async for item in stream:
                     for event in item if isinstance(item, list) else [item]:
                         for chunk in _sse_payloads(event):
                             usage = chunk.get("usage") or {}
                             for choice in chunk.get("choices") or []:
                                 yield _vllm_delta(req, choice, usage, tokens)
-                done()
+            except BaseException:  # as EngineClient.stream: stop the generation now
+                stream.cancel()
+                raise
 
 
 def vllm_request_fields(req: GenRequest, model_id: str) -> dict[str, Any]:
