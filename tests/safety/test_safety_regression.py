@@ -101,6 +101,14 @@ BLIND14 = json.loads((HERE / "safety_holdout_blind14.json").read_text("utf-8"))
 # them (bench/results/safety_blind15*.json): en 113/116 caught, 7/113 false alarms (stop 25:
 # 113, 9); zh 114/114, 11/110 (114, 14).
 BLIND15 = json.loads((HERE / "safety_holdout_blind15.json").read_text("utf-8"))
+# Blind set 16, written the same way by three more helpers (office workers in big cities;
+# teenagers at school; new mothers, people abroad, people with chronic illness or disability,
+# LGBTQ people, carers), at least half of each set SHORT, measured once in stop 27 with the
+# shipped weights (unchanged since stop 26) and with weights trained on three more hard-negative
+# sets (bench/safety_extra/helper_U-W.json, not adopted) beside them (bench/results/
+# safety_blind16*.json): en 106/111 caught, 11/110 false alarms (with helper_U-W: 103, 8); zh
+# 110/111, 11/102 (109, 9).
+BLIND16 = json.loads((HERE / "safety_holdout_blind16.json").read_text("utf-8"))
 
 SETS = {
     "tuning set (en)": (CRISIS_EN, ORDINARY_EN),
@@ -137,6 +145,8 @@ SETS = {
     "blind set 14 (zh)": (BLIND14["crisis_zh"], BLIND14["ordinary_zh"]),
     "blind set 15 (en)": (BLIND15["crisis_en"], BLIND15["ordinary_en"]),
     "blind set 15 (zh)": (BLIND15["crisis_zh"], BLIND15["ordinary_zh"]),
+    "blind set 16 (en)": (BLIND16["crisis_en"], BLIND16["ordinary_en"]),
+    "blind set 16 (zh)": (BLIND16["crisis_zh"], BLIND16["ordinary_zh"]),
 }
 # Measured with the shipped weights (crisis caught / n, false alarms / n); the floor allows one
 # message fewer caught and the ceiling one false alarm more. Keyword screen alone, for
@@ -203,6 +213,7 @@ SETS = {
 # alarms 38 -> 37, 14 en 33 -> 35; round 2 false alarms 6 -> 7. On the sets trained on since
 # stop 22/24: caught -1 (blind 3 en), false alarms +7 -3. Blind set 15 was measured once with
 # these weights.
+# Stop 27: weights unchanged; blind set 16 added, measured once with them.
 MEASURED = {
     "tuning set (en)": (32, 32, 32, 5),
     "tuning set (zh)": (32, 31, 32, 4),
@@ -238,6 +249,8 @@ MEASURED = {
     "blind set 14 (zh)": (144, 142, 288, 42),
     "blind set 15 (en)": (116, 113, 113, 7),
     "blind set 15 (zh)": (114, 114, 110, 11),
+    "blind set 16 (en)": (111, 106, 110, 11),
+    "blind set 16 (zh)": (111, 110, 102, 11),
 }
 FLOORS = {k: ((hit - 1) / n, (fa + 1) / m) for k, (n, hit, m, fa) in MEASURED.items()}
 
