@@ -79,7 +79,7 @@ _RETRAIN: list[tuple[subprocess.Popen, Path]] = []
 def retrain_in_background() -> tuple[subprocess.Popen, Path]:
     """Retrain the crisis classifier in a child process at nice 19; returns the process and the
     weights.npz it writes (retrain.log beside it), the same on every call. tests/conftest.py
-    starts it once the session's tests are collected: its ~18 CPU-minutes use the cores the
+    starts it once the session's tests are collected: its ~15 CPU-minutes use the cores the
     other tests leave idle (they mostly wait on Ray and servers; at nice 19 it yields the CPU
     whenever they want it), and the test that compares its weights, run last, waits for the
     rest. Same command, same weights as in the foreground. The child asks Linux to kill it when
