@@ -151,9 +151,9 @@ the same side as "what time is it"; a softmax gives each ordinary kind its own d
 embedding, so a crisis category must beat the nearest ordinary kind, not an average of all of
 them (the decision regions become piecewise linear). The n-gram weights have one column per
 category and ONE shared by all ordinary kinds (K = 13 classes, 5 n-gram columns): n-grams that
-say "not crisis" (idioms) still count, the weights stay 2.2 MB (float32; 1.1 MB since the n-gram
-block is stored as float16, train.py), and the six fits of a training
-run take 106 s on two cores against the sigmoid heads' 81 s. Loss weights (train.ORDINARY_SHARE):
+say "not crisis" (idioms) still count, the weights stay 2.2 MB (float32; 1.1 MB since the
+n-gram block is stored as float16, train.py), and the six fits of a training run take 106 s on
+two cores against the sigmoid heads' 81 s. Loss weights (train.ORDINARY_SHARE):
 the ordinary messages half of the loss together, each crisis category an eighth.
 Chosen on the nine newest writers' sets held out (blind sets 9-11, helper_I-K: 909 / 910 crisis,
 1,051 / 1,053 ordinary messages; trained on the rest, thresholds out of fold; the recall /

@@ -30,10 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# One BLAS thread, set before numpy loads: the fits' dense products are small, and OpenBLAS's
-# extra threads spun for nothing (30 fit steps: 9.2 CPU-s with 2 threads, 6.6 with 1, on 2 cores;
-# --jobs already runs the fits side by side). It also makes the weights independent of the
-# machine's core count: BLAS splits a product's sums by its thread count.
+# One BLAS thread, set before numpy loads (unless the caller set it): the fits' dense products
+# are small, and a second OpenBLAS thread only spun (30 fit steps on 2 cores: 8.8-9.2 CPU-s with 2
+# threads, 5.0-5.8 with 1, the same wall time; bench/safety_fit.py), while --jobs already runs
+# the fits side by side. The weights then do not depend on the core count: BLAS splits a
+# product's sums by its thread count. Processes started from this one inherit the setting; where
+# numpy was imported first (a test session), this process's BLAS keeps its threads.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np
@@ -466,11 +468,17 @@ def train(
     return report
 
 
+def as_stored(params: list[np.ndarray]) -> list[np.ndarray]:
+    """The parameters as save() writes them and load_weights() reads them back: the n-gram block
+    through float16 (see the module docstring)."""
+    return [params[0], params[1].astype(np.float16).astype(np.float32), *params[2:]]
+
+
 def save(out: Path, params: list[np.ndarray], thresholds: np.ndarray, data_sha256: str) -> None:
     np.savez_compressed(
         out,
         embed=params[0].astype(np.float32),
-        ngram=params[1].astype(np.float16),  # see the module docstring
+        ngram=params[1].astype(np.float16),  # as_stored
         bias=params[2].astype(np.float32),
         hidden_w=params[3].astype(np.float32),
         hidden_b=params[4].astype(np.float32),
