@@ -1,11 +1,15 @@
 """Crisis screen latency: per message on one CPU thread, and added per chat request.
 
-    .venv/bin/python bench/safety_latency.py [--repeats 3] [--max-chars 400 200] [--out FILE]
+    .venv/bin/python bench/safety_latency.py [--repeats 3] [--max-chars 400 200] \
+        [--embed-tokens 0 48] [--out FILE]
 
 1. Per message: `assess` on one message with the result cache cleared (lexicon + n-grams +
-   e5 embedding + the linear heads), over the training messages plus long ones (cut to their
-   last serve.safety.max_chars characters), one thread (OMP/BLAS threads = 1). p50/p99 by length,
-   for each --max-chars setting side by side (each message under every setting in turn).
+   e5 embedding + the linear heads), over the training messages plus long ones (25 English and
+   25 Chinese, cut to their last serve.safety.max_chars characters), one thread (OMP/BLAS
+   threads = 1). p50/p99 by length, for each --max-chars and --embed-tokens setting side by side
+   (each message under every setting in turn). --embed-tokens overrides the shipped weights' cap
+   on what the embedding reads (0: all of the last max_chars); scores then differ from the
+   shipped screen's, only the time is measured.
 2. Per request: the ingress app in-process (FastAPI over httpx's ASGI transport, a scripted
    engine that answers at once, the tiny export's tokenizer), a conversation growing turn by turn
    as a client resends it, with serve.safety.enabled true and false measured in alternation;
@@ -22,6 +26,7 @@ for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -35,7 +40,10 @@ from soulray.safety.dataset import load_examples  # noqa: E402
 from soulray.safety.screen import assess, build_screen  # noqa: E402
 from soulray.serve.generate import Delta  # noqa: E402
 
-LONG = "I keep going back and forth about everything that happened at work and at home. " * 20
+LONG = {
+    "en": "I keep going back and forth about everything that happened at work and at home. " * 20,
+    "zh": "这段时间我总是反反复复地想工作上和家里发生的那些事情，想不明白也放不下。" * 20,
+}
 
 
 def pct(xs: list[float]) -> dict[str, float]:
@@ -49,15 +57,27 @@ def pct(xs: list[float]) -> dict[str, float]:
 
 
 def per_message(
-    repeats: int, stride: int, max_chars: list[int]
+    repeats: int, stride: int, max_chars: list[int], embed_tokens: list[int | None]
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """Per-message times for each serve.safety.max_chars, measured side by side: every message
-    is screened under each setting in turn, so machine load falls on all settings alike."""
-    screens = {m: build_screen(SafetyConfig(max_chars=m)) for m in max_chars}
-    texts = [e.text for lang in ("en", "zh") for e in load_examples(lang)][::stride]
-    texts += [LONG + t for t in texts[:50]]  # 50 messages of ~1,700 characters
+    """Per-message times for each serve.safety.max_chars and embedding cap, measured side by
+    side: every message is screened under each setting in turn, so machine load falls on all
+    settings alike."""
+    screens = {}
+    for m in max_chars:
+        for cap in embed_tokens:
+            screen = build_screen(SafetyConfig(max_chars=m))
+            assert screen.classifier is not None
+            if cap is not None:
+                w = screen.classifier.w
+                screen.classifier.w = dataclasses.replace(w, embed_tokens=cap)
+            label = f"embed_tokens={screen.classifier.w.embed_tokens}"
+            screens[f"max_chars={m} {label}"] = screen
+    texts = []
+    for lang in ("en", "zh"):
+        own = [e.text for e in load_examples(lang)][::stride]
+        texts += own + [LONG[lang] + t for t in own[:25]]  # 25 of 1,500-1,700 characters
     kinds = ("short (<40 chars)", "medium", "long (>400 chars)")
-    times = {m: {k: [] for k in kinds} for m in max_chars}
+    times = {m: {k: [] for k in kinds} for m in screens}
     for _ in range(repeats):
         for t in texts:
             key = kinds[0] if len(t) < 40 else kinds[2] if len(t) > 400 else kinds[1]
@@ -68,8 +88,8 @@ def per_message(
                 times[m][key].append(time.perf_counter() - start)
     out = {}
     for m, by_kind in times.items():
-        out[f"max_chars={m}"] = {k: pct(v) for k, v in by_kind.items()}
-        out[f"max_chars={m}"]["all"] = pct([x for v in by_kind.values() for x in v])
+        out[m] = {k: pct(v) for k, v in by_kind.items()}
+        out[m]["all"] = pct([x for v in by_kind.values() for x in v])
     return out
 
 
@@ -137,11 +157,18 @@ def main() -> None:
         default=[SafetyConfig().max_chars],
         help="serve.safety.max_chars settings to measure side by side",
     )
+    ap.add_argument(
+        "--embed-tokens",
+        type=int,
+        nargs="+",
+        default=[None],
+        help="caps on the tokens the embedding reads, side by side (default: the weights')",
+    )
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     result = {
         "load_average": list(os.getloadavg()),
-        "per_message": per_message(args.repeats, args.stride, args.max_chars),
+        "per_message": per_message(args.repeats, args.stride, args.max_chars, args.embed_tokens),
         "per_request": per_request(args.turns, args.rounds),
     }
     print(json.dumps(result, indent=2))

@@ -7,7 +7,11 @@
   2**17 buckets with CRC32 (stable across processes, unlike `hash`), binary, L2-normalized. They
   catch the surface forms (slang, "kms", "死了算了") an embedding of a short message can blur.
 A message is cut to its last `max_chars` characters first: latency stays bounded, and in a long
-message the end is where a person usually says what they mean to do.
+message the end is where a person usually says what they mean to do. The n-grams and the lexicon
+read all of that; the embedding reads at most its last `embed_tokens` tokens (the weights'
+setting, train.EMBED_TOKENS; Embedder.tail). The embedding is nearly all of a message's cost and
+grows with its tokens (~5 ms + ~0.95 ms a token on one thread), and 400 Chinese characters are
+~280 tokens: uncut, such a message took ~300 ms; cut to 48 tokens, ~45 (bench/RESULTS.md, stop 29).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ NGRAM_BUCKETS = 2**17
 NGRAM_SIZES = (1, 2, 3, 4)
 NGRAM_NORM_FLOOR = 48  # n-grams; see ngram_scale
 EMBED_DIM = 384
+QUERY_TOKENS = 6  # what an empty query reads: [CLS] "query: " [SEP]
+WORD_EDGE = 16  # a cut moves up to this many characters forward to start at a word
 
 
 def normalize(text: str, max_chars: int) -> str:
@@ -71,6 +77,28 @@ class Embedder:
                 os.environ.pop("OMP_NUM_THREADS", None)
             else:
                 os.environ["OMP_NUM_THREADS"] = before
+
+    def tail(self, text: str, max_tokens: int) -> str:
+        """The longest suffix of `text` whose query embedding reads at most `max_tokens` tokens
+        (`text` itself when it fits, or when max_tokens is 0), moved forward to start at a word
+        where one starts within WORD_EDGE characters, so no word is read from its middle.
+        Deterministic: a binary search on the engine's own token counts."""
+        count = self.model.token_count
+        if not max_tokens or count(text, True) <= max_tokens:
+            return text
+        if max_tokens <= QUERY_TOKENS:
+            return ""
+        lo, hi = 1, len(text)  # text[hi:] fits, text[lo - 1:] does not
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if count(text[mid:], True) <= max_tokens:
+                hi = mid
+            else:
+                lo = mid + 1
+        if text[lo - 1] != " ":
+            space = text.find(" ", lo, lo + WORD_EDGE)
+            lo = space + 1 if space >= 0 else lo
+        return text[lo:]
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """(len(texts), 384) float32, one message at a time (the engine's batch is no faster on

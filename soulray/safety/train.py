@@ -65,6 +65,9 @@ HIDDEN = 0  # units of a hidden layer on the embedding (0: the linear model); --
 HIDDEN_LR = 0.01
 HIDDEN_DECAY = 1e-3  # L2 on the hidden layer's weights
 PIECES = 0  # also score up to this many last sentences of a message, keeping the max; --pieces
+# the most tokens a message's embedding reads, "query: " and the special tokens included: its last
+# ones (features.Embedder.tail; 0: all of its last max_chars characters); --embed-tokens
+EMBED_TOKENS = 48
 ORDINARY_SHARE = 0.5  # of the loss: the ordinary messages together; each category (1 - it) / C
 KIND_CLASS = {"anger": "hard_negative", "recovery": "hard_negative"}  # kinds -> ORDINARY classes
 CACHE_EVERY = 1000  # texts embedded between saves of --cache
@@ -102,6 +105,8 @@ def featurize(
     rows = np.concatenate([np.full(len(g), i, dtype=np.int64) for i, g in enumerate(grams)])
     vals = np.concatenate([np.full(len(g), ngram_scale(len(g)), np.float32) for g in grams])
     used, cols = np.unique(np.concatenate(grams), return_inverse=True)
+    if embedder is not None:
+        norm = [embedder.tail(t, EMBED_TOKENS) for t in norm]
     embed = _embeddings(norm, embedder, cache, jobs)
     return Matrix(embed.astype(np.float32), rows, cols, vals, used)
 
@@ -484,6 +489,7 @@ def save(out: Path, params: list[np.ndarray], thresholds: np.ndarray, data_sha25
         hidden_b=params[4].astype(np.float32),
         hidden_out=params[5].astype(np.float32),
         pieces=np.array(PIECES),
+        embed_tokens=np.array(EMBED_TOKENS),
         classes=np.array(CLASSES),
         thresholds=thresholds.astype(np.float32),
         features=np.array(FEATURES),
@@ -516,8 +522,15 @@ def main() -> None:
     )
     ap.add_argument("--hidden", type=int, default=HIDDEN, help="hidden units (0: linear)")
     ap.add_argument("--pieces", type=int, default=PIECES, help="sentences scored too (0: off)")
+    ap.add_argument(
+        "--embed-tokens",
+        type=int,
+        default=EMBED_TOKENS,
+        help="the embedding reads a message's last N tokens (0: all of its last max-chars)",
+    )
     args = ap.parse_args()
-    globals().update(HIDDEN=args.hidden, PIECES=args.pieces)  # read by the forked fits
+    # read by the forked fits and by featurize
+    globals().update(HIDDEN=args.hidden, PIECES=args.pieces, EMBED_TOKENS=args.embed_tokens)
     train(args.out, args.compare, args.cache, args.max_chars, args.jobs)
     print(f"wrote {args.out} ({args.out.stat().st_size} bytes, sha256 {digest(args.out)[:16]})")
 

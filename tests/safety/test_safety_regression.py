@@ -214,6 +214,11 @@ SETS = {
 # stop 22/24: caught -1 (blind 3 en), false alarms +7 -3. Blind set 15 was measured once with
 # these weights.
 # Stop 27: weights unchanged; blind set 16 added, measured once with them.
+# Stop 29: the embedding reads a message's last 48 tokens (train.EMBED_TOKENS; the n-grams and the
+# lexicon still read its last 400 characters), so a long message costs ~45 ms, not up to ~300;
+# retrained. Over all these sets, 27 of 8,778 flags changed: caught 3,709 -> 3,706, false alarms
+# 455 -> 461 (blind 13 zh caught 142 -> 140, blind 11 en false alarms 29 -> 31; the rest +-1;
+# bench/safety_weights_diff.py, bench/RESULTS.md).
 MEASURED = {
     "tuning set (en)": (32, 32, 32, 5),
     "tuning set (zh)": (32, 31, 32, 4),
@@ -224,32 +229,32 @@ MEASURED = {
     "blind set 2 (en)": (40, 40, 40, 4),
     "blind set 2 (zh)": (40, 39, 40, 2),
     "blind set 3 (en)": (100, 97, 100, 3),
-    "blind set 3 (zh)": (100, 98, 100, 5),
-    "blind set 4 (en)": (105, 102, 116, 12),
-    "blind set 4 (zh)": (108, 105, 119, 13),
+    "blind set 3 (zh)": (100, 98, 100, 4),
+    "blind set 4 (en)": (105, 103, 116, 12),
+    "blind set 4 (zh)": (108, 106, 119, 13),
     "blind set 5 (en)": (112, 107, 120, 2),
     "blind set 5 (zh)": (112, 109, 120, 4),
     "blind set 6 (en)": (120, 118, 120, 2),
     "blind set 6 (zh)": (120, 112, 120, 1),
-    "blind set 7 (en)": (120, 110, 120, 9),
+    "blind set 7 (en)": (120, 110, 120, 10),
     "blind set 7 (zh)": (120, 118, 120, 5),
-    "blind set 8 (en)": (120, 118, 120, 13),
+    "blind set 8 (en)": (120, 117, 120, 13),
     "blind set 8 (zh)": (120, 116, 120, 4),
     "blind set 9 (en)": (144, 142, 143, 6),
     "blind set 9 (zh)": (144, 141, 143, 7),
-    "blind set 10 (en)": (141, 140, 140, 7),
-    "blind set 10 (zh)": (142, 139, 142, 15),
-    "blind set 11 (en)": (144, 142, 288, 29),
-    "blind set 11 (zh)": (144, 142, 288, 23),
+    "blind set 10 (en)": (141, 139, 140, 7),
+    "blind set 10 (zh)": (142, 139, 142, 16),
+    "blind set 11 (en)": (144, 142, 288, 31),
+    "blind set 11 (zh)": (144, 141, 288, 23),
     "blind set 12 (en)": (144, 139, 288, 33),
-    "blind set 12 (zh)": (144, 140, 288, 40),
-    "blind set 13 (en)": (144, 140, 288, 37),
-    "blind set 13 (zh)": (144, 142, 288, 37),
+    "blind set 12 (zh)": (144, 139, 288, 41),
+    "blind set 13 (en)": (144, 141, 288, 38),
+    "blind set 13 (zh)": (144, 140, 288, 37),
     "blind set 14 (en)": (144, 140, 288, 35),
-    "blind set 14 (zh)": (144, 142, 288, 42),
-    "blind set 15 (en)": (116, 113, 113, 7),
+    "blind set 14 (zh)": (144, 143, 288, 42),
+    "blind set 15 (en)": (116, 113, 113, 8),
     "blind set 15 (zh)": (114, 114, 110, 11),
-    "blind set 16 (en)": (111, 106, 110, 11),
+    "blind set 16 (en)": (111, 105, 110, 11),
     "blind set 16 (zh)": (111, 110, 102, 11),
 }
 FLOORS = {k: ((hit - 1) / n, (fa + 1) / m) for k, (n, hit, m, fa) in MEASURED.items()}

@@ -100,6 +100,41 @@ def test_the_embedding_cache_reuses_known_texts_and_embeds_only_new_ones(tmp_pat
     np.testing.assert_array_equal(again[1], embedder.embed(["我想死"])[0])
 
 
+def test_the_embedding_reads_the_longest_tail_that_fits_starting_at_a_word():
+    """Embedder.tail: what the embedding of a long message reads (train.EMBED_TOKENS tokens, so a
+    message's embedding costs at most ~50 ms on one thread). The n-grams and the lexicon still
+    read the whole last max_chars characters."""
+    embedder = Embedder()
+    count = embedder.model.token_count
+    assert embedder.tail("i want to die", 48) == "i want to die"
+    filler = "we talked about the weather and the garden for a long time. " * 5
+    text = filler + "tonight i'm going to end my life"
+    cut = embedder.tail(text, 48)
+    start = len(text) - len(cut)
+    assert text.endswith(cut) and 40 <= count(cut, True) <= 48
+    assert text[start - 1] == " "  # starts at a word
+    previous = text[: start - 1].rsplit(" ", 1)[-1]
+    assert count(f"{previous} {cut}", True) > 48  # one word more does not fit
+    zh = "这段时间我总是反反复复地想工作上和家里发生的那些事情。" * 5 + "我今晚就想结束自己的生命"
+    cut = embedder.tail(zh, 48)
+    assert zh.endswith(cut) and count(cut, True) <= 48 < count(zh[-len(cut) - 1 :], True)
+    assert embedder.tail(text, 0) == text  # 0: no cap (weights trained before the cap)
+
+
+def test_serving_embeds_the_tail_the_weights_were_trained_on():
+    classifier = Classifier(load_weights())
+    assert classifier.w.embed_tokens == train.EMBED_TOKENS == 48
+    embedder = classifier.embedder
+    assert embedder is not None
+    read: list[str] = []
+    embed = embedder.embed
+    embedder.embed = lambda texts: (read.extend(texts), embed(texts))[1]  # type: ignore[method-assign]
+    text = "we talked about the weather and the garden for a long time. " * 5 + "i want to die"
+    classifier.scores(text)
+    classifier.scores("i want to die")
+    assert read == [embedder.tail(text, 48), "i want to die"] and len(read[0]) < len(text) - 100
+
+
 def test_the_shipped_weights_are_small_and_carry_out_of_fold_thresholds():
     w = load_weights()
     assert weights_path().stat().st_size < 2 * 2**20  # ships in the wheel
@@ -136,7 +171,7 @@ def test_retraining_reproduces_the_shipped_weights():
         rtol=2**-10,
         atol=1e-5,
     )
-    for key in ("features", "data_sha256"):
+    for key in ("features", "data_sha256", "pieces", "embed_tokens"):
         assert str(again[key]) == str(shipped[key]), key
 
 
@@ -205,6 +240,13 @@ def test_a_hidden_layer_and_sentence_pieces_score_the_same_in_training_and_servi
     rows += [
         Example("this exam is killing me. pray for me lol", "none", "idiom", "en-x", "en"),
         Example("想死你们了！下周回来。到时候一起吃饭", "none", "idiom", "zh-x", "zh"),
+        Example(
+            "这段时间我总是想家里的事情，睡不着。" * 8 + "我不想活了",
+            "suicide",
+            "suicide",
+            "zh-y",
+            "zh",
+        ),
     ]
     texts = [e.text for e in rows]
     embedder = Embedder()
@@ -221,5 +263,7 @@ def test_a_hidden_layer_and_sentence_pieces_score_the_same_in_training_and_servi
     lex = train.builtin_lexicon()
     norm = [normalize(t, train.MAX_CHARS) for t in texts]
     assert sum(classifier_text(lex, t) != t for t in norm) >= 2
+    assert classifier.w.embed_tokens == 48 and classifier.embedder is not None
+    assert classifier.embedder.tail(norm[-1], 48) != norm[-1]  # the embedding reads a tail
     served = np.array([classifier.scores(classifier_text(lex, t)) for t in norm])
     np.testing.assert_allclose(served, expected, atol=1e-5)
