@@ -28,7 +28,6 @@ NGRAM_BUCKETS = 2**17
 NGRAM_SIZES = (1, 2, 3, 4)
 NGRAM_NORM_FLOOR = 48  # n-grams; see ngram_scale
 EMBED_DIM = 384
-QUERY_TOKENS = 6  # what an empty query reads: [CLS] "query: " [SEP]
 WORD_EDGE = 16  # a cut moves up to this many characters forward to start at a word
 
 
@@ -86,9 +85,8 @@ class Embedder:
         count = self.model.token_count
         if not max_tokens or count(text, True) <= max_tokens:
             return text
-        if max_tokens <= QUERY_TOKENS:
-            return ""
-        lo, hi = 1, len(text)  # text[hi:] fits, text[lo - 1:] does not
+        # text[lo - 1:] does not fit; text[hi:] fits, or is "" (when not even "query: " fits)
+        lo, hi = 1, len(text)
         while lo < hi:
             mid = (lo + hi) // 2
             if count(text[mid:], True) <= max_tokens:
