@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import glob
 import os
+import threading
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -59,12 +60,28 @@ def read_text(path: str) -> str:
 
 
 def write_bytes(path: str, data: bytes) -> None:
+    """Write a whole file. A reader never sees it half written: a local file is written beside
+    itself under a hidden name and renamed over (a file rewritten while it is followed, like
+    metrics.jsonl, or a worker killed mid-write, leaves the old content or the new); an object
+    store's put is already all or nothing."""
     fs, inner = resolve(path)
     parent = inner.rsplit("/", 1)[0]
     if parent:
         fs.create_dir(parent, recursive=True)
-    with fs.open_output_stream(inner) as f:
-        f.write(data)
+    if is_remote(path):
+        with fs.open_output_stream(inner) as f:
+            f.write(data)
+        return
+    directory, name = os.path.split(inner)
+    temp = os.path.join(directory, f".{name}.{os.getpid()}-{threading.get_ident()}")
+    try:
+        with open(temp, "wb") as f:
+            f.write(data)
+        os.replace(temp, inner)
+    except BaseException:
+        if os.path.exists(temp):
+            os.unlink(temp)
+        raise
 
 
 def write_text(path: str, text: str) -> None:

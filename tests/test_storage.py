@@ -105,6 +105,34 @@ def test_local_write_read_exists_delete(tmp_path):
     storage.delete_dir(f"{tmp_path}/run")  # deleting what is gone is fine
 
 
+def test_a_local_rewrite_is_never_seen_half_written(tmp_path, monkeypatch):
+    """metrics.jsonl is rewritten every step while `soulray report`, TensorBoard or a test
+    follows it: until the new content is complete, the old one stays whole (and a failed write
+    leaves it so, with no temporary file behind)."""
+    path = str(tmp_path / "metrics.jsonl")
+    storage.write_text(path, '{"step": 1}\n')
+    seen = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        seen.append((storage.read_text(path), storage.read_text(src)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(storage.os, "replace", replace)
+    storage.write_text(path, '{"step": 1}\n{"step": 2}\n')
+    assert seen == [('{"step": 1}\n', '{"step": 1}\n{"step": 2}\n')]
+    assert storage.read_text(path) == '{"step": 1}\n{"step": 2}\n'
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(storage.os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        storage.write_text(path, "lost")
+    assert storage.read_text(path) == '{"step": 1}\n{"step": 2}\n'
+    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]
+
+
 def test_join_and_is_remote():
     assert storage.join("s3://bucket/run/", "train", "part-0.parquet") == (
         "s3://bucket/run/train/part-0.parquet"

@@ -199,8 +199,14 @@ def first_rows(cfg: Config, world: int, rank: int, rows: int):
 
 def train_workers() -> list[psutil.Process]:
     """Ray Train worker processes of this test's own Ray (children of our raylet)."""
-    me = psutil.Process(os.getpid())
-    return [p for p in me.children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())]
+    workers = []
+    for process in psutil.Process(os.getpid()).children(recursive=True):
+        try:  # a child may exit, or be a zombie left by an earlier test, while we look
+            if "RayTrainWorker" in " ".join(process.cmdline()):
+                workers.append(process)
+        except psutil.Error:
+            continue
+    return workers
 
 
 def test_killed_worker_restarts_from_the_last_checkpoint(
@@ -216,22 +222,28 @@ def test_killed_worker_restarts_from_the_last_checkpoint(
     )
     metrics_path = Path(tmp_path, "fault", "metrics.jsonl")
     killed: dict[str, int] = {}
+    errors: list[BaseException] = []
 
     def kill_after_step_10() -> None:
         deadline = time.time() + 300
-        while time.time() < deadline:
-            lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-            if lines and json.loads(lines[-1])["step"] >= 10:
-                victim = train_workers()[-1]
-                killed.update(pid=victim.pid, step=json.loads(lines[-1])["step"])
-                victim.send_signal(signal.SIGKILL)
-                return
-            time.sleep(0.1)
+        try:
+            while time.time() < deadline:
+                lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
+                step = json.loads(lines[-1])["step"] if lines else 0
+                if step >= 10:
+                    victim = train_workers()[-1]
+                    killed.update(pid=victim.pid, step=step)
+                    victim.send_signal(signal.SIGKILL)
+                    return
+                time.sleep(0.02)
+        except BaseException as e:  # shown by the test, not lost in a thread
+            errors.append(e)
 
     killer = threading.Thread(target=kill_after_step_10)
     killer.start()
     result = run_train(cfg)
     killer.join()
+    assert not errors, errors
     assert killed and 10 <= killed["step"] < 16
     assert not psutil.pid_exists(killed["pid"])
     assert result.error is None and result.metrics["step"] == 20
