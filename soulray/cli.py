@@ -18,7 +18,8 @@ from soulray.config import Config, ConfigError, load_config
 
 app = typer.Typer(
     help="Train and serve empathetic-support language models on Ray.\n\n"
-    "Every verb but chat and submit takes --config FILE.yaml and any number of dotted overrides, "
+    "Every verb but chat, report and submit takes --config FILE.yaml and any number of dotted "
+    "overrides, "
     "e.g. `soulray prepare --config jobs/quickstart.yaml data.seq_len=1024`.",
     no_args_is_help=True,
     add_completion=False,

@@ -11,11 +11,20 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from soulray.eval.config import EvalConfig
 from soulray.synth.config import SynthConfig
@@ -223,11 +232,35 @@ class EngineConfig(DeploymentConfig):
     num_cpus: float = Field(1.0, ge=0)
 
 
+# The crisis screen's categories (soulray/safety/): the keys of serve.safety.thresholds, intent,
+# lexicon and patterns, and the names a help line's `categories` may list.
+SAFETY_CATEGORIES = ("suicide", "self_harm", "violence", "abuse")
+
+
+def _known_categories(names: Iterable[str]) -> None:
+    """A misspelt category would silently drop its phrases or help lines: refuse it by name."""
+    unknown = sorted(set(names) - set(SAFETY_CATEGORIES))
+    if unknown:
+        hints = [
+            f"{u!r} (did you mean {close[0]!r}?)"
+            if (close := difflib.get_close_matches(u, SAFETY_CATEGORIES, 1))
+            else repr(u)
+            for u in unknown
+        ]
+        raise ValueError(f"unknown categories {', '.join(hints)}; use {list(SAFETY_CATEGORIES)}")
+
+
 class HelpLine(Section):
     name: str
     contact: str  # what to dial or text, or a URL
     note: str = ""
     categories: list[str] = Field(default_factory=list)  # shown for these categories; [] = all
+
+    @field_validator("categories")
+    @classmethod
+    def _check_categories(cls, names: list[str]) -> list[str]:
+        _known_categories(names)
+        return names
 
 
 class GuardRule(Section):
@@ -268,6 +301,12 @@ class SafetyConfig(Section):
     guard: list[GuardRule] | None = None  # someone else's / negated / past words; None = built-in
     resources: dict[str, list[HelpLine]] | None = None  # locale -> help lines; None = built-in
     fixed_reply: dict[str, str] | None = None  # locale -> the fixed safe reply; None = built-in
+
+    @field_validator("thresholds", "intent", "lexicon", "patterns")
+    @classmethod
+    def _check_categories(cls, by_category: dict[str, Any] | None) -> dict[str, Any] | None:
+        _known_categories(by_category or {})
+        return by_category
 
 
 class AuthConfig(Section):
@@ -377,18 +416,43 @@ def apply_override(tree: dict[str, Any], override: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override {override!r}: '{part}' holds a value, not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(
+            f"override {override!r}: the value is not valid YAML ({problem}); quote it, e.g. "
+            f"{key.strip()}='\"...\"', or write a list as [a, b]"
+        ) from None
 
 
 def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """Field names valid at `loc` (used to suggest the key the user meant)."""
+    """Field names valid at `loc` (used to suggest the key the user meant), through sections,
+    lists and dicts of sections (serve.adapters.0, serve.safety.resources.en-US.0)."""
+    node: Any = model
     for part in loc:
-        field = model.model_fields.get(str(part))
-        annotation = field.annotation if field else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        node = _unwrap(node)
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            field = node.model_fields.get(str(part))
+            if field is None:
+                return []
+            node = field.annotation
+        elif get_origin(node) in (list, tuple) and get_args(node):
+            node = get_args(node)[0]  # part is an index
+        elif get_origin(node) is dict and len(get_args(node)) == 2:
+            node = get_args(node)[1]  # part is a key
+        else:
             return []
-        model = annotation
-    return list(model.model_fields)
+    node = _unwrap(node)
+    return list(node.model_fields) if isinstance(node, type) and issubclass(node, BaseModel) else []
+
+
+def _unwrap(annotation: Any) -> Any:
+    """X from `X | None`."""
+    if get_origin(annotation) in (Union, UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        return args[0] if len(args) == 1 else annotation
+    return annotation
 
 
 def _format_errors(err: ValidationError, origin: str) -> str:

@@ -33,7 +33,8 @@ EXCLUDES = [
     ".devwhl",
     ".whl",
 ]
-VERBS = ("prepare", "train", "serve", "pipeline", "chat", "quickstart")
+# every verb of soulray.cli but submit itself
+VERBS = ("prepare", "train", "serve", "pipeline", "chat", "quickstart", "synth", "eval", "report")
 
 
 def build_entrypoint(command: list[str], upload: bool) -> str:

@@ -93,6 +93,17 @@ def test_later_override_wins():
             "serve.engine.batching.max_batch_size",
         ),
         ("train.learning_rate=0.1", "train.learning_rate", None),
+        # inside lists and dicts of sections
+        (
+            "serve.adapters=[{name: a, path: /x, pth: 1}]",
+            "serve.adapters.0.pth",
+            "serve.adapters.0.path",
+        ),
+        (
+            "serve.safety.resources={en-US: [{name: L, contact: '1', categorys: []}]}",
+            "serve.safety.resources.en-US.0.categorys",
+            "serve.safety.resources.en-US.0.categories",
+        ),
     ],
 )
 def test_unknown_keys_are_refused_by_dotted_name(override, name, suggestion):
@@ -142,6 +153,9 @@ def test_bad_values_are_refused_by_name(override, expected):
         ("data.seq_len", "is not of the form key.path=value"),
         ("=5", "is not of the form key.path=value"),
         ("data.seq_len.x=1", "'seq_len' holds a value, not a section"),
+        # YAML reads a leading * as an alias, and a list must close
+        ("data.inputs=*.jsonl", r"'data.inputs=\*.jsonl': the value is not valid YAML \("),
+        ("data.inputs=[a", "'data.inputs=\\[a': the value is not valid YAML"),
     ],
 )
 def test_malformed_overrides(override, expected, tmp_path):
@@ -149,6 +163,31 @@ def test_malformed_overrides(override, expected, tmp_path):
     path.write_text("data:\n  seq_len: 64\n")
     with pytest.raises(ConfigError, match=expected):
         load_config(path, [override])
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("serve.safety.thresholds={suicde: 0.5}", "serve.safety.thresholds"),
+        ("serve.safety.lexicon={suicde: [going to the bridge tonight]}", "serve.safety.lexicon"),
+        ("serve.safety.intent={suicde: [end it all]}", "serve.safety.intent"),
+        ("serve.safety.patterns={suicde: [bridge]}", "serve.safety.patterns"),
+        (
+            "serve.safety.resources={en-US: [{name: Line, contact: '1', categories: [suicde]}]}",
+            "serve.safety.resources.en-US.0.categories",
+        ),
+    ],
+)
+def test_a_misspelt_crisis_category_is_refused_by_name(override, key):
+    """Accepted, it would silently drop its phrases or help lines (issue 11's screen)."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert (
+        f"config key '{key}': Value error, unknown categories 'suicde' (did you mean "
+        "'suicide'?); use ['suicide', 'self_harm', 'violence', 'abuse']"
+    ) in str(info.value)
+    good = override.replace("suicde", "suicide")
+    assert load_config(None, [good]).serve.safety.model_dump(exclude_defaults=True)
 
 
 def test_unreadable_config_files(tmp_path):

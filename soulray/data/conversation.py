@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -102,6 +103,30 @@ class Conversation:
                 opening = h.copy().hexdigest()
         digest = h.hexdigest()
         return digest, prefixes, opening or digest
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_encodable(conv: Conversation) -> None:
+    """Refuse text that has no UTF-8 form: a JSON escape of one half of a UTF-16 pair
+    ("\\ud83d" without its partner, a broken emoji from a truncated export) decodes to a lone
+    surrogate, which no Parquet file, hash or rejects line can hold."""
+    fields = [("id", conv.id), ("source", conv.source), ("topic", conv.topic or "")]
+    for i, m in enumerate(conv.messages):
+        fields += [
+            (f"messages[{i}].content", m.content),
+            (f"messages[{i}].strategy", m.strategy or ""),
+        ]
+    for where, value in fields:
+        found = _SURROGATE.search(value)
+        if found:
+            raise RecordError(
+                "invalid_record",
+                f"{where} has an unpaired UTF-16 surrogate {found.group()!r} at character "
+                f"{found.start()} (half of an emoji or character, cut by a broken export); "
+                "remove it or restore the whole character",
+            )
 
 
 @dataclass(slots=True)

@@ -20,7 +20,12 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from soulray import storage
-from soulray.data.conversation import RecordError, clean_conversation, count_target_turns
+from soulray.data.conversation import (
+    RecordError,
+    check_encodable,
+    clean_conversation,
+    count_target_turns,
+)
 from soulray.data.dedupe import KEY_SOURCE_COLUMNS, STAT_COLUMNS, find_drops, key_rows
 from soulray.data.formats import RawRecord, detect_format
 from soulray.data.ranges import Range, plan_ranges, range_records
@@ -55,6 +60,7 @@ def normalize_record(raw: RawRecord, s: ParseSettings) -> dict[str, Any]:
 
         fmt = detect_format(raw.record) if s.format == "auto" else s.format
         conv = to_conversation(raw.record, fmt, raw.key)
+        check_encodable(conv)
         conv, stats = clean_conversation(conv, s.lookup, s.fallback, s.system_prompt)
     except RecordError as e:
         return row | {"reason": e.reason, "detail": e.detail, "raw": raw.source_text()}

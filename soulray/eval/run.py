@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import difflib
 import logging
 import os
 import time
@@ -148,6 +149,8 @@ def check_config(cfg: EvalConfig, baseline: str | None) -> None:
             f"--fail-if-worse {baseline!r} must name one of eval.models ({names}) "
             "and there must be a candidate beside it"
         )
+    if baseline is not None:
+        check_gate_config(cfg, baseline, names)
     endpoints = [m.endpoint for m in cfg.models] + [cfg.judge.endpoint, cfg.interactive.seeker]
     for ep in endpoints:
         if ep is not None and ep.api_key_env and not os.environ.get(ep.api_key_env):
@@ -155,6 +158,39 @@ def check_config(cfg: EvalConfig, baseline: str | None) -> None:
                 f"endpoint {ep.base_url}: environment variable {ep.api_key_env} is not set; "
                 "export it or set api_key_env: null for an endpoint without a key"
             )
+
+
+def check_gate_config(cfg: EvalConfig, baseline: str, names: list[str]) -> None:
+    """The gate's candidate and metric, checked before the run (check_gate would find them
+    missing only once every reply is in)."""
+    from soulray.eval.report import TURN_METRICS
+
+    candidate = cfg.gate.candidate or names[0]  # EvalConfig has checked it names a model
+    if candidate == baseline:
+        raise ValueError(
+            f"the candidate and the baseline are both {baseline!r}; set eval.gate.candidate "
+            f"to the model being promoted (one of {[n for n in names if n != baseline]})"
+        )
+    metric = cfg.gate.metric
+    interactive = metric.startswith("interactive.")
+    base = metric.removeprefix("interactive.")
+    dims = [d.name for d in load_rubric(cfg.judge.rubric).dimensions]
+    judged = ["judge_total", *(f"judge.{d}" for d in dims)]
+    known = judged if interactive else [*judged, *TURN_METRICS]
+    if base not in known:
+        close = difflib.get_close_matches(base, known, 1)
+        prefix = "interactive." if interactive else ""
+        hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
+        raise ValueError(
+            f"eval.gate.metric {metric!r} is not a metric of this run{hint}; "
+            f"use one of {known}" + ("" if interactive else ", or interactive.<judge metric>")
+        )
+    if base in judged and cfg.judge.endpoint is None:
+        raise ValueError(f"eval.gate.metric {metric!r} needs a judge: set eval.judge.endpoint")
+    if interactive and not cfg.interactive.enabled:
+        raise ValueError(f"eval.gate.metric {metric!r} needs eval.interactive.enabled: true")
+    if not interactive and cfg.contexts is None:
+        raise ValueError(f"eval.gate.metric {metric!r} needs eval.contexts (turn-based replies)")
 
 
 class PhaseClock:
@@ -241,8 +277,14 @@ def run_eval(cfg: Config, fail_if_worse: str | None = None) -> dict[str, Any]:
         "phases": clock.phases,
     }
     report = build_report(e, rubric, contexts, replies, scores, pairs, dialogues, scenarios, meta)
+    refused = None
     if fail_if_worse is not None:
-        report["gate"] = check_gate(report, fail_if_worse, e.gate, e.seed)
+        try:
+            report["gate"] = check_gate(report, fail_if_worse, e.gate, e.seed)
+        except ValueError as error:  # e.g. no item scored: the report is still written
+            refused = error
     write_report(report, e.output_dir)
     storage.write_text(storage.join(e.output_dir, "config.yaml"), config_to_yaml(cfg))
+    if refused is not None:
+        raise refused
     return report

@@ -198,6 +198,7 @@ from pathlib import Path
 
 import numpy as np
 
+from soulray.config import SAFETY_CATEGORIES
 from soulray.safety.features import (
     EMBED_DIM,
     NGRAM_BUCKETS,
@@ -207,7 +208,7 @@ from soulray.safety.features import (
     pieces,
 )
 
-CATEGORIES = ("suicide", "self_harm", "violence", "abuse")
+CATEGORIES = SAFETY_CATEGORIES  # soulray.config: the config checks its keys against them
 # The head's other classes: kinds of ordinary message (train.targets maps each training message's
 # kind to one; "other" is every kind not named). Only the crisis categories' probabilities are
 # scored; the ordinary classes are there for them to compete with.

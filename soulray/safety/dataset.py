@@ -46,7 +46,9 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-CATEGORIES = ("suicide", "self_harm", "violence", "abuse")
+from soulray.config import SAFETY_CATEGORIES
+
+CATEGORIES = SAFETY_CATEGORIES
 LANGS = ("en", "zh")
 VARIANTS = 0
 LONG_SHARE = 0.5

@@ -505,7 +505,13 @@ def digest(path: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=weights_path(), help="where to write weights")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=weights_path(),
+        help="where to write the weights; the default REPLACES the shipped ones, which every "
+        "`soulray serve` of this install then loads (default: %(default)s)",
+    )
     ap.add_argument("--compare", action="store_true", help="also compare feature sets")
     ap.add_argument("--cache", type=Path, help="an .npz to keep the embeddings in between runs")
     ap.add_argument(

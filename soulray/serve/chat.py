@@ -107,19 +107,20 @@ def prepare(state: IngressState, req: ChatCompletionRequest, request_id: str) ->
     forced = requested_strategy(req.strategy, info)
     default = min(cfg.default_max_tokens, cfg.max_tokens_limit)
     max_tokens = req.max_completion_tokens or req.max_tokens or default
+    name = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"  # as asked
     if max_tokens > cfg.max_tokens_limit:
         raise APIError(
             400,
-            f"max_tokens={max_tokens} is over this server's limit of {cfg.max_tokens_limit}",
-            param="max_tokens",
+            f"{name}={max_tokens} is over this server's limit of {cfg.max_tokens_limit}",
+            param=name,
         )
     budget = info.context_tokens - max_tokens
     if budget < 16:
         raise APIError(
             400,
-            f"max_tokens={max_tokens} leaves no room for the prompt in the model's "
-            f"{info.context_tokens}-token context; lower max_tokens",
-            param="max_tokens",
+            f"{name}={max_tokens} leaves no room for the prompt in the model's "
+            f"{info.context_tokens}-token context; lower {name}",
+            param=name,
         )
     prefix = f"[{forced}] " if forced else ""
     ids, dropped = fit_window(state.tokenizer, messages, budget, prefix)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from jinja2 import TemplateError
 
 from soulray import storage
 from soulray.config import ESCONV_STRATEGIES, Config, ServeConfig
@@ -121,10 +122,14 @@ def check_messages(
     turns = [m for m in out if m["role"] != "system"]
     if not turns or turns[-1]["role"] != "user":
         raise APIError(400, "the last message must have role 'user'", param="messages")
-    systems = [m for m in out if m["role"] == "system"]
-    if systems and out[0]["role"] != "system":
-        raise APIError(400, "a system message may only come first", param="messages")
-    if not systems and system_prompt:
+    late = next((i for i, m in enumerate(out) if m["role"] == "system" and i > 0), None)
+    if late is not None:
+        raise APIError(
+            400,
+            f"messages[{late}]: a system message may only come first; merge it into messages[0]",
+            param="messages",
+        )
+    if out[0]["role"] != "system" and system_prompt:
         out.insert(0, {"role": "system", "content": system_prompt})
     return out
 
@@ -134,7 +139,12 @@ def _role(role: str) -> str:
 
 
 def render_ids(tokenizer: Any, messages: list[dict[str, str]], reply_prefix: str) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except TemplateError as e:  # a template's raise_exception(), e.g. "roles must alternate"
+        raise APIError(
+            400, f"the model's chat template refused these messages: {e}", param="messages"
+        ) from None
     return tokenizer(text + reply_prefix, add_special_tokens=False).input_ids
 
 

@@ -107,7 +107,7 @@ class ChatCompletionRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # newer clients' name for max_tokens
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # OpenAI's: a signed 64-bit int
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: int | None = Field(1, ge=1, le=128)  # bounded by serve.max_choices
@@ -147,7 +147,7 @@ class ChatCompletionRequest(BaseModel):
     @classmethod
     def _check_bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
         for key, value in (bias or {}).items():
-            if not key.isdigit():
+            if not (key.isascii() and key.isdigit()):  # int('²') fails; int('٣') reads 3
                 raise ValueError(f"keys must be token ids (as strings); {key!r} is not one")
             if not -100 <= value <= 100:
                 raise ValueError(f"values must be between -100 and 100; {key!r} has {value}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from soulray.config import StrategyConfig
@@ -10,6 +12,7 @@ from soulray.data.conversation import (
     Message,
     RecordError,
     build_strategy_lookup,
+    check_encodable,
     clean_conversation,
     count_target_turns,
 )
@@ -160,3 +163,22 @@ def test_custom_taxonomy():
     )
     lookup = build_strategy_lookup(cfg)
     assert lookup == {"ask": "Ask", "comfort": "Comfort", "other": "Other", "q": "Ask"}
+
+
+@pytest.mark.parametrize(
+    ("bad", "where"),
+    [
+        (Conversation("a\ud83d", "s", None, [Message("user", "hi")]), "id"),
+        (Conversation("a", "s", "\udc00", [Message("user", "hi")]), "topic"),
+        (
+            Conversation(
+                "a", "s", None, [Message("user", "hi"), Message("assistant", "ok", "\ud800x")]
+            ),
+            "messages[1].strategy",
+        ),
+    ],
+)
+def test_text_without_a_utf8_form_is_a_record_error(bad, where):
+    with pytest.raises(RecordError, match=rf"^invalid_record: {re.escape(where)} has an unpaired"):
+        check_encodable(bad)
+    check_encodable(Conversation("a", "s", "t", [Message("user", "心 \U0001f494")]))  # whole: fine

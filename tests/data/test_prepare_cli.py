@@ -44,6 +44,11 @@ LINES = [
     (json.dumps(GOOD_1 | {"id": "again"}), "duplicate"),
     ('{"text": "not a conversation"}', "unknown_format"),
     ("[1, 2, 3]", "unknown_format"),
+    (  # half of an emoji (a broken export): no UTF-8 form, so rejected, not a failed job
+        '{"id": "cut", "messages": [{"role": "user", "content": "alone \\ud83d"}, '
+        '{"role": "assistant", "content": "I am here."}]}',
+        "invalid_record",
+    ),
 ]
 
 
@@ -75,12 +80,12 @@ def test_bad_records_are_rejected_and_the_good_ones_prepared(bad_file, tmp_path)
         "duplicate": 1,
         "empty_conversation": 2,
         "invalid_json": 1,
-        "invalid_record": 2,
+        "invalid_record": 3,
         "no_assistant_turn": 1,
         "unknown_format": 2,
     }
     assert proc.stdout.startswith(
-        f"prepared 2 conversations (9 rejected: {json.dumps(rejected)}), 3 assistant turns"
+        f"prepared 2 conversations (10 rejected: {json.dumps(rejected)}), 3 assistant turns"
     )
     manifest = json.loads((out / "manifest.json").read_text())
     assert (manifest["conversations"], manifest["records"], manifest["rejected"]) == (
@@ -102,6 +107,11 @@ def test_bad_records_are_rejected_and_the_good_ones_prepared(bad_file, tmp_path)
     assert details["3"] == "messages[0].content must be a string, got int"
     assert details["4"] == "'messages' must be a list, got str"
     assert details["9"] == f"same messages as {bad_file}:1"
+    assert details["12"] == (
+        "messages[0].content has an unpaired UTF-16 surrogate '\\ud83d' at character 6 (half "
+        "of an emoji or character, cut by a broken export); remove it or restore the whole "
+        "character"
+    )
 
     shards = sorted(out.glob("*/part=*/*.parquet"))  # <split>/part=<k>/
     assert shards

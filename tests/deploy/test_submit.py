@@ -28,6 +28,19 @@ def test_entrypoint_runs_the_uploaded_package_and_rejects_non_soulray_commands()
         build_entrypoint(["python", "evil.py"], upload=True)
 
 
+def test_every_verb_but_submit_can_be_submitted() -> None:
+    """The README: every verb runs on any Ray cluster, and `soulray submit` is how."""
+    from soulray.cli import app
+    from soulray.submit import VERBS
+
+    verbs = {c.name or c.callback.__name__ for c in app.registered_commands}
+    assert set(VERBS) == verbs - {"submit"}
+    for verb in ("synth", "eval"):
+        command = ["soulray", verb, "--config", f"jobs/{verb}.yaml"]
+        expected = f"python -m soulray.cli {verb} --config jobs/{verb}.yaml"
+        assert build_entrypoint(command, upload=True) == expected
+
+
 def test_submit_to_an_address_with_no_cluster_says_how_to_start_one() -> None:
     from typer.testing import CliRunner
 

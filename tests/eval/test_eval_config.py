@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from soulray.config import ConfigError, load_config
@@ -48,6 +50,47 @@ def test_run_checks_before_any_request(monkeypatch):
     monkeypatch.delenv("SOULRAY_TEST_ABSENT_KEY", raising=False)
     with pytest.raises(ValueError, match="SOULRAY_TEST_ABSENT_KEY is not set"):
         check_config(EvalConfig(models=keyed, contexts=contexts), None)
+
+
+def test_the_gate_is_checked_before_any_request():
+    """A gate that cannot be computed is refused up front, not after every reply is in."""
+    contexts = {"source": "files", "inputs": ["x.jsonl"]}
+    judge = {"endpoint": {"base_url": "http://127.0.0.1:1/v1", "model": "judge"}}
+
+    def check(gate, **more):
+        cfg = {"models": models("new", "old"), "contexts": contexts, "judge": judge}
+        check_config(EvalConfig.model_validate(cfg | {"gate": gate} | more), "old")
+
+    check({"metric": "judge_total"})
+    check({"candidate": "new", "metric": "judge.Empathy"})
+    check({"metric": "rouge_l"}, judge={})
+    check({"metric": "interactive.judge_total"}, interactive={"enabled": True})
+    refused = [
+        (
+            {"metric": "judge_totl"},
+            {},
+            "'judge_totl' is not a metric of this run (did you mean "
+            "'judge_total'?); use one of ['judge_total', 'judge.Content', 'judge.Empathy', "
+            "'judge.Helpfulness', 'judge.Safety', 'bleu_1', 'bleu_2', 'bleu_3', 'bleu_4', "
+            "'rouge_1', 'rouge_2', 'rouge_l', 'length'], or interactive.<judge metric>",
+        ),
+        (
+            {"metric": "interactive.rouge_l"},
+            {},
+            "'interactive.rouge_l' is not a metric of this run",
+        ),
+        (
+            {"candidate": "old"},
+            {},
+            "the candidate and the baseline are both 'old'; set "
+            "eval.gate.candidate to the model being promoted (one of ['new'])",
+        ),
+        ({"metric": "judge.Empathy"}, {"judge": {}}, "'judge.Empathy' needs a judge"),
+        ({"metric": "interactive.judge_total"}, {}, "needs eval.interactive.enabled: true"),
+    ]
+    for gate, more, says in refused:
+        with pytest.raises(ValueError, match=re.escape(says)):
+            check(gate, **more)
 
 
 def test_interactive_scenarios_rotate_the_attitudes():

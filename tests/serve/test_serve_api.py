@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 
 import httpx
 import pytest
@@ -170,11 +171,21 @@ def test_error_paths_are_openai_shaped_and_the_server_keeps_serving(tiny_export,
         (400, dict(json={**ok, "max_tokens": 65})),
         (400, dict(json={**ok, "n": 9})),  # over serve.max_choices
         (400, dict(json={**ok, "frobnicate": 1})),  # not an OpenAI field
+        (400, dict(json={**ok, "seed": 2**64})),  # past a signed 64-bit int
+        (400, dict(json={**ok, "seed": -(2**63) - 1})),
+        (400, dict(json={**ok, "logit_bias": {"²": 1}})),  # a digit, not a token id
+        (400, dict(json={**ok, "logit_bias": {"٣": 1}})),
+        (400, dict(json={"messages": [*ok["messages"], {"role": "system", "content": "late"}]})),
         (404, dict(json={**ok, "model": "gpt-9"})),
         (413, dict(json={"messages": [{"role": "user", "content": "x" * 4000}]})),
     ]
     for status, kwargs in cases:
         assert_openai_error(call(api, "POST", post, **kwargs), status)
+    newer = assert_openai_error(
+        call(api, "POST", post, json={**ok, "max_completion_tokens": 65}), 400
+    )
+    assert newer["param"] == "max_completion_tokens"  # the name the client used
+    assert newer["message"] == "max_completion_tokens=65 is over this server's limit of 64"
     assert assert_openai_error(call(api, "POST", post, key="wrong", json=ok), 401)["code"] == (
         "invalid_api_key"
     )
@@ -184,6 +195,33 @@ def test_error_paths_are_openai_shaped_and_the_server_keeps_serving(tiny_export,
     assert call(api, "GET", "/healthz", key=None).json() == {"status": "ok"}
     assert call(api, "POST", post, json=ok).status_code == 200
     assert call(api, "GET", "/v1/models").json()["data"][0]["id"] == "soulray"
+
+
+def test_a_template_that_refuses_the_messages_is_a_400_with_its_words(tiny_export, tmp_path):
+    """Many chat templates (Mistral's, Gemma's) raise_exception() on turns that do not
+    alternate: that is the request's fault, not the server's."""
+    strict = tmp_path / "strict"
+    shutil.copytree(tiny_export, strict)
+    template = strict / "chat_template.jinja"
+    check = (
+        "{%- for m in messages %}{%- if loop.index0 > 0 and m['role'] == "
+        "messages[loop.index0 - 1]['role'] %}{{ raise_exception('Conversation roles must "
+        "alternate user/assistant/user/assistant/...') }}{%- endif %}{%- endfor %}"
+    )
+    template.write_text(check + template.read_text())
+    api, engine = make_api(strict, tmp_path, system_prompt="")
+    twice = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    for stream in (False, True):
+        resp = call(api, "POST", "/v1/chat/completions", json={"messages": twice, "stream": stream})
+        error = assert_openai_error(resp, 400)
+        assert error["message"] == (
+            "the model's chat template refused these messages: Conversation roles must "
+            "alternate user/assistant/user/assistant/..."
+        )
+        assert error["param"] == "messages"
+    assert engine.requests == []
+    ok = {"messages": [{"role": "user", "content": "hi"}]}
+    assert call(api, "POST", "/v1/chat/completions", json=ok).status_code == 200
 
 
 def test_overload_is_503_and_crashes_never_leak(tiny_export, tmp_path):

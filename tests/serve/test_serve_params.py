@@ -123,6 +123,18 @@ def test_n_rows_share_one_prefill_and_decode_as_their_own_seeds(tiny_model):
     assert texts == alone and len(set(texts)) > 1
 
 
+def test_every_seed_the_schema_admits_seeds_every_choice():
+    """OpenAI's seed is a signed 64-bit int; choice j draws with seed + j (j < 128), which
+    torch's generator still takes (it reads up to 2**64 - 1)."""
+    from soulray.serve.generate import _generator
+
+    top = ChatCompletionRequest.model_fields["seed"].metadata
+    assert [m.ge for m in top if hasattr(m, "ge")] == [-(2**63)]
+    assert [m.le for m in top if hasattr(m, "le")] == [2**63 - 1]
+    for seed in (-(2**63), 2**63 - 1 + 127):
+        assert _generator(seed).initial_seed() == seed % 2**64
+
+
 def test_every_openai_field_is_honoured_refused_or_ignored():
     from openai.types.chat.completion_create_params import CompletionCreateParamsBase
 
