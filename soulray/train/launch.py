@@ -7,6 +7,7 @@ that crashes is restarted from it up to train.max_failures times.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -65,6 +66,38 @@ def check_storage(cfg: Config) -> None:
     problem = storage_problem(cfg.train.storage_path, len(hosts))
     if problem:
         raise ValueError(problem)
+
+
+def check_data_tokenizer(cfg: Config, data_dir: str) -> None:
+    """The prepared token ids must be the model's: training reads the tokenizer saved with the
+    data but builds the model from model.name_or_path, so data prepared for another model (or
+    with the tokenizer trained on the corpus) would train on ids that mean other tokens."""
+    path = storage.join(data_dir, "manifest.json")
+    if not storage.exists(path):
+        return  # not prepare's output: load_run_tokenizer says so
+    source = json.loads(storage.read_text(path)).get("tokenizer", {}).get("source")
+    wanted = cfg.model.tokenizer_path
+    if source is None or wanted is None or source == wanted:
+        return  # no model configured: the tiny model is built for the data's tokenizer
+    fix = (
+        f"run `soulray prepare` with this config's model into a new data.output_dir, or set "
+        f"train.data_dir to data prepared with {wanted}"
+    )
+    if source == "trained":
+        raise ValueError(
+            f"train.data_dir {data_dir} was prepared with a tokenizer trained on the corpus, "
+            f"but this run trains {wanted}, whose token ids differ; {fix}"
+        )
+    from soulray.data.tokenizer import load_tokenizer
+    from soulray.train.data import load_run_tokenizer
+
+    trust = cfg.model.trust_remote_code
+    ours = load_run_tokenizer(data_dir, trust)  # the same tokenizer at another path is fine
+    if ours.get_vocab() != load_tokenizer(wanted, trust).get_vocab():
+        raise ValueError(
+            f"train.data_dir {data_dir} was prepared with the tokenizer of {source}, whose "
+            f"vocabulary differs from {wanted}'s (the model trained here); {fix}"
+        )
 
 
 def storage_problem(path: str, hosts: int) -> str | None:
@@ -196,6 +229,7 @@ def run_train(cfg: Config) -> Any:
     t = cfg.train
     check_storage(cfg)
     assert t.data_dir is not None
+    check_data_tokenizer(cfg, t.data_dir)
     datasets = build_datasets(t.data_dir, t.num_workers)
     resources = worker_resources(cfg, ray.cluster_resources().get("CPU", 0.0))
     trainer = TorchTrainer(

@@ -3,6 +3,7 @@ choice, LoRA, the LR schedule, the FLOPs formula and FSDP2 sharding."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -221,3 +222,31 @@ def test_a_bf16_checkpoint_is_read_in_bf16_and_upcast_exactly_into_the_fp32_shar
     for name, param in model.state_dict().items():
         assert param.dtype == torch.float32, name
         assert torch.equal(param.full_tensor(), initial[name].float()), name
+
+
+def test_data_prepared_for_another_tokenizer_is_refused_before_training(tmp_path) -> None:
+    """Training reads the tokenizer saved with the data but builds model.name_or_path: ids
+    prepared for another vocabulary would train silently on the wrong tokens."""
+    from soulray.data.tokenizer import train_tokenizer
+    from soulray.train.launch import check_data_tokenizer
+
+    texts = ["I can't sleep and I feel alone.", "That sounds hard; what keeps you up?"] * 50
+    data, model_a, model_b = tmp_path / "data", tmp_path / "a", tmp_path / "b"
+    train_tokenizer(texts, 300).save_pretrained(data / "tokenizer")
+    train_tokenizer(texts, 300).save_pretrained(model_a)  # the same tokenizer, elsewhere
+    train_tokenizer([t.upper() for t in texts], 300).save_pretrained(model_b)
+
+    def check(source: str, tokenizer: str | None) -> None:
+        manifest = {"tokenizer": {"source": source, "hash": "x"}}
+        (data / "manifest.json").write_text(json.dumps(manifest))
+        cfg = load_config(None, [f"model.tokenizer={tokenizer or 'null'}"])
+        check_data_tokenizer(cfg, str(data))
+
+    check("trained", None)  # no model: the tiny one is built for the data's tokenizer
+    check(str(model_a), None)
+    check(str(model_a), str(model_a))
+    check("/elsewhere/a", str(model_a))  # another path, the same vocabulary
+    with pytest.raises(ValueError, match="prepared with a tokenizer trained on the corpus, but"):
+        check("trained", str(model_a))
+    with pytest.raises(ValueError, match=f"whose vocabulary differs from {model_b}'s"):
+        check(str(model_a), str(model_b))
