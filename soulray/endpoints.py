@@ -135,22 +135,27 @@ def build_client(
     one endpoint (several roles on one server) can share `semaphore` to share one bound."""
     import openai
 
-    api_key = NO_KEY
-    if cfg.api_key_env is not None:
-        api_key = os.environ.get(cfg.api_key_env, "")
-        if not api_key:
-            raise ValueError(
-                f"endpoint {cfg.base_url}: environment variable {cfg.api_key_env} is not set; "
-                "export it or set api_key_env: null for an endpoint without a key"
-            )
     client = openai.AsyncOpenAI(
         base_url=cfg.base_url,
-        api_key=api_key,
+        api_key=api_key(cfg),
         timeout=cfg.timeout_s,
         max_retries=0,
         http_client=build_http_client(cfg.timeout_s),
     )
     return EndpointClient(cfg, client, backoff_s, semaphore)
+
+
+def api_key(cfg: EndpointConfig) -> str:
+    """The endpoint's key from its environment variable; a missing one is a user error."""
+    if cfg.api_key_env is None:
+        return NO_KEY
+    key = os.environ.get(cfg.api_key_env, "")
+    if not key:
+        raise ValueError(
+            f"endpoint {cfg.base_url}: environment variable {cfg.api_key_env} is not set; "
+            "export it or set api_key_env: null for an endpoint without a key"
+        )
+    return key
 
 
 def build_http_client(timeout_s: float) -> Any:

@@ -113,14 +113,17 @@ def list_files(path: str, suffixes: tuple[str, ...] = ()) -> list[str]:
     return sorted(found)
 
 
-def expand_inputs(inputs: list[str], suffixes: tuple[str, ...]) -> list[str]:
-    """Files, globs and directories (local or remote) -> the sorted, de-duplicated file list."""
+def expand_inputs(
+    inputs: list[str], suffixes: tuple[str, ...], key: str = "data.inputs"
+) -> list[str]:
+    """Files, globs and directories (local or remote) -> the sorted, de-duplicated file list;
+    `key` names the setting they came from in the error for an entry that matches nothing."""
     files: list[str] = []
     for item in inputs:
         found = _expand_one(item, suffixes)
         if not found:
             raise ValueError(
-                f"data.inputs entry {item!r} matches no {'/'.join(suffixes)} file; check the "
+                f"{key} entry {item!r} matches no {'/'.join(suffixes)} file; check the "
                 "path (relative paths are relative to the directory you run soulray from)"
             )
         files += [f for f in found if f not in files]

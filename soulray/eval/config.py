@@ -65,7 +65,7 @@ class InteractiveConfig(EvalSection):
     seeker: EndpointConfig | None = None  # None: the judge's endpoint plays the Seeker
     scenarios: int = Field(6, ge=1)  # attitudes open / neutral / resistant in turn
     turns: int = Field(4, ge=1)  # Seeker messages per dialogue (fewer if it ends the chat)
-    languages: list[Language] = Field(default_factory=lambda: list(LANGUAGES))
+    languages: list[Language] = Field(default_factory=lambda: list(LANGUAGES), min_length=1)
     seed: int = 0
     seeker_prompts: str | None = None  # a YAML like soulray/synth/prompts.yaml; None = packaged
 

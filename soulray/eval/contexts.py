@@ -60,14 +60,14 @@ def prepared_data_config(prepared_dir: str) -> DataConfig:
 
 
 def read_conversations(
-    inputs: list[str], data: DataConfig, split: str | None
+    inputs: list[str], data: DataConfig, split: str | None, key: str = "eval.contexts.inputs"
 ) -> list[Conversation]:
     """Cleaned, deduplicated conversations of `inputs` (only `split` when given), in file
     order, read as prepare reads them: the same byte ranges of whole records and the same
     `normalize_record`, in Ray tasks."""
     import ray.data
 
-    files = storage.expand_inputs(inputs, FILE_SUFFIXES)
+    files = storage.expand_inputs(inputs, FILE_SUFFIXES, key)
     settings = ParseSettings(
         format=data.format,
         lookup=build_strategy_lookup(data.strategies),
@@ -83,10 +83,14 @@ def read_conversations(
         .take_all()
     )
     rows.sort(key=lambda r: (r["rid"], r["index"]))
+    # A per-turn-expanded corpus holds each dialogue once per reply, as the dialogue so far:
+    # like prepare, keep the longest (a sample whose hash is a prefix of another is dropped),
+    # or its early replies would be scored once per later sample.
+    longer = {h for r in rows for h in r["prefixes"]}
     seen: set[str] = set()
     out = []
     for r in rows:  # the first copy of a duplicate wins, as in prepare
-        if r["hash"] not in seen:
+        if r["hash"] not in seen and r["hash"] not in longer:
             seen.add(r["hash"])
             out.append(Conversation.from_json(r["conv"]))
     return out
@@ -103,6 +107,7 @@ def _range_rows(
         if row["ok"] and (split is None or row["split"] == split):
             rows.append(
                 {"rid": r.rid, "index": index, "hash": row["hash"], "conv": row["conversation"]}
+                | {"prefixes": row["prefixes"]}
             )
     return rows
 
@@ -111,7 +116,7 @@ def load_conversations(cfg: ContextsConfig) -> list[Conversation]:
     if cfg.source == "prepared":
         assert cfg.prepared_dir is not None
         data = prepared_data_config(cfg.prepared_dir)
-        convs = read_conversations(data.inputs, data, "val")
+        convs = read_conversations(data.inputs, data, "val", "the prepared run's data.inputs")
         where = f"the val split of {cfg.prepared_dir}"
     else:
         convs = read_conversations(cfg.inputs, DataConfig(format=cfg.format), None)

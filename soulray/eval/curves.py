@@ -16,6 +16,9 @@ from soulray.eval.charts import save_curve
 
 
 def find_metrics(run_dir: str) -> str:
+    """The run's metrics.jsonl: in `run_dir`, the one below it, or `run_dir` itself."""
+    if run_dir.rstrip("/").endswith(".jsonl") and storage.exists(run_dir):
+        return run_dir
     direct = storage.join(run_dir, "metrics.jsonl")
     if storage.exists(direct):
         return direct
@@ -32,7 +35,19 @@ def find_metrics(run_dir: str) -> str:
 
 
 def load_metrics(path: str) -> list[dict[str, Any]]:
-    rows = [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(storage.read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{path}:{number} is not JSON ({e.msg}); is it a metrics.jsonl?"
+            ) from None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            raise ValueError(f"{path}:{number} has no integer 'step'; is it a metrics.jsonl?")
+        rows.append(row)
     if not rows:
         raise ValueError(f"{path} is empty: the run has not logged a step yet")
     return sorted(rows, key=lambda r: r["step"])

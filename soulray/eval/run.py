@@ -13,17 +13,17 @@ import asyncio
 import dataclasses
 import difflib
 import logging
-import os
 import time
 from typing import Any
 
 from soulray import storage
 from soulray.config import Config, config_to_yaml
-from soulray.endpoints import EndpointClient, EndpointConfig, build_client
+from soulray.endpoints import EndpointClient, EndpointConfig, api_key, build_client
 from soulray.eval.config import EvalConfig, InteractiveConfig
 from soulray.eval.contexts import Context, contexts_digest, sample_contexts
 from soulray.eval.judge import Rubric, load_rubric
 from soulray.eval.metrics import reference_scores
+from soulray.synth.roles import load_prompts
 from soulray.synth.scenarios import ATTITUDES, Scenario, build_scenarios, make_scenario
 
 log = logging.getLogger("soulray.eval")
@@ -143,6 +143,9 @@ def check_config(cfg: EvalConfig, baseline: str | None) -> None:
             "eval.interactive needs a Seeker: set eval.interactive.seeker (an endpoint) or "
             "eval.judge.endpoint (which then plays the Seeker too)"
         )
+    if cfg.interactive.enabled:
+        interactive_scenarios(cfg.interactive)  # the pool makes enough of them
+        load_prompts(cfg.interactive.seeker_prompts)  # the file is there and parses
     names = [m.name for m in cfg.models]
     if baseline is not None and (baseline not in names or len(names) < 2):
         raise ValueError(
@@ -153,11 +156,8 @@ def check_config(cfg: EvalConfig, baseline: str | None) -> None:
         check_gate_config(cfg, baseline, names)
     endpoints = [m.endpoint for m in cfg.models] + [cfg.judge.endpoint, cfg.interactive.seeker]
     for ep in endpoints:
-        if ep is not None and ep.api_key_env and not os.environ.get(ep.api_key_env):
-            raise ValueError(
-                f"endpoint {ep.base_url}: environment variable {ep.api_key_env} is not set; "
-                "export it or set api_key_env: null for an endpoint without a key"
-            )
+        if ep is not None:
+            api_key(ep)  # its environment variable is set
 
 
 def check_gate_config(cfg: EvalConfig, baseline: str, names: list[str]) -> None:

@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from soulray.config import Config, config_to_yaml
-from soulray.endpoints import EndpointError, build_client
+from soulray.endpoints import EndpointError, api_key, build_client
 from soulray.synth.config import SynthConfig
 from soulray.synth.near_dupes import NearDuplicateIndex
 from soulray.synth.output import OutputStore, StoredState
@@ -31,12 +31,28 @@ log = logging.getLogger("soulray.synth")
 
 def load_scenarios(sc: SynthConfig) -> list[Scenario]:
     pool = load_pool(sc.scenarios.pool_file)
+    missing = [lang for lang in sc.scenarios.languages if lang not in pool]
+    if missing:
+        raise ValueError(
+            f"the scenario pool {sc.scenarios.pool_file or 'scenarios.yaml'} has no "
+            f"{missing} section for synth.scenarios.languages; add one or drop {missing}"
+        )
     match sc.scenarios.source:
         case "pool":
             return build_scenarios(sc.scenarios.count, sc.seed, sc.scenarios.languages, pool)
         case "corpus":
-            found = scenarios_from_corpus(sc.scenarios.inputs, sc.scenarios.count, sc.seed, pool)
-            return [s for s in found if s.language in sc.scenarios.languages]
+            return scenarios_from_corpus(
+                sc.scenarios.inputs, sc.scenarios.count, sc.seed, pool, sc.scenarios.languages
+            )
+
+
+def check_cast(sc: SynthConfig) -> None:
+    """What every actor's build_cast reads, read once on the driver first: a missing key or
+    file is then one clear error, not an actor that dies in every worker."""
+    load_prompts(sc.prompts_file)
+    load_taxonomy(sc.taxonomy_file)
+    for endpoint in sc.roles.resolved.values():
+        api_key(endpoint)
 
 
 def build_cast(sc: SynthConfig) -> Cast:
@@ -186,6 +202,7 @@ def build_dataset(pending: list[Scenario], sc: SynthConfig) -> Any:
 def run_synth(cfg: Config) -> dict[str, Any]:
     """Make the dialogues not yet in the output, then write the report; returns the report."""
     sc = cfg.synth
+    check_cast(sc)
     scenarios = load_scenarios(sc)
     store = OutputStore(sc.output_dir)
     state = store.load()
@@ -207,6 +224,15 @@ def run_synth(cfg: Config) -> dict[str, Any]:
     log.info("synth: %s", progress.line())
     report = build_report(store.load(), load_taxonomy(sc.taxonomy_file).names, progress.summary())
     report["files"] = [str(p) for p in save_report(store, report, sc.charts)]
+    run = report["run"]
+    if pending and run["failed"] == len(pending):  # not one endpoint call got through
+        reasons = report["dialogues"]["failed"]
+        common = max(reasons, key=reasons.get) if reasons else "unknown"
+        raise ValueError(
+            f"synth: all {len(pending)} scenarios failed, most often with {common!r}; check "
+            "synth.roles (base_url ends in /v1, the server is up, the model name is served); "
+            f"details in {sc.output_dir}/_synth/synth_report.json"
+        )
     return report
 
 

@@ -10,6 +10,7 @@ import hashlib
 import json
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -63,6 +64,12 @@ def load_pool(path: str | None = None) -> dict[str, dict[str, Any]]:
     else:
         text = Path(path).read_text(encoding="utf-8")
     pool = yaml.safe_load(text)
+    if not isinstance(pool, dict) or not pool:
+        raise ValueError(
+            f"scenario pool {path}: expected a mapping of languages ({LANGUAGES}) to sections "
+            "with ages, occupations, personalities, emotions, problems; see soulray/synth/"
+            "scenarios.yaml"
+        )
     for lang, section in pool.items():
         missing = {"ages", "occupations", "personalities", "emotions", "problems"} - set(section)
         if lang not in LANGUAGES or missing:
@@ -127,37 +134,48 @@ def detect_language(text: str) -> Language:
 
 
 def scenarios_from_corpus(
-    inputs: list[str], n: int, seed: int, pool: dict[str, Any] | None = None
+    inputs: list[str],
+    n: int,
+    seed: int,
+    pool: dict[str, Any] | None = None,
+    languages: Sequence[str] = LANGUAGES,
 ) -> list[Scenario]:
     """Scenarios from the `situation` fields of a corpus (ESConv and any record that has one),
     read with the prepare stage's record splitter; the persona, which corpora do not record,
-    is drawn from the pool. One scenario per distinct situation; `n` = 0 takes them all."""
+    is drawn from the pool. One scenario per distinct situation in `languages`; `n` = 0 takes
+    them all."""
     pool = pool or load_pool()
     rng = random.Random(seed)
     out: dict[str, Scenario] = {}
-    files = storage.expand_inputs(inputs, FILE_SUFFIXES)
+    files = storage.expand_inputs(inputs, FILE_SUFFIXES, "synth.scenarios.inputs")
     for path in files:
         for raw in split_records(path, storage.read_bytes(path)):
-            scenario = scenario_from_record(raw.record, pool, rng)
+            scenario = scenario_from_record(raw.record, pool, rng, languages)
             if scenario is not None:  # one scenario per distinct situation
                 out.setdefault(scenario.situation, scenario)
     if not out:
         raise ValueError(
-            f"no record in {inputs} has a 'situation' text; use an ESConv-shaped corpus or "
+            f"no record in {inputs} has a 'situation' text in {list(languages)} "
+            "(synth.scenarios.languages); use an ESConv-shaped corpus or "
             "synth.scenarios.source: pool"
         )
     found = list(out.values())
     return found if n == 0 else found[:n]
 
 
-def scenario_from_record(record: Any, pool: dict[str, Any], rng: random.Random) -> Scenario | None:
-    """One corpus record's situation as a scenario; None when it has no situation text."""
+def scenario_from_record(
+    record: Any, pool: dict[str, Any], rng: random.Random, languages: Sequence[str] = LANGUAGES
+) -> Scenario | None:
+    """One corpus record's situation as a scenario; None when it has no situation text, or
+    one in a language not asked for."""
     if not isinstance(record, dict) or not isinstance(record.get("situation"), str):
         return None
     situation = record["situation"].strip()
     if not situation:
         return None
     language = detect_language(situation)
+    if language not in languages:
+        return None
     p = pool[language]
     return make_scenario(
         language=language,

@@ -115,22 +115,38 @@ def storage_problem(path: str, hosts: int) -> str | None:
 
 def worker_resources(cfg: Config, cluster_cpus: float) -> dict[str, float] | None:
     """Resources per training worker. CPU training leaves one CPU free for Ray Data, which
-    reads the rows while the workers train (otherwise its read tasks could never start)."""
+    reads the rows while the workers train (otherwise its read tasks could never start).
+
+    Unset, a CPU worker takes 1 CPU, or an equal share of what the cluster has now less one
+    (2 workers on a 2-CPU machine: 0.5 each). Set, `train.resources_per_worker` is asked as is:
+    an autoscaling cluster (KubeRay with minReplicas 0) may have no CPUs yet and grows to fit."""
     t = cfg.train
     if t.resources_per_worker:
         resources = dict(t.resources_per_worker)
-    elif t.use_gpu:
+        need = resources.get("CPU", 1.0) * t.num_workers + (0.0 if t.use_gpu else 1.0)
+        if cluster_cpus < need:
+            log.warning(
+                "train: %d worker(s) with %s each%s need %g CPUs and the cluster has %g now: "
+                "Ray waits for the autoscaler to add nodes (on a fixed cluster nothing will "
+                "start; lower train.num_workers or train.resources_per_worker)",
+                t.num_workers,
+                resources,
+                "" if t.use_gpu else " and Ray Data's reader",
+                need,
+                cluster_cpus,
+            )
+        return resources
+    if t.use_gpu:
         return None  # Ray's default (1 CPU + 1 GPU); GPU nodes have CPUs to spare
-    else:
-        resources = {"CPU": min(1.0, (cluster_cpus - 1) / t.num_workers)}
-    left = cluster_cpus - resources.get("CPU", 1.0) * t.num_workers
-    if not t.use_gpu and (resources.get("CPU", 1.0) <= 0 or left < 1):
+    share = min(1.0, (cluster_cpus - 1) / t.num_workers)
+    if share <= 0:
         raise ValueError(
-            f"{t.num_workers} training worker(s) with {resources.get('CPU', 1.0)} CPU each leave "
-            f"{left:g} of the cluster's {cluster_cpus:g} CPUs for Ray Data, which needs at least "
-            "1 to read the training rows; lower train.num_workers or train.resources_per_worker"
+            f"the cluster has {cluster_cpus:g} CPU(s) now: too few for {t.num_workers} CPU "
+            "training worker(s) plus 1 for Ray Data to read the rows. On an autoscaling cluster "
+            "(KubeRay, minReplicas 0) set train.resources_per_worker='{CPU: 1}' so Ray waits for "
+            "nodes; otherwise add CPUs or lower train.num_workers"
         )
-    return resources
+    return {"CPU": share}
 
 
 CACHE_BYTES = 2**30  # splits up to this size are read once and kept in the object store

@@ -93,6 +93,18 @@ def test_the_gate_is_checked_before_any_request():
             check(gate, **more)
 
 
+def test_interactive_settings_are_checked_before_any_request(tmp_path):
+    contexts = {"source": "files", "inputs": ["x.jsonl"]}
+    judge = {"endpoint": {"base_url": "http://127.0.0.1:1/v1", "model": "judge"}}
+    cfg = {"models": models("a"), "contexts": contexts, "judge": judge}
+    with pytest.raises(ValueError, match="languages"):
+        EvalConfig.model_validate(cfg | {"interactive": {"enabled": True, "languages": []}})
+    missing = str(tmp_path / "seeker.yaml")
+    on = {"enabled": True, "seeker_prompts": missing}
+    with pytest.raises(FileNotFoundError, match="seeker.yaml"):
+        check_config(EvalConfig.model_validate(cfg | {"interactive": on}), None)
+
+
 def test_interactive_scenarios_rotate_the_attitudes():
     cfg = EvalConfig(interactive={"scenarios": 7, "languages": ["zh", "en"], "seed": 5})
     drawn = interactive_scenarios(cfg.interactive)

@@ -52,3 +52,19 @@ def test_report_names_the_problem(tmp_path):
     (tmp_path / "a" / "metrics.jsonl").write_text("")
     result = CliRunner().invoke(app, ["report", str(tmp_path / "a")])
     assert result.exit_code == 1 and "has not logged a step yet" in result.output
+
+
+def test_report_takes_the_metrics_file_and_names_a_bad_line(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in metrics_rows()))
+    result = CliRunner().invoke(app, ["report", str(metrics)])  # the file, not its directory
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "report" / "report.md").exists()
+    for bad, says in (
+        ('{"step": 1, "loss"', "is not JSON"),
+        ('{"loss": 1.0}', "no integer 'step'"),
+    ):
+        metrics.write_text(json.dumps(metrics_rows()[0]) + "\n" + bad + "\n")
+        result = CliRunner().invoke(app, ["report", str(metrics)])
+        assert result.exit_code == 1 and f"error: {metrics}:2 " in result.output
+        assert says in result.output and "Traceback" not in result.output

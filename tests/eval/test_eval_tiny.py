@@ -39,6 +39,24 @@ def val_conversation_ids() -> set[str]:
     return ids
 
 
+def test_a_per_turn_expanded_corpus_gives_each_reply_once(ray_local, tmp_path):
+    """SoulChat's expanded form holds a dialogue once per reply, as the dialogue so far: like
+    prepare, eval keeps the longest, so no reply is a context twice."""
+    turns = [("user", "I can't sleep."), ("assistant", "Since when?")]
+    turns += [("user", "A month."), ("assistant", "That is long."), ("user", "Yes.")]
+    turns += [("assistant", "What keeps you up?")]
+    samples = [turns[: k + 1] for k in (1, 3, 5)]  # one sample per reply
+    other = [("user", "I failed my exam."), ("assistant", "I'm sorry. How do you feel?")]
+    path = tmp_path / "expanded.jsonl"
+    lines = [{"messages": [{"role": r, "content": c} for r, c in t]} for t in [*samples, other]]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    contexts = sample_contexts(ContextsConfig(source="files", inputs=[str(path)], n=100))
+    replies = sorted(c.reference for c in contexts)
+    assert replies == sorted(["Since when?", "That is long.", "What keeps you up?", other[1][1]])
+    with pytest.raises(ValueError, match="^eval.contexts.inputs entry '/nowhere.jsonl' matches no"):
+        sample_contexts(ContextsConfig(source="files", inputs=["/nowhere.jsonl"]))
+
+
 def test_contexts_are_the_val_split_of_a_prepared_run(ray_local, prepared_quickstart):
     manifest = json.loads((prepared_quickstart / "manifest.json").read_text())
     every = sample_contexts(

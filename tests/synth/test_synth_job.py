@@ -128,7 +128,10 @@ def test_rerun_skips_what_is_written_and_makes_only_the_new(happy, tmp_path) -> 
     assert first == OutputStore(str(out)).load().records
 
 
-def test_failing_backends_fail_their_scenarios_not_the_job(happy, tmp_path) -> None:
+def test_failing_backends_fail_their_scenarios_and_the_run_that_made_none(happy, tmp_path) -> None:
+    """Each failure is recorded with its reason; a run in which every scenario failed (a wrong
+    or down endpoint) is an error, after its report is written (a partial failure is not: see
+    the timeout test)."""
     out, _, _, _ = happy
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
@@ -142,8 +145,15 @@ def test_failing_backends_fail_their_scenarios_not_the_job(happy, tmp_path) -> N
             f"synth.roles.supporter.base_url={refused}",
             "synth.roles.supporter.max_retries=1",
         )
-        report = run_synth(cfg)
+        with pytest.raises(ValueError) as error:
+            run_synth(cfg)
     reason = f"connection: cannot reach {refused}"
+    assert str(error.value) == (
+        f"synth: all 4 scenarios failed, most often with {reason!r}; check synth.roles "
+        "(base_url ends in /v1, the server is up, the model name is served); details in "
+        f"{copy}/_synth/synth_report.json"
+    )
+    report = json.loads((copy / "_synth" / "synth_report.json").read_text())
     assert report["dialogues"] == {"written": 6, "dropped": {}, "failed": {reason: 4}}
     assert report["run"] | {"elapsed_s": 0} == report["run"] | {
         "written": 0,

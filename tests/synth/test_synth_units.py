@@ -416,3 +416,38 @@ def test_scenarios_from_esconv_situations() -> None:
     )
     with pytest.raises(ValueError, match="needs synth.scenarios.inputs"):
         SynthConfig.model_validate({"scenarios": {"source": "corpus"}})
+
+
+def test_bad_scenario_inputs_and_roles_are_refused_on_the_driver(tmp_path, monkeypatch) -> None:
+    """Before any actor starts: an actor that dies on a missing key or file shows only a Ray
+    traceback, and a corpus in another language would make a run of nothing."""
+    from soulray_testing import shared_path
+
+    from soulray.synth.job import check_cast, load_scenarios
+
+    esconv = str(shared_path("esconv/FailedESConv.json"))  # English situations only
+    corpus = {"source": "corpus", "inputs": [esconv], "count": 0}
+    with pytest.raises(ValueError, match=r"has a 'situation' text in \['zh'\]"):
+        load_scenarios(SynthConfig.model_validate({"scenarios": corpus | {"languages": ["zh"]}}))
+    zh_only = tmp_path / "zh.yaml"
+    zh_only.write_text(json.dumps({"zh": load_pool()["zh"]}, ensure_ascii=False))
+    with pytest.raises(ValueError, match=r"has no \['en'\] section for synth.scenarios.languages"):
+        load_scenarios(
+            SynthConfig.model_validate({"scenarios": corpus | {"pool_file": str(zh_only)}})
+        )
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing yet\n")
+    with pytest.raises(ValueError, match="expected a mapping of languages"):
+        load_scenarios(SynthConfig.model_validate({"scenarios": {"pool_file": str(empty)}}))
+    with pytest.raises(ValueError, match="^synth.scenarios.inputs entry '/nowhere.json' matches"):
+        load_scenarios(
+            SynthConfig.model_validate({"scenarios": corpus | {"inputs": ["/nowhere.json"]}})
+        )
+
+    monkeypatch.delenv("SOULRAY_TEST_NO_KEY", raising=False)
+    keyed = {"roles": {"counselor": {"api_key_env": "SOULRAY_TEST_NO_KEY"}}}
+    with pytest.raises(ValueError, match="SOULRAY_TEST_NO_KEY is not set"):
+        check_cast(SynthConfig.model_validate(keyed))
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        check_cast(SynthConfig.model_validate({"taxonomy_file": str(tmp_path / "nope.yaml")}))
+    check_cast(SynthConfig())  # the packaged prompts and taxonomy, no key needed

@@ -250,3 +250,22 @@ def test_data_prepared_for_another_tokenizer_is_refused_before_training(tmp_path
         check("trained", str(model_a))
     with pytest.raises(ValueError, match=f"whose vocabulary differs from {model_b}'s"):
         check(str(model_a), str(model_b))
+
+
+def test_cpu_worker_resources_share_the_cluster_or_wait_for_the_autoscaler(caplog) -> None:
+    from soulray.train.launch import worker_resources
+
+    def resources(cpus: float, *overrides: str):
+        return worker_resources(load_config(None, ["train.num_workers=2", *overrides]), cpus)
+
+    assert resources(2) == {"CPU": 0.5}  # this machine: 1 CPU left for Ray Data
+    assert resources(8) == {"CPU": 1.0}
+    with pytest.raises(ValueError, match=r"has 1 CPU\(s\) now.*resources_per_worker='\{CPU: 1\}'"):
+        resources(1)
+    asked = "train.resources_per_worker={CPU: 1}"
+    with caplog.at_level("WARNING", logger="soulray.train"):
+        assert resources(0, asked) == {"CPU": 1}  # KubeRay with no worker pod up yet
+    assert "need 3 CPUs and the cluster has 0 now: Ray waits for the autoscaler" in caplog.text
+    caplog.clear()
+    assert resources(4, asked) == {"CPU": 1} and not caplog.text
+    assert resources(0, "train.use_gpu=true") is None
