@@ -3,6 +3,7 @@ that was never interrupted (to the last digit on CPU), and each checkpoint carri
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -54,7 +55,8 @@ def kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL torchrun and its workers (which run in sessions of their own)."""
     victims = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
     for victim in reversed(victims):
-        victim.send_signal(signal.SIGKILL)
+        with contextlib.suppress(psutil.NoSuchProcess):  # it exited since the listing
+            victim.send_signal(signal.SIGKILL)
     proc.wait()
     psutil.wait_procs(victims, timeout=30)
 
