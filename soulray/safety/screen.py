@@ -25,7 +25,7 @@ import numpy as np
 
 from soulray.config import HelpLine, SafetyConfig
 from soulray.safety.classifier import CATEGORIES, Classifier, load_weights
-from soulray.safety.features import normalize
+from soulray.safety.features import format_variants
 from soulray.safety.lexicon import Lexicon, build_lexicon, classifier_text, load_builtin, match
 
 CACHE_SIZE = 4096
@@ -105,18 +105,19 @@ def _thresholds(cfg: SafetyConfig, classifier: Classifier | None) -> np.ndarray:
 def scores(screen: Screen, text: str) -> np.ndarray:
     """Per-category scores of one message: the classifier's, raised to 1.0 where the lexicon
     matches. Cached by the hash of the screened text (never the text itself)."""
-    norm = normalize(text, screen.cfg.max_chars)
-    key = hashlib.blake2b(norm.encode("utf-8"), digest_size=16).digest()
+    variants = format_variants(text, screen.cfg.max_chars)  # one, unless it hides characters
+    key = hashlib.blake2b("\0".join(variants).encode("utf-8"), digest_size=16).digest()
     hit = screen.cache.get(key)
     if hit is not None:
         screen.cache.move_to_end(key)
         return hit
-    if screen.classifier:  # it reads the message without the idioms, as it was trained
-        out = screen.classifier.scores(classifier_text(screen.lexicon, norm))
-    else:
-        out = np.zeros(len(CATEGORIES))
-    for c in match(screen.lexicon, norm):  # the config admits only CATEGORIES
-        out[CATEGORIES.index(c)] = 1.0
+    out = np.zeros(len(CATEGORIES))
+    for norm in variants:
+        if screen.classifier:  # it reads the message without the idioms, as it was trained
+            found = screen.classifier.scores(classifier_text(screen.lexicon, norm))
+            out = np.maximum(out, found)
+        for c in match(screen.lexicon, norm):  # the config admits only CATEGORIES
+            out[CATEGORIES.index(c)] = 1.0
     screen.cache[key] = out
     if len(screen.cache) > CACHE_SIZE:
         screen.cache.popitem(last=False)

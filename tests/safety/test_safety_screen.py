@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from soulray.config import HelpLine, SafetyConfig
 from soulray.safety.dataset import written
-from soulray.safety.features import normalize
+from soulray.safety.features import format_variants, normalize
 from soulray.safety.lexicon import load_builtin
 from soulray.safety.screen import assess, build_screen, check_reply, fixed_reply
 
@@ -47,6 +47,39 @@ def test_the_holes_are_flagged_by_the_screen_and_by_the_lexicon_alone(
         a = assess(s, [text])
         assert a.flagged and a.category == category and a.locale == locale, (text, a)
     assert assess(lexicon_only, [text]).score == 1.0
+
+
+# The same words with invisible format characters (zero-width space, word joiner, soft hyphen)
+# or spelt out character by character: read as written, the lexicon missed every Chinese one.
+HIDDEN = [
+    "我想自\u200b杀",
+    "死\u200b了\u200b算\u200b了",
+    "我\u2060想\u2060自\u2060杀",
+    "我 想 自 杀",
+    "死 了 算 了",
+    "我真的 想 自 杀",
+    "kill\u200bmyself",  # the hidden character stood for a space
+    "su\u200bicide is the only way out",  # ... or split a word
+    "I want to k\u00adill myself",
+]
+
+
+@pytest.mark.parametrize("text", HIDDEN)
+def test_hidden_and_spelt_out_words_are_flagged(screen, lexicon_only, text):
+    assert assess(screen, [text]).category == "suicide"
+    if any("\u4e00" <= c <= "\u9fff" for c in text):  # each states intent: the lexicon's
+        assert assess(lexicon_only, [text]).category == "suicide"
+
+
+def test_the_normalizer_changes_no_ordinary_spacing():
+    """Natural Chinese spacing and emoji sequences read as before (no training message
+    changes: the weights need no retraining)."""
+    assert normalize("不想活了 真的", 400) == "不想活了 真的"
+    assert normalize("如果有下辈子 希望别再做人了", 400) == "如果有下辈子 希望别再做人了"
+    assert normalize("你 好 啊 朋友", 400) == "你好啊朋友"
+    assert normalize("👨\u200d👩\u200d👧 ok", 400) == "👨👩👧 ok"
+    assert format_variants("kill\u200bmyself", 400) == ["killmyself", "kill myself"]
+    assert format_variants("I feel fine", 400) == ["i feel fine"]
 
 
 @pytest.mark.parametrize("text", IDIOMS)
