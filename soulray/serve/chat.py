@@ -107,23 +107,16 @@ def prepare(state: IngressState, req: ChatCompletionRequest, request_id: str) ->
     forced = requested_strategy(req.strategy, info)
     default = min(cfg.default_max_tokens, cfg.max_tokens_limit)
     max_tokens = req.max_completion_tokens or req.max_tokens or default
-    name = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"  # as asked
-    if max_tokens > cfg.max_tokens_limit:
-        raise APIError(
-            400,
-            f"{name}={max_tokens} is over this server's limit of {cfg.max_tokens_limit}",
-            param=name,
-        )
-    budget = info.context_tokens - max_tokens
-    if budget < 16:
-        raise APIError(
-            400,
-            f"{name}={max_tokens} leaves no room for the prompt in the model's "
-            f"{info.context_tokens}-token context; lower {name}",
-            param=name,
-        )
-    prefix = f"[{forced}] " if forced else ""
-    ids, dropped = fit_window(state.tokenizer, messages, budget, prefix)
+    unanswerable = False
+    try:
+        ids, dropped = prompt_window(state, req, messages, max_tokens, forced)
+    except APIError as e:
+        if not assessment.flagged:
+            raise
+        # A person in crisis gets the help lines, not a client error: the model cannot answer
+        # this request (too long, max_tokens too large), so the fixed safe reply does.
+        log.info("request %s: flagged, and %s: the fixed safe reply answers", request_id, e)
+        ids, dropped, unanswerable = [], 0, True
     temperature = info.temperature if req.temperature is None else req.temperature
     gen = GenRequest(
         request_id,
@@ -135,7 +128,9 @@ def prepare(state: IngressState, req: ChatCompletionRequest, request_id: str) ->
         [*req.stop_list(), info.end_of_turn],  # a marker of several tokens stops as text
         **sampling_fields(req),
     )
-    fixed = fixed_reply(state.screen, assessment) if safety.flagged and _fixed_mode(state) else None
+    fixed = None
+    if safety.flagged and (_fixed_mode(state) or unanswerable):
+        fixed = fixed_reply(state.screen, assessment)
     log.info(
         "request %s: %d messages (%d dropped by the window), %d prompt tokens, max_tokens %d, "
         "stream %s, flagged %s",
@@ -161,6 +156,35 @@ def prepare(state: IngressState, req: ChatCompletionRequest, request_id: str) ->
         user_texts,
         [StrategyParser(info.taxonomy, info.strategy_tags, forced) for _ in range(gen.n - 1)],
     )
+
+
+def prompt_window(
+    state: IngressState,
+    req: ChatCompletionRequest,
+    messages: list[dict[str, str]],
+    max_tokens: int,
+    forced: str | None,
+) -> tuple[list[int], int]:
+    """The prompt's ids (the most recent turns that fit beside max_tokens) and how many turns
+    were left out; a 400 when max_tokens or the latest message does not fit."""
+    cfg, info = state.cfg, state.info
+    name = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"  # as asked
+    if max_tokens > cfg.max_tokens_limit:
+        raise APIError(
+            400,
+            f"{name}={max_tokens} is over this server's limit of {cfg.max_tokens_limit}",
+            param=name,
+        )
+    budget = info.context_tokens - max_tokens
+    if budget < 16:
+        raise APIError(
+            400,
+            f"{name}={max_tokens} leaves no room for the prompt in the model's "
+            f"{info.context_tokens}-token context; lower {name}",
+            param=name,
+        )
+    prefix = f"[{forced}] " if forced else ""
+    return fit_window(state.tokenizer, messages, budget, prefix)
 
 
 def _fixed_mode(state: IngressState) -> bool:

@@ -158,6 +158,32 @@ def test_crisis_message_gets_resources_and_the_flag(tiny_export, tmp_path, mode)
     assert "12356" in streamed and streamed.endswith("data: [DONE]\n\n")
 
 
+@pytest.mark.parametrize("mode", ["augment", "fixed"])
+def test_a_crisis_message_the_model_cannot_answer_still_gets_the_help_lines(
+    tiny_export, tmp_path, mode
+):
+    """Too long for the context, or max_tokens too large: unflagged, a 400; flagged, the
+    fixed safe reply with the help lines (a person in crisis never gets a bare error)."""
+    api, engine = make_api(tiny_export, tmp_path, max_tokens_limit=64, safety={"mode": mode})
+    post = "/v1/chat/completions"
+    long = "I have been having a really hard time at work and at home. " * 200
+    for crisis, extra in (
+        (long + "I want to kill myself tonight.", {}),
+        ("I want to kill myself tonight.", {"max_tokens": 65}),
+    ):
+        plain = {"messages": [{"role": "user", "content": long}], **extra}
+        if extra:
+            plain["messages"][0]["content"] = "I had a long day."
+        assert_openai_error(call(api, "POST", post, json=plain), 400)
+        body = {"messages": [{"role": "user", "content": crisis}], **extra}
+        out = call(api, "POST", post, json=body).json()
+        assert out["safety"]["flagged"] and out["safety"]["category"] == "suicide"
+        assert "988" in out["choices"][0]["message"]["content"]
+        streamed = call(api, "POST", post, json={**body, "stream": True}).text
+        assert "988" in streamed and streamed.endswith("data: [DONE]\n\n")
+    assert engine.requests == []  # nothing was generated
+
+
 def test_error_paths_are_openai_shaped_and_the_server_keeps_serving(tiny_export, tmp_path):
     api, _ = make_api(tiny_export, tmp_path, max_request_bytes=2048, max_tokens_limit=64)
     post = "/v1/chat/completions"
