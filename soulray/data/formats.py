@@ -58,6 +58,8 @@ def split_records(path: str, data: bytes) -> Iterator[RawRecord]:
         except json.JSONDecodeError as e:
             if _looks_like_json_lines(text):
                 yield from line_records(path, stem, text)
+            elif (items := _array_items(path, stem, data)) is not None:
+                yield from items  # an array with a bad record: the others are read
             else:
                 err = RecordError("invalid_json", f"line {e.lineno} col {e.colno}: {e.msg}")
                 yield RawRecord(path, stem, None, text[:2000], err)
@@ -65,6 +67,26 @@ def split_records(path: str, data: bytes) -> Iterator[RawRecord]:
         yield from _json_value_records(path, stem, value)
         return
     yield from line_records(path, stem, text)
+
+
+def _array_items(path: str, stem: str, data: bytes) -> list[RawRecord] | None:
+    """The items of a JSON array that does not parse as a whole, each parsed alone (located
+    as the big-file reader locates them: path[i]); None when it is not one array."""
+    from soulray.data.ranges import array_item_spans
+
+    body = data[3:] if data.startswith(b"\xef\xbb\xbf") else data
+    spans = array_item_spans(body)
+    if not spans:
+        return None
+    out = []
+    for i, (start, end) in enumerate(spans):
+        text = body[start:end].decode("utf-8", errors="replace")
+        loc, key = f"{path}[{i}]", f"{stem}:{i}"
+        try:
+            out.append(RawRecord(loc, key, json.loads(text), None))
+        except json.JSONDecodeError as e:
+            out.append(RawRecord(loc, key, None, text.strip(), RecordError("invalid_json", e.msg)))
+    return out
 
 
 def _looks_like_json_lines(text: str) -> bool:

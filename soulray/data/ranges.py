@@ -121,6 +121,31 @@ def scan_array_chunk(path: str, start: int, end: int) -> tuple[dict[str, Any], A
     return summary, candidates[0], candidates[1]
 
 
+def array_item_spans(data: bytes) -> list[tuple[int, int]] | None:
+    """Byte spans of the items of one JSON array held whole in memory, found as the chunk scan
+    finds them (commas at depth 1 outside strings); None when `data` is not one array with
+    balanced brackets and strings. A small file whose array does not parse is read item by
+    item with these, so one bad record costs that record, not the file."""
+    a = np.frombuffer(data, dtype=np.uint8)
+    quotes = unescaped_quotes(a, 0, True)
+    if len(quotes) % 2:
+        return None
+    structural = np.flatnonzero(_ROLE[a])
+    pos = structural[(np.searchsorted(quotes, structural) & 1) == 0]  # outside strings
+    if len(pos) < 2 or a[pos[0]] != ord("[") or a[pos[-1]] != ord("]"):
+        return None
+    kind = _ROLE[a[pos]]
+    depth = np.cumsum(np.where(kind == 2, 0, kind), dtype=np.int64)
+    if depth[-1] != 0 or (depth[:-1] < 1).any():
+        return None
+    seps = pos[(kind == 2) & (depth == 1)].tolist()
+    starts = [int(pos[0]) + 1, *(c + 1 for c in seps)]
+    ends = [*seps, int(pos[-1])]
+    if not seps and not data[starts[0] : ends[0]].strip():
+        return []  # "[]"
+    return list(zip(starts, ends, strict=True))
+
+
 # Planning (driver) ---------------------------------------------------------------------------
 
 

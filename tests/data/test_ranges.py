@@ -120,3 +120,20 @@ def test_a_bad_record_inside_a_split_array_is_rejected_alone(ray_local, tmp_path
         (f"{path}[100]", "{1: 2}", "invalid_json"),
         (f"{path}[101]", "tru", "invalid_json"),
     ]
+
+
+def test_a_bad_record_in_a_small_array_is_rejected_alone_as_in_a_big_one(ray_local, tmp_path):
+    """A file read whole (under range_bytes) used to be one invalid_json reject for all its
+    records; now its records are read one by one, exactly as the split reader reads them."""
+    good = json.dumps(tricky_corpus(40, 5))
+    path = tmp_path / "corpus.json"
+    path.write_bytes(b"\xef\xbb\xbf" + (good[:-1] + ', {"trailing": 1,}, tru]').encode())
+    whole, plan = by_ranges(path, 10**9)
+    assert [r.kind for r in plan] == ["file"]
+    split, plan = by_ranges(path, 200)
+    assert len(plan) > 1 and whole == split == serial(path)
+    assert [g[4] for g in whole[:40]] == [None] * 40
+    assert [(g[0], g[3], g[4]) for g in whole[40:]] == [
+        (f"{path}[40]", '{"trailing": 1,}', "invalid_json"),
+        (f"{path}[41]", "tru", "invalid_json"),
+    ]
