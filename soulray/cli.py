@@ -193,7 +193,7 @@ def write_serve_config(cfg: Config, output: Path) -> None:
     import yaml
 
     from soulray import storage
-    from soulray.serve.app import build_serve_config
+    from soulray.serve.app import build_serve_config, resolved
 
     model_dir = cfg.serve_model_dir
     output.write_text(
@@ -204,10 +204,13 @@ def write_serve_config(cfg: Config, output: Path) -> None:
         encoding="utf-8",
     )
     typer.echo(f"wrote {output} (application {cfg.serve.app_name}, model {model_dir})")
-    if not storage.is_remote(model_dir):
+    s = resolved(cfg).serve
+    paths = [s.engine.model_dir, s.engine.adapter_dir, *(a.path for a in s.adapters)]
+    local = [p for p in [*paths, s.auth.api_key_file] if p and not storage.is_remote(p)]
+    if local:
         typer.echo(
-            f"  note: the cluster must see {storage.normalize(model_dir)} at that path "
-            "(or set serve.engine.model_dir to s3://... / gs://...)"
+            f"  note: every replica must see {', '.join(local)} at that path (a shared volume; "
+            "models may also be s3://... / gs://...)"
         )
 
 

@@ -282,11 +282,16 @@ def build_application(cfg: Config) -> Any:
 
 
 def resolved(cfg: Config) -> Config:
-    """The config with serve.engine.model_dir set (local paths made absolute)."""
+    """The config with serve.engine.model_dir set and every local path the replicas read made
+    absolute (a replica under `serve deploy` or KubeRay runs in another directory)."""
     from soulray import storage
 
     out = cfg.model_copy(deep=True)
     out.serve.engine.model_dir = storage.normalize(cfg.serve_model_dir)
+    if out.serve.engine.adapter_dir:
+        out.serve.engine.adapter_dir = storage.normalize(out.serve.engine.adapter_dir)
+    if out.serve.auth.api_key_file:
+        out.serve.auth.api_key_file = storage.normalize(out.serve.auth.api_key_file)
     for adapter in out.serve.adapters:
         adapter.path = storage.normalize(adapter.path)
     return out

@@ -55,6 +55,29 @@ def test_serve_build_writes_a_ray_serve_config(tmp_path, tiny_export):
     assert type(built).__name__ == "Application"
 
 
+def test_every_local_path_a_replica_reads_is_made_absolute(tmp_path, monkeypatch):
+    """Replicas under `serve deploy` or KubeRay run in another directory than the build."""
+    from soulray.serve.app import resolved
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(
+        None,
+        [
+            "serve.engine.model_dir=runs/model",
+            "serve.engine.adapter_dir=runs/model/adapter",
+            "serve.auth.api_key_file=secrets/key",
+            "serve.adapters=[{name: calm, path: adapters/calm}]",
+        ],
+    )
+    out = resolved(cfg).serve
+    assert out.engine.model_dir == str(tmp_path / "runs/model")
+    assert out.engine.adapter_dir == str(tmp_path / "runs/model/adapter")
+    assert out.auth.api_key_file == str(tmp_path / "secrets/key")
+    assert out.adapters[0].path == str(tmp_path / "adapters/calm")
+    s3 = load_config(None, ["serve.engine.model_dir=s3://b/model"])
+    assert resolved(s3).serve.engine.model_dir == "s3://b/model"
+
+
 def test_serve_refuses_a_missing_export_before_deploying(tmp_path, tiny_export):
     def serve(*overrides: str):
         args = ["serve", "--config", str(ROOT / "jobs" / "serve.yaml"), *overrides]
