@@ -155,7 +155,9 @@ def fit_window(
     and how many turns were left out. Binary search over where the window starts."""
     n_system = 1 if messages[0]["role"] == "system" else 0
     system, turns = messages[:n_system], messages[n_system:]
-    starts = [i for i, m in enumerate(turns) if m["role"] == "user"]  # a window opens on a user
+    # A window opens on a user turn, or at the very start: a leading assistant greeting is
+    # context that training kept (conversation.py), so it stays while the whole dialogue fits.
+    starts = sorted({0} | {i for i, m in enumerate(turns) if m["role"] == "user"})
 
     def ids_from(start: int) -> list[int]:
         return render_ids(tokenizer, system + turns[start:], reply_prefix)

@@ -46,6 +46,18 @@ def test_window_keeps_system_and_the_most_recent_whole_turns(tiny_model):
     assert len(render_ids(tok, longer, "")) > budget
 
 
+def test_a_leading_greeting_is_kept_while_the_whole_dialogue_fits(tiny_model):
+    """Training keeps an assistant greeting before the first user turn as context; serving
+    does too, dropping it only as it drops any early turn, when the budget runs out."""
+    _, tok, _ = tiny_model
+    greeting = {"role": "assistant", "content": "Hi, I am here to listen. What is on your mind?"}
+    messages = [{"role": "system", "content": "Be kind."}, greeting, *conversation(3)[1:]]
+    full = render_ids(tok, messages, "")
+    assert fit_window(tok, messages, len(full), "") == (full, 0)
+    ids, dropped = fit_window(tok, messages, len(full) - 1, "")  # the greeting goes first
+    assert dropped == 1 and ids == render_ids(tok, [messages[0], *messages[2:]], "")
+
+
 def test_window_refuses_a_latest_message_that_cannot_fit(tiny_model):
     _, tok, _ = tiny_model
     messages = [{"role": "user", "content": "word " * 500}]
