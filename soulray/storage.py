@@ -121,6 +121,11 @@ def expand_inputs(
     files: list[str] = []
     for item in inputs:
         found = _expand_one(item, suffixes)
+        if found == [normalize(item)] and suffixes and not item.lower().endswith(suffixes):
+            raise ValueError(  # a file named as is, of a kind soulray would misread
+                f"{key} entry {item!r} is not a {'/'.join(suffixes)} file; soulray reads only "
+                "those (decompress or convert it first, e.g. `gunzip -k`)"
+            )
         if not found:
             raise ValueError(
                 f"{key} entry {item!r} matches no {'/'.join(suffixes)} file; check the "

@@ -88,6 +88,17 @@ def test_missing_inputs_raise_a_clear_error(tmp_path, entry):
         storage.expand_inputs([f"{tmp_path}/a.jsonl", path], JSONL)
 
 
+def test_a_named_file_of_another_kind_is_refused_by_name(tmp_path):
+    """Named as is (not found through a directory or glob, which skip it), a .gz or .txt
+    would be parsed as JSON lines: one invalid_json reject per line of garbage."""
+    make_tree(tmp_path)
+    (tmp_path / "a.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00")
+    for entry in ("a.jsonl.gz", "notes.txt"):
+        with pytest.raises(ValueError, match=rf"^data.inputs entry '.*/{entry}' is not a \.jsonl"):
+            storage.expand_inputs([f"{tmp_path}/{entry}"], JSONL)
+    assert storage.expand_inputs([f"{tmp_path}/a.jsonl"], JSONL) == [f"{tmp_path}/a.jsonl"]
+
+
 def test_directory_without_matching_files_is_an_error(tmp_path):
     make_tree(tmp_path)
     with pytest.raises(ValueError, match=f"entry '{tmp_path}/_tmp' matches no"):
