@@ -22,6 +22,7 @@ ROLES: tuple[str, ...] = ("system", "user", "assistant")
 # Why a record was not kept. Every rejected record lands in rejects.jsonl with one of these.
 REJECT_REASONS = (
     "invalid_json",  # the line or file does not parse as JSON
+    "invalid_encoding",  # the line or record is not UTF-8 (a GBK file, say)
     "unknown_format",  # parses, but matches no known corpus shape
     "invalid_record",  # known shape with wrong types or missing fields
     "empty_conversation",  # nothing left after dropping empty turns

@@ -51,22 +51,48 @@ def split_records(path: str, data: bytes) -> Iterator[RawRecord]:
     if suffix == ".parquet":
         yield from _parquet_records(path, stem, data)
         return
-    text = data.decode("utf-8", errors="replace").lstrip("\ufeff")
-    if suffix == ".json":
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as e:
-            if _looks_like_json_lines(text):
-                yield from line_records(path, stem, text)
-            elif (items := _array_items(path, stem, data)) is not None:
-                yield from items  # an array with a bad record: the others are read
-            else:
-                err = RecordError("invalid_json", f"line {e.lineno} col {e.colno}: {e.msg}")
-                yield RawRecord(path, stem, None, text[:2000], err)
-            return
-        yield from _json_value_records(path, stem, value)
+    data = data.removeprefix(b"\xef\xbb\xbf")
+    if suffix != ".json":
+        yield from line_records(path, stem, data)
         return
-    yield from line_records(path, stem, text)
+    try:
+        text = data.decode("utf-8")
+        value = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        text = data.decode("utf-8", errors="replace")
+        if (items := _array_items(path, stem, data)) is not None:
+            yield from items  # an array with a bad record: the others are read
+        elif _looks_like_json_lines(text):
+            yield from line_records(path, stem, data)
+        elif isinstance(e, UnicodeDecodeError):
+            yield RawRecord(path, stem, None, text[:2000], not_utf8(e))
+        else:
+            err = RecordError("invalid_json", f"line {e.lineno} col {e.colno}: {e.msg}")
+            yield RawRecord(path, stem, None, text[:2000], err)
+        return
+    yield from _json_value_records(path, stem, value)
+
+
+def not_utf8(e: UnicodeDecodeError) -> RecordError:
+    return RecordError(
+        "invalid_encoding",
+        f"not UTF-8 (byte 0x{e.object[e.start]:02x} at byte {e.start}); convert the file to "
+        "UTF-8, e.g. `iconv -f GBK -t UTF-8 in.jsonl > out.jsonl`",
+    )
+
+
+def parse_item(loc: str, key: str, data: bytes) -> RawRecord:
+    """One JSON record of its own bytes: decoded strictly (a GBK line is a reject, not text
+    with replacement characters that would train) and parsed."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        text = data.decode("utf-8", errors="replace").strip()
+        return RawRecord(loc, key, None, text, not_utf8(e))
+    try:
+        return RawRecord(loc, key, json.loads(text), None)
+    except json.JSONDecodeError as e:
+        return RawRecord(loc, key, None, text.strip(), RecordError("invalid_json", e.msg))
 
 
 def _array_items(path: str, stem: str, data: bytes) -> list[RawRecord] | None:
@@ -74,19 +100,13 @@ def _array_items(path: str, stem: str, data: bytes) -> list[RawRecord] | None:
     as the big-file reader locates them: path[i]); None when it is not one array."""
     from soulray.data.ranges import array_item_spans
 
-    body = data[3:] if data.startswith(b"\xef\xbb\xbf") else data
-    spans = array_item_spans(body)
+    spans = array_item_spans(data)
     if not spans:
         return None
-    out = []
-    for i, (start, end) in enumerate(spans):
-        text = body[start:end].decode("utf-8", errors="replace")
-        loc, key = f"{path}[{i}]", f"{stem}:{i}"
-        try:
-            out.append(RawRecord(loc, key, json.loads(text), None))
-        except json.JSONDecodeError as e:
-            out.append(RawRecord(loc, key, None, text.strip(), RecordError("invalid_json", e.msg)))
-    return out
+    return [
+        parse_item(f"{path}[{i}]", f"{stem}:{i}", data[start:end])
+        for i, (start, end) in enumerate(spans)
+    ]
 
 
 def _looks_like_json_lines(text: str) -> bool:
@@ -97,16 +117,30 @@ def _looks_like_json_lines(text: str) -> bool:
         return False
 
 
-def line_records(path: str, stem: str, text: str, first: int = 1) -> Iterator[RawRecord]:
-    """The records of JSON lines text whose first line is line number `first` (a whole file,
-    or a byte range of one: ranges.py), located as `path:line`."""
+def line_records(path: str, stem: str, data: bytes, first: int = 1) -> Iterator[RawRecord]:
+    """The records of JSON lines bytes whose first line is line number `first` (a whole file,
+    or a byte range of one: ranges.py), located as `path:line`. A line that is not UTF-8 is
+    an invalid_encoding reject (the others are read)."""
+    lines: list[str | bytes]
+    try:
+        lines = [*data.decode("utf-8").split("\n")]
+    except UnicodeDecodeError:
+        lines = [*data.split(b"\n")]  # decoded one by one below
     # split at "\n" only: str.splitlines also splits at U+2028/U+2029, which
     # json.dumps(ensure_ascii=False) leaves raw inside strings, cutting such a record in two
-    for lineno, line in enumerate(text.split("\n"), start=first):
-        line = line.removesuffix("\r")
+    for lineno, raw in enumerate(lines, start=first):
+        loc, key = f"{path}:{lineno}", f"{stem}:{lineno}"
+        if isinstance(raw, bytes):
+            try:
+                line = raw.decode("utf-8").removesuffix("\r")
+            except UnicodeDecodeError as e:
+                text = raw.decode("utf-8", errors="replace").removesuffix("\r")
+                yield RawRecord(loc, key, None, text, not_utf8(e))
+                continue
+        else:
+            line = raw.removesuffix("\r")
         if not line.strip():
             continue
-        loc, key = f"{path}:{lineno}", f"{stem}:{lineno}"
         try:
             yield RawRecord(loc, key, json.loads(line), line)
         except json.JSONDecodeError as e:

@@ -27,8 +27,7 @@ from typing import Any
 import numpy as np
 
 from soulray import storage
-from soulray.data.conversation import RecordError
-from soulray.data.formats import RawRecord, line_records, split_records
+from soulray.data.formats import RawRecord, line_records, parse_item, split_records
 
 SCAN_CHUNK = 16 * 2**20  # bytes per scan task: big enough to amortise, small enough for memory
 LOOKBACK = 4096  # bytes read before a chunk to see a backslash run that crosses its start
@@ -276,10 +275,10 @@ def range_records(r: Range) -> Iterator[RawRecord]:
         case "file":
             yield from split_records(r.path, read_at(r.path, 0, r.end))
         case "lines":
-            text = read_at(r.path, r.start, r.end - r.start).decode("utf-8", errors="replace")
+            data = read_at(r.path, r.start, r.end - r.start)
             if r.start == 0:
-                text = text.lstrip("\ufeff")  # as the whole-file reader does
-            yield from line_records(r.path, stem, text, r.first)
+                data = data.removeprefix(b"\xef\xbb\xbf")  # as the whole-file reader does
+            yield from line_records(r.path, stem, data, r.first)
         case "array":
             yield from _array_items(r, stem, read_at(r.path, r.start, r.end - r.start))
         case _:
@@ -288,12 +287,5 @@ def range_records(r: Range) -> Iterator[RawRecord]:
 
 def _array_items(r: Range, stem: str, data: bytes) -> Iterator[RawRecord]:
     for i, (s, e) in enumerate(zip(r.starts, r.ends, strict=True)):
-        text = data[s - r.start : e - r.start].decode("utf-8", errors="replace")
         index = r.first + i
-        loc, key = f"{r.path}[{index}]", f"{stem}:{index}"
-        try:
-            item = json.loads(text)
-        except json.JSONDecodeError as e:
-            yield RawRecord(loc, key, None, text.strip(), RecordError("invalid_json", e.msg))
-            continue
-        yield RawRecord(loc, key, item, None)
+        yield parse_item(f"{r.path}[{index}]", f"{stem}:{index}", data[s - r.start : e - r.start])

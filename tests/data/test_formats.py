@@ -265,6 +265,27 @@ def test_split_records_file_shapes(tmp_path):
     assert (only.location, only.error.reason) == (str(broken), "invalid_json")
 
 
+def test_text_that_is_not_utf8_is_rejected_per_record(tmp_path):
+    """A GBK line used to be read with replacement characters and trained on; now it is an
+    invalid_encoding reject that says how to convert, and the UTF-8 records around it read."""
+    good = json.dumps({"messages": [{"role": "user", "content": "睡不着"}]}, ensure_ascii=False)
+    gbk = good.replace("睡不着", "最近压力好大").encode("gbk")
+    lines = tmp_path / "mixed.jsonl"
+    lines.write_bytes(good.encode() + b"\n" + gbk + b"\n" + good.encode() + b"\n")
+    array = tmp_path / "mixed.json"
+    array.write_bytes(b"[" + good.encode() + b"," + gbk + b"]")
+    for path, where in ((lines, [":1", ":2", ":3"]), (array, ["[0]", "[1]"])):
+        got = list(split_records(str(path), path.read_bytes()))
+        assert [r.location for r in got] == [f"{path}{w}" for w in where]
+        assert [r.error and r.error.reason for r in got] == [
+            None if w in (":1", ":3", "[0]") else "invalid_encoding" for w in where
+        ]
+        bad = next(r for r in got if r.error)
+        at = next(i for i, b in enumerate(gbk) if b >= 0x80)  # the first Chinese character
+        assert bad.error.detail.startswith(f"not UTF-8 (byte 0x{gbk[at]:02x} at byte {at})")
+        assert "iconv -f GBK -t UTF-8" in bad.error.detail
+
+
 def test_split_records_parquet(tmp_path):
     rows = [
         {
