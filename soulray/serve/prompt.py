@@ -50,19 +50,44 @@ class ExportInfo:
 
 
 def check_local_model_dirs(cfg: Config) -> None:
-    """Refuse a local export or adapter directory that does not exist, before deploying."""
+    """Refuse a local export or adapter directory that does not exist, or an adapter on a
+    merged LoRA export, before deploying."""
     for path in (cfg.serve_model_dir, cfg.serve.engine.adapter_dir):
         if path and not storage.is_remote(path):
             fetch_model_dir(path, weights=False)
+    root = Path(storage.normalize(cfg.serve_model_dir))
+    if not storage.is_remote(cfg.serve_model_dir) and (root / "soulray.yaml").exists():
+        check_adapter_base(read_trained(root), cfg.serve, str(root))
+
+
+def read_trained(root: Path) -> dict[str, Any]:
+    """The export's soulray.yaml (the config it was trained with), {} when it has none."""
+    path = root / "soulray.yaml"
+    if not path.exists():
+        return {}
+    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+
+
+def check_adapter_base(trained: dict[str, Any], cfg: ServeConfig, model_dir: str) -> None:
+    """A LoRA run's export root holds the MERGED model (base + adapter): an adapter applied on
+    it again would serve W0 + 2 dW. Adapters go on the base, which the export keeps in base/."""
+    if not (trained.get("lora") or {}).get("enabled"):
+        return
+    if cfg.engine.adapter_dir or cfg.adapters:
+        raise ValueError(
+            f"serve.engine.model_dir {model_dir} is the merged export of a LoRA run: its adapter "
+            "is already in the weights, and an adapter on top would apply it twice. Serve the "
+            f"merged model alone (unset serve.engine.adapter_dir and serve.adapters), or put "
+            f"adapters on the base model: serve.engine.model_dir={model_dir.rstrip('/')}/base"
+        )
 
 
 def read_export_info(model_dir: str, cfg: ServeConfig, tokenizer: Any = None) -> ExportInfo:
     """Strategy tagging from the export's soulray.yaml; context length from its config.json;
     the system prompt and end-of-turn marker as training rendered them (serving.json)."""
     root = Path(model_dir)
-    trained: dict[str, Any] = {}
-    if (root / "soulray.yaml").exists():
-        trained = yaml.safe_load((root / "soulray.yaml").read_text(encoding="utf-8")) or {}
+    trained = read_trained(root)
+    check_adapter_base(trained, cfg, model_dir)
     data = trained.get("data") or {}
     tags = cfg.strategy_tags if cfg.strategy_tags is not None else bool(data.get("strategy_tags"))
     taxonomy = (data.get("strategies") or {}).get("taxonomy") or ESCONV_STRATEGIES

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,35 @@ def test_serve_build_writes_a_ray_serve_config(tmp_path, tiny_export):
     assert embedded.serve.engine.model_dir == str(tiny_export)
     built = build_app(application.args)  # what `serve deploy` calls with these args
     assert type(built).__name__ == "Application"
+
+
+def test_an_adapter_on_a_merged_lora_export_is_refused(tmp_path, tiny_export):
+    """A LoRA export's root is base + adapter merged; the adapter again would apply twice."""
+    from soulray.serve.prompt import check_local_model_dirs
+
+    merged = tmp_path / "lora-export"
+    shutil.copytree(tiny_export, merged)
+    trained = yaml.safe_load((merged / "soulray.yaml").read_text())
+    trained["lora"]["enabled"] = True
+    (merged / "soulray.yaml").write_text(yaml.safe_dump(trained))
+    alone = load_config(None, [f"serve.engine.model_dir={merged}"])
+    check_local_model_dirs(alone)  # the merged model served alone is right
+    for extra in (
+        f"serve.engine.adapter_dir={merged}/adapter",
+        f"serve.adapters=[{{name: a, path: {merged}/adapter}}]",
+    ):
+        cfg = load_config(None, [f"serve.engine.model_dir={merged}", extra])
+        with pytest.raises(ValueError, match=f"serve.engine.model_dir={merged}/base$"):
+            check_local_model_dirs(cfg)
+    check_local_model_dirs(  # the tiny export is not a LoRA run: its adapter is fine
+        load_config(
+            None,
+            [
+                f"serve.engine.model_dir={tiny_export}",
+                f"serve.engine.adapter_dir={tiny_export}/adapter",
+            ],
+        )
+    )
 
 
 def test_every_local_path_a_replica_reads_is_made_absolute(tmp_path, monkeypatch):
