@@ -11,6 +11,7 @@ asked (`server.requests`). Runs aiohttp on its own thread and event loop, on a f
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import threading
 import time
@@ -29,6 +30,7 @@ class Reply:
     status: int = 200  # non-200 answers {"error": {"message": text}}
     delay_s: float = 0.0  # wait before answering (timeouts, slow endpoints)
     completion_tokens: int | None = None  # None = counted from the text
+    stream_error: str | None = None  # streamed: the text, then this error inside the stream
 
 
 Responder = Callable[[dict[str, Any]], "str | Reply"]
@@ -115,10 +117,29 @@ class ScriptedOpenAI:
         if reply.status != 200:
             error = {"message": reply.text or "scripted error", "type": "scripted"}
             return web.json_response({"error": error}, status=reply.status)
+        if body.get("stream"):
+            return await self._stream(request, reply)
         prompt = sum(count_tokens(m.get("content") or "") for m in body.get("messages", []))
         completion = reply.completion_tokens
         completion = count_tokens(reply.text) if completion is None else completion
         return web.json_response(completion_body(self.model, reply.text, prompt, completion))
+
+    async def _stream(self, request: web.Request, reply: Reply) -> web.StreamResponse:
+        """Server-sent events as OpenAI streams them: one chunk per word, then [DONE] (or,
+        with `stream_error`, an error event the way servers report one mid-stream)."""
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await out.prepare(request)
+        base = {"id": "chatcmpl-s", "object": "chat.completion.chunk", "created": 0}
+        for piece in WORD.findall(reply.text):
+            delta = {"index": 0, "delta": {"content": piece + " "}, "finish_reason": None}
+            chunk = base | {"model": self.model, "choices": [delta]}
+            await out.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        if reply.stream_error:
+            error = {"message": reply.stream_error, "type": "server_error"}
+            await out.write(f"data: {json.dumps({'error': error})}\n\n".encode())
+        await out.write(b"data: [DONE]\n\n")
+        await out.write_eof()
+        return out
 
 
 def completion_body(model: str, text: str, prompt: int, completion: int) -> dict[str, Any]:

@@ -68,7 +68,11 @@ def run_chat(
     out: TextIO = sys.stdout,
     prompt: Callable[[str], str] = input,
 ) -> list[dict[str, str]]:
-    """Multi-turn chat until EOF or /exit; `lines` replaces the keyboard (one message each)."""
+    """Multi-turn chat until EOF or /exit; `lines` replaces the keyboard (one message each).
+    A server error (503 overloaded, 400 too long, an error in the stream) is shown and that
+    message taken back, and the chat goes on; an unreachable server ends it."""
+    import openai
+
     client = build_client(url, api_key)
     name = pick_model(client, model)
     out.write(f"chatting with {name} at {url} (Ctrl-D or /exit to leave)\n")
@@ -78,6 +82,7 @@ def run_chat(
         try:
             said = next(feed) if feed is not None else prompt("you> ")
         except (EOFError, StopIteration):
+            out.write("\n")
             break
         if said.strip() in EXIT_WORDS:
             break
@@ -85,9 +90,18 @@ def run_chat(
             continue
         messages.append({"role": "user", "content": said})
         out.write("bot> ")
-        messages.append(
-            {"role": "assistant", "content": stream_reply(client, name, messages, max_tokens, out)}
-        )
+        try:
+            reply = stream_reply(client, name, messages, max_tokens, out)
+        except openai.APIConnectionError:
+            raise
+        except openai.APIError as e:
+            status = getattr(e, "status_code", None)
+            said = e.body.get("message") if isinstance(e.body, dict) else None  # the server's
+            out.write(f"\n  [error{f' {status}' if status else ''}: {said or e.message}]\n")
+            out.write("  (that message was not kept; send it again or another)\n")
+            messages.pop()
+            continue
+        messages.append({"role": "assistant", "content": reply})
     return messages
 
 

@@ -1,0 +1,34 @@
+"""`soulray chat` against a scripted OpenAI-compatible server over real HTTP: a server error,
+in the response or in the stream, is shown and that message taken back; the chat goes on."""
+
+from __future__ import annotations
+
+import io
+
+from scripted_openai import Reply, ScriptedOpenAI
+
+from soulray.serve.client import run_chat
+
+
+def test_server_errors_are_shown_and_the_chat_goes_on() -> None:
+    answers = {
+        "first": Reply("overloaded", status=503),
+        "second": Reply("I hear", stream_error="request timed out after 300 s"),
+        "third": "That sounds hard",
+    }
+    with ScriptedOpenAI(lambda body: answers[body["messages"][-1]["content"]]) as server:
+        out = io.StringIO()
+        kept = run_chat(server.url, None, None, 32, ["first", "second", "third"], out)
+        asked = [[m["content"] for m in r["messages"]] for r in server.requests]
+    # the failed messages were not kept: each request carries only what the server answered
+    # (the client retries a 503 once before it gives up)
+    assert asked == [["first"], ["first"], ["second"], ["third"]]
+    assert kept == [
+        {"role": "user", "content": "third"},
+        {"role": "assistant", "content": "That sounds hard "},
+    ]
+    text = out.getvalue()
+    assert "[error 503: overloaded]" in text
+    assert "[error: request timed out after 300 s]" in text
+    assert text.count("(that message was not kept; send it again or another)") == 2
+    assert text.endswith("That sounds hard \n\n")  # the reply, then a newline at the end
