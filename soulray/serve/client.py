@@ -96,8 +96,8 @@ def run_chat(
             raise
         except openai.APIError as e:
             status = getattr(e, "status_code", None)
-            said = e.body.get("message") if isinstance(e.body, dict) else None  # the server's
-            out.write(f"\n  [error{f' {status}' if status else ''}: {said or e.message}]\n")
+            body = e.body.get("message") if isinstance(e.body, dict) else None  # the server's
+            out.write(f"\n  [error{f' {status}' if status else ''}: {body or e.message}]\n")
             out.write("  (that message was not kept; send it again or another)\n")
             messages.pop()
             continue
