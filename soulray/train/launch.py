@@ -68,6 +68,20 @@ def check_storage(cfg: Config) -> None:
         raise ValueError(problem)
 
 
+def check_not_past_steps(cfg: Config) -> None:
+    """A rerun with train.steps below what the run has trained is refused before any worker
+    starts (a worker would refuse too, once per allowed failure)."""
+    from soulray.train.loop import past_steps
+
+    path = storage.join(cfg.train.storage_path, cfg.train.run_name, "metrics.jsonl")
+    if not storage.exists(path):
+        return
+    lines = storage.read_text(path).splitlines()
+    done = json.loads(lines[-1]).get("step", 0) if lines else 0
+    if done > cfg.train.steps:
+        raise ValueError(past_steps(done, cfg.train.steps))
+
+
 def check_data_tokenizer(cfg: Config, data_dir: str) -> None:
     """The prepared token ids must be the model's: training reads the tokenizer saved with the
     data but builds the model from model.name_or_path, so data prepared for another model (or
@@ -246,6 +260,7 @@ def run_train(cfg: Config) -> Any:
     check_storage(cfg)
     assert t.data_dir is not None
     check_data_tokenizer(cfg, t.data_dir)
+    check_not_past_steps(cfg)
     datasets = build_datasets(t.data_dir, t.num_workers)
     resources = worker_resources(cfg, ray.cluster_resources().get("CPU", 0.0))
     trainer = TorchTrainer(

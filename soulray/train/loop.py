@@ -8,6 +8,7 @@ then log, evaluate and checkpoint; at the end save and export. Everything launch
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -70,6 +71,8 @@ def train_loop(cfg: Config, rt: Runtime) -> dict[str, Any]:
         check_resume_world(state, rt)
         log_rank0(rt, "resumed from %s at step %d", restored, state["step"])
     start_step = state["step"]  # logged with every step: which attempt trained it
+    if start_step > t.steps:
+        raise ValueError(past_steps(start_step, t.steps))
     metrics_log = MetricsLog(rt.metrics_path, start_step) if rt.rank == 0 else None
     position = data_position(state)
     batches = cycle(rt.train_batches, position)
@@ -122,6 +125,10 @@ def train_loop(cfg: Config, rt: Runtime) -> dict[str, Any]:
                 log.info(format_metrics(metrics, t.steps))
             rt.report(metrics, ckpt)
             window = new_window()  # eval and checkpoint time stay out of tokens/s
+    if start_step == t.steps and metrics_log is not None and metrics_log.lines:
+        # a finished run started again: nothing to train; the export keeps the final metrics
+        metrics = json.loads(metrics_log.lines[-1])
+        log.info("the run is already at step %d = train.steps: nothing to train", t.steps)
     # --- teardown: export --------------------------------------------------------------------
     export_dtype = torch.bfloat16 if param_dtype == torch.bfloat16 else torch.float32
     export_model(
@@ -134,6 +141,14 @@ def train_loop(cfg: Config, rt: Runtime) -> dict[str, Any]:
     )
     dist.barrier()
     return metrics
+
+
+def past_steps(done: int, steps: int) -> str:
+    return (
+        f"this run already trained to step {done}, past train.steps={steps}: a run cannot go "
+        "back. Raise train.steps to continue it, or set a new train.run_name to train "
+        f"{steps} steps from the start"
+    )
 
 
 def new_window() -> dict[str, Any]:

@@ -113,6 +113,15 @@ def test_rerun_with_the_same_name_resumes(first_run) -> None:
     assert [m["step"] for m in metrics] == list(range(1, 31))
     assert {m["start_step"] for m in metrics if m["step"] > 24} == {24}
     assert metrics[24]["loss"] < metrics[0]["loss"] - 1.0  # continued, not restarted
+    # started again when finished: nothing trains, and the export keeps the final metrics
+    # (it was written with {}, so `soulray pipeline` never skipped the stage again)
+    again = run_train(more)
+    assert again.error is None and read_metrics(more) == metrics
+    exported = json.loads(Path(more.train.export_dir, "metrics.json").read_text())
+    assert exported == metrics[-1]
+    fewer = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": 20})})
+    with pytest.raises(ValueError, match="already trained to step 30, past train.steps=20"):
+        run_train(fewer)
 
 
 def test_torchrun_gives_the_same_losses(first_run, prepared_quickstart, tmp_path) -> None:
