@@ -82,6 +82,61 @@ def check_not_past_steps(cfg: Config) -> None:
         raise ValueError(past_steps(done, cfg.train.steps))
 
 
+# What a resumed run cannot change: the checkpoint's shapes (model, LoRA), and what its data
+# position counts in (micro-batches of rows of seq_len tokens).
+RESUME_FIXED = {
+    "model": "the checkpoint holds that model's weights",
+    "lora": "the checkpoint holds those adapters (or none)",
+    "data.seq_len": "the data position counts rows of that length",
+    "data.mode": "the data position counts rows of that layout",
+    "train.micro_batch_size": "the data position counts micro-batches of that size",
+    "train.grad_accum": "the data position counts micro-batches per step",
+}
+# What it keeps from the checkpoint whatever the config says: the optimizer and schedule state.
+RESUME_KEPT = ("train.lr", "train.weight_decay", "train.betas")
+
+
+def check_resume_config(cfg: Config) -> None:
+    """Against the config saved beside the run's latest checkpoint (checkpoint.CONFIG_FILE):
+    refuse what a resumed run cannot change, and warn of what it keeps from the checkpoint."""
+    from soulray.config import parse_config
+    from soulray.train.checkpoint import CONFIG_FILE
+
+    run = storage.join(cfg.train.storage_path, cfg.train.run_name)
+    if not storage.exists(run):
+        return
+    saved = sorted(
+        f for f in storage.list_files(run) if f.endswith(f"/{CONFIG_FILE}") and "/checkpoint_" in f
+    )
+    if not saved:
+        return
+    old = parse_config(storage.read_text(saved[-1]), saved[-1])
+
+    def value(c: Config, key: str) -> Any:
+        section, _, name = key.partition(".")
+        part = getattr(c, section)
+        return getattr(part, name) if name else part.model_dump(mode="json")
+
+    name = cfg.train.run_name
+    for key, why in RESUME_FIXED.items():
+        if value(old, key) != value(cfg, key):
+            raise ValueError(
+                f"train.run_name={name} has checkpoints made with another {key} ({why}): "
+                f"resuming cannot change it. Set a new train.run_name to train with this "
+                f"config, or put {key} back (was: {value(old, key)})"
+            )
+    for key in RESUME_KEPT:
+        if value(old, key) != value(cfg, key):
+            log.warning(
+                "train: resuming %s, which keeps %s=%s from its checkpoint (the optimizer and "
+                "schedule state); this config's %s is not applied (a new run_name would be)",
+                name,
+                key,
+                value(old, key),
+                value(cfg, key),
+            )
+
+
 def check_data_tokenizer(cfg: Config, data_dir: str) -> None:
     """The prepared token ids must be the model's: training reads the tokenizer saved with the
     data but builds the model from model.name_or_path, so data prepared for another model (or
@@ -261,6 +316,7 @@ def run_train(cfg: Config) -> Any:
     assert t.data_dir is not None
     check_data_tokenizer(cfg, t.data_dir)
     check_not_past_steps(cfg)
+    check_resume_config(cfg)
     datasets = build_datasets(t.data_dir, t.num_workers)
     resources = worker_resources(cfg, ray.cluster_resources().get("CPU", 0.0))
     trainer = TorchTrainer(

@@ -269,3 +269,32 @@ def test_cpu_worker_resources_share_the_cluster_or_wait_for_the_autoscaler(caplo
     caplog.clear()
     assert resources(4, asked) == {"CPU": 1} and not caplog.text
     assert resources(0, "train.use_gpu=true") is None
+
+
+def test_a_resume_refuses_what_it_cannot_change_and_warns_of_what_it_keeps(
+    tmp_path, caplog
+) -> None:
+    from soulray.config import config_to_yaml
+    from soulray.train.launch import check_resume_config
+
+    def config(*overrides: str) -> Config:
+        return load_config(None, [f"train.storage_path={tmp_path}", "train.run_name=r", *overrides])
+
+    first = config()
+    check_resume_config(first)  # no run yet
+    for step in (8, 16):
+        saved = tmp_path / "r" / f"checkpoint_{step:08d}" / "soulray.yaml"
+        saved.parent.mkdir(parents=True)
+        saved.write_text(config_to_yaml(first if step == 16 else config("data.seq_len=64")))
+    check_resume_config(config("train.steps=200", "train.log_every=5"))  # both may change
+    for key, value in (
+        ("data.seq_len", "512"),
+        ("train.grad_accum", "4"),
+        ("lora.enabled", "true"),
+    ):
+        section = key.split(".")[0]
+        with pytest.raises(ValueError, match=rf"has checkpoints made with another {section}"):
+            check_resume_config(config(f"{key}={value}"))
+    with caplog.at_level("WARNING", logger="soulray.train"):
+        check_resume_config(config("train.lr=1e-5"))
+    assert "keeps train.lr=0.0003 from its checkpoint" in caplog.text
