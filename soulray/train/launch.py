@@ -59,13 +59,21 @@ def is_shared_path(path: str) -> bool:
 
 
 def check_storage(cfg: Config) -> None:
-    """On a cluster spanning hosts, checkpoints must be on storage every node can reach."""
+    """On a cluster spanning hosts, the checkpoints, the export and the prepared data must be
+    on storage every node can reach (counted over the nodes alive now: a cluster that scales
+    up from one host is not caught here)."""
     import ray
 
-    hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
-    problem = storage_problem(cfg.train.storage_path, len(hosts))
-    if problem:
-        raise ValueError(problem)
+    hosts = len({n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]})
+    t = cfg.train
+    for key, path in (
+        ("train.storage_path", t.storage_path),
+        ("train.export_dir", t.export_dir),
+        ("train.data_dir", t.data_dir or cfg.data.output_dir),
+    ):
+        problem = storage_problem(path, hosts, key)
+        if problem:
+            raise ValueError(problem)
 
 
 def check_not_past_steps(cfg: Config) -> None:
@@ -169,16 +177,24 @@ def check_data_tokenizer(cfg: Config, data_dir: str) -> None:
         )
 
 
-def storage_problem(path: str, hosts: int) -> str | None:
-    """Why `path` cannot hold checkpoints for a cluster on `hosts` hosts (None if it can).
+STORAGE_WHY = {
+    "train.storage_path": "each worker would write its checkpoint shards to its own disk and a "
+    "restarted worker could not read them back",
+    "train.export_dir": "rank 0 writes the export on whichever node it runs, not where you "
+    "look for it",
+    "train.data_dir": "workers on the other hosts would not find the prepared rows",
+}
+
+
+def storage_problem(path: str, hosts: int, key: str = "train.storage_path") -> str | None:
+    """Why `path` (the setting `key`) cannot serve a cluster on `hosts` hosts (None if it can).
     Nodes on one host share its disks, so a single-host cluster may use a local path."""
     if hosts <= 1 or is_shared_path(path):
         return None
     return (
-        f"train.storage_path={path} is a local directory, but the Ray cluster spans {hosts} "
-        "hosts: each worker would write its checkpoint shards to its own disk and a restarted "
-        "worker could not read them back. Use shared storage: an s3:// or gs:// URI, or a path "
-        "on an NFS mount present on every node"
+        f"{key}={path} is a local directory, but the Ray cluster spans {hosts} hosts: "
+        f"{STORAGE_WHY[key]}. Use shared storage: an s3:// or gs:// URI, or a path on an NFS "
+        "mount present on every node"
     )
 
 

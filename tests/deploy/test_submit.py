@@ -58,6 +58,9 @@ def test_local_checkpoints_are_refused_only_across_hosts(tmp_path) -> None:
     assert storage_problem("s3://bucket/ckpt", hosts=4) is None
     problem = storage_problem(str(tmp_path), hosts=2)
     assert problem and "spans 2 hosts" in problem and "s3://" in problem
+    export = storage_problem(str(tmp_path), hosts=2, key="train.export_dir")
+    assert export and export.startswith(f"train.export_dir={tmp_path} is a local directory")
+    assert "rank 0 writes the export on whichever node" in export
 
 
 @pytest.mark.slow
