@@ -98,7 +98,8 @@ class Prepared:
 def prepare(state: IngressState, req: ChatCompletionRequest, request_id: str) -> Prepared:
     cfg, info = state.cfg, state.info
     check_params(req, cfg.engine.kind, len(state.tokenizer), cfg.max_choices)
-    messages = check_messages(req.messages, cfg, info.system_prompt)
+    tags = info.taxonomy if info.strategy_tags else None
+    messages = check_messages(req.messages, cfg, info.system_prompt, tags)
     user_texts = [m["content"] for m in messages if m["role"] == "user"]
     assessment = assess(state.screen, user_texts)
     safety = SafetyInfo.of(assessment)

@@ -36,8 +36,9 @@ def pick_model(client: Any, model: str | None) -> str:
 
 def stream_reply(
     client: Any, model: str, messages: list[dict[str, str]], max_tokens: int, out: TextIO
-) -> str:
-    """Send the conversation, print the reply as it streams, return its text."""
+) -> tuple[str, str | None]:
+    """Send the conversation, print the reply as it streams; return its text and the strategy
+    soulray gave it (None from other servers)."""
     stream = client.chat.completions.create(
         model=model, messages=messages, max_tokens=max_tokens, stream=True
     )
@@ -56,7 +57,7 @@ def stream_reply(
         out.write(f"  [strategy: {strategy}]\n")
     if safety and safety.get("flagged"):
         out.write(f"  [safety: flagged {', '.join(safety.get('categories', []))}]\n")
-    return text
+    return text, strategy
 
 
 def run_chat(
@@ -91,7 +92,7 @@ def run_chat(
         messages.append({"role": "user", "content": said})
         out.write("bot> ")
         try:
-            reply = stream_reply(client, name, messages, max_tokens, out)
+            reply, strategy = stream_reply(client, name, messages, max_tokens, out)
         except openai.APIConnectionError:
             raise
         except openai.APIError as e:
@@ -101,7 +102,10 @@ def run_chat(
             out.write("  (that message was not kept; send it again or another)\n")
             messages.pop()
             continue
+        # sent back with its strategy, a strategy-tagged model sees the reply as it was trained
         messages.append({"role": "assistant", "content": reply})
+        if strategy:
+            messages[-1]["strategy"] = strategy
     return messages
 
 

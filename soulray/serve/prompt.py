@@ -133,9 +133,14 @@ def canonical_strategy(name: str, taxonomy: tuple[str, ...]) -> str | None:
 
 
 def check_messages(
-    messages: list[ChatMessage], cfg: ServeConfig, system_prompt: str | None
+    messages: list[ChatMessage],
+    cfg: ServeConfig,
+    system_prompt: str | None,
+    tags: tuple[str, ...] | None = None,
 ) -> list[dict[str, str]]:
-    """Validate roles and order; return template messages (system prompt first, if any)."""
+    """Validate roles and order; return template messages (system prompt first, if any). With
+    `tags` (the taxonomy of a model trained with strategy tags), an earlier reply sent back
+    with its `strategy` is rendered "[Strategy] text", as training rendered every reply."""
     if len(messages) > cfg.max_messages:
         raise APIError(
             400, f"too many messages ({len(messages)} > {cfg.max_messages})", param="messages"
@@ -144,6 +149,23 @@ def check_messages(
         if isinstance(m.content, list) and any(p.type != "text" for p in m.content):
             raise APIError(400, f"messages[{i}]: only text content is supported", param="messages")
     out = [{"role": _role(m.role), "content": m.text()} for m in messages]
+    for i, m in enumerate(messages):
+        if m.strategy is None:
+            continue
+        if m.role != "assistant":
+            raise APIError(
+                400, f"messages[{i}]: only an assistant message has a strategy", param="messages"
+            )
+        if tags is not None:
+            name = canonical_strategy(m.strategy, tags)
+            if name is None:
+                raise APIError(
+                    400,
+                    f"messages[{i}]: unknown strategy {m.strategy!r}; use one of: "
+                    f"{', '.join(tags)}",
+                    param="messages",
+                )
+            out[i]["content"] = f"[{name}] {out[i]['content']}"
     turns = [m for m in out if m["role"] != "system"]
     if not turns or turns[-1]["role"] != "user":
         raise APIError(400, "the last message must have role 'user'", param="messages")

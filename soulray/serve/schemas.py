@@ -81,6 +81,9 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None
     function_call: dict[str, Any] | None = None
     audio: dict[str, Any] | None = None
+    # soulray's extension: the strategy an earlier reply was given with (the response's
+    # `strategy`), sent back so a model trained with strategy tags sees its replies as trained
+    strategy: str | None = None
 
     def text(self) -> str:
         """The message as plain text (text parts joined; other parts are refused upstream)."""

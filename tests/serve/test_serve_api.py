@@ -146,6 +146,28 @@ def test_requested_strategy_is_forced_into_the_prompt(tiny_export, tmp_path):
     assert assert_openai_error(unknown, 400)["param"] == "strategy"
 
 
+def test_an_earlier_reply_sent_back_with_its_strategy_is_rendered_as_trained(tiny_export, tmp_path):
+    """Training renders every reply of the context as "[Strategy] text"; the response strips
+    the tag into `strategy`, and a client that sends it back (soulray chat does) gets it
+    rendered again, so the model sees its earlier replies as it was trained."""
+    api, engine = make_api(tiny_export, tmp_path)
+    earlier = {"role": "assistant", "content": "What happened?", "strategy": "question"}
+    turns = [{"role": "user", "content": "hi"}, earlier, {"role": "user", "content": "work"}]
+    assert call(api, "POST", "/v1/chat/completions", json={"messages": turns}).status_code == 200
+    tok = build_state(ServeConfig(), str(tiny_export), engine).tokenizer
+    assert "<|im_start|>assistant\n[Question] What happened?<|im_end|>" in tok.decode(
+        engine.requests[0].prompt_ids
+    )
+    for bad, says in (
+        ({**earlier, "strategy": "Hugging"}, "messages[1]: unknown strategy 'Hugging'"),
+        ({**turns[0], "strategy": "Question"}, "messages[0]: only an assistant message"),
+    ):
+        body = {"messages": list(turns)}
+        body["messages"][0 if bad["role"] == "user" else 1] = bad
+        error = assert_openai_error(call(api, "POST", "/v1/chat/completions", json=body), 400)
+        assert error["message"].startswith(says) and error["param"] == "messages"
+
+
 @pytest.mark.parametrize("mode", ["augment", "fixed"])
 def test_crisis_message_gets_resources_and_the_flag(tiny_export, tmp_path, mode):
     api, engine = make_api(tiny_export, tmp_path, safety={"mode": mode})

@@ -152,7 +152,8 @@ def test_every_openai_field_is_honoured_refused_or_ignored():
     ]  # fmt: skip
     message_fields = set().union(*(t.__annotations__ for t in message_types))
     echoed = set(chat.ChatCompletionMessage.model_fields)  # an earlier reply sent back as is
-    assert message_fields | echoed == set(ChatMessage.model_fields)
+    ours = {"strategy"}  # soulray's extension: an earlier reply's strategy, sent back
+    assert message_fields | echoed | ours == set(ChatMessage.model_fields)
 
 
 def test_an_earlier_reply_sent_back_as_is_is_accepted_and_tool_fields_are_refused():
