@@ -107,7 +107,7 @@ RESUME_KEPT = ("train.lr", "train.weight_decay", "train.betas")
 def check_resume_config(cfg: Config) -> None:
     """Against the config saved beside the run's latest checkpoint (checkpoint.CONFIG_FILE):
     refuse what a resumed run cannot change, and warn of what it keeps from the checkpoint."""
-    from soulray.config import parse_config
+    from soulray.config import ConfigError, parse_config
     from soulray.train.checkpoint import CONFIG_FILE
 
     run = storage.join(cfg.train.storage_path, cfg.train.run_name)
@@ -118,7 +118,11 @@ def check_resume_config(cfg: Config) -> None:
     )
     if not saved:
         return
-    old = parse_config(storage.read_text(saved[-1]), saved[-1])
+    try:
+        old = parse_config(storage.read_text(saved[-1]), saved[-1])
+    except ConfigError as e:  # written by another soulray version: nothing to compare against
+        log.warning("train: not checking the resume against %s: %s", saved[-1], e)
+        return
 
     def value(c: Config, key: str) -> Any:
         section, _, name = key.partition(".")

@@ -298,3 +298,9 @@ def test_a_resume_refuses_what_it_cannot_change_and_warns_of_what_it_keeps(
     with caplog.at_level("WARNING", logger="soulray.train"):
         check_resume_config(config("train.lr=1e-5"))
     assert "keeps train.lr=0.0003 from its checkpoint" in caplog.text
+    # a checkpoint written by another soulray version (an unknown key) is not compared
+    latest = tmp_path / "r" / "checkpoint_00000016" / "soulray.yaml"
+    latest.write_text("train:\n  old_setting: 1\n")
+    with caplog.at_level("WARNING", logger="soulray.train"):
+        check_resume_config(config("data.seq_len=512"))
+    assert "not checking the resume against" in caplog.text
