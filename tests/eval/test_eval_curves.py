@@ -59,7 +59,10 @@ def test_report_takes_the_metrics_file_and_names_a_bad_line(tmp_path):
     metrics.write_text("".join(json.dumps(r) + "\n" for r in metrics_rows()))
     result = CliRunner().invoke(app, ["report", str(metrics)])  # the file, not its directory
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "report" / "report.md").exists()
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "- steps: 40; attempts started at steps [0, 20]" in md
+    assert "- val loss: best 3.2500 at step 40, last 3.2500" in md
+    check_pngs(tmp_path / "report", ["loss.png", "lr.png", "tokens_per_s.png"])
     for bad, says in (
         ('{"step": 1, "loss"', "is not JSON"),
         ('{"loss": 1.0}', "no integer 'step'"),

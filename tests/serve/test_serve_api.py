@@ -189,18 +189,28 @@ def test_a_crisis_message_the_model_cannot_answer_still_gets_the_help_lines(
     api, engine = make_api(tiny_export, tmp_path, max_tokens_limit=64, safety={"mode": mode})
     post = "/v1/chat/completions"
     long = "I have been having a really hard time at work and at home. " * 200
-    for crisis, extra in (
-        (long + "I want to kill myself tonight.", {}),
-        ("I want to kill myself tonight.", {"max_tokens": 65}),
+    for crisis, plain, extra, refused in (
+        (
+            long + "I want to kill myself tonight.",
+            long,
+            {},
+            ("messages", "context_length_exceeded"),
+        ),
+        (
+            "I want to kill myself tonight.",
+            "I had a long day.",
+            {"max_tokens": 65},
+            ("max_tokens", None),
+        ),
     ):
-        plain = {"messages": [{"role": "user", "content": long}], **extra}
-        if extra:
-            plain["messages"][0]["content"] = "I had a long day."
-        assert_openai_error(call(api, "POST", post, json=plain), 400)
+        unflagged = {"messages": [{"role": "user", "content": plain}], **extra}
+        error = assert_openai_error(call(api, "POST", post, json=unflagged), 400)
+        assert (error["param"], error["code"]) == refused  # the limit, not another 400
         body = {"messages": [{"role": "user", "content": crisis}], **extra}
         out = call(api, "POST", post, json=body).json()
         assert out["safety"]["flagged"] and out["safety"]["category"] == "suicide"
-        assert "988" in out["choices"][0]["message"]["content"]
+        reply = out["choices"][0]["message"]["content"]
+        assert reply.startswith("I'm really glad you told me") and "988" in reply  # the fixed one
         streamed = call(api, "POST", post, json={**body, "stream": True}).text
         assert "988" in streamed and streamed.endswith("data: [DONE]\n\n")
     assert engine.requests == []  # nothing was generated

@@ -251,6 +251,8 @@ def test_a_reply_with_method_details_is_replaced_through_serve(guarded, stream):
 
 
 def test_killed_engine_replica_is_replaced(client):
+    greedy = {"model": "soulray", "messages": ask("back?"), "max_tokens": 4, "temperature": 0}
+    before = client.chat.completions.create(**greedy)
     (old,) = engine_replicas()
     os.kill(old.pid, signal.SIGKILL)
     deadline = time.time() + 90
@@ -261,8 +263,9 @@ def test_killed_engine_replica_is_replaced(client):
         time.sleep(0.5)
     else:
         pytest.fail("Serve did not replace the killed engine replica within 90 s")
-    out = client.chat.completions.create(model="soulray", messages=ask("back?"), max_tokens=4)
-    assert out.choices[0].message.content is not None
+    out = client.chat.completions.create(**greedy)  # the new replica: the same weights
+    assert out.choices[0].message.content == before.choices[0].message.content
+    assert out.usage.completion_tokens == before.usage.completion_tokens
 
 
 SOULRAY_METRICS = [
