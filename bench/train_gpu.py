@@ -111,9 +111,30 @@ def kernels(requested: str) -> list[str]:
     return [*found, "sdpa"]
 
 
+def memory_estimate(a: argparse.Namespace) -> dict | None:
+    """bench/train_memory.py's per-GPU estimate for this run (None for the toy shape)."""
+    sh = SHAPES[a.shape]
+    if sh["vocab_size"] is None:
+        return None
+    sys.path.insert(0, str(ROOT / "bench"))
+    from train_memory import GIB, Shape, estimate
+
+    shape = Shape(
+        sh["vocab_size"], sh["hidden_size"], sh["intermediate_size"], sh["num_hidden_layers"],
+        sh["num_attention_heads"], sh["num_key_value_heads"], sh["tie_word_embeddings"],
+    )  # fmt: skip
+    terms = estimate(
+        shape, a.nproc, a.batch * a.seq_len, 2, a.lora_r, a.activation_checkpointing, a.loss_chunk
+    )
+    return {k: v / GIB for k, v in terms.items()}
+
+
 def run_kernel(a: argparse.Namespace, kernel: str, work: Path) -> dict:
+    import torch
+
     shape = {k: v for k, v in SHAPES[a.shape].items() if v is not None}
-    name = f"{a.shape}-{kernel}"
+    name = f"{a.shape}-{kernel}{a.tag}"
+    lora = ["lora.enabled=true", f"lora.r={a.lora_r}", f"lora.alpha={2 * a.lora_r}"]
     overrides = [
         f"data.output_dir={Path(a.data).resolve()}",
         f"model.attn_implementation={kernel}",
@@ -126,6 +147,9 @@ def run_kernel(a: argparse.Namespace, kernel: str, work: Path) -> dict:
         f"train.micro_batch_size={a.batch}",
         f"train.log_every={a.log_every}",
         f"train.activation_checkpointing={a.activation_checkpointing}",
+        f"train.loss_chunk_tokens={a.loss_chunk}",
+        f"train.use_gpu={str(torch.cuda.is_available()).lower()}",
+        *(lora if a.lora_r else []),
         "train.eval_every=0",
         "train.checkpoint_every=0",
         "train.warmup_steps=5",
@@ -136,24 +160,63 @@ def run_kernel(a: argparse.Namespace, kernel: str, work: Path) -> dict:
         *overrides,
     ]  # fmt: skip
     print("+", " ".join(cmd), flush=True)
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=a.timeout)
-    if done.returncode != 0:
-        return {"kernel": kernel, "error": done.stderr.strip().splitlines()[-5:]}
-    lines = (work / name / "metrics.jsonl").read_text().splitlines()
+    metrics = work / name / "metrics.jsonl"
+    started = time.monotonic()
+    with open(work / f"{name}.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        stopped_early = False
+        while proc.poll() is None:
+            time.sleep(1)
+            if time.monotonic() - started > a.timeout:
+                proc.kill()
+            elif a.stop_after_last_step and last_step(metrics) >= a.steps:
+                proc.terminate()  # the final save and export are not measured; skip them
+                stopped_early = True
+                proc.wait()
+    if proc.returncode != 0 and not stopped_early:
+        return {"kernel": kernel, "tag": a.tag, "error": error_lines(work / f"{name}.log")}
+    lines = metrics.read_text().splitlines()
     windows = [m for m in map(json.loads, lines) if m["step"] > a.warmup and "mfu" in m]
 
     def median(key: str) -> float | None:
         values = [m[key] for m in windows if m.get(key) is not None]
         return statistics.median(values) if values else None
 
+    estimate = memory_estimate(a)
+    peak = max(m["peak_memory_gib"] for m in windows)
     return {
         "kernel": kernel,
+        "tag": a.tag,
+        "lora_r": a.lora_r,
+        "activation_checkpointing": a.activation_checkpointing,
+        "loss_chunk": a.loss_chunk,
+        "tokens_per_step_per_gpu": a.batch * a.seq_len,
+        "saved_and_exported": not stopped_early,
+        "export_files": sorted(f.name for f in (work / f"{name}-model").glob("*")),
+        "wall_s": round(time.monotonic() - started, 1),
+        "estimate_gib": estimate,
+        "estimate_over_measured": estimate["peak"] / peak if estimate else None,
         "tokens_per_s_per_gpu": median("tokens_per_s_per_worker"),
         "mfu": median("mfu"),
-        "peak_memory_gib": max(m["peak_memory_gib"] for m in windows),
+        "peak_memory_gib": peak,
         "step_time_s": median("step_time_s"),
         "windows": len(windows),
     }
+
+
+def error_lines(log: Path) -> list[str]:
+    """The first traceback of a failed run (torchrun's own summary after it says nothing)."""
+    lines = log.read_text(errors="replace").splitlines()
+    first = next((i for i, line in enumerate(lines) if "Traceback" in line), len(lines) - 40)
+    return lines[max(first, 0) :][:60]
+
+
+def last_step(metrics: Path) -> int:
+    try:
+        lines = metrics.read_text().splitlines()
+        return json.loads(lines[-1])["step"] if lines else 0
+    except (OSError, ValueError, KeyError):
+        return 0
 
 
 def run(a: argparse.Namespace) -> None:
@@ -196,6 +259,14 @@ def main() -> None:
     r.add_argument("--warmup", type=int, default=10)
     r.add_argument("--log-every", type=int, default=5)
     r.add_argument("--activation-checkpointing", action="store_true")
+    r.add_argument("--loss-chunk", type=int, default=1024, help="train.loss_chunk_tokens")
+    r.add_argument("--lora-r", type=int, default=0, help="LoRA rank on every projection; 0 = full")
+    r.add_argument("--tag", default="", help="suffix of the run's name (several runs, one --out)")
+    r.add_argument(
+        "--stop-after-last-step",
+        action="store_true",
+        help="end the run once its last step is logged (skip the final save and export)",
+    )
     r.add_argument("--timeout", type=int, default=900, help="seconds per kernel run")
     r.add_argument("--out", default="bench/results/train_gpu.json")
     a = parser.parse_args()

@@ -7,7 +7,9 @@ seed), which are broadcast into the shards. So an 8B model never sits in memory 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import logging
 from typing import Any
 
@@ -90,21 +92,31 @@ def varlen_attention_forward(
     total = torch.tensor([b * t], device=starts.device)
     cu_seqlens = torch.cat([starts, total]).to(torch.int32)
     max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    window = (sliding_window - 1, 0) if sliding_window else (-1, 0)
-    out = varlen_attn(
-        q,
-        k,
-        v,
-        cu_seqlens,
-        cu_seqlens,
-        max_len,
-        max_len,
-        scale=scaling,
-        window_size=window,
-        enable_gqa=h != key.shape[1],
-    )
+    accepts = _varlen_parameters()
+    options: dict[str, Any] = {"scale": scaling}
+    if "window_size" in accepts:  # torch >= 2.11; 2.10 has is_causal and no window
+        options["window_size"] = (sliding_window - 1, 0) if sliding_window else (-1, 0)
+    elif sliding_window:
+        raise ValueError("sliding-window attention with varlen needs torch >= 2.11; use sdpa")
+    else:
+        options["is_causal"] = True
+    if h != key.shape[1]:
+        if "enable_gqa" in accepts:
+            options["enable_gqa"] = True
+        else:  # repeat the KV heads for each query group
+            k = k.repeat_interleave(h // key.shape[1], dim=1)
+            v = v.repeat_interleave(h // key.shape[1], dim=1)
+    out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **options)
     assert isinstance(out, torch.Tensor)  # return_aux is off: the output alone
     return out.reshape(b, t, h, d), None
+
+
+@functools.cache
+def _varlen_parameters() -> frozenset[str]:
+    """The keyword arguments this torch's varlen_attn takes (they changed from 2.10 to 2.13)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
 
 
 def build_model_config(cfg: ModelConfig, tokenizer: Any) -> Any:

@@ -44,13 +44,14 @@ def packed_vs_separate(model: torch.nn.Module, lengths: list[int], pad: int) -> 
     """Largest |logit difference| between one packed row and each sequence run alone."""
     g = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, TINY["vocab_size"], (n,), generator=g) for n in lengths]
-    ids = torch.cat([*seqs, torch.zeros(pad, dtype=torch.long)])[None]
-    pos = torch.cat([torch.arange(n) for n in [*lengths, pad]])[None]
+    device = next(model.parameters()).device
+    ids = torch.cat([*seqs, torch.zeros(pad, dtype=torch.long)])[None].to(device)
+    pos = torch.cat([torch.arange(n) for n in [*lengths, pad]])[None].to(device)
     with torch.no_grad():
         packed = model(input_ids=ids, position_ids=pos, use_cache=False).logits[0]
         worst, start = 0.0, 0
         for seq in seqs:
-            alone = model(input_ids=seq[None], use_cache=False).logits[0]
+            alone = model(input_ids=seq[None].to(device), use_cache=False).logits[0]
             worst = max(worst, (packed[start : start + len(seq)] - alone).abs().max().item())
             start += len(seq)
     return worst
