@@ -4,7 +4,12 @@
 #
 # Here (CPU, once):
 #   .venv/bin/python bench/train_gpu.py prepare --out bench/gpu-data   # packed rows, seq 4096
-#   pip download the wheels into .whl/ (pydantic, transformers 5.25 and what they need)
+#   wheels into .whl/ (the device has torch, numpy, pyarrow, pyyaml, tokenizers, safetensors):
+#   P="--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+#      --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --only-binary=:all:"
+#   pip download $P -d .whl transformers==5.25.0 huggingface_hub==2.4.0 kernels==0.19.1 \
+#       pydantic==2.14.4 tensorboardX==2.6.5      # then delete numpy, pyyaml, tokenizers,
+#   pip download --no-deps -d .whl peft==0.21.2   # safetensors (the device's are used)
 # On the device (carry .whl and bench/gpu-data):
 #   bash bench/gpu_session.sh            # writes its results under $OUT (default bench/results/gpu)
 #

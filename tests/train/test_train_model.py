@@ -84,6 +84,43 @@ def test_varlen_kernel_equals_separate_forwards() -> None:
     assert packed_vs_separate(model, [17, 40, 9], pad=6) < 2e-2  # bf16 kernels
 
 
+def test_varlen_call_fits_the_installed_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch 2.10's varlen_attn has is_causal and neither window_size nor enable_gqa: the
+    adapter passes is_causal and repeats the KV heads, and gives what causal attention over each
+    packed sequence alone gives (a stand-in kernel with that signature, built on SDPA)."""
+    import torch.nn.attention.varlen as varlen_module
+    import torch.nn.functional as F
+
+    from soulray.train import model as model_module
+
+    calls: list[dict] = []
+
+    def old_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, is_causal=False):
+        calls.append({"is_causal": is_causal, "kv_heads": k.shape[1]})
+        assert k.shape[1] == q.shape[1]  # no GQA in this signature
+        out = torch.empty_like(q)
+        for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), strict=True):
+            seg = [x[a:b].transpose(0, 1) for x in (q, k, v)]
+            out[a:b] = F.scaled_dot_product_attention(*seg, is_causal=is_causal).transpose(0, 1)
+        return out
+
+    monkeypatch.setattr(varlen_module, "varlen_attn", old_varlen)
+    model_module._varlen_parameters.cache_clear()
+    try:
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, h, 12, 8, generator=g) for h in (4, 2, 2))
+        pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]])
+        out, _ = model_module.varlen_attention_forward(None, q, k, v, None, position_ids=pos)
+    finally:
+        model_module._varlen_parameters.cache_clear()
+    assert calls == [{"is_causal": True, "kv_heads": 4}]
+    for a, b in [(0, 5), (5, 8), (8, 12)]:
+        alone = F.scaled_dot_product_attention(
+            q[..., a:b, :], k[..., a:b, :], v[..., a:b, :], is_causal=True, enable_gqa=True
+        )
+        torch.testing.assert_close(out[0, a:b], alone[0].transpose(0, 1))
+
+
 def test_attention_choice_on_cpu() -> None:
     assert resolve_attn_implementation("auto", CPU) == "sdpa"
     assert resolve_attn_implementation("eager", CPU) == "eager"
