@@ -23,7 +23,13 @@ from soulray.synth.output import OutputStore, StoredState
 from soulray.synth.report import build_report, save_report
 from soulray.synth.roleplay import Cast, Dialogue, run_dialogue
 from soulray.synth.roles import Counselor, Seeker, Supporter, load_prompts
-from soulray.synth.scenarios import Scenario, build_scenarios, load_pool, scenarios_from_corpus
+from soulray.synth.scenarios import (
+    Scenario,
+    build_scenarios,
+    load_pool,
+    require_languages,
+    scenarios_from_corpus,
+)
 from soulray.synth.strategies import load_taxonomy
 
 log = logging.getLogger("soulray.synth")
@@ -31,12 +37,7 @@ log = logging.getLogger("soulray.synth")
 
 def load_scenarios(sc: SynthConfig) -> list[Scenario]:
     pool = load_pool(sc.scenarios.pool_file)
-    missing = [lang for lang in sc.scenarios.languages if lang not in pool]
-    if missing:
-        raise ValueError(
-            f"the scenario pool {sc.scenarios.pool_file or 'scenarios.yaml'} has no "
-            f"{missing} section for synth.scenarios.languages; add one or drop {missing}"
-        )
+    require_languages(pool, sc.scenarios.languages, sc.scenarios.pool_file)
     match sc.scenarios.source:
         case "pool":
             return build_scenarios(sc.scenarios.count, sc.seed, sc.scenarios.languages, pool)

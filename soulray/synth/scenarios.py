@@ -81,6 +81,18 @@ def load_pool(path: str | None = None) -> dict[str, dict[str, Any]]:
     return pool
 
 
+def require_languages(
+    pool: dict[str, Any], languages: Sequence[str], pool_file: str | None = None
+) -> None:
+    """Every language asked for (synth.scenarios.languages) has a section in the pool."""
+    missing = [lang for lang in languages if lang not in pool]
+    if missing:
+        raise ValueError(
+            f"the scenario pool {pool_file or 'scenarios.yaml'} has no {missing} section for "
+            f"synth.scenarios.languages; add one or drop {missing}"
+        )
+
+
 def pool_size(pool: dict[str, Any], language: Language) -> int:
     """How many distinct scenarios one language's pool can make."""
     p = pool[language]
@@ -94,9 +106,7 @@ def build_scenarios(
 ) -> list[Scenario]:
     """`n` distinct scenarios, languages alternating, the same list for the same seed."""
     pool = pool or load_pool()
-    for lang in languages:
-        if lang not in pool:
-            raise ValueError(f"the scenario pool has no {lang!r} section; add one or drop {lang}")
+    require_languages(pool, languages)
     capacity = sum(pool_size(pool, lang) for lang in languages)
     if n > capacity:
         raise ValueError(f"asked for {n} scenarios but the pool makes only {capacity}")
@@ -145,6 +155,7 @@ def scenarios_from_corpus(
     is drawn from the pool. One scenario per distinct situation in `languages`; `n` = 0 takes
     them all."""
     pool = pool or load_pool()
+    require_languages(pool, languages)
     rng = random.Random(seed)
     out: dict[str, Scenario] = {}
     files = storage.expand_inputs(inputs, FILE_SUFFIXES, "synth.scenarios.inputs")

@@ -435,6 +435,13 @@ def test_bad_scenario_inputs_and_roles_are_refused_on_the_driver(tmp_path, monke
         load_scenarios(
             SynthConfig.model_validate({"scenarios": corpus | {"pool_file": str(zh_only)}})
         )
+    # called directly (without load_scenarios' check first), the same error, not a KeyError
+    from soulray.synth.scenarios import build_scenarios, scenarios_from_corpus
+
+    with pytest.raises(ValueError, match=r"scenarios.yaml has no \['en'\] section"):
+        scenarios_from_corpus([esconv], 0, 0, {"zh": load_pool()["zh"]})
+    with pytest.raises(ValueError, match=r"scenarios.yaml has no \['en'\] section"):
+        build_scenarios(4, 0, ["zh", "en"], {"zh": load_pool()["zh"]})
     empty = tmp_path / "empty.yaml"
     empty.write_text("# nothing yet\n")
     with pytest.raises(ValueError, match="expected a mapping of languages"):
