@@ -70,7 +70,9 @@ def test_scenarios_are_distinct_deterministic_and_plentiful() -> None:
     assert [s.language for s in first[:4]] == ["zh", "en", "zh", "en"]
     assert build_scenarios(3000, seed=7, languages=["zh", "en"]) == first
     assert build_scenarios(5, seed=8, languages=["en"])[0] != first[1]
-    with pytest.raises(ValueError, match="no 'fr' section"):
+    with pytest.raises(
+        ValueError, match=r"scenarios.yaml has no \['fr'\] section for synth.scenarios.languages"
+    ):
         build_scenarios(1, 0, ["fr"])
 
 
