@@ -33,14 +33,19 @@ EXCLUDES = [
     ".devwhl",
     ".whl",
 ]
-# every verb of soulray.cli but submit itself
-VERBS = ("prepare", "train", "serve", "pipeline", "chat", "quickstart", "synth", "eval", "report")
+# every verb of soulray.cli but submit itself and chat (interactive: a job has no terminal)
+VERBS = ("prepare", "train", "serve", "pipeline", "quickstart", "synth", "eval", "report")
 
 
 def build_entrypoint(command: list[str], upload: bool) -> str:
     """`soulray VERB ARGS` -> the shell command the job runs."""
     if command[:1] == ["soulray"]:
         command = command[1:]
+    if command[:1] == ["chat"]:
+        raise ValueError(
+            "`soulray chat` is interactive and a Ray job has no terminal; run it on your own "
+            "machine against the served endpoint: soulray chat --url http://HEAD:8000"
+        )
     if not command or command[0] not in VERBS:
         raise ValueError(
             f"expected a soulray command after --, e.g. `-- soulray train --config jobs/X.yaml`; "

@@ -28,13 +28,16 @@ def test_entrypoint_runs_the_uploaded_package_and_rejects_non_soulray_commands()
         build_entrypoint(["python", "evil.py"], upload=True)
 
 
-def test_every_verb_but_submit_can_be_submitted() -> None:
-    """The README: every verb runs on any Ray cluster, and `soulray submit` is how."""
+def test_every_verb_but_submit_and_chat_can_be_submitted() -> None:
+    """The README: every verb runs on any Ray cluster, and `soulray submit` is how; chat reads
+    a terminal, which a job does not have, so it is refused with where to run it instead."""
     from soulray.cli import app
     from soulray.submit import VERBS
 
     verbs = {c.name or c.callback.__name__ for c in app.registered_commands}
-    assert set(VERBS) == verbs - {"submit"}
+    assert set(VERBS) == verbs - {"submit", "chat"}
+    with pytest.raises(ValueError, match="interactive.*soulray chat --url http://HEAD:8000"):
+        build_entrypoint(["soulray", "chat", "--url", "http://x:8000"], upload=True)
     for verb in ("synth", "eval"):
         command = ["soulray", verb, "--config", f"jobs/{verb}.yaml"]
         expected = f"python -m soulray.cli {verb} --config jobs/{verb}.yaml"
