@@ -61,7 +61,7 @@ class HFEngine:
         cfg = EngineConfig.model_validate(engine)
         local = fetch_model_dir(model_dir)
         adapter = fetch_model_dir(cfg.adapter_dir) if cfg.adapter_dir else None
-        model, tokenizer, device = load_model(local, adapter, cfg.dtype)
+        model, tokenizer, device = load_model(local, adapter, cfg.dtype, cfg.num_gpus > 0)
         size = cfg.batching.max_batch_size if cfg.batching.enabled else 1
         self.adapters = AdapterPool(model, adapters, max_loaded_adapters) if adapters else None
         self.scheduler = Scheduler(

@@ -75,8 +75,10 @@ def whole_replies(choices: dict[int, Delta]) -> list[Delta]:
     return [choices[k] for k in sorted(choices)]
 
 
-def pick_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def pick_device(use_gpu: bool) -> str:
+    """cuda only for a replica given GPUs (engine.num_gpus > 0): Ray leaves every GPU of the
+    node visible to a replica with none, which must not load onto one Ray did not count."""
+    return "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
 
 
 def pick_dtype(name: str, device: str) -> torch.dtype:
@@ -92,11 +94,13 @@ def pick_dtype(name: str, device: str) -> torch.dtype:
     raise ValueError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16")
 
 
-def load_model(model_dir: str, adapter_dir: str | None, dtype: str) -> tuple[Any, Any, str]:
+def load_model(
+    model_dir: str, adapter_dir: str | None, dtype: str, use_gpu: bool = False
+) -> tuple[Any, Any, str]:
     """The export (or base + LoRA adapter, merged) in eval mode, its tokenizer, and the device."""
     from transformers import AutoModelForCausalLM
 
-    device = pick_device()
+    device = pick_device(use_gpu)
     model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=pick_dtype(dtype, device))
     tokenizer_dir = model_dir
     if adapter_dir is not None:

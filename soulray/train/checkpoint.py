@@ -81,15 +81,27 @@ def load_checkpoint(
 
 
 def rng_state() -> dict[str, Any]:
-    """What the step draws from (dropout, LoRA dropout): the CPU and CUDA generators."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+    """What the step draws from (dropout, LoRA dropout): the CPU generator, and the generator
+    of the GPU this rank trains on (torch.cuda.set_device's), when it computes on one."""
+    return {"cpu": torch.get_rng_state(), "cuda": _cuda_generator_state()}
+
+
+def _cuda_generator_state() -> torch.Tensor | None:
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None  # a CPU worker, also on a GPU node: never initialise CUDA for this
+    return torch.cuda.get_rng_state(torch.cuda.current_device())
 
 
 def set_rng_state(saved: dict[str, Any]) -> None:
+    """Restore rng_state(): into this rank's own GPU, whichever index it has now (a restarted
+    Ray worker can land on another GPU of the node, or see fewer of them)."""
     torch.set_rng_state(saved["cpu"])
-    if saved["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(saved["cuda"])
+    cuda = saved.get("cuda")
+    if isinstance(cuda, list):  # checkpoints before stop 31 saved every visible GPU's state
+        index = torch.cuda.current_device() if _cuda_generator_state() is not None else -1
+        cuda = cuda[index] if 0 <= index < len(cuda) else None
+    if cuda is not None and _cuda_generator_state() is not None:
+        torch.cuda.set_rng_state(cuda, torch.cuda.current_device())
 
 
 def export_model(

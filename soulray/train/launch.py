@@ -20,6 +20,20 @@ from soulray.train.feed import RankPlan, amplification_warning, plan_reads, rows
 
 log = logging.getLogger("soulray.train")
 
+# The process group's collectives wait this long: rank 0's final export of a 7-8B model (build
+# on CPU, load, merge, ~15 GB written) runs while the other ranks wait at a barrier, and NCCL's
+# default under torchrun (10 min) would end them, and rank 0 with them, mid-write.
+PROCESS_GROUP_TIMEOUT_S = 3600
+
+
+def process_group_backend(t: TrainConfig) -> str:
+    """NCCL for CUDA tensors; with train.cpu_offload the sharded gradients live on the CPU and
+    their norm is all-reduced there, which needs gloo beside NCCL."""
+    if not t.use_gpu:
+        return "gloo"
+    return "cpu:gloo,cuda:nccl" if t.cpu_offload else "nccl"
+
+
 SHARED_FILESYSTEMS = (
     "nfs",
     "nfs4",
@@ -328,7 +342,7 @@ def run_train(cfg: Config) -> Any:
     import ray
     import ray.train
     from ray.data import ExecutionOptions
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg = resolve_paths(cfg)
     t = cfg.train
@@ -345,6 +359,9 @@ def run_train(cfg: Config) -> Any:
             "config": cfg.model_dump(mode="json"),
             "val_ranks": [k for k in datasets if k.startswith("val_")],
         },
+        torch_config=TorchConfig(
+            backend=process_group_backend(t), timeout_s=PROCESS_GROUP_TIMEOUT_S
+        ),
         scaling_config=ray.train.ScalingConfig(
             num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources
         ),

@@ -34,7 +34,7 @@ from soulray.train.metrics import (
     peak_flops,
     peak_memory_gib,
 )
-from soulray.train.model import build_model, build_sharded_model
+from soulray.train.model import ONE_ROW_KERNELS, build_model, build_sharded_model
 
 log = logging.getLogger("soulray.train")
 IGNORE = -100
@@ -61,6 +61,7 @@ def train_loop(cfg: Config, rt: Runtime) -> dict[str, Any]:
     torch.manual_seed(t.seed)
     # --- setup: the sharded model, optimizer, schedule; then resume if a checkpoint exists ----
     model, hf_config, attn, param_dtype = build_sharded_model(cfg, rt.tokenizer, rt.rank, rt.device)
+    one_row = attn in ONE_ROW_KERNELS
     optimizer = build_optimizer(model, t, rt.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t))
     state = {"step": 0, "micro_batches": 0, "epoch": 0, "epoch_batch": 0}
@@ -95,7 +96,7 @@ def train_loop(cfg: Config, rt: Runtime) -> dict[str, Any]:
     # --- the loop ------------------------------------------------------------------------------
     while state["step"] < t.steps:
         micro = [to_tensors(next(batches), rt.device) for _ in range(t.grad_accum)]
-        loss, grad_norm, tokens = train_step(model, optimizer, micro, t, rt, sync_every)
+        loss, grad_norm, tokens = train_step(model, optimizer, micro, t, rt, sync_every, one_row)
         scheduler.step()
         state["step"] += 1
         state["micro_batches"] += t.grad_accum
@@ -115,7 +116,7 @@ def train_loop(cfg: Config, rt: Runtime) -> dict[str, Any]:
             metrics["start_step"] = start_step
             if evaluate_now:
                 assert rt.val_batches is not None
-                metrics["val_loss"] = evaluate(model, rt.val_batches, rt, t)
+                metrics["val_loss"] = evaluate(model, rt.val_batches, rt, t, one_row)
             ckpt = None
             if checkpoint_now:
                 ckpt = rt.checkpoint_dir(step)
@@ -183,9 +184,10 @@ def train_step(
     t: TrainConfig,
     rt: Runtime,
     sync_every: bool,
+    one_row: bool = False,
 ) -> tuple[float, float, int]:
     """One optimizer step over this rank's micro-batches: (loss, grad norm, real tokens)."""
-    loss_sum, targets, tokens = accumulate_gradients(model, micro, t, rt, sync_every)
+    loss_sum, targets, tokens = accumulate_gradients(model, micro, t, rt, sync_every, one_row)
     params = [p for p in model.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
     optimizer.step()
@@ -195,7 +197,12 @@ def train_step(
 
 
 def accumulate_gradients(
-    model: nn.Module, micro: list[Batch], t: TrainConfig, rt: Runtime, sync_every: bool
+    model: nn.Module,
+    micro: list[Batch],
+    t: TrainConfig,
+    rt: Runtime,
+    sync_every: bool,
+    one_row: bool = False,
 ) -> tuple[float, float, int]:
     """Forward and backward of every micro-batch: (global loss sum, global targets, tokens).
 
@@ -218,30 +225,36 @@ def accumulate_gradients(
     fsdp_model: Any = model  # an FSDPModule after fully_shard
     for i, batch in enumerate(micro):
         fsdp_model.set_requires_gradient_sync(sync_every or i == len(micro) - 1)
-        loss = token_loss_sum(model, batch, t.loss_chunk_tokens)
+        loss = token_loss_sum(model, batch, t.loss_chunk_tokens, one_row)
         (loss * rt.world_size / targets).backward()
         loss_sum += loss.detach().double()
     dist.all_reduce(loss_sum)
     return loss_sum.item(), targets, int(counts[1].item())
 
 
-def token_loss_sum(model: nn.Module, batch: Batch, chunk_tokens: int = 0) -> torch.Tensor:
+def token_loss_sum(
+    model: nn.Module, batch: Batch, chunk_tokens: int = 0, one_row: bool = False
+) -> torch.Tensor:
     """Summed cross-entropy of next-token prediction over the target (assistant) tokens.
 
     chunk_tokens > 0: the output projection and the fp32 softmax run on the target positions
     only, `chunk_tokens` at a time, each chunk recomputed in backward (activation checkpoint),
     so at most one chunk's logits exist at once instead of (rows x seq_len x vocab) of them.
     0: the model's own full logits (the reference the chunked loss is tested against).
-    The labels are shifted (not the logits, which would copy the largest tensor of the step)."""
+    The labels are shifted (not the logits, which would copy the largest tensor of the step),
+    each row on its own; one_row then feeds the model the micro-batch's rows joined end to end
+    as one row (ONE_ROW_KERNELS: FlashAttention finds packed sequences only in a single row)."""
     targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    if one_row:
+        inputs = {k: v.reshape(1, -1) for k, v in inputs.items()}
+        targets = targets.reshape(1, -1)
     if not chunk_tokens:
-        logits = model(
-            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
-        ).logits
+        logits = model(**inputs, use_cache=False).logits
         return F.cross_entropy(
             logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum"
         )
-    hidden = final_hidden_states(model, batch)
+    hidden = final_hidden_states(model, inputs)
     keep = targets != IGNORE
     hidden, targets = hidden[keep], targets[keep]  # (target tokens, hidden), (target tokens,)
     # a transformers model's method; nn.Module's typing sees a Tensor-or-Module attribute
@@ -259,7 +272,7 @@ def chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> 
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
-def final_hidden_states(model: nn.Module, batch: Batch) -> torch.Tensor:
+def final_hidden_states(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """The decoder's output (what the head projects), from the model's own forward (FSDP's
     hooks gather the root parameters there), asking it for the logits of no position."""
     captured: list[torch.Tensor] = []
@@ -269,20 +282,17 @@ def final_hidden_states(model: nn.Module, batch: Batch) -> torch.Tensor:
         lambda _m, _i, out: captured.append(out.last_hidden_state)
     )
     try:
-        none = torch.zeros(0, dtype=torch.long, device=batch["input_ids"].device)
-        model(
-            input_ids=batch["input_ids"],
-            position_ids=batch["position_ids"],
-            use_cache=False,
-            logits_to_keep=none,
-        )
+        none = torch.zeros(0, dtype=torch.long, device=inputs["input_ids"].device)
+        model(**inputs, use_cache=False, logits_to_keep=none)
     finally:
         handle.remove()
     return captured[0]
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, source: BatchSource, rt: Runtime, t: TrainConfig) -> float:
+def evaluate(
+    model: nn.Module, source: BatchSource, rt: Runtime, t: TrainConfig, one_row: bool = False
+) -> float:
     """Validation loss over every rank's val rows. All ranks run the same number of forwards
     (FSDP all-gathers in each), so a rank with fewer rows runs target-free filler batches."""
     model.eval()
@@ -292,7 +302,7 @@ def evaluate(model: nn.Module, source: BatchSource, rt: Runtime, t: TrainConfig)
     sums = torch.zeros(2, dtype=torch.float64, device=rt.device)
     for i in range(int(count.item())):
         batch = to_tensors(mine[i], rt.device) if i < len(mine) else filler_batch(mine, rt)
-        sums[0] += token_loss_sum(model, batch, t.loss_chunk_tokens).double()
+        sums[0] += token_loss_sum(model, batch, t.loss_chunk_tokens, one_row).double()
         sums[1] += (batch["labels"][:, 1:] != IGNORE).sum()
     dist.all_reduce(sums)
     model.train()

@@ -21,18 +21,28 @@ from soulray.config import Config, LoraConfig, ModelConfig, TrainConfig
 log = logging.getLogger("soulray.train")
 
 VARLEN = "soulray_varlen"  # name of our packed-varlen kernel in transformers' AttentionInterface
+# Kernels that keep packed sequences apart (by their position_ids) only in a batch of ONE row:
+# transformers falls back to plain causal attention over the whole row for batch size > 1, so
+# every sequence would see the ones packed before it. The loop joins a micro-batch's rows into
+# one row for these (soulray_varlen flattens the batch itself; sdpa and eager build a mask).
+ONE_ROW_KERNELS = frozenset({"flash_attention_2", "flash_attention_3"})
 
 
-def resolve_attn_implementation(choice: str, device: torch.device) -> str:
-    """The transformers attn_implementation for a config choice on this device."""
+def resolve_attn_implementation(
+    choice: str, device: torch.device, dtype: torch.dtype = torch.bfloat16
+) -> str:
+    """The transformers attn_implementation for a config choice on this device, computing in
+    `dtype`: the FlashAttention kernels (flash_attention_2/3, varlen) take only fp16/bf16."""
     cuda = device.type == "cuda"
     match choice:
         case "auto":
-            if cuda and importlib.util.find_spec("flash_attn_interface"):
+            if not cuda or dtype == torch.float32:
+                return "sdpa"
+            if importlib.util.find_spec("flash_attn_interface"):
                 return "flash_attention_3"
-            if cuda and importlib.util.find_spec("flash_attn"):
+            if importlib.util.find_spec("flash_attn"):
                 return "flash_attention_2"
-            return _register_varlen() if cuda and _has_varlen() else "sdpa"
+            return _register_varlen() if _has_varlen() else "sdpa"
         case "flash_attention_3" | "flash_attention_2":
             package = "flash_attn_interface" if choice.endswith("3") else "flash_attn"
             if not (cuda and importlib.util.find_spec(package)):
@@ -40,6 +50,7 @@ def resolve_attn_implementation(choice: str, device: torch.device) -> str:
                     f"model.attn_implementation={choice} needs a CUDA GPU and the {package} "
                     "package (pip install 'soulray[gpu]'); use 'auto', 'varlen' or 'sdpa'"
                 )
+            flash_dtype(choice, dtype)
             return choice
         case "varlen":
             if not (cuda and _has_varlen()):
@@ -47,10 +58,19 @@ def resolve_attn_implementation(choice: str, device: torch.device) -> str:
                     "model.attn_implementation=varlen needs CUDA and a torch with "
                     "torch.nn.attention.varlen; use 'sdpa' on CPU"
                 )
+            flash_dtype(choice, dtype)
             return _register_varlen()
         case "sdpa" | "eager":
             return choice
     raise ValueError(f"unknown model.attn_implementation {choice!r}")
+
+
+def flash_dtype(choice: str, dtype: torch.dtype) -> None:
+    if dtype == torch.float32:
+        raise ValueError(
+            f"model.attn_implementation={choice} computes in bf16/fp16 only and "
+            "train.dtype is float32; set train.dtype=bfloat16 (or auto), or use sdpa"
+        )
 
 
 def _has_varlen() -> bool:
@@ -288,8 +308,8 @@ def build_sharded_model(
     filled with rank 0's initial weights. Returns (model, hf_config, attention, param dtype)."""
     t = cfg.train
     hf_config = build_model_config(cfg.model, tokenizer)
-    attn = resolve_attn_implementation(cfg.model.attn_implementation, device)
     param_dtype = compute_dtype(t, device)
+    attn = resolve_attn_implementation(cfg.model.attn_implementation, device, param_dtype)
     model = build_model(cfg, hf_config, attn, "meta")
     if cfg.lora.enabled:
         store_frozen_in(model, param_dtype)

@@ -14,6 +14,7 @@ import argparse
 import logging
 import os
 import shutil
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from soulray.config import Config, load_config
 from soulray.train.checkpoint import STATE_FILE
 from soulray.train.data import load_run_tokenizer
 from soulray.train.feed import amplification_warning, build_source, parquet_chunks, plan_reads
+from soulray.train.launch import PROCESS_GROUP_TIMEOUT_S, process_group_backend
 from soulray.train.loop import Runtime, train_loop
 
 log = logging.getLogger("soulray.train")
@@ -98,7 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if cuda else "gloo")
+    backend = process_group_backend(cfg.train) if cuda else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(seconds=PROCESS_GROUP_TIMEOUT_S))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     try:
         train_loop(cfg, build_runtime(cfg, dist.get_rank(), dist.get_world_size(), device))

@@ -174,3 +174,14 @@ def test_rows_joining_a_running_batch_decode_as_if_alone(tiny_model):
             texts[row.tag] = texts.get(row.tag, "") + delta.text
     for req in first + later:
         assert texts[req.request_id] == generate_text(model, tok, req, device).text, req
+
+
+def test_a_replica_without_gpus_stays_on_the_cpu_of_a_gpu_node(monkeypatch) -> None:
+    """Ray leaves a node's GPUs visible to a num_gpus=0 replica: it must not use them."""
+    import torch
+
+    from soulray.serve.generate import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device(False) == "cpu"
+    assert pick_device(True) == "cuda"

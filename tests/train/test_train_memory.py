@@ -57,6 +57,29 @@ def test_chunked_loss_equals_the_full_logits_loss_with_its_gradients(tied: bool)
         model.zero_grad()
 
 
+@pytest.mark.parametrize("chunk", [0, 7])
+def test_rows_joined_into_one_give_the_same_loss_and_gradients(chunk: int) -> None:
+    """FlashAttention 2/3 keep packed sequences apart only in a one-row batch, so for them the
+    loop joins a micro-batch's rows (one_row). Targets are still shifted within each row: the
+    last position of a row never learns the next row's first token (labelled here)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Qwen2Config(**TINY), attn_implementation="sdpa")
+    batch = packed_batch(3, 40, seed=2)
+    batch["labels"][:, 0] = batch["input_ids"][:, 0]  # a target at every row's first position
+    rows = token_loss_sum(model, batch, chunk, one_row=False)
+    rows.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    joined = token_loss_sum(model, batch, chunk, one_row=True)
+    torch.testing.assert_close(joined, rows, rtol=1e-6, atol=0)
+    joined.backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name], rtol=1e-5, atol=1e-6)
+    from soulray.train.model import ONE_ROW_KERNELS
+
+    assert {"flash_attention_2", "flash_attention_3"} == ONE_ROW_KERNELS
+
+
 def test_grad_sync_resolves_per_fine_tuning_kind() -> None:
     assert sync_every_micro_batch(load_config(None, [])) is True
     assert sync_every_micro_batch(load_config(None, ["lora.enabled=true"])) is False
@@ -110,3 +133,15 @@ def test_reducing_every_micro_batch_gives_the_same_gradients(prepared_quickstart
     for name, grad in every["grads"].items():
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(grad, last["grads"][name], rtol=1e-5, atol=1e-8)
+
+
+def test_process_group_backend_fits_where_the_tensors_are() -> None:
+    """NCCL cannot all-reduce a CPU tensor: with cpu_offload the gradient norm is one."""
+    from soulray.train.launch import process_group_backend
+
+    def backend(*overrides: str) -> str:
+        return process_group_backend(load_config(None, list(overrides)).train)
+
+    assert backend() == "gloo"
+    assert backend("train.use_gpu=true") == "nccl"
+    assert backend("train.use_gpu=true", "train.cpu_offload=true") == "cpu:gloo,cuda:nccl"

@@ -123,6 +123,10 @@ def test_varlen_call_fits_the_installed_torch(monkeypatch: pytest.MonkeyPatch) -
 
 def test_attention_choice_on_cpu() -> None:
     assert resolve_attn_implementation("auto", CPU) == "sdpa"
+    # on a GPU in float32 (train.dtype), auto takes sdpa; a FlashAttention kernel is refused
+    assert resolve_attn_implementation("auto", torch.device("cuda"), torch.float32) == "sdpa"
+    with pytest.raises(ValueError, match="train.dtype is float32; set train.dtype=bfloat16"):
+        resolve_attn_implementation("varlen", torch.device("cuda"), torch.float32)
     assert resolve_attn_implementation("eager", CPU) == "eager"
     with pytest.raises(ValueError, match="needs CUDA"):
         resolve_attn_implementation("varlen", CPU)
@@ -343,3 +347,18 @@ def test_a_resume_refuses_what_it_cannot_change_and_warns_of_what_it_keeps(
     with caplog.at_level("WARNING", logger="soulray.train"):
         check_resume_config(config("data.seq_len=512"))
     assert "not checking the resume against" in caplog.text
+
+
+def test_rng_state_round_trips_and_reads_older_checkpoints() -> None:
+    """A CPU rank saves no CUDA state (and never initialises CUDA); the state restores the
+    generator exactly; a checkpoint of the older format (a list of every GPU's state) loads."""
+    from soulray.train.checkpoint import rng_state, set_rng_state
+
+    torch.manual_seed(3)
+    saved = rng_state()
+    assert saved["cuda"] is None
+    expected = torch.rand(4)
+    for old_format in (saved, {"cpu": saved["cpu"], "cuda": []}):
+        torch.rand(10)  # move on
+        set_rng_state(old_format)
+        assert torch.equal(torch.rand(4), expected)
