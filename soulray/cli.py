@@ -69,7 +69,9 @@ def user_error(exc: BaseException) -> BaseException | None:
             return e
         if isinstance(e, ValueError) and type(e).__module__.startswith("soulray"):
             return e
-        for nxt in (getattr(e, "cause", None), e.__cause__, e.__context__):
+        # `raise ... from None` hides the context: its error is not the one to show
+        context = None if e.__suppress_context__ else e.__context__
+        for nxt in (getattr(e, "cause", None), e.__cause__, context):
             if isinstance(nxt, BaseException):
                 stack.append(nxt)
     return exc if type(exc) is ValueError else None
@@ -169,7 +171,7 @@ def serve_cmd(
     build = bool(words) and words[0] == "build"
     cfg = load(config, words[1:] if build else words)
     if build:
-        write_serve_config(cfg, output)
+        run_verb(write_serve_config, cfg, output)
         return
     from soulray.serve.app import start_serving
     from soulray.serve.prompt import check_local_model_dirs
@@ -196,6 +198,10 @@ def write_serve_config(cfg: Config, output: Path) -> None:
     from soulray.serve.app import build_serve_config, resolved
 
     model_dir = cfg.serve_model_dir
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--output {output}: cannot create its folder ({e.strerror})") from None
     output.write_text(
         f"# Ray Serve config written by `soulray serve build`. Deploy with:\n"
         f"#   serve deploy {output}\n"

@@ -470,6 +470,20 @@ def _format_errors(err: ValidationError, origin: str) -> str:
     return f"invalid config ({origin}):\n  " + "\n  ".join(lines)
 
 
+def read_setting_file(key: str, path: str) -> str:
+    """The text of a file a config key names; a missing or unreadable one is an error that
+    names the key (the packaged default is what leaving the key unset gives)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise ValueError(
+            f"{key}={path}: no such file; give the path of a YAML file of the packaged one's "
+            f"shape, or leave {key} unset for the packaged one"
+        ) from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{key}={path} is not UTF-8 text; save it as UTF-8") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (or the defaults), apply dotted overrides and validate."""
     if path is None:
@@ -478,6 +492,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except (IsADirectoryError, NotADirectoryError):
+        raise ConfigError(f"--config {path} is not a file; name a YAML file (see jobs/)") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text; save it as UTF-8") from None
     return parse_config(text, str(path), overrides)
 
 

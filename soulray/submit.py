@@ -6,18 +6,24 @@ By default the project directory is uploaded as the job's working_dir (so the cl
 checkout of soulray with the Python packages its image already has); with --no-upload the cluster
 image must already hold soulray. Token authentication is handled by Ray's JobSubmissionClient: it
 sends the token from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token when the cluster
-requires one. `ray job submit --address ... --working-dir . -- python -m soulray.cli ...` is the
-plain-Ray equivalent.
+requires one and RAY_AUTH_MODE=token, which this command sets when one of those exists (a plain
+`ray job submit` needs `export RAY_AUTH_MODE=token`).
+`ray job submit --address ... --working-dir . -- python -m soulray.cli ...` is the plain-Ray
+equivalent.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import secrets
 import shlex
 import time
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("soulray.submit")
 
 EXCLUDES = [
     ".git",
@@ -63,29 +69,111 @@ def build_runtime_env(project: Path, upload: bool) -> dict[str, Any]:
     return env
 
 
+def send_token_if_present() -> None:
+    """Ray 2.60's client sends the cluster token only with RAY_AUTH_MODE=token (read once, when
+    ray is imported): a token on this machine means the cluster wants it, so send it."""
+    if os.environ.get("RAY_AUTH_MODE"):
+        return
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+    if os.environ.get("RAY_AUTH_TOKEN") or Path(path).is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def check_project(project: Path) -> None:
+    """An upload sends the current directory: it must be the soulray checkout's root."""
+    if not (
+        (project / "soulray" / "__init__.py").is_file() and (project / "pyproject.toml").is_file()
+    ):
+        raise ValueError(
+            f"{project} is not the soulray project's root (no soulray/ and pyproject.toml here), "
+            "and soulray submit uploads the current directory as the job's working_dir; cd to "
+            "the checkout's root (the job's --config and data paths are relative to it), or pass "
+            "--no-upload to run the soulray installed on the cluster"
+        )
+
+
+def relative_outputs(command: list[str]) -> list[str]:
+    """The output paths of the command's config that are relative: with an upload the job runs
+    in Ray's temporary copy of the project, so what it writes there is lost after the job."""
+    from soulray.config import load_config
+
+    args = command[1:] if command[:1] == ["soulray"] else command
+    if args[:1] not in (["prepare"], ["train"], ["pipeline"], ["quickstart"]):
+        return []
+    config, overrides, rest = None, [], iter(args[1:])
+    for arg in rest:
+        if arg in ("--config", "-c"):
+            config = next(rest, None)
+        elif arg.startswith("--config="):
+            config = arg.split("=", 1)[1]
+        elif not arg.startswith("-"):
+            overrides.append(arg)
+    try:
+        cfg = load_config(config, overrides)
+    except Exception:  # the job reports a bad config itself, with the cluster's files
+        return []
+    paths = {
+        "data.output_dir": cfg.data.output_dir,
+        "train.storage_path": cfg.train.storage_path,
+        "train.export_dir": cfg.train.export_dir,
+        "pipeline.run_dir": cfg.pipeline.run_dir,
+    }
+    return [
+        f"{key}={value}"
+        for key, value in paths.items()
+        if value and "://" not in value and not os.path.isabs(value)
+    ]
+
+
 def submit_job(
     address: str | None, command: list[str], wait: bool, upload: bool, project: Path
 ) -> tuple[str, str]:
     """Submit; with wait, stream the logs until the job ends. Returns (job id, final status)."""
+    entrypoint = build_entrypoint(command, upload)
+    if upload:
+        check_project(project)
+        for output in relative_outputs(command):
+            log.warning(
+                "warning: %s is relative: the job runs in Ray's temporary copy of this project "
+                "on the cluster, so what it writes there is gone after the job (and a later job "
+                "will not find it); override it with an absolute path on storage the cluster "
+                "keeps, e.g. %s=/mnt/shared/soulray/...",
+                output,
+                output.split("=", 1)[0],
+            )
+    send_token_if_present()
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
+    where = address or os.environ.get("RAY_ADDRESS") or "the default address"
     try:
         client = JobSubmissionClient(address)
+        verb = command[1] if command[:1] == ["soulray"] and len(command) > 1 else command[0]
+        job_id = client.submit_job(
+            entrypoint=entrypoint,
+            runtime_env=build_runtime_env(project, upload),
+            # a random tail: two submissions in one second get two ids
+            submission_id=f"soulray-{verb}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}",
+            metadata={"soulray_command": shlex.join(command)},
+        )
     except ConnectionError as e:
-        where = address or os.environ.get("RAY_ADDRESS") or "the default address"
         reason = str(e).rstrip(".")
         raise ValueError(
             f"cannot reach a Ray cluster's job API at {where} ({reason}); start one "
             "(`ray start --head`, or cluster/local.sh up) or pass --address http://HEAD:8265, "
             "the dashboard port"
         ) from None
-    verb = command[1] if command[:1] == ["soulray"] and len(command) > 1 else command[0]
-    job_id = client.submit_job(
-        entrypoint=build_entrypoint(command, upload),
-        runtime_env=build_runtime_env(project, upload),
-        submission_id=f"soulray-{verb}-{time.strftime('%Y%m%d-%H%M%S')}",
-        metadata={"soulray_command": shlex.join(command)},
-    )
+    except AuthenticationError as e:
+        raise ValueError(
+            f"the Ray cluster at {where} refused the job: {e.message}; it uses token "
+            "authentication: put its token in ~/.ray/auth_token (or RAY_AUTH_TOKEN) and "
+            "export RAY_AUTH_MODE=token"
+        ) from None
+    except RuntimeError as e:  # the job API's own errors (e.g. its agent not up yet)
+        raise ValueError(
+            f"the Ray cluster at {where} did not take the job: {str(e).strip()}; "
+            "check `ray status` and submit again"
+        ) from None
     if wait:
         asyncio.run(follow_logs(client, job_id))
     return job_id, client.get_job_status(job_id).value

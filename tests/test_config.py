@@ -210,3 +210,43 @@ def test_unreadable_config_files(tmp_path):
     empty.write_text("# nothing\n")
     assert load_config(empty) == Config()
     assert issubclass(ConfigError, ValueError)
+    with pytest.raises(ConfigError, match=f"--config {tmp_path} is not a file; name a YAML"):
+        load_config(tmp_path)
+    gbk = tmp_path / "gbk.yaml"
+    gbk.write_bytes("data:\n  seq_len: 512  # 中文注释\n".encode("gbk"))
+    with pytest.raises(ConfigError, match="gbk.yaml is not UTF-8 text; save it as UTF-8"):
+        load_config(gbk)
+
+
+def test_a_file_a_key_names_is_refused_with_the_key(tmp_path):
+    from soulray.synth.roles import load_prompts
+    from soulray.synth.scenarios import load_pool
+    from soulray.synth.strategies import load_taxonomy
+
+    missing = str(tmp_path / "nope.yaml")
+    for load, key in [
+        (load_taxonomy, "synth.taxonomy_file"),
+        (load_prompts, "synth.prompts_file"),
+        (load_pool, "synth.scenarios.pool_file"),
+    ]:
+        with pytest.raises(ValueError, match=f"^{key}={missing}: no such file; give the path"):
+            load(missing)
+
+
+def test_the_error_shown_is_the_one_raised_not_the_one_it_hid(tmp_path):
+    """`raise ValueError(...) from None` inside an OSError handler: the CLI prints the
+    ValueError (it names the option and the fix), not the OSError it replaced."""
+    from typer.testing import CliRunner
+
+    from soulray.cli import app
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    out = blocker / "sub" / "serve.yaml"  # a folder cannot be made under a file
+    config = str(Path(__file__).parents[1] / "jobs" / "quickstart.yaml")
+    result = CliRunner().invoke(app, ["serve", "build", "--config", config, "-o", str(out)])
+    assert result.exit_code == 1
+    assert f"error: --output {out}: cannot create its folder" in result.output
+    made = tmp_path / "new" / "serve.yaml"  # a missing folder is made
+    result = CliRunner().invoke(app, ["serve", "build", "--config", config, "-o", str(made)])
+    assert result.exit_code == 0 and made.read_text().startswith("# Ray Serve config")

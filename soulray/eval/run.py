@@ -145,7 +145,8 @@ def check_config(cfg: EvalConfig, baseline: str | None) -> None:
         )
     if cfg.interactive.enabled:
         interactive_scenarios(cfg.interactive)  # the pool makes enough of them
-        load_prompts(cfg.interactive.seeker_prompts)  # the file is there and parses
+        # the file is there and parses
+        load_prompts(cfg.interactive.seeker_prompts, "eval.interactive.seeker_prompts")
     names = [m.name for m in cfg.models]
     if baseline is not None and (baseline not in names or len(names) < 2):
         raise ValueError(

@@ -11,11 +11,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import yaml
 
+from soulray.config import read_setting_file
 from soulray.endpoints import ChatResult, EndpointClient
 from soulray.synth.scenarios import Scenario
 from soulray.synth.strategies import (
@@ -30,12 +30,14 @@ END_PATTERN = re.compile(r"[<\[【]\s*(?:END|结束)\s*[>\]】]", re.IGNORECASE)
 Messages = list[dict[str, str]]
 
 
-def load_prompts(path: str | None = None) -> dict[str, dict[str, Any]]:
+def load_prompts(
+    path: str | None = None, key: str = "synth.prompts_file"
+) -> dict[str, dict[str, Any]]:
     """Language -> templates: the packaged prompts.yaml, or a YAML file of the same shape."""
     if path is None:
         text = resources.files("soulray.synth").joinpath("prompts.yaml").read_text("utf-8")
     else:
-        text = Path(path).read_text(encoding="utf-8")
+        text = read_setting_file(key, path)
     return yaml.safe_load(text)
 
 

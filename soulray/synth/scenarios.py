@@ -13,12 +13,12 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from importlib import resources
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
 from soulray import storage
+from soulray.config import read_setting_file
 from soulray.data.formats import FILE_SUFFIXES, split_records
 
 Language = Literal["zh", "en"]
@@ -62,7 +62,7 @@ def load_pool(path: str | None = None) -> dict[str, dict[str, Any]]:
     if path is None:
         text = resources.files("soulray.synth").joinpath("scenarios.yaml").read_text("utf-8")
     else:
-        text = Path(path).read_text(encoding="utf-8")
+        text = read_setting_file("synth.scenarios.pool_file", path)
     pool = yaml.safe_load(text)
     if not isinstance(pool, dict) or not pool:
         raise ValueError(

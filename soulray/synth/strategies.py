@@ -11,12 +11,11 @@ import json
 import re
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-from soulray.config import DEFAULT_STRATEGY_ALIASES, StrategyConfig
+from soulray.config import DEFAULT_STRATEGY_ALIASES, StrategyConfig, read_setting_file
 from soulray.data.conversation import build_strategy_lookup
 
 STAGES = ("exploration", "comforting", "action")
@@ -77,7 +76,7 @@ def load_taxonomy(path: str | None = None) -> Taxonomy:
     if path is None:
         text = resources.files("soulray.synth").joinpath("strategies.yaml").read_text("utf-8")
     else:
-        text = Path(path).read_text(encoding="utf-8")
+        text = read_setting_file("synth.taxonomy_file", path)
     return build_taxonomy(yaml.safe_load(text), path or "strategies.yaml")
 
 

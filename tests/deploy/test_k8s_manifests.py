@@ -72,8 +72,14 @@ def serve_config(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def entrypoint_commands(entrypoint: str) -> list[list[str]]:
-    """The commands of a shell entrypoint `a && b`, each as argv."""
-    return [shlex.split(part) for part in re.split(r"&&|;", entrypoint) if part.strip()]
+    """The entrypoint's one command as argv. KubeRay's submitter pastes it into its own shell
+    after `ray job submit --`, so a second command (after &&, ;, |) would run in the submitter
+    pod, not on the cluster (ray-project/kuberay#3929): one command only."""
+    argv = shlex.split(entrypoint)
+    assert not {"&&", ";", "|", "||", "&"} & set(argv) and ";" not in entrypoint, (
+        f"{entrypoint!r}: one command only; its second would run in the submitter pod"
+    )
+    return [argv]
 
 
 def parse_soulray(argv: list[str]) -> tuple[str, dict[str, Any]]:
@@ -412,8 +418,11 @@ def test_rayjob_entrypoints_parse_with_our_cli_and_configs_load(target):
         assert config.parts[0] == "jobs" and (ROOT / config).is_file(), (
             f"{doc['spec']['entrypoint']!r}: --config {config} must name a file in jobs/"
         )
-        load_config(ROOT / config, list(params.get("overrides") or []))
-    assert verbs == ["prepare", "train"]
+        cfg = load_config(ROOT / config, list(params.get("overrides") or []))
+        assert cfg.pipeline.stages == ["prepare", "train"]
+    assert verbs == ["pipeline"]
+    with pytest.raises(AssertionError, match="one command only"):
+        entrypoint_commands("soulray prepare -c jobs/x.yaml && soulray train -c jobs/x.yaml")
 
 
 def test_cli_parsing_refuses_what_the_cli_refuses():

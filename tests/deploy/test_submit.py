@@ -4,6 +4,7 @@ config typo fails with the config error in its logs; `down` leaves no process be
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -144,3 +145,53 @@ def test_submit_prepare_and_train_then_a_bad_config(local_cluster, tmp_path) -> 
 
 def read_env_file_plain(path) -> dict[str, str]:
     return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+
+
+def test_an_upload_from_outside_the_project_root_is_refused(tmp_path, monkeypatch) -> None:
+    """The upload is the current directory: from jobs/ it would send jobs/ alone and run
+    whatever soulray the cluster has installed."""
+    from typer.testing import CliRunner
+
+    from soulray.cli import app
+
+    monkeypatch.chdir(ROOT / "jobs")
+    result = CliRunner().invoke(
+        app, ["submit", "--", "soulray", "prepare", "--config", "quickstart.yaml"]
+    )
+    assert result.exit_code == 1
+    assert f"error: {ROOT / 'jobs'} is not the soulray project's root" in result.output
+    assert "or pass --no-upload" in result.output
+
+
+def test_relative_outputs_of_an_uploaded_job_are_named() -> None:
+    from soulray.submit import relative_outputs
+
+    config = str(ROOT / "jobs" / "quickstart.yaml")
+    assert relative_outputs(["soulray", "prepare", "--config", config]) == [
+        "data.output_dir=runs/quickstart/data",
+        "train.storage_path=runs/quickstart/checkpoints",
+        "train.export_dir=runs/quickstart/model",
+    ]
+    absolute = ["data.output_dir=/d", "train.storage_path=s3://b/c", "train.export_dir=/m"]
+    assert relative_outputs(["soulray", "train", "-c", config, *absolute]) == []
+    assert relative_outputs(["soulray", "report", "runs/x"]) == []  # no config to read
+
+
+def test_a_token_on_this_machine_is_sent(tmp_path, monkeypatch) -> None:
+    """Ray's client sends the token only with RAY_AUTH_MODE=token, which `ray start` does not
+    tell the user to set: a token file or variable turns it on."""
+    from soulray.submit import send_token_if_present
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.setenv(name, "")  # recorded first, so the variable is restored after
+        monkeypatch.delenv(name)
+    send_token_if_present()
+    assert "RAY_AUTH_MODE" not in os.environ  # no token anywhere: nothing to send
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("t" * 32)
+    send_token_if_present()
+    assert os.environ["RAY_AUTH_MODE"] == "token"
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the user's own choice stands
+    send_token_if_present()
+    assert os.environ["RAY_AUTH_MODE"] == "disabled"
