@@ -457,6 +457,6 @@ def test_bad_scenario_inputs_and_roles_are_refused_on_the_driver(tmp_path, monke
     keyed = {"roles": {"counselor": {"api_key_env": "SOULRAY_TEST_NO_KEY"}}}
     with pytest.raises(ValueError, match="SOULRAY_TEST_NO_KEY is not set"):
         check_cast(SynthConfig.model_validate(keyed))
-    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+    with pytest.raises(ValueError, match=r"^synth.taxonomy_file=.*nope.yaml: no such file"):
         check_cast(SynthConfig.model_validate({"taxonomy_file": str(tmp_path / "nope.yaml")}))
     check_cast(SynthConfig())  # the packaged prompts and taxonomy, no key needed
