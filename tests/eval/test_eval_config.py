@@ -101,7 +101,9 @@ def test_interactive_settings_are_checked_before_any_request(tmp_path):
         EvalConfig.model_validate(cfg | {"interactive": {"enabled": True, "languages": []}})
     missing = str(tmp_path / "seeker.yaml")
     on = {"enabled": True, "seeker_prompts": missing}
-    with pytest.raises(FileNotFoundError, match="seeker.yaml"):
+    with pytest.raises(
+        ValueError, match=r"^eval.interactive.seeker_prompts=.*seeker.yaml: no such"
+    ):
         check_config(EvalConfig.model_validate(cfg | {"interactive": on}), None)
 
 
