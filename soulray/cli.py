@@ -116,10 +116,22 @@ def print_prepare_summary(m: dict[str, Any], cfg: Config) -> None:
     rejected = sum(m["rejected"].values())
     typer.echo(
         f"prepared {m['conversations']} conversations ({rejected} rejected: "
-        f"{json.dumps(m['rejected'], ensure_ascii=False)}), "
+        f"{json.dumps(m['rejected'], ensure_ascii=False)}"
+        + (
+            f"; {m['collapsed_prefixes']} earlier samples of longer dialogues collapsed into them"
+            if m.get("collapsed_prefixes")
+            else ""
+        )
+        + "), "
         f"{m['assistant_turns']} assistant turns, "
         f"{m['tokens']} tokens ({m['target_tokens']} targets) in {m['rows']} rows of "
-        f"{m['seq_len']}, packing efficiency {m['packing_efficiency']:.2%}\n"
+        f"{m['seq_len']}, packing efficiency {m['packing_efficiency']:.2%}"
+        + (
+            f"; {m['truncated_turns']} messages longer than seq_len were cut to fit"
+            if m.get("truncated_turns")
+            else ""
+        )
+        + "\n"
         f"  output: {cfg.data.output_dir} (manifest.json, rejects.jsonl, train/, val/, tokenizer/)"
     )
 

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import fnmatch
 import glob
+import logging
 import os
 import threading
 from pathlib import Path
 
 import pyarrow.fs as pafs
+
+log = logging.getLogger("soulray.storage")
 
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://", "abfs://", "abfss://")
 GLOB_CHARS = "*?["
@@ -140,7 +143,20 @@ def _expand_one(item: str, suffixes: tuple[str, ...]) -> list[str]:
         fs, inner = resolve(item)
         kind = fs.get_file_info(inner).type
         if kind == pafs.FileType.Directory:
-            return list_files(item, suffixes)
+            found = list_files(item, suffixes)
+            skipped = sorted(set(_all_files(item)) - set(found))
+            if skipped:
+                names = ", ".join(f[len(normalize(item)) :].lstrip("/") for f in skipped[:5])
+                log.warning(
+                    "warning: %s: %d file(s) not read: only %s files are, and none whose name "
+                    "or folder starts with '.' or '_' (%s%s)",
+                    item,
+                    len(skipped),
+                    "/".join(suffixes),
+                    names,
+                    ", ..." if len(skipped) > 5 else "",
+                )
+            return found
         return [normalize(item)] if kind == pafs.FileType.File else []
     if not is_remote(item):
         matches = sorted(glob.glob(os.path.expanduser(item), recursive=True))
@@ -148,6 +164,12 @@ def _expand_one(item: str, suffixes: tuple[str, ...]) -> list[str]:
     base = item[: min(item.index(c) for c in GLOB_CHARS if c in item)].rsplit("/", 1)[0]
     pattern = normalize(item)
     return [f for f in list_files(base, suffixes) if _glob_match(f, pattern)]
+
+
+def _all_files(path: str) -> list[str]:
+    fs, inner = resolve(path)
+    infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
+    return [_with_scheme(path, i.path) for i in infos if i.type == pafs.FileType.File]
 
 
 def _glob_match(path: str, pattern: str) -> bool:

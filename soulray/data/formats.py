@@ -52,6 +52,14 @@ def split_records(path: str, data: bytes) -> Iterator[RawRecord]:
         yield from _parquet_records(path, stem, data)
         return
     data = data.removeprefix(b"\xef\xbb\xbf")
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16's byte-order mark
+        err = RecordError(
+            "invalid_encoding",
+            "the file is UTF-16, not UTF-8; convert it, e.g. "
+            f"`iconv -f UTF-16 -t UTF-8 {PurePosixPath(path).name} > out{suffix}`",
+        )
+        yield RawRecord(path, stem, None, data[:2000].decode("utf-16", errors="replace"), err)
+        return
     if suffix != ".json":
         yield from line_records(path, stem, data)
         return
@@ -77,7 +85,8 @@ def not_utf8(e: UnicodeDecodeError) -> RecordError:
     return RecordError(
         "invalid_encoding",
         f"not UTF-8 (byte 0x{e.object[e.start]:02x} at byte {e.start}); convert the file to "
-        "UTF-8, e.g. `iconv -f GBK -t UTF-8 in.jsonl > out.jsonl`",
+        "UTF-8 from its encoding, e.g. `iconv -f GBK -t UTF-8 in.jsonl > out.jsonl` (GBK or "
+        "GB18030 for Chinese, CP1252 or LATIN1 for Western text)",
     )
 
 
@@ -192,9 +201,13 @@ def detect_format(record: Any) -> str:
     elif is_turn_list(record):
         return "smile"
     shape = sorted(record)[:6] if isinstance(record, dict) else type(record).__name__
+    hint = ""
+    if isinstance(record, list) and record and all(isinstance(r, dict) for r in record):
+        hint = " (a JSON array of records on one line? name the file .json to read them)"
     raise RecordError(
         "unknown_format",
-        f"matches no known corpus shape (keys/type: {shape}); expected one of {', '.join(FORMATS)}",
+        f"matches no known corpus shape (keys/type: {shape}); expected one of "
+        f"{', '.join(FORMATS)}{hint}",
     )
 
 

@@ -53,10 +53,10 @@ from soulray.data.render import (
 )
 from soulray.data.tokenizer import (
     load_tokenizer,
+    load_tokenizer_from_files,
     tokenizer_files,
     tokenizer_hash,
     train_tokenizer,
-    write_tokenizer_files,
 )
 
 log = logging.getLogger("soulray.prepare")
@@ -72,6 +72,15 @@ class StrictModeError(ValueError):
     Raised on the driver, after parsing: raised inside a Ray task it would reach the CLI only as
     a RayTaskError (Ray does not carry the exception chain), i.e. a traceback, not one line.
     """
+
+
+def strict_dedupe_error(rejected: dict[str, int]) -> str:
+    """--strict's message when the only rejects came from the corpus-wide dedupe."""
+    counts = ", ".join(f"{n} {reason}" for reason, n in sorted(rejected.items()))
+    return (
+        f"{counts} record(s): the same conversation as an earlier record; remove the copies, or "
+        "run without --strict to skip them (rejects.jsonl then names each one and its original)"
+    )
 
 
 def count_render_rejects(shards: list[dict[str, Any]], summary: ParseSummary) -> list[str]:
@@ -100,8 +109,7 @@ class RenderPacker:
     def __init__(self, files: dict[str, bytes], cfg: DataConfig, out: str, trust_code: bool):
         # One tokenizer thread per actor: the actors already fill the node's CPUs.
         os.environ.setdefault("RAYON_NUM_THREADS", "1")
-        directory = write_tokenizer_files(files, tempfile.mkdtemp(prefix="soulray-tok-"))
-        self.tokenizer = load_tokenizer(str(directory), trust_code)
+        self.tokenizer = load_tokenizer_from_files(files, trust_code)
         self.eot = find_end_of_turn(self.tokenizer)
         self.skeletons: dict[tuple[str, ...], str] = {}  # the template per role sequence
         self.cfg = cfg
@@ -125,29 +133,42 @@ class RenderPacker:
         return pa.Table.from_pylist(stats)
 
     def write_shard(self, split: str, part: pa.Table) -> dict[str, Any]:
-        seqs, rejects = [], []
+        from jinja2.exceptions import TemplateError
+
+        seqs: list = []
+        rejects: list[dict[str, Any]] = []
         texts = part.column("conversation").to_pylist()
         convs = [Conversation.from_json(text) for text in texts]
-        tags = self.cfg.strategy_tags
-        layouts = [
-            layout_conversation(self.tokenizer, c, self.eot, tags, self.skeletons) for c in convs
-        ]
-        rendered = tokenize_layouts(self.tokenizer, layouts)
         locations = part.column("location").to_pylist()
-        for text, conv, r, location in zip(texts, convs, rendered, locations, strict=True):
+
+        def reject(i: int, reason: str, detail: str) -> None:
+            rejects.append(
+                {
+                    "reason": reason,
+                    "detail": detail,
+                    "location": locations[i],
+                    "record": texts[i],
+                    "turns": len(convs[i].messages),
+                    "target_turns": count_target_turns(convs[i].messages),
+                }
+            )
+
+        tags = self.cfg.strategy_tags
+        kept, layouts = [], []
+        for i, conv in enumerate(convs):
+            try:
+                layouts.append(
+                    layout_conversation(self.tokenizer, conv, self.eot, tags, self.skeletons)
+                )
+                kept.append(i)
+            except TemplateError as e:  # e.g. "roles must alternate": this record, not the job
+                reject(i, "template_error", f"the model's chat template refused it: {e}")
+        rendered = tokenize_layouts(self.tokenizer, layouts)
+        for i, r in zip(kept, rendered, strict=True):
             try:
                 seqs += split_windows(r, self.cfg.seq_len)
             except RecordError as e:  # rejected like a bad record, not a failed job
-                rejects.append(
-                    {
-                        "reason": e.reason,
-                        "detail": e.detail,
-                        "location": location,
-                        "record": text,
-                        "turns": len(conv.messages),
-                        "target_turns": count_target_turns(conv.messages),
-                    }
-                )
+                reject(i, e.reason, e.detail)
         packed = self.cfg.mode == "packed"
         rows = build_rows(seqs, self.cfg.seq_len, self.tokenizer.pad_token_id, packed)
         name = f"part-{part.column('hash')[0].as_py()[:16]}"
@@ -157,6 +178,7 @@ class RenderPacker:
         written = part.num_rows - len(rejects)
         return (
             {"split": split, "conversations": written, "rows": table.num_rows}
+            | {"truncated_turns": sum(seq.truncated for seq in seqs)}
             | sums
             | {"files": files, "rejects": json.dumps(rejects, ensure_ascii=False)}
         )
@@ -232,41 +254,57 @@ def load_run_tokenizer(cfg: Config, train_ds: Any = None) -> Any:
             for r in sample
         ]
         tokenizer = train_tokenizer(texts, cfg.data.tokenizer_vocab_size)
-    check_template(tokenizer)
+    check_template(tokenizer, cfg.data.system_prompt)
     return tokenizer
 
 
 def save_run_tokenizer(tokenizer: Any, out_dir: str) -> dict[str, bytes]:
     """Save the tokenizer beside the data; its files, to send to the render actors."""
-    local = tempfile.mkdtemp(prefix="soulray-tokenizer-")
-    tokenizer.save_pretrained(local)
-    files = tokenizer_files(local)
+    with tempfile.TemporaryDirectory(prefix="soulray-tokenizer-") as local:
+        tokenizer.save_pretrained(local)
+        files = tokenizer_files(local)
     for name, data in files.items():
         storage.write_bytes(storage.join(out_dir, "tokenizer", name), data)
     return files
 
 
-def check_template(tokenizer: Any) -> None:
+def check_template(tokenizer: Any, system_prompt: str | None = None) -> None:
     """Render one conversation on the driver, so a template soulray cannot use fails here with
     one clear message instead of in every render actor."""
+    from jinja2.exceptions import TemplateError
+
     from soulray.data.conversation import Message
 
-    probe = Conversation(
-        "template-check",
-        "soulray",
-        None,
-        [
-            Message("system", "s"),
-            Message("user", "u"),
-            Message("assistant", "a"),
-        ],
-    )
-    render_conversation(tokenizer, probe, find_end_of_turn(tokenizer))
+    eot = find_end_of_turn(tokenizer)
+    turns = [Message("user", "u"), Message("assistant", "a")]
+    try:
+        render_conversation(tokenizer, Conversation("check", "soulray", None, turns), eot)
+    except TemplateError as e:
+        raise ValueError(
+            f"the chat template refuses a plain user/assistant exchange: {e}"
+        ) from None
+    # A template without a system role (Gemma's) still works: conversations with a system
+    # message are then rejected one by one (template_error); a system_prompt would put one in
+    # every conversation, so it is refused by its key.
+    with_system = [Message("system", "s"), *turns]
+    try:
+        render_conversation(tokenizer, Conversation("check", "soulray", None, with_system), eot)
+    except TemplateError as e:
+        if system_prompt:
+            raise ValueError(
+                f"data.system_prompt is set, but the model's chat template refuses system "
+                f"messages ({e}); unset data.system_prompt for this model"
+            ) from None
+        log.warning(
+            "warning: the chat template refuses system messages (%s): conversations that have "
+            "one are rejected (template_error)",
+            e,
+        )
 
 
 def split_stats(shards: list[dict[str, Any]], seq_len: int) -> dict[str, dict[str, Any]]:
     """Sum the per-shard stats the render actors returned, per split."""
-    keys = ["conversations", "rows", "files", *SCALAR_COLUMNS]
+    keys = ["conversations", "rows", "files", "truncated_turns", *SCALAR_COLUMNS]
     stats: dict[str, dict[str, Any]] = {name: dict.fromkeys(keys, 0) for name in ("train", "val")}
     for shard in shards:
         for key in keys:
@@ -306,9 +344,9 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
         summary, rids = parse_inputs(files, settings, work, d.range_bytes)
         tokenizer = early.result() if early else None
     stages = {"read_parse_dedupe": time.time() - started}
-    if d.strict and summary.first_error:
+    if d.strict and (summary.first_error or summary.rejected):
         storage.delete_dir(out if created else work)  # --strict writes nothing
-        raise StrictModeError(summary.first_error)
+        raise StrictModeError(summary.first_error or strict_dedupe_error(summary.rejected))
     log.info(
         "records: %d read, %d kept, %d collapsed into longer dialogues, rejected %s",
         summary.records,
@@ -365,9 +403,23 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     )
     shards = rendered.take_all()
     stages["tokenizer_render_pack_write"] = time.time() - started - sum(stages.values())
-    write_rejects(work, rejects_path, count_render_rejects(shards, summary))
+    render_rejects = count_render_rejects(shards, summary)
+    if d.strict and render_rejects:  # a record only rendering can judge (too long, template)
+        storage.delete_dir(out if created else work)
+        first = json.loads(render_rejects[0])
+        raise StrictModeError(f"{first['location']}: {first['reason']}: {first['detail']}")
+    write_rejects(work, rejects_path, render_rejects)
     storage.delete_dir(work)
     stats = split_stats(shards, d.seq_len)
+    truncated = sum(s["truncated_turns"] for s in stats.values())
+    if truncated:
+        log.warning(
+            "warning: %d message(s) were longer than data.seq_len=%d on their own and were cut "
+            "to fit (an assistant reply cut so never shows where it ends); raise data.seq_len "
+            "to keep them whole",
+            truncated,
+            d.seq_len,
+        )
     # staged block files -> one file group per partition
     for name, n_files in compact_partitions(out, ["train", "val"], d.seq_len).items():
         stats[name]["files"] = n_files
@@ -388,7 +440,9 @@ def build_manifest(
     tokenizer: dict[str, bytes],
     seconds: float,
 ) -> dict[str, Any]:
-    total = {k: sum(s[k] for s in stats.values()) for k in [*SCALAR_COLUMNS, "rows"]}
+    total = {
+        k: sum(s[k] for s in stats.values()) for k in [*SCALAR_COLUMNS, "rows", "truncated_turns"]
+    }
     if total["assistant_turns"] != summary.sums["target_turns"]:
         raise AssertionError(
             f"rendered {total['assistant_turns']} assistant turns but the kept conversations "
@@ -408,6 +462,9 @@ def build_manifest(
         "tokens": total["num_tokens"],
         "target_tokens": total["num_target_tokens"],
         "sequences": total["num_sequences"],
+        # messages longer than seq_len on their own, cut to fit (an assistant one loses its
+        # tail and its end-of-turn marker)
+        "truncated_turns": total["truncated_turns"],
         "rows": total["rows"],
         "packing_efficiency": round(total["num_tokens"] / max(1, total["rows"] * seq_len), 4),
         "seq_len": seq_len,

@@ -102,6 +102,7 @@ class Sequence:
     input_ids: list[int]
     labels: list[int]
     assistant_turns: int  # assistant turns first trained in this sequence
+    truncated: int = 0  # 1: a message longer than seq_len alone lost its tail here
 
 
 def template_messages(conv: Conversation, strategy_tags: bool) -> list[dict[str, str]]:
@@ -139,7 +140,7 @@ def layout_conversation(
     spans, ends, targets = [], [], []
     seen_user = False
     for i, (m, (start, end)) in enumerate(zip(messages, located, strict=True)):
-        marker = end + len(eot) if text.startswith(eot, end) else end
+        marker = end_of_turn_end(text, end, eot)
         seen_user = seen_user or m["role"] == "user"
         if m["role"] == "assistant" and seen_user:
             spans.append((start, marker))
@@ -147,6 +148,13 @@ def layout_conversation(
         ends.append(marker)
     n_system = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
     return Layout(text, spans, ends, targets, n_system)
+
+
+def end_of_turn_end(text: str, end: int, eot: str) -> int:
+    """Where a message's end-of-turn marker ends, if the template wrote one after its content
+    (Llama 2's puts a space first: ' </s>'); else where the content ends."""
+    at = end + len(text[end : end + 8]) - len(text[end : end + 8].lstrip(" \t\n"))
+    return at + len(eot) if text.startswith(eot, at) else end
 
 
 def tokenize_layouts(tokenizer: Any, layouts: list[Layout]) -> list[Rendered]:
@@ -279,4 +287,4 @@ def _window(
     for i in range(lo, hi + 1):
         seg = slice(starts[i], r.bounds[i])
         labels += r.labels[seg] if i in trained_set else [IGNORE] * (seg.stop - seg.start)
-    return Sequence(ids[:seq_len], labels[:seq_len], len(trained))
+    return Sequence(ids[:seq_len], labels[:seq_len], len(trained), int(len(ids) > seq_len))

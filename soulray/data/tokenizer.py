@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,13 @@ def write_tokenizer_files(files: dict[str, bytes], directory: str | Path) -> Pat
     for name, data in files.items():
         (root / name).write_bytes(data)
     return root
+
+
+def load_tokenizer_from_files(files: dict[str, bytes], trust_remote_code: bool = False) -> Any:
+    """A tokenizer from tokenizer_files() (sent to an actor, or read from object storage),
+    through a temporary folder that is gone once it is loaded (it lives in memory then)."""
+    with tempfile.TemporaryDirectory(prefix="soulray-tok-") as directory:
+        return load_tokenizer(str(write_tokenizer_files(files, directory)), trust_remote_code)
 
 
 def tokenizer_hash(files: dict[str, bytes]) -> str:

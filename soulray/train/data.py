@@ -31,9 +31,8 @@ def to_tensors(batch: pa.Table, device: torch.device) -> Batch:
 
 def load_run_tokenizer(data_dir: str, trust_remote_code: bool = False) -> Any:
     """The tokenizer prepare saved beside the data (downloaded first if it is remote)."""
-    import tempfile
 
-    from soulray.data.tokenizer import load_tokenizer, write_tokenizer_files
+    from soulray.data.tokenizer import load_tokenizer, load_tokenizer_from_files
 
     directory = storage.join(data_dir, "tokenizer")
     if not storage.exists(directory):
@@ -44,5 +43,4 @@ def load_run_tokenizer(data_dir: str, trust_remote_code: bool = False) -> Any:
     if not storage.is_remote(directory):
         return load_tokenizer(storage.normalize(directory), trust_remote_code)
     files = {f.rsplit("/", 1)[-1]: storage.read_bytes(f) for f in storage.list_files(directory)}
-    local = write_tokenizer_files(files, tempfile.mkdtemp(prefix="soulray-tok-"))
-    return load_tokenizer(str(local), trust_remote_code)
+    return load_tokenizer_from_files(files, trust_remote_code)

@@ -286,6 +286,22 @@ def test_text_that_is_not_utf8_is_rejected_per_record(tmp_path):
         assert "iconv -f GBK -t UTF-8" in bad.error.detail
 
 
+def test_utf16_files_and_arrays_in_jsonl_files_say_what_to_do(tmp_path):
+    record = {
+        "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hey"}]
+    }
+    utf16 = tmp_path / "export.jsonl"
+    utf16.write_bytes(json.dumps(record).encode("utf-16"))  # with its byte-order mark
+    (got,) = split_records(str(utf16), utf16.read_bytes())
+    assert (got.error.reason, got.error.detail) == (
+        "invalid_encoding",
+        "the file is UTF-16, not UTF-8; convert it, e.g. "
+        "`iconv -f UTF-16 -t UTF-8 export.jsonl > out.jsonl`",
+    )
+    with pytest.raises(RecordError, match=r"one line\? name the file .json to read them"):
+        detect_format([record, record])  # a JSON array saved as .jsonl: one line, a list
+
+
 def test_split_records_parquet(tmp_path):
     rows = [
         {

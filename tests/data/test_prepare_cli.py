@@ -129,6 +129,30 @@ def test_strict_stops_naming_file_and_line(bad_file, tmp_path):
     assert not out.exists()  # nothing written
 
 
+def test_strict_also_stops_at_records_only_dedupe_or_rendering_judge(tmp_path):
+    """A duplicate (found corpus-wide after parsing) and a system prompt longer than seq_len
+    (found when rendering) stop --strict too, and nothing is written."""
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text(json.dumps(GOOD_1) + "\n" + json.dumps(GOOD_1 | {"id": "b"}) + "\n")
+    out = tmp_path / "out-dup"
+    proc = run_prepare_cli(*overrides(dup, out), "--strict")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "error: 1 duplicate record(s): the same conversation as an earlier record" in (
+        proc.stderr
+    )
+    assert not out.exists()
+    long = tmp_path / "long.jsonl"
+    system = {"role": "system", "content": " ".join(["Be gentle and patient."] * 200)}
+    record = GOOD_2 | {"messages": [system, *GOOD_1["messages"]]}
+    long.write_text(json.dumps(GOOD_1) + "\n" + json.dumps(record) + "\n")
+    out = tmp_path / "out-long"
+    proc = run_prepare_cli(*overrides(long, out), "data.seq_len=256", "--strict")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {long}:2: too_long: the system")
+    assert not out.exists()
+
+
 def test_unknown_config_key_is_refused_by_name():
     proc = run_prepare_cli("data.seq_lne=5")
     assert proc.returncode == 2

@@ -198,7 +198,7 @@ def test_tokens_equal_a_local_render_of_the_kept_conversations(prepared):
     tokenizer = load_tokenizer(str(out / "tokenizer"))
     eot = find_end_of_turn(tokenizer)
     files = expand_inputs(inputs, FILE_SUFFIXES)
-    seen, tokens, convs, tag_counts = set(), Counter(), Counter(), Counter()
+    seen, tokens, convs, tag_counts, cut = set(), Counter(), Counter(), Counter(), Counter()
     for row in normalized(files, cfg.data.val_fraction):
         if not row["ok"] or row["hash"] in seen:
             continue
@@ -207,13 +207,16 @@ def test_tokens_equal_a_local_render_of_the_kept_conversations(prepared):
         windows = split_windows(render_conversation(tokenizer, conv, eot, True), SEQ_LEN)
         tokens[row["split"]] += sum(len(w.input_ids) for w in windows)
         convs[row["split"]] += 1
+        cut[row["split"]] += sum(w.truncated for w in windows)
     for split in ("train", "val"):
         assert m["splits"][split]["num_tokens"] == tokens[split]
         assert m["splits"][split]["conversations"] == convs[split]
+        assert m["splits"][split]["truncated_turns"] == cut[split]
         for t in read_split(out, split):
             for labels in t.column("labels").to_pylist():
                 text = tokenizer.decode([x for x in labels if x != IGNORE])
                 tag_counts.update({tag: text.count(tag) for tag in ("[Question] ", "[Others] ")})
+    assert m["truncated_turns"] == sum(cut.values()) == 0  # at seq_len 1536 none is that long
     # independent: FailedESConv targets whose first label maps to Question: 389, plus the
     # extra ShareGPT record's "Questions"; Others (Other + Direct Guidance): 324
     assert tag_counts == {"[Question] ": 390, "[Others] ": 324}

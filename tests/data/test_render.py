@@ -328,6 +328,7 @@ def test_message_longer_than_seq_len_is_truncated(deepseek):
     assert len(first.input_ids) == 64 and first.assistant_turns == 1
     assert deepseek.decode(label_spans(first.labels)[0]).startswith("I hear how much")
     assert eot not in deepseek.decode(first.input_ids)  # the tail (and its eos) is lost
+    assert (first.truncated, second.truncated) == (1, 0)  # counted: manifest truncated_turns
     assert second.assistant_turns == 1
     assert decoded_targets(deepseek, [second]) == [f"Good.{eot}"]
 
