@@ -118,25 +118,27 @@ RESUME_FIXED = {
 RESUME_KEPT = ("train.lr", "train.weight_decay", "train.betas")
 
 
-def check_resume_config(cfg: Config) -> None:
+def check_resume_config(cfg: Config) -> Config:
     """Against the config saved beside the run's latest checkpoint (checkpoint.CONFIG_FILE):
-    refuse what a resumed run cannot change, and warn of what it keeps from the checkpoint."""
+    refuse what a resumed run cannot change, and warn of what it keeps from the checkpoint.
+    Returns the config with what it keeps set to the checkpoint's values, so the config saved
+    with later checkpoints and the export records what trained."""
     from soulray.config import ConfigError, parse_config
     from soulray.train.checkpoint import CONFIG_FILE
 
     run = storage.join(cfg.train.storage_path, cfg.train.run_name)
     if not storage.exists(run):
-        return
+        return cfg
     saved = sorted(
         f for f in storage.list_files(run) if f.endswith(f"/{CONFIG_FILE}") and "/checkpoint_" in f
     )
     if not saved:
-        return
+        return cfg
     try:
         old = parse_config(storage.read_text(saved[-1]), saved[-1])
     except ConfigError as e:  # written by another soulray version: nothing to compare against
         log.warning("train: not checking the resume against %s: %s", saved[-1], e)
-        return
+        return cfg
 
     def value(c: Config, key: str) -> Any:
         section, _, name = key.partition(".")
@@ -151,6 +153,7 @@ def check_resume_config(cfg: Config) -> None:
                 f"resuming cannot change it. Set a new train.run_name to train with this "
                 f"config, or put {key} back (was: {value(old, key)})"
             )
+    kept: dict[str, Any] = {}
     for key in RESUME_KEPT:
         if value(old, key) != value(cfg, key):
             log.warning(
@@ -161,6 +164,8 @@ def check_resume_config(cfg: Config) -> None:
                 value(old, key),
                 value(cfg, key),
             )
+            kept[key.partition(".")[2]] = getattr(old.train, key.partition(".")[2])
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update=kept)}) if kept else cfg
 
 
 def check_data_tokenizer(cfg: Config, data_dir: str) -> None:
@@ -350,7 +355,7 @@ def run_train(cfg: Config) -> Any:
     assert t.data_dir is not None
     check_data_tokenizer(cfg, t.data_dir)
     check_not_past_steps(cfg)
-    check_resume_config(cfg)
+    cfg = check_resume_config(cfg)
     datasets = build_datasets(t.data_dir, t.num_workers)
     resources = worker_resources(cfg, ray.cluster_resources().get("CPU", 0.0))
     trainer = TorchTrainer(

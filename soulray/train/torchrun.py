@@ -26,7 +26,13 @@ from soulray.config import Config, load_config
 from soulray.train.checkpoint import STATE_FILE
 from soulray.train.data import load_run_tokenizer
 from soulray.train.feed import amplification_warning, build_source, parquet_chunks, plan_reads
-from soulray.train.launch import PROCESS_GROUP_TIMEOUT_S, process_group_backend
+from soulray.train.launch import (
+    PROCESS_GROUP_TIMEOUT_S,
+    check_data_tokenizer,
+    check_not_past_steps,
+    check_resume_config,
+    process_group_backend,
+)
 from soulray.train.loop import Runtime, train_loop
 
 log = logging.getLogger("soulray.train")
@@ -96,6 +102,10 @@ def main(argv: list[str] | None = None) -> None:
         level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
     cfg = load_config(args.config, args.overrides)
+    # the Ray launcher's checks, so a torchrun resume refuses and warns alike
+    check_data_tokenizer(cfg, cfg.train.data_dir or cfg.data.output_dir)
+    check_not_past_steps(cfg)
+    cfg = check_resume_config(cfg)
     cuda = torch.cuda.is_available() and cfg.train.use_gpu
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:

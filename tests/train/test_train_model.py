@@ -339,8 +339,10 @@ def test_a_resume_refuses_what_it_cannot_change_and_warns_of_what_it_keeps(
         assert f"train.run_name=r has checkpoints made with another {key} (" in str(refused.value)
         assert f"or put {key} back (was: {was}" in str(refused.value)
     with caplog.at_level("WARNING", logger="soulray.train"):
-        check_resume_config(config("train.lr=1e-5"))
+        applied = check_resume_config(config("train.lr=1e-5", "train.steps=300"))
     assert "keeps train.lr=0.0003 from its checkpoint" in caplog.text
+    # what is kept is what the run's later checkpoints and export record
+    assert (applied.train.lr, applied.train.steps) == (0.0003, 300)
     # a checkpoint written by another soulray version (an unknown key) is not compared
     latest = tmp_path / "r" / "checkpoint_00000016" / "soulray.yaml"
     latest.write_text("train:\n  old_setting: 1\n")
