@@ -82,23 +82,32 @@ def check_adapter_base(trained: dict[str, Any], cfg: ServeConfig, model_dir: str
         )
 
 
-def read_export_info(model_dir: str, cfg: ServeConfig, tokenizer: Any = None) -> ExportInfo:
+def read_export_info(
+    model_dir: str, cfg: ServeConfig, tokenizer: Any = None, adapter_dir: str | None = None
+) -> ExportInfo:
     """Strategy tagging from the export's soulray.yaml; context length from its config.json;
-    the system prompt and end-of-turn marker as training rendered them (serving.json)."""
+    the system prompt and end-of-turn marker as training rendered them (serving.json); the
+    sampling defaults from its generation_config.json. With serve.engine.adapter_dir, the
+    adapter's own record (a LoRA export writes one into adapter/) rather than the base's."""
     root = Path(model_dir)
     trained = read_trained(root)
     check_adapter_base(trained, cfg, model_dir)
+    if adapter_dir is not None and (Path(adapter_dir) / SERVING_RECORD).exists():
+        root_of_record = Path(adapter_dir)
+        trained = read_trained(root_of_record)
+    else:
+        root_of_record = root
     data = trained.get("data") or {}
     tags = cfg.strategy_tags if cfg.strategy_tags is not None else bool(data.get("strategy_tags"))
     taxonomy = (data.get("strategies") or {}).get("taxonomy") or ESCONV_STRATEGIES
     model_cfg = json.loads((root / "config.json").read_text(encoding="utf-8"))
     limit = int(model_cfg.get("max_position_embeddings") or 2048)
     context = min(cfg.context_tokens or limit, limit)
-    gen_path = root / "generation_config.json"
+    gen_path = root_of_record / "generation_config.json"
     gen = json.loads(gen_path.read_text(encoding="utf-8")) if gen_path.exists() else {}
     temperature = float(gen.get("temperature", 1.0)) if gen.get("do_sample") else 0.0
     top_p = float(gen.get("top_p", 1.0))
-    record = read_serving_record(root, data, tokenizer)
+    record = read_serving_record(root_of_record, data, tokenizer)
     system = choose_system_prompt(cfg.system_prompt, record["system_prompt"])
     eot = record["end_of_turn"]
     return ExportInfo(model_dir, tags, tuple(taxonomy), context, temperature, top_p, system, eot)

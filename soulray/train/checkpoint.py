@@ -135,9 +135,12 @@ def export_model(
         cpu_model.save_pretrained(local)
         tokenizer.save_pretrained(local)
         record = build_serving_record(tokenizer, cfg.data.system_prompt)
-        build_generation_config(tokenizer, record["end_of_turn_ids"]).save_pretrained(local)
-        Path(local, SERVING_RECORD).write_text(json.dumps(record, indent=2, ensure_ascii=False))
-        Path(local, "soulray.yaml").write_text(config_to_yaml(cfg))
+        # How training rendered and sampled: beside the merged model, and beside the adapter,
+        # whose own record serving reads when it applies it to base/ (or to the real base)
+        for where in [local, *([os.path.join(local, "adapter")] if cfg.lora.enabled else [])]:
+            build_generation_config(tokenizer, record["end_of_turn_ids"]).save_pretrained(where)
+            Path(where, SERVING_RECORD).write_text(json.dumps(record, indent=2, ensure_ascii=False))
+            Path(where, "soulray.yaml").write_text(config_to_yaml(cfg))
         Path(local, "metrics.json").write_text(json.dumps(metrics, indent=2))
         upload_dir(local, cfg.train.export_dir)
     log.info("exported the model to %s", cfg.train.export_dir)

@@ -115,3 +115,30 @@ def test_export_info_reads_tags_context_and_sampling(tiny_export):
     small = ServeConfig(context_tokens=512, strategy_tags=False)
     capped = read_export_info(str(tiny_export), small)
     assert capped.context_tokens == 512 and capped.strategy_tags is False
+
+
+def test_an_adapter_on_its_base_serves_as_its_training_rendered(tmp_path):
+    """A LoRA export's base/ holds weights and tokenizer only; the adapter's own record gives
+    the system prompt, strategy tags and sampling defaults training used (served merged, the
+    export root gives the same)."""
+    import shutil
+
+    from soulray.serve.tiny import build_tiny_export
+
+    export = build_tiny_export(tmp_path / "export", system_prompt="Be warm.", adapter=True)
+    base = tmp_path / "base"  # as save_adapter writes it: no training record
+    shutil.copytree(export, base, ignore=shutil.ignore_patterns("adapter"))
+    for name in ("soulray.yaml", "serving.json", "generation_config.json"):
+        (base / name).unlink()
+        shutil.copy(export / name, export / "adapter" / name)  # as export_model writes it
+    with_adapter = ServeConfig(engine={"adapter_dir": str(export / "adapter")})
+    served = read_export_info(str(base), with_adapter, None, str(export / "adapter"))
+    merged = read_export_info(str(export), ServeConfig())
+    assert (served.system_prompt, served.strategy_tags) == ("Be warm.", True)
+    assert (served.temperature, served.top_p, served.end_of_turn) == (
+        merged.temperature,
+        merged.top_p,
+        merged.end_of_turn,
+    )
+    bare = read_export_info(str(base), with_adapter)  # the old way: the base's (absent) record
+    assert (bare.system_prompt, bare.strategy_tags, bare.temperature) == (None, False, 0.0)

@@ -299,6 +299,9 @@ def test_lora_changes_only_adapters_and_merges_exactly(prepared_quickstart, tmp_
     for name, value in base.state_dict().items():  # training left the base weights untouched
         assert torch.equal(value, initial_base[name]), name
     adapted = PeftModel.from_pretrained(base, export / "adapter")
+    # the adapter carries the training record serving reads when it applies it to base/
+    for name in ("soulray.yaml", "serving.json", "generation_config.json"):
+        assert (export / "adapter" / name).read_bytes() == (export / name).read_bytes(), name
     lora_b = [p for n, p in adapted.named_parameters() if "lora_B" in n]
     assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # B starts at 0: it trained
     merged = AutoModelForCausalLM.from_pretrained(export).state_dict()
