@@ -116,6 +116,8 @@ RESUME_FIXED = {
 }
 # What it keeps from the checkpoint whatever the config says: the optimizer and schedule state.
 RESUME_KEPT = ("train.lr", "train.weight_decay", "train.betas")
+# changeable on resume, but they reshape the lr schedule (lr_factor reads them at every step)
+RESUME_RESHAPED = ("train.steps", "train.warmup_steps", "train.min_lr_ratio")
 
 
 def check_resume_config(cfg: Config) -> Config:
@@ -152,6 +154,17 @@ def check_resume_config(cfg: Config) -> Config:
                 f"train.run_name={name} has checkpoints made with another {key} ({why}): "
                 f"resuming cannot change it. Set a new train.run_name to train with this "
                 f"config, or put {key} back (was: {value(old, key)})"
+            )
+    for key in RESUME_RESHAPED:
+        if value(old, key) != value(cfg, key):
+            log.warning(
+                "train: resuming %s with %s=%s (was %s): the learning-rate schedule follows the "
+                "new value from the resumed step on, so the lr there changes at once (a longer "
+                "run stretches the decay: the lr rises again)",
+                name,
+                key,
+                value(cfg, key),
+                value(old, key),
             )
     kept: dict[str, Any] = {}
     for key in RESUME_KEPT:

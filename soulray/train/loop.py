@@ -97,6 +97,7 @@ def train_loop(cfg: Config, rt: Runtime) -> dict[str, Any]:
     while state["step"] < t.steps:
         micro = [to_tensors(next(batches), rt.device) for _ in range(t.grad_accum)]
         loss, grad_norm, tokens = train_step(model, optimizer, micro, t, rt, sync_every, one_row)
+        window["lr"] = scheduler.get_last_lr()[0]  # what this step trained with (logged)
         scheduler.step()
         state["step"] += 1
         state["micro_batches"] += t.grad_accum
@@ -365,7 +366,7 @@ def step_metrics(
     return {
         "step": step,
         "loss": window["loss"] / window["steps"],
-        "lr": scheduler.get_last_lr()[0],
+        "lr": window.get("lr", scheduler.get_last_lr()[0]),
         "grad_norm": grad_norm,
         "tokens_per_s": window["tokens"] / seconds,
         "tokens_per_s_per_worker": window["tokens"] / seconds / world,

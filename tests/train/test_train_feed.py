@@ -221,6 +221,12 @@ def check_trained(data: Path, out: Path, world: int, log: str, steps: int) -> No
     assert [m["step"] for m in metrics] == list(range(1, steps + 1))
     cfg = load_config(QUICKSTART, [f"data.output_dir={data}"])
     assert metrics[0]["loss"] == pytest.approx(first_step_loss(cfg, world), rel=1e-5)
+    # the lr logged with a step is the one it trained with (warmup's first: lr / warmup_steps)
+    from soulray.train.loop import lr_factor
+
+    assert [m["lr"] for m in metrics] == [
+        pytest.approx(cfg.train.lr * lr_factor(s, cfg.train)) for s in range(steps)
+    ]
     assert (out / "model" / "model.safetensors").exists()
 
 

@@ -328,7 +328,10 @@ def test_a_resume_refuses_what_it_cannot_change_and_warns_of_what_it_keeps(
         saved = tmp_path / "r" / f"checkpoint_{step:08d}" / "soulray.yaml"
         saved.parent.mkdir(parents=True)
         saved.write_text(config_to_yaml(first if step == 16 else config("data.seq_len=64")))
-    check_resume_config(config("train.steps=200", "train.log_every=5"))  # both may change
+    with caplog.at_level("WARNING", logger="soulray.train"):
+        check_resume_config(config("train.steps=200", "train.log_every=5"))  # both may change
+    assert "resuming r with train.steps=200 (was 100): the learning-rate schedule" in caplog.text
+    caplog.clear()
     for override, key, was in (
         ("data.seq_len=512", "data.seq_len", "2048"),
         ("train.grad_accum=4", "train.grad_accum", "1"),
