@@ -136,6 +136,9 @@ class CleanStats:
 
     empty_turns: int = 0
     merged_turns: int = 0
+    # a reply merged into the one before it whose strategy differed: the first one's label is
+    # the merged reply's (one reply carries one strategy tag)
+    strategies_dropped: int = 0
     unknown_strategies: dict[str, int] = field(default_factory=dict)
 
 
@@ -185,6 +188,8 @@ def clean_conversation(
         if merged and merged[-1].role == m.role:
             prev = merged[-1]
             prev.content = f"{prev.content}\n{content}"
+            if prev.strategy and strategy and strategy != prev.strategy:
+                stats.strategies_dropped += 1
             prev.strategy = prev.strategy or strategy
             stats.merged_turns += 1
         else:

@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 
 BUCKETS = 256  # hash buckets: groups of a few thousand key rows at 1M records
-STAT_COLUMNS = ["turns", "target_turns", "merged_turns", "empty_turns"]
+STAT_COLUMNS = ["turns", "target_turns", "merged_turns", "empty_turns", "strategies_dropped"]
 KEY_SOURCE_COLUMNS = ["hash", "prefixes", "range_id", "record_index", "location", "split"]
 KEY_SOURCE_COLUMNS += [*STAT_COLUMNS, "unknown_strategies"]
 KEY_SCHEMA = pa.schema(

@@ -52,7 +52,8 @@ def normalize_record(raw: RawRecord, s: ParseSettings) -> dict[str, Any]:
     """One record -> one row: the cleaned conversation, or the reason it was rejected."""
     row: dict[str, Any] = {"location": raw.location, "ok": False, "reason": "", "detail": ""}
     row |= {"raw": "", "conversation": "", "hash": "", "prefixes": [], "split": "", "turns": 0}
-    row |= {"target_turns": 0, "merged_turns": 0, "empty_turns": 0, "unknown_strategies": "{}"}
+    row |= {"target_turns": 0, "merged_turns": 0, "empty_turns": 0, "strategies_dropped": 0}
+    row |= {"unknown_strategies": "{}"}
     try:
         if raw.error:
             raise raw.error
@@ -75,6 +76,7 @@ def normalize_record(raw: RawRecord, s: ParseSettings) -> dict[str, Any]:
         "target_turns": count_target_turns(conv.messages),
         "merged_turns": stats.merged_turns,
         "empty_turns": stats.empty_turns,
+        "strategies_dropped": stats.strategies_dropped,
         "unknown_strategies": json.dumps(stats.unknown_strategies, ensure_ascii=False),
     }
 

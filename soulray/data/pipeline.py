@@ -457,6 +457,8 @@ def build_manifest(
         "turns": summary.sums["turns"],
         "assistant_turns": summary.sums["target_turns"],
         "merged_turns": summary.sums["merged_turns"],
+        # merged replies whose second strategy label gave way to the first's
+        "merged_strategies_dropped": summary.sums["strategies_dropped"],
         "empty_turns_dropped": summary.sums["empty_turns"],
         "unknown_strategies": dict(summary.unknown_strategies.most_common()),
         "tokens": total["num_tokens"],

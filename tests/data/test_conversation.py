@@ -49,6 +49,7 @@ def test_strip_drop_empty_and_merge_keep_first_strategy():
         ("user", "Badly.", None),
     ]
     assert (stats.empty_turns, stats.merged_turns, stats.unknown_strategies) == (2, 2, {})
+    assert stats.strategies_dropped == 1  # "Questions" gave way to "Reflection of feelings"
     assert (cleaned.id, cleaned.source, cleaned.topic) == ("c1", "test", "topic")
     assert raw.messages[0].content == "  I lost my job.  "  # the input is not modified
 

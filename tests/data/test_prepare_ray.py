@@ -152,6 +152,9 @@ def test_manifest_counts_match_the_inputs(prepared):
     assert m["turns"] == 43 + 3968 + 237 + 2
     assert m["assistant_turns"] == 21 + 1908 + 116 + 1
     assert (m["merged_turns"], m["empty_turns_dropped"]) == (1262 + 4 + 1, 1)
+    # FailedESConv: of its merged listener replies, 276 had a second strategy that differed
+    # (counted from the raw JSON with the taxonomy's aliases, unknown names as Others)
+    assert m["merged_strategies_dropped"] == 276
     assert m["unknown_strategies"] == {"Direct Guidance": 11}
     assert (m["seq_len"], m["mode"], m["strategy_tags"], m["files"]) == (
         SEQ_LEN,
