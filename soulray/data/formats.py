@@ -107,23 +107,44 @@ def parse_item(loc: str, key: str, data: bytes) -> RawRecord:
 def _array_items(path: str, stem: str, data: bytes) -> list[RawRecord] | None:
     """The items of a JSON array that does not parse as a whole, each parsed alone (located
     as the big-file reader locates them: path[i]); None when it is not one array."""
-    from soulray.data.ranges import array_item_spans
+    from soulray.data.ranges import array_item_spans, truncated_array_spans
 
     spans = array_item_spans(data)
-    if not spans:
+    if spans:
+        return [
+            parse_item(f"{path}[{i}]", f"{stem}:{i}", data[start:end])
+            for i, (start, end) in enumerate(spans)
+        ]
+    cut = truncated_array_spans(data) if spans is None else None
+    if cut is None or not data[cut[1] :].strip():
         return None
-    return [
+    complete, tail = cut
+    items = [
         parse_item(f"{path}[{i}]", f"{stem}:{i}", data[start:end])
-        for i, (start, end) in enumerate(spans)
+        for i, (start, end) in enumerate(complete)
     ]
+    i = len(complete)
+    err = RecordError(
+        "invalid_json",
+        f"the file ends inside this record (byte {len(data)}): it was cut short, e.g. by an "
+        f"interrupted download or copy; the {i} record(s) before it are read. Fetch the whole "
+        "file again, or end the array after the last complete record",
+    )
+    text = data[tail:].decode("utf-8", errors="replace").strip()[:2000]
+    return [*items, RawRecord(f"{path}[{i}]", f"{stem}:{i}", None, text, err)]
 
 
 def _looks_like_json_lines(text: str) -> bool:
-    first = next((ln for ln in text.split("\n") if ln.strip()), "")
-    try:
-        return isinstance(json.loads(first), dict | list)
-    except json.JSONDecodeError:
-        return False
+    """One of the first few lines is a whole JSON record (so a bad first line of a .json file
+    of JSON lines costs that line, not the file)."""
+    lines = [ln for ln in text.split("\n")[:50] if ln.strip()][:5]
+    for line in lines:
+        try:
+            if isinstance(json.loads(line), dict | list):
+                return len(lines) > 1 or line is lines[0]
+        except json.JSONDecodeError:
+            continue
+    return False
 
 
 def line_records(path: str, stem: str, data: bytes, first: int = 1) -> Iterator[RawRecord]:

@@ -145,6 +145,26 @@ def array_item_spans(data: bytes) -> list[tuple[int, int]] | None:
     return list(zip(starts, ends, strict=True))
 
 
+def truncated_array_spans(data: bytes) -> tuple[list[tuple[int, int]], int] | None:
+    """A JSON array cut short (an interrupted download or copy): the spans of its complete
+    items and where the cut one starts; None when `data` does not read as the start of one
+    array (it opens with something else, or closes it early)."""
+    a = np.frombuffer(data, dtype=np.uint8)
+    quotes = unescaped_quotes(a, 0, True)
+    limit = int(quotes[-1]) if len(quotes) % 2 else len(a)  # cut inside a string: stop there
+    structural = np.flatnonzero(_ROLE[a[:limit]])
+    pos = structural[(np.searchsorted(quotes, structural) & 1) == 0]
+    if len(pos) < 1 or a[pos[0]] != ord("["):
+        return None
+    kind = _ROLE[a[pos]]
+    depth = np.cumsum(np.where(kind == 2, 0, kind), dtype=np.int64)
+    if (depth < 1).any():
+        return None
+    seps = pos[(kind == 2) & (depth == 1)].tolist()
+    starts = [int(pos[0]) + 1, *(c + 1 for c in seps)]
+    return list(zip(starts[:-1], seps, strict=True)), starts[-1]
+
+
 # Planning (driver) ---------------------------------------------------------------------------
 
 

@@ -340,3 +340,34 @@ def test_detect_format_unknown(record):
     with pytest.raises(RecordError) as info:
         detect_format(record)
     assert info.value.reason == "unknown_format"
+
+
+def test_a_truncated_array_keeps_its_complete_records(tmp_path):
+    """An interrupted download: the records before the cut are read, the cut one is one
+    reject that says so (it cost the whole file before)."""
+    records = [
+        {"id": i, "messages": [{"role": "user", "content": f'q{i} "quoted" [x]'}]} for i in range(3)
+    ]
+    for indent in (None, 2):
+        whole = json.dumps(records, indent=indent)
+        for cut_in in ('"q2', 'q2 \\"quo'):  # after a key, inside a string with escapes
+            data = whole[: whole.index(cut_in) + len(cut_in)].encode()
+            path = tmp_path / "cut.json"
+            got = list(split_records(str(path), data))
+            assert [r.location for r in got] == [f"{path}[{i}]" for i in range(3)]
+            assert [r.record for r in got[:2]] == records[:2]
+            assert got[2].error.reason == "invalid_json"
+            assert got[2].error.detail.startswith(
+                f"the file ends inside this record (byte {len(data)}): it was cut short"
+            )
+
+
+def test_a_json_file_of_json_lines_with_a_bad_first_line_keeps_the_others(tmp_path):
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}
+    data = ('{"messages": [broken\n' + json.dumps(good) + "\n" + json.dumps(good) + "\n").encode()
+    got = list(split_records(str(tmp_path / "lines.json"), data))
+    assert [(r.location.rsplit(":", 1)[1], r.error and r.error.reason) for r in got[:3]] == [
+        ("1", "invalid_json"),
+        ("2", None),
+        ("3", None),
+    ]
