@@ -473,6 +473,8 @@ def _format_errors(err: ValidationError, origin: str) -> str:
 def read_setting_file(key: str, path: str) -> str:
     """The text of a file a config key names; a missing or unreadable one is an error that
     names the key (the packaged default is what leaving the key unset gives)."""
+    if "://" in path:
+        raise ValueError(f"{key}={path}: give a local file (a remote one is not read here)")
     try:
         return Path(path).read_text(encoding="utf-8")
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
@@ -482,6 +484,8 @@ def read_setting_file(key: str, path: str) -> str:
         ) from None
     except UnicodeDecodeError:
         raise ValueError(f"{key}={path} is not UTF-8 text; save it as UTF-8") from None
+    except OSError as e:
+        raise ValueError(f"{key}={path} cannot be read ({e.strerror})") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -96,6 +96,13 @@ def makedirs(path: str) -> None:
     fs.create_dir(inner, recursive=True)
 
 
+def delete_file(path: str) -> None:
+    """Remove a file if it is there."""
+    fs, inner = resolve(path)
+    if fs.get_file_info(inner).type == pafs.FileType.File:
+        fs.delete_file(inner)
+
+
 def delete_dir(path: str) -> None:
     fs, inner = resolve(path)
     if fs.get_file_info(inner).type == pafs.FileType.Directory:

@@ -108,8 +108,10 @@ def relative_outputs(command: list[str]) -> list[str]:
             config = arg.split("=", 1)[1]
         elif not arg.startswith("-"):
             overrides.append(arg)
+    from soulray.pipeline import with_run_dir
+
     try:
-        cfg = load_config(config, overrides)
+        cfg = with_run_dir(load_config(config, overrides))  # pipeline.run_dir places them all
     except Exception:  # the job reports a bad config itself, with the cluster's files
         return []
     paths = {

@@ -231,6 +231,8 @@ def test_a_file_a_key_names_is_refused_with_the_key(tmp_path):
     ]:
         with pytest.raises(ValueError, match=f"^{key}={missing}: no such file; give the path"):
             load(missing)
+        with pytest.raises(ValueError, match=f"^{key}=s3://b/x.yaml: give a local file"):
+            load("s3://b/x.yaml")
 
 
 def test_the_error_shown_is_the_one_raised_not_the_one_it_hid(tmp_path):

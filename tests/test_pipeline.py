@@ -85,3 +85,25 @@ def test_rerun_after_a_killed_driver_resumes_instead_of_starting_over(tmp_path) 
     )
     assert third.returncode == 0, third.stderr[-3000:]
     assert "prepare  skipped" in third.stdout and "train    skipped" in third.stdout
+
+
+def test_an_export_made_with_a_kept_lr_still_counts_as_this_config(tmp_path) -> None:
+    """A resume keeps the checkpoint's lr (and says so) and the export records that lr: the
+    config that asked for another one made this same export, so the train stage is skipped."""
+
+    from soulray.config import config_to_yaml
+    from soulray.pipeline import trained_metrics
+    from soulray.train.launch import resolve_paths
+
+    def config(*overrides: str):
+        paths = [f"data.output_dir={tmp_path}/data", f"train.storage_path={tmp_path}/ckpt"]
+        return load_config(None, [*paths, f"train.export_dir={tmp_path}/model", *overrides])
+
+    export = tmp_path / "model"
+    export.mkdir()
+    (export / "soulray.yaml").write_text(config_to_yaml(resolve_paths(config("train.lr=0.001"))))
+    (export / "metrics.json").write_text(json.dumps({"step": 100, "loss": 1.5}))
+    assert trained_metrics(config("train.lr=0.001")) == {"step": 100, "loss": 1.5}
+    assert trained_metrics(config("train.lr=0.01")) == {"step": 100, "loss": 1.5}  # kept
+    assert trained_metrics(config("train.steps=200")) is None  # more to train
+    assert trained_metrics(config("train.seed=1")) is None  # another run

@@ -68,7 +68,12 @@ def split_records(path: str, data: bytes) -> Iterator[RawRecord]:
         value = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         text = data.decode("utf-8", errors="replace")
-        if (items := _array_items(path, stem, data)) is not None:
+        # where the parser gave up: at the end of the file (or inside a string running to it)
+        # the file was cut short, not broken in the middle
+        at_end = isinstance(e, json.JSONDecodeError) and (
+            e.msg.startswith("Unterminated string") or e.pos >= len(text.rstrip())
+        )
+        if (items := _array_items(path, stem, data, at_end)) is not None:
             yield from items  # an array with a bad record: the others are read
         elif _looks_like_json_lines(text):
             yield from line_records(path, stem, data)
@@ -104,7 +109,7 @@ def parse_item(loc: str, key: str, data: bytes) -> RawRecord:
         return RawRecord(loc, key, None, text.strip(), RecordError("invalid_json", e.msg))
 
 
-def _array_items(path: str, stem: str, data: bytes) -> list[RawRecord] | None:
+def _array_items(path: str, stem: str, data: bytes, cut_short: bool) -> list[RawRecord] | None:
     """The items of a JSON array that does not parse as a whole, each parsed alone (located
     as the big-file reader locates them: path[i]); None when it is not one array."""
     from soulray.data.ranges import array_item_spans, truncated_array_spans
@@ -115,33 +120,42 @@ def _array_items(path: str, stem: str, data: bytes) -> list[RawRecord] | None:
             parse_item(f"{path}[{i}]", f"{stem}:{i}", data[start:end])
             for i, (start, end) in enumerate(spans)
         ]
-    cut = truncated_array_spans(data) if spans is None else None
-    if cut is None or not data[cut[1] :].strip():
+    cut = truncated_array_spans(data) if spans is None and cut_short else None
+    if cut is None:
         return None
     complete, tail = cut
     items = [
         parse_item(f"{path}[{i}]", f"{stem}:{i}", data[start:end])
         for i, (start, end) in enumerate(complete)
     ]
-    i = len(complete)
+    i, rest = len(complete), data[tail:].strip()
+    last = parse_item(f"{path}[{i}]", f"{stem}:{i}", rest) if rest else None
+    if last is not None and last.error is None:
+        return [*items, last]  # only the closing bracket is missing
+    where = "inside this record" if rest else f"after record {i - 1} without closing the array"
     err = RecordError(
         "invalid_json",
-        f"the file ends inside this record (byte {len(data)}): it was cut short, e.g. by an "
-        f"interrupted download or copy; the {i} record(s) before it are read. Fetch the whole "
-        "file again, or end the array after the last complete record",
+        f"the file ends {where} (byte {len(data)}): it was cut short, e.g. by an interrupted "
+        f"download or copy; the {i} record(s) before are read. Fetch the whole file again, or "
+        "end the array after the last complete record",
     )
-    text = data[tail:].decode("utf-8", errors="replace").strip()[:2000]
+    text = rest.decode("utf-8", errors="replace")[:2000]
     return [*items, RawRecord(f"{path}[{i}]", f"{stem}:{i}", None, text, err)]
 
 
 def _looks_like_json_lines(text: str) -> bool:
-    """One of the first few lines is a whole JSON record (so a bad first line of a .json file
-    of JSON lines costs that line, not the file)."""
+    """A record per line: one of the first few lines that start at column 0 is a whole JSON
+    record (so a bad first line costs that line, not the file). Pretty-printed JSON, whose
+    first line is a lone bracket and whose records are indented, is not."""
     lines = [ln for ln in text.split("\n")[:50] if ln.strip()][:5]
+    if not lines or lines[0].strip() in ("[", "{"):
+        return False
     for line in lines:
+        if line[:1].isspace():
+            continue
         try:
             if isinstance(json.loads(line), dict | list):
-                return len(lines) > 1 or line is lines[0]
+                return True
         except json.JSONDecodeError:
             continue
     return False

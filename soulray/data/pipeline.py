@@ -405,7 +405,13 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     stages["tokenizer_render_pack_write"] = time.time() - started - sum(stages.values())
     render_rejects = count_render_rejects(shards, summary)
     if d.strict and render_rejects:  # a record only rendering can judge (too long, template)
-        storage.delete_dir(out if created else work)
+        if created:
+            storage.delete_dir(out)
+        else:  # rendering already replaced the old splits: leave no half-written output behind
+            for name in ("train", "val", "_work"):
+                storage.delete_dir(storage.join(out, name))
+            storage.delete_file(storage.join(out, "manifest.json"))
+            log.warning("--strict: the earlier output in %s was removed (not prepared now)", out)
         first = json.loads(render_rejects[0])
         raise StrictModeError(f"{first['location']}: {first['reason']}: {first['detail']}")
     write_rejects(work, rejects_path, render_rejects)

@@ -265,8 +265,8 @@ def plan_file(path: str, range_bytes: int, rid: int) -> list[Range]:
     size = file_size(path)
     suffix = PurePosixPath(path).suffix.lower()
     whole = [Range(rid, path, "file", 0, size)]
-    if size <= range_bytes:
-        return whole
+    if size <= range_bytes or read_at(path, 0, 2) in (b"\xff\xfe", b"\xfe\xff"):
+        return whole  # small, or UTF-16 (one reject that says so: formats.split_records)
     if suffix in (".jsonl", ".ndjson"):
         return plan_lines(path, size, range_bytes, rid)
     if suffix == ".json":

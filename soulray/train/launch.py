@@ -369,6 +369,10 @@ def run_train(cfg: Config) -> Any:
     check_data_tokenizer(cfg, t.data_dir)
     check_not_past_steps(cfg)
     cfg = check_resume_config(cfg)
+    if t.use_gpu:  # refused here, not by every worker after the cluster started
+        from soulray.train.model import flash_dtype
+
+        flash_dtype(cfg.model.attn_implementation, t.dtype == "float32")
     datasets = build_datasets(t.data_dir, t.num_workers)
     resources = worker_resources(cfg, ray.cluster_resources().get("CPU", 0.0))
     trainer = TorchTrainer(

@@ -50,7 +50,7 @@ def resolve_attn_implementation(
                     f"model.attn_implementation={choice} needs a CUDA GPU and the {package} "
                     "package (pip install 'soulray[gpu]'); use 'auto', 'varlen' or 'sdpa'"
                 )
-            flash_dtype(choice, dtype)
+            flash_dtype(choice, dtype == torch.float32)
             return choice
         case "varlen":
             if not (cuda and _has_varlen()):
@@ -58,15 +58,16 @@ def resolve_attn_implementation(
                     "model.attn_implementation=varlen needs CUDA and a torch with "
                     "torch.nn.attention.varlen; use 'sdpa' on CPU"
                 )
-            flash_dtype(choice, dtype)
+            flash_dtype(choice, dtype == torch.float32)
             return _register_varlen()
         case "sdpa" | "eager":
             return choice
     raise ValueError(f"unknown model.attn_implementation {choice!r}")
 
 
-def flash_dtype(choice: str, dtype: torch.dtype) -> None:
-    if dtype == torch.float32:
+def flash_dtype(choice: str, fp32: bool) -> None:
+    """FlashAttention kernels compute in bf16/fp16 only."""
+    if fp32 and choice in ("flash_attention_3", "flash_attention_2", "varlen"):
         raise ValueError(
             f"model.attn_implementation={choice} computes in bf16/fp16 only and "
             "train.dtype is float32; set train.dtype=bfloat16 (or auto), or use sdpa"

@@ -362,6 +362,24 @@ def test_a_truncated_array_keeps_its_complete_records(tmp_path):
             )
 
 
+def test_only_an_array_cut_at_the_end_is_read_as_cut_short(tmp_path):
+    records = [{"id": i, "messages": [{"role": "user", "content": f"q{i}"}]} for i in range(3)]
+    whole = json.dumps(records, indent=2)
+    path = str(tmp_path / "a.json")
+    after_comma = whole[: whole.index('{\n    "id": 2')].rstrip().encode()  # ends in ","
+    got = list(split_records(path, after_comma))
+    assert [r.record for r in got[:2]] == records[:2]
+    assert got[2].error.detail.startswith("the file ends after record 1 without closing")
+    unclosed = whole.rstrip().removesuffix("]").encode()  # only the bracket is missing
+    assert [r.record for r in split_records(path, unclosed)] == records
+    broken = whole.replace('"q1"\n      }', '"q1"\n      ', 1).encode()  # a "}" lost mid-file
+    (one,) = split_records(path, broken)
+    assert one.error.reason == "invalid_json" and not one.error.detail.startswith("the file ends")
+    trailing = b'{\n  "messages": [\n    {"role": "user", "content": "hi"}\n  ],\n}\n'
+    (one,) = split_records(path, trailing)  # pretty JSON with an error: not JSON lines
+    assert one.error.detail.startswith("line 5 col 1: Expecting property name")
+
+
 def test_a_json_file_of_json_lines_with_a_bad_first_line_keeps_the_others(tmp_path):
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}
     data = ('{"messages": [broken\n' + json.dumps(good) + "\n" + json.dumps(good) + "\n").encode()

@@ -151,6 +151,13 @@ def test_strict_also_stops_at_records_only_dedupe_or_rendering_judge(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith(f"error: {long}:2: too_long: the system")
     assert not out.exists()
+    # into an earlier output: rendering has replaced its splits by then, so none is left that
+    # a manifest would vouch for (soulray pipeline would skip prepare on it)
+    assert run_prepare_cli(*overrides(long, out), "data.seq_len=256").returncode == 0
+    assert (out / "manifest.json").exists()
+    proc = run_prepare_cli(*overrides(long, out), "data.seq_len=256", "--strict")
+    assert proc.returncode == 1 and "too_long" in proc.stderr
+    assert not (out / "manifest.json").exists() and not (out / "train").exists()
 
 
 def test_unknown_config_key_is_refused_by_name():

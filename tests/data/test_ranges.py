@@ -137,3 +137,15 @@ def test_a_bad_record_in_a_small_array_is_rejected_alone_as_in_a_big_one(ray_loc
         (f"{path}[40]", '{"trailing": 1,}', "invalid_json"),
         (f"{path}[41]", "tru", "invalid_json"),
     ]
+
+
+def test_a_big_utf16_file_is_one_reject_that_says_so(tmp_path):
+    """Split at newlines, every UTF-16 line would be a 'not UTF-8' reject of its own."""
+    line = json.dumps({"messages": [{"role": "user", "content": "x" * 50}]})
+    path = tmp_path / "big.jsonl"
+    path.write_bytes(("\n".join([line] * 400) + "\n").encode("utf-16"))
+    ranges = plan_ranges([str(path)], range_bytes=4096)
+    assert len(ranges) == 1 and ranges[0].kind == "file"
+    (only,) = [r for rng in ranges for r in range_records(rng)]
+    assert only.error.reason == "invalid_encoding"
+    assert only.error.detail.startswith("the file is UTF-16, not UTF-8; convert it")

@@ -175,6 +175,15 @@ def test_relative_outputs_of_an_uploaded_job_are_named() -> None:
     absolute = ["data.output_dir=/d", "train.storage_path=s3://b/c", "train.export_dir=/m"]
     assert relative_outputs(["soulray", "train", "-c", config, *absolute]) == []
     assert relative_outputs(["soulray", "report", "runs/x"]) == []  # no config to read
+    # pipeline.run_dir places every output: only it counts
+    run_dir = ["soulray", "pipeline", "-c", config, "pipeline.run_dir=s3://b/run"]
+    assert relative_outputs(run_dir) == []
+    assert relative_outputs([*run_dir[:-1], "pipeline.run_dir=runs/r"]) == [
+        "data.output_dir=runs/r/data",
+        "train.storage_path=runs/r/checkpoints",
+        "train.export_dir=runs/r/model",
+        "pipeline.run_dir=runs/r",
+    ]
 
 
 def test_a_token_on_this_machine_is_sent(tmp_path, monkeypatch) -> None:
