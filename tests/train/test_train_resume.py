@@ -104,3 +104,27 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(prepared_quickstart
         "rng_rank0.pt",
         "rng_rank1.pt",
     ]
+
+
+def test_torchrun_refuses_what_the_ray_launcher_refuses(tmp_path) -> None:
+    """The same resume checks before any process group: below the steps trained, and a
+    micro-batch size the checkpoint's data position does not count in."""
+    from soulray.config import config_to_yaml
+
+    common = [f"train.storage_path={tmp_path}", "train.run_name=r", f"data.output_dir={tmp_path}"]
+    ckpt = tmp_path / "r" / "checkpoint_00000010"
+    ckpt.mkdir(parents=True)
+    (ckpt / "soulray.yaml").write_text(config_to_yaml(load_config(QUICKSTART, common)))
+    (tmp_path / "r" / "metrics.jsonl").write_text(json.dumps({"step": 10, "loss": 1.0}) + "\n")
+    for extra, refusal in (
+        (["train.steps=5"], "this run already trained to step 10, past train.steps=5"),
+        (
+            ["train.steps=20", "train.micro_batch_size=1"],
+            "has checkpoints made with another train.micro_batch_size",
+        ),
+    ):
+        cmd = [sys.executable, "-m", "soulray.train.torchrun", "--config", str(QUICKSTART)]
+        done = subprocess.run(
+            [*cmd, *common, *extra], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 1 and refusal in done.stderr, done.stderr[-2000:]
