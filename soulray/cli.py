@@ -208,8 +208,10 @@ def write_serve_config(cfg: Config, output: Path) -> None:
 
     from soulray import storage
     from soulray.serve.app import build_serve_config, resolved
+    from soulray.serve.prompt import check_merged_root
 
     model_dir = cfg.serve_model_dir
+    check_merged_root(cfg)  # an adapter on a merged LoRA export, which serve would refuse
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -55,6 +55,23 @@ def check_local_model_dirs(cfg: Config) -> None:
     for path in (cfg.serve_model_dir, cfg.serve.engine.adapter_dir):
         if path and not storage.is_remote(path):
             fetch_model_dir(path, weights=False)
+    adapters = [("serve.engine.adapter_dir", cfg.serve.engine.adapter_dir)]
+    adapters += [(f"serve.adapters[{i}].path", a.path) for i, a in enumerate(cfg.serve.adapters)]
+    for key, path in adapters:
+        # loaded lazily at the first request: a wrong path would pass /healthz and then fail
+        # every request for it
+        if path is None or storage.is_remote(path):
+            continue
+        if not Path(storage.normalize(path), "adapter_config.json").is_file():
+            raise ValueError(
+                f"{key}={path} is not a peft LoRA adapter (no adapter_config.json there); "
+                "point it at a LoRA export's adapter/ folder"
+            )
+    check_merged_root(cfg)
+
+
+def check_merged_root(cfg: Config) -> None:
+    """check_adapter_base on a local export, which `serve build` can also check."""
     root = Path(storage.normalize(cfg.serve_model_dir))
     if not storage.is_remote(cfg.serve_model_dir) and (root / "soulray.yaml").exists():
         check_adapter_base(read_trained(root), cfg.serve, str(root))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -189,3 +190,30 @@ def test_layout_auto_puts_the_hf_engine_in_the_ingress_and_vllm_apart():
     assert layout(layout="two_deployments") == "two_deployments"
     with pytest.raises(ValueError, match="layout"):
         ServeConfig.model_validate({"layout": "one"})
+
+
+def test_an_adapter_path_that_is_no_adapter_is_refused_before_deploying(tmp_path, tiny_export):
+    """Adapters load at their first request: a wrong path would pass /healthz and then fail
+    every request for it. `serve build` refuses an adapter on a merged LoRA export too."""
+    from typer.testing import CliRunner
+
+    from soulray.cli import app
+    from soulray.serve.prompt import check_local_model_dirs
+
+    base = [f"serve.engine.model_dir={tiny_export}"]
+    for extra, key in (
+        (f"serve.engine.adapter_dir={tiny_export}", "serve.engine.adapter_dir"),
+        (f"serve.adapters=[{{name: a, path: {tmp_path}}}]", "serve.adapters[0].path"),
+    ):
+        with pytest.raises(ValueError, match=f"^{re.escape(key)}=.* is not a peft LoRA adapter"):
+            check_local_model_dirs(load_config(None, [*base, extra]))
+    merged = tmp_path / "lora-export"
+    shutil.copytree(tiny_export, merged)
+    trained = yaml.safe_load((merged / "soulray.yaml").read_text())
+    trained["lora"]["enabled"] = True
+    (merged / "soulray.yaml").write_text(yaml.safe_dump(trained))
+    args = ["serve", "build", "--config", str(ROOT / "jobs" / "serve.yaml")]
+    args += [f"serve.engine.model_dir={merged}", "-o", str(tmp_path / "s.yaml")]
+    result = CliRunner().invoke(app, [*args, f"serve.engine.adapter_dir={merged}/adapter"])
+    assert result.exit_code == 1
+    assert "is the merged export of a LoRA run" in result.output
