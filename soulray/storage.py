@@ -111,16 +111,13 @@ def delete_dir(path: str) -> None:
 
 def list_files(path: str, suffixes: tuple[str, ...] = ()) -> list[str]:
     """Files under a directory (recursive), sorted; hidden files and folders are skipped."""
-    fs, inner = resolve(path)
-    infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
-    found = []
-    for info in infos:
-        rel = info.path[len(inner) :].lstrip("/")
-        if info.type != pafs.FileType.File or any(p.startswith((".", "_")) for p in rel.split("/")):
-            continue
-        if not suffixes or info.path.lower().endswith(suffixes):
-            found.append(_with_scheme(path, info.path))
-    return sorted(found)
+    return sorted(f for f, rel in _all_files(path) if _listed(f, rel, suffixes))
+
+
+def _listed(file: str, rel: str, suffixes: tuple[str, ...]) -> bool:
+    """list_files' rule: not hidden (no part of `rel` starts with '.' or '_'), of a suffix."""
+    hidden = any(p.startswith((".", "_")) for p in rel.split("/"))
+    return not hidden and (not suffixes or file.lower().endswith(suffixes))
 
 
 def expand_inputs(
@@ -150,10 +147,11 @@ def _expand_one(item: str, suffixes: tuple[str, ...]) -> list[str]:
         fs, inner = resolve(item)
         kind = fs.get_file_info(inner).type
         if kind == pafs.FileType.Directory:
-            found = list_files(item, suffixes)
-            skipped = sorted(set(_all_files(item)) - set(found))
+            files = _all_files(item)  # one listing for what is read and what is not
+            found = sorted(f for f, rel in files if _listed(f, rel, suffixes))
+            skipped = sorted(rel for f, rel in files if not _listed(f, rel, suffixes))
             if skipped:
-                names = ", ".join(f[len(normalize(item)) :].lstrip("/") for f in skipped[:5])
+                names = ", ".join(skipped[:5])
                 log.warning(
                     "warning: %s: %d file(s) not read: only %s files are, and none whose name "
                     "or folder starts with '.' or '_' (%s%s)",
@@ -173,10 +171,15 @@ def _expand_one(item: str, suffixes: tuple[str, ...]) -> list[str]:
     return [f for f in list_files(base, suffixes) if _glob_match(f, pattern)]
 
 
-def _all_files(path: str) -> list[str]:
+def _all_files(path: str) -> list[tuple[str, str]]:
+    """Every file under a directory (recursive): (its path, its path relative to `path`)."""
     fs, inner = resolve(path)
     infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
-    return [_with_scheme(path, i.path) for i in infos if i.type == pafs.FileType.File]
+    return [
+        (_with_scheme(path, i.path), i.path[len(inner) :].lstrip("/"))
+        for i in infos
+        if i.type == pafs.FileType.File
+    ]
 
 
 def _glob_match(path: str, pattern: str) -> bool:
