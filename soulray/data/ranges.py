@@ -120,25 +120,37 @@ def scan_array_chunk(path: str, start: int, end: int) -> tuple[dict[str, Any], A
     return summary, candidates[0], candidates[1]
 
 
+def _array_layout(data: bytes, cut_short: bool = False) -> tuple[np.ndarray, ...]:
+    """(positions, kinds, depths) of the structural bytes outside strings, as the chunk scan
+    finds them, and the string quotes' positions; cut_short: a string left open runs to the
+    end of the data, so only what comes before it is scanned."""
+    a = np.frombuffer(data, dtype=np.uint8)
+    quotes = unescaped_quotes(a, 0, True)
+    limit = int(quotes[-1]) if cut_short and len(quotes) % 2 else None
+    structural = np.flatnonzero(_ROLE[a[:limit]])
+    pos = structural[(np.searchsorted(quotes, structural) & 1) == 0]  # outside strings
+    kind = _ROLE[a[pos]]
+    depth = np.cumsum(np.where(kind == 2, 0, kind), dtype=np.int64)
+    return pos, kind, depth, quotes
+
+
+def _item_starts(pos: np.ndarray, kind: np.ndarray, depth: np.ndarray) -> tuple[list[int], ...]:
+    """The commas between an array's items, and where each item starts."""
+    seps = pos[(kind == 2) & (depth == 1)].tolist()
+    return seps, [int(pos[0]) + 1, *(c + 1 for c in seps)]
+
+
 def array_item_spans(data: bytes) -> list[tuple[int, int]] | None:
     """Byte spans of the items of one JSON array held whole in memory, found as the chunk scan
     finds them (commas at depth 1 outside strings); None when `data` is not one array with
     balanced brackets and strings. A small file whose array does not parse is read item by
     item with these, so one bad record costs that record, not the file."""
-    a = np.frombuffer(data, dtype=np.uint8)
-    quotes = unescaped_quotes(a, 0, True)
-    if len(quotes) % 2:
+    pos, kind, depth, quotes = _array_layout(data)
+    if len(quotes) % 2 or len(pos) < 2 or data[pos[0]] != ord("[") or data[pos[-1]] != ord("]"):
         return None
-    structural = np.flatnonzero(_ROLE[a])
-    pos = structural[(np.searchsorted(quotes, structural) & 1) == 0]  # outside strings
-    if len(pos) < 2 or a[pos[0]] != ord("[") or a[pos[-1]] != ord("]"):
-        return None
-    kind = _ROLE[a[pos]]
-    depth = np.cumsum(np.where(kind == 2, 0, kind), dtype=np.int64)
     if depth[-1] != 0 or (depth[:-1] < 1).any():
         return None
-    seps = pos[(kind == 2) & (depth == 1)].tolist()
-    starts = [int(pos[0]) + 1, *(c + 1 for c in seps)]
+    seps, starts = _item_starts(pos, kind, depth)
     ends = [*seps, int(pos[-1])]
     if not seps and not data[starts[0] : ends[0]].strip():
         return []  # "[]"
@@ -149,19 +161,10 @@ def truncated_array_spans(data: bytes) -> tuple[list[tuple[int, int]], int] | No
     """A JSON array cut short (an interrupted download or copy): the spans of its complete
     items and where the cut one starts; None when `data` does not read as the start of one
     array (it opens with something else, or closes it early)."""
-    a = np.frombuffer(data, dtype=np.uint8)
-    quotes = unescaped_quotes(a, 0, True)
-    limit = int(quotes[-1]) if len(quotes) % 2 else len(a)  # cut inside a string: stop there
-    structural = np.flatnonzero(_ROLE[a[:limit]])
-    pos = structural[(np.searchsorted(quotes, structural) & 1) == 0]
-    if len(pos) < 1 or a[pos[0]] != ord("["):
+    pos, kind, depth, _ = _array_layout(data, cut_short=True)
+    if len(pos) < 1 or data[pos[0]] != ord("[") or (depth < 1).any():
         return None
-    kind = _ROLE[a[pos]]
-    depth = np.cumsum(np.where(kind == 2, 0, kind), dtype=np.int64)
-    if (depth < 1).any():
-        return None
-    seps = pos[(kind == 2) & (depth == 1)].tolist()
-    starts = [int(pos[0]) + 1, *(c + 1 for c in seps)]
+    seps, starts = _item_starts(pos, kind, depth)
     return list(zip(starts[:-1], seps, strict=True)), starts[-1]
 
 
