@@ -68,16 +68,12 @@ def trained_metrics(cfg: Config) -> dict[str, Any] | None:
     config_path, metrics_path = (storage.join(export, f) for f in ("soulray.yaml", "metrics.json"))
     if not (storage.exists(config_path) and storage.exists(metrics_path)):
         return None
-    from soulray.train.launch import RESUME_KEPT
+    from soulray.train.launch import with_kept
 
     exported = parse_config(storage.read_text(config_path), config_path)
-    wanted = resolve_paths(cfg)
     # a resume keeps lr, weight decay and betas from its checkpoint and records those in the
     # export: a config asking for others made this same export (training warned of it)
-    kept = {
-        key.partition(".")[2]: getattr(exported.train, key.partition(".")[2]) for key in RESUME_KEPT
-    }
-    wanted = wanted.model_copy(update={"train": wanted.train.model_copy(update=kept)})
+    wanted = with_kept(resolve_paths(cfg), exported)
     sections = ("data", "model", "lora", "train")
     if any(getattr(exported, s) != getattr(wanted, s) for s in sections):
         return None

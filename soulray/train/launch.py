@@ -166,7 +166,6 @@ def check_resume_config(cfg: Config) -> Config:
                 value(cfg, key),
                 value(old, key),
             )
-    kept: dict[str, Any] = {}
     for key in RESUME_KEPT:
         if value(old, key) != value(cfg, key):
             log.warning(
@@ -177,8 +176,13 @@ def check_resume_config(cfg: Config) -> Config:
                 value(old, key),
                 value(cfg, key),
             )
-            kept[key.partition(".")[2]] = getattr(old.train, key.partition(".")[2])
-    return cfg.model_copy(update={"train": cfg.train.model_copy(update=kept)}) if kept else cfg
+    return with_kept(cfg, old)
+
+
+def with_kept(cfg: Config, trained: Config) -> Config:
+    """`cfg` with what a resume keeps from its checkpoint (RESUME_KEPT) set to `trained`'s."""
+    kept = {name: getattr(trained.train, name) for name in (k.split(".")[1] for k in RESUME_KEPT)}
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update=kept)})
 
 
 def check_data_tokenizer(cfg: Config, data_dir: str) -> None:
