@@ -83,25 +83,28 @@ def load_checkpoint(
 def rng_state() -> dict[str, Any]:
     """What the step draws from (dropout, LoRA dropout): the CPU generator, and the generator
     of the GPU this rank trains on (torch.cuda.set_device's), when it computes on one."""
-    return {"cpu": torch.get_rng_state(), "cuda": _cuda_generator_state()}
+    gpu = _rank_gpu()
+    cuda = None if gpu is None else torch.cuda.get_rng_state(gpu)
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}
 
 
-def _cuda_generator_state() -> torch.Tensor | None:
+def _rank_gpu() -> int | None:
+    """The GPU this rank computes on; None for a CPU worker, also on a GPU node (never
+    initialise CUDA for this)."""
     if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
-        return None  # a CPU worker, also on a GPU node: never initialise CUDA for this
-    return torch.cuda.get_rng_state(torch.cuda.current_device())
+        return None
+    return torch.cuda.current_device()
 
 
 def set_rng_state(saved: dict[str, Any]) -> None:
     """Restore rng_state(): into this rank's own GPU, whichever index it has now (a restarted
     Ray worker can land on another GPU of the node, or see fewer of them)."""
     torch.set_rng_state(saved["cpu"])
-    cuda = saved.get("cuda")
+    gpu, cuda = _rank_gpu(), saved.get("cuda")
     if isinstance(cuda, list):  # checkpoints before stop 31 saved every visible GPU's state
-        index = torch.cuda.current_device() if _cuda_generator_state() is not None else -1
-        cuda = cuda[index] if 0 <= index < len(cuda) else None
-    if cuda is not None and _cuda_generator_state() is not None:
-        torch.cuda.set_rng_state(cuda, torch.cuda.current_device())
+        cuda = cuda[gpu] if gpu is not None and gpu < len(cuda) else None
+    if cuda is not None and gpu is not None:
+        torch.cuda.set_rng_state(cuda, gpu)
 
 
 def export_model(
