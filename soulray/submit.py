@@ -23,8 +23,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from soulray import storage
-
 log = logging.getLogger("soulray.submit")
 
 EXCLUDES = [
@@ -125,7 +123,7 @@ def relative_outputs(command: list[str]) -> list[str]:
     return [
         f"{key}={value}"
         for key, value in paths.items()
-        if value and not storage.is_remote(value) and not os.path.isabs(value)
+        if value and "://" not in value and not os.path.isabs(value)
     ]
 
 
