@@ -83,9 +83,11 @@ def build_serving_record(tokenizer: Any, system_prompt: str | None) -> dict[str,
 class Rendered:
     """One rendered conversation.
 
-    `bounds[i]` is the token index where message i ends (its end-of-turn marker included); the
-    next message's header belongs to the next message. `prefix` is where the leading system
-    messages end: every window repeats tokens [0, prefix).
+    `bounds[i]` is the token index where message i ends (its end-of-turn marker included) and
+    `starts[i]` where it begins: its header, after the line breaks the template wrote after the
+    message before (they join a window only between two of its messages, so no window opens or
+    ends on a stray newline). `prefix` is where the leading system messages and the line break
+    after them end: every window repeats tokens [0, prefix).
     """
 
     input_ids: list[int]
@@ -93,6 +95,7 @@ class Rendered:
     bounds: list[int]
     prefix: int
     targets: list[int]  # indices of trained assistant messages
+    starts: list[int]
 
 
 @dataclass(slots=True)
@@ -122,6 +125,7 @@ class Layout:
     text: str
     spans: list[tuple[int, int]]  # trained assistant contents + their end-of-turn marker
     ends: list[int]  # where each message (with its end-of-turn marker) ends
+    begins: list[int]  # where each message's header begins
     targets: list[int]
     n_system: int
 
@@ -147,7 +151,15 @@ def layout_conversation(
             targets.append(i)
         ends.append(marker)
     n_system = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
-    return Layout(text, spans, ends, targets, n_system)
+    begins = [0, *(_past_line_breaks(text, end) for end in ends[:-1])]
+    return Layout(text, spans, ends, begins, targets, n_system)
+
+
+def _past_line_breaks(text: str, at: int) -> int:
+    end = at
+    while end < len(text) and text[end] in "\r\n":
+        end += 1
+    return end
 
 
 def end_of_turn_end(text: str, end: int, eot: str) -> int:
@@ -174,11 +186,12 @@ def tokenize_layouts(tokenizer: Any, layouts: list[Layout]) -> list[Rendered]:
             labels[a:b] = ids[a:b]
         bounds = [_first_token_from(enc, c, n, text_len) for c in lay.ends]
         bounds[-1] = n  # the template's trailing text belongs to the last message
+        starts = [0, *(_first_token_from(enc, c, n, text_len) for c in lay.begins[1:])]
         if lay.n_system:
-            prefix = bounds[lay.n_system - 1]
+            prefix = starts[lay.n_system] if lay.n_system < len(starts) else n
         else:  # no system prompt: the prefix every window repeats is just the bos token, if any
             prefix = int(bos is not None and ids[:1] == [bos])
-        out.append(Rendered(ids, labels, bounds, prefix, lay.targets))
+        out.append(Rendered(ids, labels, bounds, prefix, lay.targets, starts))
     return out
 
 
@@ -251,7 +264,7 @@ def split_windows(r: Rendered, seq_len: int) -> list[Sequence]:
     n = len(r.input_ids)
     if n <= seq_len:
         return [Sequence(r.input_ids, r.labels, len(r.targets))]
-    starts = [r.prefix, *r.bounds[:-1]]  # message i spans [starts[i], bounds[i])
+    starts = [max(s, r.prefix) for s in r.starts]  # message i spans [starts[i], bounds[i])
     first = next((i for i, b in enumerate(r.bounds) if b > r.prefix), len(r.bounds))
     budget = seq_len - r.prefix
     if budget <= 0:
@@ -284,7 +297,7 @@ def _window(
     ids = r.input_ids[: r.prefix] + r.input_ids[starts[lo] : r.bounds[hi]]
     labels = [IGNORE] * r.prefix
     trained_set = set(trained)
-    for i in range(lo, hi + 1):
-        seg = slice(starts[i], r.bounds[i])
+    for i in range(lo, hi + 1):  # message i and the line breaks after it, up to the next
+        seg = slice(starts[i], starts[i + 1] if i < hi else r.bounds[hi])
         labels += r.labels[seg] if i in trained_set else [IGNORE] * (seg.stop - seg.start)
     return Sequence(ids[:seq_len], labels[:seq_len], len(trained), int(len(ids) > seq_len))

@@ -107,7 +107,7 @@ def expected_targets(conv: Conversation, eot: str, tags: bool = False) -> list[s
 
 
 def message_slices(r: Rendered) -> list[slice]:
-    starts = [r.prefix, *r.bounds[:-1]]
+    starts = [max(s, r.prefix) for s in r.starts]
     return [slice(s, b) for s, b in zip(starts, r.bounds, strict=True)]
 
 
@@ -118,7 +118,8 @@ def test_tiny_exact_ids_and_labels(tiny):
     assert r.input_ids == TINY_IDS
     targets = set(range(34, 44)) | set(range(64, 69))
     assert r.labels == [t if i in targets else IGNORE for i, t in enumerate(TINY_IDS)]
-    assert (r.bounds, r.prefix, r.targets) == ([13, 24, 44, 54, 70], 13, [2, 4])
+    assert (r.bounds, r.prefix, r.targets) == ([13, 24, 44, 54, 70], 14, [2, 4])
+    assert r.starts == [0, 14, 25, 45, 55]  # after each '<|im_end|>\n'
     assert tiny.decode(r.input_ids) == tiny.apply_chat_template(
         [{"role": m.role, "content": m.content} for m in CHAT.messages], tokenize=False
     )
@@ -133,7 +134,8 @@ def test_deepseek_exact_ids_and_labels(deepseek):
     assert r.input_ids == DEEPSEEK_IDS
     targets = set(range(28, 35)) | set(range(51, 55))
     assert r.labels == [t if i in targets else IGNORE for i, t in enumerate(DEEPSEEK_IDS)]
-    assert (r.bounds, r.prefix, r.targets) == ([10, 21, 35, 44, 56], 10, [2, 4])
+    assert (r.bounds, r.prefix, r.targets) == ([10, 21, 35, 44, 56], 11, [2, 4])
+    assert r.starts == [0, 11, 22, 36, 45]
     assert deepseek.decode(r.input_ids) == (
         "<｜begin▁of▁sentence｜><|system|>\nBe kind.<｜end▁of▁sentence｜>\n"
         "<|user|>\nI feel alone.<｜end▁of▁sentence｜>\n"
@@ -220,7 +222,7 @@ def test_tokenizer_without_template_or_eos_is_refused():
 
 def check_windows(r: Rendered, windows: list[Sequence], seq_len: int) -> None:
     """Brute force: locate each window's messages, then check the documented guarantees."""
-    starts = [r.prefix, *r.bounds[:-1]]
+    starts = [max(s, r.prefix) for s in r.starts]
     first = next(i for i, b in enumerate(r.bounds) if b > r.prefix)
     pairs = [(lo, hi) for lo in range(first, len(r.bounds)) for hi in range(lo, len(r.bounds))]
     trained_all: list[int] = []
@@ -256,6 +258,9 @@ def window_targets(r: Rendered, w: Sequence, starts: list[int], lo: int, hi: int
         if any(label != IGNORE for label in window_labels):
             trained.append(i)
             assert window_labels == r.labels[starts[i] : r.bounds[i]]
+        if i < hi:  # the line breaks between two messages: never trained
+            size = starts[i + 1] - starts[i]
+            assert set(w.labels[offset + r.bounds[i] - starts[i] : offset + size]) <= {IGNORE}
         offset += size
     return trained
 
@@ -276,7 +281,7 @@ def load_real(relative: str, limit: int) -> list[Conversation]:
         # PsyDT: a 405-token system prompt then 30 short turns (1,248 tokens in all)
         ("soulchat/psydtcorpus_readme_example.json", 1, (450, 600, 1024, 2048), [15, 13, 6, 1]),
         ("soulchat/soulchatcorpus_card_example.json", 1, (64, 128, 256, 512), [6, 5, 3, 1]),
-        ("esconv/FailedESConv.json", 40, (128, 256, 512), [323, 243, 110]),  # 382 targets
+        ("esconv/FailedESConv.json", 40, (128, 256, 512), [324, 241, 111]),  # 382 targets
     ],
 )  # the window counts are observed; check_windows is what proves each window right
 def test_windows_on_real_conversations(relative, limit, seq_lens, n_windows, deepseek):
@@ -333,9 +338,29 @@ def test_message_longer_than_seq_len_is_truncated(deepseek):
     assert decoded_targets(deepseek, [second]) == [f"Good.{eot}"]
 
 
+def test_windows_open_on_a_message_not_a_line_break(tiny):
+    """The line break a template writes after '<|im_end|>' is never a window's first or last
+    token: without a system prompt a window opens on '<|im_start|>' (it used to open on '\\n')."""
+    no_system = Conversation("chat", "test", None, CHAT.messages[1:])
+    r = render_conversation(tiny, no_system, find_end_of_turn(tiny))
+    assert (r.bounds, r.starts, r.prefix) == ([10, 30, 40, 56], [0, 11, 31, 41], 0)
+    windows = split_windows(r, 30)
+    assert [tiny.decode(w.input_ids) for w in windows] == [
+        "<|im_start|>user\nI feel alone.<|im_end|>\n"
+        "<|im_start|>assistant\nI'm here with you.<|im_end|>",
+        "<|im_start|>user\nThanks.<|im_end|>\n<|im_start|>assistant\nAny time.<|im_end|>\n",
+    ]
+    assert decoded_targets(tiny, windows) == ["I'm here with you.<|im_end|>", "Any time.<|im_end|>"]
+    check_windows(r, windows, 30)
+    with_system = split_windows(render_conversation(tiny, CHAT, find_end_of_turn(tiny)), 40)
+    assert tiny.decode(with_system[1].input_ids).startswith(
+        "<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nThanks."
+    )
+
+
 def test_system_prompt_longer_than_seq_len_is_refused(tiny):
     r = render_conversation(tiny, CHAT, find_end_of_turn(tiny))
-    with pytest.raises(ValueError, match="system prompt alone is 13 tokens"):
+    with pytest.raises(ValueError, match="system prompt alone is 14 tokens"):
         split_windows(r, 12)
 
 
