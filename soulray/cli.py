@@ -321,6 +321,14 @@ def print_synth_summary(report: dict[str, Any], cfg: Config) -> None:
     )
 
 
+def serve_overrides(overrides: list[str] | None) -> str:
+    """The overrides a run was given, quoted for a shell, so the printed serve command serves
+    the model it trained (e.g. its train.export_dir), not the config's default."""
+    import shlex
+
+    return "".join(f" {shlex.quote(o)}" for o in overrides or [])
+
+
 @app.command()
 def quickstart(config: ConfigOpt, overrides: Overrides = None) -> None:
     """The whole pipeline, tiny, on local Ray: prepare -> train -> export -> serve -> one chat."""
@@ -345,7 +353,8 @@ def quickstart(config: ConfigOpt, overrides: Overrides = None) -> None:
         "completion tokens\n"
         f"\nThe tiny model trained for {cfg.train.steps} steps on {len(cfg.data.inputs)} small "
         "files, so its words are not yet meaningful; the pipeline is. Keep the endpoint up with\n"
-        f"  soulray serve --config {config}\nand talk to it with\n  soulray chat --url {url}"
+        f"  soulray serve --config {config}{serve_overrides(overrides)}\nand talk to it with\n"
+        f"  soulray chat --url {url}"
     )
     serve.shutdown()
 

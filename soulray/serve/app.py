@@ -230,6 +230,17 @@ def authorize(state: IngressState, request: Request) -> None:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind and kind != "application/json" and not kind.endswith("+json"):
+        # as FastAPI does for JSON bodies: a form or text/plain post (which a web page can make
+        # cross-site without a preflight) is not read as a request
+        raise APIError(
+            415,
+            f"the request body must be JSON: send the header 'Content-Type: application/json', "
+            f"not {kind!r}",
+            param="Content-Type",
+            code="unsupported_media_type",
+        )
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)

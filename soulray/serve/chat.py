@@ -127,6 +127,7 @@ def prepare(state: IngressState, req: ChatCompletionRequest, request_id: str) ->
         req.top_p or info.top_p,
         req.seed,
         [*req.stop_list(), info.end_of_turn],  # a marker of several tokens stops as text
+        tagged=info.strategy_tags and forced is None,
         **sampling_fields(req),
     )
     fixed = None
@@ -266,7 +267,7 @@ async def complete(state: IngressState, p: Prepared, model: str) -> ChatCompleti
     for delta, parser, guard in zip(deltas, p.choice_parsers(), guards, strict=True):
         content = p.fixed or ""
         if not fixed:
-            text = parser.push(delta.text, final=True)
+            text = parser.push(delta.text, final=True, cut=delta.finish_reason == "length")
             reply = await guard.push(text, final=True, run=state.off_loop)
             content = reply if guard.replaced else _prefix(state, p) + reply
         choices.append(
@@ -274,7 +275,7 @@ async def complete(state: IngressState, p: Prepared, model: str) -> ChatCompleti
                 index=delta.index,
                 message=AssistantMessage(content=content),
                 finish_reason=delta.finish_reason or "stop",
-                logprobs=None if guard.replaced else _logprobs(p, delta.logprobs),
+                logprobs=None if guard.replaced or fixed else _logprobs(p, delta.logprobs),
             )
         )
     tokens = sum(d.tokens for d in deltas)
@@ -358,11 +359,13 @@ async def _events(
             if k in ended:  # a replaced reply: the rest of its text is dropped
                 continue
             last[k], final = delta, delta.finish_reason is not None
-            text = parsers[k].push(delta.text, final=final)
+            cut = delta.finish_reason == "length"
+            text = parsers[k].push(delta.text, final=final, cut=cut)
             if p.fixed is None:
                 text = await guards[k].push(text, final=final, run=state.off_loop)
             content[k] += text
-            logprobs = _logprobs(p, delta.logprobs) if guards[k].replaced is None else None
+            model_text = guards[k].replaced is None and p.fixed is None  # logprobs: the model's
+            logprobs = _logprobs(p, delta.logprobs) if model_text else None
             if text or (logprobs is not None and logprobs.content):
                 yield chunk(DeltaOut(content=text), k, logprobs=logprobs)
             if guards[k].replaced is not None:

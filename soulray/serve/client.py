@@ -37,7 +37,8 @@ def pick_model(client: Any, model: str | None) -> str:
 def stream_reply(
     client: Any, model: str, messages: list[dict[str, str]], max_tokens: int, out: TextIO
 ) -> tuple[str, str | None]:
-    """Send the conversation, print the reply as it streams; return its text and the strategy
+    """Send the conversation, print the reply as it streams; return its text as the
+    conversation keeps it (without the help lines the server put around it) and the strategy
     soulray gave it (None from other servers)."""
     stream = client.chat.completions.create(
         model=model, messages=messages, max_tokens=max_tokens, stream=True
@@ -57,7 +58,21 @@ def stream_reply(
         out.write(f"  [strategy: {strategy}]\n")
     if safety and safety.get("flagged"):
         out.write(f"  [safety: flagged {', '.join(safety.get('categories', []))}]\n")
-    return text, strategy
+    return without_help_lines(text, safety), strategy
+
+
+def without_help_lines(text: str, safety: dict[str, Any] | None) -> str:
+    """A flagged reply less the paragraph of help lines soulray serve put before it (or after
+    its fixed safe reply): sent back as the assistant's turn, they would read as text the
+    model wrote (and, with a strategy, as "[Strategy] If you are in crisis..."), which it was
+    never trained on."""
+    if not (safety and safety.get("flagged")):
+        return text
+    lines = [f"- {r['name']}: {r['contact']}" for r in safety.get("resources") or []]
+    if not lines:
+        return text
+    kept = [p for p in text.split("\n\n") if not any(line in p for line in lines)]
+    return "\n\n".join(kept).strip() or text
 
 
 def run_chat(

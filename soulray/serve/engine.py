@@ -33,6 +33,7 @@ from soulray.serve.fetch import fetch_model_dir
 from soulray.serve.generate import (
     Delta,
     GenRequest,
+    StopMatcher,
     add_delta,
     eos_ids,
     join_deltas,
@@ -45,7 +46,7 @@ from soulray.serve.metrics import EngineMetrics
 from soulray.serve.scheduler import EngineError, Scheduler, Ticket
 from soulray.serve.schemas import APIError
 
-NOOP_REPLY = Delta("I hear you.", 3, "stop")
+NOOP_TOKENS = ("I", " hear", " you.")  # the noop engine's fixed reply, a word a token
 
 
 class HFEngine:
@@ -78,6 +79,7 @@ class HFEngine:
         self.max_messages_per_s = cfg.stream_max_messages_per_s
         self.metrics = EngineMetrics()
         self.scheduler.on_step = self._record_step
+        self.scheduler.on_idle = lambda waiting: self.metrics.record_queue(waiting, 0)
 
     async def stream(self, req: GenRequest) -> AsyncGenerator[Delta, None]:
         ticket = self.scheduler.submit(req)
@@ -174,11 +176,23 @@ class NoopEngine:
 
     async def generate(self, req: GenRequest) -> list[Delta]:
         """The fixed reply once per choice."""
-        reply = NOOP_REPLY
-        return [Delta(reply.text, reply.tokens, reply.finish_reason, k) for k in range(req.n)]
+        return [noop_reply(req, k) for k in range(req.n)]
 
     def counters(self) -> dict[str, Any]:
         return {"requests": 0, "step_sizes": {}, "max_batch": 0, "live_rows": 0, "kv_width": 0}
+
+
+def noop_reply(req: GenRequest, index: int) -> Delta:
+    """The fixed reply as a model would give it: cut at a stop string, or at max_tokens
+    (finish_reason "length")."""
+    stops, text = StopMatcher(req.stop), ""
+    for n, token in enumerate(NOOP_TOKENS[: req.max_tokens], 1):
+        out, stopped = stops.push(token)
+        text += out
+        if stopped:
+            return Delta(text, n, "stop", index)
+    finish = "length" if req.max_tokens < len(NOOP_TOKENS) else "stop"
+    return Delta(text + stops.flush(), min(req.max_tokens, len(NOOP_TOKENS)), finish, index)
 
 
 def replica_options(cfg: EngineConfig | Any, name: str) -> dict[str, Any]:

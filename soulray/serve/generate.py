@@ -20,6 +20,7 @@ from soulray.data.render import find_end_of_turn
 from soulray.data.tokenizer import load_tokenizer
 from soulray.serve.adapters import forward_args
 from soulray.serve.logits import TokenLogprob, TokenText, adjust_logits, token_logprobs
+from soulray.serve.prompt import tag_end
 
 
 @dataclass(slots=True)
@@ -33,6 +34,8 @@ class GenRequest:
     top_p: float
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    # the reply opens with a "[Strategy] " tag the client never sees: stops match after it
+    tagged: bool = False
     adapter: str | None = None  # a serve.adapters name; None = the base model
     n: int = 1  # choices: n rows that share one prefill of the prompt
     logprobs: int | None = None  # None = off; k = each token's logprob and the top k tokens
@@ -147,12 +150,23 @@ class Detokenizer:
 
 
 class StopMatcher:
-    """Holds back text that could be the start of a stop string; cuts at the first one seen."""
+    """Holds back text that could be the start of a stop string; cuts at the first one seen.
+    With `tagged`, a leading "[Strategy] " tag passes unmatched: the client sees the text after
+    it, so a stop string inside the tag's name must not end the reply."""
 
-    def __init__(self, stops: list[str]) -> None:
+    def __init__(self, stops: list[str], tagged: bool = False) -> None:
         self.stops, self.pending = stops, ""
+        self.lead: str | None = "" if tagged else None  # the reply's start, until the tag ends
 
     def push(self, text: str) -> tuple[str, bool]:
+        if self.lead is not None:
+            self.lead += text
+            end = tag_end(self.lead)
+            if end is None:
+                return "", False
+            tag, text, self.lead = self.lead[:end], self.lead[end:], None
+            out, stopped = self.push(text)
+            return tag + out, stopped
         self.pending += text
         hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
         if hits:
@@ -164,7 +178,7 @@ class StopMatcher:
         return out, False
 
     def flush(self) -> str:
-        out, self.pending = self.pending, ""
+        out, self.pending, self.lead = (self.lead or "") + self.pending, "", None
         return out
 
 
@@ -291,7 +305,14 @@ def build_row(req: GenRequest, tokenizer: Any, tag: Any, index: int) -> Row:
     seed = None if req.seed is None else req.seed + index
     text = TokenText(tokenizer) if req.logprobs is not None else None
     return Row(
-        req, Detokenizer(tokenizer), StopMatcher(req.stop), _generator(seed), tag, 0, index, text
+        req,
+        Detokenizer(tokenizer),
+        StopMatcher(req.stop, req.tagged),
+        _generator(seed),
+        tag,
+        0,
+        index,
+        text,
     )
 
 

@@ -83,10 +83,13 @@ class EngineMetrics:
 
 
 def add_request_metrics(api: FastAPI, metrics: IngressMetrics) -> None:
-    """Count every response of the API by status: an ASGI wrapper that reads the status as it
+    """Count every response of the chat API by status: an ASGI wrapper that reads the status as it
     is sent (streams stay untouched). A crash that escapes the handlers counts as 500, a client
     gone before any response as 499 (nginx's "client closed request")."""
     api.add_middleware(RequestCounter, metrics=metrics)
+
+
+CHAT_PATH = "/v1/chat/completions"
 
 
 class RequestCounter:
@@ -94,8 +97,8 @@ class RequestCounter:
         self.app, self.metrics = app, metrics
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
+        if scope["type"] != "http" or not scope.get("path", "").endswith(CHAT_PATH):
+            await self.app(scope, receive, send)  # probes and /v1/models are not chat requests
             return
         status = "499"
 

@@ -19,7 +19,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from soulray.serve.schemas import APIError, ChatCompletionRequest, ChatMessage
+from soulray.serve.schemas import (
+    APIError,
+    ChatCompletionRequest,
+    ChatMessage,
+    ContentPart,
+    StreamOptions,
+)
 
 log = logging.getLogger("ray.serve.soulray")
 
@@ -80,8 +86,25 @@ def parse_chat_request(data: dict[str, Any], ignore_unknown: bool) -> ChatComple
         return ChatCompletionRequest.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
+        where = field_path(first["loc"], unknown=first["type"] == "extra_forbidden")
         raise APIError(400, f"{where}: {first['msg']}", param=where) from None
+
+
+def field_path(loc: tuple[Any, ...], unknown: bool = False) -> str:
+    """A validation error's location as the request's own path, `messages[0].content`: list
+    indices in brackets, and pydantic's union-member tags (`content.str`) left out; `unknown`:
+    the last part is a key the request may not have (`stream_options.zzz`)."""
+    fields = set(ChatCompletionRequest.model_fields) | set(ChatMessage.model_fields)
+    fields |= set(StreamOptions.model_fields) | set(ContentPart.model_fields)
+    path = ""
+    for k, part in enumerate(loc):
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part in fields or (unknown and k == len(loc) - 1):
+            path += f".{part}" if path else str(part)
+        else:
+            break
+    return path or "body"
 
 
 def unknown_fields(data: dict[str, Any]) -> list[str]:
@@ -124,6 +147,18 @@ def check_params(req: ChatCompletionRequest, engine: str, vocab: int, max_choice
             continue  # "none" without tools asks for nothing
         if value is not None:
             raise _unsupported(name, f"{name} is not supported: {why}")
+    if req.stream_options is not None and not req.stream:
+        raise _unsupported(
+            "stream_options", "stream_options is only allowed with stream=true", "invalid_value"
+        )
+    kind = "text" if req.response_format is None else req.response_format.get("type")
+    if kind not in ("text", "json_object", "json_schema"):
+        raise _unsupported(
+            "response_format.type",
+            "response_format.type must be 'text', 'json_object' or 'json_schema'"
+            + ("" if kind is None else f", not {kind!r}"),
+            "invalid_value",
+        )
     for name, what in VLLM_ONLY.items():
         value = getattr(req, name)
         if name == "response_format" and value is not None and value.get("type") == "text":

@@ -173,14 +173,20 @@ def check_messages(
         )
     for i, m in enumerate(messages):
         if isinstance(m.content, list) and any(p.type != "text" for p in m.content):
-            raise APIError(400, f"messages[{i}]: only text content is supported", param="messages")
+            raise APIError(
+                400,
+                f"messages[{i}]: only text content is supported",
+                param=f"messages[{i}].content",
+            )
     out = [{"role": _role(m.role), "content": m.text()} for m in messages]
     for i, m in enumerate(messages):
         if m.strategy is None:
             continue
         if m.role != "assistant":
             raise APIError(
-                400, f"messages[{i}]: only an assistant message has a strategy", param="messages"
+                400,
+                f"messages[{i}]: only an assistant message has a strategy",
+                param=f"messages[{i}].strategy",
             )
         if tags is not None:
             name = canonical_strategy(m.strategy, tags)
@@ -189,7 +195,7 @@ def check_messages(
                     400,
                     f"messages[{i}]: unknown strategy {m.strategy!r}; use one of: "
                     f"{', '.join(tags)}",
-                    param="messages",
+                    param=f"messages[{i}].strategy",
                 )
             out[i]["content"] = f"[{name}] {out[i]['content']}"
     turns = [m for m in out if m["role"] != "system"]
@@ -200,7 +206,7 @@ def check_messages(
         raise APIError(
             400,
             f"messages[{late}]: a system message may only come first; merge it into messages[0]",
-            param="messages",
+            param=f"messages[{late}].role",
         )
     if out[0]["role"] != "system" and system_prompt:
         out.insert(0, {"role": "system", "content": system_prompt})
@@ -256,6 +262,17 @@ def fit_window(
     return best, starts[best_start]
 
 
+def tag_end(text: str, final: bool = False) -> int | None:
+    """Where a reply's leading "[Strategy] " tag ends in `text` (the reply so far): 0 when it
+    has none, None while that cannot be told yet (never with `final`: the whole reply)."""
+    match = TAG.match(text)
+    if match:  # "[Tag]" with nothing after it yet waits: the space after the tag may follow
+        done = len(text) > match.end() or final or text.endswith(" ")
+        return match.end() if done else None
+    undecided = text.startswith("[") and len(text) < MAX_TAG_CHARS
+    return None if undecided and not final and "]" not in text and "\n" not in text else 0
+
+
 class StrategyParser:
     """Splits a leading "[Strategy] " tag off a reply that arrives in pieces."""
 
@@ -264,24 +281,25 @@ class StrategyParser:
         self.done = forced is not None or not enabled
         self.strategy = forced
 
-    def push(self, text: str, final: bool = False) -> str:
-        """Text that is safe to emit (the tag removed once it is complete)."""
+    def push(self, text: str, final: bool = False, cut: bool = False) -> str:
+        """Text that is safe to emit (the tag removed once it is complete). `cut`: the reply
+        ended at max_tokens, so an unfinished "[Strat" is a tag cut short, never shown."""
         if self.done:
             return text
         self.buffer += text
         if not self.buffer and not final:
             return ""
+        if final and cut and not TAG.match(self.buffer) and tag_end(self.buffer) is None:
+            return self._release("")
+        end = tag_end(self.buffer, final)
+        if end is None:
+            return ""
         match = TAG.match(self.buffer)
-        if match and (len(self.buffer) > match.end() or final or self.buffer.endswith(" ")):
-            name = match.group(1)
+        if end and match:
             # A tag outside the taxonomy is noise from the model, not a strategy: strip it from
             # the text, but report no strategy rather than a made-up name.
-            self.strategy = canonical_strategy(name, self.taxonomy)
-            return self._release(self.buffer[match.end() :])
-        undecidable = self.buffer.startswith("[") and len(self.buffer) < MAX_TAG_CHARS
-        if undecidable and "]" not in self.buffer and "\n" not in self.buffer and not final:
-            return ""
-        return self._release(self.buffer)
+            self.strategy = canonical_strategy(match.group(1), self.taxonomy)
+        return self._release(self.buffer[end:])
 
     def _release(self, text: str) -> str:
         self.done, self.buffer = True, ""

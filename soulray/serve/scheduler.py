@@ -88,6 +88,7 @@ class Scheduler:
         self.requests = 0
         self.step_seconds = 0.0  # total time in forward passes (soak: mean step time per window)
         self.on_step: Any = None  # optional callback(rows, seconds) after every step (metrics)
+        self.on_idle: Any = None  # optional callback(waiting) when no row is left (metrics)
 
     def submit(self, req: GenRequest) -> Ticket:
         deadline = time.monotonic() + self.timeout_s if self.timeout_s else None
@@ -137,6 +138,8 @@ class Scheduler:
         await asyncio.sleep(0)  # let cancellations already delivered reach their tickets
         self._evict()
         if self.batch is None:
+            if self.on_idle is not None:  # the last rows left without a step (cancelled)
+                self.on_idle(len(self.waiting))
             self.wake.clear()
             if not self.waiting:
                 await self.wake.wait()

@@ -70,7 +70,7 @@ class ChatMessage(BaseModel):
     back, are accepted and ignored (the served chat templates have no speaker names); tool and
     audio fields are refused once set (soulray.serve.params.MESSAGE_REFUSED)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # "5" is not 5, as OpenAI's API
 
     role: Role
     content: str | list[ContentPart] | None = None
@@ -92,15 +92,19 @@ class ChatMessage(BaseModel):
         return "".join(part.text or "" for part in self.content)
 
 
-class StreamOptions(Lenient):
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
     include_usage: bool = False
     include_obfuscation: bool | None = None  # ignored: no obfuscation padding is sent
 
 
 class ChatCompletionRequest(BaseModel):
-    """Every field of OpenAI's request, in the groups soulray.serve.params handles them by."""
+    """Every field of OpenAI's request, in the groups soulray.serve.params handles them by.
+    Strict types, as OpenAI's API: `"max_tokens": "5"` or `"stream": "yes"` is a 400 naming the
+    field, not a guess."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     # Honoured by every engine (see the README's table of parameters per engine)
     model: str | None = None  # None = the served model
@@ -150,8 +154,10 @@ class ChatCompletionRequest(BaseModel):
     @classmethod
     def _check_bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
         for key, value in (bias or {}).items():
-            if not (key.isascii() and key.isdigit()):  # int('²') fails; int('٣') reads 3
-                raise ValueError(f"keys must be token ids (as strings); {key!r} is not one")
+            # int('²') fails, int('٣') reads 3, and int() of 5,000 digits raises: no token id
+            # has more than 10 digits
+            if not (key.isascii() and key.isdigit() and len(key) <= 10):
+                raise ValueError(f"keys must be token ids (as strings); {key[:20]!r} is not one")
             if not -100 <= value <= 100:
                 raise ValueError(f"values must be between -100 and 100; {key!r} has {value}")
         return bias

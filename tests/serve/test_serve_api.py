@@ -13,6 +13,7 @@ from openai import AsyncOpenAI
 
 from soulray.config import ServeConfig
 from soulray.serve.app import build_api, build_state, load_api_key
+from soulray.serve.client import without_help_lines
 from soulray.serve.engine import engine_errors
 from soulray.serve.generate import Delta
 
@@ -54,6 +55,7 @@ def call(api, method: str, path: str, key: str | None = KEY, **kwargs) -> httpx.
     async def go():
         transport = httpx.ASGITransport(app=api, raise_app_exceptions=False)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
+        headers |= kwargs.pop("headers", {})
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
             return await client.request(method, path, headers=headers, **kwargs)
 
@@ -165,7 +167,8 @@ def test_an_earlier_reply_sent_back_with_its_strategy_is_rendered_as_trained(tin
         body = {"messages": list(turns)}
         body["messages"][0 if bad["role"] == "user" else 1] = bad
         error = assert_openai_error(call(api, "POST", "/v1/chat/completions", json=body), 400)
-        assert error["message"].startswith(says) and error["param"] == "messages"
+        assert error["message"].startswith(says)
+        assert error["param"] == f"{says.split(':')[0]}.strategy"  # messages[i].strategy
 
 
 @pytest.mark.parametrize("mode", ["augment", "fixed"])
@@ -178,6 +181,14 @@ def test_crisis_message_gets_resources_and_the_flag(tiny_export, tmp_path, mode)
     assert len(engine.requests) == (1 if mode == "augment" else 0)
     streamed = call(api, "POST", "/v1/chat/completions", json={**body, "stream": True}).text
     assert "12356" in streamed and streamed.endswith("data: [DONE]\n\n")
+    # `soulray chat` keeps what the model said (or the fixed reply), not the help lines
+    content = out["choices"][0]["message"]["content"]
+    kept = without_help_lines(content, out["safety"])
+    assert "12356" not in kept and kept in content
+    if mode == "augment":
+        assert kept == "What happened today?"  # the scripted engine's reply, exactly
+    else:
+        assert content.startswith(kept) and len(kept) > 10  # the fixed safe reply's text
 
 
 @pytest.mark.parametrize("mode", ["augment", "fixed"])
@@ -233,6 +244,12 @@ def test_error_paths_are_openai_shaped_and_the_server_keeps_serving(tiny_export,
         (400, dict(json={**ok, "seed": -(2**63) - 1})),
         (400, dict(json={**ok, "logit_bias": {"²": 1}})),  # a digit, not a token id
         (400, dict(json={**ok, "logit_bias": {"٣": 1}})),
+        (400, dict(json={**ok, "logit_bias": {"9" * 50: 1}})),  # more digits than any token id
+        (400, dict(json={**ok, "max_tokens": "5"})),  # strict types, as OpenAI's API
+        (400, dict(json={**ok, "stream": "yes"})),
+        (400, dict(json={**ok, "stream_options": {"include_usage": True}})),  # without stream
+        (400, dict(json={**ok, "response_format": {"type": "bogus"}})),
+        (415, dict(content=b'{"messages": []}', headers={"content-type": "text/plain"})),
         (400, dict(json={"messages": [*ok["messages"], {"role": "system", "content": "late"}]})),
         (404, dict(json={**ok, "model": "gpt-9"})),
         (413, dict(json={"messages": [{"role": "user", "content": "x" * 4000}]})),

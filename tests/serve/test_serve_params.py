@@ -15,7 +15,16 @@ from openai import OpenAI
 from soulray_testing import free_port
 
 from soulray.config import Config, ServeConfig
-from soulray.serve.generate import GenRequest, eos_ids, generate_text, prefill, sample, step
+from soulray.serve.engine import NoopEngine
+from soulray.serve.generate import (
+    GenRequest,
+    StopMatcher,
+    eos_ids,
+    generate_text,
+    prefill,
+    sample,
+    step,
+)
 from soulray.serve.logits import TokenText, adjust_logits, token_logprobs
 from soulray.serve.params import (
     EXTENSIONS,
@@ -189,6 +198,79 @@ def test_unknown_fields_are_refused_by_name_unless_configured():
         with pytest.raises(APIError) as e:
             parse_chat_request({"messages": HELLO, **bad}, ignore_unknown=False)
         assert e.value.param.startswith(next(iter(bad)))
+
+
+def test_wrong_json_types_are_refused_with_the_requests_own_path():
+    """Strict types as OpenAI's API ("5" is not 5, "yes" is not true); the error's param is the
+    request's path (`messages[0].content`), without pydantic's union tags (`content.str`)."""
+    cases = [
+        ({"max_tokens": "5"}, "max_tokens"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"stream": "yes"}, "stream"),
+        ({"logprobs": "yes"}, "logprobs"),
+        ({"temperature": "0.5"}, "temperature"),
+        ({"stop": 5}, "stop"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        ({"messages": [*HELLO, {"role": "user", "content": [{}]}]}, "messages[1].content"),
+        ({"stream": True, "stream_options": {"zzz": 1}}, "stream_options.zzz"),
+        ({"logit_bias": {"9" * 5000: 1}}, "logit_bias"),
+    ]
+    for extra, param in cases:
+        with pytest.raises(APIError) as e:
+            parse_chat_request({"messages": HELLO, **extra}, ignore_unknown=False)
+        assert (e.value.status, e.value.param) == (400, param), extra
+    ok = parse_chat_request({"messages": HELLO, "temperature": 1, "max_tokens": 5}, False)
+    assert (ok.temperature, ok.max_tokens) == (1.0, 5)  # an int is a number
+
+
+def test_stream_options_need_stream_and_response_format_needs_a_known_type():
+    def refused(**extra) -> tuple[str | None, str | None]:
+        with pytest.raises(APIError) as e:
+            check_params(ChatCompletionRequest(messages=HELLO, **extra), "hf", 100, 8)
+        return e.value.param, e.value.code
+
+    assert refused(stream_options={"include_usage": True}) == ("stream_options", "invalid_value")
+    assert refused(response_format={}) == ("response_format.type", "invalid_value")
+    assert refused(response_format={"type": "bogus"}) == ("response_format.type", "invalid_value")
+    vllm_only = refused(response_format={"type": "json_object"})
+    assert vllm_only == ("response_format", "unsupported_parameter")
+    check_params(ChatCompletionRequest(messages=HELLO, stream=True, stream_options={}), "hf", 9, 8)
+
+
+def test_stops_never_match_inside_the_strategy_tag():
+    """The client never sees the "[Strategy] " tag, so a stop string inside its name must not
+    end the reply (stop=["cti"] used to give '[Refle' and no strategy)."""
+    tagged = StopMatcher(["cti"], tagged=True)
+    pieces = ["[Refle", "ction of feelings", "]", " I act", "ive"]
+    assert [tagged.push(p) for p in pieces] == [
+        ("", False),
+        ("", False),
+        ("", False),
+        ("[Reflection of feelings] I a", False),
+        ("", True),
+    ]
+    plain = StopMatcher(["cti"])
+    assert [plain.push(p) for p in pieces[:2]] == [("[Refle", False), ("", True)]
+    untagged_reply = StopMatcher(["cti"], tagged=True)  # a reply without a tag: matched at once
+    assert untagged_reply.push("No acting") == ("No a", True)
+    cut = StopMatcher(["x"], tagged=True)
+    assert cut.push("[Quest") == ("", False) and cut.flush() == "[Quest"  # max_tokens hit
+
+
+def test_the_noop_engine_honours_max_tokens_and_stop():
+    def reply(max_tokens: int, stop: list[str]) -> tuple[str, int, str | None]:
+        (delta,) = asyncio.run(NoopEngine({}, "").generate(req_of(max_tokens, stop)))
+        return delta.text, delta.tokens, delta.finish_reason
+
+    assert reply(16, []) == ("I hear you.", 3, "stop")
+    assert reply(3, []) == ("I hear you.", 3, "stop")
+    assert reply(1, []) == ("I", 1, "length")
+    assert reply(16, ["hear"]) == ("I ", 2, "stop")
+    assert reply(2, ["zz"]) == ("I hear", 2, "length")
+
+
+def req_of(max_tokens: int, stop: list[str]) -> GenRequest:
+    return GenRequest("x", [], max_tokens, 0.0, 1.0, stop=stop)
 
 
 # -- the real app over HTTP --------------------------------------------------------------------

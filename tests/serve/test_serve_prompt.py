@@ -72,14 +72,14 @@ def test_check_messages_roles_and_default_system_prompt():
     assert out == [{"role": "system", "content": "SYS"}, {"role": "user", "content": "hi"}]
     own = check_messages(msgs(("developer", "mine"), ("user", "hi")), cfg, "SYS")
     assert own[0] == {"role": "system", "content": "mine"}
-    for bad in [
-        msgs(("user", "hi"), ("assistant", "hello")),  # must end on a user turn
-        msgs(("user", "hi"), ("system", "late"), ("user", "again")),  # system only first
-        msgs(("system", "only")),
+    for bad, param in [
+        (msgs(("user", "hi"), ("assistant", "hello")), "messages"),  # must end on a user turn
+        (msgs(("user", "hi"), ("system", "late"), ("user", "x")), "messages[1].role"),  # first
+        (msgs(("system", "only")), "messages"),
     ]:
         with pytest.raises(APIError) as e:
             check_messages(bad, cfg, "SYS")
-        assert e.value.status == 400 and e.value.param == "messages"
+        assert e.value.status == 400 and e.value.param == param
 
 
 def test_strategy_tag_split_across_pieces():
@@ -87,6 +87,22 @@ def test_strategy_tag_split_across_pieces():
     out = [parser.push(p) for p in ["", "[Refl", "ection of feelings", "] It", " sounds hard"]]
     assert "".join(out) == "It sounds hard"
     assert parser.strategy == "Reflection of feelings"
+
+
+def test_a_closing_bracket_alone_or_a_tag_cut_short_never_shows():
+    """A tokenizer may send "]" as its own piece: the tag is complete only once the text after
+    it starts (it used to leak as '[Reflection of feelings]'). A reply that max_tokens ends
+    inside its tag ("[Ref") shows nothing of it; a whole reply that is a bracket stays."""
+    parser = StrategyParser(TAXONOMY, enabled=True, forced=None)
+    out = [parser.push(p) for p in ["[Refl", "ection of feelings", "]", " I", " hear"]]
+    assert out == ["", "", "", "I", " hear"] and parser.strategy == "Reflection of feelings"
+    cut = StrategyParser(TAXONOMY, enabled=True, forced=None)
+    assert cut.push("[Ref") == "" and cut.push("", final=True, cut=True) == ""
+    whole_tag = StrategyParser(TAXONOMY, enabled=True, forced=None)
+    assert whole_tag.push("[Question]", final=True, cut=True) == ""
+    assert whole_tag.strategy == "Question"
+    ended = StrategyParser(TAXONOMY, enabled=True, forced=None)
+    assert ended.push("[Ref") == "" and ended.push("", final=True) == "[Ref"  # not cut: text
 
 
 def test_strategy_absent_unknown_and_forced():
