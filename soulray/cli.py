@@ -318,7 +318,26 @@ def print_synth_summary(report: dict[str, Any], cfg: Config) -> None:
         f"failed: {json.dumps(d['failed'], ensure_ascii=False)})\n"
         f"  report: {cfg.synth.output_dir}/_synth/synth_report.json\n"
         f"  next: soulray prepare --config YOUR.yaml data.inputs=[{cfg.synth.output_dir}]"
+        f"{taxonomy_overrides(cfg)}"
     )
+
+
+def taxonomy_overrides(cfg: Config) -> str:
+    """With a custom synth taxonomy, the data.strategies overrides that make prepare keep its
+    names (without them prepare maps every one it does not know to its fallback)."""
+    if cfg.synth.taxonomy_file is None:
+        return ""
+    import shlex
+
+    from soulray.synth.strategies import load_taxonomy
+
+    section = load_taxonomy(cfg.synth.taxonomy_file).strategy_config()
+    overrides = [
+        f"data.strategies.taxonomy=[{', '.join(section.taxonomy)}]",
+        "data.strategies.aliases={}",
+        f"data.strategies.fallback={section.fallback}",
+    ]
+    return "".join(f" {shlex.quote(o)}" for o in overrides)
 
 
 def serve_overrides(overrides: list[str] | None) -> str:

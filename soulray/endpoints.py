@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -105,7 +106,13 @@ class EndpointClient:
         # of every message against the typed params and its response models, which cost more
         # CPU than the rest of a role-play turn (profiled: ~45 % of a turn's CPU).
         body = {"messages": messages, **request}
-        data = await self._client.post("/chat/completions", cast_to=dict[str, Any], body=body)
+        try:
+            data = await self._client.post("/chat/completions", cast_to=dict[str, Any], body=body)
+        except ValueError as e:  # a 200 whose body is not JSON: this request fails, not the job
+            url = self.cfg.base_url
+            raise EndpointError(
+                f"bad_response: {url} answered a body that is not JSON ({e})"
+            ) from e
         return parse_completion(data, self.cfg.base_url)
 
     async def aclose(self) -> None:
@@ -116,6 +123,8 @@ def parse_completion(data: Any, base_url: str) -> ChatResult:
     """Text and usage of a chat completion body; EndpointError when it is not one."""
     try:
         text = data["choices"][0]["message"]["content"] or ""
+        if not isinstance(text, str):  # e.g. a number: the reply would break every reader
+            raise TypeError(text)
     except (KeyError, IndexError, TypeError):
         raise EndpointError(f"bad_response: {base_url} answered {str(data)[:200]!r}") from None
     usage = data.get("usage") or {}
@@ -156,6 +165,15 @@ def api_key(cfg: EndpointConfig) -> str:
             "export it or set api_key_env: null for an endpoint without a key"
         )
     return key
+
+
+def key_runtime_env(endpoints: Iterable[EndpointConfig]) -> dict[str, Any]:
+    """Ray remote options that give workers the endpoints' API keys, read here (the driver):
+    a key exported in the shell that starts a job is not in the environment of a running
+    cluster's workers. Ray merges these env_vars with the job's runtime_env; the keys never
+    enter a saved config."""
+    keys = {e.api_key_env: api_key(e) for e in endpoints if e.api_key_env}
+    return {"runtime_env": {"env_vars": keys}} if keys else {}
 
 
 def build_http_client(timeout_s: float) -> Any:

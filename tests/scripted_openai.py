@@ -31,6 +31,7 @@ class Reply:
     delay_s: float = 0.0  # wait before answering (timeouts, slow endpoints)
     completion_tokens: int | None = None  # None = counted from the text
     stream_error: str | None = None  # streamed: the text, then this error inside the stream
+    raw: bytes | None = None  # a 200 with exactly this body, labelled application/json
 
 
 Responder = Callable[[dict[str, Any]], "str | Reply"]
@@ -48,6 +49,7 @@ class ScriptedOpenAI:
         self.responder = responder
         self.model = model
         self.requests: list[dict[str, Any]] = []
+        self.auth: list[str | None] = []  # each request's Authorization header
         self.in_flight = 0  # requests being answered now (touched only on the server's loop)
         self.peak_in_flight = 0
         self._port = port
@@ -107,6 +109,7 @@ class ScriptedOpenAI:
     async def _chat(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.requests.append(body)
+        self.auth.append(request.headers.get("Authorization"))
         self.in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         answer = self.responder(body)
@@ -114,6 +117,8 @@ class ScriptedOpenAI:
         if reply.delay_s:
             await asyncio.sleep(reply.delay_s)
         self.in_flight -= 1
+        if reply.raw is not None:
+            return web.Response(body=reply.raw, content_type="application/json")
         if reply.status != 200:
             error = {"message": reply.text or "scripted error", "type": "scripted"}
             return web.json_response({"error": error}, status=reply.status)

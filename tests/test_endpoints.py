@@ -107,3 +107,19 @@ def test_a_body_that_is_not_a_completion_is_an_endpoint_error() -> None:
     assert parse_completion(ok, "u") == ChatResult("", 0, 0)
     with pytest.raises(EndpointError, match="bad_response: u answered \"{'error': 'x'}\""):
         parse_completion({"error": "x"}, "u")
+    with pytest.raises(EndpointError, match="bad_response: u answered .*123"):
+        parse_completion({"choices": [{"message": {"content": 123}}]}, "u")  # not text
+
+
+def test_a_200_whose_body_is_not_json_fails_that_request_only() -> None:
+    """A broken proxy's 200: an EndpointError (one scenario or reply fails, with its reason),
+    never a JSONDecodeError that ends the whole job; then the next request is answered."""
+    answers = iter([Reply(raw=b"{not json"), Reply("fine")])
+    with ScriptedOpenAI(lambda body: next(answers)) as server:
+        cfg = EndpointConfig(base_url=server.url, model="m", max_retries=0)
+        with pytest.raises(EndpointError) as err:
+            run_chat(cfg)
+        assert err.value.reason.startswith(
+            f"bad_response: {server.url} answered a body that is not JSON"
+        )
+        assert run_chat(cfg)[0].text == "fine"

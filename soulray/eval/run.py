@@ -18,12 +18,18 @@ from typing import Any
 
 from soulray import storage
 from soulray.config import Config, config_to_yaml
-from soulray.endpoints import EndpointClient, EndpointConfig, api_key, build_client
+from soulray.endpoints import (
+    EndpointClient,
+    EndpointConfig,
+    api_key,
+    build_client,
+    key_runtime_env,
+)
 from soulray.eval.config import EvalConfig, InteractiveConfig
 from soulray.eval.contexts import Context, contexts_digest, sample_contexts
 from soulray.eval.judge import Rubric, load_rubric
 from soulray.eval.metrics import reference_scores
-from soulray.synth.roles import load_prompts
+from soulray.synth.roles import SEEKER_PROMPTS, check_prompts, load_prompts
 from soulray.synth.scenarios import ATTITUDES, Scenario, build_scenarios, make_scenario
 
 log = logging.getLogger("soulray.eval")
@@ -145,8 +151,10 @@ def check_config(cfg: EvalConfig, baseline: str | None) -> None:
         )
     if cfg.interactive.enabled:
         interactive_scenarios(cfg.interactive)  # the pool makes enough of them
-        # the file is there and parses
-        load_prompts(cfg.interactive.seeker_prompts, "eval.interactive.seeker_prompts")
+        # the file is there, parses, and has the Seeker's templates in every language played
+        key = "eval.interactive.seeker_prompts"
+        prompts = load_prompts(cfg.interactive.seeker_prompts, key)
+        check_prompts(prompts, list(cfg.interactive.languages), key, SEEKER_PROMPTS)
     names = [m.name for m in cfg.models]
     if baseline is not None and (baseline not in names or len(names) < 2):
         raise ValueError(
@@ -155,10 +163,14 @@ def check_config(cfg: EvalConfig, baseline: str | None) -> None:
         )
     if baseline is not None:
         check_gate_config(cfg, baseline, names)
-    endpoints = [m.endpoint for m in cfg.models] + [cfg.judge.endpoint, cfg.interactive.seeker]
-    for ep in endpoints:
-        if ep is not None:
-            api_key(ep)  # its environment variable is set
+    for ep in endpoints_of(cfg):
+        api_key(ep)  # its environment variable is set
+
+
+def endpoints_of(cfg: EvalConfig) -> list[EndpointConfig]:
+    """Every endpoint the run calls: the models, the judge and the Seeker."""
+    found = [m.endpoint for m in cfg.models] + [cfg.judge.endpoint, cfg.interactive.seeker]
+    return [ep for ep in found if ep is not None]
 
 
 def check_gate_config(cfg: EvalConfig, baseline: str, names: list[str]) -> None:
@@ -261,7 +273,9 @@ def run_eval(cfg: Config, fail_if_worse: str | None = None) -> dict[str, Any]:
     check_config(e, fail_if_worse)
     started = time.time()
     rubric = load_rubric(e.judge.rubric)
-    remote = ray.remote(num_cpus=TASK_CPUS, max_retries=2)  # a lost worker: the phase again
+    # a lost worker: the phase again; the API keys travel with the tasks
+    keys = key_runtime_env(endpoints_of(e))
+    remote = ray.remote(num_cpus=TASK_CPUS, max_retries=2, **keys)
     clock = PhaseClock()
     contexts, replies, scores, pairs = run_turn_mode(e, rubric, remote, clock)
     dialogues: dict[str, list[dict[str, Any]]] = {}

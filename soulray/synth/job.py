@@ -16,13 +16,13 @@ import time
 from typing import Any
 
 from soulray.config import Config, config_to_yaml
-from soulray.endpoints import EndpointError, api_key, build_client
+from soulray.endpoints import EndpointError, api_key, build_client, key_runtime_env
 from soulray.synth.config import SynthConfig
 from soulray.synth.near_dupes import NearDuplicateIndex
 from soulray.synth.output import OutputStore, StoredState
 from soulray.synth.report import build_report, save_report
 from soulray.synth.roleplay import Cast, Dialogue, run_dialogue
-from soulray.synth.roles import Counselor, Seeker, Supporter, load_prompts
+from soulray.synth.roles import Counselor, Seeker, Supporter, check_prompts, load_prompts
 from soulray.synth.scenarios import (
     Scenario,
     build_scenarios,
@@ -50,7 +50,8 @@ def load_scenarios(sc: SynthConfig) -> list[Scenario]:
 def check_cast(sc: SynthConfig) -> None:
     """What every actor's build_cast reads, read once on the driver first: a missing key or
     file is then one clear error, not an actor that dies in every worker."""
-    load_prompts(sc.prompts_file)
+    prompts = load_prompts(sc.prompts_file)
+    check_prompts(prompts, list(sc.scenarios.languages), "synth.prompts_file")
     load_taxonomy(sc.taxonomy_file)
     for endpoint in sc.roles.resolved.values():
         api_key(endpoint)
@@ -197,6 +198,7 @@ def build_dataset(pending: list[Scenario], sc: SynthConfig) -> Any:
         batch_size=1,
         compute=strategy,
         num_cpus=sc.job.num_cpus_per_actor,
+        **key_runtime_env(sc.roles.resolved.values()),
     )
 
 

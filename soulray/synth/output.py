@@ -46,7 +46,7 @@ class OutputStore:
                 f"synth.output_dir={output_dir} is remote; synth appends line by line to a local "
                 "(or mounted) directory: write there and copy the finished shards"
             )
-        self.root = Path(output_dir)
+        self.root = Path(storage.normalize(output_dir))  # ~ and file:// as everywhere else
         self.meta = self.root / "_synth"
         self._shard: IO[str] | None = None
         self._shard_lines = 0
@@ -97,7 +97,9 @@ class OutputStore:
         if self._shard is not None:
             self._shard.close()
         self.root.mkdir(parents=True, exist_ok=True)
-        index = len(self.shards())  # each run starts its own shard: old ones stay untouched
+        # each run starts its own shard after the highest one (old ones stay untouched; a
+        # deleted one leaves a gap, not a name clash)
+        index = max((shard_index(p) for p in self.shards()), default=-1) + 1
         self._shard = (self.root / f"part-{index:05d}.jsonl").open("x", encoding="utf-8")
         self._shard_lines = 0
 
@@ -106,6 +108,12 @@ class OutputStore:
             self.meta.mkdir(parents=True, exist_ok=True)
             self._files[name] = (self.meta / name).open("a", encoding="utf-8")
         return self._files[name]
+
+
+def shard_index(path: Path) -> int:
+    """part-00012.jsonl -> 12 (-1 for a name that is not a number: never reused)."""
+    number = path.stem.removeprefix("part-")
+    return int(number) if number.isdigit() else -1
 
 
 def write_line(f: IO[str], row: dict[str, Any]) -> None:

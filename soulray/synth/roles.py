@@ -41,6 +41,32 @@ def load_prompts(
     return yaml.safe_load(text)
 
 
+SEEKER_PROMPTS: tuple[str, ...] = ("seeker_system", "seeker_start", "attitudes", "intensities")
+CAST_PROMPTS = (
+    *SEEKER_PROMPTS,
+    *("speakers", "counselor_system", "counselor_user", "counselor_retry", "supporter_system"),
+)
+
+
+def check_prompts(
+    prompts: Any, languages: list[str], key: str, needed: tuple[str, ...] = CAST_PROMPTS
+) -> None:
+    """Every language the run plays has every template it uses: a file without one is refused
+    here, by name, not by a KeyError in an actor in the middle of the run."""
+    if not isinstance(prompts, dict):
+        raise ValueError(f"{key}: expected a mapping of language -> templates (see prompts.yaml)")
+    for language in languages:
+        section = prompts.get(language)
+        if not isinstance(section, dict):
+            raise ValueError(
+                f"{key}: no {language!r} section; the run plays {languages}: add one (see "
+                "soulray/synth/prompts.yaml) or leave that language out of the scenarios"
+            )
+        missing = [name for name in needed if name not in section]
+        if missing:
+            raise ValueError(f"{key}: the {language!r} section lacks {', '.join(missing)}")
+
+
 @dataclass
 class SeekerTurn:
     text: str

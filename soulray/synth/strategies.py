@@ -80,30 +80,42 @@ def load_taxonomy(path: str | None = None) -> Taxonomy:
     return build_taxonomy(yaml.safe_load(text), path or "strategies.yaml")
 
 
-def build_taxonomy(data: dict[str, Any], origin: str) -> Taxonomy:
-    strategies = tuple(
-        Strategy(
-            name=s["name"],
-            stages=tuple(s["stages"]),
-            definitions={lang: s[lang] for lang in ("en", "zh") if lang in s},
+def build_taxonomy(data: Any, origin: str) -> Taxonomy:
+    """The taxonomy a file describes; a file of another shape is refused naming the file and
+    the field, not with a KeyError (or a data.strategies message about another setting)."""
+
+    def bad(what: str) -> ValueError:
+        return ValueError(f"taxonomy {origin}: {what} (see soulray/synth/strategies.yaml)")
+
+    if not isinstance(data, dict) or not isinstance(data.get("strategies"), list):
+        raise bad("expected a mapping with a `strategies:` list")
+    strategies = []
+    for i, s in enumerate(data["strategies"]):
+        if not isinstance(s, dict) or not isinstance(s.get("name"), str) or not s["name"]:
+            raise bad(f"strategies[{i}] needs a `name:`")
+        stages = s.get("stages")
+        if not isinstance(stages, list) or not stages or any(x not in STAGES for x in stages):
+            raise bad(f"strategy {s['name']!r} needs `stages:` as a list from {list(STAGES)}")
+        if not all(isinstance(s.get(lang), str) and s[lang] for lang in ("en", "zh")):
+            raise bad(f"strategy {s['name']!r} needs its definition under both `en:` and `zh:`")
+        strategies.append(
+            Strategy(s["name"], tuple(stages), {lang: s[lang] for lang in ("en", "zh")})
         )
-        for s in data["strategies"]
-    )
-    for s in strategies:
-        bad = [stage for stage in s.stages if stage not in STAGES]
-        if bad or not s.stages or set(s.definitions) != {"en", "zh"}:
-            raise ValueError(
-                f"taxonomy {origin}: strategy {s.name!r} needs stages from {STAGES} (got "
-                f"{list(s.stages)}) and definitions under both 'en' and 'zh'"
-            )
     names = [s.name for s in strategies]
-    aliases = {a: t for a, t in DEFAULT_STRATEGY_ALIASES.items() if t in names}
-    aliases |= data.get("aliases") or {}
+    twice = sorted({n for n in names if [m.lower() for m in names].count(n.lower()) > 1})
+    if twice:
+        raise bad(f"strategy names must differ (ignoring case): {twice}")
     fallback = data.get("fallback", "Others")
+    if fallback not in names:
+        raise bad(f"`fallback: {fallback}` is not one of its strategies {names}")
+    extra = data.get("aliases") or {}
+    if not isinstance(extra, dict) or any(t not in names for t in extra.values()):
+        raise bad(f"`aliases:` must map spellings to its strategies {names}")
+    aliases = {a: t for a, t in DEFAULT_STRATEGY_ALIASES.items() if t in names} | extra
     lookup = build_strategy_lookup(
         StrategyConfig(taxonomy=names, aliases=aliases, fallback=fallback)
     )
-    return Taxonomy(strategies, fallback, lookup)
+    return Taxonomy(tuple(strategies), fallback, lookup)
 
 
 def parse_counselor_answer(text: str, taxonomy: Taxonomy) -> CounselorChoice:

@@ -166,6 +166,22 @@ def test_failing_backends_fail_their_scenarios_and_the_run_that_made_none(happy,
     assert {f["reason"] for f in failed} == {reason}
 
 
+def test_an_api_key_exported_after_the_cluster_started_reaches_the_actors(
+    ray_local, tmp_path, monkeypatch
+) -> None:
+    """The key is read on the driver and sent to the actors with the job (runtime_env): a
+    running cluster's workers never see a variable exported in the shell that submits."""
+    monkeypatch.setenv("SOULRAY_TEST_SYNTH_KEY", "sk-late-1")  # Ray is already up
+    with ScriptedOpenAI(ScriptedRoles(stop_after=3)) as server:
+        cfg = synth_config(
+            tmp_path / "out", server.url, 1, "synth.roles.seeker.api_key_env=SOULRAY_TEST_SYNTH_KEY"
+        )
+        report = run_synth(cfg)
+    assert report["dialogues"] == {"written": 1, "dropped": {}, "failed": {}}
+    assert set(server.auth) == {"Bearer sk-late-1"} and len(server.auth) >= 5
+    assert "sk-late-1" not in (tmp_path / "out" / "_synth" / "config.yaml").read_text()
+
+
 def test_a_timeout_fails_only_the_scenarios_it_hits(ray_local, tmp_path) -> None:
     roles = ScriptedRoles(stop_after=3)
 

@@ -205,6 +205,49 @@ def test_taxonomy_is_the_one_prepare_normalises_onto() -> None:
     ]
 
 
+def test_a_taxonomy_file_of_another_shape_is_refused_naming_the_file_and_field(tmp_path) -> None:
+    from soulray.synth.strategies import build_taxonomy
+
+    one = {"name": "Probe", "stages": ["exploration"], "en": "Ask.", "zh": "问。"}
+    cases = [
+        ([one], "expected a mapping with a `strategies:` list"),
+        ({"strategies": [{k: v for k, v in one.items() if k != "stages"}]}, "needs `stages:`"),
+        ({"strategies": [one | {"stages": "exploration"}]}, "needs `stages:` as a list"),
+        ({"strategies": [one | {"zh": ""}]}, "definition under both `en:` and `zh:`"),
+        ({"strategies": [one, one | {"name": "probe"}]}, r"must differ \(ignoring case\)"),
+        ({"strategies": [one]}, r"`fallback: Others` is not one of its strategies \['Probe'\]"),
+        ({"strategies": [one], "fallback": "Probe", "aliases": {"Ask": "Nope"}}, "`aliases:`"),
+    ]
+    for data, says in cases:
+        with pytest.raises(ValueError, match=f"^taxonomy tax.yaml: .*{says}"):
+            build_taxonomy(data, "tax.yaml")
+    ok = build_taxonomy({"strategies": [one], "fallback": "Probe"}, "tax.yaml")
+    assert (ok.names, ok.fallback) == (["Probe"], "Probe")
+    custom = tmp_path / "tax.yaml"
+    custom.write_text(
+        json.dumps({"strategies": [one, one | {"name": "Small Step"}], "fallback": "Probe"})
+    )
+    from soulray.cli import taxonomy_overrides
+
+    cfg = load_config(None, [f"synth.taxonomy_file={custom}"])
+    printed = taxonomy_overrides(cfg)  # synth's `next:` line: what prepare needs to keep them
+    assert printed == (
+        " 'data.strategies.taxonomy=[Probe, Small Step]' 'data.strategies.aliases={}' "
+        "data.strategies.fallback=Probe"
+    )
+    prepared = load_config(None, [o.strip("'") for o in printed.split(" ") if o][:0])
+    assert prepared.data.strategies.fallback == "Others"  # the defaults name ESConv's
+    kept = load_config(
+        None,
+        [
+            "data.strategies.taxonomy=[Probe, Small Step]",
+            "data.strategies.aliases={}",
+            "data.strategies.fallback=Probe",
+        ],
+    )
+    assert kept.data.strategies.taxonomy == ["Probe", "Small Step"]
+
+
 def test_end_marker_and_utterance_rules() -> None:
     assert split_end_marker("ok thanks, bye <END>") == ("ok thanks, bye", True)
     assert split_end_marker("谢谢你【结束】") == ("谢谢你", True)
@@ -367,6 +410,27 @@ def test_store_resume_cuts_a_torn_line_and_skips_written_and_dropped(tmp_path) -
         OutputStore("s3://bucket/synth")
 
 
+def test_a_deleted_shard_leaves_a_gap_not_a_clash_and_home_paths_resolve(
+    tmp_path, monkeypatch
+) -> None:
+    """A user who deletes part-00001 to remake its dialogues: the next run writes part-00003
+    (it used to crash with FileExistsError on part-00002 and lose the dialogue it had made)."""
+    for i in range(3):
+        store = OutputStore(str(tmp_path))
+        store.write_dialogue({"id": f"d{i}", "messages": []})
+        store.close()
+    (tmp_path / "part-00001.jsonl").unlink()
+    store = OutputStore(str(tmp_path))
+    store.write_dialogue({"id": "d1", "messages": []})
+    store.close()
+    names = sorted(p.name for p in tmp_path.glob("part-*"))
+    assert names == ["part-00000.jsonl", "part-00002.jsonl", "part-00003.jsonl"]
+    assert [r["id"] for r in OutputStore(str(tmp_path)).load().records] == ["d0", "d2", "d1"]
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert OutputStore("~/out").root == tmp_path / "out"  # as prepare reads data.inputs
+    assert OutputStore(f"file://{tmp_path}/x").root == tmp_path / "x"
+
+
 def test_near_duplicates_are_found_and_distinct_texts_kept() -> None:
     index = NearDuplicateIndex(threshold=0.8)
     text = "I failed my exam and my parents will be so angry with me this weekend. " * 3
@@ -460,3 +524,22 @@ def test_bad_scenario_inputs_and_roles_are_refused_on_the_driver(tmp_path, monke
     with pytest.raises(ValueError, match=r"^synth.taxonomy_file=.*nope.yaml: no such file"):
         check_cast(SynthConfig.model_validate({"taxonomy_file": str(tmp_path / "nope.yaml")}))
     check_cast(SynthConfig())  # the packaged prompts and taxonomy, no key needed
+    packaged = load_prompts()
+    en_only = tmp_path / "prompts_en.yaml"
+    en_only.write_text(json.dumps({"en": packaged["en"]}, ensure_ascii=False))
+    with pytest.raises(ValueError, match=r"^synth.prompts_file: no 'zh' section; the run plays"):
+        check_cast(SynthConfig.model_validate({"prompts_file": str(en_only)}))
+    check_cast(  # English scenarios only: the English section is enough
+        SynthConfig.model_validate(
+            {"prompts_file": str(en_only), "scenarios": {"languages": ["en"]}}
+        )
+    )
+    lacking = tmp_path / "prompts_lacking.yaml"
+    cut = {k: v for k, v in packaged["en"].items() if k != "counselor_retry"}
+    lacking.write_text(json.dumps({"en": cut}, ensure_ascii=False))
+    with pytest.raises(ValueError, match="the 'en' section lacks counselor_retry$"):
+        check_cast(
+            SynthConfig.model_validate(
+                {"prompts_file": str(lacking), "scenarios": {"languages": ["en"]}}
+            )
+        )
