@@ -167,6 +167,38 @@ def api_key(cfg: EndpointConfig) -> str:
     return key
 
 
+def without_help_lines(text: str, safety: dict[str, Any] | None) -> str:
+    """A flagged reply less the paragraph of help lines soulray serve put before it (or after
+    its fixed safe reply): sent back as the assistant's turn, they would read as text the
+    model wrote (and, with a strategy, as "[Strategy] If you are in crisis..."), which it was
+    never trained on."""
+    if not (safety and safety.get("flagged")):
+        return text
+    lines = [f"- {r['name']}: {r['contact']}" for r in safety.get("resources") or []]
+    if not lines:
+        return text
+    kept = [p for p in text.split("\n\n") if not any(line in p for line in lines)]
+    return "\n\n".join(kept).strip() or text
+
+
+def served_words(result: ChatResult, base_url: str) -> str:
+    """The model's own words in a reply from `soulray serve`, whose crisis screen may put help
+    lines before them (taken out here) or replace them with its fixed safe reply (an
+    EndpointError: those are not the model's words, and synth must never store them as a
+    role's turn). Other servers' replies are returned as they are."""
+    safety = result.extra.get("safety")
+    if not isinstance(safety, dict) or not safety.get("flagged"):
+        return result.text
+    lines = [f"- {r['name']}: {r['contact']}" for r in safety.get("resources") or []]
+    help_at = [any(line in p for line in lines) for p in result.text.split("\n\n")]
+    if safety.get("reply_replaced") or (any(help_at) and not help_at[0]):  # the fixed reply
+        raise EndpointError(
+            f"safety_replaced: {base_url} (soulray serve) answered with its crisis screen's "
+            "fixed reply; serve a synth backend with serve.safety.enabled=false"
+        )
+    return without_help_lines(result.text, safety)
+
+
 def key_runtime_env(endpoints: Iterable[EndpointConfig]) -> dict[str, Any]:
     """Ray remote options that give workers the endpoints' API keys, read here (the driver):
     a key exported in the shell that starts a job is not in the environment of a running

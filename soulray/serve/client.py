@@ -12,6 +12,8 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import Any, TextIO
 
+from soulray.endpoints import without_help_lines
+
 EXIT_WORDS = {"/exit", "/quit", "exit", "quit"}
 
 
@@ -59,20 +61,6 @@ def stream_reply(
     if safety and safety.get("flagged"):
         out.write(f"  [safety: flagged {', '.join(safety.get('categories', []))}]\n")
     return without_help_lines(text, safety), strategy
-
-
-def without_help_lines(text: str, safety: dict[str, Any] | None) -> str:
-    """A flagged reply less the paragraph of help lines soulray serve put before it (or after
-    its fixed safe reply): sent back as the assistant's turn, they would read as text the
-    model wrote (and, with a strategy, as "[Strategy] If you are in crisis..."), which it was
-    never trained on."""
-    if not (safety and safety.get("flagged")):
-        return text
-    lines = [f"- {r['name']}: {r['contact']}" for r in safety.get("resources") or []]
-    if not lines:
-        return text
-    kept = [p for p in text.split("\n\n") if not any(line in p for line in lines)]
-    return "\n\n".join(kept).strip() or text
 
 
 def run_chat(

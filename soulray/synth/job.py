@@ -42,9 +42,19 @@ def load_scenarios(sc: SynthConfig) -> list[Scenario]:
         case "pool":
             return build_scenarios(sc.scenarios.count, sc.seed, sc.scenarios.languages, pool)
         case "corpus":
-            return scenarios_from_corpus(
+            found = scenarios_from_corpus(
                 sc.scenarios.inputs, sc.scenarios.count, sc.seed, pool, sc.scenarios.languages
             )
+            if len(found) < sc.scenarios.count:
+                log.warning(
+                    "synth: synth.scenarios.count=%d, but the corpus has only %d usable "
+                    "situations (in %s): making %d",
+                    sc.scenarios.count,
+                    len(found),
+                    sc.scenarios.languages,
+                    len(found),
+                )
+            return found
 
 
 def check_cast(sc: SynthConfig) -> None:

@@ -51,7 +51,8 @@ def utterance_problem(
     key = normalize_utterance(text)
     if any(m["role"] == role and normalize_utterance(m["content"]) == key for m in earlier):
         return "repeated"
-    if check_language and detect_language(text) != language:
+    # "……", "？？？" or an emoji is in no language: a terse Seeker, not a wrong one
+    if check_language and any(c.isalpha() for c in text) and detect_language(text) != language:
         return "wrong_language"
     return None
 
@@ -71,8 +72,10 @@ async def run_dialogue(
         out.prompt_tokens += turn.prompt_tokens
         out.completion_tokens += turn.completion_tokens
         may_stop = out.turns >= loop.min_turns
-        if turn.wants_to_stop and may_stop and not turn.text:
-            return finish(out, "seeker_ended")  # a bare end marker: nothing more to say
+        if turn.wants_to_stop and not turn.text:  # a bare end marker: nothing more to say
+            if may_stop:
+                return finish(out, "seeker_ended")
+            return finish_or_drop(out, "seeker_ended_early", False)  # too short to keep
         problem = check(turn.text, "user", out, scenario, quality)
         if problem:
             return finish_or_drop(out, f"{problem}_{speaker['user']}", may_stop)

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from soulray.config import read_setting_file
-from soulray.endpoints import ChatResult, EndpointClient
+from soulray.endpoints import ChatResult, EndpointClient, served_words
 from soulray.synth.scenarios import Scenario
 from soulray.synth.strategies import (
     CounselorAnswerError,
@@ -153,7 +153,7 @@ class Seeker:
         self.prompts = prompts
 
     async def reply(self, scenario: Scenario, dialogue: Messages) -> SeekerTurn:
-        result = await self.client.chat(seeker_messages(self.prompts, scenario, dialogue))
+        result = await chat(self.client, seeker_messages(self.prompts, scenario, dialogue))
         text, stop = split_end_marker(result.text)
         return SeekerTurn(text, stop, result.prompt_tokens, result.completion_tokens)
 
@@ -174,7 +174,7 @@ class Counselor:
         messages = counselor_messages(self.prompts, self.taxonomy, scenario.language, dialogue)
         out = CounselorResult(self.taxonomy.fallback, "", fallback=True)
         for _ in range(self.retries + 1):
-            result = await self.client.chat(messages)
+            result = await chat(self.client, messages)
             out.prompt_tokens += result.prompt_tokens
             out.completion_tokens += result.completion_tokens
             try:
@@ -205,9 +205,17 @@ class Supporter:
         messages = supporter_messages(
             self.prompts, self.taxonomy, scenario.language, strategy, dialogue
         )
-        result = await self.client.chat(messages)
+        result = await chat(self.client, messages)
         result.text = result.text.strip()
         return result
+
+
+async def chat(client: EndpointClient, messages: Messages) -> ChatResult:
+    """A role's completion with only the model's words: help lines a `soulray serve` backend's
+    crisis screen put before them are taken out, a reply it replaced fails the scenario."""
+    result = await client.chat(messages)
+    result.text = served_words(result, client.cfg.base_url)
+    return result
 
 
 def build_seeker(client: EndpointClient, prompts_path: str | None = None) -> Seeker:

@@ -12,8 +12,8 @@ import pytest
 from openai import AsyncOpenAI
 
 from soulray.config import ServeConfig
+from soulray.endpoints import ChatResult, EndpointError, served_words, without_help_lines
 from soulray.serve.app import build_api, build_state, load_api_key
-from soulray.serve.client import without_help_lines
 from soulray.serve.engine import engine_errors
 from soulray.serve.generate import Delta
 
@@ -189,6 +189,14 @@ def test_crisis_message_gets_resources_and_the_flag(tiny_export, tmp_path, mode)
         assert kept == "What happened today?"  # the scripted engine's reply, exactly
     else:
         assert content.startswith(kept) and len(kept) > 10  # the fixed safe reply's text
+    # synth, with soulray serve as a role's backend, stores only the model's words
+    result = ChatResult(content, 0, 0, extra={"safety": out["safety"]})
+    if mode == "augment":
+        assert served_words(result, "u") == "What happened today?"
+    else:
+        with pytest.raises(EndpointError, match="^safety_replaced: u"):
+            served_words(result, "u")
+    assert served_words(ChatResult("plain", 0, 0, extra={}), "u") == "plain"
 
 
 @pytest.mark.parametrize("mode", ["augment", "fixed"])

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
+from dataclasses import dataclass
 
 import pytest
 from scripted_openai import ScriptedOpenAI
@@ -235,8 +237,6 @@ def test_a_taxonomy_file_of_another_shape_is_refused_naming_the_file_and_field(t
         " 'data.strategies.taxonomy=[Probe, Small Step]' 'data.strategies.aliases={}' "
         "data.strategies.fallback=Probe"
     )
-    prepared = load_config(None, [o.strip("'") for o in printed.split(" ") if o][:0])
-    assert prepared.data.strategies.fallback == "Others"  # the defaults name ESConv's
     kept = load_config(
         None,
         [
@@ -259,6 +259,9 @@ def test_end_marker_and_utterance_rules() -> None:
     assert utterance_problem("I can't sleep.", "assistant", earlier, "en", True) is None
     assert utterance_problem("我睡不着", "user", earlier, "en", True) == "wrong_language"
     assert utterance_problem("我睡不着", "user", earlier, "en", False) is None
+    for terse in ("……", "？？？", "😢", "..."):  # no words: a terse Seeker, in any language
+        assert utterance_problem(terse, "user", earlier, "zh", True) is None
+        assert utterance_problem(terse, "user", earlier, "en", True) is None
 
 
 def play(roles: ScriptedRoles, scenario, loop: LoopConfig, **quality):
@@ -294,6 +297,30 @@ def test_seeker_ends_it_after_the_minimum_and_strategies_land_on_replies() -> No
     ]
     assert [m.get("stage") for m in d.messages[1::2]] == ["exploration", "comforting"]
     assert d.messages[1]["rationale"] == "turn 1"
+
+
+@dataclass
+class BareEndAt(ScriptedRoles):
+    """The Seeker's message `at` is the end marker alone."""
+
+    at: int = 2
+
+    def seeker(self, messages: list[dict[str, str]]) -> str:
+        n = 1 + sum(m["role"] == "assistant" for m in messages)
+        return "<END>" if n == self.at else super().seeker(messages)
+
+
+def test_a_bare_end_marker_before_the_minimum_drops_it_as_ended_early() -> None:
+    """Named for what happened (it used to read `empty_seeker`)."""
+    d = play(BareEndAt(stop_after=9), EN, LoopConfig(min_turns=3, max_turns=6))
+    assert (d.status, d.reason, d.turns, d.counts["seeker_ended_early"]) == (
+        "dropped",
+        "seeker_ended_early",
+        1,
+        1,
+    )
+    d = play(BareEndAt(stop_after=9, at=3), EN, LoopConfig(min_turns=2, max_turns=6))
+    assert (d.status, d.reason, d.turns) == ("ok", "seeker_ended", 2)
 
 
 def test_a_stop_before_the_minimum_is_ignored_and_max_turns_ends_it() -> None:
@@ -440,6 +467,31 @@ def test_near_duplicates_are_found_and_distinct_texts_kept() -> None:
         index.add_if_new("c", "My dog died last week and everyone says it was just a pet.") is None
     )
     assert len(index) == 2
+
+
+def test_a_lower_threshold_gets_more_bands_so_pairs_above_it_are_found() -> None:
+    """README: dialogues at or above the threshold are dropped. 16 bands x 4 rows (right for
+    0.8) found pairs at J 0.5-0.7 only ~64 % of the time; the shape now follows the threshold."""
+    from soulray.synth.near_dupes import jaccard, lsh_shape, shingles
+
+    assert [lsh_shape(t) for t in (0.3, 0.5, 0.8, 0.95)] == [(64, 1), (32, 2), (16, 4), (8, 8)]
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(400)]
+    found = 0
+    similar = 0
+    for k in range(60):
+        base = rng.sample(words, 60)
+        other = base[:]
+        for i in rng.sample(range(60), 14):  # J 0.53-0.61 (16 x 4 found 49 of these 60)
+            other[i] = rng.choice(words)
+        a, b = " ".join(base), " ".join(other)
+        if jaccard(shingles(a), shingles(b)) < 0.5:
+            continue
+        similar += 1
+        index = NearDuplicateIndex(threshold=0.5)
+        index.add_if_new(f"a{k}", a)
+        found += index.add_if_new(f"b{k}", b) == f"a{k}"
+    assert similar == 60 and found == 60
 
 
 def test_config_roles_inherit_from_the_seeker() -> None:
