@@ -90,6 +90,20 @@ def run_verb(fn: Any, *args: Any) -> Any:
         raise typer.Exit(2 if isinstance(found, ConfigError) else 1) from None
 
 
+def as_config_error(check: Any) -> Any:
+    """`check` with its ValueError raised as a ConfigError (exit 2)."""
+
+    def checked(*args: Any) -> Any:
+        try:
+            return check(*args)
+        except ConfigError:
+            raise
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+
+    return checked
+
+
 def load(config: Path, overrides: list[str] | None) -> Config:
     return run_verb(load_config, config, overrides or [])
 
@@ -403,17 +417,20 @@ def eval_cmd(
             "--fail-if-worse",
             metavar="BASELINE",
             help="Exit 1 when eval.gate.candidate's eval.gate.metric is below this model's "
-            "beyond the 95% CI (a promotion gate for RayJobs).",
+            "beyond the 95% CI, or no item has a value for both (a promotion gate for "
+            "RayJobs); a config the gate cannot use exits 2.",
         ),
     ] = None,
 ) -> None:
     """Evaluate models behind OpenAI-compatible endpoints: reference metrics, judge, pairwise,
     Seeker-driven dialogues; writes report.json, report.md and PNG charts."""
     from soulray.eval.markdown import render_summary
-    from soulray.eval.run import run_eval
+    from soulray.eval.run import check_config, run_eval
 
     setup_logging()
     cfg = load(config, overrides)
+    # before Ray starts, and exit 2 (a config to fix), never 1 (the gate's "worse")
+    run_verb(as_config_error(check_config), cfg.eval, fail_if_worse)
     init_ray()
     report = run_verb(run_eval, cfg, fail_if_worse)
     typer.echo(render_summary(report, cfg.eval.output_dir))

@@ -365,6 +365,29 @@ class ServeConfig(Section):
         return "two_deployments" if self.engine.kind == "vllm" else "one_deployment"
 
     @model_validator(mode="after")
+    def _check_vllm(self) -> ServeConfig:
+        """What the vllm engine cannot do, refused when the config is read (by `serve build`
+        too), not when a cluster deploys it."""
+        if self.engine.kind != "vllm":
+            return self
+        if self.adapters:
+            raise ValueError(
+                "serve.adapters (multi-LoRA) is served by the hf engine; use "
+                "serve.engine.kind=hf or remove serve.adapters"
+            )
+        if self.engine.adapter_dir:
+            raise ValueError(
+                "the vllm engine serves the merged model at the export root; unset "
+                "serve.engine.adapter_dir (soulray train writes the merged model beside adapter/)"
+            )
+        if self.layout == "one_deployment":
+            raise ValueError(
+                "serve.layout=one_deployment runs the hf or noop engine in the ingress; use "
+                "serve.layout=two_deployments (or auto) with serve.engine.kind=vllm"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_adapter_names(self) -> ServeConfig:
         names = [self.model_name] + [a.name for a in self.adapters]
         dupes = sorted({n for n in names if names.count(n) > 1})

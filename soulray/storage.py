@@ -149,12 +149,15 @@ def _expand_one(item: str, suffixes: tuple[str, ...]) -> list[str]:
         if kind == pafs.FileType.Directory:
             files = _all_files(item)  # one listing for what is read and what is not
             found = sorted(f for f, rel in files if _listed(f, rel, suffixes))
-            skipped = sorted(rel for f, rel in files if not _listed(f, rel, suffixes))
+            # files of another kind are named; hidden ones ('.' or '_': .git, _synth/, _SUCCESS)
+            # are bookkeeping skipped by design, not worth a warning
+            skipped = sorted(
+                rel for f, rel in files if not _listed(f, rel, suffixes) and _listed(f, rel, ())
+            )
             if skipped:
                 names = ", ".join(skipped[:5])
                 log.warning(
-                    "warning: %s: %d file(s) not read: only %s files are, and none whose name "
-                    "or folder starts with '.' or '_' (%s%s)",
+                    "warning: %s: %d file(s) not read: only %s files are (%s%s)",
                     item,
                     len(skipped),
                     "/".join(suffixes),

@@ -92,13 +92,25 @@ def check_project(project: Path) -> None:
         )
 
 
+# what each verb writes: a relative path there lands in Ray's temporary copy of the project
+OUTPUTS = {
+    "prepare": ("data.output_dir",),
+    "train": ("train.storage_path", "train.export_dir"),
+    "synth": ("synth.output_dir",),
+    "eval": ("eval.output_dir",),
+    "pipeline": ("data.output_dir", "train.storage_path", "train.export_dir", "pipeline.run_dir"),
+}
+OUTPUTS["quickstart"] = OUTPUTS["pipeline"]
+
+
 def relative_outputs(command: list[str]) -> list[str]:
     """The output paths of the command's config that are relative: with an upload the job runs
     in Ray's temporary copy of the project, so what it writes there is lost after the job."""
     from soulray.config import load_config
 
     args = command[1:] if command[:1] == ["soulray"] else command
-    if args[:1] not in (["prepare"], ["train"], ["pipeline"], ["quickstart"]):
+    keys = OUTPUTS.get(args[0], ()) if args else ()
+    if not keys:
         return []
     config, overrides, rest = None, [], iter(args[1:])
     for arg in rest:
@@ -111,20 +123,17 @@ def relative_outputs(command: list[str]) -> list[str]:
     from soulray.pipeline import with_run_dir
 
     try:
-        cfg = with_run_dir(load_config(config, overrides))  # pipeline.run_dir places them all
+        cfg = load_config(config, overrides)
+        cfg = with_run_dir(cfg) if args[0] in ("pipeline", "quickstart") else cfg
     except Exception:  # the job reports a bad config itself, with the cluster's files
         return []
-    paths = {
-        "data.output_dir": cfg.data.output_dir,
-        "train.storage_path": cfg.train.storage_path,
-        "train.export_dir": cfg.train.export_dir,
-        "pipeline.run_dir": cfg.pipeline.run_dir,
-    }
-    return [
-        f"{key}={value}"
-        for key, value in paths.items()
-        if value and "://" not in value and not os.path.isabs(value)
-    ]
+    out = []
+    for key in keys:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value and "://" not in value and not os.path.isabs(value):
+            out.append(f"{key}={value}")
+    return out
 
 
 def submit_job(

@@ -486,6 +486,8 @@ def build_manifest(
         },
         "config_hash": config_hash(cfg.data),
         "inputs": cfg.data.inputs,
+        # the same, absolute: a reader started elsewhere (eval's prepared contexts) finds them
+        "inputs_resolved": [storage.normalize(i) for i in cfg.data.inputs],
         "files": len(files),
         "seconds": round(seconds, 2),
     }

@@ -53,6 +53,12 @@ def json_candidates(text: str) -> list[str]:
         balanced = balanced_object(text, start)
         found += [balanced] if balanced else []
         found.append(close_truncated(text[start:]))
+        # later objects too: an example object in the prose may come before the answer
+        at = start + len(balanced) if balanced else len(text)
+        while (start := text.find("{", at)) >= 0:
+            later = balanced_object(text, start)
+            found += [later] if later else []
+            at = start + len(later) if later else len(text)
     return found
 
 
@@ -98,14 +104,20 @@ def close_truncated(text: str) -> str:
 
 
 def load_object(text: str) -> dict[str, Any] | None:
+    return next(iter(load_objects(text)), None)
+
+
+def load_objects(text: str) -> list[dict[str, Any]]:
+    """Every JSON object json_candidates finds, strictest first."""
+    out = []
     for candidate in json_candidates(text):
         try:
             value = json.loads(candidate)
         except json.JSONDecodeError:
             continue
         if isinstance(value, dict):
-            return value
-    return None
+            out.append(value)
+    return out
 
 
 def _lookup(obj: dict[str, Any], name: str) -> Any:
@@ -150,15 +162,19 @@ def as_score(value: Any, d: Dimension) -> int:
 
 def parse_scores(text: str, dims: list[Dimension]) -> tuple[dict[str, int], dict[str, str]]:
     """Scores and reasons for every dimension, or AnswerError naming what is missing/invalid."""
-    obj = load_object(text)
-    if obj is not None:
-        entries = {d.name: _score_and_reason(obj, d.name) for d in dims}
-        entries = {k: v for k, v in entries.items() if v[0] is not None}
-    else:
-        entries = _regex_scores(THINK.sub("", text), dims)
+    objects = load_objects(text)
+    entries: dict[str, tuple[Any, str]] = {}
+    for obj in objects:  # the first object that scores the most dimensions
+        found = {d.name: _score_and_reason(obj, d.name) for d in dims}
+        found = {k: v for k, v in found.items() if v[0] is not None}
+        if len(found) > len(entries):
+            entries = found
+    if len(entries) < len(dims):  # e.g. the outer braces missing: `"Content": {...}, ...`
+        regex = _regex_scores(THINK.sub("", text), dims)
+        entries = regex if len(regex) > len(entries) else entries
     missing = [d.name for d in dims if d.name not in entries]
     if missing:
-        what = "no JSON object" if obj is None and not entries else f"no score for {missing}"
+        what = "no JSON object" if not objects and not entries else f"no score for {missing}"
         raise AnswerError(f"{what} in the answer {text[:120]!r}")
     scores = {d.name: as_score(entries[d.name][0], d) for d in dims}
     return scores, {d.name: entries[d.name][1] for d in dims}

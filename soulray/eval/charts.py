@@ -137,7 +137,20 @@ def save_eval_charts(report: dict[str, Any], output_dir: str) -> list[str]:
         )
     )
     charts.append(strategy_chart(s["strategies"], output_dir))
-    return [c for c in charts if c]
+    made = [c for c in charts if c]
+    for stale in set(EVAL_CHARTS) - set(made):  # a reused output_dir: no chart of another run
+        storage.delete_file(storage.join(output_dir, stale))
+    return made
+
+
+EVAL_CHARTS = (
+    "reference_metrics.png",
+    "judge_scores.png",
+    "reply_lengths.png",
+    "pairwise.png",
+    "interactive_scores.png",
+    "strategies.png",
+)
 
 
 def save_curve(

@@ -21,11 +21,18 @@ class EvalSection(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class GreedyEndpointConfig(EndpointConfig):
+    """A model under test or the judge: greedy unless set, so a reply differs between models,
+    not between runs, and the judge's order-swapped verdicts are not noise."""
+
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+
+
 class EvalModel(EvalSection):
     """One model under test: a name for the report and its endpoint."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
-    endpoint: EndpointConfig
+    endpoint: GreedyEndpointConfig
 
 
 class ContextsConfig(EvalSection):
@@ -52,7 +59,7 @@ class ContextsConfig(EvalSection):
 
 
 class JudgeConfig(EvalSection):
-    endpoint: EndpointConfig | None = None  # None: no judge scores, reference metrics only
+    endpoint: GreedyEndpointConfig | None = None  # None: no judge scores, reference metrics only
     rubric: str = "soulchat"  # soulchat | cpsycoune | a YAML file of the same shape
     retries: int = Field(2, ge=0)  # unusable answers sent back with the reason, then unscored
     pairwise: bool = True  # compare every pair of models on each context, both orders

@@ -14,7 +14,7 @@ import functools
 import hashlib
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from soulray import storage
@@ -51,6 +51,9 @@ def prepared_data_config(prepared_dir: str) -> DataConfig:
             "(manifest.json and config.yaml missing); run prepare first or use source: files"
         )
     data = parse_config(storage.read_text(config), config).data
+    resolved = json.loads(storage.read_text(manifest)).get("inputs_resolved")
+    if resolved:  # config.yaml keeps the inputs as given: relative to where prepare ran
+        data = data.model_copy(update={"inputs": resolved})
     if data.val_fraction == 0:
         raise ValueError(
             f"{prepared_dir} was prepared with data.val_fraction=0 and holds no val split; "
@@ -142,11 +145,23 @@ def sample_contexts(cfg: ContextsConfig) -> list[Context]:
     """`cfg.n` contexts drawn with `cfg.seed` from every context of the source, kept in
     source order (the same config gives the same contexts)."""
     convs = load_conversations(cfg)
-    every = [c for conv in convs for c in conversation_contexts(conv, cfg.language)]
+    every = unique_ids([c for conv in convs for c in conversation_contexts(conv, cfg.language)])
     if len(every) <= cfg.n:
         return every
     picked = sorted(random.Random(cfg.seed).sample(range(len(every)), cfg.n))
     return [every[i] for i in picked]
+
+
+def unique_ids(contexts: list[Context]) -> list[Context]:
+    """Contexts of two conversations that share an id (two files, each with an "id": "c1", or
+    two data.jsonl in different folders) get "~2", "~3"... after the later ones' ids: the report
+    and the gate pair models' replies by context id, and one would hide the other."""
+    seen: dict[str, int] = {}
+    out = []
+    for c in contexts:
+        seen[c.id] = seen.get(c.id, 0) + 1
+        out.append(c if seen[c.id] == 1 else replace(c, id=f"{c.id}~{seen[c.id]}"))
+    return out
 
 
 def contexts_digest(contexts: list[Context]) -> str:

@@ -37,7 +37,8 @@ def _values(ids: list[str], rows: list[dict[str, Any]], metric: str) -> dict[str
 
 
 def check_gate(report: dict[str, Any], baseline: str, gate: GateConfig, seed: int) -> dict:
-    """The gate's verdict; a ValueError names a model or metric that is not in the report."""
+    """The gate's verdict; a ValueError names a model that is not in the report (the metric's
+    name was checked before the run: check_gate_config)."""
     models = [m["name"] for m in report["meta"]["models"]]
     candidate = gate.candidate or models[0]
     if baseline not in models:
@@ -51,19 +52,30 @@ def check_gate(report: dict[str, Any], baseline: str, gate: GateConfig, seed: in
         item_values(report, candidate, gate.metric),
         item_values(report, baseline, gate.metric),
     )
-    if not cand and not base:
-        raise ValueError(
-            f"eval.gate.metric {gate.metric!r} has no value in this report; use judge_total, "
-            "judge.<Dimension>, bleu_1..bleu_4, rouge_1/2/l, length or interactive.judge_total"
-        )
     shared = sorted(set(cand) & set(base))
     diff = paired_difference([cand[i] for i in shared], [base[i] for i in shared], seed)
-    # With no item scored for both, nothing shows the candidate is not worse: refuse.
+    # With no item scored for both, nothing shows the candidate is not worse: refuse, and say
+    # which model lacks values (a judge that scored nothing, an endpoint that failed).
     worse = not shared or diff["ci"][1] < 0
-    return {
+    verdict = {
         "candidate": candidate,
         "baseline": baseline,
         "metric": gate.metric,
         "difference": diff,
         "worse": bool(worse),
     }
+    if not shared:
+        items = len(item_ids(report, gate.metric))
+        verdict["no_paired_items"] = (
+            f"no item has a {gate.metric} value for both models ({candidate}: {len(cand)} of "
+            f"{items}, {baseline}: {len(base)} of {items}; unscored and failed replies have "
+            "none, see the report)"
+        )
+    return verdict
+
+
+def item_ids(report: dict[str, Any], metric: str) -> set[str]:
+    """Every item the metric is over (contexts, or scenarios for interactive.*)."""
+    if metric.startswith("interactive."):
+        return {r["scenario"] for rows in report["dialogues"].values() for r in rows}
+    return {r["context"] for rows in report["replies"].values() for r in rows}

@@ -46,6 +46,16 @@ class Rubric(BaseModel):
     title: str
     dimensions: list[RubricDimension] = Field(min_length=1)
 
+    @model_validator(mode="after")
+    def _check_names(self) -> Rubric:
+        """Names are matched in the judge's answer ignoring case, so "A" and "a" would be
+        one dimension scored twice."""
+        names = [d.name.strip().lower() for d in self.dimensions]
+        twice = sorted({d.name for d in self.dimensions if names.count(d.name.strip().lower()) > 1})
+        if twice:
+            raise ValueError(f"dimension names must differ (ignoring case): {twice}")
+        return self
+
     @property
     def dims(self) -> list[Dimension]:
         return [Dimension(d.name, d.min, d.max) for d in self.dimensions]
@@ -116,7 +126,7 @@ class Judgement:
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"scores": self.scores, "attempts": self.attempts}
-        out |= {"reasons": self.reasons} if self.scores else {}
+        out |= {"reasons": self.reasons} if self.scores or self.verdict else {}
         out |= {"verdict": self.verdict} if self.verdict else {}
         out |= {"error": self.error, "raw": self.raw[:500]} if self.error else {}
         return out

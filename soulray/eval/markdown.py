@@ -180,7 +180,9 @@ def render_markdown(report: dict[str, Any], charts: list[str]) -> str:
     out = ["# Evaluation report", ""]
     out += [f"- models: {', '.join(m['name'] for m in meta['models'])}"]
     out += [f"- contexts: {len(report['contexts'])} (set {meta['contexts_digest']})"]
-    out += [f"- rubric: {meta['rubric']['title']}", f"- seconds: {num(meta['seconds'])}", ""]
+    judged = bool(meta.get("judge", {}).get("endpoint"))
+    out += [f"- rubric: {meta['rubric']['title']}"] if judged else ["- judge: none"]
+    out += [f"- seconds: {num(meta['seconds'])}", ""]
     if s["turn"]:
         out += turn_section(s["turn"])
     out += pairwise_section(s["pairwise"])
@@ -193,14 +195,19 @@ def render_markdown(report: dict[str, Any], charts: list[str]) -> str:
 
 
 def gate_lines(gate: dict[str, Any]) -> list[str]:
-    verdict = "WORSE: promotion refused" if gate["worse"] else "not worse"
-    return [
-        "## Promotion gate",
-        "",
-        f"{gate['candidate']} vs {gate['baseline']} on {gate['metric']}: difference "
-        f"{with_ci(gate['difference'])} over {gate['difference']['n']} paired items: {verdict}.",
-        "",
-    ]
+    if "no_paired_items" in gate:
+        line = (
+            f"{gate['candidate']} vs {gate['baseline']} on {gate['metric']}: promotion refused: "
+            f"{gate['no_paired_items']}."
+        )
+    else:
+        verdict = "WORSE: promotion refused" if gate["worse"] else "not worse"
+        line = (
+            f"{gate['candidate']} vs {gate['baseline']} on {gate['metric']}: difference "
+            f"{with_ci(gate['difference'])} over {gate['difference']['n']} paired items: "
+            f"{verdict}."
+        )
+    return ["## Promotion gate", "", line, ""]
 
 
 def render_summary(report: dict[str, Any], output_dir: str) -> str:
@@ -220,7 +227,10 @@ def render_summary(report: dict[str, Any], output_dir: str) -> str:
             f"{num(p['tie_rate'])} loss {num(p['loss_rate'])} ({p['unscored']} unscored)"
         )
     for model, v in s["interactive"].items():
-        lines.append(f"{model} dialogues: judge total {with_ci(v['judge']['scores']['total'])}")
+        total = (
+            f"judge total {with_ci(v['judge']['scores']['total'])}" if v["judge"] else "no judge"
+        )
+        lines.append(f"{model} dialogues: {v['dialogues']} ({v['failed']} failed), {total}")
     if "gate" in report:
         lines += gate_lines(report["gate"])[2:3]
     lines.append(f"wrote {output_dir}/report.json, report.md and charts")

@@ -33,10 +33,18 @@ def judge_values(rows: list[dict[str, Any] | None], rubric: Rubric) -> dict[str,
     return values
 
 
+def reason_label(error: str) -> str:
+    """An unscored item's reason as the report groups it: its first word, and for an endpoint
+    failure the endpoint's own ("endpoint: connection", "endpoint: http_503"), so the cause
+    shows in report.md without each message's details."""
+    parts = [p.strip() for p in error.split(":")]
+    return f"{parts[0]}: {parts[1]}" if parts[0] == "endpoint" and len(parts) > 1 else parts[0]
+
+
 def judge_summary(rows: list[dict[str, Any] | None], rubric: Rubric, seed: int) -> dict[str, Any]:
     judged = [j for j in rows if j is not None]
     unscored = [j for j in judged if not j.get("scores")]
-    reasons = Counter(str(j.get("error", "")).split(":")[0] for j in unscored)
+    reasons = Counter(reason_label(str(j.get("error", ""))) for j in unscored)
     return {
         "judged": len(judged),
         "scored": len(judged) - len(unscored),
@@ -89,8 +97,9 @@ def pairwise_summary(pair: dict[str, Any], seed: int) -> dict[str, Any]:
 
 
 def dialogue_summary(records: list[dict[str, Any]], rubric: Rubric, seed: int) -> dict[str, Any]:
+    judged = any(r.get("judge") is not None for r in records)  # None: the run had no judge
     by_attitude = {}
-    for attitude in sorted({r["attitude"] for r in records}):
+    for attitude in sorted({r["attitude"] for r in records}) if judged else []:
         rows = [r.get("judge") for r in records if r["attitude"] == attitude]
         by_attitude[attitude] = summarize(judge_values(rows, rubric)["total"], seed)
     turns = [sum(m["role"] == "assistant" for m in r["messages"]) for r in records]
@@ -98,7 +107,7 @@ def dialogue_summary(records: list[dict[str, Any]], rubric: Rubric, seed: int) -
         "dialogues": len(records),
         "failed": sum(r["error"] is not None for r in records),
         "model_turns": summarize([float(t) for t in turns], seed),
-        "judge": judge_summary([r.get("judge") for r in records], rubric, seed),
+        "judge": judge_summary([r.get("judge") for r in records], rubric, seed) if judged else None,
         "by_attitude": by_attitude,
     }
 

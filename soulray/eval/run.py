@@ -189,7 +189,9 @@ def check_gate_config(cfg: EvalConfig, baseline: str, names: list[str]) -> None:
     base = metric.removeprefix("interactive.")
     dims = [d.name for d in load_rubric(cfg.judge.rubric).dimensions]
     judged = ["judge_total", *(f"judge.{d}" for d in dims)]
-    known = judged if interactive else [*judged, *TURN_METRICS]
+    # per-reply scores only; not length (shorter is not worse) nor Distinct-n (a statistic of
+    # all replies together, with no per-item value to pair)
+    known = judged if interactive else [*judged, *(m for m in TURN_METRICS if m != "length")]
     if base not in known:
         close = difflib.get_close_matches(base, known, 1)
         prefix = "interactive." if interactive else ""
@@ -270,7 +272,7 @@ def run_eval(cfg: Config, fail_if_worse: str | None = None) -> dict[str, Any]:
     from soulray.eval.report import build_report, write_report
 
     e = cfg.eval
-    check_config(e, fail_if_worse)
+    check_config(e, fail_if_worse)  # `soulray eval` checked it before starting Ray
     started = time.time()
     rubric = load_rubric(e.judge.rubric)
     # a lost worker: the phase again; the API keys travel with the tasks
@@ -292,14 +294,8 @@ def run_eval(cfg: Config, fail_if_worse: str | None = None) -> dict[str, Any]:
         "phases": clock.phases,
     }
     report = build_report(e, rubric, contexts, replies, scores, pairs, dialogues, scenarios, meta)
-    refused = None
     if fail_if_worse is not None:
-        try:
-            report["gate"] = check_gate(report, fail_if_worse, e.gate, e.seed)
-        except ValueError as error:  # e.g. no item scored: the report is still written
-            refused = error
+        report["gate"] = check_gate(report, fail_if_worse, e.gate, e.seed)
     write_report(report, e.output_dir)
     storage.write_text(storage.join(e.output_dir, "config.yaml"), config_to_yaml(cfg))
-    if refused is not None:
-        raise refused
     return report

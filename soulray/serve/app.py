@@ -279,12 +279,7 @@ def build_application(cfg: Config) -> Any:
     cfg = resolved(cfg)
     level = "DEBUG" if cfg.serve.debug_log_content else "INFO"
     logging_config = {"log_level": level, "enable_access_log": True}
-    if cfg.serve.resolved_layout() == "one_deployment":
-        if cfg.serve.engine.kind == "vllm":
-            raise ValueError(
-                "serve.layout=one_deployment runs the hf or noop engine in the ingress; "
-                "use serve.layout=two_deployments with serve.engine.kind=vllm"
-            )
+    if cfg.serve.resolved_layout() == "one_deployment":  # never vllm: ServeConfig refuses it
         options = replica_options(cfg.serve.engine, "Ingress")
         ingress = as_deployment(Ingress).options(**options, logging_config=logging_config)
         return ingress.bind(cfg.model_dump(mode="json"))

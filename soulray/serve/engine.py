@@ -244,17 +244,7 @@ def require_vllm() -> None:
 
 def build_vllm_engine(cfg: ServeConfig, model_dir: str) -> Any:
     """Ray Serve LLM's vLLM deployment, configured from serve.engine."""
-    require_vllm()
-    if cfg.adapters:
-        raise ValueError(
-            "serve.adapters (multi-LoRA) is served by the hf engine; use serve.engine.kind=hf "
-            "or remove serve.adapters"
-        )
-    if cfg.engine.adapter_dir:
-        raise ValueError(
-            "the vllm engine serves the merged model at the export root; unset "
-            "serve.engine.adapter_dir (soulray train writes the merged model beside adapter/)"
-        )
+    require_vllm()  # adapters and one_deployment with vllm: refused by ServeConfig itself
     from ray.serve.llm import LLMConfig, build_llm_deployment
 
     source: Any = (

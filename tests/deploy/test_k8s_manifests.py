@@ -544,11 +544,9 @@ def test_kustomizations_reference_files_that_exist():
     for path in K8S.rglob("kustomization.yaml"):
         k = load_yaml(path)
         assert k["kind"] == "Kustomization" and k["apiVersion"].startswith("kustomize.config")
-        listed = [
-            *k.get("resources", []),
-            *k.get("bases", []),
-            *(p["path"] for p in k.get("patchesJson6902", [])),
-        ]
+        # kustomize v5's fields only: `bases` and `patchesJson6902` print deprecation warnings
+        assert not {"bases", "patchesJson6902", "patchesStrategicMerge"} & set(k), path
+        listed = [*k.get("resources", []), *(p["path"] for p in k.get("patches", []))]
         for name in listed:
             assert (path.parent / name).exists(), f"{path.relative_to(ROOT)}: {name} is missing"
 

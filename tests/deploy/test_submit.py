@@ -167,10 +167,18 @@ def test_relative_outputs_of_an_uploaded_job_are_named() -> None:
     from soulray.submit import relative_outputs
 
     config = str(ROOT / "jobs" / "quickstart.yaml")
+    # each verb's own outputs (prepare writes no checkpoint); synth and eval too
     assert relative_outputs(["soulray", "prepare", "--config", config]) == [
-        "data.output_dir=runs/quickstart/data",
+        "data.output_dir=runs/quickstart/data"
+    ]
+    assert relative_outputs(["soulray", "train", "--config", config]) == [
         "train.storage_path=runs/quickstart/checkpoints",
         "train.export_dir=runs/quickstart/model",
+    ]
+    synth = str(ROOT / "jobs" / "synth.yaml")
+    assert relative_outputs(["soulray", "synth", "-c", synth]) == ["synth.output_dir=runs/synth"]
+    assert relative_outputs(["soulray", "eval", "-c", config, "eval.output_dir=out/e"]) == [
+        "eval.output_dir=out/e"
     ]
     absolute = ["data.output_dir=/d", "train.storage_path=s3://b/c", "train.export_dir=/m"]
     assert relative_outputs(["soulray", "train", "-c", config, *absolute]) == []

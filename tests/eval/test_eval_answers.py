@@ -41,6 +41,12 @@ def test_a_user_rubric_from_yaml_and_its_errors(tmp_path):
     path.write_text("name: x\ntitle: X\ndimensions:\n  - {name: W, min: 3, max: 2, description: d}")
     with pytest.raises(ValueError, match="min 3 must be below max 2"):
         load_rubric(str(path))
+    path.write_text(
+        "name: x\ntitle: X\ndimensions:\n  - {name: A, max: 2, description: d}\n"
+        "  - {name: a, max: 3, description: e}\n"
+    )
+    with pytest.raises(ValueError, match=r"names must differ \(ignoring case\): \['A', 'a'\]"):
+        load_rubric(str(path))
 
 
 @pytest.mark.parametrize(
@@ -90,6 +96,19 @@ def test_broken_json_falls_back_to_the_keys():
         "Helpfulness": 0,
         "Safety": 1,
     }
+
+
+def test_an_example_object_first_or_the_outer_braces_missing_still_reads():
+    """Any parsable {...} used to stop the search: an example in the prose, or entries
+    without their outer braces, gave "no score for [...]"."""
+    entries = ", ".join(
+        f'"{d}": {{"score": {v}, "reason": "ok"}}'
+        for d, v in zip(["Content", "Empathy", "Helpfulness", "Safety"], [2, 1, 2, 1], strict=True)
+    )
+    assert parse_scores(entries, SOULCHAT)[0] == FULL  # no outer braces
+    example = 'Format: {"Content": {"score": "<0-2>"}}. My answer: {' + entries + "}"
+    scores, reasons = parse_scores(example, SOULCHAT)
+    assert scores == FULL and reasons["Empathy"] == "ok"
 
 
 @pytest.mark.parametrize(

@@ -72,13 +72,15 @@ def test_the_gate_is_checked_before_any_request():
             "'judge_totl' is not a metric of this run (did you mean "
             "'judge_total'?); use one of ['judge_total', 'judge.Content', 'judge.Empathy', "
             "'judge.Helpfulness', 'judge.Safety', 'bleu_1', 'bleu_2', 'bleu_3', 'bleu_4', "
-            "'rouge_1', 'rouge_2', 'rouge_l', 'length'], or interactive.<judge metric>",
+            "'rouge_1', 'rouge_2', 'rouge_l'], or interactive.<judge metric>",
         ),
         (
             {"metric": "interactive.rouge_l"},
             {},
             "'interactive.rouge_l' is not a metric of this run",
         ),
+        ({"metric": "length"}, {}, "'length' is not a metric of this run"),  # shorter != worse
+        ({"metric": "distinct_1"}, {}, "'distinct_1' is not a metric of this run"),
         (
             {"candidate": "old"},
             {},
@@ -114,3 +116,22 @@ def test_interactive_scenarios_rotate_the_attitudes():
     assert [s.language for s in drawn] == ["zh", "en"] * 3 + ["zh"]
     assert len({s.id for s in drawn}) == 7  # the id follows the content, attitude included
     assert [s.id for s in interactive_scenarios(cfg.interactive)] == [s.id for s in drawn]
+
+
+def test_models_and_the_judge_are_greedy_unless_set():
+    """jobs/eval.yaml's promise (a reply differs between models, not runs) holds for a config
+    that leaves temperature out; the Seeker keeps the shared default, to vary its role-play."""
+    ep = {"base_url": "http://x/v1", "model": "m"}
+    cfg = EvalConfig.model_validate(
+        {
+            "models": [
+                {"name": "a", "endpoint": ep},
+                {"name": "b", "endpoint": ep | {"temperature": 0.5}},
+            ],
+            "judge": {"endpoint": ep},
+            "interactive": {"seeker": ep},
+        }
+    )
+    assert [m.endpoint.temperature for m in cfg.models] == [0.0, 0.5]
+    assert cfg.judge.endpoint is not None and cfg.judge.endpoint.temperature == 0.0
+    assert cfg.interactive.seeker is not None and cfg.interactive.seeker.temperature == 0.7

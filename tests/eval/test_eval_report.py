@@ -77,8 +77,20 @@ def test_gate_rules():
     # only items both have count; none shared -> nothing shows it is not worse -> refused
     disjoint = check_gate(report_with([1.0, None], [None, 1.0]), "old", gate, 0)
     assert disjoint["difference"]["n"] == 0 and disjoint["worse"]
-    with pytest.raises(ValueError, match="has no value in this report"):
-        check_gate(report_with([1.0], [1.0]), "old", GateConfig(metric="judge.Warmth"), 0)
+    assert "no_paired_items" not in worse
+    unscored = check_gate(report_with([1.0], [1.0]), "old", GateConfig(metric="judge_total"), 0)
+    assert unscored["worse"] and unscored["no_paired_items"] == (
+        "no item has a judge_total value for both models (new: 0 of 1, old: 0 of 1; unscored "
+        "and failed replies have none, see the report)"
+    )
+    assert disjoint["no_paired_items"].startswith("no item has a bleu_4 value for both models")
+    from soulray.eval.markdown import gate_lines
+
+    assert gate_lines(unscored)[2] == (
+        "new vs old on judge_total: promotion refused: no item has a judge_total value for "
+        "both models (new: 0 of 1, old: 0 of 1; unscored and failed replies have none, see the "
+        "report)."
+    )
     with pytest.raises(ValueError, match="both 'new'"):
         check_gate(report_with([1.0], [1.0]), "new", gate, 0)
 
@@ -95,3 +107,11 @@ def test_a_servers_extension_fields_reach_the_reply():
         1,
         {"strategy": "Question"},
     )
+
+
+def test_unscored_reasons_keep_an_endpoints_cause():
+    from soulray.eval.report import reason_label
+
+    assert reason_label("endpoint: connection: cannot reach http://x/v1") == "endpoint: connection"
+    assert reason_label("endpoint: http_503: overloaded") == "endpoint: http_503"
+    assert reason_label("unparsed: no score for ['Content'] in the answer 'x: y'") == "unparsed"

@@ -162,6 +162,10 @@ def test_pairwise_asks_both_orders(evaluated, servers):
     ]
     assert len(asked) == 3 * 6 * 2
     assert asked.count((GOOD, BAD)) == asked.count((BAD, GOOD)) == 6
+    # every verdict keeps the judge's reason in report.json (it used to be dropped)
+    for pair in report["pairwise"]:
+        for c in pair["comparisons"]:
+            assert c["first"]["reasons"] == c["swapped"]["reasons"] == {"verdict": "warmer"}
 
 
 def test_interactive_dialogues_cover_the_attitudes(evaluated):
@@ -223,8 +227,11 @@ def test_fail_if_worse_exits_1_on_worse_and_0_on_equal(ray_local, servers, tmp_p
     assert servers["good"].peak_in_flight == 2
     gate = json.loads((tmp_path / "e" / "report" / "report.json").read_text())["gate"]
     assert gate["difference"] == {"n": 6, "mean": 0.0, "ci": [0.0, 0.0]} and not gate["worse"]
+    # a gate that cannot run is a config to fix (exit 2, before Ray), never "worse" (exit 1)
     result = run_cli("eval", "--config", str(equal), "--fail-if-worse", "nobody")
-    assert result.exit_code == 1 and "must name one of eval.models" in result.output
+    assert result.exit_code == 2 and "must name one of eval.models" in result.output
+    typo = run_cli("eval", "--config", str(equal), "--fail-if-worse", "old", "eval.gate.metric=x")
+    assert typo.exit_code == 2 and "eval.gate.metric" in typo.output
 
 
 def test_a_failing_model_is_counted_not_dropped(ray_local, servers, tmp_path):
@@ -233,6 +240,9 @@ def test_a_failing_model_is_counted_not_dropped(ray_local, servers, tmp_path):
         cfg = yaml.safe_load(config.read_text())
         del cfg["eval"]["judge"]  # reference metrics only
         config.write_text(yaml.safe_dump(cfg))
+        (tmp_path / "report").mkdir(exist_ok=True)  # a reused output_dir: an older run's charts
+        for stale in ("pairwise.png", "judge_scores.png"):
+            (tmp_path / "report" / stale).write_bytes(b"old")
         result = run_cli("eval", "--config", str(config))
         assert result.exit_code == 0, result.output
         assert len(down.requests) == 6  # max_retries 0: one attempt per context
@@ -244,5 +254,8 @@ def test_a_failing_model_is_counted_not_dropped(ray_local, servers, tmp_path):
     assert report["summary"]["turn"]["good"]["judge"] is None and report["pairwise"] == []
     md = (tmp_path / "report" / "report.md").read_text()
     assert "| down | 6 | 6 | n/a |" in md and "### Judge scores" not in md
+    assert "- judge: none" in md and "- rubric:" not in md
+    pngs = sorted(p.name for p in (tmp_path / "report").glob("*.png"))
+    assert pngs == ["reference_metrics.png", "reply_lengths.png"]  # the stale ones removed
     assert "Failed replies (after the endpoint's retries): down: http_503 6" in md
     check_md_matches_json(report, md)

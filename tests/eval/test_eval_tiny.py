@@ -57,8 +57,26 @@ def test_a_per_turn_expanded_corpus_gives_each_reply_once(ray_local, tmp_path):
         sample_contexts(ContextsConfig(source="files", inputs=["/nowhere.jsonl"]))
 
 
-def test_contexts_are_the_val_split_of_a_prepared_run(ray_local, prepared_quickstart):
+def test_two_files_with_the_same_conversation_id_give_distinct_contexts(ray_local, tmp_path):
+    """The gate pairs replies by context id: two conversations named "c1" (one per file) used
+    to give two contexts "c1#1", and the later hid the earlier (3 paired items of 4)."""
+    for name, reply in (("a", "Since when?"), ("b", "How long has it been?")):
+        (tmp_path / name).mkdir()
+        line = {"id": "c1", "messages": [{"role": "user", "content": f"I can't sleep ({name})."}]}
+        line["messages"].append({"role": "assistant", "content": reply})
+        (tmp_path / name / "data.jsonl").write_text(json.dumps(line) + "\n")
+    inputs = [str(tmp_path / "a" / "data.jsonl"), str(tmp_path / "b" / "data.jsonl")]
+    contexts = sample_contexts(ContextsConfig(source="files", inputs=inputs, n=100))
+    assert sorted(c.id for c in contexts) == ["c1#1", "c1#1~2"]
+    assert sorted(c.reference for c in contexts) == ["How long has it been?", "Since when?"]
+
+
+def test_contexts_are_the_val_split_of_a_prepared_run(
+    ray_local, prepared_quickstart, monkeypatch, tmp_path
+):
     manifest = json.loads((prepared_quickstart / "manifest.json").read_text())
+    assert manifest["inputs"][0].startswith("jobs/")  # relative to where prepare ran
+    monkeypatch.chdir(tmp_path)  # eval started elsewhere still finds them (inputs_resolved)
     every = sample_contexts(
         ContextsConfig(source="prepared", prepared_dir=str(prepared_quickstart), n=10_000)
     )

@@ -172,9 +172,14 @@ def test_one_deployment_layout_runs_the_engine_inside_the_ingress(tiny_export):
     ids = client.engine.scheduler.tokenizer("hello").input_ids
     (reply,) = asyncio.run(client.complete(GenRequest("r", ids, 5, 0.0, 1.0)))
     assert reply.tokens == 5 and reply.finish_reason == "length"
-    vllm = Config.model_validate({"serve": {**serve, "engine": {"kind": "vllm"}}})
+    # what vllm cannot do is refused when the config is read (`serve build` too), not on deploy
     with pytest.raises(ValueError, match="serve.layout=two_deployments"):
-        build_application(vllm)
+        Config.model_validate({"serve": {**serve, "engine": {"kind": "vllm"}}})
+    adapters = {"adapters": [{"name": "a", "path": "/x/adapter"}], "engine": {"kind": "vllm"}}
+    with pytest.raises(ValueError, match="serve.adapters .multi-LoRA. is served by the hf engine"):
+        Config.model_validate({"serve": adapters})
+    with pytest.raises(ValueError, match="unset serve.engine.adapter_dir"):
+        Config.model_validate({"serve": {"engine": {"kind": "vllm", "adapter_dir": "/x/a"}}})
 
 
 def test_layout_auto_puts_the_hf_engine_in_the_ingress_and_vllm_apart():
