@@ -346,20 +346,23 @@ def taxonomy_overrides(cfg: Config) -> str:
     from soulray.synth.strategies import load_taxonomy
 
     section = load_taxonomy(cfg.synth.taxonomy_file).strategy_config()
-    overrides = [
-        f"data.strategies.taxonomy=[{', '.join(section.taxonomy)}]",
+    overrides = [  # JSON is YAML: names such as "Yes" or "A: b" keep their spelling
+        f"data.strategies.taxonomy={json.dumps(section.taxonomy, ensure_ascii=False)}",
         "data.strategies.aliases={}",
-        f"data.strategies.fallback={section.fallback}",
+        f"data.strategies.fallback={json.dumps(section.fallback, ensure_ascii=False)}",
     ]
     return "".join(f" {shlex.quote(o)}" for o in overrides)
 
 
-def serve_overrides(overrides: list[str] | None) -> str:
-    """The overrides a run was given, quoted for a shell, so the printed serve command serves
-    the model it trained (e.g. its train.export_dir), not the config's default."""
+def serve_overrides(overrides: list[str] | None, cfg: Config) -> str:
+    """The overrides a run was given and the model it exported, quoted for a shell, so the
+    printed serve command serves that model (`soulray serve` does not apply pipeline.run_dir)."""
     import shlex
 
-    return "".join(f" {shlex.quote(o)}" for o in overrides or [])
+    from soulray.pipeline import with_run_dir
+
+    model = f"serve.engine.model_dir={with_run_dir(cfg).train.export_dir}"
+    return "".join(f" {shlex.quote(o)}" for o in [*(overrides or []), model])
 
 
 @app.command()
@@ -386,7 +389,7 @@ def quickstart(config: ConfigOpt, overrides: Overrides = None) -> None:
         "completion tokens\n"
         f"\nThe tiny model trained for {cfg.train.steps} steps on {len(cfg.data.inputs)} small "
         "files, so its words are not yet meaningful; the pipeline is. Keep the endpoint up with\n"
-        f"  soulray serve --config {config}{serve_overrides(overrides)}\nand talk to it with\n"
+        f"  soulray serve --config {config}{serve_overrides(overrides, cfg)}\nand talk to it with\n"
         f"  soulray chat --url {url}"
     )
     serve.shutdown()

@@ -511,6 +511,17 @@ def read_setting_file(key: str, path: str) -> str:
         raise ValueError(f"{key}={path} cannot be read ({e.strerror})") from None
 
 
+def parse_setting_yaml(key: str, path: str, text: str) -> Any:
+    """A setting file's YAML; broken YAML is an error naming the key and where it broke (not
+    a yaml traceback)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise ValueError(f"{key}={path} is not valid YAML{at}: fix the file") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (or the defaults), apply dotted overrides and validate."""
     if path is None:

@@ -178,7 +178,7 @@ def without_help_lines(text: str, safety: dict[str, Any] | None) -> str:
     if not lines:
         return text
     kept = [p for p in text.split("\n\n") if not any(line in p for line in lines)]
-    return "\n\n".join(kept).strip() or text
+    return "\n\n".join(kept).strip()  # "" when the model said nothing after them
 
 
 def served_words(result: ChatResult, base_url: str) -> str:
@@ -199,13 +199,17 @@ def served_words(result: ChatResult, base_url: str) -> str:
     return without_help_lines(result.text, safety)
 
 
-def key_runtime_env(endpoints: Iterable[EndpointConfig]) -> dict[str, Any]:
-    """Ray remote options that give workers the endpoints' API keys, read here (the driver):
-    a key exported in the shell that starts a job is not in the environment of a running
-    cluster's workers. Ray merges these env_vars with the job's runtime_env; the keys never
-    enter a saved config."""
-    keys = {e.api_key_env: api_key(e) for e in endpoints if e.api_key_env}
-    return {"runtime_env": {"env_vars": keys}} if keys else {}
+def endpoint_keys(endpoints: Iterable[EndpointConfig]) -> dict[str, str]:
+    """The endpoints' API keys (variable -> value), read here on the driver for the Ray workers
+    that call them: a key exported in the shell that starts a job is not in the environment of
+    a running cluster's workers. Hand them over as task or actor arguments (`use_keys` there):
+    a runtime_env's env_vars would show in Ray's state API and dashboard."""
+    return {e.api_key_env: api_key(e) for e in endpoints if e.api_key_env}
+
+
+def use_keys(keys: dict[str, str]) -> None:
+    """In a worker: the keys `endpoint_keys` read on the driver, where build_client looks."""
+    os.environ.update(keys)
 
 
 def build_http_client(timeout_s: float) -> Any:

@@ -149,15 +149,12 @@ def _expand_one(item: str, suffixes: tuple[str, ...]) -> list[str]:
         if kind == pafs.FileType.Directory:
             files = _all_files(item)  # one listing for what is read and what is not
             found = sorted(f for f, rel in files if _listed(f, rel, suffixes))
-            # files of another kind are named; hidden ones ('.' or '_': .git, _synth/, _SUCCESS)
-            # are bookkeeping skipped by design, not worth a warning
-            skipped = sorted(
-                rel for f, rel in files if not _listed(f, rel, suffixes) and _listed(f, rel, ())
-            )
+            skipped = sorted(rel for f, rel in files if _worth_naming(f, rel, suffixes))
             if skipped:
                 names = ", ".join(skipped[:5])
                 log.warning(
-                    "warning: %s: %d file(s) not read: only %s files are (%s%s)",
+                    "warning: %s: %d file(s) not read: only %s files are, and none whose name "
+                    "or folder starts with '.' or '_' (%s%s)",
                     item,
                     len(skipped),
                     "/".join(suffixes),
@@ -172,6 +169,18 @@ def _expand_one(item: str, suffixes: tuple[str, ...]) -> list[str]:
     base = item[: min(item.index(c) for c in GLOB_CHARS if c in item)].rsplit("/", 1)[0]
     pattern = normalize(item)
     return [f for f in list_files(base, suffixes) if _glob_match(f, pattern)]
+
+
+def _worth_naming(file: str, rel: str, suffixes: tuple[str, ...]) -> bool:
+    """A file a directory input skips that the user may have meant: of another kind, or a data
+    file with a hidden name (_train.jsonl). Files in hidden folders (.git/, _synth/) and hidden
+    files of other kinds (_SUCCESS, .DS_Store) are bookkeeping, skipped without a word."""
+    if _listed(file, rel, suffixes):
+        return False
+    *folders, name = rel.split("/")
+    if any(p.startswith((".", "_")) for p in folders):
+        return False
+    return not name.startswith((".", "_")) or name.lower().endswith(suffixes)
 
 
 def _all_files(path: str) -> list[tuple[str, str]]:

@@ -118,7 +118,7 @@ def relative_outputs(command: list[str]) -> list[str]:
             config = next(rest, None)
         elif arg.startswith("--config="):
             config = arg.split("=", 1)[1]
-        elif not arg.startswith("-"):
+        elif "=" in arg and not arg.startswith("-"):  # not an option's value (--fail-if-worse b)
             overrides.append(arg)
     from soulray.pipeline import with_run_dir
 

@@ -107,3 +107,17 @@ def test_an_export_made_with_a_kept_lr_still_counts_as_this_config(tmp_path) -> 
     assert trained_metrics(config("train.lr=0.01")) == {"step": 100, "loss": 1.5}  # kept
     assert trained_metrics(config("train.steps=200")) is None  # more to train
     assert trained_metrics(config("train.seed=1")) is None  # another run
+
+
+def test_the_quickstart_hint_serves_the_model_it_trained() -> None:
+    """`soulray serve` does not apply pipeline.run_dir: the printed command names the export."""
+    from soulray.cli import serve_overrides
+
+    given = ["pipeline.run_dir=runs/x", "serve.port=8123"]
+    cfg = load_config(QUICKSTART, given)
+    assert serve_overrides(given, cfg) == (
+        " pipeline.run_dir=runs/x serve.port=8123 serve.engine.model_dir=runs/x/model"
+    )
+    assert load_config(QUICKSTART, serve_overrides(given, cfg).split()).serve_model_dir == (
+        "runs/x/model"
+    )

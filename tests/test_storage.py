@@ -295,12 +295,13 @@ def test_a_directory_input_names_the_files_it_does_not_read(tmp_path, caplog) ->
 
     (tmp_path / "sub").mkdir()
     (tmp_path / "_synth").mkdir()  # bookkeeping ('.' or '_'): skipped without a warning
-    for name in ("a.jsonl", "_b.jsonl", "c.jsonl.gz", "sub/d.tsv", "sub/e.json", "_synth/f.json"):
+    files = ("a.jsonl", "_b.jsonl", "c.jsonl.gz", "sub/d.tsv", "sub/e.json", "_synth/f.json")
+    for name in (*files, "_SUCCESS", ".DS_Store"):
         (tmp_path / name).write_text("{}\n")
     with caplog.at_level("WARNING", logger="soulray.storage"):
         found = expand_inputs([str(tmp_path)], (".json", ".jsonl"))
     assert found == [str(tmp_path / "a.jsonl"), str(tmp_path / "sub" / "e.json")]
-    assert caplog.messages == [
-        f"warning: {tmp_path}: 2 file(s) not read: only .json/.jsonl files are "
-        "(c.jsonl.gz, sub/d.tsv)"
+    assert caplog.messages == [  # not _synth/f.json, _SUCCESS, .DS_Store: bookkeeping
+        f"warning: {tmp_path}: 3 file(s) not read: only .json/.jsonl files are, and none whose "
+        "name or folder starts with '.' or '_' (_b.jsonl, c.jsonl.gz, sub/d.tsv)"
     ]

@@ -85,9 +85,10 @@ class Rendered:
 
     `bounds[i]` is the token index where message i ends (its end-of-turn marker included) and
     `starts[i]` where it begins: its header, after the line breaks the template wrote after the
-    message before (they join a window only between two of its messages, so no window opens or
-    ends on a stray newline). `prefix` is where the leading system messages and the line break
-    after them end: every window repeats tokens [0, prefix).
+    message before (they join a window only between two of its messages, so no window opens
+    on a stray newline, nor ends on one unless it ends the conversation). `prefix` is where
+    the leading system messages and the line break after them end: every window repeats
+    tokens [0, prefix).
     """
 
     input_ids: list[int]

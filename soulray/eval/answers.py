@@ -150,6 +150,14 @@ def _regex_scores(text: str, dims: list[Dimension]) -> dict[str, tuple[Any, str]
     return found
 
 
+def _usable(value: Any, d: Dimension) -> bool:
+    try:
+        as_score(value, d)
+    except AnswerError:
+        return False
+    return True
+
+
 def as_score(value: Any, d: Dimension) -> int:
     try:
         number = float(value)
@@ -164,11 +172,13 @@ def parse_scores(text: str, dims: list[Dimension]) -> tuple[dict[str, int], dict
     """Scores and reasons for every dimension, or AnswerError naming what is missing/invalid."""
     objects = load_objects(text)
     entries: dict[str, tuple[Any, str]] = {}
-    for obj in objects:  # the first object that scores the most dimensions
+    rank = (0, 0)
+    for obj in objects:  # the first object with the most usable scores, then the most entries
         found = {d.name: _score_and_reason(obj, d.name) for d in dims}
         found = {k: v for k, v in found.items() if v[0] is not None}
-        if len(found) > len(entries):
-            entries = found
+        valid = sum(_usable(found[d.name][0], d) for d in dims if d.name in found)
+        if (valid, len(found)) > rank:  # an echoed schema ("<0-2>" everywhere) loses
+            entries, rank = found, (valid, len(found))
     if len(entries) < len(dims):  # e.g. the outer braces missing: `"Content": {...}, ...`
         regex = _regex_scores(THINK.sub("", text), dims)
         entries = regex if len(regex) > len(entries) else entries

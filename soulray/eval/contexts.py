@@ -52,14 +52,24 @@ def prepared_data_config(prepared_dir: str) -> DataConfig:
         )
     data = parse_config(storage.read_text(config), config).data
     resolved = json.loads(storage.read_text(manifest)).get("inputs_resolved")
-    if resolved:  # config.yaml keeps the inputs as given: relative to where prepare ran
-        data = data.model_copy(update={"inputs": resolved})
+    if resolved and all_found(resolved):  # config.yaml keeps them as given: relative to where
+        data = data.model_copy(update={"inputs": resolved})  # prepare ran, these absolute
     if data.val_fraction == 0:
         raise ValueError(
             f"{prepared_dir} was prepared with data.val_fraction=0 and holds no val split; "
             "re-run prepare with a val_fraction, or use eval.contexts.source: files"
         )
     return data
+
+
+def all_found(inputs: list[str]) -> bool:
+    """Whether every entry still names files here (a prepare on another host, or in a Ray
+    job's temporary copy of the project, leaves absolute paths that do not)."""
+    try:
+        storage.expand_inputs(inputs, FILE_SUFFIXES)
+    except ValueError:
+        return False
+    return True
 
 
 def read_conversations(
@@ -115,11 +125,24 @@ def _range_rows(
     return rows
 
 
+def source_files(cfg: ContextsConfig) -> list[str]:
+    """The source's files: a bad prepared_dir or input path fails here (eval checks it before
+    Ray starts), with the key it came from."""
+    if cfg.source == "prepared":
+        assert cfg.prepared_dir is not None
+        data = prepared_data_config(cfg.prepared_dir)
+        return storage.expand_inputs(data.inputs, FILE_SUFFIXES, PREPARED_INPUTS)
+    return storage.expand_inputs(cfg.inputs, FILE_SUFFIXES, "eval.contexts.inputs")
+
+
+PREPARED_INPUTS = "the prepared run's data.inputs"
+
+
 def load_conversations(cfg: ContextsConfig) -> list[Conversation]:
     if cfg.source == "prepared":
         assert cfg.prepared_dir is not None
         data = prepared_data_config(cfg.prepared_dir)
-        convs = read_conversations(data.inputs, data, "val", "the prepared run's data.inputs")
+        convs = read_conversations(data.inputs, data, "val", PREPARED_INPUTS)
         where = f"the val split of {cfg.prepared_dir}"
     else:
         convs = read_conversations(cfg.inputs, DataConfig(format=cfg.format), None)

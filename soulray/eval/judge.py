@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from soulray.config import parse_setting_yaml
 from soulray.eval.answers import AnswerError, Dimension, Verdict, parse_scores, parse_verdict
 
 Outcome = Literal["win", "tie", "loss"]
@@ -79,7 +80,7 @@ def load_rubric(name_or_path: str) -> Rubric:
             )
         text, origin = path.read_text(encoding="utf-8"), str(path)
     try:
-        return Rubric.model_validate(yaml.safe_load(text))
+        return Rubric.model_validate(parse_setting_yaml("eval.judge.rubric", origin, text))
     except ValidationError as e:
         raise ValueError(f"rubric {origin} is invalid: {e}") from None
 

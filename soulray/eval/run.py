@@ -23,10 +23,11 @@ from soulray.endpoints import (
     EndpointConfig,
     api_key,
     build_client,
-    key_runtime_env,
+    endpoint_keys,
+    use_keys,
 )
 from soulray.eval.config import EvalConfig, InteractiveConfig
-from soulray.eval.contexts import Context, contexts_digest, sample_contexts
+from soulray.eval.contexts import Context, contexts_digest, sample_contexts, source_files
 from soulray.eval.judge import Rubric, load_rubric
 from soulray.eval.metrics import reference_scores
 from soulray.synth.roles import SEEKER_PROMPTS, check_prompts, load_prompts
@@ -99,6 +100,15 @@ def judge_task(
     return asyncio.run(main())
 
 
+def seeker_from_judge(judge: EndpointConfig | None) -> EndpointConfig | None:
+    """The judge's endpoint playing the Seeker: at the shared default temperature (0.7, a
+    varied role-play) unless the judge's was set, not at the judge's greedy default."""
+    if judge is None or "temperature" in judge.model_fields_set:
+        return judge
+    shared = EndpointConfig.model_fields["temperature"].default
+    return EndpointConfig.model_validate(judge.model_dump() | {"temperature": shared})
+
+
 def interactive_task(
     cfg: EvalConfig, rubric: Rubric, scenarios: list[Scenario]
 ) -> dict[str, list[dict[str, Any]]]:
@@ -106,7 +116,7 @@ def interactive_task(
     from soulray.synth.roles import build_seeker
 
     ic, judge_cfg = cfg.interactive, cfg.judge.endpoint
-    seeker_cfg = ic.seeker or judge_cfg
+    seeker_cfg = ic.seeker or seeker_from_judge(judge_cfg)
     assert seeker_cfg is not None  # checked by check_config
 
     async def main() -> dict[str, list[dict[str, Any]]]:
@@ -149,6 +159,8 @@ def check_config(cfg: EvalConfig, baseline: str | None) -> None:
             "eval.interactive needs a Seeker: set eval.interactive.seeker (an endpoint) or "
             "eval.judge.endpoint (which then plays the Seeker too)"
         )
+    if cfg.contexts is not None:
+        source_files(cfg.contexts)  # a bad prepared_dir or input path: before Ray starts
     if cfg.interactive.enabled:
         interactive_scenarios(cfg.interactive)  # the pool makes enough of them
         # the file is there, parses, and has the Seeker's templates in every language played
@@ -227,8 +239,14 @@ def add_reference_metrics(contexts: list[Context], rows: list[dict[str, Any]]) -
             row["metrics"] = reference_scores(row["text"], ctx.reference, ctx.language)
 
 
+def keyed(keys: dict[str, str], fn: Any, *args: Any) -> Any:
+    """A phase task: the API keys read on the driver, then `fn(*args)`."""
+    use_keys(keys)
+    return fn(*args)
+
+
 def run_turn_mode(
-    e: EvalConfig, rubric: Rubric, remote: Any, clock: PhaseClock
+    e: EvalConfig, rubric: Rubric, call: Any, clock: PhaseClock
 ) -> tuple[
     list[Context], dict[str, list[dict[str, Any]]], dict[str, list[Any]], list[dict[str, Any]]
 ]:
@@ -242,12 +260,12 @@ def run_turn_mode(
     for m in e.models:
         servers.setdefault(m.endpoint.base_url, {})[m.name] = m.endpoint
     # the phase tasks' workers start (and import the client) while the contexts are read
-    warm = [remote(warm_up).remote() for _ in servers]
+    warm = [call(warm_up) for _ in servers]
     contexts = sample_contexts(e.contexts)
     ray.get(warm)
     clock.done("contexts_s")
     log.info("%d contexts, %d model(s)", len(contexts), len(e.models))
-    refs = [remote(generate_task).remote(endpoints, contexts) for endpoints in servers.values()]
+    refs = [call(generate_task, endpoints, contexts) for endpoints in servers.values()]
     answered = {name: rows for part in ray.get(refs) for name, rows in part.items()}
     replies = {m.name: answered[m.name] for m in e.models}
     clock.done("generate_s")
@@ -258,7 +276,7 @@ def run_turn_mode(
         return contexts, replies, {}, []
     pairwise = e.judge.pairwise and len(e.models) > 1
     args = (e.judge.endpoint, rubric, e.judge.retries, pairwise, contexts, replies)
-    scores, pairs = ray.get(remote(judge_task).remote(*args))
+    scores, pairs = ray.get(call(judge_task, *args))
     clock.done("judge_s")
     return contexts, replies, scores, pairs
 
@@ -275,16 +293,19 @@ def run_eval(cfg: Config, fail_if_worse: str | None = None) -> dict[str, Any]:
     check_config(e, fail_if_worse)  # `soulray eval` checked it before starting Ray
     started = time.time()
     rubric = load_rubric(e.judge.rubric)
-    # a lost worker: the phase again; the API keys travel with the tasks
-    keys = key_runtime_env(endpoints_of(e))
-    remote = ray.remote(num_cpus=TASK_CPUS, max_retries=2, **keys)
+    task = ray.remote(num_cpus=TASK_CPUS, max_retries=2)(keyed)  # a lost worker: the phase again
+    keys = endpoint_keys(endpoints_of(e))
+
+    def call(fn: Any, *args: Any) -> Any:
+        return task.remote(keys, fn, *args)
+
     clock = PhaseClock()
-    contexts, replies, scores, pairs = run_turn_mode(e, rubric, remote, clock)
+    contexts, replies, scores, pairs = run_turn_mode(e, rubric, call, clock)
     dialogues: dict[str, list[dict[str, Any]]] = {}
     scenarios: list[Scenario] = []
     if e.interactive.enabled:
         scenarios = interactive_scenarios(e.interactive)
-        dialogues = ray.get(remote(interactive_task).remote(e, rubric, scenarios))
+        dialogues = ray.get(call(interactive_task, e, rubric, scenarios))
         clock.done("interactive_s")
     meta = {
         "models": [m.model_dump(mode="json") for m in e.models],

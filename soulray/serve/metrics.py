@@ -3,7 +3,8 @@
 Built with `ray.serve.metrics`, so every series also carries Serve's `application`,
 `deployment`, `replica` (and, for requests, `route`) tags. Ray prefixes each name with `ray_`:
 
-- `ray_soulray_requests_total{status}`: HTTP responses of the ingress by status code.
+- `ray_soulray_requests_total{status}`: chat-completion responses by status code (not probes
+  or /v1/models).
 - `ray_soulray_time_to_first_token_seconds`: request submitted to the engine -> first token.
 - `ray_soulray_generated_tokens_total`: tokens sampled; tokens/s is its rate().
 - `ray_soulray_engine_step_seconds`: one forward pass of the running batch.

@@ -107,10 +107,16 @@ def field_path(loc: tuple[Any, ...], unknown: bool = False) -> str:
     return path or "body"
 
 
+OPTION_FIELDS = set(StreamOptions.model_fields)
+
+
 def unknown_fields(data: dict[str, Any]) -> list[str]:
     """Fields of the request, and of its messages, that OpenAI's API does not have."""
     known = set(ChatMessage.model_fields)
     found = sorted(set(data) - set(ChatCompletionRequest.model_fields))
+    options = data.get("stream_options")
+    if isinstance(options, dict):
+        found += [f"stream_options.{k}" for k in sorted(set(options) - OPTION_FIELDS)]
     messages = data.get("messages")
     for i, m in enumerate(messages if isinstance(messages, list) else []):
         if isinstance(m, dict):
@@ -120,6 +126,10 @@ def unknown_fields(data: dict[str, Any]) -> list[str]:
 
 def without_unknown(data: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in data.items() if k in ChatCompletionRequest.model_fields}
+    if isinstance(out.get("stream_options"), dict):
+        out["stream_options"] = {
+            k: v for k, v in out["stream_options"].items() if k in OPTION_FIELDS
+        }
     if isinstance(out.get("messages"), list):
         known = set(ChatMessage.model_fields)
         out["messages"] = [

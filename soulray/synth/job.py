@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from soulray.config import Config, config_to_yaml
-from soulray.endpoints import EndpointError, api_key, build_client, key_runtime_env
+from soulray.endpoints import EndpointError, api_key, build_client, endpoint_keys, use_keys
 from soulray.synth.config import SynthConfig
 from soulray.synth.near_dupes import NearDuplicateIndex
 from soulray.synth.output import OutputStore, StoredState
@@ -86,7 +86,8 @@ def build_cast(sc: SynthConfig) -> Cast:
 class SynthWorker:
     """A Ray Data actor: plays the scenarios it is given on its own asyncio loop."""
 
-    def __init__(self, synth_json: str):
+    def __init__(self, synth_json: str, keys: dict[str, str]):
+        use_keys(keys)  # read on the driver: this worker's environment may not have them
         self.sc = SynthConfig.model_validate_json(synth_json)
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
@@ -219,11 +220,10 @@ def build_dataset(pending: list[Scenario], sc: SynthConfig) -> Any:
     )
     return ds.map_batches(
         SynthWorker,
-        fn_constructor_args=(sc.model_dump_json(),),
+        fn_constructor_args=(sc.model_dump_json(), endpoint_keys(sc.roles.resolved.values())),
         batch_size=1,
         compute=strategy,
         num_cpus=sc.job.num_cpus_per_actor,
-        **key_runtime_env(sc.roles.resolved.values()),
     )
 
 

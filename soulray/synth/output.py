@@ -113,7 +113,7 @@ class OutputStore:
 def shard_index(path: Path) -> int:
     """part-00012.jsonl -> 12 (-1 for a name that is not a number: never reused)."""
     number = path.stem.removeprefix("part-")
-    return int(number) if number.isdigit() else -1
+    return int(number) if number.isascii() and number.isdigit() else -1
 
 
 def write_line(f: IO[str], row: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from soulray.config import read_setting_file
+from soulray.config import parse_setting_yaml, read_setting_file
 from soulray.endpoints import ChatResult, EndpointClient, served_words
 from soulray.synth.scenarios import Scenario
 from soulray.synth.strategies import (
@@ -37,7 +37,7 @@ def load_prompts(
     if path is None:
         text = resources.files("soulray.synth").joinpath("prompts.yaml").read_text("utf-8")
     else:
-        text = read_setting_file(key, path)
+        return parse_setting_yaml(key, path, read_setting_file(key, path))
     return yaml.safe_load(text)
 
 

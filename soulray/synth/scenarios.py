@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from soulray import storage
-from soulray.config import read_setting_file
+from soulray.config import parse_setting_yaml, read_setting_file
 from soulray.data.formats import FILE_SUFFIXES, split_records
 
 Language = Literal["zh", "en"]
@@ -63,7 +63,11 @@ def load_pool(path: str | None = None) -> dict[str, dict[str, Any]]:
         text = resources.files("soulray.synth").joinpath("scenarios.yaml").read_text("utf-8")
     else:
         text = read_setting_file("synth.scenarios.pool_file", path)
-    pool = yaml.safe_load(text)
+    pool = (
+        yaml.safe_load(text)
+        if path is None
+        else parse_setting_yaml("synth.scenarios.pool_file", path, text)
+    )
     if not isinstance(pool, dict) or not pool:
         raise ValueError(
             f"scenario pool {path}: expected a mapping of languages ({LANGUAGES}) to sections "

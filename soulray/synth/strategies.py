@@ -15,7 +15,12 @@ from typing import Any
 
 import yaml
 
-from soulray.config import DEFAULT_STRATEGY_ALIASES, StrategyConfig, read_setting_file
+from soulray.config import (
+    DEFAULT_STRATEGY_ALIASES,
+    StrategyConfig,
+    parse_setting_yaml,
+    read_setting_file,
+)
 from soulray.data.conversation import build_strategy_lookup
 
 STAGES = ("exploration", "comforting", "action")
@@ -77,7 +82,12 @@ def load_taxonomy(path: str | None = None) -> Taxonomy:
         text = resources.files("soulray.synth").joinpath("strategies.yaml").read_text("utf-8")
     else:
         text = read_setting_file("synth.taxonomy_file", path)
-    return build_taxonomy(yaml.safe_load(text), path or "strategies.yaml")
+    data = (
+        yaml.safe_load(text)
+        if path is None
+        else parse_setting_yaml("synth.taxonomy_file", path, text)
+    )
+    return build_taxonomy(data, path or "strategies.yaml")
 
 
 def build_taxonomy(data: Any, origin: str) -> Taxonomy:

@@ -177,9 +177,8 @@ def test_relative_outputs_of_an_uploaded_job_are_named() -> None:
     ]
     synth = str(ROOT / "jobs" / "synth.yaml")
     assert relative_outputs(["soulray", "synth", "-c", synth]) == ["synth.output_dir=runs/synth"]
-    assert relative_outputs(["soulray", "eval", "-c", config, "eval.output_dir=out/e"]) == [
-        "eval.output_dir=out/e"
-    ]
+    gate = ["soulray", "eval", "-c", config, "--fail-if-worse", "base", "eval.output_dir=out/e"]
+    assert relative_outputs(gate) == ["eval.output_dir=out/e"]  # "base" is no override
     absolute = ["data.output_dir=/d", "train.storage_path=s3://b/c", "train.export_dir=/m"]
     assert relative_outputs(["soulray", "train", "-c", config, *absolute]) == []
     assert relative_outputs(["soulray", "report", "runs/x"]) == []  # no config to read

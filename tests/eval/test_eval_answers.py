@@ -47,6 +47,11 @@ def test_a_user_rubric_from_yaml_and_its_errors(tmp_path):
     )
     with pytest.raises(ValueError, match=r"names must differ \(ignoring case\): \['A', 'a'\]"):
         load_rubric(str(path))
+    path.write_text("name: x\ndimensions: [unclosed\n")
+    with pytest.raises(
+        ValueError, match=r"^eval.judge.rubric=.*mine.yaml is not valid YAML at line"
+    ):
+        load_rubric(str(path))  # a ValueError (exit 2 from the CLI), not a yaml traceback
 
 
 @pytest.mark.parametrize(
@@ -109,6 +114,9 @@ def test_an_example_object_first_or_the_outer_braces_missing_still_reads():
     example = 'Format: {"Content": {"score": "<0-2>"}}. My answer: {' + entries + "}"
     scores, reasons = parse_scores(example, SOULCHAT)
     assert scores == FULL and reasons["Empathy"] == "ok"
+    schema = ", ".join(f'"{d}": {{"score": "<0-2>", "reason": "..."}}' for d in FULL)
+    echoed = "The format is {" + schema + "}. My answer: {" + entries + "}"  # every dimension
+    assert parse_scores(echoed, SOULCHAT)[0] == FULL
 
 
 @pytest.mark.parametrize(

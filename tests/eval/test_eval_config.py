@@ -5,11 +5,13 @@ from __future__ import annotations
 import re
 
 import pytest
+from soulray_testing import ROOT
 
 from soulray.config import ConfigError, load_config
 from soulray.eval.config import EvalConfig
 from soulray.eval.run import check_config, interactive_scenarios
 
+SAMPLE = str(ROOT / "jobs" / "data" / "sample_en.jsonl")
 EP = "{base_url: 'http://127.0.0.1:1/v1', model: m}"
 
 
@@ -36,7 +38,7 @@ def models(*names: str) -> list[dict]:
 
 
 def test_run_checks_before_any_request(monkeypatch):
-    contexts = {"source": "files", "inputs": ["x.jsonl"]}
+    contexts = {"source": "files", "inputs": [SAMPLE]}
     with pytest.raises(ValueError, match="eval.models is empty"):
         check_config(EvalConfig(contexts=contexts), None)
     with pytest.raises(ValueError, match="nothing to evaluate"):
@@ -50,11 +52,17 @@ def test_run_checks_before_any_request(monkeypatch):
     monkeypatch.delenv("SOULRAY_TEST_ABSENT_KEY", raising=False)
     with pytest.raises(ValueError, match="SOULRAY_TEST_ABSENT_KEY is not set"):
         check_config(EvalConfig(models=keyed, contexts=contexts), None)
+    missing = {"source": "files", "inputs": ["nowhere.jsonl"]}  # found before Ray starts
+    with pytest.raises(ValueError, match="^eval.contexts.inputs entry 'nowhere.jsonl' matches no"):
+        check_config(EvalConfig(models=models("a"), contexts=missing), None)
+    not_prepared = {"source": "prepared", "prepared_dir": "/nowhere"}
+    with pytest.raises(ValueError, match="is not a `soulray prepare` output"):
+        check_config(EvalConfig(models=models("a"), contexts=not_prepared), None)
 
 
 def test_the_gate_is_checked_before_any_request():
     """A gate that cannot be computed is refused up front, not after every reply is in."""
-    contexts = {"source": "files", "inputs": ["x.jsonl"]}
+    contexts = {"source": "files", "inputs": [SAMPLE]}
     judge = {"endpoint": {"base_url": "http://127.0.0.1:1/v1", "model": "judge"}}
 
     def check(gate, **more):
@@ -96,7 +104,7 @@ def test_the_gate_is_checked_before_any_request():
 
 
 def test_interactive_settings_are_checked_before_any_request(tmp_path):
-    contexts = {"source": "files", "inputs": ["x.jsonl"]}
+    contexts = {"source": "files", "inputs": [SAMPLE]}
     judge = {"endpoint": {"base_url": "http://127.0.0.1:1/v1", "model": "judge"}}
     cfg = {"models": models("a"), "contexts": contexts, "judge": judge}
     with pytest.raises(ValueError, match="languages"):
@@ -135,3 +143,14 @@ def test_models_and_the_judge_are_greedy_unless_set():
     assert [m.endpoint.temperature for m in cfg.models] == [0.0, 0.5]
     assert cfg.judge.endpoint is not None and cfg.judge.endpoint.temperature == 0.0
     assert cfg.interactive.seeker is not None and cfg.interactive.seeker.temperature == 0.7
+    from soulray.eval.run import seeker_from_judge
+
+    seeker = seeker_from_judge(cfg.judge.endpoint)  # no Seeker set: the judge plays it
+    assert seeker is not None and seeker.temperature == 0.7 and seeker.model == "m"
+    set_judge = EvalConfig.model_validate(
+        {
+            "models": [{"name": "a", "endpoint": ep}],
+            "judge": {"endpoint": ep | {"temperature": 0.2}},
+        }
+    ).judge.endpoint
+    assert seeker_from_judge(set_judge) is set_judge  # a temperature the user set is kept

@@ -259,3 +259,22 @@ def test_a_failing_model_is_counted_not_dropped(ray_local, servers, tmp_path):
     assert pngs == ["reference_metrics.png", "reply_lengths.png"]  # the stale ones removed
     assert "Failed replies (after the endpoint's retries): down: http_503 6" in md
     check_md_matches_json(report, md)
+
+
+def test_an_api_key_exported_after_the_cluster_started_reaches_the_tasks(
+    ray_local, servers, tmp_path, monkeypatch
+):
+    """Keys are read on the driver and handed to the phase tasks as arguments (a running
+    cluster's workers never see a variable exported later; runtime_env would show them in
+    Ray's dashboard)."""
+    monkeypatch.setenv("SOULRAY_TEST_EVAL_KEY", "sk-eval-1")  # Ray is already up
+    config = write_config(tmp_path, servers, {"good": "good"})
+    cfg = yaml.safe_load(config.read_text())
+    cfg["eval"]["models"][0]["endpoint"]["api_key_env"] = "SOULRAY_TEST_EVAL_KEY"
+    del cfg["eval"]["judge"]
+    config.write_text(yaml.safe_dump(cfg))
+    before = len(servers["good"].auth)
+    result = run_cli("eval", "--config", str(config))
+    assert result.exit_code == 0, result.output
+    assert set(servers["good"].auth[before:]) == {"Bearer sk-eval-1"}
+    assert len(servers["good"].auth) - before == 6  # one request per context

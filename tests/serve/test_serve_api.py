@@ -197,6 +197,10 @@ def test_crisis_message_gets_resources_and_the_flag(tiny_export, tmp_path, mode)
         with pytest.raises(EndpointError, match="^safety_replaced: u"):
             served_words(result, "u")
     assert served_words(ChatResult("plain", 0, 0, extra={}), "u") == "plain"
+    if mode == "augment":  # the model said nothing after the help lines: nothing is kept
+        empty = content.removesuffix("What happened today?").rstrip()
+        assert without_help_lines(empty, out["safety"]) == ""
+        assert served_words(ChatResult(empty, 0, 0, extra={"safety": out["safety"]}), "u") == ""
 
 
 @pytest.mark.parametrize("mode", ["augment", "fixed"])

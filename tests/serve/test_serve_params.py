@@ -191,6 +191,16 @@ def test_unknown_fields_are_refused_by_name_unless_configured():
     assert (e.value.status, e.value.param, e.value.code) == (400, "frobnicate", "unknown_parameter")
     assert "serve.ignore_unknown_fields" in e.value.message
     assert parse_chat_request(body, ignore_unknown=True).temperature == 0.5
+    vllm_usage = {"messages": HELLO, "stream": True}  # vLLM's extension inside stream_options
+    vllm_usage["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
+    with pytest.raises(APIError) as e:
+        parse_chat_request(vllm_usage, ignore_unknown=False)
+    assert (e.value.param, e.value.code) == (
+        "stream_options.continuous_usage_stats",
+        "unknown_parameter",
+    )
+    lenient = parse_chat_request(vllm_usage, ignore_unknown=True)
+    assert lenient.stream_options is not None and lenient.stream_options.include_usage
     assert ServeConfig().ignore_unknown_fields is False
     with pytest.raises(ValueError, match="ignore_unknown_field"):
         ServeConfig.model_validate({"ignore_unknown_field": True})  # a typo, refused by name

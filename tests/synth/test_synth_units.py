@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import shlex
 from dataclasses import dataclass
 
 import pytest
@@ -226,26 +227,17 @@ def test_a_taxonomy_file_of_another_shape_is_refused_naming_the_file_and_field(t
     ok = build_taxonomy({"strategies": [one], "fallback": "Probe"}, "tax.yaml")
     assert (ok.names, ok.fallback) == (["Probe"], "Probe")
     custom = tmp_path / "tax.yaml"
+    names = ["Probe", "Small Step", "Yes", "Self-disclosure: brief"]  # YAML would misread two
     custom.write_text(
-        json.dumps({"strategies": [one, one | {"name": "Small Step"}], "fallback": "Probe"})
+        json.dumps({"strategies": [one | {"name": n} for n in names], "fallback": "Probe"})
     )
     from soulray.cli import taxonomy_overrides
 
     cfg = load_config(None, [f"synth.taxonomy_file={custom}"])
     printed = taxonomy_overrides(cfg)  # synth's `next:` line: what prepare needs to keep them
-    assert printed == (
-        " 'data.strategies.taxonomy=[Probe, Small Step]' 'data.strategies.aliases={}' "
-        "data.strategies.fallback=Probe"
-    )
-    kept = load_config(
-        None,
-        [
-            "data.strategies.taxonomy=[Probe, Small Step]",
-            "data.strategies.aliases={}",
-            "data.strategies.fallback=Probe",
-        ],
-    )
-    assert kept.data.strategies.taxonomy == ["Probe", "Small Step"]
+    kept = load_config(None, shlex.split(printed))  # as the shell hands them to prepare
+    assert kept.data.strategies.taxonomy == names
+    assert (kept.data.strategies.fallback, kept.data.strategies.aliases) == ("Probe", {})
 
 
 def test_end_marker_and_utterance_rules() -> None:
