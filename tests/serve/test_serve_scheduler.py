@@ -250,3 +250,26 @@ def test_a_request_of_n_choices_takes_n_rows_and_ends_when_all_have(tiny_model):
         seeds = [req.seed + j for j in range(req.n)]
         single = [GenRequest("x", ids, req.max_tokens, 1.0, 1.0, seed=s) for s in seeds]
         assert [texts[j] for j in range(req.n)] == [alone(tiny_model, r) for r in single]
+
+
+def test_the_idle_callback_reports_an_empty_batch_after_a_cancellation(tiny_model):
+    """The running-requests gauge is set after every step; when the last rows leave without a
+    step (cancelled), on_idle sets it to 0 (it used to stay at the last step's count)."""
+    _, tok, _ = tiny_model
+    idle: list[int] = []
+    steps: list[int] = []
+
+    async def go():
+        sched = scheduler(tiny_model, 4)
+        sched.on_idle, sched.on_step = idle.append, lambda rows, seconds: steps.append(rows)
+        ticket = sched.submit(GenRequest("long", prompt(tok, "hi"), 500, 1.0, 1.0, seed=1))
+        while not steps:  # decoding
+            await asyncio.sleep(0.01)
+        sched.cancel(ticket)
+        while not idle:
+            await asyncio.sleep(0.01)
+        sched.task.cancel()
+        return sched.live_rows()
+
+    assert asyncio.run(go()) == 0
+    assert idle == [0] and steps[0] == 1 and len(steps) < 500
