@@ -69,6 +69,12 @@ def user_error(exc: BaseException) -> BaseException | None:
             return e
         if isinstance(e, ValueError) and type(e).__module__.startswith("soulray"):
             return e
+        failures = getattr(e, "worker_failures", None)  # Ray Train's WorkerGroupError
+        if isinstance(failures, dict):
+            for failure in failures.values():  # a worker's own ValueError is the user's error
+                if type(failure) is ValueError:
+                    return failure
+                stack += [failure] if isinstance(failure, BaseException) else []
         # `raise ... from None` hides the context: its error is not the one to show
         context = None if e.__suppress_context__ else e.__context__
         for nxt in (getattr(e, "cause", None), e.__cause__, context):

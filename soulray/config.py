@@ -487,6 +487,8 @@ def _format_errors(err: ValidationError, origin: str) -> str:
             known = _known_keys(Config, loc[:-1])
             close = difflib.get_close_matches(str(loc[-1]), known, n=1)
             hint = f" Did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
+            if len(loc) > 1 and loc[-1] in Config.model_fields:  # train.lora.enabled
+                hint = f" '{loc[-1]}' is a section of its own: write '{loc[-1]}.…', not '{name}.…'."
             lines.append(f"unknown config key '{name}'.{hint} Valid keys here: {', '.join(known)}")
         else:
             lines.append(f"config key '{name}': {e['msg']} (got {e.get('input')!r})")

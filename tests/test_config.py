@@ -252,3 +252,12 @@ def test_the_error_shown_is_the_one_raised_not_the_one_it_hid(tmp_path):
     made = tmp_path / "new" / "serve.yaml"  # a missing folder is made
     result = CliRunner().invoke(app, ["serve", "build", "--config", config, "-o", str(made)])
     assert result.exit_code == 0 and made.read_text().startswith("# Ray Serve config")
+
+
+def test_a_section_written_inside_another_is_pointed_at_its_own_place():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["train.lora.enabled=true"])  # used to suggest 'train.lr'
+    assert "unknown config key 'train.lora'. 'lora' is a section of its own: write 'lora.…', " in (
+        str(info.value)
+    )
+    assert "train.lr" not in str(info.value).split("Valid keys")[0]

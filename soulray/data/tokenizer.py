@@ -18,13 +18,30 @@ from soulray.data.render import CHATML_TEMPLATE, ensure_chat_template
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
+# Qwen2's pre-tokenizer (transformers' tokenization_qwen2.py): a tiny qwen2 export is loaded by
+# AutoTokenizer as Qwen2Tokenizer, which rebuilds its normalizer and pre-tokenizer from its own
+# definition whatever tokenizer.json says, so the trained tokenizer splits text the same way or
+# the export would tokenize unlike the data it trained on (digits, for one).
+QWEN2_SPLIT = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
-    """Train a byte-level BPE tokenizer with ChatML special tokens and template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """Train a byte-level BPE tokenizer with ChatML special tokens and template, splitting text
+    as Qwen2Tokenizer does (QWEN2_SPLIT, NFC)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -43,10 +60,19 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
     return fast
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     """Load a Hugging Face tokenizer directory (fast tokenizers only) and give it a template."""
     from transformers import AutoTokenizer
 
+    local = Path(path).expanduser()
+    if local.is_dir() and not any((local / name).exists() for name in TOKENIZER_FILES):
+        raise ValueError(
+            f"{path} holds no tokenizer ({', '.join(TOKENIZER_FILES[:2])}): model.name_or_path "
+            "(or model.tokenizer) must be a Hugging Face model directory"
+        )
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if not getattr(tok, "is_fast", False):
         raise ValueError(

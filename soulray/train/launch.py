@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel
 
 from soulray import storage
 from soulray.config import Config, TrainConfig
@@ -90,25 +94,76 @@ def check_storage(cfg: Config) -> None:
             raise ValueError(problem)
 
 
+def check_before_workers(cfg: Config, data_dir: str) -> Config:
+    """What would fail, or go wrong, in every worker, checked once where the run starts (both
+    launchers); returns the config with what a resume keeps from its checkpoint."""
+    check_export_dir(cfg)
+    check_data_tokenizer(cfg, data_dir)
+    check_data_shape(cfg, data_dir)
+    if cfg.lora.enabled:
+        from soulray.train.data import load_run_tokenizer
+        from soulray.train.model import check_lora_on_meta
+
+        check_lora_on_meta(cfg, load_run_tokenizer(data_dir, cfg.model.trust_remote_code))
+    check_not_past_steps(cfg)
+    return check_resume_config(cfg)
+
+
+def check_data_shape(cfg: Config, data_dir: str) -> None:
+    """data.seq_len and data.mode must be what the data was prepared with: the rows are what
+    they are, and the run would record (and resume-check, and size its estimates by) another."""
+    path = storage.join(data_dir, "manifest.json")
+    if not storage.exists(path):
+        return  # not prepare's output: load_run_tokenizer says so
+    manifest = json.loads(storage.read_text(path))
+    for key, ours in (("seq_len", cfg.data.seq_len), ("mode", cfg.data.mode)):
+        theirs = manifest.get(key)
+        if theirs is not None and theirs != ours:
+            raise ValueError(
+                f"train.data_dir {data_dir} was prepared with data.{key}={theirs}, but this run "
+                f"has data.{key}={ours}; set data.{key}={theirs}, or prepare again with {ours}"
+            )
+
+
+def check_export_dir(cfg: Config) -> None:
+    """An export into the model it trains from would overwrite the base weights (and a LoRA
+    adapter would then point at the merged model, applying itself twice)."""
+    base = cfg.model.name_or_path
+    if base and storage.normalize(cfg.train.export_dir) == storage.normalize(base):
+        raise ValueError(
+            f"train.export_dir {cfg.train.export_dir} is model.name_or_path: the export would "
+            "overwrite the model this run trains from; export to another directory"
+        )
+
+
 def check_not_past_steps(cfg: Config) -> None:
     """A rerun with train.steps below what the run has trained is refused before any worker
     starts (a worker would refuse too, once per allowed failure)."""
     from soulray.train.loop import past_steps
 
-    path = storage.join(cfg.train.storage_path, cfg.train.run_name, "metrics.jsonl")
-    if not storage.exists(path):
+    run = storage.join(cfg.train.storage_path, cfg.train.run_name)
+    if not storage.exists(run):
         return
-    lines = storage.read_text(path).splitlines()
-    done = json.loads(lines[-1]).get("step", 0) if lines else 0
+    # the step it resumes from: the latest checkpoint's (steps logged after it are retrained)
+    steps = [int(m.group(1)) for f in storage.list_files(run) if (m := CHECKPOINT.search(f))]
+    done = max(steps, default=0)
     if done > cfg.train.steps:
         raise ValueError(past_steps(done, cfg.train.steps))
+
+
+CHECKPOINT = re.compile(r"/checkpoint_(\d+)/")
 
 
 # What a resumed run cannot change: the checkpoint's shapes (model, LoRA), and what its data
 # position counts in (micro-batches of rows of seq_len tokens).
 RESUME_FIXED = {
-    "model": "the checkpoint holds that model's weights",
-    "lora": "the checkpoint holds those adapters (or none)",
+    "model.name_or_path": "the checkpoint holds that model's weights",
+    "model.tokenizer": "the checkpoint's embeddings are that tokenizer's",
+    "model.tiny": "the checkpoint holds a tiny model of that shape",
+    "lora.enabled": "the checkpoint holds adapters (or none)",
+    "lora.r": "the checkpoint holds adapters of that rank",
+    "lora.alpha": "the adapters' scale is part of what they learned",
+    "lora.target_modules": "the checkpoint holds adapters on those modules",
     "data.seq_len": "the data position counts rows of that length",
     "data.mode": "the data position counts rows of that layout",
     "train.micro_batch_size": "the data position counts micro-batches of that size",
@@ -144,17 +199,33 @@ def check_resume_config(cfg: Config) -> Config:
 
     def value(c: Config, key: str) -> Any:
         section, _, name = key.partition(".")
-        part = getattr(c, section)
-        return getattr(part, name) if name else part.model_dump(mode="json")
+        part = getattr(getattr(c, section), name)
+        return part.model_dump(mode="json") if isinstance(part, BaseModel) else part
 
     name = cfg.train.run_name
     for key, why in RESUME_FIXED.items():
+        if key == "model.tiny" and cfg.model.name_or_path:
+            continue  # a pretrained model: the tiny shape is not used
+        if key.startswith("lora.") and key != "lora.enabled" and not cfg.lora.enabled:
+            continue
         if value(old, key) != value(cfg, key):
             raise ValueError(
                 f"train.run_name={name} has checkpoints made with another {key} ({why}): "
                 f"resuming cannot change it. Set a new train.run_name to train with this "
                 f"config, or put {key} back (was: {value(old, key)})"
             )
+
+    def data(c: Config) -> str:
+        return storage.normalize(c.train.data_dir or c.data.output_dir)
+
+    if data(old) != data(cfg):
+        log.warning(
+            "train: resuming %s on train.data_dir=%s, but its checkpoints trained on %s: the "
+            "saved data position (epoch and micro-batch) now counts rows of other data",
+            name,
+            data(cfg),
+            data(old),
+        )
     for key in RESUME_RESHAPED:
         if value(old, key) != value(cfg, key):
             log.warning(
@@ -238,17 +309,28 @@ def storage_problem(path: str, hosts: int, key: str = "train.storage_path") -> s
     )
 
 
-def worker_resources(cfg: Config, cluster_cpus: float) -> dict[str, float] | None:
+def worker_resources(
+    cfg: Config, cluster_cpus: float, can_grow: bool = True
+) -> dict[str, float] | None:
     """Resources per training worker. CPU training leaves one CPU free for Ray Data, which
     reads the rows while the workers train (otherwise its read tasks could never start).
 
     Unset, a CPU worker takes 1 CPU, or an equal share of what the cluster has now less one
     (2 workers on a 2-CPU machine: 0.5 each). Set, `train.resources_per_worker` is asked as is:
-    an autoscaling cluster (KubeRay with minReplicas 0) may have no CPUs yet and grows to fit."""
+    an autoscaling cluster (KubeRay with minReplicas 0) may have no CPUs yet and grows to fit;
+    the local Ray a command starts for itself (`can_grow` false) never does, so it refuses."""
     t = cfg.train
     if t.resources_per_worker:
         resources = dict(t.resources_per_worker)
         need = resources.get("CPU", 1.0) * t.num_workers + (0.0 if t.use_gpu else 1.0)
+        if cluster_cpus < need and not can_grow:
+            raise ValueError(
+                f"{t.num_workers} worker(s) with {resources} each"
+                f"{'' if t.use_gpu else ' and Ray Data reading the rows'} need {need:g} CPUs; "
+                f"this machine's local Ray has {cluster_cpus:g} and cannot grow (the run would "
+                "wait forever): lower train.resources_per_worker or train.num_workers, or run on "
+                "a cluster (RAY_ADDRESS)"
+            )
         if cluster_cpus < need:
             log.warning(
                 "train: %d worker(s) with %s each%s need %g CPUs and the cluster has %g now: "
@@ -277,7 +359,7 @@ def worker_resources(cfg: Config, cluster_cpus: float) -> dict[str, float] | Non
 CACHE_BYTES = 2**30  # splits up to this size are read once and kept in the object store
 
 
-def build_datasets(data_dir: str, world: int) -> dict[str, Any]:
+def build_datasets(data_dir: str, world: int, micro_batch: int = 1) -> dict[str, Any]:
     """One Ray dataset per rank and split, reading only that rank's files (see feed.py); with
     a world size the layout cannot prune for, all files filtered to row_key % world == rank.
 
@@ -293,7 +375,7 @@ def build_datasets(data_dir: str, world: int) -> dict[str, Any]:
     # torchrun would train on the same rows in different orders.
     context.execution_options.preserve_order = True
     train_plans = plan_reads(data_dir, "train", world)
-    check_rows_per_rank(data_dir, train_plans)
+    check_rows_per_rank(data_dir, train_plans, micro_batch)
     warning = amplification_warning(data_dir, world)
     if warning:
         log.warning("warning: %s", warning)
@@ -330,7 +412,7 @@ def rank_filter(world_size: int, rank: int) -> Any:
     return (col("row_key") % world_size) == rank
 
 
-def check_rows_per_rank(data_dir: str, plans: list[RankPlan]) -> None:
+def check_rows_per_rank(data_dir: str, plans: list[RankPlan], micro_batch: int = 1) -> None:
     if not any(p.files for p in plans):
         raise ValueError(
             f"no prepared training data in {data_dir}/train: run `soulray prepare` first, or "
@@ -344,6 +426,13 @@ def check_rows_per_rank(data_dir: str, plans: list[RankPlan]) -> None:
             f"{len(plans)} workers); prepare more data or lower train.num_workers"
         )
     log.info("train rows per rank: %s", counts)
+    if min(counts) < micro_batch:
+        log.warning(
+            "warning: train.micro_batch_size=%d is more than the %d rows a rank has: a "
+            "micro-batch is then a whole epoch of those rows, smaller than asked",
+            micro_batch,
+            min(counts),
+        )
 
 
 def resolve_paths(cfg: Config) -> Config:
@@ -370,15 +459,15 @@ def run_train(cfg: Config) -> Any:
     t = cfg.train
     check_storage(cfg)
     assert t.data_dir is not None
-    check_data_tokenizer(cfg, t.data_dir)
-    check_not_past_steps(cfg)
-    cfg = check_resume_config(cfg)
+    cfg = check_before_workers(cfg, t.data_dir)
     if t.use_gpu:  # refused here, not by every worker after the cluster started
         from soulray.train.model import flash_dtype
 
         flash_dtype(cfg.model.attn_implementation, t.dtype == "float32")
-    datasets = build_datasets(t.data_dir, t.num_workers)
-    resources = worker_resources(cfg, ray.cluster_resources().get("CPU", 0.0))
+    datasets = build_datasets(t.data_dir, t.num_workers, t.micro_batch_size)
+    # without RAY_ADDRESS the command started a local Ray of its own: no autoscaler behind it
+    can_grow = bool(os.environ.get("RAY_ADDRESS"))
+    resources = worker_resources(cfg, ray.cluster_resources().get("CPU", 0.0), can_grow)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={

@@ -69,6 +69,11 @@ def train_loop(cfg: Config, rt: Runtime) -> dict[str, Any]:
     restored = rt.restore()
     if restored:
         state = load_checkpoint(restored, model, optimizer, scheduler)
+        # the lr of the step about to run, by this run's schedule: the checkpoint holds the one
+        # its own schedule set (they differ when train.steps, warmup or min_lr changed)
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+            group["lr"] = base * lr_factor(state["step"], t)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
         check_resume_world(state, rt)
         log_rank0(rt, "resumed from %s at step %d", restored, state["step"])
     start_step = state["step"]  # logged with every step: which attempt trained it

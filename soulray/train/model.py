@@ -222,13 +222,7 @@ def apply_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [m for m in lora.target_modules if m not in names]
-    if missing:
-        raise ValueError(
-            f"lora.target_modules {missing} do not exist in this model; its linear layers are "
-            f"named e.g. {sorted(n for n in names if n.endswith('proj'))[:8]}"
-        )
+    check_lora_targets(model, lora)
     peft_config = PeftLoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -237,6 +231,29 @@ def apply_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, peft_config)
+
+
+def check_lora_targets(model: nn.Module, lora: LoraConfig) -> None:
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [m for m in lora.target_modules if m not in names]
+    if missing:
+        raise ValueError(
+            f"lora.target_modules {missing} do not exist in this model; its linear layers are "
+            f"named e.g. {sorted(n for n in names if n.endswith('proj'))[:8]}"
+        )
+
+
+def check_lora_on_meta(cfg: Config, tokenizer: Any) -> None:
+    """lora.target_modules checked on the driver against the model built on the meta device
+    (no weights, about a second for a 7B), not by every worker after the cluster started."""
+    from transformers import AutoModelForCausalLM
+
+    hf_config = build_model_config(cfg.model, tokenizer)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            hf_config, trust_remote_code=cfg.model.trust_remote_code
+        )
+    check_lora_targets(model, cfg.lora)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

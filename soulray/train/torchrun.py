@@ -14,6 +14,7 @@ import argparse
 import logging
 import os
 import shutil
+import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -22,15 +23,13 @@ import torch
 import torch.distributed as dist
 
 from soulray import storage
-from soulray.config import Config, load_config
+from soulray.config import Config, ConfigError, load_config
 from soulray.train.checkpoint import STATE_FILE
 from soulray.train.data import load_run_tokenizer
 from soulray.train.feed import amplification_warning, build_source, parquet_chunks, plan_reads
 from soulray.train.launch import (
     PROCESS_GROUP_TIMEOUT_S,
-    check_data_tokenizer,
-    check_not_past_steps,
-    check_resume_config,
+    check_before_workers,
     process_group_backend,
 )
 from soulray.train.loop import Runtime, train_loop
@@ -103,9 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     cfg = load_config(args.config, args.overrides)
     # the Ray launcher's checks, so a torchrun resume refuses and warns alike
-    check_data_tokenizer(cfg, cfg.train.data_dir or cfg.data.output_dir)
-    check_not_past_steps(cfg)
-    cfg = check_resume_config(cfg)
+    cfg = check_before_workers(cfg, cfg.train.data_dir or cfg.data.output_dir)
     cuda = torch.cuda.is_available() and cfg.train.use_gpu
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:
@@ -119,5 +116,20 @@ def main(argv: list[str] | None = None) -> None:
         dist.destroy_process_group()
 
 
+def run(argv: list[str] | None = None) -> None:
+    """main(), with a user error (a config to fix, a refused resume) printed as one line by
+    each rank and exit 2 for a config key, 1 otherwise, as the `soulray` CLI does."""
+    from soulray.cli import user_error
+
+    try:
+        main(argv)
+    except Exception as exc:
+        found = user_error(exc)
+        if found is None or os.environ.get("SOULRAY_DEBUG"):
+            raise
+        print(f"error: {found}", file=sys.stderr, flush=True)
+        sys.exit(2 if isinstance(found, ConfigError) else 1)
+
+
 if __name__ == "__main__":
-    main()
+    run()

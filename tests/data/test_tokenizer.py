@@ -83,3 +83,36 @@ def test_real_tokenizer_without_template_gets_the_builtin_one():
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
     )
     assert text == "<｜begin▁of▁sentence｜><|user|>\nhi<｜end▁of▁sentence｜>\n<|assistant|>\n"
+
+
+def test_a_tiny_qwen2_export_tokenizes_as_its_data_did(tmp_path):
+    """AutoTokenizer loads a directory whose config.json says qwen2 as Qwen2Tokenizer, which
+    rebuilds its own pre-tokenizer: the trained tokenizer splits text as it does, so the export
+    serves the token ids it trained on (before, 12 of the quickstart corpus's 490 messages, and
+    digits like "18" or "$14k", tokenized differently)."""
+    import json
+
+    from soulray_testing import ROOT
+    from transformers import Qwen2Config
+
+    texts = [
+        m["content"]
+        for path in sorted((ROOT / "jobs" / "data").glob("*.jsonl"))
+        for line in path.read_text(encoding="utf-8").splitlines()
+        for m in json.loads(line)["messages"]
+    ]
+    texts += ["for 18 months, $14k, 3am", "（括号）和１２３", "e\u0301 café\r\n\n  x"]
+    tok = train_tokenizer(texts, vocab_size=2048)
+    tok.save_pretrained(tmp_path / "data")
+    tok.save_pretrained(tmp_path / "export")
+    Qwen2Config(vocab_size=len(tok)).save_pretrained(tmp_path / "export")
+    data, export = (AutoTokenizer.from_pretrained(tmp_path / d) for d in ("data", "export"))
+    assert type(export).__name__ == "Qwen2Tokenizer"
+    assert len(texts) > 480
+    assert [data(t).input_ids for t in texts] == [export(t).input_ids for t in texts]
+
+
+def test_a_directory_that_is_not_a_model_is_named_as_such(tmp_path):
+    (tmp_path / "readme.txt").write_text("hi")
+    with pytest.raises(ValueError, match=r"holds no tokenizer .* must be a Hugging Face model"):
+        load_tokenizer(str(tmp_path))

@@ -248,3 +248,19 @@ def test_an_old_directory_without_partitions_trains_with_the_warning(
     log = run_torchrun(old, tmp_path / "runs", 2, 29543, "train.steps=3")
     assert "was prepared without partitions" in log and "2x the reads" in log
     check_trained(old, tmp_path / "runs", 2, log, 3)
+
+
+def test_a_micro_batch_larger_than_a_ranks_rows_is_warned(prepared_quickstart, caplog) -> None:
+    from soulray.train.launch import check_rows_per_rank
+
+    data = str(prepared_quickstart)
+    plans = plan_reads(data, "train", 2)
+    fewest = min(rows_per_rank(plans))
+    with caplog.at_level("WARNING", logger="soulray.train"):
+        check_rows_per_rank(data, plans, fewest)  # fits: no warning
+        assert caplog.messages == []
+        check_rows_per_rank(data, plans, fewest + 1)
+    assert caplog.messages == [
+        f"warning: train.micro_batch_size={fewest + 1} is more than the {fewest} rows a rank "
+        "has: a micro-batch is then a whole epoch of those rows, smaller than asked"
+    ]

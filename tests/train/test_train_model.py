@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from soulray_testing import QUICKSTART
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
@@ -294,6 +295,50 @@ def test_data_prepared_for_another_tokenizer_is_refused_before_training(tmp_path
         check(str(model_a), str(model_b))
 
 
+def test_what_every_worker_would_trip_on_is_refused_where_the_run_starts(
+    prepared_quickstart, tmp_path
+) -> None:
+    """Both launchers run check_before_workers: a seq_len or mode other than the data's, an
+    export over the base model, and unknown LoRA modules (these used to fail in every worker,
+    four times with restarts, then end in a WorkerGroupError traceback)."""
+    from soulray.train.launch import check_before_workers
+
+    data = str(prepared_quickstart)
+    base = [f"train.data_dir={data}", f"train.storage_path={tmp_path}/ckpt"]
+    prepared = load_config(QUICKSTART, base)
+    check_before_workers(prepared, data)  # the quickstart's own settings pass
+    cases = [
+        (["data.seq_len=512"], rf"prepared with data.seq_len={prepared.data.seq_len}, but"),
+        (["data.mode=padded"], "prepared with data.mode=packed, but this run has data.mode=padded"),
+        (["lora.enabled=true", "lora.target_modules=[q_projx]"], r"\['q_projx'\] do not exist"),
+        (
+            [f"model.name_or_path={tmp_path}/m", f"train.export_dir={tmp_path}/m/"],
+            "is model.name_or_path: the export would overwrite the model",
+        ),
+    ]
+    for overrides, says in cases:
+        with pytest.raises(ValueError, match=says):
+            check_before_workers(load_config(QUICKSTART, [*base, *overrides]), data)
+    lora = load_config(QUICKSTART, [*base, "lora.enabled=true"])  # the default targets exist
+    check_before_workers(lora, data)
+
+
+def test_a_workers_user_error_is_shown_as_one_line(prepared_quickstart, tmp_path) -> None:
+    """Ray Train wraps a worker's exception in WorkerGroupError.worker_failures: the CLI shows
+    the user error inside it, not the traceback."""
+    import ray.train
+
+    from soulray.cli import user_error
+    from soulray.train.model import check_lora_targets
+
+    model = tiny_model("qwen2", "sdpa")
+    lora = load_config(None, ["lora.enabled=true", "lora.target_modules=[q_projx]"]).lora
+    with pytest.raises(ValueError) as raised:
+        check_lora_targets(model, lora)
+    wrapped = ray.train.WorkerGroupError("Training failed", {0: raised.value, 1: raised.value})
+    assert user_error(wrapped) is raised.value
+
+
 def test_cpu_worker_resources_share_the_cluster_or_wait_for_the_autoscaler(caplog) -> None:
     from soulray.train.launch import worker_resources
 
@@ -308,6 +353,11 @@ def test_cpu_worker_resources_share_the_cluster_or_wait_for_the_autoscaler(caplo
     with caplog.at_level("WARNING", logger="soulray.train"):
         assert resources(0, asked) == {"CPU": 1}  # KubeRay with no worker pod up yet
     assert "need 3 CPUs and the cluster has 0 now: Ray waits for the autoscaler" in caplog.text
+    # the local Ray a command starts for itself cannot grow: refused, not waited on forever
+    local = load_config(None, ["train.num_workers=2", "train.resources_per_worker={CPU: 4}"])
+    with pytest.raises(ValueError, match=r"need 9 CPUs; this machine's local Ray has 2 and cannot"):
+        worker_resources(local, 2, can_grow=False)
+    assert worker_resources(local, 9, can_grow=False) == {"CPU": 4}
     caplog.clear()
     assert resources(4, asked) == {"CPU": 1} and not caplog.text
     assert resources(0, "train.use_gpu=true") is None
@@ -335,12 +385,22 @@ def test_a_resume_refuses_what_it_cannot_change_and_warns_of_what_it_keeps(
     for override, key, was in (
         ("data.seq_len=512", "data.seq_len", "2048"),
         ("train.grad_accum=4", "train.grad_accum", "1"),
-        ("lora.enabled=true", "lora", "{'enabled': False,"),
+        ("lora.enabled=true", "lora.enabled", "False"),
+        ("model.tiny.hidden_size=64", "model.tiny", "{'architecture': 'qwen2',"),
     ):
         with pytest.raises(ValueError) as refused:
             check_resume_config(config(override))
         assert f"train.run_name=r has checkpoints made with another {key} (" in str(refused.value)
         assert f"or put {key} back (was: {was}" in str(refused.value)
+    # what leaves the weights' shape and meaning alone may change: the attention kernel,
+    # trust_remote_code, and LoRA settings of a run without LoRA
+    check_resume_config(config("model.attn_implementation=sdpa", "lora.r=4"))
+    with caplog.at_level("WARNING", logger="soulray.train"):
+        check_resume_config(config(f"train.data_dir={tmp_path}/other"))
+    assert f"resuming r on train.data_dir={tmp_path}/other, but its checkpoints trained on" in (
+        caplog.text
+    )
+    caplog.clear()
     with caplog.at_level("WARNING", logger="soulray.train"):
         applied = check_resume_config(config("train.lr=1e-5", "train.steps=300"))
     assert "keeps train.lr=0.0003 from its checkpoint" in caplog.text

@@ -104,6 +104,18 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(prepared_quickstart
         "rng_rank0.pt",
         "rng_rank1.pt",
     ]
+    # Raised train.steps: the schedule reshapes from the resumed step on, its first step too
+    # (that step used to train with the old schedule's last lr)
+    from soulray.train.loop import lr_factor
+
+    longer = [
+        f"train.steps={STEPS + 4}" if a == f"train.steps={STEPS}" else a
+        for a in command(prepared_quickstart, broken, 29557)
+    ]
+    subprocess.run(longer, cwd=ROOT, check=True, capture_output=True)
+    t, old = (load_config(QUICKSTART, [f"train.steps={n}"]).train for n in (STEPS + 4, STEPS))
+    first = next(m for m in metrics(broken) if m["step"] == STEPS + 1)
+    assert first["lr"] == t.lr * lr_factor(STEPS, t) != t.lr * lr_factor(STEPS, old)
 
 
 def test_torchrun_refuses_what_the_ray_launcher_refuses(tmp_path) -> None:
@@ -128,3 +140,10 @@ def test_torchrun_refuses_what_the_ray_launcher_refuses(tmp_path) -> None:
             [*cmd, *common, *extra], cwd=ROOT, capture_output=True, text=True, timeout=120
         )
         assert done.returncode == 1 and refusal in done.stderr, done.stderr[-2000:]
+        lines = done.stderr.splitlines()  # one line, not a traceback
+        assert "Traceback" not in done.stderr
+        assert any(x.startswith("error: ") and refusal in x for x in lines)
+    typo = subprocess.run(
+        [*cmd, *common, "train.stepz=1"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert typo.returncode == 2 and "Did you mean 'train.steps'?" in typo.stderr
