@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import tempfile
@@ -309,28 +308,17 @@ def storage_problem(path: str, hosts: int, key: str = "train.storage_path") -> s
     )
 
 
-def worker_resources(
-    cfg: Config, cluster_cpus: float, can_grow: bool = True
-) -> dict[str, float] | None:
+def worker_resources(cfg: Config, cluster_cpus: float) -> dict[str, float] | None:
     """Resources per training worker. CPU training leaves one CPU free for Ray Data, which
     reads the rows while the workers train (otherwise its read tasks could never start).
 
     Unset, a CPU worker takes 1 CPU, or an equal share of what the cluster has now less one
     (2 workers on a 2-CPU machine: 0.5 each). Set, `train.resources_per_worker` is asked as is:
-    an autoscaling cluster (KubeRay with minReplicas 0) may have no CPUs yet and grows to fit;
-    the local Ray a command starts for itself (`can_grow` false) never does, so it refuses."""
+    an autoscaling cluster (KubeRay with minReplicas 0) may have no CPUs yet and grows to fit."""
     t = cfg.train
     if t.resources_per_worker:
         resources = dict(t.resources_per_worker)
         need = resources.get("CPU", 1.0) * t.num_workers + (0.0 if t.use_gpu else 1.0)
-        if cluster_cpus < need and not can_grow:
-            raise ValueError(
-                f"{t.num_workers} worker(s) with {resources} each"
-                f"{'' if t.use_gpu else ' and Ray Data reading the rows'} need {need:g} CPUs; "
-                f"this machine's local Ray has {cluster_cpus:g} and cannot grow (the run would "
-                "wait forever): lower train.resources_per_worker or train.num_workers, or run on "
-                "a cluster (RAY_ADDRESS)"
-            )
         if cluster_cpus < need:
             log.warning(
                 "train: %d worker(s) with %s each%s need %g CPUs and the cluster has %g now: "
@@ -465,9 +453,7 @@ def run_train(cfg: Config) -> Any:
 
         flash_dtype(cfg.model.attn_implementation, t.dtype == "float32")
     datasets = build_datasets(t.data_dir, t.num_workers, t.micro_batch_size)
-    # without RAY_ADDRESS the command started a local Ray of its own: no autoscaler behind it
-    can_grow = bool(os.environ.get("RAY_ADDRESS"))
-    resources = worker_resources(cfg, ray.cluster_resources().get("CPU", 0.0), can_grow)
+    resources = worker_resources(cfg, ray.cluster_resources().get("CPU", 0.0))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
