@@ -167,17 +167,21 @@ def api_key(cfg: EndpointConfig) -> str:
     return key
 
 
+def help_paragraphs(text: str, safety: dict[str, Any]) -> list[tuple[str, bool]]:
+    """The reply's paragraphs, each marked when it holds one of the help lines `safety` lists
+    (soulray serve writes each as "- name: contact")."""
+    lines = [f"- {r['name']}: {r['contact']}" for r in safety.get("resources") or []]
+    return [(p, any(line in p for line in lines)) for p in text.split("\n\n")]
+
+
 def without_help_lines(text: str, safety: dict[str, Any] | None) -> str:
     """A flagged reply less the paragraph of help lines soulray serve put before it (or after
     its fixed safe reply): sent back as the assistant's turn, they would read as text the
     model wrote (and, with a strategy, as "[Strategy] If you are in crisis..."), which it was
     never trained on."""
-    if not (safety and safety.get("flagged")):
+    if not (safety and safety.get("flagged") and safety.get("resources")):
         return text
-    lines = [f"- {r['name']}: {r['contact']}" for r in safety.get("resources") or []]
-    if not lines:
-        return text
-    kept = [p for p in text.split("\n\n") if not any(line in p for line in lines)]
+    kept = [p for p, is_help in help_paragraphs(text, safety) if not is_help]
     return "\n\n".join(kept).strip()  # "" when the model said nothing after them
 
 
@@ -189,8 +193,7 @@ def served_words(result: ChatResult, base_url: str) -> str:
     safety = result.extra.get("safety")
     if not isinstance(safety, dict) or not safety.get("flagged"):
         return result.text
-    lines = [f"- {r['name']}: {r['contact']}" for r in safety.get("resources") or []]
-    help_at = [any(line in p for line in lines) for p in result.text.split("\n\n")]
+    help_at = [is_help for _, is_help in help_paragraphs(result.text, safety)]
     if safety.get("reply_replaced") or (any(help_at) and not help_at[0]):  # the fixed reply
         raise EndpointError(
             f"safety_replaced: {base_url} (soulray serve) answered with its crisis screen's "
