@@ -430,6 +430,15 @@ def eval_cmd(
             "RayJobs); a config the gate cannot use exits 2.",
         ),
     ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Reuse the phases an earlier run saved in eval.output_dir/phases/ (replies per "
+            "model, judge, dialogues) where its settings and contexts were the same; run the "
+            "rest. Without it nothing is reused (the same URL may serve another model now).",
+        ),
+    ] = False,
 ) -> None:
     """Evaluate models behind OpenAI-compatible endpoints: reference metrics, judge, pairwise,
     Seeker-driven dialogues; writes report.json, report.md and PNG charts."""
@@ -441,7 +450,7 @@ def eval_cmd(
     # before Ray starts, and exit 2 (a config to fix), never 1 (the gate's "worse")
     run_verb(as_config_error(check_config), cfg.eval, fail_if_worse)
     init_ray()
-    report = run_verb(run_eval, cfg, fail_if_worse)
+    report = run_verb(run_eval, cfg, fail_if_worse, resume)
     typer.echo(render_summary(report, cfg.eval.output_dir))
     if report.get("gate", {}).get("worse"):
         raise typer.Exit(1)

@@ -182,6 +182,8 @@ def render_markdown(report: dict[str, Any], charts: list[str]) -> str:
     out += [f"- contexts: {len(report['contexts'])} (set {meta['contexts_digest']})"]
     judged = bool(meta.get("judge", {}).get("endpoint"))
     out += [f"- rubric: {meta['rubric']['title']}"] if judged else ["- judge: none"]
+    if meta.get("reused"):
+        out += [f"- reused from an earlier run (--resume): {', '.join(meta['reused'])}"]
     out += [f"- seconds: {num(meta['seconds'])}", ""]
     if s["turn"]:
         out += turn_section(s["turn"])

@@ -30,6 +30,7 @@ from soulray.eval.config import EvalConfig, InteractiveConfig
 from soulray.eval.contexts import Context, contexts_digest, sample_contexts, source_files
 from soulray.eval.judge import Rubric, load_rubric
 from soulray.eval.metrics import reference_scores
+from soulray.eval.phases import PhaseStore, answer_settings, fingerprint
 from soulray.synth.roles import SEEKER_PROMPTS, check_prompts, load_prompts
 from soulray.synth.scenarios import ATTITUDES, Scenario, build_scenarios, make_scenario
 
@@ -246,28 +247,43 @@ def keyed(keys: dict[str, str], fn: Any, *args: Any) -> Any:
 
 
 def run_turn_mode(
-    e: EvalConfig, rubric: Rubric, call: Any, clock: PhaseClock
+    e: EvalConfig, rubric: Rubric, call: Any, clock: PhaseClock, store: PhaseStore
 ) -> tuple[
     list[Context], dict[str, list[dict[str, Any]]], dict[str, list[Any]], list[dict[str, Any]]
 ]:
-    """Contexts -> every model's replies (a task per model, in parallel) -> reference metrics
-    -> judge scores and pairwise verdicts (one task on the judge endpoint)."""
+    """Contexts -> every model's replies (a task per server, in parallel) -> reference metrics
+    -> judge scores and pairwise verdicts (one task on the judge endpoint). Each model's replies
+    and the judge's verdicts are saved as they finish (see phases.py)."""
     import ray
 
     if e.contexts is None:
         return [], {}, {}, []
-    servers: dict[str, dict[str, EndpointConfig]] = {}
-    for m in e.models:
-        servers.setdefault(m.endpoint.base_url, {})[m.name] = m.endpoint
     # the phase tasks' workers start (and import the client) while the contexts are read
-    warm = [call(warm_up) for _ in servers]
+    warm = [call(warm_up) for _ in {m.endpoint.base_url for m in e.models}]
     contexts = sample_contexts(e.contexts)
     ray.get(warm)
     clock.done("contexts_s")
     log.info("%d contexts, %d model(s)", len(contexts), len(e.models))
-    refs = [call(generate_task, endpoints, contexts) for endpoints in servers.values()]
-    answered = {name: rows for part in ray.get(refs) for name, rows in part.items()}
-    replies = {m.name: answered[m.name] for m in e.models}
+    asked = fingerprint([c.to_json() for c in contexts])
+    replies: dict[str, list[dict[str, Any]]] = {}
+    servers: dict[str, dict[str, EndpointConfig]] = {}
+    for m in e.models:
+        saved = store.load("replies", m.name, fingerprint(answer_settings(m.endpoint), asked))
+        if saved is not None:
+            replies[m.name] = saved
+        else:
+            servers.setdefault(m.endpoint.base_url, {})[m.name] = m.endpoint
+    pending = {
+        call(generate_task, endpoints, contexts): endpoints for endpoints in servers.values()
+    }
+    while pending:  # each server's replies saved as soon as they are in
+        [ref], _ = ray.wait(list(pending))
+        for name, rows in ray.get(ref).items():
+            fp = fingerprint(answer_settings(pending[ref][name]), asked)
+            store.save("replies", name, fp, rows)
+            replies[name] = rows
+        del pending[ref]
+    replies = {m.name: replies[m.name] for m in e.models}
     clock.done("generate_s")
     for rows in replies.values():
         add_reference_metrics(contexts, rows)
@@ -275,15 +291,54 @@ def run_turn_mode(
     if e.judge.endpoint is None:
         return contexts, replies, {}, []
     pairwise = e.judge.pairwise and len(e.models) > 1
-    args = (e.judge.endpoint, rubric, e.judge.retries, pairwise, contexts, replies)
-    scores, pairs = ray.get(call(judge_task, *args))
+    texts = {name: [row["text"] for row in rows] for name, rows in replies.items()}
+    judged = fingerprint(
+        answer_settings(e.judge.endpoint),
+        rubric.model_dump(),
+        e.judge.retries,
+        pairwise,
+        asked,
+        texts,
+    )
+    saved = store.load("judge", "all", judged)
+    if saved is None:
+        args = (e.judge.endpoint, rubric, e.judge.retries, pairwise, contexts, replies)
+        scores, pairs = ray.get(call(judge_task, *args))
+        store.save("judge", "all", judged, {"scores": scores, "pairs": pairs})
+    else:
+        scores, pairs = saved["scores"], saved["pairs"]
     clock.done("judge_s")
     return contexts, replies, scores, pairs
 
 
-def run_eval(cfg: Config, fail_if_worse: str | None = None) -> dict[str, Any]:
+def run_interactive(
+    e: EvalConfig, rubric: Rubric, call: Any, store: PhaseStore
+) -> tuple[list[Scenario], dict[str, list[dict[str, Any]]]]:
+    """Seeker-driven dialogues with every model (one task), saved when done."""
+    import ray
+
+    scenarios = interactive_scenarios(e.interactive)
+    fp = fingerprint(
+        e.interactive.model_dump(mode="json", exclude={"seeker"}),
+        answer_settings(e.interactive.seeker or seeker_from_judge(e.judge.endpoint)),
+        {m.name: answer_settings(m.endpoint) for m in e.models},
+        answer_settings(e.judge.endpoint),
+        rubric.model_dump(),
+        e.judge.retries,
+        [dataclasses.asdict(s) for s in scenarios],
+        load_prompts(e.interactive.seeker_prompts, "eval.interactive.seeker_prompts"),
+    )
+    dialogues = store.load("dialogues", "all", fp)
+    if dialogues is None:
+        dialogues = ray.get(call(interactive_task, e, rubric, scenarios))
+        store.save("dialogues", "all", fp, dialogues)
+    return scenarios, dialogues
+
+
+def run_eval(cfg: Config, fail_if_worse: str | None = None, resume: bool = False) -> dict[str, Any]:
     """The whole evaluation on the current Ray cluster; returns the report (also written).
-    With `fail_if_worse`, the report carries the gate's verdict against that model."""
+    With `fail_if_worse`, the report carries the gate's verdict against that model; with
+    `resume`, phases an earlier run saved from the same settings are reused (phases.py)."""
     import ray
 
     from soulray.eval.gate import check_gate
@@ -300,19 +355,30 @@ def run_eval(cfg: Config, fail_if_worse: str | None = None) -> dict[str, Any]:
         return task.remote(keys, fn, *args)
 
     clock = PhaseClock()
-    contexts, replies, scores, pairs = run_turn_mode(e, rubric, call, clock)
+    store = PhaseStore(e.output_dir, resume)
     dialogues: dict[str, list[dict[str, Any]]] = {}
     scenarios: list[Scenario] = []
-    if e.interactive.enabled:
-        scenarios = interactive_scenarios(e.interactive)
-        dialogues = ray.get(call(interactive_task, e, rubric, scenarios))
-        clock.done("interactive_s")
+    try:
+        contexts, replies, scores, pairs = run_turn_mode(e, rubric, call, clock, store)
+        if e.interactive.enabled:
+            scenarios, dialogues = run_interactive(e, rubric, call, store)
+            clock.done("interactive_s")
+    except BaseException:
+        if store.saved:
+            log.error(
+                "the finished phases are saved in %s (%s): run the same command with --resume "
+                "to reuse them",
+                store.dir,
+                ", ".join(store.saved),
+            )
+        raise
     meta = {
         "models": [m.model_dump(mode="json") for m in e.models],
         "judge": e.judge.model_dump(mode="json"),
         "contexts_digest": contexts_digest(contexts),
         "seconds": round(time.time() - started, 2),
         "phases": clock.phases,
+        "reused": store.reused,  # saved by an earlier run, taken with --resume
     }
     report = build_report(e, rubric, contexts, replies, scores, pairs, dialogues, scenarios, meta)
     if fail_if_worse is not None:

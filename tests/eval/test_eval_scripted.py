@@ -278,3 +278,97 @@ def test_an_api_key_exported_after_the_cluster_started_reaches_the_tasks(
     assert result.exit_code == 0, result.output
     assert set(servers["good"].auth[before:]) == {"Bearer sk-eval-1"}
     assert len(servers["good"].auth) - before == 6  # one request per context
+
+
+def judge_kinds(requests: list[dict]) -> dict[str, int]:
+    """The judge server's requests by kind (it also plays the Seeker)."""
+    kinds = {"seeker": 0, "turn": 0, "pair": 0, "dialogue": 0}
+    for body in requests:
+        system, user = body["messages"][0]["content"], body["messages"][1]["content"]
+        if "role-playing a person" in system:
+            kinds["seeker"] += 1
+        elif "Two supporters replied" in user:
+            kinds["pair"] += 1
+        elif user.startswith("Below is a whole conversation"):
+            kinds["dialogue"] += 1
+        else:
+            kinds["turn"] += 1
+    return kinds
+
+
+def test_a_run_that_dies_late_resumes_from_its_saved_phases(
+    ray_local, servers, tmp_path, monkeypatch, caplog
+):
+    """Replies and verdicts are saved as each phase finishes; after a failure in the dialogues,
+    --resume asks nothing again that was answered with the same settings, and a changed setting
+    redoes exactly the phases it affects. Without --resume nothing is reused."""
+    import soulray.eval.run as run
+
+    interactive = {"enabled": True, "scenarios": 2, "turns": 2, "languages": ["en"]}
+    config = write_config(
+        tmp_path, servers, {"good": "good", "bad": "bad"}, interactive=interactive
+    )
+
+    def driver_dies(*args):
+        raise RuntimeError("the driver's node went away")
+
+    monkeypatch.setattr(run, "run_interactive", driver_dies)
+    with pytest.raises(RuntimeError, match="node went away"):
+        run_cli("eval", "--config", str(config))
+    assert "run the same command with --resume" in caplog.text
+    phases = tmp_path / "report" / "phases"
+    assert sorted(p.name for p in phases.iterdir()) == ["judge.json", "replies.json"]
+    assert not (tmp_path / "report" / "report.json").exists()
+    monkeypatch.undo()
+
+    def sent() -> tuple[int, int, dict[str, int]]:
+        return (
+            len(servers["good"].requests),
+            len(servers["bad"].requests),
+            judge_kinds(servers["judge"].requests),
+        )
+
+    good, bad, judged = sent()
+    result = run_cli("eval", "--config", str(config), "--resume")
+    assert result.exit_code == 0, result.output
+    good2, bad2, judged2 = sent()
+    # the turn replies, judge scores and pairwise verdicts came from the saved phases; only the
+    # dialogues were run: 2 scenarios x 2 models, the Seeker's turns and a verdict for each
+    assert (good2 - good, bad2 - bad) == (2, 2)  # one reply per scenario (the Seeker then ends)
+    assert judged2["turn"] == judged["turn"] and judged2["pair"] == judged["pair"]
+    assert judged2["dialogue"] - judged["dialogue"] == 4
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["meta"]["reused"] == ["replies of good", "replies of bad", "judge"]
+    resumed = report
+    assert report["summary"]["turn"]["good"]["judge"]["scores"]["total"]["mean"] == 7.0
+    assert report["summary"]["turn"]["bad"]["judge"]["scores"]["total"]["mean"] == 0.0
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "- reused from an earlier run (--resume): replies of good, replies of bad, judge" in md
+    check_md_matches_json(report, md)
+
+    # changed settings of one model and of the judge: that model's replies, the judge and the
+    # dialogues run again; the other model's replies are still reused
+    cfg = yaml.safe_load(config.read_text())
+    cfg["eval"]["models"][1]["endpoint"]["max_tokens"] = 99
+    cfg["eval"]["judge"]["endpoint"]["temperature"] = 0.1
+    config.write_text(yaml.safe_dump(cfg))
+    result = run_cli("eval", "--config", str(config), "--resume")
+    assert result.exit_code == 0, result.output
+    good3, bad3, judged3 = sent()
+    assert (good3 - good2, bad3 - bad2) == (2, 6 + 2)  # the dialogues are one phase for all
+    assert judged3["turn"] - judged2["turn"] == 6 + 6 + 6  # bad's cut-off answers retried once
+    assert judged3["pair"] - judged2["pair"] == 2 * 6
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["meta"]["reused"] == ["replies of good"]
+
+    # without --resume, everything is asked again
+    result = run_cli("eval", "--config", str(config))
+    assert result.exit_code == 0, result.output
+    good4, bad4, _ = sent()
+    assert (good4 - good3, bad4 - bad3) == (6 + 2, 6 + 2)
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["meta"]["reused"] == []
+    # what the resumed run reported is what a run from scratch reports
+    for part in ("contexts", "replies", "pairwise", "dialogues"):
+        assert resumed[part] == report[part], part
+    assert resumed["summary"] == report["summary"]

@@ -1,0 +1,80 @@
+"""Each finished phase of `soulray eval` is saved in <output_dir>/phases/ with a fingerprint of
+what it was computed from, so a run that fails in the judge phase after an hour of generation
+keeps its replies.
+
+`soulray eval --resume` reuses every saved phase whose fingerprint still matches (the same
+endpoint settings, contexts, rubric, ...) and runs the rest. Without --resume nothing is reused:
+the same URL may serve another model by now, and its old replies would be scored as new ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any
+
+from soulray import storage
+from soulray.endpoints import EndpointConfig
+
+log = logging.getLogger("soulray.eval")
+
+# What decides an endpoint's answers; not its key, timeouts, retries or concurrency, so a run
+# that failed on rate limits can resume at a lower concurrency and keep its replies.
+ANSWER_FIELDS = ("base_url", "model", "temperature", "max_tokens")
+
+
+def answer_settings(ep: EndpointConfig | None) -> dict[str, Any] | None:
+    return None if ep is None else {k: getattr(ep, k) for k in ANSWER_FIELDS}
+
+
+def fingerprint(*parts: Any) -> str:
+    text = json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
+
+
+class PhaseStore:
+    """<output_dir>/phases/<phase>.json: {key: {"fingerprint", "value"}} (key: a model's name
+    for its replies, "all" for a phase run once)."""
+
+    def __init__(self, output_dir: str, resume: bool):
+        self.dir = storage.join(output_dir, "phases")
+        self.resume = resume
+        self.reused: list[str] = []
+        self.saved: list[str] = []
+
+    def _path(self, phase: str) -> str:
+        return storage.join(self.dir, f"{phase}.json")
+
+    def _entries(self, phase: str) -> dict[str, Any]:
+        path = self._path(phase)
+        if not storage.exists(path):
+            return {}
+        try:
+            entries = json.loads(storage.read_text(path))
+        except json.JSONDecodeError as e:
+            log.warning("eval --resume: %s is not valid JSON (%s); running it again", path, e)
+            return {}
+        return entries if isinstance(entries, dict) else {}
+
+    def load(self, phase: str, key: str, fp: str) -> Any | None:
+        """The saved value, with --resume and the same fingerprint; else None (run it)."""
+        if not self.resume:
+            return None
+        label = phase if key == "all" else f"{phase} of {key}"
+        entry = self._entries(phase).get(key)
+        if entry is None:
+            log.info("eval --resume: no saved %s; running it", label)
+            return None
+        if entry.get("fingerprint") != fp:
+            log.warning("eval --resume: the saved %s came from other settings; running it", label)
+            return None
+        log.info("eval --resume: reused the saved %s (%s)", label, self._path(phase))
+        self.reused.append(label)
+        return entry["value"]
+
+    def save(self, phase: str, key: str, fp: str, value: Any) -> None:
+        entries = self._entries(phase) | {key: {"fingerprint": fp, "value": value}}
+        storage.makedirs(self.dir)
+        storage.write_text(self._path(phase), json.dumps(entries, ensure_ascii=False))
+        self.saved.append(phase if key == "all" else f"{phase} of {key}")
