@@ -249,6 +249,11 @@ def describe_error(e: openai.APIError, base_url: str) -> str:
     return f"api_error: {e}"[:300]
 
 
+def reason_key(reason: str) -> str:
+    """What a report groups a failure by: its label ('http_503'), not the server's message."""
+    return reason.split(":", 1)[0].strip()
+
+
 def refused(e: BaseException) -> bool:
     """A connection that failed at once, under any wrapper: the aiohttp transport reports a
     refused connection as a connect *timeout*, which would send users to the wrong fix."""

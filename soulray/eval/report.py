@@ -11,6 +11,7 @@ from collections import Counter
 from typing import Any
 
 from soulray import storage
+from soulray.endpoints import reason_key
 from soulray.eval.config import EvalConfig
 from soulray.eval.contexts import Context
 from soulray.eval.judge import Rubric
@@ -37,8 +38,10 @@ def reason_label(error: str) -> str:
     """An unscored item's reason as the report groups it: its first word, and for an endpoint
     failure the endpoint's own ("endpoint: connection", "endpoint: http_503"), so the cause
     shows in report.md without each message's details."""
-    parts = [p.strip() for p in error.split(":")]
-    return f"{parts[0]}: {parts[1]}" if parts[0] == "endpoint" and len(parts) > 1 else parts[0]
+    label, _, rest = error.partition(":")
+    if label.strip() == "endpoint" and rest:
+        return f"endpoint: {reason_key(rest)}"
+    return reason_key(label)
 
 
 def judge_summary(rows: list[dict[str, Any] | None], rubric: Rubric, seed: int) -> dict[str, Any]:

@@ -244,22 +244,34 @@ def run_synth(cfg: Config) -> dict[str, Any]:
     )
     store.write_meta("config.yaml", config_to_yaml(cfg).encode())
     progress = Progress(len(pending), sc.job.progress_every_s)
+    interrupted = False
     try:
         if pending:
             consume(build_dataset(pending, sc), store, state, sc, progress)
+    except KeyboardInterrupt:  # Ctrl-C: the report still describes what is written
+        interrupted = True
     finally:
         store.close()
     log.info("synth: %s", progress.line())
     report = build_report(store.load(), load_taxonomy(sc.taxonomy_file).names, progress.summary())
     report["files"] = [str(p) for p in save_report(store, report, sc.charts)]
+    if interrupted:
+        log.warning(
+            "synth: interrupted; %s/_synth/synth_report.json covers the %d dialogues written, "
+            "and the same command makes the rest",
+            sc.output_dir,
+            report["dialogues"]["written"],
+        )
+        raise KeyboardInterrupt
     run = report["run"]
     if pending and run["failed"] == len(pending):  # not one endpoint call got through
         reasons = report["dialogues"]["failed"]
         common = max(reasons, key=reasons.get) if reasons else "unknown"
+        example = report["dialogues"]["failed_example"].get(common, common)
         raise ValueError(
-            f"synth: all {len(pending)} scenarios failed, most often with {common!r}; check "
+            f"synth: all {len(pending)} scenarios failed, most often with {example!r}; check "
             "synth.roles (base_url ends in /v1, the server is up, the model name is served); "
-            f"details in {sc.output_dir}/_synth/synth_report.json"
+            f"details in {sc.output_dir}/_synth/synth_report.json and failed.jsonl"
         )
     return report
 

@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from soulray.endpoints import reason_key
 from soulray.synth.output import OutputStore, StoredState
 
 PHASES = ("early", "middle", "late")  # thirds of a dialogue's Supporter turns
@@ -24,7 +25,9 @@ def build_report(state: StoredState, strategies: list[str], run: dict[str, Any])
         "dialogues": {
             "written": len(records),
             "dropped": dict(sorted(Counter(state.dropped.values()).items())),
-            "failed": dict(sorted(Counter(state.failed.values()).items())),
+            # by label ('http_503'), one full reason each; every reason is in failed.jsonl
+            "failed": dict(sorted(Counter(map(reason_key, state.failed.values())).items())),
+            "failed_example": {reason_key(r): r for r in sorted(state.failed.values())},
         },
         "utterances": sum(len(r["messages"]) for r in records),
         "turns_per_dialogue": describe([r["metadata"]["turns"] for r in records], histogram=True),

@@ -72,7 +72,7 @@ def test_strategies_land_on_the_supporter_turns(happy) -> None:
 
 def test_report_counts_and_charts(happy) -> None:
     out, report, _, _ = happy
-    assert report["dialogues"] == {"written": 6, "dropped": {}, "failed": {}}
+    assert report["dialogues"] == {"written": 6, "dropped": {}, "failed": {}, "failed_example": {}}
     assert report["utterances"] == 30
     assert report["turns_per_dialogue"] == {
         "count": 6,
@@ -128,6 +128,34 @@ def test_rerun_skips_what_is_written_and_makes_only_the_new(happy, tmp_path) -> 
     assert first == OutputStore(str(out)).load().records
 
 
+def test_ctrl_c_still_writes_the_report_and_the_same_command_finishes(
+    happy, tmp_path, monkeypatch, caplog
+) -> None:
+    """Ctrl-C arrives after a new dialogue is written: the report then counts what is in the
+    output (not an older run's report), and the re-run makes only the scenarios left."""
+    out, _, _, _ = happy
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    real_write = OutputStore.write_dialogue
+
+    def write_then_interrupt(self, record):
+        real_write(self, record)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(OutputStore, "write_dialogue", write_then_interrupt)
+    roles = ScriptedRoles(stop_after=3)
+    with ScriptedOpenAI(roles) as server, pytest.raises(KeyboardInterrupt):
+        run_synth(synth_config(copy, server.url, 9))
+    report = json.loads((copy / "_synth" / "synth_report.json").read_text())
+    assert report["dialogues"]["written"] == 7 and report["run"]["scenarios"] == 3
+    assert "interrupted;" in caplog.text and "covers the 7 dialogues written" in caplog.text
+    monkeypatch.undo()
+    roles = ScriptedRoles(stop_after=3)
+    with ScriptedOpenAI(roles) as server:
+        report = run_synth(synth_config(copy, server.url, 9))
+    assert report["run"]["written"] == 2 and report["dialogues"]["written"] == 9
+
+
 def test_failing_backends_fail_their_scenarios_and_the_run_that_made_none(happy, tmp_path) -> None:
     """Each failure is recorded with its reason; a run in which every scenario failed (a wrong
     or down endpoint) is an error, after its report is written (a partial failure is not: see
@@ -151,10 +179,15 @@ def test_failing_backends_fail_their_scenarios_and_the_run_that_made_none(happy,
     assert str(error.value) == (
         f"synth: all 4 scenarios failed, most often with {reason!r}; check synth.roles "
         "(base_url ends in /v1, the server is up, the model name is served); details in "
-        f"{copy}/_synth/synth_report.json"
+        f"{copy}/_synth/synth_report.json and failed.jsonl"
     )
     report = json.loads((copy / "_synth" / "synth_report.json").read_text())
-    assert report["dialogues"] == {"written": 6, "dropped": {}, "failed": {reason: 4}}
+    assert report["dialogues"] == {
+        "written": 6,
+        "dropped": {},
+        "failed": {"connection": 4},
+        "failed_example": {"connection": reason},
+    }
     assert report["run"] | {"elapsed_s": 0} == report["run"] | {
         "written": 0,
         "dropped": 0,
@@ -177,7 +210,7 @@ def test_an_api_key_exported_after_the_cluster_started_reaches_the_actors(
             tmp_path / "out", server.url, 1, "synth.roles.seeker.api_key_env=SOULRAY_TEST_SYNTH_KEY"
         )
         report = run_synth(cfg)
-    assert report["dialogues"] == {"written": 1, "dropped": {}, "failed": {}}
+    assert report["dialogues"] == {"written": 1, "dropped": {}, "failed": {}, "failed_example": {}}
     assert set(server.auth) == {"Bearer sk-late-1"} and len(server.auth) >= 5
     assert "sk-late-1" not in (tmp_path / "out" / "_synth" / "config.yaml").read_text()
 
@@ -201,6 +234,11 @@ def test_a_timeout_fails_only_the_scenarios_it_hits(ray_local, tmp_path) -> None
         )
         report = run_synth(cfg)
     reason = f"timeout: {server.url} did not answer in time"
-    assert report["dialogues"] == {"written": 2, "dropped": {}, "failed": {reason: 2}}
+    assert report["dialogues"] == {
+        "written": 2,
+        "dropped": {},
+        "failed": {"timeout": 2},
+        "failed_example": {"timeout": reason},
+    }
     records = OutputStore(str(tmp_path / "out")).load().records
     assert [r["metadata"]["scenario"]["language"] for r in records] == ["en", "en"]

@@ -20,6 +20,7 @@ from soulray.synth.config import LoopConfig, QualityConfig, SynthConfig
 from soulray.synth.job import build_cast, to_record
 from soulray.synth.near_dupes import NearDuplicateIndex
 from soulray.synth.output import OutputStore
+from soulray.synth.report import build_report
 from soulray.synth.roleplay import run_dialogue, utterance_problem
 from soulray.synth.roles import (
     counselor_messages,
@@ -427,6 +428,24 @@ def test_store_resume_cuts_a_torn_line_and_skips_written_and_dropped(tmp_path) -
     ]
     with pytest.raises(ValueError, match="is remote"):
         OutputStore("s3://bucket/synth")
+
+
+def test_the_report_groups_failures_by_label_not_by_the_servers_message(tmp_path) -> None:
+    store = OutputStore(str(tmp_path))
+    store.write_failed("a", "http_503: overloaded (request id 1)")
+    store.write_failed("b", "http_503: overloaded (request id 2)")
+    store.write_failed("c", "timeout: http://x/v1 did not answer in time")
+    store.close()
+    report = build_report(OutputStore(str(tmp_path)).load(), ["Question"], {})
+    assert report["dialogues"] == {
+        "written": 0,
+        "dropped": {},
+        "failed": {"http_503": 2, "timeout": 1},
+        "failed_example": {
+            "http_503": "http_503: overloaded (request id 2)",
+            "timeout": "timeout: http://x/v1 did not answer in time",
+        },
+    }
 
 
 def test_a_deleted_shard_leaves_a_gap_not_a_clash_and_home_paths_resolve(
