@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import re
 import shutil
 import subprocess
@@ -30,13 +31,23 @@ TARGETS = ["base", "overlays/dev-cpu", "overlays/gpu-h100"]
 Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
+MIN_KUBECTL_MINOR = 21  # its built-in kustomize v4 reads `resources: [../../base]` and `patches`
+
+
+@functools.cache
 def kubectl() -> str | None:
-    """kubectl, when installed and its built-in kustomize answers."""
+    """kubectl, when installed and recent enough to render the overlays (Debian 12's
+    kubernetes-client is 1.20, whose kustomize v2 cannot)."""
     exe = shutil.which("kubectl")
     if exe is None:
         return None
-    probe = subprocess.run([exe, "kustomize", "--help"], capture_output=True, text=True)
-    return exe if probe.returncode == 0 else None
+    probe = subprocess.run(
+        [exe, "version", "--client", "-o", "json"], capture_output=True, text=True, timeout=60
+    )
+    if probe.returncode != 0:
+        return None
+    minor = re.match(r"\d+", json.loads(probe.stdout)["clientVersion"]["minor"])
+    return exe if minor and int(minor.group()) >= MIN_KUBECTL_MINOR else None
 
 
 @functools.cache
@@ -51,7 +62,9 @@ def render(target: str) -> tuple[dict[str, Any], ...]:
             raise AssertionError(f"kubectl kustomize k8s/{target} failed:\n{out.stderr}")
         return tuple(d for d in yaml.load_all(out.stdout, Loader=Loader) if d)
     if target != "base":
-        raise LookupError("kubectl is not installed: overlays cannot be rendered")
+        raise LookupError(
+            f"kubectl >= 1.{MIN_KUBECTL_MINOR} is not installed: overlays cannot be rendered"
+        )
     kustomization = load_yaml(K8S / "base" / "kustomization.yaml")
     docs: list[dict[str, Any]] = []
     for name in kustomization["resources"]:
