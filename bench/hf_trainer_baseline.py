@@ -8,9 +8,9 @@ packed Parquet rows with the same micro-batch, and prints the median step time a
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import statistics
-import sys
 import tempfile
 import time
 
@@ -51,7 +51,13 @@ class StepTimer(TrainerCallback):
 
 
 def main() -> None:
-    data, steps, batch, warmup = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("data", metavar="DATA_DIR", help="a prepared run's data directory")
+    parser.add_argument("steps", type=int, metavar="STEPS", help="optimizer steps to run")
+    parser.add_argument("batch", type=int, metavar="BATCH", help="packed rows per step")
+    parser.add_argument("warmup", type=int, metavar="WARMUP", help="first steps left out")
+    a = parser.parse_args()
+    data, steps, batch, warmup = a.data, a.steps, a.batch, a.warmup
     torch.manual_seed(0)
     config = build_model_config(Config().model, load_run_tokenizer(data))
     config.use_cache = False  # as in soulray's forward: packed rows get per-sequence masks

@@ -477,8 +477,8 @@ def submit(
     address: Annotated[
         str | None,
         typer.Option(
-            help="Ray dashboard URL, e.g. http://HEAD:8265 (default: $RAY_ADDRESS or "
-            "$RAY_API_SERVER_ADDRESS)."
+            help="Ray dashboard URL, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS, "
+            "else $RAY_ADDRESS, else a cluster started on this machine)."
         ),
     ] = None,
     wait: Annotated[bool, typer.Option(help="Follow the logs until the job ends.")] = True,

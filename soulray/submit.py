@@ -15,11 +15,13 @@ equivalent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
 import shlex
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,7 @@ EXCLUDES = [
     ".devwhl",
     ".whl",
 ]
+ADDRESS_VARS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # in the order Ray's client reads them
 # every verb of soulray.cli but submit itself and chat (interactive: a job has no terminal)
 VERBS = ("prepare", "train", "serve", "pipeline", "quickstart", "synth", "eval", "report")
 
@@ -156,9 +159,11 @@ def submit_job(
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    where = address or os.environ.get("RAY_ADDRESS") or "the default address"
+    env = [os.environ[v] for v in ADDRESS_VARS if os.environ.get(v)]
+    where = address or (env[0] if env else "the default address")
     try:
-        client = JobSubmissionClient(address)
+        with flag_address_wins(address):
+            client = JobSubmissionClient(address)
         verb = command[1] if command[:1] == ["soulray"] and len(command) > 1 else command[0]
         job_id = client.submit_job(
             entrypoint=entrypoint,
@@ -188,6 +193,17 @@ def submit_job(
     if wait:
         asyncio.run(follow_logs(client, job_id))
     return job_id, client.get_job_status(job_id).value
+
+
+@contextlib.contextmanager
+def flag_address_wins(address: str | None) -> Iterator[None]:
+    """Ray's client lets $RAY_API_SERVER_ADDRESS, then $RAY_ADDRESS, override its argument (as
+    ray.init does); an --address typed on the command line wins here, as flags do."""
+    saved = {v: os.environ.pop(v) for v in ADDRESS_VARS if address and v in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 async def follow_logs(client: Any, job_id: str) -> None:

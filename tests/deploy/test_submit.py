@@ -54,6 +54,28 @@ def test_submit_to_an_address_with_no_cluster_says_how_to_start_one() -> None:
     result = CliRunner().invoke(app, ["submit", "--address", address, "--", "soulray", "train"])
     assert result.exit_code == 1
     assert f"error: cannot reach a Ray cluster's job API at {address}" in result.output
+
+
+def test_the_address_flag_wins_over_the_environment(monkeypatch) -> None:
+    """Ray's client would take $RAY_API_SERVER_ADDRESS over its argument (README's
+    `source cluster/.local/env` exports it): the flag typed wins, and the error names it."""
+    from typer.testing import CliRunner
+
+    from soulray.cli import app
+
+    typed, exported = (f"http://127.0.0.1:{free_port()}" for _ in range(2))
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", exported)
+    monkeypatch.setenv("RAY_ADDRESS", exported)
+    result = CliRunner().invoke(app, ["submit", "--address", typed, "--", "soulray", "train"])
+    assert result.exit_code == 1
+    reason = f"(Failed to connect to Ray at address: {typed})"
+    assert f"cannot reach a Ray cluster's job API at {typed} {reason}" in result.output
+    assert exported not in result.output
+    assert os.environ["RAY_API_SERVER_ADDRESS"] == exported  # restored
+    result = CliRunner().invoke(app, ["submit", "--", "soulray", "train"])
+    assert (
+        f"job API at {exported} (Failed to connect to Ray at address: {exported})" in result.output
+    )
     assert "`ray start --head`, or cluster/local.sh up" in result.output
 
 
