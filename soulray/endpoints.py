@@ -154,6 +154,20 @@ def build_client(
     return EndpointClient(cfg, client, backoff_s, semaphore)
 
 
+def build_clients(endpoints: dict[str, EndpointConfig]) -> dict[str, EndpointClient]:
+    """One client per name; names on one server (same base_url: two models or a LoRA adapter on
+    one vLLM, synth's three roles on one backend) share one bound, their smallest concurrency."""
+    limits: dict[str, int] = {}
+    for ep in endpoints.values():
+        limits[ep.base_url] = min(limits.get(ep.base_url, ep.concurrency), ep.concurrency)
+    bounds = {url: asyncio.Semaphore(n) for url, n in limits.items()}
+    return {name: build_client(ep, semaphore=bounds[ep.base_url]) for name, ep in endpoints.items()}
+
+
+async def close_all(clients: Iterable[EndpointClient]) -> None:
+    await asyncio.gather(*(c.aclose() for c in clients))
+
+
 def api_key(cfg: EndpointConfig) -> str:
     """The endpoint's key from its environment variable; a missing one is a user error."""
     if cfg.api_key_env is None:

@@ -8,7 +8,14 @@ import pytest
 from scripted_openai import Reply, ScriptedOpenAI
 from soulray_testing import free_port
 
-from soulray.endpoints import ChatResult, EndpointConfig, EndpointError, build_client
+from soulray.endpoints import (
+    ChatResult,
+    EndpointConfig,
+    EndpointError,
+    build_client,
+    build_clients,
+    close_all,
+)
 
 HELLO = [{"role": "user", "content": "hello there"}]
 
@@ -91,6 +98,25 @@ def test_concurrency_is_bounded_per_endpoint() -> None:
         results = asyncio.run(go())
     assert [r.text for r in results] == ["x"] * 9
     assert server.peak_in_flight == 3
+
+
+def test_names_on_one_server_share_its_smallest_bound_whatever_their_order() -> None:
+    """synth's roles and eval's models on one base_url: the lowest concurrency holds for all
+    of them together (synth used to keep the first role's, ignoring a lower one after it)."""
+    with ScriptedOpenAI(lambda body: Reply("x", delay_s=0.1)) as server:
+        seeker = EndpointConfig(base_url=server.url, model="m", concurrency=8)
+        counselor = EndpointConfig(base_url=server.url, model="m", concurrency=2)
+
+        async def go():
+            clients = build_clients({"seeker": seeker, "counselor": counselor})
+            chats = [c.chat(HELLO) for c in clients.values() for _ in range(4)]
+            results = await asyncio.gather(*chats)
+            await close_all(clients.values())
+            return results
+
+        results = asyncio.run(go())
+    assert [r.text for r in results] == ["x"] * 8
+    assert server.peak_in_flight == 2
 
 
 def test_missing_key_env_is_refused_by_name(monkeypatch) -> None:

@@ -19,10 +19,11 @@ from typing import Any
 from soulray import storage
 from soulray.config import Config, config_to_yaml
 from soulray.endpoints import (
-    EndpointClient,
     EndpointConfig,
     api_key,
     build_client,
+    build_clients,
+    close_all,
     endpoint_keys,
     use_keys,
 )
@@ -45,21 +46,6 @@ def warm_up() -> None:
     import soulray.eval.modes  # noqa: F401
 
 
-def build_clients(endpoints: dict[str, EndpointConfig]) -> dict[str, EndpointClient]:
-    """One client per name; names on one server (same base_url: two models or a LoRA adapter on
-    one vLLM, the judge also playing the Seeker) share one bound, their smallest concurrency."""
-    limits: dict[str, int] = {}
-    for ep in endpoints.values():
-        limits[ep.base_url] = min(limits.get(ep.base_url, ep.concurrency), ep.concurrency)
-    bounds = {url: asyncio.Semaphore(n) for url, n in limits.items()}
-    return {name: build_client(ep, semaphore=bounds[ep.base_url]) for name, ep in endpoints.items()}
-
-
-async def close_all(clients: dict[str, EndpointClient]) -> None:
-    for client in clients.values():
-        await client.aclose()
-
-
 def generate_task(
     endpoints: dict[str, EndpointConfig], contexts: list[Context]
 ) -> dict[str, list[dict]]:
@@ -72,7 +58,7 @@ def generate_task(
             done = await asyncio.gather(*(generate(c, m, contexts) for m, c in clients.items()))
             return dict(zip(clients, done, strict=True))
         finally:
-            await close_all(clients)
+            await close_all(clients.values())
 
     return asyncio.run(main())
 
@@ -132,7 +118,7 @@ def interactive_task(
                 seeker, models, judge, rubric, cfg.judge.retries, scenarios, ic.turns
             )
         finally:
-            await close_all(clients)
+            await close_all(clients.values())
 
     return asyncio.run(main())
 

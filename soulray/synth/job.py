@@ -17,7 +17,14 @@ import time
 from typing import Any
 
 from soulray.config import Config, config_to_yaml
-from soulray.endpoints import EndpointError, api_key, build_client, endpoint_keys, use_keys
+from soulray.endpoints import (
+    EndpointError,
+    api_key,
+    build_clients,
+    close_all,
+    endpoint_keys,
+    use_keys,
+)
 from soulray.synth.config import SynthConfig
 from soulray.synth.near_dupes import NearDuplicateIndex
 from soulray.synth.output import OutputStore, StoredState
@@ -69,13 +76,10 @@ def check_cast(sc: SynthConfig) -> None:
 
 
 def build_cast(sc: SynthConfig) -> Cast:
-    """Clients for the three roles; roles on one base URL share one concurrency bound."""
+    """Clients for the three roles; roles on one base URL share one bound, their smallest
+    concurrency."""
     prompts, taxonomy = load_prompts(sc.prompts_file), load_taxonomy(sc.taxonomy_file)
-    bounds: dict[str, asyncio.Semaphore] = {}
-    clients = {}
-    for role, endpoint in sc.roles.resolved.items():
-        bound = bounds.setdefault(endpoint.base_url, asyncio.Semaphore(endpoint.concurrency))
-        clients[role] = build_client(endpoint, semaphore=bound)
+    clients = build_clients(sc.roles.resolved)
     return Cast(
         Seeker(clients["seeker"], prompts),
         Counselor(clients["counselor"], prompts, taxonomy, sc.loop.counselor_retries),
@@ -121,10 +125,6 @@ class SynthWorker:
         row |= {"completion_tokens": dialogue.completion_tokens}
         row["elapsed_s"] = time.perf_counter() - start
         return row
-
-
-async def close_all(clients: list[Any]) -> None:
-    await asyncio.gather(*(c.aclose() for c in clients))
 
 
 def result_row(
