@@ -147,8 +147,9 @@ def print_prepare_summary(m: dict[str, Any], cfg: Config) -> None:
         f"{m['tokens']} tokens ({m['target_tokens']} targets) in {m['rows']} rows of "
         f"{m['seq_len']}, packing efficiency {m['packing_efficiency']:.2%}"
         + (
-            f"; {m['truncated_turns']} messages longer than seq_len were cut to fit"
-            if m.get("truncated_turns")
+            f"; {m['replies_without_room']} replies not trained (no room beside what they "
+            "answer: raise data.seq_len)"
+            if m.get("replies_without_room")
             else ""
         )
         + "\n"

@@ -164,11 +164,15 @@ class RenderPacker:
             except TemplateError as e:  # e.g. "roles must alternate": this record, not the job
                 reject(i, "template_error", f"the model's chat template refused it: {e}")
         rendered = tokenize_layouts(self.tokenizer, layouts)
+        without_prompt = 0
         for i, r in zip(kept, rendered, strict=True):
             try:
-                seqs += split_windows(r, self.cfg.seq_len)
+                windows, untrained = split_windows(r, self.cfg.seq_len)
             except RecordError as e:  # rejected like a bad record, not a failed job
                 reject(i, e.reason, e.detail)
+                continue
+            seqs += windows
+            without_prompt += untrained
         packed = self.cfg.mode == "packed"
         rows = build_rows(seqs, self.cfg.seq_len, self.tokenizer.pad_token_id, packed)
         name = f"part-{part.column('hash')[0].as_py()[:16]}"
@@ -178,7 +182,7 @@ class RenderPacker:
         written = part.num_rows - len(rejects)
         return (
             {"split": split, "conversations": written, "rows": table.num_rows}
-            | {"truncated_turns": sum(seq.truncated for seq in seqs)}
+            | {"replies_without_room": without_prompt}
             | sums
             | {"files": files, "rejects": json.dumps(rejects, ensure_ascii=False)}
         )
@@ -304,7 +308,13 @@ def check_template(tokenizer: Any, system_prompt: str | None = None) -> None:
 
 def split_stats(shards: list[dict[str, Any]], seq_len: int) -> dict[str, dict[str, Any]]:
     """Sum the per-shard stats the render actors returned, per split."""
-    keys = ["conversations", "rows", "files", "truncated_turns", *SCALAR_COLUMNS]
+    keys = [
+        "conversations",
+        "rows",
+        "files",
+        "replies_without_room",
+        *SCALAR_COLUMNS,
+    ]
     stats: dict[str, dict[str, Any]] = {name: dict.fromkeys(keys, 0) for name in ("train", "val")}
     for shard in shards:
         for key in keys:
@@ -417,13 +427,13 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     write_rejects(work, rejects_path, render_rejects)
     storage.delete_dir(work)
     stats = split_stats(shards, d.seq_len)
-    truncated = sum(s["truncated_turns"] for s in stats.values())
-    if truncated:
+    without_room = sum(s["replies_without_room"] for s in stats.values())
+    if without_room:
         log.warning(
-            "warning: %d message(s) were longer than data.seq_len=%d on their own and were cut "
-            "to fit (an assistant reply cut so never shows where it ends); raise data.seq_len "
-            "to keep them whole",
-            truncated,
+            "warning: %d assistant repl(ies) were not trained: with the message before them "
+            "they do not fit in data.seq_len=%d (a reply is never trained without what it "
+            "answers); raise data.seq_len to train them (replies_without_room in the manifest)",
+            without_room,
             d.seq_len,
         )
     # staged block files -> one file group per partition
@@ -447,12 +457,14 @@ def build_manifest(
     seconds: float,
 ) -> dict[str, Any]:
     total = {
-        k: sum(s[k] for s in stats.values()) for k in [*SCALAR_COLUMNS, "rows", "truncated_turns"]
+        k: sum(s[k] for s in stats.values())
+        for k in [*SCALAR_COLUMNS, "rows", "replies_without_room"]
     }
-    if total["assistant_turns"] != summary.sums["target_turns"]:
+    if total["assistant_turns"] + total["replies_without_room"] != summary.sums["target_turns"]:
         raise AssertionError(
-            f"rendered {total['assistant_turns']} assistant turns but the kept conversations "
-            f"have {summary.sums['target_turns']}: a window lost or repeated a target"
+            f"rendered {total['assistant_turns']} assistant turns (and left "
+            f"{total['replies_without_room']} without room) but the kept conversations have "
+            f"{summary.sums['target_turns']}: a window lost or repeated a target"
         )
     seq_len = cfg.data.seq_len
     return {
@@ -470,9 +482,8 @@ def build_manifest(
         "tokens": total["num_tokens"],
         "target_tokens": total["num_target_tokens"],
         "sequences": total["num_sequences"],
-        # messages longer than seq_len on their own, cut to fit (an assistant one loses its
-        # tail and its end-of-turn marker)
-        "truncated_turns": total["truncated_turns"],
+        # replies not trained: they do not fit in seq_len beside the message they answer
+        "replies_without_room": total["replies_without_room"],
         "rows": total["rows"],
         "packing_efficiency": round(total["num_tokens"] / max(1, total["rows"] * seq_len), 4),
         "seq_len": seq_len,

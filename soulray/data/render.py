@@ -106,7 +106,6 @@ class Sequence:
     input_ids: list[int]
     labels: list[int]
     assistant_turns: int  # assistant turns first trained in this sequence
-    truncated: int = 0  # 1: a message longer than seq_len alone lost its tail here
 
 
 def template_messages(conv: Conversation, strategy_tags: bool) -> list[dict[str, str]]:
@@ -254,17 +253,20 @@ def _skeleton(tokenizer: Any, roles: tuple[str, ...], cache: dict | None) -> str
     return skeleton
 
 
-def split_windows(r: Rendered, seq_len: int) -> list[Sequence]:
-    """Cut a rendered conversation into sequences of at most seq_len tokens.
+def split_windows(r: Rendered, seq_len: int) -> tuple[list[Sequence], int]:
+    """Cut a rendered conversation into sequences of at most seq_len tokens; returns them and
+    the number of replies left untrained because they do not fit beside the message before.
 
     Each window is the system prefix plus a run of whole messages ending on an assistant turn.
     A window starts as early as its first new target allows and then extends forward; assistant
     turns already trained in an earlier window are context only (labels -100) in later ones.
-    A single message that cannot fit even alone is truncated (its tail is lost).
+    A reply is only trained with the message that prompted it (a target always has one: only
+    replies after a user turn are targets): one that cannot fit beside it (either is too long)
+    is not trained, and counted. No window is ever cut.
     """
     n = len(r.input_ids)
     if n <= seq_len:
-        return [Sequence(r.input_ids, r.labels, len(r.targets))]
+        return [Sequence(r.input_ids, r.labels, len(r.targets))], 0
     starts = [max(s, r.prefix) for s in r.starts]  # message i spans [starts[i], bounds[i])
     first = next((i for i, b in enumerate(r.bounds) if b > r.prefix), len(r.bounds))
     budget = seq_len - r.prefix
@@ -276,11 +278,16 @@ def split_windows(r: Rendered, seq_len: int) -> list[Sequence]:
         )
     out: list[Sequence] = []
     pending = list(r.targets)
+    without_prompt = 0
     while pending:
         target = pending[0]
         lo = target
         while lo > first and r.bounds[target] - starts[lo - 1] <= budget:
             lo -= 1
+        if lo == target > first:  # the message before does not fit beside it
+            pending.pop(0)
+            without_prompt += 1
+            continue
         hi = target
         for j in pending[1:]:
             if r.bounds[j] - starts[lo] > budget:
@@ -289,7 +296,7 @@ def split_windows(r: Rendered, seq_len: int) -> list[Sequence]:
         trained = [j for j in pending if j <= hi]
         pending = pending[len(trained) :]
         out.append(_window(r, starts, lo, hi, trained, seq_len))
-    return out
+    return out, without_prompt
 
 
 def _window(
@@ -301,4 +308,5 @@ def _window(
     for i in range(lo, hi + 1):  # message i and the line breaks after it, up to the next
         seg = slice(starts[i], starts[i + 1] if i < hi else r.bounds[hi])
         labels += r.labels[seg] if i in trained_set else [IGNORE] * (seg.stop - seg.start)
-    return Sequence(ids[:seq_len], labels[:seq_len], len(trained), int(len(ids) > seq_len))
+    assert len(ids) <= seq_len, (len(ids), seq_len)  # split_windows chose lo..hi to fit
+    return Sequence(ids, labels, len(trained))

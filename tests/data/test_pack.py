@@ -151,7 +151,7 @@ def smile_sequences() -> tuple[list[Sequence], int]:
                 conv, _ = clean_conversation(conv, lookup, "Others")
             except RecordError:
                 continue
-            seqs += split_windows(render_conversation(tokenizer, conv, eot), 2048)
+            seqs += split_windows(render_conversation(tokenizer, conv, eot), 2048)[0]
     return seqs, tokenizer.pad_token_id
 
 

@@ -207,19 +207,19 @@ def test_tokens_equal_a_local_render_of_the_kept_conversations(prepared):
             continue
         seen.add(row["hash"])
         conv = Conversation.from_json(row["conversation"])
-        windows = split_windows(render_conversation(tokenizer, conv, eot, True), SEQ_LEN)
+        windows, untrained = split_windows(render_conversation(tokenizer, conv, eot, True), SEQ_LEN)
         tokens[row["split"]] += sum(len(w.input_ids) for w in windows)
         convs[row["split"]] += 1
-        cut[row["split"]] += sum(w.truncated for w in windows)
+        cut[row["split"]] += untrained
     for split in ("train", "val"):
         assert m["splits"][split]["num_tokens"] == tokens[split]
         assert m["splits"][split]["conversations"] == convs[split]
-        assert m["splits"][split]["truncated_turns"] == cut[split]
+        assert m["splits"][split]["replies_without_room"] == cut[split]
         for t in read_split(out, split):
             for labels in t.column("labels").to_pylist():
                 text = tokenizer.decode([x for x in labels if x != IGNORE])
                 tag_counts.update({tag: text.count(tag) for tag in ("[Question] ", "[Others] ")})
-    assert m["truncated_turns"] == sum(cut.values()) == 0  # at seq_len 1536 none is that long
+    assert m["replies_without_room"] == sum(cut.values()) == 0  # at seq_len 1536, none
     # independent: FailedESConv targets whose first label maps to Question: 389, plus the
     # extra ShareGPT record's "Questions"; Others (Other + Direct Guidance): 324
     assert tag_counts == {"[Question] ": 390, "[Others] ": 324}
@@ -286,3 +286,42 @@ def test_a_system_prompt_longer_than_seq_len_is_rejected_not_fatal(ray_local, tm
     assert reject["location"].endswith("psydtcorpus_readme_example.json")
     assert "data.seq_len=512" in reject["detail"]
     assert Conversation.from_json(reject["record"]).messages[0].role == "system"
+
+
+def test_a_reply_to_a_message_too_long_to_fit_beside_it_is_counted_not_trained(
+    ray_local, tmp_path, caplog
+):
+    """The reply is not trained alone, without what it answers (it used to be, silently): it
+    is counted in the manifest, warned about, and the rest of the conversation still trains."""
+    long_turn = {"role": "user", "content": "I keep going over it in my head. " * 150}
+    messages = [
+        {"role": "user", "content": "Hi, can we talk?"},
+        {"role": "assistant", "content": "Of course. I'm here."},
+        long_turn,
+        {"role": "assistant", "content": "That is a lot to carry."},
+    ]
+    corpus = tmp_path / "long.jsonl"
+    corpus.write_text(json.dumps({"messages": messages}) + "\n")
+    out = tmp_path / "out"
+    cfg = load_config(
+        "jobs/quickstart.yaml",
+        [
+            f"data.inputs={json.dumps([str(corpus), 'jobs/data/sample_en.jsonl'])}",
+            f"data.output_dir={out}",
+            "data.seq_len=512",
+        ],
+    )
+    manifest = run_prepare(cfg)
+    assert manifest["replies_without_room"] == 1
+    trained = sum(s["assistant_turns"] for s in manifest["splits"].values())
+    assert trained == manifest["assistant_turns"] - 1
+    assert "1 assistant repl(ies) were not trained" in caplog.text
+    tokenizer = load_tokenizer(str(out / "tokenizer"))
+    targets = [
+        tokenizer.decode([x for x in labels if x != IGNORE])
+        for split in ("train", "val")
+        for t in read_split(out, split)
+        for labels in t.column("labels").to_pylist()
+    ]
+    assert not any("That is a lot to carry." in text for text in targets)
+    assert any("Of course. I'm here." in text for text in targets)

@@ -197,7 +197,8 @@ def test_leading_assistant_greeting_is_context(tiny):
     r = render_conversation(tiny, conv, eot)
     assert r.targets == [2]
     assert decoded_targets(tiny, [r]) == [f"I'm here with you.{eot}"]
-    windows = split_windows(r, 20)
+    windows, untrained = split_windows(r, 40)  # the user turn and the reply, not the greeting
+    assert untrained == 0
     assert len(windows) == 1 and windows[0].assistant_turns == 1
     assert decoded_targets(tiny, windows) == [f"I'm here with you.{eot}"]
 
@@ -220,9 +221,12 @@ def test_tokenizer_without_template_or_eos_is_refused():
 # Windows -----------------------------------------------------------------------------------
 
 
-def check_windows(r: Rendered, windows: list[Sequence], seq_len: int) -> None:
-    """Brute force: locate each window's messages, then check the documented guarantees."""
+def check_windows(r: Rendered, windows: list[Sequence], seq_len: int) -> list[int]:
+    """Brute force: locate each window's messages, then check the documented guarantees.
+    Returns the targets left untrained: those that do not fit beside the message before."""
     starts = [max(s, r.prefix) for s in r.starts]
+    skipped = [t for t in r.targets if r.prefix + r.bounds[t] - starts[t - 1] > seq_len]
+    expected = [t for t in r.targets if t not in skipped]
     first = next(i for i, b in enumerate(r.bounds) if b > r.prefix)
     pairs = [(lo, hi) for lo in range(first, len(r.bounds)) for hi in range(lo, len(r.bounds))]
     trained_all: list[int] = []
@@ -234,10 +238,11 @@ def check_windows(r: Rendered, windows: list[Sequence], seq_len: int) -> None:
             for lo, hi in pairs
             if r.input_ids[: r.prefix] + r.input_ids[starts[lo] : r.bounds[hi]] == w.input_ids
             and (trained := window_targets(r, w, starts, lo, hi))
-            and trained[0] == r.targets[len(trained_all)]
+            and trained[0] == expected[len(trained_all)]
         ]
         whole = windows == [Sequence(r.input_ids, r.labels, len(r.targets))]  # it fits as is
         assert (trained[-1] == hi or whole) and w.assistant_turns == len(trained)
+        assert lo < trained[0]  # never a reply without the message it answers
         # as much preceding context as fits: the earliest message that still fits
         fits = [
             k
@@ -246,7 +251,8 @@ def check_windows(r: Rendered, windows: list[Sequence], seq_len: int) -> None:
         ]
         assert lo == min(fits)
         trained_all += trained
-    assert trained_all == r.targets  # every target exactly once, in order
+    assert trained_all == expected  # every target that fits exactly once, in order
+    return skipped
 
 
 def window_targets(r: Rendered, w: Sequence, starts: list[int], lo: int, hi: int) -> list[int]:
@@ -279,22 +285,41 @@ def load_real(relative: str, limit: int) -> list[Conversation]:
     ("relative", "limit", "seq_lens", "n_windows"),
     [
         # PsyDT: a 405-token system prompt then 30 short turns (1,248 tokens in all)
-        ("soulchat/psydtcorpus_readme_example.json", 1, (450, 600, 1024, 2048), [15, 13, 6, 1]),
-        ("soulchat/soulchatcorpus_card_example.json", 1, (64, 128, 256, 512), [6, 5, 3, 1]),
-        ("esconv/FailedESConv.json", 40, (128, 256, 512), [324, 241, 111]),  # 382 targets
+        # at 450 no reply fits beside its prompt after the system prompt: none is trained (each
+        # used to be trained alone, with no prompt)
+        (
+            "soulchat/psydtcorpus_readme_example.json",
+            1,
+            (450, 600, 1024, 2048),
+            [(0, 15), (13, 0), (6, 0), (1, 0)],
+        ),
+        (
+            "soulchat/soulchatcorpus_card_example.json",
+            1,
+            (64, 128, 256, 512),
+            [(6, 0), (5, 0), (3, 0), (1, 0)],
+        ),
+        ("esconv/FailedESConv.json", 40, (128, 256, 512), [(318, 8), (241, 0), (111, 0)]),
     ],
 )  # the window counts are observed; check_windows is what proves each window right
 def test_windows_on_real_conversations(relative, limit, seq_lens, n_windows, deepseek):
     eot = find_end_of_turn(deepseek)
     for seq_len, expected in zip(seq_lens, n_windows, strict=True):
-        count = 0
+        count = without_room = 0
         for conv in load_real(relative, limit):
             r = render_conversation(deepseek, conv, eot, strategy_tags=True)
-            windows = split_windows(r, seq_len)
-            check_windows(r, windows, seq_len)
-            assert decoded_targets(deepseek, windows) == expected_targets(conv, eot, tags=True)
+            windows, untrained = split_windows(r, seq_len)
+            skipped = check_windows(r, windows, seq_len)
+            assert untrained == len(skipped)
+            kept = [
+                t
+                for t, i in zip(expected_targets(conv, eot, tags=True), r.targets, strict=True)
+                if i not in skipped
+            ]
+            assert decoded_targets(deepseek, windows) == kept
             count += len(windows)
-        assert count == expected, seq_len
+            without_room += untrained
+        assert (count, without_room) == expected, seq_len
 
 
 def test_windows_without_system_repeat_the_bos(deepseek):
@@ -302,40 +327,43 @@ def test_windows_without_system_repeat_the_bos(deepseek):
     conv = Conversation("n", "t", None, CHAT.messages[1:] * 3)
     r = render_conversation(deepseek, conv, eot)
     assert r.prefix == 1 and r.input_ids[0] == deepseek.bos_token_id
-    windows = split_windows(r, 30)
-    check_windows(r, windows, 30)
+    windows, _ = split_windows(r, 30)
+    assert check_windows(r, windows, 30) == []
     assert len(windows) == 6
     assert all(w.input_ids[0] == deepseek.bos_token_id for w in windows)
 
 
 def test_short_conversation_is_one_sequence(tiny):
     r = render_conversation(tiny, CHAT, find_end_of_turn(tiny))
-    (only,) = split_windows(r, len(r.input_ids))
+    (only,), _ = split_windows(r, len(r.input_ids))
     assert (only.input_ids, only.labels, only.assistant_turns) == (r.input_ids, r.labels, 2)
 
 
-def test_message_longer_than_seq_len_is_truncated(deepseek):
+def test_a_reply_without_room_beside_its_prompt_is_counted_not_trained(deepseek):
+    """A long reply, or a reply to a long message, cannot fit with what it answers: it is not
+    trained (it used to be trained alone, or cut, with no prompt before it), and counted."""
     eot = find_end_of_turn(deepseek)
-    long_reply = " ".join(["I hear how much this weighs on you."] * 20)
+    long_text = " ".join(["I hear how much this weighs on you."] * 20)
     conv = Conversation(
         "l",
         "t",
         None,
         [
             Message("user", "Hi."),
-            Message("assistant", long_reply),
+            Message("assistant", long_text),  # too long to fit at all
+            Message("user", long_text),  # fits alone, not with the reply after it
+            Message("assistant", "Thank you for telling me."),
             Message("user", "Ok."),
             Message("assistant", "Good."),
         ],
     )
     r = render_conversation(deepseek, conv, eot)
-    first, second = split_windows(r, 64)
-    assert len(first.input_ids) == 64 and first.assistant_turns == 1
-    assert deepseek.decode(label_spans(first.labels)[0]).startswith("I hear how much")
-    assert eot not in deepseek.decode(first.input_ids)  # the tail (and its eos) is lost
-    assert (first.truncated, second.truncated) == (1, 0)  # counted: manifest truncated_turns
-    assert second.assistant_turns == 1
-    assert decoded_targets(deepseek, [second]) == [f"Good.{eot}"]
+    windows, untrained = split_windows(r, 190)
+    assert untrained == 2 and check_windows(r, windows, 190) == [1, 3]
+    (only,) = windows
+    assert decoded_targets(deepseek, windows) == [f"Good.{eot}"]
+    text = deepseek.decode(only.input_ids)
+    assert "Thank you for telling me." in text and "weighs" not in text  # context that fits
 
 
 def test_windows_open_on_a_message_not_a_line_break(tiny):
@@ -344,7 +372,7 @@ def test_windows_open_on_a_message_not_a_line_break(tiny):
     no_system = Conversation("chat", "test", None, CHAT.messages[1:])
     r = render_conversation(tiny, no_system, find_end_of_turn(tiny))
     assert (r.bounds, r.starts, r.prefix) == ([10, 30, 40, 56], [0, 11, 31, 41], 0)
-    windows = split_windows(r, 30)
+    windows, _ = split_windows(r, 30)
     assert [tiny.decode(w.input_ids) for w in windows] == [
         "<|im_start|>user\nI feel alone.<|im_end|>\n"
         "<|im_start|>assistant\nI'm here with you.<|im_end|>",
@@ -352,7 +380,7 @@ def test_windows_open_on_a_message_not_a_line_break(tiny):
     ]
     assert decoded_targets(tiny, windows) == ["I'm here with you.<|im_end|>", "Any time.<|im_end|>"]
     check_windows(r, windows, 30)
-    with_system = split_windows(render_conversation(tiny, CHAT, find_end_of_turn(tiny)), 40)
+    with_system, _ = split_windows(render_conversation(tiny, CHAT, find_end_of_turn(tiny)), 45)
     assert tiny.decode(with_system[1].input_ids).startswith(
         "<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nThanks."
     )
