@@ -121,13 +121,17 @@ def _listed(file: str, rel: str, suffixes: tuple[str, ...]) -> bool:
 
 
 def expand_inputs(
-    inputs: list[str], suffixes: tuple[str, ...], key: str = "data.inputs"
+    inputs: list[str],
+    suffixes: tuple[str, ...],
+    key: str = "data.inputs",
+    exclude: str | None = None,
 ) -> list[str]:
     """Files, globs and directories (local or remote) -> the sorted, de-duplicated file list;
-    `key` names the setting they came from in the error for an entry that matches nothing."""
+    `key` names the setting they came from in the error for an entry that matches nothing.
+    Files under `exclude` (prepare's own output inside an input folder) are left out."""
     files: list[str] = []
     for item in inputs:
-        found = _expand_one(item, suffixes)
+        found = _expand_one(item, suffixes, exclude)
         if found == [normalize(item)] and suffixes and not item.lower().endswith(suffixes):
             raise ValueError(  # a file named as is, of a kind soulray would misread
                 f"{key} entry {item!r} is not a {'/'.join(suffixes)} file; soulray reads only "
@@ -142,12 +146,28 @@ def expand_inputs(
     return files
 
 
-def _expand_one(item: str, suffixes: tuple[str, ...]) -> list[str]:
+def _expand_one(item: str, suffixes: tuple[str, ...], exclude: str | None) -> list[str]:
+    return [f for f in _expand_all(item, suffixes, exclude) if not _under(f, exclude)]
+
+
+def _under(path: str, directory: str | None) -> bool:
+    return directory is not None and path.startswith(normalize(directory).rstrip("/") + "/")
+
+
+def _expand_all(item: str, suffixes: tuple[str, ...], exclude: str | None) -> list[str]:
     if not any(c in item for c in GLOB_CHARS):
         fs, inner = resolve(item)
         kind = fs.get_file_info(inner).type
         if kind == pafs.FileType.Directory:
             files = _all_files(item)  # one listing for what is read and what is not
+            own = [f for f, _ in files if _under(f, exclude)]
+            if own:
+                log.warning(
+                    "skipping %d file(s) under data.output_dir %s (prepare's own output)",
+                    len(own),
+                    exclude,
+                )
+                files = [(f, rel) for f, rel in files if not _under(f, exclude)]
             found = sorted(f for f, rel in files if _listed(f, rel, suffixes))
             skipped = sorted(rel for f, rel in files if _worth_naming(f, rel, suffixes))
             if skipped:

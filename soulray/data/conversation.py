@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from soulray.config import StrategyConfig
+from soulray.config import DEFAULT_STRATEGY_ALIASES, StrategyConfig
 
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
@@ -147,13 +147,19 @@ def build_strategy_lookup(cfg: StrategyConfig) -> dict[str, str]:
     lookup = {name.lower(): name for name in cfg.taxonomy}
     for alias, target in cfg.aliases.items():
         if target not in cfg.taxonomy:
+            if DEFAULT_STRATEGY_ALIASES.get(alias) == target:
+                continue  # a built-in ESConv spelling, for a taxonomy without its strategy
             raise ValueError(
                 f"strategy alias {alias!r} points to {target!r}, which is not in "
-                f"data.strategies.taxonomy; add it there or fix the alias"
+                f"data.strategies.taxonomy {cfg.taxonomy}; add it there or fix the alias "
+                "in data.strategies.aliases"
             )
         lookup[alias.lower()] = target
     if cfg.fallback not in cfg.taxonomy:
-        raise ValueError(f"data.strategies.fallback {cfg.fallback!r} is not in the taxonomy")
+        raise ValueError(
+            f"data.strategies.fallback {cfg.fallback!r} is not in data.strategies.taxonomy "
+            f"{cfg.taxonomy}; set data.strategies.fallback to the one unknown names become"
+        )
     return lookup
 
 

@@ -10,6 +10,7 @@ bounded by a range's size times the number of tasks, whatever the corpus size.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 from collections import Counter
@@ -40,11 +41,15 @@ class ParseSettings:
     fallback: str
     system_prompt: str | None
     val_fraction: float
+    seed: int = 0  # data.seed
 
 
-def split_of(split_hash: str, val_fraction: float) -> str:
+def split_of(split_hash: str, val_fraction: float, seed: int = 0) -> str:
     """Stable train/val assignment from the conversation's split hash (its opening's, see
-    Conversation.content_hashes: never per turn, and one side for dialogues that branch)."""
+    Conversation.content_hashes: never per turn, and one side for dialogues that branch).
+    Another seed draws another split; seed 0 is the hash as it is."""
+    if seed:
+        split_hash = hashlib.blake2b(f"{seed}:{split_hash}".encode(), digest_size=4).hexdigest()
     return "val" if int(split_hash[:8], 16) / 0x1_0000_0000 < val_fraction else "train"
 
 
@@ -71,7 +76,7 @@ def normalize_record(raw: RawRecord, s: ParseSettings) -> dict[str, Any]:
         "conversation": conv.to_json(),
         "hash": digest,
         "prefixes": prefixes,
-        "split": split_of(opening, s.val_fraction),
+        "split": split_of(opening, s.val_fraction, s.seed),
         "turns": len(conv.messages),
         "target_turns": count_target_turns(conv.messages),
         "merged_turns": stats.merged_turns,

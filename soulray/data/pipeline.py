@@ -21,6 +21,7 @@ import os
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -324,6 +325,39 @@ def split_stats(shards: list[dict[str, Any]], seq_len: int) -> dict[str, dict[st
     return stats
 
 
+def check_local_model_path(cfg: Config) -> None:
+    """A model path that is not there, refused before any parsing (it used to fail after the
+    whole corpus was read, as transformers' 'Repo id must be in the form ...')."""
+    path = cfg.model.tokenizer_path
+    key = "model.tokenizer" if cfg.model.tokenizer else "model.name_or_path"
+    if path is None or not path.startswith(("/", "./", "../", "~")):
+        return  # the tiny model, or a hub id
+    if not Path(path).expanduser().exists():
+        raise ValueError(
+            f"{key} {path!r} does not exist; set it to a local Hugging Face model directory "
+            "(or a hub id such as Qwen/Qwen2.5-7B-Instruct where the hub can be reached)"
+        )
+
+
+def check_splits(kept_by_split: dict[str, int], val_fraction: float) -> None:
+    """An empty train split is refused (nothing to train on); an empty val split is warned
+    about (training then reports no validation loss)."""
+    train, val = kept_by_split["train"], kept_by_split["val"]
+    if train == 0:
+        raise ValueError(
+            f"the train split is empty: data.val_fraction={val_fraction} sent all {val} "
+            "conversations to val; lower data.val_fraction"
+        )
+    if val == 0 and val_fraction > 0:
+        log.warning(
+            "warning: the val split is empty (data.val_fraction=%s of %d conversations drew "
+            "none): training will report no validation loss; raise data.val_fraction or add "
+            "conversations",
+            val_fraction,
+            train,
+        )
+
+
 def run_prepare(cfg: Config) -> dict[str, Any]:
     """Run the whole prepare job on the current Ray cluster; return the manifest."""
     import ray.data
@@ -334,7 +368,8 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     out = storage.normalize(d.output_dir)
     if not d.inputs:
         raise ValueError("data.inputs is empty; set it, e.g. data.inputs='[corpus/*.jsonl]'")
-    files = storage.expand_inputs(d.inputs, FILE_SUFFIXES)
+    check_local_model_path(cfg)
+    files = storage.expand_inputs(d.inputs, FILE_SUFFIXES, exclude=out)
     log.info("reading %d file(s) into %s", len(files), out)
     settings = ParseSettings(
         format=d.format,
@@ -342,9 +377,15 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
         fallback=d.strategies.fallback,
         system_prompt=d.system_prompt,
         val_fraction=d.val_fraction,
+        seed=d.seed,
     )
     work = storage.join(out, "_work")  # parsed rows and decisions, deleted at the end
     created = not storage.exists(out)
+    # the manifest marks a finished prepare: an earlier one's goes now, so that this run, if it
+    # fails, leaves no output that `soulray train` would take for data prepared by this config
+    manifest_path = storage.join(out, "manifest.json")
+    if storage.exists(manifest_path):
+        storage.delete_file(manifest_path)
     storage.delete_dir(work)
     storage.makedirs(storage.join(work, "parsed"))
     with ThreadPoolExecutor(1) as pool:
@@ -368,6 +409,7 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     if summary.kept == 0:
         write_rejects(work, rejects_path, [])
         raise ValueError(f"no conversation survived cleaning; see {rejects_path} for why")
+    check_splits(summary.kept_by_split, d.val_fraction)
     kept = ray.data.from_items(
         [{"rid": rid} for rid in rids], override_num_blocks=len(rids)
     ).map_batches(

@@ -87,6 +87,7 @@ def read_conversations(
         fallback=data.strategies.fallback,
         system_prompt=data.system_prompt,
         val_fraction=data.val_fraction,
+        seed=data.seed,
     )
     ranges = plan_ranges(files, data.range_bytes)
     items = [{"spec": json.dumps(asdict(r))} for r in ranges]
@@ -131,7 +132,8 @@ def source_files(cfg: ContextsConfig) -> list[str]:
     if cfg.source == "prepared":
         assert cfg.prepared_dir is not None
         data = prepared_data_config(cfg.prepared_dir)
-        return storage.expand_inputs(data.inputs, FILE_SUFFIXES, PREPARED_INPUTS)
+        # as prepare read them: its own output, if inside an input folder, is not corpus
+        return storage.expand_inputs(data.inputs, FILE_SUFFIXES, PREPARED_INPUTS, data.output_dir)
     return storage.expand_inputs(cfg.inputs, FILE_SUFFIXES, "eval.contexts.inputs")
 
 

@@ -154,8 +154,18 @@ def test_alias_outside_taxonomy_is_refused():
     bad = StrategyConfig(aliases={"Nudge": "Nudging"})
     with pytest.raises(ValueError, match="'Nudging', which is not in data.strategies.taxonomy"):
         build_strategy_lookup(bad)
-    with pytest.raises(ValueError, match="fallback 'Misc' is not in the taxonomy"):
+    with pytest.raises(ValueError, match="fallback 'Misc' is not in data.strategies.taxonomy"):
         build_strategy_lookup(StrategyConfig(fallback="Misc"))
+
+
+def test_a_custom_taxonomy_needs_no_emptying_of_the_built_in_aliases():
+    """The ESConv spellings built in (Questions -> Question, ...) are for ESConv's taxonomy:
+    with another one they are left out, not refused (the error named a default the user never
+    wrote); the fallback must still be one of the user's names, and the error says so."""
+    cfg = StrategyConfig(taxonomy=["Empathy", "Advice"], fallback="Empathy")
+    assert build_strategy_lookup(cfg) == {"empathy": "Empathy", "advice": "Advice"}
+    with pytest.raises(ValueError, match="set data.strategies.fallback to the one unknown names"):
+        build_strategy_lookup(StrategyConfig(taxonomy=["Empathy", "Advice"]))
 
 
 def test_custom_taxonomy():

@@ -8,6 +8,7 @@ test_formats.py, summed over the inputs used here.
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -62,6 +63,12 @@ def test_split_fraction_on_a_large_generated_input():
         assert val == expected  # observed
         assert abs(val / 20000 - fraction) < 0.01  # at least 2.8 binomial sd at these fractions
     assert {split_of(c.split_hash(), 0.0) for c in convs} == {"train"}
+    # data.seed draws another split of the same size; seed 0 is the default split
+    default = {c.id for c in convs if split_of(c.split_hash(), 0.1) == "val"}
+    seeded = {c.id for c in convs if split_of(c.split_hash(), 0.1, seed=7) == "val"}
+    assert {c.id for c in convs if split_of(c.split_hash(), 0.1, seed=0) == "val"} == default
+    assert (len(seeded), len(seeded & default)) == (2038, 220)  # observed: independent draws
+    assert abs(len(seeded) - 2000) < 200 and len(seeded & default) < 400  # ~10 % of 10 % shared
 
 
 def test_same_conversation_never_lands_on_both_sides(tmp_path):
@@ -325,3 +332,43 @@ def test_a_reply_to_a_message_too_long_to_fit_beside_it_is_counted_not_trained(
     ]
     assert not any("That is a lot to carry." in text for text in targets)
     assert any("Of course. I'm here." in text for text in targets)
+
+
+def quickstart_config(inputs: list[str], out: Path, *extra: str):
+    return load_config(
+        "jobs/quickstart.yaml",
+        [f"data.inputs={json.dumps(inputs)}", f"data.output_dir={out}", *extra],
+    )
+
+
+def test_an_output_inside_an_input_folder_is_not_read_back_and_a_failed_run_leaves_no_manifest(
+    ray_local, tmp_path, caplog
+):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    shutil.copy("jobs/data/sample_en.jsonl", corpus)
+    out = corpus / "prepared"
+    first = run_prepare(quickstart_config([str(corpus)], out))
+    again = run_prepare(quickstart_config([str(corpus)], out))  # its Parquet is there now
+    assert "skipping 16 file(s) under data.output_dir" in caplog.text  # Parquet, manifest, ...
+    assert "not read" not in caplog.text  # its config.yaml and tokenizer files not named
+    assert (again["records"], again["rejected"]) == (first["records"], {}) == (30, {})
+    # a run that fails leaves no manifest behind: train must not take the older data as its own
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"messages": [{"role": "user", "content": "unterminated\n')
+    with pytest.raises(ValueError, match="no conversation survived cleaning"):
+        run_prepare(quickstart_config([str(broken)], out))
+    assert not (out / "manifest.json").exists()
+
+
+def test_a_missing_model_path_and_an_empty_train_split_are_refused_by_name(ray_local, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="model.name_or_path '/nonexistent/model' does not exist"):
+        run_prepare(
+            quickstart_config(
+                ["jobs/data/sample_en.jsonl"], out, "model.name_or_path=/nonexistent/model"
+            )
+        )
+    assert not out.exists()  # refused before any work
+    with pytest.raises(ValueError, match="the train split is empty: data.val_fraction=0.99 sent"):
+        run_prepare(quickstart_config(["jobs/data/sample_en.jsonl"], out, "data.val_fraction=0.99"))
