@@ -383,9 +383,7 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     created = not storage.exists(out)
     # the manifest marks a finished prepare: an earlier one's goes now, so that this run, if it
     # fails, leaves no output that `soulray train` would take for data prepared by this config
-    manifest_path = storage.join(out, "manifest.json")
-    if storage.exists(manifest_path):
-        storage.delete_file(manifest_path)
+    storage.delete_file(storage.join(out, "manifest.json"))
     storage.delete_dir(work)
     storage.makedirs(storage.join(work, "parsed"))
     with ThreadPoolExecutor(1) as pool:
@@ -462,7 +460,6 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
         else:  # rendering already replaced the old splits: leave no half-written output behind
             for name in ("train", "val", "_work"):
                 storage.delete_dir(storage.join(out, name))
-            storage.delete_file(storage.join(out, "manifest.json"))
             log.warning("--strict: the earlier output in %s was removed (not prepared now)", out)
         first = json.loads(render_rejects[0])
         raise StrictModeError(f"{first['location']}: {first['reason']}: {first['detail']}")
