@@ -29,6 +29,7 @@ REJECT_REASONS = (
     "no_assistant_turn",  # no assistant reply to learn from
     "duplicate",  # same messages as an earlier conversation
     "too_long",  # its system prompt alone does not fit in data.seq_len (found when rendering)
+    "control_token",  # a message holds the tokenizer's special token as text (found rendering)
 )
 
 

@@ -46,6 +46,8 @@ from soulray.data.parse import (
 )
 from soulray.data.partition import PARTITIONS, compact_partitions, write_block_partitions
 from soulray.data.render import (
+    check_control_tokens,
+    control_token_pattern,
     find_end_of_turn,
     layout_conversation,
     render_conversation,
@@ -112,6 +114,7 @@ class RenderPacker:
         os.environ.setdefault("RAYON_NUM_THREADS", "1")
         self.tokenizer = load_tokenizer_from_files(files, trust_code)
         self.eot = find_end_of_turn(self.tokenizer)
+        self.control_tokens = control_token_pattern(self.tokenizer)
         self.skeletons: dict[tuple[str, ...], str] = {}  # the template per role sequence
         self.cfg = cfg
         self.out = out
@@ -158,12 +161,15 @@ class RenderPacker:
         kept, layouts = [], []
         for i, conv in enumerate(convs):
             try:
+                check_control_tokens(conv, self.control_tokens)
                 layouts.append(
                     layout_conversation(self.tokenizer, conv, self.eot, tags, self.skeletons)
                 )
                 kept.append(i)
             except TemplateError as e:  # e.g. "roles must alternate": this record, not the job
                 reject(i, "template_error", f"the model's chat template refused it: {e}")
+            except RecordError as e:
+                reject(i, e.reason, e.detail)
         rendered = tokenize_layouts(self.tokenizer, layouts)
         without_prompt = 0
         for i, r in zip(kept, rendered, strict=True):

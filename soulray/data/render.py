@@ -10,6 +10,7 @@ assistant turn is a target exactly once, with as much preceding context as fits.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -251,6 +252,27 @@ def _skeleton(tokenizer: Any, roles: tuple[str, ...], cache: dict | None) -> str
     if cache is not None:
         cache[roles] = skeleton
     return skeleton
+
+
+def control_token_pattern(tokenizer: Any) -> re.Pattern[str] | None:
+    """The tokenizer's special tokens as one pattern. Written in a message's text, each would be
+    encoded as that token: a forged turn header, or an end of reply in mid-text."""
+    specials = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    if not specials:
+        return None
+    return re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)))
+
+
+def check_control_tokens(conv: Conversation, pattern: re.Pattern[str] | None) -> None:
+    for i, m in enumerate(conv.messages):
+        found = pattern.search(m.content) if pattern is not None else None
+        if found:
+            raise RecordError(
+                "control_token",
+                f"message {i} ({m.role}) holds {found.group()!r}, a special token of the "
+                "tokenizer: as text it would be encoded as that token (a forged turn, or an end "
+                "of reply in mid-text); remove it from the corpus",
+            )
 
 
 def split_windows(r: Rendered, seq_len: int) -> tuple[list[Sequence], int]:

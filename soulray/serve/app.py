@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from soulray.config import AuthConfig, Config, ServeConfig
+from soulray.data.render import control_token_pattern
 from soulray.data.tokenizer import load_tokenizer
 from soulray.safety.screen import build_screen
 from soulray.serve.chat import IngressState, complete, open_stream, prepare
@@ -89,6 +90,7 @@ def build_state(cfg: ServeConfig, model_dir: str, engine: EngineClient) -> Ingre
         engine,
         created,
         screen_thread=thread,
+        control_tokens=control_token_pattern(tokenizer),
     )
 
 

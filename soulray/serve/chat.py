@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -69,6 +70,8 @@ class IngressState:
     # requests (and, in the one-deployment layout, keeps the engine stepping). One thread: the
     # screen's cache is not shared between threads, and one thread is what it is sized for.
     screen_thread: ThreadPoolExecutor | None = None
+    # the tokenizer's special tokens: in a message's text, refused (they would forge turns)
+    control_tokens: re.Pattern[str] | None = None
 
     async def off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
         """fn(*args) on the screen's thread (inline when the screen is off)."""
@@ -99,7 +102,7 @@ def prepare(state: IngressState, req: ChatCompletionRequest, request_id: str) ->
     cfg, info = state.cfg, state.info
     check_params(req, cfg.engine.kind, len(state.tokenizer), cfg.max_choices)
     tags = info.taxonomy if info.strategy_tags else None
-    messages = check_messages(req.messages, cfg, info.system_prompt, tags)
+    messages = check_messages(req.messages, cfg, info.system_prompt, tags, state.control_tokens)
     user_texts = [m["content"] for m in messages if m["role"] == "user"]
     assessment = assess(state.screen, user_texts)
     safety = SafetyInfo.of(assessment)

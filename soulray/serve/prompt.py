@@ -163,10 +163,13 @@ def check_messages(
     cfg: ServeConfig,
     system_prompt: str | None,
     tags: tuple[str, ...] | None = None,
+    control_tokens: re.Pattern[str] | None = None,
 ) -> list[dict[str, str]]:
     """Validate roles and order; return template messages (system prompt first, if any). With
     `tags` (the taxonomy of a model trained with strategy tags), an earlier reply sent back
-    with its `strategy` is rendered "[Strategy] text", as training rendered every reply."""
+    with its `strategy` is rendered "[Strategy] text", as training rendered every reply. A
+    message holding one of `control_tokens` (the tokenizer's special tokens) is refused: the
+    template would write it as that token, so a user could forge a system or assistant turn."""
     if len(messages) > cfg.max_messages:
         raise APIError(
             400, f"too many messages ({len(messages)} > {cfg.max_messages})", param="messages"
@@ -179,6 +182,16 @@ def check_messages(
                 param=f"messages[{i}].content",
             )
     out = [{"role": _role(m.role), "content": m.text()} for m in messages]
+    for i, message in enumerate(out):
+        text = message["content"]
+        found = control_tokens.search(text) if control_tokens is not None else None
+        if found:
+            raise APIError(
+                400,
+                f"messages[{i}].content holds {found.group()!r}, a special token of the model's "
+                "tokenizer, which would be read as a turn marker rather than text; remove it",
+                param=f"messages[{i}].content",
+            )
     for i, m in enumerate(messages):
         if m.strategy is None:
             continue
