@@ -35,6 +35,7 @@ from soulray.data.conversation import (
     count_target_turns,
 )
 from soulray.data.formats import FILE_SUFFIXES
+from soulray.data.manifest import manifest_path, tokenizer_source
 from soulray.data.pack import Rows, build_rows
 from soulray.data.parse import (
     KeptLoader,
@@ -410,7 +411,7 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
         else:  # rendering already replaced the old splits: leave no half-written output behind
             for name in ("train", "val", "_work"):
                 storage.delete_dir(storage.join(out, name))
-            storage.delete_file(storage.join(out, "manifest.json"))
+            storage.delete_file(manifest_path(out))
             log.warning("--strict: the earlier output in %s was removed (not prepared now)", out)
         first = json.loads(render_rejects[0])
         raise StrictModeError(f"{first['location']}: {first['reason']}: {first['detail']}")
@@ -431,9 +432,7 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
         stats[name]["files"] = n_files
     manifest = build_manifest(cfg, files, summary, stats, files_by_name, time.time() - started)
     manifest["stage_seconds"] = {k: round(v, 2) for k, v in stages.items()}
-    storage.write_text(
-        storage.join(out, "manifest.json"), json.dumps(manifest, indent=2, ensure_ascii=False)
-    )
+    storage.write_text(manifest_path(out), json.dumps(manifest, indent=2, ensure_ascii=False))
     storage.write_text(storage.join(out, "config.yaml"), config_to_yaml(cfg))
     return manifest
 
@@ -481,7 +480,7 @@ def build_manifest(
         "strategy_tags": cfg.data.strategy_tags,
         "splits": stats,
         "tokenizer": {
-            "source": cfg.model.tokenizer_path or "trained",
+            "source": tokenizer_source(cfg),
             "hash": tokenizer_hash(tokenizer),
         },
         "config_hash": config_hash(cfg.data),

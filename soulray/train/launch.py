@@ -7,7 +7,6 @@ that crashes is restarted from it up to train.max_failures times.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import shutil
@@ -19,6 +18,7 @@ from pydantic import BaseModel
 
 from soulray import storage
 from soulray.config import Config, TrainConfig
+from soulray.data.manifest import TRAINED_TOKENIZER, read_manifest
 from soulray.train.feed import RankPlan, amplification_warning, plan_reads, rows_per_rank
 
 log = logging.getLogger("soulray.train")
@@ -111,10 +111,9 @@ def check_before_workers(cfg: Config, data_dir: str) -> Config:
 def check_data_shape(cfg: Config, data_dir: str) -> None:
     """data.seq_len and data.mode must be what the data was prepared with: the rows are what
     they are, and the run would record (and resume-check, and size its estimates by) another."""
-    path = storage.join(data_dir, "manifest.json")
-    if not storage.exists(path):
+    manifest = read_manifest(data_dir)
+    if manifest is None:
         return  # not prepare's output: load_run_tokenizer says so
-    manifest = json.loads(storage.read_text(path))
     for key, ours in (("seq_len", cfg.data.seq_len), ("mode", cfg.data.mode)):
         theirs = manifest.get(key)
         if theirs is not None and theirs != ours:
@@ -259,10 +258,10 @@ def check_data_tokenizer(cfg: Config, data_dir: str) -> None:
     """The prepared token ids must be the model's: training reads the tokenizer saved with the
     data but builds the model from model.name_or_path, so data prepared for another model (or
     with the tokenizer trained on the corpus) would train on ids that mean other tokens."""
-    path = storage.join(data_dir, "manifest.json")
-    if not storage.exists(path):
+    manifest = read_manifest(data_dir)
+    if manifest is None:
         return  # not prepare's output: load_run_tokenizer says so
-    source = json.loads(storage.read_text(path)).get("tokenizer", {}).get("source")
+    source = manifest.get("tokenizer", {}).get("source")
     wanted = cfg.model.tokenizer_path
     if source is None or wanted is None or source == wanted:
         return  # no model configured: the tiny model is built for the data's tokenizer
@@ -270,7 +269,7 @@ def check_data_tokenizer(cfg: Config, data_dir: str) -> None:
         f"run `soulray prepare` with this config's model into a new data.output_dir, or set "
         f"train.data_dir to data prepared with {wanted}"
     )
-    if source == "trained":
+    if source == TRAINED_TOKENIZER:
         raise ValueError(
             f"train.data_dir {data_dir} was prepared with a tokenizer trained on the corpus, "
             f"but this run trains {wanted}, whose token ids differ; {fix}"
