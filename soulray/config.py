@@ -29,6 +29,10 @@ from pydantic import (
 from soulray.eval.config import EvalConfig
 from soulray.synth.config import SynthConfig
 
+# The file names of a checkpoint's and an export's records (torch-free, for serving to read):
+CONFIG_FILE = "soulray.yaml"  # the resolved config that wrote it (checkpoint and export)
+METRICS_FILE = "metrics.json"  # the export's final training metrics
+
 ESCONV_STRATEGIES = [
     "Question",
     "Restatement or Paraphrasing",

@@ -30,13 +30,12 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from soulray import storage
-from soulray.config import Config, config_to_yaml
+from soulray.config import CONFIG_FILE, METRICS_FILE, Config, config_to_yaml
 from soulray.data.render import SERVING_RECORD, build_serving_record
 
 log = logging.getLogger("soulray.train")
 
 STATE_FILE = "soulray_state.json"
-CONFIG_FILE = "soulray.yaml"
 
 
 def save_checkpoint(
@@ -143,8 +142,8 @@ def export_model(
         for where in [local, *([os.path.join(local, "adapter")] if cfg.lora.enabled else [])]:
             build_generation_config(tokenizer, record["end_of_turn_ids"]).save_pretrained(where)
             Path(where, SERVING_RECORD).write_text(json.dumps(record, indent=2, ensure_ascii=False))
-            Path(where, "soulray.yaml").write_text(config_to_yaml(cfg))
-        Path(local, "metrics.json").write_text(json.dumps(metrics, indent=2))
+            Path(where, CONFIG_FILE).write_text(config_to_yaml(cfg))
+        Path(local, METRICS_FILE).write_text(json.dumps(metrics, indent=2))
         upload_dir(local, cfg.train.export_dir)
     log.info("exported the model to %s", cfg.train.export_dir)
 

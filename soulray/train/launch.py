@@ -174,12 +174,11 @@ RESUME_RESHAPED = ("train.steps", "train.warmup_steps", "train.min_lr_ratio")
 
 
 def check_resume_config(cfg: Config) -> Config:
-    """Against the config saved beside the run's latest checkpoint (checkpoint.CONFIG_FILE):
+    """Against the config saved beside the run's latest checkpoint (CONFIG_FILE):
     refuse what a resumed run cannot change, and warn of what it keeps from the checkpoint.
     Returns the config with what it keeps set to the checkpoint's values, so the config saved
     with later checkpoints and the export records what trained."""
-    from soulray.config import ConfigError, parse_config
-    from soulray.train.checkpoint import CONFIG_FILE
+    from soulray.config import CONFIG_FILE, ConfigError, parse_config
 
     run = storage.join(cfg.train.storage_path, cfg.train.run_name)
     if not storage.exists(run):
