@@ -426,6 +426,11 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @property
+    def train_data_dir(self) -> str:
+        """The prepared data training reads: train.data_dir, else data.output_dir."""
+        return self.train.data_dir or self.data.output_dir
+
+    @property
     def serve_model_dir(self) -> str:
         """The export the server loads: serve.engine.model_dir, else train.export_dir."""
         return self.serve.engine.model_dir or self.train.export_dir

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -30,12 +31,26 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from soulray import storage
-from soulray.config import CONFIG_FILE, METRICS_FILE, Config, config_to_yaml
+from soulray.config import CONFIG_FILE, METRICS_FILE, Config, TrainConfig, config_to_yaml
 from soulray.data.render import SERVING_RECORD, build_serving_record
 
 log = logging.getLogger("soulray.train")
 
 STATE_FILE = "soulray_state.json"
+# A checkpoint's folder in a run's directory listing (storage.list_files): its step
+CHECKPOINT_RE = re.compile(r"/checkpoint_(\d+)/")
+
+
+def run_dir(t: TrainConfig) -> str:
+    """A run's directory, train.storage_path/train.run_name: where Ray Train (RunConfig name and
+    storage_path) and the torchrun launcher keep its checkpoints and metrics.jsonl."""
+    return storage.join(t.storage_path, t.run_name)
+
+
+def checkpoint_name(step: int) -> str:
+    """The folder of the checkpoint of `step` in the run's directory (zero-padded: sorted by
+    name is sorted by step)."""
+    return f"checkpoint_{step:08d}"
 
 
 def save_checkpoint(

@@ -8,7 +8,6 @@ that crashes is restarted from it up to train.max_failures times.
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -86,7 +85,7 @@ def check_storage(cfg: Config) -> None:
     for key, path in (
         ("train.storage_path", t.storage_path),
         ("train.export_dir", t.export_dir),
-        ("train.data_dir", t.data_dir or cfg.data.output_dir),
+        ("train.data_dir", cfg.train_data_dir),
     ):
         problem = storage_problem(path, hosts, key)
         if problem:
@@ -137,19 +136,17 @@ def check_export_dir(cfg: Config) -> None:
 def check_not_past_steps(cfg: Config) -> None:
     """A rerun with train.steps below what the run has trained is refused before any worker
     starts (a worker would refuse too, once per allowed failure)."""
+    from soulray.train.checkpoint import CHECKPOINT_RE, run_dir
     from soulray.train.loop import past_steps
 
-    run = storage.join(cfg.train.storage_path, cfg.train.run_name)
+    run = run_dir(cfg.train)
     if not storage.exists(run):
         return
     # the step it resumes from: the latest checkpoint's (steps logged after it are retrained)
-    steps = [int(m.group(1)) for f in storage.list_files(run) if (m := CHECKPOINT.search(f))]
+    steps = [int(m.group(1)) for f in storage.list_files(run) if (m := CHECKPOINT_RE.search(f))]
     done = max(steps, default=0)
     if done > cfg.train.steps:
         raise ValueError(past_steps(done, cfg.train.steps))
-
-
-CHECKPOINT = re.compile(r"/checkpoint_(\d+)/")
 
 
 # What a resumed run cannot change: the checkpoint's shapes (model, LoRA), and what its data
@@ -179,8 +176,9 @@ def check_resume_config(cfg: Config) -> Config:
     Returns the config with what it keeps set to the checkpoint's values, so the config saved
     with later checkpoints and the export records what trained."""
     from soulray.config import CONFIG_FILE, ConfigError, parse_config
+    from soulray.train.checkpoint import run_dir
 
-    run = storage.join(cfg.train.storage_path, cfg.train.run_name)
+    run = run_dir(cfg.train)
     if not storage.exists(run):
         return cfg
     saved = sorted(
@@ -213,7 +211,7 @@ def check_resume_config(cfg: Config) -> Config:
             )
 
     def data(c: Config) -> str:
-        return storage.normalize(c.train.data_dir or c.data.output_dir)
+        return storage.normalize(c.train_data_dir)
 
     if data(old) != data(cfg):
         log.warning(
@@ -428,7 +426,7 @@ def resolve_paths(cfg: Config) -> Config:
         update={
             "storage_path": storage.normalize(t.storage_path),
             "export_dir": storage.normalize(t.export_dir),
-            "data_dir": storage.normalize(t.data_dir or cfg.data.output_dir),
+            "data_dir": storage.normalize(cfg.train_data_dir),
         }
     )
     return cfg.model_copy(update={"train": train})
@@ -499,6 +497,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from soulray.train.checkpoint import checkpoint_name, run_dir
     from soulray.train.data import load_run_tokenizer
     from soulray.train.feed import build_source, ray_chunks
     from soulray.train.loop import Runtime, train_loop
@@ -533,7 +532,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             return
         checkpoint = ray.train.Checkpoint.from_directory(ckpt)
         ray.train.report(
-            clean, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{metrics['step']:08d}"
+            clean, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name(metrics["step"])
         )
         shutil.rmtree(ckpt, ignore_errors=True)
 
@@ -548,10 +547,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         device=ray.train.torch.get_device(),
         train_batches=train_batches,
         val_batches=val_batches,
-        tokenizer=load_run_tokenizer(
-            t.data_dir or cfg.data.output_dir, cfg.model.trust_remote_code
-        ),
-        metrics_path=storage.join(t.storage_path, t.run_name, "metrics.jsonl"),
+        tokenizer=load_run_tokenizer(cfg.train_data_dir, cfg.model.trust_remote_code),
+        metrics_path=storage.join(run_dir(t), "metrics.jsonl"),
         restore=restore,
         checkpoint_dir=lambda step: tempfile.mkdtemp(prefix=f"soulray-ckpt-{step}-"),
         report=report,
