@@ -29,6 +29,10 @@ from pydantic import (
 from soulray.eval.config import EvalConfig
 from soulray.synth.config import SynthConfig
 
+# The file names of a checkpoint's and an export's records (torch-free, for serving to read):
+CONFIG_FILE = "soulray.yaml"  # the resolved config that wrote it (checkpoint and export)
+METRICS_FILE = "metrics.json"  # the export's final training metrics
+
 ESCONV_STRATEGIES = [
     "Question",
     "Restatement or Paraphrasing",
@@ -420,6 +424,11 @@ class Config(Section):
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     synth: SynthConfig = Field(default_factory=SynthConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @property
+    def train_data_dir(self) -> str:
+        """The prepared data training reads: train.data_dir, else data.output_dir."""
+        return self.train.data_dir or self.data.output_dir
 
     @property
     def serve_model_dir(self) -> str:

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from soulray import storage
-from soulray.config import Config, config_hash, parse_config
+from soulray.config import CONFIG_FILE, METRICS_FILE, Config, config_hash, parse_config
+from soulray.data.manifest import read_manifest, tokenizer_source
 
 log = logging.getLogger("soulray.pipeline")
 
@@ -49,14 +50,11 @@ def with_run_dir(cfg: Config) -> Config:
 
 def prepared_manifest(cfg: Config) -> dict[str, Any] | None:
     """The manifest of a finished prepare with this data config (and tokenizer), else None."""
-    path = storage.join(cfg.data.output_dir, "manifest.json")
-    if not storage.exists(path):
+    manifest = read_manifest(cfg.data.output_dir)
+    if manifest is None:
         return None
-    manifest = json.loads(storage.read_text(path))
     same_data = manifest.get("config_hash") == config_hash(cfg.data)
-    same_tokenizer = manifest.get("tokenizer", {}).get("source") == (
-        cfg.model.tokenizer_path or "trained"
-    )
+    same_tokenizer = manifest.get("tokenizer", {}).get("source") == tokenizer_source(cfg)
     return manifest if same_data and same_tokenizer else None
 
 
@@ -65,7 +63,7 @@ def trained_metrics(cfg: Config) -> dict[str, Any] | None:
     from soulray.train.launch import resolve_paths
 
     export = cfg.train.export_dir
-    config_path, metrics_path = (storage.join(export, f) for f in ("soulray.yaml", "metrics.json"))
+    config_path, metrics_path = (storage.join(export, f) for f in (CONFIG_FILE, METRICS_FILE))
     if not (storage.exists(config_path) and storage.exists(metrics_path)):
         return None
     from soulray.train.launch import with_kept

@@ -36,6 +36,7 @@ from soulray.data.conversation import (
     count_target_turns,
 )
 from soulray.data.formats import FILE_SUFFIXES
+from soulray.data.manifest import manifest_path, tokenizer_source
 from soulray.data.pack import Rows, build_rows
 from soulray.data.parse import (
     KeptLoader,
@@ -389,7 +390,7 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     created = not storage.exists(out)
     # the manifest marks a finished prepare: an earlier one's goes now, so that this run, if it
     # fails, leaves no output that `soulray train` would take for data prepared by this config
-    storage.delete_file(storage.join(out, "manifest.json"))
+    storage.delete_file(manifest_path(out))
     storage.delete_dir(work)
     storage.makedirs(storage.join(work, "parsed"))
     with ThreadPoolExecutor(1) as pool:
@@ -486,9 +487,7 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
         stats[name]["files"] = n_files
     manifest = build_manifest(cfg, files, summary, stats, files_by_name, time.time() - started)
     manifest["stage_seconds"] = {k: round(v, 2) for k, v in stages.items()}
-    storage.write_text(
-        storage.join(out, "manifest.json"), json.dumps(manifest, indent=2, ensure_ascii=False)
-    )
+    storage.write_text(manifest_path(out), json.dumps(manifest, indent=2, ensure_ascii=False))
     storage.write_text(storage.join(out, "config.yaml"), config_to_yaml(cfg))
     return manifest
 
@@ -537,7 +536,7 @@ def build_manifest(
         "strategy_tags": cfg.data.strategy_tags,
         "splits": stats,
         "tokenizer": {
-            "source": cfg.model.tokenizer_path or "trained",
+            "source": tokenizer_source(cfg),
             "hash": tokenizer_hash(tokenizer),
         },
         "config_hash": config_hash(cfg.data),

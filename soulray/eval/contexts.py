@@ -21,6 +21,7 @@ from soulray import storage
 from soulray.config import DataConfig, parse_config
 from soulray.data.conversation import Conversation, build_strategy_lookup
 from soulray.data.formats import FILE_SUFFIXES
+from soulray.data.manifest import read_manifest
 from soulray.data.parse import ParseSettings, normalize_record
 from soulray.data.ranges import Range, plan_ranges, range_records
 from soulray.eval.config import ContextsConfig
@@ -43,15 +44,15 @@ class Context:
 
 def prepared_data_config(prepared_dir: str) -> DataConfig:
     """The data section a prepared run was made with (its config.yaml)."""
-    manifest = storage.join(prepared_dir, "manifest.json")
+    manifest = read_manifest(prepared_dir)
     config = storage.join(prepared_dir, "config.yaml")
-    if not storage.exists(manifest) or not storage.exists(config):
+    if manifest is None or not storage.exists(config):
         raise ValueError(
             f"eval.contexts.prepared_dir {prepared_dir} is not a `soulray prepare` output "
             "(manifest.json and config.yaml missing); run prepare first or use source: files"
         )
     data = parse_config(storage.read_text(config), config).data
-    resolved = json.loads(storage.read_text(manifest)).get("inputs_resolved")
+    resolved = manifest.get("inputs_resolved")
     if resolved and all_found(resolved):  # config.yaml keeps them as given: relative to where
         data = data.model_copy(update={"inputs": resolved})  # prepare ran, these absolute
     if data.val_fraction == 0:

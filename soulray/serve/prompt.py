@@ -23,7 +23,7 @@ import yaml
 from jinja2 import TemplateError
 
 from soulray import storage
-from soulray.config import ESCONV_STRATEGIES, Config, ServeConfig
+from soulray.config import CONFIG_FILE, ESCONV_STRATEGIES, Config, ServeConfig
 from soulray.data.render import SERVING_RECORD, build_serving_record
 from soulray.data.tokenizer import load_tokenizer
 from soulray.serve.fetch import fetch_model_dir
@@ -73,13 +73,13 @@ def check_local_model_dirs(cfg: Config) -> None:
 def check_merged_root(cfg: Config) -> None:
     """check_adapter_base on a local export, which `serve build` can also check."""
     root = Path(storage.normalize(cfg.serve_model_dir))
-    if not storage.is_remote(cfg.serve_model_dir) and (root / "soulray.yaml").exists():
+    if not storage.is_remote(cfg.serve_model_dir) and (root / CONFIG_FILE).exists():
         check_adapter_base(read_trained(root), cfg.serve, str(root))
 
 
 def read_trained(root: Path) -> dict[str, Any]:
     """The export's soulray.yaml (the config it was trained with), {} when it has none."""
-    path = root / "soulray.yaml"
+    path = root / CONFIG_FILE
     if not path.exists():
         return {}
     return yaml.safe_load(path.read_text(encoding="utf-8")) or {}

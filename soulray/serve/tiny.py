@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from soulray.config import Config, config_to_yaml
+from soulray.config import CONFIG_FILE, METRICS_FILE, Config, config_to_yaml
 from soulray.data.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,8 +69,8 @@ def build_tiny_export(
     (out / SERVING_RECORD).write_text(json.dumps(record, ensure_ascii=False), encoding="utf-8")
     data = {"strategy_tags": strategy_tags, "system_prompt": system_prompt}
     cfg = Config.model_validate({"data": data})
-    (out / "soulray.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
-    (out / "metrics.json").write_text(json.dumps({"note": "random tiny model"}), encoding="utf-8")
+    (out / CONFIG_FILE).write_text(config_to_yaml(cfg), encoding="utf-8")
+    (out / METRICS_FILE).write_text(json.dumps({"note": "random tiny model"}), encoding="utf-8")
     return out
 
 

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -30,13 +31,26 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from soulray import storage
-from soulray.config import Config, config_to_yaml
+from soulray.config import CONFIG_FILE, METRICS_FILE, Config, TrainConfig, config_to_yaml
 from soulray.data.render import SERVING_RECORD, build_serving_record
 
 log = logging.getLogger("soulray.train")
 
 STATE_FILE = "soulray_state.json"
-CONFIG_FILE = "soulray.yaml"
+# A checkpoint's folder in a run's directory listing (storage.list_files): its step
+CHECKPOINT_RE = re.compile(r"/checkpoint_(\d+)/")
+
+
+def run_dir(t: TrainConfig) -> str:
+    """A run's directory, train.storage_path/train.run_name: where Ray Train (RunConfig name and
+    storage_path) and the torchrun launcher keep its checkpoints and metrics.jsonl."""
+    return storage.join(t.storage_path, t.run_name)
+
+
+def checkpoint_name(step: int) -> str:
+    """The folder of the checkpoint of `step` in the run's directory (zero-padded: sorted by
+    name is sorted by step)."""
+    return f"checkpoint_{step:08d}"
 
 
 def save_checkpoint(
@@ -143,8 +157,8 @@ def export_model(
         for where in [local, *([os.path.join(local, "adapter")] if cfg.lora.enabled else [])]:
             build_generation_config(tokenizer, record["end_of_turn_ids"]).save_pretrained(where)
             Path(where, SERVING_RECORD).write_text(json.dumps(record, indent=2, ensure_ascii=False))
-            Path(where, "soulray.yaml").write_text(config_to_yaml(cfg))
-        Path(local, "metrics.json").write_text(json.dumps(metrics, indent=2))
+            Path(where, CONFIG_FILE).write_text(config_to_yaml(cfg))
+        Path(local, METRICS_FILE).write_text(json.dumps(metrics, indent=2))
         upload_dir(local, cfg.train.export_dir)
     log.info("exported the model to %s", cfg.train.export_dir)
 

@@ -15,7 +15,6 @@ so the chunking of either reader does not change the order. Memory: one window p
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from soulray import storage
+from soulray.data.manifest import read_manifest
 from soulray.data.partition import partition_of
 
 log = logging.getLogger("soulray.train")
@@ -51,10 +51,8 @@ class RankPlan:
 
 def manifest_partitions(data_dir: str) -> int | None:
     """P from the manifest; None for a directory prepared before partitions existed."""
-    path = storage.join(data_dir, "manifest.json")
-    if not storage.exists(path):
-        return None
-    return json.loads(storage.read_text(path)).get("partitions")
+    manifest = read_manifest(data_dir)
+    return None if manifest is None else manifest.get("partitions")
 
 
 def split_files(data_dir: str, split: str) -> list[tuple[str, int]]:

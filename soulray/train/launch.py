@@ -7,9 +7,7 @@ that crashes is restarted from it up to train.max_failures times.
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,6 +17,7 @@ from pydantic import BaseModel
 
 from soulray import storage
 from soulray.config import Config, TrainConfig
+from soulray.data.manifest import TRAINED_TOKENIZER, read_manifest
 from soulray.train.feed import RankPlan, amplification_warning, plan_reads, rows_per_rank
 
 log = logging.getLogger("soulray.train")
@@ -86,7 +85,7 @@ def check_storage(cfg: Config) -> None:
     for key, path in (
         ("train.storage_path", t.storage_path),
         ("train.export_dir", t.export_dir),
-        ("train.data_dir", t.data_dir or cfg.data.output_dir),
+        ("train.data_dir", cfg.train_data_dir),
     ):
         problem = storage_problem(path, hosts, key)
         if problem:
@@ -111,10 +110,9 @@ def check_before_workers(cfg: Config, data_dir: str) -> Config:
 def check_data_shape(cfg: Config, data_dir: str) -> None:
     """data.seq_len and data.mode must be what the data was prepared with: the rows are what
     they are, and the run would record (and resume-check, and size its estimates by) another."""
-    path = storage.join(data_dir, "manifest.json")
-    if not storage.exists(path):
+    manifest = read_manifest(data_dir)
+    if manifest is None:
         return  # not prepare's output: load_run_tokenizer says so
-    manifest = json.loads(storage.read_text(path))
     for key, ours in (("seq_len", cfg.data.seq_len), ("mode", cfg.data.mode)):
         theirs = manifest.get(key)
         if theirs is not None and theirs != ours:
@@ -138,19 +136,17 @@ def check_export_dir(cfg: Config) -> None:
 def check_not_past_steps(cfg: Config) -> None:
     """A rerun with train.steps below what the run has trained is refused before any worker
     starts (a worker would refuse too, once per allowed failure)."""
+    from soulray.train.checkpoint import CHECKPOINT_RE, run_dir
     from soulray.train.loop import past_steps
 
-    run = storage.join(cfg.train.storage_path, cfg.train.run_name)
+    run = run_dir(cfg.train)
     if not storage.exists(run):
         return
     # the step it resumes from: the latest checkpoint's (steps logged after it are retrained)
-    steps = [int(m.group(1)) for f in storage.list_files(run) if (m := CHECKPOINT.search(f))]
+    steps = [int(m.group(1)) for f in storage.list_files(run) if (m := CHECKPOINT_RE.search(f))]
     done = max(steps, default=0)
     if done > cfg.train.steps:
         raise ValueError(past_steps(done, cfg.train.steps))
-
-
-CHECKPOINT = re.compile(r"/checkpoint_(\d+)/")
 
 
 # What a resumed run cannot change: the checkpoint's shapes (model, LoRA), and what its data
@@ -175,14 +171,14 @@ RESUME_RESHAPED = ("train.steps", "train.warmup_steps", "train.min_lr_ratio")
 
 
 def check_resume_config(cfg: Config) -> Config:
-    """Against the config saved beside the run's latest checkpoint (checkpoint.CONFIG_FILE):
+    """Against the config saved beside the run's latest checkpoint (CONFIG_FILE):
     refuse what a resumed run cannot change, and warn of what it keeps from the checkpoint.
     Returns the config with what it keeps set to the checkpoint's values, so the config saved
     with later checkpoints and the export records what trained."""
-    from soulray.config import ConfigError, parse_config
-    from soulray.train.checkpoint import CONFIG_FILE
+    from soulray.config import CONFIG_FILE, ConfigError, parse_config
+    from soulray.train.checkpoint import run_dir
 
-    run = storage.join(cfg.train.storage_path, cfg.train.run_name)
+    run = run_dir(cfg.train)
     if not storage.exists(run):
         return cfg
     saved = sorted(
@@ -215,7 +211,7 @@ def check_resume_config(cfg: Config) -> Config:
             )
 
     def data(c: Config) -> str:
-        return storage.normalize(c.train.data_dir or c.data.output_dir)
+        return storage.normalize(c.train_data_dir)
 
     if data(old) != data(cfg):
         log.warning(
@@ -259,10 +255,10 @@ def check_data_tokenizer(cfg: Config, data_dir: str) -> None:
     """The prepared token ids must be the model's: training reads the tokenizer saved with the
     data but builds the model from model.name_or_path, so data prepared for another model (or
     with the tokenizer trained on the corpus) would train on ids that mean other tokens."""
-    path = storage.join(data_dir, "manifest.json")
-    if not storage.exists(path):
+    manifest = read_manifest(data_dir)
+    if manifest is None:
         return  # not prepare's output: load_run_tokenizer says so
-    source = json.loads(storage.read_text(path)).get("tokenizer", {}).get("source")
+    source = manifest.get("tokenizer", {}).get("source")
     wanted = cfg.model.tokenizer_path
     if source is None or wanted is None or source == wanted:
         return  # no model configured: the tiny model is built for the data's tokenizer
@@ -270,7 +266,7 @@ def check_data_tokenizer(cfg: Config, data_dir: str) -> None:
         f"run `soulray prepare` with this config's model into a new data.output_dir, or set "
         f"train.data_dir to data prepared with {wanted}"
     )
-    if source == "trained":
+    if source == TRAINED_TOKENIZER:
         raise ValueError(
             f"train.data_dir {data_dir} was prepared with a tokenizer trained on the corpus, "
             f"but this run trains {wanted}, whose token ids differ; {fix}"
@@ -430,7 +426,7 @@ def resolve_paths(cfg: Config) -> Config:
         update={
             "storage_path": storage.normalize(t.storage_path),
             "export_dir": storage.normalize(t.export_dir),
-            "data_dir": storage.normalize(t.data_dir or cfg.data.output_dir),
+            "data_dir": storage.normalize(cfg.train_data_dir),
         }
     )
     return cfg.model_copy(update={"train": train})
@@ -501,6 +497,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from soulray.train.checkpoint import checkpoint_name, run_dir
     from soulray.train.data import load_run_tokenizer
     from soulray.train.feed import build_source, ray_chunks
     from soulray.train.loop import Runtime, train_loop
@@ -535,7 +532,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             return
         checkpoint = ray.train.Checkpoint.from_directory(ckpt)
         ray.train.report(
-            clean, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{metrics['step']:08d}"
+            clean, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name(metrics["step"])
         )
         shutil.rmtree(ckpt, ignore_errors=True)
 
@@ -550,10 +547,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         device=ray.train.torch.get_device(),
         train_batches=train_batches,
         val_batches=val_batches,
-        tokenizer=load_run_tokenizer(
-            t.data_dir or cfg.data.output_dir, cfg.model.trust_remote_code
-        ),
-        metrics_path=storage.join(t.storage_path, t.run_name, "metrics.jsonl"),
+        tokenizer=load_run_tokenizer(cfg.train_data_dir, cfg.model.trust_remote_code),
+        metrics_path=storage.join(run_dir(t), "metrics.jsonl"),
         restore=restore,
         checkpoint_dir=lambda step: tempfile.mkdtemp(prefix=f"soulray-ckpt-{step}-"),
         report=report,

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from soulray import storage
 from soulray.config import Config, ConfigError, load_config
-from soulray.train.checkpoint import STATE_FILE
+from soulray.train.checkpoint import STATE_FILE, checkpoint_name, run_dir
 from soulray.train.data import load_run_tokenizer
 from soulray.train.feed import amplification_warning, build_source, parquet_chunks, plan_reads
 from soulray.train.launch import (
@@ -37,9 +37,9 @@ from soulray.train.loop import Runtime, train_loop
 log = logging.getLogger("soulray.train")
 
 
-def checkpoints(run_dir: Path) -> list[Path]:
+def checkpoints(run: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
-    return sorted(p for p in run_dir.glob("checkpoint_*") if (p / STATE_FILE).exists())
+    return sorted(p for p in run.glob("checkpoint_*") if (p / STATE_FILE).exists())
 
 
 def build_runtime(cfg: Config, rank: int, world: int, device: torch.device) -> Runtime:
@@ -49,9 +49,9 @@ def build_runtime(cfg: Config, rank: int, world: int, device: torch.device) -> R
             "the torchrun launcher writes checkpoints to a local or NFS "
             "train.storage_path; use `soulray train` (Ray) for s3:// or gs://"
         )
-    run_dir = Path(storage.normalize(t.storage_path), t.run_name)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    data_dir = t.data_dir or cfg.data.output_dir
+    run_path = Path(storage.normalize(run_dir(t)))
+    run_path.mkdir(parents=True, exist_ok=True)
+    data_dir = cfg.train_data_dir
     train = plan_reads(data_dir, "train", world)[rank]
     val = plan_reads(data_dir, "val", world)
     warning = amplification_warning(data_dir, world)
@@ -59,17 +59,17 @@ def build_runtime(cfg: Config, rank: int, world: int, device: torch.device) -> R
         log.warning("warning: %s", warning)
 
     def checkpoint_dir(step: int) -> str:
-        path = run_dir / f"checkpoint_{step:08d}"
+        path = run_path / checkpoint_name(step)
         path.mkdir(parents=True, exist_ok=True)
         return str(path)
 
     def report(metrics: dict[str, Any], ckpt: str | None) -> None:
         if ckpt and rank == 0:
-            for old in checkpoints(run_dir)[: -t.keep_checkpoints]:
+            for old in checkpoints(run_path)[: -t.keep_checkpoints]:
                 shutil.rmtree(old)
 
     def restore() -> str | None:
-        found = checkpoints(run_dir)
+        found = checkpoints(run_path)
         return str(found[-1]) if found else None
 
     return Runtime(
@@ -85,7 +85,7 @@ def build_runtime(cfg: Config, rank: int, world: int, device: torch.device) -> R
             else None
         ),
         tokenizer=load_run_tokenizer(data_dir, cfg.model.trust_remote_code),
-        metrics_path=str(run_dir / "metrics.jsonl"),
+        metrics_path=str(run_path / "metrics.jsonl"),
         restore=restore,
         checkpoint_dir=checkpoint_dir,
         report=report,
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     cfg = load_config(args.config, args.overrides)
     # the Ray launcher's checks, so a torchrun resume refuses and warns alike
-    cfg = check_before_workers(cfg, cfg.train.data_dir or cfg.data.output_dir)
+    cfg = check_before_workers(cfg, cfg.train_data_dir)
     cuda = torch.cuda.is_available() and cfg.train.use_gpu
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:

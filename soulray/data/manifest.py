@@ -1,0 +1,35 @@
+"""The manifest of a prepared data directory: where it is, how it is read, and what it records
+as the tokenizer's source. One home for what prepare writes and train, eval and the pipeline
+read back."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from soulray import storage
+from soulray.config import Config
+
+MANIFEST_FILE = "manifest.json"
+TRAINED_TOKENIZER = "trained"  # the source of a tokenizer trained on the corpus by prepare
+
+
+def manifest_path(data_dir: str) -> str:
+    """Where prepare writes the manifest of `data_dir` (local path or s3:// gs:// URI)."""
+    return storage.join(data_dir, MANIFEST_FILE)
+
+
+def read_manifest(data_dir: str) -> dict[str, Any] | None:
+    """The manifest of a prepared data directory; None when it has none (not prepare's output,
+    or a prepare that did not finish)."""
+    path = manifest_path(data_dir)
+    if not storage.exists(path):
+        return None
+    manifest: dict[str, Any] = json.loads(storage.read_text(path))
+    return manifest
+
+
+def tokenizer_source(cfg: Config) -> str:
+    """What the manifest records as the tokenizer's source: the configured tokenizer's path,
+    or TRAINED_TOKENIZER when prepare trains one on the corpus."""
+    return cfg.model.tokenizer_path or TRAINED_TOKENIZER
