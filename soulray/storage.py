@@ -52,6 +52,11 @@ def exists(path: str) -> bool:
     return fs.get_file_info(inner).type != pafs.FileType.NotFound
 
 
+def is_file(path: str) -> bool:
+    fs, inner = resolve(path)
+    return fs.get_file_info(inner).type == pafs.FileType.File
+
+
 def read_bytes(path: str) -> bytes:
     fs, inner = resolve(path)
     with fs.open_input_stream(inner) as f:
@@ -133,9 +138,11 @@ def expand_inputs(
     for item in inputs:
         found = _expand_one(item, suffixes, exclude)
         if found == [normalize(item)] and suffixes and not item.lower().endswith(suffixes):
+            packed = item.lower().endswith((".gz", ".zst", ".bz2", ".xz", ".zip"))
             raise ValueError(  # a file named as is, of a kind soulray would misread
                 f"{key} entry {item!r} is not a {'/'.join(suffixes)} file; soulray reads only "
-                "those (decompress or convert it first, e.g. `gunzip -k`)"
+                "those ("
+                + ("decompress it first, e.g. `gunzip -k`)" if packed else "convert it first)")
             )
         if not found:
             raise ValueError(

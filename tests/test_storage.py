@@ -93,9 +93,15 @@ def test_a_named_file_of_another_kind_is_refused_by_name(tmp_path):
     would be parsed as JSON lines: one invalid_json reject per line of garbage."""
     make_tree(tmp_path)
     (tmp_path / "a.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00")
-    for entry in ("a.jsonl.gz", "notes.txt"):
-        with pytest.raises(ValueError, match=rf"^data.inputs entry '.*/{entry}' is not a \.jsonl"):
+    for entry, fix in (
+        ("a.jsonl.gz", "decompress it first, e.g. `gunzip -k`"),
+        ("notes.txt", "convert it first"),
+    ):
+        with pytest.raises(
+            ValueError, match=rf"^data.inputs entry '.*/{entry}' is not a \.jsonl"
+        ) as e:
             storage.expand_inputs([f"{tmp_path}/{entry}"], JSONL)
+        assert str(e.value).endswith(f"soulray reads only those ({fix})")
     assert storage.expand_inputs([f"{tmp_path}/a.jsonl"], JSONL) == [f"{tmp_path}/a.jsonl"]
 
 

@@ -79,9 +79,16 @@ def split_records(path: str, data: bytes) -> Iterator[RawRecord]:
             yield from line_records(path, stem, data)
         elif isinstance(e, UnicodeDecodeError):
             yield RawRecord(path, stem, None, text[:2000], not_utf8(e))
+        elif not text.strip():
+            yield RawRecord(path, stem, None, "", RecordError("invalid_json", "the file is empty"))
         else:
-            err = RecordError("invalid_json", f"line {e.lineno} col {e.colno}: {e.msg}")
-            yield RawRecord(path, stem, None, text[:2000], err)
+            where = f"line {e.lineno} col {e.colno}: {e.msg}"
+            if text.lstrip("\ufeff \t\r\n").startswith("["):  # an array that does not balance
+                where += (
+                    "; the whole file was skipped: its brackets or quotes do not balance, so its "
+                    "records cannot be told apart (fix it there and run again)"
+                )
+            yield RawRecord(path, stem, None, text[:2000], RecordError("invalid_json", where))
         return
     yield from _json_value_records(path, stem, value)
 
@@ -183,6 +190,8 @@ def line_records(path: str, stem: str, data: bytes, first: int = 1) -> Iterator[
                 continue
         else:
             line = raw.removesuffix("\r")
+        # a byte-order mark opening a line: files joined with `cat` keep each one's BOM
+        line = line.removeprefix("\ufeff")
         if not line.strip():
             continue
         try:

@@ -375,6 +375,8 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     out = storage.normalize(d.output_dir)
     if not d.inputs:
         raise ValueError("data.inputs is empty; set it, e.g. data.inputs='[corpus/*.jsonl]'")
+    if storage.is_file(out):
+        raise ValueError(f"data.output_dir {out} is a file; name a directory (it is created)")
     check_local_model_path(cfg)
     files = storage.expand_inputs(d.inputs, FILE_SUFFIXES, exclude=out)
     log.info("reading %d file(s) into %s", len(files), out)

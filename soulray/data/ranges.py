@@ -152,9 +152,10 @@ def array_item_spans(data: bytes) -> list[tuple[int, int]] | None:
         return None
     seps, starts = _item_starts(pos, kind, depth)
     ends = [*seps, int(pos[-1])]
-    if not seps and not data[starts[0] : ends[0]].strip():
-        return []  # "[]"
-    return list(zip(starts, ends, strict=True))
+    spans = list(zip(starts, ends, strict=True))
+    if spans and not data[spans[-1][0] : spans[-1][1]].strip():
+        spans.pop()  # "[]", or a trailing comma after the last record: no record there
+    return spans
 
 
 def truncated_array_spans(data: bytes) -> tuple[list[tuple[int, int]], int] | None:
@@ -239,8 +240,10 @@ def plan_array(path: str, size: int, range_bytes: int, rid: int) -> list[Range] 
         return None
     starts = np.concatenate([[open_at + 1], seps + 1])
     ends = np.concatenate([seps, [close_at]])
-    if len(seps) == 0 and not read_at(path, open_at + 1, close_at - open_at - 1).strip():
-        return []  # "[]"
+    if not read_at(path, int(starts[-1]), int(ends[-1] - starts[-1])).strip():
+        starts, ends = starts[:-1], ends[:-1]  # "[]", or a trailing comma after the last record
+    if len(starts) == 0:
+        return []
     at = np.searchsorted(starts, np.arange(starts[0], ends[-1], range_bytes), side="left")
     cuts = sorted({*at.tolist(), len(starts)} - {0})
     ranges: list[Range] = []

@@ -389,3 +389,20 @@ def test_a_json_file_of_json_lines_with_a_bad_first_line_keeps_the_others(tmp_pa
         ("2", None),
         ("3", None),
     ]
+
+
+def test_files_joined_with_cat_keep_every_line_and_an_empty_file_says_so(tmp_path):
+    """`cat a.jsonl b.jsonl` keeps b's byte-order mark at the start of a line: that line is
+    read, not rejected as 'Unexpected UTF-8 BOM'. A file of whitespace names itself empty."""
+    line = json.dumps({"messages": [{"role": "user", "content": "hi"}]})
+    joined = tmp_path / "cat.jsonl"
+    joined.write_bytes(b"\xef\xbb\xbf" + line.encode() + b"\n\xef\xbb\xbf" + line.encode() + b"\n")
+    records = list(split_records(str(joined), joined.read_bytes()))
+    assert [(r.location, r.error) for r in records] == [
+        (f"{joined}:1", None),
+        (f"{joined}:2", None),
+    ]
+    empty = tmp_path / "empty.json"
+    empty.write_text("\n  \n\n")
+    (r,) = split_records(str(empty), empty.read_bytes())
+    assert (r.error.reason, r.error.detail) == ("invalid_json", "the file is empty")

@@ -377,5 +377,9 @@ def test_a_missing_model_path_and_an_empty_train_split_are_refused_by_name(ray_l
             )
         )
     assert not out.exists()  # refused before any work
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    with pytest.raises(ValueError, match=f"data.output_dir {a_file} is a file; name a directory"):
+        run_prepare(quickstart_config(["jobs/data/sample_en.jsonl"], a_file))
     with pytest.raises(ValueError, match="the train split is empty: data.val_fraction=0.99 sent"):
         run_prepare(quickstart_config(["jobs/data/sample_en.jsonl"], out, "data.val_fraction=0.99"))

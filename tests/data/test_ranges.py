@@ -139,6 +139,31 @@ def test_a_bad_record_in_a_small_array_is_rejected_alone_as_in_a_big_one(ray_loc
     ]
 
 
+def test_a_trailing_comma_after_the_last_record_is_no_record(ray_local, tmp_path):
+    """'[a, b,]' (not JSON, a common hand edit) gives a and b, read whole or split, and no
+    empty phantom record rejected at [2]."""
+    items = tricky_corpus(30, 7)
+    clean = tmp_path / "clean.json"
+    clean.write_text(json.dumps(items, indent=1))
+    path = tmp_path / "corpus.json"
+    path.write_text(json.dumps(items, indent=1)[:-1].rstrip() + ",\n]\n")
+    whole, plan = by_ranges(path, 10**9)
+    assert [r.kind for r in plan] == ["file"]
+    split, plan = by_ranges(path, 200)
+    assert len(plan) > 1 and whole == split == serial(path)
+    assert len(whole) == 30 and [g[4] for g in whole] == [None] * 30
+    assert [g[2] for g in whole] == [r[2] for r in serial(clean)]
+
+
+def test_an_array_that_does_not_balance_says_the_whole_file_was_skipped(tmp_path):
+    path = tmp_path / "corpus.json"
+    path.write_text('[{"messages": []}, {"messages": [}, {"messages": []}]')
+    ((loc, _, record, _, reason),) = serial(path)
+    (raw,) = split_records(str(path), path.read_bytes())
+    assert (loc, record, reason) == (str(path), None, "invalid_json")
+    assert "the whole file was skipped: its brackets or quotes do not balance" in raw.error.detail
+
+
 def test_a_big_utf16_file_is_one_reject_that_says_so(tmp_path):
     """Split at newlines, every UTF-16 line would be a 'not UTF-8' reject of its own."""
     line = json.dumps({"messages": [{"role": "user", "content": "x" * 50}]})
