@@ -274,6 +274,22 @@ def to_conversation(record: Any, fmt: str, key: str) -> Conversation:
     return adapter(record, key)
 
 
+def forced_format_error(record: Any, fmt: str, e: RecordError) -> RecordError:
+    """A record that data.format={fmt} could not read, with the shape it has, when that is
+    another known one ('conversations' missing in a `messages` record says too little)."""
+    try:
+        found = detect_format(record)
+    except RecordError:
+        return e
+    if found == fmt:
+        return e
+    return RecordError(
+        e.reason,
+        f"{e.detail} (data.format={fmt} forces that shape, and this record is {found}-shaped: "
+        "set data.format=auto or to the corpus' format)",
+    )
+
+
 def _expect(cond: bool, detail: str) -> None:
     if not cond:
         raise RecordError("invalid_record", detail)

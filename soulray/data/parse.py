@@ -62,10 +62,13 @@ def normalize_record(raw: RawRecord, s: ParseSettings) -> dict[str, Any]:
     try:
         if raw.error:
             raise raw.error
-        from soulray.data.formats import to_conversation
+        from soulray.data.formats import forced_format_error, to_conversation
 
         fmt = detect_format(raw.record) if s.format == "auto" else s.format
-        conv = to_conversation(raw.record, fmt, raw.key)
+        try:
+            conv = to_conversation(raw.record, fmt, raw.key)
+        except RecordError as e:
+            raise e if s.format == "auto" else forced_format_error(raw.record, fmt, e) from None
         check_encodable(conv)
         conv, stats = clean_conversation(conv, s.lookup, s.fallback, s.system_prompt)
     except RecordError as e:

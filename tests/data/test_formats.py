@@ -406,3 +406,16 @@ def test_files_joined_with_cat_keep_every_line_and_an_empty_file_says_so(tmp_pat
     empty.write_text("\n  \n\n")
     (r,) = split_records(str(empty), empty.read_bytes())
     assert (r.error.reason, r.error.detail) == ("invalid_json", "the file is empty")
+
+
+def test_a_forced_format_names_the_shape_the_record_has():
+    from soulray.data.parse import ParseSettings, normalize_record
+
+    settings = ParseSettings("sharegpt", {}, "Others", None, 0.0)
+    raw = next(split_records("x.jsonl", json.dumps({"messages": []}).encode()))
+    row = normalize_record(raw, settings)
+    assert (row["ok"], row["reason"]) == (False, "invalid_record")
+    assert row["detail"] == (
+        "'conversations' must be a list, got NoneType (data.format=sharegpt forces that shape, "
+        "and this record is messages-shaped: set data.format=auto or to the corpus' format)"
+    )
