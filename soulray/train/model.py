@@ -315,10 +315,6 @@ def reset_rotary_buffers(model: nn.Module, device: torch.device) -> None:
             module.original_inv_freq = inv_freq.to(device).clone()
 
 
-def count_params(model: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
 def build_sharded_model(
     cfg: Config, tokenizer: Any, rank: int, device: torch.device
 ) -> tuple[nn.Module, Any, str, torch.dtype]:
