@@ -330,6 +330,8 @@ def synth(config: ConfigOpt, overrides: Overrides = None) -> None:
 
 
 def print_synth_summary(report: dict[str, Any], cfg: Config) -> None:
+    from soulray.synth.output import report_path
+
     d, run = report["dialogues"], report["run"]
     typer.echo(
         f"synth: {run['written']} dialogues written this run ({run['dropped']} dropped, "
@@ -337,7 +339,7 @@ def print_synth_summary(report: dict[str, Any], cfg: Config) -> None:
         f"  output: {d['written']} dialogues in {cfg.synth.output_dir} "
         f"(dropped: {json.dumps(d['dropped'], ensure_ascii=False)}, "
         f"failed: {json.dumps(d['failed'], ensure_ascii=False)})\n"
-        f"  report: {cfg.synth.output_dir}/_synth/synth_report.json\n"
+        f"  report: {report_path(cfg.synth.output_dir)}\n"
         f"  next: soulray prepare --config YOUR.yaml data.inputs=[{cfg.synth.output_dir}]"
         f"{taxonomy_overrides(cfg)}"
     )

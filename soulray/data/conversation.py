@@ -17,7 +17,6 @@ from typing import Literal
 from soulray.config import DEFAULT_STRATEGY_ALIASES, StrategyConfig
 
 Role = Literal["system", "user", "assistant"]
-ROLES: tuple[str, ...] = ("system", "user", "assistant")
 
 # Why a record was not kept. Every rejected record lands in rejects.jsonl with one of these.
 REJECT_REASONS = (

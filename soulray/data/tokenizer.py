@@ -7,7 +7,6 @@ training and serving load that copy, so all three stages agree on ids and templa
 from __future__ import annotations
 
 import hashlib
-import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -112,7 +111,3 @@ def tokenizer_hash(files: dict[str, bytes]) -> str:
         h.update(name.encode())
         h.update(files[name])
     return h.hexdigest()[:16]
-
-
-def is_local_dir(path: str) -> bool:
-    return os.path.isdir(path)

@@ -25,7 +25,7 @@ from soulray.data.manifest import read_manifest
 from soulray.data.parse import ParseSettings, normalize_record
 from soulray.data.ranges import Range, plan_ranges, range_records
 from soulray.eval.config import ContextsConfig
-from soulray.eval.metrics import Lang, detect_language
+from soulray.text import Language, detect_language
 
 
 @dataclass
@@ -33,7 +33,7 @@ class Context:
     id: str  # "<conversation id>#<index of the reference message>"
     conversation: str
     turn: int  # the reference's index in the conversation's messages
-    language: Lang
+    language: Language
     messages: list[dict[str, str]]  # the history the models answer (system, user, assistant...)
     reference: str  # the counselor's reply
     reference_strategy: str | None
@@ -155,7 +155,9 @@ def load_conversations(cfg: ContextsConfig) -> list[Conversation]:
     return convs
 
 
-def conversation_contexts(conv: Conversation, language: Lang | Literal["auto"]) -> list[Context]:
+def conversation_contexts(
+    conv: Conversation, language: Language | Literal["auto"]
+) -> list[Context]:
     """One context per assistant turn that follows a user turn."""
     out = []
     messages = [{"role": m.role, "content": m.content} for m in conv.messages]

@@ -12,15 +12,13 @@ Distinct on 0-1, length in tokens.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Sequence
 from functools import cache
-from typing import Any, Literal
+from typing import Any
 
-Lang = Literal["zh", "en"]
+from soulray.text import Language
 
-CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 BLEU_ORDERS = (1, 2, 3, 4)
 REFERENCE_METRICS = (
     *(f"bleu_{n}" for n in BLEU_ORDERS),
@@ -30,36 +28,28 @@ REFERENCE_METRICS = (
 )
 
 
-def detect_language(text: str) -> Lang:
-    """zh when a fifth or more of the non-space characters are CJK, else en."""
-    chars = [c for c in text if not c.isspace()]
-    if not chars:
-        return "en"
-    return "zh" if sum(bool(CJK.match(c)) for c in chars) * 5 >= len(chars) else "en"
-
-
 @cache
-def _tokenizer(lang: Lang) -> Any:
+def _tokenizer(lang: Language) -> Any:
     from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
     from sacrebleu.tokenizers.tokenizer_zh import TokenizerZh
 
     return TokenizerZh() if lang == "zh" else Tokenizer13a()
 
 
-def tokenize(text: str, lang: Lang) -> list[str]:
+def tokenize(text: str, lang: Language) -> list[str]:
     """The tokens every metric counts: characters for zh, words for en, lower-cased."""
     return _tokenizer(lang)(text.lower().strip()).split()
 
 
 @cache
-def _bleu(lang: Lang, order: int) -> Any:
+def _bleu(lang: Language, order: int) -> Any:
     from sacrebleu.metrics import BLEU
 
     tokenizer = "zh" if lang == "zh" else "13a"
     return BLEU(tokenize=tokenizer, lowercase=True, max_ngram_order=order, effective_order=True)
 
 
-def bleu(hypothesis: str, reference: str, lang: Lang, order: int) -> float:
+def bleu(hypothesis: str, reference: str, lang: Language, order: int) -> float:
     """Cumulative sentence BLEU-`order` (0-100)."""
     if not hypothesis.strip():
         return 0.0
@@ -100,7 +90,7 @@ def rouge_l(hyp: Sequence[str], ref: Sequence[str]) -> float:
     return 100 * f1(lcs_length(hyp, ref), len(hyp), len(ref))
 
 
-def reference_scores(hypothesis: str, reference: str, lang: Lang) -> dict[str, float]:
+def reference_scores(hypothesis: str, reference: str, lang: Language) -> dict[str, float]:
     """Every per-sample reference metric of one reply, plus its length in tokens."""
     hyp, ref = tokenize(hypothesis, lang), tokenize(reference, lang)
     scores = {f"bleu_{n}": bleu(hypothesis, reference, lang, n) for n in BLEU_ORDERS}

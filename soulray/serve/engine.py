@@ -27,6 +27,7 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from soulray import storage
 from soulray.config import EngineConfig, ServeConfig
 from soulray.serve.adapters import AdapterPool
 from soulray.serve.fetch import fetch_model_dir
@@ -247,9 +248,7 @@ def build_vllm_engine(cfg: ServeConfig, model_dir: str) -> Any:
     require_vllm()  # adapters and one_deployment with vllm: refused by ServeConfig itself
     from ray.serve.llm import LLMConfig, build_llm_deployment
 
-    source: Any = (
-        {"bucket_uri": model_dir} if model_dir.startswith(("s3://", "gs://")) else model_dir
-    )
+    source: Any = {"bucket_uri": model_dir} if storage.is_remote(model_dir) else model_dir
     engine_kwargs = {"dtype": cfg.engine.dtype, **cfg.engine.vllm_engine_kwargs}
     deployment = replica_options(cfg.engine, "Engine")
     del deployment["name"], deployment["ray_actor_options"]  # LLMServer sizes its own resources

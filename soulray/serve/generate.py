@@ -21,6 +21,7 @@ from soulray.data.tokenizer import load_tokenizer
 from soulray.serve.adapters import forward_args
 from soulray.serve.logits import TokenLogprob, TokenText, adjust_logits, token_logprobs
 from soulray.serve.prompt import tag_end
+from soulray.train.model import pick_dtype
 
 
 @dataclass(slots=True)
@@ -82,19 +83,6 @@ def pick_device(use_gpu: bool) -> str:
     """cuda only for a replica given GPUs (engine.num_gpus > 0): Ray leaves every GPU of the
     node visible to a replica with none, which must not load onto one Ray did not count."""
     return "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-
-
-def pick_dtype(name: str, device: str) -> torch.dtype:
-    match name:
-        case "auto":
-            return torch.bfloat16 if device == "cuda" else torch.float32
-        case "float32":
-            return torch.float32
-        case "bfloat16":
-            return torch.bfloat16
-        case "float16":
-            return torch.float16
-    raise ValueError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16")
 
 
 def load_model(

@@ -27,7 +27,7 @@ from soulray.endpoints import (
 )
 from soulray.synth.config import SynthConfig
 from soulray.synth.near_dupes import NearDuplicateIndex
-from soulray.synth.output import OutputStore, StoredState
+from soulray.synth.output import OutputStore, StoredState, report_path
 from soulray.synth.report import build_report, save_report
 from soulray.synth.roleplay import Cast, Dialogue, run_dialogue
 from soulray.synth.roles import Counselor, Seeker, Supporter, check_prompts, load_prompts
@@ -257,9 +257,9 @@ def run_synth(cfg: Config) -> dict[str, Any]:
     report["files"] = [str(p) for p in save_report(store, report, sc.charts)]
     if interrupted:
         log.warning(
-            "synth: interrupted; %s/_synth/synth_report.json covers the %d dialogues written, "
+            "synth: interrupted; %s covers the %d dialogues written, "
             "and the same command makes the rest",
-            sc.output_dir,
+            report_path(sc.output_dir),
             report["dialogues"]["written"],
         )
         raise KeyboardInterrupt
@@ -271,7 +271,7 @@ def run_synth(cfg: Config) -> dict[str, Any]:
         raise ValueError(
             f"synth: all {len(pending)} scenarios failed, most often with {example!r}; check "
             "synth.roles (base_url ends in /v1, the server is up, the model name is served); "
-            f"details in {sc.output_dir}/_synth/synth_report.json and failed.jsonl"
+            f"details in {report_path(sc.output_dir)} and failed.jsonl"
         )
     return report
 

@@ -23,6 +23,13 @@ from soulray import storage
 
 log = logging.getLogger("soulray.synth")
 SHARD_LINES = 1000  # dialogues per shard before a new one is started
+META_DIR = "_synth"  # bookkeeping that prepare skips (its name starts with "_")
+REPORT_FILE = "synth_report.json"
+
+
+def report_path(output_dir: str) -> str:
+    """Where synth_report.json is, as the messages that point to it spell it."""
+    return f"{output_dir}/{META_DIR}/{REPORT_FILE}"
 
 
 @dataclass
@@ -47,7 +54,7 @@ class OutputStore:
                 "(or mounted) directory: write there and copy the finished shards"
             )
         self.root = Path(storage.normalize(output_dir))  # ~ and file:// as everywhere else
-        self.meta = self.root / "_synth"
+        self.meta = self.root / META_DIR
         self._shard: IO[str] | None = None
         self._shard_lines = 0
         self._files: dict[str, IO[str]] = {}

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from soulray.endpoints import reason_key
-from soulray.synth.output import OutputStore, StoredState
+from soulray.synth.output import REPORT_FILE, OutputStore, StoredState
 
 PHASES = ("early", "middle", "late")  # thirds of a dialogue's Supporter turns
 
@@ -97,7 +97,7 @@ def lengths_by_language(records: list[dict[str, Any]], role: str) -> dict[str, d
 def save_report(store: OutputStore, report: dict[str, Any], charts: bool) -> list[Path]:
     """Write synth_report.json (and the charts); return the paths written."""
     text = json.dumps(report, ensure_ascii=False, indent=2)
-    paths = [store.write_meta("synth_report.json", text.encode())]
+    paths = [store.write_meta(REPORT_FILE, text.encode())]
     if charts and report["dialogues"]["written"]:
         paths += save_charts(store.meta, report)
     return paths

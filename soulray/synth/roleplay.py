@@ -16,7 +16,8 @@ from typing import Any, Literal
 
 from soulray.synth.config import LoopConfig, QualityConfig
 from soulray.synth.roles import Counselor, Seeker, Supporter
-from soulray.synth.scenarios import Scenario, detect_language
+from soulray.synth.scenarios import Scenario
+from soulray.text import detect_language
 
 PUNCT = re.compile(r"[\W_]+", re.UNICODE)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -20,13 +19,12 @@ import yaml
 from soulray import storage
 from soulray.config import parse_setting_yaml, read_setting_file
 from soulray.data.formats import FILE_SUFFIXES, split_records
+from soulray.text import Language, detect_language
 
-Language = Literal["zh", "en"]
 Attitude = Literal["open", "neutral", "resistant"]
 LANGUAGES: tuple[Language, ...] = ("zh", "en")
 ATTITUDES: tuple[Attitude, ...] = ("open", "neutral", "resistant")
 INTENSITIES = (1, 2, 3, 4, 5)
-CJK = re.compile(r"[\u4e00-\u9fff]")
 
 
 @dataclass(frozen=True)
@@ -139,12 +137,6 @@ def draw_scenario(rng: random.Random, p: dict[str, Any], language: Language) -> 
         situation=rng.choice(problem["situations"]),
         attitude=rng.choice(ATTITUDES),
     )
-
-
-def detect_language(text: str) -> Language:
-    """zh when at least a fifth of the non-space characters are CJK ideographs."""
-    chars = [c for c in text if not c.isspace()]
-    return "zh" if chars and len(CJK.findall(text)) * 5 >= len(chars) else "en"
 
 
 def scenarios_from_corpus(

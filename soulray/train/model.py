@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from soulray.config import Config, LoraConfig, ModelConfig, TrainConfig
+from soulray.config import Config, LoraConfig, ModelConfig
 
 log = logging.getLogger("soulray.train")
 
@@ -315,10 +315,6 @@ def reset_rotary_buffers(model: nn.Module, device: torch.device) -> None:
             module.original_inv_freq = inv_freq.to(device).clone()
 
 
-def count_params(model: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
 def build_sharded_model(
     cfg: Config, tokenizer: Any, rank: int, device: torch.device
 ) -> tuple[nn.Module, Any, str, torch.dtype]:
@@ -326,7 +322,7 @@ def build_sharded_model(
     filled with rank 0's initial weights. Returns (model, hf_config, attention, param dtype)."""
     t = cfg.train
     hf_config = build_model_config(cfg.model, tokenizer)
-    param_dtype = compute_dtype(t, device)
+    param_dtype = pick_dtype(t.dtype, device.type)
     attn = resolve_attn_implementation(cfg.model.attn_implementation, device, param_dtype)
     model = build_model(cfg, hf_config, attn, "meta")
     if cfg.lora.enabled:
@@ -356,15 +352,19 @@ def store_frozen_in(model: nn.Module, dtype: torch.dtype) -> None:
             param.data = param.data.to(dtype)
 
 
-def compute_dtype(t: TrainConfig, device: torch.device) -> torch.dtype:
-    match t.dtype:
+def pick_dtype(name: str, device: str) -> torch.dtype:
+    """The torch dtype of a train.dtype or serve.engine.dtype choice on a device type ("cuda",
+    "cpu"): auto is bf16 on a GPU, fp32 elsewhere."""
+    match name:
         case "auto":
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
-        case "bfloat16":
-            return torch.bfloat16
+            return torch.bfloat16 if device == "cuda" else torch.float32
         case "float32":
             return torch.float32
-    raise ValueError(f"unknown train.dtype {t.dtype!r}")
+        case "bfloat16":
+            return torch.bfloat16
+        case "float16":
+            return torch.float16
+    raise ValueError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16")
 
 
 def broadcast_initial_state(model: nn.Module, initial: dict[str, torch.Tensor]) -> None:

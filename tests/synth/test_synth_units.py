@@ -252,6 +252,7 @@ def test_end_marker_and_utterance_rules() -> None:
     assert utterance_problem("I can't sleep.", "assistant", earlier, "en", True) is None
     assert utterance_problem("我睡不着", "user", earlier, "en", True) == "wrong_language"
     assert utterance_problem("我睡不着", "user", earlier, "en", False) is None
+    assert utterance_problem("\u3400\u4db5", "user", earlier, "zh", True) is None  # Extension A
     for terse in ("……", "？？？", "😢", "..."):  # no words: a terse Seeker, in any language
         assert utterance_problem(terse, "user", earlier, "zh", True) is None
         assert utterance_problem(terse, "user", earlier, "en", True) is None

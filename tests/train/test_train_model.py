@@ -20,6 +20,7 @@ from soulray.train.model import (
     build_model_config,
     build_sharded_model,
     load_initial_state,
+    pick_dtype,
     resolve_attn_implementation,
 )
 
@@ -422,3 +423,11 @@ def test_rng_state_round_trips_and_reads_older_checkpoints() -> None:
         torch.rand(10)  # move on
         set_rng_state(old_format)
         assert torch.equal(torch.rand(4), expected)
+
+
+def test_auto_dtype_is_bf16_on_a_gpu_and_fp32_elsewhere():
+    assert pick_dtype("auto", "cuda") == torch.bfloat16
+    assert pick_dtype("auto", "cpu") == torch.float32
+    assert pick_dtype("float16", "cpu") == torch.float16
+    with pytest.raises(ValueError, match="use auto, float32, bfloat16 or float16"):
+        pick_dtype("fp8", "cuda")
