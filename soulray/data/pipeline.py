@@ -13,6 +13,7 @@ The driver holds counts and range offsets, never the corpus.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import gc
 import hashlib
 import json
@@ -31,6 +32,7 @@ from soulray import storage
 from soulray.config import Config, DataConfig, config_hash, config_to_yaml
 from soulray.data.conversation import (
     Conversation,
+    Message,
     RecordError,
     build_strategy_lookup,
     count_target_turns,
@@ -53,6 +55,7 @@ from soulray.data.render import (
     layout_conversation,
     render_conversation,
     split_windows,
+    template_system_prompt,
     tokenize_layouts,
 )
 from soulray.data.tokenizer import (
@@ -116,6 +119,7 @@ class RenderPacker:
         self.tokenizer = load_tokenizer_from_files(files, trust_code)
         self.eot = find_end_of_turn(self.tokenizer)
         self.control_tokens = control_token_pattern(self.tokenizer)
+        self.template_system = template_system_prompt(self.tokenizer)
         self.skeletons: dict[tuple[str, ...], str] = {}  # the template per role sequence
         self.cfg = cfg
         self.out = out
@@ -161,6 +165,9 @@ class RenderPacker:
         tags = self.cfg.strategy_tags
         kept, layouts = [], []
         for i, conv in enumerate(convs):
+            if self.template_system and conv.messages[0].role != "system":
+                system = Message("system", self.template_system)  # in every window, as served
+                conv = dataclasses.replace(conv, messages=[system, *conv.messages])
             try:
                 check_control_tokens(conv, self.control_tokens)
                 layouts.append(
@@ -311,6 +318,13 @@ def check_template(tokenizer: Any, system_prompt: str | None = None) -> None:
             "warning: the chat template refuses system messages (%s): conversations that have "
             "one are rejected (template_error)",
             e,
+        )
+    default = None if system_prompt else template_system_prompt(tokenizer)
+    if default:
+        log.info(
+            "the chat template writes its own system prompt into conversations without one "
+            "(%r): every window of such a conversation opens with it, as serving sends it",
+            default[:80],
         )
 
 

@@ -254,6 +254,31 @@ def _skeleton(tokenizer: Any, roles: tuple[str, ...], cache: dict | None) -> str
     return skeleton
 
 
+def template_system_prompt(tokenizer: Any) -> str | None:
+    """The system prompt a chat template writes into a conversation that has none (Qwen2.5:
+    "You are Qwen, created by Alibaba Cloud. ..."), or None. Found by rendering one user turn
+    with a system message of our own and without one: what stands in its place is the default.
+    Prepare makes it the conversation's own system message, so that every window repeats it as
+    serving always sends it (left to the template, only a conversation's first window had it)."""
+    from jinja2.exceptions import TemplateError
+
+    user = {"role": "user", "content": "\u2063u\u2063"}
+    mark = "\u2063s\u2063"
+    try:
+        own = tokenizer.apply_chat_template(
+            [{"role": "system", "content": mark}, user], tokenize=False
+        )
+        none = tokenizer.apply_chat_template([user], tokenize=False)
+    except TemplateError:  # a template without a system role
+        return None
+    head, found, tail = own.partition(mark)
+    if not found or len(none) <= len(head) + len(tail):
+        return None
+    if not (none.startswith(head) and none.endswith(tail)):
+        return None
+    return none[len(head) : len(none) - len(tail)]
+
+
 def control_token_pattern(tokenizer: Any) -> re.Pattern[str] | None:
     """The tokenizer's special tokens as one pattern. Written in a message's text, each would be
     encoded as that token: a forged turn header, or an end of reply in mid-text."""

@@ -8,12 +8,18 @@ import json
 import tempfile
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from soulray.config import DataConfig
 from soulray.data.conversation import Conversation, Message
 from soulray.data.pipeline import RenderPacker, check_template
-from soulray.data.render import IGNORE, find_end_of_turn, render_conversation
+from soulray.data.render import (
+    IGNORE,
+    find_end_of_turn,
+    render_conversation,
+    template_system_prompt,
+)
 from soulray.data.tokenizer import tokenizer_files, train_tokenizer
 
 TEXT = [
@@ -106,3 +112,50 @@ def test_a_template_without_a_system_role_is_refused_only_with_a_system_prompt(
     assert "the chat template refuses system messages (System role not supported)" in caplog.text
     with pytest.raises(ValueError, match="^data.system_prompt is set, but the model's chat"):
         check_template(llama2, "Be kind.")
+
+
+# Qwen2.5's shape: its own system prompt when the conversation has none.
+QWEN_DEFAULT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+QWEN = (
+    "{%- if messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\n" + QWEN_DEFAULT + "<|im_end|>\\n' }}{%- endif %}"
+    "{% for m in messages %}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_a_templates_own_system_prompt_opens_every_window(tmp_path, monkeypatch) -> None:
+    """Serving always gets the template's default system prompt; training used to see it only
+    in a conversation's first window. Now every window (every row here) opens with it, and a
+    conversation's own system message still wins."""
+    tok = train_tokenizer(TEXT, vocab_size=300)
+    tok.chat_template = QWEN
+    assert template_system_prompt(tok) == QWEN_DEFAULT
+    assert template_system_prompt(llama2_like := train_tokenizer(TEXT, vocab_size=300)) is None
+    llama2_like.chat_template = LLAMA2
+    assert template_system_prompt(llama2_like) is None  # no system role at all
+    saved = tmp_path / "tok"
+    tok.save_pretrained(saved)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    cfg = DataConfig(seq_len=200, mode="padded")
+    packer = RenderPacker(tokenizer_files(saved), cfg, str(tmp_path / "out"), False)
+    turns = [(role, TEXT[i % 3]) for i in range(4) for role in ("user", "assistant")]
+    convs = [conv("long", *turns), conv("own", ("system", "Be kind."), *turns[:2])]
+    part = pa.table(
+        {
+            "conversation": [c.to_json() for c in convs],
+            "location": ["corpus.jsonl:1", "corpus.jsonl:2"],
+            "split": ["train"] * 2,
+            "hash": ["0123456789abcdef0123"] * 2,
+        }
+    )
+    stats = packer.write_shard("train", part)
+    assert stats["conversations"] == 2 and json.loads(stats["rejects"]) == []
+    staged = tmp_path / "out" / "train" / "_blocks" / "part-0123456789abcdef.parquet"
+    rows = pq.read_table(staged).column("input_ids").to_pylist()
+    texts = sorted(tok.decode(ids, skip_special_tokens=False) for ids in rows)
+    opening = f"<|im_start|>system\n{QWEN_DEFAULT}<|im_end|>\n<|im_start|>"
+    assert len(texts) == 5  # 4 windows of "long", 1 of "own"
+    assert [t.startswith(opening) for t in texts].count(True) == 4
+    assert sum(t.startswith("<|im_start|>system\nBe kind.") for t in texts) == 1
