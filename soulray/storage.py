@@ -11,6 +11,7 @@ import glob
 import logging
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -129,14 +130,17 @@ def expand_inputs(
     inputs: list[str],
     suffixes: tuple[str, ...],
     key: str = "data.inputs",
-    exclude: str | None = None,
+    exclude: Sequence[str] = (),
 ) -> list[str]:
     """Files, globs and directories (local or remote) -> the sorted, de-duplicated file list;
     `key` names the setting they came from in the error for an entry that matches nothing.
-    Files under `exclude` (prepare's own output inside an input folder) are left out."""
+    Directories and globs leave out the files at or under an `exclude` path (what prepare
+    wrote there earlier); a file named as is is always read."""
     files: list[str] = []
+    left_out: list[str] = []
     for item in inputs:
-        found = _expand_one(item, suffixes, exclude)
+        found, own = _expand_one(item, suffixes, [normalize(p).rstrip("/") for p in exclude])
+        left_out += own
         if found == [normalize(item)] and suffixes and not item.lower().endswith(suffixes):
             packed = item.lower().endswith((".gz", ".zst", ".bz2", ".xz", ".zip"))
             raise ValueError(  # a file named as is, of a kind soulray would misread
@@ -145,36 +149,36 @@ def expand_inputs(
                 + ("decompress it first, e.g. `gunzip -k`)" if packed else "convert it first)")
             )
         if not found:
+            what = "only files an earlier prepare wrote" if own else "no " + "/".join(suffixes)
             raise ValueError(
-                f"{key} entry {item!r} matches no {'/'.join(suffixes)} file; check the "
-                "path (relative paths are relative to the directory you run soulray from)"
+                f"{key} entry {item!r} matches {what} file; check the path (relative paths "
+                "are relative to the directory you run soulray from)"
             )
         files += [f for f in found if f not in files]
+    if left_out:
+        log.warning(
+            "skipping %d file(s) an earlier prepare wrote into data.output_dir (%s, ...)",
+            len(left_out),
+            left_out[0],
+        )
     return files
 
 
-def _expand_one(item: str, suffixes: tuple[str, ...], exclude: str | None) -> list[str]:
-    return [f for f in _expand_all(item, suffixes, exclude) if not _under(f, exclude)]
+def _excluded(path: str, exclude: list[str]) -> bool:
+    return any(path == p or path.startswith(p + "/") for p in exclude)
 
 
-def _under(path: str, directory: str | None) -> bool:
-    return directory is not None and path.startswith(normalize(directory).rstrip("/") + "/")
-
-
-def _expand_all(item: str, suffixes: tuple[str, ...], exclude: str | None) -> list[str]:
+def _expand_one(
+    item: str, suffixes: tuple[str, ...], exclude: list[str]
+) -> tuple[list[str], list[str]]:
+    """(the files an entry names, those of them left out as excluded)."""
     if not any(c in item for c in GLOB_CHARS):
         fs, inner = resolve(item)
         kind = fs.get_file_info(inner).type
         if kind == pafs.FileType.Directory:
-            files = _all_files(item)  # one listing for what is read and what is not
-            own = [f for f, _ in files if _under(f, exclude)]
-            if own:
-                log.warning(
-                    "skipping %d file(s) under data.output_dir %s (prepare's own output)",
-                    len(own),
-                    exclude,
-                )
-                files = [(f, rel) for f, rel in files if not _under(f, exclude)]
+            listed = _all_files(item)  # one listing for what is read and what is not
+            own = [f for f, _ in listed if _excluded(f, exclude)]
+            files = [(f, rel) for f, rel in listed if not _excluded(f, exclude)]
             found = sorted(f for f, rel in files if _listed(f, rel, suffixes))
             skipped = sorted(rel for f, rel in files if _worth_naming(f, rel, suffixes))
             if skipped:
@@ -188,8 +192,16 @@ def _expand_all(item: str, suffixes: tuple[str, ...], exclude: str | None) -> li
                     names,
                     ", ..." if len(skipped) > 5 else "",
                 )
-            return found
-        return [normalize(item)] if kind == pafs.FileType.File else []
+            return found, [f for f in own if f.lower().endswith(suffixes)]
+        return ([normalize(item)] if kind == pafs.FileType.File else []), []
+    matches = _glob(item, suffixes)
+    return [f for f in matches if not _excluded(f, exclude)], [
+        f for f in matches if _excluded(f, exclude)
+    ]
+
+
+def _glob(item: str, suffixes: tuple[str, ...]) -> list[str]:
+    """The files a glob matches, of a suffix."""
     if not is_remote(item):
         matches = sorted(glob.glob(os.path.expanduser(item), recursive=True))
         return [normalize(m) for m in matches if Path(m).is_file() and m.lower().endswith(suffixes)]

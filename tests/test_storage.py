@@ -17,6 +17,7 @@ from soulray import storage
 from soulray.data.formats import FILE_SUFFIXES, split_records
 
 JSONL = (".jsonl",)
+JSON_KINDS = (".jsonl", ".json", ".parquet")
 
 
 def make_tree(root) -> None:
@@ -311,3 +312,28 @@ def test_a_directory_input_names_the_files_it_does_not_read(tmp_path, caplog) ->
         f"warning: {tmp_path}: 3 file(s) not read: only .json/.jsonl files are, and none whose "
         "name or folder starts with '.' or '_' (_b.jsonl, c.jsonl.gz, sub/d.tsv)"
     ]
+
+
+def test_what_an_earlier_prepare_wrote_is_left_out_but_nothing_else(tmp_path, caplog):
+    """data.output_dir may sit inside an input folder, or above it (data.output_dir=.): only
+    the files prepare itself writes there are left out, never the corpus, nor a file named."""
+    from soulray.data.manifest import prepare_outputs
+
+    for name in (
+        "raw/a.jsonl",
+        "train/part=0/r.parquet",
+        "tokenizer/tokenizer.json",
+        "manifest.json",
+    ):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("{}")
+    own = prepare_outputs(str(tmp_path))
+    corpus = str(tmp_path / "raw" / "a.jsonl")
+    assert storage.expand_inputs([str(tmp_path)], JSON_KINDS, exclude=own) == [corpus]
+    assert "skipping 3 file(s) an earlier prepare wrote into data.output_dir" in caplog.text
+    assert storage.expand_inputs([f"{tmp_path}/raw"], JSON_KINDS, exclude=own) == [corpus]
+    assert storage.expand_inputs([f"{tmp_path}/**/*.json*"], JSON_KINDS, exclude=own) == [corpus]
+    named = str(tmp_path / "manifest.json")
+    assert storage.expand_inputs([named], JSON_KINDS, exclude=own) == [named]
+    with pytest.raises(ValueError, match="matches only files an earlier prepare wrote"):
+        storage.expand_inputs([f"{tmp_path}/train"], JSON_KINDS, exclude=own)

@@ -83,7 +83,12 @@ def split_records(path: str, data: bytes) -> Iterator[RawRecord]:
             yield RawRecord(path, stem, None, "", RecordError("invalid_json", "the file is empty"))
         else:
             where = f"line {e.lineno} col {e.colno}: {e.msg}"
-            if text.lstrip("\ufeff \t\r\n").startswith("["):  # an array that does not balance
+            if e.msg == "Extra data":  # two arrays one after the other (files joined with cat)
+                where += (
+                    "; the whole file was skipped: it holds more than one JSON value; merge "
+                    "them into one array, or write one record per line in a .jsonl file"
+                )
+            elif text.lstrip("\ufeff \t\r\n").startswith("["):  # an array that does not balance
                 where += (
                     "; the whole file was skipped: its brackets or quotes do not balance, so its "
                     "records cannot be told apart (fix it there and run again)"

@@ -14,6 +14,16 @@ MANIFEST_FILE = "manifest.json"
 TRAINED_TOKENIZER = "trained"  # the source of a tokenizer trained on the corpus by prepare
 
 
+# everything prepare writes into data.output_dir (`_work` only while it runs)
+OUTPUTS = ("train", "val", "_work", "tokenizer", MANIFEST_FILE, "rejects.jsonl", "config.yaml")
+
+
+def prepare_outputs(data_dir: str) -> list[str]:
+    """The paths prepare writes in `data_dir`: never read back as corpus when the output sits
+    inside (or above) an input folder."""
+    return [storage.join(data_dir, name) for name in OUTPUTS]
+
+
 def manifest_path(data_dir: str) -> str:
     """Where prepare writes the manifest of `data_dir` (local path or s3:// gs:// URI)."""
     return storage.join(data_dir, MANIFEST_FILE)

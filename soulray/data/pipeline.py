@@ -38,7 +38,7 @@ from soulray.data.conversation import (
     count_target_turns,
 )
 from soulray.data.formats import FILE_SUFFIXES
-from soulray.data.manifest import manifest_path, tokenizer_source
+from soulray.data.manifest import manifest_path, prepare_outputs, tokenizer_source
 from soulray.data.pack import Rows, build_rows
 from soulray.data.parse import (
     KeptLoader,
@@ -392,7 +392,7 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     if storage.is_file(out):
         raise ValueError(f"data.output_dir {out} is a file; name a directory (it is created)")
     check_local_model_path(cfg)
-    files = storage.expand_inputs(d.inputs, FILE_SUFFIXES, exclude=out)
+    files = storage.expand_inputs(d.inputs, FILE_SUFFIXES, exclude=prepare_outputs(out))
     log.info("reading %d file(s) into %s", len(files), out)
     settings = ParseSettings(
         format=d.format,
@@ -497,6 +497,12 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
             "answers); raise data.seq_len to train them (replies_without_room in the manifest)",
             without_room,
             d.seq_len,
+        )
+    if stats["train"]["rows"] == 0:  # every train conversation rejected or without room
+        raise ValueError(
+            "no train row was written: each train reply had no room beside its prompt in "
+            f"data.seq_len={d.seq_len} ({without_room} in all) or its conversation was rejected "
+            f"(see {rejects_path}); raise data.seq_len"
         )
     # staged block files -> one file group per partition
     for name, n_files in compact_partitions(out, ["train", "val"], d.seq_len).items():

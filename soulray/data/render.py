@@ -5,7 +5,8 @@ character offsets. Labels are -100 everywhere except the tokens of each trained 
 its content (with the optional "[Strategy] " tag) and the end-of-turn marker that follows it, so
 the model learns both what to say and when to stop. User, system and template tokens are never
 targets. A conversation longer than seq_len is cut into windows at message boundaries so every
-assistant turn is a target exactly once, with as much preceding context as fits.
+assistant turn is a target exactly once, with as much preceding context as fits; one that does
+not fit beside the message it answers is not a target at all (counted by prepare).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from soulray import storage
 from soulray.config import DataConfig, parse_config
 from soulray.data.conversation import Conversation, build_strategy_lookup
 from soulray.data.formats import FILE_SUFFIXES
-from soulray.data.manifest import read_manifest
+from soulray.data.manifest import prepare_outputs, read_manifest
 from soulray.data.parse import ParseSettings, normalize_record
 from soulray.data.ranges import Range, plan_ranges, range_records
 from soulray.eval.config import ContextsConfig
@@ -133,8 +133,9 @@ def source_files(cfg: ContextsConfig) -> list[str]:
     if cfg.source == "prepared":
         assert cfg.prepared_dir is not None
         data = prepared_data_config(cfg.prepared_dir)
-        # as prepare read them: its own output, if inside an input folder, is not corpus
-        return storage.expand_inputs(data.inputs, FILE_SUFFIXES, PREPARED_INPUTS, data.output_dir)
+        # as prepare read them: its own output (prepared_dir), if inside an input, is not corpus
+        own = prepare_outputs(cfg.prepared_dir)
+        return storage.expand_inputs(data.inputs, FILE_SUFFIXES, PREPARED_INPUTS, own)
     return storage.expand_inputs(cfg.inputs, FILE_SUFFIXES, "eval.contexts.inputs")
 
 

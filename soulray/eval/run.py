@@ -47,15 +47,15 @@ def warm_up() -> None:
 
 
 def generate_task(
-    endpoints: dict[str, EndpointConfig], contexts: list[Context]
+    endpoints: dict[str, EndpointConfig], asks: dict[str, list[Context]]
 ) -> dict[str, list[dict]]:
-    """Every context answered by each model of one server (one task per server)."""
+    """Each model of one server answers its contexts (one task per server)."""
     from soulray.eval.modes import generate
 
     async def main() -> dict[str, list[dict]]:
         clients = build_clients(endpoints)
         try:
-            done = await asyncio.gather(*(generate(c, m, contexts) for m, c in clients.items()))
+            done = await asyncio.gather(*(generate(c, m, asks[m]) for m, c in clients.items()))
             return dict(zip(clients, done, strict=True))
         finally:
             await close_all(clients.values())
@@ -250,24 +250,39 @@ def run_turn_mode(
     ray.get(warm)
     clock.done("contexts_s")
     log.info("%d contexts, %d model(s)", len(contexts), len(e.models))
-    asked = fingerprint([c.to_json() for c in contexts])
+    # what the models see: a change of a context's language or reference asks nothing again
+    asked = fingerprint([(c.id, c.messages) for c in contexts])
     replies: dict[str, list[dict[str, Any]]] = {}
-    servers: dict[str, dict[str, EndpointConfig]] = {}
+    todo: dict[str, list[int]] = {}  # per model, the contexts to ask (all, or the failed)
     for m in e.models:
         saved = store.load("replies", m.name, fingerprint(answer_settings(m.endpoint), asked))
-        if saved is not None:
-            replies[m.name] = saved
-        else:
+        if saved is None:
+            todo[m.name] = list(range(len(contexts)))
+            continue
+        replies[m.name] = saved
+        failed = [i for i, row in enumerate(saved) if row["error"] is not None]
+        if failed:  # a timeout or a server that was down: asked again, not reused
+            log.info(
+                "eval --resume: asking %s again for its %d failed replies", m.name, len(failed)
+            )
+            todo[m.name] = failed
+    servers: dict[str, dict[str, EndpointConfig]] = {}
+    for m in e.models:
+        if m.name in todo:
             servers.setdefault(m.endpoint.base_url, {})[m.name] = m.endpoint
     pending = {
-        call(generate_task, endpoints, contexts): endpoints for endpoints in servers.values()
+        call(generate_task, eps, {n: [contexts[i] for i in todo[n]] for n in eps}): eps
+        for eps in servers.values()
     }
     while pending:  # each server's replies saved as soon as they are in
         [ref], _ = ray.wait(list(pending))
         for name, rows in ray.get(ref).items():
+            merged = list(replies.get(name) or [{}] * len(contexts))  # {}: each asked now
+            for i, row in zip(todo[name], rows, strict=True):
+                merged[i] = row
             fp = fingerprint(answer_settings(pending[ref][name]), asked)
-            store.save("replies", name, fp, rows)
-            replies[name] = rows
+            store.save("replies", name, fp, merged)
+            replies[name] = merged
         del pending[ref]
     replies = {m.name: replies[m.name] for m in e.models}
     clock.done("generate_s")
@@ -284,9 +299,13 @@ def run_turn_mode(
         e.judge.retries,
         pairwise,
         asked,
+        [m.name for m in e.models],  # the pairs' order
         texts,
     )
     saved = store.load("judge", "all", judged)
+    if saved is not None and judge_endpoint_failed(saved["scores"], saved["pairs"]):
+        log.info("eval --resume: the saved judge phase has endpoint failures; running it again")
+        saved = None
     if saved is None:
         args = (e.judge.endpoint, rubric, e.judge.retries, pairwise, contexts, replies)
         scores, pairs = ray.get(call(judge_task, *args))
@@ -295,6 +314,15 @@ def run_turn_mode(
         scores, pairs = saved["scores"], saved["pairs"]
     clock.done("judge_s")
     return contexts, replies, scores, pairs
+
+
+def judge_endpoint_failed(scores: dict[str, list[Any]], pairs: list[dict[str, Any]]) -> bool:
+    """Whether a judge phase has items the judge's endpoint failed (not its unusable answers):
+    such a phase is not reused, since asking again may now succeed."""
+    judgements = [j for rows in scores.values() for j in rows if j is not None]
+    for p in pairs:
+        judgements += [c[order] for c in p["comparisons"] for order in ("first", "swapped")]
+    return any(str(j.get("error") or "").startswith("endpoint:") for j in judgements)
 
 
 def run_interactive(
@@ -315,6 +343,9 @@ def run_interactive(
         load_prompts(e.interactive.seeker_prompts, "eval.interactive.seeker_prompts"),
     )
     dialogues = store.load("dialogues", "all", fp)
+    if dialogues is not None and any(d["error"] for ds in dialogues.values() for d in ds):
+        log.info("eval --resume: the saved dialogues have endpoint failures; running them again")
+        dialogues = None
     if dialogues is None:
         dialogues = ray.get(call(interactive_task, e, rubric, scenarios))
         store.save("dialogues", "all", fp, dialogues)

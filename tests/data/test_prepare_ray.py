@@ -357,7 +357,7 @@ def test_an_output_inside_an_input_folder_is_not_read_back_and_a_failed_run_leav
     out = corpus / "prepared"
     first = run_prepare(quickstart_config([str(corpus)], out))
     again = run_prepare(quickstart_config([str(corpus)], out))  # its Parquet is there now
-    assert "skipping 16 file(s) under data.output_dir" in caplog.text  # Parquet, manifest, ...
+    assert "skipping 13 file(s) an earlier prepare wrote into data.output_dir" in caplog.text
     assert "not read" not in caplog.text  # its config.yaml and tokenizer files not named
     assert (again["records"], again["rejected"]) == (first["records"], {}) == (30, {})
     # a run that fails leaves no manifest behind: train must not take the older data as its own
@@ -383,3 +383,19 @@ def test_a_missing_model_path_and_an_empty_train_split_are_refused_by_name(ray_l
         run_prepare(quickstart_config(["jobs/data/sample_en.jsonl"], a_file))
     with pytest.raises(ValueError, match="the train split is empty: data.val_fraction=0.99 sent"):
         run_prepare(quickstart_config(["jobs/data/sample_en.jsonl"], out, "data.val_fraction=0.99"))
+
+
+def test_a_train_split_left_without_rows_is_refused(ray_local, tmp_path):
+    """The split is non-empty when parsed, but its only reply has no room beside its prompt:
+    no manifest is written for data that would train nothing."""
+    messages = [
+        {"role": "user", "content": "I keep going over it in my head. " * 150},
+        {"role": "assistant", "content": "That is a lot to carry."},
+    ]
+    corpus = tmp_path / "one.jsonl"
+    corpus.write_text(json.dumps({"messages": messages}) + "\n")
+    out = tmp_path / "out"
+    cfg = quickstart_config([str(corpus)], out, "data.seq_len=256", "data.val_fraction=0")
+    with pytest.raises(ValueError, match="no train row was written: each train reply had no room"):
+        run_prepare(cfg)
+    assert not (out / "manifest.json").exists()

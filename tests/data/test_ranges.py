@@ -162,6 +162,13 @@ def test_an_array_that_does_not_balance_says_the_whole_file_was_skipped(tmp_path
     (raw,) = split_records(str(path), path.read_bytes())
     assert (loc, record, reason) == (str(path), None, "invalid_json")
     assert "the whole file was skipped: its brackets or quotes do not balance" in raw.error.detail
+    one = '[{"messages": []},\n{"messages": []}]\n'
+    path.write_text(one + one)  # two files joined with cat
+    (raw,) = split_records(str(path), path.read_bytes())
+    assert raw.error.detail == (
+        "line 3 col 1: Extra data; the whole file was skipped: it holds more than one JSON "
+        "value; merge them into one array, or write one record per line in a .jsonl file"
+    )
 
 
 def test_a_big_utf16_file_is_one_reject_that_says_so(tmp_path):

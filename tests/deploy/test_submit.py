@@ -63,15 +63,16 @@ def test_the_address_flag_wins_over_the_environment(monkeypatch) -> None:
 
     from soulray.cli import app
 
-    typed, exported = (f"http://127.0.0.1:{free_port()}" for _ in range(2))
+    typed, exported, ray_address = (f"http://127.0.0.1:{free_port()}" for _ in range(3))
     monkeypatch.setenv("RAY_API_SERVER_ADDRESS", exported)
-    monkeypatch.setenv("RAY_ADDRESS", exported)
+    monkeypatch.setenv("RAY_ADDRESS", ray_address)
     result = CliRunner().invoke(app, ["submit", "--address", typed, "--", "soulray", "train"])
     assert result.exit_code == 1
     reason = f"(Failed to connect to Ray at address: {typed})"
     assert f"cannot reach a Ray cluster's job API at {typed} {reason}" in result.output
-    assert exported not in result.output
+    assert exported not in result.output and ray_address not in result.output
     assert os.environ["RAY_API_SERVER_ADDRESS"] == exported  # restored
+    # without the flag: RAY_API_SERVER_ADDRESS first, as Ray's client reads them
     result = CliRunner().invoke(app, ["submit", "--", "soulray", "train"])
     assert (
         f"job API at {exported} (Failed to connect to Ray at address: {exported})" in result.output

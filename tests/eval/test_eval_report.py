@@ -115,3 +115,15 @@ def test_unscored_reasons_keep_an_endpoints_cause():
     assert reason_label("endpoint: connection: cannot reach http://x/v1") == "endpoint: connection"
     assert reason_label("endpoint: http_503: overloaded") == "endpoint: http_503"
     assert reason_label("unparsed: no score for ['Content'] in the answer 'x: y'") == "unparsed"
+
+
+def test_a_saved_judge_phase_with_endpoint_failures_is_not_reused():
+    from soulray.eval.run import judge_endpoint_failed
+
+    scored = {"scores": {"Empathy": 2}, "attempts": 1}
+    unparsed = {"scores": None, "attempts": 3, "error": "unparsed: no JSON object", "raw": "?"}
+    down = {"scores": None, "attempts": 1, "error": "endpoint: http_503: overloaded", "raw": ""}
+    assert not judge_endpoint_failed({"a": [scored, None, unparsed]}, [])  # the judge's own
+    assert judge_endpoint_failed({"a": [scored, down]}, [])
+    pair = {"model_1": "a", "model_2": "b", "comparisons": [{"first": scored, "swapped": down}]}
+    assert judge_endpoint_failed({"a": [scored]}, [pair])

@@ -372,3 +372,31 @@ def test_a_run_that_dies_late_resumes_from_its_saved_phases(
     for part in ("contexts", "replies", "pairwise", "dialogues"):
         assert resumed[part] == report[part], part
     assert resumed["summary"] == report["summary"]
+
+
+def test_a_resumed_run_asks_again_only_what_failed(ray_local, servers, tmp_path):
+    """A server that was down gave failed replies; they are saved, but --resume asks for them
+    again (a failure is no answer to keep), and reuses the other model's answers."""
+    down = {"now": True}
+
+    def flaky(body):
+        return Reply("overloaded", status=503) if down["now"] else Reply(GOOD)
+
+    with ScriptedOpenAI(flaky, model="flaky") as server:
+        config = write_config(
+            tmp_path, servers | {"flaky": server}, {"good": "good", "flaky": "flaky"}
+        )
+        cfg = yaml.safe_load(config.read_text())
+        del cfg["eval"]["judge"]
+        config.write_text(yaml.safe_dump(cfg))
+        assert run_cli("eval", "--config", str(config)).exit_code == 0
+        before = json.loads((tmp_path / "report" / "report.json").read_text())
+        assert before["summary"]["turn"]["flaky"]["failed"] == 6
+        down["now"], asked, good = False, len(server.requests), len(servers["good"].requests)
+        result = run_cli("eval", "--config", str(config), "--resume")
+        assert result.exit_code == 0, result.output
+        assert (len(server.requests) - asked, len(servers["good"].requests) - good) == (6, 0)
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert [r["text"] for r in report["replies"]["flaky"]] == [GOOD] * 6
+    assert report["summary"]["turn"]["flaky"]["failed"] == 0
+    assert report["replies"]["good"] == before["replies"]["good"]
