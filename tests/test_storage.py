@@ -329,7 +329,8 @@ def test_what_an_earlier_prepare_wrote_is_left_out_but_nothing_else(tmp_path, ca
         (tmp_path / name).write_text("{}")
     own = prepare_outputs(str(tmp_path))
     corpus = str(tmp_path / "raw" / "a.jsonl")
-    assert storage.expand_inputs([str(tmp_path)], JSON_KINDS, exclude=own) == [corpus]
+    with caplog.at_level("WARNING", logger="soulray.storage"):
+        assert storage.expand_inputs([str(tmp_path)], JSON_KINDS, exclude=own) == [corpus]
     assert "skipping 3 file(s) an earlier prepare wrote into data.output_dir" in caplog.text
     assert storage.expand_inputs([f"{tmp_path}/raw"], JSON_KINDS, exclude=own) == [corpus]
     assert storage.expand_inputs([f"{tmp_path}/**/*.json*"], JSON_KINDS, exclude=own) == [corpus]
