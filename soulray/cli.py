@@ -439,7 +439,8 @@ def eval_cmd(
             "--resume",
             help="Reuse the phases an earlier run saved in eval.output_dir/phases/ (replies per "
             "model, judge, dialogues) where its settings and contexts were the same; run the "
-            "rest. Without it nothing is reused (the same URL may serve another model now).",
+            "rest, and ask again what an endpoint failed. Without it nothing is reused (the same "
+            "URL may serve another model now).",
         ),
     ] = False,
 ) -> None:
