@@ -289,13 +289,19 @@ def control_token_pattern(tokenizer: Any) -> re.Pattern[str] | None:
     return re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)))
 
 
+def find_control_token(text: str, pattern: re.Pattern[str] | None) -> str | None:
+    """The first special token written in `text` (prepare rejects it, serve answers a 400)."""
+    found = pattern.search(text) if pattern is not None else None
+    return found.group() if found else None
+
+
 def check_control_tokens(conv: Conversation, pattern: re.Pattern[str] | None) -> None:
     for i, m in enumerate(conv.messages):
-        found = pattern.search(m.content) if pattern is not None else None
+        found = find_control_token(m.content, pattern)
         if found:
             raise RecordError(
                 "control_token",
-                f"message {i} ({m.role}) holds {found.group()!r}, a special token of the "
+                f"message {i} ({m.role}) holds {found!r}, a special token of the "
                 "tokenizer: as text it would be encoded as that token (a forged turn, or an end "
                 "of reply in mid-text); remove it from the corpus",
             )

@@ -43,6 +43,10 @@ class PhaseStore:
         self.reused: list[str] = []
         self.saved: list[str] = []
 
+    @staticmethod
+    def _label(phase: str, key: str) -> str:
+        return phase if key == "all" else f"{phase} of {key}"
+
     def _path(self, phase: str) -> str:
         return storage.join(self.dir, f"{phase}.json")
 
@@ -61,7 +65,7 @@ class PhaseStore:
         """The saved value, with --resume and the same fingerprint; else None (run it)."""
         if not self.resume:
             return None
-        label = phase if key == "all" else f"{phase} of {key}"
+        label = self._label(phase, key)
         entry = self._entries(phase).get(key)
         if entry is None:
             log.info("eval --resume: no saved %s; running it", label)
@@ -77,4 +81,4 @@ class PhaseStore:
         entries = self._entries(phase) | {key: {"fingerprint": fp, "value": value}}
         storage.makedirs(self.dir)
         storage.write_text(self._path(phase), json.dumps(entries, ensure_ascii=False))
-        self.saved.append(phase if key == "all" else f"{phase} of {key}")
+        self.saved.append(self._label(phase, key))

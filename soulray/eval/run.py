@@ -254,8 +254,9 @@ def run_turn_mode(
     asked = fingerprint([(c.id, c.messages) for c in contexts])
     replies: dict[str, list[dict[str, Any]]] = {}
     todo: dict[str, list[int]] = {}  # per model, the contexts to ask (all, or the failed)
+    fps = {m.name: fingerprint(answer_settings(m.endpoint), asked) for m in e.models}
     for m in e.models:
-        saved = store.load("replies", m.name, fingerprint(answer_settings(m.endpoint), asked))
+        saved = store.load("replies", m.name, fps[m.name])
         if saved is None:
             todo[m.name] = list(range(len(contexts)))
             continue
@@ -270,20 +271,18 @@ def run_turn_mode(
     for m in e.models:
         if m.name in todo:
             servers.setdefault(m.endpoint.base_url, {})[m.name] = m.endpoint
-    pending = {
-        call(generate_task, eps, {n: [contexts[i] for i in todo[n]] for n in eps}): eps
+    pending = [
+        call(generate_task, eps, {n: [contexts[i] for i in todo[n]] for n in eps})
         for eps in servers.values()
-    }
+    ]
     while pending:  # each server's replies saved as soon as they are in
-        [ref], _ = ray.wait(list(pending))
+        [ref], pending = ray.wait(pending)
         for name, rows in ray.get(ref).items():
             merged = list(replies.get(name) or [{}] * len(contexts))  # {}: each asked now
             for i, row in zip(todo[name], rows, strict=True):
                 merged[i] = row
-            fp = fingerprint(answer_settings(pending[ref][name]), asked)
-            store.save("replies", name, fp, merged)
+            store.save("replies", name, fps[name], merged)
             replies[name] = merged
-        del pending[ref]
     replies = {m.name: replies[m.name] for m in e.models}
     clock.done("generate_s")
     for rows in replies.values():

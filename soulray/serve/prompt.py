@@ -24,7 +24,7 @@ from jinja2 import TemplateError
 
 from soulray import storage
 from soulray.config import CONFIG_FILE, ESCONV_STRATEGIES, Config, ServeConfig
-from soulray.data.render import SERVING_RECORD, build_serving_record
+from soulray.data.render import SERVING_RECORD, build_serving_record, find_control_token
 from soulray.data.tokenizer import load_tokenizer
 from soulray.serve.fetch import fetch_model_dir
 from soulray.serve.schemas import APIError, ChatMessage
@@ -183,12 +183,11 @@ def check_messages(
             )
     out = [{"role": _role(m.role), "content": m.text()} for m in messages]
     for i, message in enumerate(out):
-        text = message["content"]
-        found = control_tokens.search(text) if control_tokens is not None else None
+        found = find_control_token(message["content"], control_tokens)
         if found:
             raise APIError(
                 400,
-                f"messages[{i}].content holds {found.group()!r}, a special token of the model's "
+                f"messages[{i}].content holds {found!r}, a special token of the model's "
                 "tokenizer, which would be read as a turn marker rather than text; remove it",
                 param=f"messages[{i}].content",
             )
