@@ -139,7 +139,16 @@ def expand_inputs(
     files: list[str] = []
     left_out: list[str] = []
     for item in inputs:
-        found, own = _expand_one(item, suffixes, [normalize(p).rstrip("/") for p in exclude])
+        try:
+            found, own = _expand_one(item, suffixes, [normalize(p).rstrip("/") for p in exclude])
+        except OSError as e:
+            if not is_remote(item):
+                raise
+            raise ValueError(  # pyarrow's error, without a traceback through the listing
+                f"{key} entry {item!r} cannot be listed: {e}. Check the bucket's name, that "
+                "this machine reaches the object store, and its credentials (for s3: "
+                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE, and AWS_REGION)"
+            ) from None
         left_out += own
         if found == [normalize(item)] and suffixes and not item.lower().endswith(suffixes):
             packed = item.lower().endswith((".gz", ".zst", ".bz2", ".xz", ".zip"))

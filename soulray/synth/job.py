@@ -121,6 +121,7 @@ class SynthWorker:
             return result_row(scenario, "failed", e.reason, None, time.perf_counter() - start)
         record = to_record(scenario, dialogue, self.sc) if dialogue.status == "ok" else None
         row = result_row(scenario, dialogue.status, dialogue.reason, record, 0.0)
+        row["counts"] = json.dumps(dict(dialogue.counts))  # a dropped one's are reported too
         row |= {"prompt_tokens": dialogue.prompt_tokens, "turns": dialogue.turns}
         row |= {"completion_tokens": dialogue.completion_tokens}
         row["elapsed_s"] = time.perf_counter() - start
@@ -135,6 +136,7 @@ def result_row(
         "status": status,
         "reason": reason,
         "record": json.dumps(record, ensure_ascii=False) if record else "",
+        "counts": "{}",
         "prompt_tokens": 0,
         "completion_tokens": 0,
         "turns": 0,
@@ -288,7 +290,7 @@ def consume(
         if outcome == "failed":
             store.write_failed(row["id"], row["reason"])
         elif outcome == "dropped":
-            store.write_dropped(row["id"], row["reason"])
+            store.write_dropped(row["id"], row["reason"], json.loads(row["counts"]))
         else:
             record = json.loads(row["record"])
             twin = index.add_if_new(row["id"], dialogue_text(record))
@@ -296,6 +298,6 @@ def consume(
                 store.write_dialogue(record)
                 outcome = "written"
             else:
-                store.write_dropped(row["id"], "near_duplicate")
+                store.write_dropped(row["id"], "near_duplicate", record["metadata"]["counts"])
                 outcome = "dropped"
         progress.add(outcome, row)

@@ -1,7 +1,7 @@
 """The output directory: dialogue shards that `soulray prepare` reads, bookkeeping it skips.
 
     <output_dir>/part-00000.jsonl ...     one dialogue a line, OpenAI `messages` + metadata
-    <output_dir>/_synth/dropped.jsonl     {"id", "reason"} of dialogues made but not kept
+    <output_dir>/_synth/dropped.jsonl     {"id", "reason", "counts"} of dialogues made, not kept
     <output_dir>/_synth/failed.jsonl      {"id", "reason"} of scenarios a backend failed
     <output_dir>/_synth/synth_report.json, *.png, config.yaml
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -36,6 +37,8 @@ def report_path(output_dir: str) -> str:
 class StoredState:
     records: list[dict[str, Any]] = field(default_factory=list)  # written dialogues
     dropped: dict[str, str] = field(default_factory=dict)  # id -> reason
+    # the roleplay's counts (retries, fallbacks, broken rules) summed over the dropped dialogues
+    dropped_counts: Counter[str] = field(default_factory=Counter)
     failed: dict[str, str] = field(default_factory=dict)  # id -> latest reason, not yet made
 
     @property
@@ -66,6 +69,7 @@ class OutputStore:
             state.records += read_lines(path)
         for row in read_lines(self.meta / "dropped.jsonl"):
             state.dropped[row["id"]] = row["reason"]
+            state.dropped_counts.update(row.get("counts", {}))
         made = state.finished
         for row in read_lines(self.meta / "failed.jsonl"):
             if row["id"] not in made:
@@ -82,8 +86,11 @@ class OutputStore:
         write_line(self._shard, record)
         self._shard_lines += 1
 
-    def write_dropped(self, scenario_id: str, reason: str) -> None:
-        write_line(self._meta_file("dropped.jsonl"), {"id": scenario_id, "reason": reason})
+    def write_dropped(
+        self, scenario_id: str, reason: str, counts: dict[str, int] | None = None
+    ) -> None:
+        row: dict[str, Any] = {"id": scenario_id, "reason": reason, "counts": counts or {}}
+        write_line(self._meta_file("dropped.jsonl"), row)
 
     def write_failed(self, scenario_id: str, reason: str) -> None:
         write_line(self._meta_file("failed.jsonl"), {"id": scenario_id, "reason": reason})

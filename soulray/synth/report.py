@@ -43,7 +43,8 @@ def build_report(state: StoredState, strategies: list[str], run: dict[str, Any])
             "supporter": lengths_by_language(records, "assistant"),
             "seeker": lengths_by_language(records, "user"),
         },
-        "quality": dict(sorted(counts.items())),
+        "quality": dict(sorted(counts.items())),  # over the written dialogues
+        "quality_dropped": dict(sorted(state.dropped_counts.items())),  # over the dropped ones
         "run": run,
     }
 

@@ -242,3 +242,38 @@ def test_a_timeout_fails_only_the_scenarios_it_hits(ray_local, tmp_path) -> None
     }
     records = OutputStore(str(tmp_path / "out")).load().records
     assert [r["metadata"]["scenario"]["language"] for r in records] == ["en", "en"]
+
+
+class EmptyFirstReply(ScriptedRoles):
+    """The Supporter's first reply is empty: every dialogue is dropped before min_turns."""
+
+    def supporter(self, messages: list[dict[str, str]]) -> str:
+        return "" if not any(m["role"] == "assistant" for m in messages[1:]) else "ok"
+
+
+def test_the_report_counts_what_happened_in_dropped_dialogues_too(ray_local, tmp_path) -> None:
+    """Counselor retries and broken rules inside a dropped dialogue used to vanish from the
+    report (it summed only the written ones): they are in quality_dropped and dropped.jsonl."""
+    out = tmp_path / "out"
+    roles = EmptyFirstReply(counselor=lambda k, attempt: "not json" if attempt == 0 else None)
+    with ScriptedOpenAI(roles) as server:
+        report = run_synth(synth_config(out, server.url, 3))
+    assert report["dialogues"]["written"] == 0
+    assert report["dialogues"]["dropped"] == {"empty_supporter": 3}
+    assert report["quality"] == {}
+    assert report["quality_dropped"] == {
+        "counselor_fallback": 0,
+        "counselor_invalid_json": 3,
+        "counselor_retried_ok": 3,
+        "empty_supporter": 3,
+    }
+    assert roles.calls == {"seeker": 3, "counselor": 6, "supporter": 3}
+    rows = [json.loads(x) for x in (out / "_synth" / "dropped.jsonl").read_text().splitlines()]
+    assert [r["counts"] for r in rows] == [
+        {
+            "counselor_invalid_json": 1,
+            "counselor_fallback": 0,
+            "counselor_retried_ok": 1,
+            "empty_supporter": 1,
+        }
+    ] * 3
