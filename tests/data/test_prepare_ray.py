@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from raw_recount import recount
 from soulray_testing import shared_path
 from transformers import AutoTokenizer
 
@@ -182,8 +183,32 @@ def read_split(out: Path, split: str):
     return [pq.read_table(f) for f in files]
 
 
+def recount_real_inputs() -> Counter:
+    """raw_recount.py's counts over the fixture's real inputs (all but extra.jsonl)."""
+    soulchat = [
+        json.loads(shared_path(f"soulchat/{name}").read_text("utf-8"))
+        for name in ("soulchatcorpus_card_example.json", "psydtcorpus_readme_example.json")
+    ]
+    esconv = json.loads(shared_path("esconv/FailedESConv.json").read_text("utf-8"))
+    smile = [
+        json.loads(p.read_text("utf-8"))
+        for p in sorted(shared_path("smile/dialogs").glob("[78]*.json"))
+    ]
+    return recount(soulchat, "messages") + recount(esconv, "esconv") + recount(smile, "smile")
+
+
 def test_manifest_counts_match_the_inputs(prepared):
     _, m, _, _ = prepared
+    real = recount_real_inputs()
+    assert [real[k] for k in ("records", "kept", "turns", "targets", "merged", "rejected")] == [
+        2 + 196 + 22,
+        2 + 196 + 21,
+        43 + 3968 + 237,
+        21 + 1908 + 116,
+        1262 + 4,
+        1,
+    ]
+    assert (real["empty"], real["strategies_dropped"]) == (0, 276)
     # independent raw-JSON counts: SoulChat 2 records (43 turns, 21 targets); FailedESConv 196
     # (3,968 turns after 1,262 merges, 1,908 targets, "Direct Guidance" x11); SMILE [78]*.json
     # 22 files (74.json has no counselor turn; 237 turns after 4 merges, 116 targets); extra.jsonl
@@ -264,6 +289,8 @@ def test_tokens_equal_a_local_render_of_the_kept_conversations(prepared):
     assert m["replies_without_room"] == sum(cut.values()) == 0  # at seq_len 1536, none
     # independent: FailedESConv targets whose first label maps to Question: 389, plus the
     # extra ShareGPT record's "Questions"; Others (Other + Direct Guidance): 324
+    real = recount_real_inputs()
+    assert (real["strategy.Question"], real["strategy.Others"]) == (389, 324)
     assert tag_counts == {"[Question] ": 390, "[Others] ": 324}
 
 
