@@ -50,6 +50,7 @@ class ScriptedOpenAI:
         self.model = model
         self.requests: list[dict[str, Any]] = []
         self.auth: list[str | None] = []  # each request's Authorization header
+        self.model_lists = 0  # GET /v1/models requests answered
         self.in_flight = 0  # requests being answered now (touched only on the server's loop)
         self.peak_in_flight = 0
         self._port = port
@@ -99,6 +100,7 @@ class ScriptedOpenAI:
         self._port = site._server.sockets[0].getsockname()[1]  # the port the OS chose
 
     async def _models(self, request: web.Request) -> web.Response:
+        self.model_lists += 1
         return web.json_response(
             {
                 "object": "list",

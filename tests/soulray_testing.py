@@ -68,8 +68,11 @@ def assert_hang_ups_free_the_row(url: str, headers: dict, counters, messages: li
         assert after["live_rows"] == 0 and after["kv_width"] == 0
         # Cancellation lands within Serve's disconnect detection (a few hundred ms after the
         # hang-up: measured 3-22 steps streamed and 203-279 not, where the 0.3 s before the
-        # client's timeout count too); without it the row would run all `full` steps.
-        assert sum(after["step_sizes"].values()) - before < 0.8 * full, stream
+        # client's timeout count too); without it the row would run all `full` steps. Steps
+        # in a fixed time are a larger share of `full` on a faster machine, so the bound keeps
+        # room: half for a stream (measured 2 % at most), 0.8 for the 0.3 s wait (28 %).
+        ran = sum(after["step_sizes"].values()) - before
+        assert ran < (0.5 if stream else 0.8) * full, (stream, ran, full)
 
 
 RETRAIN_TEST = "test_safety_train.py::test_retraining_reproduces_the_shipped_weights"

@@ -27,12 +27,31 @@ def test_every_job_yaml_loads_and_names_its_command(path):
     assert set(tree) <= set(Config.model_fields)
     header = path.read_text(encoding="utf-8").split("\n\n")[0]
     assert header.startswith("#") and f"--config jobs/{path.name}" in header
-    # every section the YAML sets is what was loaded (nothing silently defaulted away)
+    # every value the YAML sets, at any depth, is what was loaded (nothing defaulted away)
     dumped = cfg.model_dump(mode="json")
-    for section, values in tree.items():
-        for key, value in (values or {}).items():
-            if not isinstance(value, dict):
-                assert dumped[section][key] == value, f"{section}.{key}"
+    leaves = list(yaml_leaves(tree))
+    assert leaves  # a config that sets nothing would check nothing
+    for where, value in leaves:
+        assert dumped_at(dumped, where) == value, ".".join(map(str, where))
+
+
+def yaml_leaves(node, where: tuple = ()):
+    """(path, value) of every leaf of a YAML tree: a scalar, a list of scalars (compared whole),
+    an empty mapping. A path steps through mapping keys and the indexes of a list of mappings."""
+    if isinstance(node, list) and any(isinstance(v, dict) for v in node):
+        for i, value in enumerate(node):
+            yield from yaml_leaves(value, (*where, i))
+    elif isinstance(node, dict) and node:
+        for key, value in node.items():
+            yield from yaml_leaves(value, (*where, key))
+    else:
+        yield where, node
+
+
+def dumped_at(dumped, where: tuple):
+    for key in where:
+        dumped = dumped[key]
+    return dumped
 
 
 @pytest.mark.parametrize("path", JOB_FILES, ids=lambda p: p.name)

@@ -1,9 +1,10 @@
 """Format adapters on the real corpora in ../shared/data, with exact counts of every defect.
 
-Every expected number below was derived independently of soulray: a throwaway script read the raw
-JSON with plain `json` and applied the cleaning rules by hand (strip, drop empty turns, merge
+Every expected number below was derived independently of soulray: raw_recount.py reads the raw
+JSON with plain `json` and applies the cleaning rules by hand (strip, drop empty turns, merge
 consecutive turns of one role keeping the first strategy, reject conversations with no assistant
-turn after the first user turn, dedupe by roles + contents). soulray agreed on every number.
+turn after the first user turn, dedupe by roles + contents), and
+test_the_adapters_agree_with_the_raw_recount compares it with soulray on every corpus.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from raw_recount import recount
 from soulray_testing import shared_path
 
 from soulray.config import StrategyConfig
@@ -83,6 +85,51 @@ def adapt(paths: list[Path], fmt: str = "auto") -> Adapted:
             out.empty += stats.empty_turns
             out.unknown.update(stats.unknown_strategies)
     return out
+
+
+CORPORA = {  # name: (files, the raw format)
+    "soulchat": (
+        ["soulchat/soulchatcorpus_card_example.json", "soulchat/psydtcorpus_readme_example.json"],
+        "messages",
+    ),
+    "smile": (["smile/dialogs"], "smile"),
+    "emollm": (["emollm/data.json"], "xtuner"),
+    "esconv": (["esconv/FailedESConv.json"], "esconv"),
+}
+
+
+@pytest.mark.parametrize("name", list(CORPORA))
+def test_the_adapters_agree_with_the_raw_recount(name):
+    names, kind = CORPORA[name]
+    paths = [p for n in names for p in sorted_files(shared_path(n))]
+    records = []
+    for path in paths:
+        data = json.loads(path.read_text("utf-8"))
+        records += data if kind in ("xtuner", "esconv") else [data]
+    a = adapt(paths)
+    replies = [m for c in a.kept for m in c.messages if m.role == "assistant"]
+    counted = Counter(
+        records=a.records,
+        raw_turns=a.raw_turns,
+        kept=len(a.kept),
+        turns=a.turns,
+        merged=a.merged,
+        empty=a.empty,
+        targets=a.targets,
+        assistant=len(replies),
+        assistant_first=sum(c.messages[0].role == "assistant" for c in a.kept),
+        rejected=a.reasons.get("no_assistant_turn", 0),
+        duplicate=a.reasons.get("duplicate", 0),
+    )
+    counted.update(f"label.{m.strategy}" for m in replies if m.strategy and kind == "esconv")
+    expected = recount(records, kind)
+    for key in [k for k in expected if k.startswith(("strategy", "strategies_"))]:
+        del expected[key]  # what the prepare job reports (test_prepare_ray.py compares them)
+    assert +counted == expected
+
+
+def sorted_files(path: Path) -> list[Path]:
+    return sorted(path.glob("*.json")) if path.is_dir() else [path]
 
 
 def test_soulchat_messages_records():

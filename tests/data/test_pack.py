@@ -85,12 +85,23 @@ def random_lengths(seed: int, n: int, high: int) -> list[int]:
     return [rng.randint(1, high) for _ in range(n)]
 
 
-@pytest.mark.parametrize(("seed", "n", "seq_len"), [(0, 200, 64), (1, 57, 100), (2, 500, 512)])
-def test_packed_rows_keep_every_sequence_whole(seed, n, seq_len):
-    seqs = make_sequences(random_lengths(seed, n, seq_len))
+@pytest.mark.parametrize(
+    ("seed", "n", "seq_len", "n_rows"), [(0, 200, 64, 100), (1, 57, 100, 31), (2, 500, 512, 265)]
+)
+def test_packed_rows_keep_every_sequence_whole(seed, n, seq_len, n_rows):
+    """n_rows: pack_bins' count for these lengths (the volume bound is 99, 29 and 259; the
+    sequences over half a row, which no two can share, are 96, 29 and 263)."""
+    lengths = random_lengths(seed, n, seq_len)
+    seqs = make_sequences(lengths)
     rows = build(seqs, seq_len, PAD, packed=True)
     check_rows(seqs, rows, seq_len)
-    assert len(rows.input_ids) >= math.ceil(sum(rows.num_tokens) / seq_len)
+    in_rows = sorted(
+        sorted(ids[s] // 10000 for s, _ in row_segments(rows, r))
+        for r, ids in enumerate(rows.input_ids)
+    )
+    assert in_rows == sorted(sorted(b) for b in pack_bins(lengths, seq_len))  # a row per bin
+    assert len(rows.input_ids) == n_rows
+    assert n_rows >= max(sum(x > seq_len // 2 for x in lengths), math.ceil(sum(lengths) / seq_len))
     firsts = [
         min(ids[s] // 10000 for s, _ in row_segments(rows, r))
         for r, ids in enumerate(rows.input_ids)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from soulray_testing import SOULRAY
 
 ROOT = Path(__file__).resolve().parents[2]
-SOULRAY = ROOT / ".venv" / "bin" / "soulray"
 
 GOOD_1 = {
     "id": "good-1",
@@ -53,10 +53,12 @@ LINES = [
 
 
 def run_prepare_cli(*args: str) -> subprocess.CompletedProcess:
-    if not SOULRAY.exists():
-        pytest.skip(f"{SOULRAY} is absent (run `make test`, which installs the package)")
+    assert Path(SOULRAY).exists(), (
+        f"{SOULRAY} is absent: install the package into this interpreter's environment "
+        "(`make test` does: pip install -e '.[dev]')"
+    )
     env = os.environ | {"RAY_ADDRESS": "local"}  # a fresh local Ray, never someone else's
-    cmd = [str(SOULRAY), "prepare", "--config", "jobs/quickstart.yaml", *args]
+    cmd = [SOULRAY, "prepare", "--config", "jobs/quickstart.yaml", *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 

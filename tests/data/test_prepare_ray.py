@@ -7,6 +7,7 @@ test_formats.py, summed over the inputs used here.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections import Counter
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from raw_recount import recount
 from soulray_testing import shared_path
 from transformers import AutoTokenizer
 
@@ -41,6 +43,36 @@ def normalized(paths: list[str], val_fraction: float) -> list[dict]:
 
 
 # Split -------------------------------------------------------------------------------------
+# The documented rule (soulray/data/parse.py split_of, Conversation.content_hashes), written
+# again here: blake2b-128 over "role\0content\1" of each message up to and including the first
+# user turn; val when its first 8 hex digits / 2**32 < val_fraction; a seed s rehashes it as
+# blake2b-32 of f"{s}:{hash}" first.
+
+
+def opening_hash(messages: list[tuple[str, str]]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for role, content in messages:
+        h.update(role.encode() + b"\x00" + content.encode() + b"\x01")
+        if role == "user":
+            break
+    return h.hexdigest()
+
+
+def side(opening: str, val_fraction: float, seed: int = 0) -> str:
+    if seed:
+        opening = hashlib.blake2b(f"{seed}:{opening}".encode(), digest_size=4).hexdigest()
+    return "val" if int(opening[:8], 16) / 2**32 < val_fraction else "train"
+
+
+def emollm_sides(val_fraction: float) -> list[str]:
+    """Each EmoLLM record's side, from the raw JSON: its system prompt and first input."""
+    records = json.loads(shared_path("emollm/data.json").read_text("utf-8"))
+    sides = []
+    for record in records:
+        first = record["conversation"][0]
+        system = [("system", first["system"].strip())] if first.get("system", "").strip() else []
+        sides.append(side(opening_hash([*system, ("user", first["input"].strip())]), val_fraction))
+    return sides
 
 
 def test_split_is_deterministic_and_respects_the_fraction_on_emollm():
@@ -48,8 +80,9 @@ def test_split_is_deterministic_and_respects_the_fraction_on_emollm():
     first = [(r["hash"], r["split"]) for r in normalized([path], 0.1)]
     again = [(r["hash"], r["split"]) for r in normalized([path], 0.1)]
     assert first == again
+    assert [split for _, split in first] == emollm_sides(0.1)  # record by record
     val = sum(split == "val" for _, split in first)
-    assert val == 147  # observed; 9.2 % of 1,596 (binomial sd 0.75 %), inside the band below
+    assert val == 147  # 9.2 % of 1,596 (binomial sd 0.75 %), inside the band below
     assert 0.07 <= val / 1596 <= 0.13
 
 
@@ -58,16 +91,19 @@ def test_split_fraction_on_a_large_generated_input():
         Conversation(str(i), "gen", None, [Message("user", f"q {i}"), Message("assistant", "a")])
         for i in range(20000)
     ]
+    openings = [opening_hash([("user", f"q {i}")]) for i in range(20000)]
     for fraction, expected in ((0.05, 1051), (0.1, 2042), (0.5, 9953)):
         val = sum(split_of(c.split_hash(), fraction) == "val" for c in convs)
-        assert val == expected  # observed
+        assert val == expected == sum(side(h, fraction) == "val" for h in openings)
         assert abs(val / 20000 - fraction) < 0.01  # at least 2.8 binomial sd at these fractions
     assert {split_of(c.split_hash(), 0.0) for c in convs} == {"train"}
     # data.seed draws another split of the same size; seed 0 is the default split
     default = {c.id for c in convs if split_of(c.split_hash(), 0.1) == "val"}
     seeded = {c.id for c in convs if split_of(c.split_hash(), 0.1, seed=7) == "val"}
     assert {c.id for c in convs if split_of(c.split_hash(), 0.1, seed=0) == "val"} == default
-    assert (len(seeded), len(seeded & default)) == (2038, 220)  # observed: independent draws
+    by_rule = {str(i) for i, h in enumerate(openings) if side(h, 0.1, seed=7) == "val"}
+    assert seeded == by_rule
+    assert (len(seeded), len(seeded & default)) == (2038, 220)  # independent draws
     assert abs(len(seeded) - 2000) < 200 and len(seeded & default) < 400  # ~10 % of 10 % shared
 
 
@@ -86,7 +122,7 @@ def test_same_conversation_never_lands_on_both_sides(tmp_path):
         rows += normalized([str(path)], 0.5)
     assert len({(r["hash"], r["split"]) for r in rows}) == 1
     both = Counter(r["split"] for r in normalized([str(shared_path("emollm/data.json"))], 0.5))
-    assert both == {"val": 804, "train": 792}  # observed; both sides occur at 0.5
+    assert both == Counter(emollm_sides(0.5)) == {"val": 804, "train": 792}  # both sides occur
 
 
 # The Ray Data job --------------------------------------------------------------------------
@@ -147,8 +183,32 @@ def read_split(out: Path, split: str):
     return [pq.read_table(f) for f in files]
 
 
+def recount_real_inputs() -> Counter:
+    """raw_recount.py's counts over the fixture's real inputs (all but extra.jsonl)."""
+    soulchat = [
+        json.loads(shared_path(f"soulchat/{name}").read_text("utf-8"))
+        for name in ("soulchatcorpus_card_example.json", "psydtcorpus_readme_example.json")
+    ]
+    esconv = json.loads(shared_path("esconv/FailedESConv.json").read_text("utf-8"))
+    smile = [
+        json.loads(p.read_text("utf-8"))
+        for p in sorted(shared_path("smile/dialogs").glob("[78]*.json"))
+    ]
+    return recount(soulchat, "messages") + recount(esconv, "esconv") + recount(smile, "smile")
+
+
 def test_manifest_counts_match_the_inputs(prepared):
     _, m, _, _ = prepared
+    real = recount_real_inputs()
+    assert [real[k] for k in ("records", "kept", "turns", "targets", "merged", "rejected")] == [
+        2 + 196 + 22,
+        2 + 196 + 21,
+        43 + 3968 + 237,
+        21 + 1908 + 116,
+        1262 + 4,
+        1,
+    ]
+    assert (real["empty"], real["strategies_dropped"]) == (0, 276)
     # independent raw-JSON counts: SoulChat 2 records (43 turns, 21 targets); FailedESConv 196
     # (3,968 turns after 1,262 merges, 1,908 targets, "Direct Guidance" x11); SMILE [78]*.json
     # 22 files (74.json has no counselor turn; 237 turns after 4 merges, 116 targets); extra.jsonl
@@ -229,6 +289,8 @@ def test_tokens_equal_a_local_render_of_the_kept_conversations(prepared):
     assert m["replies_without_room"] == sum(cut.values()) == 0  # at seq_len 1536, none
     # independent: FailedESConv targets whose first label maps to Question: 389, plus the
     # extra ShareGPT record's "Questions"; Others (Other + Direct Guidance): 324
+    real = recount_real_inputs()
+    assert (real["strategy.Question"], real["strategy.Others"]) == (389, 324)
     assert tag_counts == {"[Question] ": 390, "[Others] ": 324}
 
 

@@ -506,8 +506,18 @@ def test_rayservice_serves_what_the_rayjob_exports(target):
 def test_rayservice_workers_can_hold_the_engine_replicas(target):
     (service,) = by_kind(target, "RayService")
     (application,) = serve_config(service)["applications"]
-    engine = Config.model_validate(application["args"]["config"]).serve.engine
+    serve = Config.model_validate(application["args"]["config"]).serve
+    engine = serve.engine
     groups = cluster_spec(service)["workerGroupSpecs"]
+    cpu_max = sum(
+        g["maxReplicas"] * cpus(c["resources"]["limits"]["cpu"])
+        for g in groups
+        for c in g["template"]["spec"]["containers"]
+    )
+    need = engine.autoscaling.max_replicas * engine.num_cpus
+    if serve.resolved_layout() == "two_deployments":  # else the engine runs in the ingress
+        need += serve.ingress.autoscaling.max_replicas * serve.ingress.num_cpus
+    assert cpu_max >= need, f"{cpu_max} worker CPUs at most for {need} needed by max_replicas"
     if engine.num_gpus:
         gpu_max = sum(g["maxReplicas"] * gpus(g["template"]) for g in groups)
         need = engine.autoscaling.max_replicas * engine.num_gpus

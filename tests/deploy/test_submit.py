@@ -4,6 +4,7 @@ config typo fails with the config error in its logs; `down` leaves no process be
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -17,6 +18,18 @@ from soulray.train.launch import storage_problem
 
 __all__ = ["local_cluster"]  # the fixture, imported for use here
 SOULRAY = str(ROOT / ".venv" / "bin" / "soulray") if (ROOT / ".venv").exists() else "soulray"
+
+
+def initial_state(data_dir: str) -> dict:
+    """The quickstart model's weights before training (the seeded init), for the data's
+    tokenizer."""
+    from soulray.config import load_config
+    from soulray.train.data import load_run_tokenizer
+    from soulray.train.model import build_model_config, load_initial_state
+
+    cfg = load_config(ROOT / "jobs" / "quickstart.yaml", [f"data.output_dir={data_dir}"])
+    tokenizer = load_run_tokenizer(data_dir)
+    return load_initial_state(cfg, build_model_config(cfg.model, tokenizer), "sdpa")
 
 
 def test_entrypoint_runs_the_uploaded_package_and_rejects_non_soulray_commands() -> None:
@@ -143,6 +156,12 @@ def test_submit_prepare_and_train_then_a_bad_config(local_cluster, tmp_path) -> 
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     logits = model(torch.tensor([[1, 2, 3]])).logits
     assert logits.shape == (1, 3, model.config.vocab_size) and torch.isfinite(logits).all()
+    # the export is the trained model: at the configured step, every parameter moved
+    assert json.loads((out / "model" / "metrics.json").read_text())["step"] == 4
+    initial = initial_state(f"{out}/data")
+    trained = model.state_dict()
+    assert set(trained) == set(initial)
+    assert [k for k in initial if torch.equal(trained[k], initial[k])] == []
 
     bad = run(
         SOULRAY,

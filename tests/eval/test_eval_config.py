@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from scripted_openai import ScriptedOpenAI
 from soulray_testing import ROOT
 
 from soulray.config import ConfigError, load_config
@@ -31,42 +32,56 @@ def test_config_errors_name_the_key(overrides, message):
         load_config(None, overrides)
 
 
-def models(*names: str) -> list[dict]:
-    return [
-        {"name": n, "endpoint": {"base_url": "http://127.0.0.1:1/v1", "model": n}} for n in names
-    ]
+@pytest.fixture
+def server():
+    """An endpoint that records what it is asked: the checks below must ask it nothing."""
+    with ScriptedOpenAI(lambda body: "unused") as scripted:
+        yield scripted
 
 
-def test_run_checks_before_any_request(monkeypatch):
+def assert_never_asked(server: ScriptedOpenAI) -> None:
+    assert (server.requests, server.model_lists) == ([], 0)
+
+
+def models(*names: str, base_url: str = "http://127.0.0.1:1/v1") -> list[dict]:
+    return [{"name": n, "endpoint": {"base_url": base_url, "model": n}} for n in names]
+
+
+def test_run_checks_before_any_request(monkeypatch, server):
+    url = server.url
     contexts = {"source": "files", "inputs": [SAMPLE]}
     with pytest.raises(ValueError, match="eval.models is empty"):
         check_config(EvalConfig(contexts=contexts), None)
     with pytest.raises(ValueError, match="nothing to evaluate"):
-        check_config(EvalConfig(models=models("a")), None)
+        check_config(EvalConfig(models=models("a", base_url=url)), None)
     with pytest.raises(ValueError, match="needs a Seeker"):
-        check_config(EvalConfig(models=models("a"), interactive={"enabled": True}), None)
+        check_config(
+            EvalConfig(models=models("a", base_url=url), interactive={"enabled": True}), None
+        )
     with pytest.raises(ValueError, match="must name one of eval.models"):
-        check_config(EvalConfig(models=models("a", "b"), contexts=contexts), "c")
-    keyed = models("a")
+        check_config(EvalConfig(models=models("a", "b", base_url=url), contexts=contexts), "c")
+    keyed = models("a", base_url=url)
     keyed[0]["endpoint"]["api_key_env"] = "SOULRAY_TEST_ABSENT_KEY"
     monkeypatch.delenv("SOULRAY_TEST_ABSENT_KEY", raising=False)
     with pytest.raises(ValueError, match="SOULRAY_TEST_ABSENT_KEY is not set"):
         check_config(EvalConfig(models=keyed, contexts=contexts), None)
     missing = {"source": "files", "inputs": ["nowhere.jsonl"]}  # found before Ray starts
     with pytest.raises(ValueError, match="^eval.contexts.inputs entry 'nowhere.jsonl' matches no"):
-        check_config(EvalConfig(models=models("a"), contexts=missing), None)
+        check_config(EvalConfig(models=models("a", base_url=url), contexts=missing), None)
     not_prepared = {"source": "prepared", "prepared_dir": "/nowhere"}
     with pytest.raises(ValueError, match="is not a `soulray prepare` output"):
-        check_config(EvalConfig(models=models("a"), contexts=not_prepared), None)
+        check_config(EvalConfig(models=models("a", base_url=url), contexts=not_prepared), None)
+    assert_never_asked(server)
 
 
-def test_the_gate_is_checked_before_any_request():
+def test_the_gate_is_checked_before_any_request(server):
     """A gate that cannot be computed is refused up front, not after every reply is in."""
     contexts = {"source": "files", "inputs": [SAMPLE]}
-    judge = {"endpoint": {"base_url": "http://127.0.0.1:1/v1", "model": "judge"}}
+    judge = {"endpoint": {"base_url": server.url, "model": "judge"}}
 
     def check(gate, **more):
-        cfg = {"models": models("new", "old"), "contexts": contexts, "judge": judge}
+        cfg = {"models": models("new", "old", base_url=server.url), "contexts": contexts}
+        cfg["judge"] = judge
         check_config(EvalConfig.model_validate(cfg | {"gate": gate} | more), "old")
 
     check({"metric": "judge_total"})
@@ -101,12 +116,13 @@ def test_the_gate_is_checked_before_any_request():
     for gate, more, says in refused:
         with pytest.raises(ValueError, match=re.escape(says)):
             check(gate, **more)
+    assert_never_asked(server)
 
 
-def test_interactive_settings_are_checked_before_any_request(tmp_path):
+def test_interactive_settings_are_checked_before_any_request(tmp_path, server):
     contexts = {"source": "files", "inputs": [SAMPLE]}
-    judge = {"endpoint": {"base_url": "http://127.0.0.1:1/v1", "model": "judge"}}
-    cfg = {"models": models("a"), "contexts": contexts, "judge": judge}
+    judge = {"endpoint": {"base_url": server.url, "model": "judge"}}
+    cfg = {"models": models("a", base_url=server.url), "contexts": contexts, "judge": judge}
     with pytest.raises(ValueError, match="languages"):
         EvalConfig.model_validate(cfg | {"interactive": {"enabled": True, "languages": []}})
     missing = str(tmp_path / "seeker.yaml")
@@ -115,6 +131,7 @@ def test_interactive_settings_are_checked_before_any_request(tmp_path):
         ValueError, match=r"^eval.interactive.seeker_prompts=.*seeker.yaml: no such"
     ):
         check_config(EvalConfig.model_validate(cfg | {"interactive": on}), None)
+    assert_never_asked(server)
 
 
 def test_interactive_scenarios_rotate_the_attitudes():

@@ -274,5 +274,7 @@ def test_recall_and_false_positive_floors(screen, safety_report, name):
         f"{name}: recall {recall:.1%} on {len(crisis)} crisis messages, "
         f"false-positive rate {fpr:.1%} on {len(ordinary)} ordinary messages"
     )
+    n, _, m, _ = MEASURED[name]
+    assert (len(crisis), len(ordinary)) == (n, m)  # dropping a missed message is no gain
     floor, ceiling = FLOORS[name]
     assert recall >= floor and fpr <= ceiling

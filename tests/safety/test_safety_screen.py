@@ -244,6 +244,7 @@ def test_every_user_message_is_screened_and_the_scan_window_is_configurable(scre
     a = assess(screen, turns)
     assert a.flagged and a.category == "suicide" and a.locale == "en-US"
     narrow = build_screen(SafetyConfig(scan_user_turns=2, classifier=False))
+    assert assess(narrow, turns[:2]).flagged  # the lexicon flags it inside the window
     assert not assess(narrow, turns).flagged
 
 
@@ -267,8 +268,17 @@ def test_help_lines_follow_the_category_and_the_language(screen):
     assert "12356" in fixed_reply(screen, suicide_zh)
 
 
-@pytest.mark.parametrize("lang,most", [("en", 30), ("zh", 42)])
-def test_the_lexicon_alone_flags_few_ordinary_training_messages(lexicon_only, lang, most):
+# What the lexicon alone flags in the training data (safety/dataset.py's `written`), as
+# (flagged, of): when that data or the lexicon changes, re-measure and update these numbers
+# (and say why in the docstring below).
+LEXICON_FLAGS = {
+    "en": {"ordinary": (30, 3897), "crisis": (668, 3861)},
+    "zh": {"ordinary": (42, 3983), "crisis": (779, 3981)},
+}
+
+
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_the_lexicon_alone_flags_few_ordinary_training_messages(lexicon_only, lang):
     """The lexicon always flags, so it must hold only what states crisis by itself: of the
     hand-written ordinary messages (idioms, grief, news, a worried friend, jokes), it flagged
     27 of 1,106 (en) and 28 of 1,160 (zh) when topic words left it (was 102 and 102, ~10 %).
@@ -307,15 +317,22 @@ def test_the_lexicon_alone_flags_few_ordinary_training_messages(lexicon_only, la
     3,983 at first, one new: "放心，我没想伤害自己", a negation the guard did not know (没想);
     with 没想 added to the negation guard, 42 (the crisis messages it flags: 779 of 3,981, the
     same as before)."""
-    ordinary = [t for t, label, _ in written(lang) if label == "none"]
-    assert sum(assess(lexicon_only, [t]).flagged for t in ordinary) <= most
+    rows = written(lang)
+    measured = {}
+    for kind, texts in (
+        ("ordinary", [t for t, label, _ in rows if label == "none"]),
+        ("crisis", [t for t, label, _ in rows if label != "none"]),
+    ):
+        measured[kind] = (sum(assess(lexicon_only, [t]).flagged for t in texts), len(texts))
+    assert measured == LEXICON_FLAGS[lang]
 
 
-def test_thresholds_come_from_config():
+def test_thresholds_come_from_config(screen):
+    veiled = ["I feel like there's no way forward and I keep picturing it"]
+    shipped = assess(screen, veiled)
+    assert shipped.flagged and shipped.category == "suicide"  # the shipped thresholds flag it
     strict = build_screen(SafetyConfig(thresholds={"suicide": 1.01, "self_harm": 1.01}))
-    assert not assess(
-        strict, ["I feel like there's no way forward and I keep picturing it"]
-    ).flagged
+    assert not assess(strict, veiled).flagged
     with pytest.raises(ValueError, match="unknown categories"):
         build_screen(SafetyConfig(thresholds={"despair": 0.5}))
 

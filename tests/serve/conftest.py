@@ -18,19 +18,3 @@ def tiny_model(tiny_export):
     from soulray.serve.generate import load_model
 
     return load_model(str(tiny_export), None, "auto")
-
-
-_SAFETY_LINES: list[str] = []
-
-
-@pytest.fixture(scope="session")
-def safety_report():
-    """Record a safety measurement; all of them are printed in the run's terminal summary."""
-    return _SAFETY_LINES.append
-
-
-def pytest_terminal_summary(terminalreporter):
-    if _SAFETY_LINES:
-        terminalreporter.section("crisis screen: recall and false-positive rates")
-        for line in _SAFETY_LINES:
-            terminalreporter.write_line(line)

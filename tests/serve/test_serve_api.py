@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+from importlib import resources
 
 import httpx
 import pytest
 from openai import AsyncOpenAI
+from starlette.requests import ClientDisconnect
 
 from soulray.config import ServeConfig
 from soulray.endpoints import ChatResult, EndpointError, served_words, without_help_lines
@@ -40,6 +42,22 @@ class ScriptedEngine:
                 raise self.fail
             for i, piece in enumerate(REPLY):
                 yield Delta(piece, i + 1, "stop" if i == len(REPLY) - 1 else None)
+
+
+HELPLINES = json.loads(
+    resources.files("soulray.safety").joinpath("data/helplines.json").read_text("utf-8")
+)
+
+
+def help_paragraph(locale: str, category: str) -> str:
+    """The help lines for `category` as the serve docs describe them: the locale's header,
+    then each line for that category or for all ("- name: contact (note)")."""
+    lines = [
+        f"- {h['name']}: {h['contact']} ({h['note']})"
+        for h in HELPLINES["resources"][locale]
+        if not h["categories"] or category in h["categories"]
+    ]
+    return "\n".join([HELPLINES["header"][locale], *lines])
 
 
 def make_api(tiny_export, tmp_path, engine=None, **serve):
@@ -187,8 +205,10 @@ def test_crisis_message_gets_resources_and_the_flag(tiny_export, tmp_path, mode)
     assert "12356" not in kept and kept in content
     if mode == "augment":
         assert kept == "What happened today?"  # the scripted engine's reply, exactly
-    else:
-        assert content.startswith(kept) and len(kept) > 10  # the fixed safe reply's text
+        assert content == f"{help_paragraph('zh-CN', 'suicide')}\n\n{kept}"
+    else:  # the configured (built-in) fixed reply, then the zh-CN header and suicide lines
+        assert kept == HELPLINES["fixed_reply"]["zh-CN"]
+        assert content == f"{kept}\n\n{help_paragraph('zh-CN', 'suicide')}"
     # synth, with soulray serve as a role's backend, stores only the model's words
     result = ChatResult(content, 0, 0, extra={"safety": out["safety"]})
     if mode == "augment":
@@ -243,31 +263,39 @@ def test_error_paths_are_openai_shaped_and_the_server_keeps_serving(tiny_export,
     api, _ = make_api(tiny_export, tmp_path, max_request_bytes=2048, max_tokens_limit=64)
     post = "/v1/chat/completions"
     ok = {"messages": [{"role": "user", "content": "hi"}]}
-    cases = [
-        (400, dict(content=b"{not json")),
-        (400, dict(json={"model": "soulray"})),
-        (400, dict(json={"messages": []})),
-        (400, dict(json={"messages": [{"role": "wizard", "content": "hi"}]})),
-        (400, dict(json={"messages": [{"role": "assistant", "content": "hi"}]})),
-        (400, dict(json={**ok, "max_tokens": 65})),
-        (400, dict(json={**ok, "n": 9})),  # over serve.max_choices
-        (400, dict(json={**ok, "frobnicate": 1})),  # not an OpenAI field
-        (400, dict(json={**ok, "seed": 2**64})),  # past a signed 64-bit int
-        (400, dict(json={**ok, "seed": -(2**63) - 1})),
-        (400, dict(json={**ok, "logit_bias": {"²": 1}})),  # a digit, not a token id
-        (400, dict(json={**ok, "logit_bias": {"٣": 1}})),
-        (400, dict(json={**ok, "logit_bias": {"9" * 50: 1}})),  # more digits than any token id
-        (400, dict(json={**ok, "max_tokens": "5"})),  # strict types, as OpenAI's API
-        (400, dict(json={**ok, "stream": "yes"})),
-        (400, dict(json={**ok, "stream_options": {"include_usage": True}})),  # without stream
-        (400, dict(json={**ok, "response_format": {"type": "bogus"}})),
-        (415, dict(content=b'{"messages": []}', headers={"content-type": "text/plain"})),
-        (400, dict(json={"messages": [*ok["messages"], {"role": "system", "content": "late"}]})),
-        (404, dict(json={**ok, "model": "gpt-9"})),
-        (413, dict(json={"messages": [{"role": "user", "content": "x" * 4000}]})),
+    cases = [  # (status, the error's param, the request)
+        (400, None, dict(content=b"{not json")),
+        (400, "messages", dict(json={"model": "soulray"})),
+        (400, "messages", dict(json={"messages": []})),
+        (400, "messages[0].role", dict(json={"messages": [{"role": "wizard", "content": "hi"}]})),
+        (400, "messages", dict(json={"messages": [{"role": "assistant", "content": "hi"}]})),
+        (400, "max_tokens", dict(json={**ok, "max_tokens": 65})),
+        (400, "n", dict(json={**ok, "n": 9})),  # over serve.max_choices
+        (400, "seed", dict(json={**ok, "seed": 2**64})),  # past a signed 64-bit int
+        (400, "seed", dict(json={**ok, "seed": -(2**63) - 1})),
+        (400, "logit_bias", dict(json={**ok, "logit_bias": {"²": 1}})),  # a digit, not an id
+        (400, "logit_bias", dict(json={**ok, "logit_bias": {"٣": 1}})),
+        (400, "logit_bias", dict(json={**ok, "logit_bias": {"9" * 50: 1}})),  # too many digits
+        (400, "max_tokens", dict(json={**ok, "max_tokens": "5"})),  # strict types, as OpenAI
+        (400, "stream", dict(json={**ok, "stream": "yes"})),
+        (400, "stream_options", dict(json={**ok, "stream_options": {"include_usage": True}})),
+        (400, "response_format.type", dict(json={**ok, "response_format": {"type": "bogus"}})),
+        (
+            415,
+            "Content-Type",
+            dict(content=b'{"messages": []}', headers={"content-type": "text/plain"}),
+        ),
+        (
+            400,
+            "messages[1].role",
+            dict(json={"messages": [*ok["messages"], {"role": "system", "content": "late"}]}),
+        ),
+        (404, "model", dict(json={**ok, "model": "gpt-9"})),
+        (413, None, dict(json={"messages": [{"role": "user", "content": "x" * 4000}]})),
     ]
-    for status, kwargs in cases:
-        assert_openai_error(call(api, "POST", post, **kwargs), status)
+    for status, param, kwargs in cases:
+        error = assert_openai_error(call(api, "POST", post, **kwargs), status)
+        assert error["param"] == param, (kwargs, error)
     newer = assert_openai_error(
         call(api, "POST", post, json={**ok, "max_completion_tokens": 65}), 400
     )
@@ -392,8 +420,9 @@ def test_a_client_gone_while_a_send_waits_closes_the_engine_stream(
                 raise OSError("the client went away")
 
     async def go():
-        with pytest.raises(Exception):  # noqa: B017, PT011 (Starlette's ClientDisconnect)
+        with pytest.raises(ClientDisconnect) as gone:  # Starlette's, raised from our OSError
             await api(scope, receive, send)
+        assert isinstance(gone.value.__context__, OSError)
         return engine.closed, engine.sent  # before the loop runs anything else
 
     with caplog.at_level("INFO", logger="ray.serve.soulray"):

@@ -54,7 +54,15 @@ def test_serve_build_writes_a_ray_serve_config(tmp_path, tiny_export):
     embedded = Config.model_validate(application.args["config"])
     assert embedded.serve.engine.model_dir == str(tiny_export)
     built = build_app(application.args)  # what `serve deploy` calls with these args
-    assert type(built).__name__ == "Application"
+    # the bound deployment (Ray's Application keeps it in _bound_deployment): hf serves in one
+    # deployment, the Ingress, sized by serve.engine, given the embedded config and no handle
+    deployment = built._bound_deployment
+    assert deployment.name == "Ingress" and len(deployment.init_args) == 1
+    sized = embedded.serve.engine
+    assert deployment.ray_actor_options == {"num_cpus": sized.num_cpus, "num_gpus": sized.num_gpus}
+    assert (sized.num_cpus, embedded.serve.ingress.num_cpus) == (1.0, 0.25)  # not the ingress's
+    assert Config.model_validate(deployment.init_args[0]) == embedded
+    assert deployment.init_args[0]["serve"]["engine"]["model_dir"] == str(tiny_export)
 
 
 def test_an_adapter_on_a_merged_lora_export_is_refused(tmp_path, tiny_export):

@@ -118,8 +118,18 @@ def test_sampling_follows_temperature_and_top_p():
     ]
     share = draws.count(1) / len(draws)
     assert abs(share - 0.75) < 0.04 and 2 not in draws  # p = softmax = [0.25, 0.75, ~0]
+    cooler = [
+        sample(logits, [GenRequest("x", [], 1, 0.5, 1.0)], [_seeded(i)])[0] for i in range(2000)
+    ]
+    # T = 0.5 squares the odds: p ~ [1, 3**2, ~0] -> 0.9 for token 1 (binomial sd 0.007)
+    assert abs(cooler.count(1) / len(cooler) - 0.9) < 0.03 and 2 not in cooler
     top = [sample(logits, [GenRequest("x", [], 1, 1.0, 0.5)], [_seeded(i)])[0] for i in range(50)]
     assert set(top) == {1}  # top_p 0.5 keeps only the most likely token
+    three = torch.log(torch.tensor([[0.2, 0.5, 0.3]]))
+    kept = [sample(three, [GenRequest("x", [], 1, 1.0, 0.7)], [_seeded(i)])[0] for i in range(2000)]
+    # top_p 0.7: 0.5 alone is short of it, 0.5 + 0.3 reaches it: tokens 1 and 2 are kept and
+    # renormalised to 0.625 / 0.375; token 0 (0.2) is never drawn
+    assert set(kept) == {1, 2} and abs(kept.count(1) / len(kept) - 0.625) < 0.04
     assert sample(logits, [GenRequest("x", [], 1, 0.0, 1.0)], [_seeded(0)]) == [1]  # greedy
 
 

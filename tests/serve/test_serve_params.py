@@ -475,12 +475,19 @@ def test_a_forged_turn_marker_in_a_message_is_an_openai_400(client):
 
 
 def test_ignored_fields_are_accepted(client):
+    """The fields soulray accepts and ignores change nothing: the greedy reply and its usage
+    are those of the same request without them."""
+    plain = client.chat.completions.create(
+        model="soulray", messages=HELLO, max_tokens=4, temperature=0
+    )
     out = client.chat.completions.create(
-        model="soulray", messages=HELLO, max_tokens=4, user="u-1", metadata={"a": "b"},
-        store=False, service_tier="auto", parallel_tool_calls=False, response_format={
-            "type": "text"}, modalities=["text"], prompt_cache_key="k",
+        model="soulray", messages=HELLO, max_tokens=4, temperature=0, user="u-1",
+        metadata={"a": "b"}, store=False, service_tier="auto", parallel_tool_calls=False,
+        response_format={"type": "text"}, modalities=["text"], prompt_cache_key="k",
     )  # fmt: skip
-    assert out.choices[0].finish_reason in ("stop", "length")
+    assert out.choices[0].message.content == plain.choices[0].message.content
+    assert out.choices[0].finish_reason == plain.choices[0].finish_reason
+    assert out.usage == plain.usage and out.usage.completion_tokens <= 4
 
 
 def test_the_noop_engine_refuses_logprobs_and_answers_n_times(tiny_export, tmp_path):

@@ -93,7 +93,9 @@ def test_a_special_token_in_a_message_is_a_400_naming_it(tiny_model):
     assert (e.value.status, e.value.param) == (400, "messages[0].content")
     assert "holds '<|im_end|>', a special token" in e.value.message
     ok = msgs(("user", "I typed <im_end> and |im_start| by mistake"))
-    assert check_messages(ok, ServeConfig(), None, None, control_token_pattern(tok))
+    assert check_messages(ok, ServeConfig(), None, None, control_token_pattern(tok)) == [
+        {"role": "user", "content": "I typed <im_end> and |im_start| by mistake"}
+    ]
 
 
 def test_strategy_tag_split_across_pieces():
@@ -123,7 +125,8 @@ def test_strategy_absent_unknown_and_forced():
     plain = StrategyParser(TAXONOMY, enabled=True, forced=None)
     assert plain.push("No tag here", final=True) == "No tag here" and plain.strategy is None
     bracket = StrategyParser(TAXONOMY, enabled=True, forced=None)
-    assert bracket.push("[just a bracket with no end", final=True).startswith("[just")
+    assert bracket.push("[just a bracket with no end", final=True) == "[just a bracket with no end"
+    assert bracket.strategy is None
     made_up = StrategyParser(TAXONOMY, enabled=True, forced=None)
     assert made_up.push("[question] Why?", final=True) == "Why?"
     assert made_up.strategy == "Question"  # canonical spelling

@@ -92,7 +92,7 @@ def test_openai_client_whole_and_streamed(client):
     chunks = list(
         client.chat.completions.create(
             model="soulray",
-            messages=ask("still here"),
+            messages=ask("I had a rough day"),
             max_tokens=8,
             seed=1,
             stream=True,
@@ -100,12 +100,21 @@ def test_openai_client_whole_and_streamed(client):
         )
     )
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert chunks[-1].usage.completion_tokens <= 8
+    # the same seeded request streamed: the same text, finish reason and usage
+    pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert "".join(pieces) == out.choices[0].message.content
+    finish = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert finish == [out.choices[0].finish_reason]
+    assert chunks[-1].usage == out.usage
     assert [m.id for m in client.models.list().data] == ["soulray"]
 
 
 def test_bad_requests_get_openai_errors_and_serving_continues(served, client):
     post, auth = f"{served}/v1/chat/completions", {"Authorization": f"Bearer {KEY}"}
+    greedy = {"model": "soulray", "messages": ask("hi"), "max_tokens": 4, "temperature": 0}
+    before = client.chat.completions.create(**greedy)
     cases = [
         (400, dict(content=b"{oops", headers=auth)),
         (400, dict(json={"model": "soulray"}, headers=auth)),
@@ -118,7 +127,10 @@ def test_bad_requests_get_openai_errors_and_serving_continues(served, client):
         resp = httpx.post(post, timeout=60, **kwargs)
         assert resp.status_code == status, resp.text
         assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
-    assert client.chat.completions.create(model="soulray", messages=ask("hi"), max_tokens=4)
+    after = client.chat.completions.create(**greedy)  # answered as before the bad requests
+    assert after.choices[0].message.content == before.choices[0].message.content
+    assert after.choices[0].finish_reason == before.choices[0].finish_reason
+    assert after.usage == before.usage
 
 
 def test_concurrent_requests_all_succeed_in_batches(served):

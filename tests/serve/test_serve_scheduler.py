@@ -57,7 +57,7 @@ def test_late_requests_join_the_running_batch(tiny_model):
 
 def test_batch_limit_makes_requests_wait(tiny_model):
     _, tok, _ = tiny_model
-    reqs = [GenRequest(str(i), prompt(tok, "hi"), 5, 0.0, 1.0) for i in range(3)]
+    reqs = [GenRequest(str(i), prompt(tok, f"hi {i}"), 5, 0.0, 1.0) for i in range(3)]
 
     async def go():
         sched = scheduler(tiny_model, 1)
@@ -66,7 +66,10 @@ def test_batch_limit_makes_requests_wait(tiny_model):
         return outs, sched.step_sizes
 
     outs, steps = asyncio.run(go())
-    assert len(outs) == 3 and set(steps) == {1}  # one at a time: never more than one row
+    assert outs == [alone(tiny_model, r) for r in reqs]
+    assert [generate_text(*tiny_model[:2], r, tiny_model[2]).tokens for r in reqs] == [5] * 3
+    # one at a time: 3 requests x 5 tokens, each token one forward pass of one row
+    assert steps == {1: 15}
 
 
 def test_kv_width_is_what_the_live_requests_need_after_a_long_staggered_run(tiny_model):

@@ -29,6 +29,32 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 420) -> No
     raise AssertionError(f"soulray serve did not come up (exit code {proc.poll()})")
 
 
+def greedy_ids(export, text: str, max_tokens: int) -> int | None:
+    """Where the greedy reply to `text` ends its turn (the index of the end-of-turn token among
+    the first `max_tokens` generated), or None: the export run with transformers alone, from
+    the prompt ids the ingress renders with the quickstart's serve section (its prepare())."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from soulray.config import load_config
+    from soulray.serve.app import build_state
+    from soulray.serve.chat import prepare
+    from soulray.serve.schemas import ChatCompletionRequest
+
+    cfg = load_config(QUICKSTART, [f"serve.engine.model_dir={export}"])
+    state = build_state(cfg.serve, str(export), engine=None)
+    request = ChatCompletionRequest(messages=[{"role": "user", "content": text}])
+    prompt = prepare(state, request, "ref").gen.prompt_ids
+    model = AutoModelForCausalLM.from_pretrained(str(export), dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False, eos_token_id=None
+        )
+    ids = out[0, len(prompt) :].tolist()
+    end = state.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return ids.index(end) if end in ids else None
+
+
 def test_sigterm_drains_the_request_in_flight_then_exits_cleanly(tiny_export):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -87,7 +113,11 @@ def test_sigterm_drains_the_request_in_flight_then_exits_cleanly(tiny_export):
     chunks = [json.loads(e) for e in events[:-1]]
     assert not any("error" in c for c in chunks)  # the reply was not cut off
     finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
-    assert finish[-1] in ("stop", "length") and chunks[-1]["usage"]["completion_tokens"] > 0
+    # the drained reply is whole: the greedy reply never ends its turn within 300 tokens
+    # (greedy_ids, in this process), so all 300 came
+    end_of_turn = greedy_ids(tiny_export, "tell me about it", 300)
+    assert end_of_turn is None
+    assert (finish[-1], chunks[-1]["usage"]["completion_tokens"]) == ("length", 300)
     assert proc.returncode == 0, stderr[-3000:]
     assert "stopping: finishing in-flight requests" in stdout and "stopped" in stdout
     assert "Traceback" not in stderr

@@ -205,13 +205,17 @@ def test_an_api_key_exported_after_the_cluster_started_reaches_the_actors(
     """The key is read on the driver and sent to the actors with the job (runtime_env): a
     running cluster's workers never see a variable exported in the shell that submits."""
     monkeypatch.setenv("SOULRAY_TEST_SYNTH_KEY", "sk-late-1")  # Ray is already up
-    with ScriptedOpenAI(ScriptedRoles(stop_after=3)) as server:
+    roles = ScriptedRoles(stop_after=3)
+    with ScriptedOpenAI(roles) as server:
         cfg = synth_config(
             tmp_path / "out", server.url, 1, "synth.roles.seeker.api_key_env=SOULRAY_TEST_SYNTH_KEY"
         )
         report = run_synth(cfg)
     assert report["dialogues"] == {"written": 1, "dropped": {}, "failed": {}, "failed_example": {}}
-    assert set(server.auth) == {"Bearer sk-late-1"} and len(server.auth) >= 5
+    # three Seeker messages (the third ends it), a Counselor and a Supporter turn after each
+    # of the first two: seven requests, every one with the key
+    assert roles.calls == {"seeker": 3, "counselor": 2, "supporter": 2}
+    assert server.auth == ["Bearer sk-late-1"] * 7
     assert "sk-late-1" not in (tmp_path / "out" / "_synth" / "config.yaml").read_text()
 
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,24 @@ def make_config(data: Path, out: Path, name: str, *overrides: str) -> Config:
 def read_metrics(cfg: Config) -> list[dict]:
     path = Path(cfg.train.storage_path, cfg.train.run_name, "metrics.jsonl")
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@torch.no_grad()
+def val_loss(model, data: Path) -> float:
+    """Next-token cross-entropy per target token over the prepared val split (the loop's
+    definition), each packed sequence run alone (as training attends: never across the
+    sequences of a row) through the plain transformers forward."""
+    total, targets = 0.0, 0
+    for path in sorted(data.glob("val/part=*/*.parquet")):
+        for row in pq.read_table(path).to_pylist():
+            used = row["num_tokens"]
+            starts = [i for i, p in enumerate(row["position_ids"][:used]) if p == 0]
+            for a, b in zip(starts, [*starts[1:], used], strict=True):
+                logits = model(input_ids=torch.tensor([row["input_ids"][a:b]])).logits[0, :-1]
+                labels = torch.tensor(row["labels"][a + 1 : b])
+                total += F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+                targets += int((labels != -100).sum())
+    return float(total) / targets
 
 
 def initial_state(cfg: Config) -> dict[str, torch.Tensor]:
@@ -96,6 +115,10 @@ def test_export_loads_generates_and_its_config_reloads(first_run) -> None:
     )
     out = model.generate(**prompt, max_new_tokens=12, do_sample=False)
     assert out.shape[1] > prompt["input_ids"].shape[1]
+    # the export is the model as it ended: its loss on the val split is the run's last val_loss
+    last = read_metrics(cfg)[-1]
+    assert last["step"] == 24
+    assert val_loss(model, Path(cfg.data.output_dir)) == pytest.approx(last["val_loss"], rel=1e-5)
     reloaded = load_config(export / "soulray.yaml")
     assert reloaded.train.steps == 24 and reloaded.data.seq_len == cfg.data.seq_len
     assert json.loads((export / "metrics.json").read_text())["step"] == 24

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -12,6 +13,8 @@ import time
 from pathlib import Path
 
 import psutil
+import pyarrow.parquet as pq
+import torch
 
 from soulray.config import load_config
 
@@ -49,6 +52,24 @@ def command(data: Path, out: Path, port: int) -> list[str]:
 def metrics(out: Path) -> list[dict]:
     path = out / "run" / "metrics.jsonl"
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def rank_rows(data: Path, world: int) -> list[int]:
+    """Training rows per rank: the partitioned feed gives rank r the part=k folders with
+    k % world == r (soulray/train/feed.py)."""
+    rows = [0] * world
+    for path in data.glob("train/part=*/*.parquet"):
+        k = int(path.parent.name.removeprefix("part="))
+        rows[k % world] += pq.read_metadata(path).num_rows
+    return rows
+
+
+def position_after(batches: int, rows: int, micro_batch_size: int) -> tuple[int, int]:
+    """(epoch, micro-batches into it) once `batches` micro-batches were drawn from epochs of
+    ceil(rows / micro_batch_size) each; the last one drawn stays in its epoch."""
+    per_epoch = math.ceil(rows / micro_batch_size)
+    epoch = (batches - 1) // per_epoch
+    return epoch, batches - epoch * per_epoch
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
@@ -99,7 +120,15 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(prepared_quickstart
     saved = load_config(checkpoint / "soulray.yaml")
     assert (saved.train.steps, saved.train.grad_accum) == (STEPS, 2)
     state = json.loads((checkpoint / "soulray_state.json").read_text())
-    assert state["micro_batches"] == 2 * STEPS and state["epoch"] >= 1
+    assert state["micro_batches"] == 2 * STEPS
+    # each rank's data position, from its rows (rank r reads the part=k with k % 2 == r)
+    for rank, rows in enumerate(rank_rows(prepared_quickstart, 2)):
+        if rank == 0:
+            saved_at = (state["epoch"], state["epoch_batch"])
+        else:
+            data = torch.load(checkpoint / f"rng_rank{rank}.pt", weights_only=False)["data"]
+            saved_at = (data["epoch"], data["epoch_batch"])
+        assert saved_at == position_after(2 * STEPS, rows, micro_batch_size=2), rank
     assert sorted(p.name for p in checkpoint.glob("rng_rank*.pt")) == [
         "rng_rank0.pt",
         "rng_rank1.pt",
