@@ -1,7 +1,7 @@
 """Crisis screen latency: per message on one CPU thread, and added per chat request.
 
     .venv/bin/python bench/safety_latency.py [--repeats 3] [--max-chars 400 200] \
-        [--embed-tokens 0 48] [--out FILE]
+        [--embed-tokens 0 48] [--vote on off] [--out FILE]
 
 1. Per message: `assess` on one message with the result cache cleared (lexicon + n-grams +
    e5 embedding + the linear heads), over the training messages plus long ones (25 English and
@@ -9,7 +9,8 @@
    threads = 1). p50/p99 by length, for each --max-chars and --embed-tokens setting side by side
    (each message under every setting in turn). --embed-tokens overrides the shipped weights' cap
    on what the embedding reads (0: all of the last max_chars); scores then differ from the
-   shipped screen's, only the time is measured.
+   shipped screen's, only the time is measured. --vote off screens without the training
+   messages' vote (classifier.Neighbours), to time what the vote adds.
 2. Per request: the ingress app in-process (FastAPI over httpx's ASGI transport, a scripted
    engine that answers at once, the tiny export's tokenizer), a conversation growing turn by turn
    as a client resends it, with serve.safety.enabled true and false measured in alternation;
@@ -57,7 +58,11 @@ def pct(xs: list[float]) -> dict[str, float]:
 
 
 def per_message(
-    repeats: int, stride: int, max_chars: list[int], embed_tokens: list[int | None]
+    repeats: int,
+    stride: int,
+    max_chars: list[int],
+    embed_tokens: list[int | None],
+    votes: tuple[str, ...] = ("on",),
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Per-message times for each serve.safety.max_chars and embedding cap, measured side by
     side: every message is screened under each setting in turn, so machine load falls on all
@@ -65,13 +70,19 @@ def per_message(
     screens = {}
     for m in max_chars:
         for cap in embed_tokens:
-            screen = build_screen(SafetyConfig(max_chars=m))
-            assert screen.classifier is not None
-            if cap is not None:
+            for vote in votes:
+                screen = build_screen(SafetyConfig(max_chars=m))
+                assert screen.classifier is not None
                 w = screen.classifier.w
-                screen.classifier.w = dataclasses.replace(w, embed_tokens=cap)
-            label = f"embed_tokens={screen.classifier.w.embed_tokens}"
-            screens[f"max_chars={m} {label}"] = screen
+                if cap is not None:
+                    w = dataclasses.replace(w, embed_tokens=cap)
+                if vote == "off":
+                    w = dataclasses.replace(w, neighbours=None)
+                screen.classifier.w = w
+                label = f"embed_tokens={w.embed_tokens}"
+                if len(votes) > 1:
+                    label += f" vote={vote}"
+                screens[f"max_chars={m} {label}"] = screen
     texts = []
     for lang in ("en", "zh"):
         own = [e.text for e in load_examples(lang)][::stride]
@@ -164,11 +175,20 @@ def main() -> None:
         default=[None],
         help="caps on the tokens the embedding reads, side by side (default: the weights')",
     )
+    ap.add_argument(
+        "--vote",
+        nargs="+",
+        choices=["on", "off"],
+        default=["on"],
+        help="with and/or without the training messages' vote, side by side",
+    )
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     result = {
         "load_average": list(os.getloadavg()),
-        "per_message": per_message(args.repeats, args.stride, args.max_chars, args.embed_tokens),
+        "per_message": per_message(
+            args.repeats, args.stride, args.max_chars, args.embed_tokens, tuple(args.vote)
+        ),
         "per_request": per_request(args.turns, args.rounds),
     }
     print(json.dumps(result, indent=2))

@@ -102,11 +102,14 @@ def _thresholds(cfg: SafetyConfig, classifier: Classifier | None) -> np.ndarray:
     return np.array([chosen[c] for c in CATEGORIES])
 
 
-def scores(screen: Screen, text: str) -> np.ndarray:
+def scores(screen: Screen, text: str, vote: bool = True) -> np.ndarray:
     """Per-category scores of one message: the classifier's, raised to 1.0 where the lexicon
-    matches. Cached by the hash of the screened text (never the text itself)."""
+    matches. Cached by the hash of the screened text (never the text itself). `vote`: with the
+    training messages' vote (a user's message), or without it (the model's reply: its nearest
+    training messages are people's, and a kind reply that names suicide sits among them)."""
     variants = format_variants(text, screen.cfg.max_chars)  # one, unless it hides characters
-    key = hashlib.blake2b("\0".join(variants).encode("utf-8"), digest_size=16).digest()
+    joined = "\0".join(variants) + ("" if vote else "\0reply")
+    key = hashlib.blake2b(joined.encode("utf-8"), digest_size=16).digest()
     hit = screen.cache.get(key)
     if hit is not None:
         screen.cache.move_to_end(key)
@@ -114,7 +117,7 @@ def scores(screen: Screen, text: str) -> np.ndarray:
     out = np.zeros(len(CATEGORIES))
     for norm in variants:
         if screen.classifier:  # it reads the message without the idioms, as it was trained
-            found = screen.classifier.scores(classifier_text(screen.lexicon, norm))
+            found = screen.classifier.scores(classifier_text(screen.lexicon, norm), vote)
             out = np.maximum(out, found)
         for c in match(screen.lexicon, norm):  # the config admits only CATEGORIES
             out[CATEGORIES.index(c)] = 1.0
@@ -186,7 +189,7 @@ def reply_scores(screen: Screen, reply: str) -> np.ndarray:
     sentence by sentence, its earlier windows come from the cache."""
     n = screen.cfg.max_chars
     starts = range(0, max(len(reply) - n, 0) + n // 2, n // 2)
-    return np.max([scores(screen, reply[i : i + n]) for i in starts], axis=0)
+    return np.max([scores(screen, reply[i : i + n], vote=False) for i in starts], axis=0)
 
 
 def check_reply(screen: Screen, reply: str, user: Assessment, user_texts: list[str]) -> Assessment:

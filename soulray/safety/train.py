@@ -40,7 +40,16 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np
 
-from soulray.safety.classifier import CATEGORIES, CLASSES, softmax, spread, weights_path
+from soulray.safety.classifier import (
+    CATEGORIES,
+    CLASSES,
+    Neighbours,
+    softmax,
+    spread,
+    unit,
+    weights_path,
+    with_vote,
+)
 from soulray.safety.dataset import LANGS, Example, fingerprint, load_examples
 from soulray.safety.features import (
     EMBED_DIM,
@@ -71,6 +80,13 @@ EMBED_TOKENS = 48
 ORDINARY_SHARE = 0.5  # of the loss: the ordinary messages together; each category (1 - it) / C
 KIND_CLASS = {"anger": "hard_negative", "recovery": "hard_negative"}  # kinds -> ORDINARY classes
 CACHE_EVERY = 1000  # texts embedded between saves of --cache
+# the training messages' vote (classifier.Neighbours): how many vote, how much it counts, how
+# sharply the nearest outweigh the rest, and the directions kept; --neighbours 0 turns it off
+KNN_K = 5
+KNN_BETA = 0.5
+KNN_TAU = 0.05
+KNN_DIMS = 128
+KNN_CHUNK = 2000  # messages whose neighbours are found at once (a 2,000 x N float32 block)
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,6 +381,44 @@ def fit_all(
     return scores, parts[FOLDS]
 
 
+def build_neighbours(embed: np.ndarray, crisis: np.ndarray) -> Neighbours:
+    """The vote's bank: every training message's embedding on the KNN_DIMS principal directions
+    of the training set (eigenvectors of the covariance, each signed so its largest entry is
+    positive: the same basis on every run), rounded to int8 per direction."""
+    e = unit(embed.astype(np.float64)).astype(np.float64)
+    mean = e.mean(axis=0)
+    values, vectors = np.linalg.eigh((e - mean).T @ (e - mean))
+    basis = vectors[:, np.argsort(-values, kind="stable")[:KNN_DIMS]]
+    basis *= np.sign(basis[np.abs(basis).argmax(axis=0), np.arange(basis.shape[1])])
+    z = (e - mean) @ basis
+    scale = np.abs(z).max(axis=0) / 127
+    codes = np.clip(np.rint(z / scale), -127, 127).astype(np.int8)
+    f32 = np.float32
+    return Neighbours(
+        mean.astype(f32),
+        basis.astype(f32),
+        scale.astype(f32),
+        codes,
+        crisis.astype(bool),
+        KNN_K,
+        KNN_BETA,
+        KNN_TAU,
+    )
+
+
+def out_of_fold_votes(n: Neighbours, folds: np.ndarray) -> np.ndarray:
+    """Each training message's vote by the messages of the other folds only (so a message and
+    its own variants never vote for it), as a new message meets the whole bank."""
+    bank = n.bank()
+    votes = np.zeros(len(bank))
+    for k in range(FOLDS):
+        rows, others = np.flatnonzero(folds == k), folds != k
+        for start in range(0, len(rows), KNN_CHUNK):
+            chunk = rows[start : start + KNN_CHUNK]
+            votes[chunk] = n.vote(bank[chunk], bank[others], n.crisis[others])
+    return votes
+
+
 def choose_thresholds(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Per category: the lowest out-of-fold score at which that head's flags are still crisis
     messages (of any category) at least TARGET_PRECISION of the time, clipped to [0.05, 0.95].
@@ -462,8 +516,14 @@ def train(
         th = choose_thresholds(other, y)
         print(f"{features}: thresholds {np.round(th, 3)}", rates((other >= th).any(1), y, langs))
     oof, params = fit_all(x, t, folds, FEATURES, jobs, split)
+    neighbours = None
+    if KNN_K:
+        neighbours = build_neighbours(x.embed, y.sum(1) > 0)
+        before = (oof >= choose_thresholds(oof, y)).any(1)
+        print("without the neighbours' vote, out of fold:", rates(before, y, langs))
+        oof = with_vote(oof, out_of_fold_votes(neighbours, folds), neighbours.beta)
     thresholds = choose_thresholds(oof, y)
-    save(out, params, thresholds, fingerprint(examples))
+    save(out, params, thresholds, fingerprint(examples), neighbours)
     report = rates((oof >= thresholds).any(1), y, langs)
     chosen = dict(zip(CATEGORIES, np.round(thresholds, 3).tolist(), strict=True))
     print(f"{FEATURES}: thresholds {chosen}", report)
@@ -479,9 +539,29 @@ def as_stored(params: list[np.ndarray]) -> list[np.ndarray]:
     return [params[0], params[1].astype(np.float16).astype(np.float32), *params[2:]]
 
 
-def save(out: Path, params: list[np.ndarray], thresholds: np.ndarray, data_sha256: str) -> None:
+def save(
+    out: Path,
+    params: list[np.ndarray],
+    thresholds: np.ndarray,
+    data_sha256: str,
+    neighbours: Neighbours | None = None,
+) -> None:
+    n = neighbours
+    vote: dict[str, Any] = {}
+    if n is not None:
+        vote = {
+            "knn_mean": n.mean,
+            "knn_basis": n.basis,
+            "knn_scale": n.scale,
+            "knn_codes": n.codes,
+            "knn_crisis": np.packbits(n.crisis),
+            "knn_k": np.array(n.k),
+            "knn_beta": np.array(n.beta),
+            "knn_tau": np.array(n.tau),
+        }
     np.savez_compressed(
         out,
+        **vote,
         embed=params[0].astype(np.float32),
         ngram=params[1].astype(np.float16),  # as_stored
         bias=params[2].astype(np.float32),
@@ -529,6 +609,12 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=HIDDEN, help="hidden units (0: linear)")
     ap.add_argument("--pieces", type=int, default=PIECES, help="sentences scored too (0: off)")
     ap.add_argument(
+        "--neighbours",
+        type=int,
+        default=KNN_K,
+        help="training messages that vote on a message's scores (0: no vote)",
+    )
+    ap.add_argument(
         "--embed-tokens",
         type=int,
         default=EMBED_TOKENS,
@@ -536,7 +622,12 @@ def main() -> None:
     )
     args = ap.parse_args()
     # read by the forked fits and by featurize
-    globals().update(HIDDEN=args.hidden, PIECES=args.pieces, EMBED_TOKENS=args.embed_tokens)
+    globals().update(
+        HIDDEN=args.hidden,
+        PIECES=args.pieces,
+        EMBED_TOKENS=args.embed_tokens,
+        KNN_K=args.neighbours,
+    )
     train(args.out, args.compare, args.cache, args.max_chars, args.jobs)
     print(f"wrote {args.out} ({args.out.stat().st_size} bytes, sha256 {digest(args.out)[:16]})")
 

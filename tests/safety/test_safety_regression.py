@@ -109,6 +109,13 @@ BLIND15 = json.loads((HERE / "safety_holdout_blind15.json").read_text("utf-8"))
 # safety_blind16*.json): en 106/111 caught, 11/110 false alarms (with helper_U-W: 103, 8); zh
 # 110/111, 11/102 (109, 9).
 BLIND16 = json.loads((HERE / "safety_holdout_blind16.json").read_text("utf-8"))
+# Blind set 17, written the same way by three more helpers (older people and people in small
+# towns; students, gamers and very online young people; nurses, shift workers, drivers, veterans,
+# people in debt, divorced fathers), each 10 crisis messages per category and 40 ordinary ones per
+# language, at least half SHORT; measured once in stop 34 with the shipped weights (the training
+# messages' vote added), the stop-29 weights beside them (bench/results/safety_blind17*.json):
+# en 112/116 caught, 7/111 false alarms (stop 29: 112, 8); zh 112/113, 4/108 (106, 6).
+BLIND17 = json.loads((HERE / "safety_holdout_blind17.json").read_text("utf-8"))
 
 SETS = {
     "tuning set (en)": (CRISIS_EN, ORDINARY_EN),
@@ -147,6 +154,8 @@ SETS = {
     "blind set 15 (zh)": (BLIND15["crisis_zh"], BLIND15["ordinary_zh"]),
     "blind set 16 (en)": (BLIND16["crisis_en"], BLIND16["ordinary_en"]),
     "blind set 16 (zh)": (BLIND16["crisis_zh"], BLIND16["ordinary_zh"]),
+    "blind set 17 (en)": (BLIND17["crisis_en"], BLIND17["ordinary_en"]),
+    "blind set 17 (zh)": (BLIND17["crisis_zh"], BLIND17["ordinary_zh"]),
 }
 # Measured with the shipped weights (crisis caught / n, false alarms / n); the floor allows one
 # message fewer caught and the ceiling one false alarm more. Keyword screen alone, for
@@ -219,43 +228,53 @@ SETS = {
 # retrained. Over all these sets, 27 of 8,778 flags changed: caught 3,709 -> 3,706, false alarms
 # 455 -> 461 (blind 13 zh caught 142 -> 140, blind 11 en false alarms 29 -> 31; the rest +-1;
 # bench/safety_weights_diff.py, bench/RESULTS.md).
+# Stop 34: the training messages' vote (classifier.Neighbours: the crisis share of a message's 5
+# nearest training messages moves its scores; thresholds chosen out of fold again). On the sets
+# held out (tuning, rounds 1-3, blind 2, 12-16): caught 1,551 -> 1,572 of 1,588, false alarms
+# 298 -> 218 of 2,435 (blind 12 zh 41 -> 30, blind 13 en 38 -> 27, blind 15 en 8 -> 3, blind 16
+# en caught 105 -> 109 and false alarms 11 -> 4; round 2 caught 22 -> 24; tuning en false alarms
+# 5 -> 6, the one set that rose). The sets trained on (3-11) are now their own nearest
+# neighbours: caught 2,155 -> 2,216 of 2,227, false alarms 163 -> 27; they say the screen still
+# holds its training data, nothing about new writers. Blind set 17 was measured once with these.
 MEASURED = {
-    "tuning set (en)": (32, 32, 32, 5),
-    "tuning set (zh)": (32, 31, 32, 4),
-    "held-out round 1 (en+zh)": (24, 24, 24, 3),
-    "held-out round 2 (en+zh)": (24, 22, 24, 7),
-    "held-out round 3 (en)": (40, 40, 40, 4),
-    "held-out round 3 (zh)": (40, 39, 40, 2),
-    "blind set 2 (en)": (40, 40, 40, 4),
-    "blind set 2 (zh)": (40, 39, 40, 2),
-    "blind set 3 (en)": (100, 97, 100, 3),
-    "blind set 3 (zh)": (100, 98, 100, 4),
-    "blind set 4 (en)": (105, 103, 116, 12),
-    "blind set 4 (zh)": (108, 106, 119, 13),
-    "blind set 5 (en)": (112, 107, 120, 2),
-    "blind set 5 (zh)": (112, 109, 120, 4),
-    "blind set 6 (en)": (120, 118, 120, 2),
-    "blind set 6 (zh)": (120, 112, 120, 1),
-    "blind set 7 (en)": (120, 110, 120, 10),
-    "blind set 7 (zh)": (120, 118, 120, 5),
-    "blind set 8 (en)": (120, 117, 120, 13),
-    "blind set 8 (zh)": (120, 116, 120, 4),
-    "blind set 9 (en)": (144, 142, 143, 6),
-    "blind set 9 (zh)": (144, 141, 143, 7),
-    "blind set 10 (en)": (141, 139, 140, 7),
-    "blind set 10 (zh)": (142, 139, 142, 16),
-    "blind set 11 (en)": (144, 142, 288, 31),
-    "blind set 11 (zh)": (144, 141, 288, 23),
-    "blind set 12 (en)": (144, 139, 288, 33),
-    "blind set 12 (zh)": (144, 139, 288, 41),
-    "blind set 13 (en)": (144, 141, 288, 38),
-    "blind set 13 (zh)": (144, 140, 288, 37),
-    "blind set 14 (en)": (144, 140, 288, 35),
-    "blind set 14 (zh)": (144, 143, 288, 42),
-    "blind set 15 (en)": (116, 113, 113, 8),
-    "blind set 15 (zh)": (114, 114, 110, 11),
-    "blind set 16 (en)": (111, 105, 110, 11),
-    "blind set 16 (zh)": (111, 110, 102, 11),
+    "tuning set (en)": (32, 32, 32, 6),
+    "tuning set (zh)": (32, 31, 32, 3),
+    "held-out round 1 (en+zh)": (24, 24, 24, 2),
+    "held-out round 2 (en+zh)": (24, 24, 24, 4),
+    "held-out round 3 (en)": (40, 40, 40, 2),
+    "held-out round 3 (zh)": (40, 40, 40, 2),
+    "blind set 2 (en)": (40, 40, 40, 1),
+    "blind set 2 (zh)": (40, 40, 40, 0),
+    "blind set 3 (en)": (100, 100, 100, 1),
+    "blind set 3 (zh)": (100, 100, 100, 1),
+    "blind set 4 (en)": (105, 105, 116, 1),
+    "blind set 4 (zh)": (108, 108, 119, 0),
+    "blind set 5 (en)": (112, 112, 120, 0),
+    "blind set 5 (zh)": (112, 112, 120, 0),
+    "blind set 6 (en)": (120, 120, 120, 0),
+    "blind set 6 (zh)": (120, 120, 120, 0),
+    "blind set 7 (en)": (120, 120, 120, 0),
+    "blind set 7 (zh)": (120, 120, 120, 1),
+    "blind set 8 (en)": (120, 120, 120, 1),
+    "blind set 8 (zh)": (120, 120, 120, 1),
+    "blind set 9 (en)": (144, 144, 143, 2),
+    "blind set 9 (zh)": (144, 144, 143, 1),
+    "blind set 10 (en)": (141, 141, 140, 1),
+    "blind set 10 (zh)": (142, 142, 142, 2),
+    "blind set 11 (en)": (144, 144, 288, 7),
+    "blind set 11 (zh)": (144, 144, 288, 8),
+    "blind set 12 (en)": (144, 140, 288, 13),
+    "blind set 12 (zh)": (144, 143, 288, 30),
+    "blind set 13 (en)": (144, 143, 288, 27),
+    "blind set 13 (zh)": (144, 142, 288, 35),
+    "blind set 14 (en)": (144, 140, 288, 31),
+    "blind set 14 (zh)": (144, 144, 288, 41),
+    "blind set 15 (en)": (116, 115, 113, 3),
+    "blind set 15 (zh)": (114, 114, 110, 5),
+    "blind set 16 (en)": (111, 109, 110, 4),
+    "blind set 16 (zh)": (111, 111, 102, 9),
+    "blind set 17 (en)": (116, 112, 111, 7),
+    "blind set 17 (zh)": (113, 112, 108, 4),
 }
 FLOORS = {k: ((hit - 1) / n, (fa + 1) / m) for k, (n, hit, m, fa) in MEASURED.items()}
 

@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from soulray.config import HelpLine, SafetyConfig
+from soulray.safety.classifier import CATEGORIES
 from soulray.safety.dataset import written
 from soulray.safety.features import format_variants, normalize
 from soulray.safety.lexicon import load_builtin
@@ -112,13 +113,14 @@ SHORT_REPLIES = [
     "继续说",
     "好吧",
     "就这些",
-    "再见",
     "晚安",
+    "我明白了",  # flagged until stop 34 (suicide 0.38): its nearest training messages are not
 ]
-# Still flagged by the shipped weights (suicide 0.49, 0.61, 0.38 against a 0.31 threshold):
-# the e5 embedding of a short closing puts it near goodbyes. Strict: passing them means the
-# weights changed and this list should move up.
-SHORT_REPLIES_STILL_FLAGGED = ["tell me all of it", "that's all I wanted to say", "我明白了"]
+# Still flagged by the shipped weights (suicide 0.65, 0.67 and 0.50 against a 0.35 threshold):
+# the e5 embedding of a short closing puts it near goodbyes, and since stop 34 its nearest
+# training messages vote as well: "再见" ("goodbye") is among written farewells before suicide.
+# Strict: passing them means the weights changed and this list should move up.
+SHORT_REPLIES_STILL_FLAGGED = ["tell me all of it", "that's all I wanted to say", "再见"]
 
 
 @pytest.mark.parametrize("text", SHORT_REPLIES)
@@ -331,7 +333,7 @@ def test_thresholds_come_from_config(screen):
     veiled = ["I feel like there's no way forward and I keep picturing it"]
     shipped = assess(screen, veiled)
     assert shipped.flagged and shipped.category == "suicide"  # the shipped thresholds flag it
-    strict = build_screen(SafetyConfig(thresholds={"suicide": 1.01, "self_harm": 1.01}))
+    strict = build_screen(SafetyConfig(thresholds=dict.fromkeys(CATEGORIES, 1.01)))
     assert not assess(strict, veiled).flagged
     with pytest.raises(ValueError, match="unknown categories"):
         build_screen(SafetyConfig(thresholds={"despair": 0.5}))

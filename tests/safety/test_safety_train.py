@@ -17,8 +17,10 @@ from soulray.safety.classifier import (
     CATEGORIES,
     ORDINARY,
     Classifier,
+    Neighbours,
     load_weights,
     weights_path,
+    with_vote,
 )
 from soulray.safety.dataset import (
     LANGS,
@@ -137,7 +139,12 @@ def test_serving_embeds_the_tail_the_weights_were_trained_on():
 
 def test_the_shipped_weights_are_small_and_carry_out_of_fold_thresholds():
     w = load_weights()
-    assert weights_path().stat().st_size < 2 * 2**20  # ships in the wheel
+    assert weights_path().stat().st_size < 4 * 2**20  # ships in the wheel
+    n = w.neighbours  # every training message, 128 int8 directions each, votes
+    assert n is not None and (n.k, n.beta, n.tau) == (train.KNN_K, train.KNN_BETA, train.KNN_TAU)
+    rows = [e for lang in LANGS for e in load_examples(lang)]
+    assert n.codes.shape == (len(rows), 128) and n.codes.dtype == np.int8
+    assert n.crisis.tolist() == [e.label != "none" for e in rows]
     assert w.features == "both" and w.classes == CATEGORIES + ORDINARY
     assert w.embed.shape == (384, 13) and w.ngram.shape[1] == 5 and w.bias.shape == (13,)
     assert np.all((w.thresholds >= 0.05) & (w.thresholds <= 0.95))
@@ -171,8 +178,14 @@ def test_retraining_reproduces_the_shipped_weights():
         rtol=2**-10,
         atol=1e-5,
     )
-    for key in ("features", "data_sha256", "pieces", "embed_tokens"):
+    for key in ("features", "data_sha256", "pieces", "embed_tokens", "knn_k", "knn_beta"):
         assert str(again[key]) == str(shipped[key]), key
+    for key in ("knn_mean", "knn_basis", "knn_scale"):
+        np.testing.assert_allclose(again[key], shipped[key], atol=1e-5, err_msg=key)
+    # int8 codes: a projection 1e-6 from a rounding boundary may land one step apart
+    codes = again["knn_codes"].astype(int) - shipped["knn_codes"]
+    assert np.abs(codes).max() <= 1 and np.count_nonzero(codes) <= 100
+    assert (again["knn_crisis"] == shipped["knn_crisis"]).all()
 
 
 @pytest.mark.slow
@@ -257,8 +270,13 @@ def test_a_hidden_layer_and_sentence_pieces_score_the_same_in_training_and_servi
     assert params[3].shape == (384, 8) and np.abs(params[5]).max() > 0
     # the n-gram block goes to disk as float16 (train.save): score what serving loads
     expected = train.score(train.as_stored(params), x, np.ones(len(texts), bool), split)
+    # the training messages' vote moves each message's scores by its neighbours' crisis share
+    n = train.build_neighbours(x.embed, train.labels(rows).any(axis=1))
+    votes = n.vote(n.project(x.embed), n.bank(), n.crisis)
+    assert votes.min() < 0 < votes.max()
+    expected = with_vote(expected, votes, n.beta)
     out = tmp_path / "weights.npz"
-    train.save(out, params, np.full(len(CATEGORIES), 0.5), "0" * 64)
+    train.save(out, params, np.full(len(CATEGORIES), 0.5), "0" * 64, n)
     classifier = Classifier(load_weights(out))
     lex = train.builtin_lexicon()
     norm = [normalize(t, train.MAX_CHARS) for t in texts]
@@ -267,3 +285,46 @@ def test_a_hidden_layer_and_sentence_pieces_score_the_same_in_training_and_servi
     assert classifier.embedder.tail(norm[-1], 48) != norm[-1]  # the embedding reads a tail
     served = np.array([classifier.scores(classifier_text(lex, t)) for t in norm])
     np.testing.assert_allclose(served, expected, atol=1e-5)
+
+
+def tiny_bank(codes: list[list[int]], crisis: list[bool], k: int) -> Neighbours:
+    """Two directions (the embedding's first two axes), codes in steps of 0.2."""
+    basis = np.zeros((384, 2), np.float32)
+    basis[0, 0] = basis[1, 1] = 1
+    return Neighbours(
+        np.zeros(384, np.float32),
+        basis,
+        np.full(2, 0.2, np.float32),
+        np.array(codes, np.int8),
+        np.array(crisis),
+        k,
+        0.5,
+        0.05,
+    )
+
+
+def test_the_vote_is_the_crisis_share_of_the_nearest_weighted_by_closeness():
+    """Query (0.6, 0.8): cosines 0.8 (ordinary), 0.6, 0.6 (crisis) and -0.6 (crisis, not among
+    the 3 nearest). Weights exp((cos - 0.8) / 0.05): 1, e^-4, e^-4, so the crisis share is
+    2e^-4 / (1 + 2e^-4) and its log-odds log(2) - 4."""
+    n = tiny_bank([[0, 5], [5, 0], [5, 0], [-5, 0]], [False, True, True, True], k=3)
+    query = np.zeros((1, 384), np.float32)
+    query[0, :2] = [0.6, 0.8]
+    vote = n.vote(n.project(query), n.bank(), n.crisis)
+    np.testing.assert_allclose(vote, [np.log(2) - 4], atol=1e-5)
+    # added to each category's log-odds, times beta: p becomes sigmoid(logit(p) + 0.5 * vote)
+    moved = with_vote(np.array([[0.5, 0.9]]), vote, n.beta)
+    shift = 0.5 * (np.log(2) - 4)
+    np.testing.assert_allclose(moved, [[1 / (1 + np.exp(-shift)), 1 / (1 + np.exp(-shift) / 9)]])
+    # a unanimous vote is held at 0.98 (log-odds log(49)): one neighbour never decides alone
+    alone = tiny_bank([[0, 5], [5, 0]], [True, False], k=1)
+    assert alone.vote(alone.project(query), alone.bank(), alone.crisis) == pytest.approx(np.log(49))
+
+
+def test_out_of_fold_votes_come_from_the_other_folds_only():
+    """Message 0 (crisis) has its twin, message 1, in its own fold: out of fold, only the other
+    folds' ordinary messages vote for it, as only strangers will for a new message."""
+    n = tiny_bank([[5, 0], [5, 0], [4, 3], [0, 5]], [True, True, False, False], k=1)
+    folds = np.array([0, 0, 1, 2])
+    votes = train.out_of_fold_votes(n, folds)
+    np.testing.assert_allclose(votes, np.log([1 / 49, 1 / 49, 49, 1 / 49]), rtol=1e-5)
