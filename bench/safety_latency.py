@@ -80,7 +80,7 @@ def per_message(
                     w = dataclasses.replace(w, neighbours=None)
                 screen.classifier.w = w
                 label = f"embed_tokens={w.embed_tokens}"
-                if len(votes) > 1:
+                if votes != ("on",):
                     label += f" vote={vote}"
                 screens[f"max_chars={m} {label}"] = screen
     texts = []

@@ -14,7 +14,9 @@ difference says how much a new author's messages gain from training on other aut
 Run in stop 21, when the training data was messages_{en,zh}.json alone, the training-only row
 reproduced the then-shipped weights' counts on every set (a check on this script); stop 22 then
 adopted the blind sets and four helpers' sets as training data. Nothing here changes the shipped
-weights. Embeddings are cached in --cache between runs.
+weights. Embeddings are cached in --cache between runs. Since stop 34 each screen includes the
+training messages' vote (classifier.Neighbours) as the trainer builds it; `--neighbours 0`
+measures without it.
 
 `--hold WRITERS` asks the same question the other way round: train on messages_{en,zh}.json and
 every writer's set but these, and screen the union of these (stop 22: the four helpers' sets,
@@ -39,6 +41,7 @@ import numpy as np
 
 import soulray.safety.dataset as dataset
 import soulray.safety.train as T
+from soulray.safety.classifier import Neighbours, with_vote
 from soulray.safety.dataset import LANGS, Example
 
 SETS = (3, 4, 5, 6, 7, 8)  # the blind sets that label each crisis message's category
@@ -50,27 +53,37 @@ def examples_with(writers: list[str]) -> list[Example]:
     return [e for lang in LANGS for e in dataset.build_examples(lang, writers)]
 
 
-def train_screen(
-    examples: list[Example], embedder: T.Embedder, cache: Path, jobs: int
-) -> tuple[list[np.ndarray], np.ndarray]:
-    """The weights and out-of-fold thresholds `python -m soulray.safety.train` would write."""
+Screen = tuple[list[np.ndarray], np.ndarray, Neighbours | None]
+
+
+def train_screen(examples: list[Example], embedder: T.Embedder, cache: Path, jobs: int) -> Screen:
+    """The weights, the training messages' vote and the out-of-fold thresholds
+    `python -m soulray.safety.train` would write."""
     y, t = T.labels(examples), T.targets(examples)
     x = T.featurize([e.text for e in examples], embedder, cache, T.MAX_CHARS, jobs)
-    oof, params = T.fit_all(x, t, T.fold_of([e.group for e in examples]), T.FEATURES, jobs)
-    return params, T.choose_thresholds(oof, y)
+    folds = T.fold_of([e.group for e in examples])
+    oof, params = T.fit_all(x, t, folds, T.FEATURES, jobs)
+    neighbours = T.build_neighbours(x.embed, y.sum(1) > 0) if T.KNN_K else None
+    if neighbours is not None:
+        oof = with_vote(oof, T.out_of_fold_votes(neighbours, folds), neighbours.beta)
+    return params, T.choose_thresholds(oof, y), neighbours
 
 
 def screen_counts(
-    screen: tuple[list[np.ndarray], np.ndarray], held: dict, embedder: T.Embedder, cache: Path
+    screen: Screen, held: dict, embedder: T.Embedder, cache: Path
 ) -> dict[str, dict[str, int]]:
     """Caught and false alarms on one held-out set, classifier or lexicon (what serving does)."""
-    params, thresholds = screen
+    params, thresholds, neighbours = screen
     out = {}
     for lang in LANGS:
         crisis, ordinary = held[f"crisis_{lang}"], held[f"ordinary_{lang}"]
         texts = crisis + ordinary
         hx = T.featurize(texts, embedder, cache, T.MAX_CHARS, 1)
-        scores = np.clip(T.probabilities(T.expand(params, hx), hx), 1e-12, 1 - 1e-12)
+        scores = T.probabilities(T.expand(params, hx), hx)
+        if neighbours is not None:
+            n = neighbours
+            scores = with_vote(scores, n.vote(n.project(hx.embed), n.bank(), n.crisis), n.beta)
+        scores = np.clip(scores, 1e-12, 1 - 1e-12)
         lexicon = T.lexicon_flags(texts)
         flagged = (scores >= thresholds).any(1) | lexicon
         margin = (np.log(scores / (1 - scores)) - np.log(thresholds / (1 - thresholds))).max(1)
@@ -150,8 +163,15 @@ def main() -> None:
     )
     ap.add_argument("--cache", type=Path, default=Path("/tmp/safety_loo_cache.npz"))
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument(
+        "--neighbours",
+        type=int,
+        default=T.KNN_K,
+        help="training messages that vote on a message's scores (0: no vote)",
+    )
     ap.add_argument("--out", type=Path, help="write the counts here as JSON")
     args = ap.parse_args()
+    T.KNN_K = args.neighbours
     if args.add and not args.hold:
         ap.error("--add goes with --hold")
     for path in args.add:

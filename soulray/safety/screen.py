@@ -104,23 +104,29 @@ def _thresholds(cfg: SafetyConfig, classifier: Classifier | None) -> np.ndarray:
 
 def scores(screen: Screen, text: str, vote: bool = True) -> np.ndarray:
     """Per-category scores of one message: the classifier's, raised to 1.0 where the lexicon
-    matches. Cached by the hash of the screened text (never the text itself). `vote`: with the
-    training messages' vote (a user's message), or without it (the model's reply: its nearest
-    training messages are people's, and a kind reply that names suicide sits among them)."""
+    matches. `vote`: with the training messages' vote (a user's message), or without it (the
+    model's reply: its nearest training messages are people's, and a kind reply that names
+    suicide sits among them)."""
+    return score_pair(screen, text)[0 if vote else 1]
+
+
+def score_pair(screen: Screen, text: str) -> np.ndarray:
+    """(2, C): a message's scores with the vote and without it (Classifier.both), each raised
+    to 1.0 where the lexicon matches. Cached by the hash of the screened text (never the text
+    itself)."""
     variants = format_variants(text, screen.cfg.max_chars)  # one, unless it hides characters
-    joined = "\0".join(variants) + ("" if vote else "\0reply")
-    key = hashlib.blake2b(joined.encode("utf-8"), digest_size=16).digest()
+    key = hashlib.blake2b("\0".join(variants).encode("utf-8"), digest_size=16).digest()
     hit = screen.cache.get(key)
     if hit is not None:
         screen.cache.move_to_end(key)
         return hit
-    out = np.zeros(len(CATEGORIES))
+    out = np.zeros((2, len(CATEGORIES)))
     for norm in variants:
         if screen.classifier:  # it reads the message without the idioms, as it was trained
-            found = screen.classifier.scores(classifier_text(screen.lexicon, norm), vote)
+            found = screen.classifier.both(classifier_text(screen.lexicon, norm))
             out = np.maximum(out, found)
         for c in match(screen.lexicon, norm):  # the config admits only CATEGORIES
-            out[CATEGORIES.index(c)] = 1.0
+            out[:, CATEGORIES.index(c)] = 1.0
     screen.cache[key] = out
     if len(screen.cache) > CACHE_SIZE:
         screen.cache.popitem(last=False)
@@ -132,14 +138,15 @@ def assess(screen: Screen, texts: list[str]) -> Assessment:
     if not screen.cfg.enabled or not texts:
         return Assessment()
     window = texts[-screen.cfg.scan_user_turns :] if screen.cfg.scan_user_turns else texts
-    per_message = [scores(screen, t) for t in window]
-    flagged = [i for i, s in enumerate(per_message) if (s >= screen.thresholds).any()]
+    pairs = [score_pair(screen, t) for t in window]
+    flagged = [i for i, p in enumerate(pairs) if (p[0] >= screen.thresholds).any()]
     if not flagged:
         return Assessment()
-    best = np.max([per_message[i] for i in flagged], axis=0)
-    hits = best >= screen.thresholds
-    cats = tuple(c for c, h in zip(CATEGORIES, hits, strict=True) if h)
-    top = max(cats, key=lambda c: best[CATEGORIES.index(c)])
+    best, own = np.max([pairs[i] for i in flagged], axis=0)
+    # The vote decides that a message is crisis, not which kind (it moves every category alike):
+    # the categories are the highest-scored one, and those the classifier names without the vote.
+    top = CATEGORIES[int(np.argmax(np.where(best >= screen.thresholds, best, -1.0)))]
+    cats = tuple(c for i, c in enumerate(CATEGORIES) if c == top or own[i] >= screen.thresholds[i])
     locale = pick_locale(screen, [window[i] for i in flagged])
     return Assessment(
         True,

@@ -86,7 +86,7 @@ KNN_K = 5
 KNN_BETA = 0.5
 KNN_TAU = 0.05
 KNN_DIMS = 128
-KNN_CHUNK = 2000  # messages whose neighbours are found at once (a 2,000 x N float32 block)
+KNN_CHUNK = 2000  # messages whose neighbours are found at once (2,000 x N cosines, ~0.6 GB)
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,10 +385,12 @@ def build_neighbours(embed: np.ndarray, crisis: np.ndarray) -> Neighbours:
     """The vote's bank: every training message's embedding on the KNN_DIMS principal directions
     of the training set (eigenvectors of the covariance, each signed so its largest entry is
     positive: the same basis on every run), rounded to int8 per direction."""
-    e = unit(embed.astype(np.float64)).astype(np.float64)
+    e = unit(embed.astype(np.float64)).astype(np.float64)  # normed in float64, then float32
     mean = e.mean(axis=0)
     values, vectors = np.linalg.eigh((e - mean).T @ (e - mean))
-    basis = vectors[:, np.argsort(-values, kind="stable")[:KNN_DIMS]]
+    # at most KNN_DIMS, and none the messages do not span (a small training set has fewer)
+    dims = min(KNN_DIMS, int((values > 1e-9 * values.max()).sum()))
+    basis = vectors[:, np.argsort(-values, kind="stable")[:dims]]
     basis *= np.sign(basis[np.abs(basis).argmax(axis=0), np.arange(basis.shape[1])])
     z = (e - mean) @ basis
     scale = np.abs(z).max(axis=0) / 127
@@ -517,7 +519,7 @@ def train(
         print(f"{features}: thresholds {np.round(th, 3)}", rates((other >= th).any(1), y, langs))
     oof, params = fit_all(x, t, folds, FEATURES, jobs, split)
     neighbours = None
-    if KNN_K:
+    if KNN_K and FEATURES != "ngram":  # the vote reads the embedding
         neighbours = build_neighbours(x.embed, y.sum(1) > 0)
         before = (oof >= choose_thresholds(oof, y)).any(1)
         print("without the neighbours' vote, out of fold:", rates(before, y, langs))
@@ -621,6 +623,8 @@ def main() -> None:
         help="the embedding reads a message's last N tokens (0: all of its last max-chars)",
     )
     args = ap.parse_args()
+    if args.neighbours < 0:
+        ap.error("--neighbours: 0 (no vote) or more")
     # read by the forked fits and by featurize
     globals().update(
         HIDDEN=args.hidden,

@@ -86,10 +86,8 @@ class OutputStore:
         write_line(self._shard, record)
         self._shard_lines += 1
 
-    def write_dropped(
-        self, scenario_id: str, reason: str, counts: dict[str, int] | None = None
-    ) -> None:
-        row: dict[str, Any] = {"id": scenario_id, "reason": reason, "counts": counts or {}}
+    def write_dropped(self, scenario_id: str, reason: str, counts: dict[str, int]) -> None:
+        row = {"id": scenario_id, "reason": reason, "counts": counts}
         write_line(self._meta_file("dropped.jsonl"), row)
 
     def write_failed(self, scenario_id: str, reason: str) -> None:

@@ -234,7 +234,7 @@ SETS = {
 # 298 -> 218 of 2,435 (blind 12 zh 41 -> 30, blind 13 en 38 -> 27, blind 15 en 8 -> 3, blind 16
 # en caught 105 -> 109 and false alarms 11 -> 4; round 2 caught 22 -> 24; tuning en false alarms
 # 5 -> 6, the one set that rose). The sets trained on (3-11) are now their own nearest
-# neighbours: caught 2,155 -> 2,216 of 2,227, false alarms 163 -> 27; they say the screen still
+# neighbours: caught 2,155 -> 2,216 (all of them), false alarms 163 -> 27; they say the screen still
 # holds its training data, nothing about new writers. Blind set 17 was measured once with these.
 MEASURED = {
     "tuning set (en)": (32, 32, 32, 6),
@@ -297,3 +297,15 @@ def test_recall_and_false_positive_floors(screen, safety_report, name):
     assert (len(crisis), len(ordinary)) == (n, m)  # dropping a missed message is no gain
     floor, ceiling = FLOORS[name]
     assert recall >= floor and fpr <= ceiling
+
+
+def test_a_flagged_crisis_message_names_its_own_category(screen):
+    """Blind set 17's caught crisis messages carry their labelled category alone (help lines
+    for the wrong kind of crisis are no help): 104 of 112 en and 107 of 112 zh, measured in stop
+    34 once the vote stopped naming categories (it had named 2-4 on 113 of the 224)."""
+    for lang, floor in (("en", 104), ("zh", 107)):
+        found = [assess(screen, [text]).categories for text in BLIND17[f"crisis_{lang}"]]
+        labels = BLIND17[f"crisis_{lang}_category"]
+        exact = sum(f == (c,) for f, c in zip(found, labels, strict=True))
+        assert sum(len(f) > 0 for f in found) == 112
+        assert exact >= floor - 1, (lang, exact)

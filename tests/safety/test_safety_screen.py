@@ -12,7 +12,15 @@ from soulray.safety.classifier import CATEGORIES
 from soulray.safety.dataset import written
 from soulray.safety.features import format_variants, normalize
 from soulray.safety.lexicon import load_builtin
-from soulray.safety.screen import assess, build_screen, check_reply, fixed_reply
+from soulray.safety.screen import (
+    assess,
+    build_screen,
+    check_reply,
+    fixed_reply,
+    reply_scores,
+    score_pair,
+    scores,
+)
 
 HOLES = [  # the messages issue 11 names as passing the keyword screen unflagged
     ("我想死你们都别管我", "suicide", "zh-CN"),
@@ -114,13 +122,25 @@ SHORT_REPLIES = [
     "好吧",
     "就这些",
     "晚安",
-    "我明白了",  # flagged until stop 34 (suicide 0.38): its nearest training messages are not
+    "我明白了",  # flagged until stop 34 (suicide 0.38), passed since the training messages vote
 ]
-# Still flagged by the shipped weights (suicide 0.65, 0.67 and 0.50 against a 0.35 threshold):
-# the e5 embedding of a short closing puts it near goodbyes, and since stop 34 its nearest
-# training messages vote as well: "再见" ("goodbye") is among written farewells before suicide.
-# Strict: passing them means the weights changed and this list should move up.
-SHORT_REPLIES_STILL_FLAGGED = ["tell me all of it", "that's all I wanted to say", "再见"]
+# Still flagged by the shipped weights (suicide 0.39-0.88 against a 0.35 threshold): the e5
+# embedding of a short closing or farewell puts it near the goodbyes people write before
+# suicide, and since stop 34 its nearest training messages (those goodbyes) vote too ("再见",
+# "farewell" and "I'm heading out" passed before it). Strict: passing them means the weights
+# changed and this list should move up.
+SHORT_REPLIES_STILL_FLAGGED = [
+    "tell me all of it",
+    "that's all I wanted to say",
+    "goodbye",
+    "I have to go",
+    "bye for now",
+    "farewell",
+    "I'm heading out",
+    "再见",
+    "我走了",
+    "下次再聊吧",
+]
 
 
 @pytest.mark.parametrize("text", SHORT_REPLIES)
@@ -337,6 +357,23 @@ def test_thresholds_come_from_config(screen):
     assert not assess(strict, veiled).flagged
     with pytest.raises(ValueError, match="unknown categories"):
         build_screen(SafetyConfig(thresholds={"despair": 0.5}))
+
+
+def test_the_vote_moves_messages_not_replies_and_names_no_category(screen):
+    """A user's message is scored with the training messages' vote, the model's reply without it
+    (one cache entry holds both); the vote decides that a message is crisis, and the categories
+    are the top one and those the classifier names without it."""
+    farewell = "farewell"  # flagged only with the vote (suicide 0.53; 0.14 without it)
+    voted, own = score_pair(screen, farewell)
+    assert voted[0] >= screen.thresholds[0] > own[0]
+    assert (scores(screen, farewell) == voted).all()
+    assert (reply_scores(screen, farewell) == own).all() and len(screen.cache) > 0
+    assert assess(screen, [farewell]).categories == ("suicide",)
+    goodbye = "I gave my dog to my sister and wrote everyone letters. I won't be here next week."
+    voted, own = score_pair(screen, goodbye)  # violence 0.27 with the vote, 0.13 without
+    lifted = [c for c, v, t in zip(CATEGORIES, voted, screen.thresholds, strict=True) if v >= t]
+    assert lifted == ["suicide", "violence"]  # the vote lifts violence over its 0.21 too
+    assert assess(screen, [goodbye]).categories == ("suicide",)  # only suicide is named
 
 
 def test_reply_check_flags_method_details_not_support(screen):

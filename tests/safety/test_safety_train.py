@@ -178,12 +178,18 @@ def test_retraining_reproduces_the_shipped_weights():
         rtol=2**-10,
         atol=1e-5,
     )
-    for key in ("features", "data_sha256", "pieces", "embed_tokens", "knn_k", "knn_beta"):
+    keys = ("features", "data_sha256", "pieces", "embed_tokens", "knn_k", "knn_beta", "knn_tau")
+    for key in keys:
         assert str(again[key]) == str(shipped[key]), key
-    for key in ("knn_mean", "knn_basis", "knn_scale"):
-        np.testing.assert_allclose(again[key], shipped[key], atol=1e-5, err_msg=key)
+    # The bank's directions are eigenvectors, each signed by its largest entry: another CPU's
+    # rounding could flip one whose two largest entries nearly tie (cosines, and so the votes,
+    # do not change). Compared up to each direction's sign.
+    sign = np.sign((again["knn_basis"] * shipped["knn_basis"]).sum(axis=0))
+    np.testing.assert_allclose(again["knn_mean"], shipped["knn_mean"], atol=1e-5)
+    np.testing.assert_allclose(again["knn_basis"] * sign, shipped["knn_basis"], atol=1e-5)
+    np.testing.assert_allclose(again["knn_scale"], shipped["knn_scale"], atol=1e-5)
     # int8 codes: a projection 1e-6 from a rounding boundary may land one step apart
-    codes = again["knn_codes"].astype(int) - shipped["knn_codes"]
+    codes = again["knn_codes"].astype(int) * sign.astype(int) - shipped["knn_codes"]
     assert np.abs(codes).max() <= 1 and np.count_nonzero(codes) <= 100
     assert (again["knn_crisis"] == shipped["knn_crisis"]).all()
 
@@ -272,6 +278,10 @@ def test_a_hidden_layer_and_sentence_pieces_score_the_same_in_training_and_servi
     expected = train.score(train.as_stored(params), x, np.ones(len(texts), bool), split)
     # the training messages' vote moves each message's scores by its neighbours' crisis share
     n = train.build_neighbours(x.embed, train.labels(rows).any(axis=1))
+    # a message projected as serving does lands on its stored code (the bank training votes
+    # with), but for a rare entry one rounding step apart
+    moved = n.codes_of(x.embed).astype(int) - n.codes
+    assert np.abs(moved).max() <= 1 and np.count_nonzero(moved) <= moved.size // 1000
     votes = n.vote(n.project(x.embed), n.bank(), n.crisis)
     assert votes.min() < 0 < votes.max()
     expected = with_vote(expected, votes, n.beta)

@@ -408,7 +408,7 @@ def test_store_resume_cuts_a_torn_line_and_skips_written_and_dropped(tmp_path) -
     store = OutputStore(str(tmp_path))
     store.write_dialogue({"id": "a", "messages": []})
     store.write_dialogue({"id": "b", "messages": []})
-    store.write_dropped("c", "near_duplicate")
+    store.write_dropped("c", "near_duplicate", {})
     store.write_failed("d", "connection: cannot reach x")
     store.write_failed("b", "timeout: x")  # failed once, written later
     store.close()
