@@ -63,9 +63,7 @@ def train_screen(examples: list[Example], embedder: T.Embedder, cache: Path, job
     x = T.featurize([e.text for e in examples], embedder, cache, T.MAX_CHARS, jobs)
     folds = T.fold_of([e.group for e in examples])
     oof, params = T.fit_all(x, t, folds, T.FEATURES, jobs)
-    neighbours = T.build_neighbours(x.embed, y.sum(1) > 0) if T.KNN_K else None
-    if neighbours is not None:
-        oof = with_vote(oof, T.out_of_fold_votes(neighbours, folds), neighbours.beta)
+    oof, neighbours = T.add_vote(oof, x.embed, y, folds)
     return params, T.choose_thresholds(oof, y), neighbours
 
 

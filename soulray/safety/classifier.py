@@ -237,6 +237,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -289,6 +290,35 @@ class Neighbours:
     k: int
     beta: float
     tau: float
+
+    def to_npz(self) -> dict[str, np.ndarray]:
+        """Its arrays as weights.npz stores them (from_npz reads them back)."""
+        return {
+            "knn_mean": self.mean,
+            "knn_basis": self.basis,
+            "knn_scale": self.scale,
+            "knn_codes": self.codes,
+            "knn_crisis": np.packbits(self.crisis),
+            "knn_k": np.array(self.k),
+            "knn_beta": np.array(self.beta),
+            "knn_tau": np.array(self.tau),
+        }
+
+    @classmethod
+    def from_npz(cls, z: Any) -> Neighbours | None:
+        """The bank in a loaded weights.npz; None in weights trained without one."""
+        if "knn_codes" not in z.files:
+            return None
+        return cls(
+            z["knn_mean"],
+            z["knn_basis"],
+            z["knn_scale"],
+            z["knn_codes"],
+            np.unpackbits(z["knn_crisis"])[: len(z["knn_codes"])].astype(bool),
+            int(z["knn_k"]),
+            float(z["knn_beta"]),
+            float(z["knn_tau"]),
+        )
 
     def codes_of(self, e: np.ndarray) -> np.ndarray:
         """(M, 384) embeddings -> their (M, D) int8 codes, as the bank's were made."""
@@ -364,18 +394,6 @@ def load_weights(path: Path | None = None) -> Weights:
                 "retrain with `python -m soulray.safety.train`"
             )
         hidden = {k: z[k] for k in ("hidden_w", "hidden_b", "hidden_out") if k in z.files}
-        neighbours = None
-        if "knn_codes" in z.files:
-            neighbours = Neighbours(
-                z["knn_mean"],
-                z["knn_basis"],
-                z["knn_scale"],
-                z["knn_codes"],
-                np.unpackbits(z["knn_crisis"])[: len(z["knn_codes"])].astype(bool),
-                int(z["knn_k"]),
-                float(z["knn_beta"]),
-                float(z["knn_tau"]),
-            )
         return Weights(
             z["embed"],
             z["ngram"].astype(np.float32),  # stored as float16 (train.save)
@@ -385,7 +403,7 @@ def load_weights(path: Path | None = None) -> Weights:
             classes,
             pieces=int(z["pieces"]) if "pieces" in z.files else 0,
             embed_tokens=int(z["embed_tokens"]) if "embed_tokens" in z.files else 0,
-            neighbours=neighbours,
+            neighbours=Neighbours.from_npz(z),
             **hidden,
         )
 

@@ -421,6 +421,17 @@ def out_of_fold_votes(n: Neighbours, folds: np.ndarray) -> np.ndarray:
     return votes
 
 
+def add_vote(
+    oof: np.ndarray, embed: np.ndarray, y: np.ndarray, folds: np.ndarray
+) -> tuple[np.ndarray, Neighbours | None]:
+    """The out-of-fold scores moved by the training messages' vote, and the vote's bank; the
+    scores unchanged and no bank without a vote (KNN_K 0, or n-grams alone)."""
+    if not KNN_K or FEATURES == "ngram":  # the vote reads the embedding
+        return oof, None
+    neighbours = build_neighbours(embed, y.sum(1) > 0)
+    return with_vote(oof, out_of_fold_votes(neighbours, folds), neighbours.beta), neighbours
+
+
 def choose_thresholds(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Per category: the lowest out-of-fold score at which that head's flags are still crisis
     messages (of any category) at least TARGET_PRECISION of the time, clipped to [0.05, 0.95].
@@ -518,12 +529,10 @@ def train(
         th = choose_thresholds(other, y)
         print(f"{features}: thresholds {np.round(th, 3)}", rates((other >= th).any(1), y, langs))
     oof, params = fit_all(x, t, folds, FEATURES, jobs, split)
-    neighbours = None
-    if KNN_K and FEATURES != "ngram":  # the vote reads the embedding
-        neighbours = build_neighbours(x.embed, y.sum(1) > 0)
-        before = (oof >= choose_thresholds(oof, y)).any(1)
+    before = (oof >= choose_thresholds(oof, y)).any(1)
+    oof, neighbours = add_vote(oof, x.embed, y, folds)
+    if neighbours is not None:
         print("without the neighbours' vote, out of fold:", rates(before, y, langs))
-        oof = with_vote(oof, out_of_fold_votes(neighbours, folds), neighbours.beta)
     thresholds = choose_thresholds(oof, y)
     save(out, params, thresholds, fingerprint(examples), neighbours)
     report = rates((oof >= thresholds).any(1), y, langs)
@@ -548,19 +557,7 @@ def save(
     data_sha256: str,
     neighbours: Neighbours | None = None,
 ) -> None:
-    n = neighbours
-    vote: dict[str, Any] = {}
-    if n is not None:
-        vote = {
-            "knn_mean": n.mean,
-            "knn_basis": n.basis,
-            "knn_scale": n.scale,
-            "knn_codes": n.codes,
-            "knn_crisis": np.packbits(n.crisis),
-            "knn_k": np.array(n.k),
-            "knn_beta": np.array(n.beta),
-            "knn_tau": np.array(n.tau),
-        }
+    vote: dict[str, Any] = neighbours.to_npz() if neighbours is not None else {}
     np.savez_compressed(
         out,
         **vote,
