@@ -210,9 +210,10 @@ def serve_cmd(
     from soulray.serve.prompt import check_local_model_dirs
 
     # A missing export would otherwise surface as Serve's "Deploying application failed" after
-    # the replicas crash, with the reason buried in their logs.
-    run_verb(check_local_model_dirs, cfg)
+    # the replicas crash, with the reason buried in their logs. (Logging first: a
+    # serve.wait_for_model_s wait says so here.)
     setup_logging()
+    run_verb(check_local_model_dirs, cfg)
     init_ray()
     with stop_on_interrupt(cfg.serve.app_name):
         url = run_verb(start_serving, cfg)

@@ -32,6 +32,9 @@ from soulray.synth.config import SynthConfig
 # The file names of a checkpoint's and an export's records (torch-free, for serving to read):
 CONFIG_FILE = "soulray.yaml"  # the resolved config that wrote it (checkpoint and export)
 METRICS_FILE = "metrics.json"  # the export's final training metrics
+# In an export while `soulray train` writes it (first in, last out; see train/checkpoint.py
+# upload_dir): serving takes no export, nor a folder of one, that holds it
+INCOMPLETE_FILE = "_INCOMPLETE"
 
 ESCONV_STRATEGIES = [
     "Question",
@@ -360,6 +363,11 @@ class ServeConfig(Section):
     # max_loaded_adapters per engine replica (least recently used unloaded first)
     adapters: list[AdapterServeConfig] = Field(default_factory=list)
     max_loaded_adapters: int = Field(4, ge=1)
+    # How long a starting replica (the ingress, an hf engine; `soulray serve` before deploying)
+    # waits for its export (serve.engine.model_dir, adapter_dir, serve.adapters) to be complete,
+    # polling: a RayService applied together with the RayJob that trains it. 0 = fail at once
+    # when it is missing or half written. A vllm engine loads the model itself: it never waits
+    wait_for_model_s: int = Field(0, ge=0)
 
     def resolved_layout(self) -> Literal["two_deployments", "one_deployment"]:
         """The layout `auto` stands for: the engine in the ingress, except vllm (its own

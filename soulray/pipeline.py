@@ -16,7 +16,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from soulray import storage
-from soulray.config import CONFIG_FILE, METRICS_FILE, Config, config_hash, parse_config
+from soulray.config import (
+    CONFIG_FILE,
+    INCOMPLETE_FILE,
+    METRICS_FILE,
+    Config,
+    config_hash,
+    parse_config,
+)
 from soulray.data.manifest import read_manifest, tokenizer_source
 
 log = logging.getLogger("soulray.pipeline")
@@ -65,6 +72,8 @@ def trained_metrics(cfg: Config) -> dict[str, Any] | None:
     export = cfg.train.export_dir
     config_path, metrics_path = (storage.join(export, f) for f in (CONFIG_FILE, METRICS_FILE))
     if not (storage.exists(config_path) and storage.exists(metrics_path)):
+        return None
+    if storage.exists(storage.join(export, INCOMPLETE_FILE)):  # training died writing it
         return None
     from soulray.train.launch import with_kept
 

@@ -115,6 +115,18 @@ def delete_dir(path: str) -> None:
         fs.delete_dir(inner)
 
 
+def clear_dir(path: str, keep: str) -> None:
+    """Remove everything in a directory except its entry named `keep`."""
+    fs, inner = resolve(path)
+    for info in fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True)):
+        if info.base_name == keep:
+            continue
+        if info.type == pafs.FileType.Directory:
+            fs.delete_dir(info.path)
+        else:
+            fs.delete_file(info.path)
+
+
 def list_files(path: str, suffixes: tuple[str, ...] = ()) -> list[str]:
     """Files under a directory (recursive), sorted; hidden files and folders are skipped."""
     return sorted(f for f, rel in _all_files(path) if _listed(f, rel, suffixes))

@@ -107,6 +107,8 @@ def test_an_export_made_with_a_kept_lr_still_counts_as_this_config(tmp_path) -> 
     assert trained_metrics(config("train.lr=0.01")) == {"step": 100, "loss": 1.5}  # kept
     assert trained_metrics(config("train.steps=200")) is None  # more to train
     assert trained_metrics(config("train.seed=1")) is None  # another run
+    (export / "_INCOMPLETE").write_text("")  # training died while writing the export
+    assert trained_metrics(config("train.lr=0.001")) is None
 
 
 def test_the_quickstart_hint_serves_the_model_it_trained() -> None:

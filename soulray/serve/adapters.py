@@ -58,6 +58,8 @@ class AdapterPool:
     def _load(self, name: str) -> None:
         from peft import PeftModel
 
+        # never waits here, at a request: with serve.wait_for_model_s the replica waited for
+        # every adapter at its start (HFEngine); a half-written one is refused
         local = fetch_model_dir(self.paths[name])
         check_lora(local, name)
         if isinstance(self.model, PeftModel):

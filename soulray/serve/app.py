@@ -73,10 +73,11 @@ def load_api_key(auth: AuthConfig) -> str | None:
 
 
 def build_state(cfg: ServeConfig, model_dir: str, engine: EngineClient) -> IngressState:
-    local = fetch_model_dir(model_dir, weights=False)  # the ingress needs no weights
+    wait_s = cfg.wait_for_model_s  # a RayService may start before its RayJob has exported
+    local = fetch_model_dir(model_dir, weights=False, wait_s=wait_s)  # the ingress: no weights
     tokenizer = load_tokenizer(local)
     adapter_dir = cfg.engine.adapter_dir
-    adapter = fetch_model_dir(adapter_dir, weights=False) if adapter_dir else None
+    adapter = fetch_model_dir(adapter_dir, weights=False, wait_s=wait_s) if adapter_dir else None
     info = read_export_info(local, cfg, tokenizer, adapter)
     created = int(Path(local, "config.json").stat().st_mtime)
     screen = build_screen(cfg.safety)

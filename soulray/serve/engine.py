@@ -30,7 +30,7 @@ from ray.serve.handle import DeploymentHandle
 from soulray import storage
 from soulray.config import EngineConfig, ServeConfig
 from soulray.serve.adapters import AdapterPool
-from soulray.serve.fetch import fetch_model_dir
+from soulray.serve.fetch import fetch_model_dir, wait_for_export
 from soulray.serve.generate import (
     Delta,
     GenRequest,
@@ -59,10 +59,14 @@ class HFEngine:
         model_dir: str,
         adapters: dict[str, str] | None = None,
         max_loaded_adapters: int = 4,
+        wait_s: int = 0,
     ) -> None:
         cfg = EngineConfig.model_validate(engine)
-        local = fetch_model_dir(model_dir)
-        adapter = fetch_model_dir(cfg.adapter_dir) if cfg.adapter_dir else None
+        local = fetch_model_dir(model_dir, wait_s=wait_s)
+        adapter = fetch_model_dir(cfg.adapter_dir, wait_s=wait_s) if cfg.adapter_dir else None
+        if wait_s:  # serve.adapters load at their first request, which never waits: wait now
+            for path in (adapters or {}).values():
+                wait_for_export(path, wait_s)
         model, tokenizer, device = load_model(local, adapter, cfg.dtype, cfg.num_gpus > 0)
         size = cfg.batching.max_batch_size if cfg.batching.enabled else 1
         self.adapters = AdapterPool(model, adapters, max_loaded_adapters) if adapters else None
@@ -229,9 +233,11 @@ def build_engine(cfg: ServeConfig, model_dir: str) -> Any:
 
 
 def engine_args(cfg: ServeConfig, model_dir: str) -> tuple[Any, ...]:
-    """HFEngine's arguments: the engine section, the model, the adapters (name -> path)."""
+    """HFEngine's arguments: the engine section, the model, the adapters (name -> path), how
+    many stay loaded, how long to wait for the export."""
     adapters = {a.name: a.path for a in cfg.adapters}
-    return cfg.engine.model_dump(mode="json"), model_dir, adapters, cfg.max_loaded_adapters
+    engine = cfg.engine.model_dump(mode="json")
+    return engine, model_dir, adapters, cfg.max_loaded_adapters, cfg.wait_for_model_s
 
 
 def require_vllm() -> None:

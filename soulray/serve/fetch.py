@@ -8,11 +8,15 @@
 - Streamed: each file is copied in chunks, never read whole into memory.
 - `weights=False` (the ingress) fetches only what tokenization needs: config, tokenizer,
   generation config and soulray's records, not the weights or adapter/ and base/.
+- Only whole exports: one that `soulray train` is still writing (its INCOMPLETE_FILE is there,
+  in it or, for adapter/ and base/, in the folder above) is refused like a missing one, and
+  with `wait_s` (serve.wait_for_model_s) both are waited for.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -22,23 +26,24 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from soulray import storage
+from soulray.config import INCOMPLETE_FILE
+
+log = logging.getLogger("ray.serve.soulray")  # a child of Serve's logger: lands in replica logs
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
 WEIGHT_DIRS = ("adapter", "base")
 CHUNK = 8 << 20
 STALE_PARTIAL_S = 3600
+POLL_S = 5.0  # how often a wait looks again
+LOG_EVERY_S = 30.0  # and says that it still waits
 
 
-def fetch_model_dir(path: str, weights: bool = True) -> str:
-    """A local directory holding the export: the path itself, or a cached copy of a remote one."""
+def fetch_model_dir(path: str, weights: bool = True, wait_s: int = 0) -> str:
+    """A local directory holding the export: the path itself, or a cached copy of a remote one;
+    first waits up to `wait_s` for the export to be complete (wait_for_export)."""
+    wait_for_export(path, wait_s)
     if not storage.is_remote(path):
-        local = storage.normalize(path)
-        if not os.path.isdir(local):
-            raise ValueError(
-                f"model directory {local} does not exist; run `soulray train` first or set "
-                "serve.engine.model_dir to an export"
-            )
-        return local
+        return storage.normalize(path)
     files = remote_files(path, weights)
     if not files:
         raise ValueError(f"model directory {path} is empty or does not exist; check the URI")
@@ -59,6 +64,55 @@ def fetch_model_dir(path: str, weights: bool = True) -> str:
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return str(final)
+
+
+def wait_for_export(path: str, wait_s: int) -> None:
+    """Return once the export at `path` is there and complete. With wait_s > 0 look every
+    POLL_S seconds for up to wait_s (logging at the start and every LOG_EVERY_S), else fail at
+    once; the error says what is missing and how long it was waited for."""
+    start = time.monotonic()
+    next_log = 0.0
+    while (problem := export_problem(path)) is not None:
+        error, awaited = problem
+        waited = time.monotonic() - start
+        if waited >= wait_s:
+            waits = f" (waited {waited:.0f} s for it: serve.wait_for_model_s={wait_s})"
+            raise ValueError(error + (waits if wait_s else ""))
+        if waited >= next_log:
+            log.info("waiting for the export at %s: %d s of %d (%s)", path, waited, wait_s, awaited)
+            next_log += LOG_EVERY_S
+        time.sleep(min(POLL_S, wait_s - waited))
+    if next_log:
+        log.info("the export at %s is complete after %.0f s", path, time.monotonic() - start)
+
+
+def export_problem(path: str) -> tuple[str, str] | None:
+    """Why the export at `path` cannot be served yet, as (the error, what a wait waits for);
+    None when it can be."""
+    remote = storage.is_remote(path)
+    where = storage.normalize(path)
+    parent = where.rsplit("/", 1)[0] if remote else os.path.dirname(where)
+    for folder in [where] if parent.endswith(":/") else [where, parent]:
+        marker = storage.join(folder, INCOMPLETE_FILE)
+        if storage.exists(marker):
+            return (
+                f"model directory {where} is incomplete: soulray train is writing it, or died "
+                f"while writing it ({marker} is there until its last file is in); wait for the "
+                "training to finish or run it again",
+                f"soulray train is writing it: {marker} is there until its last file is in",
+            )
+    if remote and not remote_files(path, weights=True):
+        return (
+            f"model directory {where} is empty or does not exist; check the URI",
+            "it has no files yet: soulray train writes them",
+        )
+    if not remote and not os.path.isdir(where):
+        return (
+            f"model directory {where} does not exist; run `soulray train` first or set "
+            "serve.engine.model_dir to an export",
+            "it does not exist yet: soulray train writes it",
+        )
+    return None
 
 
 def cache_root() -> Path:

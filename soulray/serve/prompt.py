@@ -26,7 +26,7 @@ from soulray import storage
 from soulray.config import CONFIG_FILE, ESCONV_STRATEGIES, Config, ServeConfig
 from soulray.data.render import SERVING_RECORD, build_serving_record, find_control_token
 from soulray.data.tokenizer import load_tokenizer
-from soulray.serve.fetch import fetch_model_dir
+from soulray.serve.fetch import fetch_model_dir, wait_for_export
 from soulray.serve.schemas import APIError, ChatMessage
 
 log = logging.getLogger("ray.serve.soulray")
@@ -50,11 +50,13 @@ class ExportInfo:
 
 
 def check_local_model_dirs(cfg: Config) -> None:
-    """Refuse a local export or adapter directory that does not exist, or an adapter on a
-    merged LoRA export, before deploying."""
+    """Refuse a local export or adapter directory that does not exist or is half written (with
+    serve.wait_for_model_s: once waited for), or an adapter on a merged LoRA export, before
+    deploying."""
+    wait_s = cfg.serve.wait_for_model_s
     for path in (cfg.serve_model_dir, cfg.serve.engine.adapter_dir):
         if path and not storage.is_remote(path):
-            fetch_model_dir(path, weights=False)
+            fetch_model_dir(path, weights=False, wait_s=wait_s)
     adapters = [("serve.engine.adapter_dir", cfg.serve.engine.adapter_dir)]
     adapters += [(f"serve.adapters[{i}].path", a.path) for i, a in enumerate(cfg.serve.adapters)]
     for key, path in adapters:
@@ -62,6 +64,8 @@ def check_local_model_dirs(cfg: Config) -> None:
         # every request for it
         if path is None or storage.is_remote(path):
             continue
+        if wait_s:
+            wait_for_export(path, wait_s)
         if not Path(storage.normalize(path), "adapter_config.json").is_file():
             raise ValueError(
                 f"{key}={path} is not a peft LoRA adapter (no adapter_config.json there); "

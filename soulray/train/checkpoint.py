@@ -31,7 +31,14 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from soulray import storage
-from soulray.config import CONFIG_FILE, METRICS_FILE, Config, TrainConfig, config_to_yaml
+from soulray.config import (
+    CONFIG_FILE,
+    INCOMPLETE_FILE,
+    METRICS_FILE,
+    Config,
+    TrainConfig,
+    config_to_yaml,
+)
 from soulray.data.render import SERVING_RECORD, build_serving_record
 
 log = logging.getLogger("soulray.train")
@@ -198,10 +205,21 @@ def build_generation_config(tokenizer: Any, end_of_turn_ids: list[int] | None = 
 
 
 def upload_dir(local: str, target: str) -> None:
-    """Copy a local directory tree to a local path or an object-store URI, replacing it."""
-    storage.delete_dir(target)
+    """Copy a local directory tree to a local path or an object-store URI, replacing it.
+
+    Not atomic: an object store cannot rename a folder, and a 15 GB model takes minutes to
+    write. So INCOMPLETE_FILE is written first, before the old content goes, and removed after
+    the last file is in; serving (serve/fetch.py) refuses, or with serve.wait_for_model_s waits
+    for, an export or a folder of one (adapter/, base/) while it is there. It marks the unfinished
+    export rather than the finished one: exports from before it, and models soulray did not
+    write (a base model on a volume), have no marker and are served as they are.
+    """
+    marker = storage.join(target, INCOMPLETE_FILE)
+    storage.write_text(marker, "soulray train is writing this export: complete once this is gone\n")
+    storage.clear_dir(target, keep=INCOMPLETE_FILE)
     for path in sorted(Path(local).rglob("*")):
         if path.is_file():
             storage.write_bytes(
                 storage.join(target, *path.relative_to(local).parts), path.read_bytes()
             )
+    storage.delete_file(marker)

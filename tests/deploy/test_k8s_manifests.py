@@ -502,6 +502,23 @@ def test_rayservice_serves_what_the_rayjob_exports(target):
     assert application["args"]["config"]["serve"]["engine"]["model_dir"] == trained.train.export_dir
 
 
+WAIT_FOR_MODEL_S = {"base": 1800, "overlays/dev-cpu": 1800, "overlays/gpu-h100": 7200}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_rayservice_replicas_wait_for_the_rayjobs_export(target):
+    """The RayService is applied with the RayJob: its replicas wait for the export instead of
+    failing at once, and the overlay's header says so instead of "delete and re-apply"."""
+    (service,) = by_kind(target, "RayService")
+    (job,) = by_kind(target, "RayJob")
+    (application,) = serve_config(service)["applications"]
+    serve = Config.model_validate(application["args"]["config"]).serve
+    assert serve.wait_for_model_s == WAIT_FOR_MODEL_S[target]
+    if target != "base":
+        header = (K8S / target / "kustomization.yaml").read_text()
+        assert f"serve.wait_for_model_s in {job_config(job)[0].relative_to(ROOT)}" in header
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_rayservice_workers_can_hold_the_engine_replicas(target):
     (service,) = by_kind(target, "RayService")

@@ -27,6 +27,17 @@ def test_jobs_serve_yaml_loads_and_model_dir_defaults_to_the_train_export():
         load_config(None, ["serve.engine.batching.size=4"])
 
 
+def test_wait_for_model_s_is_a_serve_key_in_whole_seconds():
+    assert Config().serve.wait_for_model_s == 0  # fail at once, as before it existed
+    assert load_config(None, ["serve.wait_for_model_s=1800"]).serve.wait_for_model_s == 1800
+    with pytest.raises(ConfigError, match="Did you mean 'serve.wait_for_model_s'"):
+        load_config(None, ["serve.wait_for_model=1800"])
+    with pytest.raises(ConfigError, match="serve.wait_for_model_s': Input should be greater"):
+        load_config(None, ["serve.wait_for_model_s=-1"])
+    with pytest.raises(ConfigError, match="serve.engine.wait_for_model_s"):
+        load_config(None, ["serve.engine.wait_for_model_s=60"])  # one setting, for every replica
+
+
 def test_serve_build_writes_a_ray_serve_config(tmp_path, tiny_export):
     from ray.serve.schema import ServeDeploySchema
 

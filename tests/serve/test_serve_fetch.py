@@ -1,16 +1,23 @@
 """Model fetch from object storage (a local S3: moto's server): atomic, keyed by content, and
-the ingress takes no weights."""
+the ingress takes no weights. Only whole exports are served, and serve.wait_for_model_s waits
+for one that is missing or still being written (a RayService started with its RayJob)."""
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_storage import bucket, moto_endpoint  # noqa: F401 (the local S3 fixtures)
 
 from soulray import storage
+from soulray.config import INCOMPLETE_FILE, load_config
 from soulray.serve import fetch
-from soulray.serve.fetch import fetch_model_dir
+from soulray.serve.fetch import export_problem, fetch_model_dir
+from soulray.train.checkpoint import upload_dir
 
 
 def upload(local: Path, uri: str) -> dict[str, bytes]:
@@ -79,3 +86,176 @@ def test_a_missing_remote_export_is_one_clear_error(bucket, private_cache):  # n
     name, _ = bucket
     with pytest.raises(ValueError, match="is empty or does not exist"):
         fetch_model_dir(f"s3://{name}/nothing-here")
+
+
+# --- whole exports only, and serve.wait_for_model_s -----------------------------------------
+
+
+@pytest.fixture
+def quick_polls(monkeypatch):
+    monkeypatch.setattr(fetch, "POLL_S", 0.1)  # a wait looks every 0.1 s instead of every 5 s
+
+
+def after(seconds: float, action: Callable[[], Any]) -> threading.Thread:
+    """Run `action` on a thread `seconds` from now (the RayJob exporting while serving waits)."""
+
+    def run() -> None:
+        time.sleep(seconds)
+        action()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def missing_error(path: Path) -> str:
+    return (
+        f"model directory {path} does not exist; run `soulray train` first or set "
+        "serve.engine.model_dir to an export"
+    )
+
+
+def test_without_a_wait_a_missing_export_fails_at_once(tmp_path):
+    missing = tmp_path / "model"
+    start = time.monotonic()
+    with pytest.raises(ValueError) as e:
+        fetch_model_dir(str(missing))
+    assert time.monotonic() - start < 0.5
+    assert str(e.value) == missing_error(missing)
+
+
+def test_a_wait_gives_up_after_its_limit_with_the_error_and_how_long_it_waited(
+    tmp_path, quick_polls, monkeypatch, caplog
+):
+    monkeypatch.setattr(fetch, "LOG_EVERY_S", 0.5)
+    missing = tmp_path / "model"
+    start = time.monotonic()
+    with caplog.at_level("INFO", logger="ray.serve.soulray"), pytest.raises(ValueError) as e:
+        fetch_model_dir(str(missing), wait_s=1)
+    assert 1.0 <= time.monotonic() - start < 1.5
+    assert str(e.value) == missing_error(missing) + (
+        " (waited 1 s for it: serve.wait_for_model_s=1)"
+    )
+    line = f"waiting for the export at {missing}: 0 s of 1 (it does not exist yet: soulray train "
+    assert [r.getMessage() for r in caplog.records] == [line + "writes it)"] * 2  # 0 s, 0.5 s
+
+
+def test_a_wait_returns_once_the_export_is_written(tmp_path, tiny_export, quick_polls, caplog):
+    export = tmp_path / "model"
+    writer = after(1.0, lambda: upload_dir(str(tiny_export), str(export)))
+    start = time.monotonic()
+    with caplog.at_level("INFO", logger="ray.serve.soulray"):
+        assert fetch_model_dir(str(export / "adapter"), wait_s=30) == str(export / "adapter")
+    assert 1.0 <= time.monotonic() - start < 3.0
+    writer.join()
+    assert not (export / INCOMPLETE_FILE).exists()
+    first, *_, last = [r.getMessage() for r in caplog.records]
+    assert first == (
+        f"waiting for the export at {export}/adapter: 0 s of 30 (it does not exist yet: soulray "
+        "train writes it)"
+    )
+    assert last.startswith(f"the export at {export}/adapter is complete after ")
+
+
+def test_a_half_written_export_is_refused_and_waited_for(tmp_path, tiny_export, quick_polls):
+    export = tmp_path / "model"
+    upload_dir(str(tiny_export), str(export))
+    marker = export / INCOMPLETE_FILE
+    marker.write_text("training died here\n")
+    for path in (export, export / "adapter"):  # adapter/ and base/ are part of the export
+        with pytest.raises(ValueError) as e:
+            fetch_model_dir(str(path), wait_s=1)
+        assert str(e.value) == (
+            f"model directory {path} is incomplete: soulray train is writing it, or died while "
+            f"writing it ({marker} is there until its last file is in); wait for the training "
+            "to finish or run it again (waited 1 s for it: serve.wait_for_model_s=1)"
+        )
+    with pytest.raises(ValueError, match="is incomplete: .* run it again$"):
+        fetch_model_dir(str(export))  # no wait: refused at once
+    remover = after(1.0, marker.unlink)
+    assert fetch_model_dir(str(export), wait_s=30) == str(export)
+    remover.join()
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_an_export_is_incomplete_from_its_first_write_to_its_last(
+    where, tmp_path, tiny_export, private_cache, request, monkeypatch
+):
+    """upload_dir replacing an export: the old one is whole until the new one starts, then the
+    export and its adapter/ are refused until the last file is in."""
+    if where == "s3":
+        name, _ = request.getfixturevalue("bucket")
+        target = f"s3://{name}/runs/model"
+    else:
+        target = str(tmp_path / "model")
+    upload_dir(str(tiny_export), target)
+    storage.write_text(storage.join(target, "old.txt"), "a file the new export does not have")
+    real_write, seen = storage.write_bytes, []
+
+    def write_and_look(path: str, data: bytes) -> None:
+        adapter = storage.join(target, "adapter")
+        seen.append((export_problem(target) is None, export_problem(adapter) is None))
+        real_write(path, data)
+
+    monkeypatch.setattr(storage, "write_bytes", write_and_look)
+    upload_dir(str(tiny_export), target)
+    monkeypatch.setattr(storage, "write_bytes", real_write)
+    files = local_files(str(tiny_export))
+    assert seen == [(True, True)] + [(False, False)] * len(files)  # the marker, then each file
+    assert export_problem(target) is None
+    assert local_files(fetch_model_dir(target)) == files  # no marker, no old.txt
+
+
+def test_a_remote_wait_returns_once_the_export_is_written(
+    bucket,  # noqa: F811
+    tiny_export,
+    private_cache,
+    quick_polls,
+):
+    name, _ = bucket
+    uri = f"s3://{name}/runs/model"
+    with pytest.raises(ValueError) as e:
+        fetch_model_dir(uri, wait_s=1)
+    assert str(e.value) == (
+        f"model directory {uri} is empty or does not exist; check the URI (waited 1 s for it: "
+        "serve.wait_for_model_s=1)"
+    )
+    writer = after(1.0, lambda: upload_dir(str(tiny_export), uri))
+    local = fetch_model_dir(uri, weights=False, wait_s=30)
+    writer.join()
+    meta = {  # what the ingress takes: no weights, no adapter/ or base/, and no marker
+        rel: data
+        for rel, data in local_files(str(tiny_export)).items()
+        if not rel.endswith(fetch.WEIGHT_SUFFIXES) and rel.split("/")[0] not in fetch.WEIGHT_DIRS
+    }
+    assert local_files(local) == meta and "tokenizer.json" in meta
+
+
+def test_the_ingress_and_the_engine_replica_both_wait(tmp_path, tiny_export, quick_polls):
+    from soulray.serve.app import build_state
+    from soulray.serve.engine import HFEngine, LocalClient, engine_args
+
+    export = tmp_path / "model"
+
+    def serve_config(*overrides: str):
+        base = [f"serve.engine.model_dir={export}", "serve.safety.enabled=false"]
+        return load_config(None, [*base, *overrides]).serve
+
+    gone = serve_config("serve.wait_for_model_s=1")
+    for start_replica in (
+        lambda: HFEngine(*engine_args(gone, str(export))),
+        lambda: build_state(gone, str(export), None),
+    ):
+        with pytest.raises(ValueError, match=r"does not exist; .* \(waited 1 s for it: "):
+            start_replica()
+    cfg = serve_config("serve.wait_for_model_s=30")
+    writer = after(1.0, lambda: upload_dir(str(tiny_export), str(export)))
+    engine = HFEngine(*engine_args(cfg, str(export)))
+    writer.join()
+    state = build_state(cfg, str(export), LocalClient(engine))
+    assert state.info.model_dir == str(export)
+    late = serve_config(
+        "serve.wait_for_model_s=1", f"serve.adapters=[{{name: a, path: {tmp_path}/a}}]"
+    )
+    with pytest.raises(ValueError, match=f"model directory {tmp_path}/a does not exist"):
+        HFEngine(*engine_args(late, str(export)))  # serve.adapters: waited for at the start
