@@ -47,6 +47,11 @@ def fetch_model_dir(path: str, weights: bool = True, wait_s: int = 0) -> str:
     files = remote_files(path, weights)
     if not files:
         raise ValueError(f"model directory {path} is empty or does not exist; check the URI")
+    if any(rel.rsplit("/", 1)[-1] == INCOMPLETE_FILE for rel, _, _ in files):
+        raise ValueError(  # a re-export began between the wait and the listing
+            f"model directory {path} is being written again (its {INCOMPLETE_FILE} appeared "
+            "while it was read); serve it once soulray train has finished"
+        )
     root = cache_root()
     final = root / content_key(path, files, weights)
     if final.is_dir():
@@ -79,7 +84,13 @@ def wait_for_export(path: str, wait_s: int) -> None:
             waits = f" (waited {waited:.0f} s for it: serve.wait_for_model_s={wait_s})"
             raise ValueError(error + (waits if wait_s else ""))
         if waited >= next_log:
-            log.info("waiting for the export at %s: %d s of %d (%s)", path, waited, wait_s, awaited)
+            log.info(
+                "waiting for the export at %s: %d s of %d (serve.wait_for_model_s; %s)",
+                path,
+                waited,
+                wait_s,
+                awaited,
+            )
             next_log += LOG_EVERY_S
         time.sleep(min(POLL_S, wait_s - waited))
     if next_log:
@@ -92,7 +103,10 @@ def export_problem(path: str) -> tuple[str, str] | None:
     remote = storage.is_remote(path)
     where = storage.normalize(path)
     parent = where.rsplit("/", 1)[0] if remote else os.path.dirname(where)
-    for folder in [where] if parent.endswith(":/") else [where, parent]:
+    # an export's adapter/ or base/ is whole only when the export is: look in the folder above
+    # for those alone (a model elsewhere may sit where its parent is not ours to read)
+    above = where.rstrip("/").rsplit("/", 1)[-1] in WEIGHT_DIRS
+    for folder in [where, parent] if above else [where]:
         marker = storage.join(folder, INCOMPLETE_FILE)
         if storage.exists(marker):
             return (
@@ -111,6 +125,12 @@ def export_problem(path: str) -> tuple[str, str] | None:
             f"model directory {where} does not exist; run `soulray train` first or set "
             "serve.engine.model_dir to an export",
             "it does not exist yet: soulray train writes it",
+        )
+    if not remote and not os.listdir(where):  # made, its first file not yet in
+        return (
+            f"model directory {where} is empty; run `soulray train` first or set "
+            "serve.engine.model_dir to an export",
+            "it has no files yet: soulray train writes them",
         )
     return None
 
