@@ -1,17 +1,20 @@
 """Crisis screen on a blind set: recall and false-positive rate per language and per category.
 
     .venv/bin/python bench/safety_eval.py --blind FILE [--lexicon-only] [--lexicon LEXICON.json]
-        [--show-misses] [--out REPORT.json]
+        [--weights WEIGHTS.npz] [--show-misses] [--out REPORT.json]
 
 FILE is JSON shaped {"en": {"crisis": [{"text", "category"}], "ordinary": [{"text", "kind"}]},
-"zh": {...}}. Each message is screened alone with the shipped config (lexicon + classifier).
-Recall counts a crisis message as caught when it is flagged at all (any category: what matters
-is that the person gets help lines); the category table also shows how often the flagged category
-was the labelled one. A blind set is measured once; its messages must not be read to tune the
-screen. --lexicon screens with another lexicon file (shaped like soulray/safety/data/lexicon.json,
-e.g. `git show OLD:soulray/safety/data/lexicon.json`): a lexicon change measured side by side with
-the same weights. --show-misses prints the missed and false-alarm messages (for a set that is
-not blind).
+"zh": {...}}, or as the sets in tests/safety/ are ({"crisis_en": [...], "crisis_en_category":
+[...], "ordinary_en": [...], "ordinary_en_kind": [...], "crisis_zh": ...}). Each message is
+screened alone with the shipped config (lexicon + classifier). Recall counts a crisis message as
+caught when it is flagged at all (any category: what matters is that the person gets help lines);
+the category table also shows how often the flagged category was the labelled one. A blind set is
+measured once; its messages must not be read to tune the screen. --lexicon screens with another
+lexicon file (shaped like soulray/safety/data/lexicon.json, e.g. `git show
+OLD:soulray/safety/data/lexicon.json`): a lexicon change measured side by side with the same
+weights; --weights screens with another weights file (e.g. `git show
+OLD:soulray/safety/data/weights.npz > old.npz`): a retrain measured side by side. --show-misses
+prints the missed and false-alarm messages (for a set that is not blind).
 """
 
 from __future__ import annotations
@@ -22,11 +25,31 @@ from collections import defaultdict
 from pathlib import Path
 
 from soulray.config import SafetyConfig
-from soulray.safety.screen import assess, build_screen
+from soulray.safety.classifier import Classifier, load_weights
+from soulray.safety.screen import assess, build_screen, category_thresholds
 
 
 def load(path: Path) -> dict:
     data = json.loads(path.read_text("utf-8"))
+    if "crisis_en" in data or "crisis_zh" in data:  # the tests' shape
+        data = {
+            lang: {
+                "crisis": [
+                    {"text": t, "category": c}
+                    for t, c in zip(
+                        data[f"crisis_{lang}"], data[f"crisis_{lang}_category"], strict=True
+                    )
+                ],
+                "ordinary": [
+                    {"text": t, "kind": k}
+                    for t, k in zip(
+                        data[f"ordinary_{lang}"], data[f"ordinary_{lang}_kind"], strict=True
+                    )
+                ],
+            }
+            for lang in ("en", "zh")
+            if f"crisis_{lang}" in data
+        }
     for lang, sets in data.items():
         if not {"crisis", "ordinary"} <= set(sets):
             raise ValueError(f"{path}: {lang!r} needs 'crisis' and 'ordinary' lists")
@@ -34,14 +57,22 @@ def load(path: Path) -> dict:
 
 
 def evaluate(
-    data: dict, lexicon_only: bool, show_misses: bool, lexicon: Path | None = None
+    data: dict,
+    lexicon_only: bool,
+    show_misses: bool,
+    lexicon: Path | None = None,
+    weights: Path | None = None,
 ) -> dict:
     lists = {}
     if lexicon is not None:
         lex = json.loads(lexicon.read_text("utf-8"))
         lists = {k: lex.get(k, {}) for k in ("intent", "lexicon", "patterns")}
         lists |= {"exclude": lex["exclude"], "guard": lex.get("guard", [])}
-    screen = build_screen(SafetyConfig(classifier=not lexicon_only, **lists))
+    cfg = SafetyConfig(classifier=not lexicon_only, **lists)
+    screen = build_screen(cfg)
+    if weights is not None and screen.classifier is not None:
+        screen.classifier = Classifier(load_weights(weights))
+        screen.thresholds = category_thresholds(cfg, screen.classifier)
     report: dict = {}
     for lang, sets in data.items():
         by_cat: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # n, caught, same category
@@ -85,10 +116,15 @@ def main() -> None:
         "--lexicon-only", action="store_true", help="the lexicon without the classifier"
     )
     ap.add_argument("--lexicon", type=Path, help="a lexicon.json to use instead of the built-in")
+    ap.add_argument("--weights", type=Path, help="a weights.npz to use instead of the shipped")
     ap.add_argument("--show-misses", action="store_true", help="print misses and false alarms")
     ap.add_argument("--out", type=Path, help="also write the report as JSON")
     args = ap.parse_args()
-    report = evaluate(load(args.blind), args.lexicon_only, args.show_misses, args.lexicon)
+    if args.weights and args.lexicon_only:
+        ap.error("--weights and --lexicon-only: the lexicon alone uses no weights")
+    report = evaluate(
+        load(args.blind), args.lexicon_only, args.show_misses, args.lexicon, args.weights
+    )
     for lang, r in report.items():
         print(
             f"{lang}: recall {r['recall']:.1%} ({r['crisis']} crisis)  "

@@ -13,7 +13,11 @@ not "crisis vs. not"). Two sources:
   and helper_S and helper_T (stop 26), two more helpers' sets of mostly SHORT messages as people
   send them mid-conversation ("ok thanks", "tell me more", "我明白了", "i want to die"): the
   softmax head had flagged short everyday replies ("thanks", "I see", "sure", "我不知道") as
-  crisis, for want of short ordinary messages to learn from.
+  crisis, for want of short ordinary messages to learn from; and helper_X and helper_Y (stop 35),
+  two more helpers' sets of ways to end or pause a chat (goodbyes, leaving for work or sleep,
+  "tell me more", sad but safe closings; 120 per language each) beside real final goodbyes (40
+  each): the stop-34 weights flagged ten short farewells ("goodbye", "再见", "我走了"), the
+  e5 embedding putting them near the goodbyes people write before suicide.
   Training on other writers' messages is what the leave-one-blind-set-out bench showed to help a
   new writer most (bench/RESULTS.md).
 Each hand-written message appears as written and in `VARIANTS` wrapped

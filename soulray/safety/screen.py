@@ -79,7 +79,7 @@ def build_screen(cfg: SafetyConfig) -> Screen:
             cfg.guard if cfg.guard is not None else lex["guard"],
         ),
         classifier,
-        _thresholds(cfg, classifier),
+        category_thresholds(cfg, classifier),
         resources_,
         replies,
         lines["header"],
@@ -95,7 +95,7 @@ def _helplines() -> dict:
     return data
 
 
-def _thresholds(cfg: SafetyConfig, classifier: Classifier | None) -> np.ndarray:
+def category_thresholds(cfg: SafetyConfig, classifier: Classifier | None) -> np.ndarray:
     shipped = classifier.w.thresholds if classifier else np.ones(len(CATEGORIES), np.float32)
     chosen = dict(zip(CATEGORIES, shipped.tolist(), strict=True))
     chosen.update(cfg.thresholds or {})

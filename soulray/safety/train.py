@@ -24,6 +24,8 @@ import argparse
 import hashlib
 import multiprocessing
 import os
+import sys
+import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -144,13 +146,24 @@ def _embeddings(
             elif str(z["key"]) == hashlib.sha256("\n".join(norm).encode("utf-8")).hexdigest():
                 known = dict(zip(norm, z["embed"], strict=True))
     new = sorted({t for t in norm if t not in known})
+    progress(
+        f"embedding {len(new):,} messages ({len(norm) - len(new):,} from the cache), {jobs} jobs"
+    )
+    began = time.monotonic()
     for start in range(0, len(new), CACHE_EVERY):  # saved as it goes: an interrupted run resumes
         chunk = new[start : start + CACHE_EVERY]
         known.update(zip(chunk, _embed_parallel(embedder, chunk, jobs), strict=True))
+        done = start + len(chunk)
+        progress(f"  embedded {done:,} of {len(new):,} ({time.monotonic() - began:.0f} s)")
         if cache is not None:
             texts = sorted(known)
             np.savez(cache, texts=np.array(texts), embed=np.stack([known[t] for t in texts]))
     return np.stack([known[t] for t in norm]) if norm else np.zeros((0, EMBED_DIM), np.float32)
+
+
+def progress(line: str) -> None:
+    """A progress line on stderr (the results go to stdout)."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def _embed_parallel(embedder: Embedder, texts: list[str], jobs: int) -> np.ndarray:
@@ -374,6 +387,7 @@ def fit_all(
     FOLDS + 1 independent, deterministic fits, run in `jobs` forked processes (the same numbers
     with any `jobs`)."""
     shared = (x, t, folds, features, split)
+    progress(f"fitting {features}: {FOLDS} out-of-fold fits and one on all {len(t):,} messages")
     parts = dict(fork_map(_fit_part, list(range(FOLDS + 1)), jobs, fit=shared))
     scores = np.zeros((len(t), len(CATEGORIES)))
     for k in range(FOLDS):
@@ -530,6 +544,8 @@ def train(
         print(f"{features}: thresholds {np.round(th, 3)}", rates((other >= th).any(1), y, langs))
     oof, params = fit_all(x, t, folds, FEATURES, jobs, split)
     before = (oof >= choose_thresholds(oof, y)).any(1)
+    if KNN_K:
+        progress(f"the vote: each message's {KNN_K} nearest training messages, out of fold")
     oof, neighbours = add_vote(oof, x.embed, y, folds)
     if neighbours is not None:
         print("without the neighbours' vote, out of fold:", rates(before, y, langs))

@@ -123,23 +123,25 @@ SHORT_REPLIES = [
     "就这些",
     "晚安",
     "我明白了",  # flagged until stop 34 (suicide 0.38), passed since the training messages vote
-]
-# Still flagged by the shipped weights (suicide 0.39-0.88 against a 0.35 threshold): the e5
-# embedding of a short closing or farewell puts it near the goodbyes people write before
-# suicide, and since stop 34 its nearest training messages (those goodbyes) vote too ("再见",
-# "farewell" and "I'm heading out" passed before it). Strict: passing them means the weights
-# changed and this list should move up.
-SHORT_REPLIES_STILL_FLAGGED = [
-    "tell me all of it",
+    # flagged until stop 35, passed since two helpers' farewells are trained on (helper_X, Y)
     "that's all I wanted to say",
-    "goodbye",
-    "I have to go",
     "bye for now",
     "farewell",
-    "I'm heading out",
     "再见",
-    "我走了",
     "下次再聊吧",
+]
+# Still flagged by the shipped weights (suicide 0.35-0.79 against a 0.33 threshold): the e5
+# embedding of a short closing or farewell puts it near the goodbyes people write before
+# suicide, and since stop 34 its nearest training messages (those goodbyes) vote too. Two
+# helpers' sets of ordinary closings beside real final goodbyes (stop 35) cleared five of ten;
+# a bare "goodbye" is how some people in crisis end a chat too. Strict: passing them means the
+# weights changed and this list should move up.
+SHORT_REPLIES_STILL_FLAGGED = [
+    "tell me all of it",
+    "goodbye",
+    "I have to go",
+    "I'm heading out",
+    "我走了",
 ]
 
 
@@ -231,6 +233,37 @@ STILL_FLAGGED = [
 ]
 
 
+# A death that would be good for everyone else (the burden thought), with words between: the
+# stop-35 lexicon pattern; before it, only "没有我...更好" and the words side by side matched.
+BURDEN = [
+    "我觉得我死了对所有人都好",
+    "我死了大家都轻松",
+    "要是我不在了对谁都好",
+    "我死了对他们来说是解脱",
+    "我死了大家都会好过一点",
+]
+# the same words in ordinary talk (a review's list: "对" of 对吧 / 对面, "好" of 好像 / 好好)
+NOT_BURDEN = [
+    "我死了都不会原谅他",
+    "我死了也要吃好的",
+    "他说他死了大家都轻松",
+    "那天我不在了对吧？好像是",
+    "我消失了对不对，好几天没上线",
+    "我死了对面打得好凶",
+    "下周我不在了大家都好好干",
+    "明天我不在了你们好好休息",
+    "我消失了大家好像都没发现",
+    "我死了我死了大家快看好可爱",
+    "哈哈我死了谁都好笑",
+    "万一我死了孩子怎么办才好",
+]
+
+
+def test_a_death_good_for_everyone_else_is_flagged_by_the_lexicon(lexicon_only):
+    assert [assess(lexicon_only, [t]).categories for t in BURDEN] == [("suicide",)] * 5
+    assert [t for t in NOT_BURDEN if assess(lexicon_only, [t]).flagged] == []
+
+
 @pytest.mark.parametrize("theirs,mine", GUARDED)
 def test_guards_clear_someone_elses_negated_or_past_words_not_the_writers(
     lexicon_only, theirs, mine
@@ -294,8 +327,8 @@ def test_help_lines_follow_the_category_and_the_language(screen):
 # (flagged, of): when that data or the lexicon changes, re-measure and update these numbers
 # (and say why in the docstring below).
 LEXICON_FLAGS = {
-    "en": {"ordinary": (30, 3897), "crisis": (668, 3861)},
-    "zh": {"ordinary": (42, 3983), "crisis": (779, 3981)},
+    "en": {"ordinary": (30, 4120), "crisis": (690, 3940)},
+    "zh": {"ordinary": (42, 4215), "crisis": (800, 4059)},
 }
 
 
@@ -338,7 +371,11 @@ def test_the_lexicon_alone_flags_few_ordinary_training_messages(lexicon_only, la
     Stop 26 (helper_S and helper_T joined: 800 mostly short messages): en 30 of 3,897; zh 44 of
     3,983 at first, one new: "放心，我没想伤害自己", a negation the guard did not know (没想);
     with 没想 added to the negation guard, 42 (the crisis messages it flags: 779 of 3,981, the
-    same as before)."""
+    same as before).
+    Stop 35 (helper_X and helper_Y joined: farewells, 160 per language each): no new ordinary
+    message flagged (en 30 of 4,120, zh 42 of 4,215); crisis en 690 of 3,940, zh 797 of 4,059,
+    then 800 with one pattern for "我死了对所有人都好" (three more burdens, such as
+    "我死了大家都会轻松点")."""
     rows = written(lang)
     measured = {}
     for kind, texts in (
