@@ -400,16 +400,16 @@ def test_the_vote_moves_messages_not_replies_and_names_no_category(screen):
     """A user's message is scored with the training messages' vote, the model's reply without it
     (one cache entry holds both); the vote decides that a message is crisis, and the categories
     are the top one and those the classifier names without it."""
-    farewell = "farewell"  # flagged only with the vote (suicide 0.53; 0.14 without it)
+    farewell = "I'm heading out"  # flagged only with the vote (suicide 0.35; 0.22 without it)
     voted, own = score_pair(screen, farewell)
     assert voted[0] >= screen.thresholds[0] > own[0]
     assert (scores(screen, farewell) == voted).all()
     assert (reply_scores(screen, farewell) == own).all() and len(screen.cache) > 0
     assert assess(screen, [farewell]).categories == ("suicide",)
     goodbye = "I gave my dog to my sister and wrote everyone letters. I won't be here next week."
-    voted, own = score_pair(screen, goodbye)  # violence 0.27 with the vote, 0.13 without
+    voted, own = score_pair(screen, goodbye)  # violence 0.48 and abuse 0.32 with the vote,
     lifted = [c for c, v, t in zip(CATEGORIES, voted, screen.thresholds, strict=True) if v >= t]
-    assert lifted == ["suicide", "violence"]  # the vote lifts violence over its 0.21 too
+    assert lifted == ["suicide", "violence", "abuse"]  # 0.12 and 0.06 without: over their 0.20
     assert assess(screen, [goodbye]).categories == ("suicide",)  # only suicide is named
 
 
