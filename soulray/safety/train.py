@@ -442,6 +442,7 @@ def add_vote(
     scores unchanged and no bank without a vote (KNN_K 0, or n-grams alone)."""
     if not KNN_K or FEATURES == "ngram":  # the vote reads the embedding
         return oof, None
+    progress(f"the vote: each message's {KNN_K} nearest training messages, out of fold")
     neighbours = build_neighbours(embed, y.sum(1) > 0)
     return with_vote(oof, out_of_fold_votes(neighbours, folds), neighbours.beta), neighbours
 
@@ -542,12 +543,10 @@ def train(
         other = fit_all(x, t, folds, features, jobs, split)[0]  # out-of-fold scores
         th = choose_thresholds(other, y)
         print(f"{features}: thresholds {np.round(th, 3)}", rates((other >= th).any(1), y, langs))
-    oof, params = fit_all(x, t, folds, FEATURES, jobs, split)
-    before = (oof >= choose_thresholds(oof, y)).any(1)
-    if KNN_K:
-        progress(f"the vote: each message's {KNN_K} nearest training messages, out of fold")
-    oof, neighbours = add_vote(oof, x.embed, y, folds)
+    plain, params = fit_all(x, t, folds, FEATURES, jobs, split)
+    oof, neighbours = add_vote(plain, x.embed, y, folds)
     if neighbours is not None:
+        before = (plain >= choose_thresholds(plain, y)).any(1)
         print("without the neighbours' vote, out of fold:", rates(before, y, langs))
     thresholds = choose_thresholds(oof, y)
     save(out, params, thresholds, fingerprint(examples), neighbours)
