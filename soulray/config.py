@@ -366,7 +366,8 @@ class ServeConfig(Section):
     # How long a starting replica (the ingress, an hf engine; `soulray serve` before deploying)
     # waits for its export (serve.engine.model_dir, adapter_dir, serve.adapters) to be complete,
     # polling: a RayService applied together with the RayJob that trains it. 0 = fail at once
-    # when it is missing or half written. A vllm engine loads the model itself: it never waits
+    # when it is missing or half written. A vllm engine loads the model itself and cannot wait:
+    # refused with it
     wait_for_model_s: int = Field(0, ge=0)
 
     def resolved_layout(self) -> Literal["two_deployments", "one_deployment"]:
@@ -396,6 +397,13 @@ class ServeConfig(Section):
             raise ValueError(
                 "serve.layout=one_deployment runs the hf or noop engine in the ingress; use "
                 "serve.layout=two_deployments (or auto) with serve.engine.kind=vllm"
+            )
+        if self.wait_for_model_s:  # the ingress would wait while the engine fails to load
+            raise ValueError(
+                "serve.wait_for_model_s is for the hf engine: the vllm engine (Ray Serve LLM) "
+                "loads the model in its own replica, which does not wait for it; set "
+                "serve.wait_for_model_s=0 and deploy once the export is complete, or use "
+                "serve.engine.kind=hf"
             )
         return self
 

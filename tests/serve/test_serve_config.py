@@ -199,6 +199,10 @@ def test_one_deployment_layout_runs_the_engine_inside_the_ingress(tiny_export):
         Config.model_validate({"serve": adapters})
     with pytest.raises(ValueError, match="unset serve.engine.adapter_dir"):
         Config.model_validate({"serve": {"engine": {"kind": "vllm", "adapter_dir": "/x/a"}}})
+    # the ingress would wait for the export while the vllm engine failed to load it
+    wait = {"engine": {"kind": "vllm"}, "wait_for_model_s": 600}
+    with pytest.raises(ValueError, match="set serve.wait_for_model_s=0 and deploy once the export"):
+        Config.model_validate({"serve": wait})
 
 
 def test_layout_auto_puts_the_hf_engine_in_the_ingress_and_vllm_apart():
