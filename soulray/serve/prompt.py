@@ -64,7 +64,7 @@ def check_local_model_dirs(cfg: Config) -> None:
         # every request for it
         if path is None or storage.is_remote(path):
             continue
-        if wait_s:
+        if wait_s and key != "serve.engine.adapter_dir":  # that one was waited for above
             wait_for_export(path, wait_s)
         if not Path(storage.normalize(path), "adapter_config.json").is_file():
             raise ValueError(
