@@ -156,7 +156,7 @@ def submit_job(
                 output.split("=", 1)[0],
             )
     send_token_if_present()
-    from ray.exceptions import AuthenticationError
+    from ray.exceptions import AuthenticationError, RpcError
     from ray.job_submission import JobSubmissionClient
 
     env = [os.environ[v] for v in ADDRESS_VARS if os.environ.get(v)]
@@ -178,6 +178,12 @@ def submit_job(
             f"cannot reach a Ray cluster's job API at {where} ({reason}); start one "
             "(`ray start --head`, or cluster/local.sh up) or pass --address http://HEAD:8265, "
             "the dashboard port"
+        ) from None
+    except RpcError as e:  # an address without a scheme is looked up as a GCS address
+        raise ValueError(
+            f"no Ray cluster answers at {where} ({e.message.rstrip('.')}): an address without "
+            "http:// is taken as a cluster's GCS address (HEAD:6379); for the job API pass "
+            "--address http://HEAD:8265, the dashboard port"
         ) from None
     except AuthenticationError as e:
         raise ValueError(

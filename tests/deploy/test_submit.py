@@ -69,6 +69,28 @@ def test_submit_to_an_address_with_no_cluster_says_how_to_start_one() -> None:
     assert f"error: cannot reach a Ray cluster's job API at {address}" in result.output
 
 
+def test_an_address_without_http_says_to_give_the_dashboard_url(monkeypatch) -> None:
+    """`--address HEAD:8265` (no http://) is looked up by Ray as a GCS address: after ~40 s
+    its client raises RpcError, which was a raw traceback; it names the fix now."""
+    import ray.job_submission
+    from ray.exceptions import RpcError
+    from typer.testing import CliRunner
+
+    from soulray.cli import app
+
+    def no_gcs(address):  # what Ray's client raises when no GCS answers at `address`
+        raise RpcError("Timed out while waiting for GCS to become available.")
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", no_gcs)
+    result = CliRunner().invoke(app, ["submit", "--address", "h:8265", "--", "soulray", "train"])
+    assert result.exit_code == 1
+    assert result.output == (
+        "error: no Ray cluster answers at h:8265 (Timed out while waiting for GCS to become "
+        "available): an address without http:// is taken as a cluster's GCS address "
+        "(HEAD:6379); for the job API pass --address http://HEAD:8265, the dashboard port\n"
+    )
+
+
 def test_the_address_flag_wins_over_the_environment(monkeypatch) -> None:
     """Ray's client would take $RAY_API_SERVER_ADDRESS over its argument (README's
     `source cluster/.local/env` exports it): the flag typed wins, and the error names it."""
