@@ -76,6 +76,16 @@ def test_cpu_head_and_autoscaled_h100_workers(path):
     assert instance <= {"p5.48xlarge", "a3-highgpu-8g"}, instance
 
 
+def test_gcp_gpu_workers_terminate_on_host_maintenance():
+    """The Compute API's `scheduling` is an object (instances.insert); a YAML list there (as in
+    some of Ray's own examples, ray-project/ray#46248) is not the TERMINATE a GPU VM needs."""
+    (cfg,) = [load(p) for p in LAUNCHER_CONFIGS if load(p)["provider"]["type"] == "gcp"]
+    workers = {n: t for n, t in cfg["available_node_types"].items() if t["resources"].get("GPU")}
+    assert {n: t["node_config"].get("scheduling") for n, t in workers.items()} == {
+        "ray_worker_h100": {"onHostMaintenance": "TERMINATE"}
+    }
+
+
 @pytest.mark.parametrize("path", LAUNCHER_CONFIGS, ids=lambda p: p.name)
 def test_image_token_auth_and_shared_storage(path):
     cfg = load(path)
