@@ -463,14 +463,17 @@ def eval_cmd(
 
 @app.command()
 def report(
-    run_dir: Annotated[
-        Path, typer.Argument(help="A training run: the directory holding metrics.jsonl.")
+    run_dir: Annotated[  # str, not Path: Path("s3://b/run") is s3:/b/run
+        str,
+        typer.Argument(
+            help="A training run: the directory holding metrics.jsonl (local, s3://, gs://)."
+        ),
     ],
 ) -> None:
     """A training run's metrics.jsonl as PNG curves (loss, val loss, tokens/s, lr) + report.md."""
     from soulray.eval.curves import write_training_report
 
-    out = run_verb(write_training_report, str(run_dir))
+    out = run_verb(write_training_report, run_dir)
     typer.echo(f"wrote {out}/report.md and its curves")
 
 

@@ -3,6 +3,7 @@ moto server (pyarrow reaches it through AWS_ENDPOINT_URL, exactly as it would re
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -254,6 +255,27 @@ def test_s3_write_text_lands_in_the_bucket(bucket):
     assert storage.list_files(f"s3://{name}/runs") == [target]
     storage.delete_dir(f"s3://{name}/runs/x")
     assert client.list_objects_v2(Bucket=name, Prefix="runs/x/").get("KeyCount") == 0
+
+
+def test_report_reads_and_writes_a_run_on_s3(bucket):
+    """`soulray report s3://...`: a cluster's run dir is in object storage (README "On a
+    cluster"); the URI reaches storage whole (as a Path it was s3:/bucket/..., "does not
+    exist")."""
+    from typer.testing import CliRunner
+
+    from soulray.cli import app
+
+    name, client = bucket
+    rows = [{"step": s, "loss": 4.0 - s / 10, "lr": 1e-3, "start_step": 0} for s in (10, 20)]
+    body = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    client.put_object(Bucket=name, Key="runs/r/checkpoints/r/metrics.jsonl", Body=body)
+    result = CliRunner().invoke(app, ["report", f"s3://{name}/runs/r"])
+    assert result.exit_code == 0, result.output
+    assert (
+        result.output == f"wrote s3://{name}/runs/r/checkpoints/r/report/report.md and its curves\n"
+    )
+    md = client.get_object(Bucket=name, Key="runs/r/checkpoints/r/report/report.md")["Body"].read()
+    assert "- loss: 3.0000 at step 10 -> 2.0000" in md.decode()
 
 
 def test_s3_reads_honour_the_endpoint_variable(bucket):
