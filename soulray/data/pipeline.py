@@ -392,6 +392,11 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     if storage.is_file(out):
         raise ValueError(f"data.output_dir {out} is a file; name a directory (it is created)")
     check_local_model_path(cfg)
+    from soulray.train.launch import cluster_hosts, storage_problem
+
+    problem = storage_problem(out, cluster_hosts(), "data.output_dir")
+    if problem:  # refused before any work, not found out by `soulray train` afterwards
+        raise ValueError(problem)
     files = storage.expand_inputs(d.inputs, FILE_SUFFIXES, exclude=prepare_outputs(out))
     log.info("reading %d file(s) into %s", len(files), out)
     settings = ParseSettings(

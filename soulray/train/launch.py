@@ -78,9 +78,7 @@ def check_storage(cfg: Config) -> None:
     """On a cluster spanning hosts, the checkpoints, the export and the prepared data must be
     on storage every node can reach (counted over the nodes alive now: a cluster that scales
     up from one host is not caught here)."""
-    import ray
-
-    hosts = len({n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]})
+    hosts = cluster_hosts()
     t = cfg.train
     for key, path in (
         ("train.storage_path", t.storage_path),
@@ -90,6 +88,16 @@ def check_storage(cfg: Config) -> None:
         problem = storage_problem(path, hosts, key)
         if problem:
             raise ValueError(problem)
+
+
+def cluster_hosts() -> int:
+    """The hosts of the current Ray cluster's alive nodes (nodes on one host share its disks);
+    1 before Ray is started: Ray Data then starts a local one."""
+    import ray
+
+    if not ray.is_initialized():
+        return 1
+    return len({n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]})
 
 
 def check_before_workers(cfg: Config, data_dir: str) -> Config:
@@ -289,6 +297,8 @@ STORAGE_WHY = {
     "train.export_dir": "rank 0 writes the export on whichever node it runs, not where you "
     "look for it",
     "train.data_dir": "workers on the other hosts would not find the prepared rows",
+    "data.output_dir": "each render actor would write its shards to its own host's disk, and "
+    "the manifest and training would not see them",
 }
 
 

@@ -125,6 +125,27 @@ def test_local_checkpoints_are_refused_only_across_hosts(tmp_path) -> None:
     assert "rank 0 writes the export on whichever node" in export
 
 
+def test_prepare_refuses_a_local_output_dir_across_hosts(tmp_path, monkeypatch) -> None:
+    """Render actors write their shards on their own hosts: a local data.output_dir on a
+    multi-host cluster is refused before any work (it was found out by train, after it)."""
+    import soulray.train.launch
+    from soulray.config import load_config
+    from soulray.data.pipeline import run_prepare
+
+    out = tmp_path / "data"
+    cfg = load_config(ROOT / "jobs" / "quickstart.yaml", [f"data.output_dir={out}"])
+    monkeypatch.setattr(soulray.train.launch, "cluster_hosts", lambda: 2)
+    with pytest.raises(ValueError) as refused:
+        run_prepare(cfg)
+    assert str(refused.value) == (
+        f"data.output_dir={out} is a local directory, but the Ray cluster spans 2 hosts: each "
+        "render actor would write its shards to its own host's disk, and the manifest and "
+        "training would not see them. Use shared storage: an s3:// or gs:// URI, or a path on "
+        "an NFS mount present on every node"
+    )
+    assert not out.exists()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="local.sh reads /proc (Linux)")
 def test_submit_prepare_and_train_then_a_bad_config(local_cluster, tmp_path) -> None:
