@@ -15,6 +15,7 @@ import hmac
 import json
 import logging
 import os
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -336,7 +337,27 @@ def build_serve_config(cfg: Config) -> dict[str, Any]:
 
 def start_serving(cfg: Config) -> str:
     """Deploy the app on the current Ray cluster (non-blocking); return its base URL."""
+    from ray.serve.context import _get_global_client
+
+    if _get_global_client(raise_if_no_controller_running=False) is None:
+        check_port_free(cfg.serve.host, cfg.serve.port)  # a running Serve holds its own port
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(build_application(cfg), name=cfg.serve.app_name, route_prefix="/")
     host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
     return f"http://{host}:{cfg.serve.port}"
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port something already listens on. Serve's proxy binds with SO_REUSEPORT, so on
+    a port another server holds (another Ray's Serve, another user's) it starts without an
+    error, and the kernel then splits the requests between the two servers."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # closed connections: free
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            raise ValueError(
+                f"serve.port={port} is in use on {host} ({e.strerror}): another server listens "
+                "there; stop it or pick a free port with serve.port=..."
+            ) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -141,6 +142,30 @@ def test_serve_refuses_a_missing_export_before_deploying(tmp_path, tiny_export):
     )
     result = serve(f"serve.engine.model_dir={tiny_export}", f"serve.engine.adapter_dir={missing}")
     assert result.exit_code == 1 and f"model directory {missing} does not exist" in result.output
+
+
+def test_serve_refuses_a_port_another_server_listens_on(monkeypatch):
+    """Serve's proxy binds with SO_REUSEPORT: on a busy port it would start and share it."""
+    import ray.serve.context
+    from ray import serve
+
+    from soulray.serve import app as serve_app
+
+    monkeypatch.setattr(ray.serve.context, "_get_global_client", lambda **_: None)
+    monkeypatch.setattr(serve, "start", lambda **_: pytest.fail("Serve was started"))
+    with socket.socket() as other:  # another server, bound as Serve's proxy binds
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        cfg = load_config(None, [f"serve.port={port}"])
+        with pytest.raises(ValueError) as e:
+            serve_app.start_serving(cfg)
+    assert str(e.value) == (
+        f"serve.port={port} is in use on 127.0.0.1 (Address already in use): another server "
+        "listens there; stop it or pick a free port with serve.port=..."
+    )
+    serve_app.check_port_free("127.0.0.1", port)  # free again once that server is gone
 
 
 def test_builder_refuses_unknown_args():
