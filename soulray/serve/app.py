@@ -64,6 +64,13 @@ def load_api_key(auth: AuthConfig) -> str | None:
         if path.exists():
             key = path.read_text(encoding="utf-8").strip() or None
     key = key or os.environ.get(auth.api_key_env, "").strip() or None
+    if key is None and auth.api_key_file:
+        # a secret that was not mounted (or a typo) must not leave the server open
+        raise ValueError(
+            f"serve.auth.api_key_file {auth.api_key_file} does not exist or is empty, and the "
+            f"environment variable {auth.api_key_env} is not set: the server would run without "
+            "auth; put the key in that file, or unset serve.auth.api_key_file to serve openly"
+        )
     if key is None and auth.required:
         raise ValueError(
             "serve.auth.required is set but no API key was found: put the key in the "

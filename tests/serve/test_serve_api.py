@@ -447,6 +447,16 @@ def test_api_key_sources(tmp_path, monkeypatch):
     assert load_api_key(AuthConfig(api_key_env="MY_KEY")) is None
     with pytest.raises(ValueError, match="MY_KEY"):
         load_api_key(AuthConfig(api_key_env="MY_KEY", required=True))
+    missing = tmp_path / "not-mounted"
+    with pytest.raises(ValueError) as e:
+        load_api_key(AuthConfig(api_key_env="MY_KEY", api_key_file=str(missing)))
+    assert str(e.value) == (
+        f"serve.auth.api_key_file {missing} does not exist or is empty, and the environment "
+        "variable MY_KEY is not set: the server would run without auth; put the key in that "
+        "file, or unset serve.auth.api_key_file to serve openly"
+    )
+    monkeypatch.setenv("MY_KEY", "from-env")  # the variable still serves when the file is gone
+    assert load_api_key(AuthConfig(api_key_env="MY_KEY", api_key_file=str(missing))) == "from-env"
 
 
 @pytest.mark.parametrize("debug", [False, True])
