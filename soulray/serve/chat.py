@@ -264,8 +264,14 @@ def _usage(p: Prepared, completion: int) -> Usage:
 
 async def complete(state: IngressState, p: Prepared, model: str) -> ChatCompletion:
     guards = [_guard(state, p) for _ in range(p.gen.n)]
+    deltas = None
+    if p.fixed is None:
+        try:
+            deltas = await state.engine.complete(p.gen)
+        except APIError as e:
+            _answer_flagged_without_engine(state, p, e)
     fixed = p.fixed is not None
-    deltas = _fixed_deltas(state, p) if fixed else await state.engine.complete(p.gen)
+    deltas = _fixed_deltas(state, p) if fixed else deltas
     choices = []
     for delta, parser, guard in zip(deltas, p.choice_parsers(), guards, strict=True):
         content = p.fixed or ""
@@ -299,8 +305,27 @@ async def open_stream(state: IngressState, p: Prepared, model: str) -> AsyncGene
     starts, so overload and bad-request errors still become proper HTTP errors."""
     fixed = p.fixed is not None
     deltas = _listed(_fixed_deltas(state, p)) if fixed else state.engine.stream(p.gen)
-    first = await anext(deltas, None)
+    try:
+        first = await anext(deltas, None)
+    except APIError as e:
+        _answer_flagged_without_engine(state, p, e)
+        deltas = _listed(_fixed_deltas(state, p))
+        first = await anext(deltas, None)
     return _closing(_events(state, p, model, first, deltas), deltas)
+
+
+def _answer_flagged_without_engine(state: IngressState, p: Prepared, e: APIError) -> None:
+    """The engine failed before any reply (overloaded, past its deadline, a failed prefill):
+    a flagged request still gets the help lines, in the fixed safe reply, as when the model
+    cannot answer it; any other request gets the error."""
+    if not p.safety.flagged:
+        raise e
+    log.info(
+        "request %s: flagged, and the engine failed (%s): the fixed safe reply answers",
+        p.id,
+        e.status,
+    )
+    p.fixed = fixed_reply(state.screen, p.assessment)
 
 
 async def _closing(

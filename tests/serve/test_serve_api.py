@@ -259,6 +259,36 @@ def test_a_crisis_message_the_model_cannot_answer_still_gets_the_help_lines(
     assert engine.requests == []  # nothing was generated
 
 
+@pytest.mark.parametrize("status", [503, 504])
+def test_a_crisis_message_the_engine_cannot_answer_still_gets_the_help_lines(
+    tiny_export, tmp_path, status
+):
+    """Overloaded or past its deadline: unflagged, the error; flagged, the fixed safe reply
+    with the help lines, whole and streamed."""
+    from soulray.serve.schemas import APIError
+
+    failing = ScriptedEngine(fail=APIError(status, "the engine failed", type="overloaded"))
+    api, _ = make_api(tiny_export, tmp_path, engine=failing)
+    post = "/v1/chat/completions"
+    plain = {"messages": [{"role": "user", "content": "I had a long day."}]}
+    for stream in (False, True):
+        error = assert_openai_error(
+            call(api, "POST", post, json={**plain, "stream": stream}), status
+        )
+        assert error["message"] == "the engine failed"
+    crisis = {"messages": [{"role": "user", "content": "I want to kill myself tonight."}]}
+    out = call(api, "POST", post, json=crisis).json()
+    assert out["safety"]["flagged"] and out["safety"]["category"] == "suicide"
+    reply = out["choices"][0]["message"]["content"]
+    assert reply.startswith("I'm really glad you told me") and reply.endswith(
+        help_paragraph("en-US", "suicide")
+    )
+    streamed = call(api, "POST", post, json={**crisis, "stream": True})
+    assert streamed.status_code == 200 and streamed.text.endswith("data: [DONE]\n\n")
+    chunks = [json.loads(line[6:]) for line in streamed.text.splitlines() if line[6:7] == "{"]
+    assert "".join(c["choices"][0]["delta"]["content"] or "" for c in chunks) == reply
+
+
 def test_error_paths_are_openai_shaped_and_the_server_keeps_serving(tiny_export, tmp_path):
     api, _ = make_api(tiny_export, tmp_path, max_request_bytes=2048, max_tokens_limit=64)
     post = "/v1/chat/completions"
