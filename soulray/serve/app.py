@@ -1,7 +1,7 @@
 """The Ray Serve application: an OpenAI-compatible ingress in front of autoscaled engine replicas.
 
 Routes: POST /v1/chat/completions (whole or streamed as SSE ending `data: [DONE]`),
-GET /v1/models, GET /healthz. Every error is an OpenAI-shaped JSON body, never a stack trace.
+GET /v1/models, GET /v1/models/{id}, GET /healthz. Every error is an OpenAI-shaped JSON body, never a stack trace.
 Message text is never logged unless serve.debug_log_content is set: the ingress logs request
 ids, sizes and token counts, and Serve's access log holds method, route, status and latency.
 
@@ -155,20 +155,19 @@ def build_api(state: IngressState, metrics: IngressMetrics | None = None) -> Fas
         cards = [ModelCard(id=name, created=state.created) for name in model_names(state.cfg)]
         return ModelList(data=cards).model_dump()
 
+    @api.get("/v1/models/{model:path}")  # the openai client's models.retrieve
+    async def model_card(model: str, request: Request) -> dict[str, Any]:
+        authorize(state, request)
+        check_model(state.cfg, model)
+        return ModelCard(id=model, created=state.created).model_dump()
+
     @api.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         authorize(state, request)
         body = await read_body(request, state.cfg.max_request_bytes)
         req = parse_request(body, state.cfg.ignore_unknown_fields)
         model = req.model or state.cfg.model_name
-        if model not in model_names(state.cfg):
-            raise APIError(
-                404,
-                f"the model {model!r} does not exist; this server serves "
-                f"{', '.join(map(repr, model_names(state.cfg)))} (see GET /v1/models)",
-                param="model",
-                code="model_not_found",
-            )
+        check_model(state.cfg, model)
         prepared = await state.off_loop(prepare, state, req, new_completion_id())
         if model != state.cfg.model_name:
             prepared.gen.adapter = model  # a serve.adapters name: the engine applies its LoRA
@@ -197,6 +196,18 @@ class ClosingStreamingResponse(StreamingResponse):
 def model_names(cfg: ServeConfig) -> list[str]:
     """The base model's name, then each serve.adapters name."""
     return [cfg.model_name] + [a.name for a in cfg.adapters]
+
+
+def check_model(cfg: ServeConfig, model: str) -> None:
+    """A 404 naming the served models for any other name."""
+    if model not in model_names(cfg):
+        raise APIError(
+            404,
+            f"the model {model!r} does not exist; this server serves "
+            f"{', '.join(map(repr, model_names(cfg)))} (see GET /v1/models)",
+            param="model",
+            code="model_not_found",
+        )
 
 
 def add_error_handlers(api: FastAPI) -> None:

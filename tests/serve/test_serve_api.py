@@ -340,6 +340,11 @@ def test_error_paths_are_openai_shaped_and_the_server_keeps_serving(tiny_export,
     assert call(api, "GET", "/healthz", key=None).json() == {"status": "ok"}
     assert call(api, "POST", post, json=ok).status_code == 200
     assert call(api, "GET", "/v1/models").json()["data"][0]["id"] == "soulray"
+    card = call(api, "GET", "/v1/models/soulray").json()
+    assert (card["id"], card["object"], card["owned_by"]) == ("soulray", "model", "soulray")
+    missing = assert_openai_error(call(api, "GET", "/v1/models/gpt-4o"), 404)
+    assert (missing["param"], missing["code"]) == ("model", "model_not_found")
+    assert_openai_error(call(api, "GET", "/v1/models/soulray", key="wrong"), 401)
 
 
 def test_a_template_that_refuses_the_messages_is_a_400_with_its_words(tiny_export, tmp_path):

@@ -109,6 +109,7 @@ def test_openai_client_whole_and_streamed(client):
     assert finish == [out.choices[0].finish_reason]
     assert chunks[-1].usage == out.usage
     assert [m.id for m in client.models.list().data] == ["soulray"]
+    assert client.models.retrieve("soulray").id == "soulray"
 
 
 def test_bad_requests_get_openai_errors_and_serving_continues(served, client):
