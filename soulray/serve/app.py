@@ -1,7 +1,8 @@
 """The Ray Serve application: an OpenAI-compatible ingress in front of autoscaled engine replicas.
 
 Routes: POST /v1/chat/completions (whole or streamed as SSE ending `data: [DONE]`),
-GET /v1/models, GET /v1/models/{id}, GET /healthz. Every error is an OpenAI-shaped JSON body, never a stack trace.
+GET /v1/models, GET /v1/models/{id}, GET /healthz. Every error is an OpenAI-shaped JSON body,
+never a stack trace.
 Message text is never logged unless serve.debug_log_content is set: the ingress logs request
 ids, sizes and token counts, and Serve's access log holds method, route, status and latency.
 
