@@ -311,7 +311,7 @@ async def open_stream(state: IngressState, p: Prepared, model: str) -> AsyncGene
         _answer_flagged_without_engine(state, p, e)
         deltas = _listed(_fixed_deltas(state, p))
         first = await anext(deltas, None)
-    return _closing(_events(state, p, model, first, deltas), deltas)
+    return _closing(_events(state, p, model, first, deltas), deltas, p.id)
 
 
 def _answer_flagged_without_engine(state: IngressState, p: Prepared, e: APIError) -> None:
@@ -329,16 +329,24 @@ def _answer_flagged_without_engine(state: IngressState, p: Prepared, e: APIError
 
 
 async def _closing(
-    events: AsyncGenerator[str, None], deltas: AsyncGenerator[Delta, None]
+    events: AsyncGenerator[str, None], deltas: AsyncGenerator[Delta, None], request_id: str
 ) -> AsyncGenerator[str, None]:
     """The events; closing them (app.py's response does when it ends, however it ends) closes
     the engine's stream too, which stops the generation. Without this, a client that hangs up
     while the response waits on a send (after the help lines, say) leaves the engine generating
-    until the garbage collector closes the abandoned generators."""
+    until the garbage collector closes the abandoned generators. A stream closed before its
+    end is a hang-up, logged as one (the access log has already recorded its 200)."""
+    finished = False
     try:
         async for event in events:
             yield event
+        finished = True
     finally:
+        if not finished:
+            log.info(
+                "request %s: the client went away mid-stream: its generation was stopped",
+                request_id,
+            )
         await events.aclose()
         await deltas.aclose()
 

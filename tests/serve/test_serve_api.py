@@ -133,10 +133,12 @@ def test_openai_client_streamed_reply(tiny_export, tmp_path):
     assert chunks[-1].model_extra["strategy"] == "Question"
 
 
-def test_sse_framing_ends_with_done(tiny_export, tmp_path):
+def test_sse_framing_ends_with_done(tiny_export, tmp_path, caplog):
     api, _ = make_api(tiny_export, tmp_path)
     body = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
-    resp = call(api, "POST", "/v1/chat/completions", json=body)
+    with caplog.at_level("INFO", logger="ray.serve.soulray"):
+        resp = call(api, "POST", "/v1/chat/completions", json=body)
+    assert not [r for r in caplog.records if "went away" in r.getMessage()]  # read to its end
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
     events = resp.text.split("\n\n")
     assert events[-2] == "data: [DONE]" and events[-1] == ""
@@ -464,6 +466,8 @@ def test_a_client_gone_while_a_send_waits_closes_the_engine_stream(
         closed, sent = asyncio.run(go())
     assert len(bodies) == hang_up_at
     assert not [r for r in caplog.records if r.levelname == "ERROR"]  # a hang-up, not an error
+    gone = [r.getMessage() for r in caplog.records if "went away mid-stream" in r.getMessage()]
+    assert len(gone) == 1 and gone[0].startswith("request chatcmpl-")
     if hang_up_at >= 2:
         assert b'"flagged":true' in bodies[0] and b"12356" in bodies[1]  # then the help lines
     assert closed and sent >= 1
