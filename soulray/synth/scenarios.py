@@ -96,11 +96,13 @@ def require_languages(
 
 
 def pool_size(pool: dict[str, Any], language: Language) -> int:
-    """How many distinct scenarios one language's pool can make."""
+    """How many distinct scenarios one language's pool can make (an entry listed twice
+    makes no second scenario)."""
     p = pool[language]
-    situations = sum(len(problem["situations"]) for problem in p["problems"])
-    people = len(p["ages"]) * len(p["occupations"]) * len(p["personalities"])
-    return people * situations * len(p["emotions"]) * len(INTENSITIES) * len(ATTITUDES)
+    situations = {(pr["type"], s) for pr in p["problems"] for s in pr["situations"]}
+    people = len({int(a) for a in p["ages"]}) * len(set(p["occupations"]))
+    people *= len(set(p["personalities"]))
+    return people * len(situations) * len(set(p["emotions"])) * len(INTENSITIES) * len(ATTITUDES)
 
 
 def build_scenarios(
@@ -109,9 +111,15 @@ def build_scenarios(
     """`n` distinct scenarios, languages alternating, the same list for the same seed."""
     pool = pool or load_pool()
     require_languages(pool, languages)
-    capacity = sum(pool_size(pool, lang) for lang in languages)
-    if n > capacity:
-        raise ValueError(f"asked for {n} scenarios but the pool makes only {capacity}")
+    # languages take turns, so each must make its own share, or the draw below never ends
+    for i, lang in enumerate(languages):
+        share = len(range(i, n, len(languages)))
+        if share > pool_size(pool, lang):
+            raise ValueError(
+                f"asked for {n} scenarios, {share} of them {lang} (languages take turns), but "
+                f"the {lang} pool makes only {pool_size(pool, lang)}; lower the count or add "
+                "to the pool"
+            )
     rng = random.Random(seed)
     seen: set[str] = set()
     out: list[Scenario] = []

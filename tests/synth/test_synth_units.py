@@ -80,6 +80,19 @@ def test_scenarios_are_distinct_deterministic_and_plentiful() -> None:
         build_scenarios(1, 0, ["fr"])
 
 
+def test_a_small_language_pool_is_refused_not_drawn_forever() -> None:
+    """Languages take turns: 40 scenarios over [zh, en] need 20 zh ones, and a zh pool of 15
+    used to loop for ever however big the en pool was. An entry listed twice makes none."""
+    one = {"ages": [30, 30], "occupations": ["t"], "personalities": ["p"], "emotions": ["e"]}
+    zh = one | {"problems": [{"type": "a", "situations": ["s", "s"]}]}
+    en = one | {"ages": [30, 40], "problems": [{"type": "a", "situations": ["s", "u"]}]}
+    pool = {"zh": zh, "en": en}
+    assert (pool_size(pool, "zh"), pool_size(pool, "en")) == (15, 60)
+    with pytest.raises(ValueError, match=r"^asked for 40 scenarios, 20 of them zh .* only 15;"):
+        build_scenarios(40, 0, ["zh", "en"], pool)
+    assert len({s.id for s in build_scenarios(30, 0, ["zh", "en"], pool)}) == 30
+
+
 def test_scenario_from_an_esconv_record() -> None:
     import random
 
