@@ -13,7 +13,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import random
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
@@ -26,6 +28,8 @@ from soulray.data.parse import ParseSettings, normalize_record
 from soulray.data.ranges import Range, plan_ranges, range_records
 from soulray.eval.config import ContextsConfig
 from soulray.text import Language, detect_language
+
+log = logging.getLogger("soulray.eval")
 
 
 @dataclass
@@ -98,6 +102,17 @@ def read_conversations(
         .take_all()
     )
     rows.sort(key=lambda r: (r["rid"], r["index"]))
+    rejected = [r for r in rows if r["reason"]]  # what prepare would put in rejects.jsonl
+    if rejected:
+        reasons = dict(Counter(r["reason"] for r in rejected))
+        log.warning(
+            "%s: %d record(s) skipped, as prepare rejects them %s; the first: %s",
+            key,
+            len(rejected),
+            json.dumps(reasons),
+            rejected[0]["why"],
+        )
+    rows = [r for r in rows if not r["reason"]]
     # A per-turn-expanded corpus holds each dialogue once per reply, as the dialogue so far:
     # like prepare, keep the longest (a sample whose hash is a prefix of another is dropped),
     # or its early replies would be scored once per later sample.
@@ -114,15 +129,17 @@ def read_conversations(
 def _range_rows(
     item: dict[str, Any], settings: ParseSettings, split: str | None
 ) -> list[dict[str, Any]]:
-    """The kept conversations of one range (of `split` when given), with their position."""
+    """The kept conversations of one range (of `split` when given), with their position, and
+    its rejected records (with a `reason`, and `why`: where and what)."""
     r = Range(**json.loads(item["spec"]))
     rows = []
     for index, raw in enumerate(range_records(r)):
         row = normalize_record(raw, settings)
-        if row["ok"] and (split is None or row["split"] == split):
+        why = f"{row['location']}: {row['reason']}: {row['detail']}" if not row["ok"] else ""
+        if not row["ok"] or split is None or row["split"] == split:
             rows.append(
                 {"rid": r.rid, "index": index, "hash": row["hash"], "conv": row["conversation"]}
-                | {"prefixes": row["prefixes"]}
+                | {"prefixes": row["prefixes"], "reason": row["reason"], "why": why}
             )
     return rows
 

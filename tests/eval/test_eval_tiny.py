@@ -57,6 +57,28 @@ def test_a_per_turn_expanded_corpus_gives_each_reply_once(ray_local, tmp_path):
         sample_contexts(ContextsConfig(source="files", inputs=["/nowhere.jsonl"]))
 
 
+def test_records_prepare_would_reject_are_counted_not_dropped_silently(ray_local, tmp_path, caplog):
+    """A context file's bad records were skipped without a word, and a file of nothing but
+    bad ones said only "no conversation found"."""
+    good = {"messages": [{"role": "user", "content": "I can't sleep."}]}
+    good["messages"].append({"role": "assistant", "content": "Since when?"})
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(json.dumps(good) + '\n{"messages": [broken\n{"foo": 1}\n')
+    with caplog.at_level("WARNING", logger="soulray.eval"):
+        contexts = sample_contexts(ContextsConfig(source="files", inputs=[str(path)], n=100))
+    assert [c.reference for c in contexts] == ["Since when?"]
+    assert caplog.messages == [
+        'eval.contexts.inputs: 2 record(s) skipped, as prepare rejects them {"invalid_json": 1, '
+        f'"unknown_format": 1}}; the first: {path}:2: invalid_json: Expecting value'
+    ]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"foo": 1}\n')
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="soulray.eval"), pytest.raises(ValueError):
+        sample_contexts(ContextsConfig(source="files", inputs=[str(bad)]))
+    assert caplog.messages[0].startswith("eval.contexts.inputs: 1 record(s) skipped")
+
+
 def test_two_files_with_the_same_conversation_id_give_distinct_contexts(ray_local, tmp_path):
     """The gate pairs replies by context id: two conversations named "c1" (one per file) used
     to give two contexts "c1#1", and the later hid the earlier (3 paired items of 4)."""
