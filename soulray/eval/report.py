@@ -172,6 +172,25 @@ def build_report(
     }
 
 
+def nothing_answered(report: dict[str, Any]) -> str | None:
+    """Why every model failed every context and dialogue (every endpoint down, a wrong
+    base_url): `soulray eval` exits 1 on it, as synth does when every scenario failed,
+    since such a report measures nothing. None when any reply came back."""
+    rows = [r for part in ("replies", "dialogues") for m in report[part].values() for r in m]
+    errors = [r["error"] for r in rows]
+    if not errors or None in errors:
+        return None
+    labels = Counter(reason_label(e) for e in errors)
+    common = max(labels, key=labels.__getitem__)
+    example = next(e for e in errors if reason_label(e) == common)
+    return (
+        f"nothing was evaluated: all {len(errors)} replies and dialogues failed, most often "
+        f"with {example!r}; "
+        "check the endpoints of eval.models (and the Seeker's): base_url ends in /v1, the "
+        "server is up, the model name is served"
+    )
+
+
 def write_report(report: dict[str, Any], output_dir: str) -> None:
     """report.json first; report.md and the PNGs are rendered from what was written."""
     from soulray.eval.charts import save_eval_charts

@@ -261,6 +261,24 @@ def test_a_failing_model_is_counted_not_dropped(ray_local, servers, tmp_path):
     check_md_matches_json(report, md)
 
 
+def test_a_run_in_which_every_reply_failed_exits_1_naming_why(ray_local, servers, tmp_path):
+    """Every endpoint down (a wrong base_url) used to exit 0 with an empty report, the console
+    saying only "6 failed"; like synth, it exits 1 with the most common reason."""
+    with ScriptedOpenAI(lambda body: Reply("overloaded", status=503), model="down") as down:
+        config = write_config(tmp_path, servers | {"down": down}, {"down": "down"})
+        cfg = yaml.safe_load(config.read_text())
+        del cfg["eval"]["judge"]
+        config.write_text(yaml.safe_dump(cfg))
+        result = run_cli("eval", "--config", str(config))
+    assert result.exit_code == 1, result.output
+    assert (
+        "error: nothing was evaluated: all 6 replies and dialogues failed, most often with "
+        "'http_503: " in result.output
+    )
+    assert "check the endpoints of eval.models (and the Seeker's): base_url" in result.output
+    assert (tmp_path / "report" / "report.json").exists()  # written first, as synth's
+
+
 def test_an_api_key_exported_after_the_cluster_started_reaches_the_tasks(
     ray_local, servers, tmp_path, monkeypatch
 ):
