@@ -432,6 +432,12 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
         dict(summary.rejected) or "none",
     )
     rejects_path = storage.join(out, "rejects.jsonl")
+    if summary.records == 0:  # nothing to reject either: rejects.jsonl would be empty
+        storage.delete_dir(out if created else work)
+        raise ValueError(
+            f"data.inputs hold no record: the {len(files)} file(s) they name are empty; "
+            "check data.inputs"
+        )
     if summary.kept == 0:
         write_rejects(work, rejects_path, [])
         raise ValueError(f"no conversation survived cleaning; see {rejects_path} for why")

@@ -429,6 +429,15 @@ def test_an_output_inside_an_input_folder_is_not_read_back_and_a_failed_run_leav
     with pytest.raises(ValueError, match="no conversation survived cleaning"):
         run_prepare(quickstart_config([str(broken)], out))
     assert not (out / "manifest.json").exists()
+    # files without a record: not "see rejects.jsonl for why" (it would be empty)
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    empty = [str(tmp_path / "empty.jsonl"), str(tmp_path / "blank.jsonl")]
+    with pytest.raises(
+        ValueError, match=r"^data.inputs hold no record: the 2 file\(s\) they name are empty;"
+    ):
+        run_prepare(quickstart_config(empty, tmp_path / "none"))
+    assert not (tmp_path / "none").exists()
 
 
 def test_a_missing_model_path_and_an_empty_train_split_are_refused_by_name(ray_local, tmp_path):
