@@ -47,11 +47,50 @@ def setup_logging() -> None:
 
 
 def init_ray() -> None:
-    """Join the Ray cluster in RAY_ADDRESS (a submitted job), or start a local one."""
+    """Join the Ray cluster in RAY_ADDRESS (a submitted job, or a verb run against a cluster),
+    or start a local one."""
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address:
+        from soulray.submit import send_token_if_present
+
+        check_cluster_address(address)
+        send_token_if_present()  # before ray is imported: it reads RAY_AUTH_MODE once
     import ray
 
-    if not ray.is_initialized():
+    if ray.is_initialized():
+        return
+    try:
         ray.init(logging_level=logging.WARNING, log_to_driver=True)
+    except ConnectionError as e:
+        if not address:
+            raise
+        typer.echo(
+            f"error: could not join the Ray cluster at RAY_ADDRESS={address}: {e}; a cluster "
+            "with token authentication (Ray's default) needs its token here, in RAY_AUTH_TOKEN "
+            "or ~/.ray/auth_token; or unset RAY_ADDRESS to run on a local Ray",
+            err=True,
+        )
+        raise typer.Exit(1) from None
+
+
+def check_cluster_address(address: str) -> None:
+    """RAY_ADDRESS=HOST:PORT where nothing listens: ray.init would retry for ever, printing a
+    warning every 30 s. Refused at once, naming the fix."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():  # auto, local, ray://: Ray's own
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as e:
+        typer.echo(
+            f"error: no Ray cluster answers at RAY_ADDRESS={address} ({e.strerror or e}): "
+            "start one there (`ray start --head`; its GCS port is 6379 by default), correct "
+            "the address, or unset RAY_ADDRESS to run on a local Ray",
+            err=True,
+        )
+        raise typer.Exit(1) from None
 
 
 def user_error(exc: BaseException) -> BaseException | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -67,6 +68,26 @@ def test_submit_to_an_address_with_no_cluster_says_how_to_start_one() -> None:
     result = CliRunner().invoke(app, ["submit", "--address", address, "--", "soulray", "train"])
     assert result.exit_code == 1
     assert f"error: cannot reach a Ray cluster's job API at {address}" in result.output
+
+
+def test_a_verb_run_against_a_ray_address_with_no_cluster_says_so_at_once() -> None:
+    """RAY_ADDRESS=HOST:PORT where nothing listens: ray.init retried for ever (a warning every
+    30 s); the verb now stops before Ray starts, naming the fix."""
+    address = f"127.0.0.1:{free_port()}"
+    proc = subprocess.run(
+        [SOULRAY, "prepare", "--config", "jobs/quickstart.yaml", "data.output_dir=/nonexistent"],
+        cwd=ROOT,
+        env={**os.environ, "RAY_ADDRESS": address},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.splitlines()[-1] == (
+        f"error: no Ray cluster answers at RAY_ADDRESS={address} (Connection refused): start "
+        "one there (`ray start --head`; its GCS port is 6379 by default), correct the address, "
+        "or unset RAY_ADDRESS to run on a local Ray"
+    )
 
 
 def test_an_address_without_http_says_to_give_the_dashboard_url(monkeypatch) -> None:
