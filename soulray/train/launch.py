@@ -491,7 +491,40 @@ def run_train(cfg: Config) -> Any:
         t.storage_path,
         t.run_name,
     )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        stopped = training_stopped(e, t)
+        if stopped is None:
+            raise  # a worker's own ValueError: the CLI shows it as itself
+        raise stopped from e
+
+
+class TrainingStopped(ValueError):
+    """Ray Train gave up on a run; the message says why and how to go on."""
+
+
+def training_stopped(e: Exception, t: TrainConfig) -> TrainingStopped | None:
+    """A run Ray Train gave up on (a worker failed more often than train.max_failures allows,
+    or its controller failed) as one error that names the failures and says a re-run resumes;
+    None when a worker raised a ValueError (bad data or config), which is the error to show."""
+    failures = getattr(e, "worker_failures", None)
+    if isinstance(failures, dict):
+        if any(isinstance(f, ValueError) for f in failures.values()):
+            return None
+        why = "; ".join(f"worker {rank}: {_first_line(f)}" for rank, f in sorted(failures.items()))
+    else:
+        why = _first_line(getattr(e, "controller_failure", None) or e)
+    return TrainingStopped(
+        f"training stopped after {max_failures(t)} restart(s) (train.max_failures): {why}. "
+        f"Its checkpoints stay in {t.storage_path}/{t.run_name}: run the same command again to "
+        "resume from the latest (or raise train.max_failures)"
+    )
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:300]}" if lines else type(e).__name__
 
 
 def max_failures(t: TrainConfig) -> int:

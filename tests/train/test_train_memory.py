@@ -1,5 +1,5 @@
 """Training memory: the chunked loss equals the full-logits loss, reducing gradients after
-every micro-batch gives the gradients of reducing once, and the failure default."""
+every micro-batch gives the gradients of reducing once, and the failure default and error."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from soulray.config import load_config
-from soulray.train.launch import max_failures
+from soulray.train.launch import TrainingStopped, max_failures, training_stopped
 from soulray.train.loop import IGNORE, accumulate_gradients, sync_every_micro_batch, token_loss_sum
 
 TINY = dict(
@@ -93,6 +93,32 @@ def test_max_failures_defaults_to_restarting_multi_worker_runs() -> None:
     assert (
         max_failures(load_config(None, ["train.num_workers=2", "train.max_failures=0"]).train) == 0
     )
+
+
+def test_a_run_ray_train_gave_up_on_is_one_error_that_says_a_rerun_resumes() -> None:
+    """Ray Train v2's fit() raises when a worker fails more often than train.max_failures
+    allows: the CLI showed its traceback; it shows one line naming the failure and the resume."""
+    from ray.exceptions import ActorDiedError
+    from ray.train import ControllerError, WorkerGroupError
+
+    t = load_config(None, ["train.num_workers=2", "train.max_failures=0"]).train
+    died = ActorDiedError()
+    lost = WorkerGroupError("a worker failed", {1: died})
+    stopped = training_stopped(lost, t)
+    assert isinstance(stopped, TrainingStopped) and isinstance(stopped, ValueError)
+    first = str(died).strip().splitlines()[0][:300]
+    assert str(stopped) == (
+        f"training stopped after 0 restart(s) (train.max_failures): worker 1: ActorDiedError: "
+        f"{first}. Its checkpoints stay in {t.storage_path}/{t.run_name}: run the same command "
+        "again to resume from the latest (or raise train.max_failures)"
+    )
+    controller = ControllerError(RuntimeError("the placement group was removed\nmore"))
+    assert "(train.max_failures): RuntimeError: the placement group was removed. Its" in str(
+        training_stopped(controller, t)
+    )
+    # a worker's own ValueError (bad data, a config found wrong in the worker) is shown as itself
+    bad = WorkerGroupError("a worker failed", {0: ValueError("row 3 is too long")})
+    assert training_stopped(bad, t) is None
 
 
 def sharded_gradients(rank: int, world: int, data: str, sync: str, out: str, pg: str) -> None:
