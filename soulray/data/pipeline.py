@@ -461,7 +461,13 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     del tokenizer  # the actors load their own copy
     gc.collect()
     release_freed_heap()
-    workers = d.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    if not d.num_workers and cpus == 0:
+        log.warning(
+            "the cluster has no CPU yet (an autoscaling cluster with no worker up): rendering "
+            "with 1 worker; set data.num_workers to the render actors it should start"
+        )
+    workers = d.num_workers or max(1, cpus)
     for name in ("train", "val"):
         storage.delete_dir(storage.join(out, name))
     log.info(
