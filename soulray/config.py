@@ -458,41 +458,61 @@ def apply_override(tree: dict[str, Any], override: str) -> None:
     if not sep or not key.strip():
         raise ConfigError(f"override {override!r} is not of the form key.path=value")
     parts = key.strip().split(".")
-    node = tree
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
+    node: Any = tree
+    for part in parts[:-1]:  # a list's item by its index: eval.models.1.endpoint.base_url
+        child = node[_list_index(override, part, node)] if isinstance(node, list) else None
+        if not isinstance(node, list):
+            child = node.setdefault(part, {})
+        if not isinstance(child, dict | list):
             raise ConfigError(f"override {override!r}: '{part}' holds a value, not a section")
         node = child
     try:
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(
             f"override {override!r}: the value is not valid YAML ({problem}); quote it, e.g. "
             f"{key.strip()}='\"...\"', or write a list as [a, b]"
         ) from None
+    if isinstance(node, list):
+        node[_list_index(override, parts[-1], node)] = value
+    else:
+        node[parts[-1]] = value
+
+
+def _list_index(override: str, part: str, items: list[Any]) -> int:
+    if part.lstrip("-").isdigit() and -len(items) <= int(part) < len(items):
+        return int(part)
+    raise ConfigError(
+        f"override {override!r}: '{part}' is not an item of that list of {len(items)} (give "
+        f"an index, 0 to {len(items) - 1}, or replace the whole list)"
+    )
 
 
 def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """Field names valid at `loc` (used to suggest the key the user meant), through sections,
-    lists and dicts of sections (serve.adapters.0, serve.safety.resources.en-US.0)."""
+    """Field names valid at `loc` (used to suggest the key the user meant)."""
+    node = _type_at(model, loc)
+    return list(node.model_fields) if isinstance(node, type) and issubclass(node, BaseModel) else []
+
+
+def _type_at(model: type[BaseModel], loc: tuple[Any, ...]) -> Any:
+    """The type of the value at `loc`, through sections, lists and dicts of sections
+    (serve.adapters.0, serve.safety.resources.en-US.0); None where no field is."""
     node: Any = model
     for part in loc:
         node = _unwrap(node)
         if isinstance(node, type) and issubclass(node, BaseModel):
             field = node.model_fields.get(str(part))
             if field is None:
-                return []
+                return None
             node = field.annotation
         elif get_origin(node) in (list, tuple) and get_args(node):
             node = get_args(node)[0]  # part is an index
         elif get_origin(node) is dict and len(get_args(node)) == 2:
             node = get_args(node)[1]  # part is a key
         else:
-            return []
-    node = _unwrap(node)
-    return list(node.model_fields) if isinstance(node, type) and issubclass(node, BaseModel) else []
+            return None
+    return _unwrap(node)
 
 
 def _unwrap(annotation: Any) -> Any:
@@ -515,6 +535,12 @@ def _format_errors(err: ValidationError, origin: str) -> str:
             if len(loc) > 1 and loc[-1] in Config.model_fields:  # train.lora.enabled
                 hint = f" '{loc[-1]}' is a section of its own: write '{loc[-1]}.…', not '{name}.…'."
             lines.append(f"unknown config key '{name}'.{hint} Valid keys here: {', '.join(known)}")
+        elif e["type"] == "list_type" and _type_at(Config, loc) == list[str]:
+            value = e.get("input")  # a one-item list written without its brackets
+            lines.append(
+                f"config key '{name}' is a list: write it in brackets, {name}=[{value}] (or "
+                f"[a, b] for more) (got {value!r})"
+            )
         else:
             lines.append(f"config key '{name}': {e['msg']} (got {e.get('input')!r})")
     return f"invalid config ({origin}):\n  " + "\n  ".join(lines)

@@ -166,6 +166,30 @@ def test_bad_values_are_refused_by_name(override, expected):
         load_config(None, [override])
 
 
+def test_a_list_item_is_overridden_by_its_index_and_a_bare_list_value_shows_the_brackets():
+    cfg = load_config(
+        ROOT / "jobs" / "eval.yaml",
+        ["eval.models.1.endpoint.base_url=http://h:9/v1", "eval.models.-1.endpoint.model=m2"],
+    )
+    endpoints = [(m.name, m.endpoint.base_url, m.endpoint.model) for m in cfg.eval.models]
+    assert endpoints == [
+        ("tuned", "http://127.0.0.1:8000/v1", "soulray"),
+        ("base", "http://h:9/v1", "m2"),
+    ]
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "jobs" / "eval.yaml", ["eval.models.2.name=x"])
+    assert str(e.value) == (
+        "override 'eval.models.2.name=x': '2' is not an item of that list of 2 (give an index, "
+        "0 to 1, or replace the whole list)"
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["data.inputs=/x/a.json"])
+    assert str(e.value).splitlines()[1] == (
+        "  config key 'data.inputs' is a list: write it in brackets, data.inputs=[/x/a.json] "
+        "(or [a, b] for more) (got '/x/a.json')"
+    )
+
+
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
