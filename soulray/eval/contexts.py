@@ -164,12 +164,20 @@ def load_conversations(cfg: ContextsConfig) -> list[Conversation]:
         assert cfg.prepared_dir is not None
         data = prepared_data_config(cfg.prepared_dir)
         convs = read_conversations(data.inputs, data, "val", PREPARED_INPUTS)
-        where = f"the val split of {cfg.prepared_dir}"
-    else:
-        convs = read_conversations(cfg.inputs, DataConfig(format=cfg.format), None)
-        where = f"{cfg.inputs}"
+        if not convs:
+            raise ValueError(
+                f"no conversation found in the val split of {cfg.prepared_dir} (prepared with "
+                f"data.val_fraction={data.val_fraction}); prepare again with a larger "
+                "data.val_fraction, or evaluate on files: eval.contexts.source=files and "
+                "eval.contexts.inputs=[...]"
+            )
+        return convs
+    convs = read_conversations(cfg.inputs, DataConfig(format=cfg.format), None)
     if not convs:
-        raise ValueError(f"no conversation found in {where}")
+        raise ValueError(
+            f"no conversation found in {cfg.inputs}; give files of a corpus format prepare "
+            "reads (eval.contexts.inputs)"
+        )
     return convs
 
 

@@ -74,8 +74,12 @@ def test_records_prepare_would_reject_are_counted_not_dropped_silently(ray_local
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"foo": 1}\n')
     caplog.clear()
-    with caplog.at_level("WARNING", logger="soulray.eval"), pytest.raises(ValueError):
+    with caplog.at_level("WARNING", logger="soulray.eval"), pytest.raises(ValueError) as e:
         sample_contexts(ContextsConfig(source="files", inputs=[str(bad)]))
+    assert str(e.value) == (
+        f"no conversation found in {[str(bad)]}; give files of a corpus format prepare reads "
+        "(eval.contexts.inputs)"
+    )
     assert caplog.messages[0].startswith("eval.contexts.inputs: 1 record(s) skipped")
 
 
