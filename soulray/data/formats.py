@@ -60,7 +60,7 @@ def split_records(path: str, data: bytes) -> Iterator[RawRecord]:
         )
         yield RawRecord(path, stem, None, data[:2000].decode("utf-16", errors="replace"), err)
         return
-    if suffix != ".json":
+    if suffix != ".json" and not opens_json_array(data):
         yield from line_records(path, stem, data)
         return
     try:
@@ -153,6 +153,14 @@ def _array_items(path: str, stem: str, data: bytes, cut_short: bool) -> list[Raw
     )
     text = rest.decode("utf-8", errors="replace")[:2000]
     return [*items, RawRecord(f"{path}[{i}]", f"{stem}:{i}", None, text, err)]
+
+
+def opens_json_array(data: bytes) -> bool:
+    """A .jsonl file that holds one pretty-printed JSON array (`json.dump(items, f, indent=2)`:
+    its first line is a lone "["), read as the .json it is: as lines, each would be a reject.
+    A JSON-lines record that is a list (a SMILE conversation) opens its line with "[{"."""
+    head = data[:4096].removeprefix(b"\xef\xbb\xbf").lstrip(b" \t\r\n")
+    return head.split(b"\n", 1)[0].strip() == b"["
 
 
 def _looks_like_json_lines(text: str) -> bool:

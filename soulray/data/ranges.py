@@ -27,7 +27,13 @@ from typing import Any
 import numpy as np
 
 from soulray import storage
-from soulray.data.formats import RawRecord, line_records, parse_item, split_records
+from soulray.data.formats import (
+    RawRecord,
+    line_records,
+    opens_json_array,
+    parse_item,
+    split_records,
+)
 
 SCAN_CHUNK = 16 * 2**20  # bytes per scan task: big enough to amortise, small enough for memory
 LOOKBACK = 4096  # bytes read before a chunk to see a backslash run that crosses its start
@@ -273,9 +279,10 @@ def plan_file(path: str, range_bytes: int, rid: int) -> list[Range]:
     whole = [Range(rid, path, "file", 0, size)]
     if size <= range_bytes or read_at(path, 0, 2) in (b"\xff\xfe", b"\xfe\xff"):
         return whole  # small, or UTF-16 (one reject that says so: formats.split_records)
-    if suffix in (".jsonl", ".ndjson"):
+    lines = suffix in (".jsonl", ".ndjson")
+    if lines and not opens_json_array(read_at(path, 0, 4096)):
         return plan_lines(path, size, range_bytes, rid)
-    if suffix == ".json":
+    if lines or suffix == ".json":  # a .jsonl holding one JSON array is read as a .json
         ranges = plan_array(path, size, range_bytes, rid)
         if ranges is not None and not (ranges and first_array_item_is_turn(path, ranges[0])):
             return ranges

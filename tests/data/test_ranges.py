@@ -96,6 +96,28 @@ def test_jsonl_ranges_keep_line_numbers(ray_local, tmp_path):
     assert len(got) == 399
 
 
+def test_a_jsonl_file_holding_one_pretty_printed_array_is_read_as_the_json_it_is(tmp_path):
+    """json.dump(items, f, indent=2) saved as .jsonl: read as lines, each of its lines was a
+    reject (886 for 5 conversations); big (split) or small (whole), it gives the .json's records.
+    A JSON-lines file whose records are lists (SMILE) is still read by lines."""
+    records = tricky_corpus(300, 5)
+    text = json.dumps(records, ensure_ascii=False, indent=2) + "\n"
+    as_json, as_jsonl = tmp_path / "corpus.json", tmp_path / "corpus.jsonl"
+    as_json.write_text(text)
+    as_jsonl.write_text("\ufeff" + text)
+    expected = [(g[0].replace(".json[", ".jsonl["), *g[1:]) for g in serial(as_json)]
+    assert serial(as_jsonl) == expected
+    got, plan = by_ranges(as_jsonl, 4096)
+    assert {r.kind for r in plan} == {"array"} and len(plan) >= 4
+    assert got == expected and [g[2] for g in got] == records
+    smile = tmp_path / "smile.jsonl"
+    turns = [[{"role": "user", "content": f"hi {i}"}] for i in range(3)]
+    smile.write_text("".join(json.dumps(t) + "\n" for t in turns))
+    assert [(g[0], g[2]) for g in serial(smile)] == [
+        (f"{smile}:{i + 1}", t) for i, t in enumerate(turns)
+    ]
+
+
 def test_files_that_cannot_be_split_are_read_whole(ray_local, tmp_path):
     one = tmp_path / "one.json"  # a single (big) record, not an array
     one.write_text(json.dumps({"messages": [{"role": "user", "content": "x" * 10000}]}))
