@@ -162,10 +162,11 @@ def prepare(
     ] = False,
 ) -> None:
     """Read, clean, render and pack corpora into Parquet shards with Ray Data."""
-    from soulray.data.pipeline import run_prepare
+    from soulray.data.pipeline import check_prepare, run_prepare
 
     setup_logging()
     cfg = load(config, [*(overrides or []), *(["data.strict=true"] if strict else [])])
+    run_verb(check_prepare, cfg)  # before Ray starts: a wrong path is said at once
     init_ray()
     manifest = run_verb(run_prepare, cfg)
     print_prepare_summary(manifest, cfg)

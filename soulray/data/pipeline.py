@@ -379,6 +379,19 @@ def check_splits(kept_by_split: dict[str, int], val_fraction: float) -> None:
         )
 
 
+def check_prepare(cfg: Config) -> list[str]:
+    """What is wrong with prepare's settings that needs no Ray (`soulray prepare` checks it
+    before starting Ray, which takes many seconds); returns the input files."""
+    d = cfg.data
+    out = storage.normalize(d.output_dir)
+    if not d.inputs:
+        raise ValueError("data.inputs is empty; set it, e.g. data.inputs='[corpus/*.jsonl]'")
+    if storage.is_file(out):
+        raise ValueError(f"data.output_dir {out} is a file; name a directory (it is created)")
+    check_local_model_path(cfg)
+    return storage.expand_inputs(d.inputs, FILE_SUFFIXES, exclude=prepare_outputs(out))
+
+
 def run_prepare(cfg: Config) -> dict[str, Any]:
     """Run the whole prepare job on the current Ray cluster; return the manifest."""
     import ray.data
@@ -387,17 +400,12 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     d = cfg.data
     started = time.time()
     out = storage.normalize(d.output_dir)
-    if not d.inputs:
-        raise ValueError("data.inputs is empty; set it, e.g. data.inputs='[corpus/*.jsonl]'")
-    if storage.is_file(out):
-        raise ValueError(f"data.output_dir {out} is a file; name a directory (it is created)")
-    check_local_model_path(cfg)
+    files = check_prepare(cfg)
     from soulray.train.launch import cluster_hosts, storage_problem
 
     problem = storage_problem(out, cluster_hosts(), "data.output_dir")
     if problem:  # refused before any work, not found out by `soulray train` afterwards
         raise ValueError(problem)
-    files = storage.expand_inputs(d.inputs, FILE_SUFFIXES, exclude=prepare_outputs(out))
     log.info("reading %d file(s) into %s", len(files), out)
     settings = ParseSettings(
         format=d.format,

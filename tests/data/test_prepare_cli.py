@@ -162,6 +162,19 @@ def test_strict_also_stops_at_records_only_dedupe_or_rendering_judge(tmp_path):
     assert not (out / "manifest.json").exists() and not (out / "train").exists()
 
 
+def test_an_input_path_that_matches_nothing_is_refused_before_ray_starts(tmp_path):
+    """Found before Ray starts: no Ray session directory is made (it took ~40 s to say)."""
+    env = os.environ | {"RAY_ADDRESS": "local", "RAY_TMPDIR": str(tmp_path)}
+    cmd = [SOULRAY, "prepare", "--config", "jobs/quickstart.yaml", "data.inputs=[/nope/*.jsonl]"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[-1] == (
+        "error: data.inputs entry '/nope/*.jsonl' matches no .jsonl/.ndjson/.json/.parquet file; "
+        "check the path (relative paths are relative to the directory you run soulray from)"
+    )
+    assert list(tmp_path.iterdir()) == []  # Ray never started
+
+
 def test_unknown_config_key_is_refused_by_name():
     proc = run_prepare_cli("data.seq_lne=5")
     assert proc.returncode == 2
