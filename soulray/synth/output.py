@@ -2,7 +2,8 @@
 
     <output_dir>/part-00000.jsonl ...     one dialogue a line, OpenAI `messages` + metadata
     <output_dir>/_synth/dropped.jsonl     {"id", "reason", "counts"} of dialogues made, not kept
-    <output_dir>/_synth/failed.jsonl      {"id", "reason"} of scenarios a backend failed
+    <output_dir>/_synth/failed.jsonl      {"id", "reason"} of scenarios a backend failed (and
+                                          no later run made)
     <output_dir>/_synth/synth_report.json, *.png, config.yaml
 
 prepare skips names starting with "_", so the directory itself is a valid `data.inputs` entry.
@@ -71,9 +72,12 @@ class OutputStore:
             state.dropped[row["id"]] = row["reason"]
             state.dropped_counts.update(row.get("counts", {}))
         made = state.finished
-        for row in read_lines(self.meta / "failed.jsonl"):
-            if row["id"] not in made:
-                state.failed[row["id"]] = row["reason"]
+        failed = read_lines(self.meta / "failed.jsonl")
+        still = [row for row in failed if row["id"] not in made]
+        for row in still:
+            state.failed[row["id"]] = row["reason"]
+        if len(still) < len(failed):  # made by a later run: no longer failed
+            rewrite_lines(self.meta / "failed.jsonl", still)
         return state
 
     def shards(self) -> list[Path]:
@@ -144,3 +148,10 @@ def read_lines(path: Path) -> list[dict[str, Any]]:
         with path.open("r+b") as f:
             f.truncate(end)
     return [json.loads(line) for line in data[:end].decode("utf-8").splitlines() if line.strip()]
+
+
+def rewrite_lines(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Replace a JSON-lines file whole: written beside it, then renamed over it."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+    temporary.replace(path)

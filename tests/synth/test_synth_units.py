@@ -93,6 +93,27 @@ def test_a_small_language_pool_is_refused_not_drawn_forever() -> None:
     assert len({s.id for s in build_scenarios(30, 0, ["zh", "en"], pool)}) == 30
 
 
+def test_a_failure_a_later_run_made_good_leaves_failed_jsonl(tmp_path) -> None:
+    """failed.jsonl lists what is still failed: a scenario a resumed run made is taken out of
+    it (a user counting its lines was misled), the rest stay with their latest reason."""
+    store = OutputStore(str(tmp_path))
+    store.write_failed("s1", "http_503: busy")
+    store.write_failed("s2", "timeout: 120 s")
+    store.write_failed("s2", "http_503: busy")
+    store.close()
+    store = OutputStore(str(tmp_path))
+    store.write_dialogue({"id": "s1", "messages": []})
+    store.close()
+    state = OutputStore(str(tmp_path)).load()
+    assert state.failed == {"s2": "http_503: busy"}
+    lines = (tmp_path / "_synth" / "failed.jsonl").read_text().splitlines()
+    assert [json.loads(x) for x in lines] == [
+        {"id": "s2", "reason": "timeout: 120 s"},
+        {"id": "s2", "reason": "http_503: busy"},
+    ]
+    assert sorted(p.name for p in (tmp_path / "_synth").iterdir()) == ["failed.jsonl"]
+
+
 def test_scenario_from_an_esconv_record() -> None:
     import random
 
