@@ -254,6 +254,10 @@ def serve_cmd(
     # serve.wait_for_model_s wait says so here.)
     setup_logging()
     run_verb(check_local_model_dirs, cfg)
+    if not os.environ.get("RAY_ADDRESS"):  # the replicas of a local Ray see this environment
+        from soulray.serve.app import load_api_key
+
+        run_verb(load_api_key, cfg.serve.auth)  # serve.auth.required without a key, say
     init_ray()
     with stop_on_interrupt(cfg.serve.app_name):
         url = run_verb(start_serving, cfg)

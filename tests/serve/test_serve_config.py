@@ -270,3 +270,19 @@ def test_an_adapter_path_that_is_no_adapter_is_refused_before_deploying(tmp_path
     result = CliRunner().invoke(app, [*args, f"serve.engine.adapter_dir={merged}/adapter"])
     assert result.exit_code == 1
     assert "is the merged export of a LoRA run" in result.output
+
+
+def test_serve_auth_required_without_a_key_is_refused_before_deploying(tiny_export, monkeypatch):
+    """On a local Ray the replicas see this environment: the ingress's refusal was a
+    "Deploying application failed" traceback, its reason in the replica log."""
+    from typer.testing import CliRunner
+
+    from soulray.cli import app
+
+    monkeypatch.delenv("SOULRAY_API_KEY", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    args = ["serve", "--config", str(ROOT / "jobs" / "serve.yaml")]
+    args += [f"serve.engine.model_dir={tiny_export}", "serve.auth.required=true"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1
+    assert result.output.startswith("error: serve.auth.required is set but no API key was found")
