@@ -61,8 +61,12 @@ class PhaseStore:
             return {}
         return entries if isinstance(entries, dict) else {}
 
-    def load(self, phase: str, key: str, fp: str) -> Any | None:
-        """The saved value, with --resume and the same fingerprint; else None (run it)."""
+    def load(
+        self, phase: str, key: str, fp: str, announce: bool = True, changed: str | None = None
+    ) -> Any | None:
+        """The saved value, with --resume and the same fingerprint; else None (run it).
+        `announce=False`: the caller says what it reuses. `changed`: what this run changed in
+        the phase's inputs, if anything (a stale phase is then no warning about settings)."""
         if not self.resume:
             return None
         label = self._label(phase, key)
@@ -71,9 +75,17 @@ class PhaseStore:
             log.info("eval --resume: no saved %s; running it", label)
             return None
         if entry.get("fingerprint") != fp:
-            log.warning("eval --resume: the saved %s came from other settings; running it", label)
+            if changed:
+                log.info(
+                    "eval --resume: the saved %s is out of date (%s); running it", label, changed
+                )
+            else:
+                log.warning(
+                    "eval --resume: the saved %s came from other settings; running it", label
+                )
             return None
-        log.info("eval --resume: reused the saved %s (%s)", label, self._path(phase))
+        if announce:
+            log.info("eval --resume: reused the saved %s (%s)", label, self._path(phase))
         self.reused.append(label)
         return entry["value"]
 

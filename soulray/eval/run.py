@@ -256,17 +256,22 @@ def run_turn_mode(
     todo: dict[str, list[int]] = {}  # per model, the contexts to ask (all, or the failed)
     fps = {m.name: fingerprint(answer_settings(m.endpoint), asked) for m in e.models}
     for m in e.models:
-        saved = store.load("replies", m.name, fps[m.name])
+        saved = store.load("replies", m.name, fps[m.name], announce=False)
         if saved is None:
             todo[m.name] = list(range(len(contexts)))
             continue
         replies[m.name] = saved
         failed = [i for i, row in enumerate(saved) if row["error"] is not None]
+        log.info(
+            "eval --resume: reused %d of the %d saved replies of %s%s",
+            len(saved) - len(failed),
+            len(saved),
+            m.name,
+            f"; asking again for the {len(failed)} that failed" if failed else "",
+        )
         if failed:  # a timeout or a server that was down: asked again, not reused
-            log.info(
-                "eval --resume: asking %s again for its %d failed replies", m.name, len(failed)
-            )
             todo[m.name] = failed
+    reasked = [name for name in todo if name in replies]  # saved, and some asked again
     servers: dict[str, dict[str, EndpointConfig]] = {}
     for m in e.models:
         if m.name in todo:
@@ -301,7 +306,8 @@ def run_turn_mode(
         [m.name for m in e.models],  # the pairs' order
         texts,
     )
-    saved = store.load("judge", "all", judged)
+    changed = f"replies of {', '.join(reasked)} were asked again" if reasked else None
+    saved = store.load("judge", "all", judged, changed=changed)
     if saved is not None and judge_endpoint_failed(saved["scores"], saved["pairs"]):
         log.info("eval --resume: the saved judge phase has endpoint failures; running it again")
         saved = None

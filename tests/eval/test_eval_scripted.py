@@ -392,7 +392,7 @@ def test_a_run_that_dies_late_resumes_from_its_saved_phases(
     assert resumed["summary"] == report["summary"]
 
 
-def test_a_resumed_run_asks_again_only_what_failed(ray_local, servers, tmp_path):
+def test_a_resumed_run_asks_again_only_what_failed(ray_local, servers, tmp_path, caplog):
     """A server that was down gave failed replies; they are saved, but --resume asks for them
     again (a failure is no answer to keep), and reuses the other model's answers."""
     down = {"now": True}
@@ -411,8 +411,16 @@ def test_a_resumed_run_asks_again_only_what_failed(ray_local, servers, tmp_path)
         before = json.loads((tmp_path / "report" / "report.json").read_text())
         assert before["summary"]["turn"]["flaky"]["failed"] == 6
         down["now"], asked, good = False, len(server.requests), len(servers["good"].requests)
-        result = run_cli("eval", "--config", str(config), "--resume")
+        caplog.clear()
+        with caplog.at_level("INFO", logger="soulray.eval"):
+            result = run_cli("eval", "--config", str(config), "--resume")
         assert result.exit_code == 0, result.output
+        said = [m for m in caplog.messages if m.startswith("eval --resume: reused")]
+        assert said == [
+            "eval --resume: reused 6 of the 6 saved replies of good",
+            "eval --resume: reused 0 of the 6 saved replies of flaky; asking again for the 6 "
+            "that failed",
+        ]
         assert (len(server.requests) - asked, len(servers["good"].requests) - good) == (6, 0)
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert [r["text"] for r in report["replies"]["flaky"]] == [GOOD] * 6
