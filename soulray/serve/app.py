@@ -361,7 +361,18 @@ def start_serving(cfg: Config) -> str:
     if _get_global_client(raise_if_no_controller_running=False) is None:
         check_port_free(cfg.serve.host, cfg.serve.port)  # a running Serve holds its own port
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    serve.run(build_application(cfg), name=cfg.serve.app_name, route_prefix="/")
+    try:
+        serve.run(build_application(cfg), name=cfg.serve.app_name, route_prefix="/")
+    except Exception as e:
+        if "is being used by application" not in str(e):
+            raise
+        other = str(e).split('application "', 1)[-1].split('"', 1)[0]
+        raise ValueError(
+            f"serve.app_name={cfg.serve.app_name}: this Ray cluster already serves the "
+            f"application {other!r} at the route prefix /, where a soulray app serves (one per "
+            f"cluster): redeploy it under its own name (serve.app_name={other}), serve more "
+            "models from one app with serve.adapters, or use another Ray cluster"
+        ) from None
     host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
     return f"http://{host}:{cfg.serve.port}"
 

@@ -171,6 +171,24 @@ def test_a_disconnected_client_frees_its_row(served):
     assert_hang_ups_free_the_row(served, headers, engine_counters, ask("tell me a long story"))
 
 
+def test_a_second_soulray_app_on_the_cluster_is_refused_naming_the_first(served, tiny_export):
+    """Every soulray app serves at the route prefix /: Serve refused a second one with its own
+    RayServeException; the error names the app there and the ways out."""
+    from soulray.serve.app import start_serving
+
+    serve_cfg = {"app_name": "second", "port": free_port(), "engine": {"kind": "noop"}}
+    serve_cfg["engine"]["model_dir"] = str(tiny_export)
+    with pytest.raises(ValueError) as e:
+        start_serving(Config.model_validate({"serve": serve_cfg}))
+    assert str(e.value) == (
+        "serve.app_name=second: this Ray cluster already serves the application 'soulray' at "
+        "the route prefix /, where a soulray app serves (one per cluster): redeploy it under "
+        "its own name (serve.app_name=soulray), serve more models from one app with "
+        "serve.adapters, or use another Ray cluster"
+    )
+    assert httpx.get(f"{served}/healthz", timeout=10).status_code == 200  # the first still up
+
+
 def test_autoscaling_settings_are_what_serve_reports(served):
     config = serve_details().applications["soulray"].deployments["Engine"].deployment_config
     reported = config.autoscaling_config
