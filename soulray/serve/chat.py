@@ -264,14 +264,15 @@ def _usage(p: Prepared, completion: int) -> Usage:
 
 async def complete(state: IngressState, p: Prepared, model: str) -> ChatCompletion:
     guards = [_guard(state, p) for _ in range(p.gen.n)]
-    deltas = None
+    deltas: list[Delta] = []
     if p.fixed is None:
         try:
             deltas = await state.engine.complete(p.gen)
         except APIError as e:
             _answer_flagged_without_engine(state, p, e)
     fixed = p.fixed is not None
-    deltas = _fixed_deltas(state, p) if fixed else deltas
+    if fixed:
+        deltas = _fixed_deltas(state, p)
     choices = []
     for delta, parser, guard in zip(deltas, p.choice_parsers(), guards, strict=True):
         content = p.fixed or ""
