@@ -30,7 +30,10 @@ CORPORA = {
 
 def conversations(pattern: str) -> list:
     lookup, out = build_strategy_lookup(StrategyConfig()), []
-    for path in sorted(glob.glob(pattern)):
+    paths = sorted(glob.glob(pattern))
+    if not paths:  # a mistyped path must not read as "0 replies without room"
+        raise SystemExit(f"bench/replies_without_room.py: no file matches {pattern}")
+    for path in paths:
         for raw in split_records(path, Path(path).read_bytes()):
             try:
                 if raw.error:

@@ -23,3 +23,16 @@ def test_help_exits_0_and_shows_usage(script) -> None:
 
 def test_every_bench_script_is_checked() -> None:
     assert len(SCRIPTS) >= 14  # a rename that empties the glob must not pass silently
+
+
+def test_replies_without_room_names_a_corpus_that_matches_no_file(tmp_path) -> None:
+    missing = tmp_path / "nothing-*.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "replies_without_room.py"), "--corpus", str(missing)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert done.stderr == f"bench/replies_without_room.py: no file matches {missing}\n"
+    assert done.stdout == ""
