@@ -120,6 +120,8 @@ def main() -> None:
     ap.add_argument("--show-misses", action="store_true", help="print misses and false alarms")
     ap.add_argument("--out", type=Path, help="also write the report as JSON")
     args = ap.parse_args()
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # now, not after the run
     if args.weights and args.lexicon_only:
         ap.error("--weights and --lexicon-only: the lexicon alone uses no weights")
     report = evaluate(

@@ -63,6 +63,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="BLAS thread counts")
     ap.add_argument("--out", type=Path, help="write the report here as JSON")
     args = ap.parse_args()
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # now, not after the run
     import numpy as np
 
     runs: dict[int, list[dict]] = {t: [] for t in args.threads}

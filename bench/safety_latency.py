@@ -184,6 +184,8 @@ def main() -> None:
     )
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # now, not after the run
     result = {
         "load_average": list(os.getloadavg()),
         "per_message": per_message(

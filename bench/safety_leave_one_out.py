@@ -169,6 +169,8 @@ def main() -> None:
     )
     ap.add_argument("--out", type=Path, help="write the counts here as JSON")
     args = ap.parse_args()
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # now, not after the run
     T.KNN_K = args.neighbours
     if args.add and not args.hold:
         ap.error("--add goes with --hold")

@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--base", type=Path, default=weights_path(), help="default: the shipped one")
     ap.add_argument("--out", type=Path, help="write the report here as JSON")
     args = ap.parse_args()
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # now, not after the run
     sets, measured = regression_sets()
     screen = build_screen(SafetyConfig())
     assert screen.classifier is not None

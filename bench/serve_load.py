@@ -516,6 +516,8 @@ def main() -> None:
     )
     parser.add_argument("--soak-minutes", type=float, default=0, help=">0: the soak only")
     args = parser.parse_args()
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # now, not after the run
     for pair in args.serve_env:
         key, sep, value = pair.partition("=")
         if not sep:

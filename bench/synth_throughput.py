@@ -157,6 +157,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "synth_throughput.json"))
     args = p.parse_args()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # now, not after the run
     if args.serve:
         serve_forever(args.serve, args.latency, args.tokens)
         return

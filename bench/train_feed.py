@@ -206,6 +206,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sweep-only", action="store_true", help="only the P/row-group sweep")
     a = parser.parse_args()
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)  # now, not after the run
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     prepared = prepare(a.conversations, work)

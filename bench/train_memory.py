@@ -239,6 +239,7 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="a prepared directory (for its tokenizer)")
     parser.add_argument("--out", default="bench/results/train_memory.json")
     a = parser.parse_args()
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)  # now, not after the run
     import torch.distributed as dist
 
     rows = recipe_table()

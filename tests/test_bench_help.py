@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -36,3 +37,28 @@ def test_replies_without_room_names_a_corpus_that_matches_no_file(tmp_path) -> N
     assert done.returncode == 1
     assert done.stderr == f"bench/replies_without_room.py: no file matches {missing}\n"
     assert done.stdout == ""
+
+
+def test_safety_eval_writes_out_into_a_folder_that_does_not_exist_yet(tmp_path) -> None:
+    blind = tmp_path / "blind.json"
+    blind.write_text(
+        json.dumps(
+            {
+                "en": {
+                    "crisis": [{"text": "I want to kill myself", "category": "suicide"}],
+                    "ordinary": [{"text": "see you tomorrow", "kind": "everyday"}],
+                }
+            }
+        )
+    )
+    out = tmp_path / "new" / "report.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "safety_eval.py"), "--blind", str(blind)]
+        + ["--lexicon-only", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert (report["en"]["crisis"], report["en"]["recall"], report["en"]["fpr"]) == (1, 1.0, 0.0)
