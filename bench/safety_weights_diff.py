@@ -42,6 +42,9 @@ def main() -> None:
     ap.add_argument("--base", type=Path, default=weights_path(), help="default: the shipped one")
     ap.add_argument("--out", type=Path, help="write the report here as JSON")
     args = ap.parse_args()
+    for path in (args.base, args.other):  # before minutes of screening with the first file
+        if not path.is_file():
+            ap.error(f"no weights file at {path}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # now, not after the run
     sets, measured = regression_sets()

@@ -92,3 +92,15 @@ def test_data_prep_deletes_its_corpus_and_prepared_outputs(tmp_path, monkeypatch
     result = data_prep.multi_file(a, None, "tok")
     assert (result["scaling_1_to_2_cpus"], result["expansion_vs_soulray_tokens"]) == (2.0, 3.0)
     assert not work.exists()
+
+
+def test_safety_weights_diff_refuses_a_missing_weights_file_before_screening(tmp_path) -> None:
+    missing = tmp_path / "w.npz"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "safety_weights_diff.py"), str(missing)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stderr.endswith(f"error: no weights file at {missing}\n")
