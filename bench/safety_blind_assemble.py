@@ -62,7 +62,7 @@ def assemble(writers: list[dict], seen: dict[str, set[str]]) -> tuple[dict, dict
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("writers", nargs="+", type=Path, help="each writer's JSON file")
     ap.add_argument("--out", type=Path, required=True, help="the blind set to write")
     ap.add_argument("--description", required=True, help="who wrote it and how (kept in it)")

@@ -110,7 +110,7 @@ def evaluate(
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--blind", type=Path, required=True, help="the blind set JSON")
     ap.add_argument(
         "--lexicon-only", action="store_true", help="the lexicon without the classifier"

@@ -56,7 +56,7 @@ def run_child(threads: int, cache: str, steps: int, out: Path) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache", type=str, default="", help="embedding cache (train.py --cache)")
     ap.add_argument("--steps", type=int, default=30, help="fit steps per run (training: 300)")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds")

@@ -156,7 +156,7 @@ def per_request(turns: int, rounds: int) -> dict[str, dict[str, float]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--stride", type=int, default=1, help="every n-th training message")
     ap.add_argument("--turns", type=int, default=8)

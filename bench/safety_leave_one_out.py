@@ -134,7 +134,7 @@ def print_counts(name: str, counts: dict) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     which = ap.add_mutually_exclusive_group()
     which.add_argument("--held", type=int, nargs="+", default=[8, 7, 6, 5], choices=SETS)
     which.add_argument(

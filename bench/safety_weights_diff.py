@@ -37,7 +37,7 @@ def regression_sets() -> tuple[dict[str, tuple[list[str], list[str]]], dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("other", type=Path, help="a weights.npz (train.py --out)")
     ap.add_argument("--base", type=Path, default=weights_path(), help="default: the shipped one")
     ap.add_argument("--out", type=Path, help="write the report here as JSON")

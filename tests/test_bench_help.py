@@ -104,3 +104,21 @@ def test_safety_weights_diff_refuses_a_missing_weights_file_before_screening(tmp
     )
     assert done.returncode == 2
     assert done.stderr.endswith(f"error: no weights file at {missing}\n")
+
+
+@pytest.mark.parametrize(
+    "script, ends",
+    [
+        ("safety_fit.py", "and whether the weights come out the same."),
+        ("safety_weights_diff.py", "and how many messages change their flag."),
+        ("train_throughput.py", "target Ray overhead <= 3 %."),
+    ],
+)
+def test_help_shows_the_whole_first_paragraph(script, ends) -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ends in " ".join(done.stdout.split())
