@@ -132,13 +132,27 @@ def check_data_shape(cfg: Config, data_dir: str) -> None:
 
 def check_export_dir(cfg: Config) -> None:
     """An export into the model it trains from would overwrite the base weights (and a LoRA
-    adapter would then point at the merged model, applying itself twice)."""
+    adapter would then point at the merged model, applying itself twice). The export replaces
+    everything in train.export_dir, so a folder holding the checkpoints or the prepared data
+    (train.export_dir=runs/quickstart) would delete them."""
+    export = storage.normalize(cfg.train.export_dir)
     base = cfg.model.name_or_path
-    if base and storage.normalize(cfg.train.export_dir) == storage.normalize(base):
+    if base and export == storage.normalize(base):
         raise ValueError(
             f"train.export_dir {cfg.train.export_dir} is model.name_or_path: the export would "
             "overwrite the model this run trains from; export to another directory"
         )
+    for key, path in (
+        ("train.storage_path", cfg.train.storage_path),
+        ("train.data_dir", cfg.train_data_dir),
+    ):
+        inner = storage.normalize(path)
+        if inner == export or inner.startswith(export.rstrip("/") + "/"):
+            raise ValueError(
+                f"train.export_dir {cfg.train.export_dir} holds {key} {path}: the export "
+                "replaces everything in its directory and would delete it; export to a "
+                f"directory of its own, e.g. train.export_dir={export.rstrip('/')}/model"
+            )
 
 
 def check_not_past_steps(cfg: Config) -> None:

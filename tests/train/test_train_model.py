@@ -316,6 +316,14 @@ def test_what_every_worker_would_trip_on_is_refused_where_the_run_starts(
             [f"model.name_or_path={tmp_path}/m", f"train.export_dir={tmp_path}/m/"],
             "is model.name_or_path: the export would overwrite the model",
         ),
+        (  # the export clears its directory: the checkpoints in it would go
+            [f"train.export_dir={tmp_path}"],
+            f"train.export_dir {tmp_path} holds train.storage_path {tmp_path}/ckpt: the export",
+        ),
+        (
+            [f"train.export_dir={data}/"],
+            f"holds train.data_dir {data}: the export replaces everything in its directory",
+        ),
     ]
     for overrides, says in cases:
         with pytest.raises(ValueError, match=says):
