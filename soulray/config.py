@@ -14,7 +14,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -152,7 +152,8 @@ class TrainConfig(Section):
     export_dir: str = "runs/model"  # the final Hugging Face model
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
-    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    # a negative amount crashed Ray's raylet and ended as restarts said to be resumable
+    resources_per_worker: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
     steps: int = Field(100, ge=1)  # optimizer steps
     micro_batch_size: int = Field(1, ge=1)  # packed rows per worker per micro-batch
     grad_accum: int = Field(1, ge=1)

@@ -159,6 +159,11 @@ def test_unknown_key_in_a_yaml_file_names_the_file(tmp_path):
         ),
         ("data.mode=zipped", "config key 'data.mode'"),
         ("data.val_fraction=1.0", "config key 'data.val_fraction'"),
+        (
+            "train.resources_per_worker={CPU: -1}",
+            "config key 'train.resources_per_worker.CPU': Input should be greater than or equal "
+            "to 0 \\(got -1\\)",
+        ),
     ],
 )
 def test_bad_values_are_refused_by_name(override, expected):
