@@ -92,6 +92,17 @@ def build_runtime(cfg: Config, rank: int, world: int, device: torch.device) -> R
     )
 
 
+def check_gpu(cfg: Config) -> None:
+    """train.use_gpu where torch sees no CUDA GPU (a missing driver, a CPU build of torch)
+    would train on the CPU instead, a 7B model at a crawl or out of host memory."""
+    if cfg.train.use_gpu and not torch.cuda.is_available():
+        raise ValueError(
+            "train.use_gpu=true but torch sees no CUDA GPU here (torch.cuda.is_available() is "
+            "False: check the driver, CUDA_VISIBLE_DEVICES and that torch is a CUDA build); "
+            "set train.use_gpu=false to train on the CPU"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="YAML config (see jobs/)")
@@ -101,9 +112,10 @@ def main(argv: list[str] | None = None) -> None:
         level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
     cfg = load_config(args.config, args.overrides)
+    check_gpu(cfg)
     # the Ray launcher's checks, so a torchrun resume refuses and warns alike
     cfg = check_before_workers(cfg, cfg.train_data_dir)
-    cuda = torch.cuda.is_available() and cfg.train.use_gpu
+    cuda = cfg.train.use_gpu
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:
         torch.cuda.set_device(local_rank)

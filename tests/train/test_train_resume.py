@@ -149,7 +149,8 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(prepared_quickstart
 
 def test_torchrun_refuses_what_the_ray_launcher_refuses(tmp_path) -> None:
     """The same resume checks before any process group: below the steps trained, and a
-    micro-batch size the checkpoint's data position does not count in."""
+    micro-batch size the checkpoint's data position does not count in; and train.use_gpu
+    where torch sees no GPU."""
     from soulray.config import config_to_yaml
 
     common = [f"train.storage_path={tmp_path}", "train.run_name=r", f"data.output_dir={tmp_path}"]
@@ -157,13 +158,18 @@ def test_torchrun_refuses_what_the_ray_launcher_refuses(tmp_path) -> None:
     ckpt.mkdir(parents=True)
     (ckpt / "soulray.yaml").write_text(config_to_yaml(load_config(QUICKSTART, common)))
     (tmp_path / "r" / "metrics.jsonl").write_text(json.dumps({"step": 10, "loss": 1.0}) + "\n")
-    for extra, refusal in (
+    cases = [
         (["train.steps=5"], "this run already trained to step 10, past train.steps=5"),
         (
             ["train.steps=20", "train.micro_batch_size=1"],
             "has checkpoints made with another train.micro_batch_size",
         ),
-    ):
+    ]
+    if not torch.cuda.is_available():  # it used to train on the CPU instead, silently
+        cases.append(
+            (["train.steps=20", "train.use_gpu=true"], "train.use_gpu=true but torch sees no CUDA")
+        )
+    for extra, refusal in cases:
         cmd = [sys.executable, "-m", "soulray.train.torchrun", "--config", str(QUICKSTART)]
         done = subprocess.run(
             [*cmd, *common, *extra], cwd=ROOT, capture_output=True, text=True, timeout=120
