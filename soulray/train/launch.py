@@ -364,6 +364,23 @@ def worker_resources(cfg: Config, cluster_cpus: float) -> dict[str, float] | Non
     return {"CPU": share}
 
 
+def check_gpus(cfg: Config, cluster_gpus: float) -> None:
+    """Warn when train.use_gpu asks for more GPUs than the cluster has now: Ray waits for them
+    (an autoscaler may add them), and on a fixed cluster the run ends minutes later, after its
+    restarts, with Ray's start-up timeout instead of the reason."""
+    t = cfg.train
+    need = t.resources_per_worker.get("GPU", 1.0) * t.num_workers
+    if t.use_gpu and cluster_gpus < need:
+        log.warning(
+            "train: %d worker(s) need %g GPU(s) and the cluster has %g now: Ray waits for the "
+            "autoscaler to add GPU nodes (on a fixed cluster nothing will start; lower "
+            "train.num_workers, or set train.use_gpu=false to train on CPUs)",
+            t.num_workers,
+            need,
+            cluster_gpus,
+        )
+
+
 CACHE_BYTES = 2**30  # splits up to this size are read once and kept in the object store
 
 
@@ -474,6 +491,7 @@ def run_train(cfg: Config) -> Any:
         flash_dtype(cfg.model.attn_implementation, t.dtype == "float32")
     datasets = build_datasets(t.data_dir, t.num_workers, t.micro_batch_size)
     resources = worker_resources(cfg, ray.cluster_resources().get("CPU", 0.0))
+    check_gpus(cfg, ray.cluster_resources().get("GPU", 0.0))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={

@@ -367,6 +367,22 @@ def test_cpu_worker_resources_share_the_cluster_or_wait_for_the_autoscaler(caplo
     assert resources(0, "train.use_gpu=true") is None
 
 
+def test_too_few_gpus_for_the_workers_is_warned_about(caplog) -> None:
+    """A local Ray without GPUs used to wait 4 x 60 s, then end with Ray's start-up timeout."""
+    from soulray.train.launch import check_gpus
+
+    def check(gpus: float, *overrides: str) -> None:
+        check_gpus(load_config(None, ["train.num_workers=2", *overrides]), gpus)
+
+    with caplog.at_level("WARNING", logger="soulray.train"):
+        check(0)  # CPU training
+        check(2, "train.use_gpu=true")
+        check(1, "train.use_gpu=true", "train.resources_per_worker={GPU: 0.5}")
+        assert not caplog.text
+        check(1, "train.use_gpu=true")
+    assert "2 worker(s) need 2 GPU(s) and the cluster has 1 now: Ray waits" in caplog.text
+
+
 def test_a_resume_refuses_what_it_cannot_change_and_warns_of_what_it_keeps(
     tmp_path, caplog
 ) -> None:
