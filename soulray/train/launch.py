@@ -128,6 +128,37 @@ def check_data_shape(cfg: Config, data_dir: str) -> None:
                 f"train.data_dir {data_dir} was prepared with data.{key}={theirs}, but this run "
                 f"has data.{key}={ours}; set data.{key}={theirs}, or prepare again with {ours}"
             )
+    check_data_rendering(cfg, data_dir)
+
+
+def check_data_rendering(cfg: Config, data_dir: str) -> None:
+    """The export tells serving how the rows were rendered (soulray.yaml, serving.json) from
+    this run's data.strategy_tags, data.strategies and data.system_prompt: values other than
+    prepare's (in the data's config.yaml) would serve a system prompt the model never saw, or
+    leave its "[Strategy] " tags in the replies."""
+    from soulray.config import ConfigError, parse_config
+
+    path = storage.join(data_dir, "config.yaml")
+    if not storage.exists(path):
+        return  # not prepare's output: load_run_tokenizer says so
+    try:
+        prepared = parse_config(storage.read_text(path), path).data
+    except ConfigError:
+        return  # written by another soulray version: nothing to compare against
+
+    def rendered(data: Any) -> dict[str, Any]:
+        tags = {"strategies.taxonomy": data.strategies.taxonomy} if prepared.strategy_tags else {}
+        return {"strategy_tags": data.strategy_tags, "system_prompt": data.system_prompt, **tags}
+
+    ours = rendered(cfg.data)
+    for key, theirs in rendered(prepared).items():
+        if theirs != ours[key]:
+            raise ValueError(
+                f"train.data_dir {data_dir} was prepared with data.{key}={theirs!r}, but this "
+                f"run has data.{key}={ours[key]!r}; the export records this run's value for "
+                f"serving, which would then not match training. Set data.{key} as in {path}, "
+                "or prepare again with this config"
+            )
 
 
 def check_export_dir(cfg: Config) -> None:

@@ -299,9 +299,10 @@ def test_data_prepared_for_another_tokenizer_is_refused_before_training(tmp_path
 def test_what_every_worker_would_trip_on_is_refused_where_the_run_starts(
     prepared_quickstart, tmp_path
 ) -> None:
-    """Both launchers run check_before_workers: a seq_len or mode other than the data's, an
-    export over the base model, and unknown LoRA modules (these used to fail in every worker,
-    four times with restarts, then end in a WorkerGroupError traceback)."""
+    """Both launchers run check_before_workers: a seq_len, mode, strategy tagging or system
+    prompt other than the data's, an export over the base model, and unknown LoRA modules
+    (these used to fail in every worker, four times with restarts, then end in a
+    WorkerGroupError traceback)."""
     from soulray.train.launch import check_before_workers
 
     data = str(prepared_quickstart)
@@ -311,6 +312,18 @@ def test_what_every_worker_would_trip_on_is_refused_where_the_run_starts(
     cases = [
         (["data.seq_len=512"], rf"prepared with data.seq_len={prepared.data.seq_len}, but"),
         (["data.mode=padded"], "prepared with data.mode=packed, but this run has data.mode=padded"),
+        (  # the export told serving: no tags to strip, and a prompt the model never saw
+            ["data.strategy_tags=false"],
+            "prepared with data.strategy_tags=True, but this run has data.strategy_tags=False;",
+        ),
+        (
+            ["data.system_prompt=Be kind."],
+            "prepared with data.system_prompt=None, but this run has data.system_prompt='Be kind.'",
+        ),
+        (
+            ["data.strategies.taxonomy=[Question, Others]"],
+            r"this run has data.strategies.taxonomy=\['Question', 'Others'\]; the export records",
+        ),
         (["lora.enabled=true", "lora.target_modules=[q_projx]"], r"\['q_projx'\] do not exist"),
         (
             [f"model.name_or_path={tmp_path}/m", f"train.export_dir={tmp_path}/m/"],
@@ -330,6 +343,8 @@ def test_what_every_worker_would_trip_on_is_refused_where_the_run_starts(
             check_before_workers(load_config(QUICKSTART, [*base, *overrides]), data)
     lora = load_config(QUICKSTART, [*base, "lora.enabled=true"])  # the default targets exist
     check_before_workers(lora, data)
+    aliases = load_config(QUICKSTART, [*base, "data.strategies.fallback=Question"])
+    check_before_workers(aliases, data)  # the taxonomy is what serving reads, not the aliases
 
 
 def test_a_workers_user_error_is_shown_as_one_line(prepared_quickstart, tmp_path) -> None:
