@@ -184,6 +184,18 @@ class TrainConfig(Section):
     # never holds unsharded gradients of the whole model), after the last one for LoRA.
     grad_sync: Literal["auto", "every_micro_batch", "last_micro_batch"] = "auto"
 
+    @model_validator(mode="after")
+    def _check_cpu_offload(self) -> TrainConfig:
+        """FSDP's CPU offload pins host memory, which needs a GPU: on a CPU run every worker
+        crashed with a torch traceback (and restarted), and there is nothing to offload."""
+        if self.cpu_offload and not self.use_gpu:
+            raise ValueError(
+                "train.cpu_offload=true moves a GPU run's parameters and optimizer state to host "
+                "memory; this run trains on the CPU (train.use_gpu=false): unset "
+                "train.cpu_offload, or set train.use_gpu=true"
+            )
+        return self
+
 
 class AutoscalingConfig(Section):
     """Ray Serve autoscaling of one deployment (passed as its autoscaling_config)."""

@@ -164,6 +164,10 @@ def test_unknown_key_in_a_yaml_file_names_the_file(tmp_path):
             "config key 'train.resources_per_worker.CPU': Input should be greater than or equal "
             "to 0 \\(got -1\\)",
         ),
+        (  # it crashed every worker pinning host memory without a GPU
+            "train.cpu_offload=true",
+            "config key 'train': Value error, train.cpu_offload=true moves a GPU run's",
+        ),
     ],
 )
 def test_bad_values_are_refused_by_name(override, expected):
