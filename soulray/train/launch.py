@@ -104,6 +104,7 @@ def check_before_workers(cfg: Config, data_dir: str) -> Config:
     """What would fail, or go wrong, in every worker, checked once where the run starts (both
     launchers); returns the config with what a resume keeps from its checkpoint."""
     check_export_dir(cfg)
+    check_cpu_attention(cfg)
     check_data_tokenizer(cfg, data_dir)
     check_data_shape(cfg, data_dir)
     if cfg.lora.enabled:
@@ -113,6 +114,17 @@ def check_before_workers(cfg: Config, data_dir: str) -> Config:
         check_lora_on_meta(cfg, load_run_tokenizer(data_dir, cfg.model.trust_remote_code))
     check_not_past_steps(cfg)
     return check_resume_config(cfg)
+
+
+def check_cpu_attention(cfg: Config) -> None:
+    """The FlashAttention kernels run on CUDA only: on a CPU run every worker refused them,
+    under Ray once per allowed restart (4 times with 2 workers, a minute on the quickstart)."""
+    attn = cfg.model.attn_implementation
+    if not cfg.train.use_gpu and attn in ("flash_attention_3", "flash_attention_2", "varlen"):
+        raise ValueError(
+            f"model.attn_implementation={attn} needs a CUDA GPU and this run trains on the CPU "
+            "(train.use_gpu=false); use 'auto' or 'sdpa', or set train.use_gpu=true"
+        )
 
 
 def check_data_shape(cfg: Config, data_dir: str) -> None:

@@ -300,9 +300,9 @@ def test_what_every_worker_would_trip_on_is_refused_where_the_run_starts(
     prepared_quickstart, tmp_path
 ) -> None:
     """Both launchers run check_before_workers: a seq_len, mode, strategy tagging or system
-    prompt other than the data's, an export over the base model, and unknown LoRA modules
-    (these used to fail in every worker, four times with restarts, then end in a
-    WorkerGroupError traceback)."""
+    prompt other than the data's, an export over the base model, unknown LoRA modules and a
+    FlashAttention kernel on the CPU (these used to fail in every worker, four times with
+    restarts, then end in a WorkerGroupError traceback)."""
     from soulray.train.launch import check_before_workers
 
     data = str(prepared_quickstart)
@@ -325,6 +325,10 @@ def test_what_every_worker_would_trip_on_is_refused_where_the_run_starts(
             r"this run has data.strategies.taxonomy=\['Question', 'Others'\]; the export records",
         ),
         (["lora.enabled=true", "lora.target_modules=[q_projx]"], r"\['q_projx'\] do not exist"),
+        (
+            ["model.attn_implementation=varlen"],
+            "model.attn_implementation=varlen needs a CUDA GPU and this run trains on the CPU",
+        ),
         (
             [f"model.name_or_path={tmp_path}/m", f"train.export_dir={tmp_path}/m/"],
             "is model.name_or_path: the export would overwrite the model",
