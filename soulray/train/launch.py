@@ -504,7 +504,8 @@ def check_rows_per_rank(data_dir: str, plans: list[RankPlan], micro_batch: int =
 
 
 def resolve_paths(cfg: Config) -> Config:
-    """Absolute paths: Ray Train runs workers in another working directory."""
+    """Absolute paths: Ray Train runs workers in another working directory (where a local
+    model.name_or_path such as ./my-model was taken for a hub id, once per restart)."""
     t = cfg.train
     train = t.model_copy(
         update={
@@ -513,7 +514,19 @@ def resolve_paths(cfg: Config) -> Config:
             "data_dir": storage.normalize(cfg.train_data_dir),
         }
     )
-    return cfg.model_copy(update={"train": train})
+    m = cfg.model
+    model = m.model_copy(
+        update={"name_or_path": local_model(m.name_or_path), "tokenizer": local_model(m.tokenizer)}
+    )
+    return cfg.model_copy(update={"train": train, "model": model})
+
+
+def local_model(path: str | None) -> str | None:
+    """A local model path (prepare's rule: it starts with /, ./, ../ or ~) made absolute; a
+    hub id or None as is."""
+    if path is None or not path.startswith(("/", "./", "../", "~")):
+        return path
+    return storage.normalize(path)
 
 
 def run_train(cfg: Config) -> Any:

@@ -386,6 +386,19 @@ def test_cpu_worker_resources_share_the_cluster_or_wait_for_the_autoscaler(caplo
     assert resources(0, "train.use_gpu=true") is None
 
 
+def test_a_relative_model_path_is_made_absolute_for_the_workers(tmp_path, monkeypatch) -> None:
+    """Ray Train workers run in another directory, where ./my-model was taken for a hub id."""
+    from soulray.train.launch import resolve_paths
+
+    monkeypatch.chdir(tmp_path)
+    model = resolve_paths(
+        load_config(None, ["model.name_or_path=./m", "model.tokenizer=../t"])
+    ).model
+    assert (model.name_or_path, model.tokenizer) == (f"{tmp_path}/m", f"{tmp_path.parent}/t")
+    hub = resolve_paths(load_config(None, ["model.name_or_path=Qwen/Qwen2.5-7B-Instruct"]))
+    assert (hub.model.name_or_path, hub.model.tokenizer) == ("Qwen/Qwen2.5-7B-Instruct", None)
+
+
 def test_too_few_gpus_for_the_workers_is_warned_about(caplog) -> None:
     """A local Ray without GPUs used to wait 4 x 60 s, then end with Ray's start-up timeout."""
     from soulray.train.launch import check_gpus
