@@ -103,7 +103,10 @@ def cluster_hosts() -> int:
 def check_before_workers(cfg: Config, data_dir: str) -> Config:
     """What would fail, or go wrong, in every worker, checked once where the run starts (both
     launchers); returns the config with what a resume keeps from its checkpoint."""
+    from soulray.data.pipeline import check_local_model_path
+
     check_export_dir(cfg)
+    check_local_model_path(cfg)  # prepare's refusal, not transformers' "Repo id" traceback
     check_cpu_attention(cfg)
     check_data_tokenizer(cfg, data_dir)
     check_data_shape(cfg, data_dir)

@@ -325,6 +325,10 @@ def test_what_every_worker_would_trip_on_is_refused_where_the_run_starts(
             r"this run has data.strategies.taxonomy=\['Question', 'Others'\]; the export records",
         ),
         (["lora.enabled=true", "lora.target_modules=[q_projx]"], r"\['q_projx'\] do not exist"),
+        (  # it ended in transformers' "Repo id must be in the form" traceback
+            [f"model.name_or_path={tmp_path}/none"],
+            f"model.name_or_path '{tmp_path}/none' does not exist; set it to a local",
+        ),
         (
             ["model.attn_implementation=varlen"],
             "model.attn_implementation=varlen needs a CUDA GPU and this run trains on the CPU",
