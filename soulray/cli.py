@@ -50,7 +50,7 @@ def init_ray() -> None:
     """Join the Ray cluster in RAY_ADDRESS (a submitted job, or a verb run against a cluster),
     or start a local one."""
     address = os.environ.get("RAY_ADDRESS", "")
-    if address:
+    if address and address != "local":  # "local" starts a Ray of its own
         from soulray.submit import send_token_if_present
 
         check_cluster_address(address)

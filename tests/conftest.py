@@ -30,6 +30,17 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(autouse=True)
+def ray_auth_mode_restored(monkeypatch):
+    """RAY_AUTH_MODE as it was before each test. `soulray submit` (and a verb run with
+    RAY_ADDRESS) sets it when a token file exists; in this process, which imported ray with it
+    unset, a later ray.init would start a GCS that asks for the token its driver never sends."""
+    if "RAY_AUTH_MODE" in os.environ:
+        monkeypatch.setenv("RAY_AUTH_MODE", os.environ["RAY_AUTH_MODE"])
+    else:
+        monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+
+
 @pytest.fixture(scope="session")
 def prepared_quickstart(tmp_path_factory) -> Path:
     """The quickstart corpus prepared once per session by the real CLI (on its own local Ray)."""
