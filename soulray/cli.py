@@ -50,11 +50,7 @@ def init_ray() -> None:
     """Join the Ray cluster in RAY_ADDRESS (a submitted job, or a verb run against a cluster),
     or start a local one."""
     address = os.environ.get("RAY_ADDRESS", "")
-    if address and address != "local":  # "local" starts a Ray of its own
-        from soulray.submit import send_token_if_present
-
-        check_cluster_address(address)
-        send_token_if_present()  # before ray is imported: it reads RAY_AUTH_MODE once
+    checked = address not in ("", "local") and check_cluster_address(address)
     import ray
 
     if ray.is_initialized():
@@ -62,25 +58,53 @@ def init_ray() -> None:
     try:
         ray.init(logging_level=logging.WARNING, log_to_driver=True)
     except ConnectionError as e:
-        if not address:
+        if not address or address == "local":
             raise
+        token = (  # something answered there: most often a cluster that wants its token
+            "; a cluster with token authentication (Ray's default) needs its token here "
+            "(RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)"
+            if checked
+            else ""
+        )
         typer.echo(
-            f"error: could not join the Ray cluster at RAY_ADDRESS={address}: {e}; a cluster "
-            "with token authentication (Ray's default) needs its token here, in RAY_AUTH_TOKEN "
-            "or ~/.ray/auth_token; or unset RAY_ADDRESS to run on a local Ray",
+            f"error: could not join the Ray cluster at RAY_ADDRESS={address}: {e}{token}; or "
+            "unset RAY_ADDRESS to run on a local Ray",
             err=True,
         )
         raise typer.Exit(1) from None
 
 
-def check_cluster_address(address: str) -> None:
+def starts_its_own_ray() -> bool:
+    """Whether init_ray starts a Ray here rather than joining one: RAY_ADDRESS unset or "local",
+    and, when unset, no `ray start` cluster on this machine (which ray.init would join)."""
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address:
+        return address == "local"
+    from ray._private.utils import read_ray_address
+
+    return read_ray_address() is None
+
+
+def send_cluster_token() -> None:
+    """A verb run against a cluster (RAY_ADDRESS, but not "local", which starts its own) sends
+    the cluster's token when this machine has one, as `soulray submit` does. Ray reads
+    RAY_AUTH_MODE once, when it is imported, and some verbs import it before starting Ray: so
+    this runs before any verb (main)."""
+    if os.environ.get("RAY_ADDRESS", "") not in ("", "local"):
+        from soulray.submit import send_token_if_present
+
+        send_token_if_present()
+
+
+def check_cluster_address(address: str) -> bool:
     """RAY_ADDRESS=HOST:PORT where nothing listens: ray.init would retry for ever, printing a
-    warning every 30 s. Refused at once, naming the fix."""
+    warning every 30 s. Refused at once, naming the fix; True when something answered there
+    (False: not a HOST:PORT address, left to Ray)."""
     import socket
 
     host, _, port = address.rpartition(":")
-    if "://" in address or not host or not port.isdigit():  # auto, local, ray://: Ray's own
-        return
+    if "://" in address or not host or not port.isdigit():  # auto, ray://: Ray's own
+        return False
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
     except OSError as e:
@@ -91,6 +115,7 @@ def check_cluster_address(address: str) -> None:
             err=True,
         )
         raise typer.Exit(1) from None
+    return True
 
 
 def user_error(exc: BaseException) -> BaseException | None:
@@ -254,7 +279,7 @@ def serve_cmd(
     # serve.wait_for_model_s wait says so here.)
     setup_logging()
     run_verb(check_local_model_dirs, cfg)
-    if not os.environ.get("RAY_ADDRESS"):  # the replicas of a local Ray see this environment
+    if starts_its_own_ray():  # its replicas see this environment
         from soulray.serve.app import load_api_key
 
         run_verb(load_api_key, cfg.serve.auth)  # serve.auth.required without a key, say
@@ -556,6 +581,7 @@ def submit(
 
 
 def main() -> None:
+    send_cluster_token()
     app()
 
 

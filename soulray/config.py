@@ -475,6 +475,7 @@ def apply_override(tree: dict[str, Any], override: str) -> None:
     for part in parts[:-1]:  # a list's item by its index: eval.models.1.endpoint.base_url
         child = node[_list_index(override, part, node)] if isinstance(node, list) else None
         if not isinstance(node, list):
+            _no_list_to_index(override, part, node)
             child = node.setdefault(part, {})
         if not isinstance(child, dict | list):
             raise ConfigError(f"override {override!r}: '{part}' holds a value, not a section")
@@ -490,15 +491,30 @@ def apply_override(tree: dict[str, Any], override: str) -> None:
     if isinstance(node, list):
         node[_list_index(override, parts[-1], node)] = value
     else:
+        _no_list_to_index(override, parts[-1], node)
         node[parts[-1]] = value
 
 
+def _no_list_to_index(override: str, part: str, node: dict[str, Any]) -> None:
+    """An index into a list the config file does not set (defaults live in the schema)."""
+    if part not in node and _is_index(part):
+        raise ConfigError(
+            f"override {override!r}: no list to take item {part} of (the config file does not "
+            "set it); give the whole list instead, e.g. key=[a, b]"
+        )
+
+
+def _is_index(part: str) -> bool:
+    return part.removeprefix("-").isdigit()
+
+
 def _list_index(override: str, part: str, items: list[Any]) -> int:
-    if part.lstrip("-").isdigit() and -len(items) <= int(part) < len(items):
+    if _is_index(part) and -len(items) <= int(part) < len(items):
         return int(part)
+    valid = f"an index, 0 to {len(items) - 1}, or" if items else "the list is empty:"
     raise ConfigError(
         f"override {override!r}: '{part}' is not an item of that list of {len(items)} (give "
-        f"an index, 0 to {len(items) - 1}, or replace the whole list)"
+        f"{valid} replace the whole list)"
     )
 
 
@@ -548,7 +564,11 @@ def _format_errors(err: ValidationError, origin: str) -> str:
             if len(loc) > 1 and loc[-1] in Config.model_fields:  # train.lora.enabled
                 hint = f" '{loc[-1]}' is a section of its own: write '{loc[-1]}.…', not '{name}.…'."
             lines.append(f"unknown config key '{name}'.{hint} Valid keys here: {', '.join(known)}")
-        elif e["type"] == "list_type" and _type_at(Config, loc) == list[str]:
+        elif (
+            e["type"] == "list_type"
+            and isinstance(e.get("input"), str)
+            and _type_at(Config, loc) == list[str]
+        ):
             value = e.get("input")  # a one-item list written without its brackets
             lines.append(
                 f"config key '{name}' is a list: write it in brackets, {name}=[{value}] (or "

@@ -31,14 +31,17 @@ def ray_local():
 
 
 @pytest.fixture(autouse=True)
-def ray_auth_mode_restored(monkeypatch):
+def ray_auth_mode_restored():
     """RAY_AUTH_MODE as it was before each test. `soulray submit` (and a verb run with
     RAY_ADDRESS) sets it when a token file exists; in this process, which imported ray with it
-    unset, a later ray.init would start a GCS that asks for the token its driver never sends."""
-    if "RAY_AUTH_MODE" in os.environ:
-        monkeypatch.setenv("RAY_AUTH_MODE", os.environ["RAY_AUTH_MODE"])
+    unset, a later ray.init would start a GCS that asks for the token its driver never sends.
+    (monkeypatch.delenv of an unset variable records nothing to restore.)"""
+    before = os.environ.get("RAY_AUTH_MODE")
+    yield
+    if before is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
     else:
-        monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+        os.environ["RAY_AUTH_MODE"] = before
 
 
 @pytest.fixture(scope="session")

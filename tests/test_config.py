@@ -191,6 +191,8 @@ def test_a_list_item_is_overridden_by_its_index_and_a_bare_list_value_shows_the_
         "override 'eval.models.2.name=x': '2' is not an item of that list of 2 (give an index, "
         "0 to 1, or replace the whole list)"
     )
+    with pytest.raises(ConfigError, match="no list to take item 0 of .the config file does not"):
+        load_config(None, ["data.inputs.0=/x/a.json"])  # the defaults are in the schema
     with pytest.raises(ConfigError) as e:
         load_config(None, ["data.inputs=/x/a.json"])
     assert str(e.value).splitlines()[1] == (

@@ -346,18 +346,22 @@ def split_stats(shards: list[dict[str, Any]], seq_len: int) -> dict[str, dict[st
     return stats
 
 
-def check_local_model_path(cfg: Config) -> None:
+def check_local_model_path(cfg: Config, weights: bool = False) -> None:
     """A model path that is not there, refused before any parsing (it used to fail after the
-    whole corpus was read, as transformers' 'Repo id must be in the form ...')."""
-    path = cfg.model.tokenizer_path
+    whole corpus was read, as transformers' 'Repo id must be in the form ...'): the tokenizer's,
+    and with `weights` (training) the model's too."""
     key = "model.tokenizer" if cfg.model.tokenizer else "model.name_or_path"
-    if path is None or not path.startswith(("/", "./", "../", "~")):
-        return  # the tiny model, or a hub id
-    if not Path(path).expanduser().exists():
-        raise ValueError(
-            f"{key} {path!r} does not exist; set it to a local Hugging Face model directory "
-            "(or a hub id such as Qwen/Qwen2.5-7B-Instruct where the hub can be reached)"
-        )
+    paths = [(key, cfg.model.tokenizer_path)]
+    if weights and cfg.model.tokenizer:
+        paths.append(("model.name_or_path", cfg.model.name_or_path))
+    for key, path in paths:
+        if path is None or not path.startswith(("/", "./", "../", "~")):
+            continue  # the tiny model, or a hub id
+        if not Path(path).expanduser().exists():
+            raise ValueError(
+                f"{key} {path!r} does not exist; set it to a local Hugging Face model directory "
+                "(or a hub id such as Qwen/Qwen2.5-7B-Instruct where the hub can be reached)"
+            )
 
 
 def check_splits(kept_by_split: dict[str, int], val_fraction: float) -> None:

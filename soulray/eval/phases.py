@@ -89,6 +89,11 @@ class PhaseStore:
         self.reused.append(label)
         return entry["value"]
 
+    def saved_fingerprint(self, phase: str, key: str) -> str | None:
+        """The fingerprint a saved phase was computed from (with --resume), or None."""
+        entry = self._entries(phase).get(key) if self.resume else None
+        return entry.get("fingerprint") if isinstance(entry, dict) else None
+
     def save(self, phase: str, key: str, fp: str, value: Any) -> None:
         entries = self._entries(phase) | {key: {"fingerprint": fp, "value": value}}
         storage.makedirs(self.dir)

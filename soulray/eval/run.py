@@ -272,6 +272,7 @@ def run_turn_mode(
         if failed:  # a timeout or a server that was down: asked again, not reused
             todo[m.name] = failed
     reasked = [name for name in todo if name in replies]  # saved, and some asked again
+    saved_texts = {name: [row.get("text") for row in rows] for name, rows in replies.items()}
     servers: dict[str, dict[str, EndpointConfig]] = {}
     for m in e.models:
         if m.name in todo:
@@ -296,17 +297,24 @@ def run_turn_mode(
     if e.judge.endpoint is None:
         return contexts, replies, {}, []
     pairwise = e.judge.pairwise and len(e.models) > 1
-    texts = {name: [row["text"] for row in rows] for name, rows in replies.items()}
-    judged = fingerprint(
-        answer_settings(e.judge.endpoint),
-        rubric.model_dump(),
-        e.judge.retries,
-        pairwise,
-        asked,
-        [m.name for m in e.models],  # the pairs' order
-        texts,
-    )
-    changed = f"replies of {', '.join(reasked)} were asked again" if reasked else None
+
+    def judge_fingerprint(texts: dict[str, list[Any]]) -> str:
+        return fingerprint(
+            answer_settings(e.judge.endpoint),
+            rubric.model_dump(),
+            e.judge.retries,
+            pairwise,
+            asked,
+            [m.name for m in e.models],  # the pairs' order
+            texts,
+        )
+
+    judged = judge_fingerprint({n: [row["text"] for row in rows] for n, rows in replies.items()})
+    # stale only because replies were asked again (the saved judge scored the saved replies):
+    # said so, not warned about as other settings
+    changed = None
+    if reasked and store.saved_fingerprint("judge", "all") == judge_fingerprint(saved_texts):
+        changed = f"replies of {', '.join(reasked)} were asked again"
     saved = store.load("judge", "all", judged, changed=changed)
     if saved is not None and judge_endpoint_failed(saved["scores"], saved["pairs"]):
         log.info("eval --resume: the saved judge phase has endpoint failures; running it again")

@@ -358,7 +358,7 @@ def start_serving(cfg: Config) -> str:
     """Deploy the app on the current Ray cluster (non-blocking); return its base URL."""
     from ray.serve.context import _get_global_client
 
-    if _get_global_client(raise_if_no_controller_running=False) is None:
+    if _get_global_client(raise_if_no_controller_running=False) is None and hosts_a_node():
         check_port_free(cfg.serve.host, cfg.serve.port)  # a running Serve holds its own port
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     try:
@@ -375,6 +375,15 @@ def start_serving(cfg: Config) -> str:
         ) from None
     host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
     return f"http://{host}:{cfg.serve.port}"
+
+
+def hosts_a_node() -> bool:
+    """Whether this machine runs a node of the current Ray cluster: Serve's proxies bind the
+    port on the cluster's nodes, so a driver that joined a remote cluster has none to check."""
+    import ray
+
+    here = ray.util.get_node_ip_address()
+    return any(n["Alive"] and n["NodeManagerAddress"] == here for n in ray.nodes())
 
 
 def check_port_free(host: str, port: int) -> None:

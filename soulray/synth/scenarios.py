@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -111,9 +112,12 @@ def build_scenarios(
     """`n` distinct scenarios, languages alternating, the same list for the same seed."""
     pool = pool or load_pool()
     require_languages(pool, languages)
-    # languages take turns, so each must make its own share, or the draw below never ends
+    # languages take turns, so each must make its own share (summed over its places in the
+    # list), or the draw below never ends
+    shares: Counter[Language] = Counter()
     for i, lang in enumerate(languages):
-        share = len(range(i, n, len(languages)))
+        shares[lang] += len(range(i, n, len(languages)))
+    for lang, share in shares.items():
         if share > pool_size(pool, lang):
             raise ValueError(
                 f"asked for {n} scenarios, {share} of them {lang} (languages take turns), but "

@@ -106,7 +106,8 @@ def check_before_workers(cfg: Config, data_dir: str) -> Config:
     from soulray.data.pipeline import check_local_model_path
 
     check_export_dir(cfg)
-    check_local_model_path(cfg)  # prepare's refusal, not transformers' "Repo id" traceback
+    # prepare's refusal, not transformers' "Repo id" traceback in every worker
+    check_local_model_path(cfg, weights=True)
     check_cpu_attention(cfg)
     check_data_tokenizer(cfg, data_dir)
     check_data_shape(cfg, data_dir)
@@ -601,15 +602,23 @@ def training_stopped(e: Exception, t: TrainConfig) -> TrainingStopped | None:
     None when a worker raised a ValueError (bad data or config), which is the error to show."""
     failures = getattr(e, "worker_failures", None)
     if isinstance(failures, dict):
-        if any(isinstance(f, ValueError) for f in failures.values()):
+        if any(_own_error(f) for f in failures.values()):
             return None
         why = "; ".join(f"worker {rank}: {_first_line(f)}" for rank, f in sorted(failures.items()))
     else:
         why = _first_line(getattr(e, "controller_failure", None) or e)
     return TrainingStopped(
-        f"training stopped after {max_failures(t)} restart(s) (train.max_failures): {why}. "
+        f"training stopped (train.max_failures={max_failures(t)} restarts): {why}. "
         f"Its checkpoints stay in {t.storage_path}/{t.run_name}: run the same command again to "
         "resume from the latest (or raise train.max_failures)"
+    )
+
+
+def _own_error(e: BaseException) -> bool:
+    """A worker's error the CLI shows as itself (cli.user_error): a plain ValueError, or one of
+    soulray's own."""
+    return type(e) is ValueError or (
+        isinstance(e, ValueError) and type(e).__module__.startswith("soulray")
     )
 
 

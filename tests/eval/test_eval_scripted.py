@@ -404,9 +404,6 @@ def test_a_resumed_run_asks_again_only_what_failed(ray_local, servers, tmp_path,
         config = write_config(
             tmp_path, servers | {"flaky": server}, {"good": "good", "flaky": "flaky"}
         )
-        cfg = yaml.safe_load(config.read_text())
-        del cfg["eval"]["judge"]
-        config.write_text(yaml.safe_dump(cfg))
         assert run_cli("eval", "--config", str(config)).exit_code == 0
         before = json.loads((tmp_path / "report" / "report.json").read_text())
         assert before["summary"]["turn"]["flaky"]["failed"] == 6
@@ -421,6 +418,11 @@ def test_a_resumed_run_asks_again_only_what_failed(ray_local, servers, tmp_path,
             "eval --resume: reused 0 of the 6 saved replies of flaky; asking again for the 6 "
             "that failed",
         ]
+        # the judge scored the failed replies: out of date because of them, not other settings
+        assert "eval --resume: the saved judge is out of date (replies of flaky were asked " in (
+            caplog.text
+        )
+        assert not [r for r in caplog.records if r.levelname == "WARNING"]
         assert (len(server.requests) - asked, len(servers["good"].requests) - good) == (6, 0)
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert [r["text"] for r in report["replies"]["flaky"]] == [GOOD] * 6

@@ -280,7 +280,7 @@ def test_serve_auth_required_without_a_key_is_refused_before_deploying(tiny_expo
     from soulray.cli import app
 
     monkeypatch.delenv("SOULRAY_API_KEY", raising=False)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_ADDRESS", "local")  # a Ray of its own, whatever else runs here
     args = ["serve", "--config", str(ROOT / "jobs" / "serve.yaml")]
     args += [f"serve.engine.model_dir={tiny_export}", "serve.auth.required=true"]
     result = CliRunner().invoke(app, args)

@@ -91,6 +91,9 @@ def test_a_small_language_pool_is_refused_not_drawn_forever() -> None:
     with pytest.raises(ValueError, match=r"^asked for 40 scenarios, 20 of them zh .* only 15;"):
         build_scenarios(40, 0, ["zh", "en"], pool)
     assert len({s.id for s in build_scenarios(30, 0, ["zh", "en"], pool)}) == 30
+    # a language listed twice takes both its places' shares: 14 + 13 zh of 40
+    with pytest.raises(ValueError, match=r"^asked for 40 scenarios, 27 of them zh .* only 15;"):
+        build_scenarios(40, 0, ["zh", "zh", "en"], pool)
 
 
 def test_a_failure_a_later_run_made_good_leaves_failed_jsonl(tmp_path) -> None:

@@ -108,17 +108,24 @@ def test_a_run_ray_train_gave_up_on_is_one_error_that_says_a_rerun_resumes() -> 
     assert isinstance(stopped, TrainingStopped) and isinstance(stopped, ValueError)
     first = str(died).strip().splitlines()[0][:300]
     assert str(stopped) == (
-        f"training stopped after 0 restart(s) (train.max_failures): worker 1: ActorDiedError: "
+        f"training stopped (train.max_failures=0 restarts): worker 1: ActorDiedError: "
         f"{first}. Its checkpoints stay in {t.storage_path}/{t.run_name}: run the same command "
         "again to resume from the latest (or raise train.max_failures)"
     )
     controller = ControllerError(RuntimeError("the placement group was removed\nmore"))
-    assert "(train.max_failures): RuntimeError: the placement group was removed. Its" in str(
+    assert "restarts): RuntimeError: the placement group was removed. Its" in str(
         training_stopped(controller, t)
     )
     # a worker's own ValueError (bad data, a config found wrong in the worker) is shown as itself
     bad = WorkerGroupError("a worker failed", {0: ValueError("row 3 is too long")})
     assert training_stopped(bad, t) is None
+    # not a ValueError the CLI shows as itself (a library's subclass): the one-line error
+    import json
+
+    corrupt = WorkerGroupError("a worker failed", {0: json.JSONDecodeError("bad", "x", 0)})
+    assert "worker 0: JSONDecodeError: bad: line 1 column 1 (char 0). Its" in str(
+        training_stopped(corrupt, t)
+    )
 
 
 def sharded_gradients(rank: int, world: int, data: str, sync: str, out: str, pg: str) -> None:
