@@ -379,9 +379,12 @@ def start_serving(cfg: Config) -> str:
 
 def hosts_a_node() -> bool:
     """Whether this machine runs a node of the current Ray cluster: Serve's proxies bind the
-    port on the cluster's nodes, so a driver that joined a remote cluster has none to check."""
+    port on the cluster's nodes, so a driver that joined a remote cluster has none to check.
+    Before Ray is started (serve.start then starts one here): yes."""
     import ray
 
+    if not ray.is_initialized():
+        return True
     here = ray.util.get_node_ip_address()
     return any(n["Alive"] and n["NodeManagerAddress"] == here for n in ray.nodes())
 

@@ -166,6 +166,13 @@ def test_serve_refuses_a_port_another_server_listens_on(monkeypatch):
         "listens there; stop it or pick a free port with serve.port=..."
     )
     serve_app.check_port_free("127.0.0.1", port)  # free again once that server is gone
+    # a driver that joined a cluster on other machines has no proxy port here to check
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "NodeManagerAddress": "10.0.0.9"}])
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "10.0.0.5")
+    assert serve_app.hosts_a_node() is False
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "10.0.0.9")
+    assert serve_app.hosts_a_node() is True
 
 
 def test_builder_refuses_unknown_args():
