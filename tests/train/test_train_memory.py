@@ -149,6 +149,7 @@ def sharded_gradients(rank: int, world: int, data: str, sync: str, out: str, pg:
         grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
         if rank == 0:
             torch.save({"loss": loss, "grads": grads}, out)
+        dist.barrier()  # neither rank tears the group down while the other still uses it
     finally:
         dist.destroy_process_group()
 
