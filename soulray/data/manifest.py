@@ -4,6 +4,7 @@ read back."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -37,6 +38,21 @@ def read_manifest(data_dir: str) -> dict[str, Any] | None:
         return None
     manifest: dict[str, Any] = json.loads(storage.read_text(path))
     return manifest
+
+
+# what decides the prepared rows, in the manifest; the rest (timings, input paths) does not
+ROW_KEYS = ("splits", "tokenizer", "config_hash", "seq_len", "mode", "partitions")
+
+
+def data_fingerprint(data_dir: str) -> str | None:
+    """A short hash of what decides a prepared directory's rows (per-split counts, tokenizer,
+    data config): a checkpoint records it, so a resume on data prepared again into the same
+    folder is noticed. None when the directory has no manifest (not prepare's output)."""
+    manifest = read_manifest(data_dir)
+    if manifest is None:
+        return None
+    rows = json.dumps({k: manifest.get(k) for k in ROW_KEYS}, sort_keys=True)
+    return hashlib.sha256(rows.encode()).hexdigest()[:16]
 
 
 def tokenizer_source(cfg: Config) -> str:

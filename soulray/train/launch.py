@@ -7,6 +7,7 @@ that crashes is restarted from it up to train.max_failures times.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -17,7 +18,7 @@ from pydantic import BaseModel
 
 from soulray import storage
 from soulray.config import Config, TrainConfig
-from soulray.data.manifest import TRAINED_TOKENIZER, read_manifest
+from soulray.data.manifest import TRAINED_TOKENIZER, data_fingerprint, read_manifest
 from soulray.train.feed import RankPlan, amplification_warning, plan_reads, rows_per_rank
 
 log = logging.getLogger("soulray.train")
@@ -117,7 +118,23 @@ def check_before_workers(cfg: Config, data_dir: str) -> Config:
 
         check_lora_on_meta(cfg, load_run_tokenizer(data_dir, cfg.model.trust_remote_code))
     check_not_past_steps(cfg)
+    check_warmup(cfg.train)
     return check_resume_config(cfg)
+
+
+def check_warmup(t: TrainConfig) -> None:
+    """A warmup longer than the run (the default 10 steps with train.steps=5) never reaches
+    train.lr: the whole run trains at a fraction of the rate asked for."""
+    if t.warmup_steps > t.steps:
+        log.warning(
+            "warning: train.warmup_steps=%d is more than train.steps=%d: the learning rate "
+            "rises for the whole run and peaks at %.2g of train.lr=%g; lower "
+            "train.warmup_steps",
+            t.warmup_steps,
+            t.steps,
+            t.steps / t.warmup_steps,
+            t.lr,
+        )
 
 
 def check_cpu_attention(cfg: Config) -> None:
@@ -290,6 +307,15 @@ def check_resume_config(cfg: Config) -> Config:
             data(cfg),
             data(old),
         )
+    elif prepared_again(saved[-1], data(cfg)):
+        log.warning(
+            "train: resuming %s on train.data_dir=%s, which was prepared again since its "
+            "checkpoints trained (its manifest differs): the saved data position (epoch and "
+            "micro-batch) now counts rows of other data. Set a new train.run_name to train "
+            "on it from the start",
+            name,
+            data(cfg),
+        )
     for key in RESUME_RESHAPED:
         if value(old, key) != value(cfg, key):
             log.warning(
@@ -312,6 +338,19 @@ def check_resume_config(cfg: Config) -> Config:
                 value(cfg, key),
             )
     return with_kept(cfg, old)
+
+
+def prepared_again(saved_config: str, data_dir: str) -> bool:
+    """Whether the data a checkpoint trained on (the fingerprint in its state file, beside
+    `saved_config`) differs from what `data_dir` holds now."""
+    from soulray.train.checkpoint import STATE_FILE
+
+    state = storage.join(saved_config.rsplit("/", 1)[0], STATE_FILE)
+    if not storage.exists(state):
+        return False
+    trained = json.loads(storage.read_text(state)).get("data_fingerprint")
+    now = data_fingerprint(data_dir)
+    return trained is not None and now is not None and trained != now
 
 
 def with_kept(cfg: Config, trained: Config) -> Config:
@@ -484,7 +523,11 @@ def rank_filter(world_size: int, rank: int) -> Any:
     return (col("row_key") % world_size) == rank
 
 
-def check_rows_per_rank(data_dir: str, plans: list[RankPlan], micro_batch: int = 1) -> None:
+def check_rows_per_rank(
+    data_dir: str, plans: list[RankPlan], micro_batch: int = 1, quiet: bool = False
+) -> None:
+    """Refuse a layout that leaves a rank without rows; say how many each has, and warn when a
+    micro-batch is more than a rank's rows (`quiet`: refuse only, for torchrun's other ranks)."""
     if not any(p.files for p in plans):
         raise ValueError(
             f"no prepared training data in {data_dir}/train: run `soulray prepare` first, or "
@@ -497,6 +540,8 @@ def check_rows_per_rank(data_dir: str, plans: list[RankPlan], micro_batch: int =
             f"ranks {empty} would get no training rows ({sum(counts)} packed rows for "
             f"{len(plans)} workers); prepare more data or lower train.num_workers"
         )
+    if quiet:
+        return
     log.info("train rows per rank: %s", counts)
     if min(counts) < micro_batch:
         log.warning(

@@ -30,6 +30,7 @@ from soulray.train.feed import amplification_warning, build_source, parquet_chun
 from soulray.train.launch import (
     PROCESS_GROUP_TIMEOUT_S,
     check_before_workers,
+    check_rows_per_rank,
     process_group_backend,
 )
 from soulray.train.loop import Runtime, train_loop
@@ -52,7 +53,10 @@ def build_runtime(cfg: Config, rank: int, world: int, device: torch.device) -> R
     run_path = Path(storage.normalize(run_dir(t)))
     run_path.mkdir(parents=True, exist_ok=True)
     data_dir = cfg.train_data_dir
-    train = plan_reads(data_dir, "train", world)[rank]
+    train_plans = plan_reads(data_dir, "train", world)
+    # the Ray launcher's refusal of a rank without rows, and its micro-batch warning
+    check_rows_per_rank(data_dir, train_plans, t.micro_batch_size, quiet=rank != 0)
+    train = train_plans[rank]
     val = plan_reads(data_dir, "val", world)
     warning = amplification_warning(data_dir, world)
     if warning and rank == 0:

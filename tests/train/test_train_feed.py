@@ -250,7 +250,9 @@ def test_an_old_directory_without_partitions_trains_with_the_warning(
     check_trained(old, tmp_path / "runs", 2, log, 3)
 
 
-def test_a_micro_batch_larger_than_a_ranks_rows_is_warned(prepared_quickstart, caplog) -> None:
+def test_a_micro_batch_larger_than_a_ranks_rows_is_warned(
+    prepared_quickstart, caplog, tmp_path
+) -> None:
     from soulray.train.launch import check_rows_per_rank
 
     data = str(prepared_quickstart)
@@ -264,3 +266,19 @@ def test_a_micro_batch_larger_than_a_ranks_rows_is_warned(prepared_quickstart, c
         f"warning: train.micro_batch_size={fewest + 1} is more than the {fewest} rows a rank "
         "has: a micro-batch is then a whole epoch of those rows, smaller than asked"
     ]
+    # torchrun's ranks: rank 0 warns alike (it did not), the other rank says nothing
+    from soulray.train.torchrun import build_runtime
+
+    cfg = load_config(
+        QUICKSTART,
+        [
+            f"data.output_dir={data}",
+            f"train.storage_path={tmp_path}",
+            f"train.micro_batch_size={fewest + 1}",
+        ],
+    )
+    for rank in (0, 1):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="soulray.train"):
+            build_runtime(cfg, rank, 2, torch.device("cpu"))
+        assert len(caplog.messages) == (1 if rank == 0 else 0), rank

@@ -470,6 +470,62 @@ def test_a_resume_refuses_what_it_cannot_change_and_warns_of_what_it_keeps(
     assert "not checking the resume against" in caplog.text
 
 
+def test_a_resume_on_data_prepared_again_into_its_folder_is_warned_about(tmp_path, caplog) -> None:
+    """The same train.data_dir, prepared again (other inputs, another split): the saved data
+    position would count rows of other data, with no word said."""
+    from soulray.config import config_to_yaml
+    from soulray.data.manifest import data_fingerprint
+    from soulray.train.launch import check_resume_config
+
+    data = tmp_path / "data"
+    data.mkdir()
+    manifest = {"splits": {"train": {"rows": 40}, "val": {"rows": 4}}, "seq_len": 2048}
+
+    def prepare(**changes: object) -> None:
+        (data / "manifest.json").write_text(json.dumps(manifest | {"seconds": 9} | changes))
+
+    cfg = load_config(
+        None, [f"train.storage_path={tmp_path}", "train.run_name=r", f"data.output_dir={data}"]
+    )
+    prepare()
+    checkpoint = tmp_path / "r" / "checkpoint_00000008"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "soulray.yaml").write_text(config_to_yaml(cfg))
+    state = {
+        "step": 8,
+        "epoch": 1,
+        "epoch_batch": 3,
+        "data_fingerprint": data_fingerprint(str(data)),
+    }
+    (checkpoint / "soulray_state.json").write_text(json.dumps(state))
+    with caplog.at_level("WARNING", logger="soulray.train"):
+        prepare(seconds=12)  # the same rows, prepared again: timings do not count
+        check_resume_config(cfg)
+        assert not caplog.text
+        prepare(splits={"train": {"rows": 52}, "val": {"rows": 5}})
+        check_resume_config(cfg)
+    assert f"resuming r on train.data_dir={data}, which was prepared again since its" in (
+        caplog.text
+    )
+    assert "Set a new train.run_name to train on it from the start" in caplog.text
+
+
+def test_a_warmup_longer_than_the_run_is_warned_about(caplog) -> None:
+    from soulray.train.launch import check_warmup
+
+    with caplog.at_level("WARNING", logger="soulray.train"):
+        check_warmup(load_config(None, ["train.steps=10", "train.warmup_steps=10"]).train)
+        assert not caplog.text  # the peak is reached at the last step
+        check_warmup(load_config(None, ["train.steps=5", "train.lr=0.001"]).train)
+    assert caplog.messages == [
+        "warning: train.warmup_steps=10 is more than train.steps=5: the learning rate rises "
+        "for the whole run and peaks at 0.5 of train.lr=0.001; lower train.warmup_steps"
+    ]
+    # what the warning says is what the schedule does
+    t = load_config(None, ["train.steps=5"]).train
+    assert [lr_factor(s, t) for s in range(5)] == [0.1, 0.2, 0.3, 0.4, 0.5]
+
+
 def test_rng_state_round_trips_and_reads_older_checkpoints() -> None:
     """A CPU rank saves no CUDA state (and never initialises CUDA); the state restores the
     generator exactly; a checkpoint of the older format (a list of every GPU's state) loads."""

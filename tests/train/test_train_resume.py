@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import torch
 
 from soulray.config import load_config
+from soulray.data.manifest import data_fingerprint
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "jobs" / "quickstart.yaml"
@@ -121,6 +122,8 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(prepared_quickstart
     assert (saved.train.steps, saved.train.grad_accum) == (STEPS, 2)
     state = json.loads((checkpoint / "soulray_state.json").read_text())
     assert state["micro_batches"] == 2 * STEPS
+    # which data the position counts rows of: a resume on data prepared again is warned about
+    assert state["data_fingerprint"] == data_fingerprint(str(prepared_quickstart))
     # each rank's data position, from its rows (rank r reads the part=k with k % 2 == r)
     for rank, rows in enumerate(rank_rows(prepared_quickstart, 2)):
         if rank == 0:
