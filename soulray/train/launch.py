@@ -222,14 +222,16 @@ def check_export_dir(cfg: Config) -> None:
 def check_not_past_steps(cfg: Config) -> None:
     """A rerun with train.steps below what the run has trained is refused before any worker
     starts (a worker would refuse too, once per allowed failure)."""
-    from soulray.train.checkpoint import CHECKPOINT_RE, run_dir
+    from soulray.train.checkpoint import CHECKPOINT_RE, STATE_FILE, run_dir
     from soulray.train.loop import past_steps
 
     run = run_dir(cfg.train)
     if not storage.exists(run):
         return
-    # the step it resumes from: the latest checkpoint's (steps logged after it are retrained)
-    steps = [int(m.group(1)) for f in storage.list_files(run) if (m := CHECKPOINT_RE.search(f))]
+    # the step it resumes from: the latest complete checkpoint's (steps logged after it are
+    # retrained); one a killed worker left half written has no state file and is not resumed
+    complete = (f for f in storage.list_files(run) if f.endswith(f"/{STATE_FILE}"))
+    steps = [int(m.group(1)) for f in complete if (m := CHECKPOINT_RE.search(f))]
     done = max(steps, default=0)
     if done > cfg.train.steps:
         raise ValueError(past_steps(done, cfg.train.steps))

@@ -160,6 +160,11 @@ def test_torchrun_refuses_what_the_ray_launcher_refuses(tmp_path) -> None:
     ckpt = tmp_path / "r" / "checkpoint_00000010"
     ckpt.mkdir(parents=True)
     (ckpt / "soulray.yaml").write_text(config_to_yaml(load_config(QUICKSTART, common)))
+    (ckpt / "soulray_state.json").write_text(json.dumps({"step": 10}))
+    # what a worker killed while writing checkpoint 30 left: no state file, so never resumed
+    partial = tmp_path / "r" / "checkpoint_00000030"
+    partial.mkdir()
+    (partial / "__0_0.distcp").write_bytes(b"\0" * 64)
     (tmp_path / "r" / "metrics.jsonl").write_text(json.dumps({"step": 10, "loss": 1.0}) + "\n")
     cases = [
         (["train.steps=5"], "this run already trained to step 10, past train.steps=5"),
