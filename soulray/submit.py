@@ -20,6 +20,7 @@ import logging
 import os
 import secrets
 import shlex
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -197,7 +198,23 @@ def submit_job(
             "check `ray status` and submit again"
         ) from None
     if wait:
-        asyncio.run(follow_logs(client, job_id))
+        # a flag or variable names the cluster for the `ray job` commands; else the default
+        flag = f" --address {address or env[0]}" if address or env else ""
+        try:
+            print(
+                f"submitted {job_id}; following its logs (Ctrl-C stops following, not the job)",
+                file=sys.stderr,
+                flush=True,
+            )
+            asyncio.run(follow_logs(client, job_id))
+        except KeyboardInterrupt:
+            print(
+                f"\nstopped following {job_id}; the job keeps running on the cluster. Follow "
+                f"it again: ray job logs --follow {job_id}{flag}; stop it: ray job stop "
+                f"{job_id}{flag}",
+                file=sys.stderr,
+            )
+            raise SystemExit(130) from None
     return job_id, client.get_job_status(job_id).value
 
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from k8s_render import ROOT
@@ -226,6 +228,39 @@ def test_submit_prepare_and_train_then_a_bad_config(local_cluster, tmp_path) -> 
     trained = model.state_dict()
     assert set(trained) == set(initial)
     assert [k for k in initial if torch.equal(trained[k], initial[k])] == []
+
+    # Ctrl-C while following a job's logs: it said nothing of the job, which runs on
+    again = ["--config", "jobs/quickstart.yaml", f"data.output_dir={out}/again"]
+    follower = subprocess.Popen(
+        [SOULRAY, "submit", "--address", address, "--", "soulray", "prepare", *again],
+        cwd=ROOT,
+        env=client,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    first = follower.stderr.readline()
+    while first and not first.startswith("submitted "):  # Ray's warnings come first
+        first = follower.stderr.readline()
+    assert first.startswith("submitted soulray-prepare-"), first
+    job_id = first.split()[1].rstrip(";")
+    follower.send_signal(signal.SIGINT)
+    follower.wait(timeout=60)
+    said = follower.stderr.read()  # (communicate() lost what followed the readline above)
+    assert follower.returncode == 130, said
+    assert f"stopped following {job_id}; the job keeps running on the cluster" in said
+    assert f"ray job stop {job_id} --address {address}" in said
+    status = run(
+        str(Path(sys.executable).parent / "ray"),
+        "job",
+        "status",
+        job_id,
+        "--address",
+        address,
+        env=client,
+        timeout=60,
+    )
+    assert status.returncode == 0 and "STOPPED" not in status.stdout, status.stdout
 
     bad = run(
         SOULRAY,
