@@ -259,7 +259,7 @@ def test_image_tags_carry_the_pinned_ray_version(target):
 @pytest.mark.parametrize("target", TARGETS)
 def test_shared_storage_is_mounted_everywhere(target):
     """Checkpoints must be reachable from every node: the same ReadWriteMany claim at the same
-    path in every Ray pod."""
+    path in every Ray pod, writable by the image's user."""
     claims = {d["metadata"]["name"]: d for d in by_kind(target, "PersistentVolumeClaim")}
     for doc in ray_docs(target):
         for where, template in pod_templates(doc):
@@ -278,6 +278,8 @@ def test_shared_storage_is_mounted_everywhere(target):
             for c in pod["containers"]:
                 mounts = {m["name"]: m["mountPath"] for m in c.get("volumeMounts", [])}
                 assert [mounts.get(v) for v in pvc] == ["/mnt/soulray"] * len(pvc), where
+            # the image's ray user (uid 1000, group 100) could not write a root-owned volume
+            assert pod.get("securityContext", {}).get("fsGroup") == 100, where
 
 
 # --- other kinds, and references between documents ------------------------------------------
