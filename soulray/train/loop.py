@@ -65,7 +65,7 @@ def train_loop(cfg: Config, rt: Runtime) -> dict[str, Any]:
     one_row = attn in ONE_ROW_KERNELS
     optimizer = build_optimizer(model, t, rt.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t))
-    state = {"step": 0, "micro_batches": 0, "epoch": 0, "epoch_batch": 0}
+    state: dict[str, Any] = {"step": 0, "micro_batches": 0, "epoch": 0, "epoch_batch": 0}
     state["world_size"] = rt.world_size
     restored = rt.restore()
     if restored:
