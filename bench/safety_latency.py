@@ -157,10 +157,30 @@ def per_request(turns: int, rounds: int) -> dict[str, dict[str, float]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--stride", type=int, default=1, help="every n-th training message")
-    ap.add_argument("--turns", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="passes over the messages, per-message part (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--stride",
+        type=int,
+        default=1,
+        help="screen every n-th training message (default: %(default)s: all)",
+    )
+    ap.add_argument(
+        "--turns",
+        type=int,
+        default=8,
+        help="user messages per conversation, per-request part (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="conversations per setting, screen on and off in turn (default: %(default)s)",
+    )
     ap.add_argument(
         "--max-chars",
         type=int,
@@ -182,7 +202,7 @@ def main() -> None:
         default=["on"],
         help="with and/or without the training messages' vote, side by side",
     )
-    ap.add_argument("--out", type=Path)
+    ap.add_argument("--out", type=Path, help="also write the result here as JSON")
     args = ap.parse_args()
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # now, not after the run

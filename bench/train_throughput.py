@@ -157,14 +157,42 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument(
+        "--steps", type=int, default=60, help="optimizer steps per run (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=10,
+        help="first steps left out of the medians (default: %(default)s)",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="alternating repeats of every run")
-    parser.add_argument("--log-every", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default="bench/results/train_cpu.json")
+    parser.add_argument(
+        "--log-every",
+        type=int,
+        default=5,
+        help="train.log_every: steps per measured window (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=4,
+        help="train.micro_batch_size: packed rows per step (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seq-len", type=int, default=1024, help="tokens per row (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="CPU threads per run, split among its processes (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--out",
+        default="bench/results/train_cpu.json",
+        help="the report JSON (default: %(default)s)",
+    )
     a = parser.parse_args()
     if not (ROOT / CORPUS[-1]).is_file():
         raise SystemExit(f"bench/train_throughput.py needs {CORPUS[-1]} (the shared corpora)")
