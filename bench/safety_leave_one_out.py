@@ -134,6 +134,8 @@ def print_counts(name: str, counts: dict) -> None:
 
 
 def main() -> None:
+    from _args import non_negative_int, positive_int
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     which = ap.add_mutually_exclusive_group()
     which.add_argument(
@@ -162,7 +164,7 @@ def main() -> None:
     )
     ap.add_argument(
         "--variants",
-        type=int,
+        type=non_negative_int,
         nargs="+",
         default=[dataset.VARIANTS],
         help="wrapped variants per message; several: one run each (stop 21's table used 2)",
@@ -176,13 +178,13 @@ def main() -> None:
     )
     ap.add_argument(
         "--jobs",
-        type=int,
+        type=positive_int,
         default=2,
         help="parallel processes for embedding and fitting (default: %(default)s)",
     )
     ap.add_argument(
         "--neighbours",
-        type=int,
+        type=non_negative_int,
         default=T.KNN_K,
         help="training messages that vote on a message's scores (0: no vote)",
     )

@@ -146,47 +146,49 @@ def synth_run(url: str, args: argparse.Namespace, out: Path) -> dict[str, float]
 
 
 def main() -> None:
+    from _args import positive_float, positive_int
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     p.add_argument(
         "--concurrency",
-        type=int,
+        type=positive_int,
         default=32,
         help="requests in flight: plain workers, synth's dialogues in all (default: %(default)s)",
     )
     p.add_argument(
         "--actors",
-        type=int,
+        type=positive_int,
         default=2,
         help="synth.job.actors; each runs concurrency // actors dialogues (default: %(default)s)",
     )
     p.add_argument(
         "--scenarios",
-        type=int,
+        type=positive_int,
         default=256,
         help="synth.scenarios.count: dialogues per synth run (default: %(default)s)",
     )
     p.add_argument(
         "--turns",
-        type=int,
+        type=positive_int,
         default=4,
         help="rounds per dialogue, 3 requests each (default: %(default)s)",
     )
     p.add_argument(
         "--latency",
-        type=float,
+        type=positive_float,
         default=1.0,
         help="seconds the scripted endpoint takes per answer (default: %(default)s)",
     )
     p.add_argument(
         "--tokens",
-        type=int,
+        type=positive_int,
         default=128,
         help="completion tokens the endpoint reports per answer (default: %(default)s)",
     )
     p.add_argument(
         "--rounds",
-        type=int,
+        type=positive_int,
         default=2,
         help="alternating plain/synth rounds (default: %(default)s)",
     )
@@ -196,6 +198,8 @@ def main() -> None:
         help="the report JSON (default: bench/results/synth_throughput.json)",
     )
     args = p.parse_args()
+    if args.concurrency < args.actors:  # each actor runs concurrency // actors dialogues
+        p.error(f"--concurrency {args.concurrency} is below --actors {args.actors}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # now, not after the run
     if args.serve:
         serve_forever(args.serve, args.latency, args.tokens)

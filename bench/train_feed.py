@@ -198,10 +198,12 @@ def layout_sweep(prepared: Path, work: Path) -> list[dict]:
 
 
 def main() -> None:
+    from _args import positive_int
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--conversations",
-        type=int,
+        type=positive_int,
         default=20000,
         help="SoulChat-shaped conversations prepared (default: %(default)s)",
     )
@@ -218,7 +220,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--rounds",
-        type=int,
+        type=positive_int,
         default=3,
         help="alternating rounds of the direct feed runs (default: %(default)s)",
     )

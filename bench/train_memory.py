@@ -235,8 +235,12 @@ def measure_tiny(data: str, checkpointing: bool, chunk: int, seq: int, micro: in
 
 
 def main() -> None:
+    from _args import existing_dir
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", required=True, help="a prepared directory (for its tokenizer)")
+    parser.add_argument(
+        "--data", type=existing_dir, required=True, help="a prepared directory (for its tokenizer)"
+    )
     parser.add_argument(
         "--out",
         default="bench/results/train_memory.json",

@@ -162,3 +162,23 @@ def test_help_shows_the_whole_first_paragraph(script, ends) -> None:
         timeout=120,
     )
     assert ends in " ".join(done.stdout.split())
+
+
+@pytest.mark.parametrize(
+    "script, args, option",
+    [
+        ("safety_latency.py", ["--stride", "0"], "--stride"),  # was a ValueError mid-run
+        ("safety_eval.py", ["--blind", "{missing}"], "--blind"),  # was a FileNotFoundError
+    ],
+)
+def test_a_bad_value_is_a_usage_error_naming_the_option(tmp_path, script, args, option) -> None:
+    args = [a.format(missing=tmp_path / "missing.json") for a in args]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert f"error: argument {option}: " in done.stderr.splitlines()[-1]
