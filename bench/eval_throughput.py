@@ -126,12 +126,35 @@ def eval_run(url: str, corpus: Path, out: Path, contexts: int, concurrency: int)
 
 
 def main() -> None:
+    from _args import positive_float, positive_int
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--contexts", type=int, default=512)
-    parser.add_argument("--latency", type=float, default=0.25)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--concurrency",
+        type=positive_int,
+        default=32,
+        help="requests in flight, plain workers and the eval endpoints' concurrency (default: "
+        "%(default)s)",
+    )
+    parser.add_argument(
+        "--contexts",
+        type=positive_int,
+        default=512,
+        help="contexts per eval run: as many replies and judge calls (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--latency",
+        type=positive_float,
+        default=0.25,
+        help="seconds the scripted endpoint takes per answer (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=2,
+        help="alternating plain/eval rounds (default: %(default)s)",
+    )
+    parser.add_argument("--out", help="also write the summary here as JSON")
     args = parser.parse_args()
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # now, not after the run

@@ -51,12 +51,22 @@ class StepTimer(TrainerCallback):
 
 
 def main() -> None:
+    from _args import existing_dir, non_negative_int, positive_int
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("data", metavar="DATA_DIR", help="a prepared run's data directory")
-    parser.add_argument("steps", type=int, metavar="STEPS", help="optimizer steps to run")
-    parser.add_argument("batch", type=int, metavar="BATCH", help="packed rows per step")
-    parser.add_argument("warmup", type=int, metavar="WARMUP", help="first steps left out")
+    parser.add_argument(
+        "data", type=existing_dir, metavar="DATA_DIR", help="a prepared run's data directory"
+    )
+    parser.add_argument("steps", type=positive_int, metavar="STEPS", help="optimizer steps to run")
+    parser.add_argument("batch", type=positive_int, metavar="BATCH", help="packed rows per step")
+    parser.add_argument(
+        "warmup", type=non_negative_int, metavar="WARMUP", help="first steps left out"
+    )
     a = parser.parse_args()
+    if a.warmup >= a.steps - 1:  # STEPS step ends give STEPS - 1 step times
+        parser.error(
+            f"WARMUP {a.warmup} leaves no step time of {a.steps} steps (at most STEPS - 2)"
+        )
     data, steps, batch, warmup = a.data, a.steps, a.batch, a.warmup
     torch.manual_seed(0)
     config = build_model_config(Config().model, load_run_tokenizer(data))

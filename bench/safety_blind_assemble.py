@@ -62,8 +62,10 @@ def assemble(writers: list[dict], seen: dict[str, set[str]]) -> tuple[dict, dict
 
 
 def main() -> None:
+    from _args import existing_file
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("writers", nargs="+", type=Path, help="each writer's JSON file")
+    ap.add_argument("writers", nargs="+", type=existing_file, help="each writer's JSON file")
     ap.add_argument("--out", type=Path, required=True, help="the blind set to write")
     ap.add_argument("--description", required=True, help="who wrote it and how (kept in it)")
     ap.add_argument("--force", action="store_true", help="replace --out if it exists")

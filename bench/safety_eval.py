@@ -110,13 +110,19 @@ def evaluate(
 
 
 def main() -> None:
+    from _args import existing_file
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--blind", type=Path, required=True, help="the blind set JSON")
+    ap.add_argument("--blind", type=existing_file, required=True, help="the blind set JSON")
     ap.add_argument(
         "--lexicon-only", action="store_true", help="the lexicon without the classifier"
     )
-    ap.add_argument("--lexicon", type=Path, help="a lexicon.json to use instead of the built-in")
-    ap.add_argument("--weights", type=Path, help="a weights.npz to use instead of the shipped")
+    ap.add_argument(
+        "--lexicon", type=existing_file, help="a lexicon.json to use instead of the built-in"
+    )
+    ap.add_argument(
+        "--weights", type=existing_file, help="a weights.npz to use instead of the shipped"
+    )
     ap.add_argument("--show-misses", action="store_true", help="print misses and false alarms")
     ap.add_argument("--out", type=Path, help="also write the report as JSON")
     args = ap.parse_args()

@@ -56,11 +56,17 @@ def run_child(threads: int, cache: str, steps: int, out: Path) -> dict:
 
 
 def main() -> None:
+    from _args import positive_int
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache", type=str, default="", help="embedding cache (train.py --cache)")
-    ap.add_argument("--steps", type=int, default=30, help="fit steps per run (training: 300)")
-    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds")
-    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="BLAS thread counts")
+    ap.add_argument(
+        "--steps", type=positive_int, default=30, help="fit steps per run (training: 300)"
+    )
+    ap.add_argument("--rounds", type=positive_int, default=2, help="alternating rounds")
+    ap.add_argument(
+        "--threads", type=positive_int, nargs="+", default=[1, 2], help="BLAS thread counts"
+    )
     ap.add_argument("--out", type=Path, help="write the report here as JSON")
     args = ap.parse_args()
     if args.out:

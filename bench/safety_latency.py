@@ -156,21 +156,43 @@ def per_request(turns: int, rounds: int) -> dict[str, dict[str, float]]:
 
 
 def main() -> None:
+    from _args import non_negative_int, positive_int
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--stride", type=int, default=1, help="every n-th training message")
-    ap.add_argument("--turns", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=1,
+        help="passes over the messages, per-message part (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--stride",
+        type=positive_int,
+        default=1,
+        help="screen every n-th training message (default: %(default)s: all)",
+    )
+    ap.add_argument(
+        "--turns",
+        type=positive_int,
+        default=8,
+        help="user messages per conversation, per-request part (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=5,
+        help="conversations per setting, screen on and off in turn (default: %(default)s)",
+    )
     ap.add_argument(
         "--max-chars",
-        type=int,
+        type=positive_int,
         nargs="+",
         default=[SafetyConfig().max_chars],
         help="serve.safety.max_chars settings to measure side by side",
     )
     ap.add_argument(
         "--embed-tokens",
-        type=int,
+        type=non_negative_int,
         nargs="+",
         default=[None],
         help="caps on the tokens the embedding reads, side by side (default: the weights')",
@@ -182,8 +204,13 @@ def main() -> None:
         default=["on"],
         help="with and/or without the training messages' vote, side by side",
     )
-    ap.add_argument("--out", type=Path)
+    ap.add_argument("--out", type=Path, help="also write the result here as JSON")
     args = ap.parse_args()
+    for m in args.max_chars:  # serve.safety.max_chars has a floor
+        try:
+            SafetyConfig(max_chars=m)
+        except ValueError as e:  # pydantic's ValidationError
+            ap.error(f"--max-chars {m}: {e.errors()[0]['msg']}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # now, not after the run
     result = {

@@ -134,9 +134,19 @@ def print_counts(name: str, counts: dict) -> None:
 
 
 def main() -> None:
+    from _args import non_negative_int, positive_int
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     which = ap.add_mutually_exclusive_group()
-    which.add_argument("--held", type=int, nargs="+", default=[8, 7, 6, 5], choices=SETS)
+    which.add_argument(
+        "--held",
+        type=int,
+        nargs="+",
+        default=[8, 7, 6, 5],
+        choices=SETS,
+        metavar="K",
+        help="the blind sets (3-8) to hold out, one at a time (default: %(default)s)",
+    )
     which.add_argument(
         "--hold",
         nargs="+",
@@ -154,16 +164,27 @@ def main() -> None:
     )
     ap.add_argument(
         "--variants",
-        type=int,
+        type=non_negative_int,
         nargs="+",
         default=[dataset.VARIANTS],
         help="wrapped variants per message; several: one run each (stop 21's table used 2)",
     )
-    ap.add_argument("--cache", type=Path, default=Path("/tmp/safety_loo_cache.npz"))
-    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument(
+        "--cache",
+        type=Path,
+        default=Path("/tmp/safety_loo_cache.npz"),
+        help="an .npz keeping the embeddings between runs, written if absent (default: "
+        "%(default)s)",
+    )
+    ap.add_argument(
+        "--jobs",
+        type=positive_int,
+        default=2,
+        help="parallel processes for embedding and fitting (default: %(default)s)",
+    )
     ap.add_argument(
         "--neighbours",
-        type=int,
+        type=non_negative_int,
         default=T.KNN_K,
         help="training messages that vote on a message's scores (0: no vote)",
     )

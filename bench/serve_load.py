@@ -483,15 +483,51 @@ def markdown(rows: list[LevelResult], overhead: dict, load: str = "") -> str:
 
 
 def main() -> None:
+    from _args import existing_dir, non_negative_float, positive_float, positive_int
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-dir", help="an export; default: build a tiny random one")
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--requests-per-client", type=int, default=8)
-    parser.add_argument("--max-seconds", type=float, default=60.0, help="per level")
-    parser.add_argument("--overhead-requests", type=int, default=300)
-    parser.add_argument("--rounds", type=int, default=2, help="alternations per level")
+    parser.add_argument(
+        "--model-dir", type=existing_dir, help="an export; default: build a tiny random one"
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=positive_int,
+        default=32,
+        help="max_tokens of each request (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--requests-per-client",
+        type=positive_int,
+        default=8,
+        help="requests per client per level, over all rounds (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-seconds",
+        type=positive_float,
+        default=60.0,
+        help="seconds each endpoint runs per level and round, at most (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--overhead-requests",
+        type=positive_int,
+        default=300,
+        help="requests per endpoint in the overhead and bare-Serve measures (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=2,
+        help="alternations per level (default: %(default)s)",
+    )
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
-    parser.add_argument("--levels", type=int, nargs="+", default=list(LEVELS))
+    parser.add_argument(
+        "--levels",
+        type=positive_int,
+        nargs="+",
+        default=list(LEVELS),
+        metavar="CLIENTS",
+        help="concurrent clients of each sweep level (default: %(default)s)",
+    )
     parser.add_argument(
         "--layout",
         choices=("both", *LAYOUTS),
@@ -503,9 +539,13 @@ def main() -> None:
         "--screen", choices=("on", "off"), default="on", help="the crisis screen in the hf sweep"
     )
     parser.add_argument(
-        "--stream-interval", type=float, help="serve.engine.stream_interval_s of the hf sweep"
+        "--stream-interval",
+        type=non_negative_float,
+        help="serve.engine.stream_interval_s of the hf sweep",
     )
-    parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument(
+        "--skip-overhead", action="store_true", help="the sweeps only (no overhead measures)"
+    )
     parser.add_argument("--skip-sweep", action="store_true", help="the overhead measures only")
     parser.add_argument(
         "--serve-env",
@@ -514,7 +554,12 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="an environment variable for every Ray process (e.g. a RAY_SERVE_* knob)",
     )
-    parser.add_argument("--soak-minutes", type=float, default=0, help=">0: the soak only")
+    parser.add_argument(
+        "--soak-minutes",
+        type=non_negative_float,
+        default=0,
+        help="minutes of soak; >0: the soak only (default: %(default)s)",
+    )
     args = parser.parse_args()
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # now, not after the run

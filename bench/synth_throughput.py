@@ -146,17 +146,60 @@ def synth_run(url: str, args: argparse.Namespace, out: Path) -> dict[str, float]
 
 
 def main() -> None:
+    from _args import positive_float, positive_int
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--serve", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--actors", type=int, default=2)
-    p.add_argument("--scenarios", type=int, default=256)
-    p.add_argument("--turns", type=int, default=4)
-    p.add_argument("--latency", type=float, default=1.0)
-    p.add_argument("--tokens", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "synth_throughput.json"))
+    p.add_argument(
+        "--concurrency",
+        type=positive_int,
+        default=32,
+        help="requests in flight: plain workers, synth's dialogues in all (default: %(default)s)",
+    )
+    p.add_argument(
+        "--actors",
+        type=positive_int,
+        default=2,
+        help="synth.job.actors; each runs concurrency // actors dialogues (default: %(default)s)",
+    )
+    p.add_argument(
+        "--scenarios",
+        type=positive_int,
+        default=256,
+        help="synth.scenarios.count: dialogues per synth run (default: %(default)s)",
+    )
+    p.add_argument(
+        "--turns",
+        type=positive_int,
+        default=4,
+        help="rounds per dialogue, 3 requests each (default: %(default)s)",
+    )
+    p.add_argument(
+        "--latency",
+        type=positive_float,
+        default=1.0,
+        help="seconds the scripted endpoint takes per answer (default: %(default)s)",
+    )
+    p.add_argument(
+        "--tokens",
+        type=positive_int,
+        default=128,
+        help="completion tokens the endpoint reports per answer (default: %(default)s)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=2,
+        help="alternating plain/synth rounds (default: %(default)s)",
+    )
+    p.add_argument(
+        "--out",
+        default=str(ROOT / "bench" / "results" / "synth_throughput.json"),
+        help="the report JSON (default: bench/results/synth_throughput.json)",
+    )
     args = p.parse_args()
+    if args.concurrency < args.actors:  # each actor runs concurrency // actors dialogues
+        p.error(f"--concurrency {args.concurrency} is below --actors {args.actors}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # now, not after the run
     if args.serve:
         serve_forever(args.serve, args.latency, args.tokens)

@@ -198,12 +198,32 @@ def layout_sweep(prepared: Path, work: Path) -> list[dict]:
 
 
 def main() -> None:
+    from _args import positive_int
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--conversations", type=int, default=20000)
-    parser.add_argument("--work", default="/tmp/soulray-train-feed")
+    parser.add_argument(
+        "--conversations",
+        type=positive_int,
+        default=20000,
+        help="SoulChat-shaped conversations prepared (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--work",
+        default="/tmp/soulray-train-feed",
+        help="working folder; its prepared data is reused by later runs (default: %(default)s)",
+    )
     parser.add_argument("--ray", action="store_true", help="also measure through Ray Train")
-    parser.add_argument("--out", default="bench/results/train_feed.json")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--out",
+        default="bench/results/train_feed.json",
+        help="the report JSON (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=3,
+        help="alternating rounds of the direct feed runs (default: %(default)s)",
+    )
     parser.add_argument("--sweep-only", action="store_true", help="only the P/row-group sweep")
     a = parser.parse_args()
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)  # now, not after the run

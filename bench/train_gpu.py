@@ -241,35 +241,94 @@ def run(a: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    from _args import non_negative_int, positive_int
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="phase", required=True)
     p = sub.add_parser("prepare", help="CPU + Ray: packed rows for the run phase")
-    p.add_argument("--out", default="bench/gpu-data")
-    p.add_argument("--conversations", type=int, default=2000)
-    p.add_argument("--seq-len", type=int, default=4096)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--out", default="bench/gpu-data", help="the prepared data folder (default: %(default)s)"
+    )
+    p.add_argument(
+        "--conversations",
+        type=positive_int,
+        default=2000,
+        help="SoulChat-shaped conversations prepared (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seq-len",
+        type=positive_int,
+        default=4096,
+        help="tokens per packed row (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the generated corpus (default: %(default)s)"
+    )
     r = sub.add_parser("run", help="GPU + torchrun: the loop once per attention kernel")
-    r.add_argument("--data", default="bench/gpu-data")
-    r.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-1.5b")
+    r.add_argument(
+        "--data",
+        default="bench/gpu-data",
+        help="the prepare phase's folder (default: %(default)s)",
+    )
+    r.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        default="qwen2.5-1.5b",
+        help="the architecture's shape, randomly initialised (default: %(default)s)",
+    )
     r.add_argument("--kernels", default="available", help="comma list, or 'available'")
-    r.add_argument("--nproc", type=int, default=1, help="GPUs (torchrun processes)")
-    r.add_argument("--seq-len", type=int, default=4096, help="as prepared")
-    r.add_argument("--batch", type=int, default=2, help="packed rows per GPU per step")
-    r.add_argument("--steps", type=int, default=30)
-    r.add_argument("--warmup", type=int, default=10)
-    r.add_argument("--log-every", type=int, default=5)
-    r.add_argument("--activation-checkpointing", action="store_true")
-    r.add_argument("--loss-chunk", type=int, default=1024, help="train.loss_chunk_tokens")
-    r.add_argument("--lora-r", type=int, default=0, help="LoRA rank on every projection; 0 = full")
+    r.add_argument("--nproc", type=positive_int, default=1, help="GPUs (torchrun processes)")
+    r.add_argument(
+        "--seq-len",
+        type=positive_int,
+        default=4096,
+        help="tokens per packed row, as prepared (default: %(default)s)",
+    )
+    r.add_argument("--batch", type=positive_int, default=2, help="packed rows per GPU per step")
+    r.add_argument(
+        "--steps",
+        type=positive_int,
+        default=30,
+        help="optimizer steps per kernel (default: %(default)s)",
+    )
+    r.add_argument(
+        "--warmup",
+        type=non_negative_int,
+        default=10,
+        help="first steps left out of the medians (default: %(default)s)",
+    )
+    r.add_argument(
+        "--log-every",
+        type=positive_int,
+        default=5,
+        help="train.log_every: steps per measured window (default: %(default)s)",
+    )
+    r.add_argument(
+        "--activation-checkpointing", action="store_true", help="train.activation_checkpointing"
+    )
+    r.add_argument(
+        "--loss-chunk", type=non_negative_int, default=1024, help="train.loss_chunk_tokens"
+    )
+    r.add_argument(
+        "--lora-r", type=non_negative_int, default=0, help="LoRA rank on every projection; 0 = full"
+    )
     r.add_argument("--tag", default="", help="suffix of the run's name (several runs, one --out)")
     r.add_argument(
         "--stop-after-last-step",
         action="store_true",
         help="end the run once its last step is logged (skip the final save and export)",
     )
-    r.add_argument("--timeout", type=int, default=900, help="seconds per kernel run")
-    r.add_argument("--out", default="bench/results/train_gpu.json")
+    r.add_argument("--timeout", type=positive_int, default=900, help="seconds per kernel run")
+    r.add_argument(
+        "--out",
+        default="bench/results/train_gpu.json",
+        help="the report JSON (default: %(default)s)",
+    )
     a = parser.parse_args()
+    if a.phase == "run" and not (Path(a.data) / "manifest.json").is_file():
+        parser.error(f"--data {a.data}: no manifest.json there (run the prepare phase first)")
+    if a.phase == "run" and a.warmup >= a.steps:  # the medians are of the steps after warm-up
+        parser.error(f"--warmup {a.warmup} leaves none of --steps {a.steps} to measure")
     prepare(a) if a.phase == "prepare" else run(a)
 
 

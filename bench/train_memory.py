@@ -235,9 +235,17 @@ def measure_tiny(data: str, checkpointing: bool, chunk: int, seq: int, micro: in
 
 
 def main() -> None:
+    from _args import existing_dir
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", required=True, help="a prepared directory (for its tokenizer)")
-    parser.add_argument("--out", default="bench/results/train_memory.json")
+    parser.add_argument(
+        "--data", type=existing_dir, required=True, help="a prepared directory (for its tokenizer)"
+    )
+    parser.add_argument(
+        "--out",
+        default="bench/results/train_memory.json",
+        help="the report JSON (default: %(default)s)",
+    )
     a = parser.parse_args()
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)  # now, not after the run
     import torch.distributed as dist

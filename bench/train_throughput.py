@@ -154,18 +154,57 @@ def mean_row_tokens(data: Path) -> float:
 
 
 def main() -> None:
+    from _args import non_negative_int, positive_int
+
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=3, help="alternating repeats of every run")
-    parser.add_argument("--log-every", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default="bench/results/train_cpu.json")
+    parser.add_argument(
+        "--steps",
+        type=positive_int,
+        default=60,
+        help="optimizer steps per run (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=non_negative_int,
+        default=10,
+        help="first steps left out of the medians (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--rounds", type=positive_int, default=3, help="alternating repeats of every run"
+    )
+    parser.add_argument(
+        "--log-every",
+        type=positive_int,
+        default=5,
+        help="train.log_every: steps per measured window (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--batch",
+        type=positive_int,
+        default=4,
+        help="train.micro_batch_size: packed rows per step (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seq-len", type=positive_int, default=1024, help="tokens per row (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=2,
+        help="CPU threads per run, split among its processes (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--out",
+        default="bench/results/train_cpu.json",
+        help="the report JSON (default: %(default)s)",
+    )
     a = parser.parse_args()
+    if a.warmup >= a.steps - 1:  # the Trainer's step times: the steps - 1 gaps between step ends
+        parser.error(
+            f"--warmup {a.warmup} leaves no step time of --steps {a.steps} (at most steps - 2)"
+        )
     if not (ROOT / CORPUS[-1]).is_file():
         raise SystemExit(f"bench/train_throughput.py needs {CORPUS[-1]} (the shared corpora)")
     out = Path(tempfile.mkdtemp(prefix="soulray-bench-train-"))

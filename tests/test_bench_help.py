@@ -24,6 +24,46 @@ def test_help_exits_0_and_shows_usage(script) -> None:
     assert done.stdout.startswith("usage:")
 
 
+# Runs a script's main() with ArgumentParser.parse_args replaced: instead of parsing, it prints
+# every option and positional (sub-commands' too) whose help text is missing, then exits. Nothing
+# after parse_args runs; bench/ is sys.path[0], as with `python bench/X.py`.
+UNDOCUMENTED = r"""
+import argparse, json, os, runpy, sys
+
+def undocumented(parser, prefix=""):
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from undocumented(sub, f"{prefix}{name} ")
+        elif not (action.help or "").strip():
+            yield prefix + (action.option_strings[-1] if action.option_strings else action.dest)
+
+def report(self, *args, **kwargs):
+    print(json.dumps(list(undocumented(self))))
+    sys.exit(0)
+
+argparse.ArgumentParser.parse_args = report
+script = sys.argv[1]
+sys.path.insert(0, os.path.dirname(script))
+sys.argv = [script]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_every_option_has_help_text(script) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", UNDOCUMENTED, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
 def test_every_bench_script_is_checked() -> None:
     assert len(SCRIPTS) >= 14  # a rename that empties the glob must not pass silently
 
@@ -122,3 +162,23 @@ def test_help_shows_the_whole_first_paragraph(script, ends) -> None:
         timeout=120,
     )
     assert ends in " ".join(done.stdout.split())
+
+
+@pytest.mark.parametrize(
+    "script, args, option",
+    [
+        ("safety_latency.py", ["--stride", "0"], "--stride"),  # was a ValueError mid-run
+        ("safety_eval.py", ["--blind", "{missing}"], "--blind"),  # was a FileNotFoundError
+    ],
+)
+def test_a_bad_value_is_a_usage_error_naming_the_option(tmp_path, script, args, option) -> None:
+    args = [a.format(missing=tmp_path / "missing.json") for a in args]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert f"error: argument {option}: " in done.stderr.splitlines()[-1]
