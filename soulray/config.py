@@ -103,14 +103,34 @@ class TinyModelConfig(Section):
     # None: the tokenizer's size. Larger pads the embedding table (Qwen2.5's 151,936 rows hold
     # 151,665 tokens), which is how benchmarks give a tiny-built model a real model's shape.
     vocab_size: int | None = Field(None, ge=1)
-    hidden_size: int = 128
+    hidden_size: int = Field(128, ge=1)
     intermediate_size: int = 344
     num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
+    num_attention_heads: int = Field(4, ge=1)
+    num_key_value_heads: int = Field(2, ge=1)
     max_position_embeddings: int = 4096
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = True
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> TinyModelConfig:
+        """A shape attention cannot run failed in every training worker (a torch size
+        mismatch, restarted by Ray Train), not when the config was read."""
+        heads, kv = self.num_attention_heads, self.num_key_value_heads
+        if heads % kv:
+            raise ValueError(
+                f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv} "
+                "(each key/value head serves a whole group of query heads): make "
+                "num_key_value_heads a divisor of num_attention_heads"
+            )
+        head_dim = self.hidden_size // heads
+        if head_dim < 2 or head_dim % 2:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} / num_attention_heads={heads} gives heads of "
+                f"{head_dim} dimensions; rotary embeddings need an even number, 2 or more: make "
+                "hidden_size an even multiple of num_attention_heads, e.g. 32 per head"
+            )
+        return self
 
 
 class ModelConfig(Section):

@@ -168,6 +168,22 @@ def test_unknown_key_in_a_yaml_file_names_the_file(tmp_path):
             "train.cpu_offload=true",
             "config key 'train': Value error, train.cpu_offload=true moves a GPU run's",
         ),
+        # shapes attention cannot run: a torch size mismatch in every worker, restarted
+        (
+            "model.tiny.num_key_value_heads=3",
+            "config key 'model.tiny': Value error, num_attention_heads=4 is not a multiple of "
+            "num_key_value_heads=3 ",
+        ),
+        (
+            "model.tiny.hidden_size=12",
+            "config key 'model.tiny': Value error, hidden_size=12 / num_attention_heads=4 gives "
+            "heads of 3 dimensions; rotary embeddings need an even number, 2 or more",
+        ),
+        (
+            "model.tiny.num_attention_heads=0",
+            "config key 'model.tiny.num_attention_heads': Input should be greater than or equal "
+            "to 1 \\(got 0\\)",
+        ),
     ],
 )
 def test_bad_values_are_refused_by_name(override, expected):
