@@ -165,6 +165,9 @@ class LoraConfig(Section):
     )
 
 
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
 class TrainConfig(Section):
     run_name: str = "soulray"
     storage_path: str = "runs/checkpoints"  # Ray Train storage: local dir, NFS, or s3:// gs://
@@ -181,7 +184,8 @@ class TrainConfig(Section):
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     warmup_steps: int = Field(10, ge=0)
     weight_decay: float = Field(0.0, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    # AdamW's decay rates, each in [0, 1): torch refused others in every worker, after retries
+    betas: tuple[Beta, Beta] = (0.9, 0.95)
     max_grad_norm: float = Field(1.0, gt=0)
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     activation_checkpointing: bool = False

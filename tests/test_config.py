@@ -168,6 +168,10 @@ def test_unknown_key_in_a_yaml_file_names_the_file(tmp_path):
             "train.cpu_offload=true",
             "config key 'train': Value error, train.cpu_offload=true moves a GPU run's",
         ),
+        (  # torch's AdamW refused it in every worker, after Ray Train's retries
+            "train.betas=[0.9, 1.5]",
+            "config key 'train.betas.1': Input should be less than 1 \\(got 1.5\\)",
+        ),
         # shapes attention cannot run: a torch size mismatch in every worker, restarted
         (
             "model.tiny.num_key_value_heads=3",
