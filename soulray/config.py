@@ -632,6 +632,16 @@ def parse_setting_yaml(key: str, path: str, text: str) -> Any:
         raise ValueError(f"{key}={path} is not valid YAML{at}: fix the file") from None
 
 
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """Where and why YAML broke, on one line (yaml's own text spans five, quoting the line and
+    calling the file "<unicode string>")."""
+    mark = getattr(e, "problem_mark", None)
+    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    tabs = "; indent with spaces, not tabs" if "'\\t'" in problem else ""
+    return f"{at}: {problem}{tabs}"
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (or the defaults), apply dotted overrides and validate."""
     if path is None:
@@ -652,7 +662,7 @@ def parse_config(text: str, origin: str, overrides: list[str] | None = None) -> 
     try:
         loaded = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"config {origin} is not valid YAML: {e}") from None
+        raise ConfigError(f"config {origin} is not valid YAML{yaml_problem(e)}") from None
     if loaded is not None and not isinstance(loaded, dict):
         raise ConfigError(f"config {origin} must hold a mapping at the top level")
     tree: dict[str, Any] = loaded or {}

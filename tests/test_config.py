@@ -276,6 +276,14 @@ def test_unreadable_config_files(tmp_path):
     bad.write_text("data: [unclosed\n")
     with pytest.raises(ConfigError, match="is not valid YAML"):
         load_config(bad)
+    tabbed = tmp_path / "tabbed.yaml"  # one line that says where and why, not yaml's five
+    tabbed.write_text("data:\n\tseq_len: 64\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(tabbed)
+    assert str(e.value) == (
+        f"config {tabbed} is not valid YAML at line 2, column 1: found character '\\t' that "
+        "cannot start any token; indent with spaces, not tabs"
+    )
     listed = tmp_path / "list.yaml"
     listed.write_text("- data\n")
     with pytest.raises(ConfigError, match="must hold a mapping at the top level"):
