@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -632,6 +632,30 @@ def parse_setting_yaml(key: str, path: str, text: str) -> Any:
         raise ValueError(f"{key}={path} is not valid YAML{at}: fix the file") from None
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing a key written twice in one mapping: YAML keeps the
+    last, so a second `serve:` section silently dropped everything the first one set."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):  # yaml refuses it below
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"the key {key!r} appears twice in one section (the second would silently "
+                    "replace the first): merge them",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def yaml_problem(e: yaml.YAMLError) -> str:
     """Where and why YAML broke, on one line (yaml's own text spans five, quoting the line and
     calling the file "<unicode string>")."""
@@ -660,7 +684,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def parse_config(text: str, origin: str, overrides: list[str] | None = None) -> Config:
     """Validate YAML text plus overrides; `origin` names the source in error messages."""
     try:
-        loaded = yaml.safe_load(text)
+        loaded = yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader
     except yaml.YAMLError as e:
         raise ConfigError(f"config {origin} is not valid YAML{yaml_problem(e)}") from None
     if loaded is not None and not isinstance(loaded, dict):

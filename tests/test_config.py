@@ -284,6 +284,17 @@ def test_unreadable_config_files(tmp_path):
         f"config {tabbed} is not valid YAML at line 2, column 1: found character '\\t' that "
         "cannot start any token; indent with spaces, not tabs"
     )
+    twice = tmp_path / "twice.yaml"  # YAML keeps the last: the first section's keys were lost
+    twice.write_text("serve:\n  port: 8001\ntrain:\n  steps: 5\nserve:\n  model_name: m\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(twice)
+    assert str(e.value) == (
+        f"config {twice} is not valid YAML at line 5, column 1: the key 'serve' appears twice in "
+        "one section (the second would silently replace the first): merge them"
+    )
+    merged = tmp_path / "merged.yaml"  # a merge key's values may be overridden
+    merged.write_text("serve:\n  <<: {port: 8001, model_name: m}\n  port: 8002\n")
+    assert (load_config(merged).serve.port, load_config(merged).serve.model_name) == (8002, "m")
     listed = tmp_path / "list.yaml"
     listed.write_text("- data\n")
     with pytest.raises(ConfigError, match="must hold a mapping at the top level"):
