@@ -608,8 +608,8 @@ def read_setting_file(key: str, path: str) -> str:
     names the key (the packaged default is what leaving the key unset gives)."""
     if "://" in path:
         raise ValueError(f"{key}={path}: give a local file (a remote one is not read here)")
-    try:
-        return Path(path).read_text(encoding="utf-8")
+    try:  # ~ as in every other path (storage.normalize)
+        return Path(path).expanduser().read_text(encoding="utf-8")
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise ValueError(
             f"{key}={path}: no such file; give the path of a YAML file of the packaged one's "

@@ -311,7 +311,8 @@ def test_unreadable_config_files(tmp_path):
         load_config(gbk)
 
 
-def test_a_file_a_key_names_is_refused_with_the_key(tmp_path):
+def test_a_file_a_key_names_is_refused_with_the_key(tmp_path, monkeypatch):
+    from soulray.eval.judge import load_rubric
     from soulray.synth.roles import load_prompts
     from soulray.synth.scenarios import load_pool
     from soulray.synth.strategies import load_taxonomy
@@ -326,6 +327,19 @@ def test_a_file_a_key_names_is_refused_with_the_key(tmp_path):
             load(missing)
         with pytest.raises(ValueError, match=f"^{key}=s3://b/x.yaml: give a local file"):
             load("s3://b/x.yaml")
+    # ~ is the home folder, as in data.inputs and every other path
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("strategies", "prompts", "scenarios"):
+        (tmp_path / f"{name}.yaml").write_bytes(
+            (ROOT / "soulray/synth" / f"{name}.yaml").read_bytes()
+        )
+    assert load_taxonomy("~/strategies.yaml").names == load_taxonomy().names
+    assert load_prompts("~/prompts.yaml") == load_prompts()
+    assert load_pool("~/scenarios.yaml") == load_pool()
+    (tmp_path / "rubric.yaml").write_bytes(
+        (ROOT / "soulray/eval/rubrics/soulchat.yaml").read_bytes()
+    )
+    assert load_rubric("~/rubric.yaml") == load_rubric("soulchat")
 
 
 def test_the_error_shown_is_the_one_raised_not_the_one_it_hid(tmp_path):

@@ -72,7 +72,7 @@ def load_rubric(name_or_path: str) -> Rubric:
         text = resources.files("soulray.eval").joinpath(f"rubrics/{name_or_path}.yaml").read_text()
         origin = f"built-in rubric {name_or_path}"
     else:
-        path = Path(name_or_path)
+        path = Path(name_or_path).expanduser()
         if not path.is_file():
             raise ValueError(
                 f"eval.judge.rubric {name_or_path!r} is neither a built-in rubric "
