@@ -390,10 +390,11 @@ def chat(
 def synth(config: ConfigOpt, overrides: Overrides = None) -> None:
     """Role-play strategy-annotated support dialogues (Seeker / Counselor / Supporter) with Ray
     Data against OpenAI-compatible endpoints; a re-run resumes."""
-    from soulray.synth.job import run_synth
+    from soulray.synth.job import check_cast, run_synth
 
     setup_logging()
     cfg = load(config, overrides)
+    run_verb(check_cast, cfg.synth)  # before Ray starts: a wrong file or key is said at once
     init_ray()
     report = run_verb(run_synth, cfg)
     print_synth_summary(report, cfg)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -103,14 +103,34 @@ class TinyModelConfig(Section):
     # None: the tokenizer's size. Larger pads the embedding table (Qwen2.5's 151,936 rows hold
     # 151,665 tokens), which is how benchmarks give a tiny-built model a real model's shape.
     vocab_size: int | None = Field(None, ge=1)
-    hidden_size: int = 128
+    hidden_size: int = Field(128, ge=1)
     intermediate_size: int = 344
     num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
+    num_attention_heads: int = Field(4, ge=1)
+    num_key_value_heads: int = Field(2, ge=1)
     max_position_embeddings: int = 4096
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = True
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> TinyModelConfig:
+        """A shape attention cannot run failed in every training worker (a torch size
+        mismatch, restarted by Ray Train), not when the config was read."""
+        heads, kv = self.num_attention_heads, self.num_key_value_heads
+        if heads % kv:
+            raise ValueError(
+                f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv} "
+                "(each key/value head serves a whole group of query heads): make "
+                "num_key_value_heads a divisor of num_attention_heads"
+            )
+        head_dim = self.hidden_size // heads
+        if head_dim < 2 or head_dim % 2:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} / num_attention_heads={heads} gives heads of "
+                f"{head_dim} dimensions; rotary embeddings need an even number, 2 or more: make "
+                "hidden_size an even multiple of num_attention_heads, e.g. 32 per head"
+            )
+        return self
 
 
 class ModelConfig(Section):
@@ -145,6 +165,9 @@ class LoraConfig(Section):
     )
 
 
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
 class TrainConfig(Section):
     run_name: str = "soulray"
     storage_path: str = "runs/checkpoints"  # Ray Train storage: local dir, NFS, or s3:// gs://
@@ -161,7 +184,8 @@ class TrainConfig(Section):
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     warmup_steps: int = Field(10, ge=0)
     weight_decay: float = Field(0.0, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    # AdamW's decay rates, each in [0, 1): torch refused others in every worker, after retries
+    betas: tuple[Beta, Beta] = (0.9, 0.95)
     max_grad_norm: float = Field(1.0, gt=0)
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     activation_checkpointing: bool = False
@@ -584,8 +608,8 @@ def read_setting_file(key: str, path: str) -> str:
     names the key (the packaged default is what leaving the key unset gives)."""
     if "://" in path:
         raise ValueError(f"{key}={path}: give a local file (a remote one is not read here)")
-    try:
-        return Path(path).read_text(encoding="utf-8")
+    try:  # ~ as in every other path (storage.normalize)
+        return Path(path).expanduser().read_text(encoding="utf-8")
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise ValueError(
             f"{key}={path}: no such file; give the path of a YAML file of the packaged one's "
@@ -608,6 +632,40 @@ def parse_setting_yaml(key: str, path: str, text: str) -> Any:
         raise ValueError(f"{key}={path} is not valid YAML{at}: fix the file") from None
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing a key written twice in one mapping: YAML keeps the
+    last, so a second `serve:` section silently dropped everything the first one set."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):  # yaml refuses it below
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"the key {key!r} appears twice in one section (the second would silently "
+                    "replace the first): merge them",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """Where and why YAML broke, on one line (yaml's own text spans five, quoting the line and
+    calling the file "<unicode string>")."""
+    mark = getattr(e, "problem_mark", None)
+    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    tabs = "; indent with spaces, not tabs" if "'\\t'" in problem else ""
+    return f"{at}: {problem}{tabs}"
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (or the defaults), apply dotted overrides and validate."""
     if path is None:
@@ -626,9 +684,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def parse_config(text: str, origin: str, overrides: list[str] | None = None) -> Config:
     """Validate YAML text plus overrides; `origin` names the source in error messages."""
     try:
-        loaded = yaml.safe_load(text)
+        loaded = yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader
     except yaml.YAMLError as e:
-        raise ConfigError(f"config {origin} is not valid YAML: {e}") from None
+        raise ConfigError(f"config {origin} is not valid YAML{yaml_problem(e)}") from None
     if loaded is not None and not isinstance(loaded, dict):
         raise ConfigError(f"config {origin} must hold a mapping at the top level")
     tree: dict[str, Any] = loaded or {}

@@ -168,6 +168,26 @@ def test_unknown_key_in_a_yaml_file_names_the_file(tmp_path):
             "train.cpu_offload=true",
             "config key 'train': Value error, train.cpu_offload=true moves a GPU run's",
         ),
+        (  # torch's AdamW refused it in every worker, after Ray Train's retries
+            "train.betas=[0.9, 1.5]",
+            "config key 'train.betas.1': Input should be less than 1 \\(got 1.5\\)",
+        ),
+        # shapes attention cannot run: a torch size mismatch in every worker, restarted
+        (
+            "model.tiny.num_key_value_heads=3",
+            "config key 'model.tiny': Value error, num_attention_heads=4 is not a multiple of "
+            "num_key_value_heads=3 ",
+        ),
+        (
+            "model.tiny.hidden_size=12",
+            "config key 'model.tiny': Value error, hidden_size=12 / num_attention_heads=4 gives "
+            "heads of 3 dimensions; rotary embeddings need an even number, 2 or more",
+        ),
+        (
+            "model.tiny.num_attention_heads=0",
+            "config key 'model.tiny.num_attention_heads': Input should be greater than or equal "
+            "to 1 \\(got 0\\)",
+        ),
     ],
 )
 def test_bad_values_are_refused_by_name(override, expected):
@@ -256,6 +276,25 @@ def test_unreadable_config_files(tmp_path):
     bad.write_text("data: [unclosed\n")
     with pytest.raises(ConfigError, match="is not valid YAML"):
         load_config(bad)
+    tabbed = tmp_path / "tabbed.yaml"  # one line that says where and why, not yaml's five
+    tabbed.write_text("data:\n\tseq_len: 64\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(tabbed)
+    assert str(e.value) == (
+        f"config {tabbed} is not valid YAML at line 2, column 1: found character '\\t' that "
+        "cannot start any token; indent with spaces, not tabs"
+    )
+    twice = tmp_path / "twice.yaml"  # YAML keeps the last: the first section's keys were lost
+    twice.write_text("serve:\n  port: 8001\ntrain:\n  steps: 5\nserve:\n  model_name: m\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(twice)
+    assert str(e.value) == (
+        f"config {twice} is not valid YAML at line 5, column 1: the key 'serve' appears twice in "
+        "one section (the second would silently replace the first): merge them"
+    )
+    merged = tmp_path / "merged.yaml"  # a merge key's values may be overridden
+    merged.write_text("serve:\n  <<: {port: 8001, model_name: m}\n  port: 8002\n")
+    assert (load_config(merged).serve.port, load_config(merged).serve.model_name) == (8002, "m")
     listed = tmp_path / "list.yaml"
     listed.write_text("- data\n")
     with pytest.raises(ConfigError, match="must hold a mapping at the top level"):
@@ -272,7 +311,8 @@ def test_unreadable_config_files(tmp_path):
         load_config(gbk)
 
 
-def test_a_file_a_key_names_is_refused_with_the_key(tmp_path):
+def test_a_file_a_key_names_is_refused_with_the_key(tmp_path, monkeypatch):
+    from soulray.eval.judge import load_rubric
     from soulray.synth.roles import load_prompts
     from soulray.synth.scenarios import load_pool
     from soulray.synth.strategies import load_taxonomy
@@ -287,6 +327,19 @@ def test_a_file_a_key_names_is_refused_with_the_key(tmp_path):
             load(missing)
         with pytest.raises(ValueError, match=f"^{key}=s3://b/x.yaml: give a local file"):
             load("s3://b/x.yaml")
+    # ~ is the home folder, as in data.inputs and every other path
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("strategies", "prompts", "scenarios"):
+        (tmp_path / f"{name}.yaml").write_bytes(
+            (ROOT / "soulray/synth" / f"{name}.yaml").read_bytes()
+        )
+    assert load_taxonomy("~/strategies.yaml").names == load_taxonomy().names
+    assert load_prompts("~/prompts.yaml") == load_prompts()
+    assert load_pool("~/scenarios.yaml") == load_pool()
+    (tmp_path / "rubric.yaml").write_bytes(
+        (ROOT / "soulray/eval/rubrics/soulchat.yaml").read_bytes()
+    )
+    assert load_rubric("~/rubric.yaml") == load_rubric("soulchat")
 
 
 def test_the_error_shown_is_the_one_raised_not_the_one_it_hid(tmp_path):

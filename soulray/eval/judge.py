@@ -72,7 +72,7 @@ def load_rubric(name_or_path: str) -> Rubric:
         text = resources.files("soulray.eval").joinpath(f"rubrics/{name_or_path}.yaml").read_text()
         origin = f"built-in rubric {name_or_path}"
     else:
-        path = Path(name_or_path)
+        path = Path(name_or_path).expanduser()
         if not path.is_file():
             raise ValueError(
                 f"eval.judge.rubric {name_or_path!r} is neither a built-in rubric "
@@ -81,8 +81,11 @@ def load_rubric(name_or_path: str) -> Rubric:
         text, origin = path.read_text(encoding="utf-8"), str(path)
     try:
         return Rubric.model_validate(parse_setting_yaml("eval.judge.rubric", origin, text))
-    except ValidationError as e:
-        raise ValueError(f"rubric {origin} is invalid: {e}") from None
+    except ValidationError as e:  # one line per the CLI's errors, not pydantic's block
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or 'the file'}: {err['msg']}" for err in e.errors()
+        )
+        raise ValueError(f"rubric {origin} is invalid: {problems}") from None
 
 
 @cache

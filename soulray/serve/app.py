@@ -61,7 +61,7 @@ def load_api_key(auth: AuthConfig) -> str | None:
     """The bearer key: the secret file if configured, else the env var; None = open."""
     key = None
     if auth.api_key_file:
-        path = Path(auth.api_key_file)
+        path = Path(auth.api_key_file).expanduser()  # as replicas read it (storage.normalize)
         if path.exists():
             key = path.read_text(encoding="utf-8").strip() or None
     key = key or os.environ.get(auth.api_key_env, "").strip() or None

@@ -47,6 +47,12 @@ def test_a_user_rubric_from_yaml_and_its_errors(tmp_path):
     )
     with pytest.raises(ValueError, match=r"names must differ \(ignoring case\): \['A', 'a'\]"):
         load_rubric(str(path))
+    path.write_text("title: X\ndimensions: 3\n")
+    with pytest.raises(ValueError) as e:
+        load_rubric(str(path))
+    assert str(e.value) == (  # one line, not pydantic's block with its links
+        f"rubric {path} is invalid: name: Field required; dimensions: Input should be a valid list"
+    )
     path.write_text("name: x\ndimensions: [unclosed\n")
     with pytest.raises(
         ValueError, match=r"^eval.judge.rubric=.*mine.yaml is not valid YAML at line"

@@ -496,6 +496,9 @@ def test_api_key_sources(tmp_path, monkeypatch):
     )
     monkeypatch.setenv("MY_KEY", "from-env")  # the variable still serves when the file is gone
     assert load_api_key(AuthConfig(api_key_env="MY_KEY", api_key_file=str(missing))) == "from-env"
+    monkeypatch.delenv("MY_KEY")
+    monkeypatch.setenv("HOME", str(tmp_path))  # ~ as replicas expand it: `soulray serve`
+    assert load_api_key(AuthConfig(api_key_env="MY_KEY", api_key_file="~/k")) == "from-file"
 
 
 @pytest.mark.parametrize("debug", [False, True])
