@@ -68,6 +68,11 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# A path or a name: an empty one meant the current directory (train.export_dir="" would
+# clear it) or an id nothing can match
+NonEmpty = Annotated[str, Field(min_length=1)]
+
+
 class StrategyConfig(Section):
     taxonomy: list[str] = Field(default_factory=lambda: list(ESCONV_STRATEGIES))
     aliases: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_STRATEGY_ALIASES))
@@ -79,7 +84,7 @@ class DataConfig(Section):
         default_factory=list
     )  # files, globs, directories; local or s3:// gs://
     format: Literal["auto", "messages", "sharegpt", "smile", "xtuner", "esconv"] = "auto"
-    output_dir: str = "runs/data"
+    output_dir: NonEmpty = "runs/data"
     seq_len: int = Field(2048, ge=16)
     mode: Literal["packed", "padded"] = "packed"
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
@@ -134,8 +139,8 @@ class TinyModelConfig(Section):
 
 
 class ModelConfig(Section):
-    name_or_path: str | None = None  # local HF directory or hub id; None = the tiny default
-    tokenizer: str | None = None  # defaults to name_or_path
+    name_or_path: NonEmpty | None = None  # local HF directory or hub id; None = the tiny default
+    tokenizer: NonEmpty | None = None  # defaults to name_or_path
     trust_remote_code: bool = False
     attn_implementation: Literal[
         "auto", "flash_attention_3", "flash_attention_2", "varlen", "sdpa", "eager"
@@ -169,10 +174,10 @@ Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 class TrainConfig(Section):
-    run_name: str = "soulray"
-    storage_path: str = "runs/checkpoints"  # Ray Train storage: local dir, NFS, or s3:// gs://
-    data_dir: str | None = None  # prepared data; defaults to data.output_dir
-    export_dir: str = "runs/model"  # the final Hugging Face model
+    run_name: NonEmpty = "soulray"
+    storage_path: NonEmpty = "runs/checkpoints"  # Ray Train storage: local dir, NFS, or s3:// gs://
+    data_dir: NonEmpty | None = None  # prepared data; defaults to data.output_dir
+    export_dir: NonEmpty = "runs/model"  # the final Hugging Face model
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     # a negative amount crashed Ray's raylet and ended as restarts said to be resumable
@@ -260,8 +265,8 @@ class BatchingConfig(Section):
 
 class EngineConfig(DeploymentConfig):
     kind: Literal["hf", "vllm", "noop"] = "hf"  # noop: fixed reply, no model (overhead benchmark)
-    model_dir: str | None = None  # an export (local, s3://, gs://); None = train.export_dir
-    adapter_dir: str | None = None  # a peft LoRA adapter applied on model_dir (the base model)
+    model_dir: NonEmpty | None = None  # an export (local, s3://, gs://); None = train.export_dir
+    adapter_dir: NonEmpty | None = None  # a peft LoRA adapter applied on model_dir (the base model)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     stream_interval_s: float = Field(0.05, ge=0)  # streamed text is sent at most this often
@@ -358,20 +363,20 @@ class AuthConfig(Section):
 
     required: bool = False  # refuse to start without a key instead of serving openly
     api_key_env: str = "SOULRAY_API_KEY"
-    api_key_file: str | None = None  # e.g. a Kubernetes secret mounted as a file
+    api_key_file: NonEmpty | None = None  # e.g. a Kubernetes secret mounted as a file
 
 
 class AdapterServeConfig(Section):
     """One LoRA adapter served over the base model under its own model name."""
 
     name: str = Field(min_length=1)  # the id in /v1/models and the `model` requests name
-    path: str  # a peft adapter directory (local, s3://, gs://), e.g. an export's adapter/
+    path: NonEmpty  # a peft adapter directory (local, s3://, gs://), e.g. an export's adapter/
 
 
 class ServeConfig(Section):
-    model_name: str = "soulray"  # the id in /v1/models and the `model` requests must name
-    app_name: str = "soulray"  # the Ray Serve application
-    host: str = "127.0.0.1"  # `soulray serve build` writes 0.0.0.0 (a cluster must listen)
+    model_name: NonEmpty = "soulray"  # the id in /v1/models and the `model` requests must name
+    app_name: NonEmpty = "soulray"  # the Ray Serve application
+    host: NonEmpty = "127.0.0.1"  # `soulray serve build` writes 0.0.0.0 (a cluster must listen)
     port: int = Field(8000, ge=1, le=65535)
     # Added to requests without one. None = the export's training prompt (serving.json), so
     # serving sees what training did; a string overrides it (logged), "" = no system prompt.
@@ -461,8 +466,8 @@ STAGES: tuple[Stage, ...] = ("prepare", "train", "serve")
 
 
 class PipelineConfig(Section):
-    run_dir: str | None = None  # when set: data/, checkpoints/ and model/ all go under it
-    stages: list[Stage] = Field(default_factory=lambda: list(STAGES))
+    run_dir: NonEmpty | None = None  # when set: data/, checkpoints/ and model/ all go under it
+    stages: list[Stage] = Field(default_factory=lambda: list(STAGES), min_length=1)
     # After deploying, keep this driver (and a local Ray it started) up until Ctrl-C. A Ray
     # job on a cluster sets it to false: the Serve app outlives the job there.
     wait: bool = True
@@ -599,7 +604,9 @@ def _format_errors(err: ValidationError, origin: str) -> str:
                 f"[a, b] for more) (got {value!r})"
             )
         else:
-            lines.append(f"config key '{name}': {e['msg']} (got {e.get('input')!r})")
+            got = e.get("input")  # a section's own check: not the whole section again
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"config key '{name}': {e['msg']}{shown}")
     return f"invalid config ({origin}):\n  " + "\n  ".join(lines)
 
 

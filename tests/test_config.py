@@ -188,11 +188,20 @@ def test_unknown_key_in_a_yaml_file_names_the_file(tmp_path):
             "config key 'model.tiny.num_attention_heads': Input should be greater than or equal "
             "to 1 \\(got 0\\)",
         ),
+        # an empty path is the current directory: the export cleared it
+        (
+            'train.export_dir=""',
+            "config key 'train.export_dir': String should have at least 1 character \\(got ''\\)",
+        ),
+        ('serve.model_name=""', "config key 'serve.model_name': String should have at least 1"),
+        ('train.run_name=""', "config key 'train.run_name': String should have at least 1"),
+        ("pipeline.stages=[]", "config key 'pipeline.stages': List should have at least 1 item"),
     ],
 )
 def test_bad_values_are_refused_by_name(override, expected):
-    with pytest.raises(ConfigError, match=expected):
+    with pytest.raises(ConfigError, match=expected) as refused:
         load_config(None, [override])
+    assert "'run_name'" not in str(refused.value)  # a section's check does not dump the section
 
 
 def test_a_list_item_is_overridden_by_its_index_and_a_bare_list_value_shows_the_brackets():
