@@ -225,12 +225,13 @@ def print_prepare_summary(m: dict[str, Any], cfg: Config) -> None:
 @app.command()
 def train(config: ConfigOpt, overrides: Overrides = None) -> None:
     """Fine-tune on the prepared data with Ray Train (FSDP2; full or LoRA) and export the model."""
-    from soulray.train.launch import run_train
+    from soulray.train.launch import check_training, run_train
 
     setup_logging()
     cfg = load(config, overrides)
+    cfg = run_verb(check_training, cfg)  # before Ray starts: a missing data dir is said at once
     init_ray()
-    result = run_verb(run_train, cfg)
+    result = run_verb(run_train, cfg, True)
     print_train_summary(result, cfg)
 
 

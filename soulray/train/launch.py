@@ -580,22 +580,35 @@ def local_model(path: str | None) -> str | None:
     return storage.normalize(path)
 
 
-def run_train(cfg: Config) -> Any:
-    """Fit on the current Ray cluster; return Ray Train's Result."""
-    import ray
-    import ray.train
-    from ray.data import ExecutionOptions
-    from ray.train.torch import TorchConfig, TorchTrainer
-
+def check_training(cfg: Config) -> Config:
+    """What needs no cluster, checked before Ray starts (`soulray train` said a missing data
+    directory after ~20 s of Ray start-up); returns the config run_train(checked=True) takes."""
     cfg = resolve_paths(cfg)
     t = cfg.train
-    check_storage(cfg)
     assert t.data_dir is not None
     cfg = check_before_workers(cfg, t.data_dir)
     if t.use_gpu:  # refused here, not by every worker after the cluster started
         from soulray.train.model import flash_dtype
 
         flash_dtype(cfg.model.attn_implementation, t.dtype == "float32")
+    plans = plan_reads(t.data_dir, "train", t.num_workers)
+    check_rows_per_rank(t.data_dir, plans, t.micro_batch_size, quiet=True)  # build_datasets says
+    return cfg
+
+
+def run_train(cfg: Config, checked: bool = False) -> Any:
+    """Fit on the current Ray cluster; return Ray Train's Result. `checked`: `cfg` is what
+    check_training returned (the CLI runs it before Ray starts)."""
+    import ray
+    import ray.train
+    from ray.data import ExecutionOptions
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if not checked:
+        cfg = check_training(cfg)
+    t = cfg.train
+    assert t.data_dir is not None
+    check_storage(cfg)
     datasets = build_datasets(t.data_dir, t.num_workers, t.micro_batch_size)
     resources = worker_resources(cfg, ray.cluster_resources().get("CPU", 0.0))
     check_gpus(cfg, ray.cluster_resources().get("GPU", 0.0))

@@ -547,3 +547,23 @@ def test_auto_dtype_is_bf16_on_a_gpu_and_fp32_elsewhere():
     assert pick_dtype("float16", "cpu") == torch.float16
     with pytest.raises(ValueError, match="use auto, float32, bfloat16 or float16"):
         pick_dtype("fp8", "cuda")
+
+
+def test_train_refuses_a_missing_data_dir_before_ray_starts(tmp_path) -> None:
+    """It was said after ~20 s of Ray start-up; no Ray session directory is made now."""
+    import os
+    import subprocess
+
+    from soulray_testing import ROOT, SOULRAY
+
+    ray_tmp = tmp_path / "ray"
+    ray_tmp.mkdir()
+    env = os.environ | {"RAY_ADDRESS": "local", "RAY_TMPDIR": str(ray_tmp)}
+    cmd = [SOULRAY, "train", "--config", str(QUICKSTART), f"train.data_dir={tmp_path}/none"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[-1] == (
+        f"error: no prepared training data in {tmp_path}/none/train: run `soulray prepare` "
+        "first, or set train.data_dir to its data.output_dir"
+    )
+    assert list(ray_tmp.iterdir()) == []  # Ray never started
