@@ -197,7 +197,7 @@ def noop_reply(req: GenRequest, index: int) -> Delta:
         if stopped:
             return Delta(text, n, "stop", index)
     finish = "length" if req.max_tokens < len(NOOP_TOKENS) else "stop"
-    return Delta(text + stops.flush(), min(req.max_tokens, len(NOOP_TOKENS)), finish, index)
+    return Delta(text + stops.flush()[0], min(req.max_tokens, len(NOOP_TOKENS)), finish, index)
 
 
 def replica_options(cfg: EngineConfig | Any, name: str) -> dict[str, Any]:

@@ -165,9 +165,17 @@ class StopMatcher:
         self.pending = self.pending[len(out) :]
         return out, False
 
-    def flush(self) -> str:
-        out, self.pending, self.lead = (self.lead or "") + self.pending, "", None
-        return out
+    def flush(self) -> tuple[str, bool]:
+        """The text held back when the reply ends, and whether a stop string cut it. A start
+        not yet told to be a tag or not ("[I see. Go on" when eos or max_tokens ends it) is
+        matched against the stops too, or it would reach the client stop strings and all."""
+        if self.lead is not None:
+            lead, self.lead = self.lead, None
+            end = tag_end(lead, final=True)
+            out, stopped = self.push(lead[end:])
+            return lead[:end] + out + self.flush()[0], stopped
+        out, self.pending = self.pending, ""  # a stop's first characters, never a whole one
+        return out, False
 
 
 def _overlap(text: str, stop: str) -> int:
@@ -417,7 +425,7 @@ def _advance(
     """Feed one sampled token to a row; the Delta says what text it adds and if it is done.
     A row that asked for logprobs gets one entry per completion token (not for eos)."""
     if token in eos:
-        return Delta(row.stop.flush(), row.tokens, "stop", row.index, _no_logprobs(row))
+        return Delta(row.stop.flush()[0], row.tokens, "stop", row.index, _no_logprobs(row))
     row.tokens += 1
     row.generated.append(token)
     logprobs = None
@@ -427,7 +435,9 @@ def _advance(
     if stopped:
         return Delta(text, row.tokens, "stop", row.index, logprobs)
     if row.tokens >= row.req.max_tokens:
-        return Delta(text + row.stop.flush(), row.tokens, "length", row.index, logprobs)
+        rest, stopped = row.stop.flush()
+        finish = "stop" if stopped else "length"
+        return Delta(text + rest, row.tokens, finish, row.index, logprobs)
     return Delta(text, row.tokens, None, row.index, logprobs)
 
 

@@ -57,6 +57,7 @@ def check_local_model_dirs(cfg: Config) -> None:
     for path in (cfg.serve_model_dir, cfg.serve.engine.adapter_dir):
         if path and not storage.is_remote(path):
             fetch_model_dir(path, weights=False, wait_s=wait_s)
+    check_model_dir_is_model(cfg.serve_model_dir)
     adapters = [("serve.engine.adapter_dir", cfg.serve.engine.adapter_dir)]
     adapters += [(f"serve.adapters[{i}].path", a.path) for i, a in enumerate(cfg.serve.adapters)]
     for key, path in adapters:
@@ -72,6 +73,19 @@ def check_local_model_dirs(cfg: Config) -> None:
                 "point it at a LoRA export's adapter/ folder"
             )
     check_merged_root(cfg)
+
+
+def check_model_dir_is_model(model_dir: str) -> None:
+    """A local folder that is no model (a run's checkpoints, the prepared data, an adapter/)
+    crashed every replica in transformers ("Unrecognized model ... model_type"), and Serve
+    then said only "Deploying application soulray failed"."""
+    if storage.is_remote(model_dir) or Path(storage.normalize(model_dir), "config.json").is_file():
+        return
+    raise ValueError(
+        f"serve.engine.model_dir={model_dir} is not a model directory (no config.json there); "
+        "point it at an export of soulray train (its train.export_dir), not at the run's "
+        "checkpoints or prepared data (a LoRA export's adapter/ goes in serve.engine.adapter_dir)"
+    )
 
 
 def check_merged_root(cfg: Config) -> None:

@@ -279,6 +279,23 @@ def test_an_adapter_path_that_is_no_adapter_is_refused_before_deploying(tmp_path
     assert "is the merged export of a LoRA run" in result.output
 
 
+def test_a_model_dir_that_is_no_model_is_refused_before_deploying(tmp_path, tiny_export):
+    """A run's checkpoints (no config.json) crashed every replica in transformers, and Serve
+    said only "Deploying application soulray failed"."""
+    from soulray.serve.prompt import check_local_model_dirs
+
+    checkpoints = tmp_path / "checkpoints" / "run"
+    (checkpoints / "checkpoint_00000002").mkdir(parents=True)
+    (checkpoints / "metrics.jsonl").write_text("{}\n")
+    cfg = load_config(None, [f"serve.engine.model_dir={checkpoints}"])
+    with pytest.raises(ValueError) as e:
+        check_local_model_dirs(cfg)
+    assert str(e.value).startswith(
+        f"serve.engine.model_dir={checkpoints} is not a model directory (no config.json there)"
+    )
+    check_local_model_dirs(load_config(None, [f"serve.engine.model_dir={tiny_export}"]))
+
+
 def test_serve_auth_required_without_a_key_is_refused_before_deploying(tiny_export, monkeypatch):
     """On a local Ray the replicas see this environment: the ingress's refusal was a
     "Deploying application failed" traceback, its reason in the replica log."""

@@ -82,7 +82,7 @@ def test_stop_matcher_cuts_at_a_stop_split_across_pieces():
     again = StopMatcher(["END"])
     assert again.push("an EN") == ("an ", False)
     assert again.push("try") == ("ENtry", False)
-    assert again.flush() == ""
+    assert again.flush() == ("", False)
 
 
 def test_detokenizer_emits_whole_characters(tiny_model):

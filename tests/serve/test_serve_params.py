@@ -264,7 +264,16 @@ def test_stops_never_match_inside_the_strategy_tag():
     untagged_reply = StopMatcher(["cti"], tagged=True)  # a reply without a tag: matched at once
     assert untagged_reply.push("No acting") == ("No a", True)
     cut = StopMatcher(["x"], tagged=True)
-    assert cut.push("[Quest") == ("", False) and cut.flush() == "[Quest"  # max_tokens hit
+    assert cut.push("[Quest") == ("", False) and cut.flush() == ("[Quest", False)  # max_tokens
+    # a start never told to be a tag or not, ended by eos or max_tokens, still stops at "."
+    # (came back whole: '[[ste. isi do' for stop=["the", "."] from a tiny tagged model)
+    undecided = StopMatcher(["the", "."], tagged=True)
+    assert undecided.push("[[ste. isi do") == ("", False)
+    assert undecided.flush() == ("[[ste", True)
+    held = StopMatcher(["END"], tagged=True)  # a stop's first characters come back at the end
+    assert held.push("[ok EN") == ("", False) and held.flush() == ("[ok EN", False)
+    tag_only = StopMatcher(["ti"], tagged=True)  # a whole tag and nothing after it
+    assert tag_only.push("[Question]") == ("", False) and tag_only.flush() == ("[Question]", False)
 
 
 def test_the_noop_engine_honours_max_tokens_and_stop():
