@@ -56,13 +56,33 @@ def with_run_dir(cfg: Config) -> Config:
 
 
 def prepared_manifest(cfg: Config) -> dict[str, Any] | None:
-    """The manifest of a finished prepare with this data config (and tokenizer), else None."""
+    """The manifest of a finished prepare with this data config (and tokenizer) of the input
+    files as they are now, else None."""
     manifest = read_manifest(cfg.data.output_dir)
     if manifest is None:
         return None
     same_data = manifest.get("config_hash") == config_hash(cfg.data)
     same_tokenizer = manifest.get("tokenizer", {}).get("source") == tokenizer_source(cfg)
-    return manifest if same_data and same_tokenizer else None
+    if not (same_data and same_tokenizer):
+        return None
+    return manifest if same_inputs(cfg, manifest) else None
+
+
+def same_inputs(cfg: Config, manifest: dict[str, Any]) -> bool:
+    """Whether data.inputs are the files the manifest's prepare read, unchanged (a record
+    fixed or a file added since was left out of the data, silently). Inputs that are gone
+    leave the prepared data in use: preparing again could only fail."""
+    from soulray.data.pipeline import check_prepare
+
+    try:
+        now = storage.files_fingerprint(check_prepare(cfg))
+    except (ValueError, OSError) as e:
+        log.warning("prepare: using the data in %s; its inputs: %s", cfg.data.output_dir, e)
+        return True
+    if manifest.get("inputs_fingerprint") == now:
+        return True
+    log.info("prepare: data.inputs changed since %s was prepared", cfg.data.output_dir)
+    return False
 
 
 def trained_metrics(cfg: Config) -> dict[str, Any] | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import glob
+import hashlib
 import logging
 import os
 import threading
@@ -183,6 +184,17 @@ def expand_inputs(
             left_out[0],
         )
     return files
+
+
+def files_fingerprint(files: list[str]) -> str:
+    """A short hash of the files' paths, sizes and modification times: it changes when one is
+    edited, added or removed (their content is not read)."""
+    digest = hashlib.sha256()
+    for file in files:
+        fs, inner = resolve(file)
+        info = fs.get_file_info(inner)
+        digest.update(f"{file}\0{info.size}\0{info.mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def _excluded(path: str, exclude: list[str]) -> bool:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from soulray_testing import QUICKSTART, ROOT, SOULRAY
 
-from soulray.config import load_config
+from soulray.config import config_hash, load_config
 from soulray.pipeline import with_run_dir
 
 
@@ -123,3 +123,35 @@ def test_the_quickstart_hint_serves_the_model_it_trained() -> None:
     assert load_config(QUICKSTART, serve_overrides(given, cfg).split()).serve_model_dir == (
         "runs/x/model"
     )
+
+
+def test_prepare_runs_again_when_its_input_files_changed(tmp_path, prepared_quickstart, caplog):
+    """A record fixed in an input after prepare was left out: the stage was skipped on the
+    config alone. Inputs that are gone keep the prepared data (preparing again would fail)."""
+    import shutil
+
+    from soulray import storage
+    from soulray.data.manifest import read_manifest
+    from soulray.pipeline import prepared_manifest
+
+    corpus = tmp_path / "corpus.jsonl"
+    shutil.copy(ROOT / "jobs" / "data" / "sample_en.jsonl", corpus)
+    data = tmp_path / "data"
+    shutil.copytree(prepared_quickstart, data)
+    cfg = load_config(QUICKSTART, [f"data.inputs=[{corpus}]", f"data.output_dir={data}"])
+    manifest = read_manifest(str(data))
+    # what prepare records (the fixture's own inputs), then as if it had read this corpus
+    assert manifest["inputs_fingerprint"] == storage.files_fingerprint(
+        [str(ROOT / "jobs" / "data" / n) for n in ("sample_zh.jsonl", "sample_en.jsonl")]
+    )
+    manifest["config_hash"] = config_hash(cfg.data)
+    manifest["inputs_fingerprint"] = storage.files_fingerprint([str(corpus)])
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    assert prepared_manifest(cfg) == manifest
+    with corpus.open("a") as f:
+        f.write(corpus.read_text().splitlines()[0] + "\n")  # one more record
+    with caplog.at_level("INFO", logger="soulray"):
+        assert prepared_manifest(cfg) is None
+    assert f"prepare: data.inputs changed since {data} was prepared" in caplog.text
+    corpus.unlink()
+    assert prepared_manifest(cfg) == manifest

@@ -405,6 +405,7 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     started = time.time()
     out = storage.normalize(d.output_dir)
     files = check_prepare(cfg)
+    fingerprint = storage.files_fingerprint(files)  # as read: `soulray pipeline` compares it
     from soulray.train.launch import cluster_hosts, storage_problem
 
     problem = storage_problem(out, cluster_hosts(), "data.output_dir")
@@ -538,6 +539,7 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
         stats[name]["files"] = n_files
     manifest = build_manifest(cfg, files, summary, stats, files_by_name, time.time() - started)
     manifest["stage_seconds"] = {k: round(v, 2) for k, v in stages.items()}
+    manifest["inputs_fingerprint"] = fingerprint
     storage.write_text(manifest_path(out), json.dumps(manifest, indent=2, ensure_ascii=False))
     storage.write_text(storage.join(out, "config.yaml"), config_to_yaml(cfg))
     return manifest
