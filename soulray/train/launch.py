@@ -222,19 +222,39 @@ def check_export_dir(cfg: Config) -> None:
 def check_not_past_steps(cfg: Config) -> None:
     """A rerun with train.steps below what the run has trained is refused before any worker
     starts (a worker would refuse too, once per allowed failure)."""
-    from soulray.train.checkpoint import CHECKPOINT_RE, STATE_FILE, run_dir
     from soulray.train.loop import past_steps
+
+    done = latest_checkpoint_step(cfg)
+    if done > cfg.train.steps:
+        raise ValueError(past_steps(done, cfg.train.steps))
+
+
+# Ray Train's record of the checkpoints it registered, and so resumes from (its latest)
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def latest_checkpoint_step(cfg: Config) -> int:
+    """The step a rerun resumes from (0: none; steps logged after it are retrained): under Ray,
+    the latest checkpoint Ray Train registered (one written while the run was killed may be on
+    disk and not registered); under torchrun, the latest complete one (a killed worker's
+    half-written checkpoint has no state file)."""
+    from soulray.train.checkpoint import CHECKPOINT_RE, STATE_FILE, run_dir
 
     run = run_dir(cfg.train)
     if not storage.exists(run):
-        return
-    # the step it resumes from: the latest complete checkpoint's (steps logged after it are
-    # retrained); one a killed worker left half written has no state file and is not resumed
-    complete = (f for f in storage.list_files(run) if f.endswith(f"/{STATE_FILE}"))
-    steps = [int(m.group(1)) for f in complete if (m := CHECKPOINT_RE.search(f))]
-    done = max(steps, default=0)
-    if done > cfg.train.steps:
-        raise ValueError(past_steps(done, cfg.train.steps))
+        return 0
+    files = storage.list_files(run)
+    snapshot = [f for f in files if f.endswith(f"/{RAY_SNAPSHOT}")]
+    if snapshot:
+        try:
+            latest = json.loads(storage.read_text(snapshot[0]))["latest_checkpoint_result"]
+            name = latest["checkpoint_dir_name"] if latest else None
+        except (ValueError, KeyError, TypeError):  # another Ray version's layout: as torchrun
+            pass
+        else:
+            return int(m.group(1)) if name and (m := CHECKPOINT_RE.search(f"/{name}/")) else 0
+    complete = (f for f in files if f.endswith(f"/{STATE_FILE}"))
+    return max((int(m.group(1)) for f in complete if (m := CHECKPOINT_RE.search(f))), default=0)
 
 
 # What a resumed run cannot change: the checkpoint's shapes (model, LoRA), and what its data
@@ -650,6 +670,21 @@ def run_train(cfg: Config, checked: bool = False) -> Any:
         if stopped is None:
             raise  # a worker's own ValueError: the CLI shows it as itself
         raise stopped from e
+    except (KeyboardInterrupt, SystemExit):  # Ray Train's Ctrl-C handler aborts, then exits
+        raise TrainingStopped(interrupted(cfg)) from None
+
+
+def interrupted(cfg: Config) -> str:
+    """What a run stopped by Ctrl-C left and how to go on (it ended in silence, exit 1)."""
+    t = cfg.train
+    step = latest_checkpoint_step(cfg)
+    where = f"{t.storage_path}/{t.run_name}"
+    if step == 0:
+        return f"training stopped by Ctrl-C before its first checkpoint in {where}"
+    return (
+        f"training stopped by Ctrl-C; its latest checkpoint is step {step} in {where}: run the "
+        "same command again to resume from it"
+    )
 
 
 class TrainingStopped(ValueError):

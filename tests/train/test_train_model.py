@@ -567,3 +567,35 @@ def test_train_refuses_a_missing_data_dir_before_ray_starts(tmp_path) -> None:
         "first, or set train.data_dir to its data.output_dir"
     )
     assert list(ray_tmp.iterdir()) == []  # Ray never started
+
+
+def test_the_step_a_rerun_resumes_from_and_what_ctrl_c_says(tmp_path) -> None:
+    """Ray Train resumes from the latest checkpoint it registered; one written while the run
+    was killed can be on disk, unregistered (a rerun with train.steps between the two was
+    refused as past them). Without Ray's record (torchrun), the latest complete one."""
+    from soulray.train.launch import interrupted, latest_checkpoint_step
+
+    cfg = load_config(None, [f"train.storage_path={tmp_path}", "train.run_name=r"])
+    assert latest_checkpoint_step(cfg) == 0
+    assert (
+        interrupted(cfg)
+        == f"training stopped by Ctrl-C before its first checkpoint in {tmp_path}/r"
+    )
+    for step in (8, 12, 16):
+        (tmp_path / "r" / f"checkpoint_{step:08d}").mkdir(parents=True)
+        if step != 16:  # 16: half written, no state file
+            (tmp_path / "r" / f"checkpoint_{step:08d}" / "soulray_state.json").write_text("{}")
+    assert latest_checkpoint_step(cfg) == 12
+    snapshot = tmp_path / "r" / "checkpoint_manager_snapshot.json"
+    snapshot.write_text(
+        json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_00000008"}})
+    )
+    assert latest_checkpoint_step(cfg) == 8
+    assert interrupted(cfg) == (
+        f"training stopped by Ctrl-C; its latest checkpoint is step 8 in {tmp_path}/r: run the "
+        "same command again to resume from it"
+    )
+    snapshot.write_text(json.dumps({"latest_checkpoint_result": None}))  # none registered
+    assert latest_checkpoint_step(cfg) == 0
+    snapshot.write_text("{}")  # a layout of another Ray version
+    assert latest_checkpoint_step(cfg) == 12
