@@ -225,24 +225,26 @@ def print_prepare_summary(m: dict[str, Any], cfg: Config) -> None:
 @app.command()
 def train(config: ConfigOpt, overrides: Overrides = None) -> None:
     """Fine-tune on the prepared data with Ray Train (FSDP2; full or LoRA) and export the model."""
-    from soulray.train.launch import check_training, run_train
+    from soulray.train.launch import check_training, latest_checkpoint_step, run_train
 
     setup_logging()
     cfg = load(config, overrides)
     cfg = run_verb(check_training, cfg)  # before Ray starts: a missing data dir is said at once
+    resumed_from = latest_checkpoint_step(cfg)
     init_ray()
     result = run_verb(run_train, cfg, True)
-    print_train_summary(result, cfg)
+    print_train_summary(result, cfg, resumed_from)
 
 
-def print_train_summary(result: Any, cfg: Config) -> None:
+def print_train_summary(result: Any, cfg: Config, resumed_from: int = 0) -> None:
     if result.error is not None:
         typer.echo(f"error: training failed: {result.error}", err=True)
         raise typer.Exit(1)
     m = result.metrics or {}
     val = f", val loss {m['val_loss']:.4f}" if "val_loss" in m else ""
+    resumed = f" (resumed from step {resumed_from})" if resumed_from else ""
     typer.echo(
-        f"trained {cfg.train.run_name} to step {m.get('step')}: "
+        f"trained {cfg.train.run_name} to step {m.get('step')}{resumed}: "
         f"loss {m.get('loss', float('nan')):.4f}"
         f"{val}, {m.get('tokens_per_s', 0):.0f} tokens/s\n"
         f"  checkpoints: {cfg.train.storage_path}/{cfg.train.run_name}\n"

@@ -599,3 +599,17 @@ def test_the_step_a_rerun_resumes_from_and_what_ctrl_c_says(tmp_path) -> None:
     assert latest_checkpoint_step(cfg) == 0
     snapshot.write_text("{}")  # a layout of another Ray version
     assert latest_checkpoint_step(cfg) == 12
+
+
+def test_the_summary_says_a_run_resumed(capsys) -> None:
+    from types import SimpleNamespace
+
+    from soulray.cli import print_train_summary
+
+    cfg = load_config(None, ["train.run_name=r", "train.export_dir=/m", "train.storage_path=/c"])
+    result = SimpleNamespace(error=None, metrics={"step": 14, "loss": 6.25, "tokens_per_s": 900})
+    print_train_summary(result, cfg, resumed_from=5)
+    print_train_summary(result, cfg)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "trained r to step 14 (resumed from step 5): loss 6.2500, 900 tokens/s"
+    assert lines[3] == "trained r to step 14: loss 6.2500, 900 tokens/s"
