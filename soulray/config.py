@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-from collections.abc import Hashable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -641,26 +641,41 @@ def parse_setting_yaml(key: str, path: str, text: str) -> Any:
 
 class UniqueKeyLoader(yaml.SafeLoader):
     """yaml.safe_load's loader, refusing a key written twice in one mapping: YAML keeps the
-    last, so a second `serve:` section silently dropped everything the first one set."""
+    last, so a second `serve:` section silently dropped everything the first one set.
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    Checked on the document as written, before anything is constructed: constructing a mapping
+    with a merge key (`<<: *base`) rewrites the anchored mappings it merges in place (their
+    own merged keys put before theirs), so an anchored mapping overriding a key it merges
+    looked written twice when it was checked after another mapping had merged it."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self.check_unique_keys(node, set())
+        return super().construct_document(node)
+
+    def check_unique_keys(self, node: yaml.Node, done: set[int]) -> None:
+        if id(node) in done:  # an alias is its anchored node again (a document may loop)
+            return
+        done.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                self.check_unique_keys(item, done)
+        if not isinstance(node, yaml.MappingNode):
+            return
         seen: set[Any] = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden
-                continue
-            key = self.construct_object(key_node, deep=True)
-            if not isinstance(key, Hashable):  # yaml refuses it below
-                continue
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None,
-                    None,
-                    f"the key {key!r} appears twice in one section (the second would silently "
-                    "replace the first): merge them",
-                    key_node.start_mark,
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+        for key_node, value_node in node.value:
+            merge = key_node.tag == "tag:yaml.org,2002:merge"  # `<<: *base` may be overridden
+            if isinstance(key_node, yaml.ScalarNode) and not merge:  # else yaml refuses it
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None,
+                        None,
+                        f"the key {key!r} appears twice in one section (the second would "
+                        "silently replace the first): merge them",
+                        key_node.start_mark,
+                    )
+                seen.add(key)
+            self.check_unique_keys(value_node, done)
 
 
 def yaml_problem(e: yaml.YAMLError) -> str:

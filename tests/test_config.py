@@ -320,6 +320,26 @@ def test_unreadable_config_files(tmp_path):
         load_config(gbk)
 
 
+def test_an_anchored_mapping_overriding_what_it_merges_may_be_merged_again(tmp_path):
+    """Constructing a merge rewrote the anchored mapping it merged in place (its merged keys
+    put before its own), so the duplicate check, when it reached that mapping afterwards, said
+    a key it overrides "appears twice"; a key written twice in a nested mapping is refused."""
+    chained = tmp_path / "chained.yaml"
+    chained.write_text(
+        "serve:\n  engine:\n    vllm_engine_kwargs:\n      presets:\n        small: &small\n"
+        "          <<: {max_num_seqs: 64, gpu_memory_utilization: 0.8}\n"
+        "          max_num_seqs: 32\n"
+        "      chosen:\n        <<: *small\n"
+    )
+    kwargs = load_config(chained).serve.engine.vllm_engine_kwargs
+    small = {"max_num_seqs": 32, "gpu_memory_utilization": 0.8}
+    assert kwargs == {"presets": {"small": small}, "chosen": small}
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("serve:\n  engine:\n    vllm_engine_kwargs: [{a: 1, a: 2}]\n")
+    with pytest.raises(ConfigError, match="at line 3, column 33: the key 'a' appears twice"):
+        load_config(twice)
+
+
 def test_a_file_a_key_names_is_refused_with_the_key(tmp_path, monkeypatch):
     from soulray.eval.judge import load_rubric
     from soulray.synth.roles import load_prompts
