@@ -71,9 +71,13 @@ def prepared_manifest(cfg: Config) -> dict[str, Any] | None:
 def same_inputs(cfg: Config, manifest: dict[str, Any]) -> bool:
     """Whether data.inputs are the files the manifest's prepare read, unchanged (a record
     fixed or a file added since was left out of the data, silently). Inputs that are gone
-    leave the prepared data in use: preparing again could only fail."""
+    leave the prepared data in use: preparing again could only fail; so does a manifest
+    written before prepare recorded its inputs (nothing to compare them with)."""
     from soulray.data.pipeline import check_prepare
 
+    if "inputs_fingerprint" not in manifest:
+        log.info("prepare: %s does not record its inputs; using it", cfg.data.output_dir)
+        return True
     try:
         now = storage.files_fingerprint(check_prepare(cfg))
     except (ValueError, OSError) as e:

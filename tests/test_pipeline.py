@@ -155,3 +155,11 @@ def test_prepare_runs_again_when_its_input_files_changed(tmp_path, prepared_quic
     assert f"prepare: data.inputs changed since {data} was prepared" in caplog.text
     corpus.unlink()
     assert prepared_manifest(cfg) == manifest
+    # an older prepare's manifest records no inputs: not said to have changed, not redone
+    shutil.copy(ROOT / "jobs" / "data" / "sample_en.jsonl", corpus)
+    del manifest["inputs_fingerprint"]
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="soulray"):
+        assert prepared_manifest(cfg) == manifest
+    assert "data.inputs changed" not in caplog.text
