@@ -664,7 +664,7 @@ def run_train(cfg: Config, checked: bool = False) -> Any:
         t.run_name,
     )
     try:
-        return trainer.fit()
+        result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         stopped = training_stopped(e, t)
         if stopped is None:
@@ -672,13 +672,20 @@ def run_train(cfg: Config, checked: bool = False) -> Any:
         raise stopped from e
     except (KeyboardInterrupt, SystemExit):  # Ray Train's Ctrl-C handler aborts, then exits
         raise TrainingStopped(interrupted(cfg)) from None
+    step = (result.metrics or {}).get("step")
+    if step is not None and step < t.steps:  # aborted (Ctrl-C) and returned: the loop runs on
+        raise TrainingStopped(interrupted(cfg))
+    return result
 
 
 def interrupted(cfg: Config) -> str:
     """What a run stopped by Ctrl-C left and how to go on (it ended in silence, exit 1)."""
     t = cfg.train
-    step = latest_checkpoint_step(cfg)
     where = f"{t.storage_path}/{t.run_name}"
+    try:
+        step = latest_checkpoint_step(cfg)
+    except OSError:  # storage out of reach now: say what holds anyway
+        return f"training stopped by Ctrl-C: run the same command again to resume from {where}"
     if step == 0:
         return f"training stopped by Ctrl-C before its first checkpoint in {where}"
     return (
