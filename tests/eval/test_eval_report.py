@@ -159,3 +159,24 @@ def test_saved_dialogues_the_judges_endpoint_failed_on_are_not_reused(monkeypatc
     run_interactive(cfg, rubric, call, PhaseStore(str(tmp_path), resume=False))
     _, resumed = run_interactive(cfg, rubric, call, PhaseStore(str(tmp_path), resume=True))
     assert (len(asked), resumed) == (2, dialogue(scored))
+
+
+def test_a_dialogue_the_models_endpoint_failed_was_not_ended_by_the_seeker():
+    import asyncio
+
+    from soulray.endpoints import EndpointError
+    from soulray.eval.modes import run_dialogue
+    from soulray.synth.roles import SeekerTurn
+    from soulray.synth.scenarios import build_scenarios
+
+    class Seeker:
+        async def reply(self, scenario, dialogue):
+            return SeekerTurn("I cannot sleep", False)
+
+    class Down:
+        async def chat(self, messages):
+            raise EndpointError("http_503: overloaded")
+
+    scenario = build_scenarios(1, 0, ["en"])[0]
+    record = asyncio.run(run_dialogue(Seeker(), Down(), scenario, 3))
+    assert (record["error"], record["ended_by_seeker"]) == ("http_503: overloaded", False)
