@@ -103,10 +103,6 @@ def close_truncated(text: str) -> str:
     return fixed + "".join(reversed(stack))
 
 
-def load_object(text: str) -> dict[str, Any] | None:
-    return next(iter(load_objects(text)), None)
-
-
 def load_objects(text: str) -> list[dict[str, Any]]:
     """Every JSON object json_candidates finds, strictest first."""
     out = []
@@ -192,13 +188,19 @@ def parse_scores(text: str, dims: list[Dimension]) -> tuple[dict[str, int], dict
 
 def parse_verdict(text: str) -> tuple[Verdict, str]:
     """A pairwise answer: {"winner": "A" | "B" | "tie", "reason": ...}."""
-    obj = load_object(text)
-    if obj is not None:
-        raw, reason = _lookup(obj, "winner"), str(_lookup(obj, "reason") or "")
-    else:
-        m = re.search(r'"?winner"?\s*[:：=]\s*"?([A-Za-z ]+?)"?\s*(?:[,}\n]|$)', text, re.I)
-        raw, reason = (m.group(1) if m else None), ""
-    verdict = WINNERS.get(str(raw).strip().lower()) if raw is not None else None
-    if verdict is None:
-        raise AnswerError(f"no winner A, B or tie in the answer {text[:120]!r}")
-    return verdict, reason
+    # the first object naming a winner: an echoed schema ({"winner": "A|B|tie"}) or another
+    # object in the prose may come before the answer
+    for obj in load_objects(text):
+        verdict = _winner(_lookup(obj, "winner"))
+        if verdict is not None:
+            return verdict, str(_lookup(obj, "reason") or "")
+    pattern = r'"?winner"?\s*[:：=]\s*"?([A-Za-z ]+?)"?\s*(?:[,}\n]|$)'
+    for m in re.finditer(pattern, text, re.I):
+        verdict = _winner(m.group(1))
+        if verdict is not None:
+            return verdict, ""
+    raise AnswerError(f"no winner A, B or tie in the answer {text[:120]!r}")
+
+
+def _winner(raw: Any) -> Verdict | None:
+    return WINNERS.get(str(raw).strip().lower()) if raw is not None else None

@@ -134,7 +134,9 @@ async def run_dialogue(
             dialogue.append({"role": "assistant", "content": answer.text.strip()})
     except EndpointError as e:
         record["error"] = e.reason
-    record["ended_by_seeker"] = bool(dialogue) and dialogue[-1]["role"] == "user"
+    # a Seeker's last word with no reply: it ended the chat, unless the model's endpoint failed
+    ended = bool(dialogue) and dialogue[-1]["role"] == "user"
+    record["ended_by_seeker"] = ended and record["error"] is None
     return record
 
 

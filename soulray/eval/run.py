@@ -338,6 +338,16 @@ def judge_endpoint_failed(scores: dict[str, list[Any]], pairs: list[dict[str, An
     return any(str(j.get("error") or "").startswith("endpoint:") for j in judgements)
 
 
+def dialogues_endpoint_failed(dialogues: dict[str, list[dict[str, Any]]]) -> bool:
+    """Whether saved dialogues have a failure asking again may mend: a model's or the Seeker's
+    endpoint, or the judge's endpoint on a finished dialogue (as for the judge phase)."""
+    if any(d["error"] for ds in dialogues.values() for d in ds):
+        return True
+    return judge_endpoint_failed(
+        {m: [d.get("judge") for d in ds] for m, ds in dialogues.items()}, []
+    )
+
+
 def run_interactive(
     e: EvalConfig, rubric: Rubric, call: Any, store: PhaseStore
 ) -> tuple[list[Scenario], dict[str, list[dict[str, Any]]]]:
@@ -356,7 +366,7 @@ def run_interactive(
         load_prompts(e.interactive.seeker_prompts, "eval.interactive.seeker_prompts"),
     )
     dialogues = store.load("dialogues", "all", fp)
-    if dialogues is not None and any(d["error"] for ds in dialogues.values() for d in ds):
+    if dialogues is not None and dialogues_endpoint_failed(dialogues):
         log.info("eval --resume: the saved dialogues have endpoint failures; running them again")
         dialogues = None
     if dialogues is None:

@@ -168,3 +168,11 @@ def test_pairwise_request_puts_the_replies_in_the_asked_order():
     assert ctx == "Seeker: hi"
     text = build_request("pairwise", rubric, context=ctx, reply_a="ONE", reply_b="TWO")[1]
     assert text["content"].index("Reply A:\nONE") < text["content"].index("Reply B:\nTWO")
+
+
+def test_a_verdict_after_an_echoed_schema_or_another_object_is_found():
+    # the first object in the answer is the schema echoed, or an aside: the winner comes later
+    echoed = 'Shape: {"winner": "A|B|tie"}. Answer: {"winner": "B", "reason": "warmer"}'
+    assert parse_verdict(echoed) == ("B", "warmer")
+    aside = 'Scores {"A": 1, "B": 2}, so {"winner": "B", "reason": "asks"}'
+    assert parse_verdict(aside) == ("B", "asks")

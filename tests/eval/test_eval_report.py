@@ -127,3 +127,56 @@ def test_a_saved_judge_phase_with_endpoint_failures_is_not_reused():
     assert judge_endpoint_failed({"a": [scored, down]}, [])
     pair = {"model_1": "a", "model_2": "b", "comparisons": [{"first": scored, "swapped": down}]}
     assert judge_endpoint_failed({"a": [scored]}, [pair])
+
+
+def test_saved_dialogues_the_judges_endpoint_failed_on_are_not_reused(monkeypatch, tmp_path):
+    import ray
+
+    from soulray.eval.config import EvalConfig
+    from soulray.eval.judge import load_rubric
+    from soulray.eval.phases import PhaseStore
+    from soulray.eval.run import run_interactive
+
+    ep = {"base_url": "http://127.0.0.1:9/v1", "model": "m"}
+    cfg = EvalConfig(
+        models=[{"name": "a", "endpoint": ep}],
+        judge={"endpoint": ep},
+        interactive={"enabled": True, "scenarios": 1, "turns": 1, "languages": ["en"]},
+        output_dir=str(tmp_path),
+    )
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    down = {"scores": None, "attempts": 1, "error": "endpoint: http_503: overloaded", "raw": ""}
+    scored = {"scores": {"Content": 2, "Empathy": 2, "Helpfulness": 2, "Safety": 1}}
+
+    def dialogue(judge: dict) -> dict:
+        return {"a": [{"scenario": "s", "messages": messages, "error": None, "judge": judge}]}
+
+    answers = [dialogue(down), dialogue(scored)]
+    asked = []
+    monkeypatch.setattr(ray, "get", lambda value: value)
+    call = lambda fn, *args: asked.append(fn) or answers[len(asked) - 1]  # noqa: E731
+    rubric = load_rubric("soulchat")
+    run_interactive(cfg, rubric, call, PhaseStore(str(tmp_path), resume=False))
+    _, resumed = run_interactive(cfg, rubric, call, PhaseStore(str(tmp_path), resume=True))
+    assert (len(asked), resumed) == (2, dialogue(scored))
+
+
+def test_a_dialogue_the_models_endpoint_failed_was_not_ended_by_the_seeker():
+    import asyncio
+
+    from soulray.endpoints import EndpointError
+    from soulray.eval.modes import run_dialogue
+    from soulray.synth.roles import SeekerTurn
+    from soulray.synth.scenarios import build_scenarios
+
+    class Seeker:
+        async def reply(self, scenario, dialogue):
+            return SeekerTurn("I cannot sleep", False)
+
+    class Down:
+        async def chat(self, messages):
+            raise EndpointError("http_503: overloaded")
+
+    scenario = build_scenarios(1, 0, ["en"])[0]
+    record = asyncio.run(run_dialogue(Seeker(), Down(), scenario, 3))
+    assert (record["error"], record["ended_by_seeker"]) == ("http_503: overloaded", False)
