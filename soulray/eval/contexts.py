@@ -190,7 +190,10 @@ def conversation_contexts(
     for i, m in enumerate(conv.messages):
         if m.role != "assistant" or not any(p.role == "user" for p in conv.messages[:i]):
             continue
-        lang = detect_language(m.content) if language == "auto" else language
+        # the reply with what it answers: a short Latin reply ("OK", "👍") in a Chinese
+        # conversation was taken for English, and its metrics split Chinese text into words
+        said = " ".join(x.content for x in conv.messages[max(0, i - 1) : i + 1])
+        lang = detect_language(said) if language == "auto" else language
         out.append(Context(f"{conv.id}#{i}", conv.id, i, lang, messages[:i], m.content, m.strategy))
     return out
 

@@ -180,3 +180,18 @@ def test_a_dialogue_the_models_endpoint_failed_was_not_ended_by_the_seeker():
     scenario = build_scenarios(1, 0, ["en"])[0]
     record = asyncio.run(run_dialogue(Seeker(), Down(), scenario, 3))
     assert (record["error"], record["ended_by_seeker"]) == ("http_503: overloaded", False)
+
+
+def test_a_contexts_language_is_the_replys_with_what_it_answers() -> None:
+    """A short Latin reply in a Chinese conversation was counted as English."""
+    from soulray.data.conversation import Conversation, Message
+    from soulray.eval.contexts import conversation_contexts
+
+    messages = [Message("user", "我最近总是睡不着，心里很乱。"), Message("assistant", "OK")]
+    messages += [Message("user", "I can't sleep at all."), Message("assistant", "Since when?")]
+    conv = Conversation("c", "t", None, messages)
+    assert [(c.turn, c.language) for c in conversation_contexts(conv, "auto")] == [
+        (1, "zh"),
+        (3, "en"),
+    ]
+    assert {c.language for c in conversation_contexts(conv, "en")} == {"en"}
