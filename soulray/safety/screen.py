@@ -6,7 +6,7 @@ on out-of-fold scores; serve.safety.thresholds overrides). Each message is scree
 `max_chars` characters (the model's reply whole, in overlapping windows of `max_chars`), and its
 result is cached by content hash, so a conversation resent turn after turn costs one classifier
 call per new message. The result names the help lines for the flagged categories in the person's
-language (zh-CN when the flagged text is Chinese).
+language (zh-CN when the flagged text is Chinese; Japanese, with its kana, is not).
 
 This is a screen, not a clinical instrument: it errs towards flagging, and its measured recall and
 false-positive rates are in bench/RESULTS.md.
@@ -30,6 +30,7 @@ from soulray.safety.lexicon import Lexicon, build_lexicon, classifier_text, load
 
 CACHE_SIZE = 4096
 _CJK = re.compile(r"[\u4e00-\u9fff]")
+_KANA = re.compile(r"[\u3040-\u30ff]")  # Japanese writes kanji too: kana says it is not Chinese
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +162,8 @@ def assess(screen: Screen, texts: list[str]) -> Assessment:
 def pick_locale(screen: Screen, texts: list[str]) -> str:
     if screen.cfg.locale != "auto":
         return screen.cfg.locale
-    if any(_CJK.search(t) for t in texts) and "zh-CN" in screen.resources:
+    chinese = any(_CJK.search(t) and not _KANA.search(t) for t in texts)
+    if chinese and "zh-CN" in screen.resources:
         return "zh-CN"
     return screen.cfg.default_locale
 

@@ -321,6 +321,14 @@ def test_help_lines_follow_the_category_and_the_language(screen):
     suicide_zh = assess(screen, ["我不想活了"])
     assert [r.contact for r in suicide_zh.resources] == ["12356", "400-161-9995", "120 / 110"]
     assert "12356" in fixed_reply(screen, suicide_zh)
+    # Japanese writes kanji too; its kana say it is not Chinese: the default locale's lines
+    suicide_ja = assess(screen, ["もう死にたい。生きていても意味がない"])
+    assert suicide_ja.flagged and suicide_ja.locale == "en-US"
+    assert [r.contact for r in suicide_ja.resources] == [
+        "call or text 988",
+        "text HOME to 741741",
+        "911",
+    ]
 
 
 # What the lexicon alone flags in the training data (safety/dataset.py's `written`), as
