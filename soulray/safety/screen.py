@@ -63,7 +63,9 @@ def build_screen(cfg: SafetyConfig) -> Screen:
     lex, lines = load_builtin(), _helplines()
     resources_ = cfg.resources if cfg.resources is not None else lines["resources"]
     replies = cfg.fixed_reply if cfg.fixed_reply is not None else lines["fixed_reply"]
-    for locale in {cfg.default_locale, *([] if cfg.locale == "auto" else [cfg.locale])}:
+    # the locales a request can get: auto picks zh-CN for Chinese text when it has help lines
+    auto = ["zh-CN"] if "zh-CN" in resources_ else []
+    for locale in {cfg.default_locale, *(auto if cfg.locale == "auto" else [cfg.locale])}:
         if locale not in resources_ or locale not in replies:
             raise ValueError(
                 f"serve.safety has no resources or fixed_reply for locale {locale!r}; add it to "

@@ -457,3 +457,10 @@ def test_lexicon_and_resources_are_configurable():
         build_screen(SafetyConfig(classifier=False, patterns={"suicide": ["(unclosed"]}))
     with pytest.raises(ValueError, match="no resources"):
         build_screen(SafetyConfig(classifier=False, locale="fr-FR"))
+    zh_lines = {
+        "en-US": [HelpLine(name="988", contact="988")],
+        "zh-CN": [HelpLine(name="x", contact="12356")],
+    }
+    with pytest.raises(ValueError, match="no resources or fixed_reply for locale 'zh-CN'"):
+        # locale auto gives Chinese text zh-CN's lines: its fixed reply must be there too
+        build_screen(SafetyConfig(classifier=False, resources=zh_lines, fixed_reply={"en-US": "x"}))
