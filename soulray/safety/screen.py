@@ -63,6 +63,7 @@ def build_screen(cfg: SafetyConfig) -> Screen:
     lex, lines = load_builtin(), _helplines()
     resources_ = cfg.resources if cfg.resources is not None else lines["resources"]
     replies = cfg.fixed_reply if cfg.fixed_reply is not None else lines["fixed_reply"]
+    headers = {**lines["header"], **(cfg.header or {})}
     # the locales a request can get: auto picks zh-CN for Chinese text when it has help lines
     auto = ["zh-CN"] if "zh-CN" in resources_ else []
     for locale in {cfg.default_locale, *(auto if cfg.locale == "auto" else [cfg.locale])}:
@@ -70,6 +71,15 @@ def build_screen(cfg: SafetyConfig) -> Screen:
             raise ValueError(
                 f"serve.safety has no resources or fixed_reply for locale {locale!r}; add it to "
                 f"serve.safety.resources and serve.safety.fixed_reply (known: {sorted(resources_)})"
+            )
+        lang = locale.split("-")[0]
+        language = [h for loc, h in sorted(headers.items()) if loc.split("-")[0] == lang]
+        if locale not in headers and language:
+            headers[locale] = language[0]  # en-GB: en-US's
+        elif locale not in headers:
+            raise ValueError(
+                f"serve.safety has no header for locale {locale!r} (the line above its help "
+                f"lines, in its language); add it to serve.safety.header"
             )
     classifier = Classifier(load_weights()) if cfg.classifier else None
     return Screen(
@@ -85,7 +95,7 @@ def build_screen(cfg: SafetyConfig) -> Screen:
         category_thresholds(cfg, classifier),
         resources_,
         replies,
-        lines["header"],
+        headers,
     )
 
 

@@ -17,6 +17,7 @@ from soulray.safety.screen import (
     build_screen,
     check_reply,
     fixed_reply,
+    format_resources,
     reply_scores,
     score_pair,
     scores,
@@ -452,6 +453,21 @@ def test_lexicon_and_resources_are_configurable():
     custom = build_screen(cfg)
     info = assess(custom, ["I want to unalive"])
     assert info.flagged and info.resources[0].contact == "116 123"
+    assert format_resources(custom, info).startswith("If you are in crisis")  # en-US's header
+    german = cfg.model_copy(
+        update={
+            "locale": "de-DE",
+            "default_locale": "de-DE",
+            "resources": {"de-DE": [HelpLine(name="Telefonseelsorge", contact="0800 111 0 111")]},
+            "fixed_reply": {"de-DE": "Bitte melde dich."},
+        }
+    )
+    with pytest.raises(ValueError, match="no header for locale 'de-DE'"):
+        build_screen(german)  # the help lines were under the English header
+    german.header = {"de-DE": "Hier gibt es Hilfe:"}
+    found = assess(build_screen(german), ["I want to unalive"])
+    text = "Hier gibt es Hilfe:\n- Telefonseelsorge: 0800 111 0 111"
+    assert format_resources(build_screen(german), found) == text
     assert not assess(custom, ["I want to die"]).flagged  # the built-in lists were replaced
     with pytest.raises(ValueError, match="not a valid regex"):
         build_screen(SafetyConfig(classifier=False, patterns={"suicide": ["(unclosed"]}))
