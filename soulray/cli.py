@@ -274,6 +274,7 @@ def serve_cmd(
     if build:
         run_verb(write_serve_config, cfg, output)
         return
+    from soulray.safety.screen import build_screen
     from soulray.serve.app import start_serving
     from soulray.serve.prompt import check_local_model_dirs
 
@@ -281,6 +282,7 @@ def serve_cmd(
     # the replicas crash, with the reason buried in their logs. (Logging first: a
     # serve.wait_for_model_s wait says so here.)
     setup_logging()
+    run_verb(build_screen, cfg.serve.safety)  # serve.safety: a locale with no help lines, say
     run_verb(check_local_model_dirs, cfg)
     if starts_its_own_ray():  # its replicas see this environment
         from soulray.serve.app import load_api_key
@@ -301,10 +303,12 @@ def write_serve_config(cfg: Config, output: Path) -> None:
     import yaml
 
     from soulray import storage
+    from soulray.safety.screen import build_screen
     from soulray.serve.app import build_serve_config, resolved
     from soulray.serve.prompt import check_merged_root
 
     model_dir = cfg.serve_model_dir
+    build_screen(cfg.serve.safety)  # serve.safety the replicas would refuse
     check_merged_root(cfg)  # an adapter on a merged LoRA export, which serve would refuse
     try:
         output.parent.mkdir(parents=True, exist_ok=True)

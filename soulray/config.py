@@ -350,6 +350,7 @@ class SafetyConfig(Section):
     guard: list[GuardRule] | None = None  # someone else's / negated / past words; None = built-in
     resources: dict[str, list[HelpLine]] | None = None  # locale -> help lines; None = built-in
     fixed_reply: dict[str, str] | None = None  # locale -> the fixed safe reply; None = built-in
+    header: dict[str, str] | None = None  # locale -> the line above the help lines; over built-in
 
     @field_validator("thresholds", "intent", "lexicon", "patterns")
     @classmethod

@@ -6,7 +6,7 @@ on out-of-fold scores; serve.safety.thresholds overrides). Each message is scree
 `max_chars` characters (the model's reply whole, in overlapping windows of `max_chars`), and its
 result is cached by content hash, so a conversation resent turn after turn costs one classifier
 call per new message. The result names the help lines for the flagged categories in the person's
-language (zh-CN when the flagged text is Chinese).
+language (zh-CN when the flagged text is Chinese; Japanese, with its kana, is not).
 
 This is a screen, not a clinical instrument: it errs towards flagging, and its measured recall and
 false-positive rates are in bench/RESULTS.md.
@@ -30,6 +30,7 @@ from soulray.safety.lexicon import Lexicon, build_lexicon, classifier_text, load
 
 CACHE_SIZE = 4096
 _CJK = re.compile(r"[\u4e00-\u9fff]")
+_KANA = re.compile(r"[\u3040-\u30ff]")  # Japanese writes kanji too: kana says it is not Chinese
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,11 +63,23 @@ def build_screen(cfg: SafetyConfig) -> Screen:
     lex, lines = load_builtin(), _helplines()
     resources_ = cfg.resources if cfg.resources is not None else lines["resources"]
     replies = cfg.fixed_reply if cfg.fixed_reply is not None else lines["fixed_reply"]
-    for locale in {cfg.default_locale, *([] if cfg.locale == "auto" else [cfg.locale])}:
+    headers = {**lines["header"], **(cfg.header or {})}
+    # the locales a request can get: auto picks zh-CN for Chinese text when it has help lines
+    auto = ["zh-CN"] if "zh-CN" in resources_ else []
+    for locale in {cfg.default_locale, *(auto if cfg.locale == "auto" else [cfg.locale])}:
         if locale not in resources_ or locale not in replies:
             raise ValueError(
                 f"serve.safety has no resources or fixed_reply for locale {locale!r}; add it to "
                 f"serve.safety.resources and serve.safety.fixed_reply (known: {sorted(resources_)})"
+            )
+        lang = locale.split("-")[0]
+        language = [h for loc, h in sorted(headers.items()) if loc.split("-")[0] == lang]
+        if locale not in headers and language:
+            headers[locale] = language[0]  # en-GB: en-US's
+        elif locale not in headers:
+            raise ValueError(
+                f"serve.safety has no header for locale {locale!r} (the line above its help "
+                f"lines, in its language); add it to serve.safety.header"
             )
     classifier = Classifier(load_weights()) if cfg.classifier else None
     return Screen(
@@ -82,7 +95,7 @@ def build_screen(cfg: SafetyConfig) -> Screen:
         category_thresholds(cfg, classifier),
         resources_,
         replies,
-        lines["header"],
+        headers,
     )
 
 
@@ -161,7 +174,8 @@ def assess(screen: Screen, texts: list[str]) -> Assessment:
 def pick_locale(screen: Screen, texts: list[str]) -> str:
     if screen.cfg.locale != "auto":
         return screen.cfg.locale
-    if any(_CJK.search(t) for t in texts) and "zh-CN" in screen.resources:
+    chinese = any(_CJK.search(t) and not _KANA.search(t) for t in texts)
+    if chinese and "zh-CN" in screen.resources:
         return "zh-CN"
     return screen.cfg.default_locale
 

@@ -17,6 +17,7 @@ from soulray.safety.screen import (
     build_screen,
     check_reply,
     fixed_reply,
+    format_resources,
     reply_scores,
     score_pair,
     scores,
@@ -321,6 +322,14 @@ def test_help_lines_follow_the_category_and_the_language(screen):
     suicide_zh = assess(screen, ["我不想活了"])
     assert [r.contact for r in suicide_zh.resources] == ["12356", "400-161-9995", "120 / 110"]
     assert "12356" in fixed_reply(screen, suicide_zh)
+    # Japanese writes kanji too; its kana say it is not Chinese: the default locale's lines
+    suicide_ja = assess(screen, ["もう死にたい。生きていても意味がない"])
+    assert suicide_ja.flagged and suicide_ja.locale == "en-US"
+    assert [r.contact for r in suicide_ja.resources] == [
+        "call or text 988",
+        "text HOME to 741741",
+        "911",
+    ]
 
 
 # What the lexicon alone flags in the training data (safety/dataset.py's `written`), as
@@ -444,8 +453,30 @@ def test_lexicon_and_resources_are_configurable():
     custom = build_screen(cfg)
     info = assess(custom, ["I want to unalive"])
     assert info.flagged and info.resources[0].contact == "116 123"
+    assert format_resources(custom, info).startswith("If you are in crisis")  # en-US's header
+    german = cfg.model_copy(
+        update={
+            "locale": "de-DE",
+            "default_locale": "de-DE",
+            "resources": {"de-DE": [HelpLine(name="Telefonseelsorge", contact="0800 111 0 111")]},
+            "fixed_reply": {"de-DE": "Bitte melde dich."},
+        }
+    )
+    with pytest.raises(ValueError, match="no header for locale 'de-DE'"):
+        build_screen(german)  # the help lines were under the English header
+    german.header = {"de-DE": "Hier gibt es Hilfe:"}
+    found = assess(build_screen(german), ["I want to unalive"])
+    text = "Hier gibt es Hilfe:\n- Telefonseelsorge: 0800 111 0 111"
+    assert format_resources(build_screen(german), found) == text
     assert not assess(custom, ["I want to die"]).flagged  # the built-in lists were replaced
     with pytest.raises(ValueError, match="not a valid regex"):
         build_screen(SafetyConfig(classifier=False, patterns={"suicide": ["(unclosed"]}))
     with pytest.raises(ValueError, match="no resources"):
         build_screen(SafetyConfig(classifier=False, locale="fr-FR"))
+    zh_lines = {
+        "en-US": [HelpLine(name="988", contact="988")],
+        "zh-CN": [HelpLine(name="x", contact="12356")],
+    }
+    with pytest.raises(ValueError, match="no resources or fixed_reply for locale 'zh-CN'"):
+        # locale auto gives Chinese text zh-CN's lines: its fixed reply must be there too
+        build_screen(SafetyConfig(classifier=False, resources=zh_lines, fixed_reply={"en-US": "x"}))

@@ -144,6 +144,18 @@ def test_serve_refuses_a_missing_export_before_deploying(tmp_path, tiny_export):
     assert result.exit_code == 1 and f"model directory {missing} does not exist" in result.output
 
 
+def test_serve_refuses_a_safety_locale_without_help_lines_before_deploying(tmp_path):
+    """The replicas refused it: Serve said only "Deploying application soulray failed"."""
+    jobs = str(ROOT / "jobs" / "serve.yaml")
+    message = (
+        "error: serve.safety has no resources or fixed_reply for locale 'fr-FR'; add it to "
+        "serve.safety.resources and serve.safety.fixed_reply (known: ['en-US', 'zh-CN'])"
+    )
+    for verb in (["serve"], ["serve", "build", "-o", str(tmp_path / "s.yaml")]):
+        result = CliRunner().invoke(cli, [*verb, "--config", jobs, "serve.safety.locale=fr-FR"])
+        assert result.exit_code == 1 and result.output.strip() == message
+
+
 def test_serve_refuses_a_port_another_server_listens_on(monkeypatch):
     """Serve's proxy binds with SO_REUSEPORT: on a busy port it would start and share it."""
     import ray.serve.context
