@@ -24,6 +24,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.serve.config import BackpressureConfig
 from ray.serve.exceptions import RequestCancelledError, TaskCancelledError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
@@ -302,13 +303,17 @@ def build_application(cfg: Config) -> Any:
     cfg = resolved(cfg)
     level = "DEBUG" if cfg.serve.debug_log_content else "INFO"
     logging_config = {"log_level": level, "enable_access_log": True}
+    # The proxy answers a request past the ingress's max_queued_requests itself (503, plain
+    # text): with the Retry-After our own 503s send, so that clients back off as for those
+    backpressure = BackpressureConfig(retry_after_s=1)
+    extra = {"logging_config": logging_config, "backpressure_config": backpressure}
     if cfg.serve.resolved_layout() == "one_deployment":  # never vllm: ServeConfig refuses it
         options = replica_options(cfg.serve.engine, "Ingress")
-        ingress = as_deployment(Ingress).options(**options, logging_config=logging_config)
+        ingress = as_deployment(Ingress).options(**options, **extra)
         return ingress.bind(cfg.model_dump(mode="json"))
     engine = build_engine(cfg.serve, cfg.serve_model_dir)
     options = replica_options(cfg.serve.ingress, "Ingress")
-    ingress = as_deployment(Ingress).options(**options, logging_config=logging_config)
+    ingress = as_deployment(Ingress).options(**options, **extra)
     return ingress.bind(cfg.model_dump(mode="json"), engine)
 
 

@@ -249,6 +249,20 @@ def test_one_deployment_layout_runs_the_engine_inside_the_ingress(tiny_export):
         Config.model_validate({"serve": wait})
 
 
+@pytest.mark.parametrize("layout", ["one_deployment", "two_deployments"])
+def test_the_ingress_sheds_past_max_queued_requests_with_retry_after(tiny_export, layout):
+    """The proxy answers a request past the ingress's max_queued_requests itself: with
+    Retry-After: 1, as soulray's own 503s; it sent none, so clients retried at once."""
+    from soulray.serve.app import build_application
+
+    engine = {"kind": "noop", "model_dir": str(tiny_export)}
+    cfg = Config.model_validate({"serve": {"layout": layout, "engine": engine}})
+    deployment = build_application(cfg)._bound_deployment
+    assert deployment.name == "Ingress"
+    assert deployment.backpressure_config.status_code == 503
+    assert deployment.backpressure_config.retry_after_s == 1
+
+
 def test_layout_auto_puts_the_hf_engine_in_the_ingress_and_vllm_apart():
     from soulray.config import ServeConfig
 
