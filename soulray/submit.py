@@ -20,6 +20,7 @@ import logging
 import os
 import secrets
 import shlex
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -200,6 +201,10 @@ def submit_job(
     if wait:
         # a flag or variable names the cluster for the `ray job` commands; else the default
         flag = f" --address {address or env[0]}" if address or env else ""
+        # Our own handler: with Python's default one, asyncio.run turns Ctrl-C into a
+        # cancellation of the log tail, which the tail can absorb (it then followed on to the
+        # job's end); an exception raised where the loop is cannot be absorbed
+        previous = signal.signal(signal.SIGINT, _interrupt)
         try:
             print(
                 f"submitted {job_id}; following its logs (Ctrl-C stops following, not the job)",
@@ -215,7 +220,13 @@ def submit_job(
                 file=sys.stderr,
             )
             raise SystemExit(130) from None
+        finally:
+            signal.signal(signal.SIGINT, previous)
     return job_id, client.get_job_status(job_id).value
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
