@@ -34,7 +34,7 @@ from soulray.config import AuthConfig, Config, ServeConfig
 from soulray.data.render import control_token_pattern
 from soulray.data.tokenizer import load_tokenizer
 from soulray.safety.screen import build_screen
-from soulray.serve.chat import IngressState, complete, open_stream, prepare
+from soulray.serve.chat import IngressState, Prepared, complete, open_stream, prepare
 from soulray.serve.engine import (
     EngineClient,
     VLLMClient,
@@ -44,7 +44,7 @@ from soulray.serve.engine import (
     replica_options,
 )
 from soulray.serve.fetch import fetch_model_dir
-from soulray.serve.metrics import IngressMetrics, add_request_metrics
+from soulray.serve.metrics import STREAM_ERROR, IngressMetrics, add_request_metrics
 from soulray.serve.params import parse_chat_request
 from soulray.serve.prompt import read_export_info
 from soulray.serve.schemas import (
@@ -176,7 +176,7 @@ def build_api(state: IngressState, metrics: IngressMetrics | None = None) -> Fas
         if not req.stream:
             return (await complete(state, prepared, model)).model_dump()
         events = await open_stream(state, prepared, model)
-        return ClosingStreamingResponse(events, media_type="text/event-stream")
+        return ClosingStreamingResponse(events, prepared)
 
     return api
 
@@ -184,12 +184,20 @@ def build_api(state: IngressState, metrics: IngressMetrics | None = None) -> Fas
 class ClosingStreamingResponse(StreamingResponse):
     """A streaming response that closes its events when it ends, however it ends. Starlette
     never closes the iterator: a client that hangs up while a send is pending (ClientDisconnect,
-    or Serve cancelling the request) would leave the reply generating until garbage collection."""
+    or Serve cancelling the request) would leave the reply generating until garbage collection.
+    A stream that failed after its 200 was sent leaves its error's status in the scope, where
+    the request counter (metrics.py) counts it instead of the 200."""
+
+    def __init__(self, events: Any, prepared: Prepared) -> None:
+        super().__init__(events, media_type="text/event-stream")
+        self.prepared = prepared
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
+            if self.prepared.stream_error is not None:
+                scope[STREAM_ERROR] = self.prepared.stream_error
             close = getattr(self.body_iterator, "aclose", None)
             if close is not None:
                 await close()

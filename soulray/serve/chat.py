@@ -92,6 +92,8 @@ class Prepared:
     assessment: Assessment = field(default_factory=Assessment)
     user_texts: list[str] = field(default_factory=list)  # for the reply screen's locale
     parsers: list[StrategyParser] = field(default_factory=list)  # choices 1..n-1 (0: parser)
+    # the status of an error a stream reported after its 200 was sent (the request counter's)
+    stream_error: int | None = None
 
     def choice_parsers(self) -> list[StrategyParser]:
         """One strategy parser per choice (the response's `strategy` is choice 0's)."""
@@ -414,6 +416,7 @@ async def _events(
         if not isinstance(e, APIError):
             log.error("request %s: stream failed: %s", p.id, type(e).__name__)
             e = APIError(500, "internal server error", type="server_error")
+        p.stream_error = e.status
         yield sse(_error_json(e))
         yield sse("[DONE]")
         return

@@ -4,7 +4,8 @@ Built with `ray.serve.metrics`, so every series also carries Serve's `applicatio
 `deployment`, `replica` (and, for requests, `route`) tags. Ray prefixes each name with `ray_`:
 
 - `ray_soulray_requests_total{status}`: chat-completion responses by status code (not probes
-  or /v1/models).
+  or /v1/models); a stream that failed after its 200 was sent counts as the error it reported
+  in the stream (500, or the engine's 504), so a 5xx alert sees it.
 - `ray_soulray_time_to_first_token_seconds`: request submitted to the engine -> first token.
 - `ray_soulray_generated_tokens_total`: tokens sampled; tokens/s is its rate().
 - `ray_soulray_engine_step_seconds`: one forward pass of the running batch.
@@ -86,11 +87,15 @@ class EngineMetrics:
 def add_request_metrics(api: FastAPI, metrics: IngressMetrics) -> None:
     """Count every response of the chat API by status: an ASGI wrapper that reads the status as it
     is sent (streams stay untouched). A crash that escapes the handlers counts as 500, a client
-    gone before any response as 499 (nginx's "client closed request")."""
+    gone before any response as 499 (nginx's "client closed request"), and a stream that failed
+    after its 200 as the error it reported in the stream (STREAM_ERROR)."""
     api.add_middleware(RequestCounter, metrics=metrics)
 
 
 CHAT_PATH = "/v1/chat/completions"
+# The scope key where a stream that failed after its 200 was sent puts its error's status
+# (app.ClosingStreamingResponse): the status line cannot change then, the count can.
+STREAM_ERROR = "soulray.stream_error"
 
 
 class RequestCounter:
@@ -115,4 +120,5 @@ class RequestCounter:
             status = "500"
             raise
         finally:
+            status = str(scope.get(STREAM_ERROR, status))
             self.metrics.requests.inc(1, tags={"status": status})

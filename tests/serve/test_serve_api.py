@@ -60,13 +60,13 @@ def help_paragraph(locale: str, category: str) -> str:
     return "\n".join([HELPLINES["header"][locale], *lines])
 
 
-def make_api(tiny_export, tmp_path, engine=None, **serve):
+def make_api(tiny_export, tmp_path, engine=None, metrics=None, **serve):
     (tmp_path / "key").write_text(KEY + "\n")
     cfg = ServeConfig.model_validate(
         {"auth": {"api_key_file": str(tmp_path / "key")}, "system_prompt": "SYS", **serve}
     )
     engine = engine or ScriptedEngine()
-    return build_api(build_state(cfg, str(tiny_export), engine)), engine
+    return build_api(build_state(cfg, str(tiny_export), engine), metrics), engine
 
 
 def call(api, method: str, path: str, key: str | None = KEY, **kwargs) -> httpx.Response:
@@ -401,6 +401,50 @@ def test_a_cancelled_request_is_logged_as_a_hang_up_not_an_error(tiny_export, tm
     assert assert_openai_error(resp, 499)["type"] == "cancelled"
     assert [r.levelname for r in caplog.records if "cancelled" in r.getMessage()] == ["INFO"]
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+class MidwayEngine(ScriptedEngine):
+    """Streams the first two pieces of REPLY, then fails with `fail`."""
+
+    async def stream(self, req):
+        self.requests.append(req)
+        with engine_errors():
+            for i, piece in enumerate(REPLY[:2]):
+                yield Delta(piece, i + 1, None)
+            raise self.fail
+
+
+class CountedRequests:
+    """IngressMetrics with its request counter kept here instead of exported."""
+
+    def __init__(self) -> None:
+        self.requests, self.counts = self, {}
+
+    def inc(self, value, tags):
+        self.counts[tags["status"]] = self.counts.get(tags["status"], 0) + value
+
+
+def test_a_stream_that_fails_midway_is_counted_by_its_error_not_its_200(tiny_export, tmp_path):
+    """The stream's 200 was sent before the engine failed: the client reads the error in the
+    stream, and the request counter counts that error's status (what an error-rate alert sees)."""
+    from soulray.serve.schemas import APIError
+
+    post = "/v1/chat/completions"
+    body = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+    for fail, status in ((RuntimeError("SECRET"), "500"), (APIError(504, "too slow"), "504")):
+        metrics = CountedRequests()
+        engine = MidwayEngine(fail)  # the reply not held back to a sentence end: text is sent
+        api, _ = make_api(tiny_export, tmp_path, engine, metrics, safety={"screen_reply": False})
+        resp = call(api, "POST", post, json=body)
+        assert resp.status_code == 200 and resp.text.endswith("data: [DONE]\n\n")
+        assert "What " in resp.text and '"error"' in resp.text and "SECRET" not in resp.text
+        whole = call(api, "POST", post, json={**body, "stream": False})  # the same, not streamed
+        assert whole.status_code == int(status)
+        assert metrics.counts == {status: 2}
+    metrics = CountedRequests()
+    api, _ = make_api(tiny_export, tmp_path, metrics=metrics)
+    assert call(api, "POST", post, json=body).status_code == 200
+    assert metrics.counts == {"200": 1}
 
 
 class EndlessEngine:
