@@ -72,6 +72,16 @@ def build_screen(cfg: SafetyConfig) -> Screen:
                 f"serve.safety has no resources or fixed_reply for locale {locale!r}; add it to "
                 f"serve.safety.resources and serve.safety.fixed_reply (known: {sorted(resources_)})"
             )
+        covered = {c for h in resources_[locale] for c in h.categories or CATEGORIES}
+        missing = [c for c in CATEGORIES if c not in covered]
+        if missing:
+            # Refused, not filled in from another locale: its lines are another country's
+            # numbers, in another language; only the operator knows which line serves here.
+            raise ValueError(
+                f"serve.safety.resources has no help line for {', '.join(missing)} in locale "
+                f"{locale!r}: a person flagged for them would get the header alone; add lines "
+                "with those categories, or a line with no categories (shown for every category)"
+            )
         lang = locale.split("-")[0]
         language = [h for loc, h in sorted(headers.items()) if loc.split("-")[0] == lang]
         if locale not in headers and language:

@@ -480,3 +480,21 @@ def test_lexicon_and_resources_are_configurable():
     with pytest.raises(ValueError, match="no resources or fixed_reply for locale 'zh-CN'"):
         # locale auto gives Chinese text zh-CN's lines: its fixed reply must be there too
         build_screen(SafetyConfig(classifier=False, resources=zh_lines, fixed_reply={"en-US": "x"}))
+
+
+def test_a_locale_without_a_help_line_for_a_category_is_refused_at_start():
+    """A person flagged for abuse must not get the header alone: the operator is told which
+    line is missing (another locale's line would be another country's number)."""
+    suicide_only = [HelpLine(name="988", contact="988", categories=["suicide", "self_harm"])]
+    cfg = SafetyConfig(classifier=False, resources={"en-US": suicide_only})
+    with pytest.raises(ValueError) as e:
+        build_screen(cfg)
+    assert str(e.value) == (
+        "serve.safety.resources has no help line for violence, abuse in locale 'en-US': a person "
+        "flagged for them would get the header alone; add lines with those categories, or a line "
+        "with no categories (shown for every category)"
+    )
+    general = HelpLine(name="Emergency services", contact="911")
+    custom = build_screen(cfg.model_copy(update={"resources": {"en-US": [*suicide_only, general]}}))
+    found = assess(custom, ["my dad hits me with a belt"])
+    assert found.categories == ("abuse",) and found.resources == (general,)
