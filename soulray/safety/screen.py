@@ -225,7 +225,9 @@ def reply_scores(screen: Screen, reply: str) -> np.ndarray:
 
 def check_reply(screen: Screen, reply: str, user: Assessment, user_texts: list[str]) -> Assessment:
     """The model's reply screened like a message; flagged = it must be replaced. The returned
-    assessment carries the help lines to show (the user's, when the user was flagged)."""
+    assessment names the reply's own categories (what the replaced-reply counter counts) and
+    carries the help lines to show: the user's, in the user's language, when the user was
+    flagged (what the person said is what they need help with)."""
     if not (screen.cfg.enabled and screen.cfg.screen_reply) or not reply.strip():
         return Assessment()
     s = reply_scores(screen, reply)
@@ -234,16 +236,11 @@ def check_reply(screen: Screen, reply: str, user: Assessment, user_texts: list[s
     hits = s >= np.maximum(screen.thresholds, screen.cfg.reply_threshold)
     if not hits.any():
         return Assessment()
-    if user.flagged:
-        return user
     cats = tuple(c for c, h in zip(CATEGORIES, hits, strict=True) if h)
     top = max(cats, key=lambda c: s[CATEGORIES.index(c)])
-    locale = pick_locale(screen, user_texts[-1:] or [reply])
-    return Assessment(
-        True,
-        cats,
-        top,
-        round(float(s[CATEGORIES.index(top)]), 4),
-        locale,
-        tuple(lines_for(screen, locale, cats)),
-    )
+    if user.flagged:
+        locale, lines = user.locale, user.resources
+    else:
+        locale = pick_locale(screen, user_texts[-1:] or [reply])
+        lines = tuple(lines_for(screen, locale, cats))
+    return Assessment(True, cats, top, round(float(s[CATEGORIES.index(top)]), 4), locale, lines)

@@ -230,11 +230,14 @@ def _guard(state: IngressState, p: Prepared) -> ReplyGuard:
 
 
 def _guarded_safety(state: IngressState, p: Prepared, guards: list[ReplyGuard]) -> SafetyInfo:
-    """The response's safety field once the replies are known (each replaced one counted)."""
+    """The response's safety field once the replies are known (each replaced one counted under
+    its own categories); for a flagged request it stays the request's, whose help lines show."""
     replaced = [g.replaced for g in guards if g.replaced is not None]
     for found in replaced:
         state.counters.record(found, "replaced")
-    return SafetyInfo.of(replaced[0], reply_replaced=True) if replaced else p.safety
+    if not replaced:
+        return p.safety
+    return SafetyInfo.of(p.assessment if p.safety.flagged else replaced[0], reply_replaced=True)
 
 
 def _fixed_deltas(state: IngressState, p: Prepared) -> list[Delta]:

@@ -99,12 +99,15 @@ def test_counts_per_category_never_text(tiny_export, tmp_path):
     state = build_state(cfg, str(tiny_export), PiecesEngine(METHOD))
     api = build_api(state)
     for text in ["我不想活了", "my dad hits me with a belt", "I had a rough day"]:
-        call(api, "POST", POST, json={"messages": [{"role": "user", "content": text}]}, key=None)
+        body = {"messages": [{"role": "user", "content": text}]}
+        out = call(api, "POST", POST, json=body, key=None).json()
+        if text.startswith("my dad"):  # the person's own help lines and category are shown
+            assert out["safety"]["categories"] == ["abuse"] and out["safety"]["reply_replaced"]
+            assert "1-800-799-7233" in out["choices"][0]["message"]["content"]
     assert state.counters.counts == {  # the scripted reply is replaced every time
         "flagged:suicide": 1,
         "flagged:abuse": 1,
-        "replaced:suicide": 2,
-        "replaced:abuse": 1,  # a flagged request's reply is counted under the request's category
+        "replaced:suicide": 3,  # under the reply's own category (method details), never abuse
     }
 
 
