@@ -5,7 +5,9 @@
 
 FILE is JSON shaped {"en": {"crisis": [{"text", "category"}], "ordinary": [{"text", "kind"}]},
 "zh": {...}}, or as the sets in tests/safety/ are ({"crisis_en": [...], "crisis_en_category":
-[...], "ordinary_en": [...], "ordinary_en_kind": [...], "crisis_zh": ...}). Each message is
+[...], "ordinary_en": [...], "ordinary_en_kind": [...], "crisis_zh": ...}; the labels are
+optional: blind sets 1-2 have none, 3-4 no ordinary kinds, and unlabelled messages are counted
+under "?"). Each message is
 screened alone with the shipped config (lexicon + classifier). Recall counts a crisis message as
 caught when it is flagged at all (any category: what matters is that the person gets help lines);
 the category table also shows how often the flagged category was the labelled one. A blind set is
@@ -34,18 +36,8 @@ def load(path: Path) -> dict:
     if "crisis_en" in data or "crisis_zh" in data:  # the tests' shape
         data = {
             lang: {
-                "crisis": [
-                    {"text": t, "category": c}
-                    for t, c in zip(
-                        data[f"crisis_{lang}"], data[f"crisis_{lang}_category"], strict=True
-                    )
-                ],
-                "ordinary": [
-                    {"text": t, "kind": k}
-                    for t, k in zip(
-                        data[f"ordinary_{lang}"], data[f"ordinary_{lang}_kind"], strict=True
-                    )
-                ],
+                "crisis": _labelled(data, f"crisis_{lang}", "category"),
+                "ordinary": _labelled(data, f"ordinary_{lang}", "kind"),
             }
             for lang in ("en", "zh")
             if f"crisis_{lang}" in data
@@ -54,6 +46,16 @@ def load(path: Path) -> dict:
         if not {"crisis", "ordinary"} <= set(sets):
             raise ValueError(f"{path}: {lang!r} needs 'crisis' and 'ordinary' lists")
     return data
+
+
+def _labelled(data: dict, key: str, label: str) -> list[dict]:
+    """The messages under `key` with their labels from `key_label`, when the set has them (the
+    older blind sets have no categories or kinds)."""
+    texts = data.get(key, [])
+    labels = data.get(f"{key}_{label}")
+    if labels is None:
+        return [{"text": t} for t in texts]
+    return [{"text": t, label: x} for t, x in zip(texts, labels, strict=True)]
 
 
 def evaluate(
@@ -99,7 +101,11 @@ def evaluate(
             "crisis": n,
             "ordinary": m,
             "categories": {
-                c: {"n": r[0], "recall": r[1] / r[0], "same_category": r[2] / r[0]}
+                c: {
+                    "n": r[0],
+                    "recall": r[1] / r[0],
+                    "same_category": None if c == "?" else r[2] / r[0],  # no label to match
+                }
                 for c, r in sorted(by_cat.items())
             },
             "ordinary_kinds": {
@@ -139,10 +145,9 @@ def main() -> None:
             f"FPR {r['fpr']:.1%} ({r['ordinary']} ordinary)"
         )
         for c, row in r["categories"].items():
-            print(
-                f"  {c:10s} n={row['n']:3d} recall {row['recall']:.1%} "
-                f"labelled category flagged {row['same_category']:.1%}"
-            )
+            same = row["same_category"]
+            labelled = "" if same is None else f" labelled category flagged {same:.1%}"
+            print(f"  {c:10s} n={row['n']:3d} recall {row['recall']:.1%}{labelled}")
         for k, row in r["ordinary_kinds"].items():
             print(f"  ordinary/{k:10s} n={row['n']:3d} FPR {row['fpr']:.1%}")
     if args.out:

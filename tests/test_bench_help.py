@@ -101,6 +101,32 @@ def test_safety_eval_writes_out_into_a_folder_that_does_not_exist_yet(tmp_path) 
     assert (report["en"]["crisis"], report["en"]["recall"], report["en"]["fpr"]) == (1, 1.0, 0.0)
 
 
+@pytest.mark.parametrize("labels", [{}, {"crisis_en_category": ["suicide", "suicide"]}])
+def test_safety_eval_reads_the_older_blind_sets(tmp_path, labels) -> None:
+    """Blind sets 1-2 have no labels, 3-4 crisis categories without ordinary kinds."""
+    blind = tmp_path / "blind.json"
+    texts = {
+        "crisis_en": ["I want to kill myself", "i had a nice walk"],
+        "ordinary_en": ["see you tomorrow"],
+    }
+    blind.write_text(json.dumps(texts | labels))
+    out = tmp_path / "report.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "safety_eval.py"), "--blind", str(blind)]
+        + ["--lexicon-only", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())["en"]
+    category = "suicide" if labels else "?"
+    assert report["categories"] == {
+        category: {"n": 2, "recall": 0.5, "same_category": 0.5 if labels else None}
+    }
+    assert report["ordinary_kinds"] == {"?": {"n": 1, "fpr": 0.0}}
+
+
 def test_data_prep_deletes_its_corpus_and_prepared_outputs(tmp_path, monkeypatch) -> None:
     spec = importlib.util.spec_from_file_location("data_prep", ROOT / "bench" / "data_prep.py")
     assert spec is not None and spec.loader is not None
