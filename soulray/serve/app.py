@@ -25,10 +25,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.config import BackpressureConfig
-from ray.serve.exceptions import RequestCancelledError, TaskCancelledError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect
 
 from soulray.config import AuthConfig, Config, ServeConfig
 from soulray.data.render import control_token_pattern
@@ -44,7 +42,12 @@ from soulray.serve.engine import (
     replica_options,
 )
 from soulray.serve.fetch import fetch_model_dir
-from soulray.serve.metrics import STREAM_ERROR, IngressMetrics, add_request_metrics
+from soulray.serve.metrics import (
+    CLIENT_GONE,
+    STREAM_ERROR,
+    IngressMetrics,
+    add_request_metrics,
+)
 from soulray.serve.params import parse_chat_request
 from soulray.serve.prompt import read_export_info
 from soulray.serve.schemas import (
@@ -235,7 +238,7 @@ def add_error_handlers(api: FastAPI) -> None:
 
     @api.exception_handler(Exception)
     async def internal_error(_: Request, e: Exception) -> JSONResponse:
-        if isinstance(e, RequestCancelledError | TaskCancelledError | ClientDisconnect):
+        if isinstance(e, CLIENT_GONE):
             # Serve cancels a request whose client hung up: nothing failed, nobody reads this
             log.info("request cancelled (the client went away): its generation was stopped")
             body = APIError(499, "client closed the request", type="cancelled").body()

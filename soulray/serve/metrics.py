@@ -23,6 +23,8 @@ import time
 from typing import Any
 
 from fastapi import FastAPI
+from ray.serve.exceptions import RequestCancelledError, TaskCancelledError
+from starlette.requests import ClientDisconnect
 
 TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 STEP_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
@@ -87,12 +89,16 @@ class EngineMetrics:
 def add_request_metrics(api: FastAPI, metrics: IngressMetrics) -> None:
     """Count every response of the chat API by status: an ASGI wrapper that reads the status as it
     is sent (streams stay untouched). A crash that escapes the handlers counts as 500, a client
-    gone before any response as 499 (nginx's "client closed request"), and a stream that failed
-    after its 200 as the error it reported in the stream (STREAM_ERROR)."""
+    gone (before any response, or Serve cancelled its request) as 499 (nginx's "client closed
+    request"), and a stream that failed after its 200 as the error it reported in the stream
+    (STREAM_ERROR)."""
     api.add_middleware(RequestCounter, metrics=metrics)
 
 
 CHAT_PATH = "/v1/chat/completions"
+# A client that hung up (Serve cancels its request): answered with a 499 (app.py's handler), and
+# counted so: the handler that answers runs outside this counter, which sees the exception only.
+CLIENT_GONE = (RequestCancelledError, TaskCancelledError, ClientDisconnect)
 # The scope key where a stream that failed after its 200 was sent puts its error's status
 # (app.ClosingStreamingResponse): the status line cannot change then, the count can.
 STREAM_ERROR = "soulray.stream_error"
@@ -116,8 +122,8 @@ class RequestCounter:
 
         try:
             await self.app(scope, receive, observe)
-        except Exception:
-            status = "500"
+        except Exception as e:
+            status = "499" if isinstance(e, CLIENT_GONE) else "500"
             raise
         finally:
             status = str(scope.get(STREAM_ERROR, status))

@@ -391,14 +391,26 @@ def test_overload_is_503_and_crashes_never_leak(tiny_export, tmp_path):
     assert "SECRET" not in resp.text
 
 
+class CountedRequests:
+    """IngressMetrics with its request counter kept here instead of exported."""
+
+    def __init__(self) -> None:
+        self.requests, self.counts = self, {}
+
+    def inc(self, value, tags):
+        self.counts[tags["status"]] = self.counts.get(tags["status"], 0) + value
+
+
 def test_a_cancelled_request_is_logged_as_a_hang_up_not_an_error(tiny_export, tmp_path, caplog):
     from ray.serve.exceptions import TaskCancelledError
 
     body = {"messages": [{"role": "user", "content": "hi"}]}
-    api, _ = make_api(tiny_export, tmp_path, engine=ScriptedEngine(TaskCancelledError()))
+    metrics = CountedRequests()
+    api, _ = make_api(tiny_export, tmp_path, ScriptedEngine(TaskCancelledError()), metrics)
     with caplog.at_level("INFO", logger="ray.serve.soulray"):
         resp = call(api, "POST", "/v1/chat/completions", json=body)
     assert assert_openai_error(resp, 499)["type"] == "cancelled"
+    assert metrics.counts == {"499": 1}  # counted as answered: no 5xx alert for a hang-up
     assert [r.levelname for r in caplog.records if "cancelled" in r.getMessage()] == ["INFO"]
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
@@ -412,16 +424,6 @@ class MidwayEngine(ScriptedEngine):
             for i, piece in enumerate(REPLY[:2]):
                 yield Delta(piece, i + 1, None)
             raise self.fail
-
-
-class CountedRequests:
-    """IngressMetrics with its request counter kept here instead of exported."""
-
-    def __init__(self) -> None:
-        self.requests, self.counts = self, {}
-
-    def inc(self, value, tags):
-        self.counts[tags["status"]] = self.counts.get(tags["status"], 0) + value
 
 
 def test_a_stream_that_fails_midway_is_counted_by_its_error_not_its_200(tiny_export, tmp_path):
