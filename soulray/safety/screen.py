@@ -64,9 +64,10 @@ def build_screen(cfg: SafetyConfig) -> Screen:
     resources_ = cfg.resources if cfg.resources is not None else lines["resources"]
     replies = cfg.fixed_reply if cfg.fixed_reply is not None else lines["fixed_reply"]
     headers = {**lines["header"], **(cfg.header or {})}
-    # the locales a request can get: auto picks zh-CN for Chinese text when it has help lines
-    auto = ["zh-CN"] if "zh-CN" in resources_ else []
-    for locale in {cfg.default_locale, *(auto if cfg.locale == "auto" else [cfg.locale])}:
+    # the locales a request can get: auto picks zh-CN for Chinese text when it has help lines,
+    # else default_locale; a fixed locale is every request's (default_locale goes unused)
+    auto = [cfg.default_locale, *(["zh-CN"] if "zh-CN" in resources_ else [])]
+    for locale in set(auto if cfg.locale == "auto" else [cfg.locale]):
         if locale not in resources_ or locale not in replies:
             raise ValueError(
                 f"serve.safety has no resources or fixed_reply for locale {locale!r}; add it to "

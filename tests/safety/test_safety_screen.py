@@ -498,3 +498,22 @@ def test_a_locale_without_a_help_line_for_a_category_is_refused_at_start():
     custom = build_screen(cfg.model_copy(update={"resources": {"en-US": [*suicide_only, general]}}))
     found = assess(custom, ["my dad hits me with a belt"])
     assert found.categories == ("abuse",) and found.resources == (general,)
+
+
+def test_a_fixed_locale_needs_no_lines_for_the_default_locale():
+    """serve.safety.locale: de-DE gives every request de-DE's lines: default_locale (en-US) is
+    auto's fallback only, and a German server need not configure American lines."""
+    cfg = SafetyConfig(
+        classifier=False,
+        lexicon={"suicide": ["unalive"]},
+        locale="de-DE",
+        resources={"de-DE": [HelpLine(name="Telefonseelsorge", contact="0800 111 0 111")]},
+        fixed_reply={"de-DE": "Bitte melde dich."},
+        header={"de-DE": "Hier gibt es Hilfe:"},
+    )
+    german = build_screen(cfg)
+    found = assess(german, ["I want to unalive"])
+    assert found.locale == "de-DE"
+    assert fixed_reply(german, found) == (
+        "Bitte melde dich.\n\nHier gibt es Hilfe:\n- Telefonseelsorge: 0800 111 0 111"
+    )
