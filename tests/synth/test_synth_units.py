@@ -554,6 +554,19 @@ def test_config_roles_inherit_from_the_seeker() -> None:
         load_config(None, ["synth.loop.min_turns=5", "synth.loop.max_turns=2"])
 
 
+def test_a_bad_seeker_value_the_roles_inherit_is_reported_once() -> None:
+    with pytest.raises(ValueError) as err:
+        load_config(
+            None, ["synth.roles.seeker.temperature=5", "synth.roles.supporter.max_tokens=0"]
+        )
+    assert str(err.value).splitlines()[1:] == [
+        "  config key 'synth.roles.seeker.temperature': "
+        "Input should be less than or equal to 2 (got 5)",
+        "  config key 'synth.roles.supporter.max_tokens': "
+        "Input should be greater than or equal to 1 (got 0)",
+    ]
+
+
 def test_scenarios_from_esconv_situations() -> None:
     from soulray_testing import shared_path
 
