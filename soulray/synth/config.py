@@ -32,12 +32,12 @@ class RolesConfig(Section):
         if not isinstance(data, dict):
             return data
         local = {"base_url": LOCAL_ENDPOINT, "model": "soulray"}
-        seeker = local | as_dict(data.get("seeker"))
+        seeker = local | as_dict(data, "seeker")
         inherited = local | valid_fields(seeker)
         return data | {
             "seeker": seeker,
-            "counselor": inherited | as_dict(data.get("counselor")),
-            "supporter": inherited | as_dict(data.get("supporter")),
+            "counselor": inherited | as_dict(data, "counselor"),
+            "supporter": inherited | as_dict(data, "supporter"),
         }
 
     @property
@@ -56,9 +56,16 @@ def valid_fields(endpoint: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in endpoint.items() if k in EndpointConfig.model_fields and k not in bad}
 
 
-def as_dict(value: Any) -> dict[str, Any]:
+def as_dict(data: dict[str, Any], role: str) -> dict[str, Any]:
+    """The role's endpoint fields; a role set to one value (a URL, say) is a user error."""
+    value = data.get(role)
     if isinstance(value, EndpointConfig):
         return value.model_dump()
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(
+            f"synth.roles.{role} is a section of endpoint fields, not one value (got "
+            f"{value!r}); set one field, e.g. synth.roles.{role}.base_url=http://host:8000/v1"
+        )
     return dict(value or {})
 
 

@@ -567,6 +567,16 @@ def test_a_bad_seeker_value_the_roles_inherit_is_reported_once() -> None:
     ]
 
 
+def test_a_role_set_to_one_value_is_refused_naming_the_field_to_set() -> None:
+    with pytest.raises(ValueError) as err:
+        load_config(None, ["synth.roles.seeker=http://x:8000/v1"])
+    assert str(err.value).splitlines()[1] == (
+        "  config key 'synth.roles': Value error, synth.roles.seeker is a section of endpoint "
+        "fields, not one value (got 'http://x:8000/v1'); set one field, e.g. "
+        "synth.roles.seeker.base_url=http://host:8000/v1"
+    )
+
+
 def test_scenarios_from_esconv_situations() -> None:
     from soulray_testing import shared_path
 
