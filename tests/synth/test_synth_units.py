@@ -206,6 +206,17 @@ def test_counselor_and_supporter_prompts() -> None:
             "Affirmation and Reassurance",
             "",
         ),
+        (  # the schema echoed, then the answer
+            '{"strategy": "<one of the names>", "rationale": "<one line>"}\n'
+            '{"strategy": "Question", "rationale": "learn more"}',
+            "Question",
+            "learn more",
+        ),
+        (
+            '<think>{"x": 1}</think>Answer: {"strategy": "Self-disclosure"} (not {this})',
+            "Self-disclosure",
+            "",
+        ),
     ],
 )
 def test_counselor_answers_that_parse(answer: str, strategy: str, rationale: str) -> None:
@@ -221,6 +232,7 @@ def test_counselor_answers_that_parse(answer: str, strategy: str, rationale: str
         ('{"rationale": "no name"}', "invalid_json"),
         ('["Question"]', "invalid_json"),
         ('{"strategy": "Hypnosis", "rationale": "x"}', "unknown_strategy"),
+        ('{"strategy": "<name>"} {"strategy": "Hypnosis"}', "unknown_strategy"),
     ],
 )
 def test_counselor_answers_that_do_not(answer: str, reason: str) -> None:
