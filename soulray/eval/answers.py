@@ -1,24 +1,20 @@
 """Reading a judge's answer: JSON that may be fenced, wrapped in prose, cut off, or broken.
 
-Judges are language models: they wrap JSON in ```json fences, think aloud first, run out of
-tokens mid-reason, or forget a quote. Parsing goes from strict to lenient: the whole text, each
-fenced block, the first balanced {...}, the text from the first '{' with its open strings and
-brackets closed, and finally a per-key regex. Whatever is found is then validated against the
-rubric: a missing or out-of-range score is an `AnswerError` (the caller retries, then records
-the sample as unscored).
+The objects are found by soulray.json_objects (strict to lenient), and finally by a per-key
+regex. Whatever is found is then validated against the rubric: a missing or out-of-range score
+is an `AnswerError` (the caller retries, then records the sample as unscored).
 """
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from soulray.json_objects import THINK, load_objects
+
 Verdict = Literal["A", "B", "tie"]
 
-FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)(?:```|$)", re.DOTALL)
-THINK = re.compile(r"<think>.*?(?:</think>|$)", re.DOTALL)
 # `Name: 2`, `'Name': 2`, `"Name"：2` or `"Name": {"score": 2` (format in the escaped name)
 KEY_SCORE = r"[\"']?{key}[\"']?\s*[:：=]\s*\{{?\s*(?:[\"']score[\"']\s*:\s*)?(-?\d+(?:\.\d+)?)"
 WINNERS: dict[str, Verdict] = {
@@ -42,78 +38,6 @@ class Dimension:
     name: str
     min: int
     max: int
-
-
-def json_candidates(text: str) -> list[str]:
-    """Substrings worth handing to json.loads, strictest first."""
-    text = THINK.sub("", text).strip()
-    found = [text, *(m.group(1).strip() for m in FENCE.finditer(text))]
-    start = text.find("{")
-    if start >= 0:
-        balanced = balanced_object(text, start)
-        found += [balanced] if balanced else []
-        found.append(close_truncated(text[start:]))
-        # later objects too: an example object in the prose may come before the answer
-        at = start + len(balanced) if balanced else len(text)
-        while (start := text.find("{", at)) >= 0:
-            later = balanced_object(text, start)
-            found += [later] if later else []
-            at = start + len(later) if later else len(text)
-    return found
-
-
-def balanced_object(text: str, start: int) -> str | None:
-    """The {...} starting at `start` up to its matching brace (strings respected), if closed."""
-    depth, in_string, escaped = 0, False, False
-    for i in range(start, len(text)):
-        c = text[i]
-        if in_string:
-            escaped = c == "\\" and not escaped
-            in_string = not (c == '"' and not escaped)
-            continue
-        if c == '"':
-            in_string = True
-        elif c in "{[":
-            depth += 1
-        elif c in "}]":
-            depth -= 1
-            if depth == 0:
-                return text[start : i + 1]
-    return None
-
-
-def close_truncated(text: str) -> str:
-    """An answer cut off mid-way, completed: the open string ended, a dangling key or comma
-    dropped, and the open brackets closed in order."""
-    stack: list[str] = []
-    in_string, escaped = False, False
-    for c in text:
-        if in_string:
-            escaped = c == "\\" and not escaped
-            in_string = not (c == '"' and not escaped)
-        elif c == '"':
-            in_string = True
-        elif c in "{[":
-            stack.append("}" if c == "{" else "]")
-        elif c in "}]" and stack:
-            stack.pop()
-    fixed = text + ('"' if in_string else "")
-    # a trailing `, "key"` or `"key":` or `,` cannot stand before a closing bracket
-    fixed = re.sub(r'(,\s*"[^"]*"\s*:?\s*|,\s*|"[^"]*"\s*:\s*)$', "", fixed.rstrip())
-    return fixed + "".join(reversed(stack))
-
-
-def load_objects(text: str) -> list[dict[str, Any]]:
-    """Every JSON object json_candidates finds, strictest first."""
-    out = []
-    for candidate in json_candidates(text):
-        try:
-            value = json.loads(candidate)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(value, dict):
-            out.append(value)
-    return out
 
 
 def _lookup(obj: dict[str, Any], name: str) -> Any:

@@ -28,11 +28,20 @@ class GreedyEndpointConfig(EndpointConfig):
     temperature: float = Field(0.0, ge=0.0, le=2.0)
 
 
+class ModelEndpointConfig(GreedyEndpointConfig):
+    """A model under test's endpoint. A model trained with strategy tags saw each earlier reply
+    of the history as "[Strategy] text": `send_strategies` sends those strategies with the
+    history (`messages[i].strategy`, which soulray serve reads); off by default, since other
+    OpenAI-compatible servers may refuse the unknown field."""
+
+    send_strategies: bool = False
+
+
 class EvalModel(EvalSection):
     """One model under test: a name for the report and its endpoint."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
-    endpoint: GreedyEndpointConfig
+    endpoint: ModelEndpointConfig
 
 
 class ContextsConfig(EvalSection):

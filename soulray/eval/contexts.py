@@ -38,7 +38,9 @@ class Context:
     conversation: str
     turn: int  # the reference's index in the conversation's messages
     language: Language
-    messages: list[dict[str, str]]  # the history the models answer (system, user, assistant...)
+    # the history the models answer (system, user, assistant...); an assistant message with
+    # a strategy holds it as "strategy", sent only to endpoints with send_strategies
+    messages: list[dict[str, str]]
     reference: str  # the counselor's reply
     reference_strategy: str | None
 
@@ -186,7 +188,10 @@ def conversation_contexts(
 ) -> list[Context]:
     """One context per assistant turn that follows a user turn."""
     out = []
-    messages = [{"role": m.role, "content": m.content} for m in conv.messages]
+    messages = [
+        {"role": m.role, "content": m.content} | ({"strategy": m.strategy} if m.strategy else {})
+        for m in conv.messages
+    ]
     for i, m in enumerate(conv.messages):
         if m.role != "assistant" or not any(p.role == "user" for p in conv.messages[:i]):
             continue
@@ -196,6 +201,12 @@ def conversation_contexts(
         lang = detect_language(said) if language == "auto" else language
         out.append(Context(f"{conv.id}#{i}", conv.id, i, lang, messages[:i], m.content, m.strategy))
     return out
+
+
+def sent_history(messages: list[dict[str, str]], strategies: bool) -> list[dict[str, str]]:
+    """The history as a model is sent it: the earlier replies' strategies only to an endpoint
+    with send_strategies (soulray serve reads them; other servers may refuse the field)."""
+    return [m if strategies else {"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def sample_contexts(cfg: ContextsConfig) -> list[Context]:

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Sequence
 from typing import Any
 
 from soulray.endpoints import EndpointClient, EndpointError
-from soulray.eval.contexts import Context
+from soulray.eval.contexts import Context, sent_history
 from soulray.eval.judge import Rubric, build_request, format_dialogue, judge_pair, judge_scores
 from soulray.synth.roles import Seeker
 from soulray.synth.scenarios import Scenario
@@ -47,11 +47,11 @@ async def tracked(work: Sequence[Awaitable[Any]], progress: Progress) -> list[An
     return await asyncio.gather(*(one(w) for w in work))
 
 
-async def reply_to(client: EndpointClient, ctx: Context) -> dict[str, Any]:
+async def reply_to(client: EndpointClient, ctx: Context, strategies: bool) -> dict[str, Any]:
     """One model's reply to one context (or the reason there is none)."""
     record: dict[str, Any] = {"context": ctx.id, "text": None, "strategy": None, "error": None}
     try:
-        result = await client.chat(ctx.messages)
+        result = await client.chat(sent_history(ctx.messages, strategies))
     except EndpointError as e:
         return record | {"error": e.reason}
     strategy = result.extra.get("strategy")
@@ -62,9 +62,11 @@ async def reply_to(client: EndpointClient, ctx: Context) -> dict[str, Any]:
     }
 
 
-async def generate(client: EndpointClient, model: str, contexts: list[Context]) -> list[dict]:
+async def generate(
+    client: EndpointClient, model: str, contexts: list[Context], strategies: bool
+) -> list[dict]:
     progress = Progress(f"{model} replies", len(contexts))
-    return await tracked([reply_to(client, c) for c in contexts], progress)
+    return await tracked([reply_to(client, c, strategies) for c in contexts], progress)
 
 
 async def judge_turns(
@@ -116,10 +118,11 @@ async def judge_pairs(
 
 
 async def run_dialogue(
-    seeker: Seeker, client: EndpointClient, scenario: Scenario, turns: int
+    seeker: Seeker, client: EndpointClient, scenario: Scenario, turns: int, strategies: bool
 ) -> dict[str, Any]:
     """The Seeker speaks up to `turns` times, the model answers each; stops when the Seeker
-    ends the chat. The dialogue is kept as messages from the model's side."""
+    ends the chat. The dialogue is kept as messages from the model's side, each reply with the
+    strategy its server reported (sent back with the history where `strategies`)."""
     dialogue: list[dict[str, str]] = []
     record: dict[str, Any] = {"scenario": scenario.id, "attitude": scenario.attitude}
     record |= {"language": scenario.language, "messages": dialogue, "error": None}
@@ -130,8 +133,10 @@ async def run_dialogue(
                 dialogue.append({"role": "user", "content": said.text})
             if said.wants_to_stop or not said.text:
                 break
-            answer = await client.chat(dialogue)
-            dialogue.append({"role": "assistant", "content": answer.text.strip()})
+            answer = await client.chat(sent_history(dialogue, strategies))
+            strategy = answer.extra.get("strategy")
+            used = {"strategy": strategy} if isinstance(strategy, str) else {}
+            dialogue.append({"role": "assistant", "content": answer.text.strip()} | used)
     except EndpointError as e:
         record["error"] = e.reason
     # a Seeker's last word with no reply: it ended the chat, unless the model's endpoint failed
@@ -148,11 +153,13 @@ async def interactive(
     retries: int,
     scenarios: list[Scenario],
     turns: int,
+    strategies: set[str],
 ) -> dict[str, list[dict[str, Any]]]:
-    """Each model talks with every scenario; each dialogue with a model reply is judged."""
+    """Each model talks with every scenario; each dialogue with a model reply is judged.
+    `strategies` names the models sent their earlier replies' strategies."""
 
     async def one(model: str, scenario: Scenario) -> dict[str, Any]:
-        record = await run_dialogue(seeker, clients[model], scenario, turns)
+        record = await run_dialogue(seeker, clients[model], scenario, turns, model in strategies)
         answered = any(m["role"] == "assistant" for m in record["messages"])
         if judge is not None and answered and record["error"] is None:
             request = build_request("dialogue", rubric, context=format_dialogue(record["messages"]))

@@ -25,7 +25,13 @@ ANSWER_FIELDS = ("base_url", "model", "temperature", "max_tokens")
 
 
 def answer_settings(ep: EndpointConfig | None) -> dict[str, Any] | None:
-    return None if ep is None else {k: getattr(ep, k) for k in ANSWER_FIELDS}
+    if ep is None:
+        return None
+    settings = {k: getattr(ep, k) for k in ANSWER_FIELDS}
+    # the history a model is sent; only when on, so phases saved before it existed still match
+    if getattr(ep, "send_strategies", False):
+        settings["send_strategies"] = True
+    return settings
 
 
 def fingerprint(*parts: Any) -> str:

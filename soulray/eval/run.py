@@ -27,8 +27,14 @@ from soulray.endpoints import (
     endpoint_keys,
     use_keys,
 )
-from soulray.eval.config import EvalConfig, InteractiveConfig
-from soulray.eval.contexts import Context, contexts_digest, sample_contexts, source_files
+from soulray.eval.config import EvalConfig, InteractiveConfig, ModelEndpointConfig
+from soulray.eval.contexts import (
+    Context,
+    contexts_digest,
+    sample_contexts,
+    sent_history,
+    source_files,
+)
 from soulray.eval.judge import Rubric, load_rubric
 from soulray.eval.metrics import reference_scores
 from soulray.eval.phases import PhaseStore, answer_settings, fingerprint
@@ -47,15 +53,17 @@ def warm_up() -> None:
 
 
 def generate_task(
-    endpoints: dict[str, EndpointConfig], asks: dict[str, list[Context]]
+    endpoints: dict[str, ModelEndpointConfig], asks: dict[str, list[Context]]
 ) -> dict[str, list[dict]]:
     """Each model of one server answers its contexts (one task per server)."""
     from soulray.eval.modes import generate
 
     async def main() -> dict[str, list[dict]]:
-        clients = build_clients(endpoints)
+        clients = build_clients(dict(endpoints))
         try:
-            done = await asyncio.gather(*(generate(c, m, asks[m]) for m, c in clients.items()))
+            done = await asyncio.gather(
+                *(generate(c, m, asks[m], endpoints[m].send_strategies) for m, c in clients.items())
+            )
             return dict(zip(clients, done, strict=True))
         finally:
             await close_all(clients.values())
@@ -114,8 +122,9 @@ def interactive_task(
         try:
             seeker = build_seeker(clients[" seeker"], ic.seeker_prompts)
             judge = clients.get(" judge")
+            strategies = {m.name for m in cfg.models if m.endpoint.send_strategies}
             return await interactive(
-                seeker, models, judge, rubric, cfg.judge.retries, scenarios, ic.turns
+                seeker, models, judge, rubric, cfg.judge.retries, scenarios, ic.turns, strategies
             )
         finally:
             await close_all(clients.values())
@@ -251,7 +260,7 @@ def run_turn_mode(
     clock.done("contexts_s")
     log.info("%d contexts, %d model(s)", len(contexts), len(e.models))
     # what the models see: a change of a context's language or reference asks nothing again
-    asked = fingerprint([(c.id, c.messages) for c in contexts])
+    asked = fingerprint([(c.id, sent_history(c.messages, False)) for c in contexts])
     replies: dict[str, list[dict[str, Any]]] = {}
     todo: dict[str, list[int]] = {}  # per model, the contexts to ask (all, or the failed)
     fps = {m.name: fingerprint(answer_settings(m.endpoint), asked) for m in e.models}
@@ -273,7 +282,7 @@ def run_turn_mode(
             todo[m.name] = failed
     reasked = [name for name in todo if name in replies]  # saved, and some asked again
     saved_texts = {name: [row.get("text") for row in rows] for name, rows in replies.items()}
-    servers: dict[str, dict[str, EndpointConfig]] = {}
+    servers: dict[str, dict[str, ModelEndpointConfig]] = {}
     for m in e.models:
         if m.name in todo:
             servers.setdefault(m.endpoint.base_url, {})[m.name] = m.endpoint

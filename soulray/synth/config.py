@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from soulray.endpoints import EndpointConfig
 
@@ -31,12 +31,13 @@ class RolesConfig(Section):
     def _inherit(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        seeker = {"base_url": LOCAL_ENDPOINT, "model": "soulray"} | as_dict(data.get("seeker"))
-        inherited = {k: v for k, v in seeker.items() if k in EndpointConfig.model_fields}
+        local = {"base_url": LOCAL_ENDPOINT, "model": "soulray"}
+        seeker = local | as_dict(data, "seeker")
+        inherited = local | valid_fields(seeker)
         return data | {
             "seeker": seeker,
-            "counselor": inherited | as_dict(data.get("counselor")),
-            "supporter": inherited | as_dict(data.get("supporter")),
+            "counselor": inherited | as_dict(data, "counselor"),
+            "supporter": inherited | as_dict(data, "supporter"),
         }
 
     @property
@@ -44,9 +45,27 @@ class RolesConfig(Section):
         return {"seeker": self.seeker, "counselor": self.counselor, "supporter": self.supporter}
 
 
-def as_dict(value: Any) -> dict[str, Any]:
+def valid_fields(endpoint: dict[str, Any]) -> dict[str, Any]:
+    """The endpoint fields EndpointConfig accepts: a bad one is reported once, under the
+    seeker's key the user wrote, not again under each role that would inherit it."""
+    try:
+        EndpointConfig.model_validate(endpoint)
+        bad: set[Any] = set()
+    except ValidationError as e:
+        bad = {err["loc"][0] for err in e.errors() if err["loc"]}
+    return {k: v for k, v in endpoint.items() if k in EndpointConfig.model_fields and k not in bad}
+
+
+def as_dict(data: dict[str, Any], role: str) -> dict[str, Any]:
+    """The role's endpoint fields; a role set to one value (a URL, say) is a user error."""
+    value = data.get(role)
     if isinstance(value, EndpointConfig):
         return value.model_dump()
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(
+            f"synth.roles.{role} is a section of endpoint fields, not one value (got "
+            f"{value!r}); set one field, e.g. synth.roles.{role}.base_url=http://host:8000/v1"
+        )
     return dict(value or {})
 
 

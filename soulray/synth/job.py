@@ -14,6 +14,7 @@ import json
 import logging
 import threading
 import time
+from collections import Counter
 from typing import Any
 
 from soulray.config import Config, config_to_yaml
@@ -23,6 +24,7 @@ from soulray.endpoints import (
     build_clients,
     close_all,
     endpoint_keys,
+    reason_key,
     use_keys,
 )
 from soulray.synth.config import SynthConfig
@@ -173,6 +175,7 @@ class Progress:
     def __init__(self, total: int, every_s: float):
         self.total, self.every_s = total, every_s
         self.counts = {"written": 0, "dropped": 0, "failed": 0}
+        self.failures: list[str] = []  # this run's reasons (failed.jsonl keeps earlier runs' too)
         self.prompt_tokens = self.completion_tokens = 0
         self.start = self.last = time.perf_counter()
         self.first_result_s: float | None = None  # start-up: actors, imports, first dialogue
@@ -181,6 +184,8 @@ class Progress:
         if self.first_result_s is None:
             self.first_result_s = round(time.perf_counter() - self.start, 3)
         self.counts[outcome] += 1
+        if outcome == "failed":
+            self.failures.append(row["reason"])
         self.prompt_tokens += int(row["prompt_tokens"])
         self.completion_tokens += int(row["completion_tokens"])
         if time.perf_counter() - self.last >= self.every_s:
@@ -267,15 +272,22 @@ def run_synth(cfg: Config) -> dict[str, Any]:
         raise KeyboardInterrupt
     run = report["run"]
     if pending and run["failed"] == len(pending):  # not one endpoint call got through
-        reasons = report["dialogues"]["failed"]
-        common = max(reasons, key=reasons.get) if reasons else "unknown"
-        example = report["dialogues"]["failed_example"].get(common, common)
-        raise ValueError(
-            f"synth: all {len(pending)} scenarios failed, most often with {example!r}; check "
-            "synth.roles (base_url ends in /v1, the server is up, the model name is served); "
-            f"details in {report_path(sc.output_dir)} and failed.jsonl"
-        )
+        earlier = sum(report["dialogues"]["failed"].values()) - run["failed"]
+        raise ValueError(all_failed_message(progress.failures, earlier, sc.output_dir))
     return report
+
+
+def all_failed_message(failures: list[str], earlier: int, output_dir: str) -> str:
+    """The error of a run that made nothing, from this run's failures: an earlier run's (an
+    old base_url, say) would send the user to fix what they already fixed."""
+    common = Counter(map(reason_key, failures)).most_common(1)[0][0]
+    example = next(r for r in failures if reason_key(r) == common)
+    also = f" (and {earlier} from earlier runs)" if earlier > 0 else ""
+    return (
+        f"synth: all {len(failures)} scenarios failed, most often with {example!r}; check "
+        "synth.roles (base_url ends in /v1, the server is up, the model name is served); "
+        f"details in {report_path(output_dir)} and failed.jsonl{also}"
+    )
 
 
 def consume(

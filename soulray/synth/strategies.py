@@ -7,8 +7,6 @@ keeps, never something it maps to its fallback.
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -22,9 +20,9 @@ from soulray.config import (
     read_setting_file,
 )
 from soulray.data.conversation import build_strategy_lookup
+from soulray.json_objects import load_objects
 
 STAGES = ("exploration", "comforting", "action")
-FENCE = re.compile(r"^```[a-zA-Z]*\s*|\s*```$")
 
 
 @dataclass(frozen=True)
@@ -129,20 +127,18 @@ def build_taxonomy(data: Any, origin: str) -> Taxonomy:
 
 
 def parse_counselor_answer(text: str, taxonomy: Taxonomy) -> CounselorChoice:
-    """Read {"strategy", "rationale"} from an answer that may be fenced or wrapped in prose."""
-    body = FENCE.sub("", text.strip())
-    start, end = body.find("{"), body.rfind("}")
-    if start < 0 or end < start:
-        raise CounselorAnswerError("invalid_json", f"no JSON object in {text[:80]!r}")
-    try:
-        value = json.loads(body[start : end + 1])
-    except json.JSONDecodeError as e:
-        raise CounselorAnswerError("invalid_json", f"{e.msg} in {text[:80]!r}") from None
-    raw = value.get("strategy") if isinstance(value, dict) else None
-    if not isinstance(raw, str):
-        raise CounselorAnswerError("invalid_json", f"no string 'strategy' in {text[:80]!r}")
-    name = taxonomy.lookup.get(raw.strip().strip("[]").strip().lower())
-    if name is None:
-        raise CounselorAnswerError("unknown_strategy", f"{raw!r} is not in the taxonomy")
-    rationale = value.get("rationale")
-    return CounselorChoice(name, rationale.strip() if isinstance(rationale, str) else "")
+    """Read {"strategy", "rationale"} from an answer that may be fenced or wrapped in prose:
+    the first object naming a strategy of the taxonomy, since an echoed schema
+    ({"strategy": "<one of the names>"}) or an example may come before the answer."""
+    objects = load_objects(text, complete_only=True)  # a cut-off rationale is retried
+    answers = [o for o in objects if isinstance(o.get("strategy"), str)]
+    if not answers:
+        what = "no string 'strategy'" if objects else "no JSON object"
+        raise CounselorAnswerError("invalid_json", f"{what} in {text[:80]!r}")
+    for answer in answers:
+        name = taxonomy.lookup.get(answer["strategy"].strip().strip("[]").strip().lower())
+        if name is not None:
+            rationale = answer.get("rationale")
+            return CounselorChoice(name, rationale.strip() if isinstance(rationale, str) else "")
+    raw = answers[-1]["strategy"]  # after any echoed schema
+    raise CounselorAnswerError("unknown_strategy", f"{raw!r} is not in the taxonomy")

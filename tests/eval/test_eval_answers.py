@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from soulray.eval.answers import AnswerError, close_truncated, parse_scores, parse_verdict
+from soulray.eval.answers import AnswerError, parse_scores, parse_verdict
 from soulray.eval.judge import build_request, combine, format_dialogue, load_rubric
+from soulray.json_objects import close_truncated
 
 SOULCHAT = load_rubric("soulchat").dims
 FULL = {"Content": 2, "Empathy": 1, "Helpfulness": 2, "Safety": 1}

@@ -178,7 +178,7 @@ def test_a_dialogue_the_models_endpoint_failed_was_not_ended_by_the_seeker():
             raise EndpointError("http_503: overloaded")
 
     scenario = build_scenarios(1, 0, ["en"])[0]
-    record = asyncio.run(run_dialogue(Seeker(), Down(), scenario, 3))
+    record = asyncio.run(run_dialogue(Seeker(), Down(), scenario, 3, False))
     assert (record["error"], record["ended_by_seeker"]) == ("http_503: overloaded", False)
 
 

@@ -428,3 +428,63 @@ def test_a_resumed_run_asks_again_only_what_failed(ray_local, servers, tmp_path,
     assert [r["text"] for r in report["replies"]["flaky"]] == [GOOD] * 6
     assert report["summary"]["turn"]["flaky"]["failed"] == 0
     assert report["replies"]["good"] == before["replies"]["good"]
+
+
+def test_send_strategies_sends_each_earlier_replys_strategy_only_where_set(ray_local, tmp_path):
+    """A strategy-tagged model was trained on "[Strategy] text" history: with send_strategies
+    its endpoint gets each earlier reply's strategy (the reference's in a context, the one its
+    server reported in a dialogue); without it, plain OpenAI messages."""
+    from scripted_openai import completion_body
+
+    from soulray.eval.config import ContextsConfig
+    from soulray.eval.contexts import sample_contexts
+
+    def tagged_reply(body: dict) -> Reply:
+        answer = completion_body("m", GOOD, 1, 1) | {"strategy": "Question"}  # as soulray serve
+        return Reply(raw=json.dumps(answer).encode())
+
+    said = "I still cannot sleep."
+    with (
+        ScriptedOpenAI(tagged_reply, model="tagged") as tagged,
+        ScriptedOpenAI(tagged_reply, model="plain") as plain,
+        ScriptedOpenAI(lambda body: said, model="seeker") as seeker,
+    ):
+        cfg = {
+            "eval": {
+                "models": [
+                    {"name": "tagged", "endpoint": endpoint(tagged, send_strategies=True)},
+                    {"name": "plain", "endpoint": endpoint(plain)},
+                ],
+                "contexts": {"source": "files", "inputs": CORPUS, "n": 6, "seed": 3},
+                "interactive": {
+                    "enabled": True,
+                    "seeker": endpoint(seeker),
+                    "scenarios": 1,
+                    "turns": 2,
+                    "languages": ["en"],
+                },
+                "output_dir": str(tmp_path / "report"),
+            }
+        }
+        (tmp_path / "eval.yaml").write_text(yaml.safe_dump(cfg))
+        result = run_cli("eval", "--config", str(tmp_path / "eval.yaml"))
+        assert result.exit_code == 0, result.output
+    contexts = sample_contexts(ContextsConfig(source="files", inputs=CORPUS, n=6, seed=3))
+    histories = [c.messages for c in contexts]
+    strategies = [m["strategy"] for h in histories for m in h if "strategy" in m]
+    assert len(strategies) == 8 and "Reflection of feelings" in strategies
+    reply = {"role": "assistant", "content": GOOD}
+    dialogue = [[{"role": "user", "content": said}], [{"role": "user", "content": said}, reply]]
+    dialogue[1][1:] = [reply | {"strategy": "Question"}, {"role": "user", "content": said}]
+    plain_dialogue = [dialogue[0], [dialogue[1][0], reply, dialogue[1][2]]]
+    plain_histories = [[{"role": m["role"], "content": m["content"]} for m in h] for h in histories]
+
+    def sent(server: ScriptedOpenAI) -> list[str]:
+        return sorted(json.dumps(r["messages"]) for r in server.requests)
+
+    assert sent(tagged) == sorted(json.dumps(h) for h in histories + dialogue)
+    assert sent(plain) == sorted(json.dumps(h) for h in plain_histories + plain_dialogue)
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    for model in ("tagged", "plain"):  # the strategy each reply used is kept either way
+        (record,) = report["dialogues"][model]
+        assert record["messages"] == [*dialogue[1], reply | {"strategy": "Question"}]

@@ -198,3 +198,41 @@ def charts_with_scores(report: dict) -> list[str]:
     return (["judge_scores.png"] if scored else []) + (
         ["pairwise.png"] if s["pairwise"][0]["scored"] else []
     )
+
+
+def test_soulray_serve_takes_the_strategies_send_strategies_sends(served_twice, tmp_path):
+    """The history's strategies reach the prompt (more prompt tokens: each earlier reply as
+    "[Strategy] text", as trained), and eval's replies are the greedy answers to exactly that."""
+    import openai
+
+    corpus = [str(ROOT / "jobs" / "data" / "sample_en.jsonl")]
+    contexts = {"source": "files", "inputs": corpus, "n": 3, "seed": 3}
+    endpoint = {"base_url": served_twice["base"], "model": "base", "max_tokens": 8}
+    cfg = {
+        "eval": {
+            "models": [{"name": "base", "endpoint": endpoint | {"send_strategies": True}}],
+            "contexts": contexts,
+            "output_dir": str(tmp_path / "report"),
+        }
+    }
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(cfg))
+    result = CliRunner().invoke(app, ["eval", "--config", str(tmp_path / "eval.yaml")])
+    assert result.exit_code == 0, result.output
+    replies = json.loads((tmp_path / "report" / "report.json").read_text())["replies"]["base"]
+    client = openai.OpenAI(base_url=served_twice["base"], api_key="x")
+
+    def ask(messages: list[dict]):
+        return client.chat.completions.create(
+            model="base", messages=messages, temperature=0.0, max_tokens=8
+        )
+
+    tagged_histories = 0
+    for ctx, row in zip(sample_contexts(ContextsConfig(**contexts)), replies, strict=True):
+        assert row["error"] is None
+        tagged = ask(ctx.messages)
+        assert row["text"] == (tagged.choices[0].message.content or "").strip()
+        plain = ask([{"role": m["role"], "content": m["content"]} for m in ctx.messages])
+        if any("strategy" in m for m in ctx.messages):
+            assert tagged.usage.prompt_tokens > plain.usage.prompt_tokens
+            tagged_histories += 1
+    assert tagged_histories == 3

@@ -199,6 +199,26 @@ def test_failing_backends_fail_their_scenarios_and_the_run_that_made_none(happy,
     assert {f["reason"] for f in failed} == {reason}
 
 
+def test_a_run_that_made_none_names_its_own_failures_not_an_earlier_runs(
+    ray_local, tmp_path
+) -> None:
+    """failed.jsonl still holds an earlier run's failures (an old base_url): the error names
+    this run's reason and counts the earlier ones apart."""
+    out = tmp_path / "out"
+    (out / "_synth").mkdir(parents=True)
+    old = [{"id": f"old-{k}", "reason": "connection: cannot reach http://old/v1"} for k in range(3)]
+    (out / "_synth" / "failed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
+    refused = f"http://127.0.0.1:{free_port()}/v1"
+    cfg = synth_config(out, refused, 2, "synth.roles.seeker.max_retries=0")
+    with pytest.raises(ValueError) as error:
+        run_synth(cfg)
+    assert str(error.value) == (
+        f"synth: all 2 scenarios failed, most often with 'connection: cannot reach {refused}'; "
+        "check synth.roles (base_url ends in /v1, the server is up, the model name is served); "
+        f"details in {out}/_synth/synth_report.json and failed.jsonl (and 3 from earlier runs)"
+    )
+
+
 def test_an_api_key_exported_after_the_cluster_started_reaches_the_actors(
     ray_local, tmp_path, monkeypatch
 ) -> None:

@@ -206,6 +206,17 @@ def test_counselor_and_supporter_prompts() -> None:
             "Affirmation and Reassurance",
             "",
         ),
+        (  # the schema echoed, then the answer
+            '{"strategy": "<one of the names>", "rationale": "<one line>"}\n'
+            '{"strategy": "Question", "rationale": "learn more"}',
+            "Question",
+            "learn more",
+        ),
+        (
+            '<think>{"x": 1}</think>Answer: {"strategy": "Self-disclosure"} (not {this})',
+            "Self-disclosure",
+            "",
+        ),
     ],
 )
 def test_counselor_answers_that_parse(answer: str, strategy: str, rationale: str) -> None:
@@ -221,6 +232,7 @@ def test_counselor_answers_that_parse(answer: str, strategy: str, rationale: str
         ('{"rationale": "no name"}', "invalid_json"),
         ('["Question"]', "invalid_json"),
         ('{"strategy": "Hypnosis", "rationale": "x"}', "unknown_strategy"),
+        ('{"strategy": "<name>"} {"strategy": "Hypnosis"}', "unknown_strategy"),
     ],
 )
 def test_counselor_answers_that_do_not(answer: str, reason: str) -> None:
@@ -552,6 +564,29 @@ def test_config_roles_inherit_from_the_seeker() -> None:
     assert roles["supporter"] == roles["seeker"]
     with pytest.raises(ValueError, match="min_turns=5 exceeds max_turns=2"):
         load_config(None, ["synth.loop.min_turns=5", "synth.loop.max_turns=2"])
+
+
+def test_a_bad_seeker_value_the_roles_inherit_is_reported_once() -> None:
+    with pytest.raises(ValueError) as err:
+        load_config(
+            None, ["synth.roles.seeker.temperature=5", "synth.roles.supporter.max_tokens=0"]
+        )
+    assert str(err.value).splitlines()[1:] == [
+        "  config key 'synth.roles.seeker.temperature': "
+        "Input should be less than or equal to 2 (got 5)",
+        "  config key 'synth.roles.supporter.max_tokens': "
+        "Input should be greater than or equal to 1 (got 0)",
+    ]
+
+
+def test_a_role_set_to_one_value_is_refused_naming_the_field_to_set() -> None:
+    with pytest.raises(ValueError) as err:
+        load_config(None, ["synth.roles.seeker=http://x:8000/v1"])
+    assert str(err.value).splitlines()[1] == (
+        "  config key 'synth.roles': Value error, synth.roles.seeker is a section of endpoint "
+        "fields, not one value (got 'http://x:8000/v1'); set one field, e.g. "
+        "synth.roles.seeker.base_url=http://host:8000/v1"
+    )
 
 
 def test_scenarios_from_esconv_situations() -> None:
