@@ -15,7 +15,7 @@ import sys
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
-from soulray.endpoints import EndpointClient, EndpointError
+from soulray.endpoints import EndpointClient, EndpointError, without_help_lines
 from soulray.eval.contexts import Context, sent_history
 from soulray.eval.judge import Rubric, build_request, format_dialogue, judge_pair, judge_scores
 from soulray.synth.roles import Seeker
@@ -122,8 +122,12 @@ async def run_dialogue(
 ) -> dict[str, Any]:
     """The Seeker speaks up to `turns` times, the model answers each; stops when the Seeker
     ends the chat. The dialogue is kept as messages from the model's side, each reply with the
-    strategy its server reported (sent back with the history where `strategies`)."""
+    strategy its server reported (sent back with the history where `strategies`), and as the
+    person saw it: with the help lines soulray serve's crisis screen put in, which the judge
+    reads and the Seeker answers. The model is sent its history without them, as `soulray
+    chat` sends it: they are not its words."""
     dialogue: list[dict[str, str]] = []
+    sent: list[dict[str, str]] = []  # what the model is sent back
     record: dict[str, Any] = {"scenario": scenario.id, "attitude": scenario.attitude}
     record |= {"language": scenario.language, "messages": dialogue, "error": None}
     try:
@@ -131,12 +135,15 @@ async def run_dialogue(
             said = await seeker.reply(scenario, dialogue)
             if said.text:
                 dialogue.append({"role": "user", "content": said.text})
+                sent.append(dialogue[-1])
             if said.wants_to_stop or not said.text:
                 break
-            answer = await client.chat(sent_history(dialogue, strategies))
+            answer = await client.chat(sent_history(sent, strategies))
             strategy = answer.extra.get("strategy")
             used = {"strategy": strategy} if isinstance(strategy, str) else {}
             dialogue.append({"role": "assistant", "content": answer.text.strip()} | used)
+            words = without_help_lines(answer.text, answer.extra.get("safety")).strip()
+            sent.append({"role": "assistant", "content": words} | used)
     except EndpointError as e:
         record["error"] = e.reason
     # a Seeker's last word with no reply: it ended the chat, unless the model's endpoint failed

@@ -195,3 +195,47 @@ def test_a_contexts_language_is_the_replys_with_what_it_answers() -> None:
         (3, "en"),
     ]
     assert {c.language for c in conversation_contexts(conv, "en")} == {"en"}
+
+
+def test_a_dialogue_sends_the_model_its_words_without_the_help_lines_the_person_saw():
+    """soulray serve's crisis screen puts help lines before a flagged reply: the judge reads
+    them and the Seeker answers them (the person saw them), but sent back to the model as its
+    own turn they would read as text it wrote ("[Question] If you are in crisis...")."""
+    import asyncio
+
+    from soulray.endpoints import ChatResult
+    from soulray.eval.modes import run_dialogue
+    from soulray.synth.roles import SeekerTurn
+    from soulray.synth.scenarios import build_scenarios
+
+    help_lines = "If you are in crisis, help is available:\n- 988 Lifeline: call or text 988"
+    safety = {
+        "flagged": True,
+        "resources": [{"name": "988 Lifeline", "contact": "call or text 988"}],
+    }
+    shown = f"{help_lines}\n\nI am here with you."
+    seen_by_seeker = []
+
+    class Seeker:
+        async def reply(self, scenario, dialogue):
+            seen_by_seeker.append([m["content"] for m in dialogue])
+            return SeekerTurn("I want to disappear", False)
+
+    class Served:
+        sent: list = []
+
+        async def chat(self, messages):
+            self.sent.append(messages)
+            return ChatResult(shown, 5, 5, {"safety": safety, "strategy": "Question"})
+
+    scenario = build_scenarios(1, 0, ["en"])[0]
+    model = Served()
+    record = asyncio.run(run_dialogue(Seeker(), model, scenario, 2, True))
+    said = {"role": "user", "content": "I want to disappear"}
+    assert model.sent[1] == [
+        said,
+        {"role": "assistant", "content": "I am here with you.", "strategy": "Question"},
+        said,
+    ]
+    assert record["messages"][1] == {"role": "assistant", "content": shown, "strategy": "Question"}
+    assert seen_by_seeker[1] == ["I want to disappear", shown]
