@@ -19,6 +19,7 @@ Objects are created inside a replica (Ray metrics belong to the process that rec
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -124,6 +125,9 @@ class RequestCounter:
             await self.app(scope, receive, observe)
         except Exception as e:
             status = "499" if isinstance(e, CLIENT_GONE) else "500"
+            raise
+        except asyncio.CancelledError:  # Serve cancelled it mid-stream: the client hung up
+            status = "499"
             raise
         finally:
             status = str(scope.get(STREAM_ERROR, status))

@@ -473,24 +473,11 @@ def test_a_client_gone_while_a_send_waits_closes_the_engine_stream(
     """The client goes away during a send (here the k-th body message; 2 = the help lines a
     crisis message gets before the reply): the engine's stream is closed by the time the
     response returns, not left generating until the garbage collector finds it."""
-    engine = EndlessEngine()
-    api, _ = make_api(tiny_export, tmp_path, engine=engine)
+    engine, metrics = EndlessEngine(), CountedRequests()
+    api, _ = make_api(tiny_export, tmp_path, engine=engine, metrics=metrics)
     body = {"messages": [{"role": "user", "content": "我真的不想活了"}], "stream": True}
     request = json.dumps(body).encode()
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},  # a send to a gone client raises
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v1/chat/completions",
-        "raw_path": b"/v1/chat/completions",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"authorization", f"Bearer {KEY}".encode()), (b"host", b"t")],
-        "server": ("t", 80),
-        "client": ("c", 1),
-    }
+    scope = stream_scope()
     bodies: list[bytes] = []
 
     async def receive():
@@ -517,6 +504,44 @@ def test_a_client_gone_while_a_send_waits_closes_the_engine_stream(
     if hang_up_at >= 2:
         assert b'"flagged":true' in bodies[0] and b"12356" in bodies[1]  # then the help lines
     assert closed and sent >= 1
+    assert metrics.counts == {"499": 1}  # a hang-up, not the 200 its stream began with
+
+
+def test_a_stream_serve_cancels_midway_is_counted_as_a_hang_up(tiny_export, tmp_path):
+    """Serve cancels the request of a client that hung up mid-stream (the task's
+    CancelledError, not an Exception): counted as 499, not as the 200 already sent."""
+    metrics = CountedRequests()
+    api, _ = make_api(tiny_export, tmp_path, engine=EndlessEngine(), metrics=metrics)
+    body = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+
+    async def receive():
+        return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
+
+    async def send(message):
+        if message["type"] == "http.response.body":
+            raise asyncio.CancelledError
+
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(api(stream_scope(), receive, send))
+    assert metrics.counts == {"499": 1}
+
+
+def stream_scope() -> dict:
+    """An ASGI scope of an authorized chat request."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},  # a send to a gone client raises
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"authorization", f"Bearer {KEY}".encode()), (b"host", b"t")],
+        "server": ("t", 80),
+        "client": ("c", 1),
+    }
 
 
 def test_api_key_sources(tmp_path, monkeypatch):
