@@ -7,6 +7,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from soulray_testing import ROOT
@@ -89,6 +90,13 @@ def test_safety_eval_writes_out_into_a_folder_that_does_not_exist_yet(tmp_path) 
         )
     )
     out = tmp_path / "new" / "report.json"
+    safety_eval_lexicon_only(blind, out)
+    report = json.loads(out.read_text())
+    assert (report["en"]["crisis"], report["en"]["recall"], report["en"]["fpr"]) == (1, 1.0, 0.0)
+
+
+def safety_eval_lexicon_only(blind: Path, out: Path) -> None:
+    """bench/safety_eval.py --lexicon-only on `blind`, its report in `out`."""
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "safety_eval.py"), "--blind", str(blind)]
         + ["--lexicon-only", "--out", str(out)],
@@ -97,8 +105,6 @@ def test_safety_eval_writes_out_into_a_folder_that_does_not_exist_yet(tmp_path) 
         timeout=120,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads(out.read_text())
-    assert (report["en"]["crisis"], report["en"]["recall"], report["en"]["fpr"]) == (1, 1.0, 0.0)
 
 
 @pytest.mark.parametrize("labels", [{}, {"crisis_en_category": ["suicide", "suicide"]}])
@@ -111,14 +117,7 @@ def test_safety_eval_reads_the_older_blind_sets(tmp_path, labels) -> None:
     }
     blind.write_text(json.dumps(texts | labels))
     out = tmp_path / "report.json"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "safety_eval.py"), "--blind", str(blind)]
-        + ["--lexicon-only", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    safety_eval_lexicon_only(blind, out)
     report = json.loads(out.read_text())["en"]
     category = "suicide" if labels else "?"
     assert report["categories"] == {
