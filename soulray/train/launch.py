@@ -109,6 +109,7 @@ def check_before_workers(cfg: Config, data_dir: str) -> Config:
     check_export_dir(cfg)
     # prepare's refusal, not transformers' "Repo id" traceback in every worker
     check_local_model_path(cfg, weights=True)
+    check_model_dir(cfg)
     check_cpu_attention(cfg)
     check_data_tokenizer(cfg, data_dir)
     check_data_shape(cfg, data_dir)
@@ -120,6 +121,38 @@ def check_before_workers(cfg: Config, data_dir: str) -> Config:
     check_not_past_steps(cfg)
     check_warmup(cfg.train)
     return check_resume_config(cfg)
+
+
+# What AutoModelForCausalLM.from_pretrained reads from a local model directory
+MODEL_CONFIG_FILE = "config.json"
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def check_model_dir(cfg: Config) -> None:
+    """A local model directory without its config.json or weights (a copy cut short, the
+    tokenizer alone) failed in every worker after Ray had started, with transformers' error
+    and the advice to run the same command again."""
+    path = cfg.model.name_or_path
+    if path is None or not Path(path).expanduser().is_dir():
+        return  # the tiny model, or a hub id (a missing local path: check_local_model_path)
+    folder = Path(path).expanduser()
+    if not (folder / MODEL_CONFIG_FILE).is_file():
+        raise ValueError(
+            f"model.name_or_path {path} has no {MODEL_CONFIG_FILE}: it must be a whole "
+            "Hugging Face model directory (config.json, weights, tokenizer); copy the model "
+            "again or point model.name_or_path at it"
+        )
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        raise ValueError(
+            f"model.name_or_path {path} holds no weights (one of {', '.join(WEIGHT_FILES)}): "
+            "copy the model's weight files into it, or point model.name_or_path at a directory "
+            "that has them"
+        )
 
 
 def check_warmup(t: TrainConfig) -> None:

@@ -300,12 +300,17 @@ def test_what_every_worker_would_trip_on_is_refused_where_the_run_starts(
     prepared_quickstart, tmp_path
 ) -> None:
     """Both launchers run check_before_workers: a seq_len, mode, strategy tagging or system
-    prompt other than the data's, an export over the base model, unknown LoRA modules and a
-    FlashAttention kernel on the CPU (these used to fail in every worker, four times with
-    restarts, then end in a WorkerGroupError traceback)."""
+    prompt other than the data's, an export over the base model, unknown LoRA modules, a
+    model directory without its config or weights and a FlashAttention kernel on the CPU
+    (these used to fail in every worker, four times with restarts, then end in a
+    WorkerGroupError traceback)."""
     from soulray.train.launch import check_before_workers
 
     data = str(prepared_quickstart)
+    (tmp_path / "no_config").mkdir()
+    (tmp_path / "no_config" / "model.safetensors").write_bytes(b"")
+    (tmp_path / "no_weights").mkdir()
+    (tmp_path / "no_weights" / "config.json").write_text("{}")
     base = [f"train.data_dir={data}", f"train.storage_path={tmp_path}/ckpt"]
     prepared = load_config(QUICKSTART, base)
     check_before_workers(prepared, data)  # the quickstart's own settings pass
@@ -328,6 +333,14 @@ def test_what_every_worker_would_trip_on_is_refused_where_the_run_starts(
         (  # it ended in transformers' "Repo id must be in the form" traceback
             [f"model.name_or_path={tmp_path}/none"],
             f"model.name_or_path '{tmp_path}/none' does not exist; set it to a local",
+        ),
+        (
+            [f"model.name_or_path={tmp_path}/no_config"],
+            f"model.name_or_path {tmp_path}/no_config has no config.json: it must be a whole",
+        ),
+        (
+            [f"model.name_or_path={tmp_path}/no_weights"],
+            f"model.name_or_path {tmp_path}/no_weights holds no weights \\(one of model.safet",
         ),
         (
             ["model.attn_implementation=varlen"],
