@@ -113,11 +113,14 @@ def check_before_workers(cfg: Config, data_dir: str) -> Config:
     check_cpu_attention(cfg)
     check_data_tokenizer(cfg, data_dir)
     check_data_shape(cfg, data_dir)
-    if cfg.lora.enabled:
+    if cfg.model.name_or_path or cfg.lora.enabled:
         from soulray.train.data import load_run_tokenizer
-        from soulray.train.model import check_lora_on_meta
+        from soulray.train.model import check_lora_on_meta, check_model_vocab
 
-        check_lora_on_meta(cfg, load_run_tokenizer(data_dir, cfg.model.trust_remote_code))
+        tokenizer = load_run_tokenizer(data_dir, cfg.model.trust_remote_code)
+        check_model_vocab(cfg, tokenizer)
+        if cfg.lora.enabled:
+            check_lora_on_meta(cfg, tokenizer)
     check_not_past_steps(cfg)
     check_warmup(cfg.train)
     return check_resume_config(cfg)

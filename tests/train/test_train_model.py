@@ -296,6 +296,27 @@ def test_data_prepared_for_another_tokenizer_is_refused_before_training(tmp_path
         check(str(model_a), str(model_b))
 
 
+def test_a_tokenizer_with_more_tokens_than_the_model_has_embeddings_is_refused(tmp_path) -> None:
+    """model.tokenizer from another model: prepare passed, and every worker then failed with
+    torch's "IndexError: index out of range in self"."""
+    from soulray.data.tokenizer import train_tokenizer
+    from soulray.train.model import check_model_vocab
+
+    tokenizer = train_tokenizer(["I can't sleep and I feel alone."] * 50, 300)
+    for vocab in (len(tokenizer), len(tokenizer) - 1):
+        Qwen2Config(**TINY | {"vocab_size": vocab}).save_pretrained(tmp_path / str(vocab))
+    cfg = load_config(None, [f"model.name_or_path={tmp_path}/{len(tokenizer)}"])
+    check_model_vocab(cfg, tokenizer)  # as many embeddings as tokens
+    small = f"{tmp_path}/{len(tokenizer) - 1}"
+    cfg = load_config(None, [f"model.name_or_path={small}", "model.tokenizer=/tok"])
+    with pytest.raises(ValueError) as refused:
+        check_model_vocab(cfg, tokenizer)
+    assert str(refused.value).startswith(
+        f"the tokenizer of /tok has {len(tokenizer)} tokens, but the model {small} has "
+        f"embeddings for {len(tokenizer) - 1} (its config.json vocab_size)"
+    )
+
+
 def test_what_every_worker_would_trip_on_is_refused_where_the_run_starts(
     prepared_quickstart, tmp_path
 ) -> None:
