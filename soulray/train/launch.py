@@ -312,6 +312,8 @@ RESUME_FIXED = {
 RESUME_KEPT = ("train.lr", "train.weight_decay", "train.betas")
 # changeable on resume, but they reshape the lr schedule (lr_factor reads them at every step)
 RESUME_RESHAPED = ("train.steps", "train.warmup_steps", "train.min_lr_ratio")
+# changeable on resume, but they reorder the epoch the saved data position counts into
+RESUME_REORDERED = ("train.seed", "train.shuffle_window_rows")
 
 
 def check_resume_config(cfg: Config) -> Config:
@@ -380,6 +382,18 @@ def check_resume_config(cfg: Config) -> Config:
                 "train: resuming %s with %s=%s (was %s): the learning-rate schedule follows the "
                 "new value from the resumed step on, so the lr there changes at once (a longer "
                 "run stretches the decay: the lr rises again)",
+                name,
+                key,
+                value(cfg, key),
+                value(old, key),
+            )
+    for key in RESUME_REORDERED:
+        if value(old, key) != value(cfg, key):
+            log.warning(
+                "train: resuming %s with %s=%s (was %s): the rows are shuffled in another order, "
+                "so the saved data position (epoch and micro-batch) skips other rows: the rest "
+                "of this epoch trains some rows twice and some not at all. Put it back, or set "
+                "a new train.run_name",
                 name,
                 key,
                 value(cfg, key),

@@ -491,6 +491,11 @@ def test_a_resume_refuses_what_it_cannot_change_and_warns_of_what_it_keeps(
         caplog.text
     )
     caplog.clear()
+    with caplog.at_level("WARNING", logger="soulray.train"):  # the saved position's order
+        check_resume_config(config("train.seed=7", "train.shuffle_window_rows=0"))
+    assert "resuming r with train.seed=7 (was 0): the rows are shuffled in another" in caplog.text
+    assert "with train.shuffle_window_rows=0 (was 1024): the rows are shuffled" in caplog.text
+    caplog.clear()
     with caplog.at_level("WARNING", logger="soulray.train"):
         applied = check_resume_config(config("train.lr=1e-5", "train.steps=300"))
     assert "keeps train.lr=0.0003 from its checkpoint" in caplog.text
