@@ -233,8 +233,9 @@ def check_data_rendering(cfg: Config, data_dir: str) -> None:
 def check_export_dir(cfg: Config) -> None:
     """An export into the model it trains from would overwrite the base weights (and a LoRA
     adapter would then point at the merged model, applying itself twice). The export replaces
-    everything in train.export_dir, so a folder holding the checkpoints or the prepared data
-    (train.export_dir=runs/quickstart) would delete them."""
+    everything in train.export_dir, so a folder holding the checkpoints, the prepared data
+    (train.export_dir=runs/quickstart) or the model (train.export_dir=/models) would delete
+    them."""
     export = storage.normalize(cfg.train.export_dir)
     base = cfg.model.name_or_path
     if base and export == storage.normalize(base):
@@ -242,10 +243,16 @@ def check_export_dir(cfg: Config) -> None:
             f"train.export_dir {cfg.train.export_dir} is model.name_or_path: the export would "
             "overwrite the model this run trains from; export to another directory"
         )
-    for key, path in (
+    inside = [
         ("train.storage_path", cfg.train.storage_path),
         ("train.data_dir", cfg.train_data_dir),
-    ):
+    ]
+    # a local model in a folder of the export (a hub id is no folder of it)
+    for key in ("model.name_or_path", "model.tokenizer"):
+        path = getattr(cfg.model, key.split(".")[1])
+        if path and Path(path).expanduser().exists():
+            inside.append((key, path))
+    for key, path in inside:
         inner = storage.normalize(path)
         if inner == export or inner.startswith(export.rstrip("/") + "/"):
             raise ValueError(

@@ -332,6 +332,7 @@ def test_what_every_worker_would_trip_on_is_refused_where_the_run_starts(
     (tmp_path / "no_config" / "model.safetensors").write_bytes(b"")
     (tmp_path / "no_weights").mkdir()
     (tmp_path / "no_weights" / "config.json").write_text("{}")
+    (tmp_path / "models" / "base").mkdir(parents=True)
     base = [f"train.data_dir={data}", f"train.storage_path={tmp_path}/ckpt"]
     prepared = load_config(QUICKSTART, base)
     check_before_workers(prepared, data)  # the quickstart's own settings pass
@@ -378,6 +379,14 @@ def test_what_every_worker_would_trip_on_is_refused_where_the_run_starts(
         (
             [f"train.export_dir={data}/"],
             f"holds train.data_dir {data}: the export replaces everything in its directory",
+        ),
+        (  # the base model (and its tokenizer) in a folder of the export
+            [f"model.name_or_path={tmp_path}/models/base", f"train.export_dir={tmp_path}/models"],
+            f"holds model.name_or_path {tmp_path}/models/base: the export replaces everything",
+        ),
+        (
+            [f"model.tokenizer={tmp_path}/models/base", f"train.export_dir={tmp_path}/models/"],
+            f"holds model.tokenizer {tmp_path}/models/base: the export replaces everything",
         ),
     ]
     for overrides, says in cases:
