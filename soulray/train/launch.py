@@ -109,17 +109,53 @@ def check_before_workers(cfg: Config, data_dir: str) -> Config:
     check_export_dir(cfg)
     # prepare's refusal, not transformers' "Repo id" traceback in every worker
     check_local_model_path(cfg, weights=True)
+    check_model_dir(cfg)
     check_cpu_attention(cfg)
     check_data_tokenizer(cfg, data_dir)
     check_data_shape(cfg, data_dir)
-    if cfg.lora.enabled:
+    if cfg.model.name_or_path or cfg.lora.enabled:
         from soulray.train.data import load_run_tokenizer
-        from soulray.train.model import check_lora_on_meta
+        from soulray.train.model import check_lora_on_meta, check_model_vocab
 
-        check_lora_on_meta(cfg, load_run_tokenizer(data_dir, cfg.model.trust_remote_code))
+        tokenizer = load_run_tokenizer(data_dir, cfg.model.trust_remote_code)
+        check_model_vocab(cfg, tokenizer)
+        if cfg.lora.enabled:
+            check_lora_on_meta(cfg, tokenizer)
     check_not_past_steps(cfg)
     check_warmup(cfg.train)
     return check_resume_config(cfg)
+
+
+# What AutoModelForCausalLM.from_pretrained reads from a local model directory
+MODEL_CONFIG_FILE = "config.json"
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def check_model_dir(cfg: Config) -> None:
+    """A local model directory without its config.json or weights (a copy cut short, the
+    tokenizer alone) failed in every worker after Ray had started, with transformers' error
+    and the advice to run the same command again."""
+    path = cfg.model.name_or_path
+    if path is None or not Path(path).expanduser().is_dir():
+        return  # the tiny model, or a hub id (a missing local path: check_local_model_path)
+    folder = Path(path).expanduser()
+    if not (folder / MODEL_CONFIG_FILE).is_file():
+        raise ValueError(
+            f"model.name_or_path {path} has no {MODEL_CONFIG_FILE}: it must be a whole "
+            "Hugging Face model directory (config.json, weights, tokenizer); copy the model "
+            "again or point model.name_or_path at it"
+        )
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        raise ValueError(
+            f"model.name_or_path {path} holds no weights (one of {', '.join(WEIGHT_FILES)}): "
+            "copy the model's weight files into it, or point model.name_or_path at a directory "
+            "that has them"
+        )
 
 
 def check_warmup(t: TrainConfig) -> None:
@@ -197,8 +233,9 @@ def check_data_rendering(cfg: Config, data_dir: str) -> None:
 def check_export_dir(cfg: Config) -> None:
     """An export into the model it trains from would overwrite the base weights (and a LoRA
     adapter would then point at the merged model, applying itself twice). The export replaces
-    everything in train.export_dir, so a folder holding the checkpoints or the prepared data
-    (train.export_dir=runs/quickstart) would delete them."""
+    everything in train.export_dir, so a folder holding the checkpoints, the prepared data
+    (train.export_dir=runs/quickstart) or the model (train.export_dir=/models) would delete
+    them."""
     export = storage.normalize(cfg.train.export_dir)
     base = cfg.model.name_or_path
     if base and export == storage.normalize(base):
@@ -206,10 +243,16 @@ def check_export_dir(cfg: Config) -> None:
             f"train.export_dir {cfg.train.export_dir} is model.name_or_path: the export would "
             "overwrite the model this run trains from; export to another directory"
         )
-    for key, path in (
+    inside = [
         ("train.storage_path", cfg.train.storage_path),
         ("train.data_dir", cfg.train_data_dir),
-    ):
+    ]
+    # a local model in a folder of the export (a hub id is no folder of it)
+    for key in ("model.name_or_path", "model.tokenizer"):
+        path = getattr(cfg.model, key.split(".")[1])
+        if path and Path(path).expanduser().exists():
+            inside.append((key, path))
+    for key, path in inside:
         inner = storage.normalize(path)
         if inner == export or inner.startswith(export.rstrip("/") + "/"):
             raise ValueError(
@@ -276,6 +319,8 @@ RESUME_FIXED = {
 RESUME_KEPT = ("train.lr", "train.weight_decay", "train.betas")
 # changeable on resume, but they reshape the lr schedule (lr_factor reads them at every step)
 RESUME_RESHAPED = ("train.steps", "train.warmup_steps", "train.min_lr_ratio")
+# changeable on resume, but they reorder the epoch the saved data position counts into
+RESUME_REORDERED = ("train.seed", "train.shuffle_window_rows")
 
 
 def check_resume_config(cfg: Config) -> Config:
@@ -344,6 +389,18 @@ def check_resume_config(cfg: Config) -> Config:
                 "train: resuming %s with %s=%s (was %s): the learning-rate schedule follows the "
                 "new value from the resumed step on, so the lr there changes at once (a longer "
                 "run stretches the decay: the lr rises again)",
+                name,
+                key,
+                value(cfg, key),
+                value(old, key),
+            )
+    for key in RESUME_REORDERED:
+        if value(old, key) != value(cfg, key):
+            log.warning(
+                "train: resuming %s with %s=%s (was %s): the rows are shuffled in another order, "
+                "so the saved data position (epoch and micro-batch) skips other rows: the rest "
+                "of this epoch trains some rows twice and some not at all. Put it back, or set "
+                "a new train.run_name",
                 name,
                 key,
                 value(cfg, key),

@@ -256,6 +256,23 @@ def check_lora_on_meta(cfg: Config, tokenizer: Any) -> None:
     check_lora_targets(model, cfg.lora)
 
 
+def check_model_vocab(cfg: Config, tokenizer: Any) -> None:
+    """A tokenizer with more tokens than the model has embeddings (model.tokenizer from another
+    model) prepares fine, and training then failed in every worker with torch's "IndexError:
+    index out of range in self"."""
+    if not cfg.model.name_or_path:
+        return  # the tiny model is built for the tokenizer (build_model_config checks it)
+    vocab = build_model_config(cfg.model, tokenizer).get_text_config().vocab_size
+    if vocab is not None and len(tokenizer) > vocab:
+        raise ValueError(
+            f"the tokenizer of {cfg.model.tokenizer_path} has {len(tokenizer)} tokens, but the "
+            f"model {cfg.model.name_or_path} has embeddings for {vocab} (its config.json "
+            "vocab_size): the ids past them cannot train. Use the model's own tokenizer "
+            "(unset model.tokenizer) and prepare again, or a model whose vocab_size is at "
+            f"least {len(tokenizer)}"
+        )
+
+
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks (the FSDP2 and activation-checkpointing units)."""
     from transformers.modeling_layers import GradientCheckpointingLayer

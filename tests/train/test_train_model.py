@@ -296,16 +296,43 @@ def test_data_prepared_for_another_tokenizer_is_refused_before_training(tmp_path
         check(str(model_a), str(model_b))
 
 
+def test_a_tokenizer_with_more_tokens_than_the_model_has_embeddings_is_refused(tmp_path) -> None:
+    """model.tokenizer from another model: prepare passed, and every worker then failed with
+    torch's "IndexError: index out of range in self"."""
+    from soulray.data.tokenizer import train_tokenizer
+    from soulray.train.model import check_model_vocab
+
+    tokenizer = train_tokenizer(["I can't sleep and I feel alone."] * 50, 300)
+    for vocab in (len(tokenizer), len(tokenizer) - 1):
+        Qwen2Config(**TINY | {"vocab_size": vocab}).save_pretrained(tmp_path / str(vocab))
+    cfg = load_config(None, [f"model.name_or_path={tmp_path}/{len(tokenizer)}"])
+    check_model_vocab(cfg, tokenizer)  # as many embeddings as tokens
+    small = f"{tmp_path}/{len(tokenizer) - 1}"
+    cfg = load_config(None, [f"model.name_or_path={small}", "model.tokenizer=/tok"])
+    with pytest.raises(ValueError) as refused:
+        check_model_vocab(cfg, tokenizer)
+    assert str(refused.value).startswith(
+        f"the tokenizer of /tok has {len(tokenizer)} tokens, but the model {small} has "
+        f"embeddings for {len(tokenizer) - 1} (its config.json vocab_size)"
+    )
+
+
 def test_what_every_worker_would_trip_on_is_refused_where_the_run_starts(
     prepared_quickstart, tmp_path
 ) -> None:
     """Both launchers run check_before_workers: a seq_len, mode, strategy tagging or system
-    prompt other than the data's, an export over the base model, unknown LoRA modules and a
-    FlashAttention kernel on the CPU (these used to fail in every worker, four times with
-    restarts, then end in a WorkerGroupError traceback)."""
+    prompt other than the data's, an export over the base model, unknown LoRA modules, a
+    model directory without its config or weights and a FlashAttention kernel on the CPU
+    (these used to fail in every worker, four times with restarts, then end in a
+    WorkerGroupError traceback)."""
     from soulray.train.launch import check_before_workers
 
     data = str(prepared_quickstart)
+    (tmp_path / "no_config").mkdir()
+    (tmp_path / "no_config" / "model.safetensors").write_bytes(b"")
+    (tmp_path / "no_weights").mkdir()
+    (tmp_path / "no_weights" / "config.json").write_text("{}")
+    (tmp_path / "models" / "base").mkdir(parents=True)
     base = [f"train.data_dir={data}", f"train.storage_path={tmp_path}/ckpt"]
     prepared = load_config(QUICKSTART, base)
     check_before_workers(prepared, data)  # the quickstart's own settings pass
@@ -330,6 +357,14 @@ def test_what_every_worker_would_trip_on_is_refused_where_the_run_starts(
             f"model.name_or_path '{tmp_path}/none' does not exist; set it to a local",
         ),
         (
+            [f"model.name_or_path={tmp_path}/no_config"],
+            f"model.name_or_path {tmp_path}/no_config has no config.json: it must be a whole",
+        ),
+        (
+            [f"model.name_or_path={tmp_path}/no_weights"],
+            f"model.name_or_path {tmp_path}/no_weights holds no weights \\(one of model.safet",
+        ),
+        (
             ["model.attn_implementation=varlen"],
             "model.attn_implementation=varlen needs a CUDA GPU and this run trains on the CPU",
         ),
@@ -344,6 +379,14 @@ def test_what_every_worker_would_trip_on_is_refused_where_the_run_starts(
         (
             [f"train.export_dir={data}/"],
             f"holds train.data_dir {data}: the export replaces everything in its directory",
+        ),
+        (  # the base model (and its tokenizer) in a folder of the export
+            [f"model.name_or_path={tmp_path}/models/base", f"train.export_dir={tmp_path}/models"],
+            f"holds model.name_or_path {tmp_path}/models/base: the export replaces everything",
+        ),
+        (
+            [f"model.tokenizer={tmp_path}/models/base", f"train.export_dir={tmp_path}/models/"],
+            f"holds model.tokenizer {tmp_path}/models/base: the export replaces everything",
         ),
     ]
     for overrides, says in cases:
@@ -456,6 +499,11 @@ def test_a_resume_refuses_what_it_cannot_change_and_warns_of_what_it_keeps(
     assert f"resuming r on train.data_dir={tmp_path}/other, but its checkpoints trained on" in (
         caplog.text
     )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="soulray.train"):  # the saved position's order
+        check_resume_config(config("train.seed=7", "train.shuffle_window_rows=0"))
+    assert "resuming r with train.seed=7 (was 0): the rows are shuffled in another" in caplog.text
+    assert "with train.shuffle_window_rows=0 (was 1024): the rows are shuffled" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="soulray.train"):
         applied = check_resume_config(config("train.lr=1e-5", "train.steps=300"))
