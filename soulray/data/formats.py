@@ -235,13 +235,16 @@ def _parquet_records(path: str, stem: str, data: bytes) -> Iterator[RawRecord]:
 
 
 def is_turn_list(value: Any) -> bool:
-    """A SMILE conversation: a non-empty list of dicts that have a role and no nested dialogue."""
+    """A SMILE conversation: a non-empty list of dicts with a role and no nested dialogue. Any
+    turn's role counts, not only the first's: a file whose first turn lost its role is one
+    conversation with a defect (one reject naming the turn), not a list of unknown records."""
+    dialogue_keys = {"messages", "conversations", "conversation", "dialog"}
     return (
         isinstance(value, list)
         and bool(value)
         and all(isinstance(t, dict) for t in value)
-        and "role" in value[0]
-        and not {"messages", "conversations", "conversation", "dialog"} & value[0].keys()
+        and any("role" in t for t in value)
+        and not any(dialogue_keys & t.keys() for t in value)
     )
 
 

@@ -173,6 +173,19 @@ def test_smile_merges_consecutive_counselor_turns():
     assert all(a != b for a, b in pairwise(roles))
 
 
+def test_a_smile_file_whose_first_turn_lost_its_role_is_one_reject(tmp_path):
+    """Its 10 turns were 10 unknown_format 'records' (only the first turn's role was looked at)."""
+    turns = json.loads(shared_path("smile/dialogs/0.json").read_text(encoding="utf-8"))
+    del turns[0]["role"]
+    path = tmp_path / "0.json"
+    path.write_text(json.dumps(turns, ensure_ascii=False), encoding="utf-8")
+    a = adapt([path])
+    assert (a.records, a.rejected) == (1, [(str(path), "invalid_record")])
+    with pytest.raises(RecordError) as info:
+        to_conversation(turns, detect_format(turns), "0")
+    assert info.value.detail == "turn 0 role is None; expected one of ['client', 'counselor']"
+
+
 def test_emollm_xtuner():
     a = adapt([shared_path("emollm/data.json")])
     # raw JSON: 1,596 conversations, 5,072 input/output pairs, a system prompt on 1,596 of them
