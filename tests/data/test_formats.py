@@ -440,6 +440,31 @@ def test_only_an_array_cut_at_the_end_is_read_as_cut_short(tmp_path):
     assert one.error.detail.startswith("line 5 col 1: Expecting property name")
 
 
+def test_a_smile_file_that_does_not_parse_is_one_reject(tmp_path):
+    """One conversation cut short or broken mid-file was read as its turns: 4 unknown_format
+    'records' and an invalid_json one that said the records before it were read."""
+    turns = json.loads(shared_path("smile/dialogs/0.json").read_text(encoding="utf-8"))
+    whole = json.dumps(turns, ensure_ascii=False, indent=2).encode()
+    path = str(tmp_path / "0.json")
+    cut = whole[: len(whole) // 2]
+    (one,) = split_records(path, cut)
+    assert (one.location, one.error.reason, one.error.detail) == (
+        path,
+        "invalid_json",
+        "line 91 col 21: Unterminated string starting at; the file is one SMILE conversation "
+        "(a list of turns) and was skipped: it was cut short, e.g. by an interrupted download "
+        "or copy; fetch it again",
+    )
+    no_comma = whole.replace(b"},\n  {", b"}\n  {", 1)
+    (one,) = split_records(path, no_comma)
+    assert one.error.detail == (
+        "line 12 col 3: Expecting ',' delimiter; the file is one SMILE conversation (a list of "
+        "turns) and was skipped: fix it there and run again"
+    )
+    (one,) = split_records(path, json.dumps(turns, ensure_ascii=False).encode("gbk"))
+    assert one.error.reason == "invalid_encoding"
+
+
 def test_a_json_file_of_json_lines_with_a_bad_first_line_keeps_the_others(tmp_path):
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}
     data = ('{"messages": [broken\n' + json.dumps(good) + "\n" + json.dumps(good) + "\n").encode()
