@@ -73,7 +73,8 @@ def split_records(path: str, data: bytes) -> Iterator[RawRecord]:
         at_end = isinstance(e, json.JSONDecodeError) and (
             e.msg.startswith("Unterminated string") or e.pos >= len(text.rstrip())
         )
-        if (items := _array_items(path, stem, data, at_end)) is not None:
+        turns = _is_turn_array(data, at_end)  # one SMILE conversation: its items are turns
+        if not turns and (items := _array_items(path, stem, data, at_end)) is not None:
             yield from items  # an array with a bad record: the others are read
         elif _looks_like_json_lines(text):
             yield from line_records(path, stem, data)
@@ -83,7 +84,16 @@ def split_records(path: str, data: bytes) -> Iterator[RawRecord]:
             yield RawRecord(path, stem, None, "", RecordError("invalid_json", "the file is empty"))
         else:
             where = f"line {e.lineno} col {e.colno}: {e.msg}"
-            if e.msg == "Extra data":  # two arrays one after the other (files joined with cat)
+            if turns:
+                where += (
+                    "; the file is one SMILE conversation (a list of turns) and was skipped: "
+                    + (
+                        "it was cut short, e.g. by an interrupted download or copy; fetch it again"
+                        if at_end
+                        else "fix it there and run again"
+                    )
+                )
+            elif e.msg == "Extra data":  # two arrays one after the other (files joined with cat)
                 where += (
                     "; the whole file was skipped: it holds more than one JSON value; merge "
                     "them into one array, or write one record per line in a .jsonl file"
@@ -153,6 +163,24 @@ def _array_items(path: str, stem: str, data: bytes, cut_short: bool) -> list[Raw
     )
     text = rest.decode("utf-8", errors="replace")[:2000]
     return [*items, RawRecord(f"{path}[{i}]", f"{stem}:{i}", None, text, err)]
+
+
+def _is_turn_array(data: bytes, cut_short: bool) -> bool:
+    """Whether a JSON array that does not parse holds SMILE turns (its first item that parses
+    is one): the file is one conversation, so it is one reject, never one record per turn."""
+    from soulray.data.ranges import array_item_spans, truncated_array_spans
+
+    spans = array_item_spans(data)
+    if spans is None and cut_short:
+        cut = truncated_array_spans(data)
+        spans = cut[0] if cut else None
+    for start, end in spans or []:
+        try:
+            item = json.loads(data[start:end].decode("utf-8", errors="replace"))
+        except json.JSONDecodeError:
+            continue
+        return is_turn_list([item])
+    return False
 
 
 def opens_json_array(data: bytes) -> bool:
@@ -235,13 +263,16 @@ def _parquet_records(path: str, stem: str, data: bytes) -> Iterator[RawRecord]:
 
 
 def is_turn_list(value: Any) -> bool:
-    """A SMILE conversation: a non-empty list of dicts that have a role and no nested dialogue."""
+    """A SMILE conversation: a non-empty list of dicts with a role and no nested dialogue. Any
+    turn's role counts, not only the first's: a file whose first turn lost its role is one
+    conversation with a defect (one reject naming the turn), not a list of unknown records."""
+    dialogue_keys = {"messages", "conversations", "conversation", "dialog"}
     return (
         isinstance(value, list)
         and bool(value)
         and all(isinstance(t, dict) for t in value)
-        and "role" in value[0]
-        and not {"messages", "conversations", "conversation", "dialog"} & value[0].keys()
+        and any("role" in t for t in value)
+        and not any(dialogue_keys & t.keys() for t in value)
     )
 
 

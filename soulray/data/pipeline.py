@@ -453,7 +453,11 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
         )
     if summary.kept == 0:
         write_rejects(work, rejects_path, [])
-        raise ValueError(f"no conversation survived cleaning; see {rejects_path} for why")
+        raise ValueError(  # the first reason says most (a wrong data.format names the fix)
+            f"no conversation survived cleaning ({summary.records} record(s) rejected: "
+            f"{dict(summary.rejected)}); the first: {summary.first_error}; see {rejects_path} "
+            "for each one"
+        )
     check_splits(summary.kept_by_split, d.val_fraction)
     kept = ray.data.from_items(
         [{"rid": rid} for rid in rids], override_num_blocks=len(rids)

@@ -173,6 +173,19 @@ def test_smile_merges_consecutive_counselor_turns():
     assert all(a != b for a, b in pairwise(roles))
 
 
+def test_a_smile_file_whose_first_turn_lost_its_role_is_one_reject(tmp_path):
+    """Its 10 turns were 10 unknown_format 'records' (only the first turn's role was looked at)."""
+    turns = json.loads(shared_path("smile/dialogs/0.json").read_text(encoding="utf-8"))
+    del turns[0]["role"]
+    path = tmp_path / "0.json"
+    path.write_text(json.dumps(turns, ensure_ascii=False), encoding="utf-8")
+    a = adapt([path])
+    assert (a.records, a.rejected) == (1, [(str(path), "invalid_record")])
+    with pytest.raises(RecordError) as info:
+        to_conversation(turns, detect_format(turns), "0")
+    assert info.value.detail == "turn 0 role is None; expected one of ['client', 'counselor']"
+
+
 def test_emollm_xtuner():
     a = adapt([shared_path("emollm/data.json")])
     # raw JSON: 1,596 conversations, 5,072 input/output pairs, a system prompt on 1,596 of them
@@ -425,6 +438,31 @@ def test_only_an_array_cut_at_the_end_is_read_as_cut_short(tmp_path):
     trailing = b'{\n  "messages": [\n    {"role": "user", "content": "hi"}\n  ],\n}\n'
     (one,) = split_records(path, trailing)  # pretty JSON with an error: not JSON lines
     assert one.error.detail.startswith("line 5 col 1: Expecting property name")
+
+
+def test_a_smile_file_that_does_not_parse_is_one_reject(tmp_path):
+    """One conversation cut short or broken mid-file was read as its turns: 4 unknown_format
+    'records' and an invalid_json one that said the records before it were read."""
+    turns = json.loads(shared_path("smile/dialogs/0.json").read_text(encoding="utf-8"))
+    whole = json.dumps(turns, ensure_ascii=False, indent=2).encode()
+    path = str(tmp_path / "0.json")
+    cut = whole[: len(whole) // 2]
+    (one,) = split_records(path, cut)
+    assert (one.location, one.error.reason, one.error.detail) == (
+        path,
+        "invalid_json",
+        "line 91 col 21: Unterminated string starting at; the file is one SMILE conversation "
+        "(a list of turns) and was skipped: it was cut short, e.g. by an interrupted download "
+        "or copy; fetch it again",
+    )
+    no_comma = whole.replace(b"},\n  {", b"}\n  {", 1)
+    (one,) = split_records(path, no_comma)
+    assert one.error.detail == (
+        "line 12 col 3: Expecting ',' delimiter; the file is one SMILE conversation (a list of "
+        "turns) and was skipped: fix it there and run again"
+    )
+    (one,) = split_records(path, json.dumps(turns, ensure_ascii=False).encode("gbk"))
+    assert one.error.reason == "invalid_encoding"
 
 
 def test_a_json_file_of_json_lines_with_a_bad_first_line_keeps_the_others(tmp_path):

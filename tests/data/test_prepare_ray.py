@@ -426,8 +426,13 @@ def test_an_output_inside_an_input_folder_is_not_read_back_and_a_failed_run_leav
     # a run that fails leaves no manifest behind: train must not take the older data as its own
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"messages": [{"role": "user", "content": "unterminated\n')
-    with pytest.raises(ValueError, match="no conversation survived cleaning"):
+    with pytest.raises(ValueError) as info:
         run_prepare(quickstart_config([str(broken)], out))
+    assert str(info.value) == (
+        "no conversation survived cleaning (1 record(s) rejected: {'invalid_json': 1}); the "
+        f"first: {broken}:1: invalid_json: Unterminated string starting at; see "
+        f"{out}/rejects.jsonl for each one"
+    )
     assert not (out / "manifest.json").exists()
     # files without a record: not "see rejects.jsonl for why" (it would be empty)
     (tmp_path / "empty.jsonl").write_text("")
