@@ -76,6 +76,10 @@ def save_checkpoint(
     rank = dist.get_rank()
     mine = {"epoch": state["epoch"], "epoch_batch": state["epoch_batch"]}
     torch.save(rng_state() | {"data": mine}, Path(directory, f"rng_rank{rank}.pt"))
+    # STATE_FILE marks the checkpoint complete (torchrun resumes from the latest with one):
+    # written once every rank's file is in, or a kill in between would leave a rank's
+    # position missing from a "complete" checkpoint (it would resume at rank 0's)
+    dist.barrier()
     if rank == 0:
         extra = state | {"scheduler": scheduler.state_dict()}
         Path(directory, STATE_FILE).write_text(json.dumps(extra))

@@ -661,3 +661,46 @@ def test_the_summary_says_a_run_resumed(capsys) -> None:
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "trained r to step 14 (resumed from step 5): loss 6.2500, 900 tokens/s"
     assert lines[3] == "trained r to step 14: loss 6.2500, 900 tokens/s"
+
+
+def _save_with_a_slow_rank(rank: int, directory: str, port: int) -> None:
+    """One rank of a 2-process gloo group saving a checkpoint; rank 1 writes its RNG file late."""
+    import time
+
+    import torch.distributed as dist
+
+    from soulray.train import checkpoint
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        if rank == 1:
+            save = torch.save
+
+            def slow_save(obj, path):
+                time.sleep(1.0)
+                save(obj, path)
+
+            checkpoint.torch.save = slow_save
+        model = torch.nn.Linear(2, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        state = {"step": 1, "epoch": 0, "epoch_batch": 1}
+        checkpoint.save_checkpoint(directory, model, optimizer, scheduler, state, Config())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_checkpoint_is_marked_complete_only_once_every_ranks_files_are_in(tmp_path) -> None:
+    """soulray_state.json marks a checkpoint complete (torchrun resumes from the latest with
+    one): rank 0 wrote it while other ranks were still writing their data positions, so a kill
+    in between left a "complete" checkpoint without them."""
+    import torch.multiprocessing as mp
+    from soulray_testing import free_port
+
+    from soulray.train.checkpoint import STATE_FILE
+
+    directory = tmp_path / "checkpoint_00000001"
+    directory.mkdir()
+    mp.spawn(_save_with_a_slow_rank, args=(str(directory), free_port()), nprocs=2)
+    state, last_rng = directory / STATE_FILE, directory / "rng_rank1.pt"
+    assert state.stat().st_mtime_ns >= last_rng.stat().st_mtime_ns
