@@ -259,7 +259,12 @@ def load_run_tokenizer(cfg: Config, train_ds: Any = None) -> Any:
     path = cfg.model.tokenizer_path
     if path:
         log.info("tokenizer: loading %s", path)
-        tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
+        try:
+            tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
+        except OSError as e:
+            if Path(path).expanduser().exists():
+                raise
+            raise ValueError(not_a_model(cfg, path, e)) from e
     else:
         n = cfg.data.tokenizer_train_conversations
         log.info(
@@ -362,6 +367,18 @@ def check_local_model_path(cfg: Config, weights: bool = False) -> None:
                 f"{key} {path!r} does not exist; set it to a local Hugging Face model directory "
                 "(or a hub id such as Qwen/Qwen2.5-7B-Instruct where the hub can be reached)"
             )
+
+
+def not_a_model(cfg: Config, path: str, e: OSError) -> str:
+    """A model path that is no local directory, and the hub gave nothing for it as an id
+    (transformers' error named neither the key nor the local-path rule)."""
+    key = "model.tokenizer" if cfg.model.tokenizer else "model.name_or_path"
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return (
+        f"{key} {path!r} is no local directory, and the Hugging Face Hub gave nothing for it as "
+        f"a model id ({first}). A local path starts with ./, ../, / or ~ (e.g. ./{path}); a "
+        "hub id needs the hub reachable or the model in the local Hugging Face cache"
+    )
 
 
 def check_splits(kept_by_split: dict[str, int], val_fraction: float) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from soulray_testing import QUICKSTART
 from transformers import AutoTokenizer
 
 from soulray.data.render import BUILTIN_TEMPLATE, CHATML_TEMPLATE
@@ -116,3 +117,24 @@ def test_a_directory_that_is_not_a_model_is_named_as_such(tmp_path):
     (tmp_path / "readme.txt").write_text("hi")
     with pytest.raises(ValueError, match=r"holds no tokenizer .* must be a Hugging Face model"):
         load_tokenizer(str(tmp_path))
+
+
+def test_a_model_path_that_is_no_directory_and_no_hub_model_names_the_key(monkeypatch, tmp_path):
+    """`model.name_or_path=my-model` (a local folder written without ./, or a typo) was
+    transformers' hub error alone, after its retries; it names the key and the path rule."""
+    import huggingface_hub.constants
+
+    from soulray.config import load_config
+    from soulray.data.pipeline import load_run_tokenizer
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no retries here
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(QUICKSTART, ["model.name_or_path=qwen-user-typo"])
+    with pytest.raises(ValueError) as e:
+        load_run_tokenizer(cfg)
+    assert str(e.value).startswith(
+        "model.name_or_path 'qwen-user-typo' is no local directory, and the Hugging Face Hub "
+        "gave nothing for it as a model id (We couldn't connect to 'https://huggingface.co' to "
+        "load the files, and couldn't find them in the cached files.). A local path starts "
+        "with ./, ../, / or ~ (e.g. ./qwen-user-typo)"
+    )
