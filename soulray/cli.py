@@ -580,10 +580,12 @@ def submit(
     ] = True,
 ) -> None:
     """Submit a soulray verb as a Ray job: soulray submit --address URL -- soulray train -c X."""
-    from soulray.submit import submit_job
+    from soulray.submit import job_commands, submit_job
 
     job_id, status = run_verb(submit_job, address, command, wait, upload, Path.cwd())
     typer.echo(f"job {job_id}: {status}")
+    if not wait:
+        typer.echo(f"  follow it: {job_commands(job_id, address)}")
     if wait and status != "SUCCEEDED":
         raise typer.Exit(1)
 

@@ -398,3 +398,27 @@ def test_the_ray_job_commands_printed_send_the_token(tmp_path, monkeypatch) -> N
         "http://h:8265; stop it: RAY_AUTH_MODE=token ray job stop soulray-train-1 --address "
         "http://h:8265"
     )
+
+
+def test_a_job_submitted_without_waiting_says_how_to_follow_it(tmp_path, monkeypatch) -> None:
+    """--no-wait printed the job's id and PENDING alone, as if nothing more could be seen."""
+    import ray.job_submission
+    from typer.testing import CliRunner
+
+    from soulray.cli import app
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", *ADDRESS_VARS):
+        monkeypatch.setenv(name, "")  # recorded first, so the variable is restored after
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://h:8265")
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", FakeJobClient)
+    monkeypatch.chdir(ROOT)
+    args = ["submit", "--no-wait", "--", "soulray", "train", "-c", "/no/such.yaml"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0
+    assert result.output.splitlines()[-2:] == [
+        "job soulray-train-1: PENDING",
+        "  follow it: ray job logs --follow soulray-train-1 --address http://h:8265; stop it: "
+        "ray job stop soulray-train-1 --address http://h:8265",
+    ]
