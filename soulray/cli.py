@@ -462,6 +462,7 @@ def quickstart(config: ConfigOpt, overrides: Overrides = None) -> None:
 
     setup_logging()
     cfg = load(config, [*(overrides or []), "pipeline.stages=[prepare, train, serve]"])
+    own_ray = starts_its_own_ray()
     init_ray()
     results = run_verb(run_pipeline, cfg)
     typer.echo(format_summary(results))
@@ -479,7 +480,10 @@ def quickstart(config: ConfigOpt, overrides: Overrides = None) -> None:
         f"  soulray serve --config {config}{serve_overrides(overrides, cfg)}\nand talk to it with\n"
         f"  soulray chat --url {url}"
     )
-    serve.shutdown()
+    if own_ray:
+        serve.shutdown()
+    else:  # a cluster it joined (a Ray job, `ray start`): other apps serve there
+        serve.delete(cfg.serve.app_name)
 
 
 @app.command()
