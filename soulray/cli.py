@@ -462,6 +462,7 @@ def quickstart(config: ConfigOpt, overrides: Overrides = None) -> None:
 
     setup_logging()
     cfg = load(config, [*(overrides or []), "pipeline.stages=[prepare, train, serve]"])
+    own_ray = starts_its_own_ray()
     init_ray()
     results = run_verb(run_pipeline, cfg)
     typer.echo(format_summary(results))
@@ -479,7 +480,10 @@ def quickstart(config: ConfigOpt, overrides: Overrides = None) -> None:
         f"  soulray serve --config {config}{serve_overrides(overrides, cfg)}\nand talk to it with\n"
         f"  soulray chat --url {url}"
     )
-    serve.shutdown()
+    if own_ray:
+        serve.shutdown()
+    else:  # a cluster it joined (a Ray job, `ray start`): other apps serve there
+        serve.delete(cfg.serve.app_name)
 
 
 @app.command()
@@ -580,10 +584,12 @@ def submit(
     ] = True,
 ) -> None:
     """Submit a soulray verb as a Ray job: soulray submit --address URL -- soulray train -c X."""
-    from soulray.submit import submit_job
+    from soulray.submit import job_commands, submit_job
 
     job_id, status = run_verb(submit_job, address, command, wait, upload, Path.cwd())
     typer.echo(f"job {job_id}: {status}")
+    if not wait:
+        typer.echo(f"  follow it: {job_commands(job_id, address)}")
     if wait and status != "SUCCEEDED":
         raise typer.Exit(1)
 

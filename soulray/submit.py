@@ -199,8 +199,6 @@ def submit_job(
             "check `ray status` and submit again"
         ) from None
     if wait:
-        # a flag or variable names the cluster for the `ray job` commands; else the default
-        flag = f" --address {address or env[0]}" if address or env else ""
         # Our own handler: with Python's default one, asyncio.run turns Ctrl-C into a
         # cancellation of the log tail, which the tail can absorb (it then followed on to the
         # job's end); an exception raised where the loop is cannot be absorbed
@@ -215,14 +213,23 @@ def submit_job(
         except KeyboardInterrupt:
             print(
                 f"\nstopped following {job_id}; the job keeps running on the cluster. Follow "
-                f"it again: ray job logs --follow {job_id}{flag}; stop it: ray job stop "
-                f"{job_id}{flag}",
+                f"it again: {job_commands(job_id, address)}",
                 file=sys.stderr,
             )
             raise SystemExit(130) from None
         finally:
             signal.signal(signal.SIGINT, previous)
     return job_id, client.get_job_status(job_id).value
+
+
+def job_commands(job_id: str, address: str | None) -> str:
+    """Ray's own commands to follow and stop the job. A flag or variable names the cluster,
+    else the default; on a token cluster `ray job` sends the token only with
+    RAY_AUTH_MODE=token, which send_token_if_present set in this process alone."""
+    env = [os.environ[v] for v in ADDRESS_VARS if os.environ.get(v)]
+    flag = f" --address {address or env[0]}" if address or env else ""
+    auth = "RAY_AUTH_MODE=token " if os.environ.get("RAY_AUTH_MODE") == "token" else ""
+    return f"{auth}ray job logs --follow {job_id}{flag}; stop it: {auth}ray job stop {job_id}{flag}"
 
 
 def _interrupt(signum: int, frame: Any) -> None:

@@ -125,6 +125,38 @@ def test_the_quickstart_hint_serves_the_model_it_trained() -> None:
     )
 
 
+def test_quickstart_on_a_cluster_it_joined_stops_its_own_app_only(monkeypatch) -> None:
+    """It ended with serve.shutdown(): submitted to a cluster (or run beside `ray start`), that
+    stopped every Serve app there, other people's included."""
+    from types import SimpleNamespace
+
+    from ray import serve
+    from typer.testing import CliRunner
+
+    import soulray.cli
+    import soulray.pipeline
+    import soulray.serve.client
+
+    reply = SimpleNamespace(
+        model_extra={},
+        choices=[SimpleNamespace(message=SimpleNamespace(content="hello"))],
+        usage=SimpleNamespace(prompt_tokens=3, completion_tokens=1),
+    )
+    stopped = []
+    monkeypatch.setattr(soulray.cli, "init_ray", lambda: None)
+    monkeypatch.setattr(soulray.pipeline, "run_pipeline", lambda cfg: [])
+    monkeypatch.setattr(soulray.serve.client, "ask_once", lambda *a: reply)
+    monkeypatch.setattr(serve, "shutdown", lambda: stopped.append("all of Serve"))
+    monkeypatch.setattr(serve, "delete", lambda name: stopped.append(name))
+    args = ["quickstart", "--config", str(QUICKSTART), "serve.app_name=qs"]
+    for address, expected in (("127.0.0.1:6379", "qs"), ("local", "all of Serve")):
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        stopped.clear()
+        result = CliRunner().invoke(soulray.cli.app, args)
+        assert result.exit_code == 0, result.output
+        assert stopped == [expected]
+
+
 def test_prepare_runs_again_when_its_input_files_changed(tmp_path, prepared_quickstart, caplog):
     """A record fixed in an input after prepare was left out: the stage was skipped on the
     config alone. Inputs that are gone keep the prepared data (preparing again would fail)."""

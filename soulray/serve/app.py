@@ -374,8 +374,10 @@ def start_serving(cfg: Config) -> str:
     """Deploy the app on the current Ray cluster (non-blocking); return its base URL."""
     from ray.serve.context import _get_global_client
 
-    if _get_global_client(raise_if_no_controller_running=False) is None and hosts_a_node():
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None and hosts_a_node():
         check_port_free(cfg.serve.host, cfg.serve.port)  # a running Serve holds its own port
+    port = cfg.serve.port if client is None else running_port(client.http_config.port, cfg)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     try:
         serve.run(build_application(cfg), name=cfg.serve.app_name, route_prefix="/")
@@ -390,7 +392,21 @@ def start_serving(cfg: Config) -> str:
             "models from one app with serve.adapters, or use another Ray cluster"
         ) from None
     host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
-    return f"http://{host}:{cfg.serve.port}"
+    return f"http://{host}:{port}"
+
+
+def running_port(running: int, cfg: Config) -> int:
+    """The port of a Serve already running on the cluster, where the app is served: Serve keeps
+    the one it started with (serve.start ignores another), so the URL must name that one."""
+    if running != cfg.serve.port:
+        log.warning(
+            "serve.port=%d is not applied: this Ray cluster's Serve already listens on port %d "
+            "and keeps it until it is shut down (`serve shutdown` stops every app), so the app "
+            "is served there",
+            cfg.serve.port,
+            running,
+        )
+    return running
 
 
 def hosts_a_node() -> bool:

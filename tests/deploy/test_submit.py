@@ -16,7 +16,7 @@ from k8s_render import ROOT
 from soulray_testing import free_port
 from test_local_cluster import cluster_processes, local_cluster, read_env_file, run, running
 
-from soulray.submit import build_entrypoint
+from soulray.submit import ADDRESS_VARS, build_entrypoint
 from soulray.train.launch import storage_problem
 
 __all__ = ["local_cluster"]  # the fixture, imported for use here
@@ -352,3 +352,73 @@ def test_a_token_on_this_machine_is_sent(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the user's own choice stands
     send_token_if_present()
     assert os.environ["RAY_AUTH_MODE"] == "disabled"
+
+
+class FakeJobClient:
+    """Ray's JobSubmissionClient as far as submit_job uses it: the log tail is cut by Ctrl-C."""
+
+    def __init__(self, address):
+        self.address = address
+
+    def submit_job(self, **kwargs):
+        return "soulray-train-1"
+
+    async def tail_job_logs(self, job_id):
+        yield "step 1\n"
+        raise KeyboardInterrupt
+
+    def get_job_status(self, job_id):
+        from ray.job_submission import JobStatus
+
+        return JobStatus.PENDING
+
+
+def test_the_ray_job_commands_printed_send_the_token(tmp_path, monkeypatch) -> None:
+    """Ctrl-C printed `ray job logs --follow ...`, which a token cluster refused: submit had
+    set RAY_AUTH_MODE=token for itself alone, and `ray job` sends the token only with it."""
+    import ray.job_submission
+    from typer.testing import CliRunner
+
+    from soulray.cli import app
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", *ADDRESS_VARS):
+        monkeypatch.setenv(name, "")  # recorded first, so the variable is restored after
+        monkeypatch.delenv(name)
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("t" * 32)
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", FakeJobClient)
+    monkeypatch.chdir(ROOT)
+    args = ["submit", "--address", "http://h:8265", "--", "soulray", "train"]
+    result = CliRunner().invoke(app, [*args, "-c", "/no/such.yaml"])
+    assert result.exit_code == 130
+    assert result.output.splitlines()[-1] == (
+        "stopped following soulray-train-1; the job keeps running on the cluster. Follow it "
+        "again: RAY_AUTH_MODE=token ray job logs --follow soulray-train-1 --address "
+        "http://h:8265; stop it: RAY_AUTH_MODE=token ray job stop soulray-train-1 --address "
+        "http://h:8265"
+    )
+
+
+def test_a_job_submitted_without_waiting_says_how_to_follow_it(tmp_path, monkeypatch) -> None:
+    """--no-wait printed the job's id and PENDING alone, as if nothing more could be seen."""
+    import ray.job_submission
+    from typer.testing import CliRunner
+
+    from soulray.cli import app
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", *ADDRESS_VARS):
+        monkeypatch.setenv(name, "")  # recorded first, so the variable is restored after
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://h:8265")
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", FakeJobClient)
+    monkeypatch.chdir(ROOT)
+    args = ["submit", "--no-wait", "--", "soulray", "train", "-c", "/no/such.yaml"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0
+    assert result.output.splitlines()[-2:] == [
+        "job soulray-train-1: PENDING",
+        "  follow it: ray job logs --follow soulray-train-1 --address http://h:8265; stop it: "
+        "ray job stop soulray-train-1 --address http://h:8265",
+    ]

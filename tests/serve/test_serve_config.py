@@ -187,6 +187,35 @@ def test_serve_refuses_a_port_another_server_listens_on(monkeypatch):
     assert serve_app.hosts_a_node() is True
 
 
+def test_the_url_names_the_port_of_a_serve_already_running(monkeypatch):
+    """A Serve already running on the cluster keeps its port: the app was served there while
+    `soulray serve` and `soulray pipeline` printed a URL with the port asked for."""
+    import ray.serve.context
+    from ray import serve
+    from ray.serve.config import HTTPOptions
+
+    from soulray.serve import app as serve_app
+
+    class Running:
+        http_config = HTTPOptions(host="127.0.0.1", port=8123)
+
+    warnings = []
+    monkeypatch.setattr(ray.serve.context, "_get_global_client", lambda **_: Running())
+    monkeypatch.setattr(serve, "start", lambda **_: None)
+    monkeypatch.setattr(serve, "run", lambda *a, **k: None)
+    monkeypatch.setattr(serve_app, "build_application", lambda cfg: None)
+    monkeypatch.setattr(serve_app.log, "warning", lambda *a: warnings.append(a[0] % a[1:]))
+    url = serve_app.start_serving(load_config(None, ["serve.port=8124"]))
+    assert url == "http://127.0.0.1:8123"
+    assert warnings == [
+        "serve.port=8124 is not applied: this Ray cluster's Serve already listens on port 8123 "
+        "and keeps it until it is shut down (`serve shutdown` stops every app), so the app is "
+        "served there"
+    ]
+    assert serve_app.start_serving(load_config(None, ["serve.port=8123"])) == url
+    assert len(warnings) == 1  # the same port: nothing to say
+
+
 def test_builder_refuses_unknown_args():
     with pytest.raises(ValueError, match="unknown application args"):
         build_app({"config": {}, "conf": {}})
