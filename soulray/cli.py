@@ -458,6 +458,7 @@ def quickstart(config: ConfigOpt, overrides: Overrides = None) -> None:
     from ray import serve
 
     from soulray.pipeline import format_summary, run_pipeline
+    from soulray.serve.app import served_url
     from soulray.serve.client import ask_once
 
     setup_logging()
@@ -466,7 +467,7 @@ def quickstart(config: ConfigOpt, overrides: Overrides = None) -> None:
     init_ray()
     results = run_verb(run_pipeline, cfg)
     typer.echo(format_summary(results))
-    url = f"http://127.0.0.1:{cfg.serve.port}"
+    url = served_url(cfg)  # a cluster's Serve may hold another port than serve.port
     question = "I moved to a new city for work and I feel so lonely in the evenings."
     reply = run_verb(ask_once, url, question, cfg.serve.model_name)
     extra = reply.model_extra or {}

@@ -391,6 +391,17 @@ def start_serving(cfg: Config) -> str:
             f"cluster): redeploy it under its own name (serve.app_name={other}), serve more "
             "models from one app with serve.adapters, or use another Ray cluster"
         ) from None
+    return served_url(cfg, port)
+
+
+def served_url(cfg: Config, port: int | None = None) -> str:
+    """The base URL the app answers at on this machine: the port of the Serve running on the
+    cluster (`port`, else asked of Serve; serve.port before it runs)."""
+    from ray.serve.context import _get_global_client
+
+    if port is None:
+        client = _get_global_client(raise_if_no_controller_running=False)
+        port = cfg.serve.port if client is None else client.http_config.port
     host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
     return f"http://{host}:{port}"
 
