@@ -494,12 +494,27 @@ def pipeline(config: ConfigOpt, overrides: Overrides = None) -> None:
 
     setup_logging()
     cfg = load(config, overrides)
+    own_ray = starts_its_own_ray()
     init_ray()
     results = run_verb(run_pipeline, cfg)
     typer.echo(format_summary(results))
-    if "serve" in cfg.pipeline.stages and cfg.pipeline.wait:
+    if "serve" not in cfg.pipeline.stages:
+        return
+    if pipeline_waits(cfg, own_ray):
         typer.echo("serving until Ctrl-C (pipeline.wait=false returns at once)")
         wait_until_interrupted(cfg.serve.app_name)
+    elif not own_ray:
+        typer.echo(
+            f"{cfg.serve.app_name} keeps serving on this cluster after this command ends "
+            "(pipeline.wait=true keeps it up only while the command runs); `serve shutdown` "
+            "stops every app there"
+        )
+
+
+def pipeline_waits(cfg: Config, own_ray: bool) -> bool:
+    """Whether `soulray pipeline` stays up after deploying: pipeline.wait, or unset, on a Ray it
+    started (whose app ends with it); a Ray job on a cluster that waited ran until stopped."""
+    return cfg.pipeline.wait if cfg.pipeline.wait is not None else own_ray
 
 
 @app.command(name="eval")

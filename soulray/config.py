@@ -469,9 +469,10 @@ STAGES: tuple[Stage, ...] = ("prepare", "train", "serve")
 class PipelineConfig(Section):
     run_dir: NonEmpty | None = None  # when set: data/, checkpoints/ and model/ all go under it
     stages: list[Stage] = Field(default_factory=lambda: list(STAGES), min_length=1)
-    # After deploying, keep this driver (and a local Ray it started) up until Ctrl-C. A Ray
-    # job on a cluster sets it to false: the Serve app outlives the job there.
-    wait: bool = True
+    # After deploying, keep this driver (and a local Ray it started) up until Ctrl-C. Unset:
+    # on a Ray it started itself only; on a cluster it joined (a Ray job) it returns, as the
+    # Serve app outlives the job there (a job that waited would run until stopped).
+    wait: bool | None = None
 
 
 class Config(Section):

@@ -195,3 +195,17 @@ def test_prepare_runs_again_when_its_input_files_changed(tmp_path, prepared_quic
     with caplog.at_level("INFO", logger="soulray"):
         assert prepared_manifest(cfg) == manifest
     assert "data.inputs changed" not in caplog.text
+
+
+def test_a_pipeline_waits_on_its_own_ray_and_returns_on_a_cluster_it_joined() -> None:
+    """A `soulray pipeline` submitted as a Ray job waited for Ctrl-C after deploying, so the job
+    ran until stopped; unset, pipeline.wait now waits only where the app ends with the command."""
+    from soulray.cli import pipeline_waits
+    from soulray.config import load_config
+
+    unset, on, off = (
+        load_config(None, o) for o in ([], ["pipeline.wait=true"], ["pipeline.wait=false"])
+    )
+    assert unset.pipeline.wait is None
+    assert [pipeline_waits(c, own_ray=True) for c in (unset, on, off)] == [True, True, False]
+    assert [pipeline_waits(c, own_ray=False) for c in (unset, on, off)] == [False, True, False]
