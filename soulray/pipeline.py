@@ -157,6 +157,10 @@ def run_pipeline(cfg: Config) -> list[StageResult]:
     if "prepare" in stages:
         manifest = prepared_manifest(cfg)
         skip = f"{cfg.data.output_dir} holds this data config's output" if manifest else None
+        if skip is None and "train" in stages:  # train's refusal, before the data is replaced
+            from soulray.train.launch import refuse_resume_changes, resolve_paths
+
+            refuse_resume_changes(resolve_paths(cfg))
         results.append(timed("prepare", lambda: run_prepare_stage(cfg), skip))
     if "train" in stages:
         metrics = trained_metrics(cfg)

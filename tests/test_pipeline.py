@@ -209,3 +209,28 @@ def test_a_pipeline_waits_on_its_own_ray_and_returns_on_a_cluster_it_joined() ->
     assert unset.pipeline.wait is None
     assert [pipeline_waits(c, own_ray=True) for c in (unset, on, off)] == [True, True, False]
     assert [pipeline_waits(c, own_ray=False) for c in (unset, on, off)] == [False, True, False]
+
+
+def test_a_pipeline_refuses_what_train_would_refuse_before_preparing_again(tmp_path) -> None:
+    """Another data.seq_len made prepare replace the prepared data, and then train refused it
+    (the checkpoints count rows of the old length): the data was lost for nothing."""
+    import pytest
+
+    from soulray.config import CONFIG_FILE, config_to_yaml
+    from soulray.pipeline import run_pipeline
+
+    run = ["pipeline.run_dir=" + str(tmp_path), "pipeline.stages=[prepare,train]"]
+    trained = load_config(QUICKSTART, run)
+    checkpoint = tmp_path / "checkpoints" / trained.train.run_name / "checkpoint_00000002"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / CONFIG_FILE).write_text(config_to_yaml(with_run_dir(trained)))
+    prepared = tmp_path / "data" / "manifest.json"
+    prepared.parent.mkdir()
+    prepared.write_text("{}")
+    with pytest.raises(ValueError) as e:
+        run_pipeline(load_config(QUICKSTART, [*run, "data.seq_len=512"]))
+    assert str(e.value).startswith(
+        f"train.run_name={trained.train.run_name} has checkpoints made with another "
+        "data.seq_len (the data position counts rows of that length)"
+    )
+    assert prepared.read_text() == "{}"

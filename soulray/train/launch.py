@@ -323,45 +323,67 @@ RESUME_RESHAPED = ("train.steps", "train.warmup_steps", "train.min_lr_ratio")
 RESUME_REORDERED = ("train.seed", "train.shuffle_window_rows")
 
 
-def check_resume_config(cfg: Config) -> Config:
-    """Against the config saved beside the run's latest checkpoint (CONFIG_FILE):
-    refuse what a resumed run cannot change, and warn of what it keeps from the checkpoint.
-    Returns the config with what it keeps set to the checkpoint's values, so the config saved
-    with later checkpoints and the export records what trained."""
+def saved_run_config(cfg: Config, quiet: bool = False) -> tuple[Config, str] | None:
+    """The config saved beside the run's latest checkpoint (CONFIG_FILE) and its path; None
+    without one, or (said unless `quiet`) when another soulray version wrote it."""
     from soulray.config import CONFIG_FILE, ConfigError, parse_config
     from soulray.train.checkpoint import run_dir
 
     run = run_dir(cfg.train)
     if not storage.exists(run):
-        return cfg
+        return None
     saved = sorted(
         f for f in storage.list_files(run) if f.endswith(f"/{CONFIG_FILE}") and "/checkpoint_" in f
     )
     if not saved:
-        return cfg
+        return None
     try:
-        old = parse_config(storage.read_text(saved[-1]), saved[-1])
+        return parse_config(storage.read_text(saved[-1]), saved[-1]), saved[-1]
     except ConfigError as e:  # written by another soulray version: nothing to compare against
-        log.warning("train: not checking the resume against %s: %s", saved[-1], e)
-        return cfg
+        if not quiet:
+            log.warning("train: not checking the resume against %s: %s", saved[-1], e)
+        return None
 
-    def value(c: Config, key: str) -> Any:
-        section, _, name = key.partition(".")
-        part = getattr(getattr(c, section), name)
-        return part.model_dump(mode="json") if isinstance(part, BaseModel) else part
 
-    name = cfg.train.run_name
+def _value(c: Config, key: str) -> Any:
+    section, _, name = key.partition(".")
+    part = getattr(getattr(c, section), name)
+    return part.model_dump(mode="json") if isinstance(part, BaseModel) else part
+
+
+def refuse_resume_changes(cfg: Config, old: Config | None = None) -> None:
+    """Refuse what a resumed run cannot change (RESUME_FIXED) against the run's saved config.
+    `soulray pipeline` asks before preparing again: a data.seq_len that train then refused had
+    already cost the prepared data (and hours of prepare on a big corpus, twice)."""
+    if old is None:
+        saved = saved_run_config(cfg, quiet=True)
+        if saved is None:
+            return
+        old = saved[0]
     for key, why in RESUME_FIXED.items():
         if key == "model.tiny" and cfg.model.name_or_path:
             continue  # a pretrained model: the tiny shape is not used
         if key.startswith("lora.") and key != "lora.enabled" and not cfg.lora.enabled:
             continue
-        if value(old, key) != value(cfg, key):
+        if _value(old, key) != _value(cfg, key):
             raise ValueError(
-                f"train.run_name={name} has checkpoints made with another {key} ({why}): "
-                f"resuming cannot change it. Set a new train.run_name to train with this "
-                f"config, or put {key} back (was: {value(old, key)})"
+                f"train.run_name={cfg.train.run_name} has checkpoints made with another {key} "
+                f"({why}): resuming cannot change it. Set a new train.run_name to train with "
+                f"this config, or put {key} back (was: {_value(old, key)})"
             )
+
+
+def check_resume_config(cfg: Config) -> Config:
+    """Against the config saved beside the run's latest checkpoint (CONFIG_FILE):
+    refuse what a resumed run cannot change, and warn of what it keeps from the checkpoint.
+    Returns the config with what it keeps set to the checkpoint's values, so the config saved
+    with later checkpoints and the export records what trained."""
+    saved = saved_run_config(cfg)
+    if saved is None:
+        return cfg
+    old, saved_path = saved
+    refuse_resume_changes(cfg, old)
+    name = cfg.train.run_name
 
     def data(c: Config) -> str:
         return storage.normalize(c.train_data_dir)
@@ -374,7 +396,7 @@ def check_resume_config(cfg: Config) -> Config:
             data(cfg),
             data(old),
         )
-    elif prepared_again(saved[-1], data(cfg)):
+    elif prepared_again(saved_path, data(cfg)):
         log.warning(
             "train: resuming %s on train.data_dir=%s, which was prepared again since its "
             "checkpoints trained (its manifest differs): the saved data position (epoch and "
@@ -384,18 +406,18 @@ def check_resume_config(cfg: Config) -> Config:
             data(cfg),
         )
     for key in RESUME_RESHAPED:
-        if value(old, key) != value(cfg, key):
+        if _value(old, key) != _value(cfg, key):
             log.warning(
                 "train: resuming %s with %s=%s (was %s): the learning-rate schedule follows the "
                 "new value from the resumed step on, so the lr there changes at once (a longer "
                 "run stretches the decay: the lr rises again)",
                 name,
                 key,
-                value(cfg, key),
-                value(old, key),
+                _value(cfg, key),
+                _value(old, key),
             )
     for key in RESUME_REORDERED:
-        if value(old, key) != value(cfg, key):
+        if _value(old, key) != _value(cfg, key):
             log.warning(
                 "train: resuming %s with %s=%s (was %s): the rows are shuffled in another order, "
                 "so the saved data position (epoch and micro-batch) skips other rows: the rest "
@@ -403,18 +425,18 @@ def check_resume_config(cfg: Config) -> Config:
                 "a new train.run_name",
                 name,
                 key,
-                value(cfg, key),
-                value(old, key),
+                _value(cfg, key),
+                _value(old, key),
             )
     for key in RESUME_KEPT:
-        if value(old, key) != value(cfg, key):
+        if _value(old, key) != _value(cfg, key):
             log.warning(
                 "train: resuming %s, which keeps %s=%s from its checkpoint (the optimizer and "
                 "schedule state); this config's %s is not applied (a new run_name would be)",
                 name,
                 key,
-                value(old, key),
-                value(cfg, key),
+                _value(old, key),
+                _value(cfg, key),
             )
     return with_kept(cfg, old)
 
