@@ -11,7 +11,8 @@ Shapes (auto-detected per record, or forced with `data.format`):
             "annotation": {"strategy"?}}], "problem_type"?, "emotion_type"?}
 
 Files: .jsonl (one record per line), .json (one record, a list of records, or one SMILE list;
-JSON-lines content in a .json file is read line by line), .parquet (one record per row).
+JSON-lines content in a .json file is read line by line), .parquet (one record per row), .tsv
+(ESConv's released `*WithStrategy_short.tsv`, read back into esconv records: esconv_tsv_records).
 A record that cannot be read becomes a RawRecord with an error, never an exception.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -27,7 +29,7 @@ from typing import Any
 from soulray.data.conversation import Conversation, Message, RecordError, Role
 
 FORMATS = ("messages", "sharegpt", "smile", "xtuner", "esconv")
-FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet")
+FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".tsv")
 
 
 @dataclass(slots=True)
@@ -59,6 +61,9 @@ def split_records(path: str, data: bytes) -> Iterator[RawRecord]:
             f"`iconv -f UTF-16 -t UTF-8 {PurePosixPath(path).name} > out{suffix}`",
         )
         yield RawRecord(path, stem, None, data[:2000].decode("utf-16", errors="replace"), err)
+        return
+    if suffix == ".tsv":
+        yield from esconv_tsv_records(path, stem, data)
         return
     if suffix != ".json" and not opens_json_array(data):
         yield from line_records(path, stem, data)
@@ -207,6 +212,77 @@ def _looks_like_json_lines(text: str) -> bool:
         except json.JSONDecodeError:
             continue
     return False
+
+
+# One utterance of an ESConv TSV line: `<loss weight> <speaker 0=seeker|1=supporter> <index>
+# [Strategy] text` (the tag on supporter turns)
+TSV_UTTERANCE = re.compile(r"(\d+(?:\.\d+)?) ([01]) (\d+) (.*)", re.DOTALL)
+TSV_STRATEGY = re.compile(r"\[([^\]]+)\]\s*(.*)", re.DOTALL)
+TSV_SHAPE = (
+    "an ESConv TSV line is utterances joined by ' EOS ', each `<weight> <speaker 0|1> <index> "
+    "[Strategy] text`"
+)
+
+
+def esconv_tsv_records(path: str, stem: str, data: bytes) -> Iterator[RawRecord]:
+    """ESConv's `*WithStrategy_short.tsv`: one training example per line, the dialogue so far
+    (a window of its last turns) ending in the reply to learn. Read back into dialogues, one
+    esconv record each (located `path:first-last line`): consecutive lines are one dialogue
+    while the turns they share agree, or while the window only moves on (it skips turns at
+    times: the dialogue then lacks them). Each line alone would train every reply many times,
+    and put a dialogue's prefixes on both sides of the train/val split."""
+    turns: dict[int, tuple[str, str]] = {}  # index -> (speaker, text with its tag)
+    lines: list[str] = []
+    first = 0
+
+    def dialogue() -> RawRecord:
+        dialog = []
+        for _, (speaker, text) in sorted(turns.items()):
+            tagged = TSV_STRATEGY.fullmatch(text) if speaker == "1" else None
+            turn: dict[str, Any] = {"speaker": "supporter" if speaker == "1" else "seeker"}
+            turn["content"] = tagged.group(2) if tagged else text
+            if tagged:
+                turn["annotation"] = {"strategy": tagged.group(1)}
+            dialog.append(turn)
+        last = first + len(lines) - 1
+        where = f"{path}:{first}" + (f"-{last}" if last > first else "")
+        return RawRecord(where, f"{stem}:{first}", {"dialog": dialog}, "\n".join(lines))
+
+    held: list[RawRecord] = []  # a bad line's reject, yielded after the dialogue around it
+
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8").removesuffix("\r")
+        except UnicodeDecodeError as e:
+            text = raw.decode("utf-8", errors="replace").removesuffix("\r")
+            held.append(RawRecord(f"{path}:{lineno}", f"{stem}:{lineno}", None, text, not_utf8(e)))
+            continue
+        if not line.strip():
+            continue
+        parts = [TSV_UTTERANCE.fullmatch(u.strip()) for u in line.split(" EOS ")]
+        if not all(parts):
+            bad = next(i for i, m in enumerate(parts) if m is None)
+            err = RecordError("invalid_record", f"utterance {bad} does not parse: {TSV_SHAPE}")
+            held.append(RawRecord(f"{path}:{lineno}", f"{stem}:{lineno}", None, line, err))
+            continue
+        said = {int(m.group(3)): (m.group(2), m.group(4).strip()) for m in parts if m}
+        shared = [i for i in said if i in turns]
+        same = (
+            all(turns[i] == said[i] for i in shared)
+            if shared
+            else min(said) > max(turns, default=-1)
+        )
+        if turns and not same:
+            yield dialogue()
+            turns, lines = {}, []
+        if not lines:  # in file order: the rejects of lines before this dialogue first
+            yield from held
+            held, first = [], lineno
+        turns |= said
+        lines.append(line)
+    if turns:
+        yield dialogue()
+    yield from held
 
 
 def line_records(path: str, stem: str, data: bytes, first: int = 1) -> Iterator[RawRecord]:

@@ -504,3 +504,75 @@ def test_a_forced_format_names_the_shape_the_record_has():
         "'conversations' must be a list, got NoneType (data.format=sharegpt forces that shape, "
         "and this record is messages-shaped: set data.format=auto or to the corpus' format)"
     )
+
+
+def test_esconv_tsv_lines_are_read_back_into_their_dialogues():
+    """ESConv's *WithStrategy_short.tsv has one training example per line (a window of the
+    dialogue so far): each line belongs to exactly one dialogue record, whose turns are that
+    line's utterances at their indices; every line is accounted for."""
+    for name, dialogues, turns in (("dev", 211, 6328), ("test", 210, 6004)):
+        path = shared_path(f"esconv/{name}WithStrategy_short.tsv")
+        lines = path.read_bytes().decode("utf-8").split("\r\n")
+        records = list(split_records(str(path), path.read_bytes()))
+        assert [r.error for r in records if r.error] == []
+        assert (len(records), sum(len(r.record["dialog"]) for r in records)) == (dialogues, turns)
+        covered = []
+        for r in records:
+            span = r.location.rsplit(":", 1)[1]
+            first, _, last = span.partition("-")
+            first, last = int(first), int(last or first)
+            covered += range(first, last + 1)
+            said = {}
+            for line in lines[first - 1 : last]:
+                for utterance in line.split(" EOS "):
+                    _, speaker, index, text = utterance.strip().split(" ", 3)
+                    said[int(index)] = (speaker, text.strip())
+            got = [
+                ("1" if t["speaker"] == "supporter" else "0", t["content"], t.get("annotation"))
+                for t in r.record["dialog"]
+            ]
+            want = []
+            for _, (speaker, text) in sorted(said.items()):
+                tag, _, rest = text.partition("] ")
+                if speaker == "1":
+                    want.append((speaker, rest.strip(), {"strategy": tag[1:]}))
+                else:
+                    want.append((speaker, text, None))
+            assert got == want, r.location
+        assert covered == list(range(1, len([x for x in lines if x.strip()]) + 1))
+    a = adapt([shared_path("esconv/testWithStrategy_short.tsv")])
+    assert (a.formats, a.reasons) == ({"esconv": 210}, {"no_assistant_turn": 1})
+    assert a.unknown == Counter()  # the raw spellings (Questions, Other) are ESConv's
+
+
+def test_an_esconv_tsv_starts_a_dialogue_where_the_turns_disagree():
+    """Two dialogues that both open with "Hello", a window that skips a turn, a line that is no
+    ESConv line and one that is not UTF-8: each is one record, in order."""
+    lines = [
+        b"1.0 0 0 Hello  EOS 1.0 1 1 [Questions] How are you?",
+        b"0.0 0 0 Hello  EOS 0.0 1 1 [Questions] How are you? EOS 0.0 0 2 Sad. "
+        b"EOS 1.0 1 3 [Other] Why?",
+        b"0.0 0 5 Work. EOS 1.0 1 6 [Information] I see.",  # turn 4 skipped by the window
+        b"not an esconv line",
+        b"1.0 0 0 Hello  EOS 1.0 1 1 [Questions] Hi! What brings you here?",
+        "1.0 0 0 caf\u00e9 EOS 1.0 1 1 [Other] x".encode("latin-1"),
+        b"",
+    ]
+    records = list(split_records("d/x.tsv", b"\r\n".join(lines)))
+    assert [(r.location, r.error.reason if r.error else None) for r in records] == [
+        ("d/x.tsv:1-3", None),
+        ("d/x.tsv:4", "invalid_record"),
+        ("d/x.tsv:5", None),
+        ("d/x.tsv:6", "invalid_encoding"),
+    ]
+    first = to_conversation(records[0].record, "esconv", records[0].key)
+    assert [(m.role, m.content, m.strategy) for m in first.messages] == [
+        ("user", "Hello", None),
+        ("assistant", "How are you?", "Questions"),
+        ("user", "Sad.", None),
+        ("assistant", "Why?", "Other"),
+        ("user", "Work.", None),
+        ("assistant", "I see.", "Information"),
+    ]
+    assert records[1].error.detail.startswith("utterance 0 does not parse: an ESConv TSV line")
+    assert records[2].record["dialog"][1]["content"] == "Hi! What brings you here?"
