@@ -189,8 +189,12 @@ def clean_conversation(
         if not content:
             stats.empty_turns += 1
             continue
-        strategy = normalize_strategy(m.strategy, lookup, fallback, stats)
-        strategy = strategy if m.role == "assistant" else None  # only replies have a strategy
+        # only replies have a strategy (a user turn's label is dropped, not counted as unknown)
+        strategy = (
+            normalize_strategy(m.strategy, lookup, fallback, stats)
+            if m.role == "assistant"
+            else None
+        )
         if merged and merged[-1].role == m.role:
             prev = merged[-1]
             prev.content = f"{prev.content}\n{content}"

@@ -86,11 +86,12 @@ def test_unknown_strategies_are_counted_by_name():
             ("assistant", "a", "Direct Guidance"),
             ("user", "u2"),
             ("assistant", "b", "[Direct Guidance]"),
-            ("user", "u3"),
+            ("user", "u3", "Venting"),  # a user turn's label is dropped, not counted
             ("assistant", "c", "Humour"),
         )
     )
     assert [m.strategy for m in cleaned.messages[1::2]] == ["Others"] * 3
+    assert [m.strategy for m in cleaned.messages[0::2]] == [None] * 3
     assert stats.unknown_strategies == {"Direct Guidance": 2, "Humour": 1}
 
 
