@@ -163,10 +163,12 @@ def export_model(
         cpu_model.save_pretrained(local)
         tokenizer.save_pretrained(local)
         record = build_serving_record(tokenizer, cfg.data.system_prompt)
+        base_dir = cfg.model.name_or_path  # a local one is absolute here (resolve_paths)
         # How training rendered and sampled: beside the merged model, and beside the adapter,
         # whose own record serving reads when it applies it to base/ (or to the real base)
         for where in [local, *([os.path.join(local, "adapter")] if cfg.lora.enabled else [])]:
-            build_generation_config(tokenizer, record["end_of_turn_ids"]).save_pretrained(where)
+            gen = build_generation_config(tokenizer, record["end_of_turn_ids"], base_dir)
+            gen.save_pretrained(where)
             Path(where, SERVING_RECORD).write_text(json.dumps(record, indent=2, ensure_ascii=False))
             Path(where, CONFIG_FILE).write_text(config_to_yaml(cfg))
         Path(local, METRICS_FILE).write_text(json.dumps(metrics, indent=2))
@@ -189,23 +191,37 @@ def save_adapter(
     peft_model.save_pretrained(os.path.join(local, "adapter"))
 
 
-def build_generation_config(tokenizer: Any, end_of_turn_ids: list[int] | None = None) -> Any:
+def build_generation_config(
+    tokenizer: Any, end_of_turn_ids: list[int] | None = None, base: str | None = None
+) -> Any:
     """Sampling defaults for a supportive reply; stops at eos and at the chat template's
-    end-of-turn token when that is one other token (so transformers and vLLM stop there too)."""
+    end-of-turn token when that is one other token (so transformers and vLLM stop there too).
+    What a local base model's own generation_config.json sets is kept over these defaults (its
+    authors' sampling settings), and its stop ids too (Qwen2.5-Instruct's <|endoftext|> beside
+    <|im_end|>), these stops added to them."""
     from transformers import GenerationConfig
 
     eos = [tokenizer.eos_token_id]
     if end_of_turn_ids and len(end_of_turn_ids) == 1 and end_of_turn_ids[0] not in eos:
         eos.append(end_of_turn_ids[0])
-    return GenerationConfig(
+    gen = GenerationConfig(
         do_sample=True,
         temperature=0.7,
         top_p=0.9,
         max_new_tokens=256,
-        eos_token_id=eos if len(eos) > 1 else eos[0],
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
+    if base is not None and Path(base, "generation_config.json").is_file():
+        theirs = GenerationConfig.from_pretrained(base).to_diff_dict()  # what it sets
+        their_stops = theirs.pop("eos_token_id", None)
+        stops = [their_stops] if isinstance(their_stops, int) else list(their_stops or [])
+        eos = [*stops, *(i for i in eos if i not in stops)]
+        for key, value in theirs.items():
+            if key not in ("transformers_version", "_from_model_config"):
+                setattr(gen, key, value)
+    gen.eos_token_id = eos if len(eos) > 1 else eos[0]
+    return gen
 
 
 def upload_dir(local: str, target: str) -> None:

@@ -103,3 +103,30 @@ def test_generation_stops_at_an_end_of_turn_token_that_is_not_eos(tiny_export, t
     assert record["end_of_turn"] == "<end_of_turn>" and record["end_of_turn_ids"] == [eot]
     gen = build_generation_config(tok, record["end_of_turn_ids"])
     assert gen.eos_token_id == [tok.eos_token_id, eot]
+
+
+def test_the_export_keeps_a_local_base_models_generation_config_and_adds_its_stops(
+    tiny_export, tmp_path
+):
+    """A base such as Qwen2.5-Instruct stops at <|im_end|> and <|endoftext|> and ships its
+    sampling settings: the export kept only eos and the end-of-turn token, and soulray's own
+    sampling, so vLLM (which reads generation_config.json) lost a stop and the settings."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    tok = AutoTokenizer.from_pretrained(tiny_export)
+    base = tmp_path / "base"
+    GenerationConfig(
+        do_sample=True, temperature=0.7, top_p=0.8, repetition_penalty=1.05, eos_token_id=[3, 4]
+    ).save_pretrained(base)
+    gen = build_generation_config(tok, [5], str(base))
+    assert gen.eos_token_id == [3, 4, *[i for i in (tok.eos_token_id, 5) if i not in (3, 4)]]
+    assert (gen.temperature, gen.top_p, gen.repetition_penalty) == (0.7, 0.8, 1.05)
+    assert gen.pad_token_id == tok.pad_token_id
+    ours = build_generation_config(tok, [5], str(tmp_path / "no-such-base"))
+    assert (ours.temperature, ours.top_p, ours.repetition_penalty) == (0.7, 0.9, None)
+    plain = tmp_path / "plain"  # a base model's save_pretrained: stops alone, no sampling
+    GenerationConfig(eos_token_id=3, bos_token_id=1).save_pretrained(plain)
+    gen = build_generation_config(tok, [5], str(plain))
+    assert (gen.do_sample, gen.temperature, gen.top_p, gen.max_new_tokens) == (True, 0.7, 0.9, 256)
+    assert gen.eos_token_id == [3, *[i for i in (tok.eos_token_id, 5) if i != 3]]
+    assert gen.bos_token_id == 1
