@@ -29,7 +29,9 @@ from typing import Any
 from soulray.data.conversation import Conversation, Message, RecordError, Role
 
 FORMATS = ("messages", "sharegpt", "smile", "xtuner", "esconv")
-FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".tsv")
+# ESConv's released TSVs by their name ({train,dev,test}WithStrategy_short.tsv), lower case:
+# other .tsv files (labels, metadata) in an input folder are not corpus files
+FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", "withstrategy_short.tsv")
 
 
 @dataclass(slots=True)
@@ -216,7 +218,7 @@ def _looks_like_json_lines(text: str) -> bool:
 
 # One utterance of an ESConv TSV line: `<loss weight> <speaker 0=seeker|1=supporter> <index>
 # [Strategy] text` (the tag on supporter turns)
-TSV_UTTERANCE = re.compile(r"(\d+(?:\.\d+)?) ([01]) (\d+) (.*)", re.DOTALL)
+TSV_UTTERANCE = re.compile(r"(\d+(?:\.\d+)?) ([01]) (\d+)(?: (.*))?", re.DOTALL)
 TSV_STRATEGY = re.compile(r"\[([^\]]+)\]\s*(.*)", re.DOTALL)
 TSV_SHAPE = (
     "an ESConv TSV line is utterances joined by ' EOS ', each `<weight> <speaker 0|1> <index> "
@@ -233,7 +235,7 @@ def esconv_tsv_records(path: str, stem: str, data: bytes) -> Iterator[RawRecord]
     and put a dialogue's prefixes on both sides of the train/val split."""
     turns: dict[int, tuple[str, str]] = {}  # index -> (speaker, text with its tag)
     lines: list[str] = []
-    first = 0
+    first = last = 0  # the dialogue's first and last line numbers
 
     def dialogue() -> RawRecord:
         dialog = []
@@ -244,7 +246,6 @@ def esconv_tsv_records(path: str, stem: str, data: bytes) -> Iterator[RawRecord]
             if tagged:
                 turn["annotation"] = {"strategy": tagged.group(1)}
             dialog.append(turn)
-        last = first + len(lines) - 1
         where = f"{path}:{first}" + (f"-{last}" if last > first else "")
         return RawRecord(where, f"{stem}:{first}", {"dialog": dialog}, "\n".join(lines))
 
@@ -265,7 +266,7 @@ def esconv_tsv_records(path: str, stem: str, data: bytes) -> Iterator[RawRecord]
             err = RecordError("invalid_record", f"utterance {bad} does not parse: {TSV_SHAPE}")
             held.append(RawRecord(f"{path}:{lineno}", f"{stem}:{lineno}", None, line, err))
             continue
-        said = {int(m.group(3)): (m.group(2), m.group(4).strip()) for m in parts if m}
+        said = {int(m.group(3)): (m.group(2), (m.group(4) or "").strip()) for m in parts if m}
         shared = [i for i in said if i in turns]
         same = (
             all(turns[i] == said[i] for i in shared)
@@ -280,6 +281,7 @@ def esconv_tsv_records(path: str, stem: str, data: bytes) -> Iterator[RawRecord]
             held, first = [], lineno
         turns |= said
         lines.append(line)
+        last = lineno
     if turns:
         yield dialogue()
     yield from held

@@ -552,18 +552,20 @@ def test_an_esconv_tsv_starts_a_dialogue_where_the_turns_disagree():
         b"1.0 0 0 Hello  EOS 1.0 1 1 [Questions] How are you?",
         b"0.0 0 0 Hello  EOS 0.0 1 1 [Questions] How are you? EOS 0.0 0 2 Sad. "
         b"EOS 1.0 1 3 [Other] Why?",
+        b"",
         b"0.0 0 5 Work. EOS 1.0 1 6 [Information] I see.",  # turn 4 skipped by the window
+        b"0.0 0 7  EOS 1.0 1 8 [Others] Hm?",  # an empty turn (cleaning drops it)
         b"not an esconv line",
         b"1.0 0 0 Hello  EOS 1.0 1 1 [Questions] Hi! What brings you here?",
         "1.0 0 0 caf\u00e9 EOS 1.0 1 1 [Other] x".encode("latin-1"),
         b"",
     ]
-    records = list(split_records("d/x.tsv", b"\r\n".join(lines)))
+    records = list(split_records("d/xWithStrategy_short.tsv", b"\r\n".join(lines)))
     assert [(r.location, r.error.reason if r.error else None) for r in records] == [
-        ("d/x.tsv:1-3", None),
-        ("d/x.tsv:4", "invalid_record"),
-        ("d/x.tsv:5", None),
-        ("d/x.tsv:6", "invalid_encoding"),
+        ("d/xWithStrategy_short.tsv:1-5", None),
+        ("d/xWithStrategy_short.tsv:6", "invalid_record"),
+        ("d/xWithStrategy_short.tsv:7", None),
+        ("d/xWithStrategy_short.tsv:8", "invalid_encoding"),
     ]
     first = to_conversation(records[0].record, "esconv", records[0].key)
     assert [(m.role, m.content, m.strategy) for m in first.messages] == [
@@ -573,6 +575,21 @@ def test_an_esconv_tsv_starts_a_dialogue_where_the_turns_disagree():
         ("assistant", "Why?", "Other"),
         ("user", "Work.", None),
         ("assistant", "I see.", "Information"),
+        ("user", "", None),
+        ("assistant", "Hm?", "Others"),
     ]
     assert records[1].error.detail.startswith("utterance 0 does not parse: an ESConv TSV line")
     assert records[2].record["dialog"][1]["content"] == "Hi! What brings you here?"
+
+
+def test_only_esconvs_tsv_files_are_corpus_files_in_a_folder(tmp_path):
+    """A folder's other .tsv files (labels, metadata) are not read as ESConv lines."""
+    from soulray.data.formats import FILE_SUFFIXES
+    from soulray.storage import expand_inputs
+
+    for name in ("labels.tsv", "devWithStrategy_short.tsv", "a.json"):
+        (tmp_path / name).write_text("{}\n")
+    assert expand_inputs([str(tmp_path)], FILE_SUFFIXES) == [
+        str(tmp_path / "a.json"),
+        str(tmp_path / "devWithStrategy_short.tsv"),
+    ]

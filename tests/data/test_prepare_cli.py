@@ -169,8 +169,8 @@ def test_an_input_path_that_matches_nothing_is_refused_before_ray_starts(tmp_pat
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     assert proc.stderr.splitlines()[-1] == (
-        "error: data.inputs entry '/nope/*.jsonl' matches no .jsonl/.ndjson/.json/.parquet/.tsv "
-        "file; "
+        "error: data.inputs entry '/nope/*.jsonl' matches no .jsonl/.ndjson/.json/.parquet/"
+        "withstrategy_short.tsv file; "
         "check the path (relative paths are relative to the directory you run soulray from)"
     )
     assert list(tmp_path.iterdir()) == []  # Ray never started
