@@ -196,9 +196,10 @@ def build_generation_config(
 ) -> Any:
     """Sampling defaults for a supportive reply; stops at eos and at the chat template's
     end-of-turn token when that is one other token (so transformers and vLLM stop there too).
-    What a local base model's own generation_config.json sets is kept over these defaults (its
-    authors' sampling settings), and its stop ids too (Qwen2.5-Instruct's <|endoftext|> beside
-    <|im_end|>), these stops added to them."""
+    A local base model's generation_config.json adds its stop ids (Qwen2.5-Instruct's
+    <|endoftext|> beside <|im_end|>) and, when it samples, its authors' sampling settings; a
+    greedy base's (do_sample false: Qwen2.5-7B) leaves soulray's sampling, and its other keys
+    (max_new_tokens 2048, beam settings) are not taken either."""
     from transformers import GenerationConfig
 
     eos = [tokenizer.eos_token_id]
@@ -213,15 +214,20 @@ def build_generation_config(
         bos_token_id=tokenizer.bos_token_id,
     )
     if base is not None and Path(base, "generation_config.json").is_file():
-        theirs = GenerationConfig.from_pretrained(base).to_diff_dict()  # what it sets
-        their_stops = theirs.pop("eos_token_id", None)
-        stops = [their_stops] if isinstance(their_stops, int) else list(their_stops or [])
+        theirs = GenerationConfig.from_pretrained(base)
+        stops = theirs.eos_token_id
+        stops = [stops] if isinstance(stops, int) else list(stops or [])
         eos = [*stops, *(i for i in eos if i not in stops)]
-        for key, value in theirs.items():
-            if key not in ("transformers_version", "_from_model_config"):
-                setattr(gen, key, value)
+        if theirs.do_sample:
+            for key in SAMPLING_KEYS:
+                setattr(gen, key, getattr(theirs, key))
     gen.eos_token_id = eos if len(eos) > 1 else eos[0]
+    gen.validate(strict=True)  # save_pretrained's check, here rather than after training
     return gen
+
+
+# what a sampling base model's generation_config.json decides for the export
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty")
 
 
 def upload_dir(local: str, target: str) -> None:

@@ -114,11 +114,14 @@ def check_before_workers(cfg: Config, data_dir: str) -> Config:
     check_data_tokenizer(cfg, data_dir)
     check_data_shape(cfg, data_dir)
     if cfg.model.name_or_path or cfg.lora.enabled:
+        from soulray.train.checkpoint import build_generation_config
         from soulray.train.data import load_run_tokenizer
         from soulray.train.model import check_lora_on_meta, check_model_vocab
 
         tokenizer = load_run_tokenizer(data_dir, cfg.model.trust_remote_code)
         check_model_vocab(cfg, tokenizer)
+        # the export's generation config, from the base model's: a bad one failed at export
+        build_generation_config(tokenizer, None, cfg.model.name_or_path)
         if cfg.lora.enabled:
             check_lora_on_meta(cfg, tokenizer)
     check_not_past_steps(cfg)

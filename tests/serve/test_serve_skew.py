@@ -124,9 +124,17 @@ def test_the_export_keeps_a_local_base_models_generation_config_and_adds_its_sto
     assert gen.pad_token_id == tok.pad_token_id
     ours = build_generation_config(tok, [5], str(tmp_path / "no-such-base"))
     assert (ours.temperature, ours.top_p, ours.repetition_penalty) == (0.7, 0.9, None)
+    greedy = tmp_path / "greedy"  # Qwen2.5-7B's own: greedy, a long max_new_tokens
+    GenerationConfig(
+        bos_token_id=3, do_sample=False, eos_token_id=3, max_new_tokens=2048
+    ).save_pretrained(greedy)
+    gen = build_generation_config(tok, [5], str(greedy))
+    assert (gen.do_sample, gen.temperature, gen.top_p, gen.max_new_tokens) == (True, 0.7, 0.9, 256)
+    assert gen.eos_token_id == [3, *[i for i in (tok.eos_token_id, 5) if i != 3]]
+    gen.save_pretrained(tmp_path / "export")  # a valid config (it raised here at export)
     plain = tmp_path / "plain"  # a base model's save_pretrained: stops alone, no sampling
     GenerationConfig(eos_token_id=3, bos_token_id=1).save_pretrained(plain)
     gen = build_generation_config(tok, [5], str(plain))
     assert (gen.do_sample, gen.temperature, gen.top_p, gen.max_new_tokens) == (True, 0.7, 0.9, 256)
     assert gen.eos_token_id == [3, *[i for i in (tok.eos_token_id, 5) if i != 3]]
-    assert gen.bos_token_id == 1
+    assert gen.bos_token_id == tok.bos_token_id
