@@ -27,7 +27,7 @@ from soulray.endpoints import (
     endpoint_keys,
     use_keys,
 )
-from soulray.eval.config import EvalConfig, InteractiveConfig, ModelEndpointConfig
+from soulray.eval.config import EvalConfig, EvalModel, InteractiveConfig, ModelEndpointConfig
 from soulray.eval.contexts import (
     Context,
     contexts_digest,
@@ -241,6 +241,21 @@ def keyed(keys: dict[str, str], fn: Any, *args: Any) -> Any:
     return fn(*args)
 
 
+def reply_fingerprints(models: list[EvalModel], contexts: list[Context]) -> dict[str, str]:
+    """Per model, what its saved replies answered: its answer settings and the histories it is
+    sent (with the earlier replies' strategies under send_strategies). A change of a context's
+    language or reference asks nothing again."""
+    return {
+        m.name: fingerprint(
+            answer_settings(m.endpoint),
+            fingerprint(
+                [(c.id, sent_history(c.messages, m.endpoint.send_strategies)) for c in contexts]
+            ),
+        )
+        for m in models
+    }
+
+
 def run_turn_mode(
     e: EvalConfig, rubric: Rubric, call: Any, clock: PhaseClock, store: PhaseStore
 ) -> tuple[
@@ -259,11 +274,11 @@ def run_turn_mode(
     ray.get(warm)
     clock.done("contexts_s")
     log.info("%d contexts, %d model(s)", len(contexts), len(e.models))
-    # what the models see: a change of a context's language or reference asks nothing again
+    # the contexts as the judge reads them: a change of a language or reference asks nothing again
     asked = fingerprint([(c.id, sent_history(c.messages, False)) for c in contexts])
     replies: dict[str, list[dict[str, Any]]] = {}
     todo: dict[str, list[int]] = {}  # per model, the contexts to ask (all, or the failed)
-    fps = {m.name: fingerprint(answer_settings(m.endpoint), asked) for m in e.models}
+    fps = reply_fingerprints(e.models, contexts)
     for m in e.models:
         saved = store.load("replies", m.name, fps[m.name], announce=False)
         if saved is None:

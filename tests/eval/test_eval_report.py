@@ -239,3 +239,29 @@ def test_a_dialogue_sends_the_model_its_words_without_the_help_lines_the_person_
     ]
     assert record["messages"][1] == {"role": "assistant", "content": shown, "strategy": "Question"}
     assert seen_by_seeker[1] == ["I want to disappear", shown]
+
+
+def test_resumed_replies_match_the_strategies_a_model_is_sent():
+    """With send_strategies a model answers the history with its strategies: saved replies
+    are not reused once those change (a relabelled corpus), and for a model sent plain
+    history nothing changes."""
+    from soulray.eval.config import EvalModel
+    from soulray.eval.contexts import Context
+    from soulray.eval.run import reply_fingerprints
+
+    def contexts(strategy: str) -> list[Context]:
+        history = [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello", "strategy": strategy},
+            {"role": "user", "content": "I am sad"},
+        ]
+        return [Context("c0", "conv", 3, "en", history, "I hear you.", "Question")]
+
+    endpoint = {"base_url": "http://127.0.0.1:8000/v1", "model": "m"}
+    models = [
+        EvalModel(name="tagged", endpoint=endpoint | {"send_strategies": True}),
+        EvalModel(name="plain", endpoint=endpoint),
+    ]
+    before, after = (reply_fingerprints(models, contexts(s)) for s in ("Question", "Others"))
+    assert before["tagged"] != after["tagged"]
+    assert before["plain"] == after["plain"]
