@@ -324,6 +324,20 @@ RESUME_KEPT = ("train.lr", "train.weight_decay", "train.betas")
 RESUME_RESHAPED = ("train.steps", "train.warmup_steps", "train.min_lr_ratio")
 # changeable on resume, but they reorder the epoch the saved data position counts into
 RESUME_REORDERED = ("train.seed", "train.shuffle_window_rows")
+# what a resume with another value of each is warned of
+RESUME_WARNED = {
+    **dict.fromkeys(
+        RESUME_RESHAPED,
+        "the learning-rate schedule follows the new value from the resumed step on, so the lr "
+        "there changes at once (a longer run stretches the decay: the lr rises again)",
+    ),
+    **dict.fromkeys(
+        RESUME_REORDERED,
+        "the rows are shuffled in another order, so the saved data position (epoch and "
+        "micro-batch) skips other rows: the rest of this epoch trains some rows twice and some "
+        "not at all. Put it back, or set a new train.run_name",
+    ),
+}
 
 
 def saved_run_config(cfg: Config, quiet: bool = False) -> tuple[Config, str] | None:
@@ -408,28 +422,15 @@ def check_resume_config(cfg: Config) -> Config:
             name,
             data(cfg),
         )
-    for key in RESUME_RESHAPED:
+    for key, why in RESUME_WARNED.items():
         if _value(old, key) != _value(cfg, key):
             log.warning(
-                "train: resuming %s with %s=%s (was %s): the learning-rate schedule follows the "
-                "new value from the resumed step on, so the lr there changes at once (a longer "
-                "run stretches the decay: the lr rises again)",
+                "train: resuming %s with %s=%s (was %s): %s",
                 name,
                 key,
                 _value(cfg, key),
                 _value(old, key),
-            )
-    for key in RESUME_REORDERED:
-        if _value(old, key) != _value(cfg, key):
-            log.warning(
-                "train: resuming %s with %s=%s (was %s): the rows are shuffled in another order, "
-                "so the saved data position (epoch and micro-batch) skips other rows: the rest "
-                "of this epoch trains some rows twice and some not at all. Put it back, or set "
-                "a new train.run_name",
-                name,
-                key,
-                _value(cfg, key),
-                _value(old, key),
+                why,
             )
     for key in RESUME_KEPT:
         if _value(old, key) != _value(cfg, key):
