@@ -397,10 +397,17 @@ def start_serving(cfg: Config) -> str:
 def served_url(cfg: Config, port: int | None = None) -> str:
     """The base URL the app answers at on this machine: the port of the Serve running on the
     cluster (`port`, else asked of Serve; serve.port before it runs)."""
+    import ray
     from ray.serve.context import _get_global_client
 
     if port is None:
-        client = _get_global_client(raise_if_no_controller_running=False)
+        # without a Ray connection (the app is not deployed here): serve.port; asking Serve
+        # would connect to RAY_ADDRESS's cluster, and wait for it
+        client = (
+            _get_global_client(raise_if_no_controller_running=False)
+            if ray.is_initialized()
+            else None
+        )
         port = cfg.serve.port if client is None else client.http_config.port
     host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
     return f"http://{host}:{port}"

@@ -214,7 +214,8 @@ def test_the_url_names_the_port_of_a_serve_already_running(monkeypatch):
     ]
     assert serve_app.start_serving(load_config(None, ["serve.port=8123"])) == url
     assert len(warnings) == 1  # the same port: nothing to say
-    # where the quickstart sends its chat request
+    # where the quickstart sends its chat request (connected to the cluster it deployed on)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
     assert serve_app.served_url(load_config(None, ["serve.port=8124"])) == url
     monkeypatch.setattr(ray.serve.context, "_get_global_client", lambda **_: None)
     assert serve_app.served_url(load_config(None, ["serve.port=8124"])) == "http://127.0.0.1:8124"
