@@ -247,13 +247,15 @@ def reply_fingerprints(models: list[EvalModel], contexts: list[Context]) -> dict
     language or reference asks nothing again."""
     return {
         m.name: fingerprint(
-            answer_settings(m.endpoint),
-            fingerprint(
-                [(c.id, sent_history(c.messages, m.endpoint.send_strategies)) for c in contexts]
-            ),
+            answer_settings(m.endpoint), histories(contexts, m.endpoint.send_strategies)
         )
         for m in models
     }
+
+
+def histories(contexts: list[Context], strategies: bool) -> str:
+    """A fingerprint of the contexts' histories as sent (with their strategies or without)."""
+    return fingerprint([(c.id, sent_history(c.messages, strategies)) for c in contexts])
 
 
 def run_turn_mode(
@@ -275,7 +277,7 @@ def run_turn_mode(
     clock.done("contexts_s")
     log.info("%d contexts, %d model(s)", len(contexts), len(e.models))
     # the contexts as the judge reads them: a change of a language or reference asks nothing again
-    asked = fingerprint([(c.id, sent_history(c.messages, False)) for c in contexts])
+    asked = histories(contexts, False)
     replies: dict[str, list[dict[str, Any]]] = {}
     todo: dict[str, list[int]] = {}  # per model, the contexts to ask (all, or the failed)
     fps = reply_fingerprints(e.models, contexts)
