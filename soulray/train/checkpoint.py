@@ -196,7 +196,7 @@ def build_generation_config(
 ) -> Any:
     """Sampling defaults for a supportive reply; stops at eos and at the chat template's
     end-of-turn token when that is one other token (so transformers and vLLM stop there too).
-    A local base model's generation_config.json adds its stop ids (Qwen2.5-Instruct's
+    The base model's generation_config.json (local or hub) adds its stop ids (Qwen2.5-Instruct's
     <|endoftext|> beside <|im_end|>) and, when it samples, its authors' sampling settings; a
     greedy base's (do_sample false: Qwen2.5-7B) leaves soulray's sampling, and its other keys
     (max_new_tokens 2048, beam settings) are not taken either."""
@@ -213,8 +213,8 @@ def build_generation_config(
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
-    if base is not None and Path(base, "generation_config.json").is_file():
-        theirs = GenerationConfig.from_pretrained(base)
+    theirs = base_generation_config(base)
+    if theirs is not None:
         stops = theirs.eos_token_id
         stops = [stops] if isinstance(stops, int) else list(stops or [])
         eos = [*stops, *(i for i in eos if i not in stops)]
@@ -224,6 +224,23 @@ def build_generation_config(
     gen.eos_token_id = eos if len(eos) > 1 else eos[0]
     gen.validate(strict=True)  # save_pretrained's check, here rather than after training
     return gen
+
+
+def base_generation_config(base: str | None) -> Any:
+    """The base model's generation config: a local folder's generation_config.json, or a hub
+    model's (from the cache its weights were read through); None when it has none."""
+    from transformers import GenerationConfig
+
+    if base is None:
+        return None
+    if Path(base).is_dir():
+        has = Path(base, "generation_config.json").is_file()
+        return GenerationConfig.from_pretrained(base) if has else None
+    try:
+        return GenerationConfig.from_pretrained(base)
+    except OSError:  # the repo ships none (or the hub is out of reach from this process)
+        log.info("%s has no generation_config.json to merge into the export's", base)
+        return None
 
 
 # what a sampling base model's generation_config.json decides for the export

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 
 import torch
 
@@ -103,6 +106,36 @@ def test_generation_stops_at_an_end_of_turn_token_that_is_not_eos(tiny_export, t
     assert record["end_of_turn"] == "<end_of_turn>" and record["end_of_turn_ids"] == [eot]
     gen = build_generation_config(tok, record["end_of_turn_ids"])
     assert gen.eos_token_id == [tok.eos_token_id, eot]
+
+
+def test_the_export_merges_a_hub_base_models_generation_config(tiny_export, tmp_path) -> None:
+    """A hub id base (model.name_or_path=Qwen/...) lost its generation config: only a local
+    folder's was read. Here the hub's cache holds it, as after the workers read the weights."""
+    snapshot = tmp_path / "hub" / "models--org--base" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (tmp_path / "hub" / "models--org--base" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--base" / "refs" / "main").write_text("a" * 40)
+    (snapshot / "generation_config.json").write_text(
+        json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.8, "eos_token_id": [3, 4]})
+    )
+    code = (
+        "import sys; from transformers import AutoTokenizer\n"
+        "from soulray.train.checkpoint import build_generation_config\n"
+        "tok = AutoTokenizer.from_pretrained(sys.argv[1])\n"
+        "for base in ('org/base', 'org/other'):\n"
+        "    g = build_generation_config(tok, [5], base)\n"
+        "    print(g.eos_token_id, g.temperature, g.top_p)\n"
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_export)], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    from transformers import AutoTokenizer
+
+    eos = AutoTokenizer.from_pretrained(tiny_export).eos_token_id
+    theirs = [3, 4, *[i for i in (eos, 5) if i not in (3, 4)]]
+    assert out.stdout.splitlines() == [f"{theirs} 0.6 0.8", f"{[eos, 5]} 0.7 0.9"]
 
 
 def test_the_export_keeps_a_local_base_models_generation_config_and_adds_its_stops(
