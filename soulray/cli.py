@@ -242,10 +242,13 @@ def print_train_summary(result: Any, cfg: Config, resumed_from: int = 0) -> None
         raise typer.Exit(1)
     m = result.metrics or {}
     val = f", val loss {m['val_loss']:.4f}" if "val_loss" in m else ""
-    resumed = f" (resumed from step {resumed_from})" if resumed_from else ""
+    if resumed_from == cfg.train.steps:  # a finished run started again: only the export ran
+        done = f"{cfg.train.run_name} was already at step {resumed_from}: nothing to train"
+    else:
+        resumed = f" (resumed from step {resumed_from})" if resumed_from else ""
+        done = f"trained {cfg.train.run_name} to step {m.get('step')}{resumed}"
     typer.echo(
-        f"trained {cfg.train.run_name} to step {m.get('step')}{resumed}: "
-        f"loss {m.get('loss', float('nan')):.4f}"
+        f"{done}: loss {m.get('loss', float('nan')):.4f}"
         f"{val}, {m.get('tokens_per_s', 0):.0f} tokens/s\n"
         f"  checkpoints: {cfg.train.storage_path}/{cfg.train.run_name}\n"
         f"  model: {cfg.train.export_dir} (load with AutoModelForCausalLM.from_pretrained)"

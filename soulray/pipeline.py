@@ -133,13 +133,18 @@ def run_prepare_stage(cfg: Config) -> str:
 
 
 def run_train_stage(cfg: Config) -> str:
-    from soulray.train.launch import run_train
+    from soulray.train.launch import latest_checkpoint_step, run_train
 
+    finished = latest_checkpoint_step(cfg) == cfg.train.steps  # started again: only exports
     result = run_train(cfg)
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}")
     m = result.metrics or {}
-    return f"step {m.get('step')}, loss {m.get('loss', float('nan')):.4f} -> {cfg.train.export_dir}"
+    nothing = "nothing to train (the run was already there), exported again, " if finished else ""
+    return (
+        f"step {m.get('step')}, {nothing}loss {m.get('loss', float('nan')):.4f} -> "
+        f"{cfg.train.export_dir}"
+    )
 
 
 def run_serve_stage(cfg: Config) -> str:

@@ -86,6 +86,31 @@ def test_rerun_after_a_killed_driver_resumes_instead_of_starting_over(tmp_path) 
     assert third.returncode == 0, third.stderr[-3000:]
     assert "prepare  skipped" in third.stdout and "train    skipped" in third.stdout
 
+    # new inputs: prepare runs again, and training, already at its last step, only exports
+    corpus = tmp_path / "more.jsonl"
+    samples = [
+        (ROOT / "jobs" / "data" / n).read_text() for n in ("sample_zh.jsonl", "sample_en.jsonl")
+    ]
+    one_more = {
+        "messages": [
+            {"role": "user", "content": "My sister stopped answering my calls this week."},
+            {"role": "assistant", "content": "That silence sounds worrying. What happened last?"},
+        ]
+    }
+    corpus.write_text("".join(samples) + json.dumps(one_more) + "\n")
+    fourth = subprocess.run(
+        [*pipeline_cmd(tmp_path), f"data.inputs=[{corpus}]"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert fourth.returncode == 0, fourth.stderr[-3000:]
+    assert "prepare  ran" in fourth.stdout
+    assert "step 16, nothing to train (the run was already there), exported again" in fourth.stdout
+    assert len(metrics.read_text().splitlines()) == 16  # no step trained again
+
 
 def test_an_export_made_with_a_kept_lr_still_counts_as_this_config(tmp_path) -> None:
     """A resume keeps the checkpoint's lr (and says so) and the export records that lr: the

@@ -658,9 +658,12 @@ def test_the_summary_says_a_run_resumed(capsys) -> None:
     result = SimpleNamespace(error=None, metrics={"step": 14, "loss": 6.25, "tokens_per_s": 900})
     print_train_summary(result, cfg, resumed_from=5)
     print_train_summary(result, cfg)
+    finished = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": 14})})
+    print_train_summary(result, finished, resumed_from=14)  # a finished run started again
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "trained r to step 14 (resumed from step 5): loss 6.2500, 900 tokens/s"
     assert lines[3] == "trained r to step 14: loss 6.2500, 900 tokens/s"
+    assert lines[6] == "r was already at step 14: nothing to train: loss 6.2500, 900 tokens/s"
 
 
 def _save_with_a_slow_rank(rank: int, directory: str, port: int) -> None:
