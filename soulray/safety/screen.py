@@ -120,10 +120,12 @@ def _helplines() -> dict:
 
 
 def category_thresholds(cfg: SafetyConfig, classifier: Classifier | None) -> np.ndarray:
+    """Each category's threshold, at most 1.0: a lexicon match scores 1.0 and must flag even
+    where serve.safety.thresholds sets one above 1 (to leave that category to the lexicon)."""
     shipped = classifier.w.thresholds if classifier else np.ones(len(CATEGORIES), np.float32)
     chosen = dict(zip(CATEGORIES, shipped.tolist(), strict=True))
     chosen.update(cfg.thresholds or {})
-    return np.array([chosen[c] for c in CATEGORIES])
+    return np.minimum([chosen[c] for c in CATEGORIES], 1.0)
 
 
 def scores(screen: Screen, text: str, vote: bool = True) -> np.ndarray:

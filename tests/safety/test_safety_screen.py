@@ -401,6 +401,9 @@ def test_thresholds_come_from_config(screen):
     assert shipped.flagged and shipped.category == "suicide"  # the shipped thresholds flag it
     strict = build_screen(SafetyConfig(thresholds=dict.fromkeys(CATEGORIES, 1.01)))
     assert not assess(strict, veiled).flagged
+    # above 1 the classifier never flags, but a lexicon match (1.0) still does, as its category
+    stated = assess(strict, ["I want to kill myself"])
+    assert stated.flagged and stated.categories == ("suicide",) and stated.score == 1.0
     with pytest.raises(ValueError, match="unknown categories"):
         build_screen(SafetyConfig(thresholds={"despair": 0.5}))
 
