@@ -395,6 +395,7 @@ async def _events(
     parsers, guards = p.choice_parsers(), [_guard(state, p) for _ in range(n)]
     last = {k: Delta("", 0, "stop", k) for k in range(n)}
     content, ended = [""] * n, set()
+    held: list[list[TokenLogprob]] = [[] for _ in range(n)]  # logprobs of text the guard holds
     try:
         async for delta in _chain(first, deltas):
             k = delta.index
@@ -407,7 +408,12 @@ async def _events(
                 text = await guards[k].push(text, final=final, run=state.off_loop)
             content[k] += text
             model_text = guards[k].replaced is None and p.fixed is None  # logprobs: the model's
-            logprobs = _logprobs(p, delta.logprobs) if model_text else None
+            held[k] += delta.logprobs or []
+            logprobs = None
+            if model_text and not guards[k].pending:
+                # sent with the text they spell: a token of text the guard holds back (and may
+                # replace) would otherwise reach the client in `logprobs` before the screen ran
+                logprobs, held[k] = _logprobs(p, held[k]), []
             if text or (logprobs is not None and logprobs.content):
                 yield chunk(DeltaOut(content=text), k, logprobs=logprobs)
             if guards[k].replaced is not None:

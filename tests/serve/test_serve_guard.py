@@ -13,6 +13,7 @@ from soulray.config import ServeConfig
 from soulray.serve.app import build_api, build_state
 from soulray.serve.engine import engine_errors
 from soulray.serve.generate import Delta
+from soulray.serve.logits import TokenLogprob
 
 POST = "/v1/chat/completions"
 EARLIER_CRISIS = [
@@ -121,3 +122,41 @@ def test_with_no_reply_screen_text_streams_as_it_comes(tiny_export, tmp_path, sa
     payloads = events(call(api, "POST", POST, json=body).text)
     texts = [p["choices"][0]["delta"].get("content") for p in payloads if p["choices"]]
     assert texts == ["", "It is ", "slow and ", "painful.", None]
+
+
+class LogprobPiecesEngine(PiecesEngine):
+    """Streams the pieces with one logprobs entry each (the piece as its token)."""
+
+    async def stream(self, req):
+        async for delta in super().stream(req):
+            delta.logprobs = [TokenLogprob(delta.text, -0.5, list(delta.text.encode()))]
+            yield delta
+
+
+def test_a_streamed_replaced_reply_never_sends_its_text_as_logprobs(tiny_export, tmp_path):
+    """Logprobs wait with the text the guard holds back: a reply it replaces is not sent token
+    by token in `logprobs` either, and a reply it lets through has every token's entry."""
+    engine = LogprobPiecesEngine(METHOD)
+    api, _ = make_api(tiny_export, tmp_path, engine=engine)
+    messages = [{"role": "user", "content": "I had a rough day"}]
+    body = {"messages": messages, "stream": True, "logprobs": True}
+    payloads = events(call(api, "POST", POST, json=body).text)
+    tokens = [
+        t["token"]
+        for p in payloads
+        if p["choices"] and p["choices"][0]["logprobs"]
+        for t in p["choices"][0]["logprobs"]["content"]
+    ]
+    assert tokens == [] and payloads[-1]["safety"]["reply_replaced"]
+    safe = ["[Question] What ", "happened.", " Tell me ", "more?"]
+    api, _ = make_api(tiny_export, tmp_path, engine=LogprobPiecesEngine(safe))
+    payloads = events(call(api, "POST", POST, json=body).text)
+    sent = [
+        ([t["token"] for t in p["choices"][0]["logprobs"]["content"]], p["choices"][0]["delta"])
+        for p in payloads
+        if p["choices"] and p["choices"][0]["logprobs"]
+    ]
+    assert sent == [
+        (["[Question] What ", "happened."], {"content": "What happened.", "role": None}),
+        ([" Tell me ", "more?"], {"content": " Tell me more?", "role": None}),
+    ]
