@@ -231,7 +231,9 @@ class Scheduler:
         return False
 
     def _evict(self) -> None:
-        """Cancelled and expired rows leave the batch (and its cache) before the next step."""
+        """Cancelled and expired rows leave the batch (and its cache) before the next step, and
+        such tickets leave the queue: a full batch must not hold a request past its deadline."""
+        self.waiting = deque(t for t in self.waiting if not self._ended(t))
         if self.batch is None:
             return
         keep = [k for k, row in enumerate(self.batch.rows) if not self._ended(row.tag)]

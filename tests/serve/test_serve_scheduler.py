@@ -225,6 +225,37 @@ def test_a_waiting_request_that_ends_is_never_prefilled(tiny_model, field):
         assert (second.status, second.code) == (504, "request_timeout")
 
 
+def test_a_waiting_request_past_its_deadline_ends_while_the_batch_is_full(tiny_model):
+    """The deadline counts queueing too: a request still waiting for a row gets its 504 at the
+    next step, not only once a running row leaves the full batch."""
+    model, tok, _ = tiny_model
+    never_ends = {t: -100.0 for t in eos_ids(model, tok)}
+    slow = GenRequest("slow", prompt(tok, "take your time"), 200, 0.0, 1.0, logit_bias=never_ends)
+    sizes: list[int] = []
+
+    async def go():
+        sched = scheduler(tiny_model, 1, timeout_s=60.0)
+        running = sched.submit(slow)
+        waiting = sched.submit(GenRequest("b", prompt(tok, "second"), 6, 0.0, 1.0))
+
+        def on_step(rows: int, seconds: float) -> None:
+            sizes.append(rows)
+            if len(sizes) == 2:
+                waiting.deadline = time.monotonic()  # as if 60 s had passed in the queue
+
+        sched.on_step = on_step
+        try:
+            await collect(sched, waiting)
+        except EngineError as e:
+            error, steps = e, len(sizes)
+        sched.cancel(running)
+        sched.task.cancel()
+        return error, steps
+
+    error, steps = asyncio.run(go())
+    assert (error.status, error.code, steps) == (504, "request_timeout", 2)
+
+
 def test_a_request_of_n_choices_takes_n_rows_and_ends_when_all_have(tiny_model):
     """n=3 with room for 4 rows: a second n=3 request waits for room (never 6 rows in a step);
     a request larger than the batch still runs once the batch is empty; each request's queue
