@@ -193,6 +193,12 @@ def check_messages(
             400, f"too many messages ({len(messages)} > {cfg.max_messages})", param="messages"
         )
     for i, m in enumerate(messages):
+        if m.content is None and m.role != "assistant":  # OpenAI's API: only a reply's may be
+            raise APIError(
+                400,
+                f"messages[{i}]: a {m.role} message needs content (a string or text parts)",
+                param=f"messages[{i}].content",
+            )
         if isinstance(m.content, list) and any(p.type != "text" for p in m.content):
             raise APIError(
                 400,

@@ -77,6 +77,7 @@ def test_check_messages_roles_and_default_system_prompt():
         (msgs(("user", "hi"), ("assistant", "hello")), "messages"),  # must end on a user turn
         (msgs(("user", "hi"), ("system", "late"), ("user", "x")), "messages[1].role"),  # first
         (msgs(("system", "only")), "messages"),
+        ([ChatMessage(role="user", content=None)], "messages[0].content"),  # OpenAI requires it
     ]:
         with pytest.raises(APIError) as e:
             check_messages(bad, cfg, "SYS")
