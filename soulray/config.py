@@ -346,13 +346,15 @@ class SafetyConfig(Section):
     intent: dict[str, list[str]] | None = None  # phrases no idiom exclusion can blank
     lexicon: dict[str, list[str]] | None = None  # category -> phrases; None = built-in
     patterns: dict[str, list[str]] | None = None  # category -> regexes; None = built-in
+    # category -> regexes matched on the model's reply alone (method details); None = built-in
+    reply_patterns: dict[str, list[str]] | None = None
     exclude: list[str] | None = None  # idioms, blanked for the lexicon and the classifier
     guard: list[GuardRule] | None = None  # someone else's / negated / past words; None = built-in
     resources: dict[str, list[HelpLine]] | None = None  # locale -> help lines; None = built-in
     fixed_reply: dict[str, str] | None = None  # locale -> the fixed safe reply; None = built-in
     header: dict[str, str] | None = None  # locale -> the line above the help lines; over built-in
 
-    @field_validator("thresholds", "intent", "lexicon", "patterns")
+    @field_validator("thresholds", "intent", "lexicon", "patterns", "reply_patterns")
     @classmethod
     def _check_categories(cls, by_category: dict[str, Any] | None) -> dict[str, Any] | None:
         _known_categories(by_category or {})

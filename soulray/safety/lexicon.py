@@ -22,6 +22,14 @@ from two more: on the training set out of fold and on the held-out test sets the
 ordinary messages the classifier passes and caught no crisis message it misses (a worried
 friend quoting "活着没意思", a film's rooftop scene, an attempt years ago).
 
+- `reply_patterns` (regexes): matched on the model's reply alone, never on a person's message.
+  The issue's rule is that a reply must never give method details, and the classifier, trained
+  on people's messages, scores such a reply low ("Take 40 of your sleeping pills with alcohol":
+  0.52 for suicide, under the reply threshold of 0.9). Each names a method together with how,
+  how much, where, how certain, or how to hide it or not be stopped; a method named alone is
+  not one ("are you thinking of hanging yourself?" is what a counselor should ask). None of the
+  14,359 counselor replies of the corpora in ../shared/data matches one (tests/safety).
+
 - `guard`: a rule's hit does not count when the sentence around it says it is someone else's,
   negated or past: "my friend says she wants to jump off a building", "我不想死", "以前那些想死的
   念头". Each guard has a `before` regex (matched on the sentence up to the hit, so anchored with
@@ -40,7 +48,7 @@ import bisect
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
@@ -74,6 +82,7 @@ class Lexicon:
     rules: dict[str, tuple[re.Pattern[str], ...]]  # matched after exclusions
     exclude: tuple[re.Pattern[str], ...]
     guards: tuple[Guard, ...] = ()
+    reply: dict[str, tuple[re.Pattern[str], ...]] = field(default_factory=dict)  # replies alone
 
 
 def load_builtin() -> dict[str, Any]:
@@ -88,6 +97,7 @@ def build_lexicon(
     patterns: dict[str, list[str]],
     exclude: list[str],
     guard: Sequence[dict[str, Any] | GuardRule] | None = None,
+    reply_patterns: dict[str, list[str]] | None = None,
 ) -> Lexicon:
     return Lexicon(
         intent={c: tuple(_compile(_phrase_regex(p)) for p in ps) for c, ps in intent.items()},
@@ -100,6 +110,7 @@ def build_lexicon(
         },
         exclude=tuple(_compile(p) for p in exclude),
         guards=tuple(_guard(g) for g in guard or ()),
+        reply={c: tuple(_compile(p) for p in ps) for c, ps in (reply_patterns or {}).items()},
     )
 
 
@@ -138,6 +149,11 @@ def match(lex: Lexicon, text: str) -> list[str]:
     cleaned = blank_idioms(lex, text)
     found |= {c for c, rules in lex.rules.items() if _hits(lex, c, rules, cleaned)}
     return sorted(found)
+
+
+def match_reply(lex: Lexicon, text: str) -> list[str]:
+    """The categories whose `reply_patterns` find method details in a normalized model reply."""
+    return sorted(c for c, rules in lex.reply.items() if any(r.search(text) for r in rules))
 
 
 def blank_idioms(lex: Lexicon, text: str) -> str:

@@ -26,7 +26,14 @@ import numpy as np
 from soulray.config import HelpLine, SafetyConfig
 from soulray.safety.classifier import CATEGORIES, Classifier, load_weights
 from soulray.safety.features import format_variants
-from soulray.safety.lexicon import Lexicon, build_lexicon, classifier_text, load_builtin, match
+from soulray.safety.lexicon import (
+    Lexicon,
+    build_lexicon,
+    classifier_text,
+    load_builtin,
+    match,
+    match_reply,
+)
 
 CACHE_SIZE = 4096
 _CJK = re.compile(r"[\u4e00-\u9fff]")
@@ -101,6 +108,7 @@ def build_screen(cfg: SafetyConfig) -> Screen:
             cfg.patterns if cfg.patterns is not None else lex["patterns"],
             cfg.exclude if cfg.exclude is not None else lex["exclude"],
             cfg.guard if cfg.guard is not None else lex["guard"],
+            cfg.reply_patterns if cfg.reply_patterns is not None else lex["reply_patterns"],
         ),
         classifier,
         category_thresholds(cfg, classifier),
@@ -223,7 +231,17 @@ def reply_scores(screen: Screen, reply: str) -> np.ndarray:
     sentence by sentence, its earlier windows come from the cache."""
     n = screen.cfg.max_chars
     starts = range(0, max(len(reply) - n, 0) + n // 2, n // 2)
-    return np.max([scores(screen, reply[i : i + n], vote=False) for i in starts], axis=0)
+    return np.max([_reply_window(screen, reply[i : i + n]) for i in starts], axis=0)
+
+
+def _reply_window(screen: Screen, text: str) -> np.ndarray:
+    """One window's scores as a message's (no vote), raised to 1.0 where the lexicon's
+    reply_patterns find method details (kept out of the cache that people's messages share)."""
+    s = scores(screen, text, vote=False).copy()
+    for norm in format_variants(text, screen.cfg.max_chars):
+        for c in match_reply(screen.lexicon, norm):
+            s[CATEGORIES.index(c)] = 1.0
+    return s
 
 
 def check_reply(screen: Screen, reply: str, user: Assessment, user_texts: list[str]) -> Assessment:
