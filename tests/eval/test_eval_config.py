@@ -171,3 +171,14 @@ def test_models_and_the_judge_are_greedy_unless_set():
         }
     ).judge.endpoint
     assert seeker_from_judge(set_judge) is set_judge  # a temperature the user set is kept
+
+
+def test_jobs_eval_yaml_judge_plays_a_varied_seeker():
+    """jobs/eval.yaml's judge (greedy) also plays the Seeker (eval.interactive.seeker: null),
+    which keeps the shared 0.7: a judge temperature written in the job would make it greedy."""
+    from soulray.eval.run import seeker_from_judge
+
+    judge = load_config(ROOT / "jobs" / "eval.yaml", []).eval.judge.endpoint
+    assert judge is not None and judge.temperature == 0.0
+    seeker = seeker_from_judge(judge)
+    assert seeker is not None and seeker.temperature == 0.7 and seeker.model == judge.model
