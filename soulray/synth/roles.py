@@ -17,7 +17,7 @@ import yaml
 
 from soulray.config import parse_setting_yaml, read_setting_file
 from soulray.endpoints import ChatResult, EndpointClient, served_words
-from soulray.synth.scenarios import Scenario
+from soulray.synth.scenarios import ATTITUDES, INTENSITIES, Scenario
 from soulray.synth.strategies import (
     CounselorAnswerError,
     Taxonomy,
@@ -65,6 +65,56 @@ def check_prompts(
         missing = [name for name in needed if name not in section]
         if missing:
             raise ValueError(f"{key}: the {language!r} section lacks {', '.join(missing)}")
+        for name in needed:
+            problem = template_problem(name, section[name])
+            if problem:
+                raise ValueError(f"{key}: the {language!r} {name} {problem}")
+
+
+# What each template is filled with, and the keys each lookup table needs: a file with a
+# placeholder typo or a missing key is refused up front, not by a KeyError in every actor.
+PLACEHOLDERS: dict[str, tuple[str, ...]] = {
+    "seeker_system": (
+        *("age", "occupation", "personality", "problem_type", "situation", "emotion"),
+        *("intensity", "intensity_word", "attitude_text", "end_marker"),
+    ),
+    "counselor_system": ("strategies",),
+    "counselor_user": ("transcript",),
+    "counselor_retry": ("problem", "names"),
+    "supporter_system": ("strategy", "definition"),
+}
+TABLE_KEYS: dict[str, tuple[Any, ...]] = {
+    "attitudes": ATTITUDES,
+    "intensities": INTENSITIES,
+    "speakers": ("user", "assistant"),
+}
+
+
+def table_entry(table: dict[Any, Any], key: Any) -> Any:
+    """table[key], with an intensity's key also as text: a JSON (or quoted YAML) file's keys
+    are "1".."5", the packaged YAML's 1..5."""
+    return table.get(key, table.get(str(key)))
+
+
+def template_problem(name: str, value: Any) -> str | None:
+    """Why one entry of a prompts section cannot be used as roles.py uses it, if it cannot."""
+    if name in TABLE_KEYS:
+        lacking = [
+            k
+            for k in TABLE_KEYS[name]
+            if not isinstance(value, dict) or table_entry(value, k) is None
+        ]
+        return f"needs the keys {list(TABLE_KEYS[name])} (lacks {lacking})" if lacking else None
+    if not isinstance(value, str):
+        return "must be text"
+    fields = PLACEHOLDERS.get(name)
+    if fields is None:  # sent as written (seeker_start)
+        return None
+    try:
+        value.format(**dict.fromkeys(fields, ""))
+    except (KeyError, IndexError, ValueError) as e:
+        return f"cannot be filled ({type(e).__name__}: {e}); its placeholders are {list(fields)}"
+    return None
 
 
 @dataclass
@@ -95,7 +145,7 @@ def render_seeker_system(prompts: dict[str, Any], scenario: Scenario) -> str:
         situation=scenario.situation.rstrip("。."),
         emotion=scenario.emotion,
         intensity=scenario.intensity,
-        intensity_word=p["intensities"][scenario.intensity],
+        intensity_word=table_entry(p["intensities"], scenario.intensity),
         attitude_text=p["attitudes"][scenario.attitude],
         end_marker=END_MARKER,
     )

@@ -8,6 +8,7 @@ import json
 import random
 import shlex
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from scripted_openai import ScriptedOpenAI
@@ -25,6 +26,7 @@ from soulray.synth.roleplay import run_dialogue, utterance_problem
 from soulray.synth.roles import (
     counselor_messages,
     load_prompts,
+    render_seeker_system,
     seeker_messages,
     split_end_marker,
     supporter_messages,
@@ -697,3 +699,42 @@ def test_a_missing_taxonomy_file_is_refused_before_ray_starts(tmp_path):
         "the packaged one's shape, or leave synth.taxonomy_file unset for the packaged one"
     )
     assert list(tmp_path.iterdir()) == []  # Ray never started
+
+
+def test_a_prompts_file_the_roles_cannot_fill_is_refused_on_the_driver(tmp_path) -> None:
+    """A placeholder typo or a lookup table without a key was a KeyError in every actor, after
+    Ray started: the job died with a Ray traceback. It is one error naming the template."""
+    from soulray.synth.job import check_cast
+
+    packaged = load_prompts()
+    path = tmp_path / "prompts.yaml"
+
+    def refused(**en: Any) -> str:
+        path.write_text(json.dumps({"en": packaged["en"] | en}, ensure_ascii=False))
+        cfg = {"prompts_file": str(path), "scenarios": {"languages": ["en"]}}
+        with pytest.raises(ValueError) as e:
+            check_cast(SynthConfig.model_validate(cfg))
+        return str(e.value)
+
+    typo = packaged["en"]["seeker_system"].replace("{situation}", "{situaton}")
+    assert refused(seeker_system=typo) == (
+        "synth.prompts_file: the 'en' seeker_system cannot be filled (KeyError: 'situaton'); "
+        "its placeholders are ['age', 'occupation', 'personality', 'problem_type', 'situation', "
+        "'emotion', 'intensity', 'intensity_word', 'attitude_text', 'end_marker']"
+    )
+    assert refused(intensities={"1": "mild"}) == (
+        "synth.prompts_file: the 'en' intensities needs the keys [1, 2, 3, 4, 5] "
+        "(lacks [2, 3, 4, 5])"
+    )
+    assert refused(counselor_user=["Dialogue so far"]) == (
+        "synth.prompts_file: the 'en' counselor_user must be text"
+    )
+    # a JSON file's intensity keys are text ("3"): read as the packaged file's 3
+    from_json = json.loads(json.dumps(packaged))
+    scenario = build_scenarios(1, 0, ["en"])[0]
+    assert render_seeker_system(from_json, scenario) == render_seeker_system(packaged, scenario)
+    # the packaged file's literal braces ({{"strategy": ...}}) and an opening line with a brace
+    path.write_text(json.dumps({"en": packaged["en"] | {"seeker_start": "({you} open)"}}))
+    check_cast(
+        SynthConfig.model_validate({"prompts_file": str(path), "scenarios": {"languages": ["en"]}})
+    )
