@@ -18,6 +18,7 @@ import hashlib
 import json
 import re
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -138,9 +139,9 @@ def category_thresholds(cfg: SafetyConfig, classifier: Classifier | None) -> np.
 
 def scores(screen: Screen, text: str, vote: bool = True) -> np.ndarray:
     """Per-category scores of one message: the classifier's, raised to 1.0 where the lexicon
-    matches. `vote`: with the training messages' vote (a user's message), or without it (the
-    model's reply: its nearest training messages are people's, and a kind reply that names
-    suicide sits among them)."""
+    matches. `vote`: with the training messages' vote, or without it (as a model's reply is
+    scored, reply_window_scores: its nearest training messages are people's, and a kind reply
+    that names suicide sits among them)."""
     return score_pair(screen, text)[0 if vote else 1]
 
 
@@ -148,19 +149,47 @@ def score_pair(screen: Screen, text: str) -> np.ndarray:
     """(2, C): a message's scores with the vote and without it (Classifier.both), each raised
     to 1.0 where the lexicon matches. Cached by the hash of the screened text (never the text
     itself)."""
+
+    def compute(norm: str) -> np.ndarray:
+        out = np.zeros((2, len(CATEGORIES)))
+        if screen.classifier:  # it reads the message without the idioms, as it was trained
+            out = np.maximum(out, screen.classifier.both(classifier_text(screen.lexicon, norm)))
+        for c in match(screen.lexicon, norm):  # the config admits only CATEGORIES
+            out[:, CATEGORIES.index(c)] = 1.0
+        return out
+
+    return _cached(screen, "message", text, compute)
+
+
+def reply_window_scores(screen: Screen, text: str) -> np.ndarray:
+    """(C,): one window of a model reply: the classifier's scores without the vote, raised to
+    1.0 where the lexicon's reply_patterns find method details. The lists for people's messages
+    are not matched: their first-person phrases, in a counselor's reflection ("是什么让你想伤害
+    自己") or refusal ("I'm not going to tell you the lethal dose"), replaced kind replies."""
+
+    def compute(norm: str) -> np.ndarray:
+        out = np.zeros(len(CATEGORIES))
+        if screen.classifier:
+            out = np.maximum(out, screen.classifier.both(classifier_text(screen.lexicon, norm))[1])
+        for c in match_reply(screen.lexicon, norm):
+            out[CATEGORIES.index(c)] = 1.0
+        return out
+
+    return _cached(screen, "reply", text, compute)
+
+
+def _cached(
+    screen: Screen, kind: str, text: str, compute: Callable[[str], np.ndarray]
+) -> np.ndarray:
+    """compute(normalized text), the highest over the text's format variants, cached by the
+    hash of `kind` and the screened text (never the text itself)."""
     variants = format_variants(text, screen.cfg.max_chars)  # one, unless it hides characters
-    key = hashlib.blake2b("\0".join(variants).encode("utf-8"), digest_size=16).digest()
+    key = hashlib.blake2b("\0".join([kind, *variants]).encode("utf-8"), digest_size=16).digest()
     hit = screen.cache.get(key)
     if hit is not None:
         screen.cache.move_to_end(key)
         return hit
-    out = np.zeros((2, len(CATEGORIES)))
-    for norm in variants:
-        if screen.classifier:  # it reads the message without the idioms, as it was trained
-            found = screen.classifier.both(classifier_text(screen.lexicon, norm))
-            out = np.maximum(out, found)
-        for c in match(screen.lexicon, norm):  # the config admits only CATEGORIES
-            out[:, CATEGORIES.index(c)] = 1.0
+    out = np.max([compute(norm) for norm in variants], axis=0)
     screen.cache[key] = out
     if len(screen.cache) > CACHE_SIZE:
         screen.cache.popitem(last=False)
@@ -231,17 +260,7 @@ def reply_scores(screen: Screen, reply: str) -> np.ndarray:
     sentence by sentence, its earlier windows come from the cache."""
     n = screen.cfg.max_chars
     starts = range(0, max(len(reply) - n, 0) + n // 2, n // 2)
-    return np.max([_reply_window(screen, reply[i : i + n]) for i in starts], axis=0)
-
-
-def _reply_window(screen: Screen, text: str) -> np.ndarray:
-    """One window's scores as a message's (no vote), raised to 1.0 where the lexicon's
-    reply_patterns find method details (kept out of the cache that people's messages share)."""
-    s = scores(screen, text, vote=False).copy()
-    for norm in format_variants(text, screen.cfg.max_chars):
-        for c in match_reply(screen.lexicon, norm):
-            s[CATEGORIES.index(c)] = 1.0
-    return s
+    return np.max([reply_window_scores(screen, reply[i : i + n]) for i in starts], axis=0)
 
 
 def check_reply(screen: Screen, reply: str, user: Assessment, user_texts: list[str]) -> Assessment:
@@ -252,8 +271,8 @@ def check_reply(screen: Screen, reply: str, user: Assessment, user_texts: list[s
     if not (screen.cfg.enabled and screen.cfg.screen_reply) or not reply.strip():
         return Assessment()
     s = reply_scores(screen, reply)
-    # stricter than for messages: a lexicon match (1.0) or a confident score; a model's own
-    # text (or a tiny test model's gibberish) must not lose the conversation on a weak score
+    # stricter than for messages: a reply pattern's match (1.0) or a confident score; a model's
+    # own text (or a tiny test model's gibberish) must not lose the conversation on a weak score
     hits = s >= np.maximum(screen.thresholds, screen.cfg.reply_threshold)
     if not hits.any():
         return Assessment()
