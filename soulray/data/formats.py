@@ -83,7 +83,7 @@ def split_records(path: str, data: bytes) -> Iterator[RawRecord]:
         turns = _is_turn_array(data, at_end)  # one SMILE conversation: its items are turns
         if not turns and (items := _array_items(path, stem, data, at_end)) is not None:
             yield from items  # an array with a bad record: the others are read
-        elif _looks_like_json_lines(text):
+        elif looks_like_json_lines(text):
             yield from line_records(path, stem, data)
         elif isinstance(e, UnicodeDecodeError):
             yield RawRecord(path, stem, None, text[:2000], not_utf8(e))
@@ -198,7 +198,7 @@ def opens_json_array(data: bytes) -> bool:
     return head.split(b"\n", 1)[0].strip() == b"["
 
 
-def _looks_like_json_lines(text: str) -> bool:
+def looks_like_json_lines(text: str) -> bool:
     """A record per line: one of the first few lines that start at column 0 is a whole JSON
     record (so a bad first line costs that line, not the file). Pretty-printed JSON, whose
     first line is a lone bracket and whose records are indented, is not."""

@@ -5,15 +5,15 @@ for a minute and one process holds the whole file. Here a big file is cut into r
 `data.range_bytes`, each holding whole records, and every range is read with a ranged read
 (local files and object stores alike, through pyarrow.fs):
 
-- JSON lines: cut at newlines; each chunk task counts its newlines so every record keeps its
-  `path:line` location.
+- JSON lines (also in a .json): cut at newlines; each chunk task counts its newlines so every
+  record keeps its `path:line` location.
 - a JSON array: a first pass of chunk tasks finds the top-level separators. Whether a chunk
   starts inside a string is unknown until the chunks before it are counted, so each chunk is
   scanned (vectorised) under both hypotheses; the driver then chains the quote parities and
   bracket depths and keeps the commas at depth 1 of the right hypothesis. Escaped quotes and
   brackets inside strings are handled; the driver holds record offsets, never record text.
-- small files, Parquet files, and a .json that is not one array: one range = the whole file,
-  read exactly as before (`formats.split_records`).
+- small files, Parquet files, and a .json that is neither one array nor JSON lines: one
+  range = the whole file, read exactly as before (`formats.split_records`).
 """
 
 from __future__ import annotations
@@ -30,12 +30,14 @@ from soulray import storage
 from soulray.data.formats import (
     RawRecord,
     line_records,
+    looks_like_json_lines,
     opens_json_array,
     parse_item,
     split_records,
 )
 
 SCAN_CHUNK = 16 * 2**20  # bytes per scan task: big enough to amortise, small enough for memory
+JSON_LINES_HEAD = 2**20  # bytes of a .json read to tell JSON lines from one JSON value
 LOOKBACK = 4096  # bytes read before a chunk to see a backslash run that crosses its start
 WHITESPACE = b" \t\r\n"
 
@@ -272,6 +274,15 @@ def first_array_item_is_turn(path: str, r: Range) -> bool:
     return is_turn_list([item])
 
 
+def holds_json_lines(head: bytes) -> bool:
+    """Whether a .json file whose first bytes are `head` holds JSON lines, which the serial
+    reader reads line by line (formats.split_records): a big one is then split at newlines like
+    a .jsonl (it was one task holding the whole file). Two or more lines, the first whole
+    records among them parsing alone: one JSON value cannot be that."""
+    text = head[: head.rfind(b"\n") + 1].decode("utf-8", errors="replace").removeprefix("\ufeff")
+    return sum(1 for ln in text.split("\n") if ln.strip()) > 1 and looks_like_json_lines(text)
+
+
 def plan_file(path: str, range_bytes: int, rid: int) -> list[Range]:
     """The ranges of one file: split when it is big and splittable, else the whole file."""
     size = file_size(path)
@@ -281,6 +292,8 @@ def plan_file(path: str, range_bytes: int, rid: int) -> list[Range]:
         return whole  # small, or UTF-16 (one reject that says so: formats.split_records)
     lines = suffix in (".jsonl", ".ndjson")
     if lines and not opens_json_array(read_at(path, 0, 4096)):
+        return plan_lines(path, size, range_bytes, rid)
+    if suffix == ".json" and holds_json_lines(read_at(path, 0, min(size, JSON_LINES_HEAD))):
         return plan_lines(path, size, range_bytes, rid)
     if lines or suffix == ".json":  # a .jsonl holding one JSON array is read as a .json
         ranges = plan_array(path, size, range_bytes, rid)

@@ -96,6 +96,23 @@ def test_jsonl_ranges_keep_line_numbers(ray_local, tmp_path):
     assert len(got) == 399
 
 
+def test_a_big_json_file_holding_json_lines_is_split_at_newlines(ray_local, tmp_path):
+    """JSON lines saved as .json are read line by line; a big one was one task holding the
+    whole file. A .json holding one record on one line is still read whole, as one record."""
+    lines = [json.dumps(r, ensure_ascii=False) for r in tricky_corpus(300, 3) if r is not None]
+    lines[4] = '{"messages": ['  # a broken line
+    path = tmp_path / "corpus.json"
+    path.write_text("\ufeff" + "\n".join(lines) + "\n", encoding="utf-8")
+    got, plan = by_ranges(path, 4096)
+    assert {r.kind for r in plan} == {"lines"} and len(plan) >= 4
+    assert got == serial(path) and len(got) == len(lines)
+    assert [(g[0], g[4]) for g in got if g[4]] == [(f"{path}:5", "invalid_json")]
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"messages": [{"role": "user", "content": "x" * 10000}]}) + "\n")
+    got, plan = by_ranges(one, 4096)
+    assert [r.kind for r in plan] == ["file"] and [g[0] for g in got] == [str(one)]
+
+
 def test_a_jsonl_file_holding_one_pretty_printed_array_is_read_as_the_json_it_is(tmp_path):
     """json.dump(items, f, indent=2) saved as .jsonl: read as lines, each of its lines was a
     reject (886 for 5 conversations); big (split) or small (whole), it gives the .json's records.
