@@ -335,7 +335,12 @@ def _parquet_records(path: str, stem: str, data: bytes) -> Iterator[RawRecord]:
     except Exception as e:  # pyarrow raises several types for a corrupt file
         yield RawRecord(path, stem, None, "", RecordError("invalid_json", f"bad Parquet: {e}"))
         return
-    for i, row in enumerate(rows):
+    yield from parquet_rows(path, stem, rows)
+
+
+def parquet_rows(path: str, stem: str, rows: list[Any], first: int = 0) -> Iterator[RawRecord]:
+    """Parquet rows as records, the first being row number `first` of the file."""
+    for i, row in enumerate(rows, start=first):
         raw = json.dumps(row, ensure_ascii=False, default=str)
         yield RawRecord(f"{path}[{i}]", f"{stem}:{i}", row, raw)
 

@@ -12,8 +12,9 @@ for a minute and one process holds the whole file. Here a big file is cut into r
   scanned (vectorised) under both hypotheses; the driver then chains the quote parities and
   bracket depths and keeps the commas at depth 1 of the right hypothesis. Escaped quotes and
   brackets inside strings are handled; the driver holds record offsets, never record text.
-- small files, Parquet files, and a .json that is neither one array nor JSON lines: one
-  range = the whole file, read exactly as before (`formats.split_records`).
+- Parquet: whole row groups (one range per group or run of groups of about range_bytes).
+- small files, Parquet files of one row group, and a .json that is neither one array nor JSON
+  lines: one range = the whole file, read exactly as before (`formats.split_records`).
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ from typing import Any
 import numpy as np
 
 from soulray import storage
+from soulray.data.conversation import RecordError
 from soulray.data.formats import (
     RawRecord,
     line_records,
     looks_like_json_lines,
     opens_json_array,
+    parquet_rows,
     parse_item,
     split_records,
 )
@@ -51,14 +54,15 @@ _ROLE[ord(",")] = 2
 @dataclass
 class Range:
     """Whole records of one file: `file` = the whole file parsed as before, `lines` = JSON lines
-    from byte `start` (a line start) to `end`, `array` = array records at `starts`..`ends`."""
+    from byte `start` (a line start) to `end`, `array` = array records at `starts`..`ends`,
+    `parquet` = the Parquet row groups numbered in `starts` (`first`: their first row's number)."""
 
     rid: int
     path: str
     kind: str
     start: int = 0
     end: int = 0
-    first: int = 0  # the first record's line number (lines) or array index (array)
+    first: int = 0  # the first record's line number (lines) or index (array, parquet)
     starts: list[int] = field(default_factory=list)
     ends: list[int] = field(default_factory=list)
 
@@ -274,6 +278,32 @@ def first_array_item_is_turn(path: str, r: Range) -> bool:
     return is_turn_list([item])
 
 
+def plan_parquet(path: str, range_bytes: int, rid: int) -> list[Range] | None:
+    """A Parquet file's row groups grouped into ranges of about range_bytes (uncompressed);
+    None when it has one group or its footer does not read (the whole-file read rejects it)."""
+    import pyarrow.parquet as pq
+
+    fs, inner = storage.resolve(path)
+    try:
+        with fs.open_input_file(inner) as f:
+            meta = pq.ParquetFile(f).metadata
+    except Exception:  # pyarrow raises several types for a corrupt file
+        return None
+    if meta.num_row_groups < 2:
+        return None
+    ranges: list[Range] = []
+    groups: list[int] = []
+    first = size = rows = 0
+    for g in range(meta.num_row_groups):
+        groups.append(g)
+        size += meta.row_group(g).total_byte_size
+        rows += meta.row_group(g).num_rows
+        if size >= range_bytes or g == meta.num_row_groups - 1:
+            ranges.append(Range(rid + len(ranges), path, "parquet", first=first, starts=groups))
+            groups, first, size = [], rows, 0
+    return ranges
+
+
 def holds_json_lines(head: bytes) -> bool:
     """Whether a .json file whose first bytes are `head` holds JSON lines, which the serial
     reader reads line by line (formats.split_records): a big one is then split at newlines like
@@ -290,6 +320,8 @@ def plan_file(path: str, range_bytes: int, rid: int) -> list[Range]:
     whole = [Range(rid, path, "file", 0, size)]
     if size <= range_bytes or read_at(path, 0, 2) in (b"\xff\xfe", b"\xfe\xff"):
         return whole  # small, or UTF-16 (one reject that says so: formats.split_records)
+    if suffix == ".parquet":
+        return plan_parquet(path, range_bytes, rid) or whole
     lines = suffix in (".jsonl", ".ndjson")
     if lines and not opens_json_array(read_at(path, 0, 4096)):
         return plan_lines(path, size, range_bytes, rid)
@@ -327,6 +359,19 @@ def range_records(r: Range) -> Iterator[RawRecord]:
             yield from line_records(r.path, stem, data, r.first)
         case "array":
             yield from _array_items(r, stem, read_at(r.path, r.start, r.end - r.start))
+        case "parquet":
+            import pyarrow.parquet as pq
+
+            fs, inner = storage.resolve(r.path)
+            try:
+                with fs.open_input_file(inner) as f:
+                    rows = pq.ParquetFile(f).read_row_groups(r.starts).to_pylist()
+            except Exception as e:  # a corrupt row group: its range is one reject, not the job
+                where = f"row groups {r.starts[0]}-{r.starts[-1]}"
+                err = RecordError("invalid_json", f"bad Parquet ({where}): {e}")
+                yield RawRecord(f"{r.path}[{r.first}]", f"{stem}:{r.first}", None, "", err)
+                return
+            yield from parquet_rows(r.path, stem, rows, r.first)
         case _:
             raise ValueError(f"unknown range kind {r.kind!r}")
 

@@ -113,6 +113,27 @@ def test_a_big_json_file_holding_json_lines_is_split_at_newlines(ray_local, tmp_
     assert [r.kind for r in plan] == ["file"] and [g[0] for g in got] == [str(one)]
 
 
+def test_a_big_parquet_file_is_split_by_row_groups(tmp_path):
+    """A big Parquet file was one task holding the whole file; its row groups are ranges now,
+    read as the serial reader reads them (same locations and values)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = [
+        {"id": i, "messages": [{"role": "user", "content": f"x{i} " * 50}]} for i in range(300)
+    ]
+    path = tmp_path / "corpus.parquet"
+    pq.write_table(pa.Table.from_pylist(records), path, row_group_size=20)
+    got, plan = by_ranges(path, 4096)
+    assert {r.kind for r in plan} == {"parquet"} and len(plan) == 15
+    assert [r.first for r in plan] == list(range(0, 300, 20))
+    assert got == serial(path) and [g[2] for g in got] == records
+    one = tmp_path / "one.parquet"  # one row group: read whole, as before
+    pq.write_table(pa.Table.from_pylist(records), one)
+    got, plan = by_ranges(one, 4096)
+    assert [r.kind for r in plan] == ["file"] and got == serial(one)
+
+
 def test_a_jsonl_file_holding_one_pretty_printed_array_is_read_as_the_json_it_is(tmp_path):
     """json.dump(items, f, indent=2) saved as .jsonl: read as lines, each of its lines was a
     reject (886 for 5 conversations); big (split) or small (whole), it gives the .json's records.
@@ -220,3 +241,21 @@ def test_a_big_utf16_file_is_one_reject_that_says_so(tmp_path):
     (only,) = [r for rng in ranges for r in range_records(rng)]
     assert only.error.reason == "invalid_encoding"
     assert only.error.detail.startswith("the file is UTF-16, not UTF-8; convert it")
+
+
+def test_a_corrupt_row_group_of_a_split_parquet_file_is_one_reject(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = [{"messages": [{"role": "user", "content": f"y{i} " * 60}]} for i in range(100)]
+    path = tmp_path / "corpus.parquet"
+    pq.write_table(pa.Table.from_pylist(records), path, row_group_size=25)
+    data = bytearray(path.read_bytes())
+    at = pq.ParquetFile(path).metadata.row_group(1).column(0).data_page_offset
+    data[at : at + 16] = b"\xff" * 16  # the page header of row group 1
+    path.write_bytes(bytes(data))
+    got, plan = by_ranges(path, 4096)
+    assert [r.first for r in plan] == [0, 25, 50, 75]
+    bad = [g for g in got if g[4]]
+    assert [(g[0], g[4]) for g in bad] == [(f"{path}[25]", "invalid_json")]
+    assert [g[2] for g in got if not g[4]] == records[:25] + records[50:]
