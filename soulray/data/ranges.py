@@ -14,7 +14,8 @@ for a minute and one process holds the whole file. Here a big file is cut into r
   brackets inside strings are handled; the driver holds record offsets, never record text.
 - Parquet: whole row groups (one range per group or run of groups of about range_bytes).
 - small files, Parquet files of one row group, and a .json that is neither one array nor JSON
-  lines: one range = the whole file, read exactly as before (`formats.split_records`).
+  lines: the whole file, read exactly as before (`formats.split_records`); consecutive small
+  files share a range up to range_bytes.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ _ROLE[ord(",")] = 2
 class Range:
     """Whole records of one file: `file` = the whole file parsed as before, `lines` = JSON lines
     from byte `start` (a line start) to `end`, `array` = array records at `starts`..`ends`,
-    `parquet` = the Parquet row groups numbered in `starts` (`first`: their first row's number)."""
+    `parquet` = the Parquet row groups numbered in `starts` (`first`: their first row's number),
+    `files` = small files read whole one after the other (`paths`), `end` their total size."""
 
     rid: int
     path: str
@@ -65,6 +67,7 @@ class Range:
     first: int = 0  # the first record's line number (lines) or index (array, parquet)
     starts: list[int] = field(default_factory=list)
     ends: list[int] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)  # files: the small files, `ends` their sizes
 
 
 def read_at(path: str, offset: int, size: int) -> bytes:
@@ -338,8 +341,29 @@ def plan_ranges(files: list[str], range_bytes: int) -> list[Range]:
     """Every input file as ranges, numbered in file and byte order (the order of 'first')."""
     ranges: list[Range] = []
     for path in files:
-        ranges += plan_file(path, range_bytes, len(ranges))
+        planned = plan_file(path, range_bytes, len(ranges))
+        last = ranges[-1] if ranges else None
+        if (
+            last is not None
+            and last.kind in ("file", "files")
+            and [r.kind for r in planned] == ["file"]
+            and last.end + planned[0].end <= range_bytes
+        ):
+            join_small_file(last, planned[0])
+        else:
+            ranges += planned
     return ranges
+
+
+def join_small_file(r: Range, small: Range) -> None:
+    """Add a small file to a range of small files, read whole one after the other: one task per
+    file made a folder of small files (SMILE's 55,165 dialogues) thousands of tiny Ray tasks,
+    blocks and work files, ~7x slower than the same records in one file."""
+    if r.kind == "file":
+        r.kind, r.paths, r.ends = "files", [r.path], [r.end]
+    r.paths.append(small.path)
+    r.ends.append(small.end)
+    r.end += small.end
 
 
 # Reading one range (runs in Ray tasks) ----------------------------------------------------------
@@ -352,6 +376,9 @@ def range_records(r: Range) -> Iterator[RawRecord]:
     match r.kind:
         case "file":
             yield from split_records(r.path, read_at(r.path, 0, r.end))
+        case "files":
+            for path, size in zip(r.paths, r.ends, strict=True):
+                yield from split_records(path, read_at(path, 0, size))
         case "lines":
             data = read_at(r.path, r.start, r.end - r.start)
             if r.start == 0:

@@ -134,6 +134,34 @@ def test_a_big_parquet_file_is_split_by_row_groups(tmp_path):
     assert [r.kind for r in plan] == ["file"] and got == serial(one)
 
 
+def test_small_files_share_ranges_up_to_range_bytes(tmp_path):
+    """A folder of small files (SMILE ships one dialogue per file) was one Ray task per file;
+    consecutive small files now share a range, read as the serial reader reads each one."""
+    paths = []
+    for i in range(40):
+        path = tmp_path / f"{i:02d}.json"
+        path.write_text(json.dumps([{"role": "client", "content": "z" * 173 + f"{i:02d}"}]))
+        paths.append(path)
+    broken = tmp_path / "40.json"
+    broken.write_text('[{"role": "client", "content": "cut sh')
+    paths.append(broken)
+    plan = plan_ranges([str(p) for p in paths], 4096)
+    sizes = [p.stat().st_size for p in paths]
+    assert sizes == [210] * 40 + [38] and len(plan) == 3
+    assert [(r.kind, len(r.paths), r.rid) for r in plan] == [
+        ("files", 19, 0),
+        ("files", 19, 1),
+        ("files", 3, 2),
+    ]
+    got = [
+        (r.location, r.record, r.error and r.error.reason)
+        for rng in plan
+        for r in range_records(rng)
+    ]
+    want = [(g[0], g[2], g[4]) for p in paths for g in serial(p)]
+    assert got == want and len(got) == 41 and got[-1][2] == "invalid_json"
+
+
 def test_a_jsonl_file_holding_one_pretty_printed_array_is_read_as_the_json_it_is(tmp_path):
     """json.dump(items, f, indent=2) saved as .jsonl: read as lines, each of its lines was a
     reject (886 for 5 conversations); big (split) or small (whole), it gives the .json's records.
