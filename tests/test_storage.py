@@ -288,6 +288,47 @@ def test_s3_reads_honour_the_endpoint_variable(bucket):
     assert fs.get_file_info(bucket[0]).type == pafs.FileType.Directory  # the moto bucket
 
 
+def test_a_training_checkpoint_on_s3_is_restored_where_it_is_stored(bucket, tmp_path):
+    """Resume reads a checkpoint's DCP shards from s3:// itself (train.storage_path on an object
+    store, as jobs/llama3-8b-2x8xh100.yaml has it). torch's DCP reads a URI with fsspec, which
+    needs s3fs: every resume failed with "Install s3fs to access S3", each restart again."""
+    import torch
+    import torch.distributed as dist
+
+    from soulray.config import load_config
+    from soulray.train.checkpoint import load_checkpoint, save_checkpoint
+
+    def trained(steps: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, object]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+        for _ in range(steps):
+            model(torch.ones(2, 4)).sum().backward()
+            optimizer.step()
+        return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+
+    name, _ = bucket
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        model, optimizer, scheduler = trained(3)
+        local = tmp_path / "checkpoint_00000003"
+        local.mkdir()
+        state = {"step": 3, "micro_batches": 3, "epoch": 1, "epoch_batch": 2, "world_size": 1}
+        save_checkpoint(str(local), model, optimizer, scheduler, state, load_config(None, []))
+        remote = f"s3://{name}/runs/r/checkpoint_00000003"
+        for path in local.iterdir():  # as Ray Train uploads it (.metadata included)
+            storage.write_bytes(storage.join(remote, path.name), path.read_bytes())
+        fresh, fresh_optimizer, fresh_scheduler = trained(0)
+        restored = load_checkpoint(remote, fresh, fresh_optimizer, fresh_scheduler)
+    finally:
+        dist.destroy_process_group()
+    assert (restored["step"], restored["epoch"], restored["epoch_batch"]) == (3, 1, 2)
+    assert torch.equal(fresh.weight, model.weight) and torch.equal(fresh.bias, model.bias)
+    moments = fresh_optimizer.state[fresh.weight]
+    assert torch.equal(moments["exp_avg"], optimizer.state[model.weight]["exp_avg"])
+    assert float(moments["step"]) == 3.0
+
+
 def test_s3_byte_ranges_read_the_same_records_as_local(bucket, tmp_path):
     """A big JSON array on s3:// is scanned and parsed with ranged reads: every chunk scan and
     every range gives what the same file gives locally (the plan itself runs on Ray elsewhere:

@@ -16,6 +16,8 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -93,7 +96,7 @@ def load_checkpoint(
     it is stored (local path or object-store URI); return the loop state, with this rank's own
     data position where the checkpoint has it."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=location)
+    dcp.load({"model": model_sd, "optim": optim_sd}, storage_reader=checkpoint_reader(location))
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
     state = json.loads(storage.read_text(storage.join(location, STATE_FILE)))
     scheduler.load_state_dict(state.pop("scheduler"))
@@ -103,6 +106,43 @@ def load_checkpoint(
         set_rng_state(saved)
         state.update(saved.get("data", {}))  # older checkpoints: rank 0's position for all
     return state
+
+
+def checkpoint_reader(location: str) -> dcp.FileSystemReader:
+    """DCP's reader of a checkpoint where it is stored. On s3:// gs:// it reads through
+    soulray.storage (pyarrow): given the URI, DCP would read it with fsspec, which needs s3fs or
+    gcsfs (not installed), so every resume from an object store failed ("Install s3fs")."""
+    reader = dcp.FileSystemReader(location)
+    if storage.is_remote(location):
+        reader.fs = ObjectStoreFiles()
+        reader.path = reader.fs.init_path(location)
+    return reader
+
+
+class ObjectStoreFiles(FileSystem):
+    """What DCP's reader opens (the interface of its local FileSystem) on an object store, through
+    pyarrow.fs and fsspec's wrapper of it: ranged reads, so a rank fetches only its shards.
+    Checkpoints are written locally and uploaded by Ray Train, so nothing here writes."""
+
+    fs: Any = None  # fsspec's ArrowFSWrapper of the store, set by init_path
+
+    def init_path(self, path: str | os.PathLike) -> str:
+        from fsspec.implementations.arrow import ArrowFSWrapper
+
+        fs, inner = storage.resolve(str(path))
+        self.fs = ArrowFSWrapper(fs)
+        return inner
+
+    @contextmanager
+    def create_stream(self, path: str | os.PathLike, mode: str) -> Iterator[Any]:
+        with self.fs.open(str(path), mode) as stream:
+            yield stream
+
+    def concat_path(self, path: str | os.PathLike, suffix: str) -> str:
+        return f"{path}/{suffix}"
+
+    def exists(self, path: str | os.PathLike) -> bool:
+        return self.fs.exists(str(path))
 
 
 def rng_state() -> dict[str, Any]:
