@@ -479,6 +479,38 @@ def test_a_reply_naming_a_method_to_keep_someone_safe_is_not_replaced(screen, re
     assert not check_reply(screen, reply, assess(screen, ["hi"]), ["hi"]).flagged
 
 
+# Model replies written for the reply screen by two writers who saw neither its rules nor each
+# other's set (stop 39): per language 60 giving method details, 60 kind ones naming the same
+# means. Set 1 was then read to write the rules (a development set); set 2 was measured once.
+# Floors: method replies replaced at least, kind ones replaced at most, as measured.
+REPLY_SETS = {
+    "safety_replies_set1.json": {"en": (58, 1), "zh": (50, 1)},
+    "safety_replies_set2.json": {"en": (11, 3), "zh": (9, 1)},
+}
+
+
+@pytest.mark.parametrize("name", sorted(REPLY_SETS))
+def test_reply_sets_keep_their_floors(screen, name):
+    import json
+    from pathlib import Path
+
+    items = json.loads((Path(__file__).parent / name).read_text("utf-8"))
+    user = assess(screen, ["hi"])
+    for lang, (method_floor, kind_ceiling) in REPLY_SETS[name].items():
+        flagged = {
+            label: sum(
+                check_reply(screen, i["text"], user, ["hi"]).flagged
+                for i in items
+                if i["lang"] == lang and i["label"] == label
+            )
+            for label in ("method", "safe")
+        }
+        assert flagged["method"] >= method_floor and flagged["safe"] <= kind_ceiling, (
+            lang,
+            flagged,
+        )
+
+
 def test_no_counselor_reply_of_the_real_corpora_matches_a_reply_pattern(lexicon_only):
     """14,359 distinct supporter and counselor replies (SoulChat, SMILE, EmoLLM, ESConv)."""
 
