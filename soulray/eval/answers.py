@@ -15,8 +15,12 @@ from soulray.json_objects import THINK, load_objects
 
 Verdict = Literal["A", "B", "tie"]
 
-# `Name: 2`, `'Name': 2`, `"Name"：2` or `"Name": {"score": 2` (format in the escaped name)
-KEY_SCORE = r"[\"']?{key}[\"']?\s*[:：=]\s*\{{?\s*(?:[\"']score[\"']\s*:\s*)?(-?\d+(?:\.\d+)?)"
+# `Name: 2`, `'Name': 2`, `"Name"：2` or `"Name": {"score": 2` (format in the escaped name), and
+# the markdown a judge may answer in instead: `**Name**: 2`, `__Name__: 2`, `- **Name:** 2`
+KEY_SCORE = (
+    r"[\"'*_]*{key}[\"'*_]*\s*[:：=][\s*_]*"
+    r"\{{?\s*(?:[\"']score[\"']\s*:\s*)?(-?\d+(?:\.\d+)?)"
+)
 WINNERS: dict[str, Verdict] = {
     "a": "A",
     "reply a": "A",
@@ -118,7 +122,8 @@ def parse_verdict(text: str) -> tuple[Verdict, str]:
         verdict = _winner(_lookup(obj, "winner"))
         if verdict is not None:
             return verdict, str(_lookup(obj, "reason") or "")
-    pattern = r'"?winner"?\s*[:：=]\s*"?([A-Za-z ]+?)"?\s*(?:[,}\n]|$)'
+    # `winner: B`, also in markdown (`**Winner:** B`) and ended by a full stop (`winner: A.`)
+    pattern = r'[*_"]*winner[*_"]*\s*[:：=]\s*[*_"]*([A-Za-z ]+?)[*_"]*[.。]?[*_"]*\s*(?:[,}\n]|$)'
     for m in re.finditer(pattern, text, re.I):
         verdict = _winner(m.group(1))
         if verdict is not None:
@@ -127,4 +132,5 @@ def parse_verdict(text: str) -> tuple[Verdict, str]:
 
 
 def _winner(raw: Any) -> Verdict | None:
-    return WINNERS.get(str(raw).strip().lower()) if raw is not None else None
+    """A winner as written, also with a full stop or markdown around it ("A.", "**B**")."""
+    return WINNERS.get(str(raw).strip(" *_.。").lower()) if raw is not None else None

@@ -177,3 +177,29 @@ def test_a_verdict_after_an_echoed_schema_or_another_object_is_found():
     assert parse_verdict(echoed) == ("B", "warmer")
     aside = 'Scores {"A": 1, "B": 2}, so {"winner": "B", "reason": "asks"}'
     assert parse_verdict(aside) == ("B", "asks")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "**Content**: 2 on topic\n**Empathy**: 1\n**Helpfulness**: 2\n**Safety**: 1",
+        "__Content__: 2\n__Empathy__: 1\n__Helpfulness__: 2\n__Safety__: 1",
+        "- **Content:** 2\n- **Empathy:** 1\n- **Helpfulness:** **2**\n- *Safety*: 1",
+    ],
+    ids=["bold-name", "underscores", "list-colon-inside"],
+)
+def test_markdown_scores_are_read(answer):
+    """A judge answering in markdown instead of JSON was retried, then recorded as unscored."""
+    assert parse_scores(answer, SOULCHAT)[0] == FULL
+
+
+def test_markdown_or_a_full_stop_around_the_winner_is_read_and_ambiguity_is_not():
+    """`{"winner": "A."}` was retried, then recorded as unscored."""
+    assert parse_verdict('{"winner": "A.", "reason": "warmer"}') == ("A", "warmer")
+    assert parse_verdict('{"winner": "**B**"}') == ("B", "")
+    assert parse_verdict("winner: A.") == ("A", "")
+    assert parse_verdict("**Winner:** Tie.") == ("tie", "")
+    assert parse_verdict("- **Winner**: Reply B.\n") == ("B", "")
+    for ambiguous in ('{"winner": "A or B"}', '{"winner": "A.B"}', "winner: A. B is worse"):
+        with pytest.raises(AnswerError, match="no winner"):
+            parse_verdict(ambiguous)
