@@ -17,9 +17,18 @@ from typing import Any
 
 from soulray.endpoints import EndpointClient, EndpointError, without_help_lines
 from soulray.eval.contexts import Context, sent_history
-from soulray.eval.judge import Rubric, build_request, format_dialogue, judge_pair, judge_scores
+from soulray.eval.judge import (
+    Judgement,
+    Rubric,
+    build_request,
+    format_dialogue,
+    judge_pair,
+    judge_scores,
+)
 from soulray.synth.roles import Seeker
 from soulray.synth.scenarios import Scenario
+
+NO_REPLY = "no reply: the Seeker ended the dialogue before the model replied"
 
 
 class Progress:
@@ -163,16 +172,20 @@ async def interactive(
     strategies: set[str],
 ) -> dict[str, list[dict[str, Any]]]:
     """Each model talks with every scenario; each dialogue with a model reply is judged.
+    One the Seeker ended before any reply is recorded as unscored with that reason, so the
+    report's scored + unscored + failed add up to the dialogues.
     `strategies` names the models sent their earlier replies' strategies."""
 
     async def one(model: str, scenario: Scenario) -> dict[str, Any]:
         record = await run_dialogue(seeker, clients[model], scenario, turns, model in strategies)
         answered = any(m["role"] == "assistant" for m in record["messages"])
-        if judge is not None and answered and record["error"] is None:
+        if judge is None or record["error"] is not None:
+            record["judge"] = None
+        elif not answered:
+            record["judge"] = Judgement(error=NO_REPLY).to_json()
+        else:
             request = build_request("dialogue", rubric, context=format_dialogue(record["messages"]))
             record["judge"] = (await judge_scores(judge, request, rubric, retries)).to_json()
-        else:
-            record["judge"] = None
         return record
 
     pairs = [(m, s) for m in clients for s in scenarios]

@@ -182,6 +182,52 @@ def test_a_dialogue_the_models_endpoint_failed_was_not_ended_by_the_seeker():
     assert (record["error"], record["ended_by_seeker"]) == ("http_503: overloaded", False)
 
 
+def test_a_dialogue_the_seeker_ended_before_any_reply_is_counted_as_unscored():
+    """It was neither judged nor counted: scored + unscored + failed fell short of the
+    dialogues."""
+    import asyncio
+
+    from soulray.endpoints import ChatResult
+    from soulray.eval.judge import load_rubric
+    from soulray.eval.modes import interactive
+    from soulray.eval.report import dialogue_summary
+    from soulray.synth.roles import SeekerTurn
+    from soulray.synth.scenarios import build_scenarios
+
+    scenarios = build_scenarios(3, 0, ["en"])
+
+    class Seeker:  # ends the first scenario's chat at once, the others after one reply
+        async def reply(self, scenario, dialogue):
+            return SeekerTurn("Never mind.", bool(dialogue) or scenario is scenarios[0])
+
+    class Answers:
+        def __init__(self, text):
+            self.text = text
+
+        async def chat(self, messages):
+            return ChatResult(self.text, 5, 5, {})
+
+    rubric = load_rubric("soulchat")
+    judge = Answers('{"Content": 2, "Empathy": 2, "Helpfulness": 2, "Safety": 1}')
+    done = asyncio.run(
+        interactive(Seeker(), {"m": Answers("I hear you.")}, judge, rubric, 0, scenarios, 3, set())
+    )
+    assert done["m"][0]["judge"] == {
+        "scores": None,
+        "attempts": 0,
+        "error": "no reply: the Seeker ended the dialogue before the model replied",
+        "raw": "",
+    }
+    summary = dialogue_summary(done["m"], rubric, 0)
+    assert (summary["dialogues"], summary["failed"]) == (3, 0)
+    assert {k: summary["judge"][k] for k in ("judged", "scored", "unscored")} == {
+        "judged": 3,
+        "scored": 2,
+        "unscored": 1,
+    }
+    assert summary["judge"]["unscored_reasons"] == {"no reply": 1}
+
+
 def test_a_contexts_language_is_the_replys_with_what_it_answers() -> None:
     """A short Latin reply in a Chinese conversation was counted as English."""
     from soulray.data.conversation import Conversation, Message
