@@ -79,6 +79,9 @@ class InteractiveConfig(EvalSection):
 
     enabled: bool = False
     seeker: EndpointConfig | None = None  # None: the judge's endpoint plays the Seeker
+    # the judge's endpoint playing the Seeker (seeker: null) answers at this temperature, not
+    # the judge's greedy one; a `seeker` endpoint has its own temperature
+    seeker_temperature: float = Field(0.7, ge=0.0, le=2.0)
     scenarios: int = Field(6, ge=1)  # attitudes open / neutral / resistant in turn
     turns: int = Field(4, ge=1)  # Seeker messages per dialogue (fewer if it ends the chat)
     languages: list[Language] = Field(default_factory=lambda: list(LANGUAGES), min_length=1)

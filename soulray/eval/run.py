@@ -95,13 +95,13 @@ def judge_task(
     return asyncio.run(main())
 
 
-def seeker_from_judge(judge: EndpointConfig | None) -> EndpointConfig | None:
-    """The judge's endpoint playing the Seeker: at the shared default temperature (0.7, a
-    varied role-play) unless the judge's was set, not at the judge's greedy default."""
-    if judge is None or "temperature" in judge.model_fields_set:
-        return judge
-    shared = EndpointConfig.model_fields["temperature"].default
-    return EndpointConfig.model_validate(judge.model_dump() | {"temperature": shared})
+def seeker_from_judge(judge: EndpointConfig | None, temperature: float) -> EndpointConfig | None:
+    """The judge's endpoint playing the Seeker at `interactive.seeker_temperature` (0.7: a
+    varied role-play), whatever the judge's own: the saved config.yaml writes the judge's 0.0
+    out, so a rerun from it must not make the Seeker greedy."""
+    if judge is None:
+        return None
+    return EndpointConfig.model_validate(judge.model_dump() | {"temperature": temperature})
 
 
 def interactive_task(
@@ -111,7 +111,7 @@ def interactive_task(
     from soulray.synth.roles import build_seeker
 
     ic, judge_cfg = cfg.interactive, cfg.judge.endpoint
-    seeker_cfg = ic.seeker or seeker_from_judge(judge_cfg)
+    seeker_cfg = ic.seeker or seeker_from_judge(judge_cfg, ic.seeker_temperature)
     assert seeker_cfg is not None  # checked by check_config
 
     async def main() -> dict[str, list[dict[str, Any]]]:
@@ -381,9 +381,14 @@ def run_interactive(
     import ray
 
     scenarios = interactive_scenarios(e.interactive)
+    # the Seeker's temperature is in its answer settings (dialogues saved before
+    # seeker_temperature existed still match)
+    seeker = e.interactive.seeker or seeker_from_judge(
+        e.judge.endpoint, e.interactive.seeker_temperature
+    )
     fp = fingerprint(
-        e.interactive.model_dump(mode="json", exclude={"seeker"}),
-        answer_settings(e.interactive.seeker or seeker_from_judge(e.judge.endpoint)),
+        e.interactive.model_dump(mode="json", exclude={"seeker", "seeker_temperature"}),
+        answer_settings(seeker),
         {m.name: answer_settings(m.endpoint) for m in e.models},
         answer_settings(e.judge.endpoint),
         rubric.model_dump(),

@@ -162,23 +162,27 @@ def test_models_and_the_judge_are_greedy_unless_set():
     assert cfg.interactive.seeker is not None and cfg.interactive.seeker.temperature == 0.7
     from soulray.eval.run import seeker_from_judge
 
-    seeker = seeker_from_judge(cfg.judge.endpoint)  # no Seeker set: the judge plays it
+    seeker = seeker_from_judge(cfg.judge.endpoint, cfg.interactive.seeker_temperature)
     assert seeker is not None and seeker.temperature == 0.7 and seeker.model == "m"
-    set_judge = EvalConfig.model_validate(
-        {
-            "models": [{"name": "a", "endpoint": ep}],
-            "judge": {"endpoint": ep | {"temperature": 0.2}},
-        }
-    ).judge.endpoint
-    assert seeker_from_judge(set_judge) is set_judge  # a temperature the user set is kept
 
 
-def test_jobs_eval_yaml_judge_plays_a_varied_seeker():
-    """jobs/eval.yaml's judge (greedy) also plays the Seeker (eval.interactive.seeker: null),
-    which keeps the shared 0.7: a judge temperature written in the job would make it greedy."""
+def test_jobs_eval_yaml_judge_plays_a_varied_seeker_also_rerun_from_its_saved_config(tmp_path):
+    """jobs/eval.yaml's judge (greedy) also plays the Seeker (eval.interactive.seeker: null) at
+    interactive.seeker_temperature. It used to keep 0.7 only while the judge's temperature was
+    unwritten, and the saved config.yaml writes every field: a rerun from it had a greedy one."""
+    from soulray.config import config_to_yaml
     from soulray.eval.run import seeker_from_judge
 
-    judge = load_config(ROOT / "jobs" / "eval.yaml", []).eval.judge.endpoint
-    assert judge is not None and judge.temperature == 0.0
-    seeker = seeker_from_judge(judge)
-    assert seeker is not None and seeker.temperature == 0.7 and seeker.model == judge.model
+    cfg = load_config(ROOT / "jobs" / "eval.yaml", [])
+    saved = tmp_path / "config.yaml"
+    saved.write_text(config_to_yaml(cfg))
+    for e in (cfg.eval, load_config(saved, []).eval):
+        assert e.judge.endpoint is not None and e.judge.endpoint.temperature == 0.0
+        seeker = seeker_from_judge(e.judge.endpoint, e.interactive.seeker_temperature)
+        assert seeker is not None and (seeker.temperature, seeker.model) == (
+            0.7,
+            "Qwen/Qwen2.5-72B-Instruct",
+        )
+    e = load_config(saved, ["eval.interactive.seeker_temperature=1.0"]).eval
+    seeker = seeker_from_judge(e.judge.endpoint, e.interactive.seeker_temperature)
+    assert seeker is not None and seeker.temperature == 1.0
