@@ -530,8 +530,9 @@ def eval_cmd(
             "--fail-if-worse",
             metavar="BASELINE",
             help="Exit 1 when eval.gate.candidate's eval.gate.metric is below this model's "
-            "beyond the 95% CI, or no item has a value for both (a promotion gate for "
-            "RayJobs); a config the gate cannot use exits 2.",
+            "beyond the 95% CI, no item has a value for both, or the candidate failed or went "
+            "unscored on over 10% of the items more than it (a promotion gate for RayJobs); a "
+            "config the gate cannot use exits 2.",
         ),
     ] = None,
     resume: Annotated[

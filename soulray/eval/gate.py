@@ -1,7 +1,10 @@
 """The promotion gate behind `--fail-if-worse BASELINE`: the candidate's chosen per-item score
 against the baseline's on the same items (contexts, or scenarios for `interactive.*`), as a
 paired bootstrap difference. Worse means the whole 95 % CI of (candidate - baseline) is below 0,
-so noise alone does not block a rollout, and an equal model always passes.
+so noise alone does not block a rollout, and an equal model always passes. The pairs hold only
+items both models have a value for, so a candidate that failed or went unscored on clearly more
+items than the baseline (`MISSING_MARGIN` of them more) is refused too: its few paired items
+would hide that.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from typing import Any
 
 from soulray.eval.config import GateConfig
 from soulray.eval.stats import paired_difference
+
+MISSING_MARGIN = 0.10  # of the items: more without a value than the baseline is worse
 
 
 def item_values(report: dict[str, Any], model: str, metric: str) -> dict[str, float]:
@@ -56,7 +61,10 @@ def check_gate(report: dict[str, Any], baseline: str, gate: GateConfig, seed: in
     diff = paired_difference([cand[i] for i in shared], [base[i] for i in shared], seed)
     # With no item scored for both, nothing shows the candidate is not worse: refuse, and say
     # which model lacks values (a judge that scored nothing, an endpoint that failed).
-    worse = not shared or diff["ci"][1] < 0
+    items = len(item_ids(report, gate.metric))
+    # the candidate's items without a value (failed, unscored) beyond the baseline's
+    more_missing = len(base) - len(cand) > MISSING_MARGIN * items
+    worse = not shared or diff["ci"][1] < 0 or more_missing
     verdict = {
         "candidate": candidate,
         "baseline": baseline,
@@ -64,8 +72,13 @@ def check_gate(report: dict[str, Any], baseline: str, gate: GateConfig, seed: in
         "difference": diff,
         "worse": bool(worse),
     }
+    if shared and more_missing:
+        verdict["more_missing"] = (
+            f"{candidate} has a {gate.metric} value on {len(cand)} of {items} items, "
+            f"{baseline} on {len(base)}: failed or unscored on more than "
+            f"{MISSING_MARGIN:.0%} of the items more (see the report)"
+        )
     if not shared:
-        items = len(item_ids(report, gate.metric))
         verdict["no_paired_items"] = (
             f"no item has a {gate.metric} value for both models ({candidate}: {len(cand)} of "
             f"{items}, {baseline}: {len(base)} of {items}; unscored and failed replies have "

@@ -202,6 +202,12 @@ def gate_lines(gate: dict[str, Any]) -> list[str]:
             f"{gate['candidate']} vs {gate['baseline']} on {gate['metric']}: promotion refused: "
             f"{gate['no_paired_items']}."
         )
+    elif "more_missing" in gate:
+        line = (
+            f"{gate['candidate']} vs {gate['baseline']} on {gate['metric']}: promotion refused: "
+            f"{gate['more_missing']}; difference {with_ci(gate['difference'])} over "
+            f"{gate['difference']['n']} paired items."
+        )
     else:
         verdict = "WORSE: promotion refused" if gate["worse"] else "not worse"
         line = (

@@ -95,6 +95,30 @@ def test_gate_rules():
         check_gate(report_with([1.0], [1.0]), "new", gate, 0)
 
 
+def test_gate_refuses_a_candidate_that_failed_on_clearly_more_items():
+    """Only items both models have a value for are paired: a candidate whose endpoint failed on
+    8 of 10 contexts passed on the 2 left."""
+    from soulray.eval.markdown import gate_lines
+
+    gate = GateConfig(metric="bleu_4")
+    mostly_failed = check_gate(
+        report_with([1.0, 2.0] + [None] * 8, [1.0, 2.0] + [3.0] * 8), "old", gate, 0
+    )
+    assert mostly_failed["worse"] and mostly_failed["difference"]["n"] == 2
+    assert gate_lines(mostly_failed)[2] == (
+        "new vs old on bleu_4: promotion refused: new has a bleu_4 value on 2 of 10 items, old on "
+        "10: failed or unscored on more than 10% of the items more (see the report); difference "
+        "0.00 [0.00, 0.00] over 2 paired items."
+    )
+    # one item more (10 %) is within the margin
+    one_more = check_gate(report_with([1.0] * 9 + [None], [1.0] * 10), "old", gate, 0)
+    both = check_gate(report_with([1.0] * 5 + [None] * 5, [None] * 5 + [1.0] * 5), "old", gate, 0)
+    assert not one_more["worse"] and "more_missing" not in one_more
+    assert both["worse"] and "more_missing" not in both  # no pairs at all: refused as before
+    fewer_failed = check_gate(report_with([1.0] * 10, [1.0] * 2 + [None] * 8), "old", gate, 0)
+    assert not fewer_failed["worse"]
+
+
 def test_a_servers_extension_fields_reach_the_reply():
     from soulray.endpoints import parse_completion
 
