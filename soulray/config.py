@@ -341,6 +341,8 @@ class SafetyConfig(Section):
     thresholds: dict[str, float] | None = None  # category -> threshold; None = train.py's choice
     screen_reply: bool = True  # a model reply the screen flags is replaced by the fixed reply
     reply_threshold: float = Field(0.9, ge=0.0, le=1.0)  # classifier score a reply must reach
+    reply_head: bool = True  # the reply head for method details (safety/reply.py)
+    reply_head_threshold: float | None = Field(None, gt=0.0, le=1.0)  # None: train_reply's
     locale: str = "auto"  # auto: zh-CN for Chinese text, else default_locale
     default_locale: str = "en-US"
     intent: dict[str, list[str]] | None = None  # phrases no idiom exclusion can blank

@@ -250,6 +250,7 @@ from soulray.safety.features import (
     ngram_scale,
     pieces,
 )
+from soulray.safety.reply import ReplyWeights, method_score
 
 CATEGORIES = SAFETY_CATEGORIES  # soulray.config: the config checks its keys against them
 # The head's other classes: kinds of ordinary message (train.targets maps each training message's
@@ -433,11 +434,35 @@ def softmax(z: np.ndarray) -> np.ndarray:
 class Classifier:
     """Scores normalized messages; holds the embedder (loaded once per replica)."""
 
-    def __init__(self, weights: Weights) -> None:
+    def __init__(self, weights: Weights, reply: ReplyWeights | None = None) -> None:
         self.w = weights
+        self.reply_w = reply  # the reply head (reply.py); None: replies scored as messages
         self.embedder = Embedder() if weights.features != "ngram" else None
         n = weights.neighbours
         self.bank = n.bank() if n is not None else np.zeros((0, 0), np.float32)
+        self._last: tuple[str, np.ndarray] | None = None  # the latest text embedded alone
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        """The embedder's vectors; one text's is kept, so the reply head reuses the vector
+        `both` just computed for the same window."""
+        assert self.embedder is not None
+        if len(texts) == 1 and self._last is not None and self._last[0] == texts[0]:
+            return self._last[1]
+        e = self.embedder.embed(texts)
+        if len(texts) == 1:
+            self._last = (texts[0], e)
+        return e
+
+    def reply(self, text: str) -> tuple[np.ndarray, float]:
+        """A normalized reply window: its per-category probabilities without the vote (`both`'s
+        second row) and the reply head's score for method details (0.0 without the head)."""
+        p = self.both(text)[1]
+        if self.reply_w is None:
+            return p, 0.0
+        e = np.zeros(EMBED_DIM, np.float32)
+        if self.embedder is not None:
+            e = self._embed([self.embedder.tail(text, self.w.embed_tokens)])[0]
+        return p, method_score(self.reply_w, e, ngram_ids(text))
 
     def scores(self, text: str, vote: bool = True) -> np.ndarray:
         """Per-category probabilities (C,) of one normalized message, with the training
@@ -455,7 +480,7 @@ class Classifier:
         z = np.stack([self.w.bias + spread(ngram_scores(self.w, ngram_ids(t)), k) for t in texts])
         n, e = self.w.neighbours, None
         if self.embedder is not None:
-            e = self.embedder.embed([self.embedder.tail(t, self.w.embed_tokens) for t in texts])
+            e = self._embed([self.embedder.tail(t, self.w.embed_tokens) for t in texts])
             z = z + e @ self.w.embed
             if self.w.hidden_w.shape[1]:
                 z = z + np.maximum(e @ self.w.hidden_w + self.w.hidden_b, 0) @ self.w.hidden_out

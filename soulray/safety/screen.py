@@ -35,6 +35,7 @@ from soulray.safety.lexicon import (
     match,
     match_reply,
 )
+from soulray.safety.reply import load_reply_weights
 
 CACHE_SIZE = 4096
 _CJK = re.compile(r"[\u4e00-\u9fff]")
@@ -100,7 +101,8 @@ def build_screen(cfg: SafetyConfig) -> Screen:
                 f"serve.safety has no header for locale {locale!r} (the line above its help "
                 f"lines, in its language); add it to serve.safety.header"
             )
-    classifier = Classifier(load_weights()) if cfg.classifier else None
+    head = load_reply_weights() if cfg.reply_head else None
+    classifier = Classifier(load_weights(), head) if cfg.classifier else None
     return Screen(
         cfg,
         build_lexicon(
@@ -163,14 +165,19 @@ def score_pair(screen: Screen, text: str) -> np.ndarray:
 
 def reply_window_scores(screen: Screen, text: str) -> np.ndarray:
     """(C,): one window of a model reply: the classifier's scores without the vote, raised to
-    1.0 where the lexicon's reply_patterns find method details. The lists for people's messages
+    1.0 where the reply head (reply.py) or the lexicon's reply_patterns find method details (the
+    head's flag goes to the category the classifier scores highest). The lists for people's messages
     are not matched: their first-person phrases, in a counselor's reflection ("是什么让你想伤害
     自己") or refusal ("I'm not going to tell you the lethal dose"), replaced kind replies."""
 
     def compute(norm: str) -> np.ndarray:
         out = np.zeros(len(CATEGORIES))
         if screen.classifier:
-            out = np.maximum(out, screen.classifier.both(classifier_text(screen.lexicon, norm))[1])
+            found, method = screen.classifier.reply(classifier_text(screen.lexicon, norm))
+            out = np.maximum(out, found)
+            head = screen.classifier.reply_w
+            if head is not None and method >= (screen.cfg.reply_head_threshold or head.threshold):
+                out[int(np.argmax(found))] = 1.0  # method details, of what the reply is about
         for c in match_reply(screen.lexicon, norm):
             out[CATEGORIES.index(c)] = 1.0
         return out

@@ -52,7 +52,7 @@ def lexicon_only():
 
 @pytest.fixture(scope="module")
 def no_reply_patterns():
-    return build_screen(SafetyConfig(reply_patterns={}))
+    return build_screen(SafetyConfig(reply_patterns={}, reply_head=False))  # the classifier alone
 
 
 @pytest.mark.parametrize("text,category,locale", HOLES)
@@ -481,11 +481,12 @@ def test_a_reply_naming_a_method_to_keep_someone_safe_is_not_replaced(screen, re
 
 # Model replies written for the reply screen by two writers who saw neither its rules nor each
 # other's set (stop 39): per language 60 giving method details, 60 kind ones naming the same
-# means. Set 1 was then read to write the rules (a development set); set 2 was measured once.
-# Floors: method replies replaced at least, kind ones replaced at most, as measured.
+# means. Set 1 was read to write the reply patterns; set 2 measured them once; both were then
+# trained on by the reply head (reply.py), so these are training-set floors: method replies
+# replaced at least, kind ones replaced at most, as measured with the shipped weights.
 REPLY_SETS = {
-    "safety_replies_set1.json": {"en": (58, 1), "zh": (50, 1)},
-    "safety_replies_set2.json": {"en": (11, 3), "zh": (9, 1)},
+    "safety_replies_set1.json": {"en": (60, 3), "zh": (60, 2)},
+    "safety_replies_set2.json": {"en": (60, 3), "zh": (60, 1)},
 }
 
 

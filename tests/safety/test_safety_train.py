@@ -230,8 +230,9 @@ def test_a_fresh_install_loads_the_shipped_weights(tmp_path):
     )
     probe = (
         "import json, soulray.safety.classifier as c, soulray.safety.dataset as d;"
+        "import soulray.safety.reply as r, soulray.safety.train_reply as t;"
         "w = c.load_weights(); print(json.dumps([str(c.weights_path()), w.thresholds.tolist(),"
-        " len(d.load_examples('zh'))]))"
+        " len(d.load_examples('zh')), r.load_reply_weights().threshold, len(t.load_replies())]))"
     )
     out = subprocess.run(
         [sys.executable, "-c", probe],
@@ -241,9 +242,13 @@ def test_a_fresh_install_loads_the_shipped_weights(tmp_path):
         cwd=tmp_path,
         env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"},
     )
-    path, thresholds, n = json.loads(out.stdout)
+    path, thresholds, n, reply_threshold, replies = json.loads(out.stdout)
     assert path.startswith(str(target)) and n == len(load_examples("zh"))
     assert thresholds == load_weights().thresholds.tolist()
+    from soulray.safety.reply import load_reply_weights
+    from soulray.safety.train_reply import load_replies
+
+    assert (reply_threshold, replies) == (load_reply_weights().threshold, len(load_replies()))
 
 
 def test_a_hidden_layer_and_sentence_pieces_score_the_same_in_training_and_serving(

@@ -1,0 +1,59 @@
+"""The reply head: does a model's reply give method details (how, how much, where, when, how to
+hide it or not be stopped)? A logistic regression on the message classifier's own features of
+the reply window (the e5 embedding of its last tokens and its hashed character n-grams), so it
+costs no second embedding. Trained by `python -m soulray.safety.train_reply` on replies written
+for this project (data/replies.json) and the counselor replies of the sample corpus; weights in
+data/reply_weights.npz, threshold chosen out of fold.
+
+Why a head of its own: the message classifier learned people's messages, and scores a reply
+that gives a method low ("Take 40 of your sleeping pills with alcohol": suicide 0.52, under the
+0.9 a reply needs); a reply that names suicide kindly sits among crisis messages, so lowering
+the reply threshold replaces kind replies. The lexicon's reply_patterns catch the phrasings they
+name and little else: on a blind set of replies (stop 39) they replaced 18 % (en) and 15 % (zh)
+of the method replies. Measured figures: bench/RESULTS.md, stop 39.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from soulray.safety.features import EMBED_DIM, NGRAM_BUCKETS, ngram_scale
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyWeights:
+    embed: np.ndarray  # (384,) float32
+    ngram: np.ndarray  # (NGRAM_BUCKETS,) float32 (stored as float16)
+    bias: float
+    threshold: float  # chosen on out-of-fold scores (train_reply.choose_threshold)
+
+
+def reply_weights_path() -> Path:
+    return Path(str(resources.files("soulray.safety").joinpath("data/reply_weights.npz")))
+
+
+def load_reply_weights(path: Path | None = None) -> ReplyWeights:
+    with np.load(path or reply_weights_path(), allow_pickle=False) as z:
+        if z["embed"].shape != (EMBED_DIM,) or z["ngram"].shape != (NGRAM_BUCKETS,):
+            raise ValueError(
+                f"{path or reply_weights_path()} was trained for other features; retrain with "
+                "`python -m soulray.safety.train_reply`"
+            )
+        return ReplyWeights(
+            z["embed"].astype(np.float32),
+            z["ngram"].astype(np.float32),
+            float(z["bias"]),
+            float(z["threshold"]),
+        )
+
+
+def method_score(w: ReplyWeights, embedding: np.ndarray, ids: np.ndarray) -> float:
+    """The probability that a reply window gives method details, from its embedding and n-gram
+    bucket ids (features.ngram_ids)."""
+    grams = w.ngram[ids].sum() * ngram_scale(len(ids)) if len(ids) else 0.0
+    z = float(embedding @ w.embed) + float(grams) + w.bias
+    return float(1 / (1 + np.exp(-z)))

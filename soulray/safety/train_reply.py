@@ -1,0 +1,151 @@
+"""Deterministic training of the reply head (reply.py): `python -m soulray.safety.train_reply`.
+Reads data/replies.json (model replies written for this project, labelled `method` when they give
+method details and `safe` otherwise, and the counselor replies of the sample corpus), featurizes
+them as the message classifier does (train.featurize: the e5 embedding of a window's last tokens
+and its character n-grams), fits a class-balanced logistic regression with full-batch Adam from
+zeros for a fixed number of steps, and picks the threshold on out-of-fold scores (5 seeded folds)
+as the lowest score at which the out-of-fold flags are method replies TARGET_PRECISION of the
+time. Writes data/reply_weights.npz (the n-gram block as float16, as the message weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from importlib import resources
+from pathlib import Path
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as train.py: weights independent of cores
+
+import numpy as np
+
+from soulray.safety.features import EMBED_DIM, NGRAM_BUCKETS, Embedder
+from soulray.safety.reply import reply_weights_path
+from soulray.safety.train import (
+    EMBED_TOKENS,
+    FOLDS,
+    L2,
+    LR,
+    STEPS,
+    TARGET_PRECISION,
+    Matrix,
+    Scratch,
+    _ngram_sums,
+    digest,
+    featurize,
+    fold_of,
+    progress,
+)
+
+
+def load_replies() -> list[dict[str, str]]:
+    text = resources.files("soulray.safety").joinpath("data/replies.json").read_text("utf-8")
+    return json.loads(text)
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-z))
+
+
+def fit(x: Matrix, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """(embedding weights, n-gram weights over all buckets, bias): method and safe replies each
+    half of the loss, L2 on the weights, zero init, STEPS steps of Adam (deterministic)."""
+    u = len(x.used)
+    pos = max(1, int(y.sum()))
+    row = np.where(y, 0.5 / pos, 0.5 / max(1, len(y) - pos)).astype(np.float32)
+    order = np.argsort(x.cols, kind="stable")  # entries by column, for the n-gram gradient
+    absent = np.bincount(x.cols, minlength=u) == 0
+    col_starts = np.minimum(np.searchsorted(x.cols[order], np.arange(u)), len(order) - 1)
+    rows_by_col, vals_by_col = x.rows[order], x.vals[order]
+    params = [np.zeros(EMBED_DIM, np.float32), np.zeros(u, np.float32), np.zeros(1, np.float32)]
+    m = [np.zeros_like(p) for p in params]
+    v = [np.zeros_like(p) for p in params]
+    scratch = Scratch.of(x, 1)
+    target = y.astype(np.float32)
+    for step in range(1, STEPS + 1):
+        z = x.embed @ params[0] + _ngram_sums(x, params[1][:, None], scratch)[:, 0] + params[2]
+        g = ((sigmoid(z) - target) * row).astype(np.float32)
+        by_col = np.add.reduceat(g[rows_by_col] * vals_by_col, col_starts)
+        grads = [
+            x.embed.T @ g + np.float32(L2) * params[0],
+            np.where(absent, np.float32(0), by_col) + np.float32(L2) * params[1],
+            np.array([g.sum()], np.float32),
+        ]
+        for i, gr in enumerate(grads):
+            m[i] = 0.9 * m[i] + 0.1 * gr
+            v[i] = 0.999 * v[i] + 0.001 * gr * gr
+            mhat, vhat = m[i] / (1 - 0.9**step), v[i] / (1 - 0.999**step)
+            params[i] = (params[i] - LR * mhat / (np.sqrt(vhat) + 1e-8)).astype(np.float32)
+    full = np.zeros(NGRAM_BUCKETS, np.float32)
+    full[x.used] = params[1]
+    return params[0], full, float(params[2][0])
+
+
+def scores(head: tuple[np.ndarray, np.ndarray, float], x: Matrix) -> np.ndarray:
+    embed, ngram, bias = head
+    grams = _ngram_sums(x, ngram[x.used][:, None])[:, 0]
+    return sigmoid((x.embed @ embed + grams + bias).astype(np.float64))
+
+
+def choose_threshold(oof: np.ndarray, y: np.ndarray) -> float:
+    """The lowest out-of-fold score whose flags are method replies TARGET_PRECISION of the time."""
+    order = np.argsort(-oof, kind="stable")
+    precision = np.cumsum(y[order]) / np.arange(1, len(order) + 1)
+    ok = np.flatnonzero(precision >= TARGET_PRECISION)
+    return float(np.clip(oof[order[ok[-1]]], 0.05, 0.95)) if len(ok) else 0.95
+
+
+def train(out: Path, jobs: int = 1, cache: Path | None = None) -> None:
+    replies = load_replies()
+    texts = [r["text"] for r in replies]
+    y = np.array([r["label"] == "method" for r in replies])
+    langs = np.array([r["lang"] for r in replies])
+    progress(f"{len(replies):,} replies, {int(y.sum()):,} giving method details")
+    x = featurize(texts, Embedder(), cache, jobs=jobs)
+    folds = fold_of([hashlib.sha256(t.encode("utf-8")).hexdigest() for t in texts])
+    oof = np.zeros(len(texts))
+    for k in range(FOLDS):
+        held = folds == k
+        oof[held] = scores(fit(x.take(~held), y[~held]), x.take(held))
+    threshold = choose_threshold(oof, y)
+    for lang in sorted(set(langs)):
+        mine = langs == lang
+        caught = (oof[mine & y] >= threshold).mean()
+        alarms = (oof[mine & ~y] >= threshold).mean()
+        progress(f"out of fold, {lang}: {caught:.1%} of method replies at {alarms:.1%} of safe")
+    embed, ngram, bias = fit(x, y)
+    data = hashlib.sha256(json.dumps(replies, ensure_ascii=False).encode("utf-8")).hexdigest()
+    np.savez_compressed(
+        out,
+        embed=embed,
+        ngram=ngram.astype(np.float16),
+        bias=np.array(bias, np.float32),
+        threshold=np.array(threshold, np.float32),
+        embed_tokens=np.array(EMBED_TOKENS),
+        data_sha256=np.array(data),
+    )
+    progress(f"threshold {threshold:.3f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=reply_weights_path(),
+        help="where to write the weights; the default REPLACES the shipped ones "
+        "(default: %(default)s)",
+    )
+    ap.add_argument("--jobs", type=int, default=1, help="processes for the embeddings")
+    ap.add_argument("--cache", type=Path, help="an .npz to keep the embeddings in between runs")
+    args = ap.parse_args()
+    if args.jobs < 1:
+        ap.error("--jobs: 1 or more")
+    train(args.out, args.jobs, args.cache)
+    print(f"wrote {args.out} ({args.out.stat().st_size} bytes, sha256 {digest(args.out)[:16]})")
+
+
+if __name__ == "__main__":
+    main()

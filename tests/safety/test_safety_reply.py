@@ -1,0 +1,92 @@
+"""The reply head (soulray/safety/reply.py): shipped weights, serving's score equal to training's,
+and a retrain that reproduces them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from soulray.config import SafetyConfig
+from soulray.safety.features import normalize
+from soulray.safety.lexicon import classifier_text
+from soulray.safety.reply import load_reply_weights, reply_weights_path
+from soulray.safety.screen import assess, build_screen, check_reply
+from soulray.safety.train_reply import fit, load_replies, scores
+
+
+@pytest.fixture(scope="module")
+def head_only():
+    """The reply head with the classifier, without the lexicon's reply patterns."""
+    return build_screen(SafetyConfig(reply_patterns={}))
+
+
+def test_the_shipped_head_is_small_and_its_threshold_out_of_fold():
+    w = load_reply_weights()
+    assert reply_weights_path().stat().st_size < 512 * 2**10  # ships in the wheel
+    assert 0.05 <= w.threshold <= 0.95
+
+
+def test_serving_scores_a_reply_as_training_does(head_only):
+    """Classifier.reply (one embedding shared with the category scores) against the trainer's
+    features and fit on a few replies: the same probability."""
+    from soulray.safety.train import featurize
+
+    replies = load_replies()[:40]
+    texts = [r["text"] for r in replies]
+    y = np.array([r["label"] == "method" for r in replies])
+    classifier = head_only.classifier
+    assert classifier is not None and classifier.embedder is not None
+    x = featurize(texts, classifier.embedder)
+    embed, ngram, bias = fit(x, y)
+    trained = scores((embed, ngram, bias), x)
+    from soulray.safety.reply import ReplyWeights
+
+    classifier.reply_w, shipped = ReplyWeights(embed, ngram, bias, 0.5), classifier.reply_w
+    try:
+        served = [
+            classifier.reply(classifier_text(head_only.lexicon, normalize(t, 400)))[1]
+            for t in texts
+        ]
+    finally:
+        classifier.reply_w = shipped
+    np.testing.assert_allclose(served, trained, atol=1e-5)
+
+
+def test_the_head_replaces_method_details_the_patterns_miss(head_only):
+    user = assess(head_only, ["hi"])
+    for reply in (
+        "Take the entire bottle, not just a few. A handful usually just lands people in the ER.",
+        "空腹吃起效更快。",
+    ):
+        assert check_reply(head_only, reply, user, ["hi"]).flagged, reply
+    for kind in (
+        "That sounds exhausting. Would you tell me more about what happened this week?",
+        "听起来你这段时间真的很累，愿意多说说发生了什么吗？",
+    ):
+        assert not check_reply(head_only, kind, user, ["hi"]).flagged, kind
+
+
+@pytest.mark.slow
+def test_retraining_reproduces_the_shipped_reply_head(tmp_path):
+    out = tmp_path / "reply_weights.npz"
+    run = subprocess.run(
+        [sys.executable, "-m", "soulray.safety.train_reply", "--jobs", "2", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    shipped, again = np.load(reply_weights_path()), np.load(out)
+    for key in ("embed", "bias", "threshold"):
+        np.testing.assert_allclose(again[key], shipped[key], atol=1e-5, err_msg=key)
+    assert again["ngram"].dtype == shipped["ngram"].dtype == np.float16
+    np.testing.assert_allclose(
+        again["ngram"].astype(np.float32),
+        shipped["ngram"].astype(np.float32),
+        rtol=2**-10,
+        atol=1e-5,
+    )
+    assert str(again["data_sha256"]) == str(shipped["data_sha256"])
