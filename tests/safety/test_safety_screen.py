@@ -487,6 +487,8 @@ def test_a_reply_naming_a_method_to_keep_someone_safe_is_not_replaced(screen, re
 REPLY_SETS = {
     "safety_replies_set1.json": {"en": (60, 3), "zh": (60, 2)},
     "safety_replies_set2.json": {"en": (60, 3), "zh": (60, 1)},
+    # a third writer's set, measured once with the shipped head (never trained on)
+    "safety_replies_set3.json": {"en": (60, 12), "zh": (59, 10)},
 }
 
 
