@@ -101,9 +101,10 @@ def cluster_hosts() -> int:
     return len({n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]})
 
 
-def check_before_workers(cfg: Config, data_dir: str) -> Config:
+def check_before_workers(cfg: Config, data_dir: str, torchrun: bool = False) -> Config:
     """What would fail, or go wrong, in every worker, checked once where the run starts (both
-    launchers); returns the config with what a resume keeps from its checkpoint."""
+    launchers; `torchrun`: the torchrun one); returns the config with what a resume keeps from
+    its checkpoint."""
     from soulray.data.pipeline import check_local_model_path
 
     check_export_dir(cfg)
@@ -124,6 +125,7 @@ def check_before_workers(cfg: Config, data_dir: str) -> Config:
         build_generation_config(tokenizer, None, cfg.model.name_or_path)
         if cfg.lora.enabled:
             check_lora_on_meta(cfg, tokenizer)
+    check_launcher(cfg, torchrun)
     check_not_past_steps(cfg)
     check_warmup(cfg.train)
     return check_resume_config(cfg)
@@ -277,6 +279,36 @@ def check_not_past_steps(cfg: Config) -> None:
 
 # Ray Train's record of the checkpoints it registered, and so resumes from (its latest)
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def check_launcher(cfg: Config, torchrun: bool) -> None:
+    """A run resumes under the launcher that wrote it. Ray Train resumes only from the
+    checkpoints in its own record (RAY_SNAPSHOT), which torchrun neither writes nor updates: a
+    torchrun run rerun with `soulray train` started again from step 0 (rewriting metrics.jsonl)
+    while the summary said it resumed, and torchrun went on from a Ray run's latest folder,
+    leaving Ray's record behind (and deleting checkpoints it lists)."""
+    from soulray.train.checkpoint import CHECKPOINT_RE, STATE_FILE, run_dir
+
+    run = run_dir(cfg.train)
+    if not storage.exists(run):
+        return
+    files = storage.list_files(run)
+    by_ray = any(f.endswith(f"/{RAY_SNAPSHOT}") for f in files)
+    complete = (f for f in files if f.endswith(f"/{STATE_FILE}"))
+    steps = [int(m.group(1)) for f in complete if (m := CHECKPOINT_RE.search(f))]
+    if torchrun and by_ray:
+        raise ValueError(
+            f"{run} is a run of `soulray train`, whose checkpoints Ray Train resumes from its "
+            f"own record ({RAY_SNAPSHOT}), which torchrun does not keep: resume it with "
+            "`soulray train`, or set a new train.run_name"
+        )
+    if not torchrun and not by_ray and steps:
+        raise ValueError(
+            f"{run} holds checkpoints (latest step {max(steps)}) that Ray Train has no record "
+            f"of ({RAY_SNAPSHOT}; the torchrun launcher's), so `soulray train` would start "
+            "it again from step 0: resume it with `torchrun ... -m soulray.train.torchrun`, or "
+            "set a new train.run_name"
+        )
 
 
 def latest_checkpoint_step(cfg: Config) -> int:

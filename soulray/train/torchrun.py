@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(args.config, args.overrides)
     check_gpu(cfg)
     # the Ray launcher's checks, so a torchrun resume refuses and warns alike
-    cfg = check_before_workers(cfg, cfg.train_data_dir)
+    cfg = check_before_workers(cfg, cfg.train_data_dir, torchrun=True)
     cuda = cfg.train.use_gpu
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:

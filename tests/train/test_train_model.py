@@ -707,3 +707,39 @@ def test_a_checkpoint_is_marked_complete_only_once_every_ranks_files_are_in(tmp_
     mp.spawn(_save_with_a_slow_rank, args=(str(directory), free_port()), nprocs=2)
     state, last_rng = directory / STATE_FILE, directory / "rng_rank1.pt"
     assert state.stat().st_mtime_ns >= last_rng.stat().st_mtime_ns
+
+
+def test_a_run_resumes_only_under_the_launcher_that_wrote_it(prepared_quickstart, tmp_path):
+    """Ray Train resumes from its own record of checkpoints, which torchrun does not keep: a
+    torchrun run rerun with `soulray train` started again from step 0 (saying it resumed from
+    step 6), and torchrun went on from a Ray run's folders past Ray's record."""
+    from soulray.train.launch import check_before_workers
+
+    data = str(prepared_quickstart)
+    base = [f"train.data_dir={data}", f"train.storage_path={tmp_path}", "train.run_name=r"]
+    cfg = load_config(QUICKSTART, [*base, "train.steps=7"])
+    (tmp_path / "r" / "checkpoint_00000006").mkdir(parents=True)
+    (tmp_path / "r" / "checkpoint_00000006" / "soulray_state.json").write_text("{}")
+    check_before_workers(cfg, data, torchrun=True)  # torchrun resumes its own run
+    with pytest.raises(ValueError) as refused:
+        check_before_workers(cfg, data)
+    assert str(refused.value) == (
+        f"{tmp_path}/r holds checkpoints (latest step 6) that Ray Train has no record of "
+        "(checkpoint_manager_snapshot.json; the torchrun launcher's), so `soulray train` would "
+        "start it again from step 0: resume it with `torchrun ... -m soulray.train.torchrun`, "
+        "or set a new train.run_name"
+    )
+    latest = {"checkpoint_dir_name": "checkpoint_00000006"}
+    snapshot = tmp_path / "r" / "checkpoint_manager_snapshot.json"
+    snapshot.write_text(json.dumps({"latest_checkpoint_result": latest}))
+    check_before_workers(cfg, data)  # Ray resumes its own run
+    with pytest.raises(ValueError) as refused:
+        check_before_workers(cfg, data, torchrun=True)
+    assert str(refused.value) == (
+        f"{tmp_path}/r is a run of `soulray train`, whose checkpoints Ray Train resumes from "
+        "its own record (checkpoint_manager_snapshot.json), which torchrun does not keep: "
+        "resume it with `soulray train`, or set a new train.run_name"
+    )
+    fresh = load_config(QUICKSTART, [*base, "train.run_name=new"])
+    check_before_workers(fresh, data)  # a new run_name starts either way
+    check_before_workers(fresh, data, torchrun=True)
