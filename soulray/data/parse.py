@@ -244,18 +244,18 @@ def apply_drops(s: ParseSummary, counts: Counter, unknown: Counter) -> None:
 
 
 def write_rejects(work: str, path: str, extra: list[str]) -> None:
-    """rejects.jsonl: the per-range files in range order, then the render stage's rejects;
-    streamed, one range file in memory at a time."""
+    """rejects.jsonl: the per-range files in range order, then the render stage's files
+    (`extra`, in that order); streamed, one file in memory at a time."""
     fs, inner = storage.resolve(storage.join(work, "rejects"))
     names = []
     if fs.get_file_info(inner).type == pafs.FileType.Directory:
         names = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(inner)))
+    files = [(fs, name) for name in names] + [storage.resolve(f) for f in extra]
     out_fs, out_inner = storage.resolve(path)
     with out_fs.open_output_stream(out_inner) as out:
-        for name in names:
-            with fs.open_input_stream(name) as f:
+        for file_fs, name in files:
+            with file_fs.open_input_stream(name) as f:
                 out.write(f.read())
-        out.write("".join(line + "\n" for line in extra).encode("utf-8"))
 
 
 def parse_inputs(

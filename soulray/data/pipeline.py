@@ -21,6 +21,7 @@ import logging
 import os
 import tempfile
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -90,27 +91,40 @@ def strict_dedupe_error(rejected: dict[str, int]) -> str:
     )
 
 
-def count_render_rejects(shards: list[dict[str, Any]], summary: ParseSummary) -> list[str]:
-    """Fold the records the render actors rejected into the summary; their rejects lines."""
-    lines = []
+def count_render_rejects(
+    shards: list[dict[str, Any]], summary: ParseSummary
+) -> list[dict[str, Any]]:
+    """Fold the counts of the records the render actors rejected into the summary; return, in
+    shard order, each shard's rejects file and its first reject (what --strict says)."""
+    found = []
     for shard in shards:
-        for r in json.loads(shard.pop("rejects")):
-            summary.rejected[r["reason"]] += 1
-            summary.kept -= 1
-            summary.kept_by_split[shard["split"]] -= 1
-            summary.sums["turns"] -= r.pop("turns")
-            summary.sums["target_turns"] -= r.pop("target_turns")
-            lines.append(json.dumps(r, ensure_ascii=False))
-    return lines
+        r = json.loads(shard.pop("rejects"))
+        if not r["count"]:
+            continue
+        summary.rejected.update(r["reasons"])
+        summary.kept -= r["count"]
+        summary.kept_by_split[shard["split"]] -= r["count"]
+        summary.sums["turns"] -= r["turns"]
+        summary.sums["target_turns"] -= r["target_turns"]
+        found.append(r)
+    return found
+
+
+def render_rejects_path(out: str, split: str, name: str) -> str:
+    """Where a render actor writes the rejects of one shard: in the work directory, so that no
+    record's text travels to the driver (a template that refuses most records would have put
+    most of the corpus there)."""
+    return storage.join(out, "_work", "render_rejects", f"{split}-{name}.jsonl")
 
 
 class RenderPacker:
     """Ray Data actor: renders, windows and packs a block of conversations and writes the rows.
 
     Each actor writes its own Parquet shard per split (named after the block's first conversation,
-    so a retried block overwrites rather than duplicates) and returns one small stats row per
-    shard. Writing here, instead of in a downstream Ray write stage, means the actor pool can use
-    every CPU without starving another stage of the same job.
+    so a retried block overwrites rather than duplicates) and its rejected records to the work
+    directory, and returns one small stats row per shard. Writing here, instead of in a
+    downstream Ray write stage, means the actor pool can use every CPU without starving another
+    stage of the same job.
     """
 
     def __init__(self, files: dict[str, bytes], cfg: DataConfig, out: str, trust_code: bool):
@@ -199,8 +213,26 @@ class RenderPacker:
             {"split": split, "conversations": written, "rows": table.num_rows}
             | {"replies_without_room": without_prompt}
             | sums
-            | {"files": files, "rejects": json.dumps(rejects, ensure_ascii=False)}
+            | {"files": files, "rejects": json.dumps(self.write_rejects(split, name, rejects))}
         )
+
+    def write_rejects(self, split: str, name: str, rejects: list[dict[str, Any]]) -> dict[str, Any]:
+        """A shard's rejects to their file (rejects.jsonl's lines); their counts for the driver."""
+        if not rejects:
+            return {"count": 0}
+        path = render_rejects_path(self.out, split, name)
+        keys = ("reason", "detail", "location", "record")
+        lines = [json.dumps({k: r[k] for k in keys}, ensure_ascii=False) for r in rejects]
+        storage.write_text(path, "".join(line + "\n" for line in lines))
+        first = rejects[0]
+        return {
+            "count": len(rejects),
+            "reasons": Counter(r["reason"] for r in rejects),
+            "turns": sum(r["turns"] for r in rejects),
+            "target_turns": sum(r["target_turns"] for r in rejects),
+            "file": path,
+            "first": f"{first['location']}: {first['reason']}: {first['detail']}",
+        }
 
 
 def release_freed_heap() -> None:
@@ -535,9 +567,8 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
             for name in ("train", "val", "_work"):
                 storage.delete_dir(storage.join(out, name))
             log.warning("--strict: the earlier output in %s was removed (not prepared now)", out)
-        first = json.loads(render_rejects[0])
-        raise StrictModeError(f"{first['location']}: {first['reason']}: {first['detail']}")
-    write_rejects(work, rejects_path, render_rejects)
+        raise StrictModeError(render_rejects[0]["first"])
+    write_rejects(work, rejects_path, [r["file"] for r in render_rejects])
     storage.delete_dir(work)
     stats = split_stats(shards, d.seq_len)
     without_room = sum(s["replies_without_room"] for s in stats.values())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -72,6 +73,9 @@ def test_an_end_of_turn_after_a_space_is_trained(llama2) -> None:
 
 
 def test_a_refused_conversation_is_a_reject_not_a_failed_job(llama2, tmp_path, monkeypatch) -> None:
+    """The rejects go to a file in the work directory: the stats row the driver gets holds their
+    counts, never a record's text (a template refusing most records put most of the corpus in
+    the driver's memory)."""
     saved = tmp_path / "tok"
     llama2.save_pretrained(saved)
     temp = tmp_path / "temp"
@@ -92,15 +96,24 @@ def test_a_refused_conversation_is_a_reject_not_a_failed_job(llama2, tmp_path, m
     assert list(temp.iterdir()) == []  # the tokenizer's files were removed once it was loaded
     stats = packer.write_shard("train", part)
     assert stats["conversations"] == 1
-    rejects = json.loads(stats["rejects"])
-    assert [(r["location"], r["reason"]) for r in rejects] == [
-        ("corpus.jsonl:2", "template_error"),
-        ("corpus.jsonl:3", "template_error"),
+    refused = "the model's chat template refused it: "
+    alternate = "Conversation roles must alternate user/assistant/user/assistant/..."
+    path = f"{tmp_path}/out/_work/render_rejects/train-part-0123456789abcdef.jsonl"
+    assert json.loads(stats["rejects"]) == {
+        "count": 2,
+        "reasons": {"template_error": 2},
+        "turns": 6,
+        "target_turns": 2,  # the greeting opening "greeting" answers nothing
+        "file": path,
+        "first": f"corpus.jsonl:2: template_error: {refused}{alternate}",
+    }
+    rejects = [json.loads(line) for line in Path(path).read_text("utf-8").splitlines()]
+    assert [list(r) for r in rejects] == [["reason", "detail", "location", "record"]] * 2
+    assert [(r["location"], r["reason"], r["record"]) for r in rejects] == [
+        ("corpus.jsonl:2", "template_error", GREETING.to_json()),
+        ("corpus.jsonl:3", "template_error", SYSTEM.to_json()),
     ]
-    assert rejects[0]["detail"] == (
-        "the model's chat template refused it: "
-        "Conversation roles must alternate user/assistant/user/assistant/..."
-    )
+    assert rejects[0]["detail"] == refused + alternate
     assert rejects[1]["detail"].endswith("System role not supported")
 
 
@@ -151,7 +164,7 @@ def test_a_templates_own_system_prompt_opens_every_window(tmp_path, monkeypatch)
         }
     )
     stats = packer.write_shard("train", part)
-    assert stats["conversations"] == 2 and json.loads(stats["rejects"]) == []
+    assert stats["conversations"] == 2 and json.loads(stats["rejects"]) == {"count": 0}
     staged = tmp_path / "out" / "train" / "_blocks" / "part-0123456789abcdef.parquet"
     rows = pq.read_table(staged).column("input_ids").to_pylist()
     texts = sorted(tok.decode(ids, skip_special_tokens=False) for ids in rows)
