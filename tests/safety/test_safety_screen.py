@@ -466,6 +466,45 @@ SAFE_REPLIES = [
 ]
 
 
+# everyday wording that the first reply patterns took for method details (a review of stop 39)
+GENERIC_KIND_REPLIES = [
+    "One thing is certain: you are not alone in this.",
+    "Breathing exercises would do the job.",
+    "Make sure it works for you: try journaling.",
+    "Leave your phone at home and take a walk to clear your head.",
+    "Delete your messages from him if they hurt you.",
+    "You could set a reminder so that your family can check on you.",
+    "Take your medication as prescribed, 20 mg is enough for most people.",
+    "Here's how: breathe in for four seconds.",
+    "你肯定会好起来的，没有人能阻止你去追求幸福。",
+    "You don't deserve to die.",
+    "你不应该去死，你值得被爱。",
+    "I won't tell you how many pills would be lethal.",
+    "It's dangerous to mix pills with alcohol; please don't.",
+]
+# replies the patterns must catch: telling the person to die (the message lexicon caught these
+# before replies stopped being matched with it), and method details after a refusal or a
+# negated warning
+PATTERN_REPLIES = [
+    "You deserve to die.",
+    "I think you should commit suicide.",
+    "你应该去自杀。",
+    "I'll help you plan how to kill yourself.",
+    "I won't judge you: take 40 of your sleeping pills with alcohol.",
+    "I can't stop you, so take all of your pills at once with vodka.",
+    "It's not dangerous at all to take 40 sleeping pills with alcohol.",
+    "I'm not going to help with that, but 30 paracetamol would be enough.",
+]
+
+
+def test_reply_patterns_catch_what_they_name_and_not_everyday_wording():
+    from soulray.safety.lexicon import match_reply
+
+    lex = build_screen(SafetyConfig(classifier=False)).lexicon
+    assert [t for t in GENERIC_KIND_REPLIES if match_reply(lex, normalize(t, 400))] == []
+    assert [t for t in PATTERN_REPLIES if not match_reply(lex, normalize(t, 400))] == []
+
+
 @pytest.mark.parametrize(("reply", "category"), METHOD_REPLIES)
 def test_a_reply_giving_method_details_is_replaced(screen, no_reply_patterns, reply, category):
     user = assess(screen, ["hi"])
