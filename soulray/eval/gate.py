@@ -41,6 +41,16 @@ def _values(ids: list[str], rows: list[dict[str, Any]], metric: str) -> dict[str
     return out
 
 
+def not_replied(report: dict[str, Any], model: str, metric: str) -> set[str]:
+    """The scenarios of `model`'s dialogues that the Seeker ended before the model replied."""
+    from soulray.eval.modes import NO_REPLY
+
+    if not metric.startswith("interactive."):
+        return set()
+    rows = report["dialogues"].get(model, [])
+    return {r["scenario"] for r in rows if (r.get("judge") or {}).get("error") == NO_REPLY}
+
+
 def check_gate(report: dict[str, Any], baseline: str, gate: GateConfig, seed: int) -> dict:
     """The gate's verdict; a ValueError names a model that is not in the report (the metric's
     name was checked before the run: check_gate_config)."""
@@ -62,8 +72,10 @@ def check_gate(report: dict[str, Any], baseline: str, gate: GateConfig, seed: in
     # With no item scored for both, nothing shows the candidate is not worse: refuse, and say
     # which model lacks values (a judge that scored nothing, an endpoint that failed).
     items = len(item_ids(report, gate.metric))
-    # the candidate's items without a value (failed, unscored) beyond the baseline's
-    more_missing = len(base) - len(cand) > MISSING_MARGIN * items
+    # the candidate's items without a value (failed, unscored) beyond the baseline's; a dialogue
+    # the Seeker ended before any reply says nothing of the model (modes.NO_REPLY)
+    ended = len(not_replied(report, candidate, gate.metric))
+    more_missing = len(base) - len(cand) - ended > MISSING_MARGIN * items
     worse = not shared or diff["ci"][1] < 0 or more_missing
     verdict = {
         "candidate": candidate,

@@ -119,6 +119,33 @@ def test_gate_refuses_a_candidate_that_failed_on_clearly_more_items():
     assert not fewer_failed["worse"]
 
 
+def test_the_gate_does_not_hold_dialogues_the_seeker_ended_against_the_candidate():
+    """A dialogue the Seeker ended before any reply has no value; it says nothing of the model,
+    so it is not counted as the candidate's failure (12 scenarios: two such were 'more missing')."""
+    from soulray.eval.modes import NO_REPLY
+
+    def rows(ended: set[int]) -> list[dict]:
+        return [
+            {"scenario": f"s{i}", "judge": {"error": NO_REPLY, "scores": None}}
+            if i in ended
+            else {"scenario": f"s{i}", "judge": {"scores": {"Empathy": 2}}}
+            for i in range(12)
+        ]
+
+    report = {
+        "meta": {"models": [{"name": "new"}, {"name": "old"}]},
+        "dialogues": {"new": rows({0, 1}), "old": rows(set())},
+        "replies": {},
+    }
+    gate = GateConfig(metric="interactive.judge_total")
+    verdict = check_gate(report, "old", gate, 0)
+    assert not verdict["worse"] and verdict["difference"]["n"] == 10
+    failed = rows(set())
+    failed[0]["judge"] = failed[1]["judge"] = {"error": "unparsed: no JSON", "scores": None}
+    report["dialogues"]["new"] = failed  # unscored by the judge: the model's own
+    assert check_gate(report, "old", gate, 0)["worse"]
+
+
 def test_a_servers_extension_fields_reach_the_reply():
     from soulray.endpoints import parse_completion
 
