@@ -123,7 +123,11 @@ def parse_verdict(text: str) -> tuple[Verdict, str]:
         if verdict is not None:
             return verdict, str(_lookup(obj, "reason") or "")
     # `winner: B`, also in markdown (`**Winner:** B`) and ended by a full stop (`winner: A.`)
-    pattern = r'[*_"]*winner[*_"]*\s*[:：=]\s*[*_"]*([A-Za-z ]+?)[*_"]*[.。]?[*_"]*\s*(?:[,}\n]|$)'
+    # a full stop may end the verdict and a reason follow on the line (`**Winner:** A. B was ...`)
+    pattern = (
+        r'[*_"]*winner[*_"]*\s*[:：=]\s*[*_"]*([A-Za-z ]+?)[*_"]*'
+        r'(?:[.。][*_"]*(?=\s|$)|[*_"]*\s*(?:[,}\n]|$))'
+    )
     for m in re.finditer(pattern, text, re.I):
         verdict = _winner(m.group(1))
         if verdict is not None:

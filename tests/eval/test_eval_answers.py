@@ -200,6 +200,8 @@ def test_markdown_or_a_full_stop_around_the_winner_is_read_and_ambiguity_is_not(
     assert parse_verdict("winner: A.") == ("A", "")
     assert parse_verdict("**Winner:** Tie.") == ("tie", "")
     assert parse_verdict("- **Winner**: Reply B.\n") == ("B", "")
-    for ambiguous in ('{"winner": "A or B"}', '{"winner": "A.B"}', "winner: A. B is worse"):
+    # a sentence after the verdict's full stop, on the same line (it was retried, then unscored)
+    assert parse_verdict("**Winner:** A. B was less warm.") == ("A", "")
+    for ambiguous in ('{"winner": "A or B"}', '{"winner": "A.B"}', "winner: A or B."):
         with pytest.raises(AnswerError, match="no winner"):
             parse_verdict(ambiguous)
