@@ -112,7 +112,7 @@ def template_problem(name: str, value: Any) -> str | None:
         return None
     try:
         value.format(**dict.fromkeys(fields, ""))
-    except (KeyError, IndexError, ValueError) as e:
+    except (KeyError, IndexError, ValueError, AttributeError) as e:  # {strategy.name}
         return f"cannot be filled ({type(e).__name__}: {e}); its placeholders are {list(fields)}"
     return None
 

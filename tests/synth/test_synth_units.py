@@ -726,6 +726,10 @@ def test_a_prompts_file_the_roles_cannot_fill_is_refused_on_the_driver(tmp_path)
         "synth.prompts_file: the 'en' intensities needs the keys [1, 2, 3, 4, 5] "
         "(lacks [2, 3, 4, 5])"
     )
+    attribute = packaged["en"]["supporter_system"].replace("{strategy}", "{strategy.name}")
+    assert refused(supporter_system=attribute).startswith(
+        "synth.prompts_file: the 'en' supporter_system cannot be filled (AttributeError: "
+    )  # a traceback before
     assert refused(counselor_user=["Dialogue so far"]) == (
         "synth.prompts_file: the 'en' counselor_user must be text"
     )
