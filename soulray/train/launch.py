@@ -281,19 +281,38 @@ def check_not_past_steps(cfg: Config) -> None:
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
+LAUNCHER_FILE = "soulray_launcher.json"  # in the run folder: which launcher started the run
+
+
+def mark_launcher(cfg: Config, torchrun: bool) -> None:
+    """Record which launcher started the run (once, when it starts), for check_launcher."""
+    from soulray.train.checkpoint import run_dir
+
+    marker = storage.join(run_dir(cfg.train), LAUNCHER_FILE)
+    if not storage.exists(marker):
+        launcher = "torchrun" if torchrun else "ray"
+        storage.write_text(marker, json.dumps({"launcher": launcher}) + "\n")
+
+
 def check_launcher(cfg: Config, torchrun: bool) -> None:
     """A run resumes under the launcher that wrote it. Ray Train resumes only from the
     checkpoints in its own record (RAY_SNAPSHOT), which torchrun neither writes nor updates: a
     torchrun run rerun with `soulray train` started again from step 0 (rewriting metrics.jsonl)
     while the summary said it resumed, and torchrun went on from a Ray run's latest folder,
-    leaving Ray's record behind (and deleting checkpoints it lists)."""
+    leaving Ray's record behind (and deleting checkpoints it lists). The run's LAUNCHER_FILE
+    says which started it; a run from before it is told by Ray's record (a Ray run killed before
+    its first checkpoint was registered has none, and is then taken for torchrun's)."""
     from soulray.train.checkpoint import CHECKPOINT_RE, STATE_FILE, run_dir
 
     run = run_dir(cfg.train)
     if not storage.exists(run):
         return
     files = storage.list_files(run)
-    by_ray = any(f.endswith(f"/{RAY_SNAPSHOT}") for f in files)
+    marker = storage.join(run, LAUNCHER_FILE)
+    if storage.exists(marker):
+        by_ray = json.loads(storage.read_text(marker)).get("launcher") == "ray"
+    else:
+        by_ray = any(f.endswith(f"/{RAY_SNAPSHOT}") for f in files)
     complete = (f for f in files if f.endswith(f"/{STATE_FILE}"))
     steps = [int(m.group(1)) for f in complete if (m := CHECKPOINT_RE.search(f))]
     if torchrun and by_ray:
@@ -778,6 +797,7 @@ def run_train(cfg: Config, checked: bool = False) -> Any:
         t.storage_path,
         t.run_name,
     )
+    mark_launcher(cfg, torchrun=False)
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:

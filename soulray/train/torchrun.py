@@ -31,6 +31,7 @@ from soulray.train.launch import (
     PROCESS_GROUP_TIMEOUT_S,
     check_before_workers,
     check_rows_per_rank,
+    mark_launcher,
     process_group_backend,
 )
 from soulray.train.loop import Runtime, train_loop
@@ -119,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     check_gpu(cfg)
     # the Ray launcher's checks, so a torchrun resume refuses and warns alike
     cfg = check_before_workers(cfg, cfg.train_data_dir, torchrun=True)
+    if os.environ.get("RANK", "0") == "0":
+        mark_launcher(cfg, torchrun=True)
     cuda = cfg.train.use_gpu
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:

@@ -743,3 +743,15 @@ def test_a_run_resumes_only_under_the_launcher_that_wrote_it(prepared_quickstart
     fresh = load_config(QUICKSTART, [*base, "train.run_name=new"])
     check_before_workers(fresh, data)  # a new run_name starts either way
     check_before_workers(fresh, data, torchrun=True)
+    # a run's marker says which launcher started it: a `soulray train` killed before Ray
+    # registered its first checkpoint has no record yet, and is still its own
+    from soulray.train.launch import mark_launcher
+
+    killed = load_config(QUICKSTART, [*base, "train.run_name=killed", "train.steps=7"])
+    (tmp_path / "killed" / "checkpoint_00000003").mkdir(parents=True)
+    (tmp_path / "killed" / "checkpoint_00000003" / "soulray_state.json").write_text("{}")
+    mark_launcher(killed, torchrun=False)
+    mark_launcher(killed, torchrun=True)  # written once, by the run's first launcher
+    check_before_workers(killed, data)
+    with pytest.raises(ValueError, match="is a run of `soulray train`"):
+        check_before_workers(killed, data, torchrun=True)
