@@ -80,8 +80,9 @@ _RETRAIN: list[tuple[subprocess.Popen, Path]] = []
 
 
 def retrain_in_background() -> tuple[subprocess.Popen, Path]:
-    """Retrain the crisis classifier in a child process at nice 19; returns the process and the
-    weights.npz it writes (retrain.log beside it), the same on every call. tests/conftest.py
+    """Retrain the crisis classifier, then the reply head, in a child process at nice 19; returns
+    the process and the weights.npz it writes (reply_weights.npz and retrain.log beside it), the
+    same on every call. tests/conftest.py
     starts it once the session's tests are collected: its ~15 CPU-minutes use the cores the
     other tests leave idle (they mostly wait on Ray and servers; at nice 19 it yields the CPU
     whenever they want it), and the test that compares its weights, run last, waits for the
@@ -89,9 +90,18 @@ def retrain_in_background() -> tuple[subprocess.Popen, Path]:
     pytest dies, however it dies (its own workers already die with it)."""
     if not _RETRAIN:
         out = Path(tempfile.mkdtemp(prefix="soulray-retrain-")) / "weights.npz"
-        # `python -m soulray.safety.train`, after the trainer's own die-with-parent hook
-        boot = "import soulray.safety.train as t; t._die_with_parent(); t.main()"
-        cmd = ["nice", "-n", "19", sys.executable, "-c", boot, "--out", str(out), "--jobs", "2"]
+        # `python -m soulray.safety.train`, after the trainer's own die-with-parent hook, then
+        # `python -m soulray.safety.train_reply` (reply_weights.npz beside it), which finds the
+        # ordinary messages' embeddings in the first one's --cache and embeds only the replies
+        cache, reply = out.parent / "embeddings.npz", out.parent / "reply_weights.npz"
+        boot = (
+            "import sys, soulray.safety.train as t, soulray.safety.train_reply as r;"
+            "t._die_with_parent(); t.main();"
+            f"sys.argv = ['train_reply', '--out', {str(reply)!r}, '--jobs', '2', "
+            f"'--cache', {str(cache)!r}]; r.main()"
+        )
+        cmd = [*("nice", "-n", "19", sys.executable, "-c", boot), "--out", str(out)]
+        cmd += ["--jobs", "2", "--cache", str(cache)]
         with (out.parent / "retrain.log").open("w") as log:
             run = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         _RETRAIN.append((run, out))

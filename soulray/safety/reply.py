@@ -2,8 +2,10 @@
 hide it or not be stopped)? A logistic regression on the message classifier's own features of
 the reply window (the e5 embedding of its last tokens and its hashed character n-grams), so it
 costs no second embedding. Trained by `python -m soulray.safety.train_reply` on replies written
-for this project (data/replies.json) and the counselor replies of the sample corpus; weights in
-data/reply_weights.npz, threshold chosen out of fold.
+for this project (data/replies.json, with the counselor replies of the sample corpus) and the
+message classifier's ordinary training messages; weights in data/reply_weights.npz, threshold
+chosen out of fold. Without the ordinary text, the head replaced 20 % of real English counselor
+replies ("Just be yourself."); with it, see bench/RESULTS.md, stop 39.
 
 Why a head of its own: the message classifier learned people's messages, and scores a reply
 that gives a method low ("Take 40 of your sleeping pills with alcohol": suicide 0.52, under the

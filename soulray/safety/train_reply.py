@@ -1,6 +1,7 @@
 """Deterministic training of the reply head (reply.py): `python -m soulray.safety.train_reply`.
 Reads data/replies.json (model replies written for this project, labelled `method` when they give
-method details and `safe` otherwise, and the counselor replies of the sample corpus), featurizes
+method details and `safe` otherwise, and the counselor replies of the sample corpus) and the
+message classifier's ordinary training messages (as safe: everyday text of every length), featurizes
 them as the message classifier does (train.featurize: the e5 embedding of a window's last tokens
 and its character n-grams), fits a class-balanced logistic regression with full-batch Adam from
 zeros for a fixed number of steps, and picks the threshold on out-of-fold scores (5 seeded folds)
@@ -21,6 +22,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as train.py: weights indep
 
 import numpy as np
 
+from soulray.safety.dataset import LANGS, Example, fingerprint, load_examples
 from soulray.safety.features import EMBED_DIM, NGRAM_BUCKETS, Embedder
 from soulray.safety.reply import reply_weights_path
 from soulray.safety.train import (
@@ -49,12 +51,17 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     return 1 / (1 + np.exp(-z))
 
 
-def fit(x: Matrix, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """(embedding weights, n-gram weights over all buckets, bias): method and safe replies each
-    half of the loss, L2 on the weights, zero init, STEPS steps of Adam (deterministic)."""
+def fit(
+    x: Matrix, y: np.ndarray, share: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """(embedding weights, n-gram weights over all buckets, bias): each row's share of the loss
+    (default: method and safe rows each half), L2 on the weights, zero init, STEPS steps of Adam
+    (deterministic)."""
     u = len(x.used)
-    pos = max(1, int(y.sum()))
-    row = np.where(y, 0.5 / pos, 0.5 / max(1, len(y) - pos)).astype(np.float32)
+    if share is None:
+        pos = max(1, int(y.sum()))
+        share = np.where(y, 0.5 / pos, 0.5 / max(1, len(y) - pos))
+    row = (share / share.sum()).astype(np.float32)
     order = np.argsort(x.cols, kind="stable")  # entries by column, for the n-gram gradient
     absent = np.bincount(x.cols, minlength=u) == 0
     col_starts = np.minimum(np.searchsorted(x.cols[order], np.arange(u)), len(order) - 1)
@@ -97,26 +104,51 @@ def choose_threshold(oof: np.ndarray, y: np.ndarray) -> float:
     return float(np.clip(oof[order[ok[-1]]], 0.05, 0.95)) if len(ok) else 0.95
 
 
+def ordinary_messages() -> list[Example]:
+    """The message classifier's ordinary training messages (label none): everyday talk of every
+    length. Without them the head, having seen only replies about means, replaced 20 % of real
+    English counselor replies ("Just be yourself.", "Yes, i'm here"; bench/RESULTS.md, stop 39)."""
+    return [e for lang in LANGS for e in load_examples(lang) if e.label == "none"]
+
+
 def train(out: Path, jobs: int = 1, cache: Path | None = None) -> None:
-    replies = load_replies()
-    texts = [r["text"] for r in replies]
-    y = np.array([r["label"] == "method" for r in replies])
-    langs = np.array([r["lang"] for r in replies])
-    progress(f"{len(replies):,} replies, {int(y.sum()):,} giving method details")
+    replies, ordinary = load_replies(), ordinary_messages()
+    texts = [r["text"] for r in replies] + [e.text for e in ordinary]
+    y = np.array([r["label"] == "method" for r in replies] + [False] * len(ordinary))
+    langs = np.array([r["lang"] for r in replies] + [e.lang for e in ordinary])
+    # the loss: method replies half, kind replies a quarter, ordinary messages a quarter
+    share = np.array([0.25] * len(replies) + [0.0] * len(ordinary))
+    share[len(replies) :] = 0.25 / max(1, len(ordinary))
+    kind = ~y[: len(replies)]
+    share[: len(replies)][kind] = 0.25 / max(1, int(kind.sum()))
+    share[: len(replies)][~kind] = 0.5 / max(1, int((~kind).sum()))
+    progress(
+        f"{len(replies):,} replies, {int(y.sum()):,} giving method details; "
+        f"{len(ordinary):,} ordinary messages"
+    )
     x = featurize(texts, Embedder(), cache, jobs=jobs)
-    folds = fold_of([hashlib.sha256(t.encode("utf-8")).hexdigest() for t in texts])
+    # a hand-written message and its variants share a fold
+    groups = [hashlib.sha256(r["text"].encode("utf-8")).hexdigest() for r in replies]
+    folds = fold_of(groups + [f"message:{e.lang}:{e.group}" for e in ordinary])
     oof = np.zeros(len(texts))
     for k in range(FOLDS):
         held = folds == k
-        oof[held] = scores(fit(x.take(~held), y[~held]), x.take(held))
+        oof[held] = scores(fit(x.take(~held), y[~held], share[~held]), x.take(held))
     threshold = choose_threshold(oof, y)
+    is_reply = np.arange(len(texts)) < len(replies)
     for lang in sorted(set(langs)):
         mine = langs == lang
         caught = (oof[mine & y] >= threshold).mean()
-        alarms = (oof[mine & ~y] >= threshold).mean()
-        progress(f"out of fold, {lang}: {caught:.1%} of method replies at {alarms:.1%} of safe")
-    embed, ngram, bias = fit(x, y)
-    data = hashlib.sha256(json.dumps(replies, ensure_ascii=False).encode("utf-8")).hexdigest()
+        alarms = (oof[mine & ~y & is_reply] >= threshold).mean()
+        plain = (oof[mine & ~is_reply] >= threshold).mean()
+        progress(
+            f"out of fold, {lang}: {caught:.1%} of method replies at {alarms:.1%} of kind "
+            f"replies and {plain:.1%} of ordinary messages"
+        )
+    embed, ngram, bias = fit(x, y, share)
+    data = hashlib.sha256(
+        (json.dumps(replies, ensure_ascii=False) + fingerprint(ordinary)).encode("utf-8")
+    ).hexdigest()
     np.savez_compressed(
         out,
         embed=embed,

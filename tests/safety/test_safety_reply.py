@@ -1,10 +1,7 @@
-"""The reply head (soulray/safety/reply.py): shipped weights, serving's score equal to training's,
-and a retrain that reproduces them."""
+"""The reply head (soulray/safety/reply.py): shipped weights, and serving's score equal to
+training's (the retrain that reproduces them: tests/safety/test_safety_train.py)."""
 
 from __future__ import annotations
-
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -67,26 +64,3 @@ def test_the_head_replaces_method_details_the_patterns_miss(head_only):
         "听起来你这段时间真的很累，愿意多说说发生了什么吗？",
     ):
         assert not check_reply(head_only, kind, user, ["hi"]).flagged, kind
-
-
-@pytest.mark.slow
-def test_retraining_reproduces_the_shipped_reply_head(tmp_path):
-    out = tmp_path / "reply_weights.npz"
-    run = subprocess.run(
-        [sys.executable, "-m", "soulray.safety.train_reply", "--jobs", "2", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    shipped, again = np.load(reply_weights_path()), np.load(out)
-    for key in ("embed", "bias", "threshold"):
-        np.testing.assert_allclose(again[key], shipped[key], atol=1e-5, err_msg=key)
-    assert again["ngram"].dtype == shipped["ngram"].dtype == np.float16
-    np.testing.assert_allclose(
-        again["ngram"].astype(np.float32),
-        shipped["ngram"].astype(np.float32),
-        rtol=2**-10,
-        atol=1e-5,
-    )
-    assert str(again["data_sha256"]) == str(shipped["data_sha256"])

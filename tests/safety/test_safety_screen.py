@@ -524,10 +524,11 @@ def test_a_reply_naming_a_method_to_keep_someone_safe_is_not_replaced(screen, re
 # trained on by the reply head (reply.py), so these are training-set floors: method replies
 # replaced at least, kind ones replaced at most, as measured with the shipped weights.
 REPLY_SETS = {
-    "safety_replies_set1.json": {"en": (60, 3), "zh": (60, 2)},
-    "safety_replies_set2.json": {"en": (60, 3), "zh": (60, 1)},
-    # a third writer's set, measured once with the shipped head (never trained on)
-    "safety_replies_set3.json": {"en": (60, 12), "zh": (59, 10)},
+    "safety_replies_set1.json": {"en": (60, 2), "zh": (60, 1)},
+    "safety_replies_set2.json": {"en": (60, 3), "zh": (59, 1)},
+    # a third writer's set, never trained on: measured once with the first head (en 60/60 and
+    # 12/60, zh 59/60 and 10/60); the shipped head, retrained with ordinary replies, on it
+    "safety_replies_set3.json": {"en": (58, 7), "zh": (52, 3)},
 }
 
 

@@ -154,8 +154,9 @@ def test_the_shipped_weights_are_small_and_carry_out_of_fold_thresholds():
 
 @pytest.mark.slow
 def test_retraining_reproduces_the_shipped_weights():
-    """Same data, same seed -> the same weights: bit for bit on this machine (the trainer runs
-    BLAS on one thread, so the core count does not change a sum's order), compared to 1e-5 and
+    """Same data, same seed -> the same weights (the classifier's, then the reply head's): bit
+    for bit on this machine (the trainer runs BLAS on one thread, so the core count does not
+    change a sum's order), compared to 1e-5 and
     the float16 n-gram block to one rounding step. Only on one CPU family: other BLAS kernels
     round sums differently, and Adam turns that into up to ~0.01 on a few rarely-seen n-gram
     weights (2 against 1 BLAS thread: 17 of 655,360 beyond one float16 step, one changing sign;
@@ -192,6 +193,20 @@ def test_retraining_reproduces_the_shipped_weights():
     codes = again["knn_codes"].astype(int) * sign.astype(int) - shipped["knn_codes"]
     assert np.abs(codes).max() <= 1 and np.count_nonzero(codes) <= 100
     assert (again["knn_crisis"] == shipped["knn_crisis"]).all()
+    # the reply head, trained after it in the same process (reply.py)
+    from soulray.safety.reply import reply_weights_path
+
+    shipped, again = np.load(reply_weights_path()), np.load(out.parent / "reply_weights.npz")
+    for key in ("embed", "bias", "threshold"):
+        np.testing.assert_allclose(again[key], shipped[key], atol=1e-5, err_msg=f"reply {key}")
+    assert again["ngram"].dtype == shipped["ngram"].dtype == np.float16
+    np.testing.assert_allclose(
+        again["ngram"].astype(np.float32),
+        shipped["ngram"].astype(np.float32),
+        rtol=2**-10,
+        atol=1e-5,
+    )
+    assert str(again["data_sha256"]) == str(shipped["data_sha256"])
 
 
 @pytest.mark.slow
