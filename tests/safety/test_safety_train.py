@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -169,16 +170,7 @@ def test_retraining_reproduces_the_shipped_weights():
     log = (out.parent / "retrain.log").read_text()
     assert code == 0, log
     shipped, again = np.load(weights_path()), np.load(out)
-    for key in ("embed", "bias", "thresholds"):
-        np.testing.assert_allclose(again[key], shipped[key], atol=1e-5, err_msg=key)
-    # float16 on disk: a weight 1e-5 from a rounding boundary may round one step (2**-10) apart
-    assert again["ngram"].dtype == shipped["ngram"].dtype == np.float16
-    np.testing.assert_allclose(
-        again["ngram"].astype(np.float32),
-        shipped["ngram"].astype(np.float32),
-        rtol=2**-10,
-        atol=1e-5,
-    )
+    assert_same_weights(again, shipped, ("embed", "bias", "thresholds"))
     keys = ("features", "data_sha256", "pieces", "embed_tokens", "knn_k", "knn_beta", "knn_tau")
     for key in keys:
         assert str(again[key]) == str(shipped[key]), key
@@ -197,8 +189,15 @@ def test_retraining_reproduces_the_shipped_weights():
     from soulray.safety.reply import reply_weights_path
 
     shipped, again = np.load(reply_weights_path()), np.load(out.parent / "reply_weights.npz")
-    for key in ("embed", "bias", "threshold"):
-        np.testing.assert_allclose(again[key], shipped[key], atol=1e-5, err_msg=f"reply {key}")
+    assert_same_weights(again, shipped, ("embed", "bias", "threshold"))
+    assert str(again["data_sha256"]) == str(shipped["data_sha256"])
+
+
+def assert_same_weights(again: Any, shipped: Any, dense: tuple[str, ...]) -> None:
+    """The dense arrays to 1e-5; the float16 n-gram block to one rounding step (a weight 1e-5
+    from a rounding boundary may round one step, 2**-10, apart)."""
+    for key in dense:
+        np.testing.assert_allclose(again[key], shipped[key], atol=1e-5, err_msg=key)
     assert again["ngram"].dtype == shipped["ngram"].dtype == np.float16
     np.testing.assert_allclose(
         again["ngram"].astype(np.float32),
@@ -206,7 +205,6 @@ def test_retraining_reproduces_the_shipped_weights():
         rtol=2**-10,
         atol=1e-5,
     )
-    assert str(again["data_sha256"]) == str(shipped["data_sha256"])
 
 
 @pytest.mark.slow
