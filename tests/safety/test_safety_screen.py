@@ -529,6 +529,8 @@ REPLY_SETS = {
     # a third writer's set, never trained on: measured once with the first head (en 60/60 and
     # 12/60, zh 59/60 and 10/60); the shipped head, retrained with ordinary replies, on it
     "safety_replies_set3.json": {"en": (58, 7), "zh": (52, 3)},
+    # an eighth writer's, measured once with the shipped head (replies outside crisis talk too)
+    "safety_replies_set4.json": {"en": (56, 3), "zh": (52, 1)},
 }
 
 
