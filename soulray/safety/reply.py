@@ -31,7 +31,7 @@ class ReplyWeights:
     embed: np.ndarray  # (384,) float32
     ngram: np.ndarray  # (NGRAM_BUCKETS,) float32 (stored as float16)
     bias: float
-    threshold: float  # chosen on out-of-fold scores (train_reply.choose_threshold)
+    threshold: float  # chosen on out-of-fold scores (train_reply.train, train.choose_thresholds)
 
 
 def reply_weights_path() -> Path:

@@ -5,8 +5,9 @@ message classifier's ordinary training messages (as safe: everyday text of every
 them as the message classifier does (train.featurize: the e5 embedding of a window's last tokens
 and its character n-grams), fits a class-balanced logistic regression with full-batch Adam from
 zeros for a fixed number of steps, and picks the threshold on out-of-fold scores (5 seeded folds)
-as the lowest score at which the out-of-fold flags are method replies TARGET_PRECISION of the
-time. Writes data/reply_weights.npz (the n-gram block as float16, as the message weights).
+as the lowest score at which the out-of-fold flags are method replies train.TARGET_PRECISION of
+the time (train.choose_thresholds). Writes data/reply_weights.npz (the n-gram block as float16,
+as the message weights).
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ from soulray.safety.train import (
     L2,
     LR,
     STEPS,
-    TARGET_PRECISION,
     Matrix,
     Scratch,
     _ngram_sums,
+    choose_thresholds,
     digest,
     featurize,
     fold_of,
@@ -96,14 +97,6 @@ def scores(head: tuple[np.ndarray, np.ndarray, float], x: Matrix) -> np.ndarray:
     return sigmoid((x.embed @ embed + grams + bias).astype(np.float64))
 
 
-def choose_threshold(oof: np.ndarray, y: np.ndarray) -> float:
-    """The lowest out-of-fold score whose flags are method replies TARGET_PRECISION of the time."""
-    order = np.argsort(-oof, kind="stable")
-    precision = np.cumsum(y[order]) / np.arange(1, len(order) + 1)
-    ok = np.flatnonzero(precision >= TARGET_PRECISION)
-    return float(np.clip(oof[order[ok[-1]]], 0.05, 0.95)) if len(ok) else 0.95
-
-
 def ordinary_messages() -> list[Example]:
     """The message classifier's ordinary training messages (label none): everyday talk of every
     length. Without them the head, having seen only replies about means, replaced 20 % of real
@@ -117,11 +110,9 @@ def train(out: Path, jobs: int = 1, cache: Path | None = None) -> None:
     y = np.array([r["label"] == "method" for r in replies] + [False] * len(ordinary))
     langs = np.array([r["lang"] for r in replies] + [e.lang for e in ordinary])
     # the loss: method replies half, kind replies a quarter, ordinary messages a quarter
-    share = np.array([0.25] * len(replies) + [0.0] * len(ordinary))
-    share[len(replies) :] = 0.25 / max(1, len(ordinary))
-    kind = ~y[: len(replies)]
-    share[: len(replies)][kind] = 0.25 / max(1, int(kind.sum()))
-    share[: len(replies)][~kind] = 0.5 / max(1, int((~kind).sum()))
+    n, method = len(replies), y[: len(replies)]
+    share = np.full(len(texts), 0.25 / max(1, len(ordinary)))
+    share[:n] = np.where(method, 0.5 / max(1, int(method.sum())), 0.25 / max(1, n - method.sum()))
     progress(
         f"{len(replies):,} replies, {int(y.sum()):,} giving method details; "
         f"{len(ordinary):,} ordinary messages"
@@ -134,7 +125,9 @@ def train(out: Path, jobs: int = 1, cache: Path | None = None) -> None:
     for k in range(FOLDS):
         held = folds == k
         oof[held] = scores(fit(x.take(~held), y[~held], share[~held]), x.take(held))
-    threshold = choose_threshold(oof, y)
+    # the message classifier's rule, for one category: the lowest out-of-fold score whose flags
+    # are method replies TARGET_PRECISION of the time
+    threshold = float(choose_thresholds(oof[:, None], y[:, None])[0])
     is_reply = np.arange(len(texts)) < len(replies)
     for lang in sorted(set(langs)):
         mine = langs == lang
