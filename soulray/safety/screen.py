@@ -139,6 +139,13 @@ def category_thresholds(cfg: SafetyConfig, classifier: Classifier | None) -> np.
     return np.minimum([chosen[c] for c in CATEGORIES], 1.0)
 
 
+def classifier_decides(cfg: SafetyConfig) -> np.ndarray:
+    """(C,) bool: the categories the classifier may flag, all but those serve.safety.thresholds
+    sets above 1 (left to the lexicon)."""
+    above = {c for c, t in (cfg.thresholds or {}).items() if t > 1}
+    return np.array([c not in above for c in CATEGORIES])
+
+
 def scores(screen: Screen, text: str, vote: bool = True) -> np.ndarray:
     """Per-category scores of one message: the classifier's, raised to 1.0 where the lexicon
     matches. `vote`: with the training messages' vote, or without it (as a model's reply is
@@ -166,7 +173,8 @@ def score_pair(screen: Screen, text: str) -> np.ndarray:
 def reply_window_scores(screen: Screen, text: str) -> np.ndarray:
     """(C,): one window of a model reply: the classifier's scores without the vote, raised to
     1.0 where the reply head (reply.py) or the lexicon's reply_patterns find method details (the
-    head's flag goes to the category the classifier scores highest). The lists for people's messages
+    head's flag goes to the category the classifier scores highest among those it decides: not
+    one that serve.safety.thresholds leaves to the lexicon). The lists for people's messages
     are not matched: their first-person phrases, in a counselor's reflection ("是什么让你想伤害
     自己") or refusal ("I'm not going to tell you the lethal dose"), replaced kind replies."""
 
@@ -176,8 +184,13 @@ def reply_window_scores(screen: Screen, text: str) -> np.ndarray:
             found, method = screen.classifier.reply(classifier_text(screen.lexicon, norm))
             out = np.maximum(out, found)
             head = screen.classifier.reply_w
-            if head is not None and method >= (screen.cfg.reply_head_threshold or head.threshold):
-                out[int(np.argmax(found))] = 1.0  # method details, of what the reply is about
+            decides = classifier_decides(screen.cfg)
+            if (
+                head is not None
+                and decides.any()
+                and method >= (screen.cfg.reply_head_threshold or head.threshold)
+            ):  # method details, of what the reply is about
+                out[int(np.argmax(np.where(decides, found, -1.0)))] = 1.0
         for c in match_reply(screen.lexicon, norm):
             out[CATEGORIES.index(c)] = 1.0
         return out

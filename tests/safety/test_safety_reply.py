@@ -64,3 +64,17 @@ def test_the_head_replaces_method_details_the_patterns_miss(head_only):
         "听起来你这段时间真的很累，愿意多说说发生了什么吗？",
     ):
         assert not check_reply(head_only, kind, user, ["hi"]).flagged, kind
+
+
+def test_the_heads_flag_skips_a_category_left_to_the_lexicon(head_only):
+    """A threshold above 1 leaves a category to the lexicon: the head's flag then goes to the
+    best category the classifier still decides, and to none when it decides none."""
+    reply = "Take the entire bottle, not just a few. A handful usually just lands people in the ER."
+    user = assess(head_only, ["hi"])
+    assert check_reply(head_only, reply, user, ["hi"]).categories == ("suicide",)
+    no_suicide = build_screen(SafetyConfig(reply_patterns={}, thresholds={"suicide": 1.5}))
+    got = check_reply(no_suicide, reply, assess(no_suicide, ["hi"]), ["hi"])
+    assert got.flagged and "suicide" not in got.categories
+    off = {c: 2.0 for c in ("suicide", "self_harm", "violence", "abuse")}
+    lexicon_only = build_screen(SafetyConfig(reply_patterns={}, thresholds=off))
+    assert not check_reply(lexicon_only, reply, assess(lexicon_only, ["hi"]), ["hi"]).flagged
