@@ -73,6 +73,9 @@ def check_cast(sc: SynthConfig) -> None:
     prompts = load_prompts(sc.prompts_file)
     check_prompts(prompts, list(sc.scenarios.languages), "synth.prompts_file")
     load_taxonomy(sc.taxonomy_file)
+    require_languages(
+        load_pool(sc.scenarios.pool_file), sc.scenarios.languages, sc.scenarios.pool_file
+    )
     for endpoint in sc.roles.resolved.values():
         api_key(endpoint)
 

@@ -683,7 +683,8 @@ def test_bad_scenario_inputs_and_roles_are_refused_on_the_driver(tmp_path, monke
         )
 
 
-def test_a_missing_taxonomy_file_is_refused_before_ray_starts(tmp_path):
+@pytest.mark.parametrize("key", ["synth.taxonomy_file", "synth.scenarios.pool_file"])
+def test_a_missing_settings_file_is_refused_before_ray_starts(tmp_path, key):
     """Found before Ray starts: no Ray session directory is made (it took ~20 s to say)."""
     import os
     import subprocess
@@ -691,12 +692,12 @@ def test_a_missing_taxonomy_file_is_refused_before_ray_starts(tmp_path):
     from soulray_testing import ROOT, SOULRAY
 
     env = os.environ | {"RAY_ADDRESS": "local", "RAY_TMPDIR": str(tmp_path)}
-    cmd = [SOULRAY, "synth", "--config", "jobs/synth.yaml", "synth.taxonomy_file=/nope.yaml"]
+    cmd = [SOULRAY, "synth", "--config", "jobs/synth.yaml", f"{key}=/nope.yaml"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     assert proc.stderr.splitlines()[-1] == (
-        "error: synth.taxonomy_file=/nope.yaml: no such file; give the path of a YAML file of "
-        "the packaged one's shape, or leave synth.taxonomy_file unset for the packaged one"
+        f"error: {key}=/nope.yaml: no such file; give the path of a YAML file of "
+        f"the packaged one's shape, or leave {key} unset for the packaged one"
     )
     assert list(tmp_path.iterdir()) == []  # Ray never started
 
