@@ -55,6 +55,9 @@ def init_ray() -> None:
 
     if ray.is_initialized():
         return
+    # a local Ray inherits this process's environment: Serve's proxy gets 30 s to start, not 5
+    # (on a busy 2-CPU machine it took longer, was killed, and `serve.start` failed)
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
     try:
         ray.init(logging_level=logging.WARNING, log_to_driver=True)
     except ConnectionError as e:

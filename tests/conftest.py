@@ -23,6 +23,9 @@ def ray_local():
     import ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # as soulray's init_ray: Serve's proxy may take more than its default 5 s to start on a busy
+    # 2-CPU machine, and was then killed and serve.start failed (seen with a probe running beside)
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
     # address="local": always a fresh local Ray, never a cluster someone else started on this
     # machine (ray.init() alone joins the last `ray start` cluster or RAY_ADDRESS)
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning")
