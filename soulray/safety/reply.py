@@ -12,7 +12,7 @@ that gives a method low ("Take 40 of your sleeping pills with alcohol": suicide 
 0.9 a reply needs); a reply that names suicide kindly sits among crisis messages, so lowering
 the reply threshold replaces kind replies. The lexicon's reply_patterns catch the phrasings they
 name and little else: on a blind set of replies (stop 39) they replaced 18 % (en) and 15 % (zh)
-of the method replies. Measured figures: bench/RESULTS.md, stop 39.
+of the method replies. Measured figures: bench/RESULTS.md, stops 39 and 40.
 """
 
 from __future__ import annotations
