@@ -338,7 +338,8 @@ class SafetyConfig(Section):
     scan_user_turns: int | None = Field(None, ge=1)  # None: every user message of the request
     max_chars: int = Field(400, ge=32)  # each message is screened on its last max_chars chars
     classifier: bool = True  # False: the lexicon alone (no embedding model loaded)
-    thresholds: dict[str, float] | None = None  # category -> threshold; None = train.py's choice
+    # category -> threshold; None = train.py's choice; above 1 leaves the category to the lexicon
+    thresholds: dict[str, float] | None = None
     screen_reply: bool = True  # a model reply the screen flags is replaced by the fixed reply
     reply_threshold: float = Field(0.9, ge=0.0, le=1.0)  # classifier score a reply must reach
     reply_head: bool = True  # the reply head for method details (safety/reply.py)

@@ -5,7 +5,7 @@ costs no second embedding. Trained by `python -m soulray.safety.train_reply` on 
 for this project (data/replies.json, with the counselor replies of the sample corpus) and the
 message classifier's ordinary training messages; weights in data/reply_weights.npz, threshold
 chosen out of fold. Without the ordinary text, the head replaced 20 % of real English counselor
-replies ("Just be yourself."); with it, see bench/RESULTS.md, stop 39.
+replies ("Just be yourself."); with it, see bench/RESULTS.md, stops 39 and 40.
 
 Why a head of its own: the message classifier learned people's messages, and scores a reply
 that gives a method low ("Take 40 of your sleeping pills with alcohol": suicide 0.52, under the

@@ -173,8 +173,8 @@ def score_pair(screen: Screen, text: str) -> np.ndarray:
 def reply_window_scores(screen: Screen, text: str) -> np.ndarray:
     """(C,): one window of a model reply: the classifier's scores without the vote, raised to
     1.0 where the reply head (reply.py) or the lexicon's reply_patterns find method details (the
-    head's flag goes to the category the classifier scores highest among those it decides: not
-    one that serve.safety.thresholds leaves to the lexicon). The lists for people's messages
+    head's flag goes to the category the classifier scores highest, and is dropped when
+    serve.safety.thresholds leaves that category to the lexicon). The lists for people's messages
     are not matched: their first-person phrases, in a counselor's reflection ("是什么让你想伤害
     自己") or refusal ("I'm not going to tell you the lethal dose"), replaced kind replies."""
 
@@ -184,13 +184,10 @@ def reply_window_scores(screen: Screen, text: str) -> np.ndarray:
             found, method = screen.classifier.reply(classifier_text(screen.lexicon, norm))
             out = np.maximum(out, found)
             head = screen.classifier.reply_w
-            decides = classifier_decides(screen.cfg)
-            if (
-                head is not None
-                and decides.any()
-                and method >= (screen.cfg.reply_head_threshold or head.threshold)
-            ):  # method details, of what the reply is about
-                out[int(np.argmax(np.where(decides, found, -1.0)))] = 1.0
+            if head is not None and method >= (screen.cfg.reply_head_threshold or head.threshold):
+                top = int(np.argmax(found))  # method details, of what the reply is about
+                if classifier_decides(screen.cfg)[top]:
+                    out[top] = 1.0
         for c in match_reply(screen.lexicon, norm):
             out[CATEGORIES.index(c)] = 1.0
         return out

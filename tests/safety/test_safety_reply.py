@@ -66,15 +66,22 @@ def test_the_head_replaces_method_details_the_patterns_miss(head_only):
         assert not check_reply(head_only, kind, user, ["hi"]).flagged, kind
 
 
-def test_the_heads_flag_skips_a_category_left_to_the_lexicon(head_only):
-    """A threshold above 1 leaves a category to the lexicon: the head's flag then goes to the
-    best category the classifier still decides, and to none when it decides none."""
+def test_the_heads_flag_is_dropped_in_a_category_left_to_the_lexicon(head_only):
+    """A threshold above 1 leaves a category to the lexicon: a reply the head flags under it is
+    not replaced by the head (nor named by another category's help lines); the other categories
+    keep the head."""
     reply = "Take the entire bottle, not just a few. A handful usually just lands people in the ER."
+    threat = (
+        "Wait for him in the car park after his shift. The cameras don't cover the back corner."
+    )
     user = assess(head_only, ["hi"])
     assert check_reply(head_only, reply, user, ["hi"]).categories == ("suicide",)
+    assert check_reply(head_only, threat, user, ["hi"]).categories == ("violence",)
     no_suicide = build_screen(SafetyConfig(reply_patterns={}, thresholds={"suicide": 1.5}))
-    got = check_reply(no_suicide, reply, assess(no_suicide, ["hi"]), ["hi"])
-    assert got.flagged and "suicide" not in got.categories
+    user = assess(no_suicide, ["hi"])
+    assert not check_reply(no_suicide, reply, user, ["hi"]).flagged
+    assert check_reply(no_suicide, threat, user, ["hi"]).categories == ("violence",)
     off = {c: 2.0 for c in ("suicide", "self_harm", "violence", "abuse")}
     lexicon_only = build_screen(SafetyConfig(reply_patterns={}, thresholds=off))
-    assert not check_reply(lexicon_only, reply, assess(lexicon_only, ["hi"]), ["hi"]).flagged
+    user = assess(lexicon_only, ["hi"])
+    assert not any(check_reply(lexicon_only, r, user, ["hi"]).flagged for r in (reply, threat))
