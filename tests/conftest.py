@@ -11,8 +11,10 @@ from soulray_testing import (
     QUICKSTART,
     RETRAIN_TEST,
     ROOT,
+    SCREENED_MODULES,
     SOULRAY,
     retrain_in_background,
+    screen_in_background,
     stop_retrain,
 )
 
@@ -61,6 +63,8 @@ def pytest_collection_finish(session):
         return  # under xdist the test starts its own retrain when a worker runs it
     if any(item.nodeid.endswith(RETRAIN_TEST) for item in session.items):
         retrain_in_background()
+    if any(item.nodeid.split("::")[0].endswith(SCREENED_MODULES) for item in session.items):
+        screen_in_background()
 
 
 def pytest_sessionfinish(session):

@@ -108,10 +108,39 @@ def retrain_in_background() -> tuple[subprocess.Popen, Path]:
     return _RETRAIN[0]
 
 
+SCREENED_MODULES = ("safety/test_safety_regression.py", "safety/test_safety_screen.py")
+_SCREENING: list[tuple[subprocess.Popen, Path]] = []
+
+
+def screen_in_background() -> None:
+    """Screen the regression sets' messages and the reply sets (tests/safety/screened.py) in a
+    child process at nice 19, started once the session's tests are collected, as the retrain
+    is: the fixtures that need it (reached ~15 minutes in) then find it done. The same function
+    on the same texts as in the foreground, in its own two processes."""
+    if not _SCREENING:
+        out = Path(tempfile.mkdtemp(prefix="soulray-screened-")) / "screened.json"
+        cmd = ["nice", "-n", "19", sys.executable, str(ROOT / "tests/safety/screened.py"), str(out)]
+        with (out.parent / "screened.log").open("w") as log:
+            run = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        _SCREENING.append((run, out))
+
+
+def background_screening() -> Path | None:
+    """The background screening's JSON once it is written (waiting for it), or None when none
+    was started or it failed (its log is printed: the caller then screens in the foreground)."""
+    if not _SCREENING:
+        return None
+    run, out = _SCREENING[0]
+    if run.wait() != 0 or not out.exists():
+        print((out.parent / "screened.log").read_text()[-3000:])
+        return None
+    return out
+
+
 def stop_retrain() -> None:
-    """Kill the background retrain if it still runs (its test was not reached: -x, ^C), and
-    remove its folder."""
-    for run, out in _RETRAIN:
+    """Kill the background retrain and screening if they still run (their tests were not
+    reached: -x, ^C), and remove their folders."""
+    for run, out in [*_RETRAIN, *_SCREENING]:
         if run.poll() is None:
             run.kill()
             run.wait()

@@ -5,8 +5,11 @@ of one process."""
 
 from __future__ import annotations
 
+import json
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
+from pathlib import Path
 
 from soulray.config import SafetyConfig
 from soulray.safety.screen import Screen, assess, build_screen, check_reply
@@ -47,3 +50,43 @@ def check_replies(replies: list[str], jobs: int = 2) -> dict[str, tuple[bool, tu
     """{reply: (replaced, categories)} for every model reply, each screened after the user's
     "hi" (check_reply)."""
     return _screen_all(_replaced, replies, jobs)
+
+
+Screened = dict[str, tuple[bool, tuple[str, ...]]]
+
+
+def regression_texts() -> tuple[list[str], list[str]]:
+    """(every message of test_safety_regression's sets, every reply of test_safety_screen's)."""
+    from test_safety_regression import SETS
+    from test_safety_screen import REPLY_SETS, reply_set
+
+    messages = [m for crisis, ordinary in SETS.values() for m in (*crisis, *ordinary)]
+    return messages, [i["text"] for name in sorted(REPLY_SETS) for i in reply_set(name)]
+
+
+def screen_regression_sets(out: Path) -> None:
+    """What the two regression fixtures screen, to `out` as JSON: tests/conftest.py runs this in
+    a child process at nice 19 as the session starts (soulray_testing.screen_in_background), so
+    the fixtures find it done instead of spending ~3 minutes of the suite's wall time on it."""
+    messages, replies = regression_texts()
+    found = {"messages": assess_all(messages), "replies": check_replies(replies)}
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(found, ensure_ascii=False))
+    tmp.rename(out)
+
+
+def screened_in_background(kind: str) -> Screened | None:
+    """The background screening's `kind` ("messages" or "replies"), once it is done; None when
+    none runs in this session (a worker of pytest-xdist, or it failed: the caller screens)."""
+    from soulray_testing import background_screening
+
+    out = background_screening()
+    if out is None:
+        return None
+    found = json.loads(out.read_text("utf-8"))[kind]
+    return {text: (flagged, tuple(cats)) for text, (flagged, cats) in found.items()}
+
+
+if __name__ == "__main__":
+    sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]
+    screen_regression_sets(Path(sys.argv[1]))

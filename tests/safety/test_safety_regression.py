@@ -25,7 +25,7 @@ from safety_cases import (
     ROUND2_CRISIS,
     ROUND2_ORDINARY,
 )
-from screened import assess_all
+from screened import assess_all, screened_in_background
 
 import soulray.safety
 from soulray.safety.screen import assess
@@ -314,7 +314,11 @@ FLOORS = {k: ((hit - 1) / n, (fa + 1) / m) for k, (n, hit, m, fa) in MEASURED.it
 
 @pytest.fixture(scope="module")
 def screened():
-    """Every message of every set, screened once (in two processes)."""
+    """Every message of every set, screened once (in two processes; in the whole suite, by the
+    background screening that started with the session)."""
+    found = screened_in_background("messages")
+    if found is not None:
+        return found
     return assess_all([m for crisis, ordinary in SETS.values() for m in (*crisis, *ordinary)])
 
 
