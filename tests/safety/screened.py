@@ -13,12 +13,14 @@ from pathlib import Path
 
 from soulray.config import SafetyConfig
 from soulray.safety.screen import Screen, assess, build_screen, check_reply
+from soulray.safety.train import _die_with_parent
 
 _SCREEN: Screen | None = None
 
 
 def _start() -> None:
     global _SCREEN
+    _die_with_parent()  # a worker ends with the process that screens, however that one ends
     _SCREEN = build_screen(SafetyConfig())
 
 
@@ -88,5 +90,6 @@ def screened_in_background(kind: str) -> Screened | None:
 
 
 if __name__ == "__main__":
+    _die_with_parent()  # the background screening ends with pytest, however pytest ends
     sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]
     screen_regression_sets(Path(sys.argv[1]))
