@@ -280,15 +280,29 @@ def fit(x: Matrix, t: np.ndarray, features: str, hidden: int | None = None) -> l
             back.sum(0),
             np.maximum(pre, 0).T @ g,
         ]
-        for i, gr in enumerate(grads):
-            gr = gr + np.float32(decay[i]) * params[i]
-            m[i] = 0.9 * m[i] + 0.1 * gr
-            v[i] = 0.999 * v[i] + 0.001 * gr * gr
-            mhat, vhat = m[i] / (1 - 0.9**step), v[i] / (1 - 0.999**step)
-            params[i] = (params[i] - lr[i] * mhat / (np.sqrt(vhat) + 1e-8)).astype(np.float32)
+        adam_step(params, grads, m, v, step, lr, decay)
     full = np.zeros((NGRAM_BUCKETS, c + 1), np.float32)
     full[x.used] = params[1] * use[1]
     return [params[0] * use[0], full, *params[2:]]
+
+
+def adam_step(
+    params: list[np.ndarray],
+    grads: list[np.ndarray],
+    m: list[np.ndarray],
+    v: list[np.ndarray],
+    step: int,
+    lr: list[float],
+    decay: list[float],
+) -> None:
+    """One Adam update in place (betas 0.9 / 0.999, eps 1e-8), each parameter with its own
+    learning rate and L2 term; float32 parameters (fit, and train_reply.fit)."""
+    for i, gr in enumerate(grads):
+        gr = gr + np.float32(decay[i]) * params[i]
+        m[i] = 0.9 * m[i] + 0.1 * gr
+        v[i] = 0.999 * v[i] + 0.001 * gr * gr
+        mhat, vhat = m[i] / (1 - 0.9**step), v[i] / (1 - 0.999**step)
+        params[i] = (params[i] - lr[i] * mhat / (np.sqrt(vhat) + 1e-8)).astype(np.float32)
 
 
 def expand(params: list[np.ndarray], x: Matrix) -> list[np.ndarray]:

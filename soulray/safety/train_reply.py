@@ -35,6 +35,7 @@ from soulray.safety.train import (
     Matrix,
     Scratch,
     _ngram_sums,
+    adam_step,
     choose_thresholds,
     digest,
     featurize,
@@ -76,16 +77,8 @@ def fit(
         z = x.embed @ params[0] + _ngram_sums(x, params[1][:, None], scratch)[:, 0] + params[2]
         g = ((sigmoid(z) - target) * row).astype(np.float32)
         by_col = np.add.reduceat(g[rows_by_col] * vals_by_col, col_starts)
-        grads = [
-            x.embed.T @ g + np.float32(L2) * params[0],
-            np.where(absent, np.float32(0), by_col) + np.float32(L2) * params[1],
-            np.array([g.sum()], np.float32),
-        ]
-        for i, gr in enumerate(grads):
-            m[i] = 0.9 * m[i] + 0.1 * gr
-            v[i] = 0.999 * v[i] + 0.001 * gr * gr
-            mhat, vhat = m[i] / (1 - 0.9**step), v[i] / (1 - 0.999**step)
-            params[i] = (params[i] - LR * mhat / (np.sqrt(vhat) + 1e-8)).astype(np.float32)
+        grads = [x.embed.T @ g, np.where(absent, np.float32(0), by_col), np.array([g.sum()])]
+        adam_step(params, grads, m, v, step, [LR] * 3, [L2, L2, 0.0])
     full = np.zeros(NGRAM_BUCKETS, np.float32)
     full[x.used] = params[1]
     return params[0], full, float(params[2][0])
