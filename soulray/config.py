@@ -344,6 +344,9 @@ class SafetyConfig(Section):
     reply_threshold: float = Field(0.9, ge=0.0, le=1.0)  # classifier score a reply must reach
     reply_head: bool = True  # the reply head for method details (safety/reply.py)
     reply_head_threshold: float | None = Field(None, gt=0.0, le=1.0)  # None: train_reply's
+    # the head's threshold when the person's messages are flagged (never above the one before);
+    # None: train_reply's, the highest out of fold that still finds 95 % of method replies
+    reply_head_threshold_flagged: float | None = Field(None, gt=0.0, le=1.0)
     locale: str = "auto"  # auto: zh-CN for Chinese text, else default_locale
     default_locale: str = "en-US"
     intent: dict[str, list[str]] | None = None  # phrases no idiom exclusion can blank

@@ -3,8 +3,12 @@ hide it or not be stopped)? A logistic regression on the message classifier's ow
 the reply window (the e5 embedding of its last tokens and its hashed character n-grams), so it
 costs no second embedding. Trained by `python -m soulray.safety.train_reply` on replies written
 for this project (data/replies.json, with the counselor replies of the sample corpus) and the
-message classifier's ordinary training messages; weights in data/reply_weights.npz, threshold
-chosen out of fold. Without the ordinary text, the head replaced 20 % of real English counselor
+message classifier's ordinary training messages; weights in data/reply_weights.npz, thresholds
+chosen out of fold: one at 90 % precision, and a lower one (95 % of method replies) used when the
+person's messages are flagged. A reply is screened without the person's words, so "Go ahead,
+you've thought about it long enough." is as ambiguous to the head as it reads alone; after a
+crisis message a miss costs most and a kind reply replaced costs least (the help lines are shown
+already). Without the ordinary text, the head replaced 20 % of real English counselor
 replies ("Just be yourself."); with it, see bench/RESULTS.md, stops 39 and 40.
 
 Why a head of its own: the message classifier learned people's messages, and scores a reply
@@ -32,6 +36,9 @@ class ReplyWeights:
     ngram: np.ndarray  # (NGRAM_BUCKETS,) float32 (stored as float16)
     bias: float
     threshold: float  # chosen on out-of-fold scores (train_reply.train, train.choose_thresholds)
+    # when the person is in crisis: out of fold, the highest that finds RECALL_FLAGGED of each
+    # language's method replies (train_reply.recall_threshold); `threshold` in older files
+    threshold_flagged: float
 
 
 def reply_weights_path() -> Path:
@@ -50,6 +57,7 @@ def load_reply_weights(path: Path | None = None) -> ReplyWeights:
             z["ngram"].astype(np.float32),
             float(z["bias"]),
             float(z["threshold"]),
+            float(z["threshold_flagged" if "threshold_flagged" in z.files else "threshold"]),
         )
 
 

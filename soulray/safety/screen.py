@@ -158,59 +158,80 @@ def score_pair(screen: Screen, text: str) -> np.ndarray:
     """(2, C): a message's scores with the vote and without it (Classifier.both), each raised
     to 1.0 where the lexicon matches. Cached by the hash of the screened text (never the text
     itself)."""
-
-    def compute(norm: str) -> np.ndarray:
-        out = np.zeros((2, len(CATEGORIES)))
-        if screen.classifier:  # it reads the message without the idioms, as it was trained
-            out = np.maximum(out, screen.classifier.both(classifier_text(screen.lexicon, norm)))
-        for c in match(screen.lexicon, norm):  # the config admits only CATEGORIES
-            out[:, CATEGORIES.index(c)] = 1.0
-        return out
-
-    return _cached(screen, "message", text, compute)
+    return _cached(screen, "message", text, _message_pair)
 
 
-def reply_window_scores(screen: Screen, text: str) -> np.ndarray:
+def _message_pair(screen: Screen, norm: str) -> np.ndarray:
+    out = np.zeros((2, len(CATEGORIES)))
+    if screen.classifier:  # it reads the message without the idioms, as it was trained
+        out = np.maximum(out, screen.classifier.both(classifier_text(screen.lexicon, norm)))
+    for c in match(screen.lexicon, norm):  # the config admits only CATEGORIES
+        out[:, CATEGORIES.index(c)] = 1.0
+    return out
+
+
+def reply_window_scores(screen: Screen, text: str, flagged_user: bool = False) -> np.ndarray:
     """(C,): one window of a model reply: the classifier's scores without the vote, raised to
     1.0 where the reply head (reply.py) or the lexicon's reply_patterns find method details (the
     head's flag goes to the category the classifier scores highest, and is dropped when
-    serve.safety.thresholds leaves that category to the lexicon). The lists for people's messages
-    are not matched: their first-person phrases, in a counselor's reflection ("是什么让你想伤害
-    自己") or refusal ("I'm not going to tell you the lethal dose"), replaced kind replies."""
+    serve.safety.thresholds leaves that category to the lexicon). The head's threshold is lower
+    when the person is in crisis (`flagged_user`: reply_head_threshold_flagged), where a reply
+    like "Do it tonight." is the worst there is and replacing a kind one costs least: the help
+    lines are shown already. The lists for people's messages are not matched: their
+    first-person phrases, in a counselor's reflection ("是什么让你想伤害自己") or refusal ("I'm not
+    going to tell you the lethal dose"), replaced kind replies."""
+    head = screen.classifier.reply_w if screen.classifier else None
+    threshold = 1.0
+    if head is not None:
+        threshold = screen.cfg.reply_head_threshold or head.threshold
+        if flagged_user:  # never looser than without a crisis
+            lower = screen.cfg.reply_head_threshold_flagged or head.threshold_flagged
+            threshold = min(threshold, lower)
+    decides = classifier_decides(screen.cfg)
+    outs = []
+    for found, method, lexicon in _cached(screen, "reply", text, _reply_parts, reduce=False):
+        out = found.copy()
+        top = int(np.argmax(found))  # method details, of what the reply is about
+        if head is not None and method[0] >= threshold and decides[top]:
+            out[top] = 1.0
+        outs.append(np.maximum(out, lexicon))
+    return np.max(outs, axis=0)
 
-    def compute(norm: str) -> np.ndarray:
-        out = np.zeros(len(CATEGORIES))
-        if screen.classifier:
-            found, method = screen.classifier.reply(classifier_text(screen.lexicon, norm))
-            out = np.maximum(out, found)
-            head = screen.classifier.reply_w
-            if head is not None and method >= (screen.cfg.reply_head_threshold or head.threshold):
-                top = int(np.argmax(found))  # method details, of what the reply is about
-                if classifier_decides(screen.cfg)[top]:
-                    out[top] = 1.0
-        for c in match_reply(screen.lexicon, norm):
-            out[CATEGORIES.index(c)] = 1.0
-        return out
 
-    return _cached(screen, "reply", text, compute)
+def _reply_parts(screen: Screen, norm: str) -> np.ndarray:
+    """(3, C) for one normalized reply window: the classifier's scores without the vote; the
+    reply head's score (in the first column; 0 without the head); 1.0 where reply_patterns
+    match."""
+    out = np.zeros((3, len(CATEGORIES)))
+    if screen.classifier:
+        found, method = screen.classifier.reply(classifier_text(screen.lexicon, norm))
+        out[0], out[1, 0] = found, method
+    for c in match_reply(screen.lexicon, norm):
+        out[2, CATEGORIES.index(c)] = 1.0
+    return out
 
 
 def _cached(
-    screen: Screen, kind: str, text: str, compute: Callable[[str], np.ndarray]
+    screen: Screen,
+    kind: str,
+    text: str,
+    compute: Callable[[Screen, str], np.ndarray],
+    reduce: bool = True,
 ) -> np.ndarray:
-    """compute(normalized text), the highest over the text's format variants, cached by the
-    hash of `kind` and the screened text (never the text itself)."""
+    """compute(screen, normalized text) for each of the text's format variants, cached by the
+    hash of `kind` and the screened text (never the text itself): the highest over the variants,
+    or (`reduce=False`) one row per variant."""
     variants = format_variants(text, screen.cfg.max_chars)  # one, unless it hides characters
     key = hashlib.blake2b("\0".join([kind, *variants]).encode("utf-8"), digest_size=16).digest()
     hit = screen.cache.get(key)
-    if hit is not None:
+    if hit is None:
+        hit = np.stack([compute(screen, norm) for norm in variants])
+        screen.cache[key] = hit
+        if len(screen.cache) > CACHE_SIZE:
+            screen.cache.popitem(last=False)
+    else:
         screen.cache.move_to_end(key)
-        return hit
-    out = np.max([compute(norm) for norm in variants], axis=0)
-    screen.cache[key] = out
-    if len(screen.cache) > CACHE_SIZE:
-        screen.cache.popitem(last=False)
-    return out
+    return hit.max(axis=0) if reduce else hit
 
 
 def assess(screen: Screen, texts: list[str]) -> Assessment:
@@ -269,7 +290,7 @@ def fixed_reply(screen: Screen, a: Assessment) -> str:
     return f"{screen.fixed_reply[locale]}\n\n{format_resources(screen, a)}"
 
 
-def reply_scores(screen: Screen, reply: str) -> np.ndarray:
+def reply_scores(screen: Screen, reply: str, flagged_user: bool = False) -> np.ndarray:
     """A reply is screened whole, in windows of max_chars every max_chars/2 characters from its
     start (a sentence cut by one window is whole in the next), taking each category's highest
     score: method details early in a long reply must not slip past a screen that sees only the
@@ -277,7 +298,8 @@ def reply_scores(screen: Screen, reply: str) -> np.ndarray:
     sentence by sentence, its earlier windows come from the cache."""
     n = screen.cfg.max_chars
     starts = range(0, max(len(reply) - n, 0) + n // 2, n // 2)
-    return np.max([reply_window_scores(screen, reply[i : i + n]) for i in starts], axis=0)
+    windows = [reply_window_scores(screen, reply[i : i + n], flagged_user) for i in starts]
+    return np.max(windows, axis=0)
 
 
 def check_reply(screen: Screen, reply: str, user: Assessment, user_texts: list[str]) -> Assessment:
@@ -287,7 +309,7 @@ def check_reply(screen: Screen, reply: str, user: Assessment, user_texts: list[s
     flagged (what the person said is what they need help with)."""
     if not (screen.cfg.enabled and screen.cfg.screen_reply) or not reply.strip():
         return Assessment()
-    s = reply_scores(screen, reply)
+    s = reply_scores(screen, reply, user.flagged)
     # stricter than for messages: a reply pattern's match (1.0) or a confident score; a model's
     # own text (or a tiny test model's gibberish) must not lose the conversation on a weak score
     hits = s >= np.maximum(screen.thresholds, screen.cfg.reply_threshold)

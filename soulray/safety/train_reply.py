@@ -6,8 +6,10 @@ them as the message classifier does (train.featurize: the e5 embedding of a wind
 and its character n-grams), fits a class-balanced logistic regression with full-batch Adam from
 zeros for a fixed number of steps, and picks the threshold on out-of-fold scores (5 seeded folds)
 as the lowest score at which the out-of-fold flags are method replies train.TARGET_PRECISION of
-the time (train.choose_thresholds). Writes data/reply_weights.npz (the n-gram block as float16,
-as the message weights).
+the time (train.choose_thresholds), and a second, lower one for replies to a person in crisis: the
+highest out-of-fold score that still finds RECALL_FLAGGED of each language's method replies
+(recall_threshold). Writes data/reply_weights.npz (the n-gram block as float16, as the message
+weights).
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ from soulray.safety.train import (
     fold_of,
     progress,
 )
+
+RECALL_FLAGGED = 0.95  # of method replies, out of fold: the threshold_flagged rule
 
 
 def load_replies() -> list[dict[str, str]]:
@@ -90,6 +94,17 @@ def scores(head: tuple[np.ndarray, np.ndarray, float], x: Matrix) -> np.ndarray:
     return sigmoid((x.embed @ embed + grams + bias).astype(np.float64))
 
 
+def recall_threshold(oof: np.ndarray, y: np.ndarray, langs: np.ndarray) -> float:
+    """The highest threshold at which the out-of-fold scores find RECALL_FLAGGED of each
+    language's method replies (the lower of the two languages'): the head's threshold when the
+    person is in crisis (screen.reply_window_scores), the issue's recall goal."""
+    out = []
+    for lang in sorted(set(langs[y])):
+        s = np.sort(oof[y & (langs == lang)])[::-1]
+        out.append(float(s[int(np.ceil(RECALL_FLAGGED * len(s))) - 1]))
+    return min(out)
+
+
 def ordinary_messages() -> list[Example]:
     """The message classifier's ordinary training messages (label none): everyday talk of every
     length. Without them the head, having seen only replies about means, replaced 20 % of real
@@ -121,16 +136,18 @@ def train(out: Path, jobs: int = 1, cache: Path | None = None) -> None:
     # the message classifier's rule, for one category: the lowest out-of-fold score whose flags
     # are method replies TARGET_PRECISION of the time
     threshold = float(choose_thresholds(oof[:, None], y[:, None])[0])
+    flagged = min(threshold, recall_threshold(oof, y, langs))
     is_reply = np.arange(len(texts)) < len(replies)
-    for lang in sorted(set(langs)):
-        mine = langs == lang
-        caught = (oof[mine & y] >= threshold).mean()
-        alarms = (oof[mine & ~y & is_reply] >= threshold).mean()
-        plain = (oof[mine & ~is_reply] >= threshold).mean()
-        progress(
-            f"out of fold, {lang}: {caught:.1%} of method replies at {alarms:.1%} of kind "
-            f"replies and {plain:.1%} of ordinary messages"
-        )
+    for name, t in (("", threshold), ("; the person in crisis", flagged)):
+        for lang in sorted(set(langs)):
+            mine = langs == lang
+            caught = (oof[mine & y] >= t).mean()
+            alarms = (oof[mine & ~y & is_reply] >= t).mean()
+            plain = (oof[mine & ~is_reply] >= t).mean()
+            progress(
+                f"out of fold{name}, {lang}: {caught:.1%} of method replies at {alarms:.1%} of "
+                f"kind replies and {plain:.2%} of ordinary messages (threshold {t:.3f})"
+            )
     embed, ngram, bias = fit(x, y, share)
     data = hashlib.sha256(
         (json.dumps(replies, ensure_ascii=False) + fingerprint(ordinary)).encode("utf-8")
@@ -141,6 +158,7 @@ def train(out: Path, jobs: int = 1, cache: Path | None = None) -> None:
         ngram=ngram.astype(np.float16),
         bias=np.array(bias, np.float32),
         threshold=np.array(threshold, np.float32),
+        threshold_flagged=np.array(flagged, np.float32),
         embed_tokens=np.array(EMBED_TOKENS),
         data_sha256=np.array(data),
     )

@@ -10,12 +10,14 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 from soulray.config import SafetyConfig
 from soulray.safety.screen import Screen, assess, build_screen, check_reply
 from soulray.safety.train import _die_with_parent
 
 _SCREEN: Screen | None = None
+Screened = dict[str, tuple[bool, tuple[str, ...]]]
 
 
 def _start() -> None:
@@ -30,31 +32,37 @@ def _assess(text: str) -> tuple[bool, tuple[str, ...]]:
     return a.flagged, a.categories
 
 
-def _replaced(reply: str) -> tuple[bool, tuple[str, ...]]:
+CRISIS = "I don't want to live anymore."  # the user message before a reply "in crisis"
+
+
+def _replaced(reply: str) -> tuple[tuple[bool, tuple[str, ...]], ...]:
+    """The reply screened after "hi", then after CRISIS (the second reuses the first's cached
+    window scores: only the reply head's threshold differs)."""
     assert _SCREEN is not None
-    a = check_reply(_SCREEN, reply, assess(_SCREEN, ["hi"]), ["hi"])
-    return a.flagged, a.categories
+    out = []
+    for said in ("hi", CRISIS):
+        a = check_reply(_SCREEN, reply, assess(_SCREEN, [said]), [said])
+        out.append((a.flagged, a.categories))
+    return tuple(out)
 
 
-def _screen_all(fn, texts: list[str], jobs: int) -> dict[str, tuple[bool, tuple[str, ...]]]:
+def _screen_all(fn, texts: list[str], jobs: int) -> dict[str, Any]:
     unique = list(dict.fromkeys(texts))
     # spawn, not fork: the parent may hold the embedding engine's OpenMP runtime already
     with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_start) as pool:
         return dict(zip(unique, pool.map(fn, unique, chunksize=32), strict=True))
 
 
-def assess_all(texts: list[str], jobs: int = 2) -> dict[str, tuple[bool, tuple[str, ...]]]:
+def assess_all(texts: list[str], jobs: int = 2) -> Screened:
     """{text: (flagged, categories)} for every message of `texts`, each screened alone."""
     return _screen_all(_assess, texts, jobs)
 
 
-def check_replies(replies: list[str], jobs: int = 2) -> dict[str, tuple[bool, tuple[str, ...]]]:
-    """{reply: (replaced, categories)} for every model reply, each screened after the user's
-    "hi" (check_reply)."""
-    return _screen_all(_replaced, replies, jobs)
-
-
-Screened = dict[str, tuple[bool, tuple[str, ...]]]
+def check_replies(replies: list[str], jobs: int = 2) -> dict[str, Screened]:
+    """{"hi": {reply: (replaced, categories)}, "crisis": {...}}: every model reply screened
+    (check_reply) after the user's "hi", and after CRISIS (the reply head's lower threshold)."""
+    both = _screen_all(_replaced, replies, jobs)
+    return {ctx: {t: r[i] for t, r in both.items()} for i, ctx in enumerate(("hi", "crisis"))}
 
 
 def regression_texts() -> tuple[list[str], list[str]]:
@@ -71,14 +79,16 @@ def screen_regression_sets(out: Path) -> None:
     a child process at nice 19 as the session starts (soulray_testing.screen_in_background), so
     the fixtures find it done instead of spending ~3 minutes of the suite's wall time on it."""
     messages, replies = regression_texts()
-    found = {"messages": assess_all(messages), "replies": check_replies(replies)}
+    found = {"messages": assess_all(messages)}
+    found |= {f"replies_{ctx}": got for ctx, got in check_replies(replies).items()}
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(found, ensure_ascii=False))
     tmp.rename(out)
 
 
 def screened_in_background(kind: str) -> Screened | None:
-    """The background screening's `kind` ("messages" or "replies"), once it is done; None when
+    """The background screening's `kind` ("messages", "replies_hi" or "replies_crisis"), once it
+    is done; None when
     none runs in this session (a worker of pytest-xdist, or it failed: the caller screens)."""
     from soulray_testing import background_screening
 

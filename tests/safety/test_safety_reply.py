@@ -24,6 +24,7 @@ def test_the_shipped_head_is_small_and_its_threshold_out_of_fold():
     w = load_reply_weights()
     assert reply_weights_path().stat().st_size < 512 * 2**10  # ships in the wheel
     assert 0.05 <= w.threshold <= 0.95
+    assert 0.05 <= w.threshold_flagged < w.threshold
 
 
 def test_serving_scores_a_reply_as_training_does(head_only):
@@ -41,7 +42,7 @@ def test_serving_scores_a_reply_as_training_does(head_only):
     trained = scores((embed, ngram, bias), x)
     from soulray.safety.reply import ReplyWeights
 
-    classifier.reply_w, shipped = ReplyWeights(embed, ngram, bias, 0.5), classifier.reply_w
+    classifier.reply_w, shipped = ReplyWeights(embed, ngram, bias, 0.5, 0.5), classifier.reply_w
     try:
         served = [
             classifier.reply(classifier_text(head_only.lexicon, normalize(t, 400)))[1]
@@ -85,3 +86,27 @@ def test_the_heads_flag_is_dropped_in_a_category_left_to_the_lexicon(head_only):
     lexicon_only = build_screen(SafetyConfig(reply_patterns={}, thresholds=off))
     user = assess(lexicon_only, ["hi"])
     assert not any(check_reply(lexicon_only, r, user, ["hi"]).flagged for r in (reply, threat))
+
+
+def test_after_a_crisis_message_the_head_replaces_at_its_lower_threshold(head_only):
+    """With the person's messages flagged, the head's threshold is threshold_flagged (out of
+    fold, 95 % of method replies), lower than without: a reply it scores between the two
+    (0.54: 0.506 and 0.622) is replaced after a crisis message and not after "hi". The config
+    moves it; a crisis is never screened more loosely than a calm conversation."""
+    reply = "Go ahead, you have thought about it long enough."
+    crisis = "I don't want to live anymore."
+
+    def replaced(screen, said: str) -> bool:
+        user = assess(screen, [said])
+        assert user.flagged == (said == crisis)
+        found = check_reply(screen, reply, user, [said])
+        assert not found.flagged or found.resources  # help lines with the fixed reply
+        return found.flagged
+
+    assert not replaced(head_only, "hi") and replaced(head_only, crisis)
+    same = build_screen(SafetyConfig(reply_patterns={}, reply_head_threshold_flagged=1.0))
+    assert not replaced(same, crisis)
+    strict = build_screen(
+        SafetyConfig(reply_patterns={}, reply_head_threshold=0.3, reply_head_threshold_flagged=0.9)
+    )
+    assert replaced(strict, "hi") and replaced(strict, crisis)

@@ -189,7 +189,7 @@ def test_retraining_reproduces_the_shipped_weights():
     from soulray.safety.reply import reply_weights_path
 
     shipped, again = np.load(reply_weights_path()), np.load(out.parent / "reply_weights.npz")
-    assert_same_weights(again, shipped, ("embed", "bias", "threshold"))
+    assert_same_weights(again, shipped, ("embed", "bias", "threshold", "threshold_flagged"))
     assert str(again["data_sha256"]) == str(shipped["data_sha256"])
 
 

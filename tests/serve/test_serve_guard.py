@@ -95,6 +95,28 @@ def test_a_reply_with_method_details_is_replaced(tiny_export, tmp_path, stream):
     assert safety["flagged"] and safety["reply_replaced"] and safety["category"] == "suicide"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_after_a_crisis_a_go_ahead_reply_is_replaced(tiny_export, tmp_path, stream):
+    """The reply head's lower threshold when the person is in crisis (reply.py): a reply that
+    only encourages (the head scores it 0.54, between 0.506 and 0.622) is replaced in a
+    conversation with a crisis three turns back, and passes in an ordinary one."""
+    pieces = ["Go ahead, you have ", "thought about it long enough."]
+    for messages, crisis in ((EARLIER_CRISIS, True), ([EARLIER_CRISIS[2]], False)):
+        api, _ = make_api(tiny_export, tmp_path, engine=PiecesEngine(pieces))
+        resp = call(api, "POST", POST, json={"messages": messages, "stream": stream})
+        if stream:
+            payloads = events(resp.text)
+            choices = [p["choices"][0]["delta"] for p in payloads if p["choices"]]
+            content = "".join(d.get("content") or "" for d in choices)
+            safety = payloads[-1]["safety"]
+        else:
+            content, safety = resp.json()["choices"][0]["message"]["content"], resp.json()["safety"]
+        assert safety["flagged"] is crisis and safety["reply_replaced"] is crisis
+        assert ("long enough" in content) is not crisis, content
+        assert ("I'm really glad you told me" in content) is crisis  # the fixed reply
+        assert ("988" in content) is crisis
+
+
 def test_counts_per_category_never_text(tiny_export, tmp_path):
     cfg = ServeConfig.model_validate({"system_prompt": "SYS"})
     state = build_state(cfg, str(tiny_export), PiecesEngine(METHOD))
