@@ -9,14 +9,14 @@ person's messages are flagged. A reply is screened without the person's words, s
 you've thought about it long enough." is as ambiguous to the head as it reads alone; after a
 crisis message a miss costs most and a kind reply replaced costs least (the help lines are shown
 already). Without the ordinary text, the head replaced 20 % of real English counselor
-replies ("Just be yourself."); with it, see bench/RESULTS.md, stops 39 and 40.
+replies ("Just be yourself."); with it, see bench/RESULTS.md, stops 39-41.
 
 Why a head of its own: the message classifier learned people's messages, and scores a reply
 that gives a method low ("Take 40 of your sleeping pills with alcohol": suicide 0.52, under the
 0.9 a reply needs); a reply that names suicide kindly sits among crisis messages, so lowering
 the reply threshold replaces kind replies. The lexicon's reply_patterns catch the phrasings they
 name and little else: on a blind set of replies (stop 39) they replaced 18 % (en) and 15 % (zh)
-of the method replies. Measured figures: bench/RESULTS.md, stops 39 and 40.
+of the method replies. Measured figures: bench/RESULTS.md, stops 39-41.
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ class ReplyWeights:
     bias: float
     threshold: float  # chosen on out-of-fold scores (train_reply.train, train.choose_thresholds)
     # when the person is in crisis: out of fold, the highest that finds RECALL_FLAGGED of each
-    # language's method replies (train_reply.recall_threshold); `threshold` in older files
-    threshold_flagged: float
+    # language's method replies (train_reply.recall_threshold); None in older files (the
+    # threshold in use without a crisis applies)
+    threshold_flagged: float | None
 
 
 def reply_weights_path() -> Path:
@@ -57,7 +58,7 @@ def load_reply_weights(path: Path | None = None) -> ReplyWeights:
             z["ngram"].astype(np.float32),
             float(z["bias"]),
             float(z["threshold"]),
-            float(z["threshold_flagged" if "threshold_flagged" in z.files else "threshold"]),
+            float(z["threshold_flagged"]) if "threshold_flagged" in z.files else None,
         )
 
 

@@ -185,7 +185,7 @@ def reply_window_scores(screen: Screen, text: str, flagged_user: bool = False) -
     if head is not None:
         threshold = screen.cfg.reply_head_threshold or head.threshold
         if flagged_user:  # never looser than without a crisis
-            lower = screen.cfg.reply_head_threshold_flagged or head.threshold_flagged
+            lower = screen.cfg.reply_head_threshold_flagged or head.threshold_flagged or 1.0
             threshold = min(threshold, lower)
     decides = classifier_decides(screen.cfg)
     outs = []

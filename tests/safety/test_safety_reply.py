@@ -110,3 +110,26 @@ def test_after_a_crisis_message_the_head_replaces_at_its_lower_threshold(head_on
         SafetyConfig(reply_patterns={}, reply_head_threshold=0.3, reply_head_threshold_flagged=0.9)
     )
     assert replaced(strict, "hi") and replaced(strict, crisis)
+
+
+def test_weights_without_a_flagged_threshold_screen_a_crisis_as_a_calm_conversation(tmp_path):
+    """A reply_weights.npz from before threshold_flagged: after a crisis message the threshold
+    in use without one applies (here the config's 0.8), not the file's own (set to 0.3)."""
+    z = dict(np.load(reply_weights_path()))
+    del z["threshold_flagged"]
+    z["threshold"] = np.array(0.3, np.float32)
+    np.savez(tmp_path / "old.npz", **z)
+    old = load_reply_weights(tmp_path / "old.npz")
+    assert old.threshold_flagged is None and old.threshold == pytest.approx(0.3)
+    screen = build_screen(SafetyConfig(reply_patterns={}, reply_head_threshold=0.8))
+    assert screen.classifier is not None
+    screen.classifier.reply_w = old
+    reply, crisis = "Go ahead, you have thought about it long enough.", "I want to die."
+    for said in ("hi", crisis):
+        user = assess(screen, [said])
+        assert user.flagged == (said == crisis)
+        assert not check_reply(screen, reply, user, [said]).flagged, said
+    lower = build_screen(SafetyConfig(reply_patterns={}, reply_head_threshold=0.5))
+    assert lower.classifier is not None
+    lower.classifier.reply_w = old
+    assert check_reply(lower, reply, assess(lower, [crisis]), [crisis]).flagged  # 0.54 >= 0.5

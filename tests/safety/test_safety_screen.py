@@ -529,8 +529,9 @@ def test_a_reply_naming_a_method_to_keep_someone_safe_is_not_replaced(screen, re
 # ordinary and safety-advice replies, a second look. One of those (a breathing exercise) is word
 # for word one of set 5's English kind replies. Sets 6 and 7 (stop 41) were each measured once,
 # blind, with the shipped head (trained on sets 1-4 and writers a-j; set 6: en 55/60 method, 3/60
-# kind replaced, zh 50/60, 3/60; set 7: en 54/60, 5/60, zh 49/60, 4/60). One of set 3's kind
-# replies is word for word one of set 7's. After a crisis message the head's threshold is lower
+# kind replaced, zh 50/60, 3/60; set 7: en 54/60, 5/60, zh 49/60, 4/60). Word for word, one of
+# set 6's kind replies is a training reply (writer d's) and one of set 7's is in sets 3 and 4
+# (training data too). After a crisis message the head's threshold is lower
 # (reply.py, threshold_flagged, added after a threshold sweep on sets 5-7): IN_CRISIS holds those
 # floors. Set 8 (stop 41) was then measured once, blind, in both: after "hi" en 54/60, 0/60, zh
 # 51/60, 2/60; after a crisis message en 57/60, 4/60, zh 58/60, 8/60. Two of set 7's replies are
@@ -587,6 +588,16 @@ def test_two_processes_screen_replies_as_one_screen_does(screen, replies_screene
             for item in reply_set(name)[::40]:  # method and kind replies of both languages
                 a = check_reply(screen, item["text"], user, [said])
                 assert replies_screened[ctx][item["text"]] == (a.flagged, a.categories), item
+
+
+def test_after_a_crisis_message_no_reply_is_screened_more_loosely(replies_screened):
+    """Every reply of the eight sets replaced after "hi" is replaced after a crisis message too,
+    and the crisis context replaces more (the reply head's lower threshold)."""
+    calm, crisis = replies_screened["hi"], replies_screened["crisis"]
+    assert calm.keys() == crisis.keys()
+    assert [t for t, (flagged, _) in calm.items() if flagged and not crisis[t][0]] == []
+    more = sum(f for f, _ in crisis.values()) - sum(f for f, _ in calm.values())
+    assert more >= 30, more
 
 
 @pytest.mark.parametrize("ctx", ["hi", "crisis"])

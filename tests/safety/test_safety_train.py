@@ -156,12 +156,10 @@ def test_the_shipped_weights_are_small_and_carry_out_of_fold_thresholds():
 @pytest.mark.slow
 def test_retraining_reproduces_the_shipped_weights():
     """Same data, same seed -> the same weights (the classifier's, then the reply head's): bit
-    for bit on this machine (the trainer runs BLAS on one thread, so the core count does not
-    change a sum's order), compared to 1e-5 and
-    the float16 n-gram block to one rounding step. Only on one CPU family: other BLAS kernels
-    round sums differently, and Adam turns that into up to ~0.01 on a few rarely-seen n-gram
-    weights (2 against 1 BLAS thread: 17 of 655,360 beyond one float16 step, one changing sign;
-    0 of the 8,778 regression-set flags changed; bench/RESULTS.md, stop 28). The retrain
+    for bit on one machine (the trainer runs BLAS on one thread, so the core count does not
+    change a sum's order), compared to 1e-5 and the float16 n-gram block to one rounding step,
+    but for a few rarely-seen n-gram weights (assert_same_weights): another CPU family's BLAS
+    kernels round sums differently, and Adam carries that into them. The retrain
     (`python -m soulray.safety.train --jobs 2`: the same numbers as one process, half the wall
     time on two cores) starts in the background when the session's tests are collected
     (tests/conftest.py); this test runs last and waits for it."""
@@ -195,16 +193,24 @@ def test_retraining_reproduces_the_shipped_weights():
 
 def assert_same_weights(again: Any, shipped: Any, dense: tuple[str, ...]) -> None:
     """The dense arrays to 1e-5; the float16 n-gram block to one rounding step (a weight 1e-5
-    from a rounding boundary may round one step, 2**-10, apart)."""
+    from a rounding boundary may round one step, 2**-10, apart), but for at most NGRAM_DRIFT
+    weights, none moved by more than 0.02: rarely-seen n-grams, where another CPU's rounding of
+    a sum, carried by Adam, moves the weight (2 against 1 BLAS thread: 17 of 655,360, one
+    changing sign, 0 of the 8,778 regression-set flags changed, bench/RESULTS.md, stop 28; an
+    AMD EPYC against the machine that trained the shipped weights: 28, the largest 0.0076,
+    stop 41). Other data, another seed or another fit moves most of them."""
     for key in dense:
         np.testing.assert_allclose(again[key], shipped[key], atol=1e-5, err_msg=key)
     assert again["ngram"].dtype == shipped["ngram"].dtype == np.float16
-    np.testing.assert_allclose(
-        again["ngram"].astype(np.float32),
-        shipped["ngram"].astype(np.float32),
-        rtol=2**-10,
-        atol=1e-5,
+    a, b = again["ngram"].astype(np.float32), shipped["ngram"].astype(np.float32)
+    beyond = np.abs(a - b) > 1e-5 + 2**-10 * np.abs(b)
+    assert beyond.sum() <= NGRAM_DRIFT and np.abs(a - b).max() <= 0.02, (
+        int(beyond.sum()),
+        float(np.abs(a - b).max()),
     )
+
+
+NGRAM_DRIFT = 100  # of the n-gram weights (655,360 for the classifier), beyond one float16 step
 
 
 @pytest.mark.slow
@@ -356,3 +362,20 @@ def test_out_of_fold_votes_come_from_the_other_folds_only():
     folds = np.array([0, 0, 1, 2])
     votes = train.out_of_fold_votes(n, folds)
     np.testing.assert_allclose(votes, np.log([1 / 49, 1 / 49, 49, 1 / 49]), rtol=1e-5)
+
+
+def test_the_weights_comparison_allows_only_a_few_small_n_gram_drifts():
+    ngram = (np.random.default_rng(0).standard_normal((1000, 5)) * 0.01).astype(np.float16)
+    shipped = {"embed": np.zeros(3), "ngram": ngram}
+
+    def moved(n: int, by: float) -> dict[str, np.ndarray]:
+        out = ngram.copy()
+        out.flat[:n] += np.float16(by)
+        return {"embed": np.zeros(3), "ngram": out}
+
+    assert_same_weights(moved(NGRAM_DRIFT, 0.01), shipped, ("embed",))
+    for n, by in ((NGRAM_DRIFT + 1, 0.01), (1, 0.05)):
+        with pytest.raises(AssertionError):
+            assert_same_weights(moved(n, by), shipped, ("embed",))
+    with pytest.raises(AssertionError, match="embed"):
+        assert_same_weights({**shipped, "embed": np.ones(3)}, shipped, ("embed",))

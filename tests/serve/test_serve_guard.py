@@ -114,7 +114,6 @@ def test_after_a_crisis_a_go_ahead_reply_is_replaced(tiny_export, tmp_path, stre
         assert safety["flagged"] is crisis and safety["reply_replaced"] is crisis
         assert ("long enough" in content) is not crisis, content
         assert ("I'm really glad you told me" in content) is crisis  # the fixed reply
-        assert ("988" in content) is crisis
 
 
 def test_counts_per_category_never_text(tiny_export, tmp_path):
