@@ -187,12 +187,11 @@ def reply_window_scores(screen: Screen, text: str, flagged_user: bool = False) -
         if flagged_user:  # never looser than without a crisis
             lower = screen.cfg.reply_head_threshold_flagged or head.threshold_flagged or 1.0
             threshold = min(threshold, lower)
-    decides = classifier_decides(screen.cfg)
     outs = []
     for found, method, lexicon in _cached(screen, "reply", text, _reply_parts, reduce=False):
         out = found.copy()
         top = int(np.argmax(found))  # method details, of what the reply is about
-        if head is not None and method[0] >= threshold and decides[top]:
+        if head is not None and method[0] >= threshold and classifier_decides(screen.cfg)[top]:
             out[top] = 1.0
         outs.append(np.maximum(out, lexicon))
     return np.max(outs, axis=0)

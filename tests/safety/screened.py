@@ -86,17 +86,20 @@ def screen_regression_sets(out: Path) -> None:
     tmp.rename(out)
 
 
-def screened_in_background(kind: str) -> Screened | None:
-    """The background screening's `kind` ("messages", "replies_hi" or "replies_crisis"), once it
-    is done; None when
-    none runs in this session (a worker of pytest-xdist, or it failed: the caller screens)."""
+def screened_in_background(*kinds: str) -> dict[str, Screened] | None:
+    """The background screening's results of these kinds ("messages", "replies_hi",
+    "replies_crisis"), once it is done; None when none runs in this session (a worker of
+    pytest-xdist, or it failed: the caller screens)."""
     from soulray_testing import background_screening
 
     out = background_screening()
     if out is None:
         return None
-    found = json.loads(out.read_text("utf-8"))[kind]
-    return {text: (flagged, tuple(cats)) for text, (flagged, cats) in found.items()}
+    found = json.loads(out.read_text("utf-8"))
+    return {
+        kind: {text: (flagged, tuple(cats)) for text, (flagged, cats) in found[kind].items()}
+        for kind in kinds
+    }
 
 
 if __name__ == "__main__":

@@ -318,7 +318,7 @@ def screened():
     background screening that started with the session)."""
     found = screened_in_background("messages")
     if found is not None:
-        return found
+        return found["messages"]
     return assess_all([m for crisis, ordinary in SETS.values() for m in (*crisis, *ordinary)])
 
 

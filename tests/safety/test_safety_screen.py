@@ -572,9 +572,9 @@ def replies_screened() -> dict[str, dict[str, tuple[bool, tuple[str, ...]]]]:
     with the session)."""
     from screened import check_replies, screened_in_background
 
-    found = {ctx: screened_in_background(f"replies_{ctx}") for ctx in ("hi", "crisis")}
-    if found["hi"] is not None and found["crisis"] is not None:
-        return found  # type: ignore[return-value]
+    found = screened_in_background("replies_hi", "replies_crisis")
+    if found is not None:
+        return {kind.removeprefix("replies_"): got for kind, got in found.items()}
     return check_replies([i["text"] for name in sorted(REPLY_SETS) for i in reply_set(name)])
 
 
