@@ -106,15 +106,21 @@ def export_problem(path: str) -> tuple[str, str] | None:
     # an export's adapter/ or base/ is whole only when the export is: look in the folder above
     # for those alone (a model elsewhere may sit where its parent is not ours to read)
     above = where.rstrip("/").rsplit("/", 1)[-1] in WEIGHT_DIRS
-    for folder in [where, parent] if above else [where]:
-        marker = storage.join(folder, INCOMPLETE_FILE)
-        if storage.exists(marker):
-            return (
-                f"model directory {where} is incomplete: soulray train is writing it, or died "
-                f"while writing it ({marker} is there until its last file is in); wait for the "
-                "training to finish or run it again",
-                f"soulray train is writing it: {marker} is there until its last file is in",
-            )
+
+    def marked() -> tuple[str, str] | None:
+        for folder in [where, parent] if above else [where]:
+            marker = storage.join(folder, INCOMPLETE_FILE)
+            if storage.exists(marker):
+                return (
+                    f"model directory {where} is incomplete: soulray train is writing it, or died "
+                    f"while writing it ({marker} is there until its last file is in); wait for "
+                    "the training to finish or run it again",
+                    f"soulray train is writing it: {marker} is there until its last file is in",
+                )
+        return None
+
+    if (problem := marked()) is not None:
+        return problem
     if remote and not remote_files(path, weights=True):
         return (
             f"model directory {where} is empty or does not exist; check the URI",
@@ -132,7 +138,9 @@ def export_problem(path: str) -> tuple[str, str] | None:
             "serve.engine.model_dir to an export",
             "it has no files yet: soulray train writes them",
         )
-    return None
+    # a writer that began after the first look has put its marker in, maybe as the only file
+    # the listing found: look again
+    return marked()
 
 
 def cache_root() -> Path:

@@ -4,6 +4,7 @@ for one that is missing or still being written (a RayService started with its Ra
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -239,6 +240,23 @@ def test_an_export_is_incomplete_from_its_first_write_to_its_last(
     assert seen == [(True, True)] + [(False, False)] * len(files)  # the marker, then each file
     assert export_problem(target) is None
     assert local_files(fetch_model_dir(target)) == files  # no marker, no old.txt
+
+
+def test_a_writer_starting_between_the_looks_is_seen(tmp_path, monkeypatch):
+    """The marker check, then the listing: a writer that puts its marker in between has made
+    the folder non-empty with the marker alone. The export is incomplete, not ready (a fresh
+    clone's run saw fetch_model_dir fail on the marker after the wait called it complete)."""
+    target = tmp_path / "model"
+    target.mkdir()
+    real_listdir = os.listdir
+
+    def writer_starts_then_list(path: Any) -> list[str]:
+        (target / INCOMPLETE_FILE).write_text("writing")
+        return real_listdir(path)
+
+    monkeypatch.setattr(os, "listdir", writer_starts_then_list)
+    problem = export_problem(str(target))
+    assert problem is not None and problem[1].startswith("soulray train is writing it: ")
 
 
 def test_a_remote_wait_returns_once_the_export_is_written(
