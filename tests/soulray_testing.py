@@ -125,13 +125,23 @@ def screen_in_background() -> None:
         _SCREENING.append((run, out))
 
 
+SCREENING_TIMEOUT_S = 2400  # it takes ~3-5 min on 2 cores beside the suite
+
+
 def background_screening() -> Path | None:
     """The background screening's JSON once it is written (waiting for it), or None when none
     was started or it failed (its log is printed: the caller then screens in the foreground)."""
     if not _SCREENING:
         return None
     run, out = _SCREENING[0]
-    if run.wait() != 0 or not out.exists():
+    try:
+        code = run.wait(timeout=SCREENING_TIMEOUT_S)
+    except subprocess.TimeoutExpired:  # a hung child fails its tests, not the whole suite
+        run.kill()
+        run.wait()
+        print(f"the background screening did not finish in {SCREENING_TIMEOUT_S} s; killed")
+        code = None
+    if code != 0 or not out.exists():
         print((out.parent / "screened.log").read_text()[-3000:])
         return None
     return out

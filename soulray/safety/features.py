@@ -31,23 +31,25 @@ EMBED_DIM = 384
 WORD_EDGE = 16  # a cut moves up to this many characters forward to start at a word
 
 
-def normalize(text: str, max_chars: int, format_as: str = "") -> str:
+def normalize(text: str, max_chars: int | None, format_as: str = "") -> str:
     """NFKC, lowercase, curly quotes straightened, invisible format characters dropped (a
     zero-width space or joiner inside "自杀" hid it from the lexicon), whitespace collapsed,
-    Chinese spelt out character by character joined ("我 想 自 杀"), the last max_chars kept.
+    Chinese spelt out character by character joined ("我 想 自 杀"), the last max_chars kept
+    (None: all; NFKC may lengthen a text: "…" is "...").
     Neither of the last two changes any message of the training data (measured: 0 of ~17,000).
     `format_as` " " reads format characters as spaces instead ("kill\u200bmyself"): the screen
     scores a message both ways when it has any (format_variants)."""
+    text = _SURROGATE.sub("\ufffd", text)  # half a character (a client cut one): unencodable
     text = unicodedata.normalize("NFKC", text).lower().replace("\u2019", "'")
     if not text.isascii():
         text = _FORMAT.sub(format_as, text)
     text = " ".join(text.split())
     if " " in text and _CJK_CHAR.search(text):
         text = join_spaced_cjk(text)
-    return text[-max_chars:]
+    return text if max_chars is None else text[-max_chars:]
 
 
-def format_variants(text: str, max_chars: int) -> list[str]:
+def format_variants(text: str, max_chars: int | None) -> list[str]:
     """The normalized message; and, when it has format characters, also read with them as
     spaces: a zero-width character may hide a letter's neighbour ("su\u200bicide") or a space
     ("kill\u200bmyself")."""
@@ -59,6 +61,7 @@ def format_variants(text: str, max_chars: int) -> list[str]:
 
 
 _CJK_CHAR = re.compile(r"[\u3400-\u9fff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 # Unicode's format characters (category Cf: zero-width space and joiners, soft hyphen, word
 # joiner, bidi marks, tags): invisible, and kept by NFKC.
 _CF = "".join(

@@ -188,7 +188,10 @@ def reply_window_scores(screen: Screen, text: str, flagged_user: bool = False) -
             lower = screen.cfg.reply_head_threshold_flagged or head.threshold_flagged or 1.0
             threshold = min(threshold, lower)
     outs = []
-    for found, method, lexicon in _cached(screen, "reply", text, _reply_parts, reduce=False):
+    # a window is cut from the reply as written (reply_scores), and screened whole: NFKC
+    # lengthens some text ("…" is "..."), and a second cut to max_chars would drop its start
+    parts = _cached(screen, "reply", text, _reply_parts, reduce=False, whole=True)
+    for found, method, lexicon in parts:
         out = found.copy()
         top = int(np.argmax(found))  # method details, of what the reply is about
         if head is not None and method[0] >= threshold and classifier_decides(screen.cfg)[top]:
@@ -216,12 +219,17 @@ def _cached(
     text: str,
     compute: Callable[[Screen, str], np.ndarray],
     reduce: bool = True,
+    whole: bool = False,
 ) -> np.ndarray:
-    """compute(screen, normalized text) for each of the text's format variants, cached by the
-    hash of `kind` and the screened text (never the text itself): the highest over the variants,
-    or (`reduce=False`) one row per variant."""
-    variants = format_variants(text, screen.cfg.max_chars)  # one, unless it hides characters
-    key = hashlib.blake2b("\0".join([kind, *variants]).encode("utf-8"), digest_size=16).digest()
+    """compute(screen, normalized text) for each of the text's format variants (each its last
+    max_chars normalized characters, or `whole`), cached by the hash of `kind` and the screened
+    text (never the text itself): the highest over the variants, or (`reduce=False`) one row per
+    variant."""
+    # one variant, unless the text hides characters
+    variants = format_variants(text, None if whole else screen.cfg.max_chars)
+    # JSON: a text holding the separator must not spell another list of variants
+    spelt = json.dumps([kind, *variants], ensure_ascii=False)
+    key = hashlib.blake2b(spelt.encode("utf-8"), digest_size=16).digest()
     hit = screen.cache.get(key)
     if hit is None:
         hit = np.stack([compute(screen, norm) for norm in variants])
@@ -283,9 +291,11 @@ def format_resources(screen: Screen, a: Assessment) -> str:
     return "\n".join([header, *lines])
 
 
-def fixed_reply(screen: Screen, a: Assessment) -> str:
-    """The fixed safe reply with the help lines."""
+def fixed_reply(screen: Screen, a: Assessment, help_lines: bool = True) -> str:
+    """The fixed safe reply with the help lines (without them: where they were shown already)."""
     locale = a.locale or screen.cfg.default_locale
+    if not help_lines:
+        return screen.fixed_reply[locale]
     return f"{screen.fixed_reply[locale]}\n\n{format_resources(screen, a)}"
 
 

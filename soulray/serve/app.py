@@ -94,6 +94,8 @@ def build_state(cfg: ServeConfig, model_dir: str, engine: EngineClient) -> Ingre
     info = read_export_info(local, cfg, tokenizer, adapter)
     created = int(Path(local, "config.json").stat().st_mtime)
     screen = build_screen(cfg.safety)
+    # one thread, and no more: the screen's result cache and the classifier's last embedding
+    # (Classifier._embed) are unlocked, and every screening of the replica runs here
     thread = ThreadPoolExecutor(1, "crisis-screen") if cfg.safety.enabled else None
     return IngressState(
         cfg,

@@ -225,16 +225,20 @@ def _prefix(state: IngressState, p: Prepared) -> str:
     return f"{format_resources(state.screen, p.assessment)}\n\n"
 
 
-def _guard(state: IngressState, p: Prepared) -> ReplyGuard:
-    return ReplyGuard(state.screen, p.assessment, p.user_texts)
+def _guard(state: IngressState, p: Prepared, help_shown: bool = False) -> ReplyGuard:
+    """A choice's reply guard; a replaced reply is counted (under its own categories) when the
+    guard replaces it, so a client that hangs up right after still counts."""
 
-
-def _guarded_safety(state: IngressState, p: Prepared, guards: list[ReplyGuard]) -> SafetyInfo:
-    """The response's safety field once the replies are known (each replaced one counted under
-    its own categories); for a flagged request it stays the request's, whose help lines show."""
-    replaced = [g.replaced for g in guards if g.replaced is not None]
-    for found in replaced:
+    def count(found: Assessment) -> None:
         state.counters.record(found, "replaced")
+
+    return ReplyGuard(state.screen, p.assessment, p.user_texts, help_shown, count)
+
+
+def _guarded_safety(p: Prepared, guards: list[ReplyGuard]) -> SafetyInfo:
+    """The response's safety field once the replies are known; for a flagged request it stays
+    the request's, whose help lines show."""
+    replaced = [g.replaced for g in guards if g.replaced is not None]
     if not replaced:
         return p.safety
     return SafetyInfo.of(p.assessment if p.safety.flagged else replaced[0], reply_replaced=True)
@@ -289,7 +293,8 @@ async def complete(state: IngressState, p: Prepared, model: str) -> ChatCompleti
             Choice(
                 index=delta.index,
                 message=AssistantMessage(content=content),
-                finish_reason=delta.finish_reason or "stop",
+                # a replaced reply ends with the fixed one, as a streamed one does
+                finish_reason="stop" if guard.replaced else delta.finish_reason or "stop",
                 logprobs=None if guard.replaced or fixed else _logprobs(p, delta.logprobs),
             )
         )
@@ -302,7 +307,7 @@ async def complete(state: IngressState, p: Prepared, model: str) -> ChatCompleti
         choices=choices,
         usage=_usage(p, tokens),
         strategy=p.parser.strategy,
-        safety=_guarded_safety(state, p, guards),
+        safety=_guarded_safety(p, guards),
     )
 
 
@@ -392,7 +397,7 @@ async def _events(
         yield chunk(DeltaOut(role="assistant", content=""), k, safety=p.safety if k == 0 else None)
         if prefix:
             yield chunk(DeltaOut(content=prefix), k)
-    parsers, guards = p.choice_parsers(), [_guard(state, p) for _ in range(n)]
+    parsers, guards = p.choice_parsers(), [_guard(state, p, bool(prefix)) for _ in range(n)]
     last = {k: Delta("", 0, "stop", k) for k in range(n)}
     content, ended = [""] * n, set()
     held: list[list[TokenLogprob]] = [[] for _ in range(n)]  # logprobs of text the guard holds
@@ -429,7 +434,7 @@ async def _events(
         yield sse(_error_json(e))
         yield sse("[DONE]")
         return
-    safety = _guarded_safety(state, p, guards)
+    safety = _guarded_safety(p, guards)
     for k in range(n):
         yield chunk(DeltaOut(), k, finish=last[k].finish_reason or "stop", safety=safety)
     tokens = sum(d.tokens for d in last.values())

@@ -42,15 +42,23 @@ class SafetyCounters:
 
 @dataclass(slots=True)
 class ReplyGuard:
-    """Holds streamed text back to the next sentence end, screens the reply so far, and lets it
-    through; once the screen flags it, the rest of the model's text is dropped and the fixed safe
-    reply is sent instead (nothing flagged was ever sent)."""
+    """Holds streamed text back, screens the reply so far at each sentence end, and sends a
+    sentence only once the one after it has been screened with it: a method detail that only
+    the next sentence completes ("Here is how. The amount is 40 tablets. Swallow them with
+    vodka ...") flags before the sentences it completes were sent. Once the screen flags the
+    reply, the rest of the model's text is dropped and the fixed safe reply is sent instead
+    (replaced_by records the replacement then, even if the client hangs up after it)."""
 
     screen: Screen
     user: Assessment
     user_texts: list[str]
+    # the help lines were sent before the model's text (a flagged user's stream): the
+    # replacement is then the fixed reply alone, not its help lines a second time
+    help_shown: bool = False
+    replaced_by: Callable[[Assessment], None] | None = None
     sent: str = ""
     pending: str = ""
+    screened: int = 0  # characters at the start of `pending` screened already (held back)
     replaced: Assessment | None = field(default=None)
 
     async def push(self, text: str, final: bool, run: Runner) -> str:
@@ -68,13 +76,28 @@ class ReplyGuard:
         found = await run(check_reply, *args)
         if found.flagged:
             self.replaced = found
-            return ("\n\n" if self.sent else "") + fixed_reply(self.screen, found)
-        out, self.pending = self.pending[:cut], self.pending[cut:]
+            if self.replaced_by is not None:
+                self.replaced_by(found)
+            fixed = fixed_reply(self.screen, found, help_lines=not self.help_shown)
+            return ("\n\n" if self.sent else "") + fixed
+        release = cut if final else self._release(cut)
+        out, self.pending = self.pending[:release], self.pending[release:]
+        self.screened = cut - release
         self.sent += out
         return out
 
     def _cut(self, final: bool) -> int:
-        if final or len(self.pending) >= HOLD_CHARS:
+        """Where to screen up to: everything at the end; else the last sentence end past what
+        was screened, or all of it once HOLD_CHARS more arrived without one; 0: not yet."""
+        if final:
             return len(self.pending)
-        ends = list(_BOUNDARY.finditer(self.pending))
-        return ends[-1].end() if ends else 0
+        ends = [e.end() for e in _BOUNDARY.finditer(self.pending, self.screened)]
+        if ends:
+            return ends[-1]
+        return len(self.pending) if len(self.pending) - self.screened >= HOLD_CHARS else 0
+
+    def _release(self, cut: int) -> int:
+        """What to send of the screened text: all but its last sentence (at most HOLD_CHARS of
+        it), which waits to be screened with the next."""
+        starts = [e.end() for e in _BOUNDARY.finditer(self.pending, 0, cut) if e.end() < cut]
+        return max(starts[-1] if starts else 0, cut - HOLD_CHARS)

@@ -33,6 +33,7 @@ log = logging.getLogger("ray.serve.soulray")
 
 TAG = re.compile(r"^\[([^\[\]\n]{1,48})\] ?")
 MAX_TAG_CHARS = 52  # "[" + 48 + "] " + slack: a reply longer than this without "]" has no tag
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +206,9 @@ def check_messages(
                 f"messages[{i}]: only text content is supported",
                 param=f"messages[{i}].content",
             )
-    out = [{"role": _role(m.role), "content": m.text()} for m in messages]
+    # half a character (a lone UTF-16 surrogate, where a client cut an emoji in two) cannot
+    # be encoded, and would fail the screen and the tokenizer: it is read as U+FFFD
+    out = [{"role": _role(m.role), "content": _SURROGATE.sub("\ufffd", m.text())} for m in messages]
     for i, message in enumerate(out):
         found = find_control_token(message["content"], control_tokens)
         if found:

@@ -298,6 +298,17 @@ def test_an_api_key_exported_after_the_cluster_started_reaches_the_tasks(
     assert len(servers["good"].auth) - before == 6  # one request per context
 
 
+def test_the_judge_plays_the_seeker_at_the_seeker_temperature(evaluated, servers):
+    """The judge's endpoint (temperature 0.0 in the config) plays the Seeker at
+    interactive.seeker_temperature (0.7 by default): the role-play varies, the verdicts don't.
+    Read from the requests the judge server got, as interactive_task sends them."""
+    temps: dict[bool, set] = {True: set(), False: set()}
+    for body in servers["judge"].requests:
+        temps["role-playing a person" in body["messages"][0]["content"]].add(body["temperature"])
+    assert temps[True] == {0.7}
+    assert temps[False] and 0.7 not in temps[False]
+
+
 def judge_kinds(requests: list[dict]) -> dict[str, int]:
     """The judge server's requests by kind (it also plays the Seeker)."""
     kinds = {"seeker": 0, "turn": 0, "pair": 0, "dialogue": 0}

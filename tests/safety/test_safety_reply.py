@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 
 from soulray.config import SafetyConfig
-from soulray.safety.features import normalize
-from soulray.safety.lexicon import classifier_text
 from soulray.safety.reply import load_reply_weights, reply_weights_path
 from soulray.safety.screen import assess, build_screen, check_reply
 from soulray.safety.train_reply import fit, load_replies, scores
@@ -20,7 +18,8 @@ def head_only():
     return build_screen(SafetyConfig(reply_patterns={}))
 
 
-def test_the_shipped_head_is_small_and_its_threshold_out_of_fold():
+def test_the_shipped_head_is_small_and_its_thresholds_in_range():
+    """(That they are the out-of-fold choices: the retrain comparison, test_safety_train.py.)"""
     w = load_reply_weights()
     assert reply_weights_path().stat().st_size < 512 * 2**10  # ships in the wheel
     assert 0.05 <= w.threshold <= 0.95
@@ -28,28 +27,36 @@ def test_the_shipped_head_is_small_and_its_threshold_out_of_fold():
 
 
 def test_serving_scores_a_reply_as_training_does(head_only):
-    """Classifier.reply (one embedding shared with the category scores) against the trainer's
-    features and fit on a few replies: the same probability."""
+    """The screen's own path for a reply window (screen._reply_parts through its cache:
+    normalized, idioms blanked, one embedding shared with the category scores) against the
+    trainer's features and fit: the same probability. Both labels, so the scores spread (a
+    head fit on one class scores everything ~0.999, where a mismatch barely shows), and a
+    reply with an idiom the classifier's text blanks."""
+    from soulray.safety.reply import ReplyWeights
+    from soulray.safety.screen import _cached, _reply_parts
     from soulray.safety.train import featurize
 
-    replies = load_replies()[:40]
-    texts = [r["text"] for r in replies]
-    y = np.array([r["label"] == "method" for r in replies])
+    replies = load_replies()
+    picked = [r for r in replies if r["label"] == "method"][:20]
+    picked += [r for r in replies if r["label"] != "method"][:20]
+    texts = [r["text"] for r in picked] + ["This exam is killing me too, take a short walk first."]
+    y = np.array([r["label"] == "method" for r in picked] + [False])
     classifier = head_only.classifier
     assert classifier is not None and classifier.embedder is not None
     x = featurize(texts, classifier.embedder)
     embed, ngram, bias = fit(x, y)
     trained = scores((embed, ngram, bias), x)
-    from soulray.safety.reply import ReplyWeights
-
+    assert trained.min() < 0.2 and trained.max() > 0.8  # both classes, spread apart
     classifier.reply_w, shipped = ReplyWeights(embed, ngram, bias, 0.5, 0.5), classifier.reply_w
+    head_only.cache.clear()
     try:
         served = [
-            classifier.reply(classifier_text(head_only.lexicon, normalize(t, 400)))[1]
+            _cached(head_only, "reply", t, _reply_parts, reduce=False, whole=True)[0][1, 0]
             for t in texts
         ]
     finally:
         classifier.reply_w = shipped
+        head_only.cache.clear()
     np.testing.assert_allclose(served, trained, atol=1e-5)
 
 

@@ -14,6 +14,7 @@ from soulray.safety.dataset import written
 from soulray.safety.features import format_variants, normalize
 from soulray.safety.lexicon import load_builtin
 from soulray.safety.screen import (
+    Assessment,
     assess,
     build_screen,
     check_reply,
@@ -443,6 +444,29 @@ def test_reply_check_flags_method_details_not_support(screen):
     late = check_reply(screen, method + talk, user, ["how are you"])
     assert late.flagged and late.category == "suicide"
     assert not check_reply(screen, support + talk, user, ["how are you"]).flagged
+
+
+def test_a_reply_window_lengthened_by_nfkc_keeps_its_start(screen):
+    """A window is cut from the reply as written and screened whole: "……" is "......" after
+    NFKC, so a second cut to max_chars after normalizing dropped a short reply's first
+    sentence (the review of stop 42: this reply of 296 characters passed)."""
+    method = "把四十片安眠药和酒一起吃下去。"
+    reply = method + "再见……" * 70
+    assert len(reply) < screen.cfg.max_chars < len(normalize(reply, 10**6))
+    user = Assessment()
+    assert check_reply(screen, method, user, []).flagged
+    assert check_reply(screen, reply, user, []).flagged
+
+
+def test_the_cache_keeps_texts_apart_that_join_alike(screen):
+    """The cache key spells the list of a text's variants unambiguously: a message holding the
+    separator of a plain join is not the other message's variants."""
+    a, b = "abc\0ab c", "ab\u200bc"  # one variant "abc\0ab c"; two variants "abc" and "ab c"
+    assert format_variants(b, 400) == ["abc", "ab c"]
+    screen.cache.clear()
+    score_pair(screen, a)
+    score_pair(screen, b)
+    assert len(screen.cache) == 2
 
 
 # replies a badly behaved model might give: the classifier, trained on people's messages, scores

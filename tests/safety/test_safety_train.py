@@ -204,10 +204,10 @@ def assert_same_weights(again: Any, shipped: Any, dense: tuple[str, ...]) -> Non
     assert again["ngram"].dtype == shipped["ngram"].dtype == np.float16
     a, b = again["ngram"].astype(np.float32), shipped["ngram"].astype(np.float32)
     beyond = np.abs(a - b) > 1e-5 + 2**-10 * np.abs(b)
-    assert beyond.sum() <= NGRAM_DRIFT and np.abs(a - b).max() <= 0.02, (
-        int(beyond.sum()),
-        float(np.abs(a - b).max()),
-    )
+    moved = int(beyond.sum())
+    assert moved <= NGRAM_DRIFT, f"{moved} n-gram weights beyond one step (at most {NGRAM_DRIFT})"
+    most = float(np.abs(a - b).max())
+    assert most <= 0.02, f"an n-gram weight moved by {most:.4f} (at most 0.02)"
 
 
 NGRAM_DRIFT = 100  # of the n-gram weights (655,360 for the classifier), beyond one float16 step
@@ -374,8 +374,8 @@ def test_the_weights_comparison_allows_only_a_few_small_n_gram_drifts():
         return {"embed": np.zeros(3), "ngram": out}
 
     assert_same_weights(moved(NGRAM_DRIFT, 0.01), shipped, ("embed",))
-    for n, by in ((NGRAM_DRIFT + 1, 0.01), (1, 0.05)):
-        with pytest.raises(AssertionError):
+    for n, by, says in ((NGRAM_DRIFT + 1, 0.01, "101 n-gram weights"), (1, 0.05, "moved by")):
+        with pytest.raises(AssertionError, match=says):
             assert_same_weights(moved(n, by), shipped, ("embed",))
     with pytest.raises(AssertionError, match="embed"):
         assert_same_weights({**shipped, "embed": np.ones(3)}, shipped, ("embed",))

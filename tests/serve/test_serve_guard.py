@@ -4,15 +4,18 @@ reply with method details replaced; counts per category, never text."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 from test_serve_api import ScriptedEngine, call, make_api
 
-from soulray.config import ServeConfig
+from soulray.config import SafetyConfig, ServeConfig
+from soulray.safety.screen import Assessment, build_screen, check_reply
 from soulray.serve.app import build_api, build_state
 from soulray.serve.engine import engine_errors
 from soulray.serve.generate import Delta
+from soulray.serve.guard import HOLD_CHARS, ReplyGuard
 from soulray.serve.logits import TokenLogprob
 
 POST = "/v1/chat/completions"
@@ -177,7 +180,109 @@ def test_a_streamed_replaced_reply_never_sends_its_text_as_logprobs(tiny_export,
         for p in payloads
         if p["choices"] and p["choices"][0]["logprobs"]
     ]
-    assert sent == [
-        (["[Question] What ", "happened."], {"content": "What happened.", "role": None}),
-        ([" Tell me ", "more?"], {"content": " Tell me more?", "role": None}),
-    ]
+    # "What happened." waits for the sentence after it to be screened with it (ReplyGuard),
+    # here the last, so both are sent together, with all four tokens
+    tokens = ["[Question] What ", "happened.", " Tell me ", "more?"]
+    assert sent == [(tokens, {"content": "What happened. Tell me more?", "role": None})]
+
+
+def stream_text(payloads: list[dict]) -> str:
+    return "".join(p["choices"][0]["delta"].get("content") or "" for p in payloads if p["choices"])
+
+
+# each sentence passes the screen on its own, and with those before it, until the last
+COMPLETED_LATER = [
+    "Okay. ",
+    "Here is how. ",
+    "The amount is 40 tablets. ",
+    "Swallow them with vodka so you don't throw up.",
+]
+
+
+@pytest.mark.parametrize("crisis", [False, True])
+def test_a_streamed_sentence_is_sent_only_after_the_next_is_screened_with_it(
+    tiny_export, tmp_path, crisis
+):
+    """The amount passes the screen until the next sentence completes the method: it is held
+    until then, so the stream sends only the sentences before it, then the fixed reply. A
+    person whose help lines came first does not get them a second time."""
+    before = "".join(COMPLETED_LATER[:3])
+    assert not check_reply(build_screen(SafetyConfig()), before, Assessment(), []).flagged
+    api, _ = make_api(tiny_export, tmp_path, engine=PiecesEngine(COMPLETED_LATER))
+    messages = EARLIER_CRISIS if crisis else [{"role": "user", "content": "I had a rough day"}]
+    payloads = events(call(api, "POST", POST, json={"messages": messages, "stream": True}).text)
+    content = stream_text(payloads)
+    lines = "If you are in crisis, help is available:\n" if crisis else ""
+    fixed = "I'm really glad you told me"
+    assert content.startswith(lines + "- 988" if crisis else "Okay. Here is how.\n\n" + fixed)
+    assert "40 tablets" not in content and "vodka" not in content
+    assert content.count("988 Suicide") == 1 and content.count(fixed) == 1
+    if crisis:
+        assert "\n\nOkay. Here is how.\n\n" + fixed in content
+    assert payloads[-1]["safety"]["reply_replaced"]
+    assert payloads[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_a_replaced_reply_ends_with_stop_whole_or_streamed(tiny_export, tmp_path):
+    """The engine stopped at max_tokens, but the reply sent is the fixed one, complete."""
+    pieces = [*METHOD[:-1], "painful and"]
+
+    class Cut(PiecesEngine):
+        async def stream(self, req):
+            async for delta in super().stream(req):
+                yield Delta(delta.text, delta.tokens, "length" if delta.finish_reason else None)
+
+    for stream in (False, True):
+        api, _ = make_api(tiny_export, tmp_path, engine=Cut(pieces))
+        body = {"messages": [{"role": "user", "content": "I had a rough day"}], "stream": stream}
+        resp = call(api, "POST", POST, json=body)
+        if stream:
+            finish = events(resp.text)[-1]["choices"][0]["finish_reason"]
+        else:
+            finish = resp.json()["choices"][0]["finish_reason"]
+        assert finish == "stop", stream
+    api, _ = make_api(tiny_export, tmp_path, engine=Cut(["What happened ", "today and"]))
+    body = {"messages": [{"role": "user", "content": "I had a rough day"}]}
+    assert call(api, "POST", POST, json=body).json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_half_a_character_is_screened_not_a_server_error(tiny_export, tmp_path):
+    """A lone UTF-16 surrogate (a client cut an emoji in two) is read as U+FFFD: the person
+    gets the help lines, not a 500."""
+    api, _ = make_api(tiny_export, tmp_path)
+    body = '{"messages": [{"role": "user", "content": "I want to die \\ud83d"}]}'
+    resp = call(api, "POST", POST, content=body, headers={"Content-Type": "application/json"})
+    assert resp.status_code == 200, resp.text
+    assert (
+        resp.json()["safety"]["flagged"]
+        and "988" in resp.json()["choices"][0]["message"]["content"]
+    )
+
+
+def test_the_guard_counts_a_replacement_when_it_makes_it():
+    """The replaced-reply counter is told when the guard replaces, not when the response ends
+    (a client that hangs up after the fixed reply still counts); text without sentence ends is
+    held back at most two HOLD_CHARS, and all of it is sent at the end."""
+
+    async def run(fn, *args):
+        return fn(*args)
+
+    async def go(pieces: list[str], seen: list) -> list[str]:
+        guard = ReplyGuard(build_screen(SafetyConfig()), Assessment(), [], replaced_by=seen.append)
+        out, received = [], ""
+        for i, piece in enumerate(pieces):
+            received += piece
+            out.append(await guard.push(piece, final=i == len(pieces) - 1, run=run))
+            if guard.replaced is not None:
+                assert len(seen) == 1 and seen[0] is guard.replaced
+                break
+            assert len(received) - len("".join(out)) < 2 * HOLD_CHARS + len(piece)
+        return out
+
+    seen: list = []
+    out = asyncio.run(go(METHOD, seen))
+    assert len(seen) == 1 and out[-1].startswith("I'm really glad you told me")
+    seen = []
+    words = ["and then we walked home "] * 40  # 960 characters, no sentence end
+    out = asyncio.run(go(words, seen))
+    assert seen == [] and "".join(out) == "".join(words) and out[6] != ""
