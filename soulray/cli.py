@@ -350,10 +350,13 @@ def stop_on_interrupt(app_name: str) -> Iterator[None]:
     """Ctrl-C or SIGTERM (what Kubernetes sends) inside this block deletes the app: Serve lets
     each replica finish its in-flight requests (graceful_shutdown_timeout_s) before stopping.
     Entered before deploying, so a signal that arrives while Serve starts is handled too (Ray's
-    own handler would abort with a stack dump)."""
+    own handler would abort with a stack dump). An app another soulray serve or pipeline has
+    deployed since this process did is left serving: it is that one's now."""
     import signal
 
     from ray import serve
+
+    from soulray.serve.app import deployed_here_last
 
     def on_term(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
@@ -363,8 +366,14 @@ def stop_on_interrupt(app_name: str) -> Iterator[None]:
         yield
     except KeyboardInterrupt:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the drain
-        typer.echo("stopping: finishing in-flight requests")
         try:
+            if not deployed_here_last(app_name):
+                typer.echo(
+                    f"stopped; {app_name} was deployed again by another soulray serve or "
+                    "pipeline after this one deployed it: left serving"
+                )
+                return
+            typer.echo("stopping: finishing in-flight requests")
             if app_name in serve.status().applications:
                 serve.delete(app_name)
         except TimeoutError:  # Serve gives up after 60 s; the replicas are killed with Ray

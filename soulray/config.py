@@ -300,8 +300,8 @@ def _known_categories(names: Iterable[str]) -> None:
 
 
 class HelpLine(Section):
-    name: str
-    contact: str  # what to dial or text, or a URL
+    name: NonEmpty
+    contact: NonEmpty  # what to dial or text, or a URL
     note: str = ""
     categories: list[str] = Field(default_factory=list)  # shown for these categories; [] = all
 
@@ -339,7 +339,8 @@ class SafetyConfig(Section):
     max_chars: int = Field(400, ge=32)  # each message is screened on its last max_chars chars
     classifier: bool = True  # False: the lexicon alone (no embedding model loaded)
     # category -> threshold; None = train.py's choice; above 1 leaves the category to the lexicon
-    thresholds: dict[str, float] | None = None
+    # (0 or less would flag every message, NaN none: refused)
+    thresholds: dict[str, Annotated[float, Field(gt=0.0, allow_inf_nan=False)]] | None = None
     screen_reply: bool = True  # a model reply the screen flags is replaced by the fixed reply
     reply_threshold: float = Field(0.9, ge=0.0, le=1.0)  # classifier score a reply must reach
     reply_head: bool = True  # the reply head for method details (safety/reply.py)
@@ -365,6 +366,17 @@ class SafetyConfig(Section):
     def _check_categories(cls, by_category: dict[str, Any] | None) -> dict[str, Any] | None:
         _known_categories(by_category or {})
         return by_category
+
+    @model_validator(mode="after")
+    def _flagged_not_looser(self) -> SafetyConfig:
+        calm, flagged = self.reply_head_threshold, self.reply_head_threshold_flagged
+        if calm is not None and flagged is not None and flagged > calm:
+            raise ValueError(
+                f"reply_head_threshold_flagged={flagged} is above reply_head_threshold={calm}: "
+                "replies to a person in crisis would be screened more loosely than others (the "
+                f"lower applies); set it to {calm} or less, or leave it out"
+            )
+        return self
 
 
 class AuthConfig(Section):

@@ -154,10 +154,22 @@ def run_serve_stage(cfg: Config) -> str:
     return f"{cfg.serve.model_name} at {url}/v1"
 
 
+def check_serve_stage(cfg: Config) -> None:
+    """What the serve stage would refuse, before prepare and train run: serve.safety (a locale
+    with no help line for a category, say) and a serve.port held by another program."""
+    from soulray.safety.screen import build_screen
+    from soulray.serve.app import check_serve_port
+
+    build_screen(cfg.serve.safety)
+    check_serve_port(cfg)
+
+
 def run_pipeline(cfg: Config) -> list[StageResult]:
     """Run the configured stages in order; return what each did."""
     cfg = with_run_dir(cfg)
     stages = cfg.pipeline.stages
+    if "serve" in stages:
+        check_serve_stage(cfg)
     results = []
     if "prepare" in stages:
         manifest = prepared_manifest(cfg)

@@ -259,3 +259,18 @@ def test_a_pipeline_refuses_what_train_would_refuse_before_preparing_again(tmp_p
         "data.seq_len (the data position counts rows of that length)"
     )
     assert prepared.read_text() == "{}"
+
+
+def test_a_pipeline_refuses_a_serve_stage_serve_would_refuse_before_preparing(tmp_path) -> None:
+    """A locale without a help line for a category: `soulray serve` refuses it at start, and
+    the pipeline did only after prepare and train (then Serve's deploy failed with a bare
+    traceback and took the running app down; a review, stop 42)."""
+    import pytest
+
+    from soulray.pipeline import run_pipeline
+
+    lines = "serve.safety.resources={en-US: [{name: a, contact: b, categories: [suicide]}]}"
+    cfg = load_config(QUICKSTART, ["pipeline.run_dir=" + str(tmp_path / "run"), lines])
+    with pytest.raises(ValueError, match="no help line for self_harm, violence, abuse"):
+        run_pipeline(cfg)
+    assert not (tmp_path / "run").exists()  # nothing prepared

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from collections import OrderedDict
 from collections.abc import Callable
@@ -35,7 +36,9 @@ from soulray.safety.lexicon import (
     match,
     match_reply,
 )
-from soulray.safety.reply import load_reply_weights
+from soulray.safety.reply import ReplyWeights, load_reply_weights
+
+log = logging.getLogger("soulray.safety")
 
 CACHE_SIZE = 4096
 _CJK = re.compile(r"[\u4e00-\u9fff]")
@@ -103,6 +106,7 @@ def build_screen(cfg: SafetyConfig) -> Screen:
             )
     head = load_reply_weights() if cfg.reply_head else None
     classifier = Classifier(load_weights(), head) if cfg.classifier else None
+    _describe(cfg, auto, resources_, head)
     return Screen(
         cfg,
         build_lexicon(
@@ -118,6 +122,59 @@ def build_screen(cfg: SafetyConfig) -> Screen:
         resources_,
         replies,
         headers,
+    )
+
+
+def _describe(
+    cfg: SafetyConfig,
+    auto: list[str],
+    resources_: dict[str, list[HelpLine]],
+    head: ReplyWeights | None,
+) -> None:
+    """Log what the screen will do, and warn of settings that do nothing or not what they
+    seem to: locales no request gets (a typo of one, say), Chinese messages answered with
+    another locale's help lines, a crisis threshold the other one caps."""
+    if not cfg.enabled:
+        log.warning(
+            "serve.safety.enabled is false: no crisis screen (no help lines, no reply screen)"
+        )
+        return
+    reached = set(auto if cfg.locale == "auto" else [cfg.locale])
+    for key, given in (("resources", cfg.resources), ("fixed_reply", cfg.fixed_reply)):
+        for locale in sorted(set(given or {}) - reached):
+            log.warning(
+                "serve.safety.%s.%s: no request gets locale %r (they get %s); a typo?",
+                key,
+                locale,
+                locale,
+                " or ".join(sorted(reached)),
+            )
+    for locale in sorted(set(cfg.header or {}) - reached):
+        log.warning("serve.safety.header.%s: no request gets locale %r; a typo?", locale, locale)
+    if cfg.locale == "auto" and "zh-CN" not in resources_:
+        log.warning(
+            "serve.safety.resources has no zh-CN: a person writing in Chinese gets the %s help "
+            "lines and fixed reply (add zh-CN lines, or set serve.safety.locale)",
+            cfg.default_locale,
+        )
+    calm = cfg.reply_head_threshold or (head.threshold if head else None)
+    flagged = cfg.reply_head_threshold_flagged
+    if head is not None and calm is not None and flagged is not None and flagged > calm:
+        log.warning(
+            "serve.safety.reply_head_threshold_flagged=%s is above the reply head's threshold "
+            "%.3f: the lower applies after a crisis message",
+            flagged,
+            calm,
+        )
+    lines = ", ".join(f"{loc} {len(resources_[loc])}" for loc in sorted(reached))
+    log.info(
+        "crisis screen: classifier %s, reply screen %s, mode %s; help lines per locale: %s; "
+        "thresholds %s",
+        "on" if cfg.classifier else "off (the lexicon alone)",
+        "on" if cfg.screen_reply else "off",
+        cfg.mode,
+        lines,
+        cfg.thresholds or "as trained",
     )
 
 

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import socket
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -228,6 +229,8 @@ def check_model(cfg: ServeConfig, model: str) -> None:
 def add_error_handlers(api: FastAPI) -> None:
     @api.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
+        # what was refused, not the message: a client's text may be quoted in it
+        log.info("refused: %s %s (param %s, code %s)", e.status, e.type, e.param, e.code)
         headers = {"Retry-After": "1"} if e.status == 503 else None
         if e.status == 401:
             headers = {"WWW-Authenticate": "Bearer"}
@@ -292,7 +295,8 @@ async def read_body(request: Request, limit: int) -> bytes:
 def _too_large(limit: int) -> APIError:
     return APIError(
         413,
-        f"the request body is over this server's limit of {limit} bytes",
+        f"the request body is over this server's limit of {limit} bytes "
+        "(serve.max_request_bytes)",
         code="request_too_large",
     )
 
@@ -372,15 +376,30 @@ def build_serve_config(cfg: Config) -> dict[str, Any]:
     }
 
 
-def start_serving(cfg: Config) -> str:
-    """Deploy the app on the current Ray cluster (non-blocking); return its base URL."""
+def check_serve_port(cfg: Config) -> Any:
+    """The running Serve's client, or None; with none, serve.port must be free on this node (a
+    running Serve holds its own port)."""
     from ray.serve.context import _get_global_client
 
     client = _get_global_client(raise_if_no_controller_running=False)
     if client is None and hosts_a_node():
-        check_port_free(cfg.serve.host, cfg.serve.port)  # a running Serve holds its own port
+        check_port_free(cfg.serve.host, cfg.serve.port)
+    return client
+
+
+def start_serving(cfg: Config) -> str:
+    """Deploy the app on the current Ray cluster (non-blocking); return its base URL."""
+    client = check_serve_port(cfg)
     port = cfg.serve.port if client is None else running_port(client.http_config.port, cfg)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    running = serve.status().applications.get(cfg.serve.app_name)
+    if running is not None:
+        log.warning(
+            "serve.app_name=%s is deployed on this cluster already (%s): this deploy replaces "
+            "it (its replicas finish their requests first)",
+            cfg.serve.app_name,
+            running.status,
+        )
     try:
         serve.run(build_application(cfg), name=cfg.serve.app_name, route_prefix="/")
     except Exception as e:
@@ -393,7 +412,31 @@ def start_serving(cfg: Config) -> str:
             f"cluster): redeploy it under its own name (serve.app_name={other}), serve more "
             "models from one app with serve.adapters, or use another Ray cluster"
         ) from None
+    record_deploy(cfg.serve.app_name)
     return served_url(cfg, port)
+
+
+def record_deploy(app_name: str) -> None:
+    """Mark the app as deployed by this process, in the cluster's key-value store: a `soulray
+    serve` stopped later leaves alone an app another one has deployed since (cli.py)."""
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    _DEPLOYS[app_name] = uuid.uuid4().hex
+    _internal_kv_put(f"deployer/{app_name}", _DEPLOYS[app_name], namespace="soulray")
+
+
+def deployed_here_last(app_name: str) -> bool:
+    """Whether this process made the app's latest soulray deploy (True when it made none: a
+    process that deployed nothing decides nothing)."""
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    if app_name not in _DEPLOYS:
+        return True
+    last = _internal_kv_get(f"deployer/{app_name}", namespace="soulray")
+    return last is None or last.decode() == _DEPLOYS[app_name]
+
+
+_DEPLOYS: dict[str, str] = {}  # app name -> the id of this process's latest deploy of it
 
 
 def served_url(cfg: Config, port: int | None = None) -> str:

@@ -231,6 +231,7 @@ def _guard(state: IngressState, p: Prepared, help_shown: bool = False) -> ReplyG
 
     def count(found: Assessment) -> None:
         state.counters.record(found, "replaced")
+        log.info("request %s: the screen flagged the model's reply: replaced", p.id)
 
     return ReplyGuard(state.screen, p.assessment, p.user_texts, help_shown, count)
 

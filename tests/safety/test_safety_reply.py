@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from soulray.config import SafetyConfig
 from soulray.safety.reply import load_reply_weights, reply_weights_path
@@ -113,10 +114,13 @@ def test_after_a_crisis_message_the_head_replaces_at_its_lower_threshold(head_on
     assert not replaced(head_only, "hi") and replaced(head_only, crisis)
     same = build_screen(SafetyConfig(reply_patterns={}, reply_head_threshold_flagged=1.0))
     assert not replaced(same, crisis)
-    strict = build_screen(
-        SafetyConfig(reply_patterns={}, reply_head_threshold=0.3, reply_head_threshold_flagged=0.9)
-    )
+    strict = build_screen(SafetyConfig(reply_patterns={}, reply_head_threshold=0.3))
     assert replaced(strict, "hi") and replaced(strict, crisis)
+    # a crisis threshold above the head's own (0.622) is capped by it: the lower applies
+    capped = build_screen(SafetyConfig(reply_patterns={}, reply_head_threshold_flagged=0.9))
+    assert not replaced(capped, crisis)
+    with pytest.raises(ValidationError, match="above reply_head_threshold=0.3"):
+        SafetyConfig(reply_head_threshold=0.3, reply_head_threshold_flagged=0.9)
 
 
 def test_weights_without_a_flagged_threshold_screen_a_crisis_as_a_calm_conversation(tmp_path):

@@ -745,3 +745,42 @@ def test_a_fixed_locale_needs_no_lines_for_the_default_locale():
     assert fixed_reply(german, found) == (
         "Bitte melde dich.\n\nHier gibt es Hilfe:\n- Telefonseelsorge: 0800 111 0 111"
     )
+
+
+def test_settings_that_do_nothing_or_not_what_they_seem_are_refused_or_warned(caplog):
+    """A NaN or non-positive threshold (NaN turned a category off, the lexicon's hits with it;
+    -0.3 flagged every message), a crisis threshold above the other and an empty help line are
+    refused by key; a locale no request gets (a typo), Chinese messages answered with another
+    locale's lines and a switched-off screen are warned of at start (a review, stop 42)."""
+    for bad, says in (
+        ({"thresholds": {"suicide": float("nan")}}, "finite number"),
+        ({"thresholds": {"suicide": -0.3}}, "greater than 0"),
+        ({"thresholds": {"suicide": 0}}, "greater than 0"),
+        ({"reply_head_threshold": 0.3, "reply_head_threshold_flagged": 0.9}, "more loosely"),
+        ({"resources": {"en-US": [{"name": "", "contact": "116 123"}]}}, "at least 1 char"),
+    ):
+        with pytest.raises(ValidationError, match=says):
+            SafetyConfig.model_validate(bad)
+    uk = [HelpLine(name="Samaritans", contact="116 123")]
+    cfg = SafetyConfig(
+        classifier=False,
+        resources={"en-US": uk, "zh-cn": uk},
+        fixed_reply={"en-US": "Please reach out."},
+        header={"zh-cn": "x"},
+    )
+    with caplog.at_level("INFO", logger="soulray.safety"):
+        build_screen(cfg)
+        build_screen(SafetyConfig(enabled=False, classifier=False))
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == [
+        "serve.safety.resources.zh-cn: no request gets locale 'zh-cn' (they get en-US); a typo?",
+        "serve.safety.header.zh-cn: no request gets locale 'zh-cn'; a typo?",
+        "serve.safety.resources has no zh-CN: a person writing in Chinese gets the en-US help "
+        "lines and fixed reply (add zh-CN lines, or set serve.safety.locale)",
+        "serve.safety.enabled is false: no crisis screen (no help lines, no reply screen)",
+    ]
+    info = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+    assert info == [
+        "crisis screen: classifier off (the lexicon alone), reply screen on, mode augment; "
+        "help lines per locale: en-US 1; thresholds as trained"
+    ]

@@ -291,7 +291,7 @@ def test_a_crisis_message_the_engine_cannot_answer_still_gets_the_help_lines(
     assert "".join(c["choices"][0]["delta"]["content"] or "" for c in chunks) == reply
 
 
-def test_error_paths_are_openai_shaped_and_the_server_keeps_serving(tiny_export, tmp_path):
+def test_error_paths_are_openai_shaped_and_the_server_keeps_serving(tiny_export, tmp_path, caplog):
     api, _ = make_api(tiny_export, tmp_path, max_request_bytes=2048, max_tokens_limit=64)
     post = "/v1/chat/completions"
     ok = {"messages": [{"role": "user", "content": "hi"}]}
@@ -326,13 +326,21 @@ def test_error_paths_are_openai_shaped_and_the_server_keeps_serving(tiny_export,
         (413, None, dict(json={"messages": [{"role": "user", "content": "x" * 4000}]})),
     ]
     for status, param, kwargs in cases:
-        error = assert_openai_error(call(api, "POST", post, **kwargs), status)
+        with caplog.at_level("INFO", logger="ray.serve.soulray"):
+            error = assert_openai_error(call(api, "POST", post, **kwargs), status)
         assert error["param"] == param, (kwargs, error)
+        # the log says what was refused, never the message (it may quote the client's text)
+        said = caplog.records[-1].getMessage()
+        assert said == f"refused: {status} {error['type']} (param {param}, code {error['code']})"
     newer = assert_openai_error(
         call(api, "POST", post, json={**ok, "max_completion_tokens": 65}), 400
     )
     assert newer["param"] == "max_completion_tokens"  # the name the client used
     assert newer["message"] == "max_completion_tokens=65 is over this server's limit of 64"
+    big = {"messages": [{"role": "user", "content": "x" * 4000}]}
+    assert assert_openai_error(call(api, "POST", post, json=big), 413)["message"] == (
+        "the request body is over this server's limit of 2048 bytes (serve.max_request_bytes)"
+    )
     assert assert_openai_error(call(api, "POST", post, key="wrong", json=ok), 401)["code"] == (
         "invalid_api_key"
     )

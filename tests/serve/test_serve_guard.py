@@ -119,13 +119,14 @@ def test_after_a_crisis_a_go_ahead_reply_is_replaced(tiny_export, tmp_path, stre
         assert ("I'm really glad you told me" in content) is crisis  # the fixed reply
 
 
-def test_counts_per_category_never_text(tiny_export, tmp_path):
+def test_counts_per_category_never_text(tiny_export, tmp_path, caplog):
     cfg = ServeConfig.model_validate({"system_prompt": "SYS"})
     state = build_state(cfg, str(tiny_export), PiecesEngine(METHOD))
     api = build_api(state)
     for text in ["我不想活了", "my dad hits me with a belt", "I had a rough day"]:
         body = {"messages": [{"role": "user", "content": text}]}
-        out = call(api, "POST", POST, json=body, key=None).json()
+        with caplog.at_level("INFO", logger="ray.serve.soulray"):
+            out = call(api, "POST", POST, json=body, key=None).json()
         if text.startswith("my dad"):  # the person's own help lines and category are shown
             assert out["safety"]["categories"] == ["abuse"] and out["safety"]["reply_replaced"]
             assert "1-800-799-7233" in out["choices"][0]["message"]["content"]
@@ -134,6 +135,11 @@ def test_counts_per_category_never_text(tiny_export, tmp_path):
         "flagged:abuse": 1,
         "replaced:suicide": 3,  # under the reply's own category (method details), never abuse
     }
+    logged = [r.getMessage() for r in caplog.records if "replaced" in r.getMessage()]
+    assert len(logged) == 3 and all(
+        m.endswith("flagged the model's reply: replaced") for m in logged
+    )
+    assert not any(t in r.getMessage() for r in caplog.records for t in ("不想活", "belt"))
 
 
 @pytest.mark.parametrize("safety", [{"screen_reply": False}, {"enabled": False}])

@@ -357,3 +357,29 @@ def test_no_message_content_in_the_logs(served):
     assert leaked == []
     # Serve's max_ongoing_requests advice does not apply to continuous batching (engine.py)
     assert not any(b"`max_concurrent_batches`" in p.read_bytes() for p in files)
+
+
+def test_stopping_leaves_the_app_to_a_later_deploy_by_another_process(served, capsys):
+    """A `soulray serve` stopped (Ctrl-C, SIGTERM) after another process deployed the same app
+    leaves it serving: stopping an old server took down the new one's app (a review, stop 42).
+    The other process here records its deploy as start_serving does, from its own driver."""
+    import subprocess
+    import sys
+
+    import ray
+    from ray import serve
+
+    from soulray.cli import stop_on_interrupt
+    from soulray.serve.app import deployed_here_last
+
+    assert deployed_here_last("soulray")  # the module's start_serving
+    other = (
+        "import ray; from soulray.serve.app import record_deploy; "
+        f"ray.init(address={ray.get_runtime_context().gcs_address!r}); record_deploy('soulray')"
+    )
+    subprocess.run([sys.executable, "-c", other], check=True, timeout=300)
+    assert not deployed_here_last("soulray")
+    with stop_on_interrupt("soulray"):
+        raise KeyboardInterrupt
+    assert "soulray" in serve.status().applications
+    assert "left serving" in capsys.readouterr().out
