@@ -295,8 +295,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 def _too_large(limit: int) -> APIError:
     return APIError(
         413,
-        f"the request body is over this server's limit of {limit} bytes "
-        "(serve.max_request_bytes)",
+        f"the request body is over this server's limit of {limit} bytes (serve.max_request_bytes)",
         code="request_too_large",
     )
 
