@@ -129,7 +129,7 @@ def prepare(state: IngressState, req: ChatCompletionRequest, request_id: str) ->
         ids,
         max_tokens,
         temperature,
-        req.top_p or info.top_p,
+        info.top_p if req.top_p is None else req.top_p,  # 0 is the top token alone
         req.seed,
         [*req.stop_list(), info.end_of_turn],  # a marker of several tokens stops as text
         tagged=info.strategy_tags and forced is None,

@@ -395,8 +395,9 @@ def vllm_request_fields(req: GenRequest, model_id: str) -> dict[str, Any]:
         "model": model_id,
         "prompt": req.prompt_ids,
         "max_tokens": req.max_tokens,
-        "temperature": req.temperature,
-        "top_p": req.top_p,
+        # top_p 0 (the top token alone) is greedy: vLLM takes top_p in (0, 1] only
+        "temperature": req.temperature if req.top_p > 0 else 0.0,
+        "top_p": req.top_p if req.top_p > 0 else 1.0,
         "seed": req.seed,
         "stop": req.stop or None,
         "n": req.n,

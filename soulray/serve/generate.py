@@ -217,7 +217,8 @@ def sample(
         else:
             in_top = covered[i] >= req.top_p
             vals, idx = (top_vals[i], top_idx[i]) if in_top else probs[i].sort(descending=True)
-            n = int(((vals.cumsum(0) - vals) < req.top_p).sum())  # always keeps the top token
+            # always keeps the top token (top_p 0, which OpenAI accepts, is the top token alone)
+            n = max(1, int(((vals.cumsum(0) - vals) < req.top_p).sum()))
             vals, idx = vals[:n], idx[:n]
         race = int((vals / torch.empty(len(vals)).exponential_(generator=gen)).argmax())
         picks[i] = int(idx[race])
@@ -396,12 +397,22 @@ def merge(batch: Running, joining: Running) -> Running:
         shape[seq_dim] = missing
         return torch.cat([t.new_zeros(shape), t], dim=seq_dim)
 
-    for mine, theirs in zip(batch.cache.layers, joining.cache.layers, strict=True):
-        mine.keys = torch.cat([pad(mine.keys, 2), pad(theirs.keys, 2)])
-        mine.values = torch.cat([pad(mine.values, 2), pad(theirs.values, 2)])
-    batch.mask = torch.cat([pad(batch.mask, 1), pad(joining.mask, 1)])
-    batch.positions = torch.cat([batch.positions, joining.positions])
-    batch.logits = torch.cat([batch.logits, joining.logits])
+    # Everything joined is built first and assigned only once all of it exists: a failure
+    # part-way (out of memory: a merge copies the whole cache) leaves the running batch as it
+    # was, so only the joining rows fail, as the scheduler tells them.
+    layers = [
+        (
+            torch.cat([pad(mine.keys, 2), pad(theirs.keys, 2)]),
+            torch.cat([pad(mine.values, 2), pad(theirs.values, 2)]),
+        )
+        for mine, theirs in zip(batch.cache.layers, joining.cache.layers, strict=True)
+    ]
+    mask = torch.cat([pad(batch.mask, 1), pad(joining.mask, 1)])
+    positions = torch.cat([batch.positions, joining.positions])
+    logits = torch.cat([batch.logits, joining.logits])
+    for layer, (keys, values) in zip(batch.cache.layers, layers, strict=True):
+        layer.keys, layer.values = keys, values
+    batch.mask, batch.positions, batch.logits = mask, positions, logits
     batch.rows += joining.rows
     trim(batch)
     return batch
@@ -410,7 +421,10 @@ def merge(batch: Running, joining: Running) -> Running:
 def decode(
     model: Any, tokenizer: Any, reqs: list[GenRequest], eos: set[int], device: str
 ) -> Iterator[list[Delta | None]]:
-    """One static batch: yield, per step, one entry per request (its Delta, or None once done)."""
+    """One static batch: yield, per step, one entry per request (its Delta, or None once done).
+    One choice per request (the scheduler serves n > 1)."""
+    if any(r.n > 1 for r in reqs):
+        raise ValueError("decode yields one choice per request; serve n > 1 through Scheduler")
     batch = prefill(model, tokenizer, reqs, device, tags=list(range(len(reqs))))
     while batch.rows:
         out: list[Delta | None] = [None] * len(reqs)

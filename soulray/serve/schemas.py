@@ -99,6 +99,10 @@ class StreamOptions(BaseModel):
     include_obfuscation: bool | None = None  # ignored: no obfuscation padding is sent
 
 
+MAX_STOPS = 4  # OpenAI's limit
+MAX_STOP_CHARS = 256  # each stop string is matched against every row's text at every step
+
+
 class ChatCompletionRequest(BaseModel):
     """Every field of OpenAI's request, in the groups soulray.serve.params handles them by.
     Strict types, as OpenAI's API: `"max_tokens": "5"` or `"stream": "yes"` is a 400 naming the
@@ -110,10 +114,10 @@ class ChatCompletionRequest(BaseModel):
     model: str | None = None  # None = the served model
     messages: list[ChatMessage] = Field(min_length=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)  # 0: the top token alone, as OpenAI
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # newer clients' name for max_tokens
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = None  # MAX_STOPS of MAX_STOP_CHARS at most
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # OpenAI's: a signed 64-bit int
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -161,6 +165,18 @@ class ChatCompletionRequest(BaseModel):
             if not -100 <= value <= 100:
                 raise ValueError(f"values must be between -100 and 100; {key!r} has {value}")
         return bias
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings (OpenAI's limit), got {len(stops)}")
+        for i, s in enumerate(stops):
+            if len(s) > MAX_STOP_CHARS:
+                which = "the stop string" if isinstance(stop, str) else f"stop[{i}]"
+                raise ValueError(f"{which} has {len(s)} characters; at most {MAX_STOP_CHARS}")
+        return stop
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -8,6 +8,7 @@ then log, evaluate and checkpoint; at the end save and export. Everything launch
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -62,6 +63,9 @@ def train_loop(cfg: Config, rt: Runtime) -> dict[str, Any]:
     torch.manual_seed(t.seed)
     # --- setup: the sharded model, optimizer, schedule; then resume if a checkpoint exists ----
     model, hf_config, attn, param_dtype = build_sharded_model(cfg, rt.tokenizer, rt.rank, rt.device)
+    # each rank its own stream from here (dropout: LoRA's, the model's): one seed for all gave
+    # every rank but the one that initialised the weights the same masks
+    torch.manual_seed(t.seed + rt.rank)
     one_row = attn in ONE_ROW_KERNELS
     optimizer = build_optimizer(model, t, rt.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t))
@@ -143,7 +147,9 @@ def train_loop(cfg: Config, rt: Runtime) -> dict[str, Any]:
     export_dtype = torch.bfloat16 if param_dtype == torch.bfloat16 else torch.float32
     export_model(
         model,
-        lambda: build_model(cfg, hf_config, "sdpa", "cpu"),
+        # a copy that only holds the weights to save: eager attention, which every model has
+        # (the attention kernel is not saved; a model without sdpa failed here, after training)
+        lambda: build_model(cfg, hf_config, "eager", "cpu"),
         rt.tokenizer,
         cfg,
         metrics,
@@ -268,7 +274,9 @@ def token_loss_sum(
     hidden, targets = hidden[keep], targets[keep]  # (target tokens, hidden), (target tokens,)
     # a transformers model's method; nn.Module's typing sees a Tensor-or-Module attribute
     head = model.get_output_embeddings()  # type: ignore[operator]
-    total = hidden.new_zeros((), dtype=torch.float32)
+    # zero from the head over no rows: a micro-batch without targets still backpropagates
+    # through every parameter (FSDP reduces their gradients), to zero gradients
+    total = head(hidden[:0]).float().sum()
     for start in range(0, len(targets), chunk_tokens):
         piece = slice(start, start + chunk_tokens)
         total = total + checkpoint(
@@ -305,7 +313,7 @@ def evaluate(
     """Validation loss over every rank's val rows. All ranks run the same number of forwards
     (FSDP all-gathers in each), so a rank with fewer rows runs target-free filler batches."""
     model.eval()
-    mine = [b for i, b in enumerate(source(0)) if not t.eval_batches or i < t.eval_batches]
+    mine = list(itertools.islice(source(0), t.eval_batches or None))  # no more is read
     count = torch.tensor([len(mine)], device=rt.device)
     dist.all_reduce(count, op=dist.ReduceOp.MAX)
     sums = torch.zeros(2, dtype=torch.float64, device=rt.device)
@@ -351,10 +359,10 @@ def build_optimizer(model: nn.Module, t: TrainConfig, device: torch.device) -> A
 
 
 def lr_factor(step: int, t: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to min_lr_ratio at the last step."""
+    """Linear warmup, then cosine decay to min_lr_ratio at the last step trained (steps - 1)."""
     if step < t.warmup_steps:
         return (step + 1) / t.warmup_steps
-    progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - 1 - t.warmup_steps))
     return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 

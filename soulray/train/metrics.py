@@ -27,14 +27,20 @@ BF16_PEAK_FLOPS = {
 
 def flops_per_token(model: nn.Module, hf_config: Any, seq_len: int) -> float:
     """torchtitan's convention: 6N + 12*L*H*d*T, N excluding the input embedding table
-    unless it is tied to the output head (then it is the head's matmul and counts)."""
-    n_params = sum(p.numel() for p in model.parameters())
-    if not getattr(hf_config, "tie_word_embeddings", False):
-        n_params -= hf_config.vocab_size * hf_config.hidden_size
+    unless it is tied to the output head (then it is the head's matmul and counts). A frozen
+    parameter (LoRA's base model) counts 4, not 6: forward and the input's gradient, no
+    gradient of its own."""
+    embedding = model.get_input_embeddings().weight  # type: ignore[operator]
+    tied = getattr(hf_config, "tie_word_embeddings", False)
+    matmuls = sum(
+        (6 if p.requires_grad else 4) * p.numel()
+        for p in model.parameters()
+        if tied or p is not embedding
+    )
     layers = hf_config.num_hidden_layers
     heads = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
-    return 6 * n_params + 12 * layers * heads * head_dim * seq_len
+    return matmuls + 12 * layers * heads * head_dim * seq_len
 
 
 def peak_flops(device: torch.device) -> float | None:

@@ -322,6 +322,8 @@ def test_error_paths_are_openai_shaped_and_the_server_keeps_serving(tiny_export,
             "messages[1].role",
             dict(json={"messages": [*ok["messages"], {"role": "system", "content": "late"}]}),
         ),
+        (400, "stop", dict(json={**ok, "stop": ["a", "b", "c", "d", "e"]})),  # OpenAI's 4
+        (400, "stop", dict(json={**ok, "stop": ["ok", "x" * 257]})),
         (404, "model", dict(json={**ok, "model": "gpt-9"})),
         (413, None, dict(json={"messages": [{"role": "user", "content": "x" * 4000}]})),
     ]

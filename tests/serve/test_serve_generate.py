@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from soulray.serve.generate import (
@@ -131,6 +132,11 @@ def test_sampling_follows_temperature_and_top_p():
     # renormalised to 0.625 / 0.375; token 0 (0.2) is never drawn
     assert set(kept) == {1, 2} and abs(kept.count(1) / len(kept) - 0.625) < 0.04
     assert sample(logits, [GenRequest("x", [], 1, 0.0, 1.0)], [_seeded(0)]) == [1]  # greedy
+    # top_p 0, which OpenAI accepts, keeps the top token alone (it left an empty nucleus)
+    flat = torch.zeros(1, 3) + torch.tensor([0.0, 0.1, 0.0])
+    assert {
+        sample(flat, [GenRequest("x", [], 1, 1.0, 0.0)], [_seeded(i)])[0] for i in range(50)
+    } == {1}
 
 
 def _seeded(seed: int) -> torch.Generator:
@@ -184,6 +190,50 @@ def test_rows_joining_a_running_batch_decode_as_if_alone(tiny_model):
             texts[row.tag] = texts.get(row.tag, "") + delta.text
     for req in first + later:
         assert texts[req.request_id] == generate_text(model, tok, req, device).text, req
+
+
+def test_a_merge_that_fails_part_way_leaves_the_running_batch_as_it_was(tiny_model, monkeypatch):
+    """Out of memory in the third copy of a merge (it copies the whole cache): the running
+    rows keep their cache, mask and positions, and decode on exactly as if nothing had joined;
+    only the joining rows fail (the scheduler tells them so). It left the first layers joined
+    and the rest not, and the next step failed every running request."""
+    import soulray.serve.generate as generate
+    from soulray.serve.generate import merge, prefill, step
+
+    model, tok, device = tiny_model
+    eos = eos_ids(model, tok)
+    req = GenRequest("a", prompt_ids(tok, "hi"), 12, 0.0, 1.0)
+    batch = prefill(model, tok, [req], device, tags=["a"])
+    text = "".join(d.text for _, d in step(model, batch, eos))
+    joining = prefill(model, tok, [GenRequest("b", prompt_ids(tok, "ok"), 4, 0.0, 1.0)], device)
+    before = [(layer.keys.shape, layer.values.shape) for layer in batch.cache.layers]
+    mask, positions = batch.mask.clone(), batch.positions.clone()
+    calls = {"n": 0}
+    cat = torch.cat
+
+    def failing_cat(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise torch.OutOfMemoryError("injected")
+        return cat(*args, **kwargs)
+
+    monkeypatch.setattr(generate.torch, "cat", failing_cat)
+    with pytest.raises(torch.OutOfMemoryError):
+        merge(batch, joining)
+    monkeypatch.setattr(generate.torch, "cat", cat)
+    assert [(layer.keys.shape, layer.values.shape) for layer in batch.cache.layers] == before
+    assert torch.equal(batch.mask, mask) and torch.equal(batch.positions, positions)
+    assert len(batch.rows) == 1
+    while batch.rows:
+        text += "".join(d.text for _, d in step(model, batch, eos))
+    assert text == generate_text(model, tok, req, device).text
+
+
+def test_decode_refuses_more_than_one_choice(tiny_model):
+    model, tok, device = tiny_model
+    two = GenRequest("a", prompt_ids(tok, "hi"), 2, 1.0, 1.0, n=2)
+    with pytest.raises(ValueError, match="one choice per request"):
+        next(decode(model, tok, [two], eos_ids(model, tok), device))
 
 
 def test_a_replica_without_gpus_stays_on_the_cpu_of_a_gpu_node(monkeypatch) -> None:

@@ -7,6 +7,7 @@ Ray and one Serve app for the module)."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import openai
 import pytest
@@ -286,6 +287,20 @@ def test_the_noop_engine_honours_max_tokens_and_stop():
     assert reply(1, []) == ("I", 1, "length")
     assert reply(16, ["hear"]) == ("I ", 2, "stop")
     assert reply(2, ["zz"]) == ("I hear", 2, "length")
+
+
+def test_top_p_zero_is_accepted_as_openai_does_and_means_the_top_token():
+    """OpenAI accepts top_p 0 (it was a 400 here); the hf sampler keeps the top token alone
+    (test_serve_generate), and vLLM, which takes top_p in (0, 1] only, is asked for greedy."""
+    from soulray.serve.app import parse_request
+    from soulray.serve.engine import vllm_request_fields
+
+    body = {"messages": [{"role": "user", "content": "hi"}], "top_p": 0}
+    assert parse_request(json.dumps(body).encode()).top_p == 0.0
+    zero = vllm_request_fields(GenRequest("x", [1], 4, 0.8, 0.0), "m")
+    assert (zero["temperature"], zero["top_p"]) == (0.0, 1.0)
+    half = vllm_request_fields(GenRequest("x", [1], 4, 0.8, 0.5), "m")
+    assert (half["temperature"], half["top_p"]) == (0.8, 0.5)
 
 
 def req_of(max_tokens: int, stop: list[str]) -> GenRequest:

@@ -57,6 +57,26 @@ def test_chunked_loss_equals_the_full_logits_loss_with_its_gradients(tied: bool)
         model.zero_grad()
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_micro_batch_without_targets_backpropagates_zero_as_the_full_loss_does(tied) -> None:
+    """Hand-made data may hold a micro-batch with no target: its chunked loss is 0 and its
+    backward gives every parameter a zero gradient, as the full-logits loss does (it raised
+    "does not require grad": no chunk ran, so nothing reached the parameters)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(
+        Qwen2Config(**TINY, tie_word_embeddings=tied), attn_implementation="sdpa"
+    )
+    batch = packed_batch(2, 16, seed=2)
+    batch["labels"][:] = IGNORE
+    for chunk in (0, 7):
+        loss = token_loss_sum(model, batch, chunk_tokens=chunk)
+        assert loss.item() == 0.0
+        loss.backward()
+        grads = [p.grad for p in model.parameters()]
+        assert all(g is not None and not g.any() for g in grads), chunk
+        model.zero_grad(set_to_none=True)
+
+
 @pytest.mark.parametrize("chunk", [0, 7])
 def test_rows_joined_into_one_give_the_same_loss_and_gradients(chunk: int) -> None:
     """FlashAttention 2/3 keep packed sequences apart only in a one-row batch, so for them the

@@ -140,8 +140,10 @@ def test_lr_schedule_warms_up_then_decays_to_min() -> None:
     t = TrainConfig(steps=110, warmup_steps=10, min_lr_ratio=0.1)
     assert [lr_factor(s, t) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
     assert lr_factor(10, t) == 1.0
-    assert lr_factor(60, t) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert lr_factor(110, t) == pytest.approx(0.1)
+    # the decay spans steps 10..109, the last one trained (train.steps=110: steps 0..109)
+    assert lr_factor(60, t) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 50 / 99)))
+    assert lr_factor(109, t) == pytest.approx(0.1)
+    assert lr_factor(108, t) > 0.1
 
 
 def test_flops_per_token_follows_6n_plus_attention() -> None:
@@ -149,6 +151,12 @@ def test_flops_per_token_follows_6n_plus_attention() -> None:
     model = AutoModelForCausalLM.from_config(config)
     n = sum(p.numel() for p in model.parameters()) - 97 * 32  # input embedding excluded
     assert flops_per_token(model, config, seq_len=64) == 6 * n + 12 * 2 * 4 * 8 * 64
+    # LoRA: the frozen base costs 4 per parameter (no gradient of its own), the adapters 6
+    lora = apply_lora(model, Config().lora)
+    adapters = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    assert adapters > 0
+    expected = 4 * n + 6 * adapters + 12 * 2 * 4 * 8 * 64
+    assert flops_per_token(lora, config, seq_len=64) == expected
 
 
 def test_lora_trains_only_adapters_and_rejects_unknown_modules() -> None:
