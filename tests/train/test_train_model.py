@@ -193,6 +193,34 @@ def test_sharded_model_holds_dtensors_with_the_initial_weights(
         assert torch.equal(param.full_tensor(), expected[name]), name
 
 
+def test_evaluation_reads_only_eval_batches_of_the_split(single_process_group) -> None:
+    """train.eval_batches=2: the validation source yields two micro-batches and no more (the
+    whole split was read at every evaluation, and kept in memory with eval_batches=0)."""
+    from types import SimpleNamespace
+
+    import pyarrow as pa
+
+    from soulray.train.loop import evaluate
+
+    model = tiny_model("qwen2", "sdpa")
+    g = torch.Generator().manual_seed(0)
+    read = []
+
+    def source(_epoch: int):
+        for i in range(6):
+            read.append(i)
+            ids = torch.randint(0, 97, (16,), generator=g).tolist()
+            columns = {"input_ids": ids, "labels": ids, "position_ids": list(range(16))}
+            yield pa.table({k: [v] for k, v in columns.items()} | {"num_tokens": [16]})
+
+    rt = SimpleNamespace(device=CPU)
+    two = evaluate(model, source, rt, TrainConfig(eval_batches=2, loss_chunk_tokens=0))
+    assert read == [0, 1] and 0 < two < 10
+    read.clear()
+    evaluate(model, source, rt, TrainConfig(eval_batches=0, loss_chunk_tokens=0))
+    assert read == list(range(6))
+
+
 def test_tiny_vocab_size_pads_the_embedding_and_refuses_too_small(prepared_quickstart) -> None:
     from soulray.train.data import load_run_tokenizer
 
