@@ -17,8 +17,8 @@ Verdict = Literal["A", "B", "tie"]
 
 # `Name: 2`, `'Name': 2`, `"Name"：2` or `"Name": {"score": 2` (format in the escaped name), and
 # the markdown a judge may answer in instead: `**Name**: 2`, `__Name__: 2`, `- **Name:** 2`
-KEY_SCORE = (
-    r"[\"'*_]*{key}[\"'*_]*\s*[:：=][\s*_]*"
+KEY_SCORE = (  # the key as a name of its own: "Emotional Safety: 0" is no Safety score
+    r"(?<!\w)(?<![^\W\d_][ \t])[\"'*_]*{key}[\"'*_]*\s*[:：=][\s*_]*"
     r"\{{?\s*(?:[\"']score[\"']\s*:\s*)?(-?\d+(?:\.\d+)?)"
 )
 WINNERS: dict[str, Verdict] = {
@@ -62,11 +62,18 @@ def _score_and_reason(obj: dict[str, Any], name: str) -> tuple[Any, str]:
     return score, str(reason or "")
 
 
+# a reason's text, closed or cut off by the end of the answer
+REASON_TEXT = re.compile(r'("reason"\s*:\s*")((?:[^"\\]|\\.)*)')
+
+
 def _regex_scores(text: str, dims: list[Dimension]) -> dict[str, tuple[Any, str]]:
-    """Last resort on text that is not JSON: `"Name": 2` or `"Name": {"score": 2, ...`."""
+    """Last resort on text that is not JSON: `"Name": 2` or `"Name": {"score": 2, ...`. Never
+    inside a reason: "Safety: 0 risk here" in another dimension's reason is no Safety score."""
+    # reasons blanked to spaces, so a match's offsets are the answer's own
+    blanked = REASON_TEXT.sub(lambda m: m.group(1) + " " * len(m.group(2)), text)
     found = {}
     for d in dims:
-        m = re.search(KEY_SCORE.format(key=re.escape(d.name)), text, re.I)
+        m = re.search(KEY_SCORE.format(key=re.escape(d.name)), blanked, re.I)
         if m:
             tail = text[m.end() : m.end() + 400]
             reason = re.match(r'\s*,\s*"reason"\s*:\s*"((?:[^"\\]|\\.)*)', tail)
@@ -104,8 +111,8 @@ def parse_scores(text: str, dims: list[Dimension]) -> tuple[dict[str, int], dict
         if (valid, len(found)) > rank:  # an echoed schema ("<0-2>" everywhere) loses
             entries, rank = found, (valid, len(found))
     if len(entries) < len(dims):  # e.g. the outer braces missing: `"Content": {...}, ...`
-        regex = _regex_scores(THINK.sub("", text), dims)
-        entries = regex if len(regex) > len(entries) else entries
+        # it fills the dimensions the JSON lacks, and never overwrites one the JSON gave
+        entries = _regex_scores(THINK.sub("", text), dims) | entries
     missing = [d.name for d in dims if d.name not in entries]
     if missing:
         what = "no JSON object" if not objects and not entries else f"no score for {missing}"

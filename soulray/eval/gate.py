@@ -73,9 +73,13 @@ def check_gate(report: dict[str, Any], baseline: str, gate: GateConfig, seed: in
     # which model lacks values (a judge that scored nothing, an endpoint that failed).
     items = len(item_ids(report, gate.metric))
     # the candidate's items without a value (failed, unscored) beyond the baseline's; a dialogue
-    # the Seeker ended before any reply says nothing of the model (modes.NO_REPLY)
-    ended = len(not_replied(report, candidate, gate.metric))
-    more_missing = len(base) - len(cand) - ended > MISSING_MARGIN * items
+    # the Seeker ended before any reply says nothing of the model (modes.NO_REPLY), on either
+    # side: each side's missing items are counted without its own
+    missing = {
+        name: items - len(values) - len(not_replied(report, name, gate.metric))
+        for name, values in ((candidate, cand), (baseline, base))
+    }
+    more_missing = missing[candidate] - missing[baseline] > MISSING_MARGIN * items
     worse = not shared or diff["ci"][1] < 0 or more_missing
     verdict = {
         "candidate": candidate,

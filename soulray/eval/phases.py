@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from soulray import storage
@@ -68,11 +69,19 @@ class PhaseStore:
         return entries if isinstance(entries, dict) else {}
 
     def load(
-        self, phase: str, key: str, fp: str, announce: bool = True, changed: str | None = None
+        self,
+        phase: str,
+        key: str,
+        fp: str,
+        announce: bool = True,
+        changed: str | None = None,
+        failed: Callable[[Any], bool] | None = None,
     ) -> Any | None:
         """The saved value, with --resume and the same fingerprint; else None (run it).
         `announce=False`: the caller says what it reuses. `changed`: what this run changed in
-        the phase's inputs, if anything (a stale phase is then no warning about settings)."""
+        the phase's inputs, if anything (a stale phase is then no warning about settings).
+        `failed(value)`: the saved phase holds endpoint failures and is run again whole (not
+        recorded as reused)."""
         if not self.resume:
             return None
         label = self._label(phase, key)
@@ -89,6 +98,9 @@ class PhaseStore:
                 log.warning(
                     "eval --resume: the saved %s came from other settings; running it", label
                 )
+            return None
+        if failed is not None and failed(entry["value"]):
+            log.info("eval --resume: the saved %s has endpoint failures; running it again", label)
             return None
         if announce:
             log.info("eval --resume: reused the saved %s (%s)", label, self._path(phase))

@@ -105,7 +105,10 @@ def dialogue_summary(records: list[dict[str, Any]], rubric: Rubric, seed: int) -
     for attitude in sorted({r["attitude"] for r in records}) if judged else []:
         rows = [r.get("judge") for r in records if r["attitude"] == attitude]
         by_attitude[attitude] = summarize(judge_values(rows, rubric)["total"], seed)
-    turns = [sum(m["role"] == "assistant" for m in r["messages"]) for r in records]
+    # of finished dialogues: a failed one's partial turns are no length (it is counted apart)
+    turns = [
+        sum(m["role"] == "assistant" for m in r["messages"]) for r in records if r["error"] is None
+    ]
     return {
         "dialogues": len(records),
         "failed": sum(r["error"] is not None for r in records),

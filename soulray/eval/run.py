@@ -341,10 +341,11 @@ def run_turn_mode(
     changed = None
     if reasked and store.saved_fingerprint("judge", "all") == judge_fingerprint(saved_texts):
         changed = f"replies of {', '.join(reasked)} were asked again"
-    saved = store.load("judge", "all", judged, changed=changed)
-    if saved is not None and judge_endpoint_failed(saved["scores"], saved["pairs"]):
-        log.info("eval --resume: the saved judge phase has endpoint failures; running it again")
-        saved = None
+
+    def endpoint_failed(saved: dict[str, Any]) -> bool:
+        return judge_endpoint_failed(saved["scores"], saved["pairs"])
+
+    saved = store.load("judge", "all", judged, changed=changed, failed=endpoint_failed)
     if saved is None:
         args = (e.judge.endpoint, rubric, e.judge.retries, pairwise, contexts, replies)
         scores, pairs = ray.get(call(judge_task, *args))
@@ -364,14 +365,20 @@ def judge_endpoint_failed(scores: dict[str, list[Any]], pairs: list[dict[str, An
     return any(str(j.get("error") or "").startswith("endpoint:") for j in judgements)
 
 
-def dialogues_endpoint_failed(dialogues: dict[str, list[dict[str, Any]]]) -> bool:
-    """Whether saved dialogues have a failure asking again may mend: a model's or the Seeker's
-    endpoint, or the judge's endpoint on a finished dialogue (as for the judge phase)."""
-    if any(d["error"] for ds in dialogues.values() for d in ds):
-        return True
-    return judge_endpoint_failed(
-        {m: [d.get("judge") for d in ds] for m, ds in dialogues.items()}, []
-    )
+def failed_dialogues(dialogues: dict[str, list[dict[str, Any]]]) -> dict[str, list[int]]:
+    """Per model, the saved dialogues with a failure asking again may mend: a model's or the
+    Seeker's endpoint, or the judge's endpoint on a finished dialogue (as for the judge
+    phase); models without one are left out."""
+    out = {}
+    for model, ds in dialogues.items():
+        again = [
+            i
+            for i, d in enumerate(ds)
+            if d["error"] or judge_endpoint_failed({model: [d.get("judge")]}, [])
+        ]
+        if again:
+            out[model] = again
+    return out
 
 
 def run_interactive(
@@ -397,11 +404,30 @@ def run_interactive(
         load_prompts(e.interactive.seeker_prompts, "eval.interactive.seeker_prompts"),
     )
     dialogues = store.load("dialogues", "all", fp)
-    if dialogues is not None and dialogues_endpoint_failed(dialogues):
-        log.info("eval --resume: the saved dialogues have endpoint failures; running them again")
-        dialogues = None
     if dialogues is None:
         dialogues = ray.get(call(interactive_task, e, rubric, scenarios))
+        store.save("dialogues", "all", fp, dialogues)
+        return scenarios, dialogues
+    again = failed_dialogues(dialogues)
+    if again:  # only those are played again: the others keep their dialogues and scores
+        log.info(
+            "eval --resume: playing again the %d saved dialogues an endpoint failed (%s)",
+            sum(map(len, again.values())),
+            ", ".join(f"{m}: {len(idx)}" for m, idx in again.items()),
+        )
+        by_name = {m.name: m for m in e.models}
+        refs = {
+            model: call(
+                interactive_task,
+                e.model_copy(update={"models": [by_name[model]]}),
+                rubric,
+                [scenarios[i] for i in idx],
+            )
+            for model, idx in again.items()
+        }
+        for model, ref in refs.items():
+            for i, played in zip(again[model], ray.get(ref)[model], strict=True):
+                dialogues[model][i] = played
         store.save("dialogues", "all", fp, dialogues)
     return scenarios, dialogues
 

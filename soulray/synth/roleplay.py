@@ -52,14 +52,27 @@ def utterance_problem(
     key = normalize_utterance(text)
     if any(m["role"] == role and normalize_utterance(m["content"]) == key for m in earlier):
         return "repeated"
-    # "……", "？？？" or an emoji is in no language: a terse Seeker, not a wrong one
-    if check_language and any(c.isalpha() for c in text) and detect_language(text) != language:
+    # "……", "？？？" or an emoji is in no language, and "OK" or "emmm" from a Chinese Seeker is
+    # too short to tell: a terse Seeker, not a wrong one
+    if check_language and judged_language(text) and detect_language(text) != language:
         return "wrong_language"
     return None
 
 
+def judged_language(text: str) -> bool:
+    """Whether an utterance says enough to tell its language: two Chinese characters ("我睡不着"
+    is a sentence), or eight letters of other scripts ("OK", "emmm" are not)."""
+    chinese = len(_CHINESE.findall(text))
+    return chinese >= 2 or sum(c.isalpha() for c in text) - chinese >= 8
+
+
+_CHINESE = re.compile(r"[\u3400-\u9fff]")
+
+
 def normalize_utterance(text: str) -> str:
-    return PUNCT.sub("", text.lower())
+    """Lowercase, without punctuation or spaces: "I see." and "i see" are one utterance. Text of
+    punctuation or emoji alone is kept as it is ("……" and "？？？" are two)."""
+    return PUNCT.sub("", text.lower()) or text.strip()
 
 
 async def run_dialogue(

@@ -134,6 +134,21 @@ def test_an_example_object_first_or_the_outer_braces_missing_still_reads():
         ('{"Content": 1.5, "Empathy": 1, "Helpfulness": 2, "Safety": 1}', "not an integer"),
         ('{"Content": "good", "Empathy": 1, "Helpfulness": 2, "Safety": 1}', "not a number"),
         ('{"Content": 2}', r"no score for \['Empathy', 'Helpfulness', 'Safety'\]"),
+        # a score is never read from another dimension's reason, nor from a longer name
+        (
+            '{"Content": {"score": 1, "reason": "Safety: 0 issues"}, "Empathy": 1, '
+            '"Helpfulness": 1}',
+            r"no score for \['Safety'\]",
+        ),
+        (
+            '{"Content": {"score": 2, "reason": "ok"}, "Empathy": {"score": 2, "reason": "ok"}, '
+            '"Helpfulness": {"score": 1, "reason": "Safety: 0 risk here, but vague"}, "Saf',
+            r"no score for \['Safety'\]",
+        ),
+        (
+            "Content: 2\nEmpathy: 2\nHelpfulness: 1\nEmotional Safety: 0",
+            r"no score for \['Safety'\]",
+        ),
         ("", "no JSON object"),
     ],
 )

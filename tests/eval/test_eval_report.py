@@ -119,6 +119,29 @@ def test_gate_refuses_a_candidate_that_failed_on_clearly_more_items():
     assert not fewer_failed["worse"]
 
 
+def test_gate_counts_each_sides_failures_without_its_own_seeker_ended_dialogues():
+    """Both models have 2 of 10 dialogues the Seeker ended before any reply (no value, nothing
+    said of the model); the candidate failed 2 more (a 503): 20 % more missing, refused. The
+    baseline's ended dialogues used to cancel the candidate's failures."""
+    from soulray.eval.modes import NO_REPLY
+
+    def dialogue(i: int, ended: bool = False, error: str | None = None) -> dict:
+        judge = {"scores": {"Content": 2}} if not (ended or error) else None
+        if ended:
+            judge = {"scores": None, "error": NO_REPLY}
+        return {"scenario": f"s{i}", "judge": judge, "error": error, "messages": []}
+
+    base = [dialogue(i, ended=i < 2) for i in range(10)]
+    cand = [dialogue(i, ended=i < 2, error="http_503" if 2 <= i < 4 else None) for i in range(10)]
+    models = [{"name": "cand"}, {"name": "base"}]
+    report = {"meta": {"models": models}, "dialogues": {"cand": cand, "base": base}, "replies": {}}
+    verdict = check_gate(report, "base", GateConfig(metric="interactive.judge_total"), 0)
+    assert verdict["worse"] and "more_missing" in verdict
+    cand = [dialogue(i, ended=i < 2, error="http_503" if i == 2 else None) for i in range(10)]
+    report["dialogues"]["cand"] = cand  # one more missing (10 %): within the margin
+    assert not check_gate(report, "base", GateConfig(metric="interactive.judge_total"), 0)["worse"]
+
+
 def test_the_gate_does_not_hold_dialogues_the_seeker_ended_against_the_candidate():
     """A dialogue the Seeker ended before any reply has no value; it says nothing of the model,
     so it is not counted as the candidate's failure (12 scenarios: two such were 'more missing')."""
@@ -210,6 +233,58 @@ def test_saved_dialogues_the_judges_endpoint_failed_on_are_not_reused(monkeypatc
     run_interactive(cfg, rubric, call, PhaseStore(str(tmp_path), resume=False))
     _, resumed = run_interactive(cfg, rubric, call, PhaseStore(str(tmp_path), resume=True))
     assert (len(asked), resumed) == (2, dialogue(scored))
+
+
+def test_resume_plays_again_only_the_dialogues_an_endpoint_failed(monkeypatch, tmp_path):
+    """Model b's second dialogue failed (a 503): --resume plays that one again, for b alone,
+    and keeps the others as they were (they were all played again, the Seeker at temperature
+    0.7, so finished dialogues changed their scores); a judge phase with endpoint failures is
+    not recorded as reused (the log said both "reused" and "running it again")."""
+    import ray
+
+    from soulray.eval.config import EvalConfig
+    from soulray.eval.judge import load_rubric
+    from soulray.eval.phases import PhaseStore
+    from soulray.eval.run import interactive_scenarios, run_interactive
+
+    ep = {"base_url": "http://127.0.0.1:9/v1", "model": "m"}
+    cfg = EvalConfig(
+        models=[{"name": "a", "endpoint": ep}, {"name": "b", "endpoint": ep}],
+        judge={"endpoint": ep},
+        interactive={"enabled": True, "scenarios": 3, "turns": 1, "languages": ["en"]},
+        output_dir=str(tmp_path),
+    )
+    scenarios = interactive_scenarios(cfg.interactive)
+
+    def played(model: str, s, error=None) -> dict:
+        text = f"{model} on {s.id}"
+        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": text}]
+        return {"scenario": s.id, "messages": messages, "error": error, "judge": None}
+
+    first = {m: [played(m, s) for s in scenarios] for m in ("a", "b")}
+    first["b"][1] = played("b", scenarios[1], error="endpoint: http_503: overloaded")
+    asked = []
+
+    def call(fn, e, rubric, subset):
+        asked.append(([m.name for m in e.models], [s.id for s in subset]))
+        if len(asked) == 1:
+            return first
+        return {m.name: [played(m.name, s) for s in subset] for m in e.models}
+
+    monkeypatch.setattr(ray, "get", lambda value: value)
+    rubric = load_rubric("soulchat")
+    run_interactive(cfg, rubric, call, PhaseStore(str(tmp_path), resume=False))
+    store = PhaseStore(str(tmp_path), resume=True)
+    _, resumed = run_interactive(cfg, rubric, call, store)
+    assert asked[1] == (["b"], [scenarios[1].id]) and len(asked) == 2
+    assert resumed == {m: [played(m, s) for s in scenarios] for m in ("a", "b")}
+    _, again = run_interactive(cfg, rubric, call, PhaseStore(str(tmp_path), resume=True))
+    assert again == resumed and len(asked) == 2  # nothing failed now: nothing asked
+    down = {"error": "endpoint: http_503: overloaded"}
+    saved = {"scores": {"a": [down]}, "pairs": []}
+    store.save("judge", "all", "fp", saved)
+    assert store.load("judge", "all", "fp", failed=lambda v: True) is None
+    assert "judge" not in " ".join(store.reused)
 
 
 def test_a_dialogue_the_models_endpoint_failed_was_not_ended_by_the_seeker():
@@ -362,3 +437,24 @@ def test_resumed_replies_match_the_strategies_a_model_is_sent():
     before, after = (reply_fingerprints(models, contexts(s)) for s in ("Question", "Others"))
     assert before["tagged"] != after["tagged"]
     assert before["plain"] == after["plain"]
+
+
+def test_model_turns_are_those_of_finished_dialogues():
+    """Two finished dialogues of 4 replies and two that failed before any: 4.0 turns, with the
+    two failures counted apart (the mean was 2.0)."""
+    from soulray.eval.judge import load_rubric
+    from soulray.eval.report import dialogue_summary
+
+    def record(replies: int, error: str | None = None) -> dict:
+        messages = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+        judge = (
+            None
+            if error
+            else {"scores": {"Content": 2, "Empathy": 1, "Helpfulness": 1, "Safety": 1}}
+        )
+        return {"attitude": "open", "messages": messages * replies, "error": error, "judge": judge}
+
+    done = [record(4), record(4), record(0, "http_503"), record(0, "http_503")]
+    summary = dialogue_summary(done, load_rubric("soulchat"), seed=0)
+    assert (summary["dialogues"], summary["failed"]) == (4, 2)
+    assert (summary["model_turns"]["n"], summary["model_turns"]["mean"]) == (2, 4.0)

@@ -307,6 +307,15 @@ def test_end_marker_and_utterance_rules() -> None:
     for terse in ("……", "？？？", "😢", "..."):  # no words: a terse Seeker, in any language
         assert utterance_problem(terse, "user", earlier, "zh", True) is None
         assert utterance_problem(terse, "user", earlier, "en", True) is None
+    # too short to tell its language: "OK" or "emmm" from a Chinese Seeker is no wrong language
+    for short in ("OK", "emmm", "ok好"):
+        assert utterance_problem(short, "user", [], "zh", True) is None
+    assert utterance_problem("I really cannot sleep", "user", [], "zh", True) == "wrong_language"
+    # punctuation or emoji alone are not one repeated utterance: "？？？" after "……" is new
+    said = [{"role": "user", "content": "……"}]
+    assert utterance_problem("？？？", "user", said, "zh", True) is None
+    assert utterance_problem("😢", "user", said, "zh", True) is None
+    assert utterance_problem("……", "user", said, "zh", True) == "repeated"
 
 
 def play(roles: ScriptedRoles, scenario, loop: LoopConfig, **quality):
