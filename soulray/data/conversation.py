@@ -88,21 +88,28 @@ class Conversation:
         The split is keyed by the opening, not the whole dialogue: dialogues that branch from a
         shared beginning (two continuations of one prefix, as per-turn-expanded corpora hold)
         share every prefix from the opening on, so they land on one side together and no prefix
-        of a validation dialogue trains as a prefix of a training one."""
+        of a validation dialogue trains as a prefix of a training one.
+
+        The content hash ends at the last assistant turn: user turns after it train nothing, so
+        a sample "u1 a1 u2" of the dialogue "u1 a1 u2 a2" is the prefix "u1 a1" (it was kept,
+        and a1 trained twice), and two records that differ only there are duplicates."""
         h = hashlib.blake2b(digest_size=16)
         prefixes = []
-        opening = None
-        last = len(self.messages) - 1
+        opening = digest = None
+        roles = [m.role for m in self.messages]
+        last = len(roles) - 1 - roles[::-1].index("assistant") if "assistant" in roles else None
         for i, m in enumerate(self.messages):
             h.update(m.role.encode())
             h.update(b"\x00")
             h.update(m.content.encode())
             h.update(b"\x01")
-            if m.role == "assistant" and i < last:
+            if m.role == "assistant" and last is not None and i < last:
                 prefixes.append(h.copy().hexdigest())
+            if i == last:
+                digest = h.copy().hexdigest()
             if opening is None and m.role == "user":
                 opening = h.copy().hexdigest()
-        digest = h.hexdigest()
+        digest = digest or h.hexdigest()
         return digest, prefixes, opening or digest
 
 

@@ -33,6 +33,8 @@ FORMATS = ("messages", "sharegpt", "smile", "xtuner", "esconv")
 # other .tsv files (labels, metadata) in an input folder are not corpus files
 FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", "withstrategy_short.tsv")
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
 
 @dataclass(slots=True)
 class RawRecord:
@@ -45,7 +47,12 @@ class RawRecord:
     error: RecordError | None = None
 
     def source_text(self) -> str:
-        return self.raw if self.raw is not None else json.dumps(self.record, ensure_ascii=False)
+        if self.raw is not None:
+            return self.raw
+        text = json.dumps(self.record, ensure_ascii=False)
+        # half a UTF-16 pair (a broken emoji, which check_encodable rejects) has no UTF-8 form:
+        # the rejects line keeps it escaped, as the file had it
+        return json.dumps(self.record) if _SURROGATE.search(text) else text
 
 
 def split_records(path: str, data: bytes) -> Iterator[RawRecord]:

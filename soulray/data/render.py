@@ -11,6 +11,7 @@ not fit beside the message it answers is not a target at all (counted by prepare
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,7 @@ BUILTIN_TEMPLATE = (
 )
 
 _PROBE_USER, _PROBE_ASSISTANT = "\u2063user-probe\u2063", "\u2063assistant-probe\u2063"
+_PROBE_USER_2 = "\u2063user-probe-2\u2063"
 
 
 def ensure_chat_template(tokenizer: Any) -> None:
@@ -53,20 +55,40 @@ def ensure_chat_template(tokenizer: Any) -> None:
 
 
 def find_end_of_turn(tokenizer: Any) -> str:
-    """The text the template writes right after an assistant message (e.g. '<|im_end|>')."""
-    probe = [
+    """The text the template writes right after an assistant message (e.g. '<|im_end|>'): what
+    follows a reply with another turn after it, as far as it agrees with what follows the last
+    reply. A template may end the whole conversation with more (Phi-3's eos after its
+    '<|end|>'): taken from the last reply alone, the marker was '<|end|>\n<|endoftext|>', which no
+    earlier reply ends with, so their end was never trained."""
+    from jinja2.exceptions import TemplateError
+
+    one = [
         {"role": "user", "content": _PROBE_USER},
         {"role": "assistant", "content": _PROBE_ASSISTANT},
     ]
-    text = tokenizer.apply_chat_template(probe, tokenize=False)
-    end = text.index(_PROBE_ASSISTANT) + len(_PROBE_ASSISTANT)
-    eot = text[end:].strip()
-    if not eot:
+    text = tokenizer.apply_chat_template(one, tokenize=False)
+    last = text[text.index(_PROBE_ASSISTANT) + len(_PROBE_ASSISTANT) :]
+    if not last.strip():
         raise ValueError(
             "the chat template writes nothing after an assistant message, so the model could "
             "never learn to stop; use a template that ends assistant turns with an eos token"
         )
-    return eot
+    try:
+        two = tokenizer.apply_chat_template(
+            [*one, {"role": "user", "content": _PROBE_USER_2}, one[1]], tokenize=False
+        )
+    except TemplateError:
+        return last.strip()
+    start = two.index(_PROBE_ASSISTANT) + len(_PROBE_ASSISTANT)
+    between = two[start : two.index(_PROBE_USER_2, start)]
+    common = os.path.commonprefix([last, between])
+    if common in (last, between):
+        return common.strip() or last.strip()
+    # cut where they part: at a special token's end, else at whitespace ("<|end|>\n<|")
+    specials = [t for t in tokenizer.all_special_tokens if t and common.strip().endswith(t)]
+    ends = [common.rstrip().rfind(t) + len(t) for t in specials]
+    cut = max(ends) if ends else max(common.rfind(c) for c in " \t\r\n")
+    return common[:cut].strip() if cut > 0 and common[:cut].strip() else last.strip()
 
 
 SERVING_RECORD = "serving.json"  # in an export: how its conversations were rendered in training
@@ -184,7 +206,8 @@ def tokenize_layouts(tokenizer: Any, layouts: list[Layout]) -> list[Rendered]:
         n, text_len = len(ids), len(lay.text)
         labels = [IGNORE] * n
         for start, end in lay.spans:
-            a, b = (_first_token_from(enc, c, n, text_len) for c in (start, end))
+            a = _span_start(enc, lay.text, start, n)
+            b = _first_token_from(enc, end, n, text_len)
             labels[a:b] = ids[a:b]
         bounds = [_first_token_from(enc, c, n, text_len) for c in lay.ends]
         bounds[-1] = n  # the template's trailing text belongs to the last message
@@ -203,6 +226,18 @@ def render_conversation(
     return tokenize_layouts(tokenizer, [layout_conversation(tokenizer, conv, eot, strategy_tags)])[
         0
     ]
+
+
+def _span_start(enc: Any, text: str, char: int, n_tokens: int) -> int:
+    """The first token of a reply's labels: the one holding its first character, also when
+    that token starts in the template's whitespace before it (Llama 2's "[/INST] I'm": the
+    token " I" is what the model says first, after the generation prompt "[/INST]")."""
+    t = enc.char_to_token(char) if char < len(text) else None
+    if t is not None:
+        begin = enc.token_to_chars(t)[0]
+        if begin < char and not text[begin:char].strip():
+            return t
+    return _first_token_from(enc, char, n_tokens, len(text))
 
 
 def _first_token_from(enc: Any, char: int, n_tokens: int, text_len: int) -> int:
@@ -230,10 +265,13 @@ def _render_text(
     parts, located, cursor, length = [], [], 0, 0
     for i, (m, mark) in enumerate(zip(messages, marks, strict=True)):
         at = skeleton.find(mark, cursor)
-        if at < 0:
-            raise ValueError(
-                f"conversation {conv_id}: the chat template changed message {i}'s content, so "
-                "its tokens cannot be located; use a template that writes contents verbatim"
+        if at < 0:  # a template error: one conversation's reject, a system message's warning
+            from jinja2.exceptions import TemplateError
+
+            raise TemplateError(
+                f"conversation {conv_id}: the chat template changed, dropped or moved message "
+                f"{i}'s content (a {m['role']} message), so its tokens cannot be located; use a "
+                "template that writes contents verbatim, in order"
             )
         length += at - cursor
         located.append((length, length + len(m["content"])))

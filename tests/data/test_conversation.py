@@ -142,6 +142,22 @@ def test_content_hash_ignores_id_source_topic_and_strategy():
     assert len({a.content_hash(), swapped.content_hash(), joined.content_hash()}) == 3
 
 
+def test_user_turns_after_the_last_reply_are_not_part_of_its_identity():
+    """A sample "u1 a1 u2" of the dialogue "u1 a1 u2 a2" trains a1, which the dialogue trains:
+    its content hash is that of "u1 a1", one of the dialogue's prefixes, so dedupe collapses
+    it (it was kept, and a1 trained twice). Two records that differ only after their last
+    reply are duplicates."""
+    sample = conv(("user", "u1"), ("assistant", "a1"), ("user", "u2"))
+    dialogue = conv(("user", "u1"), ("assistant", "a1"), ("user", "u2"), ("assistant", "a2"))
+    digest, prefixes, opening = dialogue.content_hashes()
+    assert sample.content_hash() == conv(("user", "u1"), ("assistant", "a1")).content_hash()
+    assert sample.content_hash() in prefixes and sample.content_hash() != digest
+    other = conv(("user", "u1"), ("assistant", "a1"), ("user", "something else"))
+    assert other.content_hash() == sample.content_hash()
+    assert sample.split_hash() == opening  # the split is the opening's, as before
+    assert conv(("user", "u1")).content_hash() != conv(("user", "u2")).content_hash()
+
+
 def test_json_round_trip():
     a = Conversation(
         "é-1", "esconv", None, [Message("user", "我很难过"), Message("assistant", "嗯", "Others")]

@@ -593,3 +593,15 @@ def test_only_esconvs_tsv_files_are_corpus_files_in_a_folder(tmp_path):
         str(tmp_path / "a.json"),
         str(tmp_path / "devWithStrategy_short.tsv"),
     ]
+
+
+def test_a_rejected_array_item_with_half_a_character_is_written_escaped():
+    """The reject text of an array item is the item as JSON: with a lone UTF-16 surrogate (a
+    broken emoji, rejected as such) it had no UTF-8 form, and writing the rejects file failed
+    the whole job. It is written escaped, as the file had it, and reads back as the item."""
+    path = "corpus.json"
+    data = b'[{"messages": [{"role": "user", "content": "alone \\ud83d"}]}]'
+    (record,) = split_records(path, data)
+    text = record.source_text()
+    assert "\\ud83d" in text and json.loads(text) == record.record
+    text.encode("utf-8")  # what the rejects file needs

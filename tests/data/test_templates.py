@@ -127,6 +127,28 @@ def test_a_template_without_a_system_role_is_refused_only_with_a_system_prompt(
         check_template(llama2, "Be kind.")
 
 
+def test_a_template_that_moves_the_system_message_is_treated_as_one_without_it(caplog) -> None:
+    """Mistral v0.3's shape writes the system message into the last user turn: its content is
+    not where the message is, so it cannot be located. That failed the check (and would have
+    failed a render actor) with a ValueError; it is now a template error: a warning without
+    data.system_prompt, and each conversation with a system message a template_error reject."""
+    tok = train_tokenizer(TEXT, vocab_size=300)
+    tok.chat_template = (
+        "{% set sys = messages[0]['content'] if messages[0]['role'] == 'system' else '' %}"
+        "{% for m in messages %}{% if m['role'] == 'user' %}[INST] "
+        "{% if loop.last and sys %}{{ sys }}\n\n{% endif %}{{ m['content'] }} [/INST]"
+        "{% elif m['role'] == 'assistant' %} {{ m['content'] }}{{ eos_token }}{% endif %}"
+        "{% endfor %}"
+    )
+    with caplog.at_level("WARNING", logger="soulray.prepare"):
+        check_template(tok)
+    assert "the chat template refuses system messages (conversation check: the chat template " in (
+        caplog.text
+    )
+    with pytest.raises(ValueError, match="^data.system_prompt is set, but the model's chat"):
+        check_template(tok, "Be kind.")
+
+
 # Qwen2.5's shape: its own system prompt when the conversation has none.
 QWEN_DEFAULT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 QWEN = (
