@@ -110,6 +110,9 @@ def unescaped_quotes(a: np.ndarray, pre: int, file_start: bool) -> np.ndarray:
     return np.setdiff1d(q, np.array(escaped, dtype=q.dtype), assume_unique=True)
 
 
+NONE = 1 << 40  # a depth no chunk reaches: the chunk has no such byte
+
+
 def scan_array_chunk(path: str, start: int, end: int) -> tuple[dict[str, Any], Any, Any]:
     """Scan [start, end) of a JSON array under both hypotheses (h=0: the chunk starts outside a
     string, h=1: inside). Returns a summary and, per hypothesis, the file offsets of the commas
@@ -120,7 +123,13 @@ def scan_array_chunk(path: str, start: int, end: int) -> tuple[dict[str, Any], A
     role = _ROLE[a[pre:]]
     structural = np.flatnonzero(role)
     before = np.searchsorted(quotes, structural) & 1  # quotes before each structural byte
-    summary: dict[str, Any] = {"quotes": int(len(quotes) & 1), "delta": [], "min_comma": []}
+    summary: dict[str, Any] = {
+        "quotes": int(len(quotes) & 1),
+        "delta": [],
+        "min_comma": [],
+        "min_depth": [],  # the lowest depth the chunk reaches (NONE: no structural byte)
+        "min_depth_but_last": [],  # ... before its last structural byte
+    }
     candidates = []
     for h in (0, 1):
         pos = structural[(before ^ h) == 0]
@@ -128,9 +137,11 @@ def scan_array_chunk(path: str, start: int, end: int) -> tuple[dict[str, Any], A
         depth = np.cumsum(np.where(kind == 2, 0, kind), dtype=np.int64)
         commas = kind == 2
         at_comma = depth[commas]
-        low = int(at_comma.min()) if len(at_comma) else 1 << 40
+        low = int(at_comma.min()) if len(at_comma) else NONE
         summary["delta"].append(int(depth[-1]) if len(depth) else 0)
         summary["min_comma"].append(low)
+        summary["min_depth"].append(int(depth.min()) if len(depth) else NONE)
+        summary["min_depth_but_last"].append(int(depth[:-1].min()) if len(depth) > 1 else NONE)
         candidates.append(pos[commas][at_comma == low].astype(np.int64) + start)
     return summary, candidates[0], candidates[1]
 
@@ -233,8 +244,15 @@ def array_separators(path: str, size: int) -> np.ndarray | None:
     task = ray.remote(num_returns=3)(scan_array_chunk)
     refs: list[Any] = [task.remote(path, s, e) for s, e in chunk_bounds(size, SCAN_CHUNK)]
     summaries = ray.get([r[0] for r in refs])
-    inside, depth, chosen = 0, 0, []
+    inside, depth, chosen, closed = 0, 0, [], False
     for (_, ref0, ref1), s in zip(refs, summaries, strict=True):
+        # the array closes at its last bracket, not before: two arrays joined with `cat` are
+        # not one (the whole-file reader says so; the ranges made one bad record at the join)
+        if closed and s["min_depth"][inside] != NONE:
+            return None
+        if depth + s["min_depth_but_last"][inside] < 1:
+            return None
+        closed = depth + s["min_depth"][inside] < 1
         if depth + s["min_comma"][inside] == 1:
             chosen.append(ref1 if inside else ref0)
         depth += s["delta"][inside]

@@ -81,6 +81,24 @@ def test_ranges_cover_every_record_once_at_any_range_size(ray_local, tmp_path, m
         )
 
 
+@pytest.mark.parametrize("chunk", [53, 4096])
+def test_two_arrays_joined_are_one_reject_at_any_range_size(
+    ray_local, tmp_path, monkeypatch, chunk
+):
+    """Two arrays joined with `cat`: the whole-file reader refuses the file as more than one
+    JSON value; the split reader read their records, with the two at the join one bad record
+    ("Extra data") and every later index one off, depending on range_bytes."""
+    monkeypatch.setattr(ranges, "SCAN_CHUNK", chunk)
+    half = json.dumps(tricky_corpus(60, 2), indent=1)
+    path = tmp_path / "corpus.json"
+    path.write_text(half + "\n" + half + "\n\n  ")
+    expected = serial(path)
+    assert [(g[0], g[4]) for g in expected] == [(str(path), "invalid_json")]
+    for range_bytes in (500, 4096):
+        got, plan = by_ranges(path, range_bytes)
+        assert got == expected, range_bytes
+
+
 def test_jsonl_ranges_keep_line_numbers(ray_local, tmp_path):
     lines = [json.dumps(r, ensure_ascii=False) for r in tricky_corpus(400, 2)]
     lines[5] = '{"messages": ['  # a broken line
