@@ -6,6 +6,7 @@ import re
 import shutil
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -203,6 +204,9 @@ def test_the_url_names_the_port_of_a_serve_already_running(monkeypatch):
     monkeypatch.setattr(ray.serve.context, "_get_global_client", lambda **_: Running())
     monkeypatch.setattr(serve, "start", lambda **_: None)
     monkeypatch.setattr(serve, "run", lambda *a, **k: None)
+    # no Serve and no Ray here: nothing deployed yet, and no key-value store to mark a deploy in
+    monkeypatch.setattr(serve, "status", lambda: SimpleNamespace(applications={}))
+    monkeypatch.setattr(serve_app, "record_deploy", lambda name: None)
     monkeypatch.setattr(serve_app, "build_application", lambda cfg: None)
     monkeypatch.setattr(serve_app.log, "warning", lambda *a: warnings.append(a[0] % a[1:]))
     url = serve_app.start_serving(load_config(None, ["serve.port=8124"]))
