@@ -55,6 +55,8 @@ class Rubric(BaseModel):
         twice = sorted({d.name for d in self.dimensions if names.count(d.name.strip().lower()) > 1})
         if twice:
             raise ValueError(f"dimension names must differ (ignoring case): {twice}")
+        if "total" in names:  # the report's sum of the dimensions is named so
+            raise ValueError("a dimension may not be named 'total': the report's sum is")
         return self
 
     @property

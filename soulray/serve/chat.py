@@ -248,7 +248,7 @@ def _guarded_safety(p: Prepared, guards: list[ReplyGuard]) -> SafetyInfo:
 def _fixed_deltas(state: IngressState, p: Prepared) -> list[Delta]:
     """The fixed safe reply as every choice (safety mode `fixed`)."""
     assert p.fixed is not None
-    tokens = len(state.tokenizer(p.fixed).input_ids)
+    tokens = len(state.tokenizer(p.fixed, add_special_tokens=False).input_ids)  # no BOS: a reply
     return [Delta(p.fixed, tokens, "stop", k) for k in range(p.gen.n)]
 
 

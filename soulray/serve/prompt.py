@@ -206,6 +206,13 @@ def check_messages(
                 f"messages[{i}]: only text content is supported",
                 param=f"messages[{i}].content",
             )
+        if isinstance(m.content, list) and any(p.text is None for p in m.content):
+            j = next(j for j, p in enumerate(m.content) if p.text is None)
+            raise APIError(
+                400,
+                f"messages[{i}].content[{j}]: a text part needs its text",
+                param=f"messages[{i}].content[{j}].text",
+            )
     # half a character (a lone UTF-16 surrogate, where a client cut an emoji in two) cannot
     # be encoded, and would fail the screen and the tokenizer: it is read as U+FFFD
     out = [{"role": _role(m.role), "content": _SURROGATE.sub("\ufffd", m.text())} for m in messages]

@@ -61,7 +61,7 @@ class Lenient(BaseModel):
 
 class ContentPart(Lenient):
     type: str
-    text: str | None = None
+    text: str | None = None  # required in a "text" part (as OpenAI's), checked by check_messages
 
 
 class ChatMessage(BaseModel):

@@ -48,6 +48,10 @@ def test_a_user_rubric_from_yaml_and_its_errors(tmp_path):
     )
     with pytest.raises(ValueError, match=r"names must differ \(ignoring case\): \['A', 'a'\]"):
         load_rubric(str(path))
+    # the report names the sum of a judgement's scores "total": a dimension so named collided
+    path.write_text("name: x\ntitle: X\ndimensions:\n  - {name: Total, max: 2, description: d}\n")
+    with pytest.raises(ValueError, match="may not be named 'total'"):
+        load_rubric(str(path))
     path.write_text("title: X\ndimensions: 3\n")
     with pytest.raises(ValueError) as e:
         load_rubric(str(path))

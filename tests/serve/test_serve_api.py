@@ -323,6 +323,20 @@ def test_error_paths_are_openai_shaped_and_the_server_keeps_serving(tiny_export,
             dict(json={"messages": [*ok["messages"], {"role": "system", "content": "late"}]}),
         ),
         (400, "stop", dict(json={**ok, "stop": ["a", "b", "c", "d", "e"]})),  # OpenAI's 4
+        (  # a text part without its text (OpenAI refuses it; it read as "")
+            400,
+            "messages[0].content[1].text",
+            dict(
+                json={
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [{"type": "text", "text": "hi"}, {"type": "text"}],
+                        }
+                    ]
+                }
+            ),
+        ),
         (400, "stop", dict(json={**ok, "stop": ["ok", "x" * 257]})),
         (404, "model", dict(json={**ok, "model": "gpt-9"})),
         (413, None, dict(json={"messages": [{"role": "user", "content": "x" * 4000}]})),
