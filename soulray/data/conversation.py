@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Literal
 
 from soulray.config import DEFAULT_STRATEGY_ALIASES, StrategyConfig
+from soulray.text import SURROGATE
 
 Role = Literal["system", "user", "assistant"]
 
@@ -113,9 +113,6 @@ class Conversation:
         return digest, prefixes, opening or digest
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
 def check_encodable(conv: Conversation) -> None:
     """Refuse text that has no UTF-8 form: a JSON escape of one half of a UTF-16 pair
     ("\\ud83d" without its partner, a broken emoji from a truncated export) decodes to a lone
@@ -127,7 +124,7 @@ def check_encodable(conv: Conversation) -> None:
             (f"messages[{i}].strategy", m.strategy or ""),
         ]
     for where, value in fields:
-        found = _SURROGATE.search(value)
+        found = SURROGATE.search(value)
         if found:
             raise RecordError(
                 "invalid_record",

@@ -27,13 +27,12 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from soulray.data.conversation import Conversation, Message, RecordError, Role
+from soulray.text import SURROGATE
 
 FORMATS = ("messages", "sharegpt", "smile", "xtuner", "esconv")
 # ESConv's released TSVs by their name ({train,dev,test}WithStrategy_short.tsv), lower case:
 # other .tsv files (labels, metadata) in an input folder are not corpus files
 FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", "withstrategy_short.tsv")
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(slots=True)
@@ -52,7 +51,7 @@ class RawRecord:
         text = json.dumps(self.record, ensure_ascii=False)
         # half a UTF-16 pair (a broken emoji, which check_encodable rejects) has no UTF-8 form:
         # the rejects line keeps it escaped, as the file had it
-        return json.dumps(self.record) if _SURROGATE.search(text) else text
+        return json.dumps(self.record) if SURROGATE.search(text) else text
 
 
 def split_records(path: str, data: bytes) -> Iterator[RawRecord]:

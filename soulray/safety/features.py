@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from soulray.text import SURROGATE
+
 NGRAM_BUCKETS = 2**17
 NGRAM_SIZES = (1, 2, 3, 4)
 NGRAM_NORM_FLOOR = 48  # n-grams; see ngram_scale
@@ -39,7 +41,7 @@ def normalize(text: str, max_chars: int | None, format_as: str = "") -> str:
     Neither of the last two changes any message of the training data (measured: 0 of ~17,000).
     `format_as` " " reads format characters as spaces instead ("kill\u200bmyself"): the screen
     scores a message both ways when it has any (format_variants)."""
-    text = _SURROGATE.sub("\ufffd", text)  # half a character (a client cut one): unencodable
+    text = SURROGATE.sub("\ufffd", text)  # half a character (a client cut one): unencodable
     text = unicodedata.normalize("NFKC", text).lower().replace("\u2019", "'")
     if not text.isascii():
         text = _FORMAT.sub(format_as, text)
@@ -61,7 +63,6 @@ def format_variants(text: str, max_chars: int | None) -> list[str]:
 
 
 _CJK_CHAR = re.compile(r"[\u3400-\u9fff]")
-_SURROGATE = re.compile("[\ud800-\udfff]")
 # Unicode's format characters (category Cf: zero-width space and joiners, soft hyphen, word
 # joiner, bidi marks, tags): invisible, and kept by NFKC.
 _CF = "".join(

@@ -79,7 +79,8 @@ def build_screen(cfg: SafetyConfig) -> Screen:
     # the locales a request can get: auto picks zh-CN for Chinese text when it has help lines,
     # else default_locale; a fixed locale is every request's (default_locale goes unused)
     auto = [cfg.default_locale, *(["zh-CN"] if "zh-CN" in resources_ else [])]
-    for locale in set(auto if cfg.locale == "auto" else [cfg.locale]):
+    reached = set(auto if cfg.locale == "auto" else [cfg.locale])
+    for locale in reached:
         if locale not in resources_ or locale not in replies:
             raise ValueError(
                 f"serve.safety has no resources or fixed_reply for locale {locale!r}; add it to "
@@ -106,7 +107,7 @@ def build_screen(cfg: SafetyConfig) -> Screen:
             )
     head = load_reply_weights() if cfg.reply_head else None
     classifier = Classifier(load_weights(), head) if cfg.classifier else None
-    _describe(cfg, auto, resources_, head)
+    _describe(cfg, reached, resources_, head)
     return Screen(
         cfg,
         build_lexicon(
@@ -127,7 +128,7 @@ def build_screen(cfg: SafetyConfig) -> Screen:
 
 def _describe(
     cfg: SafetyConfig,
-    auto: list[str],
+    reached: set[str],
     resources_: dict[str, list[HelpLine]],
     head: ReplyWeights | None,
 ) -> None:
@@ -139,7 +140,6 @@ def _describe(
             "serve.safety.enabled is false: no crisis screen (no help lines, no reply screen)"
         )
         return
-    reached = set(auto if cfg.locale == "auto" else [cfg.locale])
     for key, given in (("resources", cfg.resources), ("fixed_reply", cfg.fixed_reply)):
         for locale in sorted(set(given or {}) - reached):
             log.warning(

@@ -28,12 +28,12 @@ from soulray.data.render import SERVING_RECORD, build_serving_record, find_contr
 from soulray.data.tokenizer import load_tokenizer
 from soulray.serve.fetch import fetch_model_dir, wait_for_export
 from soulray.serve.schemas import APIError, ChatMessage
+from soulray.text import SURROGATE
 
 log = logging.getLogger("ray.serve.soulray")
 
 TAG = re.compile(r"^\[([^\[\]\n]{1,48})\] ?")
 MAX_TAG_CHARS = 52  # "[" + 48 + "] " + slack: a reply longer than this without "]" has no tag
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +215,7 @@ def check_messages(
             )
     # half a character (a lone UTF-16 surrogate, where a client cut an emoji in two) cannot
     # be encoded, and would fail the screen and the tokenizer: it is read as U+FFFD
-    out = [{"role": _role(m.role), "content": _SURROGATE.sub("\ufffd", m.text())} for m in messages]
+    out = [{"role": _role(m.role), "content": SURROGATE.sub("\ufffd", m.text())} for m in messages]
     for i, message in enumerate(out):
         found = find_control_token(message["content"], control_tokens)
         if found:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from soulray.synth.config import LoopConfig, QualityConfig
 from soulray.synth.roles import Counselor, Seeker, Supporter
 from soulray.synth.scenarios import Scenario
-from soulray.text import detect_language
+from soulray.text import CJK, detect_language
 
 PUNCT = re.compile(r"[\W_]+", re.UNICODE)
 
@@ -62,11 +62,8 @@ def utterance_problem(
 def judged_language(text: str) -> bool:
     """Whether an utterance says enough to tell its language: two Chinese characters ("我睡不着"
     is a sentence), or eight letters of other scripts ("OK", "emmm" are not)."""
-    chinese = len(_CHINESE.findall(text))
+    chinese = len(CJK.findall(text))
     return chinese >= 2 or sum(c.isalpha() for c in text) - chinese >= 8
-
-
-_CHINESE = re.compile(r"[\u3400-\u9fff]")
 
 
 def normalize_utterance(text: str) -> str:
