@@ -34,8 +34,10 @@ WORD_EDGE = 16  # a cut moves up to this many characters forward to start at a w
 
 
 def normalize(text: str, max_chars: int | None, format_as: str = "") -> str:
-    """NFKC, lowercase, curly quotes straightened, invisible format characters dropped (a
-    zero-width space or joiner inside "自杀" hid it from the lexicon), whitespace collapsed,
+    """NFKC, lowercase, curly quotes straightened, invisible characters dropped (format
+    characters and Unicode's default-ignorables: a zero-width space or joiner inside "自杀" hid it
+    from the lexicon, a variation selector after each letter the whole message from the
+    classifier), whitespace collapsed,
     Chinese spelt out character by character joined ("我 想 自 杀"), the last max_chars kept
     (None: all; NFKC may lengthen a text: "…" is "...").
     Neither of the last two changes any message of the training data (measured: 0 of ~17,000).
@@ -62,15 +64,37 @@ def format_variants(text: str, max_chars: int | None) -> list[str]:
     return [joined] if spaced == joined else [joined, spaced]
 
 
+def char_class(points: set[int]) -> str:
+    """A regex character class's body for these code points, as ranges of consecutive ones."""
+    runs: list[list[int]] = []
+    for c in sorted(points):
+        if runs and runs[-1][1] == c - 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return "".join(
+        re.escape(chr(lo)) + ("-" + re.escape(chr(hi)) if hi > lo else "") for lo, hi in runs
+    )
+
+
 _CJK_CHAR = re.compile(r"[\u3400-\u9fff]")
-# Unicode's format characters (category Cf: zero-width space and joiners, soft hyphen, word
-# joiner, bidi marks, tags): invisible, and kept by NFKC.
-_CF = "".join(
-    re.escape(chr(c))
-    for c in (*range(0x10000), *range(0xE0000, 0xE0080))
-    if unicodedata.category(chr(c)) == "Cf"
-)
-_FORMAT = re.compile(f"[{_CF}]+")
+# Unicode's Default_Ignorable_Code_Point ranges (DerivedCoreProperties.txt): what renders as
+# nothing. Beyond the format characters (category Cf) they hold the variation selectors, the
+# combining grapheme joiner, Hangul fillers (read after NFKC as U+1160), Mongolian and Khmer
+# invisibles, and format characters above the BMP: one after each letter ("k\ufe0fi\ufe0fl\ufe0fl")
+# hid a message from the classifier and a word from the lexicon.
+DEFAULT_IGNORABLE = (
+    (0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x115F, 0x1160), (0x17B4, 0x17B5),
+    (0x180B, 0x180F), (0x200B, 0x200F), (0x202A, 0x202E), (0x2060, 0x206F), (0x3164, 0x3164),
+    (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3),
+    (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF),
+)  # fmt: skip
+# those, and every other format character of the BMP (zero-width space and joiners, soft
+# hyphen, word joiner, bidi marks; tags are above): invisible, and kept by NFKC
+_INVISIBLE = {c for lo, hi in DEFAULT_IGNORABLE for c in range(lo, hi + 1)} | {
+    c for c in range(0x10000) if unicodedata.category(chr(c)) == "Cf"
+}
+_FORMAT = re.compile(f"[{char_class(_INVISIBLE)}]+")
 
 
 def join_spaced_cjk(text: str) -> str:

@@ -41,8 +41,18 @@ from soulray.safety.reply import ReplyWeights, load_reply_weights
 log = logging.getLogger("soulray.safety")
 
 CACHE_SIZE = 4096
+# The lexicon reads a message's last LEXICON_SPAN x max_chars characters (2,000 by default), the
+# classifier its last max_chars: a crisis said first in a long message ("I have the pills saved
+# up and I'm taking them all tonight. Sorry, that's blunt. Let me explain ...") was never seen.
+# The lexicon costs ~1 ms per 100 characters on one thread, the embedding ~1 ms per token.
+LEXICON_SPAN = 5
 _CJK = re.compile(r"[\u4e00-\u9fff]")
-_KANA = re.compile(r"[\u3040-\u30ff]")  # Japanese writes kanji too: kana says it is not Chinese
+# Japanese writes kanji too: kana says a text is not Chinese, when it is a good share of the
+# words (kana letters; not the long-vowel mark and iteration marks that kaomoji draw with,
+# "ヽ(ー_ー)ノ"). A Chinese message with a kaomoji or the borrowed "の" ("我想死の心都有了") is
+# Chinese; Japanese is rarely under a third kana ("死にたい", "もう生きるのが辛い").
+_KANA = re.compile(r"[\u3041-\u3096\u30a1-\u30fa]")
+KANA_SHARE = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,13 +225,17 @@ def score_pair(screen: Screen, text: str) -> np.ndarray:
     """(2, C): a message's scores with the vote and without it (Classifier.both), each raised
     to 1.0 where the lexicon matches. Cached by the hash of the screened text (never the text
     itself)."""
-    return _cached(screen, "message", text, _message_pair)
+    chars = screen.cfg.max_chars * LEXICON_SPAN
+    return _cached(screen, "message", text, _message_pair, chars=chars)
 
 
 def _message_pair(screen: Screen, norm: str) -> np.ndarray:
+    """The classifier reads the message's last max_chars, the lexicon its last LEXICON_SPAN
+    times that (`norm`)."""
     out = np.zeros((2, len(CATEGORIES)))
     if screen.classifier:  # it reads the message without the idioms, as it was trained
-        out = np.maximum(out, screen.classifier.both(classifier_text(screen.lexicon, norm)))
+        tail = norm[-screen.cfg.max_chars :]  # = normalize(text, max_chars)
+        out = np.maximum(out, screen.classifier.both(classifier_text(screen.lexicon, tail)))
     for c in match(screen.lexicon, norm):  # the config admits only CATEGORIES
         out[:, CATEGORIES.index(c)] = 1.0
     return out
@@ -277,13 +291,14 @@ def _cached(
     compute: Callable[[Screen, str], np.ndarray],
     reduce: bool = True,
     whole: bool = False,
+    chars: int | None = None,
 ) -> np.ndarray:
     """compute(screen, normalized text) for each of the text's format variants (each its last
-    max_chars normalized characters, or `whole`), cached by the hash of `kind` and the screened
-    text (never the text itself): the highest over the variants, or (`reduce=False`) one row per
-    variant."""
+    `chars` normalized characters (default max_chars), or `whole`), cached by the hash of `kind`
+    and the screened text (never the text itself): the highest over the variants, or
+    (`reduce=False`) one row per variant."""
     # one variant, unless the text hides characters
-    variants = format_variants(text, None if whole else screen.cfg.max_chars)
+    variants = format_variants(text, None if whole else chars or screen.cfg.max_chars)
     # JSON: a text holding the separator must not spell another list of variants
     spelt = json.dumps([kind, *variants], ensure_ascii=False)
     key = hashlib.blake2b(spelt.encode("utf-8"), digest_size=16).digest()
@@ -326,10 +341,15 @@ def assess(screen: Screen, texts: list[str]) -> Assessment:
 def pick_locale(screen: Screen, texts: list[str]) -> str:
     if screen.cfg.locale != "auto":
         return screen.cfg.locale
-    chinese = any(_CJK.search(t) and not _KANA.search(t) for t in texts)
+    chinese = any(_is_chinese(t) for t in texts)
     if chinese and "zh-CN" in screen.resources:
         return "zh-CN"
     return screen.cfg.default_locale
+
+
+def _is_chinese(text: str) -> bool:
+    han, kana = len(_CJK.findall(text)), len(_KANA.findall(text))
+    return han > 0 and kana < KANA_SHARE * (han + kana)
 
 
 def lines_for(screen: Screen, locale: str, categories: tuple[str, ...]) -> list[HelpLine]:

@@ -344,7 +344,7 @@ def test_help_lines_follow_the_category_and_the_language(screen):
 # (and say why in the docstring below).
 LEXICON_FLAGS = {
     "en": {"ordinary": (30, 4120), "crisis": (690, 3940)},
-    "zh": {"ordinary": (42, 4215), "crisis": (800, 4059)},
+    "zh": {"ordinary": (42, 4215), "crisis": (803, 4059)},
 }
 
 
@@ -784,3 +784,94 @@ def test_settings_that_do_nothing_or_not_what_they_seem_are_refused_or_warned(ca
         "crisis screen: classifier off (the lexicon alone), reply screen on, mode augment; "
         "help lines per locale: en-US 1; thresholds as trained"
     ]
+
+
+# a red-team review (stop 43): guards that cleared the writer's own words, and hits that a
+# relapse after the past or a recovery made into a past
+NOT_CLEARED = [
+    'My friend asked me how I was and I said "I want to kill myself" and I meant it',
+    'she asked how i was and i said "i want to die"',
+    "I tried to kill myself two years ago but this time I'll do it right",
+    "I had suicidal thoughts years ago but now they're back and worse than ever",
+    "i used to want to die and now i want to again",
+    "以前那些想死的念头又回来了",
+    "以前自残过，已经三年没有了，这次又忍不住了",
+]
+STILL_CLEARED = [
+    "my friend posted 'i won't be around much longer'",
+    "I had suicidal thoughts years ago but I'm in a much better place now",
+    "i used to want to die",
+    "以前那些想死的念头",
+    "以前自残过，已经三年没有了",
+]
+
+
+def test_a_guard_clears_neither_the_writers_quoted_words_nor_a_relapse(lexicon_only):
+    assert [t for t in NOT_CLEARED if not assess(lexicon_only, [t]).flagged] == []
+    assert [t for t in STILL_CLEARED if assess(lexicon_only, [t]).flagged] == []
+
+
+def test_the_lexicon_reads_traditional_and_chinese_split_by_symbols(lexicon_only):
+    """Its phrases are simplified and solid; brackets, quotes and spaces still part phrases (a
+    guard or an exclusion reads them)."""
+    hidden = ["我想自殺", "我要殺了他", "活著沒意義", "我想自-杀", "我😭想😭自😭杀", "想.死"]
+    assert [t for t in hidden if not assess(lexicon_only, [t]).flagged] == []
+    assert assess(lexicon_only, ["i'm thinking about sewer slide"]).flagged
+    parted = [
+        "《红楼梦》里林黛玉最后是怎么死的？",
+        "我要去“干掉”他了（指把他的薯片也吃光）",
+        "周一综合症，想死（不是）",
+        "以前会划手 现在已经一年没划了",
+    ]
+    assert [t for t in parted if assess(lexicon_only, [t]).flagged] == []
+
+
+def test_invisible_characters_beyond_format_ones_are_dropped(lexicon_only):
+    """Variation selectors, the combining grapheme joiner, Hangul fillers and format
+    characters above the BMP render as nothing, as a zero-width space does."""
+    for mark in ("\ufe0f", "\u034f", "\U0001bca0", "\u3164", "\U000e0101"):
+        spelt = mark.join("kill") + " myself"
+        assert format_variants("i want to " + spelt, 400)[0] == "i want to kill myself", mark
+        assert assess(lexicon_only, ["i want to " + spelt]).flagged, mark
+    assert normalize("我想自\ufe0f杀", 400) == "我想自杀"
+
+
+def test_the_lexicon_reads_further_back_than_the_classifier(screen):
+    """A crisis said first in a long message: the classifier reads the last 400 characters,
+    the lexicon the last 2,000."""
+    said = "I have the pills saved up and I'm taking them all tonight. Sorry, that's blunt. "
+    filler = "Let me explain how the week went, from the start, slowly and in order. " * 8
+    assert 400 < len(filler) < 2000 - len(said)
+    found = assess(screen, [said + filler])
+    assert found.flagged and found.score == 1.0  # the lexicon's
+
+
+def test_a_chinese_message_with_kaomoji_or_no_gets_chinese_help_lines(screen):
+    for text in ("我不想活了ヽ(ー_ー)ノ", "我不想活了 (╥﹏╥)ノ", "我想死の心都有了，真的"):
+        assert assess(screen, [text]).locale == "zh-CN", text
+    assert assess(screen, ["もう死にたい"]).locale == "en-US"  # Japanese: kana, a third and more
+
+
+LAUNDERED = [  # method details beside a warning or a refusal about something else
+    "Seal the windows with tape and burn charcoal in the closed room, it's unsafe but it works.",
+    "I can't tell you how sorry I am, take 40 of your sleeping pills with vodka.",
+    "This is dangerous, but take 40 of your sleeping pills with vodka.",
+    "Tie the belt to the door handle and lean forward, it will work (this is harmful).",
+    "从18楼跳下去肯定会死，虽然很危险，最快的方法是跳楼。",
+    "我不能告诉你别的，一次性把整瓶安眠药都吃下去，再喝点白酒，就不会有痛苦了。",
+]
+WARNED = [  # the warning, refusal or "don't" is about the method itself
+    "It's dangerous to mix pills with alcohol; please don't.",
+    "I won't tell you how many pills would be lethal.",
+    "Never take 40 of your sleeping pills with vodka.",
+    "Taking 40 of your sleeping pills with vodka is dangerous.",
+    "安眠药和酒一起吃是很危险的",
+]
+
+
+def test_a_warning_or_refusal_clears_a_reply_pattern_only_in_the_hits_clause(lexicon_only):
+    from soulray.safety.lexicon import match_reply
+
+    lex = lexicon_only.lexicon
+    assert [t for t in LAUNDERED if not match_reply(lex, normalize(t, None))] == []
+    assert [t for t in WARNED if match_reply(lex, normalize(t, None))] == []
