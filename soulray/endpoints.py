@@ -10,6 +10,7 @@ dialogue and keep going.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import random
 from collections.abc import Iterable
@@ -127,13 +128,22 @@ def parse_completion(data: Any, base_url: str) -> ChatResult:
             raise TypeError(text)
     except (KeyError, IndexError, TypeError):
         raise EndpointError(f"bad_response: {base_url} answered {str(data)[:200]!r}") from None
-    usage = data.get("usage") or {}
+    usage = data.get("usage")
+    usage = usage if isinstance(usage, dict) else {}  # "usage": "none" is no count, no failure
     return ChatResult(
         text=text,
-        prompt_tokens=int(usage.get("prompt_tokens") or 0),
-        completion_tokens=int(usage.get("completion_tokens") or 0),
+        prompt_tokens=_count(usage.get("prompt_tokens")),
+        completion_tokens=_count(usage.get("completion_tokens")),
         extra={k: v for k, v in data.items() if k not in STANDARD_FIELDS},
     )
+
+
+def _count(value: Any) -> int:
+    """A token count from a reply's usage; 0 when it is none ("n/a", null, -1): the reply is
+    good, and a usage field out of shape failed the whole synth or eval run."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0
+    return max(0, int(value)) if math.isfinite(value) else 0
 
 
 def build_client(
@@ -176,7 +186,8 @@ def api_key(cfg: EndpointConfig) -> str:
     if not key:
         raise ValueError(
             f"endpoint {cfg.base_url}: environment variable {cfg.api_key_env} is not set; "
-            "export it or set api_key_env: null for an endpoint without a key"
+            "export it (in a job sent with `soulray submit`, pass it: --env "
+            f"{cfg.api_key_env}) or set api_key_env: null for an endpoint without a key"
         )
     return key
 

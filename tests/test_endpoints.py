@@ -135,6 +135,12 @@ def test_a_body_that_is_not_a_completion_is_an_endpoint_error() -> None:
         parse_completion({"error": "x"}, "u")
     with pytest.raises(EndpointError, match="bad_response: u answered .*123"):
         parse_completion({"choices": [{"message": {"content": 123}}]}, "u")  # not text
+    # a good reply with a usage out of shape counts no tokens: it failed the whole run
+    reply = {"choices": [{"message": {"content": "hi"}}]}
+    for usage in ("none", {"prompt_tokens": "n/a", "completion_tokens": float("inf")}, [3]):
+        assert parse_completion({**reply, "usage": usage}, "u") == ChatResult("hi", 0, 0)
+    counted = {"prompt_tokens": 7.0, "completion_tokens": True}
+    assert parse_completion({**reply, "usage": counted}, "u") == ChatResult("hi", 7, 0)
 
 
 def test_a_200_whose_body_is_not_json_fails_that_request_only() -> None:

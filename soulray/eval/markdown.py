@@ -236,7 +236,9 @@ def render_summary(report: dict[str, Any], output_dir: str) -> str:
         )
     for model, v in s["interactive"].items():
         total = (
-            f"judge total {with_ci(v['judge']['scores']['total'])}" if v["judge"] else "no judge"
+            f"judge total {with_ci(v['judge']['scores']['total'])}"
+            if v["judge"]
+            else "no dialogue judged"
         )
         lines.append(f"{model} dialogues: {v['dialogues']} ({v['failed']} failed), {total}")
     if "gate" in report:

@@ -107,6 +107,10 @@ class PhaseStore:
         self.reused.append(label)
         return entry["value"]
 
+    def forget_reuse(self, phase: str, key: str) -> None:
+        """A phase load() returned is run again whole after all: not reused."""
+        self.reused.remove(self._label(phase, key))
+
     def saved_fingerprint(self, phase: str, key: str) -> str | None:
         """The fingerprint a saved phase was computed from (with --resume), or None."""
         entry = self._entries(phase).get(key) if self.resume else None

@@ -155,6 +155,7 @@ def check_config(cfg: EvalConfig, baseline: str | None) -> None:
             "eval.interactive needs a Seeker: set eval.interactive.seeker (an endpoint) or "
             "eval.judge.endpoint (which then plays the Seeker too)"
         )
+    load_rubric(cfg.judge.rubric)  # a typo of a built-in name or a bad file: before Ray starts
     if cfg.contexts is not None:
         source_files(cfg.contexts)  # a bad prepared_dir or input path: before Ray starts
     if cfg.interactive.enabled:
@@ -403,18 +404,25 @@ def run_interactive(
         [dataclasses.asdict(s) for s in scenarios],
         load_prompts(e.interactive.seeker_prompts, "eval.interactive.seeker_prompts"),
     )
-    dialogues = store.load("dialogues", "all", fp)
+    dialogues = store.load("dialogues", "all", fp, announce=False)
     if dialogues is None:
         dialogues = ray.get(call(interactive_task, e, rubric, scenarios))
         store.save("dialogues", "all", fp, dialogues)
         return scenarios, dialogues
     again = failed_dialogues(dialogues)
-    if again:  # only those are played again: the others keep their dialogues and scores
+    replayed = sum(map(len, again.values()))
+    kept = sum(map(len, dialogues.values())) - replayed
+    if not again:
+        log.info("eval --resume: reused the %d saved dialogues", kept)
+    else:  # only those are played again: the others keep their dialogues and scores
         log.info(
-            "eval --resume: playing again the %d saved dialogues an endpoint failed (%s)",
-            sum(map(len, again.values())),
+            "eval --resume: kept %d saved dialogues; playing again the %d an endpoint failed (%s)",
+            kept,
+            replayed,
             ", ".join(f"{m}: {len(idx)}" for m, idx in again.items()),
         )
+        if kept == 0:  # none reused: the report must not say so
+            store.forget_reuse("dialogues", "all")
         by_name = {m.name: m for m in e.models}
         refs = {
             model: call(

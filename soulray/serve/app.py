@@ -174,7 +174,8 @@ def build_api(state: IngressState, metrics: IngressMetrics | None = None) -> Fas
         authorize(state, request)
         body = await read_body(request, state.cfg.max_request_bytes)
         req = parse_request(body, state.cfg.ignore_unknown_fields)
-        model = req.model or state.cfg.model_name
+        # absent: the served model; "" is a name, and no model has it (404, as OpenAI's API)
+        model = state.cfg.model_name if req.model is None else req.model
         check_model(state.cfg, model)
         prepared = await state.off_loop(prepare, state, req, new_completion_id())
         if model != state.cfg.model_name:
@@ -195,7 +196,9 @@ class ClosingStreamingResponse(StreamingResponse):
     the request counter (metrics.py) counts it instead of the 200."""
 
     def __init__(self, events: Any, prepared: Prepared) -> None:
-        super().__init__(events, media_type="text/event-stream")
+        # no proxy may cache or buffer the stream (nginx, the k8s ingress, buffers by default)
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        super().__init__(events, media_type="text/event-stream", headers=headers)
         self.prepared = prepared
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:

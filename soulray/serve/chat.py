@@ -51,6 +51,9 @@ from soulray.serve.schemas import (
 from soulray.serve.schemas import Delta as DeltaOut
 
 log = logging.getLogger("ray.serve.soulray")  # a child of Serve's logger: lands in replica logs
+# the finish_reason of a reply the crisis screen replaced (whole or streamed), OpenAI's for
+# content its filter flagged: a generic client learns that the text is not the model's
+REPLACED = "content_filter"
 
 
 @dataclass(slots=True)
@@ -294,8 +297,7 @@ async def complete(state: IngressState, p: Prepared, model: str) -> ChatCompleti
             Choice(
                 index=delta.index,
                 message=AssistantMessage(content=content),
-                # a replaced reply ends with the fixed one, as a streamed one does
-                finish_reason="stop" if guard.replaced else delta.finish_reason or "stop",
+                finish_reason=REPLACED if guard.replaced else delta.finish_reason or "stop",
                 logprobs=None if guard.replaced or fixed else _logprobs(p, delta.logprobs),
             )
         )
@@ -423,7 +425,7 @@ async def _events(
             if text or (logprobs is not None and logprobs.content):
                 yield chunk(DeltaOut(content=text), k, logprobs=logprobs)
             if guards[k].replaced is not None:
-                last[k] = Delta("", delta.tokens, "stop", k)
+                last[k] = Delta("", delta.tokens, REPLACED, k)
                 ended.add(k)
                 if len(ended) == n:
                     break

@@ -95,7 +95,7 @@ def run_chat(
         messages.append({"role": "user", "content": said})
         out.write("bot> ")
         try:
-            reply, strategy = stream_reply(client, name, messages, max_tokens, out)
+            reply, strategy = _reply_dropping_oldest(client, name, messages, max_tokens, out)
         except openai.APIConnectionError:
             raise
         except openai.APIError as e:
@@ -110,6 +110,39 @@ def run_chat(
         if strategy:
             messages[-1]["strategy"] = strategy
     return messages
+
+
+def _too_long(e: Exception) -> bool:
+    """The server's refusal of a conversation for its size (serve.max_request_bytes,
+    serve.max_messages), which fewer old turns cure."""
+    import openai
+
+    if not isinstance(e, openai.APIStatusError):
+        return False
+    code = e.body.get("code") if isinstance(e.body, dict) else None
+    return e.status_code == 413 or code == "too_many_messages"
+
+
+def _reply_dropping_oldest(
+    client: Any, name: str, messages: list[dict[str, str]], max_tokens: int, out: TextIO
+) -> tuple[str, str | None]:
+    """stream_reply; a conversation the server refuses for its size loses its oldest exchange
+    (in place) and is sent again, until the newest message alone is left. The server keeps only
+    the newest turns that fit the context anyway; without this, every later message of a long
+    chat was refused."""
+    dropped = 0
+    while True:
+        try:
+            got = stream_reply(client, name, messages, max_tokens, out)
+        except Exception as e:
+            if not _too_long(e) or len(messages) <= 1:
+                raise
+            del messages[: 2 if len(messages) > 2 else 1]  # a user turn and its reply
+            dropped += 1
+            continue
+        if dropped:
+            out.write(f"\n  [the server's size limit: dropped the {dropped} oldest exchange(s)]\n")
+        return got
 
 
 def ask_once(

@@ -85,14 +85,21 @@ def parse_chat_request(data: dict[str, Any], ignore_unknown: bool) -> ChatComple
     try:
         return ChatCompletionRequest.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
+        errors = e.errors()
+        # a union's members each report (content: "a valid string" and the list's part error):
+        # the one that reached deepest is about what was sent ("messages[0].content[0].type")
+        parent = errors[0]["loc"][:-1]
+        first = max(
+            (x for x in errors if x["loc"][: len(parent)] == parent), key=lambda x: len(x["loc"])
+        )
         where = field_path(first["loc"], unknown=first["type"] == "extra_forbidden")
         raise APIError(400, f"{where}: {first['msg']}", param=where) from None
 
 
 def field_path(loc: tuple[Any, ...], unknown: bool = False) -> str:
-    """A validation error's location as the request's own path, `messages[0].content`: list
-    indices in brackets, and pydantic's union-member tags (`content.str`) left out; `unknown`:
+    """A validation error's location as the request's own path, `messages[0].content[0].type`:
+    list indices in brackets, and pydantic's union-member tags (`content.list[ContentPart]`) and
+    mapping keys left out; `unknown`:
     the last part is a key the request may not have (`stream_options.zzz`)."""
     fields = set(ChatCompletionRequest.model_fields) | set(ChatMessage.model_fields)
     fields |= set(StreamOptions.model_fields) | set(ContentPart.model_fields)
@@ -102,8 +109,7 @@ def field_path(loc: tuple[Any, ...], unknown: bool = False) -> str:
             path += f"[{part}]"
         elif part in fields or (unknown and k == len(loc) - 1):
             path += f".{part}" if path else str(part)
-        else:
-            break
+        # else a union member's tag ("str", "list[ContentPart]") or a mapping's key: left out
     return path or "body"
 
 

@@ -191,13 +191,23 @@ def check_messages(
     template would write it as that token, so a user could forge a system or assistant turn."""
     if len(messages) > cfg.max_messages:
         raise APIError(
-            400, f"too many messages ({len(messages)} > {cfg.max_messages})", param="messages"
+            400,
+            f"too many messages ({len(messages)} > {cfg.max_messages}, serve.max_messages): "
+            "send fewer of the oldest turns (the server keeps only the newest that fit anyway)",
+            param="messages",
+            code="too_many_messages",
         )
     for i, m in enumerate(messages):
         if m.content is None and m.role != "assistant":  # OpenAI's API: only a reply's may be
             raise APIError(
                 400,
                 f"messages[{i}]: a {m.role} message needs content (a string or text parts)",
+                param=f"messages[{i}].content",
+            )
+        if isinstance(m.content, list) and not m.content:  # as OpenAI's API: one part at least
+            raise APIError(
+                400,
+                f"messages[{i}].content is an empty list; send a string or at least one text part",
                 param=f"messages[{i}].content",
             )
         if isinstance(m.content, list) and any(p.type != "text" for p in m.content):
@@ -251,7 +261,8 @@ def check_messages(
     if late is not None:
         raise APIError(
             400,
-            f"messages[{late}]: a system message may only come first; merge it into messages[0]",
+            f"messages[{late}]: a {messages[late].role} message may only come first (one "
+            "system or developer message); merge it into messages[0]",
             param=f"messages[{late}].role",
         )
     if out[0]["role"] != "system" and system_prompt:

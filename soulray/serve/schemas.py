@@ -86,10 +86,12 @@ class ChatMessage(BaseModel):
     strategy: str | None = None
 
     def text(self) -> str:
-        """The message as plain text (text parts joined; other parts are refused upstream)."""
+        """The message as plain text: text parts joined with a newline, as vLLM joins them (other
+        parts are refused upstream). Joined with nothing, ["I want to die", "Nobody cares"] read
+        "dienobody" to the crisis screen and to the model."""
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
-        return "".join(part.text or "" for part in self.content)
+        return "\n".join(part.text or "" for part in self.content)
 
 
 class StreamOptions(BaseModel):

@@ -71,6 +71,11 @@ def test_run_checks_before_any_request(monkeypatch, server):
     not_prepared = {"source": "prepared", "prepared_dir": "/nowhere"}
     with pytest.raises(ValueError, match="is not a `soulray prepare` output"):
         check_config(EvalConfig(models=models("a", base_url=url), contexts=not_prepared), None)
+    typo = {"rubric": "soulchta"}  # found before Ray starts, not after it (exit 2)
+    with pytest.raises(ValueError, match="eval.judge.rubric 'soulchta' is neither a built-in"):
+        check_config(
+            EvalConfig(models=models("a", base_url=url), contexts=contexts, judge=typo), None
+        )
     assert_never_asked(server)
 
 

@@ -140,6 +140,8 @@ def test_sse_framing_ends_with_done(tiny_export, tmp_path, caplog):
         resp = call(api, "POST", "/v1/chat/completions", json=body)
     assert not [r for r in caplog.records if "went away" in r.getMessage()]  # read to its end
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+    # no proxy may hold the stream back (nginx, the k8s ingress, buffers by default)
+    assert (resp.headers["cache-control"], resp.headers["x-accel-buffering"]) == ("no-cache", "no")
     events = resp.text.split("\n\n")
     assert events[-2] == "data: [DONE]" and events[-1] == ""
     payloads = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
@@ -370,6 +372,8 @@ def test_error_paths_are_openai_shaped_and_the_server_keeps_serving(tiny_export,
     assert (card["id"], card["object"], card["owned_by"]) == ("soulray", "model", "soulray")
     missing = assert_openai_error(call(api, "GET", "/v1/models/gpt-4o"), 404)
     assert (missing["param"], missing["code"]) == ("model", "model_not_found")
+    unnamed = assert_openai_error(call(api, "POST", post, json={**ok, "model": ""}), 404)
+    assert unnamed["code"] == "model_not_found"  # "" is a name no model has, as OpenAI's API
     assert_openai_error(call(api, "GET", "/v1/models/soulray", key="wrong"), 401)
 
 

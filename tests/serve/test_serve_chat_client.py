@@ -32,3 +32,23 @@ def test_server_errors_are_shown_and_the_chat_goes_on() -> None:
     assert "[error: request timed out after 300 s]" in text
     assert text.count("(that message was not kept; send it again or another)") == 2
     assert text.endswith("That sounds hard \n\n")  # the reply, then a newline at the end
+
+
+def test_a_conversation_too_big_for_the_server_drops_its_oldest_exchanges() -> None:
+    """serve.max_request_bytes (413) and serve.max_messages refused every later message of a
+    long chat: the client drops its oldest exchange and sends again, and says so."""
+
+    def answer(body):
+        if len(body["messages"]) > 3:
+            return Reply("the request body is over this server's limit", status=413)
+        return f"ok {body['messages'][-1]['content']}"
+
+    with ScriptedOpenAI(answer) as server:
+        out = io.StringIO()
+        kept = run_chat(server.url, None, None, 32, ["a", "b", "c", "d"], out)
+        asked = [[m["content"] for m in r["messages"]] for r in server.requests]
+    assert asked[-2:] == [["b", "ok b ", "c", "ok c ", "d"], ["c", "ok c ", "d"]]
+    assert [m["content"] for m in kept] == ["c", "ok c ", "d", "ok d "]
+    text = out.getvalue()
+    assert text.count("[the server's size limit: dropped the 1 oldest exchange(s)]") == 2
+    assert "[error" not in text

@@ -226,11 +226,12 @@ def test_a_streamed_sentence_is_sent_only_after_the_next_is_screened_with_it(
     if crisis:
         assert "\n\nOkay. Here is how.\n\n" + fixed in content
     assert payloads[-1]["safety"]["reply_replaced"]
-    assert payloads[-1]["choices"][0]["finish_reason"] == "stop"
+    assert payloads[-1]["choices"][0]["finish_reason"] == "content_filter"
 
 
-def test_a_replaced_reply_ends_with_stop_whole_or_streamed(tiny_export, tmp_path):
-    """The engine stopped at max_tokens, but the reply sent is the fixed one, complete."""
+def test_a_replaced_reply_ends_with_content_filter_whole_or_streamed(tiny_export, tmp_path):
+    """The engine stopped at max_tokens, but the reply sent is the fixed one, complete: it ends
+    with OpenAI's `content_filter`, whole or streamed."""
     pieces = [*METHOD[:-1], "painful and"]
 
     class Cut(PiecesEngine):
@@ -246,7 +247,7 @@ def test_a_replaced_reply_ends_with_stop_whole_or_streamed(tiny_export, tmp_path
             finish = events(resp.text)[-1]["choices"][0]["finish_reason"]
         else:
             finish = resp.json()["choices"][0]["finish_reason"]
-        assert finish == "stop", stream
+        assert finish == "content_filter", stream
     api, _ = make_api(tiny_export, tmp_path, engine=Cut(["What happened ", "today and"]))
     body = {"messages": [{"role": "user", "content": "I had a rough day"}]}
     assert call(api, "POST", POST, json=body).json()["choices"][0]["finish_reason"] == "length"

@@ -222,7 +222,7 @@ def test_wrong_json_types_are_refused_with_the_requests_own_path():
         ({"temperature": "0.5"}, "temperature"),
         ({"stop": 5}, "stop"),
         ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
-        ({"messages": [*HELLO, {"role": "user", "content": [{}]}]}, "messages[1].content"),
+        ({"messages": [*HELLO, {"role": "user", "content": [{}]}]}, "messages[1].content[0].type"),
         ({"stream": True, "stream_options": {"zzz": 1}}, "stream_options.zzz"),
         ({"logit_bias": {"9" * 5000: 1}}, "logit_bias"),
     ]
@@ -230,6 +230,10 @@ def test_wrong_json_types_are_refused_with_the_requests_own_path():
         with pytest.raises(APIError) as e:
             parse_chat_request({"messages": HELLO, **extra}, ignore_unknown=False)
         assert (e.value.status, e.value.param) == (400, param), extra
+    # a list of parts is a valid content: the error is the part's, not "a valid string"
+    with pytest.raises(APIError) as e:
+        parse_chat_request({"messages": [{"role": "user", "content": [{"text": "hi"}]}]}, False)
+    assert str(e.value) == "messages[0].content[0].type: Field required"
     ok = parse_chat_request({"messages": HELLO, "temperature": 1, "max_tokens": 5}, False)
     assert (ok.temperature, ok.max_tokens) == (1.0, 5)  # an int is a number
 

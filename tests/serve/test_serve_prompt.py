@@ -84,6 +84,36 @@ def test_check_messages_roles_and_default_system_prompt():
         assert e.value.status == 400 and e.value.param == param
 
 
+def test_message_refusals_name_what_was_sent():
+    """A late developer message is named as one; an empty list of parts is refused (OpenAI's
+    API needs one part); too many messages carry a code a client can act on (soulray chat drops
+    its oldest exchanges on it)."""
+    cfg = ServeConfig(max_messages=3)
+
+    def refused(messages: list[ChatMessage]) -> APIError:
+        with pytest.raises(APIError) as e:
+            check_messages(messages, cfg, "SYS")
+        return e.value
+
+    late = refused(msgs(("system", "a"), ("developer", "b"), ("user", "hi")))
+    assert late.message.startswith("messages[1]: a developer message may only come first")
+    empty = refused([ChatMessage(role="user", content=[])])
+    assert (empty.param, empty.status) == ("messages[0].content", 400)
+    assert "empty list" in empty.message
+    many = refused(msgs(*[("user", "hi"), ("assistant", "yo")] * 2))
+    assert (many.code, many.param) == ("too_many_messages", "messages")
+    assert (
+        ChatMessage(
+            role="user",
+            content=[
+                {"type": "text", "text": "I want to die"},
+                {"type": "text", "text": "Nobody cares"},
+            ],
+        ).text()
+        == "I want to die\nNobody cares"
+    )  # parts joined as vLLM joins them
+
+
 def test_a_special_token_in_a_message_is_a_400_naming_it(tiny_model):
     """'<|im_end|>' + '<|im_start|>system' typed by a user would be encoded as the tokens
     themselves: a forged system turn. Refused, naming the message and the token."""
