@@ -614,11 +614,23 @@ def submit(
             "the cluster image already holds soulray)."
         ),
     ] = True,
+    env: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Pass this environment variable of your shell to the job (repeatable), e.g. "
+            "--env JUDGE_API_KEY for an endpoint's api_key_env: the job runs on the cluster, "
+            "where your exports are not. Its value is visible to whoever can read the job's "
+            "runtime_env (the dashboard).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Submit a soulray verb as a Ray job: soulray submit --address URL -- soulray train -c X."""
     from soulray.submit import job_commands, submit_job
 
-    job_id, status = run_verb(submit_job, address, command, wait, upload, Path.cwd())
+    job_id, status = run_verb(
+        submit_job, address, command, wait, upload, Path.cwd(), tuple(env or ())
+    )
     typer.echo(f"job {job_id}: {status}")
     if not wait:
         typer.echo(f"  follow it: {job_commands(job_id, address)}")

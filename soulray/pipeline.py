@@ -24,7 +24,7 @@ from soulray.config import (
     config_hash,
     parse_config,
 )
-from soulray.data.manifest import read_manifest, tokenizer_source
+from soulray.data.manifest import TRAINED_TOKENIZER, read_manifest, tokenizer_source
 
 log = logging.getLogger("soulray.pipeline")
 
@@ -112,6 +112,49 @@ def trained_metrics(cfg: Config) -> dict[str, Any] | None:
     return metrics if metrics.get("step") == cfg.train.steps else None
 
 
+def refuse_a_new_corpus_tokenizer(cfg: Config) -> None:
+    """Prepare about to run again over data whose tokenizer it trained on the corpus, for a
+    run with checkpoints: it would train another tokenizer (most ids move), which the run's
+    checkpoints cannot resume on; refused before the data is replaced."""
+    from soulray.train.launch import resolve_paths, saved_run_config
+
+    if tokenizer_source(cfg) != TRAINED_TOKENIZER or read_manifest(cfg.data.output_dir) is None:
+        return
+    if saved_run_config(resolve_paths(cfg), quiet=True) is None:
+        return
+    raise ValueError(
+        f"train.run_name={cfg.train.run_name} has checkpoints trained on the tokenizer prepare "
+        f"trained on the corpus in {cfg.data.output_dir}; data.inputs or data.* changed, so "
+        "prepare would train another one, whose token ids the checkpoints cannot resume on. Set "
+        "a new train.run_name to train on the new data, or put data.inputs and data.* back"
+    )
+
+
+def refuse_finished_on_other_data(cfg: Config) -> None:
+    """A run that finished training on data prepared again since (data.inputs or data.*
+    changed, so prepare ran) is refused: its export would be skipped as this config's, or made
+    again from the same checkpoint, a model of data that is gone, without a word."""
+    from soulray.train.launch import (
+        latest_checkpoint_step,
+        prepared_again,
+        resolve_paths,
+        saved_run_config,
+    )
+
+    resolved = resolve_paths(cfg)
+    saved = saved_run_config(resolved, quiet=True)
+    if saved is None or latest_checkpoint_step(resolved) < cfg.train.steps:
+        return  # nothing, or a run that goes on: training warns of the data it resumes on
+    data = storage.normalize(resolved.train_data_dir)
+    if prepared_again(saved[1], data):
+        raise ValueError(
+            f"train.run_name={cfg.train.run_name} finished training ({cfg.train.steps} steps) "
+            f"on data that {data} no longer holds: it was prepared again since (data.inputs or "
+            "data.* changed), and its model is of the old data. Set a new train.run_name to "
+            "train on the new data, or put the inputs back"
+        )
+
+
 def timed(name: str, run: Callable[[], str], skip: str | None) -> StageResult:
     if skip is not None:
         log.info("%s: skipped, %s", name, skip)
@@ -178,8 +221,10 @@ def run_pipeline(cfg: Config) -> list[StageResult]:
             from soulray.train.launch import refuse_resume_changes, resolve_paths
 
             refuse_resume_changes(resolve_paths(cfg))
+            refuse_a_new_corpus_tokenizer(cfg)
         results.append(timed("prepare", lambda: run_prepare_stage(cfg), skip))
     if "train" in stages:
+        refuse_finished_on_other_data(cfg)
         metrics = trained_metrics(cfg)
         skip = (
             f"{cfg.train.export_dir} holds this config's model (step {metrics['step']})"

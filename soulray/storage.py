@@ -187,14 +187,30 @@ def expand_inputs(
 
 
 def files_fingerprint(files: list[str]) -> str:
-    """A short hash of the files' paths, sizes and modification times: it changes when one is
-    edited, added or removed (their content is not read)."""
+    """A short hash of the files, in order: it changes when one is edited, added or removed.
+    A local file counts by its size and content, not its path or modification time: a Ray
+    job's upload of the project unpacks the same files under a new path with new times on
+    every submission, and each was read as changed inputs (prepare ran again; on a real corpus,
+    hours). A remote file (s3://, gs://) counts by its path, size and modification time (its
+    content is not downloaded for this)."""
     digest = hashlib.sha256()
     for file in files:
         fs, inner = resolve(file)
         info = fs.get_file_info(inner)
-        digest.update(f"{file}\0{info.size}\0{info.mtime_ns}\n".encode())
+        if isinstance(fs, pafs.LocalFileSystem):
+            digest.update(f"{info.size}\0{content_hash(inner)}\n".encode())
+        else:
+            digest.update(f"{file}\0{info.size}\0{info.mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
+
+
+def content_hash(path: str, chunk: int = 1 << 20) -> str:
+    """blake2b of a local file's bytes (~1 GB/s on one core)."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _excluded(path: str, exclude: list[str]) -> bool:
@@ -212,6 +228,15 @@ def _expand_one(
             listed = _all_files(item)  # one listing for what is read and what is not
             own = [f for f, _ in listed if _excluded(f, exclude)]
             files = [(f, rel) for f, rel in listed if not _excluded(f, exclude)]
+            earlier = _prepare_outputs([rel for _, rel in files])
+            if earlier:
+                log.warning(
+                    "warning: %s: not read: what an earlier `soulray prepare` wrote in %s (its "
+                    "manifest, rows, tokenizer and rejects: prepared data is no corpus)",
+                    item,
+                    ", ".join(f"{r}/" if r else "the folder itself" for r in earlier),
+                )
+                files = [(f, rel) for f, rel in files if not _prepared_file(rel, earlier)]
             found = sorted(f for f, rel in files if _listed(f, rel, suffixes))
             skipped = sorted(rel for f, rel in files if _worth_naming(f, rel, suffixes))
             if skipped:
@@ -231,6 +256,33 @@ def _expand_one(
     return [f for f in matches if not _excluded(f, exclude)], [
         f for f in matches if _excluded(f, exclude)
     ]
+
+
+def _prepare_outputs(rels: list[str]) -> list[str]:
+    """The folders (relative; "" for the directory itself) under a directory input that hold an
+    earlier prepare's output: a manifest.json beside train/, val/ or tokenizer/. Read as corpus,
+    its Parquet rows, tokenizer files and rejects became thousands of rejects."""
+    roots = {r.rpartition("/")[0] for r in rels if r.rpartition("/")[2] == "manifest.json"}
+    return sorted(
+        root
+        for root in roots
+        if any(r.startswith(f"{root}/{sub}/" if root else f"{sub}/") for r in rels for sub in _ROWS)
+    )
+
+
+_ROWS = ("train", "val", "tokenizer")
+
+
+def _prepared_file(rel: str, roots: list[str]) -> bool:
+    """Whether a file is one of what prepare writes (soulray.data.manifest.OUTPUTS) in one of
+    these folders: a corpus file beside them is still read."""
+    from soulray.data.manifest import OUTPUTS
+
+    for root in roots:
+        inner = rel[len(root) + 1 :] if root else rel
+        if (not root or rel.startswith(root + "/")) and inner.split("/")[0] in OUTPUTS:
+            return True
+    return False
 
 
 def _glob(item: str, suffixes: tuple[str, ...]) -> list[str]:

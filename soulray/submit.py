@@ -67,10 +67,19 @@ def build_entrypoint(command: list[str], upload: bool) -> str:
     return shlex.join([*launcher, *command])
 
 
-def build_runtime_env(project: Path, upload: bool) -> dict[str, Any]:
+def build_runtime_env(project: Path, upload: bool, forward: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The job's runtime_env: the upload, and the environment variables `forward` names (an
+    endpoint's key for synth or eval, say: the job's driver reads it on the cluster, where this
+    shell's exports are not) taken from this shell, with SOULRAY_DEBUG when it is set."""
     env: dict[str, Any] = {"working_dir": str(project), "excludes": EXCLUDES} if upload else {}
-    if os.environ.get("SOULRAY_DEBUG"):  # full tracebacks in the job's logs too
-        env["env_vars"] = {"SOULRAY_DEBUG": os.environ["SOULRAY_DEBUG"]}
+    missing = [name for name in forward if not os.environ.get(name)]
+    if missing:
+        raise ValueError(
+            f"--env {missing[0]}: the variable is not set in this shell; export it first"
+        )
+    names = [*forward, *(["SOULRAY_DEBUG"] if os.environ.get("SOULRAY_DEBUG") else [])]
+    if names:  # SOULRAY_DEBUG: full tracebacks in the job's logs too
+        env["env_vars"] = {name: os.environ[name] for name in names}
     return env
 
 
@@ -142,10 +151,16 @@ def relative_outputs(command: list[str]) -> list[str]:
 
 
 def submit_job(
-    address: str | None, command: list[str], wait: bool, upload: bool, project: Path
+    address: str | None,
+    command: list[str],
+    wait: bool,
+    upload: bool,
+    project: Path,
+    forward: tuple[str, ...] = (),
 ) -> tuple[str, str]:
     """Submit; with wait, stream the logs until the job ends. Returns (job id, final status)."""
     entrypoint = build_entrypoint(command, upload)
+    runtime_env = build_runtime_env(project, upload, forward)
     if upload:
         check_project(project)
         for output in relative_outputs(command):
@@ -169,7 +184,7 @@ def submit_job(
         verb = command[1] if command[:1] == ["soulray"] and len(command) > 1 else command[0]
         job_id = client.submit_job(
             entrypoint=entrypoint,
-            runtime_env=build_runtime_env(project, upload),
+            runtime_env=runtime_env,
             # a random tail: two submissions in one second get two ids
             submission_id=f"soulray-{verb}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}",
             metadata={"soulray_command": shlex.join(command)},

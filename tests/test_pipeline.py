@@ -86,7 +86,11 @@ def test_rerun_after_a_killed_driver_resumes_instead_of_starting_over(tmp_path) 
     assert third.returncode == 0, third.stderr[-3000:]
     assert "prepare  skipped" in third.stdout and "train    skipped" in third.stdout
 
-    # new inputs: prepare runs again, and training, already at its last step, only exports
+    # new inputs: prepare would train another tokenizer on them, whose ids the run's
+    # checkpoints are not of; refused before the data is replaced (the export was made again
+    # from the same checkpoint, a model of data that was gone, or a resume trained on other ids)
+    exported = (tmp_path / "model" / "model.safetensors").stat().st_mtime_ns
+    prepared = (tmp_path / "data" / "manifest.json").read_text()
     corpus = tmp_path / "more.jsonl"
     samples = [
         (ROOT / "jobs" / "data" / n).read_text() for n in ("sample_zh.jsonl", "sample_en.jsonl")
@@ -106,10 +110,15 @@ def test_rerun_after_a_killed_driver_resumes_instead_of_starting_over(tmp_path) 
         text=True,
         timeout=600,
     )
-    assert fourth.returncode == 0, fourth.stderr[-3000:]
-    assert "prepare  ran" in fourth.stdout
-    assert "step 16, nothing to train (the run was already there), exported again" in fourth.stdout
+    assert fourth.returncode == 1, fourth.stdout[-3000:]
+    assert (
+        "error: train.run_name=quickstart has checkpoints trained on the tokenizer prepare "
+        f"trained on the corpus in {tmp_path}/data; data.inputs or data.* changed" in fourth.stderr
+    ), fourth.stderr[-3000:]
+    assert "Set a new train.run_name" in fourth.stderr
+    assert (tmp_path / "data" / "manifest.json").read_text() == prepared
     assert len(metrics.read_text().splitlines()) == 16  # no step trained again
+    assert (tmp_path / "model" / "model.safetensors").stat().st_mtime_ns == exported
 
 
 def test_an_export_made_with_a_kept_lr_still_counts_as_this_config(tmp_path) -> None:

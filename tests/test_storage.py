@@ -417,3 +417,47 @@ def test_an_unreachable_object_store_is_one_clear_error(monkeypatch):
     assert message.startswith("data.inputs entry 's3://corpus/a.jsonl' cannot be listed: ")
     assert "Could not connect to server" in message and "AWS_ACCESS_KEY_ID" in message
     assert info.value.__suppress_context__  # `from None`: the CLI prints this line alone
+
+
+def test_local_inputs_count_by_content_not_by_path_or_time(tmp_path):
+    """A Ray job's upload unpacks the same corpus under a new path with new times on every
+    submission: read as changed inputs, prepare ran again each time."""
+    import os
+    import shutil
+
+    from soulray.storage import files_fingerprint
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    (first / "x.jsonl").write_text('{"messages": []}\n')
+    (first / "y.jsonl").write_text('{"messages": [1]}\n')
+    shutil.copytree(first, second)
+    os.utime(second / "x.jsonl", ns=(1, 1))
+    listed = [str(first / "x.jsonl"), str(first / "y.jsonl")]
+    moved = [str(second / "x.jsonl"), str(second / "y.jsonl")]
+    assert files_fingerprint(listed) == files_fingerprint(moved)
+    assert files_fingerprint(listed) != files_fingerprint(listed[::-1])  # the order is read
+    (second / "y.jsonl").write_text('{"messages": [2]}\n')  # same size, one byte changed
+    assert files_fingerprint(listed) != files_fingerprint(moved)
+
+
+def test_an_earlier_prepare_output_inside_an_input_folder_is_not_read(tmp_path, caplog):
+    """data.output_dir changed between runs, the old output left inside the input folder: its
+    rows, tokenizer, manifest and rejects were read as corpus (one reject each)."""
+    for name in (
+        "corpus/a.jsonl",
+        "corpus/old/train/part=0/r.parquet",
+        "corpus/old/tokenizer/tokenizer.json",
+        "corpus/old/manifest.json",
+        "corpus/old/rejects.jsonl",
+        "corpus/old/notes.jsonl",  # not prepare's: read
+        "corpus/other/manifest.json",  # a manifest alone: no prepare output, read
+    ):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("{}")
+    with caplog.at_level("WARNING", logger="soulray.storage"):
+        found = storage.expand_inputs([str(tmp_path / "corpus")], JSON_KINDS)
+    assert found == [
+        str(tmp_path / "corpus" / n) for n in ("a.jsonl", "old/notes.jsonl", "other/manifest.json")
+    ]
+    assert "what an earlier `soulray prepare` wrote in old/" in caplog.text

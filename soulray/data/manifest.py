@@ -55,6 +55,13 @@ def data_fingerprint(data_dir: str) -> str | None:
     return hashlib.sha256(rows.encode()).hexdigest()[:16]
 
 
+def data_tokenizer_hash(data_dir: str) -> str | None:
+    """The hash of the tokenizer a prepared directory's token ids are of (its manifest's); None
+    without a manifest."""
+    manifest = read_manifest(data_dir)
+    return None if manifest is None else manifest.get("tokenizer", {}).get("hash")
+
+
 def tokenizer_source(cfg: Config) -> str:
     """What the manifest records as the tokenizer's source: the configured tokenizer's path,
     or TRAINED_TOKENIZER when prepare trains one on the corpus."""

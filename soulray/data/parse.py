@@ -153,7 +153,8 @@ KEPT_COLUMNS = ["conversation", "split", "hash", "location"]
 def load_kept(batch: pa.Table, work: str) -> pa.Table:
     """Ray Data map_batches over range ids: one range's kept rows, less its dropped records
     (their decisions sit in work/drops/<range>/: a join by position, not a shuffle).
-    Duplicates go to work/rejects/<range>.b.jsonl with the text of the record."""
+    Duplicates go to work/rejects/<range>.b.jsonl with the conversation as parsed (soulray's
+    form, not the file's text) and the location of the record."""
     import pyarrow.parquet as pq
 
     rid = batch.column("rid")[0].as_py()

@@ -474,6 +474,9 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     # the manifest marks a finished prepare: an earlier one's goes now, so that this run, if it
     # fails, leaves no output that `soulray train` would take for data prepared by this config
     storage.delete_file(manifest_path(out))
+    # an earlier run's rejects too: a run refused later (--strict, an empty split) must not
+    # leave them looking like its own
+    storage.delete_file(storage.join(out, "rejects.jsonl"))
     storage.delete_dir(work)
     storage.makedirs(storage.join(work, "parsed"))
     with ThreadPoolExecutor(1) as pool:
@@ -502,12 +505,17 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
         )
     if summary.kept == 0:
         write_rejects(work, rejects_path, [])
+        storage.delete_dir(work)  # the rejects hold every record; the parsed rows are no use
         raise ValueError(  # the first reason says most (a wrong data.format names the fix)
             f"no conversation survived cleaning ({summary.records} record(s) rejected: "
             f"{dict(summary.rejected)}); the first: {summary.first_error}; see {rejects_path} "
             "for each one"
         )
-    check_splits(summary.kept_by_split, d.val_fraction)
+    try:
+        check_splits(summary.kept_by_split, d.val_fraction)
+    except ValueError:
+        storage.delete_dir(work)  # every cleaned conversation, on disk a second time
+        raise
     kept = ray.data.from_items(
         [{"rid": rid} for rid in rids], override_num_blocks=len(rids)
     ).map_batches(

@@ -17,8 +17,13 @@ from typing import Any
 from pydantic import BaseModel
 
 from soulray import storage
-from soulray.config import Config, TrainConfig
-from soulray.data.manifest import TRAINED_TOKENIZER, data_fingerprint, read_manifest
+from soulray.config import CONFIG_FILE, INCOMPLETE_FILE, Config, TrainConfig
+from soulray.data.manifest import (
+    TRAINED_TOKENIZER,
+    data_fingerprint,
+    data_tokenizer_hash,
+    read_manifest,
+)
 from soulray.train.feed import RankPlan, amplification_warning, plan_reads, rows_per_rank
 
 log = logging.getLogger("soulray.train")
@@ -257,6 +262,8 @@ def check_export_dir(cfg: Config) -> None:
         path = getattr(cfg.model, key.split(".")[1])
         if path and Path(path).expanduser().exists():
             inside.append((key, path))
+    # a corpus named by path (a glob or a folder above the export is no file of it)
+    inside += [("data.inputs", i) for i in cfg.data.inputs if not set(storage.GLOB_CHARS) & set(i)]
     for key, path in inside:
         inner = storage.normalize(path)
         if inner == export or inner.startswith(export.rstrip("/") + "/"):
@@ -265,6 +272,30 @@ def check_export_dir(cfg: Config) -> None:
                 "replaces everything in its directory and would delete it; export to a "
                 f"directory of its own, e.g. train.export_dir={export.rstrip('/')}/model"
             )
+    others = foreign_files(export)
+    if others:
+        raise ValueError(
+            f"train.export_dir {cfg.train.export_dir} holds files that are no soulray export "
+            f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): the export "
+            "replaces everything in its directory and would delete them; export to an empty "
+            f"or new directory, e.g. train.export_dir={export.rstrip('/')}/model"
+        )
+
+
+# what marks a directory as a soulray export (written first: _INCOMPLETE; last: the others)
+EXPORT_MARKERS = (CONFIG_FILE, "serving.json", INCOMPLETE_FILE)
+
+
+def foreign_files(export: str) -> list[str]:
+    """The files of a non-empty train.export_dir that is no earlier soulray export (none of
+    EXPORT_MARKERS at its top), relative to it; [] for a missing or empty one, or an export."""
+    if not storage.exists(export):
+        return []
+    files = storage.list_files(export)
+    top = {f[len(export.rstrip("/")) + 1 :].split("/")[0] for f in files}
+    if not files or top & set(EXPORT_MARKERS):
+        return []
+    return sorted(f[len(export.rstrip("/")) + 1 :] for f in files)
 
 
 def check_not_past_steps(cfg: Config) -> None:
@@ -456,6 +487,7 @@ def check_resume_config(cfg: Config) -> Config:
     def data(c: Config) -> str:
         return storage.normalize(c.train_data_dir)
 
+    check_resume_tokenizer(cfg, saved_path, data(cfg))
     if data(old) != data(cfg):
         log.warning(
             "train: resuming %s on train.data_dir=%s, but its checkpoints trained on %s: the "
@@ -494,6 +526,27 @@ def check_resume_config(cfg: Config) -> Config:
                 _value(cfg, key),
             )
     return with_kept(cfg, old)
+
+
+def check_resume_tokenizer(cfg: Config, saved_config: str, data_dir: str) -> None:
+    """A run resumed on data whose token ids are of another tokenizer than its checkpoints'
+    (prepare ran again and trained a new one on the corpus, 1,789 of 2,048 ids moved) trained
+    on, without a word, embeddings learned for other tokens. Checkpoints written before their
+    state recorded the tokenizer are not checked."""
+    from soulray.train.checkpoint import STATE_FILE
+
+    state = storage.join(saved_config.rsplit("/", 1)[0], STATE_FILE)
+    if not storage.exists(state):
+        return
+    trained = json.loads(storage.read_text(state)).get("tokenizer_hash")
+    now = data_tokenizer_hash(data_dir)
+    if trained is not None and now is not None and trained != now:
+        raise ValueError(
+            f"train.run_name={cfg.train.run_name} has checkpoints trained on token ids of another "
+            f"tokenizer than the data in {data_dir} has (it was prepared again with a new "
+            "one): resuming would train their embeddings on other tokens. Set a new "
+            "train.run_name to train on this data, or prepare with the run's tokenizer again"
+        )
 
 
 def prepared_again(saved_config: str, data_dir: str) -> bool:
@@ -727,9 +780,12 @@ def resolve_paths(cfg: Config) -> Config:
 
 
 def local_model(path: str | None) -> str | None:
-    """A local model path (prepare's rule: it starts with /, ./, ../ or ~) made absolute; a
-    hub id or None as is."""
-    if path is None or not path.startswith(("/", "./", "../", "~")):
+    """A local model path (prepare's rule: it starts with /, ./, ../ or ~; or it is a folder
+    here, as transformers reads "base" when ./base exists) made absolute: the workers run in
+    another directory, where "base" was looked up on the hub. A hub id or None as is."""
+    if path is None:
+        return path
+    if not path.startswith(("/", "./", "../", "~")) and not Path(path).is_dir():
         return path
     return storage.normalize(path)
 

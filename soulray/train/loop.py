@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from soulray.config import Config, TrainConfig
-from soulray.data.manifest import data_fingerprint
+from soulray.data.manifest import data_fingerprint, data_tokenizer_hash
 from soulray.train.checkpoint import export_model, load_checkpoint, save_checkpoint
 from soulray.train.data import Batch, to_tensors
 from soulray.train.feed import BatchSource, DataPosition, cycle
@@ -83,6 +83,8 @@ def train_loop(cfg: Config, rt: Runtime) -> dict[str, Any]:
         log_rank0(rt, "resumed from %s at step %d", restored, state["step"])
     # which data the saved position counts rows of (the launchers' resume check compares it)
     state["data_fingerprint"] = data_fingerprint(cfg.train_data_dir)
+    # and the tokenizer its ids are of: a resume on data prepared with another is refused
+    state["tokenizer_hash"] = data_tokenizer_hash(cfg.train_data_dir)
     start_step = state["step"]  # logged with every step: which attempt trained it
     if start_step > t.steps:
         raise ValueError(past_steps(start_step, t.steps))

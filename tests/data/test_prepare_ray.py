@@ -434,6 +434,7 @@ def test_an_output_inside_an_input_folder_is_not_read_back_and_a_failed_run_leav
         f"{out}/rejects.jsonl for each one"
     )
     assert not (out / "manifest.json").exists()
+    assert not (out / "_work").exists()  # the parsed rows: every record on disk a second time
     # files without a record: not "see rejects.jsonl for why" (it would be empty)
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "blank.jsonl").write_text("\n\n")
@@ -460,6 +461,7 @@ def test_a_missing_model_path_and_an_empty_train_split_are_refused_by_name(ray_l
         run_prepare(quickstart_config(["jobs/data/sample_en.jsonl"], a_file))
     with pytest.raises(ValueError, match="the train split is empty: data.val_fraction=0.99 sent"):
         run_prepare(quickstart_config(["jobs/data/sample_en.jsonl"], out, "data.val_fraction=0.99"))
+    assert out.exists() and not (out / "_work").exists()
 
 
 def test_a_train_split_left_without_rows_is_refused(ray_local, tmp_path):

@@ -422,3 +422,19 @@ def test_a_job_submitted_without_waiting_says_how_to_follow_it(tmp_path, monkeyp
         "  follow it: ray job logs --follow soulray-train-1 --address http://h:8265; stop it: "
         "ray job stop soulray-train-1 --address http://h:8265",
     ]
+
+
+def test_submit_passes_only_the_variables_named_and_refuses_one_unset(monkeypatch, tmp_path):
+    """--env NAME sends this shell's value to the job (an endpoint key the job's driver reads
+    on the cluster); a name not set here is refused by name, before anything is submitted."""
+    from soulray.submit import build_runtime_env
+
+    monkeypatch.setenv("JUDGE_API_KEY", "sk-test")
+    monkeypatch.setenv("OTHER_SECRET", "never-sent")
+    monkeypatch.delenv("SOULRAY_DEBUG", raising=False)
+    env = build_runtime_env(tmp_path, True, ("JUDGE_API_KEY",))
+    assert env["env_vars"] == {"JUDGE_API_KEY": "sk-test"}
+    assert "env_vars" not in build_runtime_env(tmp_path, True)
+    monkeypatch.delenv("JUDGE_API_KEY")
+    with pytest.raises(ValueError, match="--env JUDGE_API_KEY: the variable is not set"):
+        build_runtime_env(tmp_path, True, ("JUDGE_API_KEY",))

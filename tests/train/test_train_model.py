@@ -480,6 +480,9 @@ def test_a_relative_model_path_is_made_absolute_for_the_workers(tmp_path, monkey
     assert (model.name_or_path, model.tokenizer) == (f"{tmp_path}/m", f"{tmp_path.parent}/t")
     hub = resolve_paths(load_config(None, ["model.name_or_path=Qwen/Qwen2.5-7B-Instruct"]))
     assert (hub.model.name_or_path, hub.model.tokenizer) == ("Qwen/Qwen2.5-7B-Instruct", None)
+    (tmp_path / "base").mkdir()  # a folder here, named without ./: transformers reads it so
+    here = resolve_paths(load_config(None, ["model.name_or_path=base"])).model
+    assert here.name_or_path == f"{tmp_path}/base"
 
 
 def test_too_few_gpus_for_the_workers_is_warned_about(caplog) -> None:
@@ -592,6 +595,39 @@ def test_a_resume_on_data_prepared_again_into_its_folder_is_warned_about(tmp_pat
         caplog.text
     )
     assert "Set a new train.run_name to train on it from the start" in caplog.text
+    # prepared again with a new tokenizer (trained on the corpus): its ids are other tokens
+    state["tokenizer_hash"] = "old"
+    (checkpoint / "soulray_state.json").write_text(json.dumps(state))
+    prepare(tokenizer={"source": "trained on the corpus", "hash": "old"})
+    check_resume_config(cfg)
+    prepare(tokenizer={"source": "trained on the corpus", "hash": "new"})
+    with pytest.raises(ValueError, match="^train.run_name=r has checkpoints trained on token ids"):
+        check_resume_config(cfg)
+
+
+def test_an_export_never_deletes_what_is_no_export(prepared_quickstart, tmp_path) -> None:
+    """The export replaces its directory's content: a folder of other files (notes, code, the
+    corpus the same config names) was emptied without a word."""
+    from soulray.train.launch import check_before_workers
+
+    data = str(prepared_quickstart)
+    base = [f"train.data_dir={data}", f"train.storage_path={tmp_path}/ckpt"]
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "code.py").write_text("")
+    with pytest.raises(ValueError, match=r"holds files that are no soulray export \(notes.txt, "):
+        check_before_workers(load_config(QUICKSTART, [*base, f"train.export_dir={folder}"]), data)
+    corpus = tmp_path / "export" / "corpus.jsonl"
+    corpus.parent.mkdir()
+    corpus.write_text("{}\n")
+    named = [f"train.export_dir={corpus.parent}", f"data.inputs=[{corpus}]"]
+    with pytest.raises(ValueError, match=f"holds data.inputs {corpus}: the export replaces"):
+        check_before_workers(load_config(QUICKSTART, [*base, *named]), data)
+    (folder / "soulray.yaml").write_text("")  # an earlier export: replaced, as documented
+    check_before_workers(load_config(QUICKSTART, [*base, f"train.export_dir={folder}"]), data)
+    check_before_workers(load_config(QUICKSTART, [*base, f"train.export_dir={tmp_path}/new"]), data)
 
 
 def test_a_warmup_longer_than_the_run_is_warned_about(caplog) -> None:
