@@ -235,8 +235,41 @@ def train(config: ConfigOpt, overrides: Overrides = None) -> None:
     cfg = run_verb(check_training, cfg)  # before Ray starts: a missing data dir is said at once
     resumed_from = latest_checkpoint_step(cfg)
     init_ray()
-    result = run_verb(run_train, cfg, True)
+    with sigterm_as_ctrl_c():
+        result = run_verb(run_train, cfg, True)
     print_train_summary(result, cfg, resumed_from)
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c() -> Iterator[list[int]]:
+    """SIGTERM (what Kubernetes and `ray job stop` send) inside this block is handed to the
+    SIGINT handler, so it stops as Ctrl-C does: Ray Train's handler aborts the run, which says
+    its latest checkpoint. Ray's own SIGTERM handler aborted the process with a stack dump
+    (exit 134, read as a crash); the command ends with 143 (128 + SIGTERM) instead. The list
+    yielded holds the signal once it came."""
+    import signal
+
+    got: list[int] = []
+
+    def on_term(signum: int, frame: Any) -> None:
+        if got:  # once: a second signal must not cut the abort
+            return
+        got.append(signum)
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):
+            handler(signal.SIGINT, frame)
+        else:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield got
+    except (typer.Exit, KeyboardInterrupt):
+        if got:
+            raise typer.Exit(143) from None
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def print_train_summary(result: Any, cfg: Config, resumed_from: int = 0) -> None:
@@ -480,7 +513,8 @@ def quickstart(config: ConfigOpt, overrides: Overrides = None) -> None:
     cfg = load(config, [*(overrides or []), "pipeline.stages=[prepare, train, serve]"])
     own_ray = starts_its_own_ray()
     init_ray()
-    results = run_verb(run_pipeline, cfg)
+    with sigterm_as_ctrl_c():
+        results = run_verb(run_pipeline, cfg)
     typer.echo(format_summary(results))
     url = served_url(cfg)  # a cluster's Serve may hold another port than serve.port
     question = "I moved to a new city for work and I feel so lonely in the evenings."
@@ -511,7 +545,8 @@ def pipeline(config: ConfigOpt, overrides: Overrides = None) -> None:
     cfg = load(config, overrides)
     own_ray = starts_its_own_ray()
     init_ray()
-    results = run_verb(run_pipeline, cfg)
+    with sigterm_as_ctrl_c():
+        results = run_verb(run_pipeline, cfg)
     typer.echo(format_summary(results))
     if "serve" not in cfg.pipeline.stages:
         return

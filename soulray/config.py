@@ -336,7 +336,8 @@ class SafetyConfig(Section):
     enabled: bool = True
     mode: Literal["augment", "fixed"] = "augment"  # help lines + model reply, or a fixed reply
     scan_user_turns: int | None = Field(None, ge=1)  # None: every user message of the request
-    max_chars: int = Field(400, ge=32)  # each message is screened on its last max_chars chars
+    # the classifier reads each message's last max_chars chars, the lexicon 5 times that
+    max_chars: int = Field(400, ge=32)
     classifier: bool = True  # False: the lexicon alone (no embedding model loaded)
     # category -> threshold; None = train.py's choice; above 1 leaves the category to the lexicon
     # (0 or less would flag every message, NaN none: refused)

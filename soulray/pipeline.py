@@ -78,12 +78,19 @@ def same_inputs(cfg: Config, manifest: dict[str, Any]) -> bool:
     if "inputs_fingerprint" not in manifest:
         log.info("prepare: %s does not record its inputs; using it", cfg.data.output_dir)
         return True
+    recorded = str(manifest["inputs_fingerprint"])
     try:
-        now = storage.files_fingerprint(check_prepare(cfg))
+        files = check_prepare(cfg)
+        if recorded.startswith("c:"):
+            now = storage.files_fingerprint(
+                storage.input_files(files, manifest.get("inputs_files"))
+            )
+        else:  # an older prepare's: paths, sizes and times
+            now = storage.stat_fingerprint(files)
     except (ValueError, OSError) as e:
         log.warning("prepare: using the data in %s; its inputs: %s", cfg.data.output_dir, e)
         return True
-    if manifest.get("inputs_fingerprint") == now:
+    if recorded == now:
         return True
     log.info("prepare: data.inputs changed since %s was prepared", cfg.data.output_dir)
     return False

@@ -9,11 +9,13 @@ from __future__ import annotations
 import fnmatch
 import glob
 import hashlib
+import json
 import logging
 import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pyarrow.fs as pafs
 
@@ -186,21 +188,49 @@ def expand_inputs(
     return files
 
 
-def files_fingerprint(files: list[str]) -> str:
-    """A short hash of the files, in order: it changes when one is edited, added or removed.
-    A local file counts by its size and content, not its path or modification time: a Ray
-    job's upload of the project unpacks the same files under a new path with new times on
+def input_files(
+    files: list[str], known: dict[str, list[Any]] | None = None
+) -> dict[str, list[Any]]:
+    """Each input file, in order, as [size, mtime_ns, content hash] (the hash None for a remote
+    file: its content is not downloaded for this). A local file whose path, size and time match
+    `known` (the manifest's record of the last prepare's inputs) is not read again."""
+    out: dict[str, list[Any]] = {}
+    for file in files:
+        fs, inner = resolve(file)
+        info = fs.get_file_info(inner)
+        size, mtime = info.size, info.mtime_ns
+        if not isinstance(fs, pafs.LocalFileSystem):
+            out[file] = [size, mtime, None]
+            continue
+        seen = (known or {}).get(file)
+        same = seen is not None and seen[:2] == [size, mtime] and seen[2] is not None
+        out[file] = [size, mtime, seen[2] if same else content_hash(inner)]
+    return out
+
+
+def files_fingerprint(entries: dict[str, list[Any]]) -> str:
+    """A short hash of input_files' record, "c:" first: it changes when a file is edited, added,
+    removed or reordered. A local file counts by its size and content, not its path or time: a
+    Ray job's upload of the project unpacks the same files under a new path with new times on
     every submission, and each was read as changed inputs (prepare ran again; on a real corpus,
-    hours). A remote file (s3://, gs://) counts by its path, size and modification time (its
-    content is not downloaded for this)."""
+    hours). A remote file counts by its path, size and time."""
+    digest = hashlib.sha256()
+    for file, (size, mtime, content) in entries.items():
+        if content is None:
+            digest.update(f"{file}\0{size}\0{mtime}\n".encode())
+        else:
+            digest.update(f"{size}\0{content}\n".encode())
+    return "c:" + digest.hexdigest()[:16]
+
+
+def stat_fingerprint(files: list[str]) -> str:
+    """The fingerprint manifests recorded before files_fingerprint (paths, sizes and times):
+    compared with an older prepare's manifest, so an upgrade alone does not prepare again."""
     digest = hashlib.sha256()
     for file in files:
         fs, inner = resolve(file)
         info = fs.get_file_info(inner)
-        if isinstance(fs, pafs.LocalFileSystem):
-            digest.update(f"{info.size}\0{content_hash(inner)}\n".encode())
-        else:
-            digest.update(f"{file}\0{info.size}\0{info.mtime_ns}\n".encode())
+        digest.update(f"{file}\0{info.size}\0{info.mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
 
 
@@ -228,7 +258,7 @@ def _expand_one(
             listed = _all_files(item)  # one listing for what is read and what is not
             own = [f for f, _ in listed if _excluded(f, exclude)]
             files = [(f, rel) for f, rel in listed if not _excluded(f, exclude)]
-            earlier = _prepare_outputs([rel for _, rel in files])
+            earlier = _prepare_outputs(item, [rel for _, rel in files])
             if earlier:
                 log.warning(
                     "warning: %s: not read: what an earlier `soulray prepare` wrote in %s (its "
@@ -258,19 +288,37 @@ def _expand_one(
     ]
 
 
-def _prepare_outputs(rels: list[str]) -> list[str]:
+def _prepare_outputs(item: str, rels: list[str]) -> list[str]:
     """The folders (relative; "" for the directory itself) under a directory input that hold an
-    earlier prepare's output: a manifest.json beside train/, val/ or tokenizer/. Read as corpus,
-    its Parquet rows, tokenizer files and rejects became thousands of rejects."""
-    roots = {r.rpartition("/")[0] for r in rels if r.rpartition("/")[2] == "manifest.json"}
-    return sorted(
-        root
-        for root in roots
-        if any(r.startswith(f"{root}/{sub}/" if root else f"{sub}/") for r in rels for sub in _ROWS)
-    )
+    earlier prepare's output: a manifest.json of prepare's (its config_hash, splits and
+    tokenizer) beside train/, val/ or tokenizer/. Read as corpus, its Parquet rows, tokenizer
+    files and rejects became thousands of rejects. A corpus's own manifest.json beside its own
+    train/ and val/ is no such thing."""
+    dirs = set()  # every folder under the input that holds a file, at any depth
+    for r in rels:
+        parts = r.split("/")[:-1]
+        dirs.update("/".join(parts[: i + 1]) for i in range(len(parts)))
+    found = []
+    for r in rels:
+        root, _, name = r.rpartition("/")
+        if name != "manifest.json":
+            continue
+        beside = any((f"{root}/{sub}" if root else sub) in dirs for sub in _ROWS)
+        if beside and _is_prepare_manifest(join(item, r)):
+            found.append(root)
+    return sorted(found)
 
 
 _ROWS = ("train", "val", "tokenizer")
+_MANIFEST_KEYS = ("config_hash", "splits", "tokenizer")
+
+
+def _is_prepare_manifest(path: str) -> bool:
+    try:
+        manifest = json.loads(read_text(path))
+    except (ValueError, OSError):
+        return False
+    return isinstance(manifest, dict) and all(k in manifest for k in _MANIFEST_KEYS)
 
 
 def _prepared_file(rel: str, roots: list[str]) -> bool:

@@ -72,11 +72,14 @@ def build_runtime_env(project: Path, upload: bool, forward: tuple[str, ...] = ()
     endpoint's key for synth or eval, say: the job's driver reads it on the cluster, where this
     shell's exports are not) taken from this shell, with SOULRAY_DEBUG when it is set."""
     env: dict[str, Any] = {"working_dir": str(project), "excludes": EXCLUDES} if upload else {}
-    missing = [name for name in forward if not os.environ.get(name)]
-    if missing:
-        raise ValueError(
-            f"--env {missing[0]}: the variable is not set in this shell; export it first"
-        )
+    for name in forward:
+        if "=" in name:
+            raise ValueError(
+                f"--env takes a variable's name, not {name.split('=', 1)[0]}=VALUE: export it "
+                f"in this shell and pass --env {name.split('=', 1)[0]}"
+            )
+        if name not in os.environ:
+            raise ValueError(f"--env {name}: the variable is not set in this shell; export it")
     names = [*forward, *(["SOULRAY_DEBUG"] if os.environ.get("SOULRAY_DEBUG") else [])]
     if names:  # SOULRAY_DEBUG: full tracebacks in the job's logs too
         env["env_vars"] = {name: os.environ[name] for name in names}

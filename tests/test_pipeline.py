@@ -207,11 +207,11 @@ def test_prepare_runs_again_when_its_input_files_changed(tmp_path, prepared_quic
     cfg = load_config(QUICKSTART, [f"data.inputs=[{corpus}]", f"data.output_dir={data}"])
     manifest = read_manifest(str(data))
     # what prepare records (the fixture's own inputs), then as if it had read this corpus
-    assert manifest["inputs_fingerprint"] == storage.files_fingerprint(
-        [str(ROOT / "jobs" / "data" / n) for n in ("sample_zh.jsonl", "sample_en.jsonl")]
-    )
+    samples = [str(ROOT / "jobs" / "data" / n) for n in ("sample_zh.jsonl", "sample_en.jsonl")]
+    assert manifest["inputs_fingerprint"] == storage.files_fingerprint(storage.input_files(samples))
     manifest["config_hash"] = config_hash(cfg.data)
-    manifest["inputs_fingerprint"] = storage.files_fingerprint([str(corpus)])
+    manifest["inputs_files"] = storage.input_files([str(corpus)])
+    manifest["inputs_fingerprint"] = storage.files_fingerprint(manifest["inputs_files"])
     (data / "manifest.json").write_text(json.dumps(manifest))
     assert prepared_manifest(cfg) == manifest
     with corpus.open("a") as f:
@@ -221,6 +221,11 @@ def test_prepare_runs_again_when_its_input_files_changed(tmp_path, prepared_quic
     assert f"prepare: data.inputs changed since {data} was prepared" in caplog.text
     corpus.unlink()
     assert prepared_manifest(cfg) == manifest
+    # a manifest of an older soulray (paths, sizes and times): compared as it was made
+    legacy = {**manifest, "inputs_fingerprint": storage.stat_fingerprint([str(corpus)])}
+    del legacy["inputs_files"]
+    (data / "manifest.json").write_text(json.dumps(legacy))
+    assert prepared_manifest(cfg) == legacy
     # an older prepare's manifest records no inputs: not said to have changed, not redone
     shutil.copy(ROOT / "jobs" / "data" / "sample_en.jsonl", corpus)
     del manifest["inputs_fingerprint"]

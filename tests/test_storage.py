@@ -425,7 +425,7 @@ def test_local_inputs_count_by_content_not_by_path_or_time(tmp_path):
     import os
     import shutil
 
-    from soulray.storage import files_fingerprint
+    from soulray.storage import files_fingerprint, input_files
 
     first, second = tmp_path / "a", tmp_path / "b"
     first.mkdir()
@@ -435,10 +435,20 @@ def test_local_inputs_count_by_content_not_by_path_or_time(tmp_path):
     os.utime(second / "x.jsonl", ns=(1, 1))
     listed = [str(first / "x.jsonl"), str(first / "y.jsonl")]
     moved = [str(second / "x.jsonl"), str(second / "y.jsonl")]
-    assert files_fingerprint(listed) == files_fingerprint(moved)
-    assert files_fingerprint(listed) != files_fingerprint(listed[::-1])  # the order is read
+
+    def fingerprint(files, known=None):
+        return files_fingerprint(input_files(files, known))
+
+    assert fingerprint(listed) == fingerprint(moved)
+    assert fingerprint(listed) != fingerprint(listed[::-1])  # the order is read
     (second / "y.jsonl").write_text('{"messages": [2]}\n')  # same size, one byte changed
-    assert files_fingerprint(listed) != files_fingerprint(moved)
+    assert fingerprint(listed) != fingerprint(moved)
+    # a file whose path, size and time the last prepare recorded is not read again
+    known = input_files(listed)
+    known[listed[0]][2] = "recorded"
+    assert input_files(listed, known)[listed[0]][2] == "recorded"
+    os.utime(listed[0], ns=(5, 5))  # touched: read again
+    assert input_files(listed, known)[listed[0]][2] != "recorded"
 
 
 def test_an_earlier_prepare_output_inside_an_input_folder_is_not_read(tmp_path, caplog):
@@ -452,12 +462,19 @@ def test_an_earlier_prepare_output_inside_an_input_folder_is_not_read(tmp_path, 
         "corpus/old/rejects.jsonl",
         "corpus/old/notes.jsonl",  # not prepare's: read
         "corpus/other/manifest.json",  # a manifest alone: no prepare output, read
+        "corpus/own/manifest.json",  # a corpus's own manifest beside its own splits: read
+        "corpus/own/train/t.jsonl",
+        "corpus/own/val/v.jsonl",
     ):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("{}")
+    prepared = {"config_hash": "x", "splits": {}, "tokenizer": {}}
+    (tmp_path / "corpus" / "old" / "manifest.json").write_text(json.dumps(prepared))
     with caplog.at_level("WARNING", logger="soulray.storage"):
         found = storage.expand_inputs([str(tmp_path / "corpus")], JSON_KINDS)
-    assert found == [
-        str(tmp_path / "corpus" / n) for n in ("a.jsonl", "old/notes.jsonl", "other/manifest.json")
+    kept = ("a.jsonl", "old/notes.jsonl", "other/manifest.json", "own/manifest.json")
+    assert found == [str(tmp_path / "corpus" / n) for n in kept] + [
+        str(tmp_path / "corpus" / "own" / n) for n in ("train/t.jsonl", "val/v.jsonl")
     ]
     assert "what an earlier `soulray prepare` wrote in old/" in caplog.text
+    assert "own/" not in caplog.text

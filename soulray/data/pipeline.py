@@ -296,7 +296,9 @@ def load_run_tokenizer(cfg: Config, train_ds: Any = None) -> Any:
         except OSError as e:
             if Path(path).expanduser().exists():
                 raise
-            raise ValueError(not_a_model(cfg, path, e)) from e
+            # from None: the CLI shows the first FileNotFoundError of a chain, which was the
+            # hub's own words ("Cannot find the requested files in the disk cache")
+            raise ValueError(not_a_model(cfg, path, e)) from None
     else:
         n = cfg.data.tokenizer_train_conversations
         log.info(
@@ -454,7 +456,7 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     started = time.time()
     out = storage.normalize(d.output_dir)
     files = check_prepare(cfg)
-    fingerprint = storage.files_fingerprint(files)  # as read: `soulray pipeline` compares it
+    inputs = storage.input_files(files)  # as read: `soulray pipeline` compares them
     from soulray.train.launch import cluster_hosts, storage_problem
 
     problem = storage_problem(out, cluster_hosts(), "data.output_dir")
@@ -599,7 +601,8 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
         stats[name]["files"] = n_files
     manifest = build_manifest(cfg, files, summary, stats, files_by_name, time.time() - started)
     manifest["stage_seconds"] = {k: round(v, 2) for k, v in stages.items()}
-    manifest["inputs_fingerprint"] = fingerprint
+    manifest["inputs_fingerprint"] = storage.files_fingerprint(inputs)
+    manifest["inputs_files"] = inputs  # sizes, times, hashes: a re-run reads only what changed
     storage.write_text(manifest_path(out), json.dumps(manifest, indent=2, ensure_ascii=False))
     storage.write_text(storage.join(out, "config.yaml"), config_to_yaml(cfg))
     return manifest

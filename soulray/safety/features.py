@@ -7,8 +7,9 @@
   2**17 buckets with CRC32 (stable across processes, unlike `hash`), binary, L2-normalized. They
   catch the surface forms (slang, "kms", "死了算了") an embedding of a short message can blur.
 A message is cut to its last `max_chars` characters first: latency stays bounded, and in a long
-message the end is where a person usually says what they mean to do. The n-grams and the lexicon
-read all of that; the embedding reads at most its last `embed_tokens` tokens (the weights'
+message the end is where a person usually says what they mean to do. The n-grams read all of
+that (the lexicon reads more: screen.LEXICON_SPAN); the embedding reads at most its last
+`embed_tokens` tokens (the weights'
 setting, train.EMBED_TOKENS; Embedder.tail). The embedding is nearly all of a message's cost and
 grows with its tokens (~5 ms + ~0.95 ms a token on one thread), and 400 Chinese characters are
 ~280 tokens: uncut, such a message took ~300 ms; cut to 48 tokens, ~45 (bench/RESULTS.md, stop 29).
@@ -41,12 +42,15 @@ def normalize(text: str, max_chars: int | None, format_as: str = "") -> str:
     Chinese spelt out character by character joined ("我 想 自 杀"), the last max_chars kept
     (None: all; NFKC may lengthen a text: "…" is "...").
     Neither of the last two changes any message of the training data (measured: 0 of ~17,000).
-    `format_as` " " reads format characters as spaces instead ("kill\u200bmyself"): the screen
-    scores a message both ways when it has any (format_variants)."""
+    `format_as` " " reads the invisibles that can stand for a space (format characters, Hangul
+    fillers: "kill\u200bmyself") as spaces instead: the screen scores a message both ways when
+    it has any (format_variants)."""
     text = SURROGATE.sub("\ufffd", text)  # half a character (a client cut one): unencodable
     text = unicodedata.normalize("NFKC", text).lower().replace("\u2019", "'")
     if not text.isascii():
-        text = _FORMAT.sub(format_as, text)
+        if format_as:
+            text = _SPACE_LIKE.sub(format_as, text)
+        text = _FORMAT.sub("", text)
     text = " ".join(text.split())
     if " " in text and _CJK_CHAR.search(text):
         text = join_spaced_cjk(text)
@@ -58,7 +62,8 @@ def format_variants(text: str, max_chars: int | None) -> list[str]:
     spaces: a zero-width character may hide a letter's neighbour ("su\u200bicide") or a space
     ("kill\u200bmyself")."""
     joined = normalize(text, max_chars)
-    if text.isascii() or not _FORMAT.search(text):
+    # a variation selector (the emoji's in "❤️") stands for no space: one reading, one embedding
+    if text.isascii() or not _SPACE_LIKE.search(text):
         return [joined]
     spaced = normalize(text, max_chars, " ")
     return [joined] if spaced == joined else [joined, spaced]
@@ -95,6 +100,12 @@ _INVISIBLE = {c for lo, hi in DEFAULT_IGNORABLE for c in range(lo, hi + 1)} | {
     c for c in range(0x10000) if unicodedata.category(chr(c)) == "Cf"
 }
 _FORMAT = re.compile(f"[{char_class(_INVISIBLE)}]+")
+# of those, what may stand for a space: format characters and Hangul fillers (before and after
+# NFKC), not variation selectors, the grapheme joiner or tags, which follow a letter or emoji
+_SPACE_LIKE = re.compile(
+    f"[{char_class({c for c in range(0x10000) if unicodedata.category(chr(c)) == 'Cf'})}"
+    "\u115f\u1160\u3164\uffa0]+"
+)
 
 
 def join_spaced_cjk(text: str) -> str:

@@ -2,8 +2,9 @@
 
 A message is flagged for a category when the lexicon matches (score 1.0: a high-precision
 override) or the classifier's score for it reaches that category's threshold (chosen by train.py
-on out-of-fold scores; serve.safety.thresholds overrides). Each message is screened on its last
-`max_chars` characters (the model's reply whole, in overlapping windows of `max_chars`), and its
+on out-of-fold scores; serve.safety.thresholds overrides). The classifier reads each message's
+last `max_chars` characters, the lexicon its last LEXICON_SPAN x max_chars (the model's reply
+whole, in overlapping windows of `max_chars`), and its
 result is cached by content hash, so a conversation resent turn after turn costs one classifier
 call per new message. The result names the help lines for the flagged categories in the person's
 language (zh-CN when the flagged text is Chinese; Japanese, with its kana, is not).

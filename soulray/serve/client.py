@@ -126,21 +126,23 @@ def _too_long(e: Exception) -> bool:
 def _reply_dropping_oldest(
     client: Any, name: str, messages: list[dict[str, str]], max_tokens: int, out: TextIO
 ) -> tuple[str, str | None]:
-    """stream_reply; a conversation the server refuses for its size loses its oldest exchange
-    (in place) and is sent again, until the newest message alone is left. The server keeps only
-    the newest turns that fit the context anyway; without this, every later message of a long
-    chat was refused."""
-    dropped = 0
+    """stream_reply; a conversation the server refuses for its size is sent again without its
+    oldest exchange, until the newest message alone is left. The history loses them only once a
+    send succeeds: a newest message too big by itself is refused with the history kept. The
+    server keeps only the newest turns that fit the context anyway; without this, every later
+    message of a long chat was refused."""
+    sent, dropped = list(messages), 0
     while True:
         try:
-            got = stream_reply(client, name, messages, max_tokens, out)
+            got = stream_reply(client, name, sent, max_tokens, out)
         except Exception as e:
-            if not _too_long(e) or len(messages) <= 1:
+            if not _too_long(e) or len(sent) <= 1:
                 raise
-            del messages[: 2 if len(messages) > 2 else 1]  # a user turn and its reply
+            del sent[: 2 if len(sent) > 2 else 1]  # a user turn and its reply
             dropped += 1
             continue
         if dropped:
+            del messages[: len(messages) - len(sent)]
             out.write(f"\n  [the server's size limit: dropped the {dropped} oldest exchange(s)]\n")
         return got
 

@@ -88,7 +88,8 @@ def parse_chat_request(data: dict[str, Any], ignore_unknown: bool) -> ChatComple
         errors = e.errors()
         # a union's members each report (content: "a valid string" and the list's part error):
         # the one that reached deepest is about what was sent ("messages[0].content[0].type")
-        parent = errors[0]["loc"][:-1]
+        loc = errors[0]["loc"]
+        parent = loc[:-1] if len(loc) > 1 else loc  # the field whose members reported
         first = max(
             (x for x in errors if x["loc"][: len(parent)] == parent), key=lambda x: len(x["loc"])
         )

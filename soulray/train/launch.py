@@ -529,15 +529,19 @@ def check_resume_config(cfg: Config) -> Config:
 
 
 def check_resume_tokenizer(cfg: Config, saved_config: str, data_dir: str) -> None:
-    """A run resumed on data whose token ids are of another tokenizer than its checkpoints'
-    (prepare ran again and trained a new one on the corpus, 1,789 of 2,048 ids moved) trained
-    on, without a word, embeddings learned for other tokens. Checkpoints written before their
-    state recorded the tokenizer are not checked."""
+    """A run resumed on data whose tokenizer prepare trained on the corpus again (1,789 of 2,048
+    ids moved) trained, without a word, embeddings learned for other tokens. Its hash covers
+    all of the tokenizer's files, so only a corpus-trained one is compared (a configured one's
+    vocabulary is checked against the model's). Checkpoints written before their state recorded
+    the tokenizer are not checked."""
     from soulray.train.checkpoint import STATE_FILE
 
     state = storage.join(saved_config.rsplit("/", 1)[0], STATE_FILE)
     if not storage.exists(state):
         return
+    manifest = read_manifest(data_dir) or {}
+    if manifest.get("tokenizer", {}).get("source") != TRAINED_TOKENIZER:
+        return  # a configured tokenizer: check_data_tokenizer compares its vocabulary
     trained = json.loads(storage.read_text(state)).get("tokenizer_hash")
     now = data_tokenizer_hash(data_dir)
     if trained is not None and now is not None and trained != now:
@@ -588,12 +592,19 @@ def check_data_tokenizer(cfg: Config, data_dir: str) -> None:
             f"train.data_dir {data_dir} was prepared with a tokenizer trained on the corpus, "
             f"but this run trains {wanted}, whose token ids differ; {fix}"
         )
+    from soulray.data.pipeline import not_a_model
     from soulray.data.tokenizer import load_tokenizer
     from soulray.train.data import load_run_tokenizer
 
     trust = cfg.model.trust_remote_code
     ours = load_run_tokenizer(data_dir, trust)  # the same tokenizer at another path is fine
-    if ours.get_vocab() != load_tokenizer(wanted, trust).get_vocab():
+    try:
+        theirs = load_tokenizer(wanted, trust)
+    except OSError as e:  # a hub id out of reach: named by its key, not transformers' words
+        if Path(wanted).expanduser().exists():
+            raise
+        raise ValueError(not_a_model(cfg, wanted, e)) from None
+    if ours.get_vocab() != theirs.get_vocab():
         raise ValueError(
             f"train.data_dir {data_dir} was prepared with the tokenizer of {source}, whose "
             f"vocabulary differs from {wanted}'s (the model trained here); {fix}"
@@ -870,18 +881,21 @@ def run_train(cfg: Config, checked: bool = False) -> Any:
 
 
 def interrupted(cfg: Config) -> str:
-    """What a run stopped by Ctrl-C left and how to go on (it ended in silence, exit 1)."""
+    """What a run stopped by Ctrl-C (or SIGTERM) left and how to go on (it ended in silence)."""
     t = cfg.train
     where = f"{t.storage_path}/{t.run_name}"
     try:
         step = latest_checkpoint_step(cfg)
     except OSError:  # storage out of reach now: say what holds anyway
-        return f"training stopped by Ctrl-C: run the same command again to resume from {where}"
+        return (
+            "training stopped (Ctrl-C or SIGTERM): run the same command again to resume from "
+            + where
+        )
     if step == 0:
-        return f"training stopped by Ctrl-C before its first checkpoint in {where}"
+        return f"training stopped (Ctrl-C or SIGTERM) before its first checkpoint in {where}"
     return (
-        f"training stopped by Ctrl-C; its latest checkpoint is step {step} in {where}: run the "
-        "same command again to resume from it"
+        f"training stopped (Ctrl-C or SIGTERM); its latest checkpoint is step {step} in {where}: "
+        "run the same command again to resume from it"
     )
 
 

@@ -138,3 +138,6 @@ def test_a_model_path_that_is_no_directory_and_no_hub_model_names_the_key(monkey
         "load the files, and couldn't find them in the cached files.). A local path starts "
         "with ./, ../, / or ~ (e.g. ./qwen-user-typo)"
     )
+    from soulray.cli import user_error
+
+    assert user_error(e.value) is e.value  # not the hub's FileNotFoundError chained to it

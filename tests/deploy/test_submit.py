@@ -438,3 +438,7 @@ def test_submit_passes_only_the_variables_named_and_refuses_one_unset(monkeypatc
     monkeypatch.delenv("JUDGE_API_KEY")
     with pytest.raises(ValueError, match="--env JUDGE_API_KEY: the variable is not set"):
         build_runtime_env(tmp_path, True, ("JUDGE_API_KEY",))
+    with pytest.raises(ValueError, match="--env takes a variable's name, not JUDGE_API_KEY=VALUE"):
+        build_runtime_env(tmp_path, True, ("JUDGE_API_KEY=sk-x",))  # the value never echoed
+    monkeypatch.setenv("EMPTY_ONE", "")
+    assert build_runtime_env(tmp_path, True, ("EMPTY_ONE",))["env_vars"] == {"EMPTY_ONE": ""}

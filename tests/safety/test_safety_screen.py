@@ -814,7 +814,7 @@ def test_a_guard_clears_neither_the_writers_quoted_words_nor_a_relapse(lexicon_o
 def test_the_lexicon_reads_traditional_and_chinese_split_by_symbols(lexicon_only):
     """Its phrases are simplified and solid; brackets, quotes and spaces still part phrases (a
     guard or an exclusion reads them)."""
-    hidden = ["我想自殺", "我要殺了他", "活著沒意義", "我想自-杀", "我😭想😭自😭杀", "想.死"]
+    hidden = ["我想自殺", "我要殺了他", "活著沒意義", "我想自-杀", "我😭想😭自😭杀", "想*死"]
     assert [t for t in hidden if not assess(lexicon_only, [t]).flagged] == []
     assert assess(lexicon_only, ["i'm thinking about sewer slide"]).flagged
     parted = [
@@ -822,6 +822,9 @@ def test_the_lexicon_reads_traditional_and_chinese_split_by_symbols(lexicon_only
         "我要去“干掉”他了（指把他的薯片也吃光）",
         "周一综合症，想死（不是）",
         "以前会划手 现在已经一年没划了",
+        "我想—自杀率为什么这么高",  # the em dash and the ellipsis part clauses too
+        "我想…自杀的人都很痛苦吧",
+        "我想——死亡是每个人都要面对的问题",
     ]
     assert [t for t in parted if assess(lexicon_only, [t]).flagged] == []
 
@@ -834,6 +837,8 @@ def test_invisible_characters_beyond_format_ones_are_dropped(lexicon_only):
         assert format_variants("i want to " + spelt, 400)[0] == "i want to kill myself", mark
         assert assess(lexicon_only, ["i want to " + spelt]).flagged, mark
     assert normalize("我想自\ufe0f杀", 400) == "我想自杀"
+    # an emoji's variation selector stands for no space: one reading (one embedding), not two
+    assert format_variants("谢谢你❤\ufe0f明天见", 400) == ["谢谢你❤明天见"]
 
 
 def test_the_lexicon_reads_further_back_than_the_classifier(screen):
@@ -859,17 +864,22 @@ LAUNDERED = [  # method details beside a warning or a refusal about something el
     "Tie the belt to the door handle and lean forward, it will work (this is harmful).",
     "从18楼跳下去肯定会死，虽然很危险，最快的方法是跳楼。",
     "我不能告诉你别的，一次性把整瓶安眠药都吃下去，再喝点白酒，就不会有痛苦了。",
+    "特别是50片安眠药再喝点白酒效果最好。",  # 特别 and 分别 hold 别, which is no "don't"
+    "早晚分别吃30片安眠药，配上白酒。",
+    "一次不能少于50片，再喝点白酒。",
 ]
-WARNED = [  # the warning, refusal or "don't" is about the method itself
+WARNED = [  # the warning or refusal is about the method itself, after a comma too
     "It's dangerous to mix pills with alcohol; please don't.",
     "I won't tell you how many pills would be lethal.",
-    "Never take 40 of your sleeping pills with vodka.",
     "Taking 40 of your sleeping pills with vodka is dangerous.",
+    "Taking 40 of your sleeping pills with vodka, as you mentioned, is extremely dangerous.",
     "安眠药和酒一起吃是很危险的",
+    "安眠药和酒一起吃，这是非常危险的",
+    "把安眠药和酒一起吃，非常危险，请不要这样做。",
 ]
 
 
-def test_a_warning_or_refusal_clears_a_reply_pattern_only_in_the_hits_clause(lexicon_only):
+def test_a_warning_or_refusal_clears_a_reply_pattern_only_when_it_stands(lexicon_only):
     from soulray.safety.lexicon import match_reply
 
     lex = lexicon_only.lexicon

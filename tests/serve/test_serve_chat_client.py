@@ -52,3 +52,19 @@ def test_a_conversation_too_big_for_the_server_drops_its_oldest_exchanges() -> N
     text = out.getvalue()
     assert text.count("[the server's size limit: dropped the 1 oldest exchange(s)]") == 2
     assert "[error" not in text
+
+
+def test_a_message_too_big_by_itself_is_refused_and_the_history_kept() -> None:
+    def answer(body):
+        if len(body["messages"][-1]["content"]) > 50:
+            return Reply("the request body is over this server's limit", status=413)
+        return f"ok {len(body['messages'])}"
+
+    with ScriptedOpenAI(answer) as server:
+        out = io.StringIO()
+        kept = run_chat(server.url, None, None, 32, ["a", "x" * 60, "b"], out)
+        asked = [len(r["messages"]) for r in server.requests]
+    assert [m["content"] for m in kept] == ["a", "ok 1 ", "b", "ok 3 "]
+    assert asked[-1] == 3  # "a", its reply and "b": nothing of the history was lost
+    assert "[error 413: the request body is over this server's limit]" in out.getvalue()
+    assert "dropped" not in out.getvalue()

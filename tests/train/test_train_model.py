@@ -561,7 +561,7 @@ def test_a_resume_on_data_prepared_again_into_its_folder_is_warned_about(tmp_pat
     """The same train.data_dir, prepared again (other inputs, another split): the saved data
     position would count rows of other data, with no word said."""
     from soulray.config import config_to_yaml
-    from soulray.data.manifest import data_fingerprint
+    from soulray.data.manifest import TRAINED_TOKENIZER, data_fingerprint
     from soulray.train.launch import check_resume_config
 
     data = tmp_path / "data"
@@ -598,9 +598,12 @@ def test_a_resume_on_data_prepared_again_into_its_folder_is_warned_about(tmp_pat
     # prepared again with a new tokenizer (trained on the corpus): its ids are other tokens
     state["tokenizer_hash"] = "old"
     (checkpoint / "soulray_state.json").write_text(json.dumps(state))
-    prepare(tokenizer={"source": "trained on the corpus", "hash": "old"})
+    corpus = TRAINED_TOKENIZER
+    prepare(tokenizer={"source": corpus, "hash": "old"})
     check_resume_config(cfg)
-    prepare(tokenizer={"source": "trained on the corpus", "hash": "new"})
+    prepare(tokenizer={"source": "/models/qwen", "hash": "new"})  # its vocabulary is checked
+    check_resume_config(cfg)
+    prepare(tokenizer={"source": corpus, "hash": "new"})
     with pytest.raises(ValueError, match="^train.run_name=r has checkpoints trained on token ids"):
         check_resume_config(cfg)
 
@@ -699,7 +702,7 @@ def test_the_step_a_rerun_resumes_from_and_what_ctrl_c_says(tmp_path) -> None:
     assert latest_checkpoint_step(cfg) == 0
     assert (
         interrupted(cfg)
-        == f"training stopped by Ctrl-C before its first checkpoint in {tmp_path}/r"
+        == f"training stopped (Ctrl-C or SIGTERM) before its first checkpoint in {tmp_path}/r"
     )
     for step in (8, 12, 16):
         (tmp_path / "r" / f"checkpoint_{step:08d}").mkdir(parents=True)
@@ -712,8 +715,8 @@ def test_the_step_a_rerun_resumes_from_and_what_ctrl_c_says(tmp_path) -> None:
     )
     assert latest_checkpoint_step(cfg) == 8
     assert interrupted(cfg) == (
-        f"training stopped by Ctrl-C; its latest checkpoint is step 8 in {tmp_path}/r: run the "
-        "same command again to resume from it"
+        f"training stopped (Ctrl-C or SIGTERM); its latest checkpoint is step 8 in {tmp_path}/r: "
+        "run the same command again to resume from it"
     )
     snapshot.write_text(json.dumps({"latest_checkpoint_result": None}))  # none registered
     assert latest_checkpoint_step(cfg) == 0
@@ -827,3 +830,31 @@ def test_a_run_resumes_only_under_the_launcher_that_wrote_it(prepared_quickstart
     check_before_workers(killed, data)
     with pytest.raises(ValueError, match="is a run of `soulray train`"):
         check_before_workers(killed, data, torchrun=True)
+
+
+def test_sigterm_stops_training_as_ctrl_c_does() -> None:
+    """Ray's own SIGTERM handler aborted the driver with a stack dump (exit 134, a crash to a
+    scheduler); in `soulray train` and `pipeline` SIGTERM goes to the SIGINT handler (Ray
+    Train's, which aborts the run, while it trains), once, and the command exits 143."""
+    import os
+    import signal
+
+    import typer
+
+    from soulray.cli import sigterm_as_ctrl_c
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(typer.Exit) as e, sigterm_as_ctrl_c() as term:
+        os.kill(os.getpid(), signal.SIGTERM)  # the default SIGINT handler: KeyboardInterrupt
+        signal.pause()
+    assert (e.value.exit_code, term) == (143, [signal.SIGTERM])
+    assert signal.getsignal(signal.SIGTERM) is before
+    seen: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
+    try:
+        with sigterm_as_ctrl_c() as term:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)  # a second one is not passed on
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert seen == [signal.SIGINT] and term == [signal.SIGTERM]
