@@ -203,8 +203,10 @@ def input_files(
             out[file] = [size, mtime, None]
             continue
         seen = (known or {}).get(file)
-        same = seen is not None and seen[:2] == [size, mtime] and seen[2] is not None
-        out[file] = [size, mtime, seen[2] if same else content_hash(inner)]
+        if seen is not None and seen[:2] == [size, mtime] and seen[2] is not None:
+            out[file] = [size, mtime, seen[2]]
+        else:
+            out[file] = [size, mtime, content_hash(inner)]
     return out
 
 
@@ -294,7 +296,7 @@ def _prepare_outputs(item: str, rels: list[str]) -> list[str]:
     tokenizer) beside train/, val/ or tokenizer/. Read as corpus, its Parquet rows, tokenizer
     files and rejects became thousands of rejects. A corpus's own manifest.json beside its own
     train/ and val/ is no such thing."""
-    dirs = set()  # every folder under the input that holds a file, at any depth
+    dirs: set[str] = set()  # every folder under the input that holds a file, at any depth
     for r in rels:
         parts = r.split("/")[:-1]
         dirs.update("/".join(parts[: i + 1]) for i in range(len(parts)))
