@@ -96,16 +96,12 @@ DEFAULT_IGNORABLE = (
 )  # fmt: skip
 # those, and every other format character of the BMP (zero-width space and joiners, soft
 # hyphen, word joiner, bidi marks; tags are above): invisible, and kept by NFKC
-_INVISIBLE = {c for lo, hi in DEFAULT_IGNORABLE for c in range(lo, hi + 1)} | {
-    c for c in range(0x10000) if unicodedata.category(chr(c)) == "Cf"
-}
+_CF = {c for c in range(0x10000) if unicodedata.category(chr(c)) == "Cf"}
+_INVISIBLE = {c for lo, hi in DEFAULT_IGNORABLE for c in range(lo, hi + 1)} | _CF
 _FORMAT = re.compile(f"[{char_class(_INVISIBLE)}]+")
 # of those, what may stand for a space: format characters and Hangul fillers (before and after
 # NFKC), not variation selectors, the grapheme joiner or tags, which follow a letter or emoji
-_SPACE_LIKE = re.compile(
-    f"[{char_class({c for c in range(0x10000) if unicodedata.category(chr(c)) == 'Cf'})}"
-    "\u115f\u1160\u3164\uffa0]+"
-)
+_SPACE_LIKE = re.compile(f"[{char_class(_CF | {0x115F, 0x1160, 0x3164, 0xFFA0})}]+")
 
 
 def join_spaced_cjk(text: str) -> str:

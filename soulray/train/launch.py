@@ -21,7 +21,6 @@ from soulray.config import CONFIG_FILE, INCOMPLETE_FILE, Config, TrainConfig
 from soulray.data.manifest import (
     TRAINED_TOKENIZER,
     data_fingerprint,
-    data_tokenizer_hash,
     read_manifest,
 )
 from soulray.train.feed import RankPlan, amplification_warning, plan_reads, rows_per_rank
@@ -534,16 +533,10 @@ def check_resume_tokenizer(cfg: Config, saved_config: str, data_dir: str) -> Non
     all of the tokenizer's files, so only a corpus-trained one is compared (a configured one's
     vocabulary is checked against the model's). Checkpoints written before their state recorded
     the tokenizer are not checked."""
-    from soulray.train.checkpoint import STATE_FILE
-
-    state = storage.join(saved_config.rsplit("/", 1)[0], STATE_FILE)
-    if not storage.exists(state):
-        return
-    manifest = read_manifest(data_dir) or {}
-    if manifest.get("tokenizer", {}).get("source") != TRAINED_TOKENIZER:
+    tokenizer = (read_manifest(data_dir) or {}).get("tokenizer", {})
+    if tokenizer.get("source") != TRAINED_TOKENIZER:
         return  # a configured tokenizer: check_data_tokenizer compares its vocabulary
-    trained = json.loads(storage.read_text(state)).get("tokenizer_hash")
-    now = data_tokenizer_hash(data_dir)
+    trained, now = saved_state(saved_config).get("tokenizer_hash"), tokenizer.get("hash")
     if trained is not None and now is not None and trained != now:
         raise ValueError(
             f"train.run_name={cfg.train.run_name} has checkpoints trained on token ids of another "
@@ -556,14 +549,17 @@ def check_resume_tokenizer(cfg: Config, saved_config: str, data_dir: str) -> Non
 def prepared_again(saved_config: str, data_dir: str) -> bool:
     """Whether the data a checkpoint trained on (the fingerprint in its state file, beside
     `saved_config`) differs from what `data_dir` holds now."""
+    trained = saved_state(saved_config).get("data_fingerprint")
+    now = data_fingerprint(data_dir)
+    return trained is not None and now is not None and trained != now
+
+
+def saved_state(saved_config: str) -> dict[str, Any]:
+    """The state file beside a checkpoint's saved config ({} without one)."""
     from soulray.train.checkpoint import STATE_FILE
 
     state = storage.join(saved_config.rsplit("/", 1)[0], STATE_FILE)
-    if not storage.exists(state):
-        return False
-    trained = json.loads(storage.read_text(state)).get("data_fingerprint")
-    now = data_fingerprint(data_dir)
-    return trained is not None and now is not None and trained != now
+    return json.loads(storage.read_text(state)) if storage.exists(state) else {}
 
 
 def with_kept(cfg: Config, trained: Config) -> Config:
