@@ -21,10 +21,14 @@ from soulray.config import (
     INCOMPLETE_FILE,
     METRICS_FILE,
     Config,
-    config_hash,
     parse_config,
 )
-from soulray.data.manifest import TRAINED_TOKENIZER, read_manifest, tokenizer_source
+from soulray.data.manifest import (
+    TRAINED_TOKENIZER,
+    read_manifest,
+    same_data_config,
+    tokenizer_source,
+)
 
 log = logging.getLogger("soulray.pipeline")
 
@@ -61,7 +65,7 @@ def prepared_manifest(cfg: Config) -> dict[str, Any] | None:
     manifest = read_manifest(cfg.data.output_dir)
     if manifest is None:
         return None
-    same_data = manifest.get("config_hash") == config_hash(cfg.data)
+    same_data = same_data_config(manifest, cfg.data)
     same_tokenizer = manifest.get("tokenizer", {}).get("source") == tokenizer_source(cfg)
     if not (same_data and same_tokenizer):
         return None

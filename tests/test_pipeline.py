@@ -236,6 +236,37 @@ def test_prepare_runs_again_when_its_input_files_changed(tmp_path, prepared_quic
     assert "data.inputs changed" not in caplog.text
 
 
+def test_prepare_is_not_run_again_for_a_setting_that_does_not_decide_the_rows(
+    tmp_path, prepared_quickstart
+):
+    """More render actors (data.num_workers) or the prepared folder moved (data.output_dir)
+    prepared a whole corpus again: the manifest's config_hash covered all of data.*."""
+    import shutil
+
+    from soulray.data.manifest import data_config_hash, read_manifest
+    from soulray.pipeline import prepared_manifest
+
+    data = tmp_path / "moved"
+    shutil.copytree(prepared_quickstart, data)
+    manifest = read_manifest(str(data))
+    base = load_config(QUICKSTART, [f"data.output_dir={prepared_quickstart}"])
+    assert manifest["config_hash"] == data_config_hash(base.data)
+    for extra in ([], ["data.num_workers=7"]):
+        cfg = load_config(QUICKSTART, [f"data.output_dir={data}", *extra])
+        assert prepared_manifest(cfg) == manifest
+    for decides in ("data.seq_len=512", "data.seed=1", "data.mode=padded"):
+        cfg = load_config(QUICKSTART, [f"data.output_dir={data}", decides])
+        assert prepared_manifest(cfg) is None, decides
+    # a manifest from before stop 44 hashed all of data.*: compared as it was made
+    cfg = load_config(QUICKSTART, [f"data.output_dir={data}", "data.num_workers=7"])
+    (data / "manifest.json").write_text(
+        json.dumps({**manifest, "config_hash": config_hash(cfg.data)})
+    )
+    assert prepared_manifest(cfg) is not None
+    cfg = load_config(QUICKSTART, [f"data.output_dir={data}", "data.num_workers=3"])
+    assert prepared_manifest(cfg) is None
+
+
 def test_a_pipeline_waits_on_its_own_ray_and_returns_on_a_cluster_it_joined() -> None:
     """A `soulray pipeline` submitted as a Ray job waited for Ctrl-C after deploying, so the job
     ran until stopped; unset, pipeline.wait now waits only where the app ends with the command."""

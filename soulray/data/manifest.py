@@ -9,7 +9,7 @@ import json
 from typing import Any
 
 from soulray import storage
-from soulray.config import Config
+from soulray.config import Config, DataConfig, config_hash
 
 MANIFEST_FILE = "manifest.json"
 TRAINED_TOKENIZER = "trained"  # the source of a tokenizer trained on the corpus by prepare
@@ -38,6 +38,23 @@ def read_manifest(data_dir: str) -> dict[str, Any] | None:
         return None
     manifest: dict[str, Any] = json.loads(storage.read_text(path))
     return manifest
+
+
+# data.* settings that decide how prepare runs, not which rows it writes: a change of them alone
+# (more render actors on a bigger cluster, the prepared folder moved) does not prepare again
+RUN_ONLY_KEYS = ("num_workers", "output_dir")
+
+
+def data_config_hash(data: DataConfig) -> str:
+    """The manifest's `config_hash`: the data config less RUN_ONLY_KEYS."""
+    return config_hash(data.model_copy(update={k: None for k in RUN_ONLY_KEYS}))
+
+
+def same_data_config(manifest: dict[str, Any], data: DataConfig) -> bool:
+    """Whether a manifest was prepared with this data config, but for RUN_ONLY_KEYS. A
+    manifest from before stop 44 hashed the whole of data.* and is compared as it was made."""
+    recorded = manifest.get("config_hash")
+    return recorded in (data_config_hash(data), config_hash(data))
 
 
 # what decides the prepared rows, in the manifest; the rest (timings, input paths) does not

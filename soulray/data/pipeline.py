@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from soulray import storage
-from soulray.config import Config, DataConfig, config_hash, config_to_yaml
+from soulray.config import Config, DataConfig, config_to_yaml
 from soulray.data.conversation import (
     Conversation,
     Message,
@@ -39,7 +39,12 @@ from soulray.data.conversation import (
     count_target_turns,
 )
 from soulray.data.formats import FILE_SUFFIXES
-from soulray.data.manifest import manifest_path, prepare_outputs, tokenizer_source
+from soulray.data.manifest import (
+    data_config_hash,
+    manifest_path,
+    prepare_outputs,
+    tokenizer_source,
+)
 from soulray.data.pack import Rows, build_rows
 from soulray.data.parse import (
     KeptLoader,
@@ -463,6 +468,12 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     if problem:  # refused before any work, not found out by `soulray train` afterwards
         raise ValueError(problem)
     log.info("reading %d file(s) into %s", len(files), out)
+    empty = [f for f, (size, *_) in inputs.items() if size == 0]
+    if empty:  # valid JSON Lines with no record: nothing to reject, but likely not meant
+        shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        log.warning(
+            "warning: %d input file(s) are empty (0 bytes), no record read: %s", len(empty), shown
+        )
     settings = ParseSettings(
         format=d.format,
         lookup=build_strategy_lookup(d.strategies),
@@ -655,7 +666,7 @@ def build_manifest(
             "source": tokenizer_source(cfg),
             "hash": tokenizer_hash(tokenizer),
         },
-        "config_hash": config_hash(cfg.data),
+        "config_hash": data_config_hash(cfg.data),
         "inputs": cfg.data.inputs,
         # the same, absolute: a reader started elsewhere (eval's prepared contexts) finds them
         "inputs_resolved": [storage.normalize(i) for i in cfg.data.inputs],

@@ -22,6 +22,7 @@ from transformers import AutoTokenizer
 from soulray.config import StrategyConfig, config_hash, load_config
 from soulray.data.conversation import Conversation, Message, build_strategy_lookup
 from soulray.data.formats import FILE_SUFFIXES, split_records
+from soulray.data.manifest import data_config_hash
 from soulray.data.parse import ParseSettings, normalize_record, split_of
 from soulray.data.pipeline import run_prepare
 from soulray.data.render import IGNORE, find_end_of_turn, render_conversation, split_windows
@@ -327,7 +328,7 @@ def test_tokenizer_and_config_are_saved_beside_the_data(prepared):
     }
     again = load_config(out / "config.yaml")
     assert again == cfg
-    assert m["config_hash"] == config_hash(again.data)
+    assert m["config_hash"] == data_config_hash(again.data) != config_hash(again.data)
     on_disk = json.loads((out / "manifest.json").read_text("utf-8"))
     assert on_disk == m
 
@@ -416,8 +417,13 @@ def test_an_output_inside_an_input_folder_is_not_read_back_and_a_failed_run_leav
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     shutil.copy("jobs/data/sample_en.jsonl", corpus)
+    (corpus / "empty.jsonl").write_text("")  # read without a word: nothing to reject in it
     out = corpus / "prepared"
-    first = run_prepare(quickstart_config([str(corpus)], out))
+    with caplog.at_level("WARNING", logger="soulray"):
+        first = run_prepare(quickstart_config([str(corpus)], out))
+    warned = f"warning: 1 input file(s) are empty (0 bytes), no record read: {corpus}/empty.jsonl"
+    assert warned in caplog.text
+    caplog.clear()
     with caplog.at_level("WARNING", logger="soulray.storage"):
         again = run_prepare(quickstart_config([str(corpus)], out))  # its Parquet is there now
     assert "skipping 14 file(s) an earlier prepare wrote into data.output_dir" in caplog.text
