@@ -596,7 +596,7 @@ def eval_cmd(
     """Evaluate models behind OpenAI-compatible endpoints: reference metrics, judge, pairwise,
     Seeker-driven dialogues; writes report.json, report.md and PNG charts."""
     from soulray.eval.markdown import render_summary
-    from soulray.eval.report import nothing_answered
+    from soulray.eval.report import nothing_answered, nothing_judged
     from soulray.eval.run import check_config, run_eval
 
     setup_logging()
@@ -606,7 +606,7 @@ def eval_cmd(
     init_ray()
     report = run_verb(run_eval, cfg, fail_if_worse, resume)
     typer.echo(render_summary(report, cfg.eval.output_dir))
-    failure = nothing_answered(report)
+    failure = nothing_answered(report) or nothing_judged(report)
     if failure is not None:
         typer.echo(f"error: {failure}", err=True)
     if failure is not None or report.get("gate", {}).get("worse"):

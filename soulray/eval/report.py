@@ -194,6 +194,30 @@ def nothing_answered(report: dict[str, Any]) -> str | None:
     )
 
 
+def nothing_judged(report: dict[str, Any]) -> str | None:
+    """Why a configured judge scored none of the replies and dialogues it was given (its
+    endpoint down, a model that never answers in the rubric's JSON): `soulray eval` exits 1 on
+    it too, since the report's judge columns are empty. None when the run had no judge, gave
+    it nothing, or it scored anything."""
+    summary = report["summary"]
+    judges = [
+        s["judge"] for part in ("turn", "interactive") for s in summary[part].values() if s["judge"]
+    ]
+    judged = sum(j["judged"] for j in judges)
+    if not judged or any(j["scored"] for j in judges):
+        return None
+    reasons: Counter[str] = Counter()
+    for j in judges:
+        reasons.update(j["unscored_reasons"])
+    common, n = reasons.most_common(1)[0]
+    return (
+        f"the judge scored none of the {judged} replies and dialogues it was given, most "
+        f"often for {common!r} ({n}); check eval.judge.endpoint (base_url ends in /v1, the "
+        "server is up, the model name is served) and that its model answers with the rubric's "
+        "JSON (report.md lists the reasons)"
+    )
+
+
 def write_report(report: dict[str, Any], output_dir: str) -> None:
     """report.json first; report.md and the PNGs are rendered from what was written."""
     from soulray.eval.charts import save_eval_charts

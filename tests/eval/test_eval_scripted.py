@@ -279,6 +279,34 @@ def test_a_run_in_which_every_reply_failed_exits_1_naming_why(ray_local, servers
     assert (tmp_path / "report" / "report.json").exists()  # written first, as synth's
 
 
+def test_a_judge_that_scored_nothing_exits_1_naming_why(ray_local, servers, tmp_path):
+    """A configured judge whose endpoint was down left every judge column empty, and eval
+    exited 0 as if the report measured something."""
+    with ScriptedOpenAI(lambda body: Reply("overloaded", status=503), model="judge") as down:
+        config = write_config(tmp_path, servers | {"judge": down}, {"good": "good"})
+        result = run_cli("eval", "--config", str(config))
+    assert result.exit_code == 1, result.output
+    assert (
+        "error: the judge scored none of the 6 replies and dialogues it was given, most often "
+        "for 'endpoint: http_503' (6); check eval.judge.endpoint" in result.output
+    )
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["summary"]["turn"]["good"]["judge"]["unscored"] == 6
+    # one score is enough: the judge works, an item it could not score is in the report
+    state = {"n": 0}
+
+    def once(body: dict) -> Reply:
+        state["n"] += 1
+        return Reply(judge(body)) if state["n"] == 1 else Reply("overloaded", status=503)
+
+    with ScriptedOpenAI(once, model="judge") as flaky:
+        config = write_config(tmp_path, servers | {"judge": flaky}, {"good": "good"})
+        result = run_cli("eval", "--config", str(config))
+    assert result.exit_code == 0, result.output
+    scored = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert scored["summary"]["turn"]["good"]["judge"]["scored"] == 1
+
+
 def test_an_api_key_exported_after_the_cluster_started_reaches_the_tasks(
     ray_local, servers, tmp_path, monkeypatch
 ):
