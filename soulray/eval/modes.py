@@ -161,6 +161,18 @@ async def run_dialogue(
     return record
 
 
+async def judge_dialogue(
+    judge: EndpointClient | None, rubric: Rubric, retries: int, record: dict[str, Any]
+) -> dict[str, Any] | None:
+    """A played dialogue's verdict: None without a judge or when an endpoint failed it."""
+    if judge is None or record["error"] is not None:
+        return None
+    if not any(m["role"] == "assistant" for m in record["messages"]):
+        return Judgement(error=NO_REPLY).to_json()
+    request = build_request("dialogue", rubric, context=format_dialogue(record["messages"]))
+    return (await judge_scores(judge, request, rubric, retries)).to_json()
+
+
 async def interactive(
     seeker: Seeker,
     clients: dict[str, EndpointClient],
@@ -178,14 +190,7 @@ async def interactive(
 
     async def one(model: str, scenario: Scenario) -> dict[str, Any]:
         record = await run_dialogue(seeker, clients[model], scenario, turns, model in strategies)
-        answered = any(m["role"] == "assistant" for m in record["messages"])
-        if judge is None or record["error"] is not None:
-            record["judge"] = None
-        elif not answered:
-            record["judge"] = Judgement(error=NO_REPLY).to_json()
-        else:
-            request = build_request("dialogue", rubric, context=format_dialogue(record["messages"]))
-            record["judge"] = (await judge_scores(judge, request, rubric, retries)).to_json()
+        record["judge"] = await judge_dialogue(judge, rubric, retries, record)
         return record
 
     pairs = [(m, s) for m in clients for s in scenarios]

@@ -366,20 +366,49 @@ def judge_endpoint_failed(scores: dict[str, list[Any]], pairs: list[dict[str, An
     return any(str(j.get("error") or "").startswith("endpoint:") for j in judgements)
 
 
-def failed_dialogues(dialogues: dict[str, list[dict[str, Any]]]) -> dict[str, list[int]]:
-    """Per model, the saved dialogues with a failure asking again may mend: a model's or the
-    Seeker's endpoint, or the judge's endpoint on a finished dialogue (as for the judge
-    phase); models without one are left out."""
-    out = {}
+def failed_dialogues(
+    dialogues: dict[str, list[dict[str, Any]]],
+) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    """Per model, the saved dialogues with a failure asking again may mend: those a model's
+    or the Seeker's endpoint cut short (played again), and finished ones whose judge's
+    endpoint failed (judged again, as for the judge phase); models without one are left out."""
+    replay, rejudge = {}, {}
     for model, ds in dialogues.items():
-        again = [
+        if again := [i for i, d in enumerate(ds) if d["error"]]:
+            replay[model] = again
+        judge_failed = [
             i
             for i, d in enumerate(ds)
-            if d["error"] or judge_endpoint_failed({model: [d.get("judge")]}, [])
+            if not d["error"] and judge_endpoint_failed({model: [d.get("judge")]}, [])
         ]
-        if again:
-            out[model] = again
-    return out
+        if judge_failed:
+            rejudge[model] = judge_failed
+    return replay, rejudge
+
+
+def counted(what: str, indices: dict[str, list[int]]) -> str:
+    """How many dialogues, and per model: 'the 3 <what> (good: 2, bad: 1)'."""
+    per_model = ", ".join(f"{m}: {len(i)}" for m, i in indices.items())
+    return f"the {sum(map(len, indices.values()))} {what} ({per_model})"
+
+
+def rejudge_task(
+    cfg: EvalConfig, rubric: Rubric, records: list[dict[str, Any]]
+) -> list[dict[str, Any] | None]:
+    """The judge's verdicts on dialogues played earlier (their judge's endpoint had failed)."""
+    from soulray.eval.modes import Progress, judge_dialogue, tracked
+
+    async def main() -> list[dict[str, Any] | None]:
+        assert cfg.judge.endpoint is not None  # a judge failed them
+        clients = build_clients({" judge": cfg.judge.endpoint})
+        judge, retries = clients[" judge"], cfg.judge.retries
+        try:
+            jobs = [judge_dialogue(judge, rubric, retries, r) for r in records]
+            return await tracked(jobs, Progress("dialogues judged again", len(jobs)))
+        finally:
+            await close_all(clients.values())
+
+    return asyncio.run(main())
 
 
 def run_interactive(
@@ -409,34 +438,39 @@ def run_interactive(
         dialogues = ray.get(call(interactive_task, e, rubric, scenarios))
         store.save("dialogues", "all", fp, dialogues)
         return scenarios, dialogues
-    again = failed_dialogues(dialogues)
-    replayed = sum(map(len, again.values()))
-    kept = sum(map(len, dialogues.values())) - replayed
-    if not again:
+    again, rejudge = failed_dialogues(dialogues)
+    kept = sum(map(len, dialogues.values())) - sum(map(len, again.values()))
+    if not (again or rejudge):
         log.info("eval --resume: reused the %d saved dialogues", kept)
-    else:  # only those are played again: the others keep their dialogues and scores
-        log.info(
-            "eval --resume: kept %d saved dialogues; playing again the %d an endpoint failed (%s)",
-            kept,
-            replayed,
-            ", ".join(f"{m}: {len(idx)}" for m, idx in again.items()),
+        return scenarios, dialogues
+    # only those are played or judged again: the others keep their dialogues and scores
+    said = [f"kept {kept} saved dialogues"]
+    if again:
+        said.append("playing again " + counted("an endpoint failed", again))
+    if rejudge:
+        said.append("judging again " + counted("whose judge's endpoint failed", rejudge))
+    log.info("eval --resume: %s", "; ".join(said))
+    if kept == 0:  # none reused: the report must not say so
+        store.forget_reuse("dialogues", "all")
+    by_name = {m.name: m for m in e.models}
+    refs = {
+        model: call(
+            interactive_task,
+            e.model_copy(update={"models": [by_name[model]]}),
+            rubric,
+            [scenarios[i] for i in idx],
         )
-        if kept == 0:  # none reused: the report must not say so
-            store.forget_reuse("dialogues", "all")
-        by_name = {m.name: m for m in e.models}
-        refs = {
-            model: call(
-                interactive_task,
-                e.model_copy(update={"models": [by_name[model]]}),
-                rubric,
-                [scenarios[i] for i in idx],
-            )
-            for model, idx in again.items()
-        }
-        for model, ref in refs.items():
-            for i, played in zip(again[model], ray.get(ref)[model], strict=True):
-                dialogues[model][i] = played
-        store.save("dialogues", "all", fp, dialogues)
+        for model, idx in again.items()
+    }
+    records = [dialogues[m][i] for m, idx in rejudge.items() for i in idx]
+    verdicts = iter(ray.get(call(rejudge_task, e, rubric, records)) if records else [])
+    for model, idx in rejudge.items():
+        for i in idx:
+            dialogues[model][i]["judge"] = next(verdicts)
+    for model, ref in refs.items():
+        for i, played in zip(again[model], ray.get(ref)[model], strict=True):
+            dialogues[model][i] = played
+    store.save("dialogues", "all", fp, dialogues)
     return scenarios, dialogues
 
 

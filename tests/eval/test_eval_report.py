@@ -203,13 +203,14 @@ def test_a_saved_judge_phase_with_endpoint_failures_is_not_reused():
     assert judge_endpoint_failed({"a": [scored]}, [pair])
 
 
-def test_saved_dialogues_the_judges_endpoint_failed_on_are_not_reused(monkeypatch, tmp_path):
+def test_saved_dialogues_the_judges_endpoint_failed_on_are_judged_again(monkeypatch, tmp_path):
+    """Not reused as they are, and not played again either: judged again, as played."""
     import ray
 
     from soulray.eval.config import EvalConfig
     from soulray.eval.judge import load_rubric
     from soulray.eval.phases import PhaseStore
-    from soulray.eval.run import run_interactive
+    from soulray.eval.run import interactive_task, rejudge_task, run_interactive
 
     ep = {"base_url": "http://127.0.0.1:9/v1", "model": "m"}
     cfg = EvalConfig(
@@ -225,14 +226,14 @@ def test_saved_dialogues_the_judges_endpoint_failed_on_are_not_reused(monkeypatc
     def dialogue(judge: dict) -> dict:
         return {"a": [{"scenario": "s", "messages": messages, "error": None, "judge": judge}]}
 
-    answers = [dialogue(down), dialogue(scored)]
+    answers = [dialogue(down), [scored]]
     asked = []
     monkeypatch.setattr(ray, "get", lambda value: value)
     call = lambda fn, *args: asked.append(fn) or answers[len(asked) - 1]  # noqa: E731
     rubric = load_rubric("soulchat")
     run_interactive(cfg, rubric, call, PhaseStore(str(tmp_path), resume=False))
     _, resumed = run_interactive(cfg, rubric, call, PhaseStore(str(tmp_path), resume=True))
-    assert (len(asked), resumed) == (2, dialogue(scored))
+    assert (asked, resumed) == ([interactive_task, rejudge_task], dialogue(scored))
 
 
 def test_resume_plays_again_only_the_dialogues_an_endpoint_failed(monkeypatch, tmp_path):

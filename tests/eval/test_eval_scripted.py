@@ -469,6 +469,51 @@ def test_a_resumed_run_asks_again_only_what_failed(ray_local, servers, tmp_path,
     assert report["replies"]["good"] == before["replies"]["good"]
 
 
+def test_a_resumed_run_judges_again_a_dialogue_only_its_judge_failed(
+    ray_local, servers, tmp_path, caplog
+):
+    """A dialogue whose judge's endpoint failed was played again from its first turn on
+    --resume (new Seeker and model calls, another dialogue): it is judged again as it was."""
+    down = {"now": True}
+
+    def dialogue_judge_down(body: dict) -> Reply:
+        whole = body["messages"][1]["content"].startswith("Below is a whole conversation")
+        return Reply("overloaded", status=503) if whole and down["now"] else Reply(judge(body))
+
+    interactive = {"enabled": True, "scenarios": 2, "turns": 2, "languages": ["en"]}
+    with ScriptedOpenAI(dialogue_judge_down, model="judge") as judge_server:
+        config = write_config(
+            tmp_path, servers | {"judge": judge_server}, {"good": "good"}, interactive=interactive
+        )
+        assert run_cli("eval", "--config", str(config)).exit_code == 0
+        before = json.loads((tmp_path / "report" / "report.json").read_text())
+        assert before["summary"]["interactive"]["good"]["judge"]["unscored_reasons"] == {
+            "endpoint: http_503": 2
+        }
+        down["now"], asked = False, len(servers["good"].requests)
+        kinds = judge_kinds(judge_server.requests)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="soulray.eval"):
+            result = run_cli("eval", "--config", str(config), "--resume")
+        assert result.exit_code == 0, result.output
+        assert (
+            "eval --resume: kept 2 saved dialogues; judging again the 2 whose judge's endpoint "
+            "failed (good: 2)" in caplog.messages
+        )
+        again = judge_kinds(judge_server.requests)
+        assert {k: again[k] - kinds[k] for k in kinds} == {
+            "seeker": 0,
+            "turn": 0,
+            "pair": 0,
+            "dialogue": 2,
+        }
+        assert len(servers["good"].requests) == asked  # nothing played again
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["summary"]["interactive"]["good"]["judge"]["scored"] == 2
+    played = [d["messages"] for d in report["dialogues"]["good"]]
+    assert played == [d["messages"] for d in before["dialogues"]["good"]]
+
+
 def test_send_strategies_sends_each_earlier_replys_strategy_only_where_set(ray_local, tmp_path):
     """A strategy-tagged model was trained on "[Strategy] text" history: with send_strategies
     its endpoint gets each earlier reply's strategy (the reference's in a context, the one its
