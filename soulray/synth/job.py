@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 from soulray.config import Config, config_to_yaml
@@ -181,6 +182,7 @@ class Progress:
         self.failures: list[str] = []  # this run's reasons (failed.jsonl keeps earlier runs' too)
         self.prompt_tokens = self.completion_tokens = 0
         self.start = self.last = time.perf_counter()
+        self.lock = threading.Lock()  # the heartbeat thread logs too
         self.first_result_s: float | None = None  # start-up: actors, imports, first dialogue
 
     def add(self, outcome: str, row: dict[str, Any]) -> None:
@@ -191,9 +193,32 @@ class Progress:
             self.failures.append(row["reason"])
         self.prompt_tokens += int(row["prompt_tokens"])
         self.completion_tokens += int(row["completion_tokens"])
-        if time.perf_counter() - self.last >= self.every_s:
+        self.log_if_due()
+
+    def log_if_due(self) -> None:
+        with self.lock:
+            if time.perf_counter() - self.last < self.every_s:
+                return
             self.last = time.perf_counter()
-            log.info("synth: %s", self.line())
+        log.info("synth: %s", self.line())
+
+    @contextlib.contextmanager
+    def heartbeat(self) -> Iterator[None]:
+        """The progress line also while no dialogue ends: a run's first ones take minutes on a
+        real model (actors starting, whole dialogues played), and the log said nothing."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.every_s / 2):
+                self.log_if_due()
+
+        thread = threading.Thread(target=beat, name="synth-progress", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
     def line(self) -> str:
         done = sum(self.counts.values())
@@ -257,7 +282,14 @@ def run_synth(cfg: Config) -> dict[str, Any]:
     interrupted = False
     try:
         if pending:
-            consume(build_dataset(pending, sc), store, state, sc, progress)
+            log.info(
+                "synth: %d actor(s), up to %d dialogues each at once; progress every %g s",
+                sc.job.actors,
+                sc.job.dialogues_per_actor,
+                sc.job.progress_every_s,
+            )
+            with progress.heartbeat():
+                consume(build_dataset(pending, sc), store, state, sc, progress)
     except KeyboardInterrupt:  # Ctrl-C: the report still describes what is written
         interrupted = True
     finally:

@@ -268,6 +268,24 @@ def test_a_timeout_fails_only_the_scenarios_it_hits(ray_local, tmp_path) -> None
     assert [r["metadata"]["scenario"]["language"] for r in records] == ["en", "en"]
 
 
+def test_progress_is_logged_before_the_first_dialogue_ends(ray_local, tmp_path, caplog) -> None:
+    """The log said nothing of synth's own until a dialogue ended (minutes on a real model)."""
+    roles = ScriptedRoles(stop_after=3)
+
+    def slow(body):
+        return Reply(roles(body), delay_s=0.4)
+
+    with ScriptedOpenAI(slow) as server:
+        cfg = synth_config(tmp_path / "out", server.url, 2, "synth.job.progress_every_s=0.3")
+        with caplog.at_level("INFO", logger="soulray.synth"):
+            report = run_synth(cfg)
+    assert report["run"]["written"] == 2 and report["run"]["first_result_s"] > 1.0
+    said = [m for m in caplog.messages if m.startswith("synth: ")]
+    assert said[1] == "synth: 1 actor(s), up to 4 dialogues each at once; progress every 0.3 s"
+    assert said[2].startswith("synth: 0/2 scenarios done (0 written, 0 dropped, 0 failed), ")
+    assert said[-1].startswith("synth: 2/2 scenarios done (2 written, 0 dropped, 0 failed), ")
+
+
 class EmptyFirstReply(ScriptedRoles):
     """The Supporter's first reply is empty: every dialogue is dropped before min_turns."""
 
