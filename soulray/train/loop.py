@@ -79,7 +79,7 @@ def train_loop(cfg: Config, rt: Runtime) -> dict[str, Any]:
         for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
             group["lr"] = base * lr_factor(state["step"], t)
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-        check_resume_world(state, rt)
+        check_resume_world(state, rt, t)
         log_rank0(rt, "resumed from %s at step %d", restored, state["step"])
     # which data the saved position counts rows of (the launchers' resume check compares it)
     state["data_fingerprint"] = data_fingerprint(cfg.train_data_dir)
@@ -406,16 +406,27 @@ def format_metrics(m: dict[str, Any], steps: int) -> str:
     return " | ".join(parts)
 
 
-def check_resume_world(state: dict[str, Any], rt: Runtime) -> None:
-    if state.get("world_size") != rt.world_size:
+def check_resume_world(state: dict[str, Any], rt: Runtime, t: TrainConfig) -> None:
+    """A resume on another number of workers: each step's batch (micro_batch_size x
+    grad_accum x workers rows) changes with it, and so does the data order."""
+    saved = state.get("world_size")
+    if isinstance(saved, int) and saved != rt.world_size:
+        rows = t.micro_batch_size * t.grad_accum
+        keep = ""
+        if (t.grad_accum * saved) % rt.world_size == 0:
+            keep = f"; train.grad_accum={t.grad_accum * saved // rt.world_size} keeps it"
         log_rank0(
             rt,
-            "warning: checkpoint was written by %s workers, resuming with %d: "
-            "the data order differs from an uninterrupted run",
-            state.get("world_size"),
+            "warning: checkpoint was written by %d workers, resuming with %d: a step now "
+            "trains on %d rows, not %d (micro_batch_size x grad_accum x workers)%s; the data "
+            "order differs from an uninterrupted run",
+            saved,
             rt.world_size,
+            rows * rt.world_size,
+            rows * saved,
+            keep,
         )
-        state["world_size"] = rt.world_size
+    state["world_size"] = rt.world_size
 
 
 def log_rank0(rt: Runtime, msg: str, *args: Any) -> None:
