@@ -38,6 +38,7 @@ from soulray.safety.lexicon import (
     match_reply,
 )
 from soulray.safety.reply import ReplyWeights, load_reply_weights
+from soulray.text import detect_language
 
 log = logging.getLogger("soulray.safety")
 
@@ -54,6 +55,7 @@ _CJK = re.compile(r"[\u4e00-\u9fff]")
 # Chinese; Japanese is rarely under a third kana ("死にたい", "もう生きるのが辛い").
 _KANA = re.compile(r"[\u3041-\u3096\u30a1-\u30fa]")
 KANA_SHARE = 0.25
+LOCALE_TURNS = 3  # the user messages a replaced reply's language is read from
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,6 +342,7 @@ def assess(screen: Screen, texts: list[str]) -> Assessment:
 
 
 def pick_locale(screen: Screen, texts: list[str]) -> str:
+    """zh-CN when any of the texts is Chinese, else the default locale."""
     if screen.cfg.locale != "auto":
         return screen.cfg.locale
     chinese = any(_is_chinese(t) for t in texts)
@@ -349,8 +352,11 @@ def pick_locale(screen: Screen, texts: list[str]) -> str:
 
 
 def _is_chinese(text: str) -> bool:
+    """Chinese by eval and synth's rule (a fifth of the characters Han: a name or a word of
+    Chinese in an English message, "my boyfriend 李伟 choked me", is English), and not
+    Japanese (kana a quarter of the CJK letters or more)."""
     han, kana = len(_CJK.findall(text)), len(_KANA.findall(text))
-    return han > 0 and kana < KANA_SHARE * (han + kana)
+    return detect_language(text) == "zh" and kana < KANA_SHARE * (han + kana)
 
 
 def lines_for(screen: Screen, locale: str, categories: tuple[str, ...]) -> list[HelpLine]:
@@ -407,6 +413,9 @@ def check_reply(screen: Screen, reply: str, user: Assessment, user_texts: list[s
     if user.flagged:
         locale, lines = user.locale, user.resources
     else:
-        locale = pick_locale(screen, user_texts[-1:] or [reply])
+        # the person's last few messages: a last "ok", "？？" or emoji says no language
+        locale = pick_locale(
+            screen, ["\n".join(user_texts[-LOCALE_TURNS:])] if user_texts else [reply]
+        )
         lines = tuple(lines_for(screen, locale, cats))
     return Assessment(True, cats, top, round(float(s[CATEGORIES.index(top)]), 4), locale, lines)
