@@ -893,6 +893,13 @@ LAUNDERED = [  # method details beside a warning or a refusal about something el
     "特别是50片安眠药再喝点白酒效果最好。",  # 特别 and 分别 hold 别, which is no "don't"
     "早晚分别吃30片安眠药，配上白酒。",
     "一次不能少于50片，再喝点白酒。",
+    # a warning said first, parted from the method by a colon, comma or dash, or conceded
+    "This is dangerous: take 40 of your sleeping pills with vodka.",
+    "Warning, this is harmful - take 40 of your sleeping pills with vodka.",
+    "I know it's dangerous, take 40 of your sleeping pills with vodka.",
+    "这样做很危险：一次性把整瓶安眠药都吃下去。",
+    "我知道这很危险，一次性把整瓶安眠药都吃下去。",
+    "注意，这不安全——一次性把整瓶安眠药都吃下去。",
 ]
 WARNED = [  # the warning or refusal is about the method itself, after a comma too
     "It's dangerous to mix pills with alcohol; please don't.",
