@@ -205,11 +205,11 @@ class ClosingStreamingResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:  # first: a stream closed before its end records a 499
+                await close()
             if self.prepared.stream_error is not None:
                 scope[STREAM_ERROR] = self.prepared.stream_error
-            close = getattr(self.body_iterator, "aclose", None)
-            if close is not None:
-                await close()
 
 
 def model_names(cfg: ServeConfig) -> list[str]:

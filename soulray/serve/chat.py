@@ -325,7 +325,7 @@ async def open_stream(state: IngressState, p: Prepared, model: str) -> AsyncGene
         _answer_flagged_without_engine(state, p, e)
         deltas = _listed(_fixed_deltas(state, p))
         first = await anext(deltas, None)
-    return _closing(_events(state, p, model, first, deltas), deltas, p.id)
+    return _closing(_events(state, p, model, first, deltas), deltas, p)
 
 
 def _answer_flagged_without_engine(state: IngressState, p: Prepared, e: APIError) -> None:
@@ -343,13 +343,14 @@ def _answer_flagged_without_engine(state: IngressState, p: Prepared, e: APIError
 
 
 async def _closing(
-    events: AsyncGenerator[str, None], deltas: AsyncGenerator[Delta, None], request_id: str
+    events: AsyncGenerator[str, None], deltas: AsyncGenerator[Delta, None], p: Prepared
 ) -> AsyncGenerator[str, None]:
     """The events; closing them (app.py's response does when it ends, however it ends) closes
     the engine's stream too, which stops the generation. Without this, a client that hangs up
     while the response waits on a send (after the help lines, say) leaves the engine generating
     until the garbage collector closes the abandoned generators. A stream closed before its
-    end is a hang-up, logged as one (the access log has already recorded its 200)."""
+    end is a hang-up, logged as one and counted as a 499 (the access log has already recorded
+    its 200; Starlette ends a response whose client sent http.disconnect without an error)."""
     finished = False
     try:
         async for event in events:
@@ -358,9 +359,10 @@ async def _closing(
     finally:
         if not finished:
             log.info(
-                "request %s: the client went away mid-stream: its generation was stopped",
-                request_id,
+                "request %s: the client went away mid-stream: its generation was stopped", p.id
             )
+            if p.stream_error is None:
+                p.stream_error = 499
         await events.aclose()
         await deltas.aclose()
 
