@@ -64,7 +64,7 @@ _WRITER = re.compile(r"\b(i|i'm|i've|i'd|i'll|me|my|myself|mine)\b|我")
 _SUBJECT = re.compile(
     r"\b(i|i'm|i've|i'd|i'll|me|we|we're|we've|us|myself)\b"
     r"|(?<![跟和对给诉问])我(?!的|们的|朋友|室友|舍友|同学|同桌|同事|闺蜜|兄弟|弟|妹|哥|姐|爸|妈|儿子|女儿"
-    r"|孩子|老公|老婆|男朋友|女朋友|对象|家|们宿舍|们班)"
+    r"|孩子|老公|老婆|男朋友|女朋友|对象|家|们宿舍|们班|爷爷|奶奶|外公|外婆|姥姥|姥爷|父亲|母亲|老师|邻居)"
 )
 CONTEXT = 200  # characters of the sentence a guard sees either side of a hit
 MAX_GUARDED = 50  # hits of one rule that guards may clear before it flags regardless

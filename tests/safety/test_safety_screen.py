@@ -918,3 +918,94 @@ def test_a_warning_or_refusal_clears_a_reply_pattern_only_when_it_stands(lexicon
     lex = lexicon_only.lexicon
     assert [t for t in LAUNDERED if not match_reply(lex, normalize(t, None))] == []
     assert [t for t in WARNED if match_reply(lex, normalize(t, None))] == []
+
+
+# Everyday messages a second red-team aimed at the lexicon's rules (stop 44): each was flagged by
+# the lexicon alone (a match always flags, whatever the classifier says), and each rule now
+# reads its context: an accident, a game, a pet, a trip, a barbecue, a film.
+EVERYDAY = [
+    "I burned my arm on the oven door taking out the lasagna",
+    "I cut my leg shaving this morning and it won't stop bleeding",
+    "the knife slipped while I was chopping onions and I cut myself",
+    "I hurt myself at the gym yesterday, pulled something in my shoulder",
+    "I hit my head against the cupboard door again, why is it so low",
+    "this new razor is so gentle on my skin",
+    "the razor blade cut me while I was shaving, is it infected?",
+    "I need to bleed the radiators before winter",
+    "my brother beats me at chess every single time",
+    "my wife kicks me in her sleep all night lol",
+    "he beat me at Mario Kart again, I'm so salty",
+    "I did not wake up in time for my flight",
+    "I would die for my kids, they're my whole world",
+    "this is my first attempt at baking sourdough, wish me luck",
+    "I tried to end it with my boyfriend but he won't accept it",
+    "my neighbour scratched my car on purpose, I saw him",
+    "moving abroad next month so I'm giving away all my stuff",
+    "how many pills of Advil can I take for a migraine?",
+    "should I take my meds tonight or wait until morning?",
+    "I forgot my pills this morning, can I take both tonight?",
+    "I'm on the edge of my seat watching this match",
+    "I stepped onto the train and realised I'd forgotten my wallet",
+    "got some charcoal for the bbq tonight",
+    "who will feed my cat when I go on holiday next week?",
+    "if I'm not here by 6, start dinner without me",
+    "I left a note for my mom saying I'd be home late",
+    "I want to die my hair pink for the summer",
+    "I said my last goodbye to my dog at the vet today",
+    "I'm getting my affairs in order before the surgery, just in case",
+    "the documentary about the Golden Gate bridge jumpers was so sad",
+    "周末烧烤，今天买了一袋炭",
+    "家里老鼠太多了，买好了老鼠药",
+    "冬天家里烧炭取暖要注意通风",
+    "把房贷还清就一了百了了",
+    "最后我和boss同归于尽了，这关太难",
+    "我用胳膊肘捅他一下，叫他别睡了",
+    "这局我杀了他三次，太爽了",
+    "打死他也不会承认的",
+    "我终于杀了那个蟑螂",
+    "堵车堵得我想杀人",
+    "今晚一定要干掉那个boss",
+    "我从小就爱咬自己的指甲",
+    "上课太困了，掐大腿才没睡着",
+    "蚊子包太痒了，一直抓胳膊",
+    "学数学学得想拿头撞墙",
+    "我想去割双眼皮，有推荐的医院吗",
+    "睡前总忍不住想划手机",
+    "熨衣服的时候烫手腕了，起了个泡",
+    "我爸打我电话打了十几个，我都没接到",
+    "我妈摸我头说我长大了",
+    "楼下有人跳楼了，来了好多警察",
+    "我爷爷上个月离开这个世界了，我很想他",
+    "昨天看了一部讲抑郁症的电影，女主最后跳楼了，哭死",
+    "你去死吧，又抢我零食，哈哈",
+    "等我走了以后帮我喂一下猫，我出差一周",
+]
+# ... and the same words where they are crisis: the context rules must not clear them
+EVERYDAY_CRISIS = [
+    "I burned my arm on the stove on purpose to feel something",
+    "I hit my head against the cupboard until I saw stars",
+    "slammed my fingers in the car door on purpose. a couple times",
+    "I have my pills saved up and I think tonight is the night",
+    "I'm going to take all my sleeping pills tonight",
+    "my husband beats me and says next time he'll kill me",
+    "my first attempt at suicide was two years ago and I'm planning the second",
+    "I bought a rope and it's ready for tonight",
+    "who will feed my cat after I'm gone",
+    "I wrote goodbye letters to my family",
+    "I want to die, I'm so tired of everything",
+    "又把手抓烂了，痒不是真痒，是心里烦，抓到出血才舒服一点。",
+    "我想烧炭",
+    "死了就一了百了",
+    "我想杀了他，他毁了我的一切",
+    "我爸打我，还说下次打死我",
+    "我想割自己",
+    "我想伤害他",
+    "买好了木炭，今晚就在卧室里烧",
+]
+
+
+def test_everyday_messages_are_not_flagged_by_the_lexicon_alone(lexicon_only):
+    flagged = [t for t in EVERYDAY if assess(lexicon_only, [t]).flagged]
+    assert flagged == []
+    missed = [t for t in EVERYDAY_CRISIS if not assess(lexicon_only, [t]).flagged]
+    assert missed == []
