@@ -38,7 +38,6 @@ from soulray.safety.lexicon import (
     match_reply,
 )
 from soulray.safety.reply import ReplyWeights, load_reply_weights
-from soulray.text import detect_language
 
 log = logging.getLogger("soulray.safety")
 
@@ -56,6 +55,8 @@ _CJK = re.compile(r"[\u4e00-\u9fff]")
 _KANA = re.compile(r"[\u3041-\u3096\u30a1-\u30fa]")
 KANA_SHARE = 0.25
 LOCALE_TURNS = 3  # the user messages a replaced reply's language is read from
+_LATIN_WORD = re.compile(r"[A-Za-z]+")
+_LINK = re.compile(r"https?://\S+|www\.\S+", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,11 +353,13 @@ def pick_locale(screen: Screen, texts: list[str]) -> str:
 
 
 def _is_chinese(text: str) -> bool:
-    """Chinese by eval and synth's rule (a fifth of the characters Han: a name or a word of
-    Chinese in an English message, "my boyfriend 李伟 choked me", is English), and not
+    """Chinese when its Han characters are at least as many as its Latin words (a name or a word
+    of Chinese in an English message, "my boyfriend 李伟 choked me", is English; emoji,
+    punctuation, digits and links count for neither: "想死😭😭😭😭😭" is Chinese), and not
     Japanese (kana a quarter of the CJK letters or more)."""
     han, kana = len(_CJK.findall(text)), len(_KANA.findall(text))
-    return detect_language(text) == "zh" and kana < KANA_SHARE * (han + kana)
+    words = len(_LATIN_WORD.findall(_LINK.sub(" ", text)))
+    return han > 0 and han >= words and kana < KANA_SHARE * (han + kana)
 
 
 def lines_for(screen: Screen, locale: str, categories: tuple[str, ...]) -> list[HelpLine]:

@@ -351,13 +351,16 @@ async def _closing(
     until the garbage collector closes the abandoned generators. A stream closed before its
     end is a hang-up, logged as one and counted as a 499 (the access log has already recorded
     its 200; Starlette ends a response whose client sent http.disconnect without an error)."""
-    finished = False
+    finished = failed = False
     try:
         async for event in events:
             yield event
         finished = True
+    except Exception:  # a failure, counted as its own status (500), not a hang-up
+        failed = True
+        raise
     finally:
-        if not finished:
+        if not (finished or failed):
             log.info(
                 "request %s: the client went away mid-stream: its generation was stopped", p.id
             )

