@@ -195,10 +195,11 @@ def nothing_answered(report: dict[str, Any]) -> str | None:
 
 
 def nothing_judged(report: dict[str, Any]) -> str | None:
-    """Why a configured judge scored none of the replies and dialogues it was given (its
-    endpoint down, a model that never answers in the rubric's JSON): `soulray eval` exits 1 on
-    it too, since the report's judge columns are empty. None when the run had no judge, gave
-    it nothing, or it scored anything."""
+    """Why a configured judge scored none of the replies and dialogues it was given, its
+    endpoint having failed every one it was asked (down, a wrong base_url): `soulray eval`
+    exits 1 on it too, since the report's judge columns are empty. None when the run had no
+    judge, gave it nothing, or it scored anything, or a model answered that could not be read
+    (a weak judge is the report's to show: its unscored reasons)."""
     summary = report["summary"]
     judges = [
         s["judge"] for part in ("turn", "interactive") for s in summary[part].values() if s["judge"]
@@ -209,12 +210,13 @@ def nothing_judged(report: dict[str, Any]) -> str | None:
     reasons: Counter[str] = Counter()
     for j in judges:
         reasons.update(j["unscored_reasons"])
+    if not all(r.startswith("endpoint") for r in reasons):
+        return None
     common, n = reasons.most_common(1)[0]
     return (
         f"the judge scored none of the {judged} replies and dialogues it was given, most "
         f"often for {common!r} ({n}); check eval.judge.endpoint (base_url ends in /v1, the "
-        "server is up, the model name is served) and that its model answers with the rubric's "
-        "JSON (report.md lists the reasons)"
+        "server is up, the model name is served)"
     )
 
 

@@ -281,7 +281,8 @@ def test_a_run_in_which_every_reply_failed_exits_1_naming_why(ray_local, servers
 
 def test_a_judge_that_scored_nothing_exits_1_naming_why(ray_local, servers, tmp_path):
     """A configured judge whose endpoint was down left every judge column empty, and eval
-    exited 0 as if the report measured something."""
+    exited 0 as if the report measured something (a judge that answers prose is a weak judge,
+    shown in the report, not a failed run: the tiny-model eval test uses one)."""
     with ScriptedOpenAI(lambda body: Reply("overloaded", status=503), model="judge") as down:
         config = write_config(tmp_path, servers | {"judge": down}, {"good": "good"})
         result = run_cli("eval", "--config", str(config))
@@ -290,6 +291,13 @@ def test_a_judge_that_scored_nothing_exits_1_naming_why(ray_local, servers, tmp_
         "error: the judge scored none of the 6 replies and dialogues it was given, most often "
         "for 'endpoint: http_503' (6); check eval.judge.endpoint" in result.output
     )
+    # a judge that answers what cannot be read is the report's to show, not a failed run
+    with ScriptedOpenAI(lambda body: Reply("no idea"), model="judge") as prose:
+        config = write_config(tmp_path, servers | {"judge": prose}, {"good": "good"})
+        result = run_cli("eval", "--config", str(config))
+    assert result.exit_code == 0, result.output
+    unread = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert unread["summary"]["turn"]["good"]["judge"]["unscored_reasons"] == {"unparsed": 6}
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["summary"]["turn"]["good"]["judge"]["unscored"] == 6
     # one score is enough: the judge works, an item it could not score is in the report
