@@ -55,6 +55,7 @@ from typing import Any
 
 from soulray.config import GuardRule
 from soulray.safety.features import char_class
+from soulray.safety.weight import underweight_wish
 
 UNGUARDED = frozenset({"abuse"})
 _SENTENCE_END = re.compile(r"[.!?。！？;；\n]")
@@ -154,6 +155,8 @@ def match(lex: Lexicon, text: str) -> list[str]:
         found |= {c for c, rules in lex.intent.items() if _hits(lex, c, rules, form)}
         cleaned = blank_idioms(lex, form)
         found |= {c for c, rules in lex.rules.items() if _hits(lex, c, rules, cleaned)}
+        if underweight_wish(form):  # a height, a weight far under it and a wish to lose more
+            found.add("self_harm")
     return sorted(found)
 
 

@@ -7,7 +7,9 @@ last `max_chars` characters, the lexicon its last LEXICON_SPAN x max_chars (the 
 whole, in overlapping windows of `max_chars`), and its
 result is cached by content hash, so a conversation resent turn after turn costs one classifier
 call per new message. The result names the help lines for the flagged categories in the person's
-language (zh-CN when the flagged text is Chinese; Japanese, with its kana, is not).
+language (a Chinese locale when the flagged text is Chinese: zh-CN, or zh-Hant in Traditional
+characters, with Taiwan's and Hong Kong's lines, or zh-HK in Cantonese; Japanese, with its kana,
+is not Chinese).
 
 This is a screen, not a clinical instrument: it errs towards flagging, and its measured recall and
 false-positive rates are in bench/RESULTS.md.
@@ -54,6 +56,12 @@ _CJK = re.compile(r"[\u4e00-\u9fff]")
 # Chinese; Japanese is rarely under a third kana ("死にたい", "もう生きるのが辛い").
 _KANA = re.compile(r"[\u3041-\u3096\u30a1-\u30fa]")
 KANA_SHARE = 0.25
+# auto's locales for Chinese text, each falling back to the next (help lines in
+# data/helplines.json): Cantonese in Traditional characters, Traditional (Taiwan's and Hong
+# Kong's lines: a message does not say which), Simplified
+CHINESE_LOCALES = ("zh-HK", "zh-Hant", "zh-CN")
+# written Cantonese's own characters (not 係 or 俾, which standard Chinese writes too)
+_CANTONESE = re.compile("[嘅咗唔佢冇喺嘢啲哋嚟攰瞓嗰噉搵揾畀咩]")
 LOCALE_TURNS = 3  # the user messages a replaced reply's language is read from
 _LATIN_WORD = re.compile(r"[A-Za-z]+")
 _LINK = re.compile(r"https?://\S+|www\.\S+", re.IGNORECASE)
@@ -82,6 +90,7 @@ class Screen:
     resources: dict[str, list[HelpLine]]
     fixed_reply: dict[str, str]
     header: dict[str, str]
+    chinese: tuple[str, ...] = ()  # the Chinese locales auto picks from (CHINESE_LOCALES')
     cache: OrderedDict[bytes, np.ndarray] = field(default_factory=OrderedDict)
 
 
@@ -90,9 +99,13 @@ def build_screen(cfg: SafetyConfig) -> Screen:
     resources_ = cfg.resources if cfg.resources is not None else lines["resources"]
     replies = cfg.fixed_reply if cfg.fixed_reply is not None else lines["fixed_reply"]
     headers = {**lines["header"], **(cfg.header or {})}
-    # the locales a request can get: auto picks zh-CN for Chinese text when it has help lines,
+    # the locales a request can get: auto picks one of CHINESE_LOCALES for Chinese text (zh-CN
+    # when it has help lines; zh-HK and zh-Hant when they have a fixed reply too, else the next),
     # else default_locale; a fixed locale is every request's (default_locale goes unused)
-    auto = [cfg.default_locale, *(["zh-CN"] if "zh-CN" in resources_ else [])]
+    chinese = tuple(
+        loc for loc in CHINESE_LOCALES if loc in resources_ and (loc == "zh-CN" or loc in replies)
+    )
+    auto = [cfg.default_locale, *chinese]
     reached = set(auto if cfg.locale == "auto" else [cfg.locale])
     for locale in reached:
         if locale not in resources_ or locale not in replies:
@@ -121,7 +134,7 @@ def build_screen(cfg: SafetyConfig) -> Screen:
             )
     head = load_reply_weights() if cfg.reply_head else None
     classifier = Classifier(load_weights(), head) if cfg.classifier else None
-    _describe(cfg, reached, resources_, head)
+    _describe(cfg, reached, resources_, replies, head)
     return Screen(
         cfg,
         build_lexicon(
@@ -137,6 +150,7 @@ def build_screen(cfg: SafetyConfig) -> Screen:
         resources_,
         replies,
         headers,
+        chinese,
     )
 
 
@@ -144,6 +158,7 @@ def _describe(
     cfg: SafetyConfig,
     reached: set[str],
     resources_: dict[str, list[HelpLine]],
+    replies: dict[str, str],
     head: ReplyWeights | None,
 ) -> None:
     """Log what the screen will do, and warn of settings that do nothing or not what they
@@ -155,7 +170,7 @@ def _describe(
         )
         return
     for key, given in (("resources", cfg.resources), ("fixed_reply", cfg.fixed_reply)):
-        for locale in sorted(set(given or {}) - reached):
+        for locale in sorted(set(given or {}) - reached - set(CHINESE_LOCALES)):
             log.warning(
                 "serve.safety.%s.%s: no request gets locale %r (they get %s); a typo?",
                 key,
@@ -165,6 +180,19 @@ def _describe(
             )
     for locale in sorted(set(cfg.header or {}) - reached):
         log.warning("serve.safety.header.%s: no request gets locale %r; a typo?", locale, locale)
+    for locale in CHINESE_LOCALES[:-1]:
+        if cfg.locale == "auto" and (locale in resources_) != (locale in replies):
+            has, lacks = ("resources", "fixed_reply")[:: 1 if locale in resources_ else -1]
+            log.warning(
+                "serve.safety.%s has no %s (serve.safety.%s has): the messages it is for get "
+                "%s's help lines and fixed reply (add %s to serve.safety.%s)",
+                lacks,
+                locale,
+                has,
+                chinese_fallback(locale, tuple(sorted(reached))) or cfg.default_locale,
+                locale,
+                lacks,
+            )
     if cfg.locale == "auto" and "zh-CN" not in resources_:
         log.warning(
             "serve.safety.resources has no zh-CN: a person writing in Chinese gets the %s help "
@@ -190,6 +218,15 @@ def _describe(
         lines,
         cfg.thresholds or "as trained",
     )
+
+
+def _scripts() -> tuple[frozenset[str], frozenset[str]]:
+    text = resources.files("soulray.safety").joinpath("data/scripts.json").read_text("utf-8")
+    data = json.loads(text)
+    return frozenset(data["traditional_only"]), frozenset(data["simplified_only"])
+
+
+_TRADITIONAL_ONLY, _SIMPLIFIED_ONLY = _scripts()
 
 
 def _helplines() -> dict:
@@ -343,13 +380,35 @@ def assess(screen: Screen, texts: list[str]) -> Assessment:
 
 
 def pick_locale(screen: Screen, texts: list[str]) -> str:
-    """zh-CN when any of the texts is Chinese, else the default locale."""
+    """A Chinese locale when any of the texts is Chinese (chinese_locale, or the next of
+    CHINESE_LOCALES the screen has), else the default locale."""
     if screen.cfg.locale != "auto":
         return screen.cfg.locale
-    chinese = any(_is_chinese(t) for t in texts)
-    if chinese and "zh-CN" in screen.resources:
-        return "zh-CN"
+    chinese = [t for t in texts if _is_chinese(t)]
+    if chinese:
+        return chinese_fallback(chinese_locale("\n".join(chinese)), screen.chinese) or (
+            screen.cfg.default_locale
+        )
     return screen.cfg.default_locale
+
+
+def chinese_locale(text: str) -> str:
+    """zh-Hant for Chinese in Traditional characters (more of those only Traditional writes
+    than of those only Simplified does: 我想自殺, not 我想自杀; a short message of characters both
+    write, 我不想活了, says nothing and is zh-CN), zh-HK when it is Cantonese too (嘅 咗 唔 佢
+    ...: Hong Kong's), else zh-CN. Cantonese in Simplified characters is Guangdong's: zh-CN."""
+    traditional = sum(c in _TRADITIONAL_ONLY for c in text)
+    if traditional <= sum(c in _SIMPLIFIED_ONLY for c in text):
+        return "zh-CN"
+    return "zh-HK" if _CANTONESE.search(text) else "zh-Hant"
+
+
+def chinese_fallback(locale: str, available: tuple[str, ...]) -> str | None:
+    """`locale`, or the next of CHINESE_LOCALES after it that is available (zh-HK: zh-Hant, whose
+    lines are Taiwan's and Hong Kong's, then zh-CN)."""
+    return next(
+        (c for c in CHINESE_LOCALES[CHINESE_LOCALES.index(locale) :] if c in available), None
+    )
 
 
 def _is_chinese(text: str) -> bool:

@@ -884,6 +884,82 @@ def test_a_chinese_word_in_an_english_message_keeps_english_help_lines(screen):
         assert (a.flagged, a.locale) == (True, "zh-CN"), text
 
 
+def test_traditional_chinese_gets_taiwan_and_hong_kong_lines_and_cantonese_hong_kong(screen):
+    """Every Chinese writer got mainland lines (12356, 110): a person in Taipei or Hong Kong
+    could not call them. Traditional characters (more that only Traditional writes than that
+    only Simplified does) get Taiwan's and Hong Kong's lines, each named by its place; Cantonese
+    in them, Hong Kong's; characters both scripts write say nothing (zh-CN, as before)."""
+    cases = [
+        (
+            "我想自殺，已經把安眠藥存好了",
+            "zh-Hant",
+            ["1925", "1995", "110 / 119", "2389 2222", "2896 0000", "999"],
+        ),
+        ("我真係好想死，唔想再撐落去", "zh-HK", ["2389 2222", "2896 0000", "999"]),
+        (
+            "我老公又打我，說下次要殺了我",
+            "zh-Hant",
+            ["1925", "113", "110 / 119", "2389 2222", "2343 2255", "999"],
+        ),
+        ("我想自杀，已经把安眠药存好了", "zh-CN", ["12356", "400-161-9995", "120 / 110"]),
+        ("我不想活了", "zh-CN", ["12356", "400-161-9995", "120 / 110"]),
+        # Cantonese in Simplified characters is Guangdong's
+        ("我真系好想死，唔想再撑落去", "zh-CN", ["12356", "400-161-9995", "120 / 110"]),
+    ]
+    for text, locale, contacts in cases:
+        a = assess(screen, [text])
+        assert (a.flagged, a.locale, [r.contact for r in a.resources]) == (
+            True,
+            locale,
+            contacts,
+        ), text
+    a = assess(screen, ["我想自殺"])
+    assert fixed_reply(screen, a).splitlines()[2:4] == [
+        "如果你正處於危機中，可以尋求這些幫助：",
+        "- 台灣 衛生福利部安心專線: 1925 (24小時免付費心理諮詢，任何心理危機都可以打)",
+    ]
+    assert fixed_reply(screen, a, help_lines=False).startswith("謝謝你願意告訴我")
+    # a fixed zh-TW serves Taiwan's lines alone
+    taiwan = build_screen(SafetyConfig(classifier=False, locale="zh-TW"))
+    assert [r.contact for r in assess(taiwan, ["我想自殺"]).resources] == [
+        "1925",
+        "1995",
+        "110 / 119",
+    ]
+
+
+def test_a_chinese_locale_without_its_fixed_reply_falls_back_with_a_warning(caplog):
+    """An operator's own fixed replies for en-US and zh-CN (written before zh-Hant existed) are
+    still a valid config: Traditional-Chinese messages get zh-CN's lines and reply, as before,
+    and the start log says why."""
+    cfg = SafetyConfig(classifier=False, fixed_reply={"en-US": "Please.", "zh-CN": "请联系。"})
+    with caplog.at_level("WARNING", logger="soulray.safety"):
+        screen = build_screen(cfg)
+    a = assess(screen, ["我想自殺"])
+    assert (a.locale, fixed_reply(screen, a, help_lines=False)) == ("zh-CN", "请联系。")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"serve.safety.fixed_reply has no {loc} (serve.safety.resources has): the messages it is "
+        f"for get zh-CN's help lines and fixed reply (add {loc} to serve.safety.fixed_reply)"
+        for loc in ("zh-HK", "zh-Hant")
+    ]
+    lines = {
+        "en-US": [HelpLine(name="988", contact="988")],
+        "zh-Hant": [HelpLine(name="x", contact="1925")],
+    }
+    both = build_screen(
+        SafetyConfig(
+            classifier=False, resources=lines, fixed_reply={"en-US": "Please.", "zh-Hant": "請。"}
+        )
+    )
+    # zh-HK falls back to zh-Hant; with no zh-CN, Simplified Chinese gets the default locale
+    for text, locale in (
+        ("我真係好想死", "zh-Hant"),
+        ("我想自殺", "zh-Hant"),
+        ("我想自杀", "en-US"),
+    ):
+        assert assess(both, [text]).locale == locale, text
+
+
 def test_a_replaced_reply_takes_its_language_from_the_last_few_messages(screen):
     """A Chinese chat whose last message was "ok" or an emoji got the English fixed reply."""
     reply = (

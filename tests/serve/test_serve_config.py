@@ -150,7 +150,8 @@ def test_serve_refuses_a_safety_locale_without_help_lines_before_deploying(tmp_p
     jobs = str(ROOT / "jobs" / "serve.yaml")
     message = (
         "error: serve.safety has no resources or fixed_reply for locale 'fr-FR'; add it to "
-        "serve.safety.resources and serve.safety.fixed_reply (known: ['en-US', 'zh-CN'])"
+        "serve.safety.resources and serve.safety.fixed_reply "
+        "(known: ['en-US', 'zh-CN', 'zh-HK', 'zh-Hant', 'zh-TW'])"
     )
     for verb in (["serve"], ["serve", "build", "-o", str(tmp_path / "s.yaml")]):
         result = CliRunner().invoke(cli, [*verb, "--config", jobs, "serve.safety.locale=fr-FR"])
