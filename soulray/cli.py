@@ -346,7 +346,6 @@ def write_serve_config(cfg: Config, output: Path) -> None:
     from soulray.serve.app import build_serve_config, resolved
     from soulray.serve.prompt import check_merged_root
 
-    model_dir = cfg.serve_model_dir
     build_screen(cfg.serve.safety)  # serve.safety the replicas would refuse
     check_merged_root(cfg)  # an adapter on a merged LoRA export, which serve would refuse
     try:
@@ -360,8 +359,8 @@ def write_serve_config(cfg: Config, output: Path) -> None:
         + yaml.safe_dump(build_serve_config(cfg), sort_keys=False, allow_unicode=True),
         encoding="utf-8",
     )
-    typer.echo(f"wrote {output} (application {cfg.serve.app_name}, model {model_dir})")
-    s = resolved(cfg).serve
+    s = resolved(cfg).serve  # the paths as the file holds them: absolute
+    typer.echo(f"wrote {output} (application {cfg.serve.app_name}, model {s.engine.model_dir})")
     paths = [s.engine.model_dir, s.engine.adapter_dir, *(a.path for a in s.adapters)]
     local = [p for p in [*paths, s.auth.api_key_file] if p and not storage.is_remote(p)]
     if local:

@@ -40,6 +40,7 @@ from soulray.safety.lexicon import (
     match_reply,
 )
 from soulray.safety.reply import ReplyWeights, load_reply_weights
+from soulray.text import CJK
 
 log = logging.getLogger("soulray.safety")
 
@@ -49,7 +50,6 @@ CACHE_SIZE = 4096
 # up and I'm taking them all tonight. Sorry, that's blunt. Let me explain ...") was never seen.
 # The lexicon costs ~1 ms per 100 characters on one thread, the embedding ~1 ms per token.
 LEXICON_SPAN = 5
-_CJK = re.compile(r"[\u4e00-\u9fff]")
 # Japanese writes kanji too: kana says a text is not Chinese, when it is a good share of the
 # words (kana letters; not the long-vowel mark and iteration marks that kaomoji draw with,
 # "ヽ(ー_ー)ノ"). A Chinese message with a kaomoji or the borrowed "の" ("我想死の心都有了") is
@@ -416,7 +416,7 @@ def _is_chinese(text: str) -> bool:
     of Chinese in an English message, "my boyfriend 李伟 choked me", is English; emoji,
     punctuation, digits and links count for neither: "想死😭😭😭😭😭" is Chinese), and not
     Japanese (kana a quarter of the CJK letters or more)."""
-    han, kana = len(_CJK.findall(text)), len(_KANA.findall(text))
+    han, kana = len(CJK.findall(text)), len(_KANA.findall(text))
     words = len(_LATIN_WORD.findall(_LINK.sub(" ", text)))
     return han > 0 and han >= words and kana < KANA_SHARE * (han + kana)
 

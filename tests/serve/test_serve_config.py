@@ -78,6 +78,32 @@ def test_serve_build_writes_a_ray_serve_config(tmp_path, tiny_export):
     assert deployment.init_args[0]["serve"]["engine"]["model_dir"] == str(tiny_export)
 
 
+def test_serve_build_says_the_model_path_the_file_holds(tmp_path, tiny_export, monkeypatch):
+    """A relative model_dir is written absolute (a replica runs in another directory); the
+    line that says what was written said it as given."""
+    monkeypatch.chdir(tiny_export.parent)
+    out = tmp_path / "serve_config.yaml"
+    jobs = str(ROOT / "jobs" / "serve.yaml")
+    args = [
+        "serve",
+        "build",
+        "-c",
+        jobs,
+        "-o",
+        str(out),
+        f"serve.engine.model_dir={tiny_export.name}",
+    ]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0] == (
+        f"wrote {out} (application soulray, model {tiny_export})"
+    )
+    written = yaml.safe_load(out.read_text().split("\n", 3)[3])
+    assert written["applications"][0]["args"]["config"]["serve"]["engine"]["model_dir"] == str(
+        tiny_export
+    )
+
+
 def test_an_adapter_on_a_merged_lora_export_is_refused(tmp_path, tiny_export):
     """A LoRA export's root is base + adapter merged; the adapter again would apply twice."""
     from soulray.serve.prompt import check_local_model_dirs
