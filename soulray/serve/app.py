@@ -202,8 +202,20 @@ class ClosingStreamingResponse(StreamingResponse):
         self.prepared = prepared
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async def receive_or_disconnect() -> dict:
+            # Serve cancels the request of a client that hung up, and with it (ray.cancel is
+            # recursive) the replica's pending call to the proxy for the next ASGI message: its
+            # TaskCancelledError then comes out of `receive` instead of http.disconnect. It is
+            # the same hang-up, so the response ends as on a disconnect (the stream closed, a
+            # 499 counted), not with an error, which Serve may no longer be there to collect
+            # ("Task exception was never retrieved" in the replica's log).
+            try:
+                return await receive()
+            except CLIENT_GONE:
+                return {"type": "http.disconnect"}
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive_or_disconnect, send)
         finally:
             close = getattr(self.body_iterator, "aclose", None)
             if close is not None:  # first: a stream closed before its end records a 499

@@ -582,6 +582,39 @@ def test_a_stream_whose_client_sent_disconnect_is_counted_as_a_hang_up(tiny_expo
     assert metrics.counts == {"499": 1}
 
 
+def test_a_stream_whose_receive_serve_cancelled_ends_as_a_hang_up(tiny_export, tmp_path):
+    """Serve cancels the request of a client that hung up mid-stream, and with it (recursively)
+    the replica's pending call for the next ASGI message: `receive` raises TaskCancelledError
+    instead of returning http.disconnect. The stream ends as on a disconnect, without an error:
+    one escaping the app after Serve cancelled its future was never retrieved, and logged as a
+    traceback ("Task exception was never retrieved", 9 of 60 hang-ups on a served app)."""
+    from ray.serve.exceptions import TaskCancelledError
+
+    engine, metrics = EndlessEngine(), CountedRequests()
+    api, _ = make_api(tiny_export, tmp_path, engine=engine, metrics=metrics)
+    body = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+    received = 0
+
+    async def receive():
+        nonlocal received
+        received += 1
+        if received == 1:
+            return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
+        await asyncio.sleep(0.2)  # the stream has begun
+        raise TaskCancelledError()  # as Serve's ASGIReceiveProxy raises it
+
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = stream_scope() | {"asgi": {"version": "3.0", "spec_version": "2.3"}}  # as Serve's
+    asyncio.run(asyncio.wait_for(api(scope, receive, send), 30))  # returns: no error to see
+    assert sent[0]["status"] == 200 and not [m for m in sent if m.get("more_body") is False]
+    assert engine.closed
+    assert metrics.counts == {"499": 1}
+
+
 def test_a_stream_that_crashes_is_counted_as_a_500_not_a_hang_up(
     tiny_export, tmp_path, monkeypatch, caplog
 ):
