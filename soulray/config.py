@@ -339,6 +339,9 @@ class SafetyConfig(Section):
     # the classifier reads each message's last max_chars chars, the lexicon 5 times that
     max_chars: int = Field(400, ge=32)
     classifier: bool = True  # False: the lexicon alone (no embedding model loaded)
+    # a message longer than the embedding reads (its last 48 tokens) is embedded from its start
+    # too: a crisis said first and followed by small talk was read by the n-grams alone
+    head_window: bool = True
     # category -> threshold; None = train.py's choice; above 1 leaves the category to the lexicon
     # (0 or less would flag every message, NaN none: refused)
     thresholds: dict[str, Annotated[float, Field(gt=0.0, allow_inf_nan=False)]] | None = None

@@ -469,23 +469,34 @@ class Classifier:
         messages' vote or without it (`both`)."""
         return self.both(text)[0 if vote else 1]
 
-    def both(self, text: str) -> np.ndarray:
+    def both(self, text: str, head: bool = False) -> np.ndarray:
         """(2, C): one normalized message's per-category probabilities (the crisis categories'
         share of the softmax; with `pieces`, the highest of the whole message's and each of its
         last sentences', features.pieces) moved by the whole message's neighbours' vote, and
         the same without it. The vote says whether a message is crisis, not which category:
-        it moves every category alike, so the screen names categories by the row without it."""
+        it moves every category alike, so the screen names categories by the row without it.
+        `head`: a message longer than the embedding reads (its last embed_tokens tokens) is
+        read from its start too, with the same n-grams and its own vote, and each row is the
+        higher of the two windows' (serve.safety.head_window)."""
         texts = [text, *pieces(text, self.w.pieces)] if self.w.pieces else [text]
         k = len(self.w.classes)
         z = np.stack([self.w.bias + spread(ngram_scores(self.w, ngram_ids(t)), k) for t in texts])
         n, e = self.w.neighbours, None
         if self.embedder is not None:
-            e = self._embed([self.embedder.tail(t, self.w.embed_tokens) for t in texts])
+            windows = [self.embedder.tail(t, self.w.embed_tokens) for t in texts]
+            start = self.embedder.head(text, self.w.embed_tokens) if head else None
+            if start is not None:
+                windows.append(start)
+                z = np.concatenate([z, z[:1]])  # the whole message's n-grams
+            e = self._embed(windows)
             z = z + e @ self.w.embed
             if self.w.hidden_w.shape[1]:
                 z = z + np.maximum(e @ self.w.hidden_w + self.w.hidden_b, 0) @ self.w.hidden_out
-        p = softmax(z.astype(np.float64))[:, : len(CATEGORIES)].max(axis=0)
+        p = softmax(z.astype(np.float64))[:, : len(CATEGORIES)]
+        rows = np.stack([p[: len(texts)].max(axis=0), *p[len(texts) :]])  # message, its start
+        own = rows.max(axis=0)
         if n is None or e is None:  # weights without a bank, or n-grams alone
-            return np.stack([p, p])
-        votes = n.vote(n.project(e[:1]), self.bank, n.crisis)
-        return np.stack([with_vote(p[None], votes, n.beta)[0], p])
+            return np.stack([own, own])
+        # each window the whole message is read through has its own neighbours' vote
+        votes = n.vote(n.project(e[[0, *range(len(texts), len(e))]]), self.bank, n.crisis)
+        return np.stack([with_vote(rows, votes, n.beta).max(axis=0), own])

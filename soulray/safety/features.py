@@ -191,6 +191,26 @@ class Embedder:
             lo = space + 1 if space >= 0 else lo
         return text[lo:]
 
+    def head(self, text: str, max_tokens: int) -> str | None:
+        """The longest prefix of `text` whose query embedding reads at most `max_tokens` tokens,
+        cut back to end at a word where one ends within WORD_EDGE characters; None when `text`
+        fits whole (its tail is all of it) or max_tokens is 0. Deterministic, as `tail`."""
+        count = self.model.token_count
+        if not max_tokens or count(text, True) <= max_tokens:
+            return None
+        # text[:lo] fits (or is ""), text[:hi + 1] does not
+        lo, hi = 0, len(text) - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if count(text[:mid], True) <= max_tokens:
+                lo = mid
+            else:
+                hi = mid - 1
+        if lo < len(text) and text[lo] != " ":
+            space = text.rfind(" ", max(lo - WORD_EDGE, 0), lo)
+            lo = space if space > 0 else lo
+        return text[:lo] or None
+
     def embed(self, texts: list[str]) -> np.ndarray:
         """(len(texts), 384) float32, one message at a time (the engine's batch is no faster on
         one thread, and one at a time gives bit-identical vectors however texts are grouped)."""

@@ -276,7 +276,8 @@ def _message_pair(screen: Screen, norm: str) -> np.ndarray:
     out = np.zeros((2, len(CATEGORIES)))
     if screen.classifier:  # it reads the message without the idioms, as it was trained
         tail = norm[-screen.cfg.max_chars :]  # = normalize(text, max_chars)
-        out = np.maximum(out, screen.classifier.both(classifier_text(screen.lexicon, tail)))
+        read = classifier_text(screen.lexicon, tail)
+        out = np.maximum(out, screen.classifier.both(read, head=screen.cfg.head_window))
     for c in match(screen.lexicon, norm):  # the config admits only CATEGORIES
         out[:, CATEGORIES.index(c)] = 1.0
     return out
