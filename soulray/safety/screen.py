@@ -56,12 +56,24 @@ LEXICON_SPAN = 5
 # Chinese; Japanese is rarely under a third kana ("死にたい", "もう生きるのが辛い").
 _KANA = re.compile(r"[\u3041-\u3096\u30a1-\u30fa]")
 KANA_SHARE = 0.25
-# auto's locales for Chinese text, each falling back to the next (help lines in
-# data/helplines.json): Cantonese in Traditional characters, Traditional (Taiwan's and Hong
-# Kong's lines: a message does not say which), Simplified
-CHINESE_LOCALES = ("zh-HK", "zh-Hant", "zh-CN")
+# auto's locales for Chinese text (help lines in data/helplines.json), each with the others to
+# fall back on, in order, where the help lines lack it: Cantonese in Traditional characters, or
+# Hong Kong named (Hong Kong's lines); Taiwan named (Taiwan's); Traditional characters (Taiwan's
+# and Hong Kong's: a message does not say which); Simplified
+CHINESE_LOCALES = {
+    "zh-HK": ("zh-HK", "zh-Hant", "zh-TW", "zh-CN"),
+    "zh-TW": ("zh-TW", "zh-Hant", "zh-HK", "zh-CN"),
+    "zh-Hant": ("zh-Hant", "zh-TW", "zh-HK", "zh-CN"),
+    "zh-CN": ("zh-CN", "zh-Hant", "zh-TW", "zh-HK"),
+}
 # written Cantonese's own characters (not 係 or 俾, which standard Chinese writes too)
 _CANTONESE = re.compile("[嘅咗唔佢冇喺嘢啲哋嚟攰瞓嗰噉搵揾畀咩]")
+_PLACES = {
+    "zh-HK": re.compile("香港|九龍|九龙|新界|港島|港岛|旺角|銅鑼灣|铜锣湾|沙田|屯門|屯门|元朗"),
+    "zh-TW": re.compile("台灣|台湾|臺灣|台北|臺北|台中|臺中|台南|臺南|高雄|新竹|桃園|桃园"),
+}
+# Cantonese writes these in Hong Kong too ("食晒", "嚇親" as "吓亲"): no sign of Simplified script
+_BOTH_SCRIPTS = frozenset("晒吓揾")
 LOCALE_TURNS = 3  # the user messages a replaced reply's language is read from
 _LATIN_WORD = re.compile(r"[A-Za-z]+")
 _LINK = re.compile(r"https?://\S+|www\.\S+", re.IGNORECASE)
@@ -100,7 +112,7 @@ def build_screen(cfg: SafetyConfig) -> Screen:
     replies = cfg.fixed_reply if cfg.fixed_reply is not None else lines["fixed_reply"]
     headers = {**lines["header"], **(cfg.header or {})}
     # the locales a request can get: auto picks one of CHINESE_LOCALES for Chinese text (zh-CN
-    # when it has help lines; zh-HK and zh-Hant when they have a fixed reply too, else the next),
+    # when it has help lines; the others when they have a fixed reply too, else a fallback),
     # else default_locale; a fixed locale is every request's (default_locale goes unused)
     chinese = tuple(
         loc for loc in CHINESE_LOCALES if loc in resources_ and (loc == "zh-CN" or loc in replies)
@@ -180,7 +192,7 @@ def _describe(
             )
     for locale in sorted(set(cfg.header or {}) - reached):
         log.warning("serve.safety.header.%s: no request gets locale %r; a typo?", locale, locale)
-    for locale in CHINESE_LOCALES[:-1]:
+    for locale in [loc for loc in CHINESE_LOCALES if loc != "zh-CN"]:
         if cfg.locale == "auto" and (locale in resources_) != (locale in replies):
             has, lacks = ("resources", "fixed_reply")[:: 1 if locale in resources_ else -1]
             log.warning(
@@ -194,10 +206,12 @@ def _describe(
                 lacks,
             )
     if cfg.locale == "auto" and "zh-CN" not in resources_:
+        instead = chinese_fallback("zh-CN", tuple(reached))  # another Chinese locale's, or none
         log.warning(
-            "serve.safety.resources has no zh-CN: a person writing in Chinese gets the %s help "
+            "serve.safety.resources has no zh-CN: a person writing in %s gets the %s help "
             "lines and fixed reply (add zh-CN lines, or set serve.safety.locale)",
-            cfg.default_locale,
+            "Simplified Chinese" if instead else "Chinese",
+            instead or cfg.default_locale,
         )
     calm = cfg.reply_head_threshold or (head.threshold if head else None)
     flagged = cfg.reply_head_threshold_flagged
@@ -369,7 +383,8 @@ def assess(screen: Screen, texts: list[str]) -> Assessment:
     # the categories are the highest-scored one, and those the classifier names without the vote.
     top = CATEGORIES[int(np.argmax(np.where(best >= screen.thresholds, best, -1.0)))]
     cats = tuple(c for i, c in enumerate(CATEGORIES) if c == top or own[i] >= screen.thresholds[i])
-    locale = pick_locale(screen, [window[i] for i in flagged])
+    context = [t for i, t in enumerate(window) if i not in flagged]
+    locale = pick_locale(screen, [window[i] for i in flagged], context)
     return Assessment(
         True,
         cats,
@@ -380,36 +395,40 @@ def assess(screen: Screen, texts: list[str]) -> Assessment:
     )
 
 
-def pick_locale(screen: Screen, texts: list[str]) -> str:
-    """A Chinese locale when any of the texts is Chinese (chinese_locale, or the next of
-    CHINESE_LOCALES the screen has), else the default locale."""
+def pick_locale(screen: Screen, texts: list[str], context: list[str] | None = None) -> str:
+    """A Chinese locale when any of the texts is Chinese (chinese_locale of them and of the
+    `context`, the request's other user messages: one may say where the person is, or write
+    Traditional characters the flagged one does not; or the first of its fallbacks the screen
+    has), else the default locale."""
     if screen.cfg.locale != "auto":
         return screen.cfg.locale
-    chinese = [t for t in texts if _is_chinese(t)]
-    if chinese:
-        return chinese_fallback(chinese_locale("\n".join(chinese)), screen.chinese) or (
-            screen.cfg.default_locale
-        )
+    if any(_is_chinese(t) for t in texts):
+        want = chinese_locale("\n".join([*(context or []), *texts]))
+        return chinese_fallback(want, screen.chinese) or screen.cfg.default_locale
     return screen.cfg.default_locale
 
 
 def chinese_locale(text: str) -> str:
-    """zh-Hant for Chinese in Traditional characters (more of those only Traditional writes
-    than of those only Simplified does: 我想自殺, not 我想自杀; a short message of characters both
-    write, 我不想活了, says nothing and is zh-CN), zh-HK when it is Cantonese too (嘅 咗 唔 佢
-    ...: Hong Kong's), else zh-CN. Cantonese in Simplified characters is Guangdong's: zh-CN."""
+    """The place a Chinese text's help lines are for: a place it names (Hong Kong: zh-HK;
+    Taiwan: zh-TW); else zh-HK for Cantonese (嘅 咗 唔 佢 ...) not in Simplified characters;
+    zh-Hant for Traditional characters (more of those only Traditional writes than of those only
+    Simplified does: 我想自殺, not 我想自杀); else zh-CN (a short message of characters both
+    scripts write, 我不想活了, says nothing; Cantonese in Simplified characters is Guangdong's)."""
+    named = [loc for loc, place in _PLACES.items() if place.search(text)]
+    if len(named) == 1:
+        return named[0]
     traditional = sum(c in _TRADITIONAL_ONLY for c in text)
-    if traditional <= sum(c in _SIMPLIFIED_ONLY for c in text):
-        return "zh-CN"
-    return "zh-HK" if _CANTONESE.search(text) else "zh-Hant"
+    simplified = sum(c in _SIMPLIFIED_ONLY and c not in _BOTH_SCRIPTS for c in text)
+    if _CANTONESE.search(text) and traditional >= simplified:
+        return "zh-HK"
+    return "zh-Hant" if traditional > simplified else "zh-CN"
 
 
 def chinese_fallback(locale: str, available: tuple[str, ...]) -> str | None:
-    """`locale`, or the next of CHINESE_LOCALES after it that is available (zh-HK: zh-Hant, whose
-    lines are Taiwan's and Hong Kong's, then zh-CN)."""
-    return next(
-        (c for c in CHINESE_LOCALES[CHINESE_LOCALES.index(locale) :] if c in available), None
-    )
+    """`locale`, or the first of its fallbacks (CHINESE_LOCALES) that is available: another
+    Chinese locale's lines before the default locale's (zh-HK: zh-Hant, whose lines are Taiwan's
+    and Hong Kong's, then zh-TW, then zh-CN)."""
+    return next((c for c in CHINESE_LOCALES[locale] if c in available), None)
 
 
 def _is_chinese(text: str) -> bool:

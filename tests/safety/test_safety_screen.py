@@ -908,7 +908,21 @@ def test_traditional_chinese_gets_taiwan_and_hong_kong_lines_and_cantonese_hong_
         ("我不想活了", "zh-CN", ["12356", "400-161-9995", "120 / 110"]),
         # Cantonese in Simplified characters is Guangdong's
         ("我真系好想死，唔想再撑落去", "zh-CN", ["12356", "400-161-9995", "120 / 110"]),
+        # a place named decides (the red-team's: 我在台北 gave mainland lines)
+        ("我在台北，好想死", "zh-TW", ["1925", "1995", "110 / 119"]),
+        ("我喺香港，好想死", "zh-HK", ["2389 2222", "2896 0000", "999"]),
+        # Cantonese not in Simplified characters, no character saying which script: Hong Kong's
+        ("唔想活", "zh-HK", ["2389 2222", "2896 0000", "999"]),
     ]
+    # the person's other messages may say the script or the place the flagged one does not
+    turns = [
+        (["我喺香港讀緊大學", "最近壓力好大", "唔想活"], "zh-HK"),
+        (["最近覺得很孤單，沒有人懂我", "我不想活了"], "zh-Hant"),
+        (["我在深圳上班，压力很大", "我想死"], "zh-CN"),
+    ]
+    for texts, locale in turns:
+        a = assess(screen, texts)
+        assert (a.flagged, a.locale) == (True, locale), texts
     for text, locale, contacts in cases:
         a = assess(screen, [text])
         assert (a.flagged, a.locale, [r.contact for r in a.resources]) == (
@@ -998,22 +1012,31 @@ def test_a_chinese_locale_without_its_fixed_reply_falls_back_with_a_warning(capl
     assert [r.getMessage() for r in caplog.records] == [
         f"serve.safety.fixed_reply has no {loc} (serve.safety.resources has): the messages it is "
         f"for get zh-CN's help lines and fixed reply (add {loc} to serve.safety.fixed_reply)"
-        for loc in ("zh-HK", "zh-Hant")
+        for loc in ("zh-HK", "zh-TW", "zh-Hant")
     ]
     lines = {
         "en-US": [HelpLine(name="988", contact="988")],
         "zh-Hant": [HelpLine(name="x", contact="1925")],
     }
-    both = build_screen(
-        SafetyConfig(
-            classifier=False, resources=lines, fixed_reply={"en-US": "Please.", "zh-Hant": "請。"}
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="soulray.safety"):
+        both = build_screen(
+            SafetyConfig(
+                classifier=False,
+                resources=lines,
+                fixed_reply={"en-US": "Please.", "zh-Hant": "請。"},
+            )
         )
-    )
-    # zh-HK falls back to zh-Hant; with no zh-CN, Simplified Chinese gets the default locale
+    assert [r.getMessage() for r in caplog.records] == [
+        "serve.safety.resources has no zh-CN: a person writing in Simplified Chinese gets the "
+        "zh-Hant help lines and fixed reply (add zh-CN lines, or set serve.safety.locale)"
+    ]
+    # zh-HK falls back to zh-Hant, and Simplified Chinese too: Chinese lines before en-US's
     for text, locale in (
         ("我真係好想死", "zh-Hant"),
         ("我想自殺", "zh-Hant"),
-        ("我想自杀", "en-US"),
+        ("我想自杀", "zh-Hant"),
+        ("I want to kill myself", "en-US"),
     ):
         assert assess(both, [text]).locale == locale, text
 
