@@ -352,7 +352,7 @@ class SafetyConfig(Section):
     # the head's threshold when the person's messages are flagged (never above the one before);
     # None: train_reply's, the highest out of fold that still finds 95 % of method replies
     reply_head_threshold_flagged: float | None = Field(None, gt=0.0, le=1.0)
-    locale: str = "auto"  # auto: a Chinese locale for Chinese text (zh-CN, zh-Hant, zh-HK, zh-TW), else default_locale
+    locale: str = "auto"  # auto: zh-CN, -Hant, -HK or -TW for Chinese text, else default_locale
     default_locale: str = "en-US"
     intent: dict[str, list[str]] | None = None  # phrases no idiom exclusion can blank
     lexicon: dict[str, list[str]] | None = None  # category -> phrases; None = built-in
