@@ -35,11 +35,13 @@ from soulray.safety.lexicon import (
     Lexicon,
     build_lexicon,
     classifier_text,
+    forms_of,
     load_builtin,
     match,
     match_reply,
 )
 from soulray.safety.reply import ReplyWeights, load_reply_weights
+from soulray.safety.weight import underweight_wish
 from soulray.text import CJK
 
 log = logging.getLogger("soulray.safety")
@@ -375,6 +377,8 @@ def assess(screen: Screen, texts: list[str]) -> Assessment:
         return Assessment()
     window = texts[-screen.cfg.scan_user_turns :] if screen.cfg.scan_user_turns else texts
     pairs = [score_pair(screen, t) for t in window]
+    if _numbers_across(screen, window):
+        pairs[-1] = np.maximum(pairs[-1], np.eye(len(CATEGORIES))[CATEGORIES.index("self_harm")])
     flagged = [i for i, p in enumerate(pairs) if (p[0] >= screen.thresholds).any()]
     if not flagged:
         return Assessment()
@@ -393,6 +397,16 @@ def assess(screen: Screen, texts: list[str]) -> Assessment:
         locale,
         tuple(lines_for(screen, locale, cats)),
     )
+
+
+def _numbers_across(screen: Screen, window: list[str]) -> bool:
+    """Starving oneself said in numbers across the person's last few messages ("I'm 5'4 and 90
+    lbs", "and I need to lose more"): the lexicon reads weight.py's rule one message at a time."""
+    if len(window) < 2:
+        return False
+    chars = screen.cfg.max_chars * LEXICON_SPAN
+    joined = "\n".join(format_variants(t, chars)[0] for t in window[-LOCALE_TURNS:])
+    return any(underweight_wish(form) for form in forms_of(joined))
 
 
 def pick_locale(screen: Screen, texts: list[str], context: list[str] | None = None) -> str:

@@ -79,3 +79,20 @@ def test_the_screen_flags_them_as_self_harm_with_the_lexicon():
         a = assess(screen, [text])
         assert (a.flagged, a.categories, a.score) == (True, ("self_harm",), 1.0), text
     assert not any(assess(screen, [text]).flagged for text in EVERYDAY)
+
+
+def test_numbers_and_the_wish_in_the_last_few_messages_are_read_together():
+    """A person says their numbers, then what they want, in two or three messages."""
+    screen = build_screen(SafetyConfig(classifier=False))
+    for turns in (
+        ["I'm 5'4 and 90 lbs", "I need to lose more"],
+        ["我身高160", "现在只有38公斤", "还想再瘦"],
+    ):
+        a = assess(screen, turns)
+        assert (a.flagged, a.categories) == (True, ("self_harm",)), turns
+        assert not assess(screen, turns[:-1]).flagged  # the numbers alone
+    for turns in (
+        ["I'm 5'4 and 130 lbs", "I need to lose more"],  # BMI 22.3
+        ["my sister is 5'4 and 90 lbs", "she wants to lose more"],
+    ):
+        assert not assess(screen, turns).flagged, turns
