@@ -14,7 +14,8 @@ by the lexicon (lexicon.match), like any other lexicon hit, when
 - and it says the writer wants to lose more ("need to lose more", "还想再瘦", "goal weight",
   "terrified to gain"), not that they must not or do not ("scared to lose more", "不能再瘦了"),
   nor that they want to gain.
-A message at a time: numbers and a wish said in different messages are not read together.
+The lexicon reads a message at a time; the screen also reads the person's last three messages
+together (screen._numbers_across: "I'm 5'4 and 90 lbs", then "I need to lose more").
 """
 
 from __future__ import annotations
