@@ -8,9 +8,10 @@ by the lexicon (lexicon.match), like any other lexicon hit, when
   (41kg, 85斤, 四十公斤, 40多公斤, 90 lbs, 88磅, 7 stone) written next to it or as a goal
   ("goal weight 44kg", "瘦到38kg"), whose body-mass index is under UNDERWEIGHT_BMI (the old
   diagnostic line for anorexia nervosa; 18.5 is underweight), or states a BMI under it;
-- the height is not said of someone or something else ("my daughter is 160cm", "她身高160",
-  "床垫1.5米", "7 year old"), and the weight is not an amount lost or lifted ("lost 30kg",
-  "deadlift 40kg", "背20公斤的书包");
+- the height, the weight and the BMI are the writer's: not said of someone or something else
+  ("my daughter is 160cm", "my girlfriend is 100 lbs", "她身高160", "床垫1.5米", "my suitcase is
+  50 lbs"), in a text that gives no child's age but the writer's ("for a 7 year old"), and the
+  weight is no amount lost or lifted ("lost 30kg", "deadlift 40kg", "背20公斤的书包");
 - and it says the writer wants to lose more ("need to lose more", "还想再瘦", "goal weight",
   "terrified to gain"), not that they must not or do not ("scared to lose more", "不能再瘦了"),
   nor that they want to gain.
@@ -26,25 +27,28 @@ UNDERWEIGHT_BMI = 17.5
 HEIGHT_M = (1.35, 2.1)  # heights outside these are not read as a person's
 WEIGHT_KG = (20.0, 200.0)
 PAIR_CHARS = 40  # a weight this close to a height is the height's (else only a goal weight is)
-LEAD_CHARS = 200  # of a height's sentence before it, read for who it is said of
+LEAD_CHARS = 200  # of a number's sentence before it, read for whose it is
+MOST = 20  # heights and weights read in a text
 
 _DIGIT = dict(zip("零〇一二两三四五六七八九", (0, 0, 1, 2, 2, 3, 4, 5, 6, 7, 8, 9), strict=True))
-_CN_NUMBER = re.compile("[零〇一二两三四五六七八九十]+(?=\\s*(?:斤|公斤|千克|kg|磅|呎|吋|尺|寸))")
+_CN_NUMBER = re.compile(
+    "[零〇一二两三四五六七八九十]{1,4}(?=\\s*(?:斤|公斤|千克|kg|磅|呎|吋|尺|寸))"
+)
 _CN_METRE = re.compile("([一二])米([一二三四五六七八九])([一二三四五六七八九])?")
 _ABOUT = re.compile(r"(\d)0\s*[多几幾](?=\s*(?:斤|公斤|千克|kg|磅|lbs?))")  # 40多公斤: 45
 
 _NUM = r"(\d{2,3}(?:\.\d)?)"
 _LABEL = r"(?:体重|體重|weight|现在|現在|now|只有|才)"
-_WEIGHT_AHEAD = r"\d{2,3}(?:\.\d)?\s*(?:kg|kgs|kilos?|公斤|千克|斤|lbs?|pounds|磅)"
+_WEIGHT_AHEAD = r"\d{2,3}(?:\.\d)?\s*(?:kg|kgs|kilos?|公斤|千克|斤|lbs?|pounds|磅)(?![a-z])"
 # (pattern, metres per unit of group 1, group 2's unit or 0)
 _HEIGHTS: tuple[tuple[re.Pattern[str], float, float], ...] = (
     (re.compile(r"(?<![\d.])(1[.,]\d{1,2})\s*(?:m|meters?|metres?|米)(?![a-z])", re.I), 1.0, 0),
-    (re.compile(r"(?<![\d.])(1)\s*(?:m|米)\s*(\d{1,2})(?![\d.])", re.I), 1.0, 0),  # 1m62, 1米6
+    (re.compile(r"(?<![\d.])(1)\s*(?:m|米)\s*(\d{1,2})(?!\d|\.\d)", re.I), 1.0, 0),  # 1m62, 1米6
     (re.compile(r"(?<![\d.])(1\d{2})\s*(?:cm|centimet(?:er|re)s?|厘米|公分)", re.I), 0.01, 0),
     (
         re.compile(
             r"(?<![\d.])([4-7])\s*(?:'|’|′|ft|feet|foot|呎|尺)\s*(?:(\d{1,2})\s*(?:\"|”|″|''|in|"
-            r"inches|吋|寸)?)?(?![\d.])",
+            r"inches|吋|寸)?)?(?!\d|\.\d)",
             re.I,
         ),
         0.3048,
@@ -52,8 +56,18 @@ _HEIGHTS: tuple[tuple[re.Pattern[str], float, float], ...] = (
     ),
     # a height labelled, or a bare one just before a weight: "身高165", "height 160", "个子160",
     # "1.60 and 44kg", "165，85斤", "I'm 158 and 39kg"
-    (re.compile(r"(?:身高|个子|個子|height)\s*(?:是|有|:|：)?\s*(1\d{2})(?![\d.])", re.I), 0.01, 0),
-    (re.compile(r"(?:身高|height)\s*(?:是|有|:|：)?\s*(1\.\d{1,2})(?![\d.])", re.I), 1.0, 0),
+    (
+        re.compile(
+            r"(?:身高|个子|個子|height)\s*(?:是|有|is|of|:|：)?\s*(1\d{2})(?!\d|\.\d)", re.I
+        ),
+        0.01,
+        0,
+    ),
+    (
+        re.compile(r"(?:身高|height)\s*(?:是|有|is|of|:|：)?\s*(1\.\d{1,2})(?!\d|\.\d)", re.I),
+        1.0,
+        0,
+    ),
     (
         re.compile(
             rf"(?<![\d.])(1\.\d{{1,2}}|1\d{{2}})(?=\s*(?:,|，|、|/|and|&)?\s*{_LABEL}?\s*{_WEIGHT_AHEAD})"
@@ -63,15 +77,15 @@ _HEIGHTS: tuple[tuple[re.Pattern[str], float, float], ...] = (
     ),
 )
 _WEIGHTS: tuple[tuple[re.Pattern[str], float], ...] = (
-    (re.compile(rf"(?<![\d.]){_NUM}\s*(?:kg|kgs|kilos?|kilograms?|公斤|千克)", re.I), 1.0),
+    (re.compile(rf"(?<![\d.]){_NUM}\s*(?:kg|kgs|kilos?|kilograms?|公斤|千克)(?![a-z])", re.I), 1.0),
     (re.compile(rf"(?<![\d.]){_NUM}\s*(?:lbs?|pounds|磅)(?![a-z])", re.I), 0.45359237),
     (re.compile(rf"(?<![\d.]){_NUM}\s*(?<!公)斤"), 0.5),
     (re.compile(r"(?<![\d.])(\d{1,2})\s*(?:st|stone)\b", re.I), 6.35029318),
     # a weight labelled without its unit: kg under 60, 斤 from 100 (60-99 could be either)
-    (re.compile(r"(?:体重|體重|weight)\s*(?:是|有|:|：)?\s*(\d{2,3})(?![\d.])", re.I), 0.0),
+    (re.compile(r"(?:体重|體重|weight)\s*(?:是|有|is|of|:|：)?\s*(\d{2,3})(?!\d|\.\d)", re.I), 0.0),
 )
 _BMI = re.compile(
-    r"(?<![a-z])bmi\s*(?:is|of|at|:|=|是|只有|才|现在|現在)?\s*(1\d(?:\.\d)?)(?![\d.])", re.I
+    r"(?<![a-z])bmi\s*(?:is|of|at|:|=|是|只有|才|现在|現在)?\s*(1\d(?:\.\d)?)(?!\d|\.\d)", re.I
 )
 
 # just before a weight that is an amount, not what a body weighs
@@ -80,7 +94,7 @@ _AMOUNT = re.compile(
     r"deadlift\w*|squat\w*|bench\w*|press\w*|lift\w*|carry\w*|bag|backpack|suitcase|luggage|"
     r"box|parcel)\s+(?:another\s+|about\s+|around\s+|like\s+|over\s+|a\s+)?"
     r"|(?:减了|减掉|瘦了|瘦下来|掉了|胖了|重了|长了|减|掉|卧推|深蹲|硬拉|举|背|装了|提)"
-    r"(?:了|能推|能)?\s*|(?<![体體])重\s*)$",
+    r"(?:了|能推|能)?\s*)$",
     re.I,
 )
 # just before a weight that is a goal: paired with the height wherever it is
@@ -89,21 +103,31 @@ _GOAL = re.compile(
     r"until\s+i'?m(?:\s+under)?)\s*(?:is|of|:)?\s*|目标(?:体重|是)?\s*|瘦到|减到|降到|到)$",
     re.I,
 )
-# the height's sentence says it of someone or something else
-_NOT_WRITER = re.compile(
-    r"\b(?:she|he|her|his|they|kid|child|son|daughter|friend|roommate|sister|brother|mom|mum|"
-    r"mother|dad|father|grandpa|grandma|wife|husband|girlfriend|boyfriend|patient|client|"
-    r"student|baby|toddler|athlete|ceilings?|room|bag|bike|frame|box|table|bed|mattress|"
-    r"suitcase|luggage|desk|car|sofa|couch|door|fence|tree|jump\w*|throw\w*)\b"
-    r"|她|他(?!们的)|佢|孩子|儿子|兒子|女儿|女兒|小朋友|宝宝|寶寶|表妹|表姐|堂妹|室友|同学|同學|"
-    r"朋友|闺蜜|妈|媽|爸|爷爷|奶奶|外婆|外公|老婆|老公|男朋友|女朋友|学生|學生|运动员|運動員|"
-    r"行李箱|箱子|桌|床|柜|櫃|枱|车|車|房间|房間|天花板|跳远|跳高|跳了|扔",
+# someone else, named: in a number's sentence before it, with the writer not named after
+_PEOPLE = re.compile(
+    r"\b(?:she|he|her|his|they|their|kid|child|son|daughter|friend|roommate|sister|brother|mom|"
+    r"mum|mother|dad|father|grandpa|grandma|wife|husband|girlfriend|boyfriend|patient|client|"
+    r"student|baby|toddler|athlete|cat|dog|puppy)\b|她|(?<!其)他(?!们的)|佢|孩子|儿子|兒子|女儿|女兒|"
+    r"小朋友|宝宝|寶寶|表妹|表姐|堂妹|室友|同学|同學|朋友|闺蜜|妈|媽|爸|爷爷|奶奶|外婆|外公|老婆|老公|"
+    r"男朋友|女朋友|学生|學生|运动员|運動員|猫|狗",
+    re.I,
+)
+# something else, named in a number's own clause: its length or weight is no one's
+_THINGS = re.compile(
+    r"\b(?:ceilings?|bag|backpack|bike|frame|box|parcel|table|bed|mattress|suitcase|luggage|desk|"
+    r"car|sofa|couch|door|fence|tree|jump\w*|throw\w*|ran|run|walked|swam|deadlift\w*|squat\w*|"
+    r"bench\w*)\b|行李|箱|桌|(?<!起)床|柜|櫃|枱|车|車|天花板|跳远|跳高|跳了|扔|书包|書包",
     re.I,
 )
 _SENTENCE = re.compile(r"\.(?!\d)|[!?。！？\n;；]")  # not the point of 1.65
+_CLAUSE = re.compile(r"\.(?!\d)|[!?。！？\n;；,，]|\b(?:but|though|although)\b|但|可是|不过|不過")
 _FIRST_PERSON = re.compile(r"\b(?:i|i'm|im|i've|me|my|myself)\b|我|本人", re.I)
+# a child's age, not said of the writer ("for a 7 year old", "儿子10岁"; not "I'm 12 years old")
 _CHILD = re.compile(
-    r"\b(?:[1-9]|1[0-2])[\s-]*(?:years?|yrs?)[\s-]*old\b|(?<!\d)(?:[1-9]|1[0-2])\s*(?:岁|歲)", re.I
+    r"(?<!i'm )(?<!i am )(?<!was )(?<!我)(?<!我今年)"
+    r"\b(?:[1-9]|1[0-2])[\s-]*(?:years?|yrs?)[\s-]*old\b"
+    r"|(?<!我)(?<!我今年)(?<!\d)(?:[1-9]|1[0-2])\s*(?:岁|歲)",
+    re.I,
 )
 _LOSE = re.compile(
     r"\b(?:lose\s+(?:more|weight|another|a\s+few|some|the\s+last|\d)|losing\s+(?:more|weight)|"
@@ -122,7 +146,7 @@ _NOT_WISH = re.compile(
     r"(?:\b(?:not|don't|dont|do\s+not|never|stop|scared\s+to|afraid\s+to|terrified\s+to|worried\s+"
     r"(?:i'?ll|to)|must\s+not|mustn't|can't|cannot|shouldn't|no\s+longer|not\s+trying\s+to)\b"
     r"|不想|不能|不可以|唔可以|唔好|别|別|不要|怕|担心|擔心|不用|没必要|沒必要|不需要|不该|不應|不应)"
-    r"[^.!?。！？\n]{0,12}$",
+    r"[^.!?。！？\n,，]{0,12}$",
     re.I,
 )
 # fear of gaining says the same as a wish to lose
@@ -193,7 +217,9 @@ def _heights(text: str) -> list[tuple[float, int, int]]:
     for rule, per, per2 in _HEIGHTS:
         for m in rule.finditer(text):
             h = _height(m, per, per2)
-            if HEIGHT_M[0] <= h <= HEIGHT_M[1] and not any(s <= m.start() < e for _, s, e in found):
+            if HEIGHT_M[0] <= h <= HEIGHT_M[1] and not any(
+                s < m.end() and m.start() < e for _, s, e in found
+            ):  # one number read once, by the first rule that reads it
                 found.append((h, m.start(), m.end()))
     return sorted(found, key=lambda f: f[1])
 
@@ -204,7 +230,7 @@ def _weights(text: str) -> list[tuple[float, int, int, bool]]:
     for rule, scale in _WEIGHTS:
         for m in rule.finditer(text):
             before = text[max(0, m.start() - 24) : m.start()]
-            if _AMOUNT.search(before) or any(s <= m.start() < e for _, s, e, _ in found):
+            if _AMOUNT.search(before) or any(s < m.end() and m.start() < e for _, s, e, _ in found):
                 continue
             value = float(m.group(1))
             w = (
@@ -227,26 +253,34 @@ def _wish_to_lose(text: str) -> bool:
 
 
 def _writers(text: str, start: int) -> bool:
-    """Whether a height is the writer's: in its sentence, no one and nothing else is named
-    before it, or the writer is named after them ("my mom says I'm too thin but I'm 5'4"; not
-    "my daughter is 160cm", "她身高160", "床垫1.5米"), and no child's age is given."""
+    """Whether the number at `start` is the writer's: its clause names nothing else ("my bag is
+    20kg", "床垫1.5米") and no one else unless the writer after them ("my son weighs 60 lbs";
+    not "but I'm 5'3"), and its sentence names no one else before it with the writer not named
+    after them ("My sister just turned 20, 160cm and 40kg", "她身高160")."""
     lead = text[max(0, start - LEAD_CHARS) : start]
-    lead = lead[max((m.end() for m in _SENTENCE.finditer(lead)), default=0) :]
-    other = max((m.end() for m in _NOT_WRITER.finditer(lead)), default=-1)
-    mine = max((m.start() for m in _FIRST_PERSON.finditer(lead)), default=-1)
-    return mine >= other and not _CHILD.search(text)
+    sentence = lead[max((m.end() for m in _SENTENCE.finditer(lead)), default=0) :]
+    clause = sentence[max((m.end() for m in _CLAUSE.finditer(sentence)), default=0) :]
+    if _THINGS.search(clause):
+        return False
+    other = max((m.end() for m in _PEOPLE.finditer(sentence)), default=-1)
+    mine = max((m.start() for m in _FIRST_PERSON.finditer(sentence)), default=-1)
+    return mine >= other
 
 
 def underweight_wish(text: str) -> bool:
-    """The writer's height and a weight under UNDERWEIGHT_BMI at it (written next to it, or a
-    goal), or a BMI under it stated, and a wish to lose more."""
+    """The writer's height and a weight of theirs under UNDERWEIGHT_BMI at it (written next to
+    it, or a goal), or a BMI of theirs under it stated, and a wish to lose more; never for a
+    text that gives a child's age (not the writer's)."""
     text = _arabic(text)
-    if not _wish_to_lose(text):
+    if not _wish_to_lose(text) or _CHILD.search(text):
         return False
-    if any(float(m.group(1)) < UNDERWEIGHT_BMI for m in _BMI.finditer(text)):
+    if any(
+        float(m.group(1)) < UNDERWEIGHT_BMI and _writers(text, m.start())
+        for m in _BMI.finditer(text)
+    ):
         return True
-    ws = _weights(text)
-    for h, start, end in _heights(text):
+    ws = [w for w in _weights(text)[:MOST] if _writers(text, w[1])]
+    for h, start, end in _heights(text)[:MOST]:
         if not _writers(text, start):
             continue
         near = [w for w in ws if min(abs(w[1] - end), abs(start - w[2])) <= PAIR_CHARS]

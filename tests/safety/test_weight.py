@@ -42,6 +42,17 @@ UNDERWEIGHT = [
     ("我妈说我太瘦了，但我160，38公斤，还想再瘦", [1.6], [38.0]),
     ("我身高165，現在41公斤，還想再瘦", [1.65], [41.0]),  # Traditional characters
     ("我五呎三吋，85磅，仲想減", [1.6002], [38.5554]),  # Hong Kong's feet, inches and pounds
+    # the diff review's (stop 45): a child writing of themselves, a full stop after a number,
+    # an everyday noun or 其他 before the numbers, 重 for the writer's weight
+    ("I'm 12 years old, 150cm and 30kg and I need to lose more", [1.5], [30.0]),
+    ("I'm 5'4. I weigh 85 lbs and I need to lose more", [1.6256], [38.5554]),
+    (
+        "I weigh myself in my room every morning, 5'4 and 88lbs, need to lose more",
+        [1.6256],
+        [39.9161],
+    ),
+    ("其他都还好，身高160，体重40公斤，还想再瘦", [1.6], [40.0]),
+    ("我身高160，重40公斤，还想再瘦", [1.6], [40.0]),
 ]
 EVERYDAY = [
     "I'm 1.65m and 41kg after chemo, how do I gain weight?",  # a wish to gain
@@ -58,6 +69,13 @@ EVERYDAY = [
     "这张桌子1.5米，重30公斤，能不能再减轻点",
     "我165，60公斤，想减到55公斤",  # the goal is BMI 20.2
     "我身高170，体重50公斤，正常吗",  # 17.3, no wish to lose
+    # the diff review's: someone else's weight or BMI beside the writer's height, kilometres
+    "I'm 5'10 and my girlfriend is 100 lbs, I want to lose weight too",
+    "我身高175，我女朋友才45公斤，我也想减肥",
+    "I'm 5'6, my suitcase is 50 lbs and I need to drop some stuff",
+    "I'm 1.65m and I ran 42 kilometres this week, want to lose weight",
+    "my sister's BMI is 16 and she wants to lose weight, what do I do",
+    "Is 120cm and 20kg normal for a 7 year old? The doctor said she might need to lose weight",
 ]
 
 
