@@ -68,11 +68,26 @@ CHINESE_LOCALES = {
     "zh-Hant": ("zh-Hant", "zh-TW", "zh-HK", "zh-CN"),
     "zh-CN": ("zh-CN", "zh-Hant", "zh-TW", "zh-HK"),
 }
-# written Cantonese's own characters (not 係 or 俾, which standard Chinese writes too)
-_CANTONESE = re.compile("[嘅咗唔佢冇喺嘢啲哋嚟攰瞓嗰噉搵揾畀咩]")
+# written Cantonese's own characters (not 係 or 俾, which standard Chinese writes too), and 唔
+# before a verb (唔想, 唔知: Mandarin writes 唔 alone, as "hmm": "唔，我真的不想活了")
+_CANTONESE = re.compile(
+    "[嘅咗佢冇喺嘢啲哋嚟攰瞓嗰噉搵揾畀]|唔(?=[想係系知好使會会可要去做得識识該该理明])"
+)
+# a place the person says they are in or from ("我在台北", "我喺香港", "我是台湾人"), not a word
+# holding its name (阳台中, 新界面, 九龙坡) nor a place they are going to
+_WHERE = "(?:在|喺|住|人在|身在|來自|来自|嚟自|是|係|系|回到|返咗|搬到|搬咗去)"
+_SOMEONE = re.compile(
+    "他|她|佢|男朋友|女朋友|老公|老婆|朋友|妈|媽|爸|家人|同事|同学|同學|哥|姐|弟|妹|孩子|仔|囡"
+)
 _PLACES = {
-    "zh-HK": re.compile("香港|九龍|九龙|新界|港島|港岛|旺角|銅鑼灣|铜锣湾|沙田|屯門|屯门|元朗"),
-    "zh-TW": re.compile("台灣|台湾|臺灣|台北|臺北|台中|臺中|台南|臺南|高雄|新竹|桃園|桃园"),
+    "zh-HK": re.compile(
+        f"{_WHERE}(?:香港|九龍(?!坡)|九龙(?!坡)|新界(?!面)|港島|港岛|旺角|銅鑼灣|铜锣湾|沙田|屯門|屯门|元朗)"
+        "|(?:香港)(?=人)"
+    ),
+    "zh-TW": re.compile(
+        f"{_WHERE}(?:台灣|台湾|臺灣|台北|臺北|台中|臺中|台南|臺南|高雄|新竹|桃園|桃园)"
+        "|(?:台灣|台湾|臺灣)(?=人)"
+    ),
 }
 # Cantonese writes these in Hong Kong too ("食晒", "嚇親" as "吓亲"): no sign of Simplified script
 _BOTH_SCRIPTS = frozenset("晒吓揾")
@@ -184,7 +199,11 @@ def _describe(
         )
         return
     for key, given in (("resources", cfg.resources), ("fixed_reply", cfg.fixed_reply)):
-        for locale in sorted(set(given or {}) - reached - set(CHINESE_LOCALES)):
+        # under auto, a Chinese locale one of the two lacks is warned of below
+        unreached = (
+            set(given or {}) - reached - (set(CHINESE_LOCALES) if cfg.locale == "auto" else set())
+        )
+        for locale in sorted(unreached):
             log.warning(
                 "serve.safety.%s.%s: no request gets locale %r (they get %s); a typo?",
                 key,
@@ -197,11 +216,13 @@ def _describe(
     for locale in [loc for loc in CHINESE_LOCALES if loc != "zh-CN"]:
         if cfg.locale == "auto" and (locale in resources_) != (locale in replies):
             has, lacks = ("resources", "fixed_reply")[:: 1 if locale in resources_ else -1]
+            configured = cfg.resources if has == "resources" else cfg.fixed_reply
             log.warning(
-                "serve.safety.%s has no %s (serve.safety.%s has): the messages it is for get "
-                "%s's help lines and fixed reply (add %s to serve.safety.%s)",
+                "serve.safety.%s has no %s, which the %s serve.safety.%s has: the messages it is "
+                "for get %s's help lines and fixed reply (add %s to serve.safety.%s)",
                 lacks,
                 locale,
+                "configured" if configured is not None else "built-in",
                 has,
                 chinese_fallback(locale, tuple(sorted(reached))) or cfg.default_locale,
                 locale,
@@ -428,7 +449,9 @@ def chinese_locale(text: str) -> str:
     zh-Hant for Traditional characters (more of those only Traditional writes than of those only
     Simplified does: 我想自殺, not 我想自杀); else zh-CN (a short message of characters both
     scripts write, 我不想活了, says nothing; Cantonese in Simplified characters is Guangdong's)."""
-    named = [loc for loc, place in _PLACES.items() if place.search(text)]
+    named = [
+        loc for loc, place in _PLACES.items() if any(_own(text, m) for m in place.finditer(text))
+    ]
     if len(named) == 1:
         return named[0]
     traditional = sum(c in _TRADITIONAL_ONLY for c in text)
@@ -436,6 +459,14 @@ def chinese_locale(text: str) -> str:
     if _CANTONESE.search(text) and traditional >= simplified:
         return "zh-HK"
     return "zh-Hant" if traditional > simplified else "zh-CN"
+
+
+def _own(text: str, m: re.Match[str]) -> bool:
+    """Whether a place is the writer's: its clause names no one else before it, or the writer
+    after them ("我男朋友在台湾出差" is not; "我妈说我在香港" is)."""
+    clause = re.split("[，,。！？!?\n；;]", text[: m.start()])[-1]
+    other = max((o.end() for o in _SOMEONE.finditer(clause)), default=-1)
+    return clause.rfind("我") >= other
 
 
 def chinese_fallback(locale: str, available: tuple[str, ...]) -> str | None:

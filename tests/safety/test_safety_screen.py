@@ -914,6 +914,17 @@ def test_traditional_chinese_gets_taiwan_and_hong_kong_lines_and_cantonese_hong_
         # Cantonese not in Simplified characters, no character saying which script: Hong Kong's
         ("唔想活", "zh-HK", ["2389 2222", "2896 0000", "999"]),
     ]
+    # the diff review's: a place's name inside a word, someone else's place, a place to go to,
+    # and Mandarin's 唔 ("hmm") are no sign of where the writer is
+    for text in (
+        "我站在阳台中间，想跳下去，不想活了",
+        "新界面太难用了，我想死",
+        "我住在九龙坡，我想自杀",
+        "我男朋友在台湾出差，我想自杀",
+        "我在深圳，下个月去香港，我想自杀",
+        "唔，我真的不想活了",
+    ):
+        assert assess(screen, [text]).locale == "zh-CN", text
     # the person's other messages may say the script or the place the flagged one does not
     turns = [
         (["我喺香港讀緊大學", "最近壓力好大", "唔想活"], "zh-HK"),
@@ -1010,8 +1021,9 @@ def test_a_chinese_locale_without_its_fixed_reply_falls_back_with_a_warning(capl
     a = assess(screen, ["我想自殺"])
     assert (a.locale, fixed_reply(screen, a, help_lines=False)) == ("zh-CN", "请联系。")
     assert [r.getMessage() for r in caplog.records] == [
-        f"serve.safety.fixed_reply has no {loc} (serve.safety.resources has): the messages it is "
-        f"for get zh-CN's help lines and fixed reply (add {loc} to serve.safety.fixed_reply)"
+        f"serve.safety.fixed_reply has no {loc}, which the built-in serve.safety.resources has: "
+        f"the messages it is for get zh-CN's help lines and fixed reply (add {loc} to "
+        "serve.safety.fixed_reply)"
         for loc in ("zh-HK", "zh-TW", "zh-Hant")
     ]
     lines = {
