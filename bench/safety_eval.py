@@ -1,7 +1,8 @@
 """Crisis screen on a blind set: recall and false-positive rate per language and per category.
 
     .venv/bin/python bench/safety_eval.py --blind FILE [--lexicon-only] [--lexicon LEXICON.json]
-        [--weights WEIGHTS.npz] [--show-misses] [--out REPORT.json]
+        [--weights WEIGHTS.npz] [--no-head-window] [--dilute K [--count N] [--seed S]]
+        [--show-misses] [--out REPORT.json]
 
 FILE is JSON shaped {"en": {"crisis": [{"text", "category"}], "ordinary": [{"text", "kind"}]},
 "zh": {...}}, or as the sets in tests/safety/ are ({"crisis_en": [...], "crisis_en_category":
@@ -16,13 +17,18 @@ lexicon file (shaped like soulray/safety/data/lexicon.json, e.g. `git show
 OLD:soulray/safety/data/lexicon.json`): a lexicon change measured side by side with the same
 weights; --weights screens with another weights file (e.g. `git show
 OLD:soulray/safety/data/weights.npz > old.npz`): a retrain measured side by side. --show-misses
-prints the missed and false-alarm messages (for a set that is not blind).
+prints the missed and false-alarm messages (for a set that is not blind). --dilute K screens
+longer messages made from the set (a crisis message said first and K ordinary ones after it, and
+K + 1 ordinary ones together: the small talk a crisis is said among) and --no-head-window
+without embedding a long message's start (serve.safety.head_window): the two side by side
+measure what reading the start costs and buys.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 from collections import defaultdict
 from pathlib import Path
 
@@ -58,19 +64,48 @@ def _labelled(data: dict, key: str, label: str) -> list[dict]:
     return [{"text": t, label: x} for t, x in zip(texts, labels, strict=True)]
 
 
+def _joined(items: list[dict], lang: str) -> str:
+    """Messages as one, each ending a sentence."""
+    stop = "。" if lang == "zh" else "."
+    parts = [i["text"].strip() for i in items]
+    sentences = [p if p[-1:] in ".!?。！？…" else p + stop for p in parts]
+    return ("" if lang == "zh" else " ").join(sentences)
+
+
+def diluted(data: dict, after: int, count: int, seed: int) -> dict:
+    """Messages made longer the way people write them: `count` crisis messages per language each
+    followed by `after` of the set's ordinary ones (the crisis said first, then small talk), and
+    `count` runs of after + 1 ordinary ones; drawn with `seed`. A crisis message keeps its
+    category, a run of ordinary ones its first one's kind."""
+    rng = random.Random(seed)
+    out = {}
+    for lang, sets in data.items():
+        crisis, ordinary = sets["crisis"], sets["ordinary"]
+        picked = rng.sample(crisis, min(count, len(crisis)))
+        runs = [rng.sample(ordinary, after + 1) for _ in range(count)]
+        out[lang] = {
+            "crisis": [
+                {**c, "text": _joined([c, *rng.sample(ordinary, after)], lang)} for c in picked
+            ],
+            "ordinary": [{**run[0], "text": _joined(run, lang)} for run in runs],
+        }
+    return out
+
+
 def evaluate(
     data: dict,
     lexicon_only: bool,
     show_misses: bool,
     lexicon: Path | None = None,
     weights: Path | None = None,
+    head_window: bool = True,
 ) -> dict:
     lists = {}
     if lexicon is not None:
         lex = json.loads(lexicon.read_text("utf-8"))
         lists = {k: lex.get(k, {}) for k in ("intent", "lexicon", "patterns")}
         lists |= {"exclude": lex["exclude"], "guard": lex.get("guard", [])}
-    cfg = SafetyConfig(classifier=not lexicon_only, **lists)
+    cfg = SafetyConfig(classifier=not lexicon_only, head_window=head_window, **lists)
     screen = build_screen(cfg)
     if weights is not None and screen.classifier is not None:
         screen.classifier = Classifier(load_weights(weights))
@@ -129,6 +164,22 @@ def main() -> None:
     ap.add_argument(
         "--weights", type=existing_file, help="a weights.npz to use instead of the shipped"
     )
+    ap.add_argument(
+        "--no-head-window",
+        action="store_true",
+        help="embed a long message's end alone (serve.safety.head_window=false)",
+    )
+    ap.add_argument(
+        "--dilute",
+        type=int,
+        metavar="K",
+        help="screen longer messages made from the set instead: each crisis message followed by K "
+        "ordinary ones, and runs of K + 1 ordinary ones (see --count, --seed)",
+    )
+    ap.add_argument(
+        "--count", type=int, default=100, help="--dilute's messages per kind and language"
+    )
+    ap.add_argument("--seed", type=int, default=7, help="--dilute's draw")
     ap.add_argument("--show-misses", action="store_true", help="print misses and false alarms")
     ap.add_argument("--out", type=Path, help="also write the report as JSON")
     args = ap.parse_args()
@@ -136,8 +187,16 @@ def main() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # now, not after the run
     if args.weights and args.lexicon_only:
         ap.error("--weights and --lexicon-only: the lexicon alone uses no weights")
+    data = load(args.blind)
+    if args.dilute:
+        data = diluted(data, args.dilute, args.count, args.seed)
     report = evaluate(
-        load(args.blind), args.lexicon_only, args.show_misses, args.lexicon, args.weights
+        data,
+        args.lexicon_only,
+        args.show_misses,
+        args.lexicon,
+        args.weights,
+        head_window=not args.no_head_window,
     )
     for lang, r in report.items():
         print(
