@@ -340,7 +340,7 @@ class SafetyConfig(Section):
     max_chars: int = Field(400, ge=32)
     classifier: bool = True  # False: the lexicon alone (no embedding model loaded)
     # a message longer than the embedding reads (its last 48 tokens) is embedded from its start
-    # too: a crisis said first and followed by small talk was read by the n-grams alone
+    # too (of the lexicon's span): a crisis said first, then small talk, was read by n-grams alone
     head_window: bool = True
     # category -> threshold; None = train.py's choice; above 1 leaves the category to the lexicon
     # (0 or less would flag every message, NaN none: refused)

@@ -308,13 +308,22 @@ def score_pair(screen: Screen, text: str) -> np.ndarray:
 
 
 def _message_pair(screen: Screen, norm: str) -> np.ndarray:
-    """The classifier reads the message's last max_chars, the lexicon its last LEXICON_SPAN
-    times that (`norm`)."""
+    """The classifier reads the message's last max_chars (and, with head_window, embeds its
+    start too: Classifier.both), the lexicon its last LEXICON_SPAN times that (`norm`)."""
     out = np.zeros((2, len(CATEGORIES)))
     if screen.classifier:  # it reads the message without the idioms, as it was trained
         tail = norm[-screen.cfg.max_chars :]  # = normalize(text, max_chars)
         read = classifier_text(screen.lexicon, tail)
-        out = np.maximum(out, screen.classifier.both(read, head=screen.cfg.head_window))
+        # the message's start: of what the lexicon reads (a crisis said first in a message
+        # longer than max_chars is outside `tail`), as much as the embedding's window can hold
+        start = None
+        if screen.cfg.head_window:
+            start = (
+                read
+                if len(norm) <= len(tail)
+                else classifier_text(screen.lexicon, norm[: len(tail)])
+            )
+        out = np.maximum(out, screen.classifier.both(read, start))
     for c in match(screen.lexicon, norm):  # the config admits only CATEGORIES
         out[:, CATEGORIES.index(c)] = 1.0
     return out
