@@ -989,6 +989,24 @@ def test_a_crisis_said_first_and_followed_by_small_talk_is_read(screen):
         assert not assess(screen, [said + SMALL_TALK]).flagged, said
     # a message the embedding reads whole has no second window
     assert screen.classifier.embedder.head("I got a rope today.", 48) is None
+    # longer than the 400 characters the classifier reads: its start is read from the lexicon's
+    # 2,000 (the diff review's: the start of the last 400 was read, and the crisis missed)
+    longer = SMALL_TALK + (
+        " We had the plumber over on Tuesday because the kitchen sink was leaking again, and he"
+        " said the pipes are older than the house. My sister is visiting next month with the"
+        " kids, so I need to clear out the spare room and find the air mattress. Also the"
+        " weather has been so grey, I can't wait for spring."
+    )
+    for said in (
+        "I got a rope today and said it was for camping.",
+        "I found my dad's gun in the closet and I keep going back to look at it.",
+    ):
+        assert len(said + longer) > 400
+        assert (
+            assess(screen, [said + longer]).flagged,
+            assess(tail_only, [said + longer]).flagged,
+        ) == (True, False), said
+    assert not assess(screen, ["This project deadline is killing me, I swear." + longer]).flagged
 
 
 def test_a_bare_wish_to_kill_oneself_in_chinese_is_flagged(lexicon_only):
