@@ -98,7 +98,7 @@ def evaluate(
     show_misses: bool,
     lexicon: Path | None = None,
     weights: Path | None = None,
-    head_window: bool = True,
+    head_window: int = 24,
 ) -> dict:
     lists = {}
     if lexicon is not None:
@@ -167,7 +167,7 @@ def main() -> None:
     ap.add_argument(
         "--no-head-window",
         action="store_true",
-        help="embed a long message's end alone (serve.safety.head_window=false)",
+        help="embed a long message's end alone (serve.safety.head_window=0)",
     )
     ap.add_argument(
         "--dilute",
@@ -196,7 +196,7 @@ def main() -> None:
         args.show_misses,
         args.lexicon,
         args.weights,
-        head_window=not args.no_head_window,
+        head_window=0 if args.no_head_window else SafetyConfig().head_window,
     )
     for lang, r in report.items():
         print(

@@ -339,9 +339,10 @@ class SafetyConfig(Section):
     # the classifier reads each message's last max_chars chars, the lexicon 5 times that
     max_chars: int = Field(400, ge=32)
     classifier: bool = True  # False: the lexicon alone (no embedding model loaded)
-    # a message longer than the embedding reads (its last 48 tokens) is embedded from its start
-    # too (of the lexicon's span): a crisis said first, then small talk, was read by n-grams alone
-    head_window: bool = True
+    # a message longer than the embedding reads (its last 48 tokens) has its first head_window
+    # tokens embedded too (of the lexicon's span; 0: off): a crisis said first, then small talk,
+    # was read by the n-grams alone; 24 chosen by measurement (bench/RESULTS.md, stop 45)
+    head_window: int = Field(24, ge=0, le=512)
     # category -> threshold; None = train.py's choice; above 1 leaves the category to the lexicon
     # (0 or less would flag every message, NaN none: refused)
     thresholds: dict[str, Annotated[float, Field(gt=0.0, allow_inf_nan=False)]] | None = None

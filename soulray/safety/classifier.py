@@ -469,24 +469,26 @@ class Classifier:
         messages' vote or without it (`both`)."""
         return self.both(text)[0 if vote else 1]
 
-    def both(self, text: str, start: str | None = None) -> np.ndarray:
+    def both(self, text: str, start: str | None = None, head_tokens: int = 0) -> np.ndarray:
         """(2, C): one normalized message's per-category probabilities (the crisis categories'
         share of the softmax; with `pieces`, the highest of the whole message's and each of its
         last sentences', features.pieces) moved by the whole message's neighbours' vote, and
         the same without it. The vote says whether a message is crisis, not which category:
         it moves every category alike, so the screen names categories by the row without it.
-        `start`: the message's start (serve.safety.head_window: the first max_chars of what the
-        lexicon reads, which is `text` itself for a message no longer than max_chars); when it
-        is longer than the embedding reads (embed_tokens), its first embed_tokens tokens are
-        embedded too, with `text`'s n-grams and their own vote, and each row is the higher of
-        the two windows'."""
+        `start`: the message's start (the first max_chars of what the lexicon reads, which is
+        `text` itself for a message no longer than max_chars); when it is longer than the
+        embedding reads (embed_tokens), its first `head_tokens` tokens (serve.safety.head_window)
+        are embedded too, with `text`'s n-grams and their own vote, and each row is the higher
+        of the two windows'."""
         texts = [text, *pieces(text, self.w.pieces)] if self.w.pieces else [text]
         k = len(self.w.classes)
         z = np.stack([self.w.bias + spread(ngram_scores(self.w, ngram_ids(t)), k) for t in texts])
         n, e = self.w.neighbours, None
         if self.embedder is not None:
             windows = [self.embedder.tail(t, self.w.embed_tokens) for t in texts]
-            first = self.embedder.head(start, self.w.embed_tokens) if start else None
+            first = None
+            if start and head_tokens and self.embedder.longer(start, self.w.embed_tokens):
+                first = self.embedder.head(start, head_tokens)
             if first is not None:
                 windows.append(first)
                 z = np.concatenate([z, z[:1]])  # the whole message's n-grams

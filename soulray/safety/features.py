@@ -191,6 +191,10 @@ class Embedder:
             lo = space + 1 if space >= 0 else lo
         return text[lo:]
 
+    def longer(self, text: str, max_tokens: int) -> bool:
+        """Whether `text`'s query embedding would read more than `max_tokens` tokens."""
+        return bool(self.model.token_count(text, True) > max_tokens)
+
     def head(self, text: str, max_tokens: int) -> str | None:
         """The longest prefix of `text` whose query embedding reads at most `max_tokens` tokens,
         cut back to end at a word where one ends within WORD_EDGE characters; None when `text`

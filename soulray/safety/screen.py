@@ -323,7 +323,7 @@ def _message_pair(screen: Screen, norm: str) -> np.ndarray:
                 if len(norm) <= len(tail)
                 else classifier_text(screen.lexicon, norm[: len(tail)])
             )
-        out = np.maximum(out, screen.classifier.both(read, start))
+        out = np.maximum(out, screen.classifier.both(read, start, screen.cfg.head_window))
     for c in match(screen.lexicon, norm):  # the config admits only CATEGORIES
         out[:, CATEGORIES.index(c)] = 1.0
     return out

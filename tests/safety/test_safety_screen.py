@@ -967,7 +967,7 @@ def test_a_crisis_said_first_and_followed_by_small_talk_is_read(screen):
     talk was read by the n-grams alone, and missed (a red-team, stop 44). A long message is
     embedded from its start too (serve.safety.head_window); these are caught only so."""
     tail_only = dataclasses.replace(
-        screen, cfg=screen.cfg.model_copy(update={"head_window": False}), cache=OrderedDict()
+        screen, cfg=screen.cfg.model_copy(update={"head_window": 0}), cache=OrderedDict()
     )
     for said in (
         "I got a rope today and said it was for camping.",
