@@ -1,7 +1,7 @@
 """Crisis screen on a blind set: recall and false-positive rate per language and per category.
 
     .venv/bin/python bench/safety_eval.py --blind FILE [--lexicon-only] [--lexicon LEXICON.json]
-        [--weights WEIGHTS.npz] [--no-head-window] [--dilute K [--count N] [--seed S]]
+        [--weights WEIGHTS.npz] [--head-window N] [--dilute K [--count N] [--seed S]]
         [--show-misses] [--out REPORT.json]
 
 FILE is JSON shaped {"en": {"crisis": [{"text", "category"}], "ordinary": [{"text", "kind"}]},
@@ -19,8 +19,8 @@ weights; --weights screens with another weights file (e.g. `git show
 OLD:soulray/safety/data/weights.npz > old.npz`): a retrain measured side by side. --show-misses
 prints the missed and false-alarm messages (for a set that is not blind). --dilute K screens
 longer messages made from the set (a crisis message said first and K ordinary ones after it, and
-K + 1 ordinary ones together: the small talk a crisis is said among) and --no-head-window
-without embedding a long message's start (serve.safety.head_window): the two side by side
+K + 1 ordinary ones together: the small talk a crisis is said among) and --head-window N
+embeds a long message's first N tokens (serve.safety.head_window; 0: not): the two side by side
 measure what reading the start costs and buys.
 """
 
@@ -165,9 +165,12 @@ def main() -> None:
         "--weights", type=existing_file, help="a weights.npz to use instead of the shipped"
     )
     ap.add_argument(
-        "--no-head-window",
-        action="store_true",
-        help="embed a long message's end alone (serve.safety.head_window=0)",
+        "--head-window",
+        type=int,
+        default=SafetyConfig().head_window,
+        metavar="N",
+        help="a long message's first N tokens embedded too (serve.safety.head_window; 0: its "
+        "end alone; default %(default)s)",
     )
     ap.add_argument(
         "--dilute",
@@ -196,7 +199,7 @@ def main() -> None:
         args.show_misses,
         args.lexicon,
         args.weights,
-        head_window=0 if args.no_head_window else SafetyConfig().head_window,
+        head_window=args.head_window,
     )
     for lang, r in report.items():
         print(
