@@ -265,6 +265,9 @@ SETS = {
 # and zh 41 -> 42); blind 17 caught the same, false alarms 11 -> 10 (zh 4 -> 3); the sets
 # trained on unchanged. Five of the ten known short
 # false alarms passed. Blind set 18 was measured once with these, then blind set 19.
+# Stop 45: a long message's first 24 tokens embedded too (serve.safety.head_window): one more
+# false alarm each in blind sets 12, 13 and 14 (en: 13 -> 14, 27 -> 28, 32 -> 33), nothing else
+# moved (bench/safety_eval.py on every set, with and without it).
 MEASURED = {
     "tuning set (en)": (32, 32, 32, 5),
     "tuning set (zh)": (32, 31, 32, 3),
@@ -292,11 +295,11 @@ MEASURED = {
     "blind set 10 (zh)": (142, 142, 142, 2),
     "blind set 11 (en)": (144, 144, 288, 7),
     "blind set 11 (zh)": (144, 144, 288, 8),
-    "blind set 12 (en)": (144, 140, 288, 13),
+    "blind set 12 (en)": (144, 140, 288, 14),
     "blind set 12 (zh)": (144, 143, 288, 30),
-    "blind set 13 (en)": (144, 143, 288, 27),
+    "blind set 13 (en)": (144, 143, 288, 28),
     "blind set 13 (zh)": (144, 142, 288, 36),
-    "blind set 14 (en)": (144, 140, 288, 32),
+    "blind set 14 (en)": (144, 140, 288, 33),
     "blind set 14 (zh)": (144, 143, 288, 42),
     "blind set 15 (en)": (116, 115, 113, 3),
     "blind set 15 (zh)": (114, 114, 110, 4),
