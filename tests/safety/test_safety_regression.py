@@ -134,6 +134,12 @@ BLIND18 = json.loads((HERE / "safety_holdout_blind18.json").read_text("utf-8"))
 # 7/96 (98, 8). Then one Chinese lexicon pattern was added for a death good for everyone else
 # ("我觉得我死了对所有人都好", missed): zh 98 caught; no other set changed.
 BLIND19 = json.loads((HERE / "safety_holdout_blind19.json").read_text("utf-8"))
+# Blind set 20, written by one helper in stop 45 without sight of the code or the data: messages of
+# 2-5 sentences, one of which matters among small talk (the crisis at the start, middle or end),
+# and near-miss ordinary ones; measured once with the shipped screen, a long message's first 24
+# tokens embedded too (bench/results/safety_blind20*.json): en 91/100 caught, 25/100 false alarms
+# (head_window 0, and 4f90fc5's screen: 84, 21); zh 90/100, 17/100 (89, 17).
+BLIND20 = json.loads((HERE / "safety_holdout_blind20.json").read_text("utf-8"))
 
 SETS = {
     "tuning set (en)": (CRISIS_EN, ORDINARY_EN),
@@ -178,6 +184,8 @@ SETS = {
     "blind set 18 (zh)": (BLIND18["crisis_zh"], BLIND18["ordinary_zh"]),
     "blind set 19 (en)": (BLIND19["crisis_en"], BLIND19["ordinary_en"]),
     "blind set 19 (zh)": (BLIND19["crisis_zh"], BLIND19["ordinary_zh"]),
+    "blind set 20 (en)": (BLIND20["crisis_en"], BLIND20["ordinary_en"]),
+    "blind set 20 (zh)": (BLIND20["crisis_zh"], BLIND20["ordinary_zh"]),
 }
 # Measured with the shipped weights (crisis caught / n, false alarms / n); the floor allows one
 # message fewer caught and the ceiling one false alarm more. Keyword screen alone, for
@@ -311,6 +319,8 @@ MEASURED = {
     "blind set 18 (zh)": (107, 106, 99, 11),
     "blind set 19 (en)": (109, 105, 101, 2),
     "blind set 19 (zh)": (100, 98, 96, 7),
+    "blind set 20 (en)": (100, 91, 100, 25),
+    "blind set 20 (zh)": (100, 90, 100, 17),
 }
 FLOORS = {k: ((hit - 1) / n, (fa + 1) / m) for k, (n, hit, m, fa) in MEASURED.items()}
 
