@@ -58,10 +58,10 @@ LEXICON_SPAN = 5
 # Chinese; Japanese is rarely under a third kana ("死にたい", "もう生きるのが辛い").
 _KANA = re.compile(r"[\u3041-\u3096\u30a1-\u30fa]")
 KANA_SHARE = 0.25
-# auto's locales for Chinese text (help lines in data/helplines.json), each with the others to
-# fall back on, in order, where the help lines lack it: Cantonese in Traditional characters, or
-# Hong Kong named (Hong Kong's lines); Taiwan named (Taiwan's); Traditional characters (Taiwan's
-# and Hong Kong's: a message does not say which); Simplified
+# auto's locales for Chinese text (help lines in data/helplines.json; chinese_locale picks one),
+# each with the others to fall back on, in order, where the config lacks it: Hong Kong said, or
+# Cantonese not in Simplified characters (Hong Kong's lines); Taiwan said (Taiwan's); Traditional
+# characters (Taiwan's and Hong Kong's: a message does not say which); Simplified
 CHINESE_LOCALES = {
     "zh-HK": ("zh-HK", "zh-Hant", "zh-TW", "zh-CN"),
     "zh-TW": ("zh-TW", "zh-Hant", "zh-HK", "zh-CN"),
@@ -92,6 +92,7 @@ _PLACES = {
 # Cantonese writes these in Hong Kong too ("食晒", "嚇親" as "吓亲"): no sign of Simplified script
 _BOTH_SCRIPTS = frozenset("晒吓揾")
 LOCALE_TURNS = 3  # the user messages a replaced reply's language is read from
+NUMBER_TURNS = 3  # the user messages a height, a weight and a wish to lose more are read across
 _LATIN_WORD = re.compile(r"[A-Za-z]+")
 _LINK = re.compile(r"https?://\S+|www\.\S+", re.IGNORECASE)
 
@@ -435,7 +436,7 @@ def _numbers_across(screen: Screen, window: list[str]) -> bool:
     if len(window) < 2:
         return False
     chars = screen.cfg.max_chars * LEXICON_SPAN
-    joined = "\n".join(format_variants(t, chars)[0] for t in window[-LOCALE_TURNS:])
+    joined = "\n".join(format_variants(t, chars)[0] for t in window[-NUMBER_TURNS:])
     return any(underweight_wish(form) for form in forms_of(joined))
 
 
