@@ -253,10 +253,10 @@ def _wish_to_lose(text: str) -> bool:
 
 
 def _writers(text: str, start: int) -> bool:
-    """Whether the number at `start` is the writer's: its clause names nothing else ("my bag is
-    20kg", "床垫1.5米") and no one else unless the writer after them ("my son weighs 60 lbs";
-    not "but I'm 5'3"), and its sentence names no one else before it with the writer not named
-    after them ("My sister just turned 20, 160cm and 40kg", "她身高160")."""
+    """Whether the number at `start` is the writer's: its clause (from the last comma or "but")
+    names no thing ("my bag is 20kg", "床垫1.5米"), and its sentence names no one else before it
+    unless the writer is named after them ("my son weighs 60 lbs", "她身高160" and "My sister
+    just turned 20, 160cm and 40kg" are not; "my mom says I'm too thin but I'm 5'3" is)."""
     lead = text[max(0, start - LEAD_CHARS) : start]
     sentence = lead[max((m.end() for m in _SENTENCE.finditer(lead)), default=0) :]
     clause = sentence[max((m.end() for m in _CLAUSE.finditer(sentence)), default=0) :]
